@@ -1,0 +1,67 @@
+"""The admin listener: health, readiness, the effective config, reloads.
+
+Nothing here ever shows a secret: secrets serialize as their reference
+(`${file:/path}`, `${env:NAME}`) or `<redacted>`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from .runtime import Sidecar
+
+SIDECAR_KEY = web.AppKey("sidecar", Sidecar)
+
+
+def _sidecar(request: web.Request) -> Sidecar:
+    return request.app[SIDECAR_KEY]
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    sidecar = _sidecar(request)
+    if sidecar.router is None:
+        return web.json_response({"status": "no policy loaded"}, status=503)
+    return web.json_response({"status": "ready", "version": sidecar.router.version})
+
+
+def effective_config(sidecar: Sidecar) -> dict[str, Any]:
+    policy = sidecar.policy
+    last = sidecar.last_reload.as_dict() if sidecar.last_reload else None
+    if policy is None:
+        return {"version": None, "last_reload": last}
+    return {
+        "version": policy.version,
+        "files": list(policy.files),
+        "last_reload": last,
+        "reloads": {"succeeded": sidecar.counts.succeeded, "failed": sidecar.counts.failed},
+        "agents": policy.agents.model_dump(mode="json"),
+        "services": {
+            name: {"prefix": s.prefix, **s.spec.model_dump(mode="json", exclude_none=True)}
+            for name, s in policy.services.items()
+        },
+    }
+
+
+async def config(request: web.Request) -> web.Response:
+    return web.json_response(effective_config(_sidecar(request)))
+
+
+async def reload(request: web.Request) -> web.Response:
+    result = await _sidecar(request).reload("admin")
+    return web.json_response(result.as_dict(), status=200 if result.ok else 422)
+
+
+def admin_app(sidecar: Sidecar) -> web.Application:
+    app = web.Application()
+    app[SIDECAR_KEY] = sidecar
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/config", config)
+    app.router.add_post("/reload", reload)
+    return app

@@ -1,0 +1,62 @@
+"""What flows through a service's chain of steps.
+
+A `Call` is the agent's request as it will be sent upstream (method, target,
+headers, body); a step may change it, answer for itself by raising
+`ProblemError`, or pass it on. The answer is the upstream's response, not yet
+streamed back to the agent, so any step can still look at its status and
+headers, and discard it to try again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, Awaitable, Callable
+from typing import Any, Protocol
+
+from aiohttp import ClientResponse, web
+from multidict import CIMultiDict
+
+Reply = ClientResponse
+Body = bytes | AsyncIterable[bytes] | None
+Handler = Callable[["Call"], Awaitable[Reply]]
+
+
+class Call:
+    __slots__ = (
+        "agent",
+        "attempt",
+        "body",
+        "headers",
+        "method",
+        "notes",
+        "request",
+        "service",
+        "target",
+    )
+
+    def __init__(
+        self,
+        *,
+        service: str,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: Body,
+        agent: str | None,
+        request: web.BaseRequest | None = None,
+    ) -> None:
+        self.service = service
+        self.method = method
+        self.target = target  # path and query, already encoded, upstream base path included
+        self.headers = headers
+        self.body = body
+        self.agent = agent
+        self.request = request
+        self.attempt = 1
+        # Per-call scratch space for steps (spans, limiter verdicts); made on first use.
+        self.notes: dict[str, Any] | None = None
+
+
+class Step(Protocol):
+    """One policy step: `async (call, next) -> reply`, built once per (re)load."""
+
+    async def __call__(self, call: Call, next: Handler) -> Reply: ...

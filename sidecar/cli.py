@@ -1,0 +1,181 @@
+"""Command line: `sidecar run | validate | schema | inject`.
+
+Every flag has an environment variable (SIDECAR_<FLAG>), so a container can be
+configured without a command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+log = logging.getLogger("sidecar")
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"SIDECAR_{name}", default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sidecar", description="Egress proxy for AI agents, steered by YAML policies."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="serve agents' calls with the policies in DIR")
+    run.add_argument(
+        "--policies",
+        default=_env("POLICIES"),
+        required=_env("POLICIES") is None,
+        metavar="DIR",
+        help="policy directory (env SIDECAR_POLICIES)",
+    )
+    run.add_argument(
+        "--listen",
+        type=parse_hostport,
+        default=parse_hostport(_env("LISTEN", "127.0.0.1:15000") or ""),
+        metavar="HOST:PORT",
+        help="egress listener (env SIDECAR_LISTEN, default 127.0.0.1:15000)",
+    )
+    run.add_argument(
+        "--admin",
+        type=parse_hostport,
+        default=parse_hostport(_env("ADMIN", "127.0.0.1:15001") or ""),
+        metavar="HOST:PORT",
+        help="admin listener (env SIDECAR_ADMIN, default 127.0.0.1:15001)",
+    )
+    run.add_argument(
+        "--log-level",
+        default=_env("LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="env SIDECAR_LOG_LEVEL",
+    )
+    run.add_argument(
+        "--drain",
+        type=float,
+        default=float(_env("DRAIN", "10") or 10),
+        metavar="SECONDS",
+        help="on SIGTERM, let calls in flight finish for this long (env SIDECAR_DRAIN)",
+    )
+
+    validate = sub.add_parser("validate", help="check a policy directory; exit 1 on errors")
+    validate.add_argument("dir", metavar="DIR")
+
+    sub.add_parser("schema", help="print the policy JSON Schema")
+
+    inject = sub.add_parser("inject", help="serve the Kubernetes sidecar-injection webhook")
+    try:
+        from . import inject as inject_mod
+    except ImportError:
+        inject_mod = None  # type: ignore[assignment]
+    if inject_mod is not None:
+        inject_mod.configure_parser(inject)
+    return parser
+
+
+def cmd_validate(directory: str) -> int:
+    from .policy.loader import PolicyError, load_policy
+
+    try:
+        policy = load_policy(directory)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    print(f"ok: {len(policy.services)} services from {len(policy.files)} files")
+    return 0
+
+
+def cmd_schema() -> int:
+    from .policy.models import PolicyFile
+
+    schema = PolicyFile.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    print(json.dumps(schema, indent=2))
+    return 0
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from .runtime import Sidecar, serve
+
+    sidecar = Sidecar(args.policies)
+    result = await sidecar.reload("startup")
+    if not result.ok:
+        for line in result.errors:
+            print(line, file=sys.stderr)
+        return 1
+    runners = await serve(sidecar, listen=args.listen, admin=args.admin, drain=args.drain)
+    sidecar.start_watching()
+    log.info(
+        "egress on http://%s:%d, admin on http://%s:%d",
+        *args.listen,
+        *args.admin,
+    )
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reloads: set[asyncio.Task[Any]] = set()
+
+    def on_hup() -> None:
+        task = loop.create_task(sidecar.reload("signal"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    await stop.wait()
+    log.info("stopping: letting calls in flight finish (up to %gs)", args.drain)
+    for runner in runners:
+        await runner.shutdown()
+    for runner in runners:
+        await runner.cleanup()
+    await sidecar.close()
+    return 0
+
+
+def _event_loop_factory() -> Any:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        return None
+    return uvloop.new_event_loop
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "validate":
+        return cmd_validate(args.dir)
+    if args.command == "schema":
+        return cmd_schema()
+    if args.command == "inject":
+        from . import inject as inject_mod
+
+        return inject_mod.run(args)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+        return runner.run(_run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Reads a policy directory into one validated, immutable Policy.
+
+All `*.yaml` / `*.yml` files directly in the directory are read (hidden
+files and the `..data` directories of a Kubernetes ConfigMap volume are not,
+but the symlinks pointing into them are), each validated on its own, then
+merged. Every problem found is reported as FILE:LINE:COL: message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from .models import AUTH_TYPES, Agents, PolicyFile, Service, _did_you_mean
+from .secrets import SecretResolver
+from .yamlpos import Document, Path, Position, Problem, YamlError, load_document
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePolicy:
+    """A service as the router needs it: its name, resolved prefix and where it was written."""
+
+    name: str
+    prefix: str
+    spec: Service
+    position: Position
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    agents: Agents
+    services: Mapping[str, ServicePolicy]
+    files: tuple[str, ...]
+    version: str  # hash of the files' text and resolved secrets: equal means nothing changed
+    secret_files: frozenset[str] = field(default_factory=frozenset)
+
+
+class PolicyError(Exception):
+    """The policy directory cannot be used; `problems` says exactly where and why."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def policy_files(directory: str) -> list[str]:
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError as exc:
+        raise PolicyError(
+            [Problem(Position(directory, 1, 1), f"cannot read policy directory: {exc.strerror}")]
+        ) from None
+    return [
+        os.path.join(directory, n)
+        for n in names
+        if not n.startswith(".")
+        and n.endswith((".yaml", ".yml"))
+        and os.path.isfile(os.path.join(directory, n))
+    ]
+
+
+def load_policy(directory: str, *, env: Mapping[str, str] | None = None) -> Policy:
+    """Load, validate and merge; raises PolicyError listing every problem found."""
+    files = policy_files(directory)
+    if not files:
+        raise PolicyError(
+            [Problem(Position(directory, 1, 1), "no *.yaml or *.yml policy files found")]
+        )
+    resolver = SecretResolver(env)
+    problems: list[Problem] = []
+    parsed: list[tuple[Document, PolicyFile]] = []
+    digest = hashlib.sha256()
+    for path in files:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(Problem(Position(path, 1, 1), f"cannot read file: {exc}"))
+            continue
+        digest.update(path.encode() + b"\0" + text.encode() + b"\0")
+        try:
+            doc = load_document(text, path)
+        except YamlError as exc:
+            problems.append(exc.problem)
+            continue
+        if not isinstance(doc.data, dict):
+            problems.append(
+                Problem(
+                    Position(path, 1, 1), "a policy file is a mapping starting with 'version: 1'"
+                )
+            )
+            continue
+        try:
+            model = PolicyFile.model_validate(doc.data, context={"secrets": resolver})
+        except ValidationError as exc:
+            problems.extend(_problems(doc, exc))
+            continue
+        parsed.append((doc, model))
+
+    agents: Agents | None = None
+    agents_at: Position | None = None
+    services: dict[str, ServicePolicy] = {}
+    prefixes: dict[str, ServicePolicy] = {}
+    for doc, model in parsed:
+        if model.agents is not None:
+            here = doc.position(("agents",))
+            if agents is not None:
+                problems.append(Problem(here, f"'agents' is already set in {agents_at}"))
+            agents, agents_at = model.agents, here
+        for name, spec in model.services.items():
+            here = doc.position(("services", name))
+            if name in services:
+                problems.append(
+                    Problem(
+                        here, f"service '{name}' is already defined in {services[name].position}"
+                    )
+                )
+                continue
+            prefix = spec.prefix or f"/{name}"
+            sp = ServicePolicy(name=name, prefix=prefix, spec=spec, position=here)
+            if prefix in prefixes:
+                other = prefixes[prefix]
+                at = doc.value_position(("services", name, "prefix")) if spec.prefix else here
+                problems.append(
+                    Problem(
+                        at,
+                        f"prefix '{prefix}' of service '{name}' is already used by service "
+                        f"'{other.name}' ({other.position})",
+                    )
+                )
+                continue
+            services[name] = sp
+            prefixes[prefix] = sp
+
+    if problems:
+        raise PolicyError(sorted(problems, key=lambda p: (p.position.file, p.position.line)))
+    for secret_file in sorted(resolver.files):
+        # Rotated secrets must count as a change even when the policy text did not change.
+        with open(secret_file, "rb") as f:
+            digest.update(secret_file.encode() + b"\0" + hashlib.sha256(f.read()).digest())
+    return Policy(
+        agents=agents or Agents(),
+        services=services,
+        files=tuple(files),
+        version=digest.hexdigest()[:16],
+        secret_files=frozenset(resolver.files),
+    )
+
+
+def _problems(doc: Document, exc: ValidationError) -> list[Problem]:
+    out = []
+    for err in exc.errors(include_url=False):
+        loc: Path = tuple(err["loc"])
+        kind = err["type"]
+        ctx: dict[str, Any] = err.get("ctx") or {}
+        message = err["msg"]
+        if kind == "unknown_key":
+            # Point at the offending key itself, not at the mapping around it.
+            loc = (*_known(doc, loc), ctx["key"])
+        elif kind in ("union_tag_invalid", "union_tag_not_found"):
+            loc = (*_known(doc, loc), "type")
+            tag = ctx.get("tag")
+            message = (
+                f"unknown auth type '{tag}'{_did_you_mean(str(tag), list(AUTH_TYPES))}"
+                if kind == "union_tag_invalid"
+                else f"'type' is required, one of: {', '.join(AUTH_TYPES)}"
+            )
+        elif kind == "missing":
+            message = f"'{loc[-1]}' is required"
+        elif message.startswith("Value error, "):
+            message = message.removeprefix("Value error, ")
+        known = _known(doc, loc)
+        if kind in ("missing", "unknown_key") or known != loc:
+            position = doc.position(known if kind != "unknown_key" else loc)
+        else:
+            position = doc.value_position(known)
+        out.append(Problem(position, message))
+    return out
+
+
+def _known(doc: Document, loc: Path) -> Path:
+    """The part of an error location that exists in the file.
+
+    pydantic puts names in a location that are not keys of the document (the
+    tag of a discriminated union, a function-validator name); drop those.
+    """
+    path: Path = ()
+    for part in loc:
+        candidate = (*path, part)
+        if candidate in doc.values:
+            path = candidate
+    return path

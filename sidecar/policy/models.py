@@ -1,0 +1,388 @@
+"""The policy format, version 1, as pydantic models.
+
+Every model rejects unknown keys (with a did-you-mean), every value is
+checked here, so the compiler and the steps can trust what they get.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from .secrets import Secret, resolver_from_context
+from .units import (
+    DURATION_PATTERN,
+    RATE_PATTERN,
+    SIZE_PATTERN,
+    Rate,
+    format_duration,
+    parse_duration,
+    parse_rate,
+    parse_size,
+)
+
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, return_type=str),
+    WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN, "examples": ["250ms", "5s"]}),
+]
+RateValue = Annotated[
+    Rate,
+    BeforeValidator(parse_rate),
+    PlainSerializer(str, return_type=str),
+    WithJsonSchema({"type": "string", "pattern": RATE_PATTERN, "examples": ["10/s", "600/min"]}),
+]
+Size = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 0},
+                {"type": "string", "pattern": SIZE_PATTERN},
+            ],
+            "examples": ["10MiB"],
+        }
+    ),
+]
+
+
+def _resolve_secret(value: Any, info: ValidationInfo) -> Secret:
+    if isinstance(value, Secret):
+        return value
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError("expected a string or a ${env:NAME} / ${file:/path} reference")
+    return resolver_from_context(info.context).resolve(str(value))
+
+
+SecretStr = Annotated[
+    Secret,
+    BeforeValidator(_resolve_secret),
+    PlainSerializer(str, return_type=str),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "description": "A secret: ${env:NAME}, ${file:/path} or (for tests only) a literal",
+        }
+    ),
+]
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+RETRY_CONDITIONS = ("connect-error", "timeout", "reset", "5xx", "gateway-error")
+BREAKER_CONDITIONS = ("connect-error", "timeout", "reset", "5xx")
+
+
+def _did_you_mean(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    return f"; expected one of: {', '.join(sorted(options))}"
+
+
+class Model(BaseModel):
+    """Base: frozen, unknown keys refused with a hint at the closest known key."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = set(cls.model_fields)
+            known.update(f.alias for f in cls.model_fields.values() if f.alias)
+            for key in data:
+                if key not in known:
+                    raise PydanticCustomError(
+                        "unknown_key",
+                        "unknown key '{key}'{hint}",
+                        {"key": key, "hint": _did_you_mean(str(key), sorted(known))},
+                    )
+        return data
+
+
+def _header_name(value: str) -> str:
+    if not _HEADER_NAME.match(value):
+        raise ValueError(f"{value!r} is not a valid HTTP header name")
+    return value
+
+
+HeaderName = Annotated[
+    str,
+    AfterValidator(_header_name),
+    WithJsonSchema({"type": "string", "pattern": _HEADER_NAME.pattern}),
+]
+
+
+class Agents(Model):
+    header: HeaderName = Field(
+        default="X-Agent-Id", description="Request header that names the calling agent"
+    )
+
+
+class HeaderRules(Model):
+    set: dict[str, str] = Field(default_factory=dict, description="Headers set on every request")
+    remove: list[str] = Field(
+        default_factory=list, description="Headers removed from every request"
+    )
+
+    @field_validator("set")
+    @classmethod
+    def _check_set(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            _header_name(name)
+            if "\r" in value or "\n" in value:
+                raise ValueError(f"header {name} has a line break in its value")
+        return v
+
+    @field_validator("remove")
+    @classmethod
+    def _check_remove(cls, v: list[str]) -> list[str]:
+        for name in v:
+            _header_name(name)
+        return v
+
+
+class Timeout(Model):
+    connect: Duration = Field(default=5.0, gt=0, description="Connecting to the upstream")
+    total: Duration = Field(
+        default=300.0,
+        gt=0,
+        description="Per attempt, from sending the request until the response headers arrive",
+    )
+    idle: Duration | None = Field(
+        default=None,
+        gt=0,
+        description="Longest silence while the response body streams (none by default)",
+    )
+
+
+class RateLimit(Model):
+    rate: RateValue = Field(description="Sustained rate, like '10/s' or '600/min'")
+    burst: int | None = Field(
+        default=None, ge=1, description="Bucket size; default: one second's worth (at least 1)"
+    )
+    per: Literal["service", "agent"] = Field(
+        default="service", description="One bucket for the service, or one per agent"
+    )
+    max_wait: Duration | None = Field(
+        default=None, description="Queue up to this long for a token instead of refusing"
+    )
+    backend: str | None = Field(
+        default=None, description="redis://host:port/db to share the limit between sidecars"
+    )
+    fail_open: bool = Field(
+        default=True, description="When the backend is unreachable: let calls through (true)"
+    )
+
+    @field_validator("backend")
+    @classmethod
+    def _check_backend(cls, v: str | None) -> str | None:
+        if v is not None and urlsplit(v).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("backend must be a redis://, rediss:// or unix:// URL")
+        return v
+
+
+def _check_conditions(values: list[str | int], names: tuple[str, ...], *, lo: int) -> None:
+    for item in values:
+        if isinstance(item, int) and not isinstance(item, bool):
+            if not lo <= item <= 599:
+                raise ValueError(f"status {item} is not allowed here; use {lo}..599")
+        elif item not in names:
+            raise ValueError(f"unknown condition {item!r}{_did_you_mean(str(item), list(names))}")
+
+
+class Backoff(Model):
+    initial: Duration = Field(default=0.1, gt=0)
+    max: Duration = Field(default=5.0, gt=0)
+
+
+class RetryBudget(Model):
+    ratio: float = Field(
+        default=0.2, ge=0, le=1, description="Retries allowed as a share of active requests"
+    )
+    min_concurrency: int = Field(
+        default=3, ge=0, description="Concurrent retries always allowed, whatever the ratio"
+    )
+
+
+class Retry(Model):
+    attempts: int = Field(default=3, ge=1, le=10, description="Total tries, the first included")
+    on: list[str | int] = Field(
+        default_factory=lambda: list[str | int](["connect-error", "timeout", 502, 503, 504]),
+        description="connect-error, timeout, reset, 5xx, gateway-error, or status codes",
+    )
+    backoff: Backoff = Field(default_factory=Backoff)
+    budget: RetryBudget = Field(default_factory=RetryBudget)
+
+    @field_validator("on")
+    @classmethod
+    def _check_on(cls, v: list[str | int]) -> list[str | int]:
+        _check_conditions(v, RETRY_CONDITIONS, lo=400)
+        return v
+
+
+class CircuitBreaker(Model):
+    failure_ratio: float = Field(default=0.5, gt=0, le=1)
+    min_requests: int = Field(default=10, ge=1)
+    window: Duration = Field(default=30.0, gt=0)
+    open_for: Duration = Field(default=15.0, gt=0)
+    half_open_requests: int = Field(default=1, ge=1)
+    on: list[str | int] = Field(
+        default_factory=lambda: list[str | int](["connect-error", "timeout", "5xx"]),
+        description="What counts as a failure: connect-error, timeout, reset, 5xx, 5xx codes",
+    )
+
+    @field_validator("on")
+    @classmethod
+    def _check_on(cls, v: list[str | int]) -> list[str | int]:
+        # A 4xx is the caller's fault, never the upstream's: it must not trip the breaker.
+        _check_conditions(v, BREAKER_CONDITIONS, lo=500)
+        return v
+
+
+class BearerAuth(Model):
+    type: Literal["bearer"]
+    token: SecretStr
+
+
+class HeaderAuth(Model):
+    type: Literal["header"]
+    name: HeaderName
+    value: SecretStr
+
+
+class QueryAuth(Model):
+    type: Literal["query"]
+    name: str = Field(min_length=1)
+    value: SecretStr
+
+
+class BasicAuth(Model):
+    type: Literal["basic"]
+    username: SecretStr
+    password: SecretStr
+
+
+class OAuth2ClientCredentials(Model):
+    type: Literal["oauth2_client_credentials"]
+    token_url: str
+    client_id: SecretStr
+    client_secret: SecretStr
+    scope: str | None = None
+    audience: str | None = None
+    auth_method: Literal["client_secret_basic", "client_secret_post"] = Field(
+        default="client_secret_basic", description="How the client authenticates to token_url"
+    )
+    refresh_before: Duration = Field(
+        default=60.0, ge=0, description="Refresh this long before the token expires"
+    )
+
+    @field_validator("token_url")
+    @classmethod
+    def _check_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("token_url must be an http:// or https:// URL")
+        return v
+
+
+class JwtAuth(Model):
+    type: Literal["jwt"]
+    algorithm: Literal["RS256", "RS384", "RS512", "ES256", "ES384", "HS256", "HS384", "HS512"]
+    key: SecretStr = Field(description="PEM private key (RS*/ES*) or shared secret (HS*)")
+    kid: str | None = None
+    claims: dict[str, Any] = Field(default_factory=dict)
+    ttl: Duration = Field(default=300.0, gt=0)
+    header: HeaderName = Field(default="Authorization", description="Sent as 'Bearer <jwt>' here")
+
+
+Auth = Annotated[
+    BearerAuth | HeaderAuth | QueryAuth | BasicAuth | OAuth2ClientCredentials | JwtAuth,
+    Field(discriminator="type"),
+]
+AUTH_TYPES = ("bearer", "header", "query", "basic", "oauth2_client_credentials", "jwt")
+
+
+class Service(Model):
+    upstream: str = Field(description="scheme://host[:port][/base/path]")
+    prefix: str | None = Field(default=None, description="Default: /<service name>")
+    auth: Auth | None = None
+    headers: HeaderRules = Field(default_factory=HeaderRules)
+    timeout: Timeout = Field(default_factory=Timeout)
+    rate_limit: list[RateLimit] = Field(default_factory=list)
+    retry: Retry | None = None
+    circuit_breaker: CircuitBreaker | None = None
+    max_body: Size | None = Field(
+        default=None, description="Largest request body accepted; larger ones get 413"
+    )
+
+    @field_validator("upstream")
+    @classmethod
+    def _check_upstream(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https"):
+            raise ValueError("upstream must start with http:// or https://")
+        if not parts.hostname:
+            raise ValueError("upstream has no host")
+        if parts.query or parts.fragment:
+            raise ValueError("upstream must not have a query or fragment")
+        try:
+            parts.port  # noqa: B018  (raises on a bad port)
+        except ValueError:
+            raise ValueError("upstream has an invalid port") from None
+        return v.rstrip("/")
+
+    @field_validator("prefix")
+    @classmethod
+    def _check_prefix(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.startswith("/"):
+            raise ValueError("prefix must start with '/'")
+        if any(c in v for c in "?#% ") or "/../" in v + "/" or "/./" in v + "/":
+            raise ValueError("prefix must be a plain path")
+        return v.rstrip("/") or "/"
+
+    @field_validator("rate_limit", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, dict) else v
+
+
+class PolicyFile(Model):
+    """One policy file. The files of a directory are merged into one Policy."""
+
+    model_config = ConfigDict(
+        title="agent-sidecar policy", json_schema_extra={"$id": "agent-sidecar/policy/v1"}
+    )
+
+    version: Literal[1] = Field(description="Policy format version")
+    agents: Agents | None = None
+    services: dict[str, Service] = Field(default_factory=dict)
+
+    @field_validator("services")
+    @classmethod
+    def _check_names(cls, v: dict[str, Service]) -> dict[str, Service]:
+        for name in v:
+            if not _SERVICE_NAME.match(name):
+                raise ValueError(f"service name {name!r} may hold only letters, digits, _ . -")
+        return v

@@ -1,0 +1,78 @@
+"""Secret values: `${env:NAME}` and `${file:/path}` references, resolved at load time.
+
+A resolved secret is a `Secret`: its repr, str and JSON form never show the
+value, only where it came from, so printing a policy, logging a model or
+dumping /config cannot leak it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+_REF = re.compile(r"\$\{(env|file):([^}]*)\}")
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Secret:
+    """A credential. `reveal()` is the only way to get at the text."""
+
+    _value: str = field(compare=True)
+    source: str = field(compare=False)
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret({self.source})"
+
+    def __str__(self) -> str:
+        return self.source
+
+
+class SecretResolver:
+    """Resolves references during one load, recording which files were read.
+
+    The watcher uses `files` to also watch the secrets' directories, so a
+    rotated Kubernetes Secret (an atomic symlink swap) is picked up.
+    """
+
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        self.env = os.environ if env is None else env
+        self.files: set[str] = set()
+
+    def resolve(self, text: str) -> Secret:
+        refs = list(_REF.finditer(text))
+        if not refs:
+            return Secret(text, "<redacted>")
+
+        def sub(m: re.Match[str]) -> str:
+            kind, name = m.group(1), m.group(2).strip()
+            if not name:
+                raise ValueError(f"empty {kind} reference in '{m.group(0)}'")
+            if kind == "env":
+                if name not in self.env:
+                    raise ValueError(f"environment variable {name} is not set")
+                return self.env[name]
+            if not os.path.isabs(name):
+                raise ValueError(f"secret file path must be absolute: {name!r}")
+            self.files.add(name)
+            try:
+                with open(name, encoding="utf-8") as f:
+                    # Secret files written by editors or kubectl often end in a newline.
+                    return f.read().rstrip("\r\n")
+            except OSError as exc:
+                raise ValueError(f"cannot read secret file {name}: {exc.strerror}") from None
+
+        return Secret(_REF.sub(sub, text), text)
+
+
+def resolver_from_context(context: Any) -> SecretResolver:
+    if isinstance(context, dict):
+        resolver = context.get("secrets")
+        if isinstance(resolver, SecretResolver):
+            return resolver
+    return SecretResolver()

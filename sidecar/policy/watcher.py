@@ -1,0 +1,52 @@
+"""Watches the policy directory (and the directories of secret files) for changes.
+
+The directory is watched, not single files: a Kubernetes ConfigMap or Secret
+volume swaps an atomic `..data` symlink, which a watch on one file misses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+
+from watchfiles import awatch
+
+log = logging.getLogger("sidecar.watcher")
+
+
+async def watch(
+    directory: str,
+    secret_files: Callable[[], frozenset[str]],
+    on_change: Callable[[], Awaitable[object]],
+    *,
+    debounce_ms: int = 300,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Call `on_change` after each burst of changes, until `stop` is set."""
+    stop = stop or asyncio.Event()
+    while not stop.is_set():
+        secrets = secret_files()
+        paths = _watched(directory, secrets)
+        log.debug("watching %s", sorted(paths))
+        async for _changes in awatch(
+            *sorted(paths),
+            debounce=debounce_ms,
+            step=50,
+            stop_event=stop,
+            watch_filter=None,
+            recursive=True,
+            ignore_permission_denied=True,
+        ):
+            await on_change()
+            if secret_files() != secrets:
+                break  # the set of secret files changed: watch their new directories
+        else:
+            return
+
+
+def _watched(directory: str, secrets: frozenset[str]) -> set[str]:
+    paths = {os.path.abspath(directory)}
+    paths.update(d for d in (os.path.dirname(f) for f in secrets) if os.path.isdir(d) and d != "/")
+    return paths

@@ -1,0 +1,81 @@
+"""The sidecar's own answers: RFC 9457 problem+json with an X-Sidecar-Error reason.
+
+An agent, often an LLM reading the text, must be able to tell the sidecar's
+refusals from the upstream's answers and know what to do next.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from aiohttp import web
+
+PROBLEM_TYPE = "https://agent-sidecar.dev/errors/"
+
+# reason -> (status, title)
+REASONS: dict[str, tuple[int, str]] = {
+    "no_route": (404, "No route"),
+    "bad_request": (400, "Bad request"),
+    "rate_limited": (429, "Rate limited by the sidecar"),
+    "circuit_open": (503, "Circuit open"),
+    "upstream_timeout": (504, "Upstream timeout"),
+    "upstream_unreachable": (502, "Upstream unreachable"),
+    "request_too_large": (413, "Request too large"),
+    "auth_failed": (502, "Credential unavailable"),
+    "internal_error": (500, "Sidecar internal error"),
+}
+
+
+class ProblemError(Exception):
+    """Raised anywhere in a chain to make the sidecar answer for itself."""
+
+    def __init__(
+        self,
+        reason: str,
+        detail: str,
+        *,
+        service: str | None = None,
+        retry_after: float | None = None,
+        headers: dict[str, str] | None = None,
+        cause: str | None = None,
+    ) -> None:
+        super().__init__(detail)
+        # What went wrong on the wire, in the words retry/breaker `on:` lists use:
+        # "connect-error", "timeout", "reset"; None for the sidecar's own refusals.
+        self.cause = cause
+        self.reason = reason
+        self.detail = detail
+        self.service = service
+        self.retry_after = retry_after
+        self.headers = headers
+
+    @property
+    def status(self) -> int:
+        return REASONS[self.reason][0]
+
+
+def problem_response(err: ProblemError, service: str | None = None) -> web.Response:
+    status, title = REASONS[err.reason]
+    body = {
+        "type": PROBLEM_TYPE + err.reason.replace("_", "-"),
+        "title": title,
+        "status": status,
+        "detail": err.detail,
+        "service": err.service or service,
+        "reason": err.reason,
+    }
+    headers = {"X-Sidecar-Error": err.reason}
+    if err.retry_after is not None:
+        # Whole seconds, rounded up: an agent that waits exactly this long succeeds.
+        seconds = max(1, math.ceil(err.retry_after))
+        headers["Retry-After"] = str(seconds)
+        body["retry_after"] = seconds
+    if err.headers:
+        headers.update(err.headers)
+    return web.Response(
+        status=status,
+        body=json.dumps(body).encode(),
+        content_type="application/problem+json",
+        headers=headers,
+    )

@@ -1,0 +1,171 @@
+"""Compiled routes: a Policy turned into ready-to-call chains, matched by longest prefix.
+
+A Router is immutable once built. Reload builds a whole new one and swaps a
+single reference; calls in flight keep the Router (and chain) they started on.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from ..call import Call, Handler, Step
+from ..policy.loader import Policy, ServicePolicy
+from ..state import StateBuild
+from ..steps import auth, timeout
+from .upstream import Upstream
+
+# Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never forwarded.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+StepBuilder = Callable[..., Step | None]
+
+# The order of a chain, outermost first: retry(breaker(timeout(auth(forward)))).
+# Builders of later features register themselves in this list in that order.
+STEP_BUILDERS: list[tuple[str, StepBuilder]] = [
+    ("timeout", timeout.build),
+    ("auth", auth.build),
+]
+
+
+class Route:
+    __slots__ = (
+        "agent_header",
+        "drop",
+        "handler",
+        "max_body",
+        "name",
+        "prefix",
+        "set_headers",
+        "strip",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        *,
+        service: ServicePolicy,
+        agent_header: str,
+        upstream: Upstream,
+        handler: Handler,
+    ) -> None:
+        spec = service.spec
+        self.name = service.name
+        self.prefix = service.prefix
+        self.strip = 0 if service.prefix == "/" else len(service.prefix)
+        self.upstream = upstream
+        self.handler = handler
+        self.agent_header = agent_header
+        self.max_body = spec.max_body
+        self.set_headers = tuple(spec.headers.set.items())
+        drop = set(HOP_BY_HOP)
+        drop.add("host")
+        drop.add(agent_header.lower())
+        drop.update(h.lower() for h in spec.headers.remove)
+        drop.update(h.lower() for h in spec.headers.set)
+        credential = auth.header_name(service)
+        if credential:
+            drop.add(credential.lower())
+        self.drop = frozenset(drop)
+
+    def prepare(self, request: web.BaseRequest, body: object) -> Call:
+        """The agent's request as the upstream will get it, before any step runs."""
+        drop = self.drop
+        incoming = request.headers
+        connection = incoming.get("Connection")
+        if connection:
+            # Headers named in Connection are hop-by-hop for this one request.
+            drop = drop | {t.strip().lower() for t in connection.split(",")}
+        headers: CIMultiDict[str] = CIMultiDict()
+        for name, value in incoming.items():
+            if name.lower() not in drop:
+                headers.add(name, value)
+        for name, value in self.set_headers:
+            headers[name] = value
+        raw = request.raw_path
+        target = raw[self.strip :]
+        if not target or target[0] != "/":
+            target = "/" + target
+        return Call(
+            service=self.name,
+            method=request.method,
+            target=target,
+            headers=headers,
+            body=body,  # type: ignore[arg-type]
+            agent=incoming.get(self.agent_header),
+            request=request,
+        )
+
+
+class Router:
+    """Longest-prefix match on whole path segments (/git never matches /github)."""
+
+    def __init__(self, routes: Iterable[Route], *, version: str) -> None:
+        self.version = version
+        self.routes = {r.name: r for r in routes}
+        self._by_segment: dict[str, list[Route]] = {}
+        self._root: Route | None = None
+        for route in sorted(self.routes.values(), key=lambda r: len(r.prefix), reverse=True):
+            if route.prefix == "/":
+                self._root = route
+                continue
+            first = route.prefix[1:].split("/", 1)[0]
+            self._by_segment.setdefault(first, []).append(route)
+
+    def match(self, path: str) -> Route | None:
+        end = path.find("/", 1)
+        first = path[1:] if end < 0 else path[1:end]
+        q = first.find("?")
+        if q >= 0:
+            first = first[:q]
+        for route in self._by_segment.get(first, ()):
+            p = route.prefix
+            if path.startswith(p) and (len(path) == len(p) or path[len(p)] in "/?"):
+                return route
+        return self._root
+
+
+def compile_policy(policy: Policy, state: StateBuild) -> Router:
+    routes = []
+    for service in policy.services.values():
+        spec = service.spec
+        upstream = state.get(
+            service.name,
+            "upstream",
+            (spec.upstream, spec.timeout.connect, spec.timeout.idle),
+            lambda s=service: Upstream(  # type: ignore[misc]
+                service=s.name,
+                upstream=s.spec.upstream,
+                connect_timeout=s.spec.timeout.connect,
+                idle=s.spec.timeout.idle,
+            ),
+        )
+        handler: Handler = upstream
+        for _, builder in reversed(STEP_BUILDERS):
+            step = builder(service, state=state)
+            if step is not None:
+                handler = functools.partial(step.__call__, next=handler)
+        routes.append(
+            Route(
+                service=service,
+                agent_header=policy.agents.header,
+                upstream=upstream,
+                handler=handler,
+            )
+        )
+    return Router(routes, version=policy.version)

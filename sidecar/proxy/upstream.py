@@ -1,0 +1,137 @@
+"""The last step of every chain: send the call to the upstream over a pooled session.
+
+One `Upstream` (one aiohttp ClientSession and connection pool) per service
+and upstream origin. It lives in the state store, so a reload that keeps the
+origin keeps the warm connections; a retired one closes once idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from urllib.parse import urlsplit
+
+import aiohttp
+from yarl import URL
+
+from ..call import Call, Reply
+from ..problems import ProblemError
+
+log = logging.getLogger("sidecar.upstream")
+
+
+class Upstream:
+    def __init__(self, *, service: str, upstream: str, connect_timeout: float, idle: float | None):
+        parts = urlsplit(upstream)
+        self.service = service
+        self.origin = f"{parts.scheme}://{parts.netloc}"
+        self.base_path = parts.path.rstrip("/")
+        self.connect_timeout = connect_timeout
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=None, sock_connect=connect_timeout, sock_read=idle
+        )
+        self._session: aiohttp.ClientSession | None = None
+        self.inflight = 0
+        self._retired = False
+
+    def _open(self) -> aiohttp.ClientSession:
+        # Made lazily: the session must be created inside the running loop.
+        connector = aiohttp.TCPConnector(
+            limit=0,  # the sidecar's own limits decide concurrency, not the pool
+            keepalive_timeout=30,
+            ttl_dns_cache=60,
+            enable_cleanup_closed=False,
+        )
+        self._session = aiohttp.ClientSession(
+            base_url=None,
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),  # no cookie may pass from one agent to another
+            auto_decompress=False,  # bytes pass through untouched, Content-Encoding kept
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            timeout=self._timeout,
+            trust_env=False,
+            raise_for_status=False,
+        )
+        return self._session
+
+    async def __call__(self, call: Call) -> Reply:
+        session = self._session or self._open()
+        url = URL(self.origin + self.base_path + call.target, encoded=True)
+        self.inflight += 1
+        try:
+            return await session.request(
+                call.method,
+                url,
+                headers=call.headers,
+                data=call.body,
+                allow_redirects=False,
+                compress=None,
+            )
+        except ProblemError:
+            raise
+        except aiohttp.ConnectionTimeoutError:
+            raise ProblemError(
+                "upstream_unreachable",
+                f"The upstream of service '{self.service}' did not accept a connection within "
+                f"{self.connect_timeout:g}s; try again later.",
+                service=self.service,
+                cause="connect-error",
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise ProblemError(
+                "upstream_unreachable",
+                f"The sidecar could not connect to the upstream of service '{self.service}' "
+                f"({_describe(exc)}); try again later.",
+                service=self.service,
+                cause="connect-error",
+            ) from None
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            raise ProblemError(
+                "upstream_timeout",
+                f"The upstream of service '{self.service}' stopped sending data.",
+                service=self.service,
+                cause="timeout",
+            ) from None
+        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError):
+            raise ProblemError(
+                "upstream_unreachable",
+                f"The upstream of service '{self.service}' closed the connection before "
+                "answering; try again later.",
+                service=self.service,
+                cause="reset",
+            ) from None
+        finally:
+            self.inflight -= 1
+
+    def retire(self) -> None:
+        """Close the pool once no call is using it; a reload swapped it out."""
+        self._retired = True
+        if self._session is not None:
+            asyncio.get_running_loop().create_task(self._close_when_idle())
+
+    async def _close_when_idle(self) -> None:
+        # A streamed answer holds its connection after __call__ returned: wait
+        # for the pool to hand every connection back before closing it.
+        session = self._session
+        if session is None:
+            return
+        connector = session.connector
+        # The connector has no "idle" event to wait on, so poll, slowly.
+        while self.inflight or (connector is not None and _busy(connector)):  # noqa: ASYNC110
+            await asyncio.sleep(0.5)
+        await session.close()
+
+
+def _busy(connector: aiohttp.BaseConnector) -> bool:
+    acquired = getattr(connector, "_acquired", None)
+    return bool(acquired)
+
+
+def _describe(exc: aiohttp.ClientConnectorError) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return "its TLS certificate was not accepted"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return "the TLS handshake failed"
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return f"cannot resolve {exc.host}"
+    return f"{exc.host}:{exc.port} refused or dropped the connection"

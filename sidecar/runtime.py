@@ -1,0 +1,169 @@
+"""The running sidecar: the current Router, reloads, and the listeners.
+
+Reload = load + validate + compile a whole new Router off the request path,
+then swap one reference. A failed reload changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from .policy.loader import Policy, PolicyError, load_policy
+from .policy.watcher import watch
+from .proxy.router import Router, compile_policy
+from .proxy.server import EgressHandler
+from .state import StateStore
+
+log = logging.getLogger("sidecar")
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    ok: bool
+    trigger: str
+    at: float
+    version: str | None
+    changed: bool = False
+    errors: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "trigger": self.trigger,
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.at)),
+            "version": self.version,
+            "changed": self.changed,
+            "errors": list(self.errors),
+        }
+
+
+@dataclass(slots=True)
+class ReloadCounts:
+    succeeded: int = 0
+    failed: int = 0
+
+
+class Sidecar:
+    def __init__(self, policies: str, *, env: Mapping[str, str] | None = None) -> None:
+        self.policies = policies
+        self.env = env
+        self.policy: Policy | None = None
+        self.router: Router | None = None
+        self.state = StateStore()
+        self.last_reload: ReloadResult | None = None
+        self.counts = ReloadCounts()
+        # Called after every reload attempt (metrics, tests); never on the request path.
+        self.on_reload: list[Callable[[ReloadResult], None]] = []
+        self._lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._watch_task: asyncio.Task[None] | None = None
+        self.handler = EgressHandler(lambda: self.router)
+
+    async def reload(self, trigger: str) -> ReloadResult:
+        async with self._lock:
+            result = await self._reload(trigger)
+        self.last_reload = result
+        if result.ok:
+            self.counts.succeeded += 1
+        else:
+            self.counts.failed += 1
+        for listener in self.on_reload:
+            listener(result)
+        return result
+
+    async def _reload(self, trigger: str) -> ReloadResult:
+        now = time.time()
+        try:
+            # File reads happen in a worker thread: the loop keeps serving meanwhile.
+            policy = await asyncio.to_thread(load_policy, self.policies, env=self.env)
+        except PolicyError as exc:
+            errors = tuple(str(p) for p in exc.problems)
+            for line in errors:
+                log.error("policy rejected, the last good policy keeps serving: %s", line)
+            version = self.policy.version if self.policy else None
+            return ReloadResult(ok=False, trigger=trigger, at=now, version=version, errors=errors)
+        if self.policy is not None and policy.version == self.policy.version:
+            return ReloadResult(ok=True, trigger=trigger, at=now, version=policy.version)
+        build = self.state.begin()
+        try:
+            router = compile_policy(policy, build)
+        except Exception as exc:
+            build.abort()
+            log.exception("policy could not be compiled; the last good policy keeps serving")
+            version = self.policy.version if self.policy else None
+            return ReloadResult(
+                ok=False, trigger=trigger, at=now, version=version, errors=(f"compile: {exc}",)
+            )
+        build.commit()
+        self.policy, self.router = policy, router
+        log.info(
+            "policy %s loaded (%s): %d services from %d files",
+            policy.version,
+            trigger,
+            len(policy.services),
+            len(policy.files),
+        )
+        return ReloadResult(ok=True, trigger=trigger, at=now, version=policy.version, changed=True)
+
+    def secret_files(self) -> frozenset[str]:
+        return self.policy.secret_files if self.policy else frozenset()
+
+    def start_watching(self, *, debounce_ms: int = 300) -> None:
+        async def on_change() -> None:
+            await self.reload("watch")
+
+        self._watch_task = asyncio.get_running_loop().create_task(
+            watch(
+                self.policies,
+                self.secret_files,
+                on_change,
+                debounce_ms=debounce_ms,
+                stop=self._stop,
+            )
+        )
+
+    async def close(self) -> None:
+        self._stop.set()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watch_task
+        self.state.close()
+
+
+def egress_server(sidecar: Sidecar) -> web.Server:
+    # The low-level server: no router, no middleware chain, no access log per
+    # request; the sidecar's own Router is the only dispatch.
+    return web.Server(sidecar.handler, handler_cancellation=True, access_log=None)
+
+
+async def serve(
+    sidecar: Sidecar,
+    *,
+    listen: tuple[str, int],
+    admin: tuple[str, int] | None,
+    drain: float = 10.0,
+) -> list[web.BaseRunner]:
+    from .admin import admin_app
+
+    runners: list[web.BaseRunner] = []
+    egress = web.ServerRunner(
+        egress_server(sidecar), handle_signals=False, access_log=None, shutdown_timeout=drain
+    )
+    await egress.setup()
+    await web.TCPSite(egress, listen[0], listen[1], backlog=1024).start()
+    runners.append(egress)
+    if admin is not None:
+        runner = web.AppRunner(admin_app(sidecar), handle_signals=False, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, admin[0], admin[1]).start()
+        runners.append(runner)
+    return runners

@@ -1,0 +1,89 @@
+"""State that outlives a reload: limiter buckets, breakers, token caches, pools.
+
+Each piece is keyed by (service, step, fingerprint of its parameters). A
+reload that leaves a step's parameters alone gets the same object back; one
+that changes them gets a fresh one. Pieces no longer used are retired (a
+connection pool closes once its last in-flight call has finished).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from pydantic import BaseModel
+
+from .policy.secrets import Secret
+
+T = TypeVar("T")
+Key = tuple[str, str, str]
+
+
+@runtime_checkable
+class Retirable(Protocol):
+    def retire(self) -> None: ...
+
+
+def fingerprint(params: object) -> str:
+    """A stable digest of a step's parameters, secrets included (so rotation resets caches)."""
+
+    def default(o: object) -> Any:
+        if isinstance(o, Secret):
+            return {"secret": hashlib.sha256(o.reveal().encode()).hexdigest()}
+        if isinstance(o, BaseModel):
+            return {k: getattr(o, k) for k in type(o).model_fields}
+        return repr(o)
+
+    text = json.dumps(params, default=default, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class StateStore:
+    def __init__(self) -> None:
+        self._items: dict[Key, Any] = {}
+
+    def begin(self) -> StateBuild:
+        return StateBuild(self)
+
+    def items(self) -> Iterator[tuple[Key, Any]]:
+        return iter(list(self._items.items()))
+
+    def find(self, service: str, step: str) -> list[Any]:
+        return [v for (s, st, _), v in self._items.items() if s == service and st == step]
+
+    def close(self) -> None:
+        for obj in self._items.values():
+            if isinstance(obj, Retirable):
+                obj.retire()
+        self._items = {}
+
+
+class StateBuild:
+    """The state of one compile: kept pieces plus new ones, committed only on success."""
+
+    def __init__(self, store: StateStore) -> None:
+        self._store = store
+        self._items: dict[Key, Any] = {}
+
+    def get(self, service: str, step: str, params: object, factory: Callable[[], T]) -> T:
+        key = (service, step, fingerprint(params))
+        if key in self._items:
+            return self._items[key]  # type: ignore[no-any-return]
+        obj = self._store._items.get(key)
+        if obj is None:
+            obj = factory()
+        self._items[key] = obj
+        return obj
+
+    def commit(self) -> None:
+        old, self._store._items = self._store._items, self._items
+        for key, obj in old.items():
+            if key not in self._items and isinstance(obj, Retirable):
+                obj.retire()
+
+    def abort(self) -> None:
+        for key, obj in self._items.items():
+            if key not in self._store._items and isinstance(obj, Retirable):
+                obj.retire()

@@ -1,0 +1,73 @@
+"""Credential injection. The agent never holds the credential; the sidecar adds it.
+
+Whatever the agent sent in the same header (or query parameter) is removed
+before the request is prepared, so an agent cannot override or probe it.
+Kinds that need state (OAuth2 tokens, minted JWTs) live in their own modules.
+"""
+
+from __future__ import annotations
+
+import base64
+from urllib.parse import parse_qsl, quote, urlencode
+
+from ..call import Call, Handler, Reply
+from ..policy.loader import ServicePolicy
+from ..policy.models import BasicAuth, BearerAuth, HeaderAuth, QueryAuth
+from ..state import StateBuild
+from . import Step
+
+
+class SetHeader:
+    """Bearer, basic and header kinds: one fixed header value, computed once per load."""
+
+    def __init__(self, *, name: str, value: str) -> None:
+        self.name = name
+        self._value = value
+
+    async def __call__(self, call: Call, next: Handler) -> Reply:
+        call.headers[self.name] = self._value
+        return await next(call)
+
+
+class SetQuery:
+    """The query kind: the parameter replaces any the agent sent under that name."""
+
+    def __init__(self, *, name: str, value: str) -> None:
+        self.name = name
+        self._pair = f"{quote(name, safe='')}={quote(value, safe='')}"
+
+    async def __call__(self, call: Call, next: Handler) -> Reply:
+        path, sep, query = call.target.partition("?")
+        if sep and query:
+            kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != self.name]
+            rest = urlencode(kept, quote_via=quote)
+            call.target = f"{path}?{rest}&{self._pair}" if rest else f"{path}?{self._pair}"
+        else:
+            call.target = f"{path}?{self._pair}"
+        return await next(call)
+
+
+def header_name(service: ServicePolicy) -> str | None:
+    """The header an auth kind writes, so the agent's own value there is dropped first."""
+    auth = service.spec.auth
+    if auth is None or isinstance(auth, QueryAuth):
+        return None
+    if isinstance(auth, HeaderAuth):
+        return auth.name
+    return getattr(auth, "header", "Authorization")
+
+
+def build(service: ServicePolicy, *, state: StateBuild) -> Step | None:
+    auth = service.spec.auth
+    if auth is None:
+        return None
+    if isinstance(auth, BearerAuth):
+        return SetHeader(name="Authorization", value=f"Bearer {auth.token.reveal()}")
+    if isinstance(auth, HeaderAuth):
+        return SetHeader(name=auth.name, value=auth.value.reveal())
+    if isinstance(auth, BasicAuth):
+        pair = f"{auth.username.reveal()}:{auth.password.reveal()}".encode()
+        return SetHeader(name="Authorization", value=f"Basic {base64.b64encode(pair).decode()}")
+    if isinstance(auth, QueryAuth):
+        return SetQuery(name=auth.name, value=auth.value.reveal())
+    raise NotImplementedError(f"auth type {auth.type} is built by its own module")

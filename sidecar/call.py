@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterable, Awaitable, Callable
 from typing import Any, Protocol
 
-from aiohttp import ClientResponse, web
+from aiohttp import ClientResponse, StreamReader, web
 from multidict import CIMultiDict
 
 Reply = ClientResponse
@@ -60,3 +60,23 @@ class Step(Protocol):
     """One policy step: `async (call, next) -> reply`, built once per (re)load."""
 
     async def __call__(self, call: Call, next: Handler) -> Reply: ...
+
+
+async def make_replayable(call: Call, limit: int) -> bool:
+    """Read the body into memory (if at most `limit` bytes) so the call can be sent again.
+
+    Retries and credential refreshes re-send a call; a streamed body can be
+    read only once. Bodies of unknown length, or larger than `limit`, stay
+    streamed, and the call is then tried once only.
+    """
+    body = call.body
+    if body is None or isinstance(body, bytes):
+        return True
+    request = call.request
+    if not isinstance(body, StreamReader) or request is None:
+        return False
+    length = request.content_length
+    if length is None or length > limit:
+        return False
+    call.body = await body.readexactly(length) if length else b""
+    return True

@@ -1,0 +1,130 @@
+"""Shared fixtures: real servers on loopback, the real sidecar, a real client.
+
+- `upstream(app)` starts an aiohttp Application on 127.0.0.1:<free port>.
+- `start_sidecar(policy_yaml, ...)` writes policy files into a temp directory
+  and runs the actual Sidecar (egress + admin listeners) in this event loop.
+- `client` is a plain aiohttp ClientSession.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from sidecar.runtime import Sidecar, serve
+
+
+@dataclass
+class RunningSidecar:
+    sidecar: Sidecar
+    policies: Path
+    url: str  # egress, e.g. http://127.0.0.1:41234
+    admin: str
+    runners: list[web.BaseRunner] = field(default_factory=list)
+
+    def write(self, name: str, text: str) -> Path:
+        """Write (or overwrite) a policy file atomically, the way a careful editor does."""
+        path = self.policies / name
+        tmp = self.policies / f".{name}.tmp"
+        tmp.write_text(textwrap.dedent(text))
+        os.replace(tmp, path)
+        return path
+
+
+def _port(runner: web.BaseRunner) -> int:
+    address = runner.addresses[0]
+    return int(address[1])
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Callable[[web.Application], Awaitable[str]]]:
+    """Start aiohttp apps on loopback; returns their base URL."""
+    runners: list[web.AppRunner] = []
+
+    async def start(app: web.Application) -> str:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        runners.append(runner)
+        return f"http://127.0.0.1:{_port(runner)}"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+StartSidecar = Callable[..., Awaitable[RunningSidecar]]
+
+
+@pytest.fixture
+async def start_sidecar(tmp_path: Path) -> AsyncIterator[StartSidecar]:
+    started: list[RunningSidecar] = []
+
+    async def start(
+        policy: str | Mapping[str, str],
+        *,
+        env: Mapping[str, str] | None = None,
+        watch: bool = False,
+        debounce_ms: int = 50,
+    ) -> RunningSidecar:
+        directory = tmp_path / f"policies{len(started)}"
+        directory.mkdir()
+        files = {"policy.yaml": policy} if isinstance(policy, str) else dict(policy)
+        for name, text in files.items():
+            (directory / name).write_text(textwrap.dedent(text))
+        sidecar = Sidecar(str(directory), env=env)
+        result = await sidecar.reload("startup")
+        assert result.ok, result.errors
+        runners = await serve(sidecar, listen=("127.0.0.1", 0), admin=("127.0.0.1", 0))
+        if watch:
+            sidecar.start_watching(debounce_ms=debounce_ms)
+        running = RunningSidecar(
+            sidecar=sidecar,
+            policies=directory,
+            url=f"http://127.0.0.1:{_port(runners[0])}",
+            admin=f"http://127.0.0.1:{_port(runners[1])}",
+            runners=runners,
+        )
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        for runner in running.runners:
+            await runner.cleanup()
+        await running.sidecar.close()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    # auto_decompress off: tests see exactly the bytes the sidecar sent.
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+def echo_app() -> web.Application:
+    """An upstream that answers with what it received, as JSON."""
+
+    async def echo(request: web.Request) -> web.Response:
+        body = await request.read()
+        payload: dict[str, Any] = {
+            "method": request.method,
+            "path": request.path,
+            "raw_path": request.raw_path,
+            "query": request.query_string,
+            "headers": {k: v for k, v in request.headers.items()},
+            "body": body.decode("utf-8", "replace"),
+        }
+        return web.json_response(payload)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    return app

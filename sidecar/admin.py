@@ -57,11 +57,31 @@ async def reload(request: web.Request) -> web.Response:
     return web.json_response(result.as_dict(), status=200 if result.ok else 422)
 
 
+async def services(request: web.Request) -> web.Response:
+    """Each service's route and the live state of its breaker and retry budget."""
+    sidecar = _sidecar(request)
+    policy = sidecar.policy
+    out: dict[str, Any] = {}
+    for name, s in policy.services.items() if policy else ():
+        # A URL may carry user:password; everything before '@' is left out.
+        scheme, _, rest = s.spec.upstream.partition("://")
+        host, _, path = rest.partition("/")
+        upstream = f"{scheme}://{host.rpartition('@')[2]}" + (f"/{path}" if path else "")
+        entry: dict[str, Any] = {"prefix": s.prefix, "upstream": upstream}
+        for step, key in (("breaker", "circuit_breaker"), ("retry", "retry")):
+            found = sidecar.state.find(name, step)
+            entry[key] = found[0].snapshot() if found else None
+        entry["rate_limit"] = [r.model_dump(mode="json") for r in s.spec.rate_limit]
+        out[name] = entry
+    return web.json_response({"services": out})
+
+
 def admin_app(sidecar: Sidecar) -> web.Application:
     app = web.Application()
     app[SIDECAR_KEY] = sidecar
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/config", config)
+    app.router.add_get("/services", services)
     app.router.add_post("/reload", reload)
     return app

@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = sub.add_parser("validate", help="check a policy directory; exit 1 on errors")
     validate.add_argument("dir", metavar="DIR")
+    validate.add_argument(
+        "--resolve-secrets",
+        action="store_true",
+        help="also read every ${env:} and ${file:} secret (by default only their form is checked)",
+    )
 
     sub.add_parser("schema", help="print the policy JSON Schema")
 
@@ -88,11 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_validate(directory: str) -> int:
+def cmd_validate(directory: str, *, resolve_secrets: bool) -> int:
     from .policy.loader import PolicyError, load_policy
 
     try:
-        policy = load_policy(directory)
+        policy = load_policy(directory, resolve_secrets=resolve_secrets)
     except PolicyError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -161,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "validate":
-        return cmd_validate(args.dir)
+        return cmd_validate(args.dir, resolve_secrets=args.resolve_secrets)
     if args.command == "schema":
         return cmd_schema()
     if args.command == "inject":

@@ -50,7 +50,15 @@ async def upstream() -> AsyncIterator[Callable[[web.Application], Awaitable[str]
     runners: list[web.AppRunner] = []
 
     async def start(app: web.Application) -> str:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # handler_cancellation: an upstream handler stops when the sidecar hangs up,
+        # as a real server's work would; shutdown_timeout keeps teardown quick.
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            handler_cancellation=True,
+            shutdown_timeout=1.0,
+        )
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         runners.append(runner)

@@ -64,14 +64,20 @@ def policy_files(directory: str) -> list[str]:
     ]
 
 
-def load_policy(directory: str, *, env: Mapping[str, str] | None = None) -> Policy:
-    """Load, validate and merge; raises PolicyError listing every problem found."""
+def load_policy(
+    directory: str, *, env: Mapping[str, str] | None = None, resolve_secrets: bool = True
+) -> Policy:
+    """Load, validate and merge; raises PolicyError listing every problem found.
+
+    With resolve_secrets=False, `${env:}` and `${file:}` references are checked
+    for form only (for CI, which has no production secrets).
+    """
     files = policy_files(directory)
     if not files:
         raise PolicyError(
             [Problem(Position(directory, 1, 1), "no *.yaml or *.yml policy files found")]
         )
-    resolver = SecretResolver(env)
+    resolver = SecretResolver(env, check_only=not resolve_secrets)
     problems: list[Problem] = []
     parsed: list[tuple[Document, PolicyFile]] = []
     digest = hashlib.sha256()

@@ -7,6 +7,7 @@ checked here, so the compiler and the steps can trust what they get.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -201,13 +202,23 @@ class RateLimit(Model):
         return v
 
 
-def _check_conditions(values: list[str | int], names: tuple[str, ...], *, lo: int) -> None:
-    for item in values:
-        if isinstance(item, int) and not isinstance(item, bool):
-            if not lo <= item <= 599:
-                raise ValueError(f"status {item} is not allowed here; use {lo}..599")
-        elif item not in names:
-            raise ValueError(f"unknown condition {item!r}{_did_you_mean(str(item), list(names))}")
+def _check_condition(item: str | int, names: tuple[str, ...], *, lo: int) -> str | int:
+    """One entry of an `on:` list: a named condition or a status code from `lo` up."""
+    if isinstance(item, int) and not isinstance(item, bool):
+        if not lo <= item <= 599:
+            raise ValueError(f"status {item} is not allowed here; use {lo}..599")
+    elif item not in names:
+        raise ValueError(f"unknown condition {item!r}{_did_you_mean(str(item), list(names))}")
+    return item
+
+
+RetryCondition = Annotated[
+    str | int, AfterValidator(lambda v: _check_condition(v, RETRY_CONDITIONS, lo=400))
+]
+# A 4xx is the caller's fault, never the upstream's: it must not trip the breaker.
+BreakerCondition = Annotated[
+    str | int, AfterValidator(lambda v: _check_condition(v, BREAKER_CONDITIONS, lo=500))
+]
 
 
 class Backoff(Model):
@@ -226,18 +237,12 @@ class RetryBudget(Model):
 
 class Retry(Model):
     attempts: int = Field(default=3, ge=1, le=10, description="Total tries, the first included")
-    on: list[str | int] = Field(
+    on: list[RetryCondition] = Field(
         default_factory=lambda: list[str | int](["connect-error", "timeout", 502, 503, 504]),
         description="connect-error, timeout, reset, 5xx, gateway-error, or status codes",
     )
     backoff: Backoff = Field(default_factory=Backoff)
     budget: RetryBudget = Field(default_factory=RetryBudget)
-
-    @field_validator("on")
-    @classmethod
-    def _check_on(cls, v: list[str | int]) -> list[str | int]:
-        _check_conditions(v, RETRY_CONDITIONS, lo=400)
-        return v
 
 
 class CircuitBreaker(Model):
@@ -246,17 +251,10 @@ class CircuitBreaker(Model):
     window: Duration = Field(default=30.0, gt=0)
     open_for: Duration = Field(default=15.0, gt=0)
     half_open_requests: int = Field(default=1, ge=1)
-    on: list[str | int] = Field(
+    on: list[BreakerCondition] = Field(
         default_factory=lambda: list[str | int](["connect-error", "timeout", "5xx"]),
         description="What counts as a failure: connect-error, timeout, reset, 5xx, 5xx codes",
     )
-
-    @field_validator("on")
-    @classmethod
-    def _check_on(cls, v: list[str | int]) -> list[str | int]:
-        # A 4xx is the caller's fault, never the upstream's: it must not trip the breaker.
-        _check_conditions(v, BREAKER_CONDITIONS, lo=500)
-        return v
 
 
 class BearerAuth(Model):
@@ -313,6 +311,34 @@ class JwtAuth(Model):
     claims: dict[str, Any] = Field(default_factory=dict)
     ttl: Duration = Field(default=300.0, gt=0)
     header: HeaderName = Field(default="Authorization", description="Sent as 'Bearer <jwt>' here")
+
+    @field_validator("key")
+    @classmethod
+    def _check_key(cls, v: Secret, info: ValidationInfo) -> Secret:
+        # A bad key must fail `sidecar validate`, not the first call. Imported here:
+        # the steps import this module.
+        from ..steps.jwt_auth import signing_key
+
+        algorithm = info.data.get("algorithm")
+        if algorithm is not None:
+            signing_key(algorithm, v.reveal())
+        return v
+
+    @field_validator("claims")
+    @classmethod
+    def _check_claims(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from ..steps.jwt_auth import RESERVED_CLAIMS
+
+        reserved = sorted(RESERVED_CLAIMS & set(v))
+        if reserved:
+            raise ValueError(
+                f"claims may not set {', '.join(reserved)}: the sidecar sets them (see ttl)"
+            )
+        try:
+            json.dumps(v)
+        except (TypeError, ValueError):
+            raise ValueError("claims must be plain JSON values (quote dates)") from None
+        return v
 
 
 Auth = Annotated[

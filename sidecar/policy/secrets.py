@@ -40,9 +40,12 @@ class SecretResolver:
     rotated Kubernetes Secret (an atomic symlink swap) is picked up.
     """
 
-    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, env: Mapping[str, str] | None = None, *, check_only: bool = False) -> None:
         self.env = os.environ if env is None else env
         self.files: set[str] = set()
+        # `sidecar validate` in CI checks the references, not the values: the
+        # CI job rarely has the production secrets, and should not need them.
+        self.check_only = check_only
 
     def resolve(self, text: str) -> Secret:
         refs = list(_REF.finditer(text))
@@ -53,6 +56,10 @@ class SecretResolver:
             kind, name = m.group(1), m.group(2).strip()
             if not name:
                 raise ValueError(f"empty {kind} reference in '{m.group(0)}'")
+            if self.check_only:
+                if kind == "file" and not os.path.isabs(name):
+                    raise ValueError(f"secret file path must be absolute: {name!r}")
+                return "unresolved"
             if kind == "env":
                 if name not in self.env:
                     raise ValueError(f"environment variable {name} is not set")

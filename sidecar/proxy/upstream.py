@@ -69,39 +69,49 @@ class Upstream:
             )
         except ProblemError:
             raise
-        except aiohttp.ConnectionTimeoutError:
-            raise ProblemError(
-                "upstream_unreachable",
-                f"The upstream of service '{self.service}' did not accept a connection within "
-                f"{self.connect_timeout:g}s; try again later.",
-                service=self.service,
-                cause="connect-error",
-            ) from None
-        except aiohttp.ClientConnectorError as exc:
-            raise ProblemError(
-                "upstream_unreachable",
-                f"The sidecar could not connect to the upstream of service '{self.service}' "
-                f"({_describe(exc)}); try again later.",
-                service=self.service,
-                cause="connect-error",
-            ) from None
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            raise ProblemError(
-                "upstream_timeout",
-                f"The upstream of service '{self.service}' stopped sending data.",
-                service=self.service,
-                cause="timeout",
-            ) from None
-        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError):
-            raise ProblemError(
-                "upstream_unreachable",
-                f"The upstream of service '{self.service}' closed the connection before "
-                "answering; try again later.",
-                service=self.service,
-                cause="reset",
-            ) from None
+        except aiohttp.ClientError as exc:
+            raise self._problem(exc) from None
+        except TimeoutError:
+            raise self._problem(aiohttp.ServerTimeoutError()) from None
         finally:
             self.inflight -= 1
+
+    def _problem(self, exc: aiohttp.ClientError) -> ProblemError:
+        """The sidecar's answer for a failed exchange, with the cause retry/breaker act on."""
+        if isinstance(exc.__cause__, ProblemError):
+            # Raised while streaming the agent's body (too large); aiohttp wraps it.
+            return exc.__cause__
+        service = self.service
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            return ProblemError(
+                "upstream_unreachable",
+                f"The upstream of service '{service}' did not accept a connection within "
+                f"{self.connect_timeout:g}s; try again later.",
+                service=service,
+                cause="connect-error",
+            )
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return ProblemError(
+                "upstream_unreachable",
+                f"The sidecar could not connect to the upstream of service '{service}' "
+                f"({_describe(exc)}); try again later.",
+                service=service,
+                cause="connect-error",
+            )
+        if isinstance(exc, aiohttp.ServerTimeoutError):
+            return ProblemError(
+                "upstream_timeout",
+                f"The upstream of service '{service}' stopped sending data.",
+                service=service,
+                cause="timeout",
+            )
+        return ProblemError(
+            "upstream_unreachable",
+            f"The upstream of service '{service}' closed the connection before answering; "
+            "try again later.",
+            service=service,
+            cause="reset",
+        )
 
     def retire(self) -> None:
         """Close the pool once no call is using it; a reload swapped it out."""

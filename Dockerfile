@@ -1,0 +1,44 @@
+# agent-sidecar: the egress proxy and `sidecar inject` webhook in one image.
+#
+#   docker build -t ghcr.io/agent-sidecar/sidecar:0.1.0 .
+#   docker run --rm -v "$PWD/policies:/etc/sidecar/policies:ro" ghcr.io/agent-sidecar/sidecar:0.1.0
+
+# Builder: resolve and install the package into a self-contained virtualenv.
+FROM python:3.11-slim AS builder
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+RUN python -m venv /opt/venv
+# .dockerignore lets only what the wheel needs into the context.
+COPY . .
+# pip compiles the bytecode here, so the read-only root filesystem never needs to.
+RUN /opt/venv/bin/pip install --no-cache-dir .
+
+# Final: the same base (the venv's interpreter path must match), no compilers, no sources.
+FROM python:3.11-slim
+
+LABEL org.opencontainers.image.title="agent-sidecar" \
+      org.opencontainers.image.description="Egress proxy for AI agents" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+# A numeric UID, so Kubernetes can verify runAsNonRoot without a passwd lookup.
+RUN groupadd --system --gid 10001 sidecar \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin sidecar
+
+COPY --from=builder /opt/venv /opt/venv
+
+# Egress stays on loopback: only the agent in the same pod may use it. Admin binds all
+# interfaces because the kubelet probes it over the pod IP.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    SIDECAR_LISTEN=127.0.0.1:15000 \
+    SIDECAR_ADMIN=0.0.0.0:15001
+
+USER 10001:10001
+EXPOSE 15001
+
+ENTRYPOINT ["sidecar"]
+CMD ["run", "--policies", "/etc/sidecar/policies"]

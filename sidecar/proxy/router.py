@@ -15,7 +15,7 @@ from multidict import CIMultiDict
 from ..call import Call, Handler, Step
 from ..policy.loader import Policy, ServicePolicy
 from ..state import StateBuild
-from ..steps import auth, breaker, retry, timeout
+from ..steps import auth, breaker, ratelimit, retry, timeout
 from .upstream import Upstream
 
 # Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never forwarded.
@@ -38,6 +38,7 @@ StepBuilder = Callable[..., Step | None]
 # The order of a chain, outermost first: retry(breaker(timeout(auth(forward)))).
 # Builders of later features register themselves in this list in that order.
 STEP_BUILDERS: list[tuple[str, StepBuilder]] = [
+    ("ratelimit", ratelimit.build),
     ("retry", retry.build),
     ("breaker", breaker.build),
     ("timeout", timeout.build),

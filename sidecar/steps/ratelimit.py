@@ -1,0 +1,315 @@
+"""Rate limits: token buckets per service or per agent, queueing, and adaptive pauses.
+
+A call needs one token from every limit of its service. Local limits are
+checked together and taken together, so a refusal by one never spends a
+token of another. A token is reserved, not merely checked: with `max_wait`
+the bucket may go into debt, and each waiting call sleeps until its own token
+exists, so waiters are served in arrival order without a queue to manage.
+
+Limits with a `backend` live in Redis (see `ratelimit_redis`) so several
+sidecars share them. When the upstream itself answers 429 or 503 with
+Retry-After, the whole service pauses: the sidecar refuses further calls
+until then instead of sending them to an upstream that asked for quiet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+
+from ..call import Call, Handler, Reply
+from ..policy.loader import ServicePolicy
+from ..policy.models import RateLimit
+from ..problems import ProblemError
+from ..state import StateBuild
+from .ratelimit_redis import RedisBackend, SharedLimit
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+
+# Per-agent buckets kept at most; the least recently seen agent is forgotten
+# first, so a client inventing a new agent id per call cannot exhaust memory.
+MAX_AGENTS = 10_000
+# An upstream's Retry-After is obeyed up to this long; a longer (or broken)
+# value would otherwise silence a service for hours.
+MAX_PAUSE = 600.0
+
+
+def default_burst(limit: RateLimit) -> int:
+    """One second's worth of the rate, at least one token."""
+    if limit.burst is not None:
+        return limit.burst
+    return max(1, math.floor(limit.rate.per_second))
+
+
+def describe(service: str, limit: RateLimit, burst: int) -> str:
+    who = "each agent" if limit.per == "agent" else "all agents together"
+    return (
+        f"The sidecar's rate limit for service '{service}' ({limit.rate} with bursts of "
+        f"{burst}, for {who}) is used up; this refusal comes from the sidecar, not the "
+        "upstream."
+    )
+
+
+def limit_headers(burst: int, remaining: float, reset: float) -> dict[str, str]:
+    """The IETF draft RateLimit headers; Reset is the seconds until the next token."""
+    return {
+        "RateLimit-Limit": str(burst),
+        "RateLimit-Remaining": str(max(0, math.floor(remaining))),
+        "RateLimit-Reset": str(max(1, math.ceil(reset))),
+    }
+
+
+def refusal(service: str, detail: str, wait: float, headers: dict[str, str] | None) -> ProblemError:
+    seconds = max(1, math.ceil(wait))
+    return ProblemError(
+        "rate_limited",
+        f"{detail} Retry after {seconds} second{'s' if seconds != 1 else ''}.",
+        service=service,
+        retry_after=wait,
+        headers=headers,
+    )
+
+
+class Bucket:
+    """Tokens and when they were last counted; negative while calls wait for theirs."""
+
+    __slots__ = ("stamp", "tokens")
+
+    def __init__(self, tokens: float, stamp: float) -> None:
+        self.tokens = tokens
+        self.stamp = stamp
+
+    def wait(self, rate: float, burst: float, now: float) -> float:
+        """Refill up to `now`; return how long until one whole token is there."""
+        elapsed = now - self.stamp
+        if elapsed > 0:
+            tokens = self.tokens + elapsed * rate
+            self.tokens = burst if tokens > burst else tokens
+            self.stamp = now
+        missing = 1.0 - self.tokens
+        return missing / rate if missing > 0 else 0.0
+
+
+class LocalLimit:
+    """One `rate_limit` entry kept in this process: one bucket, or one per agent."""
+
+    def __init__(self, *, service: str, limit: RateLimit, clock: Clock) -> None:
+        self.rate = limit.rate.per_second
+        self.burst = default_burst(limit)
+        self.max_wait = limit.max_wait or 0.0
+        self.per_agent = limit.per == "agent"
+        self.detail = describe(service, limit, self.burst)
+        self._clock = clock
+        self._bucket = Bucket(float(self.burst), clock())
+        self._agents: OrderedDict[str | None, Bucket] = OrderedDict()
+
+    def bucket(self, agent: str | None) -> Bucket:
+        if not self.per_agent:
+            return self._bucket
+        agents = self._agents
+        found = agents.get(agent)
+        if found is not None:
+            agents.move_to_end(agent)
+            return found
+        # Calls without an agent id share the None bucket, the "anonymous" agent.
+        found = agents[agent] = Bucket(float(self.burst), self._clock())
+        if len(agents) > MAX_AGENTS:
+            agents.popitem(last=False)
+        return found
+
+    def give_back(self, agent: str | None) -> None:
+        bucket = self.bucket(agent)
+        bucket.tokens = min(float(self.burst), bucket.tokens + 1.0)
+
+    def headers(self, bucket: Bucket, wait: float) -> dict[str, str]:
+        return limit_headers(self.burst, bucket.tokens, wait)
+
+
+class Pause:
+    """Service-wide quiet period asked for by the upstream (429/503 with Retry-After)."""
+
+    def __init__(self, *, service: str, clock: Clock) -> None:
+        self.until = 0.0
+        self._clock = clock
+        self._service = service
+        self._status = 429
+
+    def observe(self, status: int, headers: Mapping[str, str]) -> None:
+        value = headers.get("Retry-After")
+        if value is None:
+            return
+        delay = retry_after_seconds(value, time.time())
+        if delay is None or delay <= 0:
+            return
+        until = self._clock() + min(delay, MAX_PAUSE)
+        if until > self.until:
+            self.until = until
+            self._status = status
+
+    def refusal(self, now: float) -> ProblemError:
+        return refusal(
+            self._service,
+            f"The upstream of service '{self._service}' answered {self._status} and asked "
+            "for no calls until later (Retry-After); the sidecar holds every call to it "
+            "until then.",
+            self.until - now,
+            None,
+        )
+
+
+def retry_after_seconds(value: str, wall_now: float) -> float | None:
+    """Retry-After as delta-seconds or an HTTP date (RFC 9110 10.2.3); None if unreadable."""
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return when.timestamp() - wall_now
+
+
+class RateLimiter:
+    def __init__(
+        self,
+        *,
+        service: str,
+        local: tuple[LocalLimit, ...],
+        shared: tuple[SharedLimit, ...],
+        pause: Pause,
+        clock: Clock,
+        sleep: Sleep,
+    ) -> None:
+        self.service = service
+        self._local = local
+        self._shared = shared
+        self._pause = pause
+        self._clock = clock
+        self._sleep = sleep
+        self._refunds: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, call: Call, next: Handler) -> Reply:
+        now = self._clock()
+        pause = self._pause
+        if now < pause.until:
+            raise pause.refusal(now)
+        agent = call.agent
+        delay = self._take_local(agent, now) if self._local else 0.0
+        if self._shared:
+            delay = max(delay, await self._take_shared(agent))
+        if delay > 0:
+            try:
+                await self._sleep(delay)
+            except asyncio.CancelledError:
+                # The agent gave up while queued: its reserved tokens go to the next caller.
+                self._give_back(agent, len(self._shared))
+                raise
+            now = self._clock()
+            if now < pause.until:
+                self._give_back(agent, len(self._shared))
+                raise pause.refusal(now)
+        reply = await next(call)
+        status = reply.status
+        if status == 429 or status == 503:
+            pause.observe(status, reply.headers)
+        return reply
+
+    def _take_local(self, agent: str | None, now: float) -> float:
+        # All local buckets are checked before any is touched: one refusing
+        # must not spend another's token.
+        delay = 0.0
+        refused: tuple[LocalLimit, Bucket, float] | None = None
+        for limit in self._local:
+            bucket = limit.bucket(agent)
+            wait = bucket.wait(limit.rate, limit.burst, now)
+            if wait > limit.max_wait and (refused is None or wait > refused[2]):
+                refused = (limit, bucket, wait)
+            if wait > delay:
+                delay = wait
+        if refused is not None:
+            limit, bucket, wait = refused
+            raise refusal(self.service, limit.detail, delay, limit.headers(bucket, wait))
+        for limit in self._local:
+            limit.bucket(agent).tokens -= 1.0
+        return delay
+
+    async def _take_shared(self, agent: str | None) -> float:
+        delay = 0.0
+        for taken, limit in enumerate(self._shared):
+            try:
+                ok, wait, tokens = await limit.take(agent)
+            except BaseException:
+                self._give_back(agent, taken)
+                raise
+            if not ok:
+                self._give_back(agent, taken)
+                headers = limit_headers(limit.burst, tokens, wait)
+                raise refusal(self.service, limit.detail, max(delay, wait), headers)
+            if wait > delay:
+                delay = wait
+        return delay
+
+    def _give_back(self, agent: str | None, shared: int) -> None:
+        for local in self._local:
+            local.give_back(agent)
+        for limit in self._shared[:shared]:
+            # Refunding needs a round trip; the call that owed it is already gone.
+            task = asyncio.get_running_loop().create_task(limit.give_back(agent))
+            self._refunds.add(task)
+            task.add_done_callback(self._refunds.discard)
+
+
+def build(
+    service: ServicePolicy,
+    *,
+    state: StateBuild,
+    clock: Clock = time.monotonic,
+    sleep: Sleep = asyncio.sleep,
+) -> RateLimiter | None:
+    limits = service.spec.rate_limit
+    if not limits:
+        return None
+    name = service.name
+    local: list[LocalLimit] = []
+    shared: list[SharedLimit] = []
+    for limit in limits:
+        if limit.backend is None:
+            # Keyed by the whole limit: unchanged parameters keep their bucket across
+            # reloads, changed ones start full. Two identical entries are one bucket.
+            bucket = state.get(
+                name,
+                "ratelimit",
+                limit,
+                lambda lim=limit: LocalLimit(service=name, limit=lim, clock=clock),  # type: ignore[misc]
+            )
+            if bucket not in local:
+                local.append(bucket)
+            continue
+        url = limit.backend
+        # One client (one connection pool) per backend URL, shared by every service.
+        backend = state.get("*", "ratelimit-redis", url, lambda u=url: RedisBackend(u))  # type: ignore[misc]
+        entry = SharedLimit(
+            service=name,
+            limit=limit,
+            burst=default_burst(limit),
+            backend=backend,
+            detail=describe(name, limit, default_burst(limit)),
+        )
+        if all(entry.key_prefix != s.key_prefix for s in shared):
+            shared.append(entry)
+    pause = state.get(name, "ratelimit-pause", None, lambda: Pause(service=name, clock=clock))
+    return RateLimiter(
+        service=name,
+        local=tuple(local),
+        shared=tuple(shared),
+        pause=pause,
+        clock=clock,
+        sleep=sleep,
+    )

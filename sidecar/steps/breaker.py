@@ -92,7 +92,9 @@ class Breaker:
         try:
             reply = await next(call)
         except ProblemError as err:
-            self._settle(generation, err.cause in self._causes if err.cause else None)
+            # A wire error not listed in `on` (or the sidecar's own refusal) is no answer
+            # from the upstream: it counts neither way.
+            self._settle(generation, True if err.cause in self._causes else None)
             raise
         except BaseException:
             # Cancelled by the agent or a sidecar bug: says nothing about the upstream.

@@ -65,6 +65,7 @@ class Sidecar:
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._watch_task: asyncio.Task[None] | None = None
+        self.watching = asyncio.Event()
         self.handler = EgressHandler(lambda: self.router)
 
     async def reload(self, trigger: str) -> ReloadResult:
@@ -127,6 +128,7 @@ class Sidecar:
                 on_change,
                 debounce_ms=debounce_ms,
                 stop=self._stop,
+                ready=self.watching,
             )
         )
 

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -94,6 +95,7 @@ async def start_sidecar(tmp_path: Path) -> AsyncIterator[StartSidecar]:
         runners = await serve(sidecar, listen=("127.0.0.1", 0), admin=("127.0.0.1", 0))
         if watch:
             sidecar.start_watching(debounce_ms=debounce_ms)
+            await asyncio.wait_for(sidecar.watching.wait(), 10)
         running = RunningSidecar(
             sidecar=sidecar,
             policies=directory,

@@ -23,14 +23,19 @@ async def watch(
     *,
     debounce_ms: int = 300,
     stop: asyncio.Event | None = None,
+    ready: asyncio.Event | None = None,
 ) -> None:
-    """Call `on_change` after each burst of changes, until `stop` is set."""
+    """Call `on_change` after each burst of changes, until `stop` is set.
+
+    `ready` is set once the watches are in place: changes made before that
+    can be missed, which matters to whoever writes a file right after start.
+    """
     stop = stop or asyncio.Event()
     while not stop.is_set():
         secrets = secret_files()
         paths = _watched(directory, secrets)
         log.debug("watching %s", sorted(paths))
-        async for _changes in awatch(
+        async for changes in awatch(
             *sorted(paths),
             debounce=debounce_ms,
             step=50,
@@ -38,7 +43,14 @@ async def watch(
             watch_filter=None,
             recursive=True,
             ignore_permission_denied=True,
+            # The first (empty) yield after a quiet second proves the watches exist.
+            rust_timeout=1000,
+            yield_on_timeout=True,
         ):
+            if ready is not None:
+                ready.set()
+            if not changes:
+                continue
             await on_change()
             if secret_files() != secrets:
                 break  # the set of secret files changed: watch their new directories

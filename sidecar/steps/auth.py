@@ -12,9 +12,9 @@ from urllib.parse import parse_qsl, quote, urlencode
 
 from ..call import Call, Handler, Reply
 from ..policy.loader import ServicePolicy
-from ..policy.models import BasicAuth, BearerAuth, HeaderAuth, QueryAuth
+from ..policy.models import BasicAuth, BearerAuth, HeaderAuth, OAuth2ClientCredentials, QueryAuth
 from ..state import StateBuild
-from . import Step
+from . import Step, jwt_auth, oauth2
 
 
 class SetHeader:
@@ -70,4 +70,6 @@ def build(service: ServicePolicy, *, state: StateBuild) -> Step | None:
         return SetHeader(name="Authorization", value=f"Basic {base64.b64encode(pair).decode()}")
     if isinstance(auth, QueryAuth):
         return SetQuery(name=auth.name, value=auth.value.reveal())
-    raise NotImplementedError(f"auth type {auth.type} is built by its own module")
+    if isinstance(auth, OAuth2ClientCredentials):
+        return oauth2.build(service, auth, state=state)
+    return jwt_auth.build(auth)

@@ -169,15 +169,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_validate(args.dir, resolve_secrets=args.resolve_secrets)
     if args.command == "schema":
         return cmd_schema()
+    logging.basicConfig(
+        level=getattr(args, "log_level", _env("LOG_LEVEL", "info") or "info").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     if args.command == "inject":
         from . import inject as inject_mod
 
         return inject_mod.run(args)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
         return runner.run(_run(args))
 

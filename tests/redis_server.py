@@ -1,8 +1,9 @@
 """A real redis-server on a free loopback port, for tests that need a shared backend.
 
-Import the fixture into a test module (`from tests.redis_server import redis_server`)
-and take `redis_server` as an argument: it yields a `RedisServer` with `.url`,
-and `.stop()` / `.start()` to take it down and bring it back on the same port.
+Import the fixture into a test module
+(`from tests.redis_server import redis_server_fixture  # noqa: F401`) and take
+`redis_server` as an argument: it yields a `RedisServer` with `.url`, and
+`.stop()` / `.start()` to take it down and bring it back on the same port.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -28,7 +29,7 @@ def _free_port() -> int:
 class RedisServer:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -74,8 +75,8 @@ class RedisServer:
             process.wait(timeout=10)
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+@pytest.fixture(name="redis_server")
+def redis_server_fixture(tmp_path: Path) -> Iterator[RedisServer]:
     directory = tmp_path / "redis"
     directory.mkdir()
     server = RedisServer(directory)

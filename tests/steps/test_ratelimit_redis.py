@@ -1,0 +1,125 @@
+"""Shared rate limits: two real sidecars, one real redis-server, one limit between them."""
+
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+import pytest
+from redis.asyncio import Redis
+
+from sidecar.steps.ratelimit_redis import BackendDown, RedisBackend
+from tests.conftest import RunningSidecar
+from tests.redis_server import RedisServer, free_port, redis_server_fixture  # noqa: F401
+from tests.steps.test_ratelimit_sidecar import Counting
+
+
+def policy(base: str, redis_url: str) -> str:
+    return f"""
+        version: 1
+        services:
+          api:
+            upstream: {base}
+            rate_limit:
+              - {{rate: 1/h, burst: 4, backend: "{redis_url}"}}
+          peragent:
+            upstream: {base}
+            rate_limit:
+              - {{rate: 1/h, burst: 1, per: agent, backend: "{redis_url}"}}
+          closed:
+            upstream: {base}
+            rate_limit:
+              - {{rate: 100/s, backend: "{redis_url}", fail_open: false}}
+        """
+
+
+async def status(
+    client: aiohttp.ClientSession, sc: RunningSidecar, path: str, agent: str | None = None
+) -> int:
+    headers = {"X-Agent-Id": agent} if agent else {}
+    async with client.get(f"{sc.url}{path}", headers=headers) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def test_two_sidecars_share_one_burst(upstream, start_sidecar, client, redis_server):
+    counting = Counting()
+    base = await upstream(counting.app())
+    first = await start_sidecar(policy(base, redis_server.url))
+    second = await start_sidecar(policy(base, redis_server.url))
+    statuses = [await status(client, sc, "/api/x") for sc in (first, second) * 5]
+    assert statuses.count(200) == 4
+    assert statuses.count(429) == 6
+    assert counting.hits == 4
+    async with client.get(f"{second.url}/api/x") as resp:
+        assert resp.status == 429
+        assert resp.headers["X-Sidecar-Error"] == "rate_limited"
+        assert resp.headers["RateLimit-Limit"] == "4"
+        assert int(resp.headers["Retry-After"]) > 0
+        body = await resp.json(content_type=None)
+    assert body["reason"] == "rate_limited" and body["service"] == "api"
+
+
+async def test_per_agent_buckets_in_redis(upstream, start_sidecar, client, redis_server):
+    counting = Counting()
+    base = await upstream(counting.app())
+    first = await start_sidecar(policy(base, redis_server.url))
+    second = await start_sidecar(policy(base, redis_server.url))
+    assert await status(client, first, "/peragent/x", "alice") == 200
+    assert await status(client, second, "/peragent/x", "alice") == 429
+    assert await status(client, second, "/peragent/x", "bob") == 200
+    assert await status(client, first, "/peragent/x") == 200
+    assert await status(client, second, "/peragent/x") == 429
+    assert counting.hits == 3
+
+
+async def test_a_flushed_script_cache_falls_back_to_eval(
+    upstream, start_sidecar, client, redis_server
+):
+    counting = Counting()
+    base = await upstream(counting.app())
+    sc = await start_sidecar(policy(base, redis_server.url))
+    assert await status(client, sc, "/api/x") == 200
+    admin = Redis.from_url(redis_server.url)
+    try:
+        await admin.script_flush()
+    finally:
+        await admin.aclose()
+    assert [await status(client, sc, "/api/x") for _ in range(4)] == [200, 200, 200, 429]
+
+
+async def test_redis_down_fail_open_lets_calls_through_fail_closed_refuses(
+    upstream, start_sidecar, client, redis_server: RedisServer
+):
+    counting = Counting()
+    base = await upstream(counting.app())
+    sc = await start_sidecar(policy(base, redis_server.url))
+    assert await status(client, sc, "/closed/x") == 200
+    redis_server.stop()
+
+    # fail_open (the default): the limit is not enforced while Redis is away.
+    assert [await status(client, sc, "/api/x") for _ in range(6)] == [200] * 6
+
+    async with client.get(f"{sc.url}/closed/x") as resp:
+        assert resp.status == 429
+        assert resp.headers["X-Sidecar-Error"] == "rate_limited"
+        assert resp.headers["Retry-After"] == "1"
+        body = await resp.json(content_type=None)
+    assert "unavailable" in body["detail"]
+    assert redis_server.url not in body["detail"]
+    assert counting.hits == 7
+
+
+async def test_backend_outage_is_logged_once_without_the_url(caplog):
+    backend = RedisBackend(f"redis://:canary-s3cret@127.0.0.1:{free_port()}/0")
+    try:
+        with caplog.at_level(logging.WARNING, logger="sidecar.ratelimit"):
+            for _ in range(3):
+                with pytest.raises(BackendDown):
+                    await backend.run("k", 1.0, 1, 1, 0.0)
+    finally:
+        await backend.client.aclose()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "127.0.0.1" in caplog.text
+    assert "canary-s3cret" not in caplog.text

@@ -189,6 +189,8 @@ class RateLimiter:
     ) -> None:
         self.service = service
         self._local = local
+        # The common case, one local limit, skips the check-all-then-take-all loops.
+        self._single = local[0] if len(local) == 1 else None
         self._shared = shared
         self._pause = pause
         self._clock = clock
@@ -222,6 +224,14 @@ class RateLimiter:
         return reply
 
     def _take_local(self, agent: str | None, now: float) -> float:
+        single = self._single
+        if single is not None:
+            bucket = single.bucket(agent)
+            wait = bucket.wait(single.rate, single.burst, now)
+            if wait > single.max_wait:
+                raise refusal(self.service, single.detail, wait, single.headers(bucket, wait))
+            bucket.tokens -= 1.0
+            return wait
         # All local buckets are checked before any is touched: one refusing
         # must not spend another's token.
         delay = 0.0

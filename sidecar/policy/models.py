@@ -21,6 +21,7 @@ from pydantic import (
     PlainSerializer,
     ValidationInfo,
     WithJsonSchema,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -193,6 +194,17 @@ class RateLimit(Model):
     fail_open: bool = Field(
         default=True, description="When the backend is unreachable: let calls through (true)"
     )
+
+    @field_serializer("backend")
+    def _redact_backend(self, v: str | None) -> str | None:
+        # A redis URL may carry a password: /config and /services show it masked.
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.password is None:
+            return v
+        host = parts.netloc.rpartition("@")[2]
+        return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
 
     @field_validator("backend")
     @classmethod

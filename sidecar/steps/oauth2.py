@@ -77,6 +77,7 @@ class TokenSource:
         self._expires_at = 0.0
         self._pending: asyncio.Task[str] | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._retired = False
         self.requests = 0  # token requests sent
         self.waiting = 0  # calls waiting for a token request to finish
 
@@ -124,6 +125,8 @@ class TokenSource:
             return self._header
         finally:
             self._pending = None
+            if self._retired:
+                await self._close()
 
     async def _request(self) -> tuple[str, float | None]:
         headers = {
@@ -185,11 +188,16 @@ class TokenSource:
         return self._session
 
     def retire(self) -> None:
-        if self._pending is not None:
-            self._pending.cancel()
-        if self._session is not None:
-            session, self._session = self._session, None
-            asyncio.get_running_loop().create_task(session.close())
+        """A reload replaced these credentials. Calls still waiting for a token get it:
+        the session closes once the request in flight (if any) has finished."""
+        self._retired = True
+        if self._pending is None and self._session is not None:
+            asyncio.get_running_loop().create_task(self._close())
+
+    async def _close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
 
 def _consume(task: asyncio.Task[str]) -> None:

@@ -323,6 +323,26 @@ async def test_rotated_client_secret_starts_a_new_token(upstream, start_sidecar,
     assert len(endpoint.requests) == 2
 
 
+async def test_reload_during_a_token_request_lets_the_waiting_calls_finish(
+    upstream, start_sidecar, client, tmp_path
+):
+    endpoint = TokenEndpoint(gate=asyncio.Event())
+    tokens = await upstream(endpoint.app())
+    base = await upstream(Api(endpoint).app())
+    secret_file = tmp_path / "client_secret"
+    secret_file.write_text(CLIENT_SECRET)
+    sc = await start_sidecar(policy(base, tokens, secret=f"${{file:{secret_file}}}"))
+    old = source_of(sc)
+    waiting = asyncio.create_task(client.get(f"{sc.url}/api/"))
+    await until(lambda: old.waiting == 1)
+    secret_file.write_text("rotated-secret")
+    assert (await sc.sidecar.reload("test")).changed  # retires the old token source
+    endpoint.gate.set()
+    async with await waiting as r:
+        assert r.status == 200
+        assert (await r.json())["token"] == "Bearer tok-1"
+
+
 async def test_cancelled_caller_does_not_cancel_the_token_request(upstream, start_sidecar, client):
     endpoint = TokenEndpoint(gate=asyncio.Event())
     sc, endpoint, _api = await setup(upstream, start_sidecar, endpoint=endpoint)

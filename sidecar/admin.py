@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from .runtime import Sidecar
+from .telemetry.metrics import CONTENT_TYPE
 
 SIDECAR_KEY = web.AppKey("sidecar", Sidecar)
 
@@ -76,6 +77,11 @@ async def services(request: web.Request) -> web.Response:
     return web.json_response({"services": out})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    telemetry = _sidecar(request).telemetry
+    return web.Response(body=telemetry.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
 def admin_app(sidecar: Sidecar) -> web.Application:
     app = web.Application()
     app[SIDECAR_KEY] = sidecar
@@ -84,4 +90,5 @@ def admin_app(sidecar: Sidecar) -> web.Application:
     app.router.add_get("/config", config)
     app.router.add_get("/services", services)
     app.router.add_post("/reload", reload)
+    app.router.add_get("/metrics", metrics)
     return app

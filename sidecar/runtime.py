@@ -21,6 +21,7 @@ from .policy.watcher import watch
 from .proxy.router import Router, compile_policy
 from .proxy.server import EgressHandler
 from .state import StateStore
+from .telemetry import Telemetry
 
 log = logging.getLogger("sidecar")
 
@@ -52,7 +53,13 @@ class ReloadCounts:
 
 
 class Sidecar:
-    def __init__(self, policies: str, *, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        policies: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         self.policies = policies
         self.env = env
         self.policy: Policy | None = None
@@ -66,7 +73,10 @@ class Sidecar:
         self._stop = asyncio.Event()
         self._watch_task: asyncio.Task[None] | None = None
         self.watching = asyncio.Event()
-        self.handler = EgressHandler(lambda: self.router)
+        # Metrics always; traces and the access log as OTEL_* / SIDECAR_ACCESS_LOG in env say.
+        self.telemetry = telemetry if telemetry is not None else Telemetry.from_env(env)
+        self.telemetry.attach(self)
+        self.handler = EgressHandler(lambda: self.router, self.telemetry)
 
     async def reload(self, trigger: str) -> ReloadResult:
         async with self._lock:
@@ -139,6 +149,7 @@ class Sidecar:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._watch_task
         self.state.close()
+        await self.telemetry.close()
 
 
 def egress_server(sidecar: Sidecar) -> web.Server:

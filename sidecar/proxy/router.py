@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from aiohttp import web
 from multidict import CIMultiDict
 
+from .. import telemetry
 from ..call import Call, Handler, Step
 from ..policy.loader import Policy, ServicePolicy
 from ..state import StateBuild
@@ -43,6 +44,7 @@ STEP_BUILDERS: list[tuple[str, StepBuilder]] = [
     ("breaker", breaker.build),
     ("timeout", timeout.build),
     ("auth", auth.build),
+    ("telemetry", telemetry.build),
 ]
 
 

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from ..call import Body
 from ..problems import ProblemError, problem_response
+from ..telemetry import Exchange, Telemetry
 from .router import HOP_BY_HOP, Route, Router
 
 log = logging.getLogger("sidecar.proxy")
@@ -30,10 +31,21 @@ _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 class EgressHandler:
     """The aiohttp low-level handler; `router` is read once per request, never locked."""
 
-    def __init__(self, current: Callable[[], Router | None]) -> None:
+    def __init__(
+        self, current: Callable[[], Router | None], telemetry: Telemetry | None = None
+    ) -> None:
         self._current = current
+        # None: no metrics, spans or access log, and the request path pays nothing for them.
+        self.telemetry = telemetry
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        if self.telemetry is not None:
+            return await self.telemetry.observe(request, self._handle)
+        return await self._handle(request, None)
+
+    async def _handle(
+        self, request: web.BaseRequest, exchange: Exchange | None
+    ) -> web.StreamResponse:
         router = self._current()
         raw = request.raw_path
         path = raw.partition("?")[0]
@@ -54,9 +66,14 @@ class EgressHandler:
                     "http://<sidecar>/<service>/... with a service the policy defines.",
                 )
             )
+        if exchange is not None:
+            exchange.route = route
         try:
             body = self._body(route, request)
-            reply = await route.handler(route.prepare(request, body))
+            call = route.prepare(request, body)
+            if exchange is not None:
+                exchange.bind(call)
+            reply = await route.handler(call)
         except ProblemError as err:
             return problem_response(err, route.name)
         except asyncio.CancelledError:

@@ -1,0 +1,405 @@
+"""Traces, metrics and the access log around every agent request.
+
+- The egress handler wraps each request in `Telemetry.observe`: a SERVER span
+  (when tracing is on), the request duration histogram, the in-flight gauge and
+  the access log line, all covering the answer's streaming too.
+- The innermost step of every chain (`build`, registered last in STEP_BUILDERS,
+  just before forward) times each upstream attempt and, when tracing is on,
+  opens a CLIENT span and sends its W3C traceparent upstream.
+
+What is never recorded anywhere: request or response headers, query strings
+(both carry credentials and signed URLs), bodies.
+
+With tracing off (no OTLP endpoint) no span object is made: every tracing
+branch hangs on `Telemetry.tracer` / `Exchange.span` being None.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from time import perf_counter
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from opentelemetry.trace import (
+    Span,
+    SpanKind,
+    Status,
+    StatusCode,
+    Tracer,
+    set_span_in_context,
+)
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from ..call import Call, Handler, Reply
+from ..problems import ProblemError
+from . import access
+from .metrics import KNOWN_METHODS, OTHER_METHOD, Metrics
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from ..policy.loader import ServicePolicy
+    from ..proxy.router import Route
+    from ..runtime import ReloadResult, Sidecar
+    from ..state import StateBuild
+
+log = logging.getLogger("sidecar.telemetry")
+
+# Where the attempt step finds the Exchange: a key of Call.notes.
+EXCHANGE = "sidecar.telemetry"
+SIDECAR_ERROR = "X-Sidecar-Error"
+# nginx's "client closed request": the agent went away before the answer was complete.
+CLIENT_CLOSED = 499
+# An agent-chosen id ends up in spans and log lines: bound its size.
+MAX_AGENT = 128
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+class Exchange:
+    """What one agent request left for telemetry to record when it is over."""
+
+    __slots__ = ("attempts", "call", "route", "span", "telemetry")
+
+    def __init__(self, telemetry: Telemetry, span: Span | None) -> None:
+        self.telemetry = telemetry
+        self.span = span
+        self.route: Route | None = None
+        self.call: Call | None = None
+        self.attempts = 0
+
+    def bind(self, call: Call) -> None:
+        """Let the attempt step find this exchange, and its span, from the call."""
+        self.call = call
+        if call.notes is None:
+            call.notes = {EXCHANGE: self}
+        else:
+            call.notes[EXCHANGE] = self
+
+
+class Telemetry:
+    """One sidecar's metrics registry, tracer (or None) and access-log switch."""
+
+    def __init__(self, *, provider: TracerProvider | None = None, access_log: bool = False):
+        self.metrics = Metrics()
+        self.provider = provider
+        self.tracer = provider.get_tracer("agent-sidecar") if provider is not None else None
+        self.access_log = access_log
+        self._propagator = TraceContextTextMapPropagator()
+        self._breakers: dict[str, Any] = {}
+        self._breaker_hooks: list[Callable[[str, str, str], None]] | None = None
+        try:
+            from ..steps.breaker import Breaker
+        except ImportError:  # pragma: no cover - the breaker ships with the sidecar
+            pass
+        else:
+            self._breaker_hooks = Breaker.on_transition
+            self._breaker_hooks.append(self.metrics.on_transition)
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, *, access_log: bool | None = None
+    ) -> Telemetry:
+        """Configured by OTEL_* (tracing) and SIDECAR_ACCESS_LOG, read from `env` only."""
+        from .tracing import tracer_provider
+
+        env = os.environ if env is None else env
+        if access_log is None:
+            access_log = _flag(env.get("SIDECAR_ACCESS_LOG"))
+        return cls(provider=tracer_provider(env), access_log=access_log)
+
+    # -- lifecycle, off the request path -------------------------------------------------
+
+    def attach(self, sidecar: Sidecar) -> None:
+        """Count the sidecar's reloads and bind each new policy's metric children."""
+
+        def on_reload(result: ReloadResult) -> None:
+            if result.ok:
+                self.metrics.reload_success.inc()
+            else:
+                self.metrics.reload_failure.inc()
+            policy = sidecar.policy
+            if result.changed and policy is not None:
+                names = list(policy.services)
+                self.metrics.bind(names)
+                breakers: dict[str, Any] = {}
+                for name in names:
+                    for breaker in sidecar.state.find(name, "breaker"):
+                        breakers[name] = breaker
+                self._breakers = breakers
+
+        sidecar.on_reload.append(on_reload)
+
+    def force_flush(self, timeout_ms: int = 5000) -> bool:
+        """Export the spans still queued (blocking: call it from a thread or a test)."""
+        if self.provider is None:
+            return True
+        return self.provider.force_flush(timeout_ms)
+
+    async def close(self) -> None:
+        if self._breaker_hooks is not None:
+            hook = self.metrics.on_transition
+            if hook in self._breaker_hooks:
+                self._breaker_hooks.remove(hook)
+            self._breaker_hooks = None
+        if self.provider is not None:
+            # Shutting down flushes the queue over the network: not on the loop.
+            await asyncio.to_thread(self.provider.shutdown)
+
+    # -- the agent request ----------------------------------------------------------------
+
+    async def observe(
+        self,
+        request: web.BaseRequest,
+        handle: Callable[[web.BaseRequest, Exchange], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        start = perf_counter()
+        tracer = self.tracer
+        span = self._server_span(tracer, request) if tracer is not None else None
+        exchange = Exchange(self, span)
+        in_flight = self.metrics.in_flight
+        in_flight.inc()
+        response: web.StreamResponse | None = None
+        error: str | None = None
+        try:
+            response = await handle(request, exchange)
+            if not response.prepared:
+                # The sidecar's own answer: send it now, so its time and size are counted.
+                await response.prepare(request)
+                await response.write_eof()
+            return response
+        except asyncio.CancelledError:
+            error = "cancelled"
+            raise
+        except Exception as exc:
+            error = type(exc).__qualname__
+            raise
+        finally:
+            in_flight.dec()
+            self._finish(request, exchange, response, error, perf_counter() - start)
+
+    def _finish(
+        self,
+        request: web.BaseRequest,
+        exchange: Exchange,
+        response: web.StreamResponse | None,
+        error: str | None,
+        duration: float,
+    ) -> None:
+        route = exchange.route
+        service = route.name if route is not None else ""
+        reason = ""
+        if response is not None:
+            status = response.status
+            # The sidecar's own answers are whole web.Responses (problem_response);
+            # relayed upstream answers are StreamResponses, whatever headers they carry.
+            if type(response) is web.Response:
+                reason = response.headers.get(SIDECAR_ERROR, "")
+        else:
+            status = CLIENT_CLOSED if error == "cancelled" else 500
+        method = request.method
+        metrics = self.metrics.service(service)
+        metrics.request(method, status, reason).observe(duration)
+        if reason == "rate_limited":
+            metrics.rate_limited.inc()
+        span = exchange.span
+        if span is not None:
+            self._end_server_span(span, exchange, method, status, reason, error)
+        if self.access_log and access.log.isEnabledFor(logging.INFO):
+            call = exchange.call
+            agent = call.agent if call is not None else None
+            access.log.info(
+                access.line(
+                    at=time.time() - duration,
+                    agent=agent[:MAX_AGENT] if agent else None,
+                    method=method,
+                    service=service or None,
+                    path=request.raw_path.partition("?")[0],
+                    status=status,
+                    duration=duration,
+                    bytes_sent=response.body_length if response is not None else 0,
+                    attempts=exchange.attempts,
+                    reason=reason or error,
+                    trace_id=_trace_id(span, request),
+                )
+            )
+
+    def _server_span(self, tracer: Tracer, request: web.BaseRequest) -> Span:
+        method = request.method
+        known = method in KNOWN_METHODS
+        version = request.version
+        attributes: dict[str, Any] = {
+            "http.request.method": method if known else OTHER_METHOD,
+            "url.path": request.raw_path.partition("?")[0],
+            "url.scheme": request.scheme,
+            "network.protocol.version": f"{version.major}.{version.minor}",
+        }
+        if not known:
+            attributes["http.request.method_original"] = method[:32]
+        host, port = _host_port(request.host)
+        if host:
+            attributes["server.address"] = host
+        if port is not None:
+            attributes["server.port"] = port
+        return tracer.start_span(
+            method if known else "HTTP",
+            context=self._propagator.extract(request.headers),
+            kind=SpanKind.SERVER,
+            attributes=attributes,
+        )
+
+    def _end_server_span(
+        self,
+        span: Span,
+        exchange: Exchange,
+        method: str,
+        status: int,
+        reason: str,
+        error: str | None,
+    ) -> None:
+        attributes: dict[str, Any] = {"http.response.status_code": status}
+        route = exchange.route
+        if route is not None:
+            name = f"{method if method in KNOWN_METHODS else 'HTTP'} {route.prefix}"
+            span.update_name(name)
+            attributes["http.route"] = route.prefix
+            attributes["sidecar.service"] = route.name
+            attributes["sidecar.route"] = route.prefix
+            attributes["sidecar.upstream.attempts"] = exchange.attempts
+            attributes["sidecar.rate_limited"] = reason == "rate_limited"
+            attributes["sidecar.circuit_open"] = reason == "circuit_open"
+            breaker = self._breakers.get(route.name)
+            if breaker is not None:
+                attributes["sidecar.breaker.state"] = str(breaker.state)
+            call = exchange.call
+            if call is not None and call.agent:
+                attributes["sidecar.agent"] = call.agent[:MAX_AGENT]
+        if reason:
+            attributes["sidecar.error.reason"] = reason
+        if error is not None:
+            attributes["error.type"] = error
+        elif status >= 500:
+            attributes["error.type"] = reason or str(status)
+        span.set_attributes(attributes)
+        if status >= 500 or error is not None:
+            span.set_status(Status(StatusCode.ERROR))
+        span.end()
+
+    async def attempt(self, step: Attempt, exchange: Exchange, call: Call, next: Handler) -> Reply:
+        exchange.attempts += 1
+        metrics = self.metrics.service(call.service)
+        span: Span | None = None
+        parent = exchange.span
+        tracer = self.tracer
+        if parent is not None and tracer is not None:
+            span = tracer.start_span(
+                call.method if call.method in KNOWN_METHODS else "HTTP",
+                context=set_span_in_context(parent),
+                kind=SpanKind.CLIENT,
+                attributes=step.attributes(call),
+            )
+            # Replaces the agent's traceparent: the upstream's parent is this attempt.
+            self._propagator.inject(call.headers, context=set_span_in_context(span))
+        start = perf_counter()
+        try:
+            reply = await next(call)
+        except BaseException as exc:
+            outcome = _outcome(exc)
+            metrics.attempt(outcome).observe(perf_counter() - start)
+            if span is not None:
+                span.set_attribute("error.type", outcome)
+                span.set_status(Status(StatusCode.ERROR))
+                span.end()
+            raise
+        status = reply.status
+        metrics.attempt(str(status)).observe(perf_counter() - start)
+        if span is not None:
+            if status >= 400:
+                span.set_attributes(
+                    {"http.response.status_code": status, "error.type": str(status)}
+                )
+                span.set_status(Status(StatusCode.ERROR))
+            else:
+                span.set_attribute("http.response.status_code", status)
+            span.end()
+        return reply
+
+
+class Attempt:
+    """The innermost step: one upstream attempt, timed and (when tracing) spanned.
+
+    The CLIENT span ends when the response headers arrive, as HTTP client
+    instrumentations do; the SERVER span covers the streaming of the body.
+    """
+
+    def __init__(self, *, service: str, upstream: str) -> None:
+        parts = urlsplit(upstream)
+        self.service = service
+        self.base_path = parts.path.rstrip("/")
+        self._fixed: dict[str, Any] = {
+            "url.scheme": parts.scheme,
+            "server.address": parts.hostname or "",
+            "server.port": parts.port or (443 if parts.scheme == "https" else 80),
+            "network.protocol.version": "1.1",
+            "sidecar.service": service,
+        }
+
+    def attributes(self, call: Call) -> dict[str, Any]:
+        attributes = dict(self._fixed)
+        method = call.method
+        attributes["http.request.method"] = method if method in KNOWN_METHODS else OTHER_METHOD
+        # The query is never recorded: query auth puts the credential there.
+        attributes["url.path"] = self.base_path + call.target.partition("?")[0]
+        attributes["sidecar.retry.attempt"] = call.attempt
+        if call.attempt > 1:
+            attributes["http.request.resend_count"] = call.attempt - 1
+        return attributes
+
+    async def __call__(self, call: Call, next: Handler) -> Reply:
+        notes = call.notes
+        exchange = notes.get(EXCHANGE) if notes is not None else None
+        if exchange is None:
+            return await next(call)
+        return await exchange.telemetry.attempt(self, exchange, call, next)  # type: ignore[no-any-return]
+
+
+def build(service: ServicePolicy, *, state: StateBuild) -> Attempt:
+    return Attempt(service=service.name, upstream=service.spec.upstream)
+
+
+def _outcome(exc: BaseException) -> str:
+    if isinstance(exc, ProblemError):
+        return exc.cause or exc.reason
+    if isinstance(exc, asyncio.CancelledError):
+        # Most often the timeout step cutting the attempt short; else the agent left.
+        return "cancelled"
+    return type(exc).__qualname__
+
+
+def _trace_id(span: Span | None, request: web.BaseRequest) -> str | None:
+    if span is not None:
+        context = span.get_span_context()
+        if context.is_valid:
+            return format(context.trace_id, "032x")
+    # Tracing off: the agent's own trace id still ties the line to its trace.
+    parent = request.headers.get("traceparent")
+    if parent and len(parent) >= 55 and parent[2] == "-" and parent[35] == "-":
+        trace_id = parent[3:35].lower()
+        if trace_id.strip("0123456789abcdef") == "" and trace_id != "0" * 32:
+            return trace_id
+    return None
+
+
+def _host_port(host: str) -> tuple[str, int | None]:
+    name, sep, port = host.rpartition(":")
+    if sep and port.isdigit() and (not name.startswith("[") or name.endswith("]")):
+        return name.strip("[]"), int(port)
+    return host.strip("[]"), None

@@ -1,0 +1,131 @@
+"""The tracer, configured only by the standard OTEL_* variables.
+
+Tracing is on when an OTLP endpoint is configured (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
+or OTEL_EXPORTER_OTLP_ENDPOINT) and neither OTEL_SDK_DISABLED nor
+OTEL_TRACES_EXPORTER=none turns it off. Spans go out over OTLP/HTTP (protobuf)
+through a BatchSpanProcessor: its worker thread does the export, so a slow or
+absent collector never holds up a call.
+
+The variables are read from an explicit mapping (os.environ by default), so a
+test can point one sidecar at its own receiver without touching the process.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from urllib.parse import unquote
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
+
+log = logging.getLogger("sidecar.telemetry")
+
+DEFAULT_SERVICE_NAME = "agent-sidecar"
+
+
+def _true(value: str | None) -> bool:
+    return (value or "").strip().lower() == "true"
+
+
+def traces_endpoint(env: Mapping[str, str]) -> str | None:
+    """Where spans go, per the OTLP exporter spec; None means tracing is off."""
+    if _true(env.get("OTEL_SDK_DISABLED")):
+        return None
+    exporters = {e.strip() for e in env.get("OTEL_TRACES_EXPORTER", "otlp").lower().split(",")}
+    if "none" in exporters or "otlp" not in exporters:
+        return None
+    signal = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+    if signal:
+        return signal  # used as is: the signal-specific URL is complete
+    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+    if base:
+        return base.rstrip("/") + "/v1/traces"
+    return None
+
+
+def sampler(env: Mapping[str, str]) -> Sampler:
+    name = env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
+    arg = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    try:
+        ratio = float(arg) if arg else 1.0
+    except ValueError:
+        log.warning("OTEL_TRACES_SAMPLER_ARG=%r is not a number; using 1.0", arg)
+        ratio = 1.0
+    ratio = min(1.0, max(0.0, ratio))
+    choices: dict[str, Sampler] = {
+        "always_on": ALWAYS_ON,
+        "always_off": ALWAYS_OFF,
+        "traceidratio": TraceIdRatioBased(ratio),
+        "parentbased_always_on": ParentBased(ALWAYS_ON),
+        "parentbased_always_off": ParentBased(ALWAYS_OFF),
+        "parentbased_traceidratio": ParentBased(TraceIdRatioBased(ratio)),
+    }
+    chosen = choices.get(name)
+    if chosen is None:
+        log.warning("OTEL_TRACES_SAMPLER=%r is not supported; using parentbased_always_on", name)
+        return choices["parentbased_always_on"]
+    return chosen
+
+
+def _pairs(text: str) -> dict[str, str]:
+    # The W3C-baggage-like "k1=v1,k2=v2" form of OTEL_RESOURCE_ATTRIBUTES and *_HEADERS.
+    out: dict[str, str] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if sep and key.strip():
+            out[unquote(key.strip())] = unquote(value.strip())
+    return out
+
+
+def resource(env: Mapping[str, str]) -> Resource:
+    attributes: dict[str, str] = _pairs(env.get("OTEL_RESOURCE_ATTRIBUTES", ""))
+    name = env.get("OTEL_SERVICE_NAME", "").strip()
+    if name or "service.name" not in attributes:
+        attributes["service.name"] = name or DEFAULT_SERVICE_NAME
+    return Resource.create(attributes)
+
+
+def tracer_provider(env: Mapping[str, str]) -> TracerProvider | None:
+    """A provider exporting to the configured endpoint, or None when tracing is off."""
+    endpoint = traces_endpoint(env)
+    if endpoint is None:
+        return None
+    from opentelemetry.exporter.otlp.proto.http import Compression
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    protocol = env.get(
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "")
+    ).strip()
+    if protocol and protocol != "http/protobuf":
+        log.warning("OTLP protocol %r is not supported; sending http/protobuf", protocol)
+    headers = _pairs(env.get("OTEL_EXPORTER_OTLP_HEADERS", ""))
+    headers.update(_pairs(env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "")))
+    timeout_text = env.get(
+        "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", env.get("OTEL_EXPORTER_OTLP_TIMEOUT", "")
+    ).strip()
+    try:
+        # The spec says milliseconds; the Python exporter takes seconds.
+        timeout = float(timeout_text) / 1000 if timeout_text else 10.0
+    except ValueError:
+        timeout = 10.0
+    compression_text = env.get(
+        "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", env.get("OTEL_EXPORTER_OTLP_COMPRESSION", "")
+    ).strip()
+    compression = Compression.Gzip if compression_text == "gzip" else Compression.NoCompression
+    exporter = OTLPSpanExporter(
+        endpoint=endpoint, headers=headers, timeout=timeout, compression=compression
+    )
+    provider = TracerProvider(resource=resource(env), sampler=sampler(env))
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    # The endpoint only: OTLP headers often carry an API key.
+    log.info("tracing on: OTLP/HTTP to %s", endpoint.partition("?")[0])
+    return provider

@@ -1,0 +1,330 @@
+"""Traces to a real OTLP/HTTP receiver, Prometheus /metrics, the JSON access log."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import socket
+from typing import Any
+
+import pytest
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from sidecar.telemetry import Telemetry, access
+from sidecar.telemetry.metrics import method_label
+from sidecar.telemetry.tracing import resource, sampler, traces_endpoint
+from tests.conftest import echo_app
+from tests.otlp_receiver import Receiver
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
+# Values that must never reach a span, a metric or a log line.
+KEY_CANARY = "canary-key-5f1e"
+QUERY_CANARY = "canary-query-77"
+HEADER_CANARY = "canary-header-99"
+CANARIES = (KEY_CANARY, QUERY_CANARY, HEADER_CANARY)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def flaky_app(seen: list[dict[str, str]]) -> web.Application:
+    """503 on the first call, then 200; keeps the headers of every call."""
+
+    async def handle(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        if len(seen) == 1:
+            return web.Response(status=503, text="warming up")
+        return web.json_response({"ok": True, "query": request.query_string})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+def policy(api: str, down: str) -> str:
+    return f"""
+    version: 1
+    services:
+      api:
+        upstream: {api}
+        auth: {{type: query, name: api_key, value: "${{env:API_KEY}}"}}
+        retry: {{attempts: 2, on: [503], backoff: {{initial: 1ms, max: 1ms}}}}
+      down:
+        upstream: {down}
+        circuit_breaker: {{min_requests: 1, failure_ratio: 1.0, open_for: 60s}}
+      limited:
+        upstream: {api}
+        rate_limit: {{rate: 1/min, burst: 1}}
+    """
+
+
+async def test_spans_reach_a_real_otlp_receiver(upstream, start_sidecar, client):
+    receiver = Receiver()
+    collector = await upstream(receiver.app())
+    seen: list[dict[str, str]] = []
+    api = await upstream(flaky_app(seen))
+    down = f"http://127.0.0.1:{closed_port()}"
+    env = {"API_KEY": KEY_CANARY, "OTEL_EXPORTER_OTLP_ENDPOINT": collector}
+    sc = await start_sidecar(policy(api, down), env=env)
+
+    headers = {
+        "traceparent": TRACEPARENT,
+        "X-Agent-Id": "agent-7",
+        "Authorization": f"Bearer {HEADER_CANARY}",
+    }
+    async with client.get(f"{sc.url}/api/v1/models?secret={QUERY_CANARY}", headers=headers) as r:
+        assert r.status == 200
+        assert (await r.json())["ok"] is True
+    async with client.get(f"{sc.url}/nowhere/x") as r:
+        assert r.status == 404
+    async with client.post(f"{sc.url}/down/x", data=b"{}") as r:
+        assert r.status == 502
+    assert await asyncio.to_thread(sc.sidecar.telemetry.force_flush)
+
+    spans = receiver.spans
+    assert set(receiver.content_types) == {"application/x-protobuf"}
+    servers = {s.name: s for s in spans if s.kind == "server"}
+    assert sorted(servers) == ["GET", "GET /api", "POST /down"]
+
+    server = servers["GET /api"]
+    assert (server.trace_id, server.parent_span_id) == (TRACE_ID, PARENT_ID)
+    assert server.resource["service.name"] == "agent-sidecar"
+    a = server.attributes
+    assert a["http.request.method"] == "GET"
+    assert a["url.path"] == "/api/v1/models"
+    assert a["url.scheme"] == "http"
+    assert a["network.protocol.version"] == "1.1"
+    assert a["http.response.status_code"] == 200
+    assert a["sidecar.service"] == "api"
+    assert a["sidecar.route"] == "/api"
+    assert a["sidecar.agent"] == "agent-7"
+    assert a["sidecar.upstream.attempts"] == 2
+    assert a["sidecar.rate_limited"] is False
+    assert "error.type" not in a
+
+    clients = sorted(
+        (s for s in spans if s.kind == "client" and s.trace_id == TRACE_ID),
+        key=lambda s: s.attributes["sidecar.retry.attempt"],
+    )
+    assert len(clients) == 2
+    first, second = clients
+    for span in clients:
+        assert span.parent_span_id == server.span_id
+        assert span.name == "GET"
+        assert span.attributes["server.address"] == "127.0.0.1"
+        assert span.attributes["server.port"] == int(api.rsplit(":", 1)[1])
+        assert span.attributes["url.path"] == "/v1/models"
+    assert first.attributes["http.response.status_code"] == 503
+    assert first.attributes["error.type"] == "503"
+    assert "http.request.resend_count" not in first.attributes
+    assert second.attributes["http.response.status_code"] == 200
+    assert second.attributes["http.request.resend_count"] == 1
+
+    # The upstream saw the same trace, each try parented by its own CLIENT span.
+    parents = [h["traceparent"].split("-") for h in seen]
+    assert [p[1] for p in parents] == [TRACE_ID, TRACE_ID]
+    assert [p[2] for p in parents] == [first.span_id, second.span_id]
+
+    unrouted = servers["GET"].attributes
+    assert unrouted["sidecar.error.reason"] == "no_route"
+    assert unrouted["http.response.status_code"] == 404
+    assert "sidecar.service" not in unrouted
+
+    failed = servers["POST /down"]
+    assert failed.trace_id != TRACE_ID
+    assert failed.attributes["sidecar.error.reason"] == "upstream_unreachable"
+    assert failed.attributes["error.type"] == "upstream_unreachable"
+    assert failed.attributes["sidecar.breaker.state"] == "open"
+    assert failed.status_code == 2  # STATUS_CODE_ERROR
+    [attempt] = [s for s in spans if s.kind == "client" and s.trace_id == failed.trace_id]
+    assert attempt.parent_span_id == failed.span_id
+    assert attempt.attributes["error.type"] == "connect-error"
+
+    dump = json.dumps([(s.attributes, s.resource) for s in spans])
+    for canary in CANARIES:
+        assert canary not in dump
+    assert "secret=" not in dump and "api_key" not in dump
+
+
+async def test_without_an_endpoint_no_spans_and_the_agents_traceparent_passes(
+    upstream, start_sidecar, client
+):
+    base = await upstream(echo_app())
+    sc = await start_sidecar(f"version: 1\nservices:\n  api: {{upstream: '{base}'}}\n", env={})
+    assert sc.sidecar.telemetry.tracer is None
+    async with client.get(f"{sc.url}/api/x", headers={"traceparent": TRACEPARENT}) as r:
+        assert (await r.json())["headers"]["traceparent"] == TRACEPARENT
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+async def test_metrics_count_requests_attempts_refusals_and_reloads(
+    upstream, start_sidecar, client
+):
+    api = await upstream(echo_app())
+    down = f"http://127.0.0.1:{closed_port()}"
+    sc = await start_sidecar(policy(api, down), env={"API_KEY": KEY_CANARY})
+    for _ in range(2):
+        async with client.get(f"{sc.url}/api/x?secret={QUERY_CANARY}") as r:
+            assert r.status == 200
+    async with client.get(f"{sc.url}/nowhere") as r:
+        assert r.status == 404
+    for expected in (502, 503):  # the first failure opens the breaker
+        async with client.get(f"{sc.url}/down/x") as r:
+            assert r.status == expected
+    for expected in (200, 429):
+        async with client.get(f"{sc.url}/limited/x") as r:
+            assert r.status == expected
+    sc.write("policy.yaml", "version: 2\n")
+    async with client.post(f"{sc.admin}/reload") as r:
+        assert r.status == 422
+
+    async with client.get(f"{sc.admin}/metrics") as r:
+        assert r.status == 200
+        assert r.content_type == "text/plain"
+        text = await r.text()
+    requests = "sidecar_request_duration_seconds_count"
+    assert _sample(text, requests, service="api", method="GET", code="200", reason="") == 2
+    assert _sample(text, requests, service="", code="404", reason="no_route") == 1
+    assert _sample(text, requests, service="down", code="502", reason="upstream_unreachable") == 1
+    assert _sample(text, requests, service="down", code="503", reason="circuit_open") == 1
+    assert _sample(text, requests, service="limited", code="429", reason="rate_limited") == 1
+    assert _sample(text, "sidecar_request_duration_seconds_bucket", service="api", le="+Inf") == 2
+    attempts = "sidecar_upstream_attempt_duration_seconds_count"
+    assert _sample(text, attempts, service="api", outcome="200") == 2
+    assert _sample(text, attempts, service="down", outcome="connect-error") == 1
+    assert _sample(text, attempts, service="down") == 1  # the open breaker made no attempt
+    assert _sample(text, "sidecar_rate_limited_total", service="limited") == 1
+    assert _sample(text, "sidecar_rate_limited_total", service="api") == 0
+    transitions = "sidecar_circuit_breaker_transitions_total"
+    assert _sample(text, transitions, service="down", to="open") == 1
+    assert _sample(text, "sidecar_reloads_total", result="success") == 1
+    assert _sample(text, "sidecar_reloads_total", result="failure") == 1
+    assert _sample(text, "sidecar_requests_in_flight") == 0
+    assert QUERY_CANARY not in text and KEY_CANARY not in text
+
+
+def test_methods_outside_the_standard_set_share_one_label():
+    # aiohttp's parser refuses most unknown methods before the sidecar sees them;
+    # whatever gets through must not mint a series per method.
+    assert [method_label(m) for m in ("GET", "PATCH", "BREW", "get")] == [
+        "GET",
+        "PATCH",
+        "_OTHER",
+        "_OTHER",
+    ]
+
+
+def _access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    return [json.loads(r.getMessage()) for r in caplog.records if r.name == access.LOGGER]
+
+
+async def test_access_log_one_json_line_per_request(upstream, start_sidecar, client, caplog):
+    api = await upstream(echo_app())
+    down = f"http://127.0.0.1:{closed_port()}"
+    env = {"API_KEY": KEY_CANARY, "SIDECAR_ACCESS_LOG": "1"}
+    sc = await start_sidecar(policy(api, down), env=env)
+    headers = {
+        "X-Agent-Id": "agent-7",
+        "traceparent": TRACEPARENT,
+        "Authorization": f"Bearer {HEADER_CANARY}",
+    }
+    with caplog.at_level(logging.INFO, logger=access.LOGGER):
+        async with client.get(f"{sc.url}/api/x/y?secret={QUERY_CANARY}", headers=headers) as r:
+            body = await r.read()
+        async with client.get(f"{sc.url}/nowhere?secret={QUERY_CANARY}") as r:
+            assert r.status == 404
+    ok, missing = _access_lines(caplog)
+    assert ok["agent"] == "agent-7"
+    assert ok["method"] == "GET"
+    assert ok["service"] == "api"
+    assert ok["path"] == "/api/x/y"
+    assert ok["status"] == 200
+    assert ok["duration_ms"] >= 0
+    assert ok["bytes_sent"] > len(body)  # the status line and headers count too
+    assert ok["upstream_attempts"] == 1
+    assert ok["reason"] is None
+    assert ok["trace_id"] == TRACE_ID  # tracing is off: the agent's own trace id
+    assert ok["time"].endswith("Z")
+    assert missing["status"] == 404
+    assert missing["reason"] == "no_route"
+    assert missing["service"] is None
+    assert missing["upstream_attempts"] == 0
+    assert missing["path"] == "/nowhere"
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    for canary in CANARIES:
+        assert canary not in text
+
+
+async def test_access_log_is_off_by_default(upstream, start_sidecar, client, caplog):
+    api = await upstream(echo_app())
+    sc = await start_sidecar(f"version: 1\nservices:\n  api: {{upstream: '{api}'}}\n", env={})
+    with caplog.at_level(logging.INFO, logger=access.LOGGER):
+        async with client.get(f"{sc.url}/api/x") as r:
+            assert r.status == 200
+    assert _access_lines(caplog) == []
+
+
+def test_access_log_writer_sends_bare_lines_to_its_stream():
+    logger = logging.getLogger(access.LOGGER)
+    saved = (logger.handlers[:], logger.propagate, logger.level)
+    stream = io.StringIO()
+    listener = access.configure(stream)
+    try:
+        logger.info('{"status":200}')
+    finally:
+        listener.stop()  # drains the queue
+        logger.handlers[:], logger.propagate, logger.level = saved
+    assert stream.getvalue() == '{"status":200}\n'
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, None),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318/"}, "http://c:4318/v1/traces"),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:1/x"}, "http://c:1/x"),
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "true"},
+            None,
+        ),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_TRACES_EXPORTER": "none"}, None),
+    ],
+)
+def test_traces_endpoint_follows_the_otel_variables(env, expected):
+    assert traces_endpoint(env) == expected
+    assert (Telemetry.from_env(env).tracer is None) == (expected is None)
+
+
+def test_service_name_and_sampler_come_from_env():
+    assert resource({})._attributes["service.name"] == "agent-sidecar"
+    assert resource({"OTEL_SERVICE_NAME": "x"}).attributes["service.name"] == "x"
+    assert (
+        "TraceIdRatioBased{0.25}"
+        in sampler(
+            {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25"}
+        ).get_description()
+    )
+
+
+async def test_metrics_endpoint_needs_no_traffic(start_sidecar, client):
+    sc = await start_sidecar("version: 1\nservices: {}\n", env={})
+    async with client.get(f"{sc.admin}/metrics") as r:
+        text = await r.text()
+    assert "# TYPE sidecar_request_duration_seconds histogram" in text
+    assert _sample(text, "sidecar_reloads_total", result="success") == 1

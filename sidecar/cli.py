@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on SIGTERM, let calls in flight finish for this long (env SIDECAR_DRAIN)",
     )
+    run.add_argument(
+        "--access-log",
+        action="store_true",
+        default=(_env("ACCESS_LOG") or "").strip().lower() in ("1", "true", "yes", "on"),
+        help="one JSON line per request on stdout (env SIDECAR_ACCESS_LOG=1); "
+        "tracing is configured by the standard OTEL_* variables",
+    )
 
     validate = sub.add_parser("validate", help="check a policy directory; exit 1 on errors")
     validate.add_argument("dir", metavar="DIR")
@@ -117,8 +124,11 @@ def cmd_schema() -> int:
 
 async def _run(args: argparse.Namespace) -> int:
     from .runtime import Sidecar, serve
+    from .telemetry import Telemetry, access
 
-    sidecar = Sidecar(args.policies)
+    telemetry = Telemetry.from_env(access_log=args.access_log)
+    access_writer = access.configure() if telemetry.access_log else None
+    sidecar = Sidecar(args.policies, telemetry=telemetry)
     result = await sidecar.reload("startup")
     if not result.ok:
         for line in result.errors:
@@ -151,6 +161,8 @@ async def _run(args: argparse.Namespace) -> int:
     for runner in runners:
         await runner.cleanup()
     await sidecar.close()
+    if access_writer is not None:
+        access_writer.stop()  # writes out the lines still queued
     return 0
 
 

@@ -6,9 +6,13 @@ import asyncio
 import io
 import json
 import logging
+import os
+import signal
 import socket
+import sys
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
@@ -328,3 +332,53 @@ async def test_metrics_endpoint_needs_no_traffic(start_sidecar, client):
         text = await r.text()
     assert "# TYPE sidecar_request_duration_seconds histogram" in text
     assert _sample(text, "sidecar_reloads_total", result="success") == 1
+
+
+async def test_the_real_process_logs_json_to_stdout_and_exports_on_shutdown(
+    tmp_path, upstream, client
+):
+    receiver = Receiver()
+    collector = await upstream(receiver.app())
+    api = await upstream(echo_app())
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "p.yaml").write_text(f"version: 1\nservices:\n  api: {{upstream: '{api}'}}\n")
+    listen, admin = closed_port(), closed_port()
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "SIDECAR_"))
+    }
+    env |= {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{collector}/v1/traces"}
+    env |= {"OTEL_SERVICE_NAME": "agent-7-sidecar", "SIDECAR_ACCESS_LOG": "1"}
+    command = [sys.executable, "-m", "sidecar", "run", "--policies", str(policies)]
+    command += ["--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}"]
+    proc = await asyncio.create_subprocess_exec(
+        *command, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        for _ in range(200):
+            try:
+                async with client.get(f"http://127.0.0.1:{admin}/readyz") as r:
+                    if r.status == 200:
+                        break
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)
+        url = f"http://127.0.0.1:{listen}/api/x?secret={QUERY_CANARY}"
+        async with client.get(url, headers={"traceparent": TRACEPARENT}) as r:
+            assert r.status == 200
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, stderr.decode()
+    [line] = [json.loads(text) for text in stdout.decode().splitlines()]
+    assert (line["service"], line["path"], line["status"]) == ("api", "/api/x", 200)
+    assert line["trace_id"] == TRACE_ID
+    assert QUERY_CANARY not in stdout.decode() + stderr.decode()
+    # Shutdown flushed the batch: the span is at the collector without a force_flush.
+    [server] = [s for s in receiver.spans if s.kind == "server"]
+    assert server.name == "GET /api"
+    assert server.trace_id == TRACE_ID
+    assert server.resource["service.name"] == "agent-7-sidecar"

@@ -231,6 +231,8 @@ class Telemetry:
                     trace_id=_trace_id(span, request),
                 )
             )
+        # call.notes points back at the exchange: break the cycle, leave nothing to the GC.
+        exchange.call = None
 
     def _server_span(self, tracer: Tracer, request: web.BaseRequest) -> Span:
         method = request.method

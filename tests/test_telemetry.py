@@ -382,3 +382,21 @@ async def test_the_real_process_logs_json_to_stdout_and_exports_on_shutdown(
     assert server.name == "GET /api"
     assert server.trace_id == TRACE_ID
     assert server.resource["service.name"] == "agent-7-sidecar"
+
+
+async def test_an_unsampled_trace_is_continued_but_not_exported(upstream, start_sidecar, client):
+    receiver = Receiver()
+    collector = await upstream(receiver.app())
+    api = await upstream(echo_app())
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector}
+    sc = await start_sidecar(f"version: 1\nservices:\n  api: {{upstream: '{api}'}}\n", env=env)
+    unsampled = f"00-{TRACE_ID}-{PARENT_ID}-00"  # the agent's tracer decided not to sample
+    async with client.get(f"{sc.url}/api/x", headers={"traceparent": unsampled}) as r:
+        sent = (await r.json())["headers"]["traceparent"]
+    async with client.get(f"{sc.url}/api/y") as r:  # a new trace: sampled by default
+        assert r.status == 200
+    assert await asyncio.to_thread(sc.sidecar.telemetry.force_flush)
+    assert sent.split("-")[1] == TRACE_ID
+    assert sent.endswith("-00")
+    assert TRACE_ID not in {s.trace_id for s in receiver.spans}
+    assert sorted(s.kind for s in receiver.spans) == ["client", "server"]

@@ -267,6 +267,8 @@ class Telemetry:
         reason: str,
         error: str | None,
     ) -> None:
+        if not span.is_recording():
+            return  # sampled out: nothing to record, nothing to end
         attributes: dict[str, Any] = {"http.response.status_code": status}
         route = exchange.route
         if route is not None:
@@ -301,7 +303,11 @@ class Telemetry:
         span: Span | None = None
         parent = exchange.span
         tracer = self.tracer
-        if parent is not None and tracer is not None:
+        if parent is not None and tracer is not None and not parent.is_recording():
+            # An unsampled request: its attempts are not recorded either (parent-based
+            # sampling), but the upstream still continues the same trace.
+            self._propagator.inject(call.headers, context=set_span_in_context(parent))
+        elif parent is not None and tracer is not None:
             span = tracer.start_span(
                 call.method if call.method in KNOWN_METHODS else "HTTP",
                 context=set_span_in_context(parent),

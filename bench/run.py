@@ -76,6 +76,9 @@ class Target:
     kind: Kind
     # Extra environment for the proxy process (e.g. OTEL_* for the sidecar).
     env: Mapping[str, str] = field(default_factory=dict)
+    # Export every request's spans (the default sampler keeps all of them: wrk sends no
+    # traceparent) over OTLP/HTTP to a local sink the bench starts.
+    tracing: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -238,6 +241,22 @@ def check_answer(url: str, what: str) -> None:
         raise BenchError(f"{what}: GET {url} gave HTTP {status}, body {body[:200]!r}")
 
 
+def check_tracing(log: Path, what: str, *, before_run: bool) -> None:
+    """Tracing must really be on, or the on/off comparison compares nothing; say when
+    spans were dropped or failed to export, since the figures then understate the cost."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        text = ""
+    if before_run:
+        if "tracing on: OTLP/HTTP" not in text:
+            raise BenchError(f"{what}: the sidecar did not turn tracing on:\n{tail(log)}")
+        return
+    for sign in ("Failed to export", "Exception while exporting", "Queue is full"):
+        if sign in text:
+            print(f"   note: {what} log says {sign!r}; some spans were lost", file=sys.stderr)
+
+
 def render(template: Path, dest: Path, values: Mapping[str, str]) -> None:
     # @NAME@ placeholders: nginx's own syntax uses `$` and `{}`, so str.format and
     # string.Template would both trip over it.
@@ -298,6 +317,7 @@ class Bench:
         self.workdir = workdir
         self.procs = procs
         self.upstream_port = 0
+        self.sink_port = 0
 
     def start_upstream(self) -> None:
         self.upstream_port = free_port()
@@ -333,9 +353,13 @@ class Bench:
         try:
             wait_ready(ready_url, proc, log, target.name)
             check_answer(url, target.name)
+            if target.tracing:
+                check_tracing(log, target.name, before_run=True)
             yield url
             if proc.poll() is not None:
                 raise BenchError(f"{target.name} died during the run:\n{tail(log)}")
+            if target.tracing:
+                check_tracing(log, target.name, before_run=False)
         finally:
             self.procs.stop(proc)
 
@@ -375,11 +399,27 @@ class Bench:
         # SIDECAR_* from the caller's shell would silently change what is measured;
         # the flags above say everything. Target env (OTEL_* etc.) goes on top.
         env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+        if target.tracing:
+            env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = self._otlp_sink()
         env.update(target.env)
         log = home / "sidecar.log"
         proc = self.procs.start(argv, cpus=self.settings.proxy_cpus, log=log, env=env)
         url = f"http://127.0.0.1:{port}/{SERVICE}{REQUEST_PATH}"
         return proc, log, url, f"http://127.0.0.1:{admin}/readyz"
+
+    def _otlp_sink(self) -> str:
+        """An OTLP/HTTP endpoint that accepts every export: nginx answering 200, on the
+        load core, so the sidecar pays for making and sending spans, not a collector."""
+        if not self.sink_port:
+            self.sink_port = free_port()
+            proc, log = self._start_nginx(
+                "otlp-sink",
+                BENCH_DIR / "nginx-upstream.conf.template",
+                {"PORT": str(self.sink_port), "BODY": ""},
+                cpus=self.settings.load_cpus,
+            )
+            wait_ready(f"http://127.0.0.1:{self.sink_port}/v1/traces", proc, log, "otlp sink")
+        return f"http://127.0.0.1:{self.sink_port}/v1/traces"
 
     def measure(self, target: Target, url: str) -> list[Measurement]:
         results = []
@@ -479,7 +519,24 @@ def comparisons(
             mine, ref = find(results, t.name, c), find(results, "nginx", c)
             if mine and ref and ref.rps:
                 rps_ratio.setdefault(t.name, {})[str(c)] = round(mine.rps / ref.rps, 3)
+    # Tracing on vs off: the same sidecar, with and without span export.
+    tracing: dict[str, Any] = {}
+    for t in targets:
+        if not t.tracing:
+            continue
+        rps = {}
+        for c in levels:
+            on, off = find(results, t.name, c), find(results, "sidecar", c)
+            if on and off and off.rps:
+                rps[str(c)] = round(on.rps / off.rps, 3)
+        on_1, off_1 = find(results, t.name, 1), find(results, "sidecar", 1)
+        entry: dict[str, Any] = {"rps_over_sidecar_by_connections": rps}
+        if on_1 and off_1:
+            entry["added_p50_ms_at_1_connection"] = round(on_1.p50_ms - off_1.p50_ms, 3)
+            entry["added_p99_ms_at_1_connection"] = round(on_1.p99_ms - off_1.p99_ms, 3)
+        tracing[t.name] = entry
     return {
+        "tracing_overhead": tracing,
         "rps_over_nginx_by_connections": rps_ratio,
         "added_p50_ms_over_direct_at_1_connection": added_p50,
         "added_p99_ms_over_direct_at_1_connection": added_p99,
@@ -518,6 +575,17 @@ def print_report(
         over_nginx = comp["added_p50_ms_over_nginx_at_1_connection"].get(name)
         if over_nginx is not None:
             line += f" (p50 {over_nginx:+.3f} ms over nginx)"
+        print(line)
+    for name, entry in comp.get("tracing_overhead", {}).items():
+        parts = ", ".join(
+            f"{r:.3f} at {c} conn" for c, r in entry["rps_over_sidecar_by_connections"].items()
+        )
+        line = f"{name} (tracing on) req/s / sidecar req/s: {parts or '-'}"
+        if "added_p50_ms_at_1_connection" in entry:
+            line += (
+                f"; added at 1 conn: p50 {entry['added_p50_ms_at_1_connection']:+.3f} ms, "
+                f"p99 {entry['added_p99_ms_at_1_connection']:+.3f} ms"
+            )
         print(line)
     for m in results:
         if m.error_count:
@@ -562,6 +630,18 @@ def build_targets(sidecar_env: Mapping[str, str]) -> list[Target]:
         Target(name="direct", kind=Kind.DIRECT),
         Target(name="nginx", kind=Kind.NGINX),
         Target(name="sidecar", kind=Kind.SIDECAR),
+        Target(name="sidecar+tracing", kind=Kind.SIDECAR, tracing=True),
+        # What a production setting costs: one trace in ten kept (the rest still get a
+        # traceparent, but no span objects are recorded or exported).
+        Target(
+            name="sidecar+tracing@10%",
+            kind=Kind.SIDECAR,
+            tracing=True,
+            env={
+                "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                "OTEL_TRACES_SAMPLER_ARG": "0.1",
+            },
+        ),
     ]
     if sidecar_env:
         targets.append(Target(name="sidecar+env", kind=Kind.SIDECAR, env=dict(sidecar_env)))

@@ -12,10 +12,29 @@ from __future__ import annotations
 from collections.abc import AsyncIterable, Awaitable, Callable
 from typing import Any, Protocol
 
-from aiohttp import ClientResponse, StreamReader, web
-from multidict import CIMultiDict
+from aiohttp import StreamReader, web
+from multidict import CIMultiDict, CIMultiDictProxy
 
-Reply = ClientResponse
+
+class Reply(Protocol):
+    """An upstream's answer as the steps see it: an aiohttp ClientResponse, or a
+    WebSocket handshake's outcome (see proxy/websocket.py)."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def reason(self) -> str | None: ...
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+
+    @property
+    def content_length(self) -> int | None: ...
+
+    def release(self) -> Any: ...
+
+
 Body = bytes | AsyncIterable[bytes] | None
 Handler = Callable[["Call"], Awaitable[Reply]]
 
@@ -31,6 +50,7 @@ class Call:
         "request",
         "service",
         "target",
+        "upgrade",
     )
 
     def __init__(
@@ -52,6 +72,8 @@ class Call:
         self.agent = agent
         self.request = request
         self.attempt = 1
+        # A WebSocket handshake: the last step connects a WebSocket instead of a request.
+        self.upgrade = False
         # Per-call scratch space for steps (spans, limiter verdicts); made on first use.
         self.notes: dict[str, Any] | None = None
 

@@ -13,12 +13,14 @@ import re
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
-from aiohttp import web
+from aiohttp import ClientResponse, web
 
-from ..call import Body
+from ..call import Body, Reply
 from ..problems import ProblemError, problem_response
 from ..telemetry import Exchange, Telemetry
 from .router import HOP_BY_HOP, Route, Router
+from .websocket import Upgraded, is_upgrade
+from .websocket import relay as relay_websocket
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -71,6 +73,8 @@ class EgressHandler:
         try:
             body = self._body(route, request)
             call = route.prepare(request, body)
+            if is_upgrade(request):
+                call.upgrade = True
             if exchange is not None:
                 exchange.bind(call)
             reply = await route.handler(call)
@@ -108,8 +112,10 @@ class EgressHandler:
         return _limited(request.content, limit, route.name)
 
     async def _relay(
-        self, request: web.BaseRequest, reply: aiohttp.ClientResponse, route: Route
+        self, request: web.BaseRequest, reply: Reply, route: Route
     ) -> web.StreamResponse:
+        if isinstance(reply, Upgraded):
+            return await relay_websocket(request, reply)
         try:
             response = web.StreamResponse(status=reply.status, reason=reply.reason)
             headers = response.headers
@@ -129,7 +135,7 @@ class EgressHandler:
             if length is not None:
                 # Same framing as the upstream: the bytes are passed through untouched.
                 response.content_length = length
-            if request.method == "HEAD":
+            if request.method == "HEAD" or length == 0 or not isinstance(reply, ClientResponse):
                 await response.prepare(request)
                 await response.write_eof()
                 return response

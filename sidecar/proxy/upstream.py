@@ -16,6 +16,7 @@ from yarl import URL
 
 from ..call import Call, Reply
 from ..problems import ProblemError
+from . import websocket
 
 log = logging.getLogger("sidecar.upstream")
 
@@ -59,6 +60,8 @@ class Upstream:
         url = URL(self.origin + self.base_path + call.target, encoded=True)
         self.inflight += 1
         try:
+            if call.upgrade:
+                return await websocket.connect(session, url, call.headers)
             return await session.request(
                 call.method,
                 url,

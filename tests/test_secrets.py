@@ -20,6 +20,7 @@ from aiohttp import web
 
 from sidecar.cli import main as cli_main
 from tests.conftest import echo_app
+from tests.otlp_receiver import Receiver
 
 
 def write_k8s_secret(volume: Path, files: dict[str, str], generation: int) -> None:
@@ -138,6 +139,8 @@ async def test_no_secret_appears_anywhere(
     tokens = await upstream(token_endpoint(state))
     slow = await upstream(slow_app())
     down = "http://127.0.0.1:9"  # the discard port: nothing listens
+    receiver = Receiver()  # a real OTLP/HTTP collector: spans are searched too
+    collector = await upstream(receiver.app())
     secret_file = tmp_path / "bearer"
     secret_file.write_text(CANARIES["bearer"])
     env = {
@@ -174,7 +177,7 @@ async def test_no_secret_appears_anywhere(
         return "version: 1\nservices:\n" + "".join(out)
 
     policy = services({"ok": echo, "down": down, "slow": slow})
-    sc = await start_sidecar(policy, env=env)
+    sc = await start_sidecar(policy, env={**env, "OTEL_EXPORTER_OTLP_ENDPOINT": collector})
     seen: list[str] = []  # everything the agent got back
 
     async def call(path: str, **kw: Any) -> int:
@@ -234,8 +237,10 @@ async def test_no_secret_appears_anywhere(
     seen.append(str(sc.sidecar.policy))
     seen.append(repr(sc.sidecar.router))
 
-    # Telemetry: /metrics is searched above; exported spans (names, attributes, events)
-    # belong here too, appended to `seen`.
+    # Telemetry: /metrics is searched above; every exported span here.
+    assert await asyncio.to_thread(sc.sidecar.telemetry.force_flush)
+    assert len(receiver.spans) > 20
+    seen.extend(repr(span) for span in receiver.spans)
 
     seen.append(caplog.text)  # formatted, tracebacks included
     everything = "\n".join(seen)

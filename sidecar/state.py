@@ -40,9 +40,22 @@ def fingerprint(params: object) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+class Hooks:
+    """Callbacks the steps' state reports to (metrics), one set per sidecar.
+
+    Held by the store, not by a class, so two sidecars in one process (tests,
+    embedding) never count each other's events. A hook must not raise.
+    """
+
+    def __init__(self) -> None:
+        # (service, from_state, to_state) on every circuit-breaker transition.
+        self.breaker_transition: list[Callable[[str, str, str], None]] = []
+
+
 class StateStore:
     def __init__(self) -> None:
         self._items: dict[Key, Any] = {}
+        self.hooks = Hooks()
 
     def begin(self) -> StateBuild:
         return StateBuild(self)
@@ -66,6 +79,7 @@ class StateBuild:
     def __init__(self, store: StateStore) -> None:
         self._store = store
         self._items: dict[Key, Any] = {}
+        self.hooks = store.hooks
 
     def get(self, service: str, step: str, params: object, factory: Callable[[], T]) -> T:
         key = (service, step, fingerprint(params))

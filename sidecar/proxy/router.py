@@ -14,25 +14,11 @@ from multidict import CIMultiDict
 
 from .. import telemetry
 from ..call import Call, Handler, Step
+from ..headers import HOP_BY_HOP
 from ..policy.loader import Policy, ServicePolicy
 from ..state import StateBuild
 from ..steps import auth, breaker, ratelimit, retry, timeout
 from .upstream import Upstream
-
-# Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never forwarded.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 
 StepBuilder = Callable[..., Step | None]
 

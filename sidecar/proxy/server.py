@@ -16,9 +16,10 @@ import aiohttp
 from aiohttp import ClientResponse, web
 
 from ..call import Body, Reply
+from ..headers import HOP_BY_HOP
 from ..problems import ProblemError, problem_response
 from ..telemetry import Exchange, Telemetry
-from .router import HOP_BY_HOP, Route, Router
+from .router import Route, Router
 from .websocket import Upgraded, is_upgrade
 from .websocket import relay as relay_websocket
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any
 
 from ..call import Call, Handler, Reply
 from ..policy.loader import ServicePolicy
 from ..policy.models import CircuitBreaker
 from ..problems import ProblemError
 from ..state import StateBuild
+from .outcomes import Outcomes
 
 CLOSED = "closed"
 OPEN = "open"
@@ -35,41 +36,28 @@ BUCKETS = 10
 # they settle the breaker within about one upstream round trip.
 PROBING_RETRY_AFTER = 1.0
 
-WIRE_CAUSES = ("connect-error", "timeout", "reset")
-
-
-def failure_statuses(on: list[str | int]) -> frozenset[int]:
-    statuses: set[int] = set()
-    for item in on:
-        if item == "5xx":
-            statuses.update(range(500, 600))
-        elif item == "gateway-error":
-            statuses.update((502, 503, 504))
-        elif isinstance(item, int):
-            statuses.add(item)
-    return frozenset(statuses)
-
 
 class Breaker:
-    # Called on every state change as (service, from, to), e.g. for metrics.
-    # Shared by all breakers so a metrics module registers once; a hook must not raise.
-    on_transition: ClassVar[list[Callable[[str, str, str], None]]] = []
-
     def __init__(
         self,
         *,
         service: str,
         config: CircuitBreaker,
         clock: Callable[[], float] = time.monotonic,
+        on_transition: list[Callable[[str, str, str], None]] | None = None,
     ) -> None:
         self.service = service
+        # Called on every state change as (service, from, to); the sidecar's
+        # StateStore.hooks list, shared by its breakers, so metrics register once.
+        self.on_transition = on_transition if on_transition is not None else []
         self.failure_ratio = config.failure_ratio
         self.min_requests = config.min_requests
         self.window = config.window
         self.open_for = config.open_for
         self.half_open_requests = config.half_open_requests
-        self._causes = frozenset(c for c in config.on if c in WIRE_CAUSES)
-        self._statuses = failure_statuses(config.on)
+        outcomes = Outcomes.of(config.on)
+        self._causes = outcomes.causes
+        self._statuses = outcomes.statuses
         # Public so tests (and only tests) can swap in a fake clock.
         self.clock = clock
         self.state = CLOSED
@@ -183,7 +171,7 @@ class Breaker:
             self._reset(int(now / self._width))
         key = f"{frm}->{to}"
         self.transitions[key] = self.transitions.get(key, 0) + 1
-        for hook in Breaker.on_transition:
+        for hook in self.on_transition:
             hook(self.service, frm, to)
 
     def _refusal(self, wait: float, *, probing: bool) -> ProblemError:
@@ -232,5 +220,9 @@ def build(service: ServicePolicy, *, state: StateBuild) -> Breaker | None:
         service.name,
         "breaker",
         config,
-        lambda: Breaker(service=service.name, config=config),
+        lambda: Breaker(
+            service=service.name,
+            config=config,
+            on_transition=state.hooks.breaker_transition,
+        ),
     )

@@ -15,13 +15,13 @@ until then instead of sending them to an upstream that asked for quiet.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 
 from ..call import Call, Handler, Reply
+from ..headers import retry_after_seconds
 from ..policy.loader import ServicePolicy
 from ..policy.models import RateLimit
 from ..problems import ProblemError
@@ -133,9 +133,11 @@ class LocalLimit:
 class Pause:
     """Service-wide quiet period asked for by the upstream (429/503 with Retry-After)."""
 
-    def __init__(self, *, service: str, clock: Clock) -> None:
+    def __init__(self, *, service: str, clock: Clock, wall: Clock = time.time) -> None:
         self.until = 0.0
         self._clock = clock
+        # An HTTP-date Retry-After is wall-clock time; injectable for tests.
+        self._wall = wall
         self._service = service
         self._status = 429
 
@@ -143,7 +145,7 @@ class Pause:
         value = headers.get("Retry-After")
         if value is None:
             return
-        delay = retry_after_seconds(value, time.time())
+        delay = retry_after_seconds(value, self._wall())
         if delay is None or delay <= 0:
             return
         until = self._clock() + min(delay, MAX_PAUSE)
@@ -160,20 +162,6 @@ class Pause:
             self.until - now,
             None,
         )
-
-
-def retry_after_seconds(value: str, wall_now: float) -> float | None:
-    """Retry-After as delta-seconds or an HTTP date (RFC 9110 10.2.3); None if unreadable."""
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        return None
-    return when.timestamp() - wall_now
 
 
 class RateLimiter:

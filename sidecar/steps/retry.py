@@ -26,15 +26,15 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 from ..call import Call, Handler, Reply, make_replayable
+from ..headers import retry_after_seconds
 from ..policy.loader import ServicePolicy
 from ..policy.models import Retry as RetryConfig
 from ..problems import ProblemError
 from ..state import StateBuild
-from .breaker import WIRE_CAUSES, failure_statuses
+from .outcomes import Outcomes
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
@@ -59,8 +59,9 @@ class Retry:
         self.ratio = config.budget.ratio
         self.min_concurrency = config.budget.min_concurrency
         self.on = list(config.on)
-        self._causes = frozenset(c for c in config.on if c in WIRE_CAUSES)
-        self._statuses = failure_statuses(config.on)
+        outcomes = Outcomes.of(config.on)
+        self._causes = outcomes.causes
+        self._statuses = outcomes.statuses
         # Public so tests can replace them: no real waiting, no chance.
         self.sleep = sleep
         self.uniform = uniform
@@ -104,7 +105,7 @@ class Retry:
                     delay = self._backoff(attempt)
                     header = reply.headers.get("Retry-After")
                     if header is not None:
-                        wait = self._retry_after(header)
+                        wait = retry_after_seconds(header, self.wall())
                         if wait is not None:
                             if wait > self.max:
                                 return reply
@@ -131,18 +132,6 @@ class Retry:
     def _backoff(self, attempt: int) -> float:
         # Full jitter: spreads the retries of many agents instead of syncing them.
         return self.uniform(0.0, min(self.max, self.initial * 2 ** (attempt - 1)))
-
-    def _retry_after(self, value: str) -> float | None:
-        value = value.strip()
-        if value.isdigit():
-            return float(value)
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:
-            return None
-        return max(0.0, when.timestamp() - self.wall())
 
     def snapshot(self) -> dict[str, Any]:
         """The retry policy and its budget as the admin /services page shows them."""

@@ -95,14 +95,6 @@ class Telemetry:
         self.access_log = access_log
         self._propagator = TraceContextTextMapPropagator()
         self._breakers: dict[str, Any] = {}
-        self._breaker_hooks: list[Callable[[str, str, str], None]] | None = None
-        try:
-            from ..steps.breaker import Breaker
-        except ImportError:  # pragma: no cover - the breaker ships with the sidecar
-            pass
-        else:
-            self._breaker_hooks = Breaker.on_transition
-            self._breaker_hooks.append(self.metrics.on_transition)
 
     @classmethod
     def from_env(
@@ -137,6 +129,7 @@ class Telemetry:
                 self._breakers = breakers
 
         sidecar.on_reload.append(on_reload)
+        sidecar.state.hooks.breaker_transition.append(self.metrics.on_transition)
 
     def force_flush(self, timeout_ms: int = 5000) -> bool:
         """Export the spans still queued (blocking: call it from a thread or a test)."""
@@ -145,11 +138,6 @@ class Telemetry:
         return self.provider.force_flush(timeout_ms)
 
     async def close(self) -> None:
-        if self._breaker_hooks is not None:
-            hook = self.metrics.on_transition
-            if hook in self._breaker_hooks:
-                self._breaker_hooks.remove(hook)
-            self._breaker_hooks = None
         if self.provider is not None:
             # Shutting down flushes the queue over the network: not on the loop.
             await asyncio.to_thread(self.provider.shutdown)

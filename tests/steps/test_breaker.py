@@ -257,16 +257,13 @@ async def test_a_slow_call_from_before_the_opening_cannot_close_it():
 async def test_transitions_are_reported_to_hooks():
     clock, up = Clock(), Upstream()
     seen: list[tuple[str, str, str]] = []
-    Breaker.on_transition.append(lambda *t: seen.append(t))
-    try:
-        b = _breaker(clock, min_requests=1, failure_ratio=1.0)
-        up.outcome = 503
-        await _send(b, up)
-        clock.now += 5
-        up.outcome = 200
-        await _send(b, up)
-    finally:
-        Breaker.on_transition.pop()
+    b = _breaker(clock, min_requests=1, failure_ratio=1.0)
+    b.on_transition.append(lambda *t: seen.append(t))
+    up.outcome = 503
+    await _send(b, up)
+    clock.now += 5
+    up.outcome = 200
+    await _send(b, up)
     assert seen == [
         ("svc", "closed", "open"),
         ("svc", "open", "half_open"),

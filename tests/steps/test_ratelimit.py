@@ -11,13 +11,14 @@ import pytest
 from multidict import CIMultiDict
 
 from sidecar.call import Call
+from sidecar.headers import retry_after_seconds
 from sidecar.policy.loader import ServicePolicy
 from sidecar.policy.models import Service
 from sidecar.policy.yamlpos import Position
 from sidecar.problems import ProblemError, problem_response
 from sidecar.state import StateStore
 from sidecar.steps import ratelimit
-from sidecar.steps.ratelimit import RateLimiter, build, retry_after_seconds
+from sidecar.steps.ratelimit import RateLimiter, build
 
 
 class Clock:

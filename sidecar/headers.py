@@ -1,0 +1,35 @@
+"""HTTP header facts shared by the proxy and the steps."""
+
+from __future__ import annotations
+
+import email.utils
+
+# Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never forwarded.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+
+def retry_after_seconds(value: str, wall_now: float) -> float | None:
+    """Retry-After as delta-seconds or an HTTP date (RFC 9110 10.2.3), never negative;
+    None when unreadable."""
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - wall_now)

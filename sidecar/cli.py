@@ -142,11 +142,9 @@ async def _run(args: argparse.Namespace) -> int:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 50, 100)
-    log.info(
-        "egress on http://%s:%d, admin on http://%s:%d",
-        *args.listen,
-        *args.admin,
-    )
+    # The bound addresses, not the asked-for ones: port 0 picks a free port.
+    egress, admin = (runner.addresses[0][:2] for runner in runners)
+    log.info("egress on http://%s:%d, admin on http://%s:%d", *egress, *admin)
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

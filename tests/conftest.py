@@ -4,14 +4,16 @@
 - `start_sidecar(policy_yaml, ...)` writes policy files into a temp directory
   and runs the actual Sidecar (egress + admin listeners) in this event loop.
 - `client` is a plain aiohttp ClientSession.
+- `closed_port` is a loopback port where nothing listens, for the whole test.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import textwrap
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +113,18 @@ async def start_sidecar(tmp_path: Path) -> AsyncIterator[StartSidecar]:
         for runner in running.runners:
             await runner.cleanup()
         await running.sidecar.close()
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A loopback port where a connect is refused (ECONNREFUSED) for the whole test.
+
+    The socket stays bound but never listens: the port cannot be handed to
+    anyone else meanwhile, unlike a port found free and then released.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -5,18 +5,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from sidecar.policy.yamlpos import load_document
 from tests.conftest import echo_app
+from tests.helpers import eventually, sidecar_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,23 +28,6 @@ def sidecar(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         env={**os.environ, **(env or {})},
         cwd=ROOT,
     )
-
-
-def spawn(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "sidecar", *args],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_validate_ok_and_errors(tmp_path: Path) -> None:
@@ -89,33 +70,27 @@ def test_schema_describes_every_key_and_accepts_examples() -> None:
         jsonschema.validate({"version": 1, "services": {"x": {"upstrem": "http://x"}}}, schema)
 
 
-async def test_run_serves_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path, upstream) -> None:
+async def test_run_serves_reloads_on_sighup_and_stops_on_sigterm(
+    tmp_path: Path, upstream, client
+) -> None:
     base = await upstream(echo_app())
     policies = tmp_path / "policies"
     policies.mkdir()
     (policies / "p.yaml").write_text(f"version: 1\nservices:\n  a:\n    upstream: {base}\n")
-    listen, admin = free_port(), free_port()
-    env = {
-        **os.environ,
-        "SIDECAR_POLICIES": str(policies),
-        "SIDECAR_LISTEN": f"127.0.0.1:{listen}",
-        "SIDECAR_ADMIN": f"127.0.0.1:{admin}",
-    }
-    proc = spawn("run", env=env)
-    try:
-        await wait_http(f"http://127.0.0.1:{admin}/readyz", 200)
-        assert await get_status(f"http://127.0.0.1:{listen}/a/x") == 200
-        assert await get_status(f"http://127.0.0.1:{listen}/b/x") == 404
+    # The policy directory from the environment, as a container sets it.
+    env = {**os.environ, "SIDECAR_POLICIES": str(policies)}
+    async with sidecar_process(None, env=env) as proc:
+        assert await status(client, f"{proc.url}/a/x") == 200
+        assert await status(client, f"{proc.url}/b/x") == 404
         (policies / "p.yaml").write_text(f"version: 1\nservices:\n  b:\n    upstream: {base}\n")
-        proc.send_signal(signal.SIGHUP)
-        await wait_http(f"http://127.0.0.1:{listen}/b/x", 200)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        output = proc.stdout.read() if proc.stdout else ""
-    assert "loaded (signal)" in output
+        proc.proc.send_signal(signal.SIGHUP)
+
+        async def b_served() -> bool:
+            return await status(client, f"{proc.url}/b/x") == 200
+
+        await eventually(b_served, "service b served after SIGHUP")
+        assert await proc.stop(signal.SIGTERM) == 0
+    assert "loaded (signal)" in proc.output
 
 
 def test_run_refuses_a_broken_policy_at_start(tmp_path: Path) -> None:
@@ -125,34 +100,15 @@ def test_run_refuses_a_broken_policy_at_start(tmp_path: Path) -> None:
         "--policies",
         str(tmp_path),
         "--listen",
-        f"127.0.0.1:{free_port()}",
+        "127.0.0.1:0",
         "--admin",
-        f"127.0.0.1:{free_port()}",
+        "127.0.0.1:0",
     )
     assert done.returncode == 1
     assert f"{tmp_path}/p.yaml:3:17: upstream must start with http:// or https://" in done.stderr
 
 
-async def get_status(url: str) -> int:
-    import asyncio
-
-    def fetch() -> int:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                return int(r.status)
-        except urllib.error.HTTPError as exc:
-            return int(exc.code)
-        except OSError:
-            return 0
-
-    return await asyncio.to_thread(fetch)
-
-
-async def wait_http(url: str, want: int, limit: float = 20) -> None:
-    import asyncio
-
-    deadline = time.monotonic() + limit
-    while (got := await get_status(url)) != want:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{url} answered {got}, wanted {want}")
-        await asyncio.sleep(0.1)
+async def status(client: aiohttp.ClientSession, url: str) -> int:
+    async with client.get(url) as r:
+        await r.read()
+        return r.status

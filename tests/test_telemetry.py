@@ -8,11 +8,8 @@ import json
 import logging
 import os
 import signal
-import socket
-import sys
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
@@ -21,6 +18,7 @@ from sidecar.telemetry import Telemetry, access
 from sidecar.telemetry.metrics import method_label
 from sidecar.telemetry.tracing import resource, sampler, traces_endpoint
 from tests.conftest import echo_app
+from tests.helpers import sidecar_process
 from tests.otlp_receiver import Receiver
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -31,12 +29,6 @@ KEY_CANARY = "canary-key-5f1e"
 QUERY_CANARY = "canary-query-77"
 HEADER_CANARY = "canary-header-99"
 CANARIES = (KEY_CANARY, QUERY_CANARY, HEADER_CANARY)
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def flaky_app(seen: list[dict[str, str]]) -> web.Application:
@@ -70,12 +62,12 @@ def policy(api: str, down: str) -> str:
     """
 
 
-async def test_spans_reach_a_real_otlp_receiver(upstream, start_sidecar, client):
+async def test_spans_reach_a_real_otlp_receiver(upstream, start_sidecar, client, closed_port):
     receiver = Receiver()
     collector = await upstream(receiver.app())
     seen: list[dict[str, str]] = []
     api = await upstream(flaky_app(seen))
-    down = f"http://127.0.0.1:{closed_port()}"
+    down = f"http://127.0.0.1:{closed_port}"
     env = {"API_KEY": KEY_CANARY, "OTEL_EXPORTER_OTLP_ENDPOINT": collector}
     sc = await start_sidecar(policy(api, down), env=env)
 
@@ -178,10 +170,10 @@ def _sample(text: str, name: str, **labels: str) -> float:
 
 
 async def test_metrics_count_requests_attempts_refusals_and_reloads(
-    upstream, start_sidecar, client
+    upstream, start_sidecar, client, closed_port
 ):
     api = await upstream(echo_app())
-    down = f"http://127.0.0.1:{closed_port()}"
+    down = f"http://127.0.0.1:{closed_port}"
     sc = await start_sidecar(policy(api, down), env={"API_KEY": KEY_CANARY})
     for _ in range(2):
         async with client.get(f"{sc.url}/api/x?secret={QUERY_CANARY}") as r:
@@ -238,9 +230,11 @@ def _access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
     return [json.loads(r.getMessage()) for r in caplog.records if r.name == access.LOGGER]
 
 
-async def test_access_log_one_json_line_per_request(upstream, start_sidecar, client, caplog):
+async def test_access_log_one_json_line_per_request(
+    upstream, start_sidecar, client, caplog, closed_port
+):
     api = await upstream(echo_app())
-    down = f"http://127.0.0.1:{closed_port()}"
+    down = f"http://127.0.0.1:{closed_port}"
     env = {"API_KEY": KEY_CANARY, "SIDECAR_ACCESS_LOG": "1"}
     sc = await start_sidecar(policy(api, down), env=env)
     headers = {
@@ -343,40 +337,22 @@ async def test_the_real_process_logs_json_to_stdout_and_exports_on_shutdown(
     policies = tmp_path / "policies"
     policies.mkdir()
     (policies / "p.yaml").write_text(f"version: 1\nservices:\n  api: {{upstream: '{api}'}}\n")
-    listen, admin = closed_port(), closed_port()
     env = {
         key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "SIDECAR_"))
     }
     env |= {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{collector}/v1/traces"}
     env |= {"OTEL_SERVICE_NAME": "agent-7-sidecar", "SIDECAR_ACCESS_LOG": "1"}
-    command = [sys.executable, "-m", "sidecar", "run", "--policies", str(policies)]
-    command += ["--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}"]
-    proc = await asyncio.create_subprocess_exec(
-        *command, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        for _ in range(200):
-            try:
-                async with client.get(f"http://127.0.0.1:{admin}/readyz") as r:
-                    if r.status == 200:
-                        break
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.05)
-        url = f"http://127.0.0.1:{listen}/api/x?secret={QUERY_CANARY}"
+    async with sidecar_process(policies, env=env) as proc:
+        url = f"{proc.url}/api/x?secret={QUERY_CANARY}"
         async with client.get(url, headers={"traceparent": TRACEPARENT}) as r:
             assert r.status == 200
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = await asyncio.wait_for(proc.communicate(), 30)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, stderr.decode()
-    [line] = [json.loads(text) for text in stdout.decode().splitlines()]
+        code = await proc.stop(signal.SIGTERM, limit=30)
+    stdout, stderr = "".join(proc.stdout), proc.output
+    assert code == 0, stderr
+    [line] = [json.loads(text) for text in stdout.splitlines()]
     assert (line["service"], line["path"], line["status"]) == ("api", "/api/x", 200)
     assert line["trace_id"] == TRACE_ID
-    assert QUERY_CANARY not in stdout.decode() + stderr.decode()
+    assert QUERY_CANARY not in stdout + stderr
     # Shutdown flushed the batch: the span is at the collector without a force_flush.
     [server] = [s for s in receiver.spans if s.kind == "server"]
     assert server.name == "GET /api"

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from sidecar.cli import main as cli_main
 from tests.conftest import echo_app
+from tests.helpers import eventually
 from tests.otlp_receiver import Receiver
 
 
@@ -67,11 +68,11 @@ async def test_rotated_file_secret_reaches_the_upstream(upstream, start_sidecar,
 
     assert await seen() == "Bearer first-token"
     write_k8s_secret(volume, {"token": "second-token\n"}, 2)
-    for _ in range(300):
-        if await seen() == "Bearer second-token":
-            break
-        await asyncio.sleep(0.02)
-    assert await seen() == "Bearer second-token"
+
+    async def rotated() -> bool:
+        return await seen() == "Bearer second-token"
+
+    await eventually(rotated, "the rotated token sent upstream")
     assert sc.sidecar.last_reload is not None and sc.sidecar.last_reload.trigger == "watch"
 
 
@@ -122,7 +123,7 @@ def token_endpoint(state: dict[str, Any]) -> web.Application:
 
 def slow_app() -> web.Application:
     async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(5)
+        await asyncio.Event().wait()  # never answers: any timeout is met, however short
         return web.Response(text="late")
 
     app = web.Application()
@@ -131,14 +132,14 @@ def slow_app() -> web.Application:
 
 
 async def test_no_secret_appears_anywhere(
-    upstream, start_sidecar, client, tmp_path, caplog, capsys, monkeypatch
+    upstream, start_sidecar, client, tmp_path, caplog, capsys, monkeypatch, closed_port
 ):
     caplog.set_level(logging.DEBUG, logger="sidecar")
     state: dict[str, Any] = {"fail": False}
     echo = await upstream(echo_app())
     tokens = await upstream(token_endpoint(state))
     slow = await upstream(slow_app())
-    down = "http://127.0.0.1:9"  # the discard port: nothing listens
+    down = f"http://127.0.0.1:{closed_port}"
     receiver = Receiver()  # a real OTLP/HTTP collector: spans are searched too
     collector = await upstream(receiver.app())
     secret_file = tmp_path / "bearer"
@@ -170,9 +171,12 @@ async def test_no_secret_appears_anywhere(
         out = []
         for kind, auth in auths.items():
             for where, base in upstream_of.items():
+                # Only the upstream that never answers gets a short deadline; the
+                # others (a token fetch included) have all the time they need.
+                total = "100ms" if where == "slow" else "10s"
                 out.append(
                     f"  {kind}-{where}:\n    upstream: {base}\n    auth: {auth}\n"
-                    "    timeout: {total: 100ms}\n"
+                    f"    timeout: {{total: {total}}}\n"
                 )
         return "version: 1\nservices:\n" + "".join(out)
 

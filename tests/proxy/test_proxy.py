@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import socket
 
 import aiohttp
 from aiohttp import web
 
 from tests.conftest import echo_app
+from tests.helpers import stop_task
 
 
 def _policy(**services: str) -> str:
@@ -252,7 +252,7 @@ async def test_client_disconnect_cancels_upstream_call(upstream, start_sidecar):
     async with aiohttp.ClientSession() as session:
         task = asyncio.ensure_future(session.get(f"{sc.url}/svc/slow"))
         await asyncio.wait_for(started.wait(), 5)
-        task.cancel()
+        await stop_task(task)
     await asyncio.wait_for(cancelled.wait(), 5)
 
 
@@ -262,11 +262,8 @@ def _problem(body: bytes) -> dict[str, object]:
     return data  # type: ignore[no-any-return]
 
 
-async def test_upstream_unreachable_is_502_problem(start_sidecar, client):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens here once closed
-    sc = await start_sidecar(_policy(svc=f"upstream: http://127.0.0.1:{port}"))
+async def test_upstream_unreachable_is_502_problem(start_sidecar, client, closed_port):
+    sc = await start_sidecar(_policy(svc=f"upstream: http://127.0.0.1:{closed_port}"))
     async with client.get(f"{sc.url}/svc/x") as r:
         assert r.status == 502
         assert r.headers["X-Sidecar-Error"] == "upstream_unreachable"

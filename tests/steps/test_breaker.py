@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import Any
 
 import pytest
@@ -361,11 +360,8 @@ async def test_4xx_through_the_sidecar_never_opens_it(upstream, start_sidecar, c
     assert state["failures"] == 0
 
 
-async def test_unreachable_upstream_opens_it(start_sidecar, client):
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    sc = await start_sidecar(POLICY.format(base=f"http://127.0.0.1:{port}"))
+async def test_unreachable_upstream_opens_it(start_sidecar, client, closed_port):
+    sc = await start_sidecar(POLICY.format(base=f"http://127.0.0.1:{closed_port}"))
     reasons = []
     for _ in range(4):
         async with client.get(f"{sc.url}/flaky/x") as r:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +13,7 @@ from aiohttp import web
 from sidecar.policy.models import OAuth2ClientCredentials
 from sidecar.steps import oauth2
 from sidecar.steps.oauth2 import TokenSource
+from tests.helpers import eventually, stop_task
 
 CLIENT_ID = "agent-client"
 CLIENT_SECRET = "s3cr3t:with/odd+chars"
@@ -128,14 +128,6 @@ def source_of(sc) -> TokenSource:
     return source
 
 
-async def until(condition: Callable[[], bool]) -> None:
-    for _ in range(500):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached")
-
-
 @pytest.mark.parametrize("method", ["client_secret_basic", "client_secret_post"])
 async def test_token_fetched_once_and_injected(method, upstream, start_sidecar, client):
     sc, endpoint, _api = await setup(
@@ -172,7 +164,7 @@ async def test_single_flight_on_expired_token(upstream, start_sidecar, client, c
             return r.status, await r.json()
 
     calls = [asyncio.create_task(one()) for _ in range(100)]
-    await until(lambda: source.waiting == 100)
+    await eventually(lambda: source.waiting == 100, "100 calls waiting for the token")
     endpoint.gate.set()
     results = await asyncio.gather(*calls)
 
@@ -200,9 +192,9 @@ async def test_refreshed_in_background_before_expiry(upstream, start_sidecar, cl
     clock[0] += 2
     endpoint.gate = asyncio.Event()
     assert await token() == "Bearer tok-1"
-    await until(lambda: len(endpoint.requests) == 2)
+    await eventually(lambda: len(endpoint.requests) == 2, "a background token request")
     endpoint.gate.set()
-    await until(lambda: len(endpoint.issued) == 2)
+    await eventually(lambda: len(endpoint.issued) == 2, "the second token issued")
     assert await token() == "Bearer tok-2"
     assert len(endpoint.requests) == 2
 
@@ -263,7 +255,7 @@ async def test_streamed_body_is_not_replayed_after_401(upstream, start_sidecar, 
 
 @pytest.mark.parametrize("failure", ["status", "down", "wrong-secret"])
 async def test_token_endpoint_failure_is_a_502_without_secrets(
-    failure, upstream, start_sidecar, client
+    failure, upstream, start_sidecar, client, closed_port
 ):
     endpoint = TokenEndpoint()
     if failure == "status":
@@ -272,7 +264,7 @@ async def test_token_endpoint_failure_is_a_502_without_secrets(
         endpoint.secret = "another secret"
     tokens = await upstream(endpoint.app())
     if failure == "down":
-        tokens = "http://127.0.0.1:9"  # discard port: nothing listens
+        tokens = f"http://127.0.0.1:{closed_port}"
     api = Api(endpoint)
     base = await upstream(api.app())
     sc = await start_sidecar(policy(base, tokens), env=ENV)
@@ -334,7 +326,7 @@ async def test_reload_during_a_token_request_lets_the_waiting_calls_finish(
     sc = await start_sidecar(policy(base, tokens, secret=f"${{file:{secret_file}}}"))
     old = source_of(sc)
     waiting = asyncio.create_task(client.get(f"{sc.url}/api/"))
-    await until(lambda: old.waiting == 1)
+    await eventually(lambda: old.waiting == 1, "a call waiting for the token")
     secret_file.write_text("rotated-secret")
     assert (await sc.sidecar.reload("test")).changed  # retires the old token source
     endpoint.gate.set()
@@ -348,11 +340,11 @@ async def test_cancelled_caller_does_not_cancel_the_token_request(upstream, star
     sc, endpoint, _api = await setup(upstream, start_sidecar, endpoint=endpoint)
     source = source_of(sc)
     first = asyncio.create_task(client.get(f"{sc.url}/api/"))
-    await until(lambda: source.waiting == 1)
-    first.cancel()  # the agent hangs up while the token is being fetched
-    await until(lambda: source.waiting == 0)
+    await eventually(lambda: source.waiting == 1, "one call waiting for the token")
+    await stop_task(first)  # the agent hangs up while the token is being fetched
+    await eventually(lambda: source.waiting == 0, "the hung-up call no longer waiting")
     second = asyncio.create_task(client.get(f"{sc.url}/api/"))
-    await until(lambda: source.waiting == 1)
+    await eventually(lambda: source.waiting == 1, "one call waiting for the token")
     endpoint.gate.set()
     async with await second as r:
         assert r.status == 200

@@ -241,7 +241,7 @@ def flaky_app(fail: int, how: str = "503", headers: dict[str, str] | None = None
                 request.transport.close()
                 return web.Response()
             if how == "slow":
-                await asyncio.sleep(0.5)
+                await asyncio.Event().wait()  # never answers: only the deadline ends it
             elif how.isdigit():
                 return web.Response(
                     status=int(how), text=f"busy, call {seen['calls']}", headers=headers
@@ -253,13 +253,13 @@ def flaky_app(fail: int, how: str = "503", headers: dict[str, str] | None = None
     return app, seen
 
 
-def policy(base: str, retry: str, extra: str = "") -> str:
+def policy(base: str, retry: str, extra: str = "", total: str = "10s") -> str:
     return f"""
     version: 1
     services:
       flaky:
         upstream: {base}
-        timeout: {{total: 100ms}}
+        timeout: {{total: {total}}}
         retry: {retry}
     {extra}"""
 
@@ -267,8 +267,8 @@ def policy(base: str, retry: str, extra: str = "") -> str:
 RETRY = "{attempts: 3, on: [connect-error, timeout, reset, 5xx], backoff: {initial: 1ms, max: 5s}}"
 
 
-async def _sidecar(start_sidecar, base: str, retry: str = RETRY) -> Any:
-    sc = await start_sidecar(policy(base, retry))
+async def _sidecar(start_sidecar, base: str, retry: str = RETRY, total: str = "10s") -> Any:
+    sc = await start_sidecar(policy(base, retry, total=total))
     (step,) = sc.sidecar.state.find("flaky", "retry")
     sleeps = Sleeps()
     step.sleep = sleeps
@@ -278,7 +278,9 @@ async def _sidecar(start_sidecar, base: str, retry: str = RETRY) -> Any:
 @pytest.mark.parametrize("how", ["503", "drop", "slow"])
 async def test_a_get_is_retried_until_it_succeeds(upstream, start_sidecar, client, how):
     app, seen = flaky_app(2, how)
-    sc, _ = await _sidecar(start_sidecar, await upstream(app))
+    # Each stalled try costs the whole deadline; the good one has ample time within it.
+    total = "500ms" if how == "slow" else "10s"
+    sc, _ = await _sidecar(start_sidecar, await upstream(app), total=total)
     async with client.get(f"{sc.url}/flaky/x") as r:
         assert r.status == 200
         assert await r.text() == "ok on call 3"
@@ -301,7 +303,7 @@ async def test_out_of_attempts_on_errors_the_agent_gets_the_sidecars_problem(
     upstream, start_sidecar, client
 ):
     app, seen = flaky_app(10, "slow")
-    sc, _ = await _sidecar(start_sidecar, await upstream(app))
+    sc, _ = await _sidecar(start_sidecar, await upstream(app), total="200ms")
     async with client.get(f"{sc.url}/flaky/x") as r:
         assert r.status == 504
         assert r.headers["X-Sidecar-Error"] == "upstream_timeout"

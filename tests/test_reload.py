@@ -3,30 +3,69 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from sidecar.proxy.upstream import Upstream
 from tests.conftest import RunningSidecar, echo_app
+from tests.helpers import eventually
 
 
 def service(name: str, upstream: str, extra: str = "") -> str:
     return f"version: 1\nservices:\n  {name}:\n    upstream: {upstream}\n{extra}"
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, limit: float = 10) -> None:
-    """Poll until `check` holds; the watcher reacts within its debounce, not instantly."""
-    deadline = asyncio.get_running_loop().time() + limit
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        await asyncio.sleep(0.05)
+@dataclass
+class Connections:
+    """A minimal HTTP/1.1 upstream that counts the connections it was given and lost."""
+
+    opened: int = 0
+    closed: int = 0
+    handlers: set[asyncio.Task[None]] = field(default_factory=set)
+    writers: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.add(task)
+        self.writers.add(writer)
+        self.opened += 1
+        try:
+            while True:
+                try:
+                    await reader.readuntil(b"\r\n\r\n")  # GETs only: no body follows
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return  # the client closed the connection
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        finally:
+            self.closed += 1
+            writer.close()
+
+    async def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+        await asyncio.gather(*self.handlers, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def counting_upstream() -> AsyncIterator[tuple[str, Connections]]:
+    connections = Connections()
+    server = await asyncio.start_server(connections.serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", connections
+    finally:
+        server.close()
+        await connections.close()
+        await server.wait_closed()
 
 
 async def status(client: aiohttp.ClientSession, url: str) -> int:
@@ -117,18 +156,23 @@ async def test_admin_reload(upstream, start_sidecar, client):
         assert (await r.json())["changed"] is False  # same files, nothing swapped
 
 
-async def test_unchanged_service_keeps_its_pool_changed_one_is_retired(upstream, start_sidecar):
-    a = await upstream(echo_app())
-    b = await upstream(echo_app())
-    sc = await start_sidecar(service("a", a) + f"  b:\n    upstream: {b}\n")
-    assert sc.sidecar.router is not None
-    pool_a = sc.sidecar.router.routes["a"].upstream
-    pool_b = sc.sidecar.router.routes["b"].upstream
-    sc.write("policy.yaml", service("a", a) + f"  b:\n    upstream: {b}/v2\n")
-    assert (await sc.sidecar.reload("test")).changed
-    assert sc.sidecar.router.routes["a"].upstream is pool_a
-    assert sc.sidecar.router.routes["b"].upstream is not pool_b
-    assert isinstance(pool_b, Upstream) and pool_b._retired
+async def test_unchanged_service_keeps_its_connections_changed_one_closes_them(
+    start_sidecar, client
+):
+    async with counting_upstream() as (a, at_a), counting_upstream() as (b, at_b):
+        sc = await start_sidecar(service("a", a) + f"  b:\n    upstream: {b}\n")
+        assert await status(client, f"{sc.url}/a/x") == 200
+        assert await status(client, f"{sc.url}/b/x") == 200
+        assert (at_a.opened, at_b.opened) == (1, 1)  # one keep-alive connection each
+
+        sc.write("policy.yaml", service("a", a) + f"  b:\n    upstream: {b}/v2\n")
+        assert (await sc.sidecar.reload("test")).changed
+        # The retired pool of b hangs up its idle connection; a's pool is kept, warm.
+        await eventually(lambda: at_b.closed == 1, "b's old connection closed after the reload")
+        assert await status(client, f"{sc.url}/a/x") == 200
+        assert (at_a.opened, at_a.closed) == (1, 0)
+        assert await status(client, f"{sc.url}/b/x") == 200
+        assert (at_b.opened, at_b.closed) == (2, 1)  # the new pool opened its own
 
 
 async def test_in_flight_call_finishes_on_the_router_it_started_on(upstream, start_sidecar, client):
@@ -180,6 +224,9 @@ async def test_fifty_reloads_under_load_lose_no_request(upstream, start_sidecar,
                 failures.append(repr(exc))
             sent += 1
 
+    def calls_past(mark: int) -> Callable[[], bool]:
+        return lambda: sent >= mark
+
     workers = [asyncio.ensure_future(load()) for _ in range(4)]
     for i in range(50):
         # Every other reload changes the upstream's base path, so the route,
@@ -188,9 +235,11 @@ async def test_fifty_reloads_under_load_lose_no_request(upstream, start_sidecar,
         upstream_url = f"{base}/v{i % 2}"
         sc.write("policy.yaml", service("a", upstream_url, extra))
         assert (await sc.sidecar.reload("test")).ok
-        await asyncio.sleep(0.01)
+        # However fast or slow the machine, calls keep going between every two
+        # reloads: each reload swaps the router under a stream of calls.
+        what = f"calls completed after reload {i}"
+        await eventually(calls_past(sent + len(workers)), what, every=0.002)
     done.set()
     await asyncio.gather(*workers)
     assert failures == []
-    assert sent > 50
     assert sc.sidecar.counts.succeeded >= 50

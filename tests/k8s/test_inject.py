@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from sidecar import inject
+from tests.helpers import eventually, stop_task
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = "registry.example/agent-sidecar:test"
@@ -398,37 +399,53 @@ def _free_port() -> int:
 SIDECAR_INJECT = [sys.executable, "-m", "sidecar", "inject"]
 
 
+async def _start_injector(pki: Pki) -> tuple[asyncio.subprocess.Process, int, list[str]]:
+    """`sidecar inject` serving TLS on a free port: the process, its port, its stderr lines.
+
+    It logs the port it was asked for (not the bound one), so `:0` cannot be used:
+    a free port is picked, and picked again if someone took it before the bind.
+    """
+    for _ in range(5):
+        port = _free_port()
+        proc = await asyncio.create_subprocess_exec(
+            *SIDECAR_INJECT,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--tls-cert",
+            str(pki.cert_file),
+            "--tls-key",
+            str(pki.key_file),
+            "--image",
+            IMAGE,
+            cwd=REPO,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert proc.stderr is not None
+        lines: list[str] = []
+        async with asyncio.timeout(20):
+            while not any("serving on" in line for line in lines):
+                line = (await proc.stderr.readline()).decode()
+                if not line:  # exited before serving
+                    break
+                lines.append(line)
+        if any("serving on" in line for line in lines):
+            return proc, port, lines
+        await proc.wait()
+        if not any("cannot listen" in line for line in lines):
+            pytest.fail("sidecar inject did not start:\n" + "".join(lines))
+    pytest.fail("sidecar inject found no free port in 5 tries")
+
+
 async def test_run_serves_https_and_stops_on_sigterm(tmp_path: Path) -> None:
     pki = Pki(tmp_path)
     pki.issue()
-    port = _free_port()
-    proc = await asyncio.create_subprocess_exec(
-        *SIDECAR_INJECT,
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--tls-cert",
-        str(pki.cert_file),
-        "--tls-key",
-        str(pki.key_file),
-        "--image",
-        IMAGE,
-        cwd=REPO,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc, port, lines = await _start_injector(pki)
     try:
         url = f"https://localhost:{port}"
         connector = aiohttp.TCPConnector(ssl=pki.client_context())
         async with aiohttp.ClientSession(base_url=url, connector=connector) as session:
-            for _ in range(200):
-                try:
-                    async with session.get("/healthz") as resp:
-                        assert resp.status == 200
-                        break
-                except aiohttp.ClientConnectorError:
-                    assert proc.returncode is None, "sidecar inject exited"
-                    await asyncio.sleep(0.05)
-            else:
-                pytest.fail("sidecar inject did not start listening")
+            async with session.get("/healthz") as resp:
+                assert resp.status == 200
             _, injected = await admit(
                 session, make_pod(annotations={"sidecar.agent/inject": "true"})
             )
@@ -437,7 +454,7 @@ async def test_run_serves_https_and_stops_on_sigterm(tmp_path: Path) -> None:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), timeout=10)
-    stderr = err.decode()
+    stderr = "".join(lines) + err.decode()
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr
 
@@ -494,12 +511,11 @@ async def test_a_renewed_certificate_is_served_without_a_restart(tmp_path: Path)
         assert await _served_serial(port, client_ctx) == first.serial_number
 
         renewed = pki.issue()
-        for _ in range(250):
-            if await _served_serial(port, client_ctx) == renewed.serial_number:
-                break
-            await asyncio.sleep(0.02)
-        else:
-            pytest.fail("the renewed certificate was never served")
+
+        async def renewed_served() -> bool:
+            return await _served_serial(port, client_ctx) == renewed.serial_number
+
+        await eventually(renewed_served, "the renewed certificate served")
     finally:
-        watcher.cancel()
+        await stop_task(watcher)
         await runner.cleanup()

@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 
 from sidecar.steps.ratelimit_redis import BackendDown, RedisBackend
 from tests.conftest import RunningSidecar
-from tests.redis_server import RedisServer, free_port, redis_server_fixture  # noqa: F401
+from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401
 from tests.steps.test_ratelimit_sidecar import Counting
 
 
@@ -110,8 +110,8 @@ async def test_redis_down_fail_open_lets_calls_through_fail_closed_refuses(
     assert counting.hits == 7
 
 
-async def test_backend_outage_is_logged_once_without_the_url(caplog):
-    backend = RedisBackend(f"redis://:canary-s3cret@127.0.0.1:{free_port()}/0")
+async def test_backend_outage_is_logged_once_without_the_url(caplog, closed_port):
+    backend = RedisBackend(f"redis://:canary-s3cret@127.0.0.1:{closed_port}/0")
     try:
         with caplog.at_level(logging.WARNING, logger="sidecar.ratelimit"):
             for _ in range(3):

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from email.utils import formatdate
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
@@ -368,3 +369,30 @@ async def test_an_open_breaker_is_not_retried(upstream, start_sidecar, client):
     assert info["circuit_breaker"]["state"] == "open"
     assert info["retry"]["attempts"] == 3
     assert info["retry"]["retries"] == 2
+
+
+async def test_never_replayed_once_response_bytes_reached_the_agent(
+    upstream, start_sidecar, client
+):
+    calls = 0
+
+    async def breaks_off(request: web.Request) -> web.StreamResponse:
+        nonlocal calls
+        calls += 1
+        resp = web.StreamResponse()
+        resp.content_length = 1000
+        await resp.prepare(request)
+        await resp.write(b"x" * 100)
+        assert request.transport is not None
+        request.transport.close()  # the connection drops with 900 bytes still owed
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/x", breaks_off)
+    sc, _ = await _sidecar(start_sidecar, await upstream(app))
+    async with asyncio.timeout(10):
+        async with client.get(f"{sc.url}/flaky/x") as r:
+            assert r.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await r.read()  # truncated: the agent can tell the answer is incomplete
+    assert calls == 1  # `reset` is in `on`, yet nothing was sent again

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import aiohttp
@@ -10,6 +11,7 @@ from redis.asyncio import Redis
 
 from sidecar.steps.ratelimit_redis import BackendDown, RedisBackend
 from tests.conftest import RunningSidecar
+from tests.helpers import eventually
 from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401
 from tests.steps.test_ratelimit_sidecar import Counting
 
@@ -123,3 +125,36 @@ async def test_backend_outage_is_logged_once_without_the_url(caplog, closed_port
     assert len(warnings) == 1
     assert "127.0.0.1" in caplog.text
     assert "canary-s3cret" not in caplog.text
+
+
+async def test_concurrent_calls_on_two_sidecars_share_one_burst_exactly(
+    upstream, start_sidecar, client, redis_server
+):
+    counting = Counting()
+    base = await upstream(counting.app())
+    first = await start_sidecar(policy(base, redis_server.url))
+    second = await start_sidecar(policy(base, redis_server.url))
+    # All at once: the take from the bucket must be atomic in Redis, not read-then-write.
+    statuses = await asyncio.gather(*(status(client, sc, "/api/x") for sc in (first, second) * 20))
+    assert statuses.count(200) == 4  # the burst
+    assert statuses.count(429) == 36
+    assert counting.hits == 4
+
+
+async def test_limits_apply_again_once_redis_is_back(
+    upstream, start_sidecar, client, redis_server: RedisServer
+):
+    counting = Counting()
+    base = await upstream(counting.app())
+    sc = await start_sidecar(policy(base, redis_server.url))
+    assert await status(client, sc, "/closed/x") == 200
+    redis_server.stop()
+    assert await status(client, sc, "/closed/x") == 429  # fail_open: false, Redis away
+    redis_server.start()  # same port, empty: every bucket starts full
+
+    async def closed_lets_calls_through() -> bool:
+        return await status(client, sc, "/closed/x") == 200
+
+    await eventually(closed_lets_calls_through, "fail-closed service served after Redis restart")
+    # Enforced through Redis again, not failing open: the burst of 4, then refusals.
+    assert [await status(client, sc, "/api/x") for _ in range(6)] == [200] * 4 + [429] * 2

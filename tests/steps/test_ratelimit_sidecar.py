@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from tests.conftest import RunningSidecar
+from tests.conftest import RunningSidecar, echo_app
 
 
 class Counting:
@@ -155,3 +155,31 @@ async def test_reload_keeps_an_unchanged_bucket_and_resets_a_changed_one(
     assert result.ok and result.changed, result.errors
     assert [(await get(client, sc))[0] for _ in range(2)] == [200, 429]
     assert counting.hits == 2
+
+
+async def test_a_custom_agents_header_keys_per_agent_limits_and_stays_local(
+    upstream, start_sidecar, client
+):
+    base = await upstream(echo_app())
+    sc = await start_sidecar(
+        f"""
+        version: 1
+        agents: {{header: X-Who}}
+        services:
+          api:
+            upstream: {base}
+            rate_limit: {{rate: 1/h, burst: 1, per: agent}}
+        """
+    )
+
+    async def call(who: str) -> tuple[int, Any]:
+        # X-Agent-Id is an ordinary header here: the same value for everyone.
+        headers = {"X-Who": who, "X-Agent-Id": "same-for-all"}
+        async with client.get(f"{sc.url}/api/x", headers=headers) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+    (alice, seen), (again, _), (bob, _) = [await call(w) for w in ("alice", "alice", "bob")]
+    assert (alice, again, bob) == (200, 429, 200)
+    lower = {k.lower(): v for k, v in seen["headers"].items()}
+    assert "x-who" not in lower  # the identity header is the sidecar's, not the upstream's
+    assert lower["x-agent-id"] == "same-for-all"

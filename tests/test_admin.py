@@ -1,0 +1,64 @@
+"""The admin listener: readiness before and after a policy, and /config as operators read it."""
+
+from __future__ import annotations
+
+from sidecar.admin import admin_app
+from sidecar.runtime import Sidecar
+from tests.conftest import echo_app
+
+
+async def test_readyz_is_503_until_a_policy_is_loaded(upstream, client, tmp_path):
+    base = await upstream(echo_app())
+    (tmp_path / "p.yaml").write_text(f"version: 1\nservices:\n  api: {{upstream: '{base}'}}\n")
+    sidecar = Sidecar(str(tmp_path), env={})
+    try:
+        admin = await upstream(admin_app(sidecar))  # served before any reload
+        async with client.get(f"{admin}/readyz") as r:
+            assert r.status == 503
+        async with client.get(f"{admin}/healthz") as r:
+            assert r.status == 200  # alive, just not ready
+        assert (await sidecar.reload("startup")).ok
+        async with client.get(f"{admin}/readyz") as r:
+            assert r.status == 200
+            assert (await r.json())["version"]
+    finally:
+        await sidecar.close()
+
+
+async def test_config_shows_secret_references_and_the_served_version(
+    upstream, start_sidecar, client, tmp_path
+):
+    base = await upstream(echo_app())
+    token_file = tmp_path / "token"
+    token_file.write_text("file-secret-value")
+    sc = await start_sidecar(
+        f"""
+        version: 1
+        services:
+          api:
+            upstream: {base}
+            auth: {{type: header, name: X-Api-Key, value: "${{env:API_KEY}}"}}
+          other:
+            upstream: {base}
+            auth: {{type: bearer, token: "${{file:{token_file}}}"}}
+        """,
+        env={"API_KEY": "env-secret-value"},
+    )
+    async with client.get(f"{sc.admin}/config") as r:
+        assert r.status == 200
+        text = await r.text()
+        config = await r.json()
+    async with client.get(f"{sc.admin}/readyz") as r:
+        ready = await r.json()
+    assert config["services"]["api"]["auth"]["value"] == "${env:API_KEY}"
+    assert config["services"]["other"]["auth"]["token"] == f"${{file:{token_file}}}"
+    assert "env-secret-value" not in text and "file-secret-value" not in text
+    assert config["version"] == ready["version"]
+
+    # After a reload both show the new version, together.
+    sc.write("policy.yaml", f"version: 1\nservices:\n  api: {{upstream: '{base}'}}\n")
+    assert (await sc.sidecar.reload("test")).changed
+    async with client.get(f"{sc.admin}/config") as r:
+        version = (await r.json())["version"]
+    async with client.get(f"{sc.admin}/readyz") as r:
+        assert (await r.json())["version"] == version != ready["version"]

@@ -341,7 +341,8 @@ async def _serve(
     watcher = None
     try:
         await web.TCPSite(runner, host, port, ssl_context=tls).start()
-        log.info("sidecar inject serving on %s://%s:%d", "https" if tls else "http", host, port)
+        bound = runner.addresses[0][1]  # the real port, also when asked for port 0
+        log.info("sidecar inject serving on %s://%s:%d", "https" if tls else "http", host, bound)
         if tls:
             watcher = asyncio.create_task(_reload_cert_when_changed(tls, *cert_files))
         await stop.wait()

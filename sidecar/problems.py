@@ -17,6 +17,7 @@ PROBLEM_TYPE = "https://agent-sidecar.dev/errors/"
 REASONS: dict[str, tuple[int, str]] = {
     "no_route": (404, "No route"),
     "bad_request": (400, "Bad request"),
+    "method_not_allowed": (405, "Method not allowed"),
     "rate_limited": (429, "Rate limited by the sidecar"),
     "circuit_open": (503, "Circuit open"),
     "upstream_timeout": (504, "Upstream timeout"),

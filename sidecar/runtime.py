@@ -101,6 +101,17 @@ class Sidecar:
                 log.error("policy rejected, the last good policy keeps serving: %s", line)
             version = self.policy.version if self.policy else None
             return ReloadResult(ok=False, trigger=trigger, at=now, version=version, errors=errors)
+        except Exception as exc:
+            # A loader bug must not end hot reload (the watcher would die with it).
+            log.exception("policy could not be loaded; the last good policy keeps serving")
+            version = self.policy.version if self.policy else None
+            return ReloadResult(
+                ok=False,
+                trigger=trigger,
+                at=now,
+                version=version,
+                errors=(f"{self.policies}: cannot load: {type(exc).__name__}",),
+            )
         if self.policy is not None and policy.version == self.policy.version:
             return ReloadResult(ok=True, trigger=trigger, at=now, version=policy.version)
         build = self.state.begin()

@@ -145,10 +145,7 @@ def load_policy(
 
     if problems:
         raise PolicyError(sorted(problems, key=lambda p: (p.position.file, p.position.line)))
-    for secret_file in sorted(resolver.files):
-        # Rotated secrets must count as a change even when the policy text did not change.
-        with open(secret_file, "rb") as f:
-            digest.update(secret_file.encode() + b"\0" + hashlib.sha256(f.read()).digest())
+    digest.update(resolver.digest.digest())
     return Policy(
         agents=agents or Agents(),
         services=services,

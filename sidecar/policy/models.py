@@ -385,6 +385,9 @@ class Service(Model):
             raise ValueError("upstream has no host")
         if parts.query or parts.fragment:
             raise ValueError("upstream must not have a query or fragment")
+        if parts.username is not None or parts.password is not None:
+            # It would be shown in /config and sent as a credential the policy never names.
+            raise ValueError("upstream must not hold user:password; use auth: {type: basic}")
         try:
             parts.port  # noqa: B018  (raises on a bad port)
         except ValueError:

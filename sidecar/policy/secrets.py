@@ -7,6 +7,7 @@ dumping /config cannot leak it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -43,6 +44,9 @@ class SecretResolver:
     def __init__(self, env: Mapping[str, str] | None = None, *, check_only: bool = False) -> None:
         self.env = os.environ if env is None else env
         self.files: set[str] = set()
+        # Of every secret file's content as read: a rotated secret changes the
+        # policy version even when no policy file changed.
+        self.digest = hashlib.sha256()
         # `sidecar validate` in CI checks the references, not the values: the
         # CI job rarely has the production secrets, and should not need them.
         self.check_only = check_only
@@ -69,10 +73,13 @@ class SecretResolver:
             self.files.add(name)
             try:
                 with open(name, encoding="utf-8") as f:
-                    # Secret files written by editors or kubectl often end in a newline.
-                    return f.read().rstrip("\r\n")
-            except OSError as exc:
-                raise ValueError(f"cannot read secret file {name}: {exc.strerror}") from None
+                    content = f.read()
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                raise ValueError(f"cannot read secret file {name}: {reason}") from None
+            self.digest.update(name.encode() + b"\0" + content.encode() + b"\0")
+            # Secret files written by editors or kubectl often end in a newline.
+            return content.rstrip("\r\n")
 
         return Secret(_REF.sub(sub, text), text)
 

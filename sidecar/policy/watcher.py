@@ -51,7 +51,11 @@ async def watch(
                 ready.set()
             if not changes:
                 continue
-            await on_change()
+            try:
+                await on_change()
+            except Exception:
+                # Whatever went wrong with this change, keep watching for the next one.
+                log.exception("reload after a change failed")
             if secret_files() != secrets:
                 break  # the set of secret files changed: watch their new directories
         else:

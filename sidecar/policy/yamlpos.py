@@ -87,6 +87,12 @@ def load_document(text: str, file: str) -> Document:
         if root is not None:
             doc.values[()] = _pos(file, root)
             doc.data = _build(loader, root, (), doc)
+    except RecursionError:
+        # An alias that contains itself (`x: &a [*a]`) or absurd nesting.
+        where = _pos(file, root) if root is not None else Position(file, 1, 1)
+        raise YamlError(
+            Problem(where, "invalid YAML: recursive alias or nesting too deep")
+        ) from None
     finally:
         loader.dispose()
     return doc

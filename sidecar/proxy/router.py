@@ -39,6 +39,7 @@ class Route:
         "agent_header",
         "drop",
         "handler",
+        "idle",
         "max_body",
         "name",
         "prefix",
@@ -63,9 +64,12 @@ class Route:
         self.handler = handler
         self.agent_header = agent_header
         self.max_body = spec.max_body
+        self.idle = spec.timeout.idle
         self.set_headers = tuple(spec.headers.set.items())
         drop = set(HOP_BY_HOP)
         drop.add("host")
+        # The sidecar answers the agent's Expect itself (proxy/server.py).
+        drop.add("expect")
         drop.add(agent_header.lower())
         drop.update(h.lower() for h in spec.headers.remove)
         drop.update(h.lower() for h in spec.headers.set)
@@ -138,12 +142,11 @@ def compile_policy(policy: Policy, state: StateBuild) -> Router:
         upstream = state.get(
             service.name,
             "upstream",
-            (spec.upstream, spec.timeout.connect, spec.timeout.idle),
+            (spec.upstream, spec.timeout.connect),
             lambda s=service: Upstream(  # type: ignore[misc]
                 service=s.name,
                 upstream=s.spec.upstream,
                 connect_timeout=s.spec.timeout.connect,
-                idle=s.spec.timeout.idle,
             ),
         )
         handler: Handler = upstream

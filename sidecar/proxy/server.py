@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
@@ -27,8 +26,38 @@ log = logging.getLogger("sidecar.proxy")
 
 # Statuses whose responses never carry a body (RFC 9110 6.4.1).
 _NO_BODY = frozenset({204, 304})
-_DOT_SEGMENT = re.compile(r"(^|/)(\.|%2e){1,2}(/|$)", re.IGNORECASE)
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
+# Methods the sidecar will not carry: TRACE would echo the injected credential
+# back to the agent; CONNECT would make it a tunnel to anywhere.
+_REFUSED_METHODS = frozenset({"TRACE", "CONNECT"})
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class _Relayed(web.StreamResponse):
+    """An upstream's answer: aiohttp must not invent a Content-Type the upstream did
+    not send (it would change how the agent reads the body)."""
+
+    async def _prepare_headers(self) -> None:
+        typed = "Content-Type" in self.headers
+        await super()._prepare_headers()
+        if not typed:
+            self.headers.popall("Content-Type", None)
+
+
+def unsafe_path(raw: str) -> bool:
+    """True when the target could leave the upstream's base path once an upstream
+    normalizes it: a '.' or '..' segment, however spelled (%2e, %2f, backslash,
+    ';' parameters), or a fragment, which an origin-form target never has."""
+    if "#" in raw:
+        return True
+    path = raw.partition("?")[0]
+    if "." not in path and "%" not in path and "\\" not in path:
+        return False  # the common case: nothing that could spell a dot segment
+    path = path.lower().replace("%2e", ".").replace("%2f", "/").replace("%5c", "/")
+    for segment in path.replace("\\", "/").split("/"):
+        if segment.split(";", 1)[0] in (".", ".."):
+            return True
+    return False
 
 
 class EgressHandler:
@@ -51,13 +80,21 @@ class EgressHandler:
     ) -> web.StreamResponse:
         router = self._current()
         raw = request.raw_path
-        path = raw.partition("?")[0]
-        if ("/." in path or "%2" in path.lower()) and _DOT_SEGMENT.search(
-            path.replace("%2F", "/").replace("%2f", "/")
-        ):
+        if unsafe_path(raw):
             return problem_response(
                 ProblemError(
-                    "bad_request", "The path has '.' or '..' segments; send a normalized path."
+                    "bad_request",
+                    "The path has '.' or '..' segments or a '#' fragment; send a normalized "
+                    "path without a fragment.",
+                )
+            )
+        if request.method in _REFUSED_METHODS:
+            return problem_response(
+                ProblemError(
+                    "method_not_allowed",
+                    f"The sidecar does not forward {request.method} requests; use GET, POST, "
+                    "PUT, PATCH, DELETE, HEAD or OPTIONS.",
+                    headers={"Allow": "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"},
                 )
             )
         route = router.match(raw) if router is not None else None
@@ -65,34 +102,47 @@ class EgressHandler:
             return problem_response(
                 ProblemError(
                     "no_route",
-                    f"No service is configured for the path {path!r}; call "
+                    f"No service is configured for the path {raw.partition('?')[0]!r}; call "
                     "http://<sidecar>/<service>/... with a service the policy defines.",
                 )
             )
         if exchange is not None:
             exchange.route = route
+        upstream = route.upstream
+        # Counted from here to the last byte relayed, so a reload never closes a pool
+        # that a call of the old policy (queued, backing off, streaming) still needs.
+        upstream.inflight += 1
         try:
-            body = self._body(route, request)
-            call = route.prepare(request, body)
-            if is_upgrade(request):
-                call.upgrade = True
-            if exchange is not None:
-                exchange.bind(call)
-            reply = await route.handler(call)
-        except ProblemError as err:
-            return problem_response(err, route.name)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("unexpected error in service %s", route.name)
-            return problem_response(
-                ProblemError(
-                    "internal_error",
-                    "The sidecar failed while handling this call; the error is in its log.",
-                ),
-                route.name,
-            )
-        return await self._relay(request, reply, route)
+            try:
+                body = self._body(route, request)
+                if body is not None and request.headers.get("Expect", "").lower() == (
+                    "100-continue"
+                ):
+                    # The agent waits for this before sending its body; the upstream's
+                    # own 100 (if any) is for a request the sidecar makes, not the agent.
+                    await request.writer.write(_CONTINUE)
+                call = route.prepare(request, body)
+                if is_upgrade(request):
+                    call.upgrade = True
+                if exchange is not None:
+                    exchange.bind(call)
+                reply = await route.handler(call)
+            except ProblemError as err:
+                return problem_response(err, route.name)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("unexpected error in service %s", route.name)
+                return problem_response(
+                    ProblemError(
+                        "internal_error",
+                        "The sidecar failed while handling this call; the error is in its log.",
+                    ),
+                    route.name,
+                )
+            return await self._relay(request, reply, route)
+        finally:
+            upstream.inflight -= 1
 
     def _body(self, route: Route, request: web.BaseRequest) -> Body:
         if not request.body_exists:
@@ -118,7 +168,7 @@ class EgressHandler:
         if isinstance(reply, Upgraded):
             return await relay_websocket(request, reply)
         try:
-            response = web.StreamResponse(status=reply.status, reason=reply.reason)
+            response = _Relayed(status=reply.status, reason=reply.reason)
             headers = response.headers
             drop = _RESPONSE_DROP
             connection = reply.headers.get("Connection")
@@ -142,8 +192,14 @@ class EgressHandler:
                 return response
             await response.prepare(request)
             content = reply.content
+            idle = route.idle
             while True:
-                chunk = await content.readany()
+                if idle is None:
+                    chunk = await content.readany()
+                else:
+                    # Only the silence between chunks is bounded, never the whole stream.
+                    async with asyncio.timeout(idle):
+                        chunk = await content.readany()
                 if not chunk:
                     break
                 await response.write(chunk)

@@ -22,16 +22,18 @@ log = logging.getLogger("sidecar.upstream")
 
 
 class Upstream:
-    def __init__(self, *, service: str, upstream: str, connect_timeout: float, idle: float | None):
+    def __init__(self, *, service: str, upstream: str, connect_timeout: float):
         parts = urlsplit(upstream)
         self.service = service
         self.origin = f"{parts.scheme}://{parts.netloc}"
         self.base_path = parts.path.rstrip("/")
         self.connect_timeout = connect_timeout
         self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=None, sock_connect=connect_timeout, sock_read=idle
+            total=None, connect=None, sock_connect=connect_timeout
         )
         self._session: aiohttp.ClientSession | None = None
+        # Calls using this pool, counted by the egress handler from the start of the
+        # chain to the last byte relayed; a retired pool closes only at zero.
         self.inflight = 0
         self._retired = False
 
@@ -58,7 +60,6 @@ class Upstream:
     async def __call__(self, call: Call) -> Reply:
         session = self._session or self._open()
         url = URL(self.origin + self.base_path + call.target, encoded=True)
-        self.inflight += 1
         try:
             if call.upgrade:
                 return await websocket.connect(session, url, call.headers)
@@ -76,8 +77,6 @@ class Upstream:
             raise self._problem(exc) from None
         except TimeoutError:
             raise self._problem(aiohttp.ServerTimeoutError()) from None
-        finally:
-            self.inflight -= 1
 
     def _problem(self, exc: aiohttp.ClientError) -> ProblemError:
         """The sidecar's answer for a failed exchange, with the cause retry/breaker act on."""

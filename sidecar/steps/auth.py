@@ -8,7 +8,7 @@ Kinds that need state (OAuth2 tokens, minted JWTs) live in their own modules.
 from __future__ import annotations
 
 import base64
-from urllib.parse import parse_qsl, quote, urlencode
+from urllib.parse import quote, unquote_plus
 
 from ..call import Call, Handler, Reply
 from ..policy.loader import ServicePolicy
@@ -39,12 +39,17 @@ class SetQuery:
     async def __call__(self, call: Call, next: Handler) -> Reply:
         path, sep, query = call.target.partition("?")
         if sep and query:
-            kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != self.name]
-            rest = urlencode(kept, quote_via=quote)
-            call.target = f"{path}?{rest}&{self._pair}" if rest else f"{path}?{self._pair}"
+            # The agent's other parameters stay byte for byte (`flag` is not `flag=`).
+            kept = [p for p in query.split("&") if p and self._name(p) != self.name]
+            kept.append(self._pair)
+            call.target = f"{path}?{'&'.join(kept)}"
         else:
             call.target = f"{path}?{self._pair}"
         return await next(call)
+
+    @staticmethod
+    def _name(pair: str) -> str:
+        return unquote_plus(pair.partition("=")[0])
 
 
 def header_name(service: ServicePolicy) -> str | None:

@@ -115,6 +115,17 @@ def test_value_errors_point_at_values(tmp_path: Path) -> None:
     ]
 
 
+def test_upstream_userinfo_and_recursive_alias_refused(tmp_path: Path) -> None:
+    write(tmp_path, "p.yaml", "version: 1\nservices:\n  a: {upstream: 'http://u:pw@x'}\n")
+    assert errors(tmp_path) == [
+        f"{tmp_path}/p.yaml:3:17: upstream must not hold user:password; use auth: {{type: basic}}"
+    ]
+    write(tmp_path, "p.yaml", "version: 1\nx: &a [*a]\n")
+    assert errors(tmp_path) == [
+        f"{tmp_path}/p.yaml:1:1: invalid YAML: recursive alias or nesting too deep"
+    ]
+
+
 def test_yaml_syntax_error_has_position(tmp_path: Path) -> None:
     write(tmp_path, "p.yaml", "version: 1\nservices:\n  a: [unclosed\n")
     [err] = errors(tmp_path)

@@ -83,7 +83,7 @@ class Route:
         drop = self.drop
         incoming = request.headers
         connection = incoming.get("Connection")
-        if connection:
+        if connection and connection.lower() not in ("keep-alive", "close"):
             # Headers named in Connection are hop-by-hop for this one request.
             drop = drop | {t.strip().lower() for t in connection.split(",")}
         headers: CIMultiDict[str] = CIMultiDict()

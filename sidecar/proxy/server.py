@@ -27,6 +27,8 @@ log = logging.getLogger("sidecar.proxy")
 # Statuses whose responses never carry a body (RFC 9110 6.4.1).
 _NO_BODY = frozenset({204, 304})
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
+# Connection values that name no other header: nothing more to drop, no set to build.
+_PLAIN_CONNECTION = frozenset({"keep-alive", "close"})
 # Methods the sidecar will not carry: TRACE would echo the injected credential
 # back to the agent; CONNECT would make it a tunnel to anywhere.
 _REFUSED_METHODS = frozenset({"TRACE", "CONNECT"})
@@ -172,7 +174,7 @@ class EgressHandler:
             headers = response.headers
             drop = _RESPONSE_DROP
             connection = reply.headers.get("Connection")
-            if connection:
+            if connection and connection.lower() not in _PLAIN_CONNECTION:
                 drop = drop | {t.strip().lower() for t in connection.split(",")}
             for name, value in reply.headers.items():
                 if name.lower() not in drop:
@@ -207,7 +209,7 @@ class EgressHandler:
             return response
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             # Headers already went out: the only honest signal left is a cut connection.
-            log.warning("upstream of %s broke off its answer: %s", route.name, type(exc).__name__)
+            log.warning("answer of %s cut short: %s", route.name, type(exc).__name__)
             if request.transport is not None:
                 request.transport.close()
             return response

@@ -64,11 +64,8 @@ async def services(request: web.Request) -> web.Response:
     policy = sidecar.policy
     out: dict[str, Any] = {}
     for name, s in policy.services.items() if policy else ():
-        # A URL may carry user:password; everything before '@' is left out.
-        scheme, _, rest = s.spec.upstream.partition("://")
-        host, _, path = rest.partition("/")
-        upstream = f"{scheme}://{host.rpartition('@')[2]}" + (f"/{path}" if path else "")
-        entry: dict[str, Any] = {"prefix": s.prefix, "upstream": upstream}
+        # The upstream URL holds no user:password: the policy model refuses one.
+        entry: dict[str, Any] = {"prefix": s.prefix, "upstream": s.spec.upstream}
         for step, key in (("breaker", "circuit_breaker"), ("retry", "retry")):
             found = sidecar.state.find(name, step)
             entry[key] = found[0].snapshot() if found else None

@@ -44,9 +44,9 @@ class Call:
         "agent",
         "attempt",
         "body",
+        "exchange",
         "headers",
         "method",
-        "notes",
         "request",
         "service",
         "target",
@@ -74,8 +74,8 @@ class Call:
         self.attempt = 1
         # A WebSocket handshake: the last step connects a WebSocket instead of a request.
         self.upgrade = False
-        # Per-call scratch space for steps (spans, limiter verdicts); made on first use.
-        self.notes: dict[str, Any] | None = None
+        # Telemetry's record of this agent request (telemetry.Exchange), when observed.
+        self.exchange: Any = None
 
 
 class Step(Protocol):
@@ -84,7 +84,12 @@ class Step(Protocol):
     async def __call__(self, call: Call, next: Handler) -> Reply: ...
 
 
-async def make_replayable(call: Call, limit: int) -> bool:
+# Largest request body held in memory so a call can be sent again (a retry, a
+# refreshed credential); a larger one is tried once.
+REPLAY_LIMIT = 1 << 20
+
+
+async def make_replayable(call: Call, limit: int = REPLAY_LIMIT) -> bool:
     """Read the body into memory (if at most `limit` bytes) so the call can be sent again.
 
     Retries and credential refreshes re-send a call; a streamed body can be

@@ -20,6 +20,20 @@ HOP_BY_HOP = frozenset(
 )
 
 
+# Connection values that name no other header: nothing more to drop.
+_PLAIN_CONNECTION = frozenset({"keep-alive", "close"})
+
+
+def drop_with_connection(drop: frozenset[str], connection: str | None) -> frozenset[str]:
+    """`drop` plus the headers a Connection header names (hop-by-hop for this message).
+
+    The plain `keep-alive`/`close` that almost every message carries builds nothing.
+    """
+    if not connection or connection.lower() in _PLAIN_CONNECTION:
+        return drop
+    return drop | {t.strip().lower() for t in connection.split(",")}
+
+
 def retry_after_seconds(value: str, wall_now: float) -> float | None:
     """Retry-After as delta-seconds or an HTTP date (RFC 9110 10.2.3), never negative;
     None when unreadable."""

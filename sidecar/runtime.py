@@ -92,6 +92,12 @@ class Sidecar:
 
     async def _reload(self, trigger: str) -> ReloadResult:
         now = time.time()
+
+        def failed(*errors: str) -> ReloadResult:
+            # Nothing changes: the version reported is the one still serving.
+            version = self.policy.version if self.policy else None
+            return ReloadResult(ok=False, trigger=trigger, at=now, version=version, errors=errors)
+
         try:
             # File reads happen in a worker thread: the loop keeps serving meanwhile.
             policy = await asyncio.to_thread(load_policy, self.policies, env=self.env)
@@ -99,19 +105,11 @@ class Sidecar:
             errors = tuple(str(p) for p in exc.problems)
             for line in errors:
                 log.error("policy rejected, the last good policy keeps serving: %s", line)
-            version = self.policy.version if self.policy else None
-            return ReloadResult(ok=False, trigger=trigger, at=now, version=version, errors=errors)
+            return failed(*errors)
         except Exception as exc:
             # A loader bug must not end hot reload (the watcher would die with it).
             log.exception("policy could not be loaded; the last good policy keeps serving")
-            version = self.policy.version if self.policy else None
-            return ReloadResult(
-                ok=False,
-                trigger=trigger,
-                at=now,
-                version=version,
-                errors=(f"{self.policies}: cannot load: {type(exc).__name__}",),
-            )
+            return failed(f"{self.policies}: cannot load: {type(exc).__name__}")
         if self.policy is not None and policy.version == self.policy.version:
             return ReloadResult(ok=True, trigger=trigger, at=now, version=policy.version)
         build = self.state.begin()
@@ -120,10 +118,8 @@ class Sidecar:
         except Exception as exc:
             build.abort()
             log.exception("policy could not be compiled; the last good policy keeps serving")
-            version = self.policy.version if self.policy else None
-            return ReloadResult(
-                ok=False, trigger=trigger, at=now, version=version, errors=(f"compile: {exc}",)
-            )
+            # The type only: an exception's text may quote a policy value.
+            return failed(f"{self.policies}: cannot compile: {type(exc).__name__}")
         build.commit()
         self.policy, self.router = policy, router
         log.info(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel
@@ -59,9 +59,6 @@ class StateStore:
 
     def begin(self) -> StateBuild:
         return StateBuild(self)
-
-    def items(self) -> Iterator[tuple[Key, Any]]:
-        return iter(list(self._items.items()))
 
     def find(self, service: str, step: str) -> list[Any]:
         return [v for (s, st, _), v in self._items.items() if s == service and st == step]

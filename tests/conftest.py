@@ -152,3 +152,27 @@ def echo_app() -> web.Application:
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", echo)
     return app
+
+
+class Counting:
+    """An upstream that counts hits and answers with `status` and `headers`."""
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.status = 200
+        self.headers: dict[str, str] = {}
+        self.body = b'{"ok": true}'
+
+    def app(self) -> web.Application:
+        async def handle(request: web.Request) -> web.Response:
+            self.hits += 1
+            return web.Response(
+                status=self.status,
+                body=self.body,
+                headers=self.headers,
+                content_type="application/json",
+            )
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        return app

@@ -13,8 +13,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from .. import telemetry
-from ..call import Call, Handler, Step
-from ..headers import HOP_BY_HOP
+from ..call import Body, Call, Handler, Step
+from ..headers import HOP_BY_HOP, drop_with_connection
 from ..policy.loader import Policy, ServicePolicy
 from ..state import StateBuild
 from ..steps import auth, breaker, ratelimit, retry, timeout
@@ -78,14 +78,10 @@ class Route:
             drop.add(credential.lower())
         self.drop = frozenset(drop)
 
-    def prepare(self, request: web.BaseRequest, body: object) -> Call:
+    def prepare(self, request: web.BaseRequest, body: Body) -> Call:
         """The agent's request as the upstream will get it, before any step runs."""
-        drop = self.drop
         incoming = request.headers
-        connection = incoming.get("Connection")
-        if connection and connection.lower() not in ("keep-alive", "close"):
-            # Headers named in Connection are hop-by-hop for this one request.
-            drop = drop | {t.strip().lower() for t in connection.split(",")}
+        drop = drop_with_connection(self.drop, incoming.get("Connection"))
         headers: CIMultiDict[str] = CIMultiDict()
         for name, value in incoming.items():
             if name.lower() not in drop:
@@ -101,7 +97,7 @@ class Route:
             method=request.method,
             target=target,
             headers=headers,
-            body=body,  # type: ignore[arg-type]
+            body=body,
             agent=incoming.get(self.agent_header),
             request=request,
         )

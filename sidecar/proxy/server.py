@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import ClientResponse, web
 
 from ..call import Body, Reply
-from ..headers import HOP_BY_HOP
+from ..headers import HOP_BY_HOP, drop_with_connection
 from ..problems import ProblemError, problem_response
 from ..telemetry import Exchange, Telemetry
 from .router import Route, Router
@@ -27,8 +27,6 @@ log = logging.getLogger("sidecar.proxy")
 # Statuses whose responses never carry a body (RFC 9110 6.4.1).
 _NO_BODY = frozenset({204, 304})
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
-# Connection values that name no other header: nothing more to drop, no set to build.
-_PLAIN_CONNECTION = frozenset({"keep-alive", "close"})
 # Methods the sidecar will not carry: TRACE would echo the injected credential
 # back to the agent; CONNECT would make it a tunnel to anywhere.
 _REFUSED_METHODS = frozenset({"TRACE", "CONNECT"})
@@ -172,10 +170,7 @@ class EgressHandler:
         try:
             response = _Relayed(status=reply.status, reason=reply.reason)
             headers = response.headers
-            drop = _RESPONSE_DROP
-            connection = reply.headers.get("Connection")
-            if connection and connection.lower() not in _PLAIN_CONNECTION:
-                drop = drop | {t.strip().lower() for t in connection.split(",")}
+            drop = drop_with_connection(_RESPONSE_DROP, reply.headers.get("Connection"))
             for name, value in reply.headers.items():
                 if name.lower() not in drop:
                     headers.add(name, value)

@@ -31,11 +31,12 @@ class Upstream:
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=None, sock_connect=connect_timeout
         )
+        # Every call's URL starts with this; only call.target is appended per call.
+        self._url_prefix = self.origin + self.base_path
         self._session: aiohttp.ClientSession | None = None
         # Calls using this pool, counted by the egress handler from the start of the
         # chain to the last byte relayed; a retired pool closes only at zero.
         self.inflight = 0
-        self._retired = False
 
     def _open(self) -> aiohttp.ClientSession:
         # Made lazily: the session must be created inside the running loop.
@@ -46,7 +47,6 @@ class Upstream:
             enable_cleanup_closed=False,
         )
         self._session = aiohttp.ClientSession(
-            base_url=None,
             connector=connector,
             cookie_jar=aiohttp.DummyCookieJar(),  # no cookie may pass from one agent to another
             auto_decompress=False,  # bytes pass through untouched, Content-Encoding kept
@@ -59,7 +59,7 @@ class Upstream:
 
     async def __call__(self, call: Call) -> Reply:
         session = self._session or self._open()
-        url = URL(self.origin + self.base_path + call.target, encoded=True)
+        url = URL(self._url_prefix + call.target, encoded=True)
         try:
             if call.upgrade:
                 return await websocket.connect(session, url, call.headers)
@@ -117,26 +117,16 @@ class Upstream:
 
     def retire(self) -> None:
         """Close the pool once no call is using it; a reload swapped it out."""
-        self._retired = True
         if self._session is not None:
-            asyncio.get_running_loop().create_task(self._close_when_idle())
+            asyncio.get_running_loop().create_task(self._close_when_idle(self._session))
 
-    async def _close_when_idle(self) -> None:
-        # A streamed answer holds its connection after __call__ returned: wait
-        # for the pool to hand every connection back before closing it.
-        session = self._session
-        if session is None:
-            return
-        connector = session.connector
-        # The connector has no "idle" event to wait on, so poll, slowly.
-        while self.inflight or (connector is not None and _busy(connector)):  # noqa: ASYNC110
+    async def _close_when_idle(self, session: aiohttp.ClientSession) -> None:
+        # `inflight` spans a call from its first step to its last relayed byte, so
+        # at zero every connection is back in the pool. Retiring is rare and the
+        # count has no event to wait on: poll, slowly.
+        while self.inflight:  # noqa: ASYNC110
             await asyncio.sleep(0.5)
         await session.close()
-
-
-def _busy(connector: aiohttp.BaseConnector) -> bool:
-    acquired = getattr(connector, "_acquired", None)
-    return bool(acquired)
 
 
 def _describe(exc: aiohttp.ClientConnectorError) -> str:

@@ -36,8 +36,6 @@ log = logging.getLogger("sidecar.auth")
 # A token response without expires_in: assume an hour (a 401 still replaces it sooner).
 DEFAULT_LIFETIME = 3600.0
 TOKEN_REQUEST_TIMEOUT = 10.0
-# Bodies up to this size are kept in memory so a call can be re-sent after a 401.
-REPLAY_LIMIT = 1 << 20
 # The clock token lifetimes are measured with; tests replace it before building.
 CLOCK: Callable[[], float] = time.monotonic
 _ERROR_CODE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -214,7 +212,7 @@ class OAuth2Auth:
         source = self.source
         header = await source.header()
         call.headers["Authorization"] = header
-        replayable = await make_replayable(call, REPLAY_LIMIT)
+        replayable = await make_replayable(call)
         reply = await next(call)
         if reply.status != 401:
             return reply

@@ -6,7 +6,7 @@
   Never the sidecar's own refusals: an open breaker (`circuit_open`) ends the
   retries at once.
 - Only idempotent methods, unless the agent sent an `Idempotency-Key`; only
-  bodies that can be sent again (buffered up to REPLAY_LIMIT), else one try.
+  bodies that can be sent again (buffered up to call.REPLAY_LIMIT), else one try.
 - Backoff is exponential with full jitter, capped at `backoff.max`. An
   upstream `Retry-After` on a retried status wins; one longer than
   `backoff.max` is not waited for: the upstream's answer goes to the agent.
@@ -37,9 +37,6 @@ from ..state import StateBuild
 from .outcomes import Outcomes
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
-
-# Largest request body held in memory so it can be sent again; larger ones get one try.
-REPLAY_LIMIT = 1024 * 1024
 
 
 class Retry:
@@ -79,7 +76,7 @@ class Retry:
                 call.method not in IDEMPOTENT and "Idempotency-Key" not in call.headers
             ):
                 return await next(call)
-            if not await make_replayable(call, REPLAY_LIMIT):
+            if not await make_replayable(call):
                 return await next(call)
             return await self._tries(call, next)
         finally:

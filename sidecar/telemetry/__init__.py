@@ -51,8 +51,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.telemetry")
 
-# Where the attempt step finds the Exchange: a key of Call.notes.
-EXCHANGE = "sidecar.telemetry"
 SIDECAR_ERROR = "X-Sidecar-Error"
 # nginx's "client closed request": the agent went away before the answer was complete.
 CLIENT_CLOSED = 499
@@ -79,10 +77,7 @@ class Exchange:
     def bind(self, call: Call) -> None:
         """Let the attempt step find this exchange, and its span, from the call."""
         self.call = call
-        if call.notes is None:
-            call.notes = {EXCHANGE: self}
-        else:
-            call.notes[EXCHANGE] = self
+        call.exchange = self
 
 
 class Telemetry:
@@ -219,7 +214,7 @@ class Telemetry:
                     trace_id=_trace_id(span, request),
                 )
             )
-        # call.notes points back at the exchange: break the cycle, leave nothing to the GC.
+        # call.exchange points back at the exchange: break the cycle, leave nothing to the GC.
         exchange.call = None
 
     def _server_span(self, tracer: Tracer, request: web.BaseRequest) -> Span:
@@ -360,8 +355,7 @@ class Attempt:
         return attributes
 
     async def __call__(self, call: Call, next: Handler) -> Reply:
-        notes = call.notes
-        exchange = notes.get(EXCHANGE) if notes is not None else None
+        exchange = call.exchange
         if exchange is None:
             return await next(call)
         return await exchange.telemetry.attempt(self, exchange, call, next)  # type: ignore[no-any-return]

@@ -10,10 +10,9 @@ import pytest
 from redis.asyncio import Redis
 
 from sidecar.steps.ratelimit_redis import BackendDown, RedisBackend
-from tests.conftest import RunningSidecar
+from tests.conftest import Counting, RunningSidecar
 from tests.helpers import eventually
 from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401
-from tests.steps.test_ratelimit_sidecar import Counting
 
 
 def policy(base: str, redis_url: str) -> str:

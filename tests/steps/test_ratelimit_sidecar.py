@@ -6,33 +6,8 @@ import asyncio
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
-from tests.conftest import RunningSidecar, echo_app
-
-
-class Counting:
-    """An upstream that counts hits and answers with `status` and `headers`."""
-
-    def __init__(self) -> None:
-        self.hits = 0
-        self.status = 200
-        self.headers: dict[str, str] = {}
-        self.body = b'{"ok": true}'
-
-    def app(self) -> web.Application:
-        async def handle(request: web.Request) -> web.Response:
-            self.hits += 1
-            return web.Response(
-                status=self.status,
-                body=self.body,
-                headers=self.headers,
-                content_type="application/json",
-            )
-
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", handle)
-        return app
+from tests.conftest import Counting, RunningSidecar, echo_app
 
 
 def policy(base: str, limits: str, *, max_body: str = "10MiB") -> str:

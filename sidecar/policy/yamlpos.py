@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.reader import ReaderError
 
 Path = tuple[str | int, ...]
 
@@ -69,8 +70,28 @@ def _pos(file: str, node: Node) -> Position:
     return Position(file, node.start_mark.line + 1, node.start_mark.column + 1)
 
 
+def _reader_position(file: str, text: str, index: int) -> Position:
+    """Line and column of a character index, counting line breaks as YAML's marks do."""
+    line, col = 1, 1
+    for i, ch in enumerate(text[:index]):
+        if ch in "\n\x85\u2028\u2029" or (ch == "\r" and text[i + 1 : i + 2] != "\n"):
+            line, col = line + 1, 1
+        else:
+            col += 1
+    return Position(file, line, col)
+
+
 def load_document(text: str, file: str) -> Document:
-    loader = yaml.SafeLoader(text)
+    try:
+        # The reader refuses control characters (NUL, ESC, ...) here, before any mark exists.
+        loader = yaml.SafeLoader(text)
+    except ReaderError as exc:
+        raise YamlError(
+            Problem(
+                _reader_position(file, text, exc.position),
+                f"invalid YAML: character U+{exc.character:04X} is not allowed",
+            )
+        ) from None
     loader.name = file
     try:
         root = loader.get_single_node()

@@ -45,6 +45,61 @@ def test_validate_ok_and_errors(tmp_path: Path) -> None:
     )
 
 
+def test_validate_reports_a_control_character_at_its_place(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text("version: 1\nservices:\n  a:\n    upstream: http://x\0y\n")
+    done = sidecar("validate", str(tmp_path))
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"{tmp_path}/p.yaml:4:23: invalid YAML: character U+0000 is not allowed"
+    ]
+
+
+def test_validate_reports_every_error_of_every_file(tmp_path: Path) -> None:
+    # A misspelt key used to hide the rest of its service's errors.
+    (tmp_path / "a.yaml").write_text(
+        "version: 1\nservices:\n  x:\n    upstream: ftp://x\n    timout: {total: 1s}\n"
+    )
+    (tmp_path / "b.yaml").write_text(
+        "version: 1\nservices:\n  bad name:\n    upstrem: http://y\n"
+        "    auth: {type: bearer, tokn: t}\n  z:\n    upstream: http://z\n"
+        "    headers: {set: {X-A: 1}, remove: [a b]}\n"
+    )
+    (tmp_path / "c.yaml").write_text("version: 1\nagents: {headr: X-Who}\n\x1b\n")
+    done = sidecar("validate", str(tmp_path))
+    assert done.returncode == 1
+    a, b, c = (f"{tmp_path}/{name}.yaml" for name in "abc")
+    assert done.stderr.splitlines() == [
+        f"{a}:4:15: upstream must start with http:// or https://",
+        f"{a}:5:5: unknown key 'timout' (did you mean 'timeout'?)",
+        f"{b}:3:3: service name 'bad name' may hold only letters, digits, _ . -",
+        # Not also "'upstream' is required": the hint names it.
+        f"{b}:4:5: unknown key 'upstrem' (did you mean 'upstream'?)",
+        f"{b}:5:26: unknown key 'tokn' (did you mean 'token'?)",
+        f"{b}:8:26: Input should be a valid string",
+        f"{b}:8:39: 'a b' is not a valid HTTP header name",
+        f"{c}:3:1: invalid YAML: character U+001B is not allowed",
+    ]
+
+
+async def test_reload_reports_a_control_character_at_its_place(
+    tmp_path: Path, upstream, client
+) -> None:
+    base = await upstream(echo_app())
+    (tmp_path / "p.yaml").write_text(f"version: 1\nservices:\n  a:\n    upstream: {base}\n")
+    async with sidecar_process(tmp_path) as proc:
+        (tmp_path / "p.yaml").write_text(f"version: 1\nservices:\n  a:\n    upstream: {base}\0\n")
+        async with client.post(f"{proc.admin}/reload") as r:
+            assert r.status == 422
+            body = await r.json()
+        column = len(f"    upstream: {base}") + 1
+        assert body["errors"] == [
+            f"{tmp_path}/p.yaml:4:{column}: invalid YAML: character U+0000 is not allowed"
+        ]
+        assert await status(client, f"{proc.url}/a/x") == 200  # the last good policy serves
+        assert await proc.stop(signal.SIGTERM) == 0
+    assert "Traceback" not in proc.output
+
+
 def test_validate_resolve_secrets(tmp_path: Path) -> None:
     (tmp_path / "p.yaml").write_text(
         "version: 1\nservices:\n  x:\n    upstream: http://x\n"

@@ -12,11 +12,12 @@ import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from .models import AUTH_TYPES, Agents, PolicyFile, Service, _did_you_mean
+from .models import AUTH_TYPES, Agents, PolicyFile, Service, _did_you_mean, closest
 from .secrets import SecretResolver
 from .yamlpos import Document, Path, Position, Problem, YamlError, load_document
 
@@ -144,7 +145,9 @@ def load_policy(
             prefixes[prefix] = sp
 
     if problems:
-        raise PolicyError(sorted(problems, key=lambda p: (p.position.file, p.position.line)))
+        raise PolicyError(
+            sorted(problems, key=lambda p: (p.position.file, p.position.line, p.position.col))
+        )
     digest.update(resolver.digest.digest())
     return Policy(
         agents=agents or Agents(),
@@ -156,15 +159,30 @@ def load_policy(
 
 
 def _problems(doc: Document, exc: ValidationError) -> list[Problem]:
+    errors = exc.errors(include_url=False)
+    # A misspelt required key (`upstrem:`) is one mistake: its unknown-key error
+    # names the key it should be, so "'upstream' is required" would only repeat it.
+    misspelt = {
+        (*err["loc"][:-1], closest(str(err["loc"][-1]), _keys_at(tuple(err["loc"][:-1]))))
+        for err in errors
+        if err["type"] == "extra_forbidden"
+    }
     out = []
-    for err in exc.errors(include_url=False):
+    for err in errors:
         loc: Path = tuple(err["loc"])
         kind = err["type"]
+        if kind == "missing" and loc in misspelt:
+            continue
         ctx: dict[str, Any] = err.get("ctx") or {}
         message = err["msg"]
-        if kind == "unknown_key":
+        if kind == "extra_forbidden":
+            key = loc[-1]
+            message = f"unknown key '{key}'"
+            known_keys = _keys_at(loc[:-1])
+            if known_keys:
+                message += _did_you_mean(str(key), known_keys)
             # Point at the offending key itself, not at the mapping around it.
-            loc = (*_known(doc, loc), ctx["key"])
+            loc = (*_known(doc, loc[:-1]), key)
         elif kind in ("union_tag_invalid", "union_tag_not_found"):
             loc = (*_known(doc, loc), "type")
             tag = ctx.get("tag")
@@ -178,8 +196,8 @@ def _problems(doc: Document, exc: ValidationError) -> list[Problem]:
         elif message.startswith("Value error, "):
             message = message.removeprefix("Value error, ")
         known = _known(doc, loc)
-        if kind in ("missing", "unknown_key") or known != loc:
-            position = doc.position(known if kind != "unknown_key" else loc)
+        if kind in ("missing", "extra_forbidden") or known != loc:
+            position = doc.position(known if kind != "extra_forbidden" else loc)
         else:
             position = doc.value_position(known)
         out.append(Problem(position, message))
@@ -198,3 +216,54 @@ def _known(doc: Document, loc: Path) -> Path:
         if candidate in doc.values:
             path = candidate
     return path
+
+
+def _keys_at(loc: Path) -> list[str]:
+    """The keys accepted by the mapping at `loc` of a policy file, to hint at a misspelling.
+
+    `loc` is a pydantic error location: dict keys and list indexes step into
+    values, a union's tag picks the member (`auth: {type: bearer}` is at
+    (..., "auth", "bearer")). Empty when `loc` does not lead to a model.
+    """
+    tp: Any = PolicyFile
+    for part in loc:
+        tp = _step(_unwrap(tp), part)
+        if tp is None:
+            return []
+    tp = _unwrap(tp)
+    if not (isinstance(tp, type) and issubclass(tp, BaseModel)):
+        return []
+    return sorted(f.alias or name for name, f in tp.model_fields.items())
+
+
+def _unwrap(tp: Any) -> Any:
+    """Strip Annotated and Optional, which add no level to an error location."""
+    while True:
+        if get_origin(tp) is Annotated:
+            tp = get_args(tp)[0]
+            continue
+        if get_origin(tp) in (Union, UnionType):
+            members = [a for a in get_args(tp) if a is not type(None)]
+            if len(members) == 1:
+                tp = members[0]
+                continue
+        return tp
+
+
+def _step(tp: Any, part: str | int) -> Any:
+    origin = get_origin(tp)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        for name, f in tp.model_fields.items():
+            if part in (name, f.alias):
+                return f.annotation
+        return None
+    if origin is dict:
+        return get_args(tp)[1]
+    if origin is list:
+        return get_args(tp)[0]
+    if origin in (Union, UnionType):
+        for member in map(_unwrap, get_args(tp)):
+            tag = getattr(member, "model_fields", {}).get("type")
+            if tag is not None and get_args(tag.annotation) == (part,):
+                return member
+    return None

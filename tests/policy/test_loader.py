@@ -34,6 +34,9 @@ def test_units() -> None:
             parse_duration(bad)
     with pytest.raises(ValueError):
         parse_rate("10 per second")
+    # The spellings other tools use are accepted (docs/policy.md lists them).
+    for spelling in ("10/s", "10/sec", "10/second", "600/min", "600/minute", "36000/hour"):
+        assert parse_rate(spelling).per_second == 10
 
 
 def test_merges_files_and_defaults(tmp_path: Path) -> None:
@@ -113,6 +116,43 @@ def test_value_errors_point_at_values(tmp_path: Path) -> None:
         f"{f}:12:18: unknown auth type 'beerer' (did you mean 'bearer'?)",
         f"{f}:15:5: 'name' is required",
     ]
+
+
+def test_unknown_keys_are_reported_with_the_other_errors(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        "p.yaml",
+        """
+        version: 1
+        services:
+          x:
+            upstream: ftp://x
+            timout: {total: 1s}
+            rate_limit: {rate: 10/sec, brust: 3}
+            auth: {type: header, name: X-Key, value: v, nme: a}
+        extra: 1
+        """,
+    )
+    f = f"{tmp_path}/p.yaml"
+    assert errors(tmp_path) == [
+        f"{f}:4:15: upstream must start with http:// or https://",
+        f"{f}:5:5: unknown key 'timout' (did you mean 'timeout'?)",
+        f"{f}:6:32: unknown key 'brust' (did you mean 'burst'?)",
+        f"{f}:7:49: unknown key 'nme' (did you mean 'name'?)",
+        f"{f}:8:1: unknown key 'extra'; expected one of: agents, services, version",
+    ]
+
+
+def test_control_characters_are_refused_at_their_place(tmp_path: Path) -> None:
+    for text, at, code in [
+        ("version: 1\n\0", "2:1", "0000"),
+        ("version: 1\nservices: {}  # \x07\n", "2:17", "0007"),
+        ("version: 1\x85x: \x7f", "2:4", "007F"),  # NEL breaks a line, as in yaml's marks
+    ]:
+        (tmp_path / "p.yaml").write_text(text, newline="")
+        assert errors(tmp_path) == [
+            f"{tmp_path}/p.yaml:{at}: invalid YAML: character U+{code} is not allowed"
+        ]
 
 
 def test_upstream_userinfo_and_recursive_alias_refused(tmp_path: Path) -> None:

@@ -26,6 +26,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     sidecar = _sidecar(request)
+    if sidecar.draining:
+        return web.json_response({"status": "draining"}, status=503)
     if sidecar.router is None:
         return web.json_response({"status": "no policy loaded"}, status=503)
     return web.json_response({"status": "ready", "version": sidecar.router.version})

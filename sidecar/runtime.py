@@ -107,11 +107,11 @@ class Sidecar:
         except PolicyError as exc:
             errors = tuple(str(p) for p in exc.problems)
             for line in errors:
-                log.error("%s: %s", self._refused(), line)
+                log.error("%s: %s", self._failure("policy rejected"), line)
             return failed(*errors)
         except Exception as exc:
             # A loader bug must not end hot reload (the watcher would die with it).
-            log.exception("policy could not be loaded; %s", self._keeps_serving())
+            log.exception(self._failure("policy could not be loaded"))
             return failed(f"{self.policies}: cannot load: {type(exc).__name__}")
         if self.policy is not None and policy.version == self.policy.version:
             return ReloadResult(ok=True, trigger=trigger, at=now, version=policy.version)
@@ -120,7 +120,7 @@ class Sidecar:
             router = compile_policy(policy, build)
         except Exception as exc:
             build.abort()
-            log.exception("policy could not be compiled; %s", self._keeps_serving())
+            log.exception(self._failure("policy could not be compiled"))
             # The type only: an exception's text may quote a policy value.
             return failed(f"{self.policies}: cannot compile: {type(exc).__name__}")
         build.commit()
@@ -134,16 +134,11 @@ class Sidecar:
         )
         return ReloadResult(ok=True, trigger=trigger, at=now, version=policy.version, changed=True)
 
-    def _refused(self) -> str:
+    def _failure(self, what: str) -> str:
         # Before the first good policy there is nothing to fall back on: nothing serves.
         if self.policy is None:
-            return "cannot start, policy rejected"
-        return "policy rejected, the last good policy keeps serving"
-
-    def _keeps_serving(self) -> str:
-        if self.policy is None:
-            return "cannot start"
-        return "the last good policy keeps serving"
+            return f"cannot start, {what}"
+        return f"{what}, the last good policy keeps serving"
 
     def begin_drain(self) -> None:
         """Stop being ready (so load balancers send no new calls); calls in flight go on."""

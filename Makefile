@@ -19,7 +19,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The example upstream (policies/example.yaml calls it) lives as long as the sidecar:
+# the trap stops it however the sidecar ends (Ctrl-C, SIGTERM, a start-up error).
 run: $(STAMP)
+	@$(BIN)/python examples/echo_upstream.py & echo_pid=$$!; \
+	trap 'kill $$echo_pid 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/sidecar run --policies $(POLICIES)
 
 # redis-server backs the shared rate-limit tests; nginx and wrk the benchmark.
@@ -32,8 +36,8 @@ system-deps:
 	fi
 
 lint: $(STAMP)
-	$(BIN)/ruff check sidecar tests bench
-	$(BIN)/ruff format --check sidecar tests bench
+	$(BIN)/ruff check sidecar tests bench examples
+	$(BIN)/ruff format --check sidecar tests bench examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

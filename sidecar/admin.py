@@ -6,14 +6,17 @@ Nothing here ever shows a secret: secrets serialize as their reference
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
+from .problems import ProblemError, problem_response
 from .runtime import Sidecar
 from .telemetry.metrics import CONTENT_TYPE
 
 SIDECAR_KEY = web.AppKey("sidecar", Sidecar)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _sidecar(request: web.Request) -> Sidecar:
@@ -26,6 +29,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     sidecar = _sidecar(request)
+    if sidecar.draining:
+        return web.json_response({"status": "draining"}, status=503)
     if sidecar.router is None:
         return web.json_response({"status": "no policy loaded"}, status=503)
     return web.json_response({"status": "ready", "version": sidecar.router.version})
@@ -79,8 +84,28 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=telemetry.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+@web.middleware
+async def same_origin_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    # A web page can POST text/plain anywhere without a CORS preflight, so any site
+    # a browser on this host visits could trigger reloads; browsers always name
+    # the page's origin on such a request, while curl, probes and scripts send none.
+    origin = request.headers.get(hdrs.ORIGIN)
+    if origin is not None and request.method not in SAFE_METHODS:
+        own = f"{request.scheme}://{request.host}".lower()
+        if origin.lower() != own:
+            refused = ProblemError(
+                "forbidden_origin",
+                f"the admin port accepts {request.method} only from its own origin {own}",
+            )
+            return problem_response(refused)
+    return await handler(request)
+
+
 def admin_app(sidecar: Sidecar) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[same_origin_only])
     app[SIDECAR_KEY] = sidecar
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

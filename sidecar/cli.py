@@ -15,7 +15,10 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .runtime import Sidecar
 
 log = logging.getLogger("sidecar")
 
@@ -124,18 +127,30 @@ def cmd_schema() -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from .runtime import Sidecar, serve
+    from .runtime import Sidecar
     from .telemetry import Telemetry, access
 
     telemetry = Telemetry.from_env(access_log=args.access_log)
     access_writer = access.configure() if telemetry.access_log else None
     sidecar = Sidecar(args.policies, telemetry=telemetry)
-    result = await sidecar.reload("startup")
-    if not result.ok:
-        for line in result.errors:
-            print(line, file=sys.stderr)
+    try:
+        return await _serve(sidecar, args)
+    finally:
+        await sidecar.close()
+        if access_writer is not None:
+            access_writer.stop()  # writes out the lines still queued
+
+
+async def _serve(sidecar: Sidecar, args: argparse.Namespace) -> int:
+    from .runtime import ListenError, serve
+
+    if not (await sidecar.reload("startup")).ok:
+        return 1  # the reload logged each error, once
+    try:
+        runners = await serve(sidecar, listen=args.listen, admin=args.admin, drain=args.drain)
+    except ListenError as exc:
+        log.error("%s", exc)
         return 1
-    runners = await serve(sidecar, listen=args.listen, admin=args.admin, drain=args.drain)
     sidecar.start_watching()
     # Everything made so far lives as long as the process: move it out of the
     # collector's sight, so the full collections that interrupt serving are short.
@@ -155,18 +170,27 @@ async def _run(args: argparse.Namespace) -> int:
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
+    def on_stop(signum: int) -> None:
+        if stop.is_set():
+            # The operator asked twice: do not make them wait for the drain.
+            log.warning(
+                "%s again: exiting now, calls in flight are cut", signal.Signals(signum).name
+            )
+            sys.stderr.flush()
+            os._exit(128 + signum)
+        # Not ready from this moment, so Kubernetes stops sending calls while we drain.
+        sidecar.begin_drain()
+        stop.set()
+
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_stop, signum)
     await stop.wait()
     log.info("stopping: letting calls in flight finish (up to %gs)", args.drain)
     for runner in runners:
         await runner.shutdown()
     for runner in runners:
         await runner.cleanup()
-    await sidecar.close()
-    if access_writer is not None:
-        access_writer.stop()  # writes out the lines still queued
     return 0
 
 

@@ -25,6 +25,8 @@ REASONS: dict[str, tuple[int, str]] = {
     "request_too_large": (413, "Request too large"),
     "auth_failed": (502, "Credential unavailable"),
     "internal_error": (500, "Sidecar internal error"),
+    # Admin port only: a browser page's request to a state-changing endpoint.
+    "forbidden_origin": (403, "Cross-origin request refused"),
 }
 
 

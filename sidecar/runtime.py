@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -67,6 +68,8 @@ class Sidecar:
         self.state = StateStore()
         self.last_reload: ReloadResult | None = None
         self.counts = ReloadCounts()
+        # Set once on SIGTERM/SIGINT: /readyz answers 503 while calls in flight finish.
+        self.draining = False
         # Called after every reload attempt (metrics, tests); never on the request path.
         self.on_reload: list[Callable[[ReloadResult], None]] = []
         self._lock = asyncio.Lock()
@@ -104,11 +107,11 @@ class Sidecar:
         except PolicyError as exc:
             errors = tuple(str(p) for p in exc.problems)
             for line in errors:
-                log.error("policy rejected, the last good policy keeps serving: %s", line)
+                log.error("%s: %s", self._failure("policy rejected"), line)
             return failed(*errors)
         except Exception as exc:
             # A loader bug must not end hot reload (the watcher would die with it).
-            log.exception("policy could not be loaded; the last good policy keeps serving")
+            log.exception(self._failure("policy could not be loaded"))
             return failed(f"{self.policies}: cannot load: {type(exc).__name__}")
         if self.policy is not None and policy.version == self.policy.version:
             return ReloadResult(ok=True, trigger=trigger, at=now, version=policy.version)
@@ -117,7 +120,7 @@ class Sidecar:
             router = compile_policy(policy, build)
         except Exception as exc:
             build.abort()
-            log.exception("policy could not be compiled; the last good policy keeps serving")
+            log.exception(self._failure("policy could not be compiled"))
             # The type only: an exception's text may quote a policy value.
             return failed(f"{self.policies}: cannot compile: {type(exc).__name__}")
         build.commit()
@@ -130,6 +133,16 @@ class Sidecar:
             len(policy.files),
         )
         return ReloadResult(ok=True, trigger=trigger, at=now, version=policy.version, changed=True)
+
+    def _failure(self, what: str) -> str:
+        # Before the first good policy there is nothing to fall back on: nothing serves.
+        if self.policy is None:
+            return f"cannot start, {what}"
+        return f"{what}, the last good policy keeps serving"
+
+    def begin_drain(self) -> None:
+        """Stop being ready (so load balancers send no new calls); calls in flight go on."""
+        self.draining = True
 
     def secret_files(self) -> frozenset[str]:
         return self.policy.secret_files if self.policy else frozenset()
@@ -165,6 +178,21 @@ def egress_server(sidecar: Sidecar) -> web.Server:
     return web.Server(sidecar.handler, handler_cancellation=True, access_log=None)
 
 
+class ListenError(Exception):
+    """A listener could not be opened (port in use, address not on this host...)."""
+
+
+async def _listen(runner: web.BaseRunner, address: tuple[str, int], **site: Any) -> None:
+    host, port = address
+    try:
+        await web.TCPSite(runner, host, port, **site).start()
+    except OSError as exc:
+        # The errno's own words ("address already in use"), not the event loop's wrapping.
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise ListenError(f"cannot listen on {where}: {reason[:1].lower()}{reason[1:]}") from exc
+
+
 async def serve(
     sidecar: Sidecar,
     *,
@@ -172,18 +200,24 @@ async def serve(
     admin: tuple[str, int] | None,
     drain: float = 10.0,
 ) -> list[web.BaseRunner]:
+    """Open the listeners; ListenError (with nothing left open) when one cannot be."""
     from .admin import admin_app
 
     runners: list[web.BaseRunner] = []
-    egress = web.ServerRunner(
-        egress_server(sidecar), handle_signals=False, access_log=None, shutdown_timeout=drain
-    )
-    await egress.setup()
-    await web.TCPSite(egress, listen[0], listen[1], backlog=1024).start()
-    runners.append(egress)
-    if admin is not None:
-        runner = web.AppRunner(admin_app(sidecar), handle_signals=False, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, admin[0], admin[1]).start()
-        runners.append(runner)
+    try:
+        egress = web.ServerRunner(
+            egress_server(sidecar), handle_signals=False, access_log=None, shutdown_timeout=drain
+        )
+        await egress.setup()
+        runners.append(egress)
+        await _listen(egress, listen, backlog=1024)
+        if admin is not None:
+            runner = web.AppRunner(admin_app(sidecar), handle_signals=False, access_log=None)
+            await runner.setup()
+            runners.append(runner)
+            await _listen(runner, admin)
+    except BaseException:
+        for made in runners:
+            await made.cleanup()
+        raise
     return runners

@@ -5,6 +5,7 @@ from __future__ import annotations
 from sidecar.admin import admin_app
 from sidecar.runtime import Sidecar
 from tests.conftest import echo_app
+from tests.helpers import sidecar_process
 
 
 async def test_readyz_is_503_until_a_policy_is_loaded(upstream, client, tmp_path):
@@ -62,3 +63,32 @@ async def test_config_shows_secret_references_and_the_served_version(
         version = (await r.json())["version"]
     async with client.get(f"{sc.admin}/readyz") as r:
         assert (await r.json())["version"] == version != ready["version"]
+
+
+async def test_reload_refuses_a_cross_origin_post(upstream, client, tmp_path):
+    # What a web page can send without a CORS preflight: a text/plain POST.
+    base = await upstream(echo_app())
+    (tmp_path / "p.yaml").write_text(f"version: 1\nservices:\n  api: {{upstream: '{base}'}}\n")
+    async with sidecar_process(tmp_path) as proc:
+        for origin in ("http://evil.example", "null", proc.admin.replace("127.0.0.1", "localhost")):
+            async with client.post(
+                f"{proc.admin}/reload",
+                data="x",
+                headers={"Origin": origin, "Content-Type": "text/plain"},
+            ) as r:
+                assert r.status == 403, origin
+                assert r.headers["X-Sidecar-Error"] == "forbidden_origin"
+                assert r.content_type == "application/problem+json"
+                assert (await r.json())["reason"] == "forbidden_origin"
+        async with client.get(f"{proc.admin}/config") as r:
+            assert (await r.json())["last_reload"]["trigger"] == "startup", "no reload ran"
+
+        # Its own origin (the admin's page) and no Origin at all (curl, scripts) may.
+        for headers in ({"Origin": proc.admin}, {}):
+            async with client.post(f"{proc.admin}/reload", headers=headers) as r:
+                assert r.status == 200, headers
+        # Reading stays open to any origin: it changes nothing.
+        async with client.get(
+            f"{proc.admin}/readyz", headers={"Origin": "http://evil.example"}
+        ) as r:
+            assert r.status == 200

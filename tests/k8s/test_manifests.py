@@ -211,3 +211,17 @@ def test_the_injector_is_never_sent_its_own_pods() -> None:
     selector = webhook["namespaceSelector"]["matchLabels"]
     labels = namespace["metadata"].get("labels", {})
     assert not selector.items() <= labels.items()
+
+
+def test_a_disruption_budget_keeps_one_injector_up() -> None:
+    # The webhook fails open: a drain that evicted both replicas would let pods
+    # start without a sidecar.
+    deployment = one("injector.yaml", "Deployment")
+    budget = one("injector.yaml", "PodDisruptionBudget")
+    assert budget["apiVersion"] == "policy/v1"
+    assert budget["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    assert budget["spec"]["minAvailable"] == 1 < deployment["spec"]["replicas"]
+    selector = budget["spec"]["selector"]
+    assert set(selector) == {"matchLabels"}
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert selector["matchLabels"].items() <= pod_labels.items()

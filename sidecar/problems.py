@@ -20,6 +20,7 @@ REASONS: dict[str, tuple[int, str]] = {
     "method_not_allowed": (405, "Method not allowed"),
     "rate_limited": (429, "Rate limited by the sidecar"),
     "circuit_open": (503, "Circuit open"),
+    "upstream_paused": (503, "Upstream asked for a pause"),
     "upstream_timeout": (504, "Upstream timeout"),
     "upstream_unreachable": (502, "Upstream unreachable"),
     "request_too_large": (413, "Request too large"),

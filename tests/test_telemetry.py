@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import signal
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -144,7 +146,10 @@ async def test_spans_reach_a_real_otlp_receiver(upstream, start_sidecar, client,
     assert attempt.parent_span_id == failed.span_id
     assert attempt.attributes["error.type"] == "connect-error"
 
+    # The same endpoint gets the metrics: nothing secret there either.
+    assert {p.metric for p in receiver.points} >= {"sidecar_request_duration_seconds"}
     dump = json.dumps([(s.attributes, s.resource) for s in spans])
+    dump += json.dumps([(p.metric, p.attributes, p.resource) for p in receiver.points])
     for canary in CANARIES:
         assert canary not in dump
     assert "secret=" not in dump and "api_key" not in dump
@@ -320,6 +325,104 @@ def test_service_name_and_sampler_come_from_env():
     )
 
 
+async def test_metrics_reach_a_real_otlp_receiver_with_the_same_names_and_labels(
+    upstream, start_sidecar, client
+):
+    receiver = Receiver()
+    collector = await upstream(receiver.app())
+    api = await upstream(echo_app())
+    # Metrics only: a signal-specific endpoint, traces explicitly off.
+    env = {
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"{collector}/v1/metrics",
+        "OTEL_TRACES_EXPORTER": "none",
+        "OTEL_SERVICE_NAME": "agent-7-sidecar",
+    }
+    policy = f"""
+    version: 1
+    services:
+      api: {{upstream: '{api}'}}
+      limited:
+        upstream: {api}
+        rate_limit: {{rate: 1/min, burst: 1}}
+    """
+    sc = await start_sidecar(policy, env=env)
+    assert sc.sidecar.telemetry.tracer is None
+    async with client.post(f"{sc.url}/api/x", data=b"{}") as r:
+        assert r.status == 200
+    for expected in (200, 429):
+        async with client.get(f"{sc.url}/limited/x") as r:
+            assert r.status == expected
+    assert await asyncio.to_thread(sc.sidecar.telemetry.force_flush)
+
+    assert set(receiver.content_types) == {"application/x-protobuf"}
+    points = receiver.points
+    [request] = [
+        p
+        for p in points
+        if p.metric == "sidecar_request_duration_seconds" and p.attributes["service"] == "api"
+    ]
+    assert request.kind == "histogram" and request.unit == "s"
+    assert request.attributes == {"service": "api", "method": "POST", "code": "200", "reason": ""}
+    assert request.value == 1
+    assert sum(request.bucket_counts) == 1
+    assert len(request.bucket_counts) == len(request.explicit_bounds) + 1
+    assert request.resource["service.name"] == "agent-7-sidecar"
+    refused = {
+        p.attributes["code"]: p.attributes["reason"]
+        for p in points
+        if p.metric == "sidecar_request_duration_seconds" and p.attributes["service"] == "limited"
+    }
+    assert refused == {"200": "", "429": "rate_limited"}
+    attempts = {
+        (p.attributes["service"], p.attributes["outcome"])
+        for p in points
+        if p.metric == "sidecar_upstream_attempt_duration_seconds"
+    }
+    assert attempts == {("api", "200"), ("limited", "200")}
+    limited = {
+        p.attributes["service"]: p.value for p in points if p.metric == "sidecar_rate_limited"
+    }
+    assert limited["limited"] == 1 and limited["api"] == 0
+    [reloads] = [
+        p for p in points if p.metric == "sidecar_reloads" and p.attributes == {"result": "success"}
+    ]
+    assert reloads.kind == "sum" and reloads.value == 1
+    [in_flight] = [p for p in points if p.metric == "sidecar_requests_in_flight"]
+    assert in_flight.kind == "gauge" and in_flight.value == 0
+
+
+async def test_metrics_export_is_off_without_an_endpoint_or_with_none(
+    upstream, start_sidecar, client
+):
+    receiver = Receiver()
+    collector = await upstream(receiver.app())
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector, "OTEL_METRICS_EXPORTER": "none"}
+    off = await start_sidecar("version: 1\nservices: {}\n", env=env)
+    assert off.sidecar.telemetry.meter_provider is None
+    assert off.sidecar.telemetry.tracer is not None  # only the metrics were turned off
+    bare = await start_sidecar("version: 1\nservices: {}\n", env={})
+    assert bare.sidecar.telemetry.meter_provider is None
+
+
+def test_the_otel_metrics_sdk_is_not_imported_unless_metrics_are_exported() -> None:
+    probe = (
+        "import sys; from sidecar.telemetry import Telemetry; "
+        "Telemetry.from_env({env!r}); print('opentelemetry.sdk.metrics' in sys.modules)"
+    )
+    for env, imported in (
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:9/v1/traces"}, "False"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}, "True"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", probe.format(env=env)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        assert done.stdout.strip() == imported, (env, done.stderr)
+
+
 async def test_metrics_endpoint_needs_no_traffic(start_sidecar, client):
     sc = await start_sidecar("version: 1\nservices: {}\n", env={})
     async with client.get(f"{sc.admin}/metrics") as r:
@@ -341,6 +444,11 @@ async def test_the_real_process_logs_json_to_stdout_and_exports_on_shutdown(
         key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "SIDECAR_"))
     }
     env |= {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{collector}/v1/traces"}
+    # An hour: the metrics reach the collector only through the export at shutdown.
+    env |= {
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"{collector}/v1/metrics",
+        "OTEL_METRIC_EXPORT_INTERVAL": "3600000",
+    }
     env |= {"OTEL_SERVICE_NAME": "agent-7-sidecar", "SIDECAR_ACCESS_LOG": "1"}
     async with sidecar_process(policies, env=env) as proc:
         url = f"{proc.url}/api/x?secret={QUERY_CANARY}"
@@ -358,6 +466,13 @@ async def test_the_real_process_logs_json_to_stdout_and_exports_on_shutdown(
     assert server.name == "GET /api"
     assert server.trace_id == TRACE_ID
     assert server.resource["service.name"] == "agent-7-sidecar"
+    [request] = [
+        p
+        for p in receiver.points
+        if p.metric == "sidecar_request_duration_seconds" and p.attributes["service"] == "api"
+    ]
+    assert request.value == 1 and request.attributes["code"] == "200"
+    assert request.resource["service.name"] == "agent-7-sidecar"
 
 
 async def test_an_unsampled_trace_is_continued_but_not_exported(upstream, start_sidecar, client):

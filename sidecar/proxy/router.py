@@ -17,7 +17,7 @@ from ..call import Body, Call, Handler, Step
 from ..headers import HOP_BY_HOP, drop_with_connection
 from ..policy.loader import Policy, ServicePolicy
 from ..state import StateBuild
-from ..steps import auth, breaker, ratelimit, retry, timeout
+from ..steps import auth, breaker, pause, ratelimit, retry, timeout
 from .upstream import Upstream
 
 StepBuilder = Callable[..., Step | None]
@@ -25,6 +25,8 @@ StepBuilder = Callable[..., Step | None]
 # The order of a chain, outermost first: retry(breaker(timeout(auth(forward)))).
 # Builders of later features register themselves in this list in that order.
 STEP_BUILDERS: list[tuple[str, StepBuilder]] = [
+    # Before the limiter: a call refused during an upstream's pause spends no token.
+    ("pause", pause.build),
     ("ratelimit", ratelimit.build),
     ("retry", retry.build),
     ("breaker", breaker.build),

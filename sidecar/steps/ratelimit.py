@@ -1,4 +1,4 @@
-"""Rate limits: token buckets per service or per agent, queueing, and adaptive pauses.
+"""Rate limits: token buckets per service or per agent, and queueing.
 
 A call needs one token from every limit of its service. Local limits are
 checked together and taken together, so a refusal by one never spends a
@@ -7,9 +7,9 @@ the bucket may go into debt, and each waiting call sleeps until its own token
 exists, so waiters are served in arrival order without a queue to manage.
 
 Limits with a `backend` live in Redis (see `ratelimit_redis`) so several
-sidecars share them. When the upstream itself answers 429 or 503 with
-Retry-After, the whole service pauses: the sidecar refuses further calls
-until then instead of sending them to an upstream that asked for quiet.
+sidecars share them. The pause an upstream asks for (429/503 with
+Retry-After) is its own step, before this one (pause.py); a call queued here
+looks at it again after its wait.
 """
 
 from __future__ import annotations
@@ -18,14 +18,15 @@ import asyncio
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 
 from ..call import Call, Handler, Reply
-from ..headers import retry_after_seconds
 from ..policy.loader import ServicePolicy
 from ..policy.models import RateLimit
 from ..problems import ProblemError
 from ..state import StateBuild
+from . import pause as pause_step
+from .pause import Pause
 from .ratelimit_redis import RedisBackend, SharedLimit
 
 Clock = Callable[[], float]
@@ -34,9 +35,6 @@ Sleep = Callable[[float], Awaitable[None]]
 # Per-agent buckets kept at most; the least recently seen agent is forgotten
 # first, so a client inventing a new agent id per call cannot exhaust memory.
 MAX_AGENTS = 10_000
-# An upstream's Retry-After is obeyed up to this long; a longer (or broken)
-# value would otherwise silence a service for hours.
-MAX_PAUSE = 600.0
 
 
 def default_burst(limit: RateLimit) -> int:
@@ -130,40 +128,6 @@ class LocalLimit:
         return limit_headers(self.burst, bucket.tokens, wait)
 
 
-class Pause:
-    """Service-wide quiet period asked for by the upstream (429/503 with Retry-After)."""
-
-    def __init__(self, *, service: str, clock: Clock, wall: Clock = time.time) -> None:
-        self.until = 0.0
-        self._clock = clock
-        # An HTTP-date Retry-After is wall-clock time; injectable for tests.
-        self._wall = wall
-        self._service = service
-        self._status = 429
-
-    def observe(self, status: int, headers: Mapping[str, str]) -> None:
-        value = headers.get("Retry-After")
-        if value is None:
-            return
-        delay = retry_after_seconds(value, self._wall())
-        if delay is None or delay <= 0:
-            return
-        until = self._clock() + min(delay, MAX_PAUSE)
-        if until > self.until:
-            self.until = until
-            self._status = status
-
-    def refusal(self, now: float) -> ProblemError:
-        return refusal(
-            self._service,
-            f"The upstream of service '{self._service}' answered {self._status} and asked "
-            "for no calls until later (Retry-After); the sidecar holds every call to it "
-            "until then.",
-            self.until - now,
-            None,
-        )
-
-
 class RateLimiter:
     def __init__(
         self,
@@ -186,12 +150,8 @@ class RateLimiter:
         self._refunds: set[asyncio.Task[None]] = set()
 
     async def __call__(self, call: Call, next: Handler) -> Reply:
-        now = self._clock()
-        pause = self._pause
-        if now < pause.until:
-            raise pause.refusal(now)
         agent = call.agent
-        delay = self._take_local(agent, now) if self._local else 0.0
+        delay = self._take_local(agent, self._clock()) if self._local else 0.0
         if self._shared:
             delay = max(delay, await self._take_shared(agent))
         if delay > 0:
@@ -201,15 +161,12 @@ class RateLimiter:
                 # The agent gave up while queued: its reserved tokens go to the next caller.
                 self._give_back(agent, len(self._shared))
                 raise
-            now = self._clock()
-            if now < pause.until:
+            # The upstream may have asked for quiet while this call waited its turn.
+            paused = self._pause.paused()
+            if paused is not None:
                 self._give_back(agent, len(self._shared))
-                raise pause.refusal(now)
-        reply = await next(call)
-        status = reply.status
-        if status == 429 or status == 503:
-            pause.observe(status, reply.headers)
-        return reply
+                raise paused
+        return await next(call)
 
     def _take_local(self, agent: str | None, now: float) -> float:
         single = self._single
@@ -302,12 +259,11 @@ def build(
         )
         if all(entry.key_prefix != s.key_prefix for s in shared):
             shared.append(entry)
-    pause = state.get(name, "ratelimit-pause", None, lambda: Pause(service=name, clock=clock))
     return RateLimiter(
         service=name,
         local=tuple(local),
         shared=tuple(shared),
-        pause=pause,
+        pause=pause_step.shared(service, state=state, clock=clock),
         clock=clock,
         sleep=sleep,
     )

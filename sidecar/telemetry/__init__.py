@@ -11,7 +11,9 @@ What is never recorded anywhere: request or response headers, query strings
 (both carry credentials and signed URLs), bodies.
 
 With tracing off (no OTLP endpoint) no span object is made: every tracing
-branch hangs on `Telemetry.tracer` / `Exchange.span` being None.
+branch hangs on `Telemetry.tracer` / `Exchange.span` being None. OTLP metrics
+export (otlp_metrics.py) reads the same Prometheus registry from its own
+thread, so the request path records each observation once either way.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from . import access
 from .metrics import KNOWN_METHODS, OTHER_METHOD, Metrics
 
 if TYPE_CHECKING:
+    from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.trace import TracerProvider
 
     from ..policy.loader import ServicePolicy
@@ -88,6 +91,8 @@ class Telemetry:
         self.provider = provider
         self.tracer = provider.get_tracer("agent-sidecar") if provider is not None else None
         self.access_log = access_log
+        # Exports the Prometheus registry over OTLP too, when configured (from_env).
+        self.meter_provider: MeterProvider | None = None
         self._propagator = TraceContextTextMapPropagator()
         self._breakers: dict[str, Any] = {}
 
@@ -96,12 +101,18 @@ class Telemetry:
         cls, env: Mapping[str, str] | None = None, *, access_log: bool | None = None
     ) -> Telemetry:
         """Configured by OTEL_* (tracing) and SIDECAR_ACCESS_LOG, read from `env` only."""
-        from .tracing import tracer_provider
+        from .tracing import signal_endpoint, tracer_provider
 
         env = os.environ if env is None else env
         if access_log is None:
             access_log = _flag(env.get("SIDECAR_ACCESS_LOG"))
-        return cls(provider=tracer_provider(env), access_log=access_log)
+        telemetry = cls(provider=tracer_provider(env), access_log=access_log)
+        if signal_endpoint(env, "metrics") is not None:
+            # The OTel metrics SDK is imported only when it exports: it costs start-up memory.
+            from .otlp_metrics import meter_provider
+
+            telemetry.meter_provider = meter_provider(env, telemetry.metrics)
+        return telemetry
 
     # -- lifecycle, off the request path -------------------------------------------------
 
@@ -127,15 +138,20 @@ class Telemetry:
         sidecar.state.hooks.breaker_transition.append(self.metrics.on_transition)
 
     def force_flush(self, timeout_ms: int = 5000) -> bool:
-        """Export the spans still queued (blocking: call it from a thread or a test)."""
-        if self.provider is None:
-            return True
-        return self.provider.force_flush(timeout_ms)
+        """Export the queued spans and the metrics now (blocking: from a thread or a test)."""
+        flushed = True
+        if self.provider is not None:
+            flushed = self.provider.force_flush(timeout_ms)
+        if self.meter_provider is not None:
+            flushed = self.meter_provider.force_flush(timeout_ms) and flushed
+        return flushed
 
     async def close(self) -> None:
+        # Shutting down exports what is left over the network: not on the loop.
         if self.provider is not None:
-            # Shutting down flushes the queue over the network: not on the loop.
             await asyncio.to_thread(self.provider.shutdown)
+        if self.meter_provider is not None:
+            await asyncio.to_thread(self.meter_provider.shutdown)
 
     # -- the agent request ----------------------------------------------------------------
 

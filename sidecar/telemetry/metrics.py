@@ -104,7 +104,7 @@ class Metrics:
             ["service", "from", "to"],
             registry=r,
         )
-        reloads = Counter(
+        self.reloads = reloads = Counter(
             "sidecar_reloads",
             "Policy reload attempts; a failed one leaves the last good policy serving.",
             ["result"],

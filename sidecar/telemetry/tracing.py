@@ -1,4 +1,4 @@
-"""The tracer, configured only by the standard OTEL_* variables.
+"""The tracer, and the OTLP settings both exporters share, from the standard OTEL_* variables.
 
 Tracing is on when an OTLP endpoint is configured (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
 or OTEL_EXPORTER_OTLP_ENDPOINT) and neither OTEL_SDK_DISABLED nor
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import Any
 from urllib.parse import unquote
 
 from opentelemetry.sdk.resources import Resource
@@ -36,20 +37,26 @@ def _true(value: str | None) -> bool:
     return (value or "").strip().lower() == "true"
 
 
-def traces_endpoint(env: Mapping[str, str]) -> str | None:
-    """Where spans go, per the OTLP exporter spec; None means tracing is off."""
+def signal_endpoint(env: Mapping[str, str], signal: str) -> str | None:
+    """Where one signal ("traces", "metrics") goes, per the OTLP exporter spec; None: off."""
     if _true(env.get("OTEL_SDK_DISABLED")):
         return None
-    exporters = {e.strip() for e in env.get("OTEL_TRACES_EXPORTER", "otlp").lower().split(",")}
+    upper = signal.upper()
+    chosen = env.get(f"OTEL_{upper}_EXPORTER", "otlp").lower().split(",")
+    exporters = {e.strip() for e in chosen}
     if "none" in exporters or "otlp" not in exporters:
         return None
-    signal = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
-    if signal:
-        return signal  # used as is: the signal-specific URL is complete
+    specific = env.get(f"OTEL_EXPORTER_OTLP_{upper}_ENDPOINT", "").strip()
+    if specific:
+        return specific  # used as is: the signal-specific URL is complete
     base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
     if base:
-        return base.rstrip("/") + "/v1/traces"
+        return base.rstrip("/") + f"/v1/{signal}"
     return None
+
+
+def traces_endpoint(env: Mapping[str, str]) -> str | None:
+    return signal_endpoint(env, "traces")
 
 
 def sampler(env: Mapping[str, str]) -> Sampler:
@@ -94,36 +101,44 @@ def resource(env: Mapping[str, str]) -> Resource:
     return Resource.create(attributes)
 
 
-def tracer_provider(env: Mapping[str, str]) -> TracerProvider | None:
-    """A provider exporting to the configured endpoint, or None when tracing is off."""
-    endpoint = traces_endpoint(env)
-    if endpoint is None:
-        return None
+def exporter_options(env: Mapping[str, str], signal: str) -> dict[str, Any]:
+    """The OTLP/HTTP exporter's headers, timeout and compression for one signal."""
     from opentelemetry.exporter.otlp.proto.http import Compression
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-    protocol = env.get(
-        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "")
-    ).strip()
+    upper = signal.upper()
+
+    def setting(name: str) -> str:
+        return env.get(
+            f"OTEL_EXPORTER_OTLP_{upper}_{name}", env.get(f"OTEL_EXPORTER_OTLP_{name}", "")
+        ).strip()
+
+    protocol = setting("PROTOCOL")
     if protocol and protocol != "http/protobuf":
         log.warning("OTLP protocol %r is not supported; sending http/protobuf", protocol)
     headers = _pairs(env.get("OTEL_EXPORTER_OTLP_HEADERS", ""))
-    headers.update(_pairs(env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "")))
-    timeout_text = env.get(
-        "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", env.get("OTEL_EXPORTER_OTLP_TIMEOUT", "")
-    ).strip()
+    headers.update(_pairs(env.get(f"OTEL_EXPORTER_OTLP_{upper}_HEADERS", "")))
+    timeout_text = setting("TIMEOUT")
     try:
         # The spec says milliseconds; the Python exporter takes seconds.
         timeout = float(timeout_text) / 1000 if timeout_text else 10.0
     except ValueError:
         timeout = 10.0
-    compression_text = env.get(
-        "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", env.get("OTEL_EXPORTER_OTLP_COMPRESSION", "")
-    ).strip()
-    compression = Compression.Gzip if compression_text == "gzip" else Compression.NoCompression
-    exporter = OTLPSpanExporter(
-        endpoint=endpoint, headers=headers, timeout=timeout, compression=compression
-    )
+    gzip = setting("COMPRESSION") == "gzip"
+    return {
+        "headers": headers,
+        "timeout": timeout,
+        "compression": Compression.Gzip if gzip else Compression.NoCompression,
+    }
+
+
+def tracer_provider(env: Mapping[str, str]) -> TracerProvider | None:
+    """A provider exporting to the configured endpoint, or None when tracing is off."""
+    endpoint = traces_endpoint(env)
+    if endpoint is None:
+        return None
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    exporter = OTLPSpanExporter(endpoint=endpoint, **exporter_options(env, "traces"))
     provider = TracerProvider(resource=resource(env), sampler=sampler(env))
     provider.add_span_processor(BatchSpanProcessor(exporter))
     # The endpoint only: OTLP headers often carry an API key.

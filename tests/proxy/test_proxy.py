@@ -327,9 +327,11 @@ async def test_upstream_429_and_503_pass_through_unchanged(upstream, start_sidec
 
     app = web.Application()
     app.router.add_get("/busy/{code}", busy)
-    sc = await start_sidecar(_policy(svc=f"upstream: {await upstream(app)}"))
+    base = await upstream(app)
+    # One service per code: each answer also pauses its service (tests/steps/test_pause*).
+    sc = await start_sidecar(_policy(a429=f"upstream: {base}", a503=f"upstream: {base}"))
     for code in (429, 503):
-        async with client.get(f"{sc.url}/svc/busy/{code}") as r:
+        async with client.get(f"{sc.url}/a{code}/busy/{code}") as r:
             assert r.status == code
             assert "X-Sidecar-Error" not in r.headers
             assert r.headers["Retry-After"] == "7"

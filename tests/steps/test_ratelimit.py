@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import time
 from typing import Any
 
 import pytest
@@ -17,7 +15,7 @@ from sidecar.policy.models import Service
 from sidecar.policy.yamlpos import Position
 from sidecar.problems import ProblemError, problem_response
 from sidecar.state import StateStore
-from sidecar.steps import ratelimit
+from sidecar.steps import pause, ratelimit
 from sidecar.steps.ratelimit import RateLimiter, build
 
 
@@ -224,54 +222,31 @@ async def test_a_call_cancelled_while_queued_gives_its_token_back() -> None:
     assert upstream.calls == 2
 
 
-async def test_upstream_429_with_retry_after_passes_through_then_pauses_the_service() -> None:
-    clock, upstream = Clock(), Upstream()
-    step = limiter({"rate": "100/s", "per": "agent"}, clock=clock)
-    upstream.reply = FakeReply(429, {"Retry-After": "30"})
-    reply = await step(call("a"), upstream)
-    assert reply is upstream.reply
-    upstream.reply = FakeReply(200)
-    err = await refused(step, upstream, "b")  # the pause is service-wide, every agent waits
-    assert err.reason == "rate_limited"
-    assert err.retry_after == pytest.approx(30.0)
-    assert "answered 429" in err.detail
-    clock.now += 29.9
-    await refused(step, upstream, "a")
-    clock.now += 0.1
-    await step(call("a"), upstream)
-
-
-async def test_upstream_503_with_an_http_date_pauses_until_that_date() -> None:
-    clock, upstream = Clock(), Upstream()
-    step = limiter({"rate": "100/s"}, clock=clock)
-    when = email.utils.formatdate(time.time() + 120, usegmt=True)
-    upstream.reply = FakeReply(503, {"Retry-After": when})
+async def test_a_call_queued_when_the_upstream_asks_for_a_pause_is_refused_after_its_wait() -> None:
+    clock, upstream, sleeps, store = Clock(), Upstream(), Sleeps(), StateStore()
+    state = store.begin()
+    svc = service({"rate": "1/s", "burst": 1, "max_wait": "5s"})
+    step = build(svc, state=state, clock=clock, sleep=sleeps)
+    paused = pause.build(svc, state=state, clock=clock)
+    state.commit()
+    assert step is not None
     await step(call(), upstream)
-    err = await refused(step, upstream)
-    assert err.retry_after is not None and 110 < err.retry_after <= 120
-    assert "answered 503" in err.detail
-
-
-async def test_pause_is_capped_at_ten_minutes() -> None:
-    clock, upstream = Clock(), Upstream()
-    step = limiter({"rate": "100/s"}, clock=clock)
-    upstream.reply = FakeReply(429, {"Retry-After": "86400"})
+    sleeps.gate = asyncio.Event()
+    waiting = asyncio.create_task(step(call(), upstream))
+    await sleeps.slept.wait()
+    # While the call waits for its token, another call's answer starts a pause.
+    paused.observe(429, {"Retry-After": "30"})
+    clock.now += 1.0
+    sleeps.gate.set()
+    with pytest.raises(ProblemError) as info:
+        await waiting
+    assert info.value.reason == "rate_limited"
+    assert upstream.calls == 1
+    # Its token was given back: once the pause is over, the next call needs no wait.
+    clock.now += 30.0
+    sleeps.gate = None
     await step(call(), upstream)
-    err = await refused(step, upstream)
-    assert err.retry_after == pytest.approx(600.0)
-
-
-@pytest.mark.parametrize(
-    "reply",
-    [FakeReply(429), FakeReply(503, {"Retry-After": "soon"}), FakeReply(500, {"Retry-After": "9"})],
-)
-async def test_no_pause_without_a_usable_retry_after_on_429_or_503(reply: FakeReply) -> None:
-    clock, upstream = Clock(), Upstream()
-    step = limiter({"rate": "100/s"}, clock=clock)
-    upstream.reply = reply
-    await step(call(), upstream)
-    await step(call(), upstream)
-    assert upstream.calls == 2
+    assert sleeps.delays == pytest.approx([1.0])
 
 
 def test_retry_after_parsing() -> None:

@@ -1,0 +1,143 @@
+"""The pause step with a fake upstream and a fake clock: no waiting."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from typing import Any
+
+import pytest
+from multidict import CIMultiDict
+
+from sidecar.call import Call
+from sidecar.policy.loader import ServicePolicy
+from sidecar.policy.models import Service
+from sidecar.policy.yamlpos import Position
+from sidecar.problems import ProblemError, problem_response
+from sidecar.state import StateStore
+from sidecar.steps.pause import Pause, build
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeReply:
+    def __init__(self, status: int, headers: dict[str, str] | None = None) -> None:
+        self.status = status
+        self.headers: CIMultiDict[str] = CIMultiDict(headers or {})
+
+
+class Upstream:
+    def __init__(self) -> None:
+        self.calls = 0
+        self.reply = FakeReply(200)
+
+    async def __call__(self, call: Call) -> Any:
+        self.calls += 1
+        return self.reply
+
+
+def service(upstream: str = "http://127.0.0.1:9") -> ServicePolicy:
+    # No rate_limit: the pause works on every service.
+    spec = Service.model_validate({"upstream": upstream})
+    return ServicePolicy(name="svc", prefix="/svc", spec=spec, position=Position("p.yaml", 1, 1))
+
+
+def pause(clock: Clock, store: StateStore | None = None, upstream: str | None = None) -> Pause:
+    state = (store or StateStore()).begin()
+    step = build(service(*([upstream] if upstream else [])), state=state, clock=clock)
+    state.commit()
+    return step
+
+
+def call(agent: str | None = None) -> Call:
+    return Call(
+        service="svc", method="GET", target="/", headers=CIMultiDict(), body=None, agent=agent
+    )
+
+
+async def refused(step: Pause, upstream: Upstream, agent: str | None = None) -> ProblemError:
+    before = upstream.calls
+    with pytest.raises(ProblemError) as info:
+        await step(call(agent), upstream)
+    assert upstream.calls == before, "a refused call must not reach the upstream"
+    return info.value
+
+
+async def test_upstream_429_with_retry_after_passes_through_then_pauses_the_service() -> None:
+    clock, upstream = Clock(), Upstream()
+    step = pause(clock)
+    upstream.reply = FakeReply(429, {"Retry-After": "30"})
+    reply = await step(call("a"), upstream)
+    assert reply is upstream.reply
+    upstream.reply = FakeReply(200)
+    err = await refused(step, upstream, "b")  # the pause is service-wide, every agent waits
+    assert err.reason == "rate_limited" and err.status == 429
+    assert err.retry_after == pytest.approx(30.0)
+    assert "answered 429" in err.detail
+    clock.now += 29.9
+    await refused(step, upstream, "a")
+    clock.now += 0.1
+    await step(call("a"), upstream)
+
+
+async def test_upstream_503_pauses_with_503_upstream_paused_and_retry_after() -> None:
+    clock, upstream = Clock(), Upstream()
+    step = pause(clock)
+    upstream.reply = FakeReply(503, {"Retry-After": "2"})
+    await step(call(), upstream)
+    err = await refused(step, upstream)
+    assert err.reason == "upstream_paused" and err.status == 503
+    response = problem_response(err)
+    assert response.status == 503
+    assert response.headers["Retry-After"] == "2"
+    assert response.headers["X-Sidecar-Error"] == "upstream_paused"
+
+
+async def test_upstream_503_with_an_http_date_pauses_until_that_date() -> None:
+    clock, upstream = Clock(), Upstream()
+    step = pause(clock)
+    when = email.utils.formatdate(time.time() + 120, usegmt=True)
+    upstream.reply = FakeReply(503, {"Retry-After": when})
+    await step(call(), upstream)
+    err = await refused(step, upstream)
+    assert err.retry_after is not None and 110 < err.retry_after <= 120
+    assert "answered 503" in err.detail
+
+
+async def test_pause_is_capped_at_ten_minutes() -> None:
+    clock, upstream = Clock(), Upstream()
+    step = pause(clock)
+    upstream.reply = FakeReply(429, {"Retry-After": "86400"})
+    await step(call(), upstream)
+    err = await refused(step, upstream)
+    assert err.retry_after == pytest.approx(600.0)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [FakeReply(429), FakeReply(503, {"Retry-After": "soon"}), FakeReply(500, {"Retry-After": "9"})],
+)
+async def test_no_pause_without_a_usable_retry_after_on_429_or_503(reply: FakeReply) -> None:
+    clock, upstream = Clock(), Upstream()
+    step = pause(clock)
+    upstream.reply = reply
+    await step(call(), upstream)
+    await step(call(), upstream)
+    assert upstream.calls == 2
+
+
+async def test_reload_keeps_a_running_pause_unless_the_upstream_changed() -> None:
+    clock, upstream, store = Clock(), Upstream(), StateStore()
+    step = pause(clock, store)
+    upstream.reply = FakeReply(503, {"Retry-After": "60"})
+    await step(call(), upstream)
+    upstream.reply = FakeReply(200)
+    await refused(pause(clock, store), upstream)
+    await pause(clock, store, upstream="http://127.0.0.1:10")(call(), upstream)
+    assert upstream.calls == 2

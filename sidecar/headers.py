@@ -20,6 +20,10 @@ HOP_BY_HOP = frozenset(
 )
 
 
+# The Server header of the sidecar's own answers: no runtime or library version
+# for a probe to match against known flaws. Relayed answers keep the upstream's.
+SERVER = "agent-sidecar"
+
 # Connection values that name no other header: nothing more to drop.
 _PLAIN_CONNECTION = frozenset({"keep-alive", "close"})
 

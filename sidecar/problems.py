@@ -11,6 +11,8 @@ import math
 
 from aiohttp import web
 
+from .headers import SERVER
+
 PROBLEM_TYPE = "https://agent-sidecar.dev/errors/"
 
 # reason -> (status, title)
@@ -28,6 +30,7 @@ REASONS: dict[str, tuple[int, str]] = {
     "internal_error": (500, "Sidecar internal error"),
     # Admin port only: a browser page's request to a state-changing endpoint.
     "forbidden_origin": (403, "Cross-origin request refused"),
+    "http_version_not_supported": (505, "HTTP version not supported"),
 }
 
 
@@ -59,9 +62,10 @@ class ProblemError(Exception):
         return REASONS[self.reason][0]
 
 
-def problem_response(err: ProblemError, service: str | None = None) -> web.Response:
+def problem_document(err: ProblemError, service: str | None = None) -> dict[str, object]:
+    """The RFC 9457 body, for any data plane that writes the answer itself."""
     status, title = REASONS[err.reason]
-    body = {
+    return {
         "type": PROBLEM_TYPE + err.reason.replace("_", "-"),
         "title": title,
         "status": status,
@@ -69,7 +73,11 @@ def problem_response(err: ProblemError, service: str | None = None) -> web.Respo
         "service": err.service or service,
         "reason": err.reason,
     }
-    headers = {"X-Sidecar-Error": err.reason}
+
+
+def problem_response(err: ProblemError, service: str | None = None) -> web.Response:
+    body = problem_document(err, service)
+    headers = {"X-Sidecar-Error": err.reason, "Server": SERVER}
     if err.retry_after is not None:
         # Whole seconds, rounded up: an agent that waits exactly this long succeeds.
         seconds = max(1, math.ceil(err.retry_after))
@@ -78,7 +86,7 @@ def problem_response(err: ProblemError, service: str | None = None) -> web.Respo
     if err.headers:
         headers.update(err.headers)
     return web.Response(
-        status=status,
+        status=err.status,
         body=json.dumps(body).encode(),
         content_type="application/problem+json",
         headers=headers,

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from .policy.loader import Policy, PolicyError, load_policy
 from .policy.watcher import watch
+from .proxy.connection import REQUEST_PARSER, EgressServer
 from .proxy.router import Router, compile_policy
 from .proxy.server import EgressHandler
 from .state import StateStore
@@ -175,7 +176,9 @@ class Sidecar:
 def egress_server(sidecar: Sidecar) -> web.Server:
     # The low-level server: no router, no middleware chain, no access log per
     # request; the sidecar's own Router is the only dispatch.
-    return web.Server(sidecar.handler, handler_cancellation=True, access_log=None)
+    return EgressServer(
+        sidecar.handler, handler_cancellation=True, access_log=None, **REQUEST_PARSER
+    )
 
 
 class ListenError(Exception):

@@ -491,3 +491,32 @@ async def test_an_unsampled_trace_is_continued_but_not_exported(upstream, start_
     assert sent.endswith("-00")
     assert TRACE_ID not in {s.trace_id for s in receiver.spans}
     assert sorted(s.kind for s in receiver.spans) == ["client", "server"]
+
+
+async def test_an_attempt_cut_by_timeout_total_says_timeout(tmp_path, upstream, client):
+    receiver = Receiver()
+    collector = await upstream(receiver.app())
+
+    async def hangs(request: web.Request) -> web.Response:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    app = web.Application()
+    app.router.add_get("/slow", hangs)
+    api = await upstream(app)
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "p.yaml").write_text(
+        f"version: 1\nservices:\n  api: {{upstream: '{api}', timeout: {{total: 200ms}}}}\n"
+    )
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "SIDECAR_"))
+    }
+    env |= {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{collector}/v1/traces"}
+    async with sidecar_process(policies, env=env) as proc:
+        async with client.get(f"{proc.url}/api/slow") as r:
+            assert r.status == 504
+            assert r.headers["X-Sidecar-Error"] == "upstream_timeout"
+        assert await proc.stop(signal.SIGTERM, limit=30) == 0
+    [attempt] = [s for s in receiver.spans if s.kind == "client"]
+    assert attempt.attributes["error.type"] == "timeout"

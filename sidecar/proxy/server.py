@@ -26,22 +26,30 @@ log = logging.getLogger("sidecar.proxy")
 
 # Statuses whose responses never carry a body (RFC 9110 6.4.1).
 _NO_BODY = frozenset({204, 304})
-_RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
+# X-Sidecar-Error marks the sidecar's own answers: an upstream may not forge one.
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "x-sidecar-error"}
 # Methods the sidecar will not carry: TRACE would echo the injected credential
 # back to the agent; CONNECT would make it a tunnel to anywhere.
 _REFUSED_METHODS = frozenset({"TRACE", "CONNECT"})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Why a relayed answer ended before its last byte (access log, metrics, spans).
+IDLE_CUT = "upstream_idle_timeout"
+RESET_CUT = "upstream_reset"
 
 
 class _Relayed(web.StreamResponse):
     """An upstream's answer: aiohttp must not invent a Content-Type the upstream did
-    not send (it would change how the agent reads the body)."""
+    not send (it would change how the agent reads the body), nor a Server."""
 
     async def _prepare_headers(self) -> None:
-        typed = "Content-Type" in self.headers
+        headers = self.headers
+        typed = "Content-Type" in headers
+        named = "Server" in headers
         await super()._prepare_headers()
         if not typed:
-            self.headers.popall("Content-Type", None)
+            headers.popall("Content-Type", None)
+        if not named:
+            headers.popall("Server", None)
 
 
 def unsafe_path(raw: str) -> bool:
@@ -58,6 +66,16 @@ def unsafe_path(raw: str) -> bool:
         if segment.split(";", 1)[0] in (".", ".."):
             return True
     return False
+
+
+def cut_reason(exc: BaseException) -> str | None:
+    """Why a relayed answer stopped early: the upstream fell silent past
+    `timeout.idle`, or its connection failed; None when the agent's side failed."""
+    if isinstance(exc, TimeoutError):
+        return IDLE_CUT
+    if isinstance(exc, aiohttp.ClientConnectionResetError):
+        return None  # a write to the agent's closing connection
+    return RESET_CUT
 
 
 class EgressHandler:
@@ -140,7 +158,7 @@ class EgressHandler:
                     ),
                     route.name,
                 )
-            return await self._relay(request, reply, route)
+            return await self._relay(request, reply, route, exchange)
         finally:
             upstream.inflight -= 1
 
@@ -163,7 +181,7 @@ class EgressHandler:
         return _limited(request.content, limit, route.name)
 
     async def _relay(
-        self, request: web.BaseRequest, reply: Reply, route: Route
+        self, request: web.BaseRequest, reply: Reply, route: Route, exchange: Exchange | None
     ) -> web.StreamResponse:
         if isinstance(reply, Upgraded):
             return await relay_websocket(request, reply)
@@ -204,7 +222,10 @@ class EgressHandler:
             return response
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             # Headers already went out: the only honest signal left is a cut connection.
-            log.warning("answer of %s cut short: %s", route.name, type(exc).__name__)
+            cut = cut_reason(exc)
+            log.warning("answer of %s cut short: %s", route.name, cut or "the agent left")
+            if exchange is not None:
+                exchange.cut = cut
             if request.transport is not None:
                 request.transport.close()
             return response

@@ -19,6 +19,8 @@ from aiohttp import WSMsgType, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from ..headers import SERVER
+
 log = logging.getLogger("sidecar.websocket")
 
 # Made afresh by the sidecar for its own handshake with the upstream.
@@ -94,11 +96,18 @@ async def relay(request: web.BaseRequest, upstream: Upgraded) -> web.WebSocketRe
     agent = web.WebSocketResponse(
         protocols=protocols, autoclose=False, autoping=False, max_msg_size=0
     )
+    agent.headers["Server"] = SERVER  # the handshake with the agent is the sidecar's own
     await agent.prepare(request)
-    to_upstream = asyncio.ensure_future(_pump(agent, upstream.ws))
-    to_agent = asyncio.ensure_future(_pump(upstream.ws, agent))
+    closing: set[WebSocket] = set()
+    to_upstream = asyncio.ensure_future(_pump(agent, upstream.ws, closing))
+    to_agent = asyncio.ensure_future(_pump(upstream.ws, agent, closing))
     try:
-        await asyncio.wait((to_upstream, to_agent), return_when=asyncio.FIRST_COMPLETED)
+        done, pending = await asyncio.wait(
+            (to_upstream, to_agent), return_when=asyncio.FIRST_COMPLETED
+        )
+        if pending and any(_ended_on_close(task) for task in done):
+            # One side sent a close: its peer's answering close comes back the other way.
+            await asyncio.wait(pending, timeout=CLOSE_REPLY_WAIT)
     finally:
         for task in (to_upstream, to_agent):
             task.cancel()
@@ -111,8 +120,25 @@ async def relay(request: web.BaseRequest, upstream: Upgraded) -> web.WebSocketRe
 
 WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
+# How long the relay waits for the answering close once one side sent a close.
+CLOSE_REPLY_WAIT = 10.0
+# Codes that name a condition and never travel in a close frame (RFC 6455 7.4.1).
+_UNSENDABLE_CODES = frozenset({0, 1005, 1006, 1015})
 
-async def _pump(source: WebSocket, sink: WebSocket) -> None:
+
+def _ended_on_close(pump: asyncio.Future[bool]) -> bool:
+    return not pump.cancelled() and pump.exception() is None and pump.result()
+
+
+def close_frame(code: int, reason: str) -> bytes:
+    """The payload of a close frame carrying `code` and `reason`, as the peer sent them."""
+    if code in _UNSENDABLE_CODES:
+        return b""
+    return code.to_bytes(2, "big") + reason.encode()
+
+
+async def _pump(source: WebSocket, sink: WebSocket, closing: set[WebSocket]) -> bool:
+    """Relay `source`'s frames to `sink`; True when it ended on a close from `source`."""
     while True:
         msg = await source.receive()
         kind = msg.type
@@ -125,7 +151,14 @@ async def _pump(source: WebSocket, sink: WebSocket) -> None:
         elif kind is WSMsgType.PONG:
             await sink.pong(msg.data)
         elif kind is WSMsgType.CLOSE:
-            await sink.close(code=msg.data, message=(msg.extra or "").encode())
-            return
+            closing.add(source)
+            if sink in closing:
+                # The answer to the close `sink` sent: the closing handshake ends.
+                await sink.close(code=msg.data, message=(msg.extra or "").encode())
+            else:
+                # Passed on as a frame, not with close(): close() would swallow the
+                # answering close's reason; the other pump relays that answer.
+                await sink.send_frame(close_frame(msg.data, msg.extra or ""), WSMsgType.CLOSE)
+            return True
         else:  # CLOSING, CLOSED, ERROR: this side is gone
-            return
+            return False

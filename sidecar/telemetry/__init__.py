@@ -68,7 +68,7 @@ def _flag(value: str | None) -> bool:
 class Exchange:
     """What one agent request left for telemetry to record when it is over."""
 
-    __slots__ = ("attempts", "call", "route", "span", "telemetry")
+    __slots__ = ("attempts", "call", "cut", "route", "span", "telemetry")
 
     def __init__(self, telemetry: Telemetry, span: Span | None) -> None:
         self.telemetry = telemetry
@@ -76,6 +76,8 @@ class Exchange:
         self.route: Route | None = None
         self.call: Call | None = None
         self.attempts = 0
+        # Why the relayed answer stopped before its end (proxy.server.cut_reason).
+        self.cut: str | None = None
 
     def bind(self, call: Call) -> None:
         """Let the attempt step find this exchange, and its span, from the call."""
@@ -204,6 +206,11 @@ class Telemetry:
                 reason = response.headers.get(SIDECAR_ERROR, "")
         else:
             status = CLIENT_CLOSED if error == "cancelled" else 500
+        cut = exchange.cut
+        if cut is not None:
+            # The status went out before the answer broke: the reason says so.
+            reason = cut
+            error = error or cut
         method = request.method
         metrics = self.metrics.service(service)
         metrics.request(method, status, reason).observe(duration)
@@ -224,7 +231,8 @@ class Telemetry:
                     path=request.raw_path.partition("?")[0],
                     status=status,
                     duration=duration,
-                    bytes_sent=response.body_length if response is not None else 0,
+                    # What reached the agent's connection, also of an answer cut short.
+                    bytes_sent=request.writer.output_size,
                     attempts=exchange.attempts,
                     reason=reason or error,
                     trace_id=_trace_id(span, request),
@@ -319,7 +327,7 @@ class Telemetry:
         try:
             reply = await next(call)
         except BaseException as exc:
-            outcome = _outcome(exc)
+            outcome = _outcome(exc, call)
             metrics.attempt(outcome).observe(perf_counter() - start)
             if span is not None:
                 span.set_attribute("error.type", outcome)
@@ -381,13 +389,21 @@ def build(service: ServicePolicy, *, state: StateBuild) -> Attempt:
     return Attempt(service=service.name, upstream=service.spec.upstream)
 
 
-def _outcome(exc: BaseException) -> str:
+def _outcome(exc: BaseException, call: Call) -> str:
     if isinstance(exc, ProblemError):
         return exc.cause or exc.reason
     if isinstance(exc, asyncio.CancelledError):
-        # Most often the timeout step cutting the attempt short; else the agent left.
-        return "cancelled"
+        return cancel_cause(call.request)
     return type(exc).__qualname__
+
+
+def cancel_cause(request: web.BaseRequest | None) -> str:
+    """Who cancelled an upstream attempt: the agent leaving (or shutdown) closes the
+    agent's connection before the cancel arrives; otherwise it was the timeout step
+    ending the attempt at `timeout.total`."""
+    if request is None or request.transport is None or request.transport.is_closing():
+        return "cancelled"
+    return "timeout"
 
 
 def _trace_id(span: Span | None, request: web.BaseRequest) -> str | None:

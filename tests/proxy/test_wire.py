@@ -1,0 +1,278 @@
+"""What an agent and an upstream see on the wire, through the real `sidecar run` process.
+
+These hold for any data plane: request bodies pass byte for byte, the
+sidecar's marks (Server, X-Sidecar-Error) cannot be forged or leak the
+runtime, HTTP/2 is refused clearly, a WebSocket close comes back as the
+upstream sent it, and a cut stream is logged as cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType, web
+
+from tests.helpers import eventually, sidecar_process
+
+HELLO_GZ = gzip.compress(b"hello", mtime=0)
+# Small on the wire, large once decoded: max_body must count the former.
+BOMB_GZ = gzip.compress(b"a" * 100_000, mtime=0)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "SIDECAR_"))}
+    return env | extra
+
+
+def _policies(tmp_path: Path, services: str) -> Path:
+    directory = tmp_path / "policies"
+    directory.mkdir()
+    (directory / "p.yaml").write_text(f"version: 1\nservices:\n{services}")
+    return directory
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[Callable[[list[dict[str, Any]]], Awaitable[str]]]:
+    """An upstream that keeps each request's headers and body exactly as received
+    (its parser decodes nothing), and answers 200."""
+    runners: list[web.ServerRunner] = []
+
+    async def start(seen: list[dict[str, Any]]) -> str:
+        async def handle(request: web.BaseRequest) -> web.Response:
+            body = await request.read()
+            seen.append({"headers": dict(request.headers), "body": body})
+            return web.Response(text="ok")
+
+        runner = web.ServerRunner(web.Server(handle, auto_decompress=False), handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        runners.append(runner)
+        return f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+async def test_an_encoded_request_body_reaches_the_upstream_byte_for_byte(
+    tmp_path, raw_upstream, client
+):
+    seen: list[dict[str, Any]] = []
+    base = await raw_upstream(seen)
+    policies = _policies(tmp_path, f"  svc: {{upstream: '{base}', max_body: 1000}}\n")
+
+    async def chunked() -> AsyncIterator[bytes]:
+        yield BOMB_GZ[:10]
+        yield BOMB_GZ[10:]
+
+    headers = {"Content-Encoding": "gzip", "Content-Type": "text/plain"}
+    async with sidecar_process(policies, env=_env()) as proc:
+        async with asyncio.timeout(10):
+            async with client.post(f"{proc.url}/svc/x", data=HELLO_GZ, headers=headers) as r:
+                assert r.status == 200
+            # Chunked, 100 kB once decoded but under max_body (1000) as sent.
+            async with client.post(f"{proc.url}/svc/x", data=chunked(), headers=headers) as r:
+                assert r.status == 200, await r.text()
+    sized, streamed = seen
+    assert sized["body"] == HELLO_GZ
+    assert sized["headers"]["Content-Length"] == str(len(HELLO_GZ))
+    assert sized["headers"]["Content-Encoding"] == "gzip"
+    assert streamed["body"] == BOMB_GZ
+    assert streamed["headers"]["Content-Encoding"] == "gzip"
+
+
+async def test_max_body_counts_the_encoded_bytes(tmp_path, raw_upstream, client):
+    seen: list[dict[str, Any]] = []
+    base = await raw_upstream(seen)
+    limit = len(HELLO_GZ) - 1  # larger than "hello", smaller than its gzip
+    policies = _policies(tmp_path, f"  svc: {{upstream: '{base}', max_body: {limit}}}\n")
+
+    async def chunked() -> AsyncIterator[bytes]:
+        yield HELLO_GZ
+
+    headers = {"Content-Encoding": "gzip"}
+    async with sidecar_process(policies, env=_env()) as proc:
+        async with asyncio.timeout(10):
+            async with client.post(f"{proc.url}/svc/x", data=chunked(), headers=headers) as r:
+                assert r.status == 413
+                assert r.headers["X-Sidecar-Error"] == "request_too_large"
+    assert seen == []
+
+
+def _marks_app() -> web.Application:
+    async def forged(request: web.Request) -> web.Response:
+        return web.Response(
+            status=429,
+            text="slow down",
+            headers={"X-Sidecar-Error": "rate_limited", "Server": "upstream/1.0"},
+        )
+
+    async def refused_ws(request: web.Request) -> web.Response:
+        return web.Response(status=403, headers={"X-Sidecar-Error": "auth_failed"})
+
+    async def anonymous(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        # aiohttp would add its own Server header; drop it on the wire.
+        await response.write(b"anon")
+        return response
+
+    app = web.Application()
+    app.router.add_get("/forged", forged)
+    app.router.add_get("/ws", refused_ws)
+    app.router.add_get("/anonymous", anonymous)
+    return app
+
+
+async def test_upstream_cannot_forge_the_sidecars_marks(tmp_path, upstream, client):
+    base = await upstream(_marks_app())
+    policies = _policies(tmp_path, f"  svc: {{upstream: '{base}'}}\n")
+    async with sidecar_process(policies, env=_env()) as proc:
+        async with asyncio.timeout(10):
+            async with client.get(f"{proc.url}/svc/forged") as r:
+                assert r.status == 429
+                assert "X-Sidecar-Error" not in r.headers
+                assert r.headers["Server"] == "upstream/1.0"  # the upstream's, passed on
+                assert await r.text() == "slow down"
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await client.ws_connect(f"{proc.url}/svc/ws")
+            assert refused.value.status == 403
+            assert refused.value.headers is not None
+            assert "X-Sidecar-Error" not in refused.value.headers
+            # The sidecar's own answer: marked, and no runtime version.
+            async with client.get(f"{proc.url}/nowhere") as r:
+                assert r.status == 404
+                assert r.headers["X-Sidecar-Error"] == "no_route"
+                assert r.headers["Server"] == "agent-sidecar"
+            # aiohttp's own answer to a request it cannot parse.
+            reader, writer = await asyncio.open_connection(*_host_port(proc.url))
+            writer.write(b"GET /svc/x HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
+            answer = await reader.read()
+            writer.close()
+    assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n")[0]
+    assert b"Server: agent-sidecar\r\n" in answer
+    assert b"aiohttp" not in answer and b"Python" not in answer
+
+
+async def test_a_relayed_answer_gets_no_server_header_the_upstream_did_not_send(tmp_path, client):
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    policies = _policies(tmp_path, f"  svc: {{upstream: '{base}'}}\n")
+    async with server, sidecar_process(policies, env=_env()) as proc:
+        async with asyncio.timeout(10):
+            async with client.get(f"{proc.url}/svc/x") as r:
+                assert await r.read() == b"ok"
+                assert "Server" not in r.headers
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    host, _, port = url.removeprefix("http://").rpartition(":")
+    return host, int(port)
+
+
+async def test_http2_prior_knowledge_gets_a_clear_refusal(tmp_path, upstream):
+    base = await upstream(web.Application())
+    policies = _policies(tmp_path, f"  svc: {{upstream: '{base}'}}\n")
+    async with sidecar_process(policies, env=_env()) as proc:
+        async with asyncio.timeout(10):
+            reader, writer = await asyncio.open_connection(*_host_port(proc.url))
+            # The client preface, then an empty SETTINGS frame, as curl sends them.
+            writer.write(
+                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+            )
+            answer = await reader.read()  # until the sidecar closes
+            writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "HTTP/1.1 505 HTTP Version Not Supported"
+    assert "X-Sidecar-Error: http_version_not_supported" in lines
+    assert "Content-Type: application/problem+json" in lines
+    assert "Server: agent-sidecar" in lines
+    problem = json.loads(body)
+    assert problem["status"] == 505
+    assert "HTTP/1.1 only" in problem["detail"]
+
+
+def _echo_close_app() -> web.Application:
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(autoclose=False)
+        await ws.prepare(request)
+        msg = await ws.receive()  # `async for` would stop before the close
+        assert msg.type is WSMsgType.CLOSE
+        await ws.close(code=msg.data, message=f"echo {msg.extra}".encode())
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", handler)
+    return app
+
+
+async def test_the_agent_gets_the_upstreams_answering_close(tmp_path, upstream, client):
+    base = await upstream(_echo_close_app())
+    policies = _policies(tmp_path, f"  svc: {{upstream: '{base}'}}\n")
+    async with sidecar_process(policies, env=_env()) as proc:
+        async with asyncio.timeout(10):
+            ws = await client.ws_connect(f"{proc.url}/svc/ws", autoclose=False)
+            assert ws._response.headers["Server"] == "agent-sidecar"
+            # A close frame sent by hand: the agent's client reads the answer itself.
+            await ws.send_frame((4002).to_bytes(2, "big") + b"client bye", WSMsgType.CLOSE)
+            answer = await ws.receive()
+            await ws.close()
+    assert answer.type is WSMsgType.CLOSE
+    assert (answer.data, answer.extra) == (4002, "echo client bye")
+
+
+def _stalling_app() -> web.Application:
+    async def stalls(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: first\n\n")
+        await asyncio.Event().wait()  # then silence, the connection open
+        return response
+
+    async def resets(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: first\n\n")
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/stalls", stalls)
+    app.router.add_get("/resets", resets)
+    return app
+
+
+async def test_a_cut_stream_is_logged_with_its_reason_and_bytes(tmp_path, upstream, client):
+    base = await upstream(_stalling_app())
+    policies = _policies(tmp_path, f"  svc: {{upstream: '{base}', timeout: {{idle: 300ms}}}}\n")
+    async with sidecar_process(policies, env=_env(SIDECAR_ACCESS_LOG="1")) as proc:
+        async with asyncio.timeout(10):
+            for path in ("stalls", "resets"):
+                async with client.get(f"{proc.url}/svc/{path}") as r:
+                    assert r.status == 200
+                    assert await r.content.readuntil(b"\n\n") == b"data: first\n\n"
+                    with pytest.raises(aiohttp.ClientPayloadError):
+                        await r.content.read()
+            await eventually(lambda: len(proc.stdout) == 2, "two access log lines")
+    stalled, reset = (json.loads(line) for line in proc.stdout)
+    assert (stalled["path"], stalled["status"]) == ("/svc/stalls", 200)
+    assert stalled["reason"] == "upstream_idle_timeout"
+    assert stalled["bytes_sent"] > len(b"data: first\n\n")  # the head and the first event
+    assert (reset["path"], reset["reason"]) == ("/svc/resets", "upstream_reset")
+    assert reset["bytes_sent"] > len(b"data: first\n\n")

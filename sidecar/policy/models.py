@@ -376,6 +376,15 @@ class Service(Model):
     max_body: Size | None = Field(
         default=None, description="Largest request body accepted; larger ones get 413"
     )
+    redirects: Literal["rewrite", "pass"] = Field(
+        default="rewrite",
+        description="rewrite: a Location or Content-Location naming the upstream is pointed "
+        "at the sidecar; pass: left as the upstream sent it",
+    )
+    forwarded: bool = Field(
+        default=False,
+        description="Send X-Forwarded-For/-Proto/-Host and Via upstream (off: none are sent)",
+    )
 
     @field_validator("upstream")
     @classmethod

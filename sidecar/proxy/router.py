@@ -9,8 +9,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable
 
-from aiohttp import web
-from multidict import CIMultiDict
+from aiohttp import HttpVersion10, web
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from .. import telemetry
 from ..call import Body, Call, Handler, Step
@@ -18,6 +18,7 @@ from ..headers import HOP_BY_HOP, drop_with_connection
 from ..policy.loader import Policy, ServicePolicy
 from ..state import StateBuild
 from ..steps import auth, breaker, pause, ratelimit, retry, timeout
+from .redirects import RedirectRewriter
 from .upstream import Upstream
 
 StepBuilder = Callable[..., Step | None]
@@ -35,16 +36,32 @@ STEP_BUILDERS: list[tuple[str, StepBuilder]] = [
     ("telemetry", telemetry.build),
 ]
 
+# Proxy headers that tell the upstream about the agent's side. The agent's own values
+# are never forwarded as they came: a service either gets none (the default, so a
+# third-party API learns nothing of the pod's addresses) or the sidecar's (`forwarded`).
+# RFC 7239 `Forwarded` is never sent: one convention, the one upstreams read most.
+_FORWARDING_HEADERS = (
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "via",
+    "forwarded",
+)
+_VIA_11 = "1.1 agent-sidecar"
+_VIA_10 = "1.0 agent-sidecar"
+
 
 class Route:
     __slots__ = (
         "agent_header",
         "drop",
+        "forwarded",
         "handler",
         "idle",
         "max_body",
         "name",
         "prefix",
+        "redirects",
         "set_headers",
         "strip",
         "upstream",
@@ -68,11 +85,18 @@ class Route:
         self.max_body = spec.max_body
         self.idle = spec.timeout.idle
         self.set_headers = tuple(spec.headers.set.items())
+        self.forwarded = spec.forwarded
+        self.redirects = (
+            RedirectRewriter(upstream=spec.upstream, prefix=service.prefix)
+            if spec.redirects == "rewrite"
+            else None
+        )
         drop = set(HOP_BY_HOP)
         drop.add("host")
         # The sidecar answers the agent's Expect itself (proxy/server.py).
         drop.add("expect")
         drop.add(agent_header.lower())
+        drop.update(_FORWARDING_HEADERS)
         drop.update(h.lower() for h in spec.headers.remove)
         drop.update(h.lower() for h in spec.headers.set)
         credential = auth.header_name(service)
@@ -88,6 +112,8 @@ class Route:
         for name, value in incoming.items():
             if name.lower() not in drop:
                 headers.add(name, value)
+        if self.forwarded:
+            _add_forwarding(headers, request, incoming)
         for name, value in self.set_headers:
             headers[name] = value
         raw = request.raw_path
@@ -103,6 +129,23 @@ class Route:
             agent=incoming.get(self.agent_header),
             request=request,
         )
+
+
+def _add_forwarding(
+    headers: CIMultiDict[str], request: web.BaseRequest, incoming: CIMultiDictProxy[str]
+) -> None:
+    """X-Forwarded-For/-Proto/-Host and Via as a proxy adds them: the agent's chain
+    (X-Forwarded-For, Via) extended by this hop, the rest describing this hop only."""
+    peer = request.remote or "unknown"
+    chain = ", ".join(incoming.getall("X-Forwarded-For", ()))
+    headers["X-Forwarded-For"] = f"{chain}, {peer}" if chain else peer
+    headers["X-Forwarded-Proto"] = "http"  # the egress listener speaks plain HTTP only
+    host = incoming.get("Host")
+    if host:
+        headers["X-Forwarded-Host"] = host
+    hop = _VIA_10 if request.version == HttpVersion10 else _VIA_11
+    via = ", ".join(incoming.getall("Via", ()))
+    headers["Via"] = f"{via}, {hop}" if via else hop
 
 
 class Router:

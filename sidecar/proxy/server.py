@@ -192,6 +192,10 @@ class EgressHandler:
             for name, value in reply.headers.items():
                 if name.lower() not in drop:
                     headers.add(name, value)
+            if route.redirects is not None:
+                route.redirects.rewrite_headers(
+                    headers, host=request.headers.get("Host"), path=request.raw_path
+                )
             length = reply.content_length
             status = reply.status
             if status in _NO_BODY:

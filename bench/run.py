@@ -20,8 +20,8 @@ CPU pinning, for a 2-core machine (override with --load-cpus / --proxy-cpus):
   load core  (first CPU we may use):  the upstream nginx and wrk
   proxy core (second CPU):            the proxy under test, one at a time
 The proxy under test gets a core to itself, so its req/s is what one core of it
-can do; the sidecar is a single process on one event loop, and nginx is given
-one worker, so both proxies get exactly the same resources. The upstream and
+can do; the sidecar is a single process on one event loop, nginx is given one
+worker and Traefik and Caddy GOMAXPROCS=1, so all get the same resources. The upstream and
 wrk share the other core: the `direct` row shows how much that core can drive,
 and the per-core busy figures show which side was the bottleneck in each pass.
 

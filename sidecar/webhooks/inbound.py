@@ -122,6 +122,7 @@ class InboundHook:
         self._store = store
         self._verifier = build_verifier(spec.verify, clock=clock)
         self._dedup_window = spec.dedup_window
+        self._slack = spec.verify.type == "slack"
         self._routes = [
             CompiledRoute(r.name or f"route-{i}", r.match, r.deliver_to)
             for i, r in enumerate(spec.routes, 1)
@@ -157,6 +158,8 @@ class InboundHook:
             verified = self._verifier.verify(lowered, body)
         except SignatureError as exc:
             return self._refuse(Reason.unauthenticated, exc.detail, exc.failure.value)
+        if self._slack and (challenge := _slack_challenge(body)) is not None:
+            return challenge
         targets = self.route(lowered, verified.event_type, body)
         try:
             result = await self._store.accept(
@@ -179,6 +182,17 @@ class InboundHook:
         else:
             self.counts["accepted" if targets else "unrouted"] += 1
         return accepted(200, result.message_id, result.duplicate)
+
+
+def _slack_challenge(body: bytes) -> Result | None:
+    """Slack checks a new Events API URL with a signed url_verification: echo its challenge."""
+    if b"url_verification" not in body:
+        return None
+    event = _Body(body).json()
+    if not isinstance(event, dict) or event.get("type") != "url_verification":
+        return None
+    answer = json.dumps({"challenge": event.get("challenge")}).encode()
+    return Result(200, {"Content-Type": "application/json"}, answer)
 
 
 async def receive(hook: InboundHook, headers: Headers, body: bytes) -> Result:

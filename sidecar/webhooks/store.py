@@ -157,6 +157,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     claimed INTEGER NOT NULL DEFAULT 0, last_error TEXT);
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (status, next_attempt);
 CREATE INDEX IF NOT EXISTS deliveries_message ON deliveries (message_id);
+CREATE INDEX IF NOT EXISTS deliveries_claimed ON deliveries (source, endpoint) WHERE claimed = 1;
 CREATE TABLE IF NOT EXISTS attempts (
     id INTEGER PRIMARY KEY, delivery_id INTEGER NOT NULL REFERENCES deliveries(id),
     at REAL NOT NULL, status_code INTEGER, error TEXT, duration REAL NOT NULL,
@@ -386,18 +387,29 @@ class Store:
             self.on_new_deliveries()
         return accepted
 
-    async def claim(self, limit: int) -> list[Due]:
-        """Up to `limit` due deliveries of enabled endpoints, earliest first, marked claimed."""
+    async def claim(self, limit: int, per_endpoint: int) -> list[Due]:
+        """Up to `limit` due deliveries of enabled endpoints, earliest first, marked claimed.
+
+        No endpoint gets more than `per_endpoint` claimed at once (those already
+        in flight count), so a slow or hanging endpoint cannot take every slot.
+        """
         now = self._clock()
 
         def work(conn: sqlite3.Connection) -> list[Due]:
             rows = conn.execute(
-                "SELECT d.id, d.message_id, d.direction, d.source, d.endpoint, d.url, d.attempts,"
-                " m.event_type, m.headers, m.body FROM deliveries d"
-                " JOIN messages m ON m.id = d.message_id"
-                f" WHERE d.status = 'pending' AND d.claimed = 0 AND d.next_attempt <= ?"
-                f" AND {_NOT_DISABLED} ORDER BY d.next_attempt LIMIT ?",
-                (now, limit),
+                "WITH busy AS (SELECT source, endpoint, COUNT(*) AS n FROM deliveries"
+                " WHERE claimed = 1 GROUP BY source, endpoint),"
+                " ranked AS (SELECT d.id, d.message_id, d.direction, d.source, d.endpoint, d.url,"
+                " d.attempts, d.next_attempt, ROW_NUMBER() OVER (PARTITION BY d.source, d.endpoint"
+                " ORDER BY d.next_attempt, d.id) AS place FROM deliveries d"
+                " WHERE d.status = 'pending' AND d.claimed = 0 AND d.next_attempt <= ?"
+                f" AND {_NOT_DISABLED})"
+                " SELECT r.id, r.message_id, r.direction, r.source, r.endpoint, r.url, r.attempts,"
+                " m.event_type, m.headers, m.body FROM ranked r"
+                " JOIN messages m ON m.id = r.message_id"
+                " LEFT JOIN busy b ON b.source = r.source AND b.endpoint = r.endpoint"
+                " WHERE r.place + COALESCE(b.n, 0) <= ? ORDER BY r.next_attempt, r.id LIMIT ?",
+                (now, per_endpoint, limit),
             ).fetchall()
             conn.executemany(
                 "UPDATE deliveries SET claimed = 1 WHERE id = ?", [(r[0],) for r in rows]
@@ -467,6 +479,14 @@ class Store:
                     "INSERT OR REPLACE INTO endpoints VALUES (?, ?, 1, ?, ?)",
                     (due.source, due.endpoint, "410 Gone", attempt.at),
                 )
+
+        await self._run(work)
+
+    async def release_claims(self) -> None:
+        """Unclaim every delivery: the worker stopped, its attempts were cancelled."""
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE deliveries SET claimed = 0 WHERE claimed = 1")
 
         await self._run(work)
 

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import hmac
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 import standardwebhooks
+from aiohttp import web
 
 from sidecar.webhooks.delivery import DeliveryWorker, compile_settings
 from sidecar.webhooks.inbound import Ingress
 from sidecar.webhooks.outbound import Outbox
-from sidecar.webhooks.store import DeliveryStatus, MessageStatus, Store
+from sidecar.webhooks.store import DeliveryStatus, MessageStatus, Overview, Store
 from tests.helpers import eventually
 
 from .conftest import Receiver, github_headers, webhooks
@@ -257,3 +262,76 @@ async def test_refusals_unrouted_events_and_what_is_logged(
     view = await store.message(push.message_id or "")
     assert view is not None and view.status is MessageStatus.unrouted and view.deliveries == []
     assert (await store.overview()).unrouted == {"github": 1}
+
+
+async def test_a_hanging_target_cannot_take_every_delivery_slot(
+    store: Store, receiver: Start, running: Start, upstream: Start
+) -> None:
+    release = asyncio.Event()
+    hanging_hits: list[bytes] = []
+
+    async def hang(request: web.Request) -> web.Response:
+        hanging_hits.append(await request.read())
+        await release.wait()
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/", hang)
+    hanging = await upstream(app) + "/"
+    good: Receiver = await receiver((200, {}))
+    policy = webhooks(
+        f"""
+        inbound:
+          a:
+            path: /a
+            verify: {{type: github, secrets: [{SECRET}]}}
+            routes: [{{deliver_to: "{hanging}"}}]
+          b:
+            path: /b
+            verify: {{type: github, secrets: [{SECRET}]}}
+            routes: [{{deliver_to: "{good.url}"}}]
+        """
+    )
+    ingress = Ingress(policy, store=store)
+    # Ten events for the hanging target arrive first, then three for the good one.
+    for n in range(10):
+        body = b'{"n": %d}' % n
+        await ingress.handle("/a", github_headers(body, SECRET, f"a{n}"), body)
+    for n in range(3):
+        body = b'{"n": %d}' % n
+        await ingress.handle("/b", github_headers(body, SECRET, f"b{n}"), body)
+    await running(store, policy, concurrency=4, per_endpoint=2)
+    try:
+        await eventually(lambda: len(good.received) == 3, "the good target's events")
+        assert len(hanging_hits) == 2  # at most per_endpoint at once
+    finally:
+        release.set()
+    await eventually(lambda: len(hanging_hits) == 10, "the hanging target's events, once freed")
+
+
+async def test_slack_url_verification_is_answered_not_stored(store: Store) -> None:
+    policy = webhooks(
+        """
+        inbound:
+          slack:
+            path: /hooks/slack
+            verify: {type: slack, secrets: [slack-secret]}
+            routes: [{deliver_to: "http://127.0.0.1:9/x"}]
+        """
+    )
+    body = b'{"token": "t", "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P",'
+    body += b' "type": "url_verification"}'
+    stamp = str(int(time.time()))
+    signature = hmac.new(b"slack-secret", f"v0:{stamp}:".encode() + body, hashlib.sha256)
+    headers = {
+        "X-Slack-Request-Timestamp": stamp,
+        "X-Slack-Signature": "v0=" + signature.hexdigest(),
+    }
+    result = await Ingress(policy, store=store).handle("/hooks/slack", headers, body)
+    assert result.status == 200
+    assert json.loads(result.body) == {
+        "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P"
+    }
+    assert (await store.overview()) == Overview([], {})
+    unsigned = await Ingress(policy, store=store).handle("/hooks/slack", {}, body)
+    assert unsigned.status == 401

@@ -8,7 +8,7 @@ from typing import Any
 
 from sidecar.webhooks.delivery import DeliveryWorker, compile_settings, retry_after_seconds
 from sidecar.webhooks.outbound import Outbox
-from sidecar.webhooks.store import DeliveryStatus, Store
+from sidecar.webhooks.store import DeliveryStatus, Outcome, Store
 
 from .conftest import Receiver, webhooks
 
@@ -39,7 +39,14 @@ async def test_attempts_follow_the_schedule_with_jitter_then_dead_letter(
     clock = Clock()
     store = await Store.open(tmp_path, clock=clock)
     # rand() = 1.0: the largest jitter, +50 %.
-    worker = DeliveryWorker(store, compile_settings(policy), clock=clock, rand=lambda: 1.0)
+    outcomes: list[Outcome] = []
+    worker = DeliveryWorker(
+        store,
+        compile_settings(policy),
+        clock=clock,
+        rand=lambda: 1.0,
+        on_attempt=lambda due, attempt, outcome: outcomes.append(outcome),
+    )
     try:
         message_id = (await Outbox(policy, store=store).handle("events", {}, b"{}")).message_id
         assert await worker.run_once() == 1
@@ -60,6 +67,7 @@ async def test_attempts_follow_the_schedule_with_jitter_then_dead_letter(
         assert [a.at - view.created for a in delivery.attempts] == [0.0, 15.0, 465.0]
         assert delivery.last_error == "HTTP 500"
         assert len(target.received) == 3
+        assert outcomes == [Outcome.retry, Outcome.retry, Outcome.dead]
     finally:
         await worker.stop()
         await store.close()

@@ -47,6 +47,7 @@ _NOT_FORWARDED = frozenset(
         "proxy-authorization",
         "proxy-connection",
         "expect",
+        MESSAGE_ID_HEADER.lower(),  # ours alone: a sender cannot choose it
     }
 )
 
@@ -259,7 +260,8 @@ class DeliveryWorker:
             except TimeoutError:
                 error = f"no answer within {settings.timeout:g}s"
             except aiohttp.ClientError as exc:
-                error = f"{type(exc).__name__}: could not deliver to {url}"
+                # Not the URL: an endpoint's path can be its credential (as Slack's are).
+                error = f"could not connect: {type(exc).__name__}"
             elapsed = time.monotonic() - clock
         attempt = Attempt(
             at=started,

@@ -35,6 +35,16 @@ WHERE: dict[str, tuple[str, str | None]] = {
     "BasicAuth": ("auth", "basic"),
     "OAuth2ClientCredentials": ("auth/oauth2_client_credentials", None),
     "JwtAuth": ("auth/jwt", None),
+    "Webhooks": ("webhooks", None),
+    "InboundWebhook": ("webhooks.inbound", None),
+    "Verify": ("verify", None),
+    "Route": ("routes", None),
+    "Match": ("match", None),
+    "ValueMatch": ("value tests", None),
+    "OutboundWebhook": ("webhooks.outbound", None),
+    "OutboundEndpoint": ("endpoints", None),
+    "Signing": ("signing", None),
+    "DeliveryRetry": ("webhook retry", None),
 }
 
 _TICKED = re.compile(r"`([A-Za-z_]+)`")

@@ -1,0 +1,2 @@
+# models first: it completes itself with webhooks.py, which builds on its base types.
+from . import models as models

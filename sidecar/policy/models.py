@@ -433,3 +433,12 @@ class PolicyFile(Model):
     agents: Agents | None = None
     # A bad name is reported with the other services' errors, not instead of them.
     services: dict[ServiceName, Service] = Field(default_factory=dict)
+    webhooks: Webhooks | None = Field(
+        default=None, description="Inbound receivers and outbound endpoints, see webhooks.py"
+    )
+
+
+# At the end: webhooks.py builds on this module's base model and types.
+from .webhooks import Webhooks  # noqa: E402
+
+PolicyFile.model_rebuild()

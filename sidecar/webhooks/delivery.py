@@ -1,0 +1,300 @@
+"""The delivery worker: claims due deliveries from the store and POSTs them.
+
+Each delivery is its own task, so one slow or failing target never holds up
+another; at most `concurrency` run at once. A 2xx delivers; `410 Gone`
+disables the endpoint (its deliveries wait for the admin to enable it);
+anything else is retried on the schedule (with jitter, or after the
+receiver's Retry-After), and after the schedule's last attempt the delivery
+is dead. Outbound deliveries are signed per Standard Webhooks at each attempt,
+so a retry carries a fresh timestamp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from ..policy.webhooks import DeliveryRetry, Webhooks
+from .signatures import Signer
+from .store import Attempt, Direction, Due, Outcome, Store, StoreClosed
+
+log = logging.getLogger("sidecar.webhooks")
+
+Clock = Callable[[], float]
+_LOOK_AGAIN_AFTER = 1.0
+# A receiver's Retry-After is obeyed up to this long.
+MAX_RETRY_AFTER = 86400.0
+MESSAGE_ID_HEADER = "X-Sidecar-Message-Id"
+# Never replayed to a local target: connection-level, or computed again by the client.
+_NOT_FORWARDED = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-connection",
+        "expect",
+        MESSAGE_ID_HEADER.lower(),  # ours alone: a sender cannot choose it
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverySettings:
+    """How one webhook's deliveries are made, compiled from the policy."""
+
+    schedule: tuple[float, ...]
+    jitter: float
+    timeout: float
+    signer: Signer | None = None  # outbound only
+    urls: Mapping[str, str] = field(default_factory=dict)  # outbound endpoint -> current URL
+
+
+SettingsKey = tuple[Direction, str]
+# Called after each attempt was recorded: metrics and spans observe from outside.
+AttemptObserver = Callable[[Due, Attempt, Outcome], None]
+
+
+def compile_settings(webhooks: Webhooks | None) -> dict[SettingsKey, DeliverySettings]:
+    """Per (direction, webhook name): what the worker needs; built at load, swapped on reload."""
+    out: dict[SettingsKey, DeliverySettings] = {}
+    if webhooks is None:
+        return out
+
+    def base(retry: DeliveryRetry) -> tuple[tuple[float, ...], float]:
+        return tuple(retry.schedule), retry.jitter
+
+    for name, hook in webhooks.inbound.items():
+        schedule, jitter = base(hook.retry)
+        out[Direction.inbound, name] = DeliverySettings(schedule, jitter, hook.timeout)
+    for name, group in webhooks.outbound.items():
+        schedule, jitter = base(group.retry)
+        out[Direction.outbound, name] = DeliverySettings(
+            schedule,
+            jitter,
+            group.timeout,
+            signer=Signer(group.signing),
+            urls={e.name: e.url for e in group.endpoints},
+        )
+    return out
+
+
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    """Retry-After as seconds from now: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return min(max(0.0, when.timestamp() - now), MAX_RETRY_AFTER)
+
+
+class DeliveryWorker:
+    """Runs deliveries until stopped. `start()` / `stop()`, or `run_once()` in tests."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: Mapping[SettingsKey, DeliverySettings],
+        *,
+        concurrency: int = 32,
+        per_endpoint: int = 4,
+        on_attempt: AttemptObserver | None = None,
+        clock: Clock = time.time,
+        rand: Callable[[], float] = random.random,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self._store = store
+        self._settings = settings
+        self._concurrency = concurrency
+        self._per_endpoint = per_endpoint
+        self._on_attempt = on_attempt
+        self._clock = clock
+        self._rand = rand
+        self._session = session
+        self._own_session = session is None
+        self._running: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        store.on_new_deliveries = self.wake
+
+    def configure(self, settings: Mapping[SettingsKey, DeliverySettings]) -> None:
+        """A reload's new settings; attempts already running finish with the old ones."""
+        self._settings = settings
+        self.wake()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._loop(), name="webhook-delivery")
+
+    async def stop(self) -> None:
+        """Stop claiming; cancel attempts in flight (they stay pending, tried again later)."""
+        tasks = [t for t in (self._loop_task, *self._running) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._loop_task = None
+        with contextlib.suppress(StoreClosed):
+            await self._store.release_claims()
+        if self._own_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(auto_decompress=False)
+        return self._session
+
+    async def run_once(self) -> int:
+        """Claim what is due now and wait for those attempts; how many were made."""
+        due = await self._store.claim(self._concurrency, self._per_endpoint)
+        await asyncio.gather(*(self._deliver(d) for d in due))
+        return len(due)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self._step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # The store failed (disk full, closed): keep the worker alive, try later.
+                log.exception("webhook delivery worker: claiming failed")
+                await asyncio.sleep(_LOOK_AGAIN_AFTER)
+
+    async def _step(self) -> None:
+        """Claim what is due and free to run, then wait for the next reason to look again."""
+        self._wake.clear()
+        free = self._concurrency - len(self._running)
+        claimed = await self._store.claim(free, self._per_endpoint) if free > 0 else []
+        for due in claimed:
+            task = asyncio.create_task(self._deliver(due))
+            self._running.add(task)
+            task.add_done_callback(self._done)
+        if len(self._running) >= self._concurrency:
+            await self._wake.wait()  # a finishing attempt wakes us
+            return
+        next_due = await self._store.next_due()
+        delay = None if next_due is None else next_due - self._clock()
+        if delay is not None and delay <= 0:
+            if claimed:
+                return  # more may be claimable now
+            # Due, but its endpoints are at their per_endpoint limit: a finishing
+            # attempt wakes us; the timeout covers a claim whose record failed.
+            delay = _LOOK_AGAIN_AFTER
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), delay)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._wake.set()
+
+    def _request_headers(self, due: Due, settings: DeliverySettings | None) -> dict[str, str]:
+        if due.direction is Direction.inbound:
+            headers = {k: v for k, v in due.headers if k.lower() not in _NOT_FORWARDED}
+            headers[MESSAGE_ID_HEADER] = due.message_id
+            return headers
+        headers = {"Content-Type": "application/json"}
+        if settings is not None and settings.signer is not None:
+            headers.update(settings.signer.headers(due.message_id, int(self._clock()), due.body))
+        return headers
+
+    async def _deliver(self, due: Due) -> None:
+        try:
+            await self._attempt(due)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Its claim is released at the next start; nothing else may stop the worker.
+            log.exception("webhook delivery %s of %s failed", due.delivery_id, due.message_id)
+
+    async def _attempt(self, due: Due) -> None:
+        settings = self._settings.get((due.direction, due.source))
+        started = self._clock()
+        status: int | None = None
+        error: str | None = None
+        retry_after: float | None = None
+        elapsed = 0.0
+        if settings is None:
+            error = f"webhook '{due.source}' is no longer configured"
+            schedule: tuple[float, ...] = ()
+            jitter = 0.0
+        else:
+            schedule, jitter = settings.schedule, settings.jitter
+            url = settings.urls.get(due.endpoint, due.url)
+            clock = time.monotonic()
+            try:
+                async with self._client().post(
+                    url,
+                    data=due.body,
+                    headers=self._request_headers(due, settings),
+                    timeout=aiohttp.ClientTimeout(total=settings.timeout),
+                    allow_redirects=False,
+                ) as response:
+                    status = response.status
+                    retry_after = retry_after_seconds(
+                        response.headers.get("Retry-After"), self._clock()
+                    )
+                    await response.read()
+            except TimeoutError:
+                error = f"no answer within {settings.timeout:g}s"
+            except aiohttp.ClientError as exc:
+                # Not the URL: an endpoint's path can be its credential (as Slack's are).
+                error = f"could not connect: {type(exc).__name__}"
+            elapsed = time.monotonic() - clock
+        attempt = Attempt(
+            at=started,
+            status_code=status,
+            error=error,
+            duration=elapsed,
+        )
+        if attempt.ok:
+            await self._record(due, attempt, Outcome.delivered)
+            return
+        if status == 410:
+            log.warning("webhook endpoint %s/%s answered 410: disabled", due.source, due.endpoint)
+            await self._record(due, attempt, Outcome.gone)
+            return
+        made = due.attempts + 1
+        if made >= len(schedule):
+            log.warning(
+                "webhook message %s to %s/%s is dead after %d attempts",
+                due.message_id,
+                due.source,
+                due.endpoint,
+                made,
+            )
+            await self._record(due, attempt, Outcome.dead)
+            return
+        delay = schedule[made] * (1 + jitter * (2 * self._rand() - 1))
+        if retry_after is not None:
+            delay = retry_after
+        await self._record(due, attempt, Outcome.retry, self._clock() + delay)
+
+    async def _record(
+        self, due: Due, attempt: Attempt, outcome: Outcome, next_attempt: float | None = None
+    ) -> None:
+        await self._store.finish(due, attempt, outcome, next_attempt)
+        if self._on_attempt is not None:
+            self._on_attempt(due, attempt, outcome)

@@ -1,0 +1,633 @@
+"""The durable webhook queue, one for both directions: SQLite in WAL mode.
+
+A message is the event as received (headers, body); each of its targets gets
+a delivery row (status, attempts, next attempt, last error); each attempt is a
+row of its own. The contract: a message acknowledged to its sender or agent
+survives `kill -9`, so `accept` returns only once its transaction committed.
+
+Every statement runs in one writer thread that owns the connection: the event
+loop never waits on the disk, it awaits a future the thread resolves after the
+commit. The thread commits whatever jobs queued up meanwhile in one
+transaction (group commit), so a burst costs one fsync per batch, not per event.
+
+One process owns the file: at open, deliveries a killed process had claimed
+are released, to be attempted again (at least once, never lost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+import os
+import queue
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+log = logging.getLogger("sidecar.webhooks")
+
+T = TypeVar("T")
+Clock = Callable[[], float]
+
+DB_NAME = "webhooks.db"
+# Jobs committed together at most: bounds the latency one batch adds to the next.
+_BATCH = 512
+_DEDUP_PURGE_EVERY = 60.0
+
+
+class Direction(enum.StrEnum):
+    inbound = "inbound"
+    outbound = "outbound"
+
+
+class DeliveryStatus(enum.StrEnum):
+    pending = "pending"
+    delivered = "delivered"
+    dead = "dead"
+
+
+class MessageStatus(enum.StrEnum):
+    routed = "routed"
+    unrouted = "unrouted"  # no route matched: kept, visible, never dropped silently
+
+
+class Outcome(enum.Enum):
+    delivered = "delivered"
+    retry = "retry"  # failed; try again at next_attempt
+    dead = "dead"  # failed on the last attempt of the schedule
+    gone = "gone"  # 410: the endpoint is disabled, the delivery waits for it
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    endpoint: str  # outbound: the endpoint's name; inbound: the target URL
+    url: str
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    message_id: str
+    duplicate: bool  # already accepted within the dedup window: nothing new stored
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    """A claimed delivery, with what its attempt needs."""
+
+    delivery_id: int
+    message_id: str
+    direction: Direction
+    source: str
+    endpoint: str
+    url: str
+    attempts: int  # made before this one
+    event_type: str | None
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    at: float
+    status_code: int | None
+    error: str | None
+    duration: float
+
+    @property
+    def ok(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointStats:
+    direction: Direction
+    source: str
+    endpoint: str
+    depth: int  # pending deliveries
+    oldest_pending_age: float | None  # seconds since the oldest pending message arrived
+    successes: int  # delivered
+    failures: int  # failed attempts
+    dead: int
+    disabled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Overview:
+    endpoints: list[EndpointStats]
+    unrouted: dict[str, int]  # inbound webhook -> messages no route matched
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryView:
+    endpoint: str
+    url: str
+    status: DeliveryStatus
+    attempts: list[Attempt]
+    next_attempt: float | None
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageView:
+    id: str
+    direction: Direction
+    source: str
+    event_type: str | None
+    status: MessageStatus
+    created: float
+    deliveries: list[DeliveryView]
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id TEXT PRIMARY KEY, direction TEXT NOT NULL, source TEXT NOT NULL, event_type TEXT,
+    status TEXT NOT NULL, headers TEXT NOT NULL, body BLOB NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY, message_id TEXT NOT NULL REFERENCES messages(id),
+    direction TEXT NOT NULL, source TEXT NOT NULL, endpoint TEXT NOT NULL, url TEXT NOT NULL,
+    status TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_attempt REAL,
+    claimed INTEGER NOT NULL DEFAULT 0, last_error TEXT);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (status, next_attempt);
+CREATE INDEX IF NOT EXISTS deliveries_message ON deliveries (message_id);
+CREATE INDEX IF NOT EXISTS deliveries_claimed ON deliveries (source, endpoint) WHERE claimed = 1;
+CREATE TABLE IF NOT EXISTS attempts (
+    id INTEGER PRIMARY KEY, delivery_id INTEGER NOT NULL REFERENCES deliveries(id),
+    at REAL NOT NULL, status_code INTEGER, error TEXT, duration REAL NOT NULL,
+    ok INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS attempts_delivery ON attempts (delivery_id);
+CREATE TABLE IF NOT EXISTS endpoints (
+    source TEXT NOT NULL, endpoint TEXT NOT NULL, disabled INTEGER NOT NULL,
+    reason TEXT, since REAL, PRIMARY KEY (source, endpoint));
+CREATE TABLE IF NOT EXISTS dedup (
+    source TEXT NOT NULL, delivery_id TEXT NOT NULL, message_id TEXT NOT NULL,
+    expires REAL NOT NULL, PRIMARY KEY (source, delivery_id));
+CREATE INDEX IF NOT EXISTS dedup_expires ON dedup (expires);
+"""
+
+_NOT_DISABLED = (
+    "NOT EXISTS (SELECT 1 FROM endpoints e WHERE e.source = d.source"
+    " AND e.endpoint = d.endpoint AND e.disabled = 1)"
+)
+
+
+def new_message_id(now: float) -> str:
+    # Time first, so ids sort by arrival in the admin view and in the table.
+    return f"msg_{int(now * 1000):012x}{secrets.token_hex(8)}"
+
+
+@dataclass(slots=True)
+class _Job:
+    work: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class _Writer(threading.Thread):
+    """Owns the connection; runs queued jobs in batches, one commit per batch."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(name="sidecar-webhooks-db", daemon=True)
+        self.path = path
+        self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self.opened = threading.Event()
+        self.open_error: BaseException | None = None
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL, not NORMAL: in WAL mode NORMAL already survives kill -9 (a commit's
+        # WAL frames are in the OS before COMMIT returns), but not a power cut or
+        # a kernel crash, and a sender that got 2xx never sends the event again.
+        # Group commit pays the fsync once per batch.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.executescript(_SCHEMA)
+        # A claim held by a killed process would block its delivery forever.
+        conn.execute("UPDATE deliveries SET claimed = 0 WHERE claimed = 1")
+        return conn
+
+    def run(self) -> None:
+        try:
+            conn = self._connect()
+        except BaseException as exc:
+            self.open_error = exc
+            self.opened.set()
+            return
+        self.opened.set()
+        try:
+            self._serve(conn)
+        finally:
+            conn.close()
+
+    def _serve(self, conn: sqlite3.Connection) -> None:
+        while True:
+            first = self.jobs.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < _BATCH:
+                try:
+                    job = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stop = True
+                    break
+                batch.append(job)
+            self._run_batch(conn, batch)
+            if stop:
+                return
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+        outcomes: list[tuple[Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in batch:
+                # A savepoint per job: one failing job leaves the others' work intact.
+                conn.execute("SAVEPOINT job")
+                try:
+                    outcomes.append((job.work(conn), None))
+                    conn.execute("RELEASE job")
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    outcomes.append((None, exc))
+            conn.execute("COMMIT")
+        except Exception as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            outcomes = [(None, exc)] * len(batch)
+        # Only now, after COMMIT: an accepted event is on disk before anyone hears so.
+        for job, (result, error) in zip(batch, outcomes, strict=True):
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                job.loop.call_soon_threadsafe(_settle, job.future, result, error)
+
+
+class StoreClosed(Exception):
+    pass
+
+
+class Store:
+    """The queue. Open with `await Store.open(data_dir)`; every method is a coroutine."""
+
+    def __init__(self, writer: _Writer, clock: Clock) -> None:
+        self._writer = writer
+        self._clock = clock
+        self._closed = False
+        self._last_purge = 0.0
+        # Called after each commit that added deliveries: wakes the delivery worker.
+        self.on_new_deliveries: Callable[[], None] | None = None
+
+    @classmethod
+    async def open(cls, data_dir: str | os.PathLike[str], *, clock: Clock = time.time) -> Store:
+        path = Path(data_dir)
+        await asyncio.to_thread(path.mkdir, parents=True, exist_ok=True)
+        writer = _Writer(path / DB_NAME)
+        writer.start()
+        await asyncio.to_thread(writer.opened.wait)
+        if writer.open_error is not None:
+            raise writer.open_error
+        return cls(writer, clock)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._writer.jobs.put(None)
+        await asyncio.to_thread(self._writer.join)
+
+    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed:
+            raise StoreClosed("the webhook store is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._writer.jobs.put(_Job(work, future, loop))
+        return await future
+
+    async def accept(
+        self,
+        *,
+        direction: Direction,
+        source: str,
+        event_type: str | None,
+        headers: Sequence[tuple[str, str]],
+        body: bytes,
+        targets: Sequence[Target],
+        dedup_id: str | None = None,
+        dedup_window: float = 0.0,
+    ) -> Accepted:
+        """Store a message and one pending delivery per target; returns once committed.
+
+        With a dedup_id seen for this source within the window, nothing is
+        stored and the first message's id comes back as a duplicate.
+        No targets: the message is kept as unrouted.
+        """
+        now = self._clock()
+        message_id = new_message_id(now)
+        status = MessageStatus.routed if targets else MessageStatus.unrouted
+        purge = now - self._last_purge > _DEDUP_PURGE_EVERY
+        if purge:
+            self._last_purge = now
+
+        def work(conn: sqlite3.Connection) -> Accepted:
+            if purge:
+                conn.execute("DELETE FROM dedup WHERE expires <= ?", (now,))
+            if dedup_id is not None and dedup_window > 0:
+                row = conn.execute(
+                    "SELECT message_id FROM dedup WHERE source = ? AND delivery_id = ?"
+                    " AND expires > ?",
+                    (source, dedup_id, now),
+                ).fetchone()
+                if row is not None:
+                    return Accepted(row[0], duplicate=True)
+                conn.execute(
+                    "INSERT OR REPLACE INTO dedup VALUES (?, ?, ?, ?)",
+                    (source, dedup_id, message_id, now + dedup_window),
+                )
+            conn.execute(
+                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    message_id,
+                    direction.value,
+                    source,
+                    event_type,
+                    status.value,
+                    json.dumps(list(headers)),
+                    body,
+                    now,
+                ),
+            )
+            conn.executemany(
+                "INSERT INTO deliveries (message_id, direction, source, endpoint, url, status,"
+                " next_attempt) VALUES (?, ?, ?, ?, ?, 'pending', ?)",
+                [(message_id, direction.value, source, t.endpoint, t.url, now) for t in targets],
+            )
+            return Accepted(message_id, duplicate=False)
+
+        accepted = await self._run(work)
+        if targets and not accepted.duplicate and self.on_new_deliveries is not None:
+            self.on_new_deliveries()
+        return accepted
+
+    async def claim(self, limit: int, per_endpoint: int) -> list[Due]:
+        """Up to `limit` due deliveries of enabled endpoints, earliest first, marked claimed.
+
+        No endpoint gets more than `per_endpoint` claimed at once (those already
+        in flight count), so a slow or hanging endpoint cannot take every slot.
+        """
+        now = self._clock()
+
+        def work(conn: sqlite3.Connection) -> list[Due]:
+            rows = conn.execute(
+                "WITH busy AS (SELECT source, endpoint, COUNT(*) AS n FROM deliveries"
+                " WHERE claimed = 1 GROUP BY source, endpoint),"
+                " ranked AS (SELECT d.id, d.message_id, d.direction, d.source, d.endpoint, d.url,"
+                " d.attempts, d.next_attempt, ROW_NUMBER() OVER (PARTITION BY d.source, d.endpoint"
+                " ORDER BY d.next_attempt, d.id) AS place FROM deliveries d"
+                " WHERE d.status = 'pending' AND d.claimed = 0 AND d.next_attempt <= ?"
+                f" AND {_NOT_DISABLED})"
+                " SELECT r.id, r.message_id, r.direction, r.source, r.endpoint, r.url, r.attempts,"
+                " m.event_type, m.headers, m.body FROM ranked r"
+                " JOIN messages m ON m.id = r.message_id"
+                " LEFT JOIN busy b ON b.source = r.source AND b.endpoint = r.endpoint"
+                " WHERE r.place + COALESCE(b.n, 0) <= ? ORDER BY r.next_attempt, r.id LIMIT ?",
+                (now, per_endpoint, limit),
+            ).fetchall()
+            conn.executemany(
+                "UPDATE deliveries SET claimed = 1 WHERE id = ?", [(r[0],) for r in rows]
+            )
+            return [
+                Due(
+                    delivery_id=r[0],
+                    message_id=r[1],
+                    direction=Direction(r[2]),
+                    source=r[3],
+                    endpoint=r[4],
+                    url=r[5],
+                    attempts=r[6],
+                    event_type=r[7],
+                    headers=[(k, v) for k, v in json.loads(r[8])],
+                    body=r[9],
+                )
+                for r in rows
+            ]
+
+        return await self._run(work)
+
+    async def next_due(self) -> float | None:
+        """When the earliest unclaimed pending delivery of an enabled endpoint is due."""
+
+        def work(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute(
+                "SELECT MIN(d.next_attempt) FROM deliveries d WHERE d.status = 'pending'"
+                f" AND d.claimed = 0 AND {_NOT_DISABLED}"
+            ).fetchone()
+            return None if row[0] is None else float(row[0])
+
+        return await self._run(work)
+
+    async def finish(
+        self, due: Due, attempt: Attempt, outcome: Outcome, next_attempt: float | None = None
+    ) -> None:
+        """Record an attempt of a claimed delivery and what follows from it."""
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO attempts (delivery_id, at, status_code, error, duration, ok)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    due.delivery_id,
+                    attempt.at,
+                    attempt.status_code,
+                    attempt.error,
+                    attempt.duration,
+                    int(attempt.ok),
+                ),
+            )
+            if outcome is Outcome.delivered:
+                status, when = DeliveryStatus.delivered, None
+            elif outcome is Outcome.dead:
+                status, when = DeliveryStatus.dead, None
+            else:
+                status, when = DeliveryStatus.pending, next_attempt or attempt.at
+            error = None if attempt.ok else (attempt.error or f"HTTP {attempt.status_code}")
+            conn.execute(
+                "UPDATE deliveries SET status = ?, attempts = attempts + 1, next_attempt = ?,"
+                " claimed = 0, last_error = ? WHERE id = ?",
+                (status.value, when, error, due.delivery_id),
+            )
+            if outcome is Outcome.gone:
+                conn.execute(
+                    "INSERT OR REPLACE INTO endpoints VALUES (?, ?, 1, ?, ?)",
+                    (due.source, due.endpoint, "410 Gone", attempt.at),
+                )
+
+        await self._run(work)
+
+    async def release_claims(self) -> None:
+        """Unclaim every delivery: the worker stopped, its attempts were cancelled."""
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE deliveries SET claimed = 0 WHERE claimed = 1")
+
+        await self._run(work)
+
+    async def enable(self, source: str, endpoint: str) -> bool:
+        """Enable a disabled endpoint; its waiting deliveries are due at once.
+
+        False: it was not disabled."""
+        now = self._clock()
+
+        def work(conn: sqlite3.Connection) -> bool:
+            changed = conn.execute(
+                "DELETE FROM endpoints WHERE source = ? AND endpoint = ? AND disabled = 1",
+                (source, endpoint),
+            ).rowcount
+            conn.execute(
+                "UPDATE deliveries SET next_attempt = ? WHERE source = ? AND endpoint = ?"
+                " AND status = 'pending'",
+                (now, source, endpoint),
+            )
+            return changed > 0
+
+        enabled = await self._run(work)
+        if enabled and self.on_new_deliveries is not None:
+            self.on_new_deliveries()
+        return enabled
+
+    async def retry(self, message_id: str) -> int | None:
+        """Send a message's dead deliveries again, with the schedule from its start.
+
+        Pending ones become due now. The number of deliveries requeued; None: no such message.
+        """
+        now = self._clock()
+
+        def work(conn: sqlite3.Connection) -> int | None:
+            if (
+                conn.execute("SELECT 1 FROM messages WHERE id = ?", (message_id,)).fetchone()
+                is None
+            ):
+                return None
+            return int(
+                conn.execute(
+                    "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt = ?"
+                    " WHERE message_id = ? AND status != 'delivered'",
+                    (now, message_id),
+                ).rowcount
+            )
+
+        requeued = await self._run(work)
+        if requeued and self.on_new_deliveries is not None:
+            self.on_new_deliveries()
+        return requeued
+
+    async def overview(self) -> Overview:
+        """Per endpoint: depth, oldest pending age, successes, failures, dead, disabled."""
+        now = self._clock()
+
+        def work(conn: sqlite3.Connection) -> Overview:
+            failures = {
+                (r[0], r[1]): r[2]
+                for r in conn.execute(
+                    "SELECT d.source, d.endpoint, COUNT(*) FROM attempts a"
+                    " JOIN deliveries d ON d.id = a.delivery_id WHERE a.ok = 0"
+                    " GROUP BY d.source, d.endpoint"
+                )
+            }
+            disabled = {
+                (r[0], r[1]) for r in conn.execute("SELECT source, endpoint FROM endpoints")
+            }
+            stats = [
+                EndpointStats(
+                    direction=Direction(r[0]),
+                    source=r[1],
+                    endpoint=r[2],
+                    depth=r[3],
+                    oldest_pending_age=None if r[4] is None else max(0.0, now - r[4]),
+                    successes=r[5],
+                    failures=failures.get((r[1], r[2]), 0),
+                    dead=r[6],
+                    disabled=(r[1], r[2]) in disabled,
+                )
+                for r in conn.execute(
+                    "SELECT d.direction, d.source, d.endpoint, SUM(d.status = 'pending'),"
+                    " MIN(CASE WHEN d.status = 'pending' THEN m.created END),"
+                    " SUM(d.status = 'delivered'), SUM(d.status = 'dead')"
+                    " FROM deliveries d JOIN messages m ON m.id = d.message_id"
+                    " GROUP BY d.direction, d.source, d.endpoint ORDER BY d.source, d.endpoint"
+                )
+            ]
+            unrouted = dict(
+                conn.execute(
+                    "SELECT source, COUNT(*) FROM messages WHERE status = 'unrouted'"
+                    " GROUP BY source"
+                ).fetchall()
+            )
+            return Overview(stats, unrouted)
+
+        return await self._run(work)
+
+    async def message(self, message_id: str) -> MessageView | None:
+        """One message with each delivery and every attempt made."""
+
+        def work(conn: sqlite3.Connection) -> MessageView | None:
+            m = conn.execute(
+                "SELECT id, direction, source, event_type, status, created FROM messages"
+                " WHERE id = ?",
+                (message_id,),
+            ).fetchone()
+            if m is None:
+                return None
+            deliveries = []
+            for d in conn.execute(
+                "SELECT id, endpoint, url, status, next_attempt, last_error FROM deliveries"
+                " WHERE message_id = ? ORDER BY id",
+                (message_id,),
+            ).fetchall():
+                attempts = [
+                    Attempt(at=a[0], status_code=a[1], error=a[2], duration=a[3])
+                    for a in conn.execute(
+                        "SELECT at, status_code, error, duration FROM attempts"
+                        " WHERE delivery_id = ? ORDER BY id",
+                        (d[0],),
+                    )
+                ]
+                deliveries.append(
+                    DeliveryView(
+                        endpoint=d[1],
+                        url=d[2],
+                        status=DeliveryStatus(d[3]),
+                        attempts=attempts,
+                        next_attempt=d[4],
+                        last_error=d[5],
+                    )
+                )
+            return MessageView(
+                id=m[0],
+                direction=Direction(m[1]),
+                source=m[2],
+                event_type=m[3],
+                status=MessageStatus(m[4]),
+                created=m[5],
+                deliveries=deliveries,
+            )
+
+        return await self._run(work)

@@ -64,6 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="admin listener (env SIDECAR_ADMIN, default 127.0.0.1:15001)",
     )
     run.add_argument(
+        "--ingress",
+        type=parse_hostport,
+        default=parse_hostport(_env("INGRESS", "0.0.0.0:15002") or ""),
+        metavar="HOST:PORT",
+        help="inbound webhook listener, opened only when the policy declares inbound "
+        "webhooks (env SIDECAR_INGRESS, default 0.0.0.0:15002)",
+    )
+    run.add_argument(
+        "--data-dir",
+        default=_env("DATA_DIR", "sidecar-data"),
+        metavar="DIR",
+        help="durable state: the webhook queue, SQLite (env SIDECAR_DATA_DIR, "
+        "default ./sidecar-data)",
+    )
+    run.add_argument(
         "--log-level",
         default=_env("LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
@@ -132,7 +147,7 @@ async def _run(args: argparse.Namespace) -> int:
 
     telemetry = Telemetry.from_env(access_log=args.access_log)
     access_writer = access.configure() if telemetry.access_log else None
-    sidecar = Sidecar(args.policies, telemetry=telemetry)
+    sidecar = Sidecar(args.policies, telemetry=telemetry, data_dir=args.data_dir)
     try:
         return await _serve(sidecar, args)
     finally:
@@ -147,7 +162,9 @@ async def _serve(sidecar: Sidecar, args: argparse.Namespace) -> int:
     if not (await sidecar.reload("startup")).ok:
         return 1  # the reload logged each error, once
     try:
-        runners = await serve(sidecar, listen=args.listen, admin=args.admin, drain=args.drain)
+        runners = await serve(
+            sidecar, listen=args.listen, admin=args.admin, drain=args.drain, ingress=args.ingress
+        )
     except ListenError as exc:
         log.error("%s", exc)
         return 1
@@ -158,8 +175,10 @@ async def _serve(sidecar: Sidecar, args: argparse.Namespace) -> int:
     gc.freeze()
     gc.set_threshold(20_000, 50, 100)
     # The bound addresses, not the asked-for ones: port 0 picks a free port.
-    egress, admin = (runner.addresses[0][:2] for runner in runners)
+    egress, admin = (runner.addresses[0][:2] for runner in runners[:2])
     log.info("egress on http://%s:%d, admin on http://%s:%d", *egress, *admin)
+    if len(runners) > 2:
+        log.info("ingress (inbound webhooks) on http://%s:%d", *runners[2].addresses[0][:2])
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -24,8 +24,13 @@ from .proxy.router import Router, compile_policy
 from .proxy.server import EgressHandler
 from .state import StateStore
 from .telemetry import Telemetry
+from .webhooks.hub import WebhookHub
+from .webhooks.listener import ingress_server
 
 log = logging.getLogger("sidecar")
+
+# Default --data-dir: durable state (the webhook queue), relative to the working directory.
+DATA_DIR = "sidecar-data"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +66,7 @@ class Sidecar:
         *,
         env: Mapping[str, str] | None = None,
         telemetry: Telemetry | None = None,
+        data_dir: str | None = None,
     ) -> None:
         self.policies = policies
         self.env = env
@@ -80,7 +86,9 @@ class Sidecar:
         # Metrics always; traces and the access log as OTEL_* / SIDECAR_ACCESS_LOG in env say.
         self.telemetry = telemetry if telemetry is not None else Telemetry.from_env(env)
         self.telemetry.attach(self)
-        self.handler = EgressHandler(lambda: self.router, self.telemetry)
+        # Durable state (the webhook queue) lives here; opened only once a policy needs it.
+        self.webhooks = WebhookHub(data_dir or os.environ.get("SIDECAR_DATA_DIR", DATA_DIR))
+        self.handler = EgressHandler(lambda: self.router, self.telemetry, self.webhooks)
 
     async def reload(self, trigger: str) -> ReloadResult:
         async with self._lock:
@@ -124,6 +132,12 @@ class Sidecar:
             log.exception(self._failure("policy could not be compiled"))
             # The type only: an exception's text may quote a policy value.
             return failed(f"{self.policies}: cannot compile: {type(exc).__name__}")
+        try:
+            await self.webhooks.apply(policy.webhooks)
+        except Exception as exc:
+            build.abort()
+            log.exception(self._failure("the webhook store could not be opened"))
+            return failed(f"{self.webhooks.data_dir}: cannot open the webhook store: {exc}")
         build.commit()
         self.policy, self.router = policy, router
         log.info(
@@ -170,6 +184,7 @@ class Sidecar:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._watch_task
         self.state.close()
+        await self.webhooks.close()
         await self.telemetry.close()
 
 
@@ -202,8 +217,13 @@ async def serve(
     listen: tuple[str, int],
     admin: tuple[str, int] | None,
     drain: float = 10.0,
+    ingress: tuple[str, int] | None = None,
 ) -> list[web.BaseRunner]:
-    """Open the listeners; ListenError (with nothing left open) when one cannot be."""
+    """Open the listeners; ListenError (with nothing left open) when one cannot be.
+
+    Egress first, then admin; the ingress listener last, and only when the
+    policy declares an inbound webhook (it never serves anything else).
+    """
     from .admin import admin_app
 
     runners: list[web.BaseRunner] = []
@@ -219,6 +239,13 @@ async def serve(
             await runner.setup()
             runners.append(runner)
             await _listen(runner, admin)
+        if ingress is not None and sidecar.webhooks.inbound_paths:
+            hooks = web.ServerRunner(
+                ingress_server(sidecar.webhooks), handle_signals=False, access_log=None
+            )
+            await hooks.setup()
+            runners.append(hooks)
+            await _listen(hooks, ingress)
     except BaseException:
         for made in runners:
             await made.cleanup()

@@ -19,6 +19,8 @@ from pydantic import BaseModel, ValidationError
 
 from .models import AUTH_TYPES, Agents, PolicyFile, Service, _did_you_mean, closest
 from .secrets import SecretResolver
+from .webhooks import Webhooks
+from .webhooks import merge as merge_webhooks
 from .yamlpos import Document, Path, Position, Problem, YamlError, load_document
 
 
@@ -39,6 +41,7 @@ class Policy:
     files: tuple[str, ...]
     version: str  # hash of the files' text and resolved secrets: equal means nothing changed
     secret_files: frozenset[str] = field(default_factory=frozenset)
+    webhooks: Webhooks | None = None  # every file's `webhooks:` merged; None when none has one
 
 
 class PolicyError(Exception):
@@ -144,6 +147,14 @@ def load_policy(
             services[name] = sp
             prefixes[prefix] = sp
 
+    parts = [model.webhooks for _, model in parsed if model.webhooks is not None]
+    webhooks: Webhooks | None = None
+    if parts:
+        webhooks, clashes = merge_webhooks(parts)
+        # A clash spans files: pinned to the first file that declares webhooks.
+        first = next(doc for doc, model in parsed if model.webhooks is not None)
+        problems.extend(Problem(first.position(("webhooks",)), c) for c in clashes)
+
     if problems:
         raise PolicyError(
             sorted(problems, key=lambda p: (p.position.file, p.position.line, p.position.col))
@@ -155,6 +166,7 @@ def load_policy(
         files=tuple(files),
         version=digest.hexdigest()[:16],
         secret_files=frozenset(resolver.files),
+        webhooks=webhooks,
     )
 
 

@@ -18,6 +18,8 @@ from ..call import Body, Reply
 from ..headers import HOP_BY_HOP, drop_with_connection
 from ..problems import ProblemError, problem_response
 from ..telemetry import Exchange, Telemetry
+from ..webhooks.hub import WebhookHub
+from ..webhooks.listener import OUTBOUND_PREFIX, outbound_answer
 from .router import Route, Router
 from .websocket import Upgraded, is_upgrade
 from .websocket import relay as relay_websocket
@@ -82,9 +84,14 @@ class EgressHandler:
     """The aiohttp low-level handler; `router` is read once per request, never locked."""
 
     def __init__(
-        self, current: Callable[[], Router | None], telemetry: Telemetry | None = None
+        self,
+        current: Callable[[], Router | None],
+        telemetry: Telemetry | None = None,
+        webhooks: WebhookHub | None = None,
     ) -> None:
         self._current = current
+        # Agents post outbound events to /_webhooks/<name>; never routed to a service.
+        self.webhooks = webhooks
         # None: no metrics, spans or access log, and the request path pays nothing for them.
         self.telemetry = telemetry
 
@@ -106,6 +113,8 @@ class EgressHandler:
                     "path without a fragment.",
                 )
             )
+        if raw.startswith(OUTBOUND_PREFIX) and self.webhooks is not None:
+            return await outbound_answer(self.webhooks, request)
         if request.method in _REFUSED_METHODS:
             return problem_response(
                 ProblemError(

@@ -6,8 +6,11 @@ Nothing here ever shows a secret: secrets serialize as their reference
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import hdrs, web
 
@@ -104,6 +107,78 @@ async def same_origin_only(request: web.Request, handler: Handler) -> web.Stream
     return await handler(request)
 
 
+def _origin(url: str) -> str:
+    # A webhook URL's path or query can be its credential (Slack's are): show the origin only.
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
+
+
+def _no_webhooks() -> web.Response:
+    return web.json_response({"error": "no webhooks are configured"}, status=404)
+
+
+async def webhooks(request: web.Request) -> web.Response:
+    """Per endpoint: queue depth, oldest pending age, successes, failures, dead, disabled."""
+    store = _sidecar(request).webhooks.store
+    if store is None:
+        return _no_webhooks()
+    return web.json_response(_plain(await store.overview()))
+
+
+async def webhook_message(request: web.Request) -> web.Response:
+    store = _sidecar(request).webhooks.store
+    if store is None:
+        return _no_webhooks()
+    view = await store.message(request.match_info["id"])
+    if view is None:
+        return web.json_response({"error": "no such message"}, status=404)
+    out = _plain(view)
+    for delivery in out["deliveries"]:
+        delivery["url"] = _origin(delivery["url"])
+    return web.json_response(out)
+
+
+async def webhook_retry(request: web.Request) -> web.Response:
+    sidecar = _sidecar(request)
+    store = sidecar.webhooks.store
+    if store is None:
+        return _no_webhooks()
+    count = await store.retry(request.match_info["id"])
+    if count is None:
+        return web.json_response({"error": "no such message"}, status=404)
+    sidecar.webhooks.wake()
+    return web.json_response({"retried_deliveries": count})
+
+
+async def webhook_enable(request: web.Request) -> web.Response:
+    """Enable every endpoint of this name (disabled by a 410 Gone)."""
+    sidecar = _sidecar(request)
+    store = sidecar.webhooks.store
+    if store is None:
+        return _no_webhooks()
+    name = request.match_info["name"]
+    enabled = []
+    for stats in (await store.overview()).endpoints:
+        if stats.endpoint == name and await store.enable(stats.source, name):
+            enabled.append(stats.source)
+    if not enabled:
+        return web.json_response({"error": "no such endpoint"}, status=404)
+    sidecar.webhooks.wake()
+    return web.json_response({"enabled": name, "webhooks": enabled})
+
+
 def admin_app(sidecar: Sidecar) -> web.Application:
     app = web.Application(middlewares=[same_origin_only])
     app[SIDECAR_KEY] = sidecar
@@ -113,4 +188,8 @@ def admin_app(sidecar: Sidecar) -> web.Application:
     app.router.add_get("/services", services)
     app.router.add_post("/reload", reload)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/webhooks", webhooks)
+    app.router.add_get("/webhooks/messages/{id}", webhook_message)
+    app.router.add_post("/webhooks/messages/{id}/retry", webhook_retry)
+    app.router.add_post("/webhooks/endpoints/{name}/enable", webhook_enable)
     return app

@@ -57,6 +57,11 @@ class WebhookHub:
             else:
                 self._worker.configure(settings)
 
+    def wake(self) -> None:
+        """Deliveries were made due again (retry, enable): look now, not at the next tick."""
+        if self._worker is not None:
+            self._worker.wake()
+
     def hook_for(self, path: str) -> InboundHook | None:
         return self._ingress.hook_for(path) if self._ingress is not None else None
 

@@ -124,6 +124,21 @@ async def test_inbound_and_outbound_through_the_real_process(upstream, tmp_path:
         )
         outbound = next(h for h in receiver.headers if "webhook-signature" in h)
         assert outbound["webhook-id"] == message_id
+        # The admin port: every attempt of the message, per-endpoint counts, a manual retry.
+        async with client.get(f"{sidecar.admin}/webhooks/messages/{message_id}") as r:
+            view = await r.json()
+        [delivery] = view["deliveries"]
+        assert [a["status_code"] for a in delivery["attempts"]] == [500, 200]
+        assert delivery["url"] == target.removesuffix("/events")  # origin only
+        async with client.get(f"{sidecar.admin}/webhooks") as r:
+            stats = {(e["direction"], e["endpoint"]): e for e in (await r.json())["endpoints"]}
+        assert stats[("outbound", "receiver")]["successes"] == 1
+        assert stats[("inbound", target)]["failures"] == 1
+        # Retry requeues dead or pending deliveries only: a delivered one is not sent again.
+        async with client.post(f"{sidecar.admin}/webhooks/messages/{message_id}/retry") as r:
+            assert (await r.json()) == {"retried_deliveries": 0}
+        async with client.get(f"{sidecar.admin}/webhooks/messages/nope") as r:
+            assert r.status == 404
     assert SECRET not in sidecar.output and WHSEC not in sidecar.output
     assert receiver.seen["in-1"] == 1
 

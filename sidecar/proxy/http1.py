@@ -262,3 +262,37 @@ class Tunnel(Protocol):
     def pause_reading(self) -> None: ...
 
     def resume_reading(self) -> None: ...
+
+
+class WriteGate:
+    """Write flow control of one transport: the protocol's pause_writing/resume_writing
+    open and close it; a writer awaits `wait()` before writing more. `wake()` on
+    connection loss releases a waiting writer, which then sees the closed connection."""
+
+    __slots__ = ("_loop", "_waiter", "paused")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._waiter: asyncio.Future[None] | None = None
+        self.paused = False
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        self.wake()
+
+    async def wait(self) -> None:
+        if not self.paused:
+            return
+        waiter = self._loop.create_future()
+        self._waiter = waiter
+        await waiter
+
+    def wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)

@@ -27,6 +27,7 @@ from .http1 import (
     BodyStream,
     FeedStream,
     Tunnel,
+    WriteGate,
     chunk,
     head_bytes,
     status_line,
@@ -166,8 +167,7 @@ class HttpServerProtocol(asyncio.Protocol):
         # Why reading is paused: a full request-body buffer, waiting pipelined requests.
         self._body_paused = False
         self._queue_paused = False
-        self._writing_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
+        self._writes = WriteGate(self._loop)
         self._timer: asyncio.TimerHandle | None = None
         self._first_data = True
         # Bytes after an upgrade request's head, relayed once the tunnel opens.
@@ -194,7 +194,7 @@ class HttpServerProtocol(asyncio.Protocol):
         self._queue.clear()
         if self._body is not None:
             self._body.set_error(ConnectionResetError("the agent closed the connection"))
-        self._wake_drain()
+        self._writes.wake()
         if self._tunnel is not None:
             self._tunnel.close()
 
@@ -231,13 +231,12 @@ class HttpServerProtocol(asyncio.Protocol):
     # connection_lost cancels the call in flight, as for any hang-up.
 
     def pause_writing(self) -> None:
-        self._writing_paused = True
+        self._writes.pause()
         if self._tunnel is not None:
             self._tunnel.pause_reading()
 
     def resume_writing(self) -> None:
-        self._writing_paused = False
-        self._wake_drain()
+        self._writes.resume()
         if self._tunnel is not None:
             self._tunnel.resume_reading()
 
@@ -346,20 +345,9 @@ class HttpServerProtocol(asyncio.Protocol):
     async def _drain(self) -> None:
         if self._closed:
             raise ConnectionResetError("the agent closed the connection")
-        if not self._writing_paused:
-            return
-        waiter = self._loop.create_future()
-        self._drain_waiter = waiter
-        await waiter
+        await self._writes.wait()
         if self._closed:
             raise ConnectionResetError("the agent closed the connection")
-
-    def _wake_drain(self) -> None:
-        waiter = self._drain_waiter
-        if waiter is not None:
-            self._drain_waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
 
     async def _serve(self, request: Request) -> None:
         """Answer `request`, then each pipelined one after it, in order."""
@@ -483,7 +471,7 @@ class HttpServerProtocol(asyncio.Protocol):
         if self._upgrade_rest:
             rest, self._upgrade_rest = self._upgrade_rest, b""
             tunnel.write(rest)
-        if self._writing_paused:
+        if self._writes.paused:
             tunnel.pause_reading()
         self._update_reading()
 

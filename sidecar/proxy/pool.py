@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .http1 import LAST_CHUNK, FeedStream, TunnelPeer, chunk, head_bytes
+from .http1 import LAST_CHUNK, FeedStream, TunnelPeer, WriteGate, chunk, head_bytes
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # Written by the pool itself from the origin and the body; the caller's are dropped.
@@ -97,8 +97,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._parser = httptools.HttpResponseParser(self)
-        self._writing_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
+        self._writes = WriteGate(self._loop)
         self._idle_timer: asyncio.TimerHandle | None = None
         # The exchange in progress.
         self._head: asyncio.Future[None] | None = None
@@ -129,7 +128,7 @@ class _Connection(asyncio.Protocol):
             self._head.set_exception(error)
         if self.body is not None and not self.message_done:
             self.body.set_error(error)
-        self._wake_drain()
+        self._writes.wake()
         if self._peer is not None:
             self._peer.tunnel_closed()
 
@@ -161,13 +160,12 @@ class _Connection(asyncio.Protocol):
         self.close()
 
     def pause_writing(self) -> None:
-        self._writing_paused = True
+        self._writes.pause()
         if self._peer is not None:
             self._peer.tunnel_pause()
 
     def resume_writing(self) -> None:
-        self._writing_paused = False
-        self._wake_drain()
+        self._writes.resume()
         if self._peer is not None:
             self._peer.tunnel_resume()
 
@@ -222,20 +220,9 @@ class _Connection(asyncio.Protocol):
     async def drain(self) -> None:
         if self.closed:
             raise ResetError("the upstream closed the connection while the call was sent")
-        if not self._writing_paused:
-            return
-        waiter = self._loop.create_future()
-        self._drain_waiter = waiter
-        await waiter
+        await self._writes.wait()
         if self.closed:
             raise ResetError("the upstream closed the connection while the call was sent")
-
-    def _wake_drain(self) -> None:
-        waiter = self._drain_waiter
-        if waiter is not None:
-            self._drain_waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
 
     # Exchange
 
@@ -284,7 +271,7 @@ class _Connection(asyncio.Protocol):
             peer.tunnel_data(rest)
         if self.closed:
             peer.tunnel_closed()
-        elif self._writing_paused:
+        elif self._writes.paused:
             peer.tunnel_pause()
 
     def write(self, data: bytes) -> None:

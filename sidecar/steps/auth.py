@@ -14,7 +14,7 @@ from ..call import Call, Handler, Reply
 from ..policy.loader import ServicePolicy
 from ..policy.models import BasicAuth, BearerAuth, HeaderAuth, OAuth2ClientCredentials, QueryAuth
 from ..state import StateBuild
-from . import Step, jwt_auth, oauth2
+from . import Step
 
 
 class SetHeader:
@@ -76,5 +76,11 @@ def build(service: ServicePolicy, *, state: StateBuild) -> Step | None:
     if isinstance(auth, QueryAuth):
         return SetQuery(name=auth.name, value=auth.value.reveal())
     if isinstance(auth, OAuth2ClientCredentials):
+        # Imported only by policies that use them: authlib and cryptography cost
+        # megabytes of memory that a sidecar with static credentials never needs.
+        from . import oauth2
+
         return oauth2.build(service, auth, state=state)
+    from . import jwt_auth
+
     return jwt_auth.build(auth)

@@ -19,6 +19,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from ..call import Call, Handler, Reply
 from ..policy.loader import ServicePolicy
@@ -27,7 +28,9 @@ from ..problems import ProblemError
 from ..state import StateBuild
 from . import pause as pause_step
 from .pause import Pause
-from .ratelimit_redis import RedisBackend, SharedLimit
+
+if TYPE_CHECKING:
+    from .ratelimit_redis import SharedLimit
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -248,6 +251,9 @@ def build(
                 local.append(bucket)
             continue
         url = limit.backend
+        # Only a policy with a shared limit pays for the redis client's import.
+        from .ratelimit_redis import RedisBackend, SharedLimit
+
         # One client (one connection pool) per backend URL, shared by every service.
         backend = state.get("*", "ratelimit-redis", url, lambda u=url: RedisBackend(u))  # type: ignore[misc]
         entry = SharedLimit(

@@ -12,13 +12,18 @@ import asyncio
 import logging
 import os
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from ..policy.webhooks import Webhooks
 from .answers import Reason, Result, refused
-from .delivery import DeliveryWorker, compile_settings
-from .inbound import InboundHook, Ingress
-from .outbound import Outbox
-from .store import Store
+
+if TYPE_CHECKING:
+    # Imported when a policy first declares webhooks: a sidecar without them never
+    # loads sqlite3 or cryptography.
+    from .delivery import DeliveryWorker
+    from .inbound import InboundHook, Ingress
+    from .outbound import Outbox
+    from .store import Store
 
 log = logging.getLogger("sidecar.webhooks")
 
@@ -43,6 +48,11 @@ class WebhookHub:
         async with self._lock:
             if webhooks is None and self.store is None:
                 return  # no webhooks ever: no database file, no worker
+            from .delivery import DeliveryWorker, compile_settings
+            from .inbound import Ingress
+            from .outbound import Outbox
+            from .store import Store
+
             if self.store is None:
                 os.makedirs(self.data_dir, exist_ok=True)
                 self.store = await Store.open(self.data_dir)

@@ -1,0 +1,43 @@
+"""What a sidecar with the example policies loads: nothing it does not use.
+
+Each library here costs megabytes of resident memory per pod (redis 7, the
+cryptography backend of pyjwt and authlib 8, sqlite3 and the webhook code);
+they are imported only when a policy or the environment asks for them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.helpers import ROOT
+
+ONLY_WHEN_USED = ("redis", "jwt", "authlib", "cryptography", "sqlite3", "opentelemetry.sdk")
+
+PROBE = f"""
+import asyncio, json, sys
+from sidecar.runtime import Sidecar
+import sidecar.admin
+
+async def main():
+    sidecar = Sidecar("policies", env={{"OPENAI_API_KEY": "k", "GITHUB_TOKEN": "t"}})
+    assert (await sidecar.reload("startup")).ok
+    await sidecar.close()
+
+asyncio.run(main())
+print(json.dumps([m for m in {ONLY_WHEN_USED!r} if m in sys.modules]))
+"""
+
+
+def test_the_example_policies_load_no_library_they_do_not_use() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []

@@ -14,7 +14,6 @@ data plane can apply them the same way:
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -22,7 +21,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from ..headers import SERVER
-from ..problems import ProblemError, problem_document
+from .listener import refusal_bytes
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -34,26 +33,12 @@ REQUEST_PARSER: dict[str, Any] = {"auto_decompress": False}
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n"
 
 
-def _http2_refusal() -> bytes:
-    err = ProblemError(
-        "http_version_not_supported",
-        "The sidecar speaks HTTP/1.1 only; send the request over HTTP/1.1 "
-        "(not HTTP/2 prior knowledge, h2c).",
-    )
-    body = json.dumps(problem_document(err)).encode()
-    head = (
-        "HTTP/1.1 505 HTTP Version Not Supported\r\n"
-        "Content-Type: application/problem+json\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        f"X-Sidecar-Error: {err.reason}\r\n"
-        f"Server: {SERVER}\r\n"
-        "Connection: close\r\n\r\n"
-    )
-    return head.encode() + body
-
-
 # Written whole to a connection that opens with HTTP2_PREFACE, which is then closed.
-HTTP2_REFUSAL = _http2_refusal()
+HTTP2_REFUSAL = refusal_bytes(
+    505,
+    "The sidecar speaks HTTP/1.1 only; send the request over HTTP/1.1 "
+    "(not HTTP/2 prior knowledge, h2c).",
+)
 
 
 class EgressConnection(RequestHandler):

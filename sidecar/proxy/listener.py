@@ -22,6 +22,8 @@ from typing import cast
 import httptools
 from multidict import CIMultiDict
 
+from ..headers import SERVER
+from ..problems import ProblemError, problem_document
 from .http1 import (
     LAST_CHUNK,
     BodyStream,
@@ -35,7 +37,6 @@ from .http1 import (
 
 log = logging.getLogger("sidecar.listener")
 
-SERVER = "agent-sidecar"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Framing belongs to this server: whatever the app put there is replaced.
 _FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
@@ -100,22 +101,18 @@ _TITLES = {
 
 def refusal_bytes(status: int, detail: str) -> bytes:
     """The whole answer for a refused request: problem+json, then the connection closes."""
-    body = json.dumps(
-        {
-            "type": "https://agent-sidecar.dev/errors/bad-request",
-            "title": _TITLES[status],
-            "status": status,
-            "detail": detail,
-            "service": None,
-            "reason": "bad_request",
-        }
-    ).encode()
+    reason = "http_version_not_supported" if status == 505 else "bad_request"
+    document = problem_document(ProblemError(reason, detail))
+    # 414 and 431 are bad_request refusals with a status that says which limit.
+    document["status"] = status
+    document["title"] = _TITLES[status]
+    body = json.dumps(document).encode()
     head = head_bytes(
         status_line(status),
         (
             ("Server", SERVER),
             ("Content-Type", "application/problem+json"),
-            ("X-Sidecar-Error", "bad_request"),
+            ("X-Sidecar-Error", reason),
             ("Content-Length", str(len(body))),
             ("Connection", "close"),
         ),

@@ -9,6 +9,10 @@ from ..policy.loader import ServicePolicy
 from ..problems import ProblemError
 from ..state import StateBuild
 
+# The message of the cancel that ends an attempt at `timeout.total`: code inside the
+# attempt (telemetry's attempt span) tells it from an agent hanging up by this.
+TIMEOUT_CANCEL = "sidecar: timeout.total"
+
 
 class Timeout:
     def __init__(self, *, service: str, total: float) -> None:
@@ -51,7 +55,7 @@ class _Expiry:
 
     def __call__(self) -> None:
         self.fired = True
-        self.task.cancel()
+        self.task.cancel(TIMEOUT_CANCEL)
 
 
 def build(service: ServicePolicy, *, state: StateBuild) -> Timeout:

@@ -40,6 +40,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from ..call import Call, Handler, Reply
 from ..problems import ProblemError
+from ..steps.timeout import TIMEOUT_CANCEL
 from . import access
 from .metrics import KNOWN_METHODS, OTHER_METHOD, Metrics
 
@@ -327,7 +328,7 @@ class Telemetry:
         try:
             reply = await next(call)
         except BaseException as exc:
-            outcome = _outcome(exc, call)
+            outcome = _outcome(exc)
             metrics.attempt(outcome).observe(perf_counter() - start)
             if span is not None:
                 span.set_attribute("error.type", outcome)
@@ -389,21 +390,13 @@ def build(service: ServicePolicy, *, state: StateBuild) -> Attempt:
     return Attempt(service=service.name, upstream=service.spec.upstream)
 
 
-def _outcome(exc: BaseException, call: Call) -> str:
+def _outcome(exc: BaseException) -> str:
     if isinstance(exc, ProblemError):
         return exc.cause or exc.reason
     if isinstance(exc, asyncio.CancelledError):
-        return cancel_cause(call.request)
+        # The timeout step names its own cancel; any other is the agent leaving or shutdown.
+        return "timeout" if exc.args == (TIMEOUT_CANCEL,) else "cancelled"
     return type(exc).__qualname__
-
-
-def cancel_cause(request: web.BaseRequest | None) -> str:
-    """Who cancelled an upstream attempt: the agent leaving (or shutdown) closes the
-    agent's connection before the cancel arrives; otherwise it was the timeout step
-    ending the attempt at `timeout.total`."""
-    if request is None or request.transport is None or request.transport.is_closing():
-        return "cancelled"
-    return "timeout"
 
 
 def _trace_id(span: Span | None, request: web.BaseRequest) -> str | None:

@@ -2,23 +2,22 @@
 
 A `Call` is the agent's request as it will be sent upstream (method, target,
 headers, body); a step may change it, answer for itself by raising
-`ProblemError`, or pass it on. The answer is the upstream's response, not yet
-streamed back to the agent, so any step can still look at its status and
-headers, and discard it to try again.
+`ProblemError`, or pass it on. A `Reply` is an answer with its body still to
+stream: the upstream's (proxy/pool.py), or one a step made itself (a cache, a
+mock, a replayed recording: `StaticReply`). Any step can look at its status
+and headers, and release it to try again; the egress relays any Reply.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
-from aiohttp import StreamReader, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 
 class Reply(Protocol):
-    """An upstream's answer as the steps see it: an aiohttp ClientResponse, or a
-    WebSocket handshake's outcome (see proxy/websocket.py)."""
+    """An answer as the steps see it; `body` is iterated once, then `release()`."""
 
     @property
     def status(self) -> int: ...
@@ -32,7 +31,41 @@ class Reply(Protocol):
     @property
     def content_length(self) -> int | None: ...
 
+    @property
+    def body(self) -> AsyncIterable[bytes] | None: ...
+
     def release(self) -> Any: ...
+
+
+class StaticReply:
+    """An answer held in memory (a step's own: cache hit, mock, recording)."""
+
+    __slots__ = ("_data", "content_length", "headers", "reason", "status")
+
+    def __init__(
+        self,
+        status: int,
+        headers: CIMultiDict[str] | CIMultiDictProxy[str] | None = None,
+        data: bytes = b"",
+        *,
+        reason: str | None = None,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = CIMultiDictProxy(CIMultiDict(headers or ()))
+        self._data = data
+        self.content_length: int | None = len(data)
+
+    @property
+    def body(self) -> AsyncIterable[bytes] | None:
+        return _once(self._data) if self._data else None
+
+    def release(self) -> None:
+        return None
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 Body = bytes | AsyncIterable[bytes] | None
@@ -44,10 +77,10 @@ class Call:
         "agent",
         "attempt",
         "body",
+        "content_length",
         "exchange",
         "headers",
         "method",
-        "request",
         "service",
         "target",
         "upgrade",
@@ -62,17 +95,18 @@ class Call:
         headers: CIMultiDict[str],
         body: Body,
         agent: str | None,
-        request: web.BaseRequest | None = None,
+        content_length: int | None = None,
     ) -> None:
         self.service = service
         self.method = method
-        self.target = target  # path and query, already encoded, upstream base path included
+        self.target = target  # path and query, already encoded, upstream base path excluded
         self.headers = headers
         self.body = body
+        # The agent's declared body length; None: chunked (or no body).
+        self.content_length = len(body) if isinstance(body, bytes) else content_length
         self.agent = agent
-        self.request = request
         self.attempt = 1
-        # A WebSocket handshake: the last step connects a WebSocket instead of a request.
+        # A WebSocket handshake: the upstream's 101 turns the connection into a tunnel.
         self.upgrade = False
         # Telemetry's record of this agent request (telemetry.Exchange), when observed.
         self.exchange: Any = None
@@ -99,11 +133,9 @@ async def make_replayable(call: Call, limit: int = REPLAY_LIMIT) -> bool:
     body = call.body
     if body is None or isinstance(body, bytes):
         return True
-    request = call.request
-    if not isinstance(body, StreamReader) or request is None:
-        return False
-    length = request.content_length
+    length = call.content_length
     if length is None or length > limit:
         return False
-    call.body = await body.readexactly(length) if length else b""
+    chunks = [chunk async for chunk in body]
+    call.body = b"".join(chunks)
     return True

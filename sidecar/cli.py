@@ -206,8 +206,7 @@ async def _serve(sidecar: Sidecar, args: argparse.Namespace) -> int:
         loop.add_signal_handler(signum, on_stop, signum)
     await stop.wait()
     log.info("stopping: letting calls in flight finish (up to %gs)", args.drain)
-    for runner in runners:
-        await runner.shutdown()
+    await asyncio.gather(*(runner.shutdown(args.drain) for runner in runners))
     for runner in runners:
         await runner.cleanup()
     return 0

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-
-from aiohttp import web
+from typing import TYPE_CHECKING
 
 from .headers import SERVER
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 PROBLEM_TYPE = "https://agent-sidecar.dev/errors/"
 
@@ -75,19 +77,31 @@ def problem_document(err: ProblemError, service: str | None = None) -> dict[str,
     }
 
 
-def problem_response(err: ProblemError, service: str | None = None) -> web.Response:
+def problem_parts(
+    err: ProblemError, service: str | None = None
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    """Status, headers and body of the sidecar's answer, for any data plane to write."""
     body = problem_document(err, service)
-    headers = {"X-Sidecar-Error": err.reason, "Server": SERVER}
+    headers = [
+        ("Content-Type", "application/problem+json"),
+        ("X-Sidecar-Error", err.reason),
+        ("Server", SERVER),
+    ]
     if err.retry_after is not None:
         # Whole seconds, rounded up: an agent that waits exactly this long succeeds.
         seconds = max(1, math.ceil(err.retry_after))
-        headers["Retry-After"] = str(seconds)
+        headers.append(("Retry-After", str(seconds)))
         body["retry_after"] = seconds
     if err.headers:
-        headers.update(err.headers)
-    return web.Response(
-        status=err.status,
-        body=json.dumps(body).encode(),
-        content_type="application/problem+json",
-        headers=headers,
-    )
+        extra = {name.lower() for name in err.headers}
+        headers = [h for h in headers if h[0].lower() not in extra]
+        headers.extend(err.headers.items())
+    return err.status, headers, json.dumps(body).encode()
+
+
+def problem_response(err: ProblemError, service: str | None = None) -> web.Response:
+    """The same answer as an aiohttp Response (the admin port)."""
+    from aiohttp import web
+
+    status, headers, body = problem_parts(err, service)
+    return web.Response(status=status, body=body, headers=headers)

@@ -15,17 +15,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
-
 from .policy.loader import Policy, PolicyError, load_policy
 from .policy.watcher import watch
-from .proxy.connection import REQUEST_PARSER, EgressServer
+from .proxy.egress import Egress
+from .proxy.listener import Listener
+from .proxy.listener import serve as listen_http
 from .proxy.router import Router, compile_policy
-from .proxy.server import EgressHandler
 from .state import StateStore
 from .telemetry import Telemetry
 from .webhooks.hub import WebhookHub
-from .webhooks.listener import ingress_server
+from .webhooks.listener import ingress_app
 
 log = logging.getLogger("sidecar")
 
@@ -88,7 +87,7 @@ class Sidecar:
         self.telemetry.attach(self)
         # Durable state (the webhook queue) lives here; opened only once a policy needs it.
         self.webhooks = WebhookHub(data_dir or os.environ.get("SIDECAR_DATA_DIR", DATA_DIR))
-        self.handler = EgressHandler(lambda: self.router, self.telemetry, self.webhooks)
+        self.handler = Egress(lambda: self.router, self.telemetry, self.webhooks)
 
     async def reload(self, trigger: str) -> ReloadResult:
         async with self._lock:
@@ -188,27 +187,37 @@ class Sidecar:
         await self.telemetry.close()
 
 
-def egress_server(sidecar: Sidecar) -> web.Server:
-    # The low-level server: no router, no middleware chain, no access log per
-    # request; the sidecar's own Router is the only dispatch.
-    return EgressServer(
-        sidecar.handler, handler_cancellation=True, access_log=None, **REQUEST_PARSER
-    )
-
-
 class ListenError(Exception):
     """A listener could not be opened (port in use, address not on this host...)."""
 
 
-async def _listen(runner: web.BaseRunner, address: tuple[str, int], **site: Any) -> None:
+class AdminListener:
+    """The admin port (aiohttp, off the request path) with the same face as a Listener."""
+
+    def __init__(self, runner: Any) -> None:
+        self.name = "admin"
+        self._runner = runner
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return [tuple(a[:2]) for a in self._runner.addresses]
+
+    async def shutdown(self, drain: float = 10.0) -> None:
+        await self._runner.shutdown()
+
+    async def cleanup(self) -> None:
+        await self._runner.cleanup()
+
+
+Bound = Listener | AdminListener
+
+
+def _listen_error(address: tuple[str, int], exc: OSError) -> ListenError:
     host, port = address
-    try:
-        await web.TCPSite(runner, host, port, **site).start()
-    except OSError as exc:
-        # The errno's own words ("address already in use"), not the event loop's wrapping.
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        raise ListenError(f"cannot listen on {where}: {reason[:1].lower()}{reason[1:]}") from exc
+    # The errno's own words ("address already in use"), not the event loop's wrapping.
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return ListenError(f"cannot listen on {where}: {reason[:1].lower()}{reason[1:]}")
 
 
 async def serve(
@@ -218,36 +227,46 @@ async def serve(
     admin: tuple[str, int] | None,
     drain: float = 10.0,
     ingress: tuple[str, int] | None = None,
-) -> list[web.BaseRunner]:
+) -> list[Bound]:
     """Open the listeners; ListenError (with nothing left open) when one cannot be.
 
     Egress first, then admin; the ingress listener last, and only when the
     policy declares an inbound webhook (it never serves anything else).
     """
-    from .admin import admin_app
-
-    runners: list[web.BaseRunner] = []
+    wanted: list[tuple[str, tuple[str, int]]] = [("egress", listen)]
+    if admin is not None:
+        wanted.append(("admin", admin))
+    if ingress is not None and sidecar.webhooks.inbound_paths:
+        wanted.append(("ingress", ingress))
+    bound: list[Bound] = []
     try:
-        egress = web.ServerRunner(
-            egress_server(sidecar), handle_signals=False, access_log=None, shutdown_timeout=drain
-        )
-        await egress.setup()
-        runners.append(egress)
-        await _listen(egress, listen, backlog=1024)
-        if admin is not None:
-            runner = web.AppRunner(admin_app(sidecar), handle_signals=False, access_log=None)
-            await runner.setup()
-            runners.append(runner)
-            await _listen(runner, admin)
-        if ingress is not None and sidecar.webhooks.inbound_paths:
-            hooks = web.ServerRunner(
-                ingress_server(sidecar.webhooks), handle_signals=False, access_log=None
-            )
-            await hooks.setup()
-            runners.append(hooks)
-            await _listen(hooks, ingress)
+        for name, address in wanted:
+            try:
+                bound.append(await _open(sidecar, name, address))
+            except OSError as exc:
+                raise _listen_error(address, exc) from exc
     except BaseException:
-        for made in runners:
+        for made in bound:
             await made.cleanup()
         raise
-    return runners
+    return bound
+
+
+async def _open(sidecar: Sidecar, name: str, address: tuple[str, int]) -> Bound:
+    host, port = address
+    if name == "egress":
+        return await listen_http(sidecar.handler, host, port, backlog=1024, name=name)
+    if name == "ingress":
+        return await listen_http(ingress_app(sidecar.webhooks), host, port, name=name)
+    from aiohttp import web
+
+    from .admin import admin_app
+
+    runner = web.AppRunner(admin_app(sidecar), handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return AdminListener(runner)

@@ -12,6 +12,7 @@ closed; the app never sees it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections import deque
@@ -26,7 +27,6 @@ from ..headers import SERVER
 from ..problems import ProblemError, problem_document
 from .http1 import (
     LAST_CHUNK,
-    BodyStream,
     FeedStream,
     Tunnel,
     WriteGate,
@@ -41,6 +41,10 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Framing belongs to this server: whatever the app put there is replaced.
 _FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
 _NO_BODY_STATUS = frozenset({204, 304})
+# An unread request body up to this size is read and dropped after the answer, for up
+# to this long, so the agent reads the answer instead of a reset (nginx's lingering close).
+_DISCARD_LIMIT = 1 << 20
+_DISCARD_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +81,9 @@ class Response:
     reason: str | None = None  # None: the standard phrase
     # With status 101: the other end to relay raw bytes to once the head is written.
     tunnel: Tunnel | None = None
+    # Called once the answer is over: bytes written to the agent, and the error that
+    # cut it short (None when whole; CancelledError when the agent left).
+    on_done: Callable[[int, BaseException | None], None] | None = None
 
 
 App = Callable[[Request], Awaitable[Response]]
@@ -140,12 +147,23 @@ _INTERNAL_ERROR = Response(
 )
 
 
+def _discardable(request: Request) -> bool:
+    body = request.body
+    if body is None or body.complete:
+        return True
+    length = request.content_length
+    # With Expect the agent waits for a 100 that will not come: the body never arrives.
+    return length is not None and length <= _DISCARD_LIMIT and "Expect" not in request.headers
+
+
 class HttpServerProtocol(asyncio.Protocol):
     """One agent connection."""
 
-    def __init__(self, app: App, limits: Limits) -> None:
+    def __init__(self, app: App, limits: Limits, listener: Listener | None = None) -> None:
         self._app = app
         self._limits = limits
+        self._listener = listener
+        self._finishing = False  # the listener is stopping: close after this answer
         self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
@@ -170,6 +188,7 @@ class HttpServerProtocol(asyncio.Protocol):
         # Bytes after an upgrade request's head, relayed once the tunnel opens.
         self._upgrade_rest = b""
         self._tunnel: Tunnel | None = None
+        self._sent = 0  # bytes of the current answer written so far
 
     # asyncio.Protocol
 
@@ -182,6 +201,8 @@ class HttpServerProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        if self._listener is not None:
+            self._listener.closed(self)
         self._cancel_timer()
         if self._task is not None and not self._task.done():
             self._task.cancel()
@@ -353,7 +374,7 @@ class HttpServerProtocol(asyncio.Protocol):
             self._queue.popleft()
             if self._closed:
                 return
-            if not keep_alive:
+            if not keep_alive or self._finishing:
                 self._close()
                 return
             if self._tunnel is not None:
@@ -373,29 +394,64 @@ class HttpServerProtocol(asyncio.Protocol):
         try:
             response = await self._app(request)
         except asyncio.CancelledError:
+            self._app_has = None
             raise
         except Exception:
             log.exception("the request handler failed")
             response = _INTERNAL_ERROR
         transport = self._transport
         assert transport is not None
+        self._sent = 0
+        error: BaseException | None = None
+        keep_alive = False
         try:
             keep_alive = await self._write_response(transport, request, response)
+        except asyncio.CancelledError as exc:
+            error = exc
+            raise
+        except Exception as exc:
+            # Mid-answer (the upstream broke, the agent left): the head is gone, so the
+            # only honest signal left is the connection's end.
+            error = exc
+            self._close()
         finally:
             self._app_has = None
             if request.body is not None and not request.body.at_eof:
-                # Bytes of an unread body still stand between us and the next request.
-                keep_alive = False
-                request.body.close()
-            if response.body is not None and isinstance(response.body, BodyStream):
-                await response.body.aclose()
+                keep_alive = await self._discard_body(request) and keep_alive
+            body = response.body
+            if isinstance(body, FeedStream):
+                body.close()  # sync: the common case costs no await
+            elif body is not None and not isinstance(body, bytes):
+                aclose = getattr(body, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            if response.on_done is not None:
+                response.on_done(self._sent, error)
         return keep_alive
+
+    async def _discard_body(self, request: Request) -> bool:
+        """Read and drop what is left of a body the answer did not need (a refusal):
+        an agent still sending it would see a reset instead of the answer. True when
+        the connection can serve the next request."""
+        body = request.body
+        assert body is not None
+        if self._closed or not _discardable(request):
+            body.close()
+            return False
+        try:
+            async with asyncio.timeout(_DISCARD_TIMEOUT):
+                async for _ in body:
+                    pass
+        except (TimeoutError, ConnectionError):
+            body.close()
+            return False
+        return body.at_eof
 
     async def _write_response(
         self, transport: asyncio.Transport, request: Request, response: Response
     ) -> bool:
         status = response.status
-        keep_alive = request.keep_alive
+        keep_alive = request.keep_alive and not self._finishing and _discardable(request)
         headers: list[tuple[str, str]] = []
         for name, value in response.headers:
             if name.lower() in _FRAMING:
@@ -407,7 +463,9 @@ class HttpServerProtocol(asyncio.Protocol):
             if response.tunnel is None or not request.is_upgrade:
                 raise RuntimeError("a 101 answer needs an upgrade request and a tunnel")
             headers.append(("Connection", "Upgrade"))
-            transport.write(head_bytes(status_line(101, response.reason), headers))
+            head = head_bytes(status_line(101, response.reason), headers)
+            self._sent = len(head)
+            transport.write(head)
             self._open_tunnel(response.tunnel)
             return True
         if request.is_upgrade and response.tunnel is not None:
@@ -435,13 +493,16 @@ class HttpServerProtocol(asyncio.Protocol):
 
         if no_body or body is None:
             transport.write(head)
+            self._sent = len(head)
             if chunked:
                 transport.write(LAST_CHUNK)
             return keep_alive
         if isinstance(body, bytes):
             transport.write(head + body)
+            self._sent = len(head) + len(body)
             return keep_alive
         transport.write(head)
+        self._sent = len(head)
         sent = 0
         async for data in body:
             if not data:
@@ -450,7 +511,9 @@ class HttpServerProtocol(asyncio.Protocol):
             if length is not None and sent > length:
                 raise RuntimeError("the answer's body is longer than its Content-Length")
             transport.write(chunk(data) if chunked else data)
-            await self._drain()
+            self._sent += len(data)
+            if self._writes.paused or self._closed:
+                await self._drain()
         if chunked:
             transport.write(LAST_CHUNK)
         elif length is not None and sent != length:
@@ -508,6 +571,16 @@ class HttpServerProtocol(asyncio.Protocol):
         transport.write(refusal_bytes(status, detail))
         self._close()
 
+    def finish(self) -> None:
+        """Close now if idle, else once the answer in progress is written."""
+        self._finishing = True
+        if self._task is None and self._tunnel is None:
+            self._close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
     def _close(self) -> None:
         self._cancel_timer()
         if self._transport is not None and not self._transport.is_closing():
@@ -529,12 +602,62 @@ class HttpServerProtocol(asyncio.Protocol):
             self._close()
 
 
+class Listener:
+    """A bound listener and its connections, so it can stop gracefully."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.server: asyncio.Server | None = None
+        self.connections: set[HttpServerProtocol] = set()
+        self._all_closed: asyncio.Event | None = None
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        assert self.server is not None
+        return [s.getsockname()[:2] for s in self.server.sockets]
+
+    def closed(self, connection: HttpServerProtocol) -> None:
+        self.connections.discard(connection)
+        if not self.connections and self._all_closed is not None:
+            self._all_closed.set()
+
+    async def shutdown(self, drain: float = 10.0) -> None:
+        """Stop accepting; close idle connections now, busy ones after their answer,
+        and whatever is left after `drain` seconds."""
+        if self.server is not None:
+            self.server.close()
+        self._all_closed = asyncio.Event()
+        for connection in list(self.connections):
+            connection.finish()
+        if self.connections:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(drain):
+                    await self._all_closed.wait()
+        for connection in list(self.connections):
+            connection.abort()
+
+    async def cleanup(self) -> None:
+        await self.shutdown(0)
+
+
 async def serve(
-    app: App, host: str, port: int, *, limits: Limits | None = None, backlog: int = 1024
-) -> asyncio.Server:
+    app: App,
+    host: str,
+    port: int,
+    *,
+    limits: Limits | None = None,
+    backlog: int = 1024,
+    name: str = "http",
+) -> Listener:
     """Listen on host:port; each connection gets its own `HttpServerProtocol`."""
     loop = asyncio.get_running_loop()
     shared = limits or Limits()
-    return await loop.create_server(
-        lambda: HttpServerProtocol(app, shared), host, port, backlog=backlog
-    )
+    listener = Listener(name)
+
+    def connection() -> HttpServerProtocol:
+        protocol = HttpServerProtocol(app, shared, listener)
+        listener.connections.add(protocol)
+        return protocol
+
+    listener.server = await loop.create_server(connection, host, port, backlog=backlog)
+    return listener

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
-from aiohttp import HttpVersion10, web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from .. import telemetry
 from ..call import Body, Call, Handler, Step
@@ -20,6 +20,9 @@ from ..state import StateBuild
 from ..steps import auth, breaker, pause, ratelimit, retry, timeout
 from .redirects import RedirectRewriter
 from .upstream import Upstream
+
+if TYPE_CHECKING:
+    from .listener import Request
 
 StepBuilder = Callable[..., Step | None]
 
@@ -93,7 +96,7 @@ class Route:
         )
         drop = set(HOP_BY_HOP)
         drop.add("host")
-        # The sidecar answers the agent's Expect itself (proxy/server.py).
+        # The sidecar answers the agent's Expect itself (proxy/listener.py).
         drop.add("expect")
         drop.add(agent_header.lower())
         drop.update(_FORWARDING_HEADERS)
@@ -104,7 +107,7 @@ class Route:
             drop.add(credential.lower())
         self.drop = frozenset(drop)
 
-    def prepare(self, request: web.BaseRequest, body: Body) -> Call:
+    def prepare(self, request: Request, body: Body) -> Call:
         """The agent's request as the upstream will get it, before any step runs."""
         incoming = request.headers
         drop = drop_with_connection(self.drop, incoming.get("Connection"))
@@ -113,11 +116,10 @@ class Route:
             if name.lower() not in drop:
                 headers.add(name, value)
         if self.forwarded:
-            _add_forwarding(headers, request, incoming)
+            _add_forwarding(headers, request)
         for name, value in self.set_headers:
             headers[name] = value
-        raw = request.raw_path
-        target = raw[self.strip :]
+        target = request.target[self.strip :]
         if not target or target[0] != "/":
             target = "/" + target
         return Call(
@@ -127,23 +129,22 @@ class Route:
             headers=headers,
             body=body,
             agent=incoming.get(self.agent_header),
-            request=request,
+            content_length=request.content_length,
         )
 
 
-def _add_forwarding(
-    headers: CIMultiDict[str], request: web.BaseRequest, incoming: CIMultiDictProxy[str]
-) -> None:
+def _add_forwarding(headers: CIMultiDict[str], request: Request) -> None:
     """X-Forwarded-For/-Proto/-Host and Via as a proxy adds them: the agent's chain
     (X-Forwarded-For, Via) extended by this hop, the rest describing this hop only."""
-    peer = request.remote or "unknown"
+    incoming = request.headers
+    peer = request.peer[0] if request.peer is not None else "unknown"
     chain = ", ".join(incoming.getall("X-Forwarded-For", ()))
     headers["X-Forwarded-For"] = f"{chain}, {peer}" if chain else peer
     headers["X-Forwarded-Proto"] = "http"  # the egress listener speaks plain HTTP only
     host = incoming.get("Host")
     if host:
         headers["X-Forwarded-Host"] = host
-    hop = _VIA_10 if request.version == HttpVersion10 else _VIA_11
+    hop = _VIA_10 if request.version == "1.0" else _VIA_11
     via = ", ".join(incoming.getall("Via", ()))
     headers["Via"] = f"{via}, {hop}" if via else hop
 

@@ -1,8 +1,9 @@
 """Traces, metrics and the access log around every agent request.
 
-- The egress handler wraps each request in `Telemetry.observe`: a SERVER span
+- The egress app wraps each request in `Telemetry.observe`: a SERVER span
   (when tracing is on), the request duration histogram, the in-flight gauge and
-  the access log line, all covering the answer's streaming too.
+  the access log line, all covering the answer's streaming too (they are
+  recorded from the answer's `on_done`, which the listener calls at its end).
 - The innermost step of every chain (`build`, registered last in STEP_BUILDERS,
   just before forward) times each upstream attempt and, when tracing is on,
   opens a CLIENT span and sends its W3C traceparent upstream.
@@ -27,7 +28,6 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from aiohttp import web
 from opentelemetry.trace import (
     Span,
     SpanKind,
@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
     from ..policy.loader import ServicePolicy
+    from ..proxy.listener import Request, Response
     from ..proxy.router import Route
     from ..runtime import ReloadResult, Sidecar
     from ..state import StateBuild
@@ -69,7 +70,7 @@ def _flag(value: str | None) -> bool:
 class Exchange:
     """What one agent request left for telemetry to record when it is over."""
 
-    __slots__ = ("attempts", "call", "cut", "route", "span", "telemetry")
+    __slots__ = ("attempts", "call", "cut", "reason", "route", "span", "telemetry")
 
     def __init__(self, telemetry: Telemetry, span: Span | None) -> None:
         self.telemetry = telemetry
@@ -77,7 +78,9 @@ class Exchange:
         self.route: Route | None = None
         self.call: Call | None = None
         self.attempts = 0
-        # Why the relayed answer stopped before its end (proxy.server.cut_reason).
+        # The X-Sidecar-Error reason when the sidecar answered itself.
+        self.reason = ""
+        # Why the relayed answer stopped before its end (proxy.egress.cut_reason).
         self.cut: str | None = None
 
     def bind(self, call: Call) -> None:
@@ -160,53 +163,52 @@ class Telemetry:
 
     async def observe(
         self,
-        request: web.BaseRequest,
-        handle: Callable[[web.BaseRequest, Exchange], Awaitable[web.StreamResponse]],
-    ) -> web.StreamResponse:
+        request: Request,
+        handle: Callable[[Request, Exchange], Awaitable[Response]],
+    ) -> Response:
         start = perf_counter()
         tracer = self.tracer
         span = self._server_span(tracer, request) if tracer is not None else None
         exchange = Exchange(self, span)
         in_flight = self.metrics.in_flight
         in_flight.inc()
-        response: web.StreamResponse | None = None
-        error: str | None = None
         try:
             response = await handle(request, exchange)
-            if not response.prepared:
-                # The sidecar's own answer: send it now, so its time and size are counted.
-                await response.prepare(request)
-                await response.write_eof()
-            return response
-        except asyncio.CancelledError:
-            error = "cancelled"
-            raise
-        except Exception as exc:
-            error = type(exc).__qualname__
-            raise
-        finally:
+        except BaseException as exc:
             in_flight.dec()
-            self._finish(request, exchange, response, error, perf_counter() - start)
+            error = "cancelled" if isinstance(exc, asyncio.CancelledError) else None
+            status = CLIENT_CLOSED if error else 500
+            self._finish(request, exchange, status, error or type(exc).__qualname__, 0, start)
+            raise
+        inner = response.on_done
+        status = response.status
+
+        def done(sent: int, exc: BaseException | None) -> None:
+            if inner is not None:
+                inner(sent, exc)
+            in_flight.dec()
+            if exc is None or exchange.cut is not None:
+                self._finish(request, exchange, status, exchange.cut, sent, start)
+            else:
+                # The agent's side failed or it hung up mid-answer.
+                self._finish(request, exchange, CLIENT_CLOSED, "cancelled", sent, start)
+
+        response.on_done = done
+        return response
 
     def _finish(
         self,
-        request: web.BaseRequest,
+        request: Request,
         exchange: Exchange,
-        response: web.StreamResponse | None,
+        status: int,
         error: str | None,
-        duration: float,
+        sent: int,
+        start: float,
     ) -> None:
+        duration = perf_counter() - start
         route = exchange.route
         service = route.name if route is not None else ""
-        reason = ""
-        if response is not None:
-            status = response.status
-            # The sidecar's own answers are whole web.Responses (problem_response);
-            # relayed upstream answers are StreamResponses, whatever headers they carry.
-            if type(response) is web.Response:
-                reason = response.headers.get(SIDECAR_ERROR, "")
-        else:
-            status = CLIENT_CLOSED if error == "cancelled" else 500
+        reason = exchange.reason
         cut = exchange.cut
         if cut is not None:
             # The status went out before the answer broke: the reason says so.
@@ -229,11 +231,11 @@ class Telemetry:
                     agent=agent[:MAX_AGENT] if agent else None,
                     method=method,
                     service=service or None,
-                    path=request.raw_path.partition("?")[0],
+                    path=request.target.partition("?")[0],
                     status=status,
                     duration=duration,
                     # What reached the agent's connection, also of an answer cut short.
-                    bytes_sent=request.writer.output_size,
+                    bytes_sent=sent,
                     attempts=exchange.attempts,
                     reason=reason or error,
                     trace_id=_trace_id(span, request),
@@ -242,19 +244,18 @@ class Telemetry:
         # call.exchange points back at the exchange: break the cycle, leave nothing to the GC.
         exchange.call = None
 
-    def _server_span(self, tracer: Tracer, request: web.BaseRequest) -> Span:
+    def _server_span(self, tracer: Tracer, request: Request) -> Span:
         method = request.method
         known = method in KNOWN_METHODS
-        version = request.version
         attributes: dict[str, Any] = {
             "http.request.method": method if known else OTHER_METHOD,
-            "url.path": request.raw_path.partition("?")[0],
-            "url.scheme": request.scheme,
-            "network.protocol.version": f"{version.major}.{version.minor}",
+            "url.path": request.target.partition("?")[0],
+            "url.scheme": "http",
+            "network.protocol.version": request.version,
         }
         if not known:
             attributes["http.request.method_original"] = method[:32]
-        host, port = _host_port(request.host)
+        host, port = _host_port(request.headers.get("Host", ""))
         if host:
             attributes["server.address"] = host
         if port is not None:
@@ -399,7 +400,7 @@ def _outcome(exc: BaseException) -> str:
     return type(exc).__qualname__
 
 
-def _trace_id(span: Span | None, request: web.BaseRequest) -> str | None:
+def _trace_id(span: Span | None, request: Request) -> str | None:
     if span is not None:
         context = span.get_span_context()
         if context.is_valid:

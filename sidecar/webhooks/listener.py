@@ -1,44 +1,53 @@
-"""The ingress listener: only the declared inbound webhook paths, nothing proxied.
+"""The ingress listener's app: only the declared inbound webhook paths, nothing proxied.
 
 Also the egress side's `/_webhooks/<name>` answer. A body is read up to one
 byte past the webhook's limit, so an oversized one is refused (413) without
-being held whole.
+being held whole. Both run on the proxy's listener (proxy/listener.py).
 """
 
 from __future__ import annotations
 
-from aiohttp import web
+from collections.abc import AsyncIterable
+from typing import TYPE_CHECKING
 
+from ..headers import SERVER
 from .answers import Reason, Result, refused
-from .hub import WebhookHub
+
+if TYPE_CHECKING:
+    from ..proxy.listener import App, Request, Response
+    from .hub import WebhookHub
 
 # Agents' outbound events: the group's own max_body is checked by the Outbox.
 OUTBOUND_READ_LIMIT = 16 << 20
 OUTBOUND_PREFIX = "/_webhooks/"
 
 
-async def read_limited(request: web.BaseRequest, limit: int) -> bytes:
+async def read_limited(body: AsyncIterable[bytes] | None, limit: int) -> bytes:
     """The body, or its first limit+1 bytes: enough for the receiver to say 413."""
+    if body is None:
+        return b""
     chunks: list[bytes] = []
     seen = 0
-    while seen <= limit:
-        chunk = await request.content.readany()
-        if not chunk:
+    async for data in body:
+        chunks.append(data)
+        seen += len(data)
+        if seen > limit:
             break
-        chunks.append(chunk)
-        seen += len(chunk)
     return b"".join(chunks)
 
 
-def answer(result: Result) -> web.Response:
-    headers = dict(result.headers)
-    headers["Server"] = "agent-sidecar"
-    return web.Response(status=result.status, body=result.body, headers=headers)
+def answer(result: Result) -> Response:
+    from ..proxy.listener import Response
+
+    headers = [(k, v) for k, v in result.headers.items() if k.lower() != "server"]
+    headers.append(("Server", SERVER))
+    return Response(status=result.status, headers=headers, body=result.body)
 
 
-def ingress_server(hub: WebhookHub) -> web.Server:
-    async def handle(request: web.BaseRequest) -> web.StreamResponse:
-        hook = hub.hook_for(request.path) if request.method == "POST" else None
+def ingress_app(hub: WebhookHub) -> App:
+    async def handle(request: Request) -> Response:
+        path = request.target.partition("?")[0]
+        hook = hub.hook_for(path) if request.method == "POST" else None
         if hook is None:
             return answer(
                 refused(Reason.no_route, "no inbound webhook is declared at this path", None)
@@ -46,10 +55,10 @@ def ingress_server(hub: WebhookHub) -> web.Server:
         length = request.content_length
         if length is not None and length > hook.max_body:
             return answer(too_large(hook.max_body))
-        body = await read_limited(request, hook.max_body)
+        body = await read_limited(request.body, hook.max_body)
         return answer(await hook.receive(list(request.headers.items()), body))
 
-    return web.Server(handle, access_log=None)
+    return handle
 
 
 def too_large(limit: int) -> Result:
@@ -58,9 +67,9 @@ def too_large(limit: int) -> Result:
     )
 
 
-async def outbound_answer(hub: WebhookHub, request: web.BaseRequest) -> web.Response:
-    name = request.path[len(OUTBOUND_PREFIX) :]
+async def outbound_answer(hub: WebhookHub, request: Request) -> Response:
+    name = request.target.partition("?")[0][len(OUTBOUND_PREFIX) :]
     if request.method != "POST":
         return answer(refused(Reason.no_route, "post an event to /_webhooks/<name>", name))
-    body = await read_limited(request, OUTBOUND_READ_LIMIT)
+    body = await read_limited(request.body, OUTBOUND_READ_LIMIT)
     return answer(await hub.outbound(name, list(request.headers.items()), body))

@@ -44,10 +44,10 @@ def forwarding_app(pool: Pool, seen: list[Request] | None = None) -> App:
 async def listening(app: App, limits: Limits | None = None) -> AsyncIterator[tuple[str, int]]:
     server = await serve(app, "127.0.0.1", 0, limits=limits)
     try:
-        host, port = server.sockets[0].getsockname()[:2]
+        host, port = server.addresses[0]
         yield host, port
     finally:
-        server.close()
+        await server.cleanup()
 
 
 @asynccontextmanager

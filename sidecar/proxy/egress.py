@@ -1,0 +1,282 @@
+"""The egress app: match a route, run its chain, stream the answer back.
+
+Runs on the listener (proxy/listener.py). Bodies stream both ways without
+buffering: the agent's upload is fed to the upstream as it arrives, and the
+answer (any `Reply`: the upstream's, or a step's own) reaches the agent chunk
+by chunk, an SSE event as soon as the upstream sends it. A WebSocket
+handshake is an ordinary call through the chain; the upstream's 101 turns
+both connections into one raw tunnel, so every frame (close codes included)
+passes untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from typing import TYPE_CHECKING
+
+from ..call import Body, Reply
+from ..headers import HOP_BY_HOP, SERVER, drop_with_connection
+from ..problems import ProblemError, problem_parts
+from ..webhooks.listener import OUTBOUND_PREFIX, outbound_answer
+from .listener import Request, Response
+from .pool import UpstreamError, UpstreamReply
+from .redirects import REWRITTEN_HEADERS
+from .router import Route, Router
+
+if TYPE_CHECKING:
+    from ..telemetry import Exchange, Telemetry
+    from ..webhooks.hub import WebhookHub
+
+log = logging.getLogger("sidecar.proxy")
+
+# X-Sidecar-Error marks the sidecar's own answers: an upstream may not forge one.
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "x-sidecar-error"}
+_REWRITTEN = frozenset(h.lower() for h in REWRITTEN_HEADERS)
+# Methods the sidecar will not carry: TRACE would echo the injected credential
+# back to the agent; CONNECT would make it a tunnel to anywhere.
+_REFUSED_METHODS = frozenset({"TRACE", "CONNECT"})
+# Why a relayed answer ended before its last byte (access log, metrics, spans).
+IDLE_CUT = "upstream_idle_timeout"
+RESET_CUT = "upstream_reset"
+
+
+def unsafe_path(raw: str) -> bool:
+    """True when the target could leave the upstream's base path once an upstream
+    normalizes it: a '.' or '..' segment, however spelled (%2e, %2f, backslash,
+    ';' parameters), or a fragment, which an origin-form target never has."""
+    if "#" in raw:
+        return True
+    path = raw.partition("?")[0]
+    if "." not in path and "%" not in path and "\\" not in path:
+        return False  # the common case: nothing that could spell a dot segment
+    path = path.lower().replace("%2e", ".").replace("%2f", "/").replace("%5c", "/")
+    for segment in path.replace("\\", "/").split("/"):
+        if segment.split(";", 1)[0] in (".", ".."):
+            return True
+    return False
+
+
+def cut_reason(exc: BaseException | None) -> str | None:
+    """Why a relayed answer stopped early: the upstream fell silent past
+    `timeout.idle`, or its connection failed; None when the agent's side failed."""
+    if isinstance(exc, TimeoutError):
+        return IDLE_CUT
+    if isinstance(exc, UpstreamError):
+        return RESET_CUT
+    return None
+
+
+def problem(err: ProblemError, service: str | None, exchange: Exchange | None) -> Response:
+    """The sidecar's own answer, as the listener writes it."""
+    status, headers, body = problem_parts(err, service)
+    if exchange is not None:
+        exchange.reason = err.reason
+    return Response(status=status, headers=headers, body=body)
+
+
+class Egress:
+    """The listener's app; `router` is read once per request, never locked."""
+
+    def __init__(
+        self,
+        current: Callable[[], Router | None],
+        telemetry: Telemetry | None = None,
+        webhooks: WebhookHub | None = None,
+    ) -> None:
+        self._current = current
+        # Agents post outbound events to /_webhooks/<name>; never routed to a service.
+        self.webhooks = webhooks
+        # None: no metrics, spans or access log, and the request path pays nothing for them.
+        self.telemetry = telemetry
+
+    async def __call__(self, request: Request) -> Response:
+        if self.telemetry is not None:
+            return await self.telemetry.observe(request, self._handle)
+        return await self._handle(request, None)
+
+    async def _handle(self, request: Request, exchange: Exchange | None) -> Response:
+        raw = request.target
+        if unsafe_path(raw):
+            return problem(
+                ProblemError(
+                    "bad_request",
+                    "The path has '.' or '..' segments or a '#' fragment; send a normalized "
+                    "path without a fragment.",
+                ),
+                None,
+                exchange,
+            )
+        if raw[0] != "/":
+            return problem(
+                ProblemError(
+                    "bad_request",
+                    "Send the path only (origin-form, like /service/...), not a full URL: "
+                    "this is not a forward proxy.",
+                ),
+                None,
+                exchange,
+            )
+        if raw.startswith(OUTBOUND_PREFIX) and self.webhooks is not None:
+            return await outbound_answer(self.webhooks, request)
+        if request.method in _REFUSED_METHODS:
+            return problem(
+                ProblemError(
+                    "method_not_allowed",
+                    f"The sidecar does not forward {request.method} requests; use GET, POST, "
+                    "PUT, PATCH, DELETE, HEAD or OPTIONS.",
+                    headers={"Allow": "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"},
+                ),
+                None,
+                exchange,
+            )
+        router = self._current()
+        route = router.match(raw) if router is not None else None
+        if route is None:
+            return problem(
+                ProblemError(
+                    "no_route",
+                    f"No service is configured for the path {raw.partition('?')[0]!r}; call "
+                    "http://<sidecar>/<service>/... with a service the policy defines.",
+                ),
+                None,
+                exchange,
+            )
+        if exchange is not None:
+            exchange.route = route
+        upstream = route.upstream
+        # Counted from here to the last byte relayed, so a reload never closes a pool
+        # that a call of the old policy (queued, backing off, streaming) still needs.
+        upstream.inflight += 1
+        try:
+            call = route.prepare(request, self._body(route, request))
+            if request.is_upgrade and request.headers.get("Upgrade", "").lower() == "websocket":
+                call.upgrade = True
+            if exchange is not None:
+                exchange.bind(call)
+            reply = await route.handler(call)
+        except ProblemError as err:
+            upstream.inflight -= 1
+            return problem(err, route.name, exchange)
+        except asyncio.CancelledError:
+            upstream.inflight -= 1
+            raise
+        except Exception:
+            upstream.inflight -= 1
+            log.exception("unexpected error in service %s", route.name)
+            return problem(
+                ProblemError(
+                    "internal_error",
+                    "The sidecar failed while handling this call; the error is in its log.",
+                ),
+                route.name,
+                exchange,
+            )
+        return _relay(request, reply, route, exchange)
+
+    def _body(self, route: Route, request: Request) -> Body:
+        body = request.body
+        if body is None:
+            return None
+        limit = route.max_body
+        if limit is None:
+            return body
+        length = request.content_length
+        if length is None and body.complete:
+            # A chunked body that came whole with its head: its size is known now, and an
+            # oversized one is refused before the upstream sees any of it.
+            length = body.buffered
+        if length is not None and length > limit:
+            raise ProblemError(
+                "request_too_large",
+                f"The request body is {length} bytes; service '{route.name}' accepts at most "
+                f"{limit} bytes.",
+                service=route.name,
+            )
+        if length is not None:
+            return body
+        # Refused when it grows past the limit: the upstream's connection is then cut
+        # mid-body, so it never gets a whole request.
+        return _limited(body, limit, route.name)
+
+
+class _Relayed:
+    """Ends one relayed answer: the reply released, the pool's count returned,
+    and why it was cut short (if it was) left for telemetry."""
+
+    __slots__ = ("exchange", "reply", "route")
+
+    def __init__(self, reply: Reply, route: Route, exchange: Exchange | None) -> None:
+        self.reply = reply
+        self.route = route
+        self.exchange = exchange
+
+    def __call__(self, sent: int, error: BaseException | None) -> None:
+        self.reply.release()
+        self.route.upstream.inflight -= 1
+        if error is not None:
+            cut = cut_reason(error)
+            if cut is not None:
+                # Headers already went out: the only honest signal left is a cut connection.
+                log.warning("answer of %s cut short: %s", self.route.name, cut)
+            if self.exchange is not None:
+                self.exchange.cut = cut
+
+
+def _relay(request: Request, reply: Reply, route: Route, exchange: Exchange | None) -> Response:
+    source = reply.headers
+    drop = drop_with_connection(_RESPONSE_DROP, source.get("Connection"))
+    headers = [(name, value) for name, value in source.items() if name.lower() not in drop]
+    redirects = route.redirects
+    if redirects is not None:
+        host = request.headers.get("Host")
+        for i, (name, value) in enumerate(headers):
+            if name.lower() in _REWRITTEN:
+                headers[i] = (name, redirects.rewrite(value, host=host, path=request.target))
+    status = reply.status
+    done = _Relayed(reply, route, exchange)
+    if status == 101 and isinstance(reply, UpstreamReply) and request.is_upgrade:
+        upgrade = source.get("Upgrade")
+        if upgrade is not None:
+            headers.append(("Upgrade", upgrade))
+        # The handshake with the agent is the sidecar's own.
+        headers = [h for h in headers if h[0].lower() != "server"]
+        headers.append(("Server", SERVER))
+        return Response(status=101, headers=headers, reason=reply.reason, tunnel=reply.detach())
+    body: AsyncIterable[bytes] | None = reply.body
+    if body is not None and route.idle is not None:
+        body = _idle_bounded(body, route.idle)
+    return Response(
+        status=status,
+        headers=headers,
+        body=body,
+        content_length=reply.content_length,
+        reason=reply.reason,
+        on_done=done,
+    )
+
+
+async def _idle_bounded(body: AsyncIterable[bytes], idle: float) -> AsyncIterator[bytes]:
+    # Only the silence between chunks is bounded, never the whole stream.
+    chunks = aiter(body)
+    while True:
+        async with asyncio.timeout(idle):
+            try:
+                data = await anext(chunks)
+            except StopAsyncIteration:
+                return
+        yield data
+
+
+async def _limited(source: AsyncIterable[bytes], limit: int, service: str) -> AsyncIterator[bytes]:
+    seen = 0
+    async for data in source:
+        seen += len(data)
+        if seen > limit:
+            raise ProblemError(
+                "request_too_large",
+                f"The request body exceeded {limit} bytes, the most service '{service}' accepts.",
+                service=service,
+            )
+        yield data

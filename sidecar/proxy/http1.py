@@ -217,6 +217,21 @@ class FeedStream(BodyStream):
             self._resume()
         return data
 
+    def take_all(self) -> bytes:
+        """Everything buffered, at once: for a body already `complete`, the whole of it."""
+        if self._error is not None and not self._chunks:
+            raise self._error
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        if self._on_first_read is not None:
+            first_read, self._on_first_read = self._on_first_read, None
+            first_read()
+        if self._paused:
+            self._paused = False
+            self._resume()
+        return data
+
     async def aclose(self) -> None:
         self.close()
 

@@ -184,6 +184,7 @@ class HttpServerProtocol(asyncio.Protocol):
         self._queue_paused = False
         self._writes = WriteGate(self._loop)
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0  # 0: none; else when the sweep closes an idle or slow agent
         self._first_data = True
         # Bytes after an upgrade request's head, relayed once the tunnel opens.
         self._upgrade_rest = b""
@@ -497,9 +498,17 @@ class HttpServerProtocol(asyncio.Protocol):
             if chunked:
                 transport.write(LAST_CHUNK)
             return keep_alive
+        if isinstance(body, FeedStream) and body.complete:
+            # The whole answer is already here (most are): one write, head and all.
+            body = body.take_all()
+            if length is not None and len(body) != length:
+                raise RuntimeError("the answer's body does not match its Content-Length")
         if isinstance(body, bytes):
-            transport.write(head + body)
-            self._sent = len(head) + len(body)
+            data = head + (chunk(body) + LAST_CHUNK if chunked and body else body)
+            if chunked and not body:
+                data += LAST_CHUNK
+            transport.write(data)
+            self._sent = len(data)
             return keep_alive
         transport.write(head)
         self._sent = len(head)
@@ -587,17 +596,26 @@ class HttpServerProtocol(asyncio.Protocol):
             self._transport.close()
 
     def _set_timer(self, delay: float) -> None:
+        # A deadline the listener's sweep checks: no timer object per request.
+        if self._listener is not None:
+            self._deadline = self._loop.time() + delay
+            return
         self._cancel_timer()
-        self._timer = self._loop.call_later(delay, self._timed_out)
+        self._timer = self._loop.call_later(delay, self.time_out)
 
     def _cancel_timer(self) -> None:
+        self._deadline = 0.0
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _timed_out(self) -> None:
+    def expired(self, now: float) -> bool:
+        return 0.0 < self._deadline <= now
+
+    def time_out(self) -> None:
         # A slow or silent agent: no answer is owed, close.
         self._timer = None
+        self._deadline = 0.0
         if self._task is None:
             self._close()
 
@@ -605,11 +623,25 @@ class HttpServerProtocol(asyncio.Protocol):
 class Listener:
     """A bound listener and its connections, so it can stop gracefully."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, limits: Limits) -> None:
         self.name = name
         self.server: asyncio.Server | None = None
         self.connections: set[HttpServerProtocol] = set()
         self._all_closed: asyncio.Event | None = None
+        # One sweep closes agents past their header or idle deadline, instead of a
+        # timer made and cancelled for every request.
+        self._every = min(1.0, limits.header_timeout / 4, limits.idle_timeout / 4)
+        self._sweep: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._sweep = loop.call_later(self._every, self._sweep_once, loop)
+
+    def _sweep_once(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        for connection in [c for c in self.connections if c.expired(now)]:
+            connection.time_out()
+        self._sweep = loop.call_later(self._every, self._sweep_once, loop)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -626,6 +658,9 @@ class Listener:
         and whatever is left after `drain` seconds."""
         if self.server is not None:
             self.server.close()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         self._all_closed = asyncio.Event()
         for connection in list(self.connections):
             connection.finish()
@@ -652,7 +687,7 @@ async def serve(
     """Listen on host:port; each connection gets its own `HttpServerProtocol`."""
     loop = asyncio.get_running_loop()
     shared = limits or Limits()
-    listener = Listener(name)
+    listener = Listener(name, shared)
 
     def connection() -> HttpServerProtocol:
         protocol = HttpServerProtocol(app, shared, listener)
@@ -660,4 +695,5 @@ async def serve(
         return protocol
 
     listener.server = await loop.create_server(connection, host, port, backlog=backlog)
+    listener.start()
     return listener

@@ -98,7 +98,8 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self._parser = httptools.HttpResponseParser(self)
         self._writes = WriteGate(self._loop)
-        self._idle_timer: asyncio.TimerHandle | None = None
+        # While pooled: when the pool's sweep closes it (0: in use).
+        self.idle_until = 0.0
         # The exchange in progress.
         self._head: asyncio.Future[None] | None = None
         self._no_body = False  # a HEAD call: the answer ends with its head
@@ -247,15 +248,13 @@ class _Connection(asyncio.Protocol):
             and self.body.at_eof
         )
 
-    def idle(self, timeout: float) -> None:
+    def idle(self, until: float) -> None:
         self._head = None
         self.body = None
-        self._idle_timer = self._loop.call_later(timeout, self.close)
+        self.idle_until = until
 
     def _cancel_idle(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        self.idle_until = 0.0
 
     def close(self) -> None:
         self._cancel_idle()
@@ -361,6 +360,8 @@ class Pool:
             self._ssl = ssl_context or _default_tls()
         self._resolver = resolver or Resolver()
         self._idle: list[_Connection] = []
+        self._every = min(1.0, idle_timeout / 4)
+        self._sweep: asyncio.TimerHandle | None = None
         self._host_line = ("Host", self.origin.host_header)
         # Counters for tests and metrics: connections opened, calls retried.
         self.connections_opened = 0
@@ -376,6 +377,9 @@ class Pool:
         content_length: int | None = None,
     ) -> UpstreamReply:
         """Send one call; returns at the answer's head (the body streams after)."""
+        if isinstance(body, FeedStream) and body.complete:
+            # All of it came with the head (most calls): one write, no sender task.
+            body = body.take_all()
         if isinstance(body, bytes):
             content_length = len(body)
         framing: list[tuple[str, str]] = [self._host_line]
@@ -476,10 +480,20 @@ class Pool:
 
     def _put_back(self, conn: _Connection) -> None:
         if conn.reusable() and len(self._idle) < self.max_idle:
-            conn.idle(self.idle_timeout)
+            loop = conn._loop
+            conn.idle(loop.time() + self.idle_timeout)
             self._idle.append(conn)
+            if self._sweep is None:
+                self._sweep = loop.call_later(self._every, self._sweep_idle, loop)
         else:
             conn.close()
+
+    def _sweep_idle(self, loop: asyncio.AbstractEventLoop) -> None:
+        # One timer per pool, not one per pooled connection: put back is on every call.
+        now = loop.time()
+        for conn in [c for c in self._idle if c.idle_until <= now]:
+            conn.close()
+        self._sweep = loop.call_later(self._every, self._sweep_idle, loop) if self._idle else None
 
     def _forget(self, conn: _Connection) -> None:
         with contextlib.suppress(ValueError):
@@ -491,6 +505,9 @@ class Pool:
 
     def close(self) -> None:
         """Close every idle connection; ones in use close when released."""
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()

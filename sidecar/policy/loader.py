@@ -111,7 +111,7 @@ def load_policy(
                 )
             )
             continue
-        unknown, unexpanded = expand_templates(doc, templates.templates)
+        unknown, unexpanded = expand_templates(doc, templates.templates, templates.broken)
         problems.extend(unknown)
         try:
             model = PolicyFile.model_validate(doc.data, context={"secrets": resolver})

@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import yaml
 
 from .models import _did_you_mean
 from .yamlpos import Document, Path, Position, Problem, YamlError, load_document
@@ -56,6 +59,7 @@ class Catalog:
     templates: dict[str, Template]
     problems: list[Problem]
     texts: list[tuple[str, str]]  # (file, text) of user templates: part of the policy version
+    broken: dict[str, str] = field(default_factory=dict)  # name -> file, of unusable templates
 
 
 def template_files(directory: str) -> list[str]:
@@ -78,6 +82,7 @@ def catalog(policy_dir: str | None) -> Catalog:
     templates = dict(builtin.templates)
     problems = list(builtin.problems)
     texts: list[tuple[str, str]] = []
+    broken: dict[str, str] = {}
     if policy_dir is not None:
         for path in template_files(os.path.join(policy_dir, USER_DIR)):
             try:
@@ -90,7 +95,11 @@ def catalog(policy_dir: str | None) -> Catalog:
             template = _parse(path, text, source=path, problems=problems)
             if template is not None:
                 templates[template.name] = template
-    return Catalog(templates=templates, problems=problems, texts=texts)
+            else:
+                name = os.path.splitext(os.path.basename(path))[0]
+                templates.pop(name, None)  # never silently the built-in instead
+                broken[name] = path
+    return Catalog(templates=templates, problems=problems, texts=texts, broken=broken)
 
 
 @functools.cache
@@ -160,7 +169,9 @@ def _parse(path: str, text: str, *, source: str, problems: list[Problem]) -> Tem
     )
 
 
-def expand(doc: Document, templates: Mapping[str, Template]) -> tuple[list[Problem], set[Path]]:
+def expand(
+    doc: Document, templates: Mapping[str, Template], broken: Mapping[str, str] | None = None
+) -> tuple[list[Problem], set[Path]]:
     """Replace each service that names a template by the merge, in place.
 
     Returns the problems (unknown template names) and the paths of the
@@ -178,10 +189,13 @@ def expand(doc: Document, templates: Mapping[str, Template]) -> tuple[list[Probl
         name = service["template"]
         where = doc.value_position((*at, "template"))
         if not isinstance(name, str):
-            problems.append(Problem(where, "template must be the name of a template"))
-            unexpanded.add(at)
+            unexpanded.add(at)  # validation says it must be a string
             continue
         template = templates.get(name)
+        if template is None and broken and name in broken:
+            problems.append(Problem(where, f"template '{name}' has errors (see {broken[name]})"))
+            unexpanded.add(at)
+            continue
         if template is None:
             problems.append(
                 Problem(where, f"unknown template '{name}'{_did_you_mean(name, list(templates))}")
@@ -236,3 +250,31 @@ def _merge(base: Any, over: Any, rel: Path, origin: _Origin) -> Any:
         if key not in base and value is not None:
             out[key] = value
     return out
+
+
+def expanded_policy(template: Template) -> str:
+    """The template as a policy file with one service named after it: what
+    `template: NAME` and nothing else would give (keys it leaves open as comments)."""
+    with open(template.file, encoding="utf-8") as f:
+        text = f.read()
+    # The template's own leading comments say how agents call the service.
+    lead = re.match(r"(?:[ \t]*(?:#[^\n]*)?\n)*", text)
+    comments = [line for line in (lead.group(0) if lead else "").splitlines() if line.strip()]
+    head = [
+        f"# template '{template.name}': {template.description}",
+        f"# source: {template.source}"
+        + (f" ({template.file})" if template.source != template.file else ""),
+    ]
+    if template.docs:
+        head.append(f"# provider docs: {template.docs}")
+    head.extend(comments)
+    for key, hint in template.needs.items():
+        head.append(f"# the policy must set {key}, e.g. {key}: {hint}")
+    body = yaml.safe_dump(
+        {"version": 1, "services": {template.name: dict(template.service)}},
+        sort_keys=False,
+        default_flow_style=False,
+        allow_unicode=True,
+        width=100,
+    )
+    return "\n".join(head) + "\n" + body

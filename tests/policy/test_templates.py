@@ -4,6 +4,7 @@ and where errors point (the policy's FILE:LINE:COL, naming the template)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -294,3 +295,16 @@ def test_templates_show_an_unknown_name() -> None:
 def test_example_policies_load() -> None:
     policy = load_policy(str(ROOT / "policies"), env={"OPENAI_API_KEY": "k", "GITHUB_TOKEN": "t"})
     assert {"openai", "github"} <= set(policy.services)
+
+
+def test_docs_describe_every_builtin_template_and_its_key() -> None:
+    doc = (ROOT / "docs" / "templates.md").read_text()
+    sections = {part.split("`", 2)[1]: part for part in doc.split("\n### ")[1:]}
+    for name, template in catalog(None).templates.items():
+        assert name in sections, f"docs/templates.md has no section for {name}"
+        text = (ROOT / "sidecar" / "templates" / f"{name}.yaml").read_text()
+        for var in re.findall(r"\$\{env:([A-Z_]+)\}", text):
+            assert var in sections[name], f"{name}: {var} not documented"
+        row = next(line for line in doc.splitlines() if line.startswith(f"| `{name}` |"))
+        for header in template.service.get("limits", {}).get("retry_after", ["Retry-After"]):
+            assert f"`{header}`".lower() in row.lower(), f"{name}: {header} not in its row"

@@ -389,7 +389,20 @@ Auth = Annotated[
 AUTH_TYPES = ("bearer", "header", "query", "basic", "oauth2_client_credentials", "jwt")
 
 
+def _service_schema(schema: dict[str, Any]) -> None:
+    # A file may leave `upstream` to the template it names: the schema describes
+    # files as written, before the loader fills templates in.
+    required = schema.get("required", [])
+    if "upstream" in required:
+        required.remove("upstream")
+        if not required:
+            del schema["required"]
+        schema["anyOf"] = [{"required": ["upstream"]}, {"required": ["template"]}]
+
+
 class Service(Model):
+    model_config = ConfigDict(json_schema_extra=_service_schema)
+
     template: str | None = Field(
         default=None,
         description="Start from this template (see `sidecar templates`); every key set "

@@ -308,3 +308,13 @@ def test_docs_describe_every_builtin_template_and_its_key() -> None:
         row = next(line for line in doc.splitlines() if line.startswith(f"| `{name}` |"))
         for header in template.service.get("limits", {}).get("retry_after", ["Retry-After"]):
             assert f"`{header}`".lower() in row.lower(), f"{name}: {header} not in its row"
+
+
+def test_the_schema_lets_a_template_stand_in_for_the_upstream() -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    from sidecar.policy.models import PolicyFile
+
+    schema = PolicyFile.model_json_schema()
+    jsonschema.validate({"version": 1, "services": {"a": {"template": "openai"}}}, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"version": 1, "services": {"a": {"prefix": "/a"}}}, schema)

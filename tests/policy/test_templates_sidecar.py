@@ -3,6 +3,7 @@ for the provider) gets the credential and the headers the provider requires."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -10,6 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from tests.conftest import Counting, StartSidecar, echo_app
+from tests.helpers import eventually
 
 Upstream = Callable[[web.Application], Awaitable[str]]
 
@@ -154,3 +156,39 @@ async def test_a_429_with_retry_after_ms_pauses_the_service_in_the_sidecar(
         assert 29 <= int(r.headers["Retry-After"]) <= 30
         assert SECRET not in await r.text()
     assert counting.hits == 1
+
+
+async def test_editing_a_user_template_reloads_the_services_built_on_it(
+    upstream: Upstream, start_sidecar: StartSidecar, client: aiohttp.ClientSession
+) -> None:
+    base = await upstream(echo_app())
+    sidecar = await start_sidecar(
+        f"version: 1\nservices:\n  plain:\n    upstream: {base}\n", watch=True
+    )
+    templates = sidecar.policies / "templates"
+    templates.mkdir()
+    text = (
+        'description: ours\nservice:\n  upstream: {base}\n  headers: {{set: {{X-Rev: "{rev}"}}}}\n'
+    )
+
+    def write_template(rev: str) -> None:
+        tmp = templates / ".ours.yaml.tmp"
+        tmp.write_text(text.format(base=base, rev=rev))
+        os.replace(tmp, templates / "ours.yaml")
+
+    write_template("1")
+    sidecar.write("policy.yaml", "version: 1\nservices:\n  svc: {template: ours}\n")
+
+    async def revision() -> str | None:
+        async with client.get(f"{sidecar.url}/svc/x") as r:
+            if r.status != 200:
+                return None
+            body: dict[str, Any] = await r.json()
+            return body["headers"].get("X-Rev")
+
+    async def is_(rev: str) -> bool:
+        return await revision() == rev
+
+    await eventually(lambda: is_("1"), "the service built on the user template")
+    write_template("2")
+    await eventually(lambda: is_("2"), "the edited template in effect")

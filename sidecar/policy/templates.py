@@ -206,7 +206,8 @@ def expand(
             template.service, service, (), _Origin(doc, at, template, where)
         )
         for key, hint in template.needs.items():
-            doc.notes.setdefault((*at, key), f"template '{name}' leaves it to the policy: {hint}")
+            if key not in service:
+                doc.notes[(*at, key)] = f"template '{name}' leaves it to the policy: {hint}"
     return problems, unexpanded
 
 

@@ -318,3 +318,20 @@ def test_the_schema_lets_a_template_stand_in_for_the_upstream() -> None:
     jsonschema.validate({"version": 1, "services": {"a": {"template": "openai"}}}, schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"version": 1, "services": {"a": {"prefix": "/a"}}}, schema)
+
+
+def test_a_key_the_policy_writes_is_reported_as_its_own(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        "p.yaml",
+        """
+        version: 1
+        services:
+          az:
+            template: azure_openai
+            upstream: ftp://example
+        """,
+    )
+    assert errors(tmp_path, resolve_secrets=False) == [
+        f"{tmp_path}/p.yaml:5:15: upstream must start with http:// or https://"
+    ]

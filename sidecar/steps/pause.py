@@ -44,7 +44,7 @@ REASON_AFTER = {429: "rate_limited", 503: "upstream_paused"}
 # The statuses an API refuses with when one of its limits is used up (GitHub: 403).
 _QUOTA_REFUSALS = frozenset({403, 429})
 
-_ASKED = "asked for no calls until later (Retry-After)"
+_ASKED = "asked for no calls until later ({header})"
 
 
 class Pause:
@@ -62,8 +62,9 @@ class Pause:
     ) -> None:
         self.service = service
         self.until = 0.0
-        self.status = 429
-        self.why = _ASKED
+        self.status = 429  # the refusal's: REASON_AFTER
+        self.answered = 429  # the upstream's, for the message
+        self.why = _ASKED.format(header="Retry-After")
         self._clock = clock
         # An HTTP-date Retry-After is wall-clock time; injectable for tests.
         self._wall = wall
@@ -102,12 +103,12 @@ class Pause:
                 )
                 if delay is not None:
                     # The first header present decides, even when it says "now".
-                    self._hold(delay, status, _ASKED)
+                    self._hold(delay, status, status, _ASKED.format(header=name))
                     return
         if self._quota and (status in _QUOTA_REFUSALS or self._early):
-            self._observe_quota(headers)
+            self._observe_quota(status, headers)
 
-    def _observe_quota(self, headers: Mapping[str, str]) -> None:
+    def _observe_quota(self, status: int, headers: Mapping[str, str]) -> None:
         for remaining, reset in self._quota:
             left = headers.get(remaining)
             if left is None or _number(left, 1.0) != 0:
@@ -115,15 +116,17 @@ class Pause:
             value = headers.get(reset)
             delay = None if value is None else reset_seconds(value, self._wall())
             if delay is not None:
-                self._hold(delay, 429, f"reported a limit used up ({remaining}: 0)")
+                # Whatever the refusal's status (GitHub: 403), it is a rate limit.
+                self._hold(delay, 429, status, f"reported a limit used up ({remaining}: 0)")
 
-    def _hold(self, delay: float, status: int, why: str) -> None:
+    def _hold(self, delay: float, status: int, answered: int, why: str) -> None:
         if delay <= 0:
             return
         until = self._clock() + min(delay, MAX_PAUSE)
         if until > self.until:
             self.until = until
             self.status = status
+            self.answered = answered
             self.why = why
 
     def refusal(self, now: float) -> ProblemError:
@@ -131,7 +134,7 @@ class Pause:
         seconds = max(1, math.ceil(wait))
         return ProblemError(
             REASON_AFTER[self.status],
-            f"The upstream of service '{self.service}' answered {self.status} and {self.why}; "
+            f"The upstream of service '{self.service}' answered {self.answered} and {self.why}; "
             "this refusal comes from the sidecar, which "
             f"holds every call to it until then. Retry after {seconds} "
             f"second{'s' if seconds != 1 else ''}.",

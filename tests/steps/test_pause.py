@@ -168,6 +168,7 @@ async def test_retry_after_ms_is_read_first_and_counts_milliseconds() -> None:
     await step(call(), upstream)
     err = await refused(step, upstream)
     assert err.retry_after == pytest.approx(2.5)
+    assert "(retry-after-ms)" in err.detail
 
 
 async def test_a_429_with_only_a_used_up_quota_pauses_until_its_reset() -> None:
@@ -200,6 +201,7 @@ async def test_a_403_reporting_zero_remaining_pauses_until_the_epoch_reset() -> 
     await step(call(), upstream)
     err = await refused(step, upstream)
     assert err.status == 429 and err.retry_after is not None and 40 < err.retry_after <= 45
+    assert "answered 403 and reported a limit used up (x-ratelimit-remaining: 0)" in err.detail
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Command line: `sidecar run | validate | schema | inject`.
+"""Command line: `sidecar run | validate | schema | templates | inject`.
 
 Every flag has an environment variable (SIDECAR_<FLAG>), so a container can be
 configured without a command line.
@@ -109,6 +109,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("schema", help="print the policy JSON Schema")
 
+    templates = sub.add_parser(
+        "templates", help="list service templates; `templates show NAME` prints one expanded"
+    )
+    templates.add_argument(
+        "--policies",
+        default=_env("POLICIES"),
+        metavar="DIR",
+        help="also list the templates in DIR/templates/ (env SIDECAR_POLICIES)",
+    )
+    templates_sub = templates.add_subparsers(dest="templates_command")
+    show = templates_sub.add_parser("show", help="print a template as a policy file")
+    show.add_argument("name", metavar="NAME")
+    show.add_argument(
+        "--policies",
+        default=argparse.SUPPRESS,
+        metavar="DIR",
+        help="also look in DIR/templates/",
+    )
+
     inject = sub.add_parser("inject", help="serve the Kubernetes sidecar-injection webhook")
     try:
         from . import inject as inject_mod
@@ -138,6 +157,28 @@ def cmd_schema() -> int:
     schema = PolicyFile.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     print(json.dumps(schema, indent=2))
+    return 0
+
+
+def cmd_templates(policies: str | None, show: str | None) -> int:
+    from .policy.models import _did_you_mean
+    from .policy.templates import catalog, expanded_policy
+
+    found = catalog(policies)
+    for problem in found.problems:
+        print(problem, file=sys.stderr)
+    if show is None:
+        rows = sorted(found.templates.values(), key=lambda t: t.name)
+        width = max((len(t.name) for t in rows), default=4)
+        for t in rows:
+            print(f"{t.name:<{width}}  {t.description}  [{t.source}]")
+        return 1 if found.problems else 0
+    template = found.templates.get(show)
+    if template is None:
+        hint = _did_you_mean(show, list(found.templates))
+        print(f"sidecar: unknown template '{show}'{hint}", file=sys.stderr)
+        return 1
+    print(expanded_policy(template), end="")
     return 0
 
 
@@ -227,6 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_validate(args.dir, resolve_secrets=args.resolve_secrets)
     if args.command == "schema":
         return cmd_schema()
+    if args.command == "templates":
+        name = args.name if args.templates_command == "show" else None
+        return cmd_templates(args.policies, name)
     logging.basicConfig(
         level=getattr(args, "log_level", _env("LOG_LEVEL", "info") or "info").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import email.utils
+import re
 
 # Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never forwarded.
 HOP_BY_HOP = frozenset(
@@ -48,6 +50,38 @@ def retry_after_seconds(value: str, wall_now: float) -> float | None:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - wall_now)
+
+
+# A Go-style duration, as OpenAI's x-ratelimit-reset-* headers send it: 6m0s, 1.5s, 20ms.
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s)")
+_DURATION_UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+# Anything larger is a Unix time (GitHub, GitLab), not a number of seconds to wait.
+_EPOCH_FROM = 1e9
+
+
+def reset_seconds(value: str, wall_now: float) -> float | None:
+    """Seconds until a limit resets, from whichever way the provider writes it:
+    delta seconds, a duration (`6m0s`), Unix seconds, ISO 8601 or an HTTP date.
+    None when unreadable; never negative."""
+    value = value.strip()
+    try:
+        number = float(value)
+    except ValueError:
+        pass
+    else:
+        if number != number or number in (float("inf"), float("-inf")):
+            return None
+        return max(0.0, number - wall_now if number >= _EPOCH_FROM else number)
+    parts = _DURATION_PART.findall(value)
+    if parts and "".join(n + u for n, u in parts) == value:
+        return sum(float(n) * _DURATION_UNIT[u] for n, u in parts)
+    try:
+        when = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        return retry_after_seconds(value, wall_now)
     if when.tzinfo is None:
         return None
     return max(0.0, when.timestamp() - wall_now)

@@ -19,6 +19,8 @@ from pydantic import BaseModel, ValidationError
 
 from .models import AUTH_TYPES, Agents, PolicyFile, Service, _did_you_mean, closest
 from .secrets import SecretResolver
+from .templates import catalog as template_catalog
+from .templates import expand as expand_templates
 from .webhooks import Webhooks
 from .webhooks import merge as merge_webhooks
 from .yamlpos import Document, Path, Position, Problem, YamlError, load_document
@@ -82,9 +84,13 @@ def load_policy(
             [Problem(Position(directory, 1, 1), "no *.yaml or *.yml policy files found")]
         )
     resolver = SecretResolver(env, check_only=not resolve_secrets)
-    problems: list[Problem] = []
+    templates = template_catalog(directory)
+    problems: list[Problem] = list(templates.problems)
     parsed: list[tuple[Document, PolicyFile]] = []
     digest = hashlib.sha256()
+    # A changed template changes every service built on it: part of the version.
+    for path, text in templates.texts:
+        digest.update(path.encode() + b"\0" + text.encode() + b"\0")
     for path in files:
         try:
             with open(path, encoding="utf-8") as f:
@@ -105,10 +111,14 @@ def load_policy(
                 )
             )
             continue
+        unknown, unexpanded = expand_templates(doc, templates.templates, templates.broken)
+        problems.extend(unknown)
         try:
             model = PolicyFile.model_validate(doc.data, context={"secrets": resolver})
         except ValidationError as exc:
-            problems.extend(_problems(doc, exc))
+            problems.extend(_problems(doc, exc, unexpanded=unexpanded))
+            continue
+        if unknown:
             continue
         parsed.append((doc, model))
 
@@ -170,7 +180,9 @@ def load_policy(
     )
 
 
-def _problems(doc: Document, exc: ValidationError) -> list[Problem]:
+def _problems(
+    doc: Document, exc: ValidationError, *, unexpanded: frozenset[Path] | set[Path] = frozenset()
+) -> list[Problem]:
     errors = exc.errors(include_url=False)
     # A misspelt required key (`upstrem:`) is one mistake: its unknown-key error
     # names the key it should be, so "'upstream' is required" would only repeat it.
@@ -183,7 +195,8 @@ def _problems(doc: Document, exc: ValidationError) -> list[Problem]:
     for err in errors:
         loc: Path = tuple(err["loc"])
         kind = err["type"]
-        if kind == "missing" and loc in misspelt:
+        if kind == "missing" and (loc in misspelt or loc[:2] in unexpanded):
+            # Also a service whose template is unknown: that error says it all.
             continue
         ctx: dict[str, Any] = err.get("ctx") or {}
         message = err["msg"]
@@ -212,8 +225,25 @@ def _problems(doc: Document, exc: ValidationError) -> list[Problem]:
             position = doc.position(known if kind != "extra_forbidden" else loc)
         else:
             position = doc.value_position(known)
+        note = _note(doc, loc, known)
+        if note:
+            message = f"{message} ({note})"
         out.append(Problem(position, message))
     return out
+
+
+def _note(doc: Document, loc: Path, known: Path) -> str | None:
+    """Where the value in error came from when the file does not hold it (a template)."""
+    if not doc.notes:
+        return None
+    note = doc.notes.get(loc)
+    if note is not None:
+        return note
+    for i in range(len(known), 0, -1):
+        note = doc.notes.get(known[:i])
+        if note is not None:
+            return note
+    return None
 
 
 def _known(doc: Document, loc: Path) -> Path:

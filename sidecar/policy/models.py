@@ -163,6 +163,31 @@ class HeaderRules(Model):
     remove: list[HeaderName] = Field(
         default_factory=list, description="Headers removed from every request"
     )
+    default: dict[HeaderName, HeaderValue] = Field(
+        default_factory=dict,
+        description="Headers added when the agent sent none of that name (an SDK's own "
+        "version header wins)",
+    )
+
+
+def _query_value(value: str) -> str:
+    if any(c in value for c in "\r\n#"):
+        raise ValueError("a query value must not hold a line break or '#'")
+    return value
+
+
+QueryName = Annotated[str, Field(min_length=1), AfterValidator(_query_value)]
+QueryValue = Annotated[str, AfterValidator(_query_value)]
+
+
+class QueryRules(Model):
+    set: dict[QueryName, QueryValue] = Field(
+        default_factory=dict, description="Query parameters set on every request"
+    )
+    default: dict[QueryName, QueryValue] = Field(
+        default_factory=dict,
+        description="Query parameters added when the agent sent none of that name",
+    )
 
 
 class Timeout(Model):
@@ -364,11 +389,30 @@ Auth = Annotated[
 AUTH_TYPES = ("bearer", "header", "query", "basic", "oauth2_client_credentials", "jwt")
 
 
+def _service_schema(schema: dict[str, Any]) -> None:
+    # A file may leave `upstream` to the template it names: the schema describes
+    # files as written, before the loader fills templates in.
+    required = schema.get("required", [])
+    if "upstream" in required:
+        required.remove("upstream")
+        if not required:
+            del schema["required"]
+        schema["anyOf"] = [{"required": ["upstream"]}, {"required": ["template"]}]
+
+
 class Service(Model):
+    model_config = ConfigDict(json_schema_extra=_service_schema)
+
+    template: str | None = Field(
+        default=None,
+        description="Start from this template (see `sidecar templates`); every key set "
+        "here overrides the template's",
+    )
     upstream: str = Field(description="scheme://host[:port][/base/path]")
     prefix: str | None = Field(default=None, description="Default: /<service name>")
     auth: Auth | None = None
     headers: HeaderRules = Field(default_factory=HeaderRules)
+    query: QueryRules = Field(default_factory=QueryRules)
     timeout: Timeout = Field(default_factory=Timeout)
     rate_limit: list[RateLimit] = Field(default_factory=list)
     retry: Retry | None = None
@@ -384,6 +428,10 @@ class Service(Model):
     forwarded: bool = Field(
         default=False,
         description="Send X-Forwarded-For/-Proto/-Host and Via upstream (off: none are sent)",
+    )
+    limits: UpstreamLimits = Field(
+        default_factory=lambda: UpstreamLimits(),
+        description="How the upstream reports its own limits, read by the adaptive pause",
     )
 
     @field_validator("upstream")
@@ -438,7 +486,9 @@ class PolicyFile(Model):
     )
 
 
-# At the end: webhooks.py builds on this module's base model and types.
+# At the end: these modules build on this module's base model and types.
+from .upstream_limits import UpstreamLimits  # noqa: E402
 from .webhooks import Webhooks  # noqa: E402
 
+Service.model_rebuild()
 PolicyFile.model_rebuild()

@@ -52,6 +52,9 @@ class Document:
     data: Any
     keys: dict[Path, Position] = field(default_factory=dict)
     values: dict[Path, Position] = field(default_factory=dict)
+    # Where a value that is not written in this file came from (a template's keys),
+    # added to the message of an error at that path.
+    notes: dict[Path, str] = field(default_factory=dict)
 
     def position(self, path: Path) -> Position:
         """The key's position when the path names a key, else the nearest known ancestor."""

@@ -141,3 +141,101 @@ async def test_reload_keeps_a_running_pause_unless_the_upstream_changed() -> Non
     await refused(pause(clock, store), upstream)
     await pause(clock, store, upstream="http://127.0.0.1:10")(call(), upstream)
     assert upstream.calls == 2
+
+
+def limited(clock: Clock, limits: dict[str, Any]) -> Pause:
+    spec = Service.model_validate({"upstream": "http://127.0.0.1:9", "limits": limits})
+    svc = ServicePolicy(name="svc", prefix="/svc", spec=spec, position=Position("p.yaml", 1, 1))
+    state = StateStore().begin()
+    step = build(svc, state=state, clock=clock)
+    state.commit()
+    return step
+
+
+OPENAI_LIMITS = {
+    "retry_after": ["retry-after-ms", "retry-after"],
+    "quota": [
+        {"remaining": "x-ratelimit-remaining-requests", "reset": "x-ratelimit-reset-requests"},
+        {"remaining": "x-ratelimit-remaining-tokens", "reset": "x-ratelimit-reset-tokens"},
+    ],
+}
+
+
+async def test_retry_after_ms_is_read_first_and_counts_milliseconds() -> None:
+    clock, upstream = Clock(), Upstream()
+    step = limited(clock, OPENAI_LIMITS)
+    upstream.reply = FakeReply(429, {"retry-after-ms": "2500", "retry-after": "60"})
+    await step(call(), upstream)
+    err = await refused(step, upstream)
+    assert err.retry_after == pytest.approx(2.5)
+    assert "(retry-after-ms)" in err.detail
+
+
+async def test_a_429_with_only_a_used_up_quota_pauses_until_its_reset() -> None:
+    clock, upstream = Clock(), Upstream()
+    step = limited(clock, OPENAI_LIMITS)
+    upstream.reply = FakeReply(
+        429,
+        {
+            "x-ratelimit-remaining-requests": "12",
+            "x-ratelimit-reset-requests": "1s",
+            "x-ratelimit-remaining-tokens": "0",
+            "x-ratelimit-reset-tokens": "6m0s",
+        },
+    )
+    await step(call(), upstream)
+    err = await refused(step, upstream)
+    assert err.reason == "rate_limited"
+    assert err.retry_after == pytest.approx(360.0)
+    assert "x-ratelimit-remaining-tokens: 0" in err.detail
+
+
+async def test_a_403_reporting_zero_remaining_pauses_until_the_epoch_reset() -> None:
+    # GitHub: a used-up primary limit answers 403 with x-ratelimit-reset in Unix seconds.
+    clock, upstream = Clock(), Upstream()
+    step = limited(
+        clock, {"quota": [{"remaining": "x-ratelimit-remaining", "reset": "x-ratelimit-reset"}]}
+    )
+    reset = str(int(time.time()) + 45)
+    upstream.reply = FakeReply(403, {"x-ratelimit-remaining": "0", "x-ratelimit-reset": reset})
+    await step(call(), upstream)
+    err = await refused(step, upstream)
+    assert err.status == 429 and err.retry_after is not None and 40 < err.retry_after <= 45
+    assert "answered 403 and reported a limit used up (x-ratelimit-remaining: 0)" in err.detail
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        # A 403 that is about permissions: quota left.
+        FakeReply(403, {"x-ratelimit-remaining": "10", "x-ratelimit-reset": "30"}),
+        # Some providers send -1 for "unknown".
+        FakeReply(429, {"x-ratelimit-remaining": "-1", "x-ratelimit-reset": "30"}),
+        # A success reporting 0 left: only with `early`.
+        FakeReply(200, {"x-ratelimit-remaining": "0", "x-ratelimit-reset": "30"}),
+    ],
+)
+async def test_no_quota_pause_unless_a_refusal_reports_zero(reply: FakeReply) -> None:
+    clock, upstream = Clock(), Upstream()
+    step = limited(
+        clock, {"quota": [{"remaining": "x-ratelimit-remaining", "reset": "x-ratelimit-reset"}]}
+    )
+    upstream.reply = reply
+    await step(call(), upstream)
+    await step(call(), upstream)
+    assert upstream.calls == 2
+
+
+async def test_early_pauses_on_a_success_that_reports_zero_left() -> None:
+    clock, upstream = Clock(), Upstream()
+    step = limited(
+        clock,
+        {
+            "quota": [{"remaining": "RateLimit-Remaining", "reset": "RateLimit-Reset"}],
+            "early": True,
+        },
+    )
+    upstream.reply = FakeReply(200, {"RateLimit-Remaining": "0", "RateLimit-Reset": "20"})
+    await step(call(), upstream)
+    err = await refused(step, upstream)
+    assert err.retry_after == pytest.approx(20.0)

@@ -1,0 +1,357 @@
+"""Verified agent identity: a JWT checked against a JWKS, or a per-agent API key.
+
+With `agents.verify` or `agents.keys` set, every call must carry a credential in
+`agents.credential_header` (default `X-Agent-Token`; `Bearer <credential>` is
+accepted too). A key is looked up by its SHA-256; a JWT is verified against the
+issuer's public keys. The name found (the key's agent, or the token's `claim`)
+becomes `call.agent`, whatever `X-Agent-Id` said. The credential itself is
+removed from the call before anything else sees it: the upstream never gets it,
+and the service's own `auth` step injects the upstream's credential later.
+
+One `Credentials` serves every service of a policy (held in the state store under
+the fingerprint of `agents:`), so the key set is fetched once and survives reloads
+that leave `agents:` alone. Key sets are fetched with aiohttp on the event loop,
+never with a blocking client; a fetch happens when the set is older than `cache`
+(in the background: calls go on with the keys they have) or when a token names a
+kid the set lacks (at most once per `min_refresh`, so made-up kids cannot turn
+the sidecar into a load generator against the issuer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import jwt
+
+from ..call import Call, Handler, Reply
+from ..policy.access import JwtVerify, jwks_document
+from ..policy.loader import ServicePolicy
+from ..policy.models import Agents
+from ..policy.secrets import Secret
+from ..problems import ProblemError
+from ..state import StateBuild
+from . import Step
+
+log = logging.getLogger("sidecar.identity")
+
+Clock = Callable[[], float]
+
+# Verified tokens remembered, so an agent reusing its token costs a dict lookup,
+# not a signature check, per call. Bounded: made-up tokens cannot exhaust memory.
+TOKEN_CACHE = 1024
+# A key set document larger than this is refused (a JWKS is a few kilobytes).
+MAX_JWKS = 1 << 20
+FETCH_TIMEOUT = aiohttp.ClientTimeout(total=10)
+
+# Key type (and curve) -> the algorithms such a key can verify, when its JWK names none.
+_FAMILY = {
+    "RSA": ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"),
+    "EC:P-256": ("ES256",),
+    "EC:P-384": ("ES384",),
+    "EC:P-521": ("ES512",),
+    "OKP:Ed25519": ("EdDSA",),
+}
+
+
+class Refused(Exception):
+    """The credential does not prove an identity; the text says why, never quoting it."""
+
+
+class KeysUnavailable(Exception):
+    """No key set could be fetched yet: the sidecar's problem, not the agent's."""
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyKey:
+    kid: str | None
+    algorithms: frozenset[str]
+    key: Any  # a cryptography public key
+
+
+def parse_keys(keys: list[dict[str, Any]], accepted: frozenset[str]) -> list[VerifyKey]:
+    """The usable signing keys of a JWK Set. Symmetric (`oct`) keys, encryption keys and
+    keys for algorithms not accepted are skipped: a public document cannot hold a secret."""
+    out = []
+    for jwk in keys:
+        if jwk.get("use", "sig") != "sig":
+            continue
+        kty = jwk.get("kty")
+        family = _FAMILY.get(f"{kty}:{jwk.get('crv')}" if kty in ("EC", "OKP") else str(kty))
+        if family is None:
+            continue
+        alg = jwk.get("alg")
+        algorithms = frozenset(family if alg is None else (alg,) if alg in family else ())
+        algorithms &= accepted
+        if not algorithms:
+            continue
+        kid = jwk.get("kid")
+        try:
+            key = jwt.get_algorithm_by_name(next(iter(algorithms))).from_jwk(jwk)
+        except (jwt.exceptions.PyJWTError, ValueError, TypeError, KeyError):
+            log.warning("JWKS: key %r is malformed, skipped", kid)
+            continue
+        if hasattr(key, "private_bytes"):
+            # A private key published by mistake still verifies; use its public half only.
+            key = key.public_key()
+        out.append(
+            VerifyKey(kid=kid if isinstance(kid, str) else None, algorithms=algorithms, key=key)
+        )
+    return out
+
+
+class JwtVerifier:
+    def __init__(self, spec: JwtVerify, *, clock: Clock = time.monotonic) -> None:
+        self.spec = spec
+        self._accepted = frozenset(spec.algorithms)
+        self._audience = list(spec.audience)
+        self._clock = clock
+        self._keys: list[VerifyKey] = []
+        self._fetched_at = float("-inf")  # last successful fetch
+        self._tried_at = float("-inf")  # last attempt, successful or not
+        self._loaded = False
+        self._fetch: asyncio.Task[None] | None = None
+        self._url: str | None = None
+        if isinstance(spec.jwks, Secret):
+            # A ${file:} key set: read at load (the loader checked it), re-read on rotation
+            # because the file is watched and a change reloads the policy.
+            self._set_keys(jwks_document(spec.jwks.reveal()))
+        else:
+            self._url = spec.jwks
+        # token -> (agent, expiry in wall-clock seconds)
+        self._verified: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    def _set_keys(self, document: list[dict[str, Any]]) -> None:
+        self._keys = parse_keys(document, self._accepted)
+        self._loaded = True
+        # A key that left the set must stop proving anything at once.
+        self._verified.clear()
+
+    # -- fetching -------------------------------------------------------------------
+
+    async def _get(self, url: str) -> None:
+        self._tried_at = self._clock()
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=FETCH_TIMEOUT) as session,
+                session.get(url, headers={"Accept": "application/json"}) as resp,
+            ):
+                if resp.status != 200:
+                    raise ValueError(f"HTTP {resp.status}")
+                body = await resp.content.read(MAX_JWKS + 1)
+                if len(body) > MAX_JWKS:
+                    raise ValueError("larger than 1 MiB")
+            document = jwks_document(body.decode("utf-8", "replace"))
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.warning("JWKS %s could not be fetched: %s", url, exc or type(exc).__name__)
+            return
+        self._set_keys(document)
+        self._fetched_at = self._clock()
+
+    def _refresh(self) -> asyncio.Future[None]:
+        """The one fetch in flight, started if none is (calls share it)."""
+        if self._url is None:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        if self._fetch is None or self._fetch.done():
+            self._fetch = asyncio.get_running_loop().create_task(self._get(self._url))
+        return self._fetch
+
+    async def _candidates(self, kid: str | None, alg: str) -> list[VerifyKey]:
+        if self._url is not None:
+            now = self._clock()
+            if not self._loaded:
+                await asyncio.shield(self._refresh())
+                if not self._loaded:
+                    raise KeysUnavailable
+            elif now - self._fetched_at >= self.spec.cache and (
+                now - self._tried_at >= self.spec.min_refresh
+            ):
+                self._refresh()  # in the background: the current keys serve meanwhile
+        found = self._match(kid, alg)
+        if (
+            not found
+            and self._url is not None
+            and (
+                self._clock() - self._tried_at >= self.spec.min_refresh
+                or (self._fetch is not None and not self._fetch.done())
+            )
+        ):
+            # A kid we do not know may be a key the issuer has just rotated in.
+            await asyncio.shield(self._refresh())
+            found = self._match(kid, alg)
+        return found
+
+    def _match(self, kid: str | None, alg: str) -> list[VerifyKey]:
+        return [k for k in self._keys if alg in k.algorithms and (kid is None or k.kid == kid)]
+
+    # -- verifying ------------------------------------------------------------------
+
+    async def verify(self, token: str) -> str:
+        cached = self._verified.get(token)
+        if cached is not None and time.time() < cached[1]:
+            return cached[0]
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.exceptions.DecodeError:
+            raise Refused("the credential is neither a known agent key nor a JWT") from None
+        alg = header.get("alg")
+        if alg not in self._accepted:
+            raise Refused(
+                "the token's algorithm is not accepted; sign with one of "
+                + ", ".join(self.spec.algorithms)
+            )
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise Refused("the token's kid is not a string")
+        candidates = await self._candidates(kid, alg)
+        if not candidates:
+            raise Refused(
+                "no key of the issuer's key set matches the token's kid"
+                if kid is not None
+                else "the token names no kid and no key of the issuer's key set fits it"
+            )
+        claims: dict[str, Any] | None = None
+        for key in candidates:
+            try:
+                claims = jwt.decode(
+                    token,
+                    key.key,
+                    algorithms=[alg],
+                    audience=self._audience,
+                    issuer=self.spec.issuer,
+                    leeway=self.spec.leeway,
+                    options={"require": ["exp", "iss", "aud"]},
+                )
+                break
+            except jwt.exceptions.InvalidSignatureError:
+                continue
+            except jwt.exceptions.ExpiredSignatureError:
+                raise Refused("the token has expired") from None
+            except jwt.exceptions.InvalidAudienceError:
+                raise Refused("the token is not meant for this sidecar (aud)") from None
+            except jwt.exceptions.InvalidIssuerError:
+                raise Refused("the token comes from another issuer (iss)") from None
+            except jwt.exceptions.MissingRequiredClaimError as exc:
+                raise Refused(f"the token has no '{exc.claim}' claim") from None
+            except jwt.exceptions.ImmatureSignatureError:
+                raise Refused("the token is not valid yet (nbf/iat)") from None
+            except jwt.exceptions.PyJWTError:
+                raise Refused("the token is malformed") from None
+        if claims is None:
+            raise Refused("the token's signature does not verify")
+        agent = claims.get(self.spec.claim)
+        if not isinstance(agent, str) or not agent:
+            raise Refused(f"the token's '{self.spec.claim}' claim does not name an agent")
+        verified = self._verified
+        if len(verified) >= TOKEN_CACHE:
+            verified.popitem(last=False)
+        # `exp` is required and checked above; a cached token expires with it.
+        verified[token] = (agent, float(claims["exp"]))
+        return agent
+
+    def retire(self) -> None:
+        if self._fetch is not None:
+            self._fetch.cancel()
+
+
+class Credentials:
+    """Turns a presented credential into an agent name, or refuses it."""
+
+    def __init__(self, agents: Agents) -> None:
+        self.header = agents.credential_header
+        self._by_hash = {
+            digest.removeprefix("sha256:"): name for name, digest in agents.keys.items()
+        }
+        self._jwt = JwtVerifier(agents.verify) if agents.verify is not None else None
+
+    def prefetch(self) -> None:
+        """Start fetching the key set now, so the first call does not wait for it."""
+        if self._jwt is not None and self._jwt._url is not None:
+            with contextlib.suppress(RuntimeError):  # no running loop: fetched on first use
+                self._jwt._refresh()
+
+    async def identify(self, presented: str) -> str:
+        if presented[:7].lower() == "bearer ":
+            presented = presented[7:].strip()
+        if self._by_hash:
+            name = self._by_hash.get(hashlib.sha256(presented.encode()).hexdigest())
+            if name is not None:
+                return name
+        if self._jwt is None:
+            raise Refused("the key is not one of agents.keys")
+        return await self._jwt.verify(presented)
+
+    def retire(self) -> None:
+        if self._jwt is not None:
+            self._jwt.retire()
+
+
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="agent-sidecar"'}
+
+
+class Identify:
+    """The step: the first of every chain when `agents:` asks for verified identity."""
+
+    def __init__(self, *, service: str, credentials: Credentials) -> None:
+        self.service = service
+        self.credentials = credentials
+        self.header = credentials.header
+
+    async def __call__(self, call: Call, next: Handler) -> Reply:
+        presented = call.headers.getall(self.header, ())
+        if presented:
+            # Gone before anything else (logs, upstream) can see it.
+            del call.headers[self.header]
+        # The self-declared name counts for nothing once identity is verified.
+        call.agent = None
+        if len(presented) != 1 or not presented[0].strip():
+            raise self._refusal(
+                f"send your credential in the {self.header} header"
+                if not presented
+                else f"send one {self.header} header, not several"
+            )
+        try:
+            call.agent = await self.credentials.identify(presented[0].strip())
+        except Refused as exc:
+            raise self._refusal(str(exc)) from None
+        except KeysUnavailable:
+            raise ProblemError(
+                "auth_failed",
+                f"The sidecar could not fetch the keys to verify agents' tokens for service "
+                f"'{self.service}'; retry later.",
+                service=self.service,
+            ) from None
+        return await next(call)
+
+    def _refusal(self, why: str) -> ProblemError:
+        return ProblemError(
+            "unauthenticated",
+            f"Service '{self.service}' needs a verified agent identity and this call has "
+            f"none: {why}.",
+            service=self.service,
+            headers=_CHALLENGE,
+        )
+
+
+def build(service: ServicePolicy, *, state: StateBuild) -> Step | None:
+    agents = service.agents
+    if agents.verify is None and not agents.keys:
+        return None
+    credentials = state.get("", "identity", agents, lambda: _new(agents))
+    return Identify(service=service.name, credentials=credentials)
+
+
+def _new(agents: Agents) -> Credentials:
+    credentials = Credentials(agents)
+    credentials.prefetch()
+    return credentials

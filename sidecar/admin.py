@@ -78,6 +78,11 @@ async def services(request: web.Request) -> web.Response:
             found = sidecar.state.find(name, step)
             entry[key] = found[0].snapshot() if found else None
         entry["rate_limit"] = [r.model_dump(mode="json") for r in s.spec.rate_limit]
+        # The rules in force and where they are written; none means every agent may call.
+        entry["allow"] = {
+            "from": s.allow_from or None,
+            "rules": [r.model_dump(mode="json", exclude_defaults=True) for r in s.allow],
+        }
         out[name] = entry
     return web.json_response({"services": out})
 

@@ -119,6 +119,8 @@ class JwtVerifier:
         self._tried_at = float("-inf")  # last attempt, successful or not
         self._loaded = False
         self._fetch: asyncio.Task[None] | None = None
+        # token -> (agent, expiry in wall-clock seconds)
+        self._verified: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._url: str | None = None
         if isinstance(spec.jwks, Secret):
             # A ${file:} key set: read at load (the loader checked it), re-read on rotation
@@ -126,8 +128,6 @@ class JwtVerifier:
             self._set_keys(jwks_document(spec.jwks.reveal()))
         else:
             self._url = spec.jwks
-        # token -> (agent, expiry in wall-clock seconds)
-        self._verified: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
     def _set_keys(self, document: list[dict[str, Any]]) -> None:
         self._keys = parse_keys(document, self._accepted)

@@ -232,6 +232,13 @@ def jwks_document(text: str) -> list[dict[str, Any]]:
     return keys
 
 
+def _usable(keys: list[dict[str, Any]]) -> None:
+    # An issuer's set fetched later may be empty for a moment; a file named in the
+    # policy that holds no public key is a mistake worth reporting now.
+    if not any(k.get("kty") in ("RSA", "EC", "OKP") for k in keys):
+        raise ValueError("the JWKS holds no public signing key (kty RSA, EC or OKP)")
+
+
 def _jwks_source(value: Any, info: ValidationInfo) -> str | Secret:
     if isinstance(value, Secret):
         return value
@@ -252,7 +259,7 @@ def _jwks_source(value: Any, info: ValidationInfo) -> str | Secret:
     resolver = resolver_from_context(info.context)
     secret = resolver.resolve(value)
     if not resolver.check_only:
-        jwks_document(secret.reveal())
+        _usable(jwks_document(secret.reveal()))
     return secret
 
 

@@ -146,9 +146,11 @@ class JwtVerifier:
             ):
                 if resp.status != 200:
                     raise ValueError(f"HTTP {resp.status}")
-                body = await resp.content.read(MAX_JWKS + 1)
-                if len(body) > MAX_JWKS:
-                    raise ValueError("larger than 1 MiB")
+                body = bytearray()
+                async for chunk in resp.content.iter_chunked(1 << 16):
+                    body += chunk
+                    if len(body) > MAX_JWKS:
+                        raise ValueError("larger than 1 MiB")
             document = jwks_document(body.decode("utf-8", "replace"))
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             log.warning("JWKS %s could not be fetched: %s", url, exc or type(exc).__name__)
@@ -166,26 +168,24 @@ class JwtVerifier:
             self._fetch = asyncio.get_running_loop().create_task(self._get(self._url))
         return self._fetch
 
+    def _may_fetch(self) -> bool:
+        """A fetch is in flight (join it), or the last attempt is min_refresh old."""
+        if self._fetch is not None and not self._fetch.done():
+            return True
+        return self._clock() - self._tried_at >= self.spec.min_refresh
+
     async def _candidates(self, kid: str | None, alg: str) -> list[VerifyKey]:
         if self._url is not None:
-            now = self._clock()
             if not self._loaded:
-                await asyncio.shield(self._refresh())
+                # Shielded: a call that gives up does not cancel the fetch others wait on.
+                if self._may_fetch():
+                    await asyncio.shield(self._refresh())
                 if not self._loaded:
                     raise KeysUnavailable
-            elif now - self._fetched_at >= self.spec.cache and (
-                now - self._tried_at >= self.spec.min_refresh
-            ):
+            elif self._clock() - self._fetched_at >= self.spec.cache and self._may_fetch():
                 self._refresh()  # in the background: the current keys serve meanwhile
         found = self._match(kid, alg)
-        if (
-            not found
-            and self._url is not None
-            and (
-                self._clock() - self._tried_at >= self.spec.min_refresh
-                or (self._fetch is not None and not self._fetch.done())
-            )
-        ):
+        if not found and self._url is not None and self._may_fetch():
             # A kid we do not know may be a key the issuer has just rotated in.
             await asyncio.shield(self._refresh())
             found = self._match(kid, alg)

@@ -75,12 +75,13 @@ class Jwks:
 
     def __init__(self, *keys: SigningKey) -> None:
         self.keys = list(keys)
+        self.extra: list[dict[str, Any]] = []  # raw JWKs served as they are
         self.fetches = 0
 
     def app(self) -> web.Application:
         async def handle(request: web.Request) -> web.Response:
             self.fetches += 1
-            return web.json_response({"keys": [k.jwk for k in self.keys]})
+            return web.json_response({"keys": [k.jwk for k in self.keys] + self.extra})
 
         app = web.Application()
         app.router.add_get("/jwks.json", handle)
@@ -164,6 +165,9 @@ async def test_bad_tokens_are_refused_with_401_and_never_reach_the_upstream(
     upstream, start_sidecar, client, rsa_key
 ):
     issuer = Jwks(rsa_key)
+    # A symmetric key in the set must never verify anything: the set is public.
+    oct_secret = b"a-shared-secret-published-by-mistake"
+    issuer.extra = [{"kty": "oct", "kid": "oct-1", "k": _b64(oct_secret), "alg": "HS256"}]
     jwks = await upstream(issuer.app())
     counting = Counting()
     api = await upstream(counting.app())
@@ -181,6 +185,9 @@ async def test_bad_tokens_are_refused_with_401_and_never_reach_the_upstream(
             {"alg": "HS256", "kid": "rsa-1", "typ": "JWT"}, claims, rsa_key.public_pem()
         ),
         "unknown kid": SigningKey("ES256", "nobody").token(),
+        "HS256 with the set's oct key": forged(
+            {"alg": "HS256", "kid": "oct-1"}, claims, oct_secret
+        ),
         "signed by another key": stranger.token(),
         "not a token": "hello",
         "no sub": rsa_key.token(sub=None),
@@ -361,3 +368,23 @@ async def test_an_old_key_set_is_fetched_again_in_the_background(upstream, rsa_k
     await verifier.verify(rsa_key.token(sub="other"))  # answered from the keys it has
     await eventually(lambda: issuer.fetches == 2, "the background fetch")
     verifier.retire()
+
+
+async def test_a_large_key_set_is_read_whole_and_a_huge_one_refused(
+    upstream, start_sidecar, client, rsa_key
+):
+    padding = [{"kty": "none-such", "kid": f"pad-{i}", "x": "y" * 100} for i in range(1000)]
+    issuer = Jwks(rsa_key)
+    issuer.extra = padding  # about 130 KB: more than one read of the stream
+    big = await upstream(issuer.app())
+    huge_issuer = Jwks(rsa_key)
+    huge_issuer.extra = padding * 10  # over 1 MiB
+    huge = await upstream(huge_issuer.app())
+    api = await upstream(echo_app())
+    token = {"X-Agent-Token": rsa_key.token()}
+    sc = await start_sidecar(policy(api, f"{big}/jwks.json"))
+    async with client.get(f"{sc.url}/api/x", headers=token) as r:
+        assert r.status == 200
+    sc = await start_sidecar(policy(api, f"{huge}/jwks.json"))
+    async with client.get(f"{sc.url}/api/x", headers=token) as r:
+        assert r.status == 502

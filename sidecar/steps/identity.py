@@ -204,8 +204,10 @@ class JwtVerifier:
             header = jwt.get_unverified_header(token)
         except jwt.exceptions.DecodeError:
             raise Refused("the credential is neither a known agent key nor a JWT") from None
+        except jwt.exceptions.PyJWTError:
+            raise Refused("the token's header is malformed") from None
         alg = header.get("alg")
-        if alg not in self._accepted:
+        if not isinstance(alg, str) or alg not in self._accepted:
             raise Refused(
                 "the token's algorithm is not accepted; sign with one of "
                 + ", ".join(self.spec.algorithms)
@@ -259,6 +261,11 @@ class JwtVerifier:
         verified[token] = (agent, float(claims["exp"]))
         return agent
 
+    def prefetch(self) -> None:
+        if self._url is not None and not self._loaded:
+            with contextlib.suppress(RuntimeError):  # no running loop: fetched on first use
+                self._refresh()
+
     def retire(self) -> None:
         if self._fetch is not None:
             self._fetch.cancel()
@@ -276,9 +283,8 @@ class Credentials:
 
     def prefetch(self) -> None:
         """Start fetching the key set now, so the first call does not wait for it."""
-        if self._jwt is not None and self._jwt._url is not None:
-            with contextlib.suppress(RuntimeError):  # no running loop: fetched on first use
-                self._jwt._refresh()
+        if self._jwt is not None:
+            self._jwt.prefetch()
 
     async def identify(self, presented: str) -> str:
         if presented[:7].lower() == "bearer ":

@@ -127,6 +127,7 @@ async def test_tokens_of_every_key_type_name_the_agent_and_never_reach_the_upstr
         "es": es.token(sub="es-agent"),
         "ed": ed.token(sub="ed-agent"),
     }
+    caplog.set_level(logging.DEBUG)  # every logger, every level: nothing may show a token
     with caplog.at_level(logging.INFO, logger=access.LOGGER):
         for name, token in tokens.items():
             headers = {"X-Agent-Token": token, "X-Agent-Id": "impostor"}
@@ -190,6 +191,8 @@ async def test_bad_tokens_are_refused_with_401_and_never_reach_the_upstream(
         ),
         "signed by another key": stranger.token(),
         "not a token": "hello",
+        "alg not a string": forged({"alg": ["RS256"], "kid": "rsa-1"}, claims, None),
+        "kid not a string": forged({"alg": "RS256", "kid": 1}, claims, None),
         "no sub": rsa_key.token(sub=None),
     }
     for case, token in cases.items():
@@ -388,3 +391,30 @@ async def test_a_large_key_set_is_read_whole_and_a_huge_one_refused(
     sc = await start_sidecar(policy(api, f"{huge}/jwks.json"))
     async with client.get(f"{sc.url}/api/x", headers=token) as r:
         assert r.status == 502
+
+
+async def test_per_agent_limits_count_the_verified_agent(upstream, start_sidecar, client):
+    other = "second-agent-key"
+    api = await upstream(echo_app())
+    sc = await start_sidecar(
+        f"""
+        version: 1
+        agents:
+          keys:
+            ci-bot: {KEY_HASH}
+            other-bot: sha256:{hashlib.sha256(other.encode()).hexdigest()}
+        services:
+          api:
+            upstream: {api}
+            rate_limit: {{rate: 1/h, burst: 1, per: agent}}
+        """
+    )
+    calls = [
+        ({"X-Agent-Token": AGENT_KEY}, 200),
+        # A new self-declared name is no new bucket: the key names the agent.
+        ({"X-Agent-Token": AGENT_KEY, "X-Agent-Id": "fresh-name"}, 429),
+        ({"X-Agent-Token": other}, 200),
+    ]
+    for headers, status in calls:
+        async with client.get(f"{sc.url}/api/x", headers=headers) as r:
+            assert r.status == status, headers

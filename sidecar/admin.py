@@ -50,6 +50,9 @@ def effective_config(sidecar: Sidecar) -> dict[str, Any]:
         "last_reload": last,
         "reloads": {"succeeded": sidecar.counts.succeeded, "failed": sidecar.counts.failed},
         "agents": policy.agents.model_dump(mode="json"),
+        "allow": None
+        if policy.allow is None
+        else [r.model_dump(mode="json", exclude_defaults=True) for r in policy.allow],
         "services": {
             name: {"prefix": s.prefix, **s.spec.model_dump(mode="json", exclude_none=True)}
             for name, s in policy.services.items()

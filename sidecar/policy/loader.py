@@ -58,6 +58,7 @@ class Policy:
     version: str  # hash of the files' text and resolved secrets: equal means nothing changed
     secret_files: frozenset[str] = field(default_factory=frozenset)
     webhooks: Webhooks | None = None  # every file's `webhooks:` merged; None when none has one
+    allow: tuple[AllowRule, ...] | None = None  # the top-level rules; None when no file has any
 
 
 class PolicyError(Exception):
@@ -207,6 +208,7 @@ def load_policy(
         version=digest.hexdigest()[:16],
         secret_files=frozenset(resolver.files),
         webhooks=webhooks,
+        allow=tuple(allow[1]) if allow is not None else None,
     )
 
 

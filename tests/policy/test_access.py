@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from sidecar.call import Call
 from sidecar.cli import main as cli_main
-from sidecar.policy.access import AllowRule
+from sidecar.policy.access import AllowRule, path_regex
 from sidecar.policy.loader import load_policy
 from sidecar.steps.allow import Allow
 from tests.policy.test_loader import errors, write
@@ -234,3 +237,47 @@ def test_a_dot_segment_never_matches_even_past_the_listener() -> None:
     assert allowed("/repos/a/b")
     for sneaky in ("/repos/..", "/repos/%2e%2e/admin", "/repos/a%2F..%2F..%2Fadmin", "/repos/.;x/"):
         assert not allowed(sneaky), sneaky
+
+
+def _reference(pattern: list[str], path: list[str]) -> bool:
+    """Glob matching segment by segment, written the slow obvious way."""
+    if not pattern:
+        return not path
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        return any(_reference(rest, path[i:]) for i in range(len(path) + 1))
+    if not path:
+        return False
+    segment = path[0]
+    if head == "*":
+        ok = segment != ""
+    else:
+        ok = re.fullmatch(".*".join(map(re.escape, head.split("*"))), segment) is not None
+    return ok and _reference(rest, path[1:])
+
+
+@given(
+    pattern=st.lists(st.sampled_from(["a", "b", "*", "a*", "*b", "**"]), min_size=1, max_size=5),
+    path=st.lists(st.sampled_from(["", "a", "b", "ab", "ba"]), min_size=1, max_size=6),
+)
+def test_path_globs_match_segment_by_segment(pattern: list[str], path: list[str]) -> None:
+    regex = re.compile(path_regex("/" + "/".join(pattern)))
+    assert (regex.fullmatch("/" + "/".join(path)) is not None) == _reference(pattern, path)
+
+
+@given(target=st.text(alphabet="/%2eEfF.\\;?=&ab", max_size=30))
+def test_any_target_gets_an_answer(target: str) -> None:
+    allow = Allow(
+        service="s",
+        rules=[AllowRule(paths=["/a/**"], query={"q": "a*"})],
+        source="allow",
+    )
+    call = Call(
+        service="s",
+        method="GET",
+        target="/" + target,
+        headers=CIMultiDict(),
+        body=None,
+        agent=None,
+    )
+    assert allow.allows(call) in (True, False)

@@ -164,6 +164,10 @@ async def test_services_shows_the_rules_in_force(gh, client):
     assert services["gh"]["allow"]["rules"][1]["methods"] == ["POST", "PATCH"]
     assert services["other"]["allow"] == {"from": "allow", "rules": [{"agents": ["admin"]}]}
     assert services["open"]["allow"] == {"from": None, "rules": []}
+    async with client.get(f"{sc.admin}/config") as r:
+        config = await r.json()
+    assert config["allow"] == [{"agents": ["admin"]}]
+    assert config["services"]["open"]["allow"] == []
 
 
 async def test_rules_hot_reload(gh, client):

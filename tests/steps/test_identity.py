@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from sidecar.policy.access import JwtVerify
-from sidecar.steps.identity import JwtVerifier, Refused
+from sidecar.steps.identity import Refused
+from sidecar.steps.jwks import JwtVerifier
 from sidecar.telemetry import access
 from tests.conftest import Counting, echo_app
 from tests.helpers import eventually

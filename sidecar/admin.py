@@ -50,6 +50,9 @@ def effective_config(sidecar: Sidecar) -> dict[str, Any]:
         "last_reload": last,
         "reloads": {"succeeded": sidecar.counts.succeeded, "failed": sidecar.counts.failed},
         "agents": policy.agents.model_dump(mode="json"),
+        "allow": None
+        if policy.allow is None
+        else [r.model_dump(mode="json", exclude_defaults=True) for r in policy.allow],
         "services": {
             name: {"prefix": s.prefix, **s.spec.model_dump(mode="json", exclude_none=True)}
             for name, s in policy.services.items()
@@ -78,6 +81,11 @@ async def services(request: web.Request) -> web.Response:
             found = sidecar.state.find(name, step)
             entry[key] = found[0].snapshot() if found else None
         entry["rate_limit"] = [r.model_dump(mode="json") for r in s.spec.rate_limit]
+        # The rules in force and where they are written; none means every agent may call.
+        entry["allow"] = {
+            "from": s.allow_from or None,
+            "rules": [r.model_dump(mode="json", exclude_defaults=True) for r in s.allow],
+        }
         out[name] = entry
     return web.json_response({"services": out})
 

@@ -29,6 +29,8 @@ REASONS: dict[str, tuple[int, str]] = {
     "upstream_unreachable": (502, "Upstream unreachable"),
     "request_too_large": (413, "Request too large"),
     "auth_failed": (502, "Credential unavailable"),
+    "unauthenticated": (401, "Agent identity required"),
+    "forbidden": (403, "Not allowed by the sidecar's policy"),
     "internal_error": (500, "Sidecar internal error"),
     # Admin port only: a browser page's request to a state-changing endpoint.
     "forbidden_origin": (403, "Cross-origin request refused"),

@@ -21,6 +21,8 @@ DOC = ROOT / "docs" / "policy.md"
 WHERE: dict[str, tuple[str, str | None]] = {
     "PolicyFile": ("Top level", None),
     "Agents": ("agents", None),
+    "JwtVerify": ("verify (agents)", None),
+    "AllowRule": ("allow", None),
     "Service": ("Service", None),
     "HeaderRules": ("Service", "headers"),
     "QueryRules": ("Service", "query"),

@@ -10,14 +10,26 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import UnionType
 from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
-from .models import AUTH_TYPES, Agents, PolicyFile, Service, _did_you_mean, closest
+from .access import AllowRule, value_regex
+from .models import (
+    AUTH_TYPES,
+    Agents,
+    HeaderAuth,
+    JwtAuth,
+    PolicyFile,
+    QueryAuth,
+    Service,
+    _did_you_mean,
+    closest,
+)
 from .secrets import SecretResolver
 from .templates import catalog as template_catalog
 from .templates import expand as expand_templates
@@ -34,6 +46,10 @@ class ServicePolicy:
     prefix: str
     spec: Service
     position: Position
+    agents: Agents = field(default_factory=Agents)
+    # The allow rules in force: the service's own, else the top-level ones; none = everyone.
+    allow: tuple[AllowRule, ...] = ()
+    allow_from: str = ""  # where those rules are written: "services.<name>.allow" or "allow"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +60,7 @@ class Policy:
     version: str  # hash of the files' text and resolved secrets: equal means nothing changed
     secret_files: frozenset[str] = field(default_factory=frozenset)
     webhooks: Webhooks | None = None  # every file's `webhooks:` merged; None when none has one
+    allow: tuple[AllowRule, ...] | None = None  # the top-level rules; None when no file has any
 
 
 class PolicyError(Exception):
@@ -124,6 +141,8 @@ def load_policy(
 
     agents: Agents | None = None
     agents_at: Position | None = None
+    allow: tuple[Document, list[AllowRule]] | None = None
+    written_in: dict[str, Document] = {}
     services: dict[str, ServicePolicy] = {}
     prefixes: dict[str, ServicePolicy] = {}
     for doc, model in parsed:
@@ -132,6 +151,16 @@ def load_policy(
             if agents is not None:
                 problems.append(Problem(here, f"'agents' is already set in {agents_at}"))
             agents, agents_at = model.agents, here
+        if model.allow is not None:
+            if allow is not None:
+                problems.append(
+                    Problem(
+                        doc.position(("allow",)),
+                        f"'allow' is already set in {allow[0].position(('allow',))}",
+                    )
+                )
+            else:
+                allow = (doc, model.allow)
         for name, spec in model.services.items():
             here = doc.position(("services", name))
             if name in services:
@@ -156,6 +185,18 @@ def load_policy(
                 continue
             services[name] = sp
             prefixes[prefix] = sp
+            written_in[name] = doc
+
+    agents = agents or Agents()
+    problems.extend(_access_problems(agents, allow, services, written_in))
+    for name, sp in services.items():
+        if sp.spec.allow is not None:
+            rules, source = tuple(sp.spec.allow), f"services.{name}.allow"
+        elif allow is not None:
+            rules, source = tuple(allow[1]), "allow"
+        else:
+            rules, source = (), ""
+        services[name] = replace(sp, agents=agents, allow=rules, allow_from=source if rules else "")
 
     parts = [model.webhooks for _, model in parsed if model.webhooks is not None]
     webhooks: Webhooks | None = None
@@ -171,13 +212,70 @@ def load_policy(
         )
     digest.update(resolver.digest.digest())
     return Policy(
-        agents=agents or Agents(),
+        agents=agents,
         services=services,
         files=tuple(files),
         version=digest.hexdigest()[:16],
         secret_files=frozenset(resolver.files),
         webhooks=webhooks,
+        allow=tuple(allow[1]) if allow is not None else None,
     )
+
+
+def _access_problems(
+    agents: Agents,
+    allow: tuple[Document, list[AllowRule]] | None,
+    services: Mapping[str, ServicePolicy],
+    written_in: Mapping[str, Document],
+) -> list[Problem]:
+    """What only the whole policy shows: agents the rules name that `agents.keys` lacks,
+    and services that would drop the agents' credential before it is verified."""
+    problems: list[Problem] = []
+    rule_sets: list[tuple[Document, Path, list[AllowRule]]] = []
+    if allow is not None:
+        rule_sets.append((allow[0], ("allow",), allow[1]))
+    for name, sp in services.items():
+        if sp.spec.allow is not None:
+            rule_sets.append((written_in[name], ("services", name, "allow"), sp.spec.allow))
+    # With JWTs, any subject the issuer signs is an agent: only a closed list can be checked.
+    if agents.keys and agents.verify is None:
+        known = sorted(agents.keys)
+        for doc, at, rules in rule_sets:
+            for i, rule in enumerate(rules):
+                for j, glob in enumerate(rule.agents or ()):
+                    if "*" in glob:
+                        pattern = re.compile(value_regex(glob))
+                        if any(pattern.fullmatch(k) for k in known):
+                            continue
+                        message = f"agent glob '{glob}' matches no agent in agents.keys"
+                    elif glob in agents.keys:
+                        continue
+                    else:
+                        message = f"unknown agent '{glob}'{_did_you_mean(glob, known)}"
+                        message = message.replace("expected one of", "agents.keys has")
+                    problems.append(Problem(doc.value_position((*at, i, "agents", j)), message))
+    if agents.verify is not None or agents.keys:
+        header = agents.credential_header.lower()
+        for name, sp in services.items():
+            spec = sp.spec
+            dropped = {h.lower() for h in (*spec.headers.remove, *spec.headers.set)}
+            auth = spec.auth
+            if isinstance(auth, HeaderAuth):
+                dropped.add(auth.name.lower())
+            elif isinstance(auth, JwtAuth):
+                dropped.add(auth.header.lower())
+            elif auth is not None and not isinstance(auth, QueryAuth):
+                dropped.add("authorization")
+            if header in dropped:
+                problems.append(
+                    Problem(
+                        sp.position,
+                        f"service '{name}' replaces or removes {agents.credential_header}, "
+                        "the header agents prove who they are with (agents.credential_header); "
+                        "choose another credential_header",
+                    )
+                )
+    return problems
 
 
 def _problems(

@@ -144,6 +144,19 @@ class Agents(Model):
     header: HeaderName = Field(
         default="X-Agent-Id", description="Request header that names the calling agent"
     )
+    # Verified identity, see access.py: with either set, every call must prove who it is.
+    verify: JwtVerify | None = Field(default=None, description="Verify agents' JWTs (JWKS)")
+    keys: AgentKeys = Field(default_factory=dict, description="Agent name -> sha256:<key hash>")
+    credential_header: CredentialHeader = Field(
+        default="X-Agent-Token", description="Header carrying the agent's JWT or key"
+    )
+
+    @field_validator("credential_header")
+    @classmethod
+    def _not_the_name_header(cls, v: str, info: ValidationInfo) -> str:
+        if v.lower() == str(info.data.get("header", "")).lower():
+            raise ValueError("credential_header must differ from header (the self-declared name)")
+        return v
 
 
 def _header_value(value: str) -> str:
@@ -433,6 +446,9 @@ class Service(Model):
         default_factory=lambda: UpstreamLimits(),
         description="How the upstream reports its own limits, read by the adaptive pause",
     )
+    allow: list[AllowRule] | None = Field(
+        default=None, description="Who may call what; absent: the top-level allow rules"
+    )
 
     @field_validator("upstream")
     @classmethod
@@ -484,11 +500,16 @@ class PolicyFile(Model):
     webhooks: Webhooks | None = Field(
         default=None, description="Inbound receivers and outbound endpoints, see webhooks.py"
     )
+    allow: list[AllowRule] | None = Field(
+        default=None, description="Allow rules of every service that has none of its own"
+    )
 
 
 # At the end: these modules build on this module's base model and types.
+from .access import AgentKeys, AllowRule, CredentialHeader, JwtVerify  # noqa: E402
 from .upstream_limits import UpstreamLimits  # noqa: E402
 from .webhooks import Webhooks  # noqa: E402
 
+Agents.model_rebuild()
 Service.model_rebuild()
 PolicyFile.model_rebuild()

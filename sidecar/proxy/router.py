@@ -17,7 +17,7 @@ from ..call import Body, Call, Handler, Step
 from ..headers import HOP_BY_HOP, drop_with_connection
 from ..policy.loader import Policy, ServicePolicy
 from ..state import StateBuild
-from ..steps import auth, breaker, pause, ratelimit, request_rules, retry, timeout
+from ..steps import allow, auth, breaker, identity, pause, ratelimit, request_rules, retry, timeout
 from .redirects import RedirectRewriter
 from .upstream import Upstream
 
@@ -29,6 +29,9 @@ StepBuilder = Callable[..., Step | None]
 # The order of a chain, outermost first: retry(breaker(timeout(auth(forward)))).
 # Builders of later features register themselves in this list in that order.
 STEP_BUILDERS: list[tuple[str, StepBuilder]] = [
+    # Who is calling, then may they: a refused call spends no token, trips no breaker.
+    ("identity", identity.build),
+    ("allow", allow.build),
     ("request_rules", request_rules.build),
     # Before the limiter: a call refused during an upstream's pause spends no token.
     ("pause", pause.build),

@@ -17,7 +17,9 @@ from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
+from .. import openapi
 from .models import AUTH_TYPES, Agents, PolicyFile, Service, _did_you_mean, closest
+from .openapi import document_file
 from .secrets import SecretResolver
 from .webhooks import Webhooks
 from .webhooks import merge as merge_webhooks
@@ -32,6 +34,8 @@ class ServicePolicy:
     prefix: str
     spec: Service
     position: Position
+    # The compiled `openapi:` document, when the service names one (and it could be read).
+    openapi: openapi.Spec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +102,8 @@ def load_policy(
         except YamlError as exc:
             problems.append(exc.problem)
             continue
+        if isinstance(doc.data, dict) and _is_openapi(doc.data):
+            continue  # an `openapi:` document kept next to the policies, not a policy
         if not isinstance(doc.data, dict):
             problems.append(
                 Problem(
@@ -132,7 +138,10 @@ def load_policy(
                 )
                 continue
             prefix = spec.prefix or f"/{name}"
-            sp = ServicePolicy(name=name, prefix=prefix, spec=spec, position=here)
+            document, problem = _openapi(doc, name, spec, directory, resolver, digest)
+            if problem is not None:
+                problems.append(problem)
+            sp = ServicePolicy(name=name, prefix=prefix, spec=spec, position=here, openapi=document)
             if prefix in prefixes:
                 other = prefixes[prefix]
                 at = doc.value_position(("services", name, "prefix")) if spec.prefix else here
@@ -168,6 +177,39 @@ def load_policy(
         secret_files=frozenset(resolver.files),
         webhooks=webhooks,
     )
+
+
+def _is_openapi(data: dict[Any, Any]) -> bool:
+    return "version" not in data and ("openapi" in data or "swagger" in data)
+
+
+def _openapi(
+    doc: Document,
+    name: str,
+    spec: Service,
+    directory: str,
+    resolver: SecretResolver,
+    digest: Any,
+) -> tuple[openapi.Spec | None, Problem | None]:
+    """The service's compiled OpenAPI document, or the problem that stops it."""
+    if spec.openapi is None:
+        if spec.validation is not None:
+            at = doc.position(("services", name, "validate"))
+            return None, Problem(at, "validate needs an 'openapi' document to validate against")
+        return None, None
+    at = doc.value_position(("services", name, "openapi"))
+    path = document_file(spec.openapi, doc.file)
+    if resolver.check_only and spec.openapi.lstrip().startswith("${file:"):
+        return None, None  # like a secret: CI need not have the file
+    try:
+        compiled = openapi.load(path)
+    except openapi.OpenAPIError as exc:
+        return None, Problem(at, str(exc))
+    digest.update(path.encode() + b"\0" + compiled.digest.encode() + b"\0")
+    inside = os.path.commonpath([os.path.abspath(directory), path]) == os.path.abspath(directory)
+    if not inside:
+        resolver.files.add(path)  # the watcher then watches its directory too
+    return compiled, None
 
 
 def _problems(doc: Document, exc: ValidationError) -> list[Problem]:

@@ -385,6 +385,8 @@ class Service(Model):
         default=False,
         description="Send X-Forwarded-For/-Proto/-Host and Via upstream (off: none are sent)",
     )
+    openapi: DocumentPath | None = Field(default=None, description="The API's OpenAPI document")
+    validation: Validate | None = Field(default=None, alias="validate")
 
     @field_validator("upstream")
     @classmethod
@@ -438,7 +440,9 @@ class PolicyFile(Model):
     )
 
 
-# At the end: webhooks.py builds on this module's base model and types.
+# At the end: webhooks.py and openapi.py build on this module's base model and types.
+from .openapi import DocumentPath, Validate  # noqa: E402
 from .webhooks import Webhooks  # noqa: E402
 
+Service.model_rebuild()
 PolicyFile.model_rebuild()

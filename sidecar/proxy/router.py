@@ -17,7 +17,7 @@ from ..call import Body, Call, Handler, Step
 from ..headers import HOP_BY_HOP, drop_with_connection
 from ..policy.loader import Policy, ServicePolicy
 from ..state import StateBuild
-from ..steps import auth, breaker, pause, ratelimit, retry, timeout
+from ..steps import auth, breaker, pause, ratelimit, retry, timeout, validate
 from .redirects import RedirectRewriter
 from .upstream import Upstream
 
@@ -29,6 +29,8 @@ StepBuilder = Callable[..., Step | None]
 # The order of a chain, outermost first: retry(breaker(timeout(auth(forward)))).
 # Builders of later features register themselves in this list in that order.
 STEP_BUILDERS: list[tuple[str, StepBuilder]] = [
+    # First: a call the OpenAPI document refuses is told so whatever the limits say.
+    ("validate", validate.build),
     # Before the limiter: a call refused during an upstream's pause spends no token.
     ("pause", pause.build),
     ("ratelimit", ratelimit.build),

@@ -10,7 +10,7 @@ import os
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, WithJsonSchema
+from pydantic import AfterValidator, BeforeValidator, Field, WithJsonSchema
 
 from .models import Model
 
@@ -53,13 +53,18 @@ def document_file(value: str, policy_file: str) -> str:
     return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(policy_file)), value))
 
 
+def _off(value: object) -> object:
+    # YAML 1.1 (PyYAML) reads a bare `off` as false: `requests: off` means "off".
+    return "off" if value is False else value
+
+
 class Validate(Model):
-    requests: Literal["enforce", "report", "off"] = Field(
+    requests: Annotated[Literal["enforce", "report", "off"], BeforeValidator(_off)] = Field(
         default="enforce",
         description="enforce: a call that breaks the document gets 422 invalid_request and is "
         "not sent; report: it is counted and logged, and sent; off: not checked",
     )
-    responses: Literal["report", "off"] = Field(
+    responses: Annotated[Literal["report", "off"], BeforeValidator(_off)] = Field(
         default="off",
         description="report: count answers whose status or Content-Type the document does not "
         "describe (sidecar_openapi_response_drift), never changing them",

@@ -79,6 +79,7 @@ class OpenAPICheck:
                 query=query,
                 headers=call.headers,
                 body=body,
+                check_body=not unreadable,
             )
             if unreadable:
                 errors.append(

@@ -265,6 +265,7 @@ class Spec:
 
     def __init__(self, document: Document, *, source: str) -> None:
         self.source = source
+        self.document = document
         self.digest = document.digest
         self.version = document.version
         doc = document.data

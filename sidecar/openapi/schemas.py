@@ -57,6 +57,18 @@ def _convert_30(schema: Any) -> Any:
             out[key] = [_convert_30(s) for s in value]
         else:
             out[key] = value
+    required = out.get("required")
+    properties = schema.get("properties")
+    if isinstance(required, list) and isinstance(properties, dict):
+        # A readOnly property is the server's to send: a request need not carry it.
+        # (Only requests are validated against these schemas.)
+        out["required"] = [
+            name
+            for name in required
+            if not (isinstance(properties.get(name), dict) and properties[name].get("readOnly"))
+        ]
+        if not out["required"]:
+            del out["required"]
     if schema.get("nullable") is True:
         kind = out.get("type")
         if isinstance(kind, str):

@@ -215,7 +215,11 @@ class Operation:
         headers: CIMultiDict[str],
         body: bytes | None,
         check_body: bool = True,
+        injected: frozenset[tuple[str, str]] = frozenset(),
     ) -> list[Violation]:
+        """Every way the call breaks the document. `injected` names the parameters the
+        sidecar adds itself (the service's credential: ("header", "x-api-key") or
+        ("query", "api_key")), which the agent neither sends nor is asked for."""
         out: list[Violation] = []
         for p in self.path_params:
             text = path_params.get(p.name)
@@ -225,9 +229,11 @@ class Operation:
             for key, value in parse_qsl(query, keep_blank_values=True):
                 given.setdefault(key, []).append(value)
             for p in self.query:
-                p.check(given.get(p.name), out)
+                if not injected or ("query", p.name) not in injected:
+                    p.check(given.get(p.name), out)
         for p in self.headers:
-            p.check(headers.getall(p.name, None), out)
+            if not injected or ("header", p.name.lower()) not in injected:
+                p.check(headers.getall(p.name, None), out)
         if self.body is not None and check_body:
             self.body.check(headers.get("Content-Type"), body, out)
         return out

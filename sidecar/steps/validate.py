@@ -21,9 +21,11 @@ from collections.abc import Callable
 from ..call import Call, Handler, Reply, make_replayable
 from ..openapi import Operation, Spec, Violation
 from ..policy.loader import ServicePolicy
+from ..policy.models import QueryAuth
 from ..policy.openapi import Validate
 from ..problems import ProblemError
 from ..state import StateBuild
+from . import auth
 
 log = logging.getLogger("sidecar.validate")
 
@@ -46,8 +48,11 @@ class OpenAPICheck:
         config: Validate,
         violations: Hook,
         drift: Hook,
+        injected: frozenset[tuple[str, str]] = frozenset(),
     ) -> None:
         self.service = service
+        # The credential's parameter: the auth step adds it after this check.
+        self.injected = injected
         self.spec = spec
         self.enforce = config.requests == "enforce"
         self.check_requests = config.requests != "off"
@@ -80,6 +85,7 @@ class OpenAPICheck:
                 headers=call.headers,
                 body=body,
                 check_body=not unreadable,
+                injected=self.injected,
             )
             if unreadable:
                 errors.append(
@@ -173,8 +179,15 @@ def build(service: ServicePolicy, *, state: StateBuild) -> OpenAPICheck | None:
         and config.unknown_operations == "allow"
     ):
         return None
+    injected: set[tuple[str, str]] = set()
+    credential = auth.header_name(service)
+    if credential is not None:
+        injected.add(("header", credential.lower()))
+    if isinstance(service.spec.auth, QueryAuth):
+        injected.add(("query", service.spec.auth.name))
     return OpenAPICheck(
         service=service.name,
+        injected=frozenset(injected),
         spec=spec,
         config=config,
         violations=state.hooks.request_violation,

@@ -401,3 +401,110 @@ async def test_openapi_31_document(
         ("/has_dog", '"yes" is not of type "boolean"')
     }
     assert len(recorder.calls) == 1
+
+
+async def test_the_credential_parameter_is_not_asked_of_the_agent(
+    tmp_path: Path,
+    start_sidecar: StartSidecar,
+    pets: tuple[Recorder, str],
+    client: aiohttp.ClientSession,
+) -> None:
+    """Documents often list the API key as a required parameter; the sidecar adds it."""
+    recorder, url = pets
+    document = {
+        "openapi": "3.0.3",
+        "paths": {
+            "/h": {
+                "get": {
+                    "parameters": [
+                        {
+                            "name": "X-Api-Key",
+                            "in": "header",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        },
+                        {
+                            "name": "q",
+                            "in": "query",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        },
+                    ],
+                    "responses": {"200": {"description": "ok"}},
+                }
+            },
+            "/q": {
+                "get": {
+                    "parameters": [
+                        {
+                            "name": "api_key",
+                            "in": "query",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        },
+                    ],
+                    "responses": {"200": {"description": "ok"}},
+                }
+            },
+        },
+    }
+    spec = tmp_path / "doc.json"
+    spec.write_text(json.dumps(document))
+    sc = await start_sidecar(
+        f"""
+        version: 1
+        services:
+          h:
+            upstream: {url}
+            openapi: ${{file:{spec}}}
+            auth: {{type: header, name: x-api-key, value: hkey}}
+          q:
+            upstream: {url}
+            openapi: ${{file:{spec}}}
+            auth: {{type: query, name: api_key, value: qkey}}
+        """
+    )
+    async with client.get(f"{sc.url}/h/h?q=1") as resp:
+        assert resp.status == 200
+    async with client.get(f"{sc.url}/h/h") as resp:
+        body = await problem(resp)
+    assert [e["name"] for e in body["errors"]] == ["q"]  # only what the agent must send
+    async with client.get(f"{sc.url}/q/q") as resp:
+        assert resp.status == 200
+    sent = {k.lower(): v for k, v in recorder.calls[0]["headers"].items()}
+    assert sent["x-api-key"] == "hkey"
+    assert recorder.calls[1]["path"] == "/q?api_key=qkey"
+
+
+async def test_read_only_properties_are_not_required_of_a_request(
+    tmp_path: Path,
+    start_sidecar: StartSidecar,
+    pets: tuple[Recorder, str],
+    client: aiohttp.ClientSession,
+) -> None:
+    recorder, url = pets
+    schema = {
+        "type": "object",
+        "required": ["id", "name"],
+        "properties": {"id": {"type": "integer", "readOnly": True}, "name": {"type": "string"}},
+    }
+    document = {
+        "openapi": "3.0.3",
+        "paths": {
+            "/things": {
+                "post": {
+                    "requestBody": {"content": {"application/json": {"schema": schema}}},
+                    "responses": {"201": {"description": "made"}},
+                }
+            }
+        },
+    }
+    spec = tmp_path / "doc.json"
+    spec.write_text(json.dumps(document))
+    sc = await start_sidecar(policy(url, "{requests: enforce}", spec=spec))
+    async with client.post(f"{sc.url}/pets/things", json={"name": "x"}) as resp:
+        assert resp.status == 200
+    async with client.post(f"{sc.url}/pets/things", json={"id": 1}) as resp:
+        body = await problem(resp)
+    assert body["errors"][0]["message"] == '"name" is a required property'
+    assert len(recorder.calls) == 1

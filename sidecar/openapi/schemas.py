@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-import jsonschema_rs
-
 BASE = "urn:agent-sidecar:openapi"
 
 # OpenAPI 3.0 keywords that say nothing a validator checks (nullable is translated).
@@ -106,6 +104,10 @@ class Schemas:
     """Compiles validators for schemas of one document, named by JSON pointer."""
 
     def __init__(self, data: dict[str, Any], version: str) -> None:
+        # Imported here: a sidecar whose policies name no document does not load it.
+        import jsonschema_rs
+
+        self._errors = (jsonschema_rs.ValidationError, jsonschema_rs.ReferencingError, ValueError)
         if version == "3.0":
             resource = _convert_tree_30(data)
             self._cls: Any = jsonschema_rs.Draft4Validator
@@ -126,7 +128,7 @@ class Schemas:
                 validate_formats=True,
                 ignore_unknown_formats=True,
             )
-        except (jsonschema_rs.ValidationError, jsonschema_rs.ReferencingError, ValueError) as exc:
+        except self._errors as exc:
             raise ValueError(f"schema at #{pointer}: {str(exc).splitlines()[0]}") from None
         return Validator(compiled)
 

@@ -1,4 +1,4 @@
-"""Command line: `sidecar run | validate | schema | templates | inject`.
+"""Command line: `sidecar run | validate | schema | templates | import | inject`.
 
 Every flag has an environment variable (SIDECAR_<FLAG>), so a container can be
 configured without a command line.
@@ -128,6 +128,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="also look in DIR/templates/",
     )
 
+    imp = sub.add_parser("import", help="write a service policy from an API description")
+    kinds = imp.add_subparsers(dest="kind", required=True)
+    oa = kinds.add_parser("openapi", help="from an OpenAPI 3.0/3.1 document (JSON or YAML)")
+    oa.add_argument("spec", metavar="SPEC", help="the OpenAPI document")
+    oa.add_argument("--name", help="service name (default: from the document's title)")
+    oa.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="write the policy here (default: stdout); `openapi:` is then relative to FILE",
+    )
+    oa.add_argument(
+        "--upstream", metavar="URL", help="upstream URL instead of the document's first server"
+    )
+
     inject = sub.add_parser("inject", help="serve the Kubernetes sidecar-injection webhook")
     try:
         from . import inject as inject_mod
@@ -148,6 +163,39 @@ def cmd_validate(directory: str, *, resolve_secrets: bool) -> int:
             print(problem, file=sys.stderr)
         return 1
     print(f"ok: {len(policy.services)} services from {len(policy.files)} files")
+    return 0
+
+
+def cmd_import_openapi(args: argparse.Namespace) -> int:
+    from .openapi import OpenAPIError, load
+    from .openapi.importer import policy_yaml, service_name, upstream_url
+    from .policy.models import Service, _service_name
+
+    try:
+        # Compiled, not only parsed: a document the sidecar could not load is refused here.
+        spec = load(os.path.abspath(args.spec))
+        document = spec.document
+    except OpenAPIError as exc:
+        print(f"sidecar import: {exc}", file=sys.stderr)
+        return 1
+    stem = os.path.splitext(os.path.basename(args.spec))[0]
+    name = args.name or service_name(document, stem, upstream_url(document, args.upstream, []))
+    try:
+        _service_name(name)
+        if args.upstream is not None:
+            Service.model_validate({"upstream": args.upstream})
+    except ValueError as exc:
+        print(f"sidecar import: {str(exc).splitlines()[-1].strip()}", file=sys.stderr)
+        return 2
+    base = os.path.dirname(os.path.abspath(args.output)) if args.output else os.getcwd()
+    ref = os.path.relpath(os.path.abspath(args.spec), base)
+    text = policy_yaml(document, spec_ref=ref, name=name, upstream=args.upstream, source=args.spec)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+        print(f"wrote service '{name}' ({spec.count} operations) to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -271,6 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "templates":
         name = args.name if args.templates_command == "show" else None
         return cmd_templates(args.policies, name)
+    if args.command == "import":
+        return cmd_import_openapi(args)
     logging.basicConfig(
         level=getattr(args, "log_level", _env("LOG_LEVEL", "info") or "info").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

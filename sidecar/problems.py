@@ -31,6 +31,9 @@ REASONS: dict[str, tuple[int, str]] = {
     "auth_failed": (502, "Credential unavailable"),
     "unauthenticated": (401, "Agent identity required"),
     "forbidden": (403, "Not allowed by the sidecar's policy"),
+    # services.<name>.validate: the call breaks, or is missing from, the OpenAPI document.
+    "invalid_request": (422, "Request does not match the API's OpenAPI document"),
+    "unknown_operation": (404, "No such operation in the API's OpenAPI document"),
     "internal_error": (500, "Sidecar internal error"),
     # Admin port only: a browser page's request to a state-changing endpoint.
     "forbidden_origin": (403, "Cross-origin request refused"),
@@ -50,8 +53,11 @@ class ProblemError(Exception):
         retry_after: float | None = None,
         headers: dict[str, str] | None = None,
         cause: str | None = None,
+        extra: dict[str, object] | None = None,
     ) -> None:
         super().__init__(detail)
+        # RFC 9457 extension members added to the body (e.g. invalid_request's `errors`).
+        self.extra = extra
         # What went wrong on the wire, in the words retry/breaker `on:` lists use:
         # "connect-error", "timeout", "reset"; None for the sidecar's own refusals.
         self.cause = cause
@@ -69,7 +75,7 @@ class ProblemError(Exception):
 def problem_document(err: ProblemError, service: str | None = None) -> dict[str, object]:
     """The RFC 9457 body, for any data plane that writes the answer itself."""
     status, title = REASONS[err.reason]
-    return {
+    document: dict[str, object] = {
         "type": PROBLEM_TYPE + err.reason.replace("_", "-"),
         "title": title,
         "status": status,
@@ -77,6 +83,10 @@ def problem_document(err: ProblemError, service: str | None = None) -> dict[str,
         "service": err.service or service,
         "reason": err.reason,
     }
+    if err.extra:
+        for key, value in err.extra.items():
+            document.setdefault(key, value)  # the standard members cannot be overridden
+    return document
 
 
 def problem_parts(

@@ -85,6 +85,9 @@ class Sidecar:
         # Metrics always; traces and the access log as OTEL_* / SIDECAR_ACCESS_LOG in env say.
         self.telemetry = telemetry if telemetry is not None else Telemetry.from_env(env)
         self.telemetry.attach(self)
+        hooks = self.state.hooks
+        hooks.request_violation.append(self.telemetry.metrics.on_request_violation)
+        hooks.response_drift.append(self.telemetry.metrics.on_response_drift)
         # Durable state (the webhook queue) lives here; opened only once a policy needs it.
         self.webhooks = WebhookHub(data_dir or os.environ.get("SIDECAR_DATA_DIR", DATA_DIR))
         self.handler = Egress(lambda: self.router, self.telemetry, self.webhooks)

@@ -50,6 +50,12 @@ class Hooks:
     def __init__(self) -> None:
         # (service, from_state, to_state) on every circuit-breaker transition.
         self.breaker_transition: list[Callable[[str, str, str], None]] = []
+        # (service, operation, action: refused | reported) for a call that broke the
+        # service's OpenAPI document; operation "_unknown" when it matched none.
+        self.request_violation: list[Callable[[str, str, str], None]] = []
+        # (service, operation, kind: status | content_type) for an answer the
+        # document does not describe.
+        self.response_drift: list[Callable[[str, str, str], None]] = []
 
 
 class StateStore:

@@ -42,6 +42,7 @@ WHERE: dict[str, tuple[str, str | None]] = {
     "JwtAuth": ("auth/jwt", None),
     "Webhooks": ("webhooks", None),
     "InboundWebhook": ("webhooks.inbound", None),
+    "Validate": ("validate", None),
     "Verify": ("verify", None),
     "Route": ("routes", None),
     "Match": ("match", None),

@@ -13,7 +13,15 @@ import sys
 
 from tests.helpers import ROOT
 
-ONLY_WHEN_USED = ("redis", "jwt", "authlib", "cryptography", "sqlite3", "opentelemetry.sdk")
+ONLY_WHEN_USED = (
+    "redis",
+    "jwt",
+    "authlib",
+    "cryptography",
+    "sqlite3",
+    "opentelemetry.sdk",
+    "jsonschema_rs",
+)
 
 PROBE = f"""
 import asyncio, json, sys

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
+from .. import openapi
 from .access import AllowRule, value_regex
 from .models import (
     AUTH_TYPES,
@@ -30,6 +31,7 @@ from .models import (
     _did_you_mean,
     closest,
 )
+from .openapi import document_file
 from .secrets import SecretResolver
 from .templates import catalog as template_catalog
 from .templates import expand as expand_templates
@@ -50,6 +52,8 @@ class ServicePolicy:
     # The allow rules in force: the service's own, else the top-level ones; none = everyone.
     allow: tuple[AllowRule, ...] = ()
     allow_from: str = ""  # where those rules are written: "services.<name>.allow" or "allow"
+    # The compiled `openapi:` document, when the service names one (and it could be read).
+    openapi: openapi.Spec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +125,8 @@ def load_policy(
         except YamlError as exc:
             problems.append(exc.problem)
             continue
+        if isinstance(doc.data, dict) and _is_openapi(doc.data):
+            continue  # an `openapi:` document kept next to the policies, not a policy
         if not isinstance(doc.data, dict):
             problems.append(
                 Problem(
@@ -171,7 +177,10 @@ def load_policy(
                 )
                 continue
             prefix = spec.prefix or f"/{name}"
-            sp = ServicePolicy(name=name, prefix=prefix, spec=spec, position=here)
+            document, problem = _openapi(doc, name, spec, directory, resolver, digest)
+            if problem is not None:
+                problems.append(problem)
+            sp = ServicePolicy(name=name, prefix=prefix, spec=spec, position=here, openapi=document)
             if prefix in prefixes:
                 other = prefixes[prefix]
                 at = doc.value_position(("services", name, "prefix")) if spec.prefix else here
@@ -276,6 +285,39 @@ def _access_problems(
                     )
                 )
     return problems
+
+
+def _is_openapi(data: dict[Any, Any]) -> bool:
+    return "version" not in data and ("openapi" in data or "swagger" in data)
+
+
+def _openapi(
+    doc: Document,
+    name: str,
+    spec: Service,
+    directory: str,
+    resolver: SecretResolver,
+    digest: Any,
+) -> tuple[openapi.Spec | None, Problem | None]:
+    """The service's compiled OpenAPI document, or the problem that stops it."""
+    if spec.openapi is None:
+        if spec.validation is not None:
+            at = doc.position(("services", name, "validate"))
+            return None, Problem(at, "validate needs an 'openapi' document to validate against")
+        return None, None
+    at = doc.value_position(("services", name, "openapi"))
+    path = document_file(spec.openapi, doc.file)
+    if resolver.check_only and spec.openapi.lstrip().startswith("${file:"):
+        return None, None  # like a secret: CI need not have the file
+    try:
+        compiled = openapi.load(path)
+    except openapi.OpenAPIError as exc:
+        return None, Problem(at, str(exc))
+    digest.update(path.encode() + b"\0" + compiled.digest.encode() + b"\0")
+    inside = os.path.commonpath([os.path.abspath(directory), path]) == os.path.abspath(directory)
+    if not inside:
+        resolver.files.add(path)  # the watcher then watches its directory too
+    return compiled, None
 
 
 def _problems(

@@ -449,6 +449,8 @@ class Service(Model):
     allow: list[AllowRule] | None = Field(
         default=None, description="Who may call what; absent: the top-level allow rules"
     )
+    openapi: DocumentPath | None = Field(default=None, description="The API's OpenAPI document")
+    validation: Validate | None = Field(default=None, alias="validate")
 
     @field_validator("upstream")
     @classmethod
@@ -507,6 +509,7 @@ class PolicyFile(Model):
 
 # At the end: these modules build on this module's base model and types.
 from .access import AgentKeys, AllowRule, CredentialHeader, JwtVerify  # noqa: E402
+from .openapi import DocumentPath, Validate  # noqa: E402
 from .upstream_limits import UpstreamLimits  # noqa: E402
 from .webhooks import Webhooks  # noqa: E402
 

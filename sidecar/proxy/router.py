@@ -17,7 +17,18 @@ from ..call import Body, Call, Handler, Step
 from ..headers import HOP_BY_HOP, drop_with_connection
 from ..policy.loader import Policy, ServicePolicy
 from ..state import StateBuild
-from ..steps import allow, auth, breaker, identity, pause, ratelimit, request_rules, retry, timeout
+from ..steps import (
+    allow,
+    auth,
+    breaker,
+    identity,
+    pause,
+    ratelimit,
+    request_rules,
+    retry,
+    timeout,
+    validate,
+)
 from .redirects import RedirectRewriter
 from .upstream import Upstream
 
@@ -33,6 +44,8 @@ STEP_BUILDERS: list[tuple[str, StepBuilder]] = [
     ("identity", identity.build),
     ("allow", allow.build),
     ("request_rules", request_rules.build),
+    # Then the OpenAPI document: a malformed call is told so whatever the limits say.
+    ("validate", validate.build),
     # Before the limiter: a call refused during an upstream's pause spends no token.
     ("pause", pause.build),
     ("ratelimit", ratelimit.build),

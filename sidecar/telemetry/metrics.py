@@ -104,6 +104,21 @@ class Metrics:
             ["service", "from", "to"],
             registry=r,
         )
+        self.openapi_violations = Counter(
+            "sidecar_openapi_request_violations",
+            "Requests that broke their service's OpenAPI document (validate.requests). "
+            "action: refused (enforce, answered 422/404) or reported (report, sent anyway); "
+            "operation: the operationId, 'METHOD /template', or _unknown.",
+            ["service", "operation", "action"],
+            registry=r,
+        )
+        self.openapi_drift = Counter(
+            "sidecar_openapi_response_drift",
+            "Upstream answers whose status or Content-Type the service's OpenAPI document does "
+            "not describe (validate.responses: report). kind: status or content_type.",
+            ["service", "operation", "kind"],
+            registry=r,
+        )
         self.reloads = reloads = Counter(
             "sidecar_reloads",
             "Policy reload attempts; a failed one leaves the last good policy serving.",
@@ -132,6 +147,13 @@ class Metrics:
 
     def on_transition(self, service: str, frm: str, to: str) -> None:
         self.breaker_transitions.labels(service, frm, to).inc()
+
+    def on_request_violation(self, service: str, operation: str, action: str) -> None:
+        # Off the hot path: only a call that broke the document gets here.
+        self.openapi_violations.labels(service, operation, action).inc()
+
+    def on_response_drift(self, service: str, operation: str, kind: str) -> None:
+        self.openapi_drift.labels(service, operation, kind).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -184,7 +184,13 @@ def meter_provider(env: Mapping[str, str], metrics: Metrics) -> MeterProvider | 
         metric_readers=[reader], resource=resource(env), shutdown_on_exit=False
     )
     meter = provider.get_meter("agent-sidecar")
-    for counter in (metrics.rate_limited, metrics.breaker_transitions, metrics.reloads):
+    for counter in (
+        metrics.rate_limited,
+        metrics.breaker_transitions,
+        metrics.reloads,
+        metrics.openapi_violations,
+        metrics.openapi_drift,
+    ):
         name, description, callback = _observable(counter)
         meter.create_observable_counter(name, callbacks=[callback], description=description)
     name, description, callback = _observable(metrics.in_flight)

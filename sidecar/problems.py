@@ -31,6 +31,8 @@ REASONS: dict[str, tuple[int, str]] = {
     # Admin port only: a browser page's request to a state-changing endpoint.
     "forbidden_origin": (403, "Cross-origin request refused"),
     "http_version_not_supported": (505, "HTTP version not supported"),
+    "forbidden": (403, "Forbidden by policy"),
+    "graphql_limit": (400, "GraphQL operation over a limit"),
 }
 
 
@@ -46,6 +48,7 @@ class ProblemError(Exception):
         retry_after: float | None = None,
         headers: dict[str, str] | None = None,
         cause: str | None = None,
+        extensions: dict[str, object] | None = None,
     ) -> None:
         super().__init__(detail)
         # What went wrong on the wire, in the words retry/breaker `on:` lists use:
@@ -56,6 +59,8 @@ class ProblemError(Exception):
         self.service = service
         self.retry_after = retry_after
         self.headers = headers
+        # RFC 9457 extension members, e.g. a JSON-RPC error object for an MCP client.
+        self.extensions = extensions
 
     @property
     def status(self) -> int:
@@ -65,7 +70,9 @@ class ProblemError(Exception):
 def problem_document(err: ProblemError, service: str | None = None) -> dict[str, object]:
     """The RFC 9457 body, for any data plane that writes the answer itself."""
     status, title = REASONS[err.reason]
+    # Extensions first: they never replace the standard members.
     return {
+        **(err.extensions or {}),
         "type": PROBLEM_TYPE + err.reason.replace("_", "-"),
         "title": title,
         "status": status,

@@ -385,6 +385,8 @@ class Service(Model):
         default=False,
         description="Send X-Forwarded-For/-Proto/-Host and Via upstream (off: none are sent)",
     )
+    graphql: GraphQL | None = Field(default=None, description="A GraphQL API, see protocols.py")
+    mcp: bool | MCP = Field(default=False, description="An MCP server (true, or its allow rules)")
 
     @field_validator("upstream")
     @classmethod
@@ -438,7 +440,9 @@ class PolicyFile(Model):
     )
 
 
-# At the end: webhooks.py builds on this module's base model and types.
+# At the end: webhooks.py and protocols.py build on this module's base model and types.
+from .protocols import MCP, GraphQL  # noqa: E402
 from .webhooks import Webhooks  # noqa: E402
 
+Service.model_rebuild()
 PolicyFile.model_rebuild()

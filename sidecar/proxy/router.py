@@ -17,7 +17,7 @@ from ..call import Body, Call, Handler, Step
 from ..headers import HOP_BY_HOP, drop_with_connection
 from ..policy.loader import Policy, ServicePolicy
 from ..state import StateBuild
-from ..steps import auth, breaker, pause, ratelimit, retry, timeout
+from ..steps import auth, breaker, graphql, mcp, pause, ratelimit, retry, timeout
 from .redirects import RedirectRewriter
 from .upstream import Upstream
 
@@ -26,6 +26,10 @@ StepBuilder = Callable[..., Step | None]
 # The order of a chain, outermost first: retry(breaker(timeout(auth(forward)))).
 # Builders of later features register themselves in this list in that order.
 STEP_BUILDERS: list[tuple[str, StepBuilder]] = [
+    # First: a call the policy refuses for what it asks (its operation, its tool)
+    # is told so, not to wait for a pause or a token.
+    ("graphql", graphql.build),
+    ("mcp", mcp.build),
     # Before the limiter: a call refused during an upstream's pause spends no token.
     ("pause", pause.build),
     ("ratelimit", ratelimit.build),

@@ -1,0 +1,129 @@
+"""MCP-aware services: which agent may call which tool of a Model Context Protocol server.
+
+MCP over streamable HTTP sends JSON-RPC messages (one, or an array: a batch)
+in POST bodies. This step reads each message's method and, for `tools/call`,
+the tool's name, and refuses the whole POST with `403 forbidden` when a tool
+is not among the agent's globs (`mcp.per_agent[agent]`, else `mcp.tools`).
+The refusal is a problem+json document that is also a JSON-RPC error
+response (`jsonrpc`, `id`, `error`), so either kind of client can read it.
+
+Only the request is read: the answer, often an SSE stream, is relayed as it
+comes. GET (the server's event stream) and DELETE (end of a session) pass.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from typing import Any
+
+from ..call import Call, Handler, Reply
+from ..policy.loader import ServicePolicy
+from ..policy.protocols import MCP
+from ..problems import ProblemError
+from ..state import StateBuild
+from .operation import OPERATION, annotate, bad_request, parse_json, read_body
+
+# JSON-RPC 2.0 error codes: the spec's, and one of its implementation-defined
+# server errors (-32000..-32099) for a tool the policy does not allow.
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+INVALID_PARAMS = -32602
+TOOL_FORBIDDEN = -32001
+
+
+def rpc_error(message_id: Any, code: int, message: str) -> dict[str, object]:
+    """A JSON-RPC error response's members, to ride along in a problem document."""
+    return {"jsonrpc": "2.0", "id": message_id, "error": {"code": code, "message": message}}
+
+
+class MCPStep:
+    def __init__(self, *, service: str, config: MCP) -> None:
+        self.service = service
+        self.path = config.path
+        self.tools = tuple(config.tools)
+        self.per_agent = {agent: tuple(globs) for agent, globs in config.per_agent.items()}
+
+    async def __call__(self, call: Call, next: Handler) -> Reply:
+        if call.method != "POST":
+            return await next(call)
+        if self.path is not None:
+            path = call.target.partition("?")[0]
+            if (path.rstrip("/") or "/") != self.path:
+                return await next(call)
+        body = await read_body(call, service=self.service, what="MCP")
+        document = parse_json(
+            body,
+            service=self.service,
+            what="MCP (JSON-RPC)",
+            extensions=rpc_error(None, PARSE_ERROR, "Parse error"),
+        )
+        messages = document if isinstance(document, list) else [document]
+        if not messages:
+            raise self._bad(None, INVALID_REQUEST, "the JSON-RPC batch is empty")
+        labels = [self._check(call.agent, message) for message in messages]
+        label = ",".join(labels)
+        if len(messages) == 1:
+            message = messages[0]
+            attributes: dict[str, str | int | bool] = {"mcp.method.name": labels[0]}
+            if labels[0].startswith("tools/call:"):
+                attributes["mcp.method.name"] = "tools/call"
+                attributes["gen_ai.tool.name"] = labels[0].partition(":")[2]
+            message_id = message.get("id")
+            if isinstance(message_id, str | int) and not isinstance(message_id, bool):
+                attributes["jsonrpc.request.id"] = str(message_id)
+        else:
+            attributes = {"mcp.method.name": label, "jsonrpc.batch.size": len(messages)}
+        annotate(call, attributes)
+        token = OPERATION.set(label)
+        try:
+            return await next(call)
+        finally:
+            OPERATION.reset(token)
+
+    def _check(self, agent: str | None, message: Any) -> str:
+        """The message's label (its method, `tools/call:<tool>`), once it is allowed."""
+        if not isinstance(message, dict):
+            raise self._bad(None, INVALID_REQUEST, "a JSON-RPC message must be a JSON object")
+        message_id = message.get("id")
+        method = message.get("method")
+        if method is None:
+            if "result" in message or "error" in message:
+                return "response"  # the client answering a server's request
+            raise self._bad(message_id, INVALID_REQUEST, "a JSON-RPC message has no `method`")
+        if not isinstance(method, str):
+            raise self._bad(message_id, INVALID_REQUEST, "`method` must be a string")
+        if method != "tools/call":
+            return method
+        params = message.get("params")
+        tool = params.get("name") if isinstance(params, dict) else None
+        if not isinstance(tool, str):
+            raise self._bad(message_id, INVALID_PARAMS, "tools/call needs `params.name`, a string")
+        globs = self.per_agent.get(agent, self.tools) if agent is not None else self.tools
+        if not any(fnmatchcase(tool, glob) for glob in globs):
+            caller = f"Agent '{agent}'" if agent else "A caller without an agent id"
+            detail = (
+                f"{caller} may not call the tool '{tool}' of MCP service '{self.service}': "
+                "the policy's mcp tool rules do not allow it."
+            )
+            raise ProblemError(
+                "forbidden",
+                detail,
+                service=self.service,
+                extensions=rpc_error(message_id, TOOL_FORBIDDEN, detail),
+            )
+        return f"tools/call:{tool}"
+
+    def _bad(self, message_id: Any, code: int, flaw: str) -> ProblemError:
+        detail = (
+            f"Service '{self.service}' reads every MCP request, and this one is not usable: {flaw}."
+        )
+        return bad_request(
+            detail, service=self.service, extensions=rpc_error(message_id, code, detail)
+        )
+
+
+def build(service: ServicePolicy, *, state: StateBuild) -> MCPStep | None:
+    config = service.spec.mcp
+    if config is False:
+        return None
+    return MCPStep(service=service.name, config=MCP() if config is True else config)

@@ -1,0 +1,72 @@
+"""What a protocol-aware step (graphql.py, mcp.py) learns about a call, and how it reads it.
+
+The GraphQL and MCP steps read the request body to find the operation (a
+GraphQL operation's type and name, an MCP method and tool). Telemetry and the
+rate limiter need that operation later in the chain. `Call` has no slot for
+it, so it travels two ways:
+
+- `annotate(call, ...)` puts span/metric attributes into `call.exchange.attributes`
+  when the exchange has such a dict (telemetry reads them when the call is over);
+- `OPERATION` holds the operation's label ("mutation:CreateIssue",
+  "tools/call:search_web") for the rest of the chain, which runs in the same
+  task (or a copy of its context), so a later step can key on it.
+"""
+
+from __future__ import annotations
+
+import json
+from contextvars import ContextVar
+from typing import Any
+
+from ..call import Call, make_replayable
+from ..problems import ProblemError
+
+# The operation of the call this task is working on; None outside a GraphQL/MCP step.
+OPERATION: ContextVar[str | None] = ContextVar("sidecar_operation", default=None)
+
+
+def annotate(call: Call, attributes: dict[str, str | int | bool]) -> None:
+    """Hand attributes to telemetry, if this call is observed and its exchange takes them."""
+    exchange = call.exchange
+    found = getattr(exchange, "attributes", None) if exchange is not None else None
+    if isinstance(found, dict):
+        found.update(attributes)
+
+
+async def read_body(call: Call, *, service: str, what: str) -> bytes:
+    """The request body as bytes (b"" when none), held so the call can still be sent.
+
+    A body the sidecar cannot hold (no Content-Length, or larger than the
+    replay limit) cannot be inspected, and an uninspected call must not pass
+    the service's rules: it is refused.
+    """
+    if not await make_replayable(call) or not (call.body is None or isinstance(call.body, bytes)):
+        raise ProblemError(
+            "request_too_large",
+            f"Service '{service}' checks every {what} request's body, so the sidecar must hold "
+            "it: send it with a Content-Length of at most 1 MiB.",
+            service=service,
+        )
+    return call.body or b""
+
+
+def parse_json(body: bytes, *, service: str, what: str, extensions: Any = None) -> Any:
+    """The JSON document of a body; a 400 problem naming the flaw when it is none."""
+    try:
+        return json.loads(body)
+    except UnicodeDecodeError:
+        flaw = "is not UTF-8 text"
+    except json.JSONDecodeError as err:
+        flaw = f"is not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
+    except RecursionError:
+        flaw = "is nested too deeply"
+    raise ProblemError(
+        "bad_request",
+        f"The {what} request body {flaw}; service '{service}' reads every {what} request.",
+        service=service,
+        extensions=extensions,
+    )
+
+
+def bad_request(detail: str, *, service: str, extensions: Any = None) -> ProblemError:
+    return ProblemError("bad_request", detail, service=service, extensions=extensions)

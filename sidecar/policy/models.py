@@ -23,6 +23,7 @@ from pydantic import (
     WithJsonSchema,
     field_serializer,
     field_validator,
+    model_validator,
 )
 
 from .secrets import Secret, resolver_from_context
@@ -196,6 +197,16 @@ class RateLimit(Model):
     fail_open: bool = Field(
         default=True, description="When the backend is unreachable: let calls through (true)"
     )
+    operations: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="Count only calls whose GraphQL/MCP operation matches one of these globs, "
+        "like 'mutation:*' or 'tools/call:search_*'",
+    )
+    by_operation: bool = Field(
+        default=False,
+        description="One bucket per GraphQL/MCP operation (within `per`), not one for all",
+    )
 
     @field_serializer("backend")
     def _redact_backend(self, v: str | None) -> str | None:
@@ -214,6 +225,12 @@ class RateLimit(Model):
         if v is not None and urlsplit(v).scheme not in ("redis", "rediss", "unix"):
             raise ValueError("backend must be a redis://, rediss:// or unix:// URL")
         return v
+
+    @model_validator(mode="after")
+    def _local_operations(self) -> RateLimit:
+        if self.backend is not None and (self.operations is not None or self.by_operation):
+            raise ValueError("operations and by_operation apply to limits without a backend")
+        return self
 
 
 def _check_condition(item: str | int, names: tuple[str, ...], *, lo: int) -> str | int:
@@ -364,6 +381,11 @@ Auth = Annotated[
 AUTH_TYPES = ("bearer", "header", "query", "basic", "oauth2_client_credentials", "jwt")
 
 
+def _accept_true(schema: dict[str, Any]) -> None:
+    """The JSON Schema of a section that `true` switches on with its defaults."""
+    schema["anyOf"] = [{"type": "boolean"}, *schema["anyOf"]]
+
+
 class Service(Model):
     upstream: str = Field(description="scheme://host[:port][/base/path]")
     prefix: str | None = Field(default=None, description="Default: /<service name>")
@@ -386,7 +408,12 @@ class Service(Model):
         description="Send X-Forwarded-For/-Proto/-Host and Via upstream (off: none are sent)",
     )
     graphql: GraphQL | None = Field(default=None, description="A GraphQL API, see protocols.py")
-    mcp: bool | MCP = Field(default=False, description="An MCP server (true, or its allow rules)")
+    mcp: MCP | None = Field(
+        default=None,
+        description="An MCP server: true, or its tool rules",
+        # `true` is read as `{}` (every tool allowed), `false` as none.
+        json_schema_extra=lambda schema: _accept_true(schema),
+    )
 
     @field_validator("upstream")
     @classmethod
@@ -422,6 +449,13 @@ class Service(Model):
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, dict) else v
+
+    @field_validator("mcp", mode="before")
+    @classmethod
+    def _mcp_flag(cls, v: Any) -> Any:
+        if v is True:
+            return {}
+        return None if v is False else v
 
 
 class PolicyFile(Model):

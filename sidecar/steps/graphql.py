@@ -57,7 +57,11 @@ class GraphQLStep:
         checked = [op for op in operations if op is not None]
         if checked:
             self._check_total_cost(checked)
-        label = ",".join(op.label if op is not None else "persisted:" for op in operations)
+        labels = tuple(
+            op.label if op is not None else f"persisted:{_name(request)}"
+            for op, request in zip(operations, requests, strict=True)
+        )
+        label = ",".join(labels)
         attributes: dict[str, str | int | bool] = {"graphql.operation.label": label}
         if len(operations) == 1 and operations[0] is not None:
             attributes["graphql.operation.type"] = operations[0].type
@@ -67,7 +71,7 @@ class GraphQLStep:
         if None in operations:
             attributes["graphql.persisted_query"] = True
         annotate(call, attributes)
-        token = OPERATION.set(label)
+        token = OPERATION.set(labels)
         try:
             return await next(call)
         finally:
@@ -201,6 +205,11 @@ class GraphQLStep:
             f"usable: {flaw.rstrip('.')}.",
             service=self.service,
         )
+
+
+def _name(request: dict[str, Any]) -> str:
+    name = request.get("operationName")
+    return name if isinstance(name, str) else ""
 
 
 def build(service: ServicePolicy, *, state: StateBuild) -> GraphQLStep | None:

@@ -74,7 +74,7 @@ class MCPStep:
         else:
             attributes = {"mcp.method.name": label, "jsonrpc.batch.size": len(messages)}
         annotate(call, attributes)
-        token = OPERATION.set(label)
+        token = OPERATION.set(tuple(labels))
         try:
             return await next(call)
         finally:
@@ -124,6 +124,6 @@ class MCPStep:
 
 def build(service: ServicePolicy, *, state: StateBuild) -> MCPStep | None:
     config = service.spec.mcp
-    if config is False:
+    if config is None:
         return None
-    return MCPStep(service=service.name, config=MCP() if config is True else config)
+    return MCPStep(service=service.name, config=config)

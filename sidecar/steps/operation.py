@@ -7,9 +7,10 @@ it, so it travels two ways:
 
 - `annotate(call, ...)` puts span/metric attributes into `call.exchange.attributes`
   when the exchange has such a dict (telemetry reads them when the call is over);
-- `OPERATION` holds the operation's label ("mutation:CreateIssue",
-  "tools/call:search_web") for the rest of the chain, which runs in the same
-  task (or a copy of its context), so a later step can key on it.
+- `OPERATION` holds the operations' labels ("mutation:CreateIssue",
+  "tools/call:search_web"; several for a batch) for the rest of the chain,
+  which runs in the same task (or a copy of its context), so a later step
+  (the rate limiter's `operations:`) can key on them.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from typing import Any
 from ..call import Call, make_replayable
 from ..problems import ProblemError
 
-# The operation of the call this task is working on; None outside a GraphQL/MCP step.
-OPERATION: ContextVar[str | None] = ContextVar("sidecar_operation", default=None)
+# The operations of the call this task is working on; () outside a GraphQL/MCP step.
+OPERATION: ContextVar[tuple[str, ...]] = ContextVar("sidecar_operation", default=())
 
 
 def annotate(call: Call, attributes: dict[str, str | int | bool]) -> None:

@@ -356,3 +356,21 @@ async def test_without_allow_rules_every_operation_passes(upstream, start_sideca
     assert status == 200
     assert body == {"data": {"deleteRepo": True}}
     assert server.hits == 1
+
+
+async def test_rate_limits_can_count_only_some_operations(upstream, start_sidecar, client):
+    limits = """
+            rate_limit:
+              - {rate: 1/h, burst: 2, per: agent, operations: ["mutation:*"]}
+"""
+    server, sc = await start(upstream, start_sidecar, "                max_depth: 10", limits)
+    mutation = {"query": 'mutation M { createIssue(title: "r") { title } }'}
+    query = {"query": "query Hello { hello }"}
+    assert [(await post(client, sc, mutation, "a"))[0] for _ in range(3)] == [200, 200, 429]
+    # Queries are not counted, and another agent has its own mutations.
+    assert [(await post(client, sc, query, "a"))[0] for _ in range(3)] == [200] * 3
+    assert (await post(client, sc, mutation, "b"))[0] == 200
+    status, headers, body = await post(client, sc, mutation, "a")
+    assert_problem(status, headers, body, "rate_limited", 429)
+    assert "(operations mutation:*)" in body["detail"]
+    assert server.hits == 6

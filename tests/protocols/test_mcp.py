@@ -262,3 +262,28 @@ async def test_mcp_true_reads_every_post_and_allows_every_tool(upstream, start_s
     status, headers, body = await post(client, sc, None, "anyone", raw=b"{oops")
     assert_refused(status, headers, body, "bad_request", 400)
     assert server.calls == ["delete_files"]
+
+
+async def test_rate_limits_per_tool(upstream, start_sidecar, client):
+    server = MCPServer()
+    base = await upstream(server.app())
+    sc = await start_sidecar(
+        f"""
+        version: 1
+        services:
+          tools:
+            upstream: {base}
+            mcp: true
+            rate_limit:
+              - {{rate: 1/h, burst: 1, by_operation: true, operations: ["tools/call:*"]}}
+        """
+    )
+    assert (await post(client, sc, call_tool("search_web")))[0] == 200
+    status, headers, _ = await post(client, sc, call_tool("search_web"))
+    assert status == 429
+    assert headers["X-Sidecar-Error"] == "rate_limited"
+    # Each tool has its own bucket; other methods are not counted.
+    assert (await post(client, sc, call_tool("search_docs")))[0] == 200
+    listing = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+    assert [(await post(client, sc, listing))[0] for _ in range(3)] == [200] * 3
+    assert server.calls == ["search_web", "search_docs"]

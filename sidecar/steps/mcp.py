@@ -62,17 +62,17 @@ class MCPStep:
             raise self._bad(None, INVALID_REQUEST, "the JSON-RPC batch is empty")
         labels = [self._check(call.agent, message) for message in messages]
         label = ",".join(labels)
+        attributes: dict[str, str | int | bool] = {"mcp.operation.label": label}
         if len(messages) == 1:
-            message = messages[0]
-            attributes: dict[str, str | int | bool] = {"mcp.method.name": labels[0]}
-            if labels[0].startswith("tools/call:"):
-                attributes["mcp.method.name"] = "tools/call"
-                attributes["gen_ai.tool.name"] = labels[0].partition(":")[2]
-            message_id = message.get("id")
+            method, _, tool = labels[0].partition(":")
+            attributes["mcp.method.name"] = method
+            if tool:
+                attributes["gen_ai.tool.name"] = tool
+            message_id = messages[0].get("id")
             if isinstance(message_id, str | int) and not isinstance(message_id, bool):
                 attributes["jsonrpc.request.id"] = str(message_id)
         else:
-            attributes = {"mcp.method.name": label, "jsonrpc.batch.size": len(messages)}
+            attributes["jsonrpc.batch.size"] = len(messages)
         annotate(call, attributes)
         token = OPERATION.set(tuple(labels))
         try:

@@ -7,7 +7,8 @@ measured (graphql_analysis.py) and refused with `400 graphql_limit` when it is
 too deep, has too many aliases or costs too much (a batch's costs add up), or
 with `403 forbidden` when no `allow` rule lets the agent run it. A request
 that carries only a persisted-query id has no text to check and passes,
-unless `persisted_queries: false`. Other paths and methods pass untouched.
+unless `persisted_queries: false`. Other paths, HEAD and OPTIONS pass
+untouched; the path is compared percent-decoded, so `/%67raphql` is checked too.
 
 graphql-core is imported only when a service has `graphql:` configured.
 """
@@ -24,10 +25,15 @@ from ..policy.loader import ServicePolicy
 from ..policy.protocols import GraphQL, GraphQLRule
 from ..problems import ProblemError
 from ..state import StateBuild
-from .operation import OPERATION, annotate, bad_request, parse_json, read_body
+from .operation import OPERATION, annotate, bad_request, endpoint, parse_json, read_body
 
 if TYPE_CHECKING:
     from .graphql_analysis import Documents, Operation
+
+
+# Methods that never carry an operation: a CORS preflight, a HEAD.
+_PASSING = frozenset({"HEAD", "OPTIONS"})
+_FIELDS = ("query", "operationName", "variables", "extensions")
 
 
 class GraphQLStep:
@@ -41,18 +47,17 @@ class GraphQLStep:
         self.documents = documents
 
     async def __call__(self, call: Call, next: Handler) -> Reply:
-        path, _, query = call.target.partition("?")
-        if (path.rstrip("/") or "/") != self.path:
+        if endpoint(call.target) != self.path or call.method in _PASSING:
             return await next(call)
-        if call.method == "POST":
-            requests = await self._from_body(call, query)
-        elif call.method == "GET":
+        query = call.target.partition("?")[2]
+        if call.method == "GET":
             params = parse_qs(query)
             if "query" not in params and "extensions" not in params:
                 return await next(call)  # not an operation: a GraphiQL page, a health check
             requests = [self._from_params(params)]
         else:
-            return await next(call)
+            # POST, and any other method with a body a server might run.
+            requests = await self._from_body(call, query)
         operations = [self._check(call.agent, request) for request in requests]
         checked = [op for op in operations if op is not None]
         if checked:
@@ -99,6 +104,10 @@ class GraphQLStep:
 
     def _from_params(self, params: dict[str, list[str]]) -> dict[str, Any]:
         request: dict[str, Any] = {}
+        for key, values in params.items():
+            if len(values) > 1 and key in _FIELDS:
+                # Servers differ on which one they read: refuse rather than guess.
+                raise self._bad(f"the `{key}` parameter is given {len(values)} times")
         for key in ("query", "operationName"):
             if key in params:
                 request[key] = params[key][0]

@@ -41,6 +41,8 @@ MAX_TOKENS = 20_000
 # Documents kept parsed; the least recently used goes first.
 CACHE_SIZE = 512
 PAGE_ARGUMENTS = frozenset({"first", "last", "limit"})
+# The page size assumed for a literal too long to be a real one.
+HUGE_PAGE = 10**18
 
 
 class InvalidOperation(Exception):
@@ -127,8 +129,9 @@ def measure(
     op = chosen[0]
     defaults: dict[str, Any] = {}
     for definition in op.variable_definitions or ():
-        if isinstance(definition.default_value, IntValueNode):
-            defaults[definition.variable.name.value] = int(definition.default_value.value)
+        default = definition.default_value
+        if isinstance(default, IntValueNode) and len(default.value) < 19:
+            defaults[definition.variable.name.value] = int(default.value)
     walk = _Walk(fragments, {**defaults, **variables})
     try:
         depth, aliases, cost = walk.selections(op.selection_set)
@@ -195,7 +198,9 @@ class _Walk:
                 continue
             value = argument.value
             if isinstance(value, IntValueNode):
-                return max(1, int(value.value))
+                # Past Python's int-from-text limit it is larger than any page anyway.
+                digits = value.value
+                return max(1, int(digits)) if len(digits) < 19 else HUGE_PAGE
             if isinstance(value, VariableNode):
                 given = self.variables.get(value.name.value)
                 if isinstance(given, int) and not isinstance(given, bool):

@@ -9,6 +9,7 @@ response (`jsonrpc`, `id`, `error`), so either kind of client can read it.
 
 Only the request is read: the answer, often an SSE stream, is relayed as it
 comes. GET (the server's event stream) and DELETE (end of a session) pass.
+The endpoint is compared percent-decoded, so an encoded path cannot dodge it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ..policy.loader import ServicePolicy
 from ..policy.protocols import MCP
 from ..problems import ProblemError
 from ..state import StateBuild
-from .operation import OPERATION, annotate, bad_request, parse_json, read_body
+from .operation import OPERATION, annotate, bad_request, endpoint, parse_json, read_body
 
 # JSON-RPC 2.0 error codes: the spec's, and one of its implementation-defined
 # server errors (-32000..-32099) for a tool the policy does not allow.
@@ -29,6 +30,10 @@ PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
 INVALID_PARAMS = -32602
 TOOL_FORBIDDEN = -32001
+
+# Methods that carry no JSON-RPC message: the server's event stream (GET), the end of
+# a session (DELETE), a CORS preflight. Any other method's body is read, not just POST's.
+_PASSING = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 
 
 def rpc_error(message_id: Any, code: int, message: str) -> dict[str, object]:
@@ -44,12 +49,10 @@ class MCPStep:
         self.per_agent = {agent: tuple(globs) for agent, globs in config.per_agent.items()}
 
     async def __call__(self, call: Call, next: Handler) -> Reply:
-        if call.method != "POST":
+        if call.method in _PASSING or (
+            self.path is not None and endpoint(call.target) != self.path
+        ):
             return await next(call)
-        if self.path is not None:
-            path = call.target.partition("?")[0]
-            if (path.rstrip("/") or "/") != self.path:
-                return await next(call)
         body = await read_body(call, service=self.service, what="MCP")
         document = parse_json(
             body,

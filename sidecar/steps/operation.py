@@ -16,8 +16,10 @@ it, so it travels two ways:
 from __future__ import annotations
 
 import json
+import re
 from contextvars import ContextVar
 from typing import Any
+from urllib.parse import unquote
 
 from ..call import Call, make_replayable
 from ..problems import ProblemError
@@ -51,14 +53,35 @@ async def read_body(call: Call, *, service: str, what: str) -> bytes:
     return call.body or b""
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # JSON parsers disagree on which of two equal keys wins: the upstream could run
+    # another query, or call another tool, than the one the sidecar checked.
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return found
+
+
 def parse_json(body: bytes, *, service: str, what: str, extensions: Any = None) -> Any:
     """The JSON document of a body; a 400 problem naming the flaw when it is none."""
     try:
-        return json.loads(body)
+        return json.loads(body, object_pairs_hook=_unique_keys)
     except UnicodeDecodeError:
         flaw = "is not UTF-8 text"
     except json.JSONDecodeError as err:
         flaw = f"is not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
+    except _DuplicateKey as err:
+        flaw = f"holds the key {str(err)!r} twice in one object"
+    except ValueError:
+        flaw = "holds a number too long to read"
     except RecursionError:
         flaw = "is nested too deeply"
     raise ProblemError(
@@ -67,6 +90,16 @@ def parse_json(body: bytes, *, service: str, what: str, extensions: Any = None) 
         service=service,
         extensions=extensions,
     )
+
+
+_SLASHES = re.compile(r"/{2,}")
+
+
+def endpoint(target: str) -> str:
+    """The path of a call's target as an upstream is likely to route it: percent-decoded,
+    repeated and trailing slashes dropped. `/%67raphql/` must not dodge a check of `/graphql`."""
+    path = target.partition("?")[0]
+    return _SLASHES.sub("/", unquote(path)).rstrip("/") or "/"
 
 
 def bad_request(detail: str, *, service: str, extensions: Any = None) -> ProblemError:

@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from graphql import build_schema, graphql
+from yarl import URL
 
 from tests.conftest import RunningSidecar
 
@@ -131,7 +132,9 @@ async def post(
         sent["X-Agent-Id"] = agent
     data = raw if raw is not None else json.dumps(body).encode()
     sent.setdefault("Content-Type", "application/json")
-    async with client.post(f"{sc.url}{path}", data=data, headers=sent) as resp:
+    # encoded=True: the path goes out as written, percent-escapes included.
+    url = URL(f"{sc.url}{path}", encoded=True)
+    async with client.post(url, data=data, headers=sent) as resp:
         text = await resp.read()
         try:
             parsed: Any = json.loads(text)
@@ -374,3 +377,38 @@ async def test_rate_limits_can_count_only_some_operations(upstream, start_sideca
     assert_problem(status, headers, body, "rate_limited", 429)
     assert "(operations mutation:*)" in body["detail"]
     assert server.hits == 6
+
+
+async def test_requests_that_could_be_read_two_ways_are_checked_or_refused(
+    upstream, start_sidecar, client
+):
+    server, sc = await start(upstream, start_sidecar)
+    mutation = {"query": 'mutation { deleteRepo(name: "x") }'}
+    # An encoded or doubled path reaches the same endpoint upstream: it is checked the same.
+    for path in ("/gh/%67raphql", "/gh//graphql/", "/gh/graphql?x=1"):
+        status, headers, body = await post(client, sc, mutation, path=path)
+        assert_problem(status, headers, body, "forbidden", 403)
+    # Two `query` keys: parsers differ on which one wins, so neither is trusted.
+    twice = b'{"query": "{ hello }", "query": "mutation { deleteRepo(name: \\"x\\") }"}'
+    status, headers, body = await post(client, sc, None, raw=twice)
+    assert_problem(status, headers, body, "bad_request", 400)
+    assert "holds the key 'query' twice in one object" in body["detail"]
+    params = [("query", "{ hello }"), ("query", 'mutation { deleteRepo(name: "x") }')]
+    async with client.get(
+        f"{sc.url}/gh/graphql", params=params, headers={"X-Agent-Id": "research-bot"}
+    ) as resp:
+        assert resp.status == 400
+        assert "`query` parameter is given 2 times" in (await resp.json())["detail"]
+    # A method other than GET or POST is read all the same.
+    async with client.put(
+        f"{sc.url}/gh/graphql", json=mutation, headers={"X-Agent-Id": "research-bot"}
+    ) as resp:
+        assert resp.status == 403
+    # Numbers too long for Python to read are refused (a variable) or over the limit.
+    status, headers, body = await post(client, sc, None, raw=b'{"n": ' + b"9" * 5000 + b"}")
+    assert_problem(status, headers, body, "bad_request", 400)
+    assert "a number too long" in body["detail"]
+    huge = {"query": "{ repos(first: " + "9" * 5000 + ") { name } }"}
+    status, headers, body = await post(client, sc, huge)
+    assert_problem(status, headers, body, "graphql_limit", 400)
+    assert server.hits == 0

@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from tests.conftest import RunningSidecar
 
@@ -287,3 +288,22 @@ async def test_rate_limits_per_tool(upstream, start_sidecar, client):
     listing = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
     assert [(await post(client, sc, listing))[0] for _ in range(3)] == [200] * 3
     assert server.calls == ["search_web", "search_docs"]
+
+
+async def test_a_tool_name_given_twice_or_an_encoded_path_do_not_dodge_the_rules(
+    upstream, start_sidecar, client
+):
+    server, sc = await start(upstream, start_sidecar)
+    twice = (
+        b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", '
+        b'"params": {"name": "search_web", "name": "delete_files"}}'
+    )
+    status, headers, body = await post(client, sc, None, "anyone", raw=twice)
+    assert_refused(status, headers, body, "bad_request", 400)
+    assert "holds the key 'name' twice" in body["detail"]
+    headers = {"X-Agent-Id": "anyone"}
+    async with client.post(
+        URL(f"{sc.url}/tools/%6Dcp", encoded=True), json=call_tool("delete_files"), headers=headers
+    ) as resp:
+        assert resp.status == 403
+    assert server.hits == 0

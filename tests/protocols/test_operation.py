@@ -2,7 +2,8 @@
 
 A fake `next` records the operation labels a later step (the rate limiter)
 sees; a stand-in exchange with an `attributes` dict is what telemetry will
-read once the data plane carries one.
+read once the data plane carries one. Generated bodies show that whatever an
+agent sends, a step either passes it on or refuses it with a problem.
 """
 
 from __future__ import annotations
@@ -10,10 +11,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from sidecar.call import Call, Reply
-from sidecar.policy.loader import load_policy
+from sidecar.policy.loader import ServicePolicy, load_policy
+from sidecar.policy.models import Service
+from sidecar.policy.yamlpos import Position
+from sidecar.problems import ProblemError
 from sidecar.state import StateStore
 from sidecar.steps import graphql, mcp
 from sidecar.steps.operation import OPERATION
@@ -92,3 +98,78 @@ async def test_mcp_labels_and_attributes(tmp_path) -> None:
         "mcp.operation.label": "tools/call:grep,notifications/initialized",
         "jsonrpc.batch.size": 2,
     }
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    body=st.one_of(
+        st.binary(max_size=200),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+            lambda inner: (
+                st.lists(inner, max_size=4)
+                | st.dictionaries(
+                    st.sampled_from(["query", "operationName", "variables", "extensions", "x"]),
+                    inner,
+                    max_size=4,
+                )
+            ),
+            max_leaves=12,
+        ).map(lambda v: json.dumps(v).encode()),
+        st.text(alphabet='{}()[]:$.@ !querymutationfragmentonab_123"', max_size=80).map(
+            lambda q: json.dumps({"query": q}).encode()
+        ),
+    )
+)
+async def test_any_graphql_body_is_passed_or_refused_with_a_problem(body: bytes) -> None:
+    await _any_body(graphql.build, "gq", "/graphql", body)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    body=st.recursive(
+        st.none() | st.integers() | st.text(max_size=10) | st.just("tools/call"),
+        lambda inner: (
+            st.lists(inner, max_size=3)
+            | st.dictionaries(
+                st.sampled_from(["jsonrpc", "id", "method", "params", "name", "result"]),
+                inner,
+                max_size=4,
+            )
+        ),
+        max_leaves=10,
+    ).map(lambda v: json.dumps(v).encode())
+)
+async def test_any_json_rpc_body_is_passed_or_refused_with_a_problem(body: bytes) -> None:
+    await _any_body(mcp.build, "tools", "/mcp", body)
+
+
+RULES: dict[str, dict[str, Any]] = {
+    "gq": {"graphql": {"max_depth": 3, "max_cost": 50, "allow": [{"types": ["query"]}]}},
+    "tools": {"mcp": {"tools": ["search_*"]}},
+}
+
+
+async def _any_body(builder: Any, service: str, target: str, body: bytes) -> None:
+    spec = Service(upstream="http://127.0.0.1:1", **RULES[service])
+    policy = ServicePolicy(
+        name=service, prefix=f"/{service}", spec=spec, position=Position("p", 1, 1)
+    )
+    step = builder(policy, state=StateStore().begin())
+
+    async def next(c: Call) -> Reply:
+        return None  # type: ignore[return-value]
+
+    call = Call(
+        service=service,
+        method="POST",
+        target=target,
+        headers=CIMultiDict(),
+        body=body,
+        agent="a",
+    )
+    try:
+        await step(call, next)
+    except ProblemError as err:
+        assert err.status in (400, 403, 413)
+        assert "Traceback" not in err.detail

@@ -49,6 +49,7 @@ class ProblemError(Exception):
         headers: dict[str, str] | None = None,
         cause: str | None = None,
         extensions: dict[str, object] | None = None,
+        content_type: str = "application/problem+json",
     ) -> None:
         super().__init__(detail)
         # What went wrong on the wire, in the words retry/breaker `on:` lists use:
@@ -61,6 +62,9 @@ class ProblemError(Exception):
         self.headers = headers
         # RFC 9457 extension members, e.g. a JSON-RPC error object for an MCP client.
         self.extensions = extensions
+        # application/json for a client that accepts only that (an MCP client reads a
+        # JSON-RPC error from a refusal only then); the body is the same problem document.
+        self.content_type = content_type
 
     @property
     def status(self) -> int:
@@ -95,6 +99,6 @@ def problem_response(err: ProblemError, service: str | None = None) -> web.Respo
     return web.Response(
         status=err.status,
         body=json.dumps(body).encode(),
-        content_type="application/problem+json",
+        content_type=err.content_type,
         headers=headers,
     )

@@ -53,17 +53,11 @@ class MCPStep:
             self.path is not None and endpoint(call.target) != self.path
         ):
             return await next(call)
-        body = await read_body(call, service=self.service, what="MCP")
-        document = parse_json(
-            body,
-            service=self.service,
-            what="MCP (JSON-RPC)",
-            extensions=rpc_error(None, PARSE_ERROR, "Parse error"),
-        )
-        messages = document if isinstance(document, list) else [document]
-        if not messages:
-            raise self._bad(None, INVALID_REQUEST, "the JSON-RPC batch is empty")
-        labels = [self._check(call.agent, message) for message in messages]
+        try:
+            messages, labels = await self._read(call)
+        except ProblemError as err:
+            err.content_type = _media_type(call.headers.get("Accept"))
+            raise
         label = ",".join(labels)
         attributes: dict[str, str | int | bool] = {"mcp.operation.label": label}
         if len(messages) == 1:
@@ -82,6 +76,20 @@ class MCPStep:
             return await next(call)
         finally:
             OPERATION.reset(token)
+
+    async def _read(self, call: Call) -> tuple[list[Any], list[str]]:
+        """The POST's JSON-RPC messages and their labels, once every one is allowed."""
+        body = await read_body(call, service=self.service, what="MCP")
+        document = parse_json(
+            body,
+            service=self.service,
+            what="MCP (JSON-RPC)",
+            extensions=rpc_error(None, PARSE_ERROR, "Parse error"),
+        )
+        messages = document if isinstance(document, list) else [document]
+        if not messages:
+            raise self._bad(None, INVALID_REQUEST, "the JSON-RPC batch is empty")
+        return messages, [self._check(call.agent, message) for message in messages]
 
     def _check(self, agent: str | None, message: Any) -> str:
         """The message's label (its method, `tools/call:<tool>`), once it is allowed."""
@@ -123,6 +131,15 @@ class MCPStep:
         return bad_request(
             detail, service=self.service, extensions=rpc_error(message_id, code, detail)
         )
+
+
+def _media_type(accept: str | None) -> str:
+    """problem+json, unless the client accepts JSON but not problem+json (MCP clients send
+    `application/json, text/event-stream` and read an error answer only as JSON)."""
+    types = {part.partition(";")[0].strip().lower() for part in (accept or "").split(",")}
+    if "application/json" in types and "application/problem+json" not in types:
+        return "application/json"
+    return "application/problem+json"
 
 
 def build(service: ServicePolicy, *, state: StateBuild) -> MCPStep | None:

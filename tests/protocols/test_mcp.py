@@ -129,7 +129,8 @@ async def post(
 
 def assert_refused(status: int, headers: dict[str, str], body: Any, reason: str, code: int) -> None:
     assert status == code, body
-    assert headers["Content-Type"] == "application/problem+json"
+    # The client accepts JSON and SSE, not problem+json: the same document, as JSON.
+    assert headers["Content-Type"] == "application/json"
     assert headers["X-Sidecar-Error"] == reason
     assert body["reason"] == reason
     assert body["service"] == "tools"
@@ -306,4 +307,17 @@ async def test_a_tool_name_given_twice_or_an_encoded_path_do_not_dodge_the_rules
         URL(f"{sc.url}/tools/%6Dcp", encoded=True), json=call_tool("delete_files"), headers=headers
     ) as resp:
         assert resp.status == 403
+    assert server.hits == 0
+
+
+async def test_a_client_that_accepts_problem_json_gets_it(upstream, start_sidecar, client):
+    server, sc = await start(upstream, start_sidecar)
+    for accept in ("application/problem+json, application/json", None):
+        headers = {"X-Agent-Id": "anyone", **({"Accept": accept} if accept else {})}
+        async with client.post(
+            f"{sc.url}/tools/mcp", json=call_tool("delete_files"), headers=headers
+        ) as resp:
+            assert resp.status == 403
+            assert resp.headers["Content-Type"] == "application/problem+json"
+            assert (await resp.json(content_type=None))["error"]["code"] == -32001
     assert server.hits == 0

@@ -51,8 +51,9 @@ def default_burst(limit: RateLimit) -> int:
 
 def describe(service: str, limit: RateLimit, burst: int) -> str:
     who = "each agent" if limit.per == "agent" else "all agents together"
+    ops = f" on operations {', '.join(limit.operations)}" if limit.operations is not None else ""
     return (
-        f"The sidecar's rate limit for service '{service}' ({limit.rate} with bursts of "
+        f"The sidecar's rate limit for service '{service}'{ops} ({limit.rate} with bursts of "
         f"{burst}, for {who}) is used up; this refusal comes from the sidecar, not the "
         "upstream."
     )
@@ -112,12 +113,6 @@ class LocalLimit:
         self.operations = tuple(limit.operations) if limit.operations is not None else None
         self.by_operation = limit.by_operation
         self.plain = self.operations is None and not self.by_operation
-        if self.operations is not None:
-            self.detail = self.detail.replace(
-                f"for service '{service}'",
-                f"for service '{service}' (operations {', '.join(self.operations)})",
-                1,
-            )
         self._clock = clock
         self._bucket = Bucket(float(self.burst), clock())
         self._agents: OrderedDict[Hashable, Bucket] = OrderedDict()

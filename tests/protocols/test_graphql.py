@@ -375,7 +375,7 @@ async def test_rate_limits_can_count_only_some_operations(upstream, start_sideca
     assert (await post(client, sc, mutation, "b"))[0] == 200
     status, headers, body = await post(client, sc, mutation, "a")
     assert_problem(status, headers, body, "rate_limited", 429)
-    assert "(operations mutation:*)" in body["detail"]
+    assert "rate limit for service 'gh' on operations mutation:* (1/h" in body["detail"]
     assert server.hits == 6
 
 

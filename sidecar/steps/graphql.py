@@ -85,6 +85,14 @@ class GraphQLStep:
     async def _from_body(self, call: Call, query: str) -> list[dict[str, Any]]:
         body = await read_body(call, service=self.service, what="GraphQL")
         content_type = call.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+        in_url = [key for key in parse_qs(query) if key in _FIELDS]
+        # Some servers (express-graphql) prefer the URL's `query` to the body's: an
+        # operation given in both places could be checked in one and run from the other.
+        if "query" in in_url or (in_url and content_type != "application/graphql"):
+            raise self._bad(
+                f"`{in_url[0]}` is in the URL of a {call.method}: send the request's fields "
+                "in its body only"
+            )
         if content_type == "application/graphql":
             try:
                 text = body.decode()

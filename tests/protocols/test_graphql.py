@@ -399,6 +399,12 @@ async def test_requests_that_could_be_read_two_ways_are_checked_or_refused(
     ) as resp:
         assert resp.status == 400
         assert "`query` parameter is given 2 times" in (await resp.json())["detail"]
+    # A POST with the operation in the URL too: some servers run the URL's.
+    status, headers, body = await post(
+        client, sc, {"query": "{ hello }"}, path="/gh/graphql?query=mutation%7BdeleteRepo%7D"
+    )
+    assert_problem(status, headers, body, "bad_request", 400)
+    assert "`query` is in the URL of a POST" in body["detail"]
     # A method other than GET or POST is read all the same.
     async with client.put(
         f"{sc.url}/gh/graphql", json=mutation, headers={"X-Agent-Id": "research-bot"}

@@ -381,11 +381,6 @@ Auth = Annotated[
 AUTH_TYPES = ("bearer", "header", "query", "basic", "oauth2_client_credentials", "jwt")
 
 
-def _accept_true(schema: dict[str, Any]) -> None:
-    """The JSON Schema of a section that `true` switches on with its defaults."""
-    schema["anyOf"] = [{"type": "boolean"}, *schema["anyOf"]]
-
-
 class Service(Model):
     upstream: str = Field(description="scheme://host[:port][/base/path]")
     prefix: str | None = Field(default=None, description="Default: /<service name>")
@@ -408,12 +403,7 @@ class Service(Model):
         description="Send X-Forwarded-For/-Proto/-Host and Via upstream (off: none are sent)",
     )
     graphql: GraphQL | None = Field(default=None, description="A GraphQL API, see protocols.py")
-    mcp: MCP | None = Field(
-        default=None,
-        description="An MCP server: true, or its tool rules",
-        # `true` is read as `{}` (every tool allowed), `false` as none.
-        json_schema_extra=lambda schema: _accept_true(schema),
-    )
+    mcp: MCPSetting = Field(default=None, description="An MCP server: true, or its tool rules")
 
     @field_validator("upstream")
     @classmethod
@@ -450,13 +440,6 @@ class Service(Model):
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, dict) else v
 
-    @field_validator("mcp", mode="before")
-    @classmethod
-    def _mcp_flag(cls, v: Any) -> Any:
-        if v is True:
-            return {}
-        return None if v is False else v
-
 
 class PolicyFile(Model):
     """One policy file. The files of a directory are merged into one Policy."""
@@ -475,7 +458,7 @@ class PolicyFile(Model):
 
 
 # At the end: webhooks.py and protocols.py build on this module's base model and types.
-from .protocols import MCP, GraphQL  # noqa: E402
+from .protocols import GraphQL, MCPSetting  # noqa: E402
 from .webhooks import Webhooks  # noqa: E402
 
 Service.model_rebuild()

@@ -8,9 +8,9 @@ name per agent. Patterns are shell-style globs (`*`, `?`, `[abc]`).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator
 
 from .models import Model
 
@@ -96,3 +96,17 @@ class MCP(Model):
     @classmethod
     def _check_path(cls, v: str | None) -> str | None:
         return None if v is None else _endpoint_path(v)
+
+
+def _flag(value: Any) -> Any:
+    # `mcp: true` is every tool allowed (the defaults), `mcp: false` no MCP at all.
+    if value is True:
+        return {}
+    return None if value is False else value
+
+
+def _accept_true(schema: dict[str, Any]) -> None:
+    schema["anyOf"] = [{"type": "boolean"}, *schema["anyOf"]]
+
+
+MCPSetting = Annotated[MCP | None, BeforeValidator(_flag), Field(json_schema_extra=_accept_true)]

@@ -38,6 +38,7 @@ REASONS: dict[str, tuple[int, str]] = {
     # Admin port only: a browser page's request to a state-changing endpoint.
     "forbidden_origin": (403, "Cross-origin request refused"),
     "http_version_not_supported": (505, "HTTP version not supported"),
+    "graphql_limit": (400, "GraphQL operation over a limit"),
 }
 
 
@@ -54,6 +55,7 @@ class ProblemError(Exception):
         headers: dict[str, str] | None = None,
         cause: str | None = None,
         extra: dict[str, object] | None = None,
+        content_type: str = "application/problem+json",
     ) -> None:
         super().__init__(detail)
         # RFC 9457 extension members added to the body (e.g. invalid_request's `errors`).
@@ -66,6 +68,9 @@ class ProblemError(Exception):
         self.service = service
         self.retry_after = retry_after
         self.headers = headers
+        # application/json for a client that accepts only that (an MCP client reads a
+        # JSON-RPC error from a refusal only then); the body is the same problem document.
+        self.content_type = content_type
 
     @property
     def status(self) -> int:
@@ -95,7 +100,7 @@ def problem_parts(
     """Status, headers and body of the sidecar's answer, for any data plane to write."""
     body = problem_document(err, service)
     headers = [
-        ("Content-Type", "application/problem+json"),
+        ("Content-Type", err.content_type),
         ("X-Sidecar-Error", err.reason),
         ("Server", SERVER),
     ]

@@ -51,6 +51,9 @@ WHERE: dict[str, tuple[str, str | None]] = {
     "OutboundEndpoint": ("endpoints", None),
     "Signing": ("signing", None),
     "DeliveryRetry": ("webhook retry", None),
+    "GraphQL": ("graphql", None),
+    "GraphQLRule": ("graphql.allow", None),
+    "MCP": ("mcp", None),
 }
 
 _TICKED = re.compile(r"`([A-Za-z_]+)`")

@@ -23,6 +23,7 @@ from pydantic import (
     WithJsonSchema,
     field_serializer,
     field_validator,
+    model_validator,
 )
 
 from .secrets import Secret, resolver_from_context
@@ -234,6 +235,16 @@ class RateLimit(Model):
     fail_open: bool = Field(
         default=True, description="When the backend is unreachable: let calls through (true)"
     )
+    operations: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="Count only calls whose GraphQL/MCP operation matches one of these globs, "
+        "like 'mutation:*' or 'tools/call:search_*'",
+    )
+    by_operation: bool = Field(
+        default=False,
+        description="One bucket per GraphQL/MCP operation (within `per`), not one for all",
+    )
 
     @field_serializer("backend")
     def _redact_backend(self, v: str | None) -> str | None:
@@ -252,6 +263,12 @@ class RateLimit(Model):
         if v is not None and urlsplit(v).scheme not in ("redis", "rediss", "unix"):
             raise ValueError("backend must be a redis://, rediss:// or unix:// URL")
         return v
+
+    @model_validator(mode="after")
+    def _local_operations(self) -> RateLimit:
+        if self.backend is not None and (self.operations is not None or self.by_operation):
+            raise ValueError("operations and by_operation apply to limits without a backend")
+        return self
 
 
 def _check_condition(item: str | int, names: tuple[str, ...], *, lo: int) -> str | int:
@@ -451,6 +468,8 @@ class Service(Model):
     )
     openapi: DocumentPath | None = Field(default=None, description="The API's OpenAPI document")
     validation: Validate | None = Field(default=None, alias="validate")
+    graphql: GraphQL | None = Field(default=None, description="A GraphQL API, see protocols.py")
+    mcp: MCPSetting = Field(default=None, description="An MCP server: true, or its tool rules")
 
     @field_validator("upstream")
     @classmethod
@@ -510,6 +529,7 @@ class PolicyFile(Model):
 # At the end: these modules build on this module's base model and types.
 from .access import AgentKeys, AllowRule, CredentialHeader, JwtVerify  # noqa: E402
 from .openapi import DocumentPath, Validate  # noqa: E402
+from .protocols import GraphQL, MCPSetting  # noqa: E402
 from .upstream_limits import UpstreamLimits  # noqa: E402
 from .webhooks import Webhooks  # noqa: E402
 

@@ -21,7 +21,9 @@ from ..steps import (
     allow,
     auth,
     breaker,
+    graphql,
     identity,
+    mcp,
     pause,
     ratelimit,
     request_rules,
@@ -46,6 +48,10 @@ STEP_BUILDERS: list[tuple[str, StepBuilder]] = [
     ("request_rules", request_rules.build),
     # Then the OpenAPI document: a malformed call is told so whatever the limits say.
     ("validate", validate.build),
+    # A call the policy refuses for what it asks (its operation, its tool) is told
+    # so, not to wait for a pause or a token.
+    ("graphql", graphql.build),
+    ("mcp", mcp.build),
     # Before the limiter: a call refused during an upstream's pause spends no token.
     ("pause", pause.build),
     ("ratelimit", ratelimit.build),

@@ -18,7 +18,8 @@ import asyncio
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
+from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING
 
 from ..call import Call, Handler, Reply
@@ -27,6 +28,7 @@ from ..policy.models import RateLimit
 from ..problems import ProblemError
 from ..state import StateBuild
 from . import pause as pause_step
+from .operation import OPERATION
 from .pause import Pause
 
 if TYPE_CHECKING:
@@ -49,8 +51,9 @@ def default_burst(limit: RateLimit) -> int:
 
 def describe(service: str, limit: RateLimit, burst: int) -> str:
     who = "each agent" if limit.per == "agent" else "all agents together"
+    ops = f" on operations {', '.join(limit.operations)}" if limit.operations is not None else ""
     return (
-        f"The sidecar's rate limit for service '{service}' ({limit.rate} with bursts of "
+        f"The sidecar's rate limit for service '{service}'{ops} ({limit.rate} with bursts of "
         f"{burst}, for {who}) is used up; this refusal comes from the sidecar, not the "
         "upstream."
     )
@@ -105,27 +108,51 @@ class LocalLimit:
         self.max_wait = limit.max_wait or 0.0
         self.per_agent = limit.per == "agent"
         self.detail = describe(service, limit, self.burst)
+        # GraphQL/MCP operations (steps/operation.py): which calls count, and whether
+        # each operation has its own bucket.
+        self.operations = tuple(limit.operations) if limit.operations is not None else None
+        self.by_operation = limit.by_operation
+        self.plain = self.operations is None and not self.by_operation
         self._clock = clock
         self._bucket = Bucket(float(self.burst), clock())
-        self._agents: OrderedDict[str | None, Bucket] = OrderedDict()
+        self._agents: OrderedDict[Hashable, Bucket] = OrderedDict()
 
     def bucket(self, agent: str | None) -> Bucket:
         if not self.per_agent:
             return self._bucket
-        agents = self._agents
-        found = agents.get(agent)
-        if found is not None:
-            agents.move_to_end(agent)
-            return found
         # Calls without an agent id share the None bucket, the "anonymous" agent.
-        found = agents[agent] = Bucket(float(self.burst), self._clock())
+        return self._keyed(agent)
+
+    def _keyed(self, key: Hashable) -> Bucket:
+        agents = self._agents
+        found = agents.get(key)
+        if found is not None:
+            agents.move_to_end(key)
+            return found
+        found = agents[key] = Bucket(float(self.burst), self._clock())
         if len(agents) > MAX_AGENTS:
             agents.popitem(last=False)
         return found
 
+    def find(self, agent: str | None) -> Bucket | None:
+        """The bucket this call takes from; None when the limit does not count it."""
+        if self.plain:
+            return self.bucket(agent)
+        labels = OPERATION.get()
+        matched = labels[0] if labels else None
+        if self.operations is not None:
+            globs = self.operations
+            matched = next((x for x in labels if any(fnmatchcase(x, g) for g in globs)), None)
+            if matched is None:
+                return None
+        if not self.by_operation:
+            return self.bucket(agent)
+        return self._keyed((agent if self.per_agent else None, matched))
+
     def give_back(self, agent: str | None) -> None:
-        bucket = self.bucket(agent)
-        bucket.tokens = min(float(self.burst), bucket.tokens + 1.0)
+        bucket = self.find(agent)
+        if bucket is not None:
+            bucket.tokens = min(float(self.burst), bucket.tokens + 1.0)
 
     def headers(self, bucket: Bucket, wait: float) -> dict[str, str]:
         return limit_headers(self.burst, bucket.tokens, wait)
@@ -174,7 +201,9 @@ class RateLimiter:
     def _take_local(self, agent: str | None, now: float) -> float:
         single = self._single
         if single is not None:
-            bucket = single.bucket(agent)
+            bucket = single.find(agent)
+            if bucket is None:
+                return 0.0
             wait = bucket.wait(single.rate, single.burst, now)
             if wait > single.max_wait:
                 raise refusal(self.service, single.detail, wait, single.headers(bucket, wait))
@@ -184,8 +213,12 @@ class RateLimiter:
         # must not spend another's token.
         delay = 0.0
         refused: tuple[LocalLimit, Bucket, float] | None = None
+        taking: list[Bucket] = []
         for limit in self._local:
-            bucket = limit.bucket(agent)
+            bucket = limit.find(agent)
+            if bucket is None:
+                continue
+            taking.append(bucket)
             wait = bucket.wait(limit.rate, limit.burst, now)
             if wait > limit.max_wait and (refused is None or wait > refused[2]):
                 refused = (limit, bucket, wait)
@@ -194,8 +227,8 @@ class RateLimiter:
         if refused is not None:
             limit, bucket, wait = refused
             raise refusal(self.service, limit.detail, delay, limit.headers(bucket, wait))
-        for limit in self._local:
-            limit.bucket(agent).tokens -= 1.0
+        for bucket in taking:
+            bucket.tokens -= 1.0
         return delay
 
     async def _take_shared(self, agent: str | None) -> float:

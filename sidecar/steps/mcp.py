@@ -1,0 +1,147 @@
+"""MCP-aware services: which agent may call which tool of a Model Context Protocol server.
+
+MCP over streamable HTTP sends JSON-RPC messages (one, or an array: a batch)
+in POST bodies. This step reads each message's method and, for `tools/call`,
+the tool's name, and refuses the whole POST with `403 forbidden` when a tool
+is not among the agent's globs (`mcp.per_agent[agent]`, else `mcp.tools`).
+The refusal is a problem+json document that is also a JSON-RPC error
+response (`jsonrpc`, `id`, `error`), so either kind of client can read it.
+
+Only the request is read: the answer, often an SSE stream, is relayed as it
+comes. GET (the server's event stream) and DELETE (end of a session) pass.
+The endpoint is compared percent-decoded, so an encoded path cannot dodge it.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from typing import Any
+
+from ..call import Call, Handler, Reply
+from ..policy.loader import ServicePolicy
+from ..policy.protocols import MCP
+from ..problems import ProblemError
+from ..state import StateBuild
+from .operation import OPERATION, annotate, bad_request, endpoint, parse_json, read_body
+
+# JSON-RPC 2.0 error codes: the spec's, and one of its implementation-defined
+# server errors (-32000..-32099) for a tool the policy does not allow.
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+INVALID_PARAMS = -32602
+TOOL_FORBIDDEN = -32001
+
+# Methods that carry no JSON-RPC message: the server's event stream (GET), the end of
+# a session (DELETE), a CORS preflight. Any other method's body is read, not just POST's.
+_PASSING = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
+
+
+def rpc_error(message_id: Any, code: int, message: str) -> dict[str, object]:
+    """A JSON-RPC error response's members, to ride along in a problem document."""
+    return {"jsonrpc": "2.0", "id": message_id, "error": {"code": code, "message": message}}
+
+
+class MCPStep:
+    def __init__(self, *, service: str, config: MCP) -> None:
+        self.service = service
+        self.path = config.path
+        self.tools = tuple(config.tools)
+        self.per_agent = {agent: tuple(globs) for agent, globs in config.per_agent.items()}
+
+    async def __call__(self, call: Call, next: Handler) -> Reply:
+        if call.method in _PASSING or (
+            self.path is not None and endpoint(call.target) != self.path
+        ):
+            return await next(call)
+        try:
+            messages, labels = await self._read(call)
+        except ProblemError as err:
+            err.content_type = _media_type(call.headers.get("Accept"))
+            raise
+        label = ",".join(labels)
+        attributes: dict[str, str | int | bool] = {"mcp.operation.label": label}
+        if len(messages) == 1:
+            method, _, tool = labels[0].partition(":")
+            attributes["mcp.method.name"] = method
+            if tool:
+                attributes["gen_ai.tool.name"] = tool
+            message_id = messages[0].get("id")
+            if isinstance(message_id, str | int) and not isinstance(message_id, bool):
+                attributes["jsonrpc.request.id"] = str(message_id)
+        else:
+            attributes["jsonrpc.batch.size"] = len(messages)
+        annotate(call, attributes)
+        token = OPERATION.set(tuple(labels))
+        try:
+            return await next(call)
+        finally:
+            OPERATION.reset(token)
+
+    async def _read(self, call: Call) -> tuple[list[Any], list[str]]:
+        """The POST's JSON-RPC messages and their labels, once every one is allowed."""
+        body = await read_body(call, service=self.service, what="MCP")
+        document = parse_json(
+            body,
+            service=self.service,
+            what="MCP (JSON-RPC)",
+            extra=rpc_error(None, PARSE_ERROR, "Parse error"),
+        )
+        messages = document if isinstance(document, list) else [document]
+        if not messages:
+            raise self._bad(None, INVALID_REQUEST, "the JSON-RPC batch is empty")
+        return messages, [self._check(call.agent, message) for message in messages]
+
+    def _check(self, agent: str | None, message: Any) -> str:
+        """The message's label (its method, `tools/call:<tool>`), once it is allowed."""
+        if not isinstance(message, dict):
+            raise self._bad(None, INVALID_REQUEST, "a JSON-RPC message must be a JSON object")
+        message_id = message.get("id")
+        method = message.get("method")
+        if method is None:
+            if "result" in message or "error" in message:
+                return "response"  # the client answering a server's request
+            raise self._bad(message_id, INVALID_REQUEST, "a JSON-RPC message has no `method`")
+        if not isinstance(method, str):
+            raise self._bad(message_id, INVALID_REQUEST, "`method` must be a string")
+        if method != "tools/call":
+            return method
+        params = message.get("params")
+        tool = params.get("name") if isinstance(params, dict) else None
+        if not isinstance(tool, str):
+            raise self._bad(message_id, INVALID_PARAMS, "tools/call needs `params.name`, a string")
+        globs = self.per_agent.get(agent, self.tools) if agent is not None else self.tools
+        if not any(fnmatchcase(tool, glob) for glob in globs):
+            caller = f"Agent '{agent}'" if agent else "A caller without an agent id"
+            detail = (
+                f"{caller} may not call the tool '{tool}' of MCP service '{self.service}': "
+                "the policy's mcp tool rules do not allow it."
+            )
+            raise ProblemError(
+                "forbidden",
+                detail,
+                service=self.service,
+                extra=rpc_error(message_id, TOOL_FORBIDDEN, detail),
+            )
+        return f"tools/call:{tool}"
+
+    def _bad(self, message_id: Any, code: int, flaw: str) -> ProblemError:
+        detail = (
+            f"Service '{self.service}' reads every MCP request, and this one is not usable: {flaw}."
+        )
+        return bad_request(detail, service=self.service, extra=rpc_error(message_id, code, detail))
+
+
+def _media_type(accept: str | None) -> str:
+    """problem+json, unless the client accepts JSON but not problem+json (MCP clients send
+    `application/json, text/event-stream` and read an error answer only as JSON)."""
+    types = {part.partition(";")[0].strip().lower() for part in (accept or "").split(",")}
+    if "application/json" in types and "application/problem+json" not in types:
+        return "application/json"
+    return "application/problem+json"
+
+
+def build(service: ServicePolicy, *, state: StateBuild) -> MCPStep | None:
+    config = service.spec.mcp
+    if config is None:
+        return None
+    return MCPStep(service=service.name, config=config)

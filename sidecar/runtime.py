@@ -87,7 +87,11 @@ class Sidecar:
         self.telemetry = telemetry if telemetry is not None else Telemetry.from_env(env)
         self.telemetry.attach(self)
         # Durable state (the webhook queue) lives here; opened only once a policy needs it.
-        self.webhooks = WebhookHub(data_dir or os.environ.get("SIDECAR_DATA_DIR", DATA_DIR))
+        self.webhooks = WebhookHub(
+            data_dir or os.environ.get("SIDECAR_DATA_DIR", DATA_DIR),
+            metrics=self.telemetry.metrics.webhooks,
+            tracer=self.telemetry.tracer,
+        )
         self.handler = EgressHandler(lambda: self.router, self.telemetry, self.webhooks)
 
     async def reload(self, trigger: str) -> ReloadResult:

@@ -144,7 +144,7 @@ class InboundHook:
     def _refuse(self, reason: Reason, detail: str, counted_as: str) -> Result:
         self.counts[counted_as] += 1
         log.info("inbound webhook %s refused: %s", self.name, counted_as)
-        return refused(reason, detail, self.name)
+        return refused(reason, detail, self.name, counted_as)
 
     async def receive(self, headers: Headers, body: bytes) -> Result:
         if len(body) > self.max_body:
@@ -177,11 +177,9 @@ class InboundHook:
             return self._refuse(
                 Reason.store_unavailable, "the event could not be stored; send it again", "store"
             )
-        if result.duplicate:
-            self.counts["duplicate"] += 1
-        else:
-            self.counts["accepted" if targets else "unrouted"] += 1
-        return accepted(200, result.message_id, result.duplicate)
+        outcome = "duplicate" if result.duplicate else "accepted" if targets else "unrouted"
+        self.counts[outcome] += 1
+        return accepted(200, result.message_id, result.duplicate, outcome)
 
 
 def _slack_challenge(body: bytes) -> Result | None:
@@ -192,7 +190,7 @@ def _slack_challenge(body: bytes) -> Result | None:
     if not isinstance(event, dict) or event.get("type") != "url_verification":
         return None
     answer = json.dumps({"challenge": event.get("challenge")}).encode()
-    return Result(200, {"Content-Type": "application/json"}, answer)
+    return Result(200, {"Content-Type": "application/json"}, answer, outcome="challenge")
 
 
 async def receive(hook: InboundHook, headers: Headers, body: bytes) -> Result:

@@ -39,15 +39,16 @@ def answer(result: Result) -> web.Response:
 def ingress_server(hub: WebhookHub) -> web.Server:
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         hook = hub.hook_for(request.path) if request.method == "POST" else None
+        receipt = hub.receipt("inbound", hook.name if hook else "", list(request.headers.items()))
         if hook is None:
-            return answer(
-                refused(Reason.no_route, "no inbound webhook is declared at this path", None)
-            )
-        length = request.content_length
-        if length is not None and length > hook.max_body:
-            return answer(too_large(hook.max_body))
-        body = await read_limited(request, hook.max_body)
-        return answer(await hook.receive(list(request.headers.items()), body))
+            result = refused(Reason.no_route, "no inbound webhook is declared at this path", None)
+        elif request.content_length is not None and request.content_length > hook.max_body:
+            result = too_large(hook.max_body)
+        else:
+            body = await read_limited(request, hook.max_body)
+            result = await hook.receive(receipt.headers, body)
+        receipt.done(result)
+        return answer(result)
 
     return web.Server(handle, access_log=None)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from ..policy.webhooks import OutboundWebhook, Webhooks
 from .answers import Reason, Result, accepted, refused
@@ -24,6 +24,8 @@ log = logging.getLogger("sidecar.webhooks")
 
 EVENT_TYPE_HEADER = "x-event-type"
 IDEMPOTENCY_HEADER = "idempotency-key"
+# Kept with the event, so its deliveries continue the publishing agent's trace.
+TRACE_HEADERS = ("traceparent", "tracestate")
 
 
 class PublishError(Exception):
@@ -47,7 +49,11 @@ class OutboundGroup:
         return [Target(e.name, e.url) for e in self._endpoints if e.wants(event_type)]
 
     async def publish(
-        self, body: bytes, event_type: str | None = None, idempotency_key: str | None = None
+        self,
+        body: bytes,
+        event_type: str | None = None,
+        idempotency_key: str | None = None,
+        trace: Sequence[tuple[str, str]] = (),
     ) -> Accepted:
         """Store the event for every endpoint that wants its type; returns once committed.
 
@@ -68,7 +74,7 @@ class OutboundGroup:
                 direction=Direction.outbound,
                 source=self.name,
                 event_type=event_type,
-                headers=[],
+                headers=list(trace),
                 body=body,
                 targets=self.targets(event_type),
                 dedup_id=idempotency_key,
@@ -107,10 +113,11 @@ class Outbox:
         if group is None:
             return refused(Reason.no_route, "no outbound webhook has this name", None)
         lowered = lower_headers(headers)
+        trace = [(h, lowered[h]) for h in TRACE_HEADERS if h in lowered]
+        event_type = lowered.get(EVENT_TYPE_HEADER)
         try:
-            result = await group.publish(
-                body, lowered.get(EVENT_TYPE_HEADER), lowered.get(IDEMPOTENCY_HEADER)
-            )
+            result = await group.publish(body, event_type, lowered.get(IDEMPOTENCY_HEADER), trace)
         except PublishError as exc:
             return refused(exc.reason, exc.detail, name)
-        return accepted(202, result.message_id, result.duplicate)
+        outcome = "accepted" if result.routed else "unrouted"
+        return accepted(202, result.message_id, result.duplicate, outcome)

@@ -76,6 +76,7 @@ class Target:
 class Accepted:
     message_id: str
     duplicate: bool  # already accepted within the dedup window: nothing new stored
+    routed: bool = True  # False: no target wanted it, kept as unrouted
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +93,7 @@ class Due:
     event_type: str | None
     headers: list[tuple[str, str]]
     body: bytes
+    created: float = 0.0  # when the message was accepted
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +119,15 @@ class EndpointStats:
     failures: int  # failed attempts
     dead: int
     disabled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDepth:
+    direction: Direction
+    source: str
+    endpoint: str
+    depth: int
+    oldest_pending_age: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,7 +391,7 @@ class Store:
                 " next_attempt) VALUES (?, ?, ?, ?, ?, 'pending', ?)",
                 [(message_id, direction.value, source, t.endpoint, t.url, now) for t in targets],
             )
-            return Accepted(message_id, duplicate=False)
+            return Accepted(message_id, duplicate=False, routed=bool(targets))
 
         accepted = await self._run(work)
         if targets and not accepted.duplicate and self.on_new_deliveries is not None:
@@ -405,7 +416,7 @@ class Store:
                 " WHERE d.status = 'pending' AND d.claimed = 0 AND d.next_attempt <= ?"
                 f" AND {_NOT_DISABLED})"
                 " SELECT r.id, r.message_id, r.direction, r.source, r.endpoint, r.url, r.attempts,"
-                " m.event_type, m.headers, m.body FROM ranked r"
+                " m.event_type, m.headers, m.body, m.created FROM ranked r"
                 " JOIN messages m ON m.id = r.message_id"
                 " LEFT JOIN busy b ON b.source = r.source AND b.endpoint = r.endpoint"
                 " WHERE r.place + COALESCE(b.n, 0) <= ? ORDER BY r.next_attempt, r.id LIMIT ?",
@@ -426,6 +437,7 @@ class Store:
                     event_type=r[7],
                     headers=[(k, v) for k, v in json.loads(r[8])],
                     body=r[9],
+                    created=r[10],
                 )
                 for r in rows
             ]
@@ -582,6 +594,22 @@ class Store:
                 ).fetchall()
             )
             return Overview(stats, unrouted)
+
+        return await self._run(work)
+
+    async def depths(self) -> list[QueueDepth]:
+        """Per endpoint with pending deliveries: how many, and the oldest one's age."""
+        now = self._clock()
+
+        def work(conn: sqlite3.Connection) -> list[QueueDepth]:
+            return [
+                QueueDepth(Direction(r[0]), r[1], r[2], r[3], max(0.0, now - r[4]))
+                for r in conn.execute(
+                    "SELECT d.direction, d.source, d.endpoint, COUNT(*), MIN(m.created)"
+                    " FROM deliveries d JOIN messages m ON m.id = d.message_id"
+                    " WHERE d.status = 'pending' GROUP BY d.direction, d.source, d.endpoint"
+                )
+            ]
 
         return await self._run(work)
 

@@ -24,7 +24,7 @@ from .proxy.router import Router, compile_policy
 from .proxy.server import EgressHandler
 from .state import StateStore
 from .telemetry import Telemetry
-from .webhooks.hub import WebhookHub
+from .webhooks.hub import StoreChanged, WebhookHub
 from .webhooks.listener import ingress_server
 
 log = logging.getLogger("sidecar")
@@ -138,6 +138,10 @@ class Sidecar:
             return failed(f"{self.policies}: cannot compile: {type(exc).__name__}")
         try:
             await self.webhooks.apply(policy.webhooks)
+        except StoreChanged as exc:
+            build.abort()
+            log.error("%s: %s", self._failure("policy rejected"), exc)
+            return failed(str(exc))
         except Exception as exc:
             build.abort()
             log.exception(self._failure("the webhook store could not be opened"))

@@ -45,6 +45,7 @@ WHERE: dict[str, tuple[str, str | None]] = {
     "OutboundEndpoint": ("endpoints", None),
     "Signing": ("signing", None),
     "DeliveryRetry": ("webhook retry", None),
+    "WebhookStore": ("webhooks.store", None),
 }
 
 _TICKED = re.compile(r"`([A-Za-z_]+)`")

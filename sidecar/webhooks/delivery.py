@@ -25,7 +25,7 @@ import aiohttp
 
 from ..policy.webhooks import DeliveryRetry, Webhooks
 from .signatures import Signer
-from .store import Attempt, Direction, Due, Outcome, Store, StoreClosed
+from .store import Attempt, Direction, Due, Outcome, Queue, StoreUnavailable
 
 log = logging.getLogger("sidecar.webhooks")
 
@@ -120,7 +120,7 @@ class DeliveryWorker:
 
     def __init__(
         self,
-        store: Store,
+        store: Queue,
         settings: Mapping[SettingsKey, DeliverySettings],
         *,
         concurrency: int = 32,
@@ -144,6 +144,7 @@ class DeliveryWorker:
         self._running: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = False
         store.on_new_deliveries = self.wake
 
     def configure(self, settings: Mapping[SettingsKey, DeliverySettings]) -> None:
@@ -155,10 +156,13 @@ class DeliveryWorker:
         self._wake.set()
 
     async def start(self) -> None:
+        self._stopping = False
         self._loop_task = asyncio.create_task(self._loop(), name="webhook-delivery")
 
     async def stop(self) -> None:
         """Stop claiming; cancel attempts in flight (they stay pending, tried again later)."""
+        self._stopping = True
+        self._wake.set()
         tasks = [t for t in (self._loop_task, *self._running) if t is not None]
         for task in tasks:
             task.cancel()
@@ -166,7 +170,7 @@ class DeliveryWorker:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._loop_task = None
-        with contextlib.suppress(StoreClosed):
+        with contextlib.suppress(StoreUnavailable):
             await self._store.release_claims()
         if self._own_session and self._session is not None:
             await self._session.close()
@@ -184,7 +188,9 @@ class DeliveryWorker:
         return len(due)
 
     async def _loop(self) -> None:
-        while True:
+        # The flag, not only the cancel: a library that swallows a CancelledError
+        # (seen in the Redis client under load) must not keep the worker running.
+        while not self._stopping:
             try:
                 await self._step()
             except asyncio.CancelledError:
@@ -214,8 +220,11 @@ class DeliveryWorker:
             # Due, but its endpoints are at their per_endpoint limit: a finishing
             # attempt wakes us; the timeout covers a claim whose record failed.
             delay = _LOOK_AGAIN_AFTER
+        # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that
+        # arrives as the wake does (stop() cancels attempts, whose ends wake us).
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), delay)
+            async with asyncio.timeout(delay):
+                await self._wake.wait()
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)

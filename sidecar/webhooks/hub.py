@@ -15,7 +15,7 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
-from ..policy.webhooks import Webhooks
+from ..policy.webhooks import Webhooks, WebhookStore
 from .answers import Reason, Result, refused
 
 if TYPE_CHECKING:
@@ -28,13 +28,17 @@ if TYPE_CHECKING:
     from .inbound import InboundHook, Ingress
     from .observe import WebhookTelemetry
     from .outbound import Outbox
-    from .store import Store
+    from .store import Queue
 
 log = logging.getLogger("sidecar.webhooks")
 
 Headers = Mapping[str, str] | list[tuple[str, str]]
 # How often the queue gauges are read from the store between scrapes (for OTLP export).
 QUEUE_GAUGES_EVERY = 15.0
+
+
+class StoreChanged(Exception):
+    """A reload asks for another queue backend than the one serving."""
 
 
 class Receipt(Protocol):
@@ -64,7 +68,8 @@ class WebhookHub:
         tracer: Tracer | None = None,
     ) -> None:
         self.data_dir = data_dir
-        self.store: Store | None = None
+        self.store: Queue | None = None
+        self.backend: str | None = None  # the Redis URL the open store uses; None: SQLite
         self._worker: DeliveryWorker | None = None
         self._ingress: Ingress | None = None
         self._outbox: Outbox | None = None
@@ -87,12 +92,16 @@ class WebhookHub:
             from .inbound import Ingress
             from .observe import WebhookTelemetry
             from .outbound import Outbox
-            from .store import Store
 
+            spec = webhooks.store if webhooks is not None else None
             if self.store is None:
-                os.makedirs(self.data_dir, exist_ok=True)
-                self.store = await Store.open(self.data_dir)
-                log.info("webhook store at %s", os.path.join(self.data_dir, "webhooks.db"))
+                self.store = await self._open(spec)
+            elif spec is not None and spec.backend != self.backend:
+                raise StoreChanged(
+                    "webhooks.store.backend changed: restart the sidecar to move the queue"
+                )
+            if spec is not None:
+                self.store.configure(claim_idle=spec.claim_idle, retention=spec.retention)
             if self._telemetry is None and self._metrics is not None:
                 self._telemetry = WebhookTelemetry(self._metrics, self._tracer)
                 self._gauges = asyncio.create_task(self._gauge_loop(), name="webhook-gauges")
@@ -105,6 +114,28 @@ class WebhookHub:
                 await self._worker.start()
             else:
                 self._worker.configure(settings)
+
+    async def _open(self, spec: WebhookStore | None) -> Queue:
+        if spec is not None and spec.backend is not None:
+            # Imported only for a Redis queue: a sidecar on SQLite never loads redis.
+            from .redis_store import RedisStore
+
+            store: Queue = await RedisStore.open(
+                spec.backend,
+                prefix=spec.prefix,
+                claim_idle=spec.claim_idle,
+                retention=spec.retention,
+            )
+            self.backend = spec.backend
+            # The prefix, not the URL: it may hold a password.
+            log.info("webhook queue in Redis under %s", spec.prefix)
+            return store
+        from .store import Store
+
+        os.makedirs(self.data_dir, exist_ok=True)
+        store = await Store.open(self.data_dir)
+        log.info("webhook store at %s", os.path.join(self.data_dir, "webhooks.db"))
+        return store
 
     def wake(self) -> None:
         """Deliveries were made due again (retry, enable): look now, not at the next tick."""

@@ -21,7 +21,7 @@ from typing import Any
 from ..policy.webhooks import InboundWebhook, Match, ValueMatch, Webhooks
 from .answers import Reason, Result, accepted, refused
 from .signatures import SignatureError, build_verifier, lower_headers
-from .store import Direction, Store, StoreClosed, Target
+from .store import Direction, Queue, StoreUnavailable, Target
 
 log = logging.getLogger("sidecar.webhooks")
 
@@ -114,7 +114,7 @@ class InboundHook:
     """One `webhooks.inbound.<name>`, ready to receive."""
 
     def __init__(
-        self, name: str, spec: InboundWebhook, *, store: Store, clock: Callable[[], float]
+        self, name: str, spec: InboundWebhook, *, store: Queue, clock: Callable[[], float]
     ) -> None:
         self.name = name
         self.path = spec.path
@@ -172,7 +172,7 @@ class InboundHook:
                 dedup_id=verified.delivery_id,
                 dedup_window=self._dedup_window,
             )
-        except (sqlite3.Error, OSError, StoreClosed) as exc:
+        except (sqlite3.Error, OSError, StoreUnavailable) as exc:
             log.error("inbound webhook %s: cannot store the event: %s", self.name, exc)
             return self._refuse(
                 Reason.store_unavailable, "the event could not be stored; send it again", "store"
@@ -201,7 +201,7 @@ class Ingress:
     """Every inbound webhook by its path; what the ingress listener serves."""
 
     def __init__(
-        self, webhooks: Webhooks | None, *, store: Store, clock: Callable[[], float] = time.time
+        self, webhooks: Webhooks | None, *, store: Queue, clock: Callable[[], float] = time.time
     ) -> None:
         inbound = webhooks.inbound if webhooks is not None else {}
         self.hooks = {

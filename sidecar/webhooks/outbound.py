@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from ..policy.webhooks import OutboundWebhook, Webhooks
 from .answers import Reason, Result, accepted, refused
 from .signatures import lower_headers
-from .store import Accepted, Direction, Store, StoreClosed, Target
+from .store import Accepted, Direction, Queue, StoreUnavailable, Target
 
 log = logging.getLogger("sidecar.webhooks")
 
@@ -38,7 +38,7 @@ class PublishError(Exception):
 class OutboundGroup:
     """One `webhooks.outbound.<name>`: its endpoints and limits."""
 
-    def __init__(self, name: str, spec: OutboundWebhook, *, store: Store) -> None:
+    def __init__(self, name: str, spec: OutboundWebhook, *, store: Queue) -> None:
         self.name = name
         self.max_body = spec.max_body
         self._endpoints = spec.endpoints
@@ -80,7 +80,7 @@ class OutboundGroup:
                 dedup_id=idempotency_key,
                 dedup_window=self._window,
             )
-        except (sqlite3.Error, OSError, StoreClosed) as exc:
+        except (sqlite3.Error, OSError, StoreUnavailable) as exc:
             log.error("outbound webhook %s: cannot store the event: %s", self.name, exc)
             raise PublishError(
                 Reason.store_unavailable, "the event could not be stored; send it again"
@@ -100,7 +100,7 @@ async def publish(
 class Outbox:
     """Every outbound webhook group by name; what `/_webhooks/<name>` on egress serves."""
 
-    def __init__(self, webhooks: Webhooks | None, *, store: Store) -> None:
+    def __init__(self, webhooks: Webhooks | None, *, store: Queue) -> None:
         outbound = webhooks.outbound if webhooks is not None else {}
         self.groups = {
             name: OutboundGroup(name, spec, store=store) for name, spec in outbound.items()

@@ -219,6 +219,46 @@ async def _listen(runner: web.BaseRunner, address: tuple[str, int], **site: Any)
         raise ListenError(f"cannot listen on {where}: {reason[:1].lower()}{reason[1:]}") from exc
 
 
+async def _open_ingress(sidecar: Sidecar, address: tuple[str, int]) -> web.BaseRunner:
+    hooks = web.ServerRunner(
+        ingress_server(sidecar.webhooks), handle_signals=False, access_log=None
+    )
+    await hooks.setup()
+    try:
+        await _listen(hooks, address)
+    except BaseException:
+        await hooks.cleanup()
+        raise
+    return hooks
+
+
+def _open_ingress_later(
+    sidecar: Sidecar, address: tuple[str, int], runners: list[web.BaseRunner]
+) -> None:
+    """Open the ingress listener once a reload first declares an inbound webhook.
+
+    The runner joins `runners`, so whoever stops the others stops it too.
+    """
+    opening: list[asyncio.Task[None]] = []
+
+    async def open_now() -> None:
+        try:
+            runner = await _open_ingress(sidecar, address)
+        except ListenError as exc:
+            log.error("inbound webhooks declared, but %s", exc)
+            return
+        runners.append(runner)
+        bound = runner.addresses[0][:2]
+        log.info("ingress (inbound webhooks) on http://%s:%d", *bound)
+
+    def on_reload(result: ReloadResult) -> None:
+        if opening or not (result.ok and sidecar.webhooks.inbound_paths):
+            return
+        opening.append(asyncio.get_running_loop().create_task(open_now()))
+
+    sidecar.on_reload.append(on_reload)
+
+
 async def serve(
     sidecar: Sidecar,
     *,
@@ -230,7 +270,8 @@ async def serve(
     """Open the listeners; ListenError (with nothing left open) when one cannot be.
 
     Egress first, then admin; the ingress listener last, and only when the
-    policy declares an inbound webhook (it never serves anything else).
+    policy declares an inbound webhook (it never serves anything else): if
+    none does yet, it opens when a reload first declares one.
     """
     from .admin import admin_app
 
@@ -248,12 +289,9 @@ async def serve(
             runners.append(runner)
             await _listen(runner, admin)
         if ingress is not None and sidecar.webhooks.inbound_paths:
-            hooks = web.ServerRunner(
-                ingress_server(sidecar.webhooks), handle_signals=False, access_log=None
-            )
-            await hooks.setup()
-            runners.append(hooks)
-            await _listen(hooks, ingress)
+            runners.append(await _open_ingress(sidecar, ingress))
+        elif ingress is not None:
+            _open_ingress_later(sidecar, ingress, runners)
     except BaseException:
         for made in runners:
             await made.cleanup()

@@ -23,6 +23,8 @@ run Redis with `appendonly yes` and `appendfsync always`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -275,6 +277,7 @@ class RedisStore:
         self._inflight: dict[int, str] = {}
         self._endpoints: dict[int, tuple[str, str]] = {}
         self._last_touch = 0.0
+        self._heartbeat: asyncio.Task[None] | None = None
         self.on_new_deliveries: Callable[[], None] | None = None
         self._accept = redis.register_script(_ACCEPT)
         self._promote = redis.register_script(_PROMOTE)
@@ -304,7 +307,9 @@ class RedisStore:
         except BaseException:
             await redis.aclose()
             raise
-        return cls(redis, prefix=prefix, claim_idle=claim_idle, retention=retention, clock=clock)
+        store = cls(redis, prefix=prefix, claim_idle=claim_idle, retention=retention, clock=clock)
+        store._heartbeat = asyncio.create_task(store._beat(), name="webhook-redis-heartbeat")
+        return store
 
     def configure(self, *, claim_idle: float, retention: float | None) -> None:
         self.claim_idle = claim_idle
@@ -313,7 +318,21 @@ class RedisStore:
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._heartbeat is not None:
+                self._heartbeat.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._heartbeat
             await self._redis.aclose()
+
+    async def _beat(self) -> None:
+        """Touch the entries in flight every third of claim_idle, on its own clock:
+        the worker may wait a long time for slow attempts without claiming anything."""
+        while not self._closed:
+            await asyncio.sleep(self.claim_idle / 3)
+            try:
+                await self._touch(self._clock())
+            except StoreUnavailable:
+                log.warning("webhook queue: Redis unreachable, deliveries in flight not touched")
 
     def _check(self) -> None:
         if self._closed:

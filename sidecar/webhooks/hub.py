@@ -180,17 +180,15 @@ class WebhookHub:
         store, telemetry = self.store, self._telemetry
         if store is None or telemetry is None:
             return
-        from .store import StoreClosed
-
-        with contextlib.suppress(StoreClosed):
+        try:
             telemetry.queue_depths(await store.depths())
+        except Exception as exc:
+            # A scrape still answers (with the last depths) while the store is down.
+            log.warning("webhook queue gauges: cannot read the store: %s", type(exc).__name__)
 
     async def _gauge_loop(self) -> None:
         while True:
-            try:
-                await self.refresh_gauges()
-            except Exception:
-                log.exception("webhook queue gauges: reading the store failed")
+            await self.refresh_gauges()
             await asyncio.sleep(QUEUE_GAUGES_EVERY)
 
     async def close(self) -> None:

@@ -246,6 +246,14 @@ return count
 """
 
 
+async def _create_group(redis: Redis, prefix: str) -> None:
+    try:
+        await redis.xgroup_create(f"{prefix}:due", GROUP, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
 def _consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
@@ -299,11 +307,7 @@ class RedisStore:
     ) -> RedisStore:
         redis: Redis = Redis.from_url(url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT)
         try:
-            await redis.xgroup_create(f"{prefix}:due", GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                await redis.aclose()
-                raise
+            await _create_group(redis, prefix)
         except BaseException:
             await redis.aclose()
             raise
@@ -411,6 +415,14 @@ class RedisStore:
                 for _, items in read or ():
                     for entry_id, fields in items:
                         entries.append((_text(entry_id), int(fields[b"d"])))
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                # Redis lost the stream (restarted without persistence, flushed):
+                # make it again, so the deliveries accepted from now on flow.
+                log.warning("webhook queue: the Redis stream was gone; created it again")
+                with contextlib.suppress(RedisError):
+                    await _create_group(self._redis, self._prefix)
+            raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
         except RedisError as exc:
             raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
         busy: dict[tuple[str, str], int] = {}

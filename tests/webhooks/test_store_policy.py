@@ -110,6 +110,28 @@ async def test_a_sidecar_on_a_redis_queue(
         async with client.get(f"{url(runners[1])}/webhooks/messages/{message_id}") as r:
             view = await r.json()
         assert [a["status_code"] for a in view["deliveries"][0]["attempts"]] == [200]
+        # Redis down: nothing is acknowledged (the sender sends again), the admin port serves.
+        redis_server.stop()
+        async with client.post(
+            f"{url(runners[2])}/hooks/github", data=body, headers=github_headers(body, SECRET, "e")
+        ) as r:
+            assert r.status == 503
+            assert r.headers["X-Sidecar-Error"] == "store_unavailable"
+        async with client.get(f"{url(runners[1])}/metrics") as r:
+            assert r.status == 200
+        # Back, empty (no persistence here): the stream is made again and events flow.
+        redis_server.start()
+
+        async def sent_again() -> bool:
+            async with client.post(
+                f"{url(runners[2])}/hooks/github",
+                data=body,
+                headers=github_headers(body, SECRET, "e"),
+            ) as r:
+                return r.status == 200
+
+        await eventually(sent_again, "the event accepted once Redis is back")
+        await eventually(lambda: len(target.received) == 2, "the event delivered", 15)
     # Moving the queue elsewhere takes a restart: the reload is refused, nothing changes.
     caplog.set_level(logging.INFO)
     other = f"redis://:{REDIS_PASSWORD}@127.0.0.1:{redis_server.port}/1"

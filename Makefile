@@ -11,7 +11,7 @@ APT_PACKAGES := redis-server nginx wrk
 export OPENAI_API_KEY ?= sk-example-placeholder
 export GITHUB_TOKEN ?= ghp-example-placeholder
 
-.PHONY: run test lint typecheck unit system-deps bench clean
+.PHONY: run test lint typecheck unit system-deps bench bench-webhooks clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -55,6 +55,11 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP) system-deps
 	$(BIN)/python bench/run.py
+
+# Seconds, not minutes: inbound events/s acknowledged and delivery p50/p99 to a
+# local receiver. WEBHOOK_BENCH_ARGS="--store redis://127.0.0.1:6379/0" for Redis.
+bench-webhooks: $(STAMP)
+	$(BIN)/python bench/webhooks.py $(WEBHOOK_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -91,7 +91,10 @@ async def services(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    telemetry = _sidecar(request).telemetry
+    sidecar = _sidecar(request)
+    telemetry = sidecar.telemetry
+    # The queue gauges as of this scrape, not of the last periodic read.
+    await sidecar.webhooks.refresh_gauges()
     return web.Response(body=telemetry.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 

@@ -23,7 +23,7 @@ from .proxy.listener import serve as listen_http
 from .proxy.router import Router, compile_policy
 from .state import StateStore
 from .telemetry import Telemetry
-from .webhooks.hub import WebhookHub
+from .webhooks.hub import StoreChanged, WebhookHub
 from .webhooks.listener import ingress_app
 
 log = logging.getLogger("sidecar")
@@ -89,7 +89,11 @@ class Sidecar:
         hooks.request_violation.append(self.telemetry.metrics.on_request_violation)
         hooks.response_drift.append(self.telemetry.metrics.on_response_drift)
         # Durable state (the webhook queue) lives here; opened only once a policy needs it.
-        self.webhooks = WebhookHub(data_dir or os.environ.get("SIDECAR_DATA_DIR", DATA_DIR))
+        self.webhooks = WebhookHub(
+            data_dir or os.environ.get("SIDECAR_DATA_DIR", DATA_DIR),
+            metrics=self.telemetry.metrics.webhooks,
+            tracer=self.telemetry.tracer,
+        )
         self.handler = Egress(lambda: self.router, self.telemetry, self.webhooks)
 
     async def reload(self, trigger: str) -> ReloadResult:
@@ -136,6 +140,10 @@ class Sidecar:
             return failed(f"{self.policies}: cannot compile: {type(exc).__name__}")
         try:
             await self.webhooks.apply(policy.webhooks)
+        except StoreChanged as exc:
+            build.abort()
+            log.error("%s: %s", self._failure("policy rejected"), exc)
+            return failed(str(exc))
         except Exception as exc:
             build.abort()
             log.exception(self._failure("the webhook store could not be opened"))
@@ -223,6 +231,38 @@ def _listen_error(address: tuple[str, int], exc: OSError) -> ListenError:
     return ListenError(f"cannot listen on {where}: {reason[:1].lower()}{reason[1:]}")
 
 
+async def _open_ingress(sidecar: Sidecar, address: tuple[str, int]) -> Bound:
+    try:
+        return await _open(sidecar, "ingress", address)
+    except OSError as exc:
+        raise _listen_error(address, exc) from exc
+
+
+def _open_ingress_later(sidecar: Sidecar, address: tuple[str, int], runners: list[Bound]) -> None:
+    """Open the ingress listener once a reload first declares an inbound webhook.
+
+    The runner joins `runners`, so whoever stops the others stops it too.
+    """
+    opening: list[asyncio.Task[None]] = []
+
+    async def open_now() -> None:
+        try:
+            runner = await _open_ingress(sidecar, address)
+        except ListenError as exc:
+            log.error("inbound webhooks declared, but %s", exc)
+            return
+        runners.append(runner)
+        bound = runner.addresses[0][:2]
+        log.info("ingress (inbound webhooks) on http://%s:%d", *bound)
+
+    def on_reload(result: ReloadResult) -> None:
+        if opening or not (result.ok and sidecar.webhooks.inbound_paths):
+            return
+        opening.append(asyncio.get_running_loop().create_task(open_now()))
+
+    sidecar.on_reload.append(on_reload)
+
+
 async def serve(
     sidecar: Sidecar,
     *,
@@ -234,7 +274,8 @@ async def serve(
     """Open the listeners; ListenError (with nothing left open) when one cannot be.
 
     Egress first, then admin; the ingress listener last, and only when the
-    policy declares an inbound webhook (it never serves anything else).
+    policy declares an inbound webhook (it never serves anything else): if
+    none does yet, it opens when a reload first declares one.
     """
     wanted: list[tuple[str, tuple[str, int]]] = [("egress", listen)]
     if admin is not None:
@@ -248,6 +289,8 @@ async def serve(
                 bound.append(await _open(sidecar, name, address))
             except OSError as exc:
                 raise _listen_error(address, exc) from exc
+        if ingress is not None and not sidecar.webhooks.inbound_paths:
+            _open_ingress_later(sidecar, ingress, bound)
     except BaseException:
         for made in bound:
             await made.cleanup()

@@ -54,6 +54,7 @@ WHERE: dict[str, tuple[str, str | None]] = {
     "GraphQL": ("graphql", None),
     "GraphQLRule": ("graphql.allow", None),
     "MCP": ("mcp", None),
+    "WebhookStore": ("webhooks.store", None),
 }
 
 _TICKED = re.compile(r"`([A-Za-z_]+)`")

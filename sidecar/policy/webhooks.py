@@ -14,7 +14,14 @@ import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from .models import Duration, HeaderName, Model, SecretStr, Size, _header_name
 from .secrets import Secret, resolver_from_context
@@ -282,9 +289,57 @@ class OutboundWebhook(Model):
         return v
 
 
+class WebhookStore(Model):
+    """Where the one queue of both directions lives."""
+
+    backend: str | None = Field(
+        default=None,
+        description="redis://host:port/db (or rediss://, unix://) to share one queue between "
+        "replicas over Redis Streams; default: SQLite in --data-dir",
+    )
+    prefix: str = Field(
+        default="sidecar:webhooks",
+        min_length=1,
+        description="Redis key prefix; replicas with the same prefix share the queue",
+    )
+    claim_idle: Duration = Field(
+        default=60.0,
+        gt=0,
+        description="Redis: deliveries a replica took and has not touched for this long "
+        "(it crashed) are taken over by another",
+    )
+    retention: Duration | None = Field(
+        default=None,
+        gt=0,
+        description="Messages whose every delivery succeeded are removed this long after "
+        "they arrived; default: kept",
+    )
+
+    @field_serializer("backend")
+    def _redact_backend(self, v: str | None) -> str | None:
+        # A redis URL may carry a password: /config shows it masked.
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.password is None:
+            return v
+        host = parts.netloc.rpartition("@")[2]
+        return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
+
+    @field_validator("backend")
+    @classmethod
+    def _check_backend(cls, v: str | None) -> str | None:
+        if v is not None and urlsplit(v).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("backend must be a redis://, rediss:// or unix:// URL")
+        return v
+
+
 class Webhooks(Model):
     inbound: dict[str, InboundWebhook] = Field(default_factory=dict)
     outbound: dict[str, OutboundWebhook] = Field(default_factory=dict)
+    store: WebhookStore = Field(
+        default_factory=WebhookStore, description="The durable queue: SQLite or Redis"
+    )
 
     @field_validator("inbound", "outbound")
     @classmethod
@@ -313,6 +368,10 @@ def merge(parts: list[Webhooks]) -> tuple[Webhooks, list[str]]:
     outbound: dict[str, OutboundWebhook] = {}
     paths: dict[str, str] = {}
     clashes: list[str] = []
+    stores = [p.store for p in parts if "store" in p.model_fields_set]
+    if any(s != stores[0] for s in stores[1:]):
+        clashes.append("webhooks.store is set differently in two files")
+    store = stores[0] if stores else WebhookStore()
     for part in parts:
         for name, hook in part.inbound.items():
             if name in inbound:
@@ -329,4 +388,4 @@ def merge(parts: list[Webhooks]) -> tuple[Webhooks, list[str]]:
                 clashes.append(f"outbound webhook '{name}' is defined twice")
             else:
                 outbound[name] = group
-    return Webhooks(inbound=inbound, outbound=outbound), clashes
+    return Webhooks(inbound=inbound, outbound=outbound, store=store), clashes

@@ -13,6 +13,8 @@ path does dictionary lookups, never `labels()`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -22,6 +24,9 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric as Family
+from prometheus_client.registry import Collector
 
 # The *_created series double the output and say nothing a scrape needs.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -133,6 +138,7 @@ class Metrics:
             registry=r,
         )
         self._services: dict[str, ServiceMetrics] = {}
+        self.webhooks = WebhookMetrics(r)
 
     def service(self, name: str) -> ServiceMetrics:
         found = self._services.get(name)
@@ -157,3 +163,109 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# (direction, webhook, endpoint): an outbound endpoint's name, an inbound target's URL.
+QueueKey = tuple[str, str, str]
+
+
+class QueueGauges(Collector):
+    """Webhook queue depth and oldest pending age, as of the last `update`.
+
+    A collector, not a Gauge: each update replaces the whole set, so an endpoint
+    that left the policy (or whose queue drained) does not linger with its old value.
+    """
+
+    def __init__(self) -> None:
+        self._rows: Sequence[tuple[QueueKey, int, float | None]] = ()
+
+    def update(self, rows: Sequence[tuple[QueueKey, int, float | None]]) -> None:
+        self._rows = rows  # one reference swap: the OTLP thread reads whole snapshots
+
+    def collect(self) -> Iterable[Family]:
+        labels = ["direction", "webhook", "endpoint"]
+        depth = GaugeMetricFamily(
+            "sidecar_webhook_queue_depth",
+            "Webhook deliveries waiting (pending, not yet delivered or dead).",
+            labels=labels,
+        )
+        oldest = GaugeMetricFamily(
+            "sidecar_webhook_oldest_pending_seconds",
+            "Age of the oldest pending webhook delivery's message.",
+            labels=labels,
+        )
+        for key, count, age in self._rows:
+            depth.add_metric(list(key), count)
+            if age is not None:
+                oldest.add_metric(list(key), age)
+        return [depth, oldest]
+
+
+class WebhookMetrics:
+    """Receipts and delivery attempts of inbound and outbound webhooks.
+
+    Labels are bounded by the policy: webhook and endpoint names, inbound
+    target URLs without their query; outcomes are a fixed vocabulary.
+    Children are cached on first use, off the sender's path after the first event.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.received = Counter(
+            "sidecar_webhook_received",
+            "Webhook events received: inbound from senders on the ingress listener, "
+            "outbound from agents on /_webhooks/<name>. outcome: accepted, duplicate, "
+            "unrouted, or why it was refused.",
+            ["direction", "webhook", "outcome"],
+            registry=registry,
+        )
+        self.deliveries = Counter(
+            "sidecar_webhook_deliveries",
+            "Webhook delivery attempts. outcome: delivered, retry (failed, tried again "
+            "later), dead (failed on the schedule's last attempt), gone (410: endpoint disabled).",
+            ["direction", "webhook", "endpoint", "outcome"],
+            registry=registry,
+        )
+        self.delivery_seconds = Histogram(
+            "sidecar_webhook_delivery_seconds",
+            "Each webhook delivery attempt, from sending the request to its answer.",
+            ["direction", "webhook", "endpoint"],
+            buckets=BUCKETS,
+            registry=registry,
+        )
+        self.latency_seconds = Histogram(
+            "sidecar_webhook_end_to_end_seconds",
+            "From the event's durable acceptance to its successful delivery.",
+            ["direction", "webhook"],
+            buckets=BUCKETS,
+            registry=registry,
+        )
+        self.queue = QueueGauges()
+        registry.register(self.queue)
+        self._received: dict[tuple[str, str, str], Counter] = {}
+        self._attempts: dict[QueueKey, tuple[Histogram, dict[str, Counter]]] = {}
+        self._latency: dict[tuple[str, str], Histogram] = {}
+
+    def receipt(self, direction: str, webhook: str, outcome: str) -> None:
+        key = (direction, webhook, outcome)
+        child = self._received.get(key)
+        if child is None:
+            child = self._received[key] = self.received.labels(*key)
+        child.inc()
+
+    def attempt(self, key: QueueKey, outcome: str, seconds: float) -> None:
+        found = self._attempts.get(key)
+        if found is None:
+            found = self._attempts[key] = (self.delivery_seconds.labels(*key), {})
+        histogram, outcomes = found
+        histogram.observe(seconds)
+        counter = outcomes.get(outcome)
+        if counter is None:
+            counter = outcomes[outcome] = self.deliveries.labels(*key, outcome)
+        counter.inc()
+
+    def delivered(self, direction: str, webhook: str, seconds: float) -> None:
+        key = (direction, webhook)
+        child = self._latency.get(key)
+        if child is None:
+            child = self._latency[key] = self.latency_seconds.labels(*key)
+        child.observe(seconds)

@@ -35,7 +35,7 @@ from prometheus_client import Gauge as PromGauge
 from prometheus_client import Histogram as PromHistogram
 from prometheus_client.metrics_core import Metric as Family
 
-from .metrics import Metrics
+from .metrics import Metrics, QueueGauges
 from .tracing import exporter_options, resource, signal_endpoint
 
 log = logging.getLogger("sidecar.telemetry")
@@ -123,6 +123,19 @@ def _observable(metric: PromCounter | PromGauge) -> tuple[str, str, ObservationC
     return family.name, family.documentation, callback
 
 
+def _observable_family(collector: QueueGauges, name: str) -> tuple[str, str, ObservationCallback]:
+    """Like _observable, for one gauge family of a custom collector."""
+    documentation = next(f.documentation for f in collector.collect() if f.name == name)
+
+    def callback(options: CallbackOptions) -> Iterable[Observation]:
+        for family in collector.collect():
+            if family.name == name:
+                for s in family.samples:
+                    yield Observation(s.value, dict(s.labels))
+
+    return name, documentation, callback
+
+
 def _metric(family: Family, start: int, now: int) -> Metric:
     data = Histogram(
         data_points=_histograms(family, start, now), aggregation_temporality=CUMULATIVE
@@ -175,7 +188,12 @@ def meter_provider(env: Mapping[str, str], metrics: Metrics) -> MeterProvider | 
     exporter = OTLPMetricExporter(endpoint=endpoint, **exporter_options(env, "metrics"))
     reader = HistogramReader(
         exporter,
-        histograms=(metrics.request_duration, metrics.attempt_duration),
+        histograms=(
+            metrics.request_duration,
+            metrics.attempt_duration,
+            metrics.webhooks.delivery_seconds,
+            metrics.webhooks.latency_seconds,
+        ),
         interval_ms=_milliseconds(env, "OTEL_METRIC_EXPORT_INTERVAL", DEFAULT_INTERVAL_MS),
         timeout_ms=_milliseconds(env, "OTEL_METRIC_EXPORT_TIMEOUT", DEFAULT_TIMEOUT_MS),
     )
@@ -184,17 +202,23 @@ def meter_provider(env: Mapping[str, str], metrics: Metrics) -> MeterProvider | 
         metric_readers=[reader], resource=resource(env), shutdown_on_exit=False
     )
     meter = provider.get_meter("agent-sidecar")
-    for counter in (
+    counters = (
         metrics.rate_limited,
         metrics.breaker_transitions,
         metrics.reloads,
         metrics.openapi_violations,
         metrics.openapi_drift,
-    ):
+        metrics.webhooks.received,
+        metrics.webhooks.deliveries,
+    )
+    for counter in counters:
         name, description, callback = _observable(counter)
         meter.create_observable_counter(name, callbacks=[callback], description=description)
     name, description, callback = _observable(metrics.in_flight)
     meter.create_observable_gauge(name, callbacks=[callback], description=description)
+    for family in metrics.webhooks.queue.collect():
+        name, description, callback = _observable_family(metrics.webhooks.queue, family.name)
+        meter.create_observable_gauge(name, callbacks=[callback], description=description)
     # The endpoint only: OTLP headers often carry an API key.
     log.info("metrics export on: OTLP/HTTP to %s", endpoint.partition("?")[0])
     return provider

@@ -34,14 +34,20 @@ class Result:
     message_id: str | None = None
     duplicate: bool = False
     reason: Reason | None = field(default=None)  # set on the sidecar's own refusals
+    # For metrics and spans: accepted, duplicate, unrouted, challenge, or why it was refused.
+    outcome: str = ""
 
 
-def accepted(status: int, message_id: str, duplicate: bool) -> Result:
+def accepted(status: int, message_id: str, duplicate: bool, outcome: str = "accepted") -> Result:
     body = json.dumps({"id": message_id, "duplicate": duplicate}).encode()
-    return Result(status, {"Content-Type": "application/json"}, body, message_id, duplicate, None)
+    if duplicate:
+        outcome = "duplicate"
+    return Result(
+        status, {"Content-Type": "application/json"}, body, message_id, duplicate, None, outcome
+    )
 
 
-def refused(reason: Reason, detail: str, webhook: str | None) -> Result:
+def refused(reason: Reason, detail: str, webhook: str | None, outcome: str | None = None) -> Result:
     status, title = reason.value
     body = {
         "type": PROBLEM_TYPE + reason.name.replace("_", "-"),
@@ -52,4 +58,6 @@ def refused(reason: Reason, detail: str, webhook: str | None) -> Result:
         "reason": reason.name,
     }
     headers = {"Content-Type": "application/problem+json", "X-Sidecar-Error": reason.name}
-    return Result(status, headers, json.dumps(body).encode(), reason=reason)
+    return Result(
+        status, headers, json.dumps(body).encode(), reason=reason, outcome=outcome or reason.name
+    )

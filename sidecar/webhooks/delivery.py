@@ -19,12 +19,13 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import aiohttp
 
 from ..policy.webhooks import DeliveryRetry, Webhooks
 from .signatures import Signer
-from .store import Attempt, Direction, Due, Outcome, Store, StoreClosed
+from .store import Attempt, Direction, Due, Outcome, Queue, StoreUnavailable
 
 log = logging.getLogger("sidecar.webhooks")
 
@@ -66,6 +67,14 @@ class DeliverySettings:
 SettingsKey = tuple[Direction, str]
 # Called after each attempt was recorded: metrics and spans observe from outside.
 AttemptObserver = Callable[[Due, Attempt, Outcome], None]
+AttemptEnd = Callable[[Attempt, Outcome], None]
+
+
+class AttemptWatcher(Protocol):
+    """Telemetry around each attempt: `begin` before the request (it may add trace
+    headers to the ones about to be sent), the callable it returns once recorded."""
+
+    def begin(self, due: Due, headers: dict[str, str]) -> AttemptEnd: ...
 
 
 def compile_settings(webhooks: Webhooks | None) -> dict[SettingsKey, DeliverySettings]:
@@ -111,12 +120,13 @@ class DeliveryWorker:
 
     def __init__(
         self,
-        store: Store,
+        store: Queue,
         settings: Mapping[SettingsKey, DeliverySettings],
         *,
         concurrency: int = 32,
         per_endpoint: int = 4,
         on_attempt: AttemptObserver | None = None,
+        watcher: AttemptWatcher | None = None,
         clock: Clock = time.time,
         rand: Callable[[], float] = random.random,
         session: aiohttp.ClientSession | None = None,
@@ -126,6 +136,7 @@ class DeliveryWorker:
         self._concurrency = concurrency
         self._per_endpoint = per_endpoint
         self._on_attempt = on_attempt
+        self._watcher = watcher
         self._clock = clock
         self._rand = rand
         self._session = session
@@ -133,6 +144,7 @@ class DeliveryWorker:
         self._running: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = False
         store.on_new_deliveries = self.wake
 
     def configure(self, settings: Mapping[SettingsKey, DeliverySettings]) -> None:
@@ -144,10 +156,13 @@ class DeliveryWorker:
         self._wake.set()
 
     async def start(self) -> None:
+        self._stopping = False
         self._loop_task = asyncio.create_task(self._loop(), name="webhook-delivery")
 
     async def stop(self) -> None:
         """Stop claiming; cancel attempts in flight (they stay pending, tried again later)."""
+        self._stopping = True
+        self._wake.set()
         tasks = [t for t in (self._loop_task, *self._running) if t is not None]
         for task in tasks:
             task.cancel()
@@ -155,7 +170,7 @@ class DeliveryWorker:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._loop_task = None
-        with contextlib.suppress(StoreClosed):
+        with contextlib.suppress(StoreUnavailable):
             await self._store.release_claims()
         if self._own_session and self._session is not None:
             await self._session.close()
@@ -173,7 +188,9 @@ class DeliveryWorker:
         return len(due)
 
     async def _loop(self) -> None:
-        while True:
+        # The flag, not only the cancel: a library that swallows a CancelledError
+        # (seen in the Redis client under load) must not keep the worker running.
+        while not self._stopping:
             try:
                 await self._step()
             except asyncio.CancelledError:
@@ -203,8 +220,11 @@ class DeliveryWorker:
             # Due, but its endpoints are at their per_endpoint limit: a finishing
             # attempt wakes us; the timeout covers a claim whose record failed.
             delay = _LOOK_AGAIN_AFTER
+        # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that
+        # arrives as the wake does (stop() cancels attempts, whose ends wake us).
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), delay)
+            async with asyncio.timeout(delay):
+                await self._wake.wait()
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
@@ -231,6 +251,8 @@ class DeliveryWorker:
 
     async def _attempt(self, due: Due) -> None:
         settings = self._settings.get((due.direction, due.source))
+        headers = self._request_headers(due, settings)
+        end = self._watcher.begin(due, headers) if self._watcher is not None else None
         started = self._clock()
         status: int | None = None
         error: str | None = None
@@ -248,7 +270,7 @@ class DeliveryWorker:
                 async with self._client().post(
                     url,
                     data=due.body,
-                    headers=self._request_headers(due, settings),
+                    headers=headers,
                     timeout=aiohttp.ClientTimeout(total=settings.timeout),
                     allow_redirects=False,
                 ) as response:
@@ -269,13 +291,26 @@ class DeliveryWorker:
             error=error,
             duration=elapsed,
         )
+        outcome, next_attempt = self._outcome(due, attempt, schedule, jitter, retry_after)
+        await self._store.finish(due, attempt, outcome, next_attempt)
+        if end is not None:
+            end(attempt, outcome)
+        if self._on_attempt is not None:
+            self._on_attempt(due, attempt, outcome)
+
+    def _outcome(
+        self,
+        due: Due,
+        attempt: Attempt,
+        schedule: tuple[float, ...],
+        jitter: float,
+        retry_after: float | None,
+    ) -> tuple[Outcome, float | None]:
         if attempt.ok:
-            await self._record(due, attempt, Outcome.delivered)
-            return
-        if status == 410:
+            return Outcome.delivered, None
+        if attempt.status_code == 410:
             log.warning("webhook endpoint %s/%s answered 410: disabled", due.source, due.endpoint)
-            await self._record(due, attempt, Outcome.gone)
-            return
+            return Outcome.gone, None
         made = due.attempts + 1
         if made >= len(schedule):
             log.warning(
@@ -285,16 +320,8 @@ class DeliveryWorker:
                 due.endpoint,
                 made,
             )
-            await self._record(due, attempt, Outcome.dead)
-            return
+            return Outcome.dead, None
         delay = schedule[made] * (1 + jitter * (2 * self._rand() - 1))
         if retry_after is not None:
             delay = retry_after
-        await self._record(due, attempt, Outcome.retry, self._clock() + delay)
-
-    async def _record(
-        self, due: Due, attempt: Attempt, outcome: Outcome, next_attempt: float | None = None
-    ) -> None:
-        await self._store.finish(due, attempt, outcome, next_attempt)
-        if self._on_attempt is not None:
-            self._on_attempt(due, attempt, outcome)
+        return Outcome.retry, self._clock() + delay

@@ -9,35 +9,75 @@ listeners call `inbound` (ingress) and `outbound` (egress `/_webhooks/<name>`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from ..policy.webhooks import Webhooks
+from ..policy.webhooks import Webhooks, WebhookStore
 from .answers import Reason, Result, refused
 
 if TYPE_CHECKING:
     # Imported when a policy first declares webhooks: a sidecar without them never
     # loads sqlite3 or cryptography.
+    from opentelemetry.trace import Tracer
+
+    from ..telemetry.metrics import WebhookMetrics
     from .delivery import DeliveryWorker
     from .inbound import InboundHook, Ingress
+    from .observe import WebhookTelemetry
     from .outbound import Outbox
-    from .store import Store
+    from .store import Queue
 
 log = logging.getLogger("sidecar.webhooks")
 
 Headers = Mapping[str, str] | list[tuple[str, str]]
+# How often the queue gauges are read from the store between scrapes (for OTLP export).
+QUEUE_GAUGES_EVERY = 15.0
+
+
+class StoreChanged(Exception):
+    """A reload asks for another queue backend than the one serving."""
+
+
+class Receipt(Protocol):
+    """What the listeners hold while an event is received (observe.Receipt)."""
+
+    headers: list[tuple[str, str]]
+
+    def done(self, result: Result) -> None: ...
+
+
+class _Unobserved:
+    __slots__ = ("headers",)
+
+    def __init__(self, headers: list[tuple[str, str]]) -> None:
+        self.headers = headers
+
+    def done(self, result: Result) -> None:
+        pass
 
 
 class WebhookHub:
-    def __init__(self, data_dir: str) -> None:
+    def __init__(
+        self,
+        data_dir: str,
+        *,
+        metrics: WebhookMetrics | None = None,
+        tracer: Tracer | None = None,
+    ) -> None:
         self.data_dir = data_dir
-        self.store: Store | None = None
+        self.store: Queue | None = None
+        self.backend: str | None = None  # the Redis URL the open store uses; None: SQLite
         self._worker: DeliveryWorker | None = None
         self._ingress: Ingress | None = None
         self._outbox: Outbox | None = None
         self._lock = asyncio.Lock()
+        self._metrics = metrics
+        self._tracer = tracer
+        self._telemetry: WebhookTelemetry | None = None
+        self._gauges: asyncio.Task[None] | None = None
 
     @property
     def inbound_paths(self) -> frozenset[str]:
@@ -50,22 +90,52 @@ class WebhookHub:
                 return  # no webhooks ever: no database file, no worker
             from .delivery import DeliveryWorker, compile_settings
             from .inbound import Ingress
+            from .observe import WebhookTelemetry
             from .outbound import Outbox
-            from .store import Store
 
+            spec = webhooks.store if webhooks is not None else None
             if self.store is None:
-                os.makedirs(self.data_dir, exist_ok=True)
-                self.store = await Store.open(self.data_dir)
-                log.info("webhook store at %s", os.path.join(self.data_dir, "webhooks.db"))
+                self.store = await self._open(spec)
+            elif spec is not None and spec.backend != self.backend:
+                raise StoreChanged(
+                    "webhooks.store.backend changed: restart the sidecar to move the queue"
+                )
+            if spec is not None:
+                self.store.configure(claim_idle=spec.claim_idle, retention=spec.retention)
+            if self._telemetry is None and self._metrics is not None:
+                self._telemetry = WebhookTelemetry(self._metrics, self._tracer)
+                self._gauges = asyncio.create_task(self._gauge_loop(), name="webhook-gauges")
             store = self.store
             self._ingress = Ingress(webhooks, store=store)
             self._outbox = Outbox(webhooks, store=store)
             settings = compile_settings(webhooks)
             if self._worker is None:
-                self._worker = DeliveryWorker(store, settings)
+                self._worker = DeliveryWorker(store, settings, watcher=self._telemetry)
                 await self._worker.start()
             else:
                 self._worker.configure(settings)
+
+    async def _open(self, spec: WebhookStore | None) -> Queue:
+        if spec is not None and spec.backend is not None:
+            # Imported only for a Redis queue: a sidecar on SQLite never loads redis.
+            from .redis_store import RedisStore
+
+            store: Queue = await RedisStore.open(
+                spec.backend,
+                prefix=spec.prefix,
+                claim_idle=spec.claim_idle,
+                retention=spec.retention,
+            )
+            self.backend = spec.backend
+            # The prefix, not the URL: it may hold a password.
+            log.info("webhook queue in Redis under %s", spec.prefix)
+            return store
+        from .store import Store
+
+        os.makedirs(self.data_dir, exist_ok=True)
+        store = await Store.open(self.data_dir)
+        log.info("webhook store at %s", os.path.join(self.data_dir, "webhooks.db"))
+        return store
 
     def wake(self) -> None:
         """Deliveries were made due again (retry, enable): look now, not at the next tick."""
@@ -75,17 +145,58 @@ class WebhookHub:
     def hook_for(self, path: str) -> InboundHook | None:
         return self._ingress.hook_for(path) if self._ingress is not None else None
 
+    def receipt(self, direction: str, webhook: str, headers: list[tuple[str, str]]) -> Receipt:
+        """Metrics and a span for one event received; `done` it with the answer.
+
+        `webhook` is "" for a path or name no webhook is declared at. Its
+        `headers` are the ones to store: with tracing on, their trace context
+        is the receipt span's, so the deliveries continue the same trace.
+        """
+        telemetry = self._telemetry
+        if telemetry is None:
+            return _Unobserved(headers)
+        from .store import Direction
+
+        return telemetry.receipt(Direction(direction), webhook, headers)
+
     async def inbound(self, path: str, headers: Headers, body: bytes) -> Result:
         if self._ingress is None:
             return refused(Reason.no_route, "no inbound webhook is declared", None)
         return await self._ingress.handle(path, headers, body)
 
     async def outbound(self, name: str, headers: Headers, body: bytes) -> Result:
+        pairs = list(headers.items()) if isinstance(headers, Mapping) else list(headers)
+        known = self._outbox is not None and name in self._outbox.groups
+        receipt = self.receipt("outbound", name if known else "", pairs)
         if self._outbox is None:
-            return refused(Reason.no_route, "no outbound webhook is declared", name)
-        return await self._outbox.handle(name, headers, body)
+            result = refused(Reason.no_route, "no outbound webhook is declared", name)
+        else:
+            result = await self._outbox.handle(name, receipt.headers, body)
+        receipt.done(result)
+        return result
+
+    async def refresh_gauges(self) -> None:
+        """Read the queue depths into the gauges now (before a scrape)."""
+        store, telemetry = self.store, self._telemetry
+        if store is None or telemetry is None:
+            return
+        try:
+            telemetry.queue_depths(await store.depths())
+        except Exception as exc:
+            # A scrape still answers (with the last depths) while the store is down.
+            log.warning("webhook queue gauges: cannot read the store: %s", type(exc).__name__)
+
+    async def _gauge_loop(self) -> None:
+        while True:
+            await self.refresh_gauges()
+            await asyncio.sleep(QUEUE_GAUGES_EVERY)
 
     async def close(self) -> None:
+        if self._gauges is not None:
+            self._gauges.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gauges
+            self._gauges = None
         if self._worker is not None:
             await self._worker.stop()
             self._worker = None

@@ -21,7 +21,7 @@ from typing import Any
 from ..policy.webhooks import InboundWebhook, Match, ValueMatch, Webhooks
 from .answers import Reason, Result, accepted, refused
 from .signatures import SignatureError, build_verifier, lower_headers
-from .store import Direction, Store, StoreClosed, Target
+from .store import Direction, Queue, StoreUnavailable, Target
 
 log = logging.getLogger("sidecar.webhooks")
 
@@ -114,7 +114,7 @@ class InboundHook:
     """One `webhooks.inbound.<name>`, ready to receive."""
 
     def __init__(
-        self, name: str, spec: InboundWebhook, *, store: Store, clock: Callable[[], float]
+        self, name: str, spec: InboundWebhook, *, store: Queue, clock: Callable[[], float]
     ) -> None:
         self.name = name
         self.path = spec.path
@@ -144,7 +144,7 @@ class InboundHook:
     def _refuse(self, reason: Reason, detail: str, counted_as: str) -> Result:
         self.counts[counted_as] += 1
         log.info("inbound webhook %s refused: %s", self.name, counted_as)
-        return refused(reason, detail, self.name)
+        return refused(reason, detail, self.name, counted_as)
 
     async def receive(self, headers: Headers, body: bytes) -> Result:
         if len(body) > self.max_body:
@@ -172,16 +172,14 @@ class InboundHook:
                 dedup_id=verified.delivery_id,
                 dedup_window=self._dedup_window,
             )
-        except (sqlite3.Error, OSError, StoreClosed) as exc:
+        except (sqlite3.Error, OSError, StoreUnavailable) as exc:
             log.error("inbound webhook %s: cannot store the event: %s", self.name, exc)
             return self._refuse(
                 Reason.store_unavailable, "the event could not be stored; send it again", "store"
             )
-        if result.duplicate:
-            self.counts["duplicate"] += 1
-        else:
-            self.counts["accepted" if targets else "unrouted"] += 1
-        return accepted(200, result.message_id, result.duplicate)
+        outcome = "duplicate" if result.duplicate else "accepted" if targets else "unrouted"
+        self.counts[outcome] += 1
+        return accepted(200, result.message_id, result.duplicate, outcome)
 
 
 def _slack_challenge(body: bytes) -> Result | None:
@@ -192,7 +190,7 @@ def _slack_challenge(body: bytes) -> Result | None:
     if not isinstance(event, dict) or event.get("type") != "url_verification":
         return None
     answer = json.dumps({"challenge": event.get("challenge")}).encode()
-    return Result(200, {"Content-Type": "application/json"}, answer)
+    return Result(200, {"Content-Type": "application/json"}, answer, outcome="challenge")
 
 
 async def receive(hook: InboundHook, headers: Headers, body: bytes) -> Result:
@@ -203,7 +201,7 @@ class Ingress:
     """Every inbound webhook by its path; what the ingress listener serves."""
 
     def __init__(
-        self, webhooks: Webhooks | None, *, store: Store, clock: Callable[[], float] = time.time
+        self, webhooks: Webhooks | None, *, store: Queue, clock: Callable[[], float] = time.time
     ) -> None:
         inbound = webhooks.inbound if webhooks is not None else {}
         self.hooks = {

@@ -48,15 +48,17 @@ def ingress_app(hub: WebhookHub) -> App:
     async def handle(request: Request) -> Response:
         path = request.target.partition("?")[0]
         hook = hub.hook_for(path) if request.method == "POST" else None
+        headers = list(request.headers.items())
+        receipt = hub.receipt("inbound", hook.name if hook else "", headers)
         if hook is None:
-            return answer(
-                refused(Reason.no_route, "no inbound webhook is declared at this path", None)
-            )
-        length = request.content_length
-        if length is not None and length > hook.max_body:
-            return answer(too_large(hook.max_body))
-        body = await read_limited(request.body, hook.max_body)
-        return answer(await hook.receive(list(request.headers.items()), body))
+            result = refused(Reason.no_route, "no inbound webhook is declared at this path", None)
+        elif request.content_length is not None and request.content_length > hook.max_body:
+            result = too_large(hook.max_body)
+        else:
+            body = await read_limited(request.body, hook.max_body)
+            result = await hook.receive(receipt.headers, body)
+        receipt.done(result)
+        return answer(result)
 
     return handle
 

@@ -13,17 +13,19 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from ..policy.webhooks import OutboundWebhook, Webhooks
 from .answers import Reason, Result, accepted, refused
 from .signatures import lower_headers
-from .store import Accepted, Direction, Store, StoreClosed, Target
+from .store import Accepted, Direction, Queue, StoreUnavailable, Target
 
 log = logging.getLogger("sidecar.webhooks")
 
 EVENT_TYPE_HEADER = "x-event-type"
 IDEMPOTENCY_HEADER = "idempotency-key"
+# Kept with the event, so its deliveries continue the publishing agent's trace.
+TRACE_HEADERS = ("traceparent", "tracestate")
 
 
 class PublishError(Exception):
@@ -36,7 +38,7 @@ class PublishError(Exception):
 class OutboundGroup:
     """One `webhooks.outbound.<name>`: its endpoints and limits."""
 
-    def __init__(self, name: str, spec: OutboundWebhook, *, store: Store) -> None:
+    def __init__(self, name: str, spec: OutboundWebhook, *, store: Queue) -> None:
         self.name = name
         self.max_body = spec.max_body
         self._endpoints = spec.endpoints
@@ -47,7 +49,11 @@ class OutboundGroup:
         return [Target(e.name, e.url) for e in self._endpoints if e.wants(event_type)]
 
     async def publish(
-        self, body: bytes, event_type: str | None = None, idempotency_key: str | None = None
+        self,
+        body: bytes,
+        event_type: str | None = None,
+        idempotency_key: str | None = None,
+        trace: Sequence[tuple[str, str]] = (),
     ) -> Accepted:
         """Store the event for every endpoint that wants its type; returns once committed.
 
@@ -68,13 +74,13 @@ class OutboundGroup:
                 direction=Direction.outbound,
                 source=self.name,
                 event_type=event_type,
-                headers=[],
+                headers=list(trace),
                 body=body,
                 targets=self.targets(event_type),
                 dedup_id=idempotency_key,
                 dedup_window=self._window,
             )
-        except (sqlite3.Error, OSError, StoreClosed) as exc:
+        except (sqlite3.Error, OSError, StoreUnavailable) as exc:
             log.error("outbound webhook %s: cannot store the event: %s", self.name, exc)
             raise PublishError(
                 Reason.store_unavailable, "the event could not be stored; send it again"
@@ -94,7 +100,7 @@ async def publish(
 class Outbox:
     """Every outbound webhook group by name; what `/_webhooks/<name>` on egress serves."""
 
-    def __init__(self, webhooks: Webhooks | None, *, store: Store) -> None:
+    def __init__(self, webhooks: Webhooks | None, *, store: Queue) -> None:
         outbound = webhooks.outbound if webhooks is not None else {}
         self.groups = {
             name: OutboundGroup(name, spec, store=store) for name, spec in outbound.items()
@@ -107,10 +113,11 @@ class Outbox:
         if group is None:
             return refused(Reason.no_route, "no outbound webhook has this name", None)
         lowered = lower_headers(headers)
+        trace = [(h, lowered[h]) for h in TRACE_HEADERS if h in lowered]
+        event_type = lowered.get(EVENT_TYPE_HEADER)
         try:
-            result = await group.publish(
-                body, lowered.get(EVENT_TYPE_HEADER), lowered.get(IDEMPOTENCY_HEADER)
-            )
+            result = await group.publish(body, event_type, lowered.get(IDEMPOTENCY_HEADER), trace)
         except PublishError as exc:
             return refused(exc.reason, exc.detail, name)
-        return accepted(202, result.message_id, result.duplicate)
+        outcome = "accepted" if result.routed else "unrouted"
+        return accepted(202, result.message_id, result.duplicate, outcome)

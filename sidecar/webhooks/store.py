@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 log = logging.getLogger("sidecar.webhooks")
 
@@ -76,6 +76,7 @@ class Target:
 class Accepted:
     message_id: str
     duplicate: bool  # already accepted within the dedup window: nothing new stored
+    routed: bool = True  # False: no target wanted it, kept as unrouted
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +93,7 @@ class Due:
     event_type: str | None
     headers: list[tuple[str, str]]
     body: bytes
+    created: float = 0.0  # when the message was accepted
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +119,15 @@ class EndpointStats:
     failures: int  # failed attempts
     dead: int
     disabled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDepth:
+    direction: Direction
+    source: str
+    endpoint: str
+    depth: int
+    oldest_pending_age: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +187,30 @@ _NOT_DISABLED = (
     "NOT EXISTS (SELECT 1 FROM endpoints e WHERE e.source = d.source"
     " AND e.endpoint = d.endpoint AND e.disabled = 1)"
 )
+
+
+def _prune(conn: sqlite3.Connection, before: float) -> None:
+    """Remove messages older than `before` all of whose deliveries were delivered.
+
+    Routed ones only: an unrouted message is kept for someone to look at, a
+    dead or pending delivery for a retry. Runs in the writer thread.
+    """
+    old = (
+        "SELECT m.id FROM messages m WHERE m.created < ? AND m.status = 'routed'"
+        " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = m.id"
+        " AND d.status != 'delivered')"
+    )
+    conn.execute(
+        "DELETE FROM attempts WHERE delivery_id IN"
+        f" (SELECT id FROM deliveries WHERE message_id IN ({old}))",
+        (before,),
+    )
+    conn.execute(f"DELETE FROM deliveries WHERE message_id IN ({old})", (before,))
+    conn.execute(
+        "DELETE FROM messages WHERE created < ? AND status = 'routed' AND NOT EXISTS"
+        " (SELECT 1 FROM deliveries d WHERE d.message_id = messages.id)",
+        (before,),
+    )
 
 
 def new_message_id(now: float) -> str:
@@ -281,8 +316,56 @@ class _Writer(threading.Thread):
                 job.loop.call_soon_threadsafe(_settle, job.future, result, error)
 
 
-class StoreClosed(Exception):
+class StoreUnavailable(Exception):
+    """The queue cannot be reached (closed, Redis down): nothing was stored."""
+
+
+class StoreClosed(StoreUnavailable):
     pass
+
+
+class Queue(Protocol):
+    """What inbound, outbound, the delivery worker and the admin port use of a store:
+    `Store` here (SQLite), `RedisStore` in redis_store.py."""
+
+    on_new_deliveries: Callable[[], None] | None
+
+    def configure(self, *, claim_idle: float, retention: float | None) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def accept(
+        self,
+        *,
+        direction: Direction,
+        source: str,
+        event_type: str | None,
+        headers: Sequence[tuple[str, str]],
+        body: bytes,
+        targets: Sequence[Target],
+        dedup_id: str | None = None,
+        dedup_window: float = 0.0,
+    ) -> Accepted: ...
+
+    async def claim(self, limit: int, per_endpoint: int) -> list[Due]: ...
+
+    async def next_due(self) -> float | None: ...
+
+    async def finish(
+        self, due: Due, attempt: Attempt, outcome: Outcome, next_attempt: float | None = None
+    ) -> None: ...
+
+    async def release_claims(self) -> None: ...
+
+    async def enable(self, source: str, endpoint: str) -> bool: ...
+
+    async def retry(self, message_id: str) -> int | None: ...
+
+    async def overview(self) -> Overview: ...
+
+    async def depths(self) -> list[QueueDepth]: ...
+
+    async def message(self, message_id: str) -> MessageView | None: ...
 
 
 class Store:
@@ -293,6 +376,9 @@ class Store:
         self._clock = clock
         self._closed = False
         self._last_purge = 0.0
+        self._last_prune = 0.0
+        # Messages all of whose deliveries succeeded go this long after they arrived.
+        self.retention: float | None = None
         # Called after each commit that added deliveries: wakes the delivery worker.
         self.on_new_deliveries: Callable[[], None] | None = None
 
@@ -306,6 +392,10 @@ class Store:
         if writer.open_error is not None:
             raise writer.open_error
         return cls(writer, clock)
+
+    def configure(self, *, claim_idle: float, retention: float | None) -> None:
+        """A reload's store settings (claim_idle is Redis's: one process owns this file)."""
+        self.retention = retention
 
     async def close(self) -> None:
         if self._closed:
@@ -380,7 +470,7 @@ class Store:
                 " next_attempt) VALUES (?, ?, ?, ?, ?, 'pending', ?)",
                 [(message_id, direction.value, source, t.endpoint, t.url, now) for t in targets],
             )
-            return Accepted(message_id, duplicate=False)
+            return Accepted(message_id, duplicate=False, routed=bool(targets))
 
         accepted = await self._run(work)
         if targets and not accepted.duplicate and self.on_new_deliveries is not None:
@@ -405,7 +495,7 @@ class Store:
                 " WHERE d.status = 'pending' AND d.claimed = 0 AND d.next_attempt <= ?"
                 f" AND {_NOT_DISABLED})"
                 " SELECT r.id, r.message_id, r.direction, r.source, r.endpoint, r.url, r.attempts,"
-                " m.event_type, m.headers, m.body FROM ranked r"
+                " m.event_type, m.headers, m.body, m.created FROM ranked r"
                 " JOIN messages m ON m.id = r.message_id"
                 " LEFT JOIN busy b ON b.source = r.source AND b.endpoint = r.endpoint"
                 " WHERE r.place + COALESCE(b.n, 0) <= ? ORDER BY r.next_attempt, r.id LIMIT ?",
@@ -426,6 +516,7 @@ class Store:
                     event_type=r[7],
                     headers=[(k, v) for k, v in json.loads(r[8])],
                     body=r[9],
+                    created=r[10],
                 )
                 for r in rows
             ]
@@ -448,8 +539,11 @@ class Store:
         self, due: Due, attempt: Attempt, outcome: Outcome, next_attempt: float | None = None
     ) -> None:
         """Record an attempt of a claimed delivery and what follows from it."""
+        prune_before = self._prune_before(attempt.at)
 
         def work(conn: sqlite3.Connection) -> None:
+            if prune_before is not None:
+                _prune(conn, prune_before)
             conn.execute(
                 "INSERT INTO attempts (delivery_id, at, status_code, error, duration, ok)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -481,6 +575,13 @@ class Store:
                 )
 
         await self._run(work)
+
+    def _prune_before(self, now: float) -> float | None:
+        """Once a minute with a retention set: the arrival time older messages go by."""
+        if self.retention is None or now - self._last_prune < _DEDUP_PURGE_EVERY:
+            return None
+        self._last_prune = now
+        return now - self.retention
 
     async def release_claims(self) -> None:
         """Unclaim every delivery: the worker stopped, its attempts were cancelled."""
@@ -582,6 +683,22 @@ class Store:
                 ).fetchall()
             )
             return Overview(stats, unrouted)
+
+        return await self._run(work)
+
+    async def depths(self) -> list[QueueDepth]:
+        """Per endpoint with pending deliveries: how many, and the oldest one's age."""
+        now = self._clock()
+
+        def work(conn: sqlite3.Connection) -> list[QueueDepth]:
+            return [
+                QueueDepth(Direction(r[0]), r[1], r[2], r[3], max(0.0, now - r[4]))
+                for r in conn.execute(
+                    "SELECT d.direction, d.source, d.endpoint, COUNT(*), MIN(m.created)"
+                    " FROM deliveries d JOIN messages m ON m.id = d.message_id"
+                    " WHERE d.status = 'pending' GROUP BY d.direction, d.source, d.endpoint"
+                )
+            ]
 
         return await self._run(work)
 

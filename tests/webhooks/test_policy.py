@@ -91,3 +91,25 @@ def test_defaults_and_merge() -> None:
         "outbound webhook 'o' is defined twice",
     ]
     assert list(merged.inbound) == ["a"]
+
+
+def test_the_store_key(tmp_path: Path) -> None:
+    text = GOOD.replace("webhooks:\n", "webhooks:\n  store: {backend: 'http://redis:6379'}\n")
+    assert errors(tmp_path, text) == [
+        "p.yaml:3:20: backend must be a redis://, rediss:// or unix:// URL"
+    ]
+    text = GOOD.replace("webhooks:\n", "webhooks:\n  store: {retention: 0s}\n")
+    assert errors(tmp_path, text)[0].startswith("p.yaml:3:22: Input should be greater than 0")
+    spec = Webhooks.model_validate(
+        {"store": {"backend": "redis://:hunter2@redis:6379/0", "retention": "24h"}}
+    )
+    assert (spec.store.claim_idle, spec.store.retention) == (60, 86400)
+    # Shown (schema, /config) with its password masked.
+    assert spec.model_dump(mode="json")["store"]["backend"] == "redis://:***@redis:6379/0"
+    # Files that agree on the store merge; files that disagree clash.
+    plain = Webhooks.model_validate({})
+    merged, clashes = merge([plain, spec, spec])
+    assert clashes == [] and merged.store == spec.store
+    other = Webhooks.model_validate({"store": {"backend": "redis://other:6379/0"}})
+    assert merge([spec, other])[1] == ["webhooks.store is set differently in two files"]
+    assert merge([plain])[0].store.backend is None

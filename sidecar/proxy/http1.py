@@ -34,11 +34,12 @@ LAST_CHUNK = b"0\r\n\r\n"
 _STATUS_LINES: dict[int, bytes] = {
     s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode("latin-1") for s in HTTPStatus
 }
+_PHRASES: dict[int, str] = {s.value: s.phrase for s in HTTPStatus}
 
 
 def status_line(status: int, reason: str | None = None) -> bytes:
     """`HTTP/1.1 <status> <reason>\\r\\n`; the standard phrase when `reason` is None."""
-    if reason is None:
+    if reason is None or reason == _PHRASES.get(status):
         line = _STATUS_LINES.get(status)
         if line is not None:
             return line
@@ -53,13 +54,14 @@ def head_bytes(first_line: bytes, headers: Iterable[tuple[str, str]]) -> bytes:
     A CR, LF or NUL in a name or value raises ValueError: written as is, it would
     let a header value split the message (response splitting).
     """
-    parts = [first_line]
-    for name, value in headers:
-        _check_field(name)
-        _check_field(value)
-        parts.append(f"{name}: {value}\r\n".encode("latin-1"))
-    parts.append(b"\r\n")
-    return b"".join(parts)
+    lines = [f"{name}: {value}\r\n" for name, value in headers]
+    text = "".join(lines)
+    # One pass over the whole head instead of three per field: each line holds
+    # exactly one CR and one LF, its own.
+    if text.count("\n") != len(lines) or text.count("\r") != len(lines) or "\0" in text:
+        for line in lines:
+            _check_field(line[:-2])
+    return first_line + text.encode("latin-1") + b"\r\n"
 
 
 def _check_field(text: str) -> None:

@@ -177,7 +177,10 @@ class HttpServerProtocol(asyncio.Protocol):
         self._body: FeedStream | None = None
         # Requests parsed, answered one at a time in order; the head one is running.
         self._queue: deque[Request] = deque()
+        # One task per connection, made at its first request; it waits for the next.
         self._task: asyncio.Task[None] | None = None
+        self._busy = False  # answering a request (its head is parsed, its answer not done)
+        self._waiter: asyncio.Future[None] | None = None
         self._app_has: Request | None = None  # handed to the app, not yet answered
         # Why reading is paused: a full request-body buffer, waiting pipelined requests.
         self._body_paused = False
@@ -266,7 +269,7 @@ class HttpServerProtocol(asyncio.Protocol):
         self._headers = CIMultiDict()
         self._head_bytes = 0
         self._in_head = True
-        if self._task is None:
+        if not self._busy:
             self._set_timer(self._limits.header_timeout)
 
     def on_url(self, url: bytes) -> None:
@@ -319,9 +322,13 @@ class HttpServerProtocol(asyncio.Protocol):
             is_upgrade=is_upgrade,
         )
         self._queue.append(request)
-        if self._task is None:
+        if not self._busy:
+            self._busy = True
             self._cancel_timer()
-            self._task = self._loop.create_task(self._serve(request))
+            if self._task is None:
+                self._task = self._loop.create_task(self._serve())
+            elif self._waiter is not None and not self._waiter.done():
+                self._waiter.set_result(None)
         elif not self._queue_paused:
             # A pipelined request waits its turn; read no further until it starts.
             self._queue_paused = True
@@ -368,10 +375,21 @@ class HttpServerProtocol(asyncio.Protocol):
         if self._closed:
             raise ConnectionResetError("the agent closed the connection")
 
-    async def _serve(self, request: Request) -> None:
-        """Answer `request`, then each pipelined one after it, in order."""
+    async def _serve(self) -> None:
+        """Answer the requests of this connection in order, waiting for each next one:
+        one task for the connection's life, not one per request."""
         while True:
-            keep_alive = await self._answer(request)
+            if not self._queue:
+                self._busy = False
+                self._set_timer(self._limits.idle_timeout)
+                if self._queue_paused:
+                    self._queue_paused = False
+                    self._update_reading()
+                self._waiter = self._loop.create_future()
+                await self._waiter  # cancelled when the connection ends
+                self._waiter = None
+                continue
+            keep_alive = await self._answer(self._queue[0])
             self._queue.popleft()
             if self._closed:
                 return
@@ -380,14 +398,6 @@ class HttpServerProtocol(asyncio.Protocol):
                 return
             if self._tunnel is not None:
                 return
-            if not self._queue:
-                self._task = None
-                self._set_timer(self._limits.idle_timeout)
-                if self._queue_paused:
-                    self._queue_paused = False
-                    self._update_reading()
-                return
-            request = self._queue[0]
 
     async def _answer(self, request: Request) -> bool:
         """Run the app and write its answer; whether the connection stays open."""
@@ -567,15 +577,15 @@ class HttpServerProtocol(asyncio.Protocol):
             return
         if self._body is not None:
             self._body.set_error(ConnectionResetError("the request body was malformed"))
-        if self._task is not None:
+        if self._queue:
             if self._app_has is not None or len(self._queue) > 1:
                 # The app already holds a request of this connection: the broken
                 # body fails its read, and the connection ends.
                 self._close()
                 return
             # Parsed in the same read as the error: the app never sees it.
-            self._task.cancel()
-            self._task = None
+            if self._task is not None:
+                self._task.cancel()
             self._queue.clear()
         transport.write(refusal_bytes(status, detail))
         self._close()
@@ -583,7 +593,7 @@ class HttpServerProtocol(asyncio.Protocol):
     def finish(self) -> None:
         """Close now if idle, else once the answer in progress is written."""
         self._finishing = True
-        if self._task is None and self._tunnel is None:
+        if not self._busy and self._tunnel is None:
             self._close()
 
     def abort(self) -> None:
@@ -616,7 +626,7 @@ class HttpServerProtocol(asyncio.Protocol):
         # A slow or silent agent: no answer is owed, close.
         self._timer = None
         self._deadline = 0.0
-        if self._task is None:
+        if not self._busy:
             self._close()
 
 

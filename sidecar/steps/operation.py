@@ -31,9 +31,12 @@ OPERATION: ContextVar[tuple[str, ...]] = ContextVar("sidecar_operation", default
 def annotate(call: Call, attributes: dict[str, str | int | bool]) -> None:
     """Hand attributes to telemetry, if this call is observed and its exchange takes them."""
     exchange = call.exchange
-    found = getattr(exchange, "attributes", None) if exchange is not None else None
-    if isinstance(found, dict):
-        found.update(attributes)
+    if exchange is None:
+        return
+    if exchange.attributes is None:
+        exchange.attributes = dict(attributes)
+    else:
+        exchange.attributes.update(attributes)
 
 
 async def read_body(call: Call, *, service: str, what: str) -> bytes:

@@ -70,7 +70,7 @@ def _flag(value: str | None) -> bool:
 class Exchange:
     """What one agent request left for telemetry to record when it is over."""
 
-    __slots__ = ("attempts", "call", "cut", "reason", "route", "span", "telemetry")
+    __slots__ = ("attempts", "attributes", "call", "cut", "reason", "route", "span", "telemetry")
 
     def __init__(self, telemetry: Telemetry, span: Span | None) -> None:
         self.telemetry = telemetry
@@ -80,6 +80,8 @@ class Exchange:
         self.attempts = 0
         # The X-Sidecar-Error reason when the sidecar answered itself.
         self.reason = ""
+        # What steps learnt of the call (a GraphQL operation, an MCP tool) for its span.
+        self.attributes: dict[str, str | int | bool] | None = None
         # Why the relayed answer stopped before its end (proxy.egress.cut_reason).
         self.cut: str | None = None
 
@@ -295,6 +297,8 @@ class Telemetry:
             call = exchange.call
             if call is not None and call.agent:
                 attributes["sidecar.agent"] = call.agent[:MAX_AGENT]
+        if exchange.attributes:
+            attributes.update(exchange.attributes)
         if reason:
             attributes["sidecar.error.reason"] = reason
         if error is not None:

@@ -6,6 +6,7 @@ reaches it, so a test sees both the sidecar's refusal and that nothing was sent.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -418,3 +419,28 @@ async def test_requests_that_could_be_read_two_ways_are_checked_or_refused(
     status, headers, body = await post(client, sc, huge)
     assert_problem(status, headers, body, "graphql_limit", 400)
     assert server.hits == 0
+
+
+async def test_the_server_span_names_the_graphql_operation(upstream, start_sidecar, client):
+    from tests.otlp_receiver import Receiver
+
+    receiver = Receiver()
+    collector = await upstream(receiver.app())
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response({"data": {}})
+
+    app = web.Application()
+    app.router.add_post("/graphql", answer)
+    base = await upstream(app)
+    policy = (
+        f"version: 1\nservices:\n  gh:\n    upstream: {base}\n    graphql: {{path: /graphql}}\n"
+    )
+    sc = await start_sidecar(policy, env={"OTEL_EXPORTER_OTLP_ENDPOINT": collector})
+    query = {"query": "mutation CreateIssue { createIssue { id } }"}
+    async with client.post(f"{sc.url}/gh/graphql", json=query) as r:
+        assert r.status == 200
+    assert await asyncio.to_thread(sc.sidecar.telemetry.force_flush)
+    server = next(s for s in receiver.spans if s.kind == "server")
+    assert server.attributes["graphql.operation.type"] == "mutation"
+    assert server.attributes["graphql.operation.name"] == "CreateIssue"

@@ -162,6 +162,11 @@ class AllowRule(Model):
     headers: dict[HeaderName, ValueGlob] = Field(
         default_factory=dict, description="Request header -> glob every value must match"
     )
+    operations: Annotated[list[ValueGlob], BeforeValidator(_one_or_many)] | None = Field(
+        default=None,
+        min_length=1,
+        description="operationIds (or globs) of the service's OpenAPI document; any if absent",
+    )
 
 
 # -- identity -------------------------------------------------------------------------

@@ -231,6 +231,54 @@ def load_policy(
     )
 
 
+def _operation_problems(
+    allow: tuple[Document, list[AllowRule]] | None,
+    services: Mapping[str, ServicePolicy],
+    written_in: Mapping[str, Document],
+) -> list[Problem]:
+    """`operations` in allow rules name operationIds of the service's OpenAPI document."""
+    problems: list[Problem] = []
+    if allow is not None:
+        for i, rule in enumerate(allow[1]):
+            if rule.operations is not None:
+                problems.append(
+                    Problem(
+                        allow[0].position(("allow", i, "operations")),
+                        "operations name a service's OpenAPI operations: write this rule "
+                        "under services.<name>.allow",
+                    )
+                )
+    for name, sp in services.items():
+        for i, rule in enumerate(sp.spec.allow or ()):
+            if rule.operations is None:
+                continue
+            doc = written_in[name]
+            at: Path = ("services", name, "allow", i, "operations")
+            if sp.openapi is None:
+                if sp.spec.openapi is None:
+                    problems.append(
+                        Problem(
+                            doc.position(at),
+                            f"operations need an 'openapi' document on service '{name}'",
+                        )
+                    )
+                continue
+            known = sorted(sp.openapi.operations)
+            for j, glob in enumerate(rule.operations):
+                if "*" in glob:
+                    if any(re.fullmatch(value_regex(glob), k) for k in known):
+                        continue
+                    message = f"operation glob '{glob}' matches no operationId of the document"
+                elif glob in sp.openapi.operations:
+                    continue
+                else:
+                    close = closest(glob, known)
+                    hint = f" (did you mean '{close}'?)" if close else ""
+                    message = f"unknown operation '{glob}' in the service's OpenAPI document{hint}"
+                problems.append(Problem(doc.value_position((*at, j)), message))
+    return problems
+
+
 def _access_problems(
     agents: Agents,
     allow: tuple[Document, list[AllowRule]] | None,
@@ -246,6 +294,7 @@ def _access_problems(
     for name, sp in services.items():
         if sp.spec.allow is not None:
             rule_sets.append((written_in[name], ("services", name, "allow"), sp.spec.allow))
+    problems.extend(_operation_problems(allow, services, written_in))
     # With JWTs, any subject the issuer signs is an agent: only a closed list can be checked.
     if agents.keys and agents.verify is None:
         known = sorted(agents.keys)

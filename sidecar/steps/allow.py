@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
 from ..call import Call, Handler, Reply
@@ -37,13 +38,20 @@ def _dot_segment(path: str) -> bool:
     return any(s.split(";", 1)[0] in (".", "..") for s in decoded.split("/"))
 
 
+if TYPE_CHECKING:
+    from .. import openapi
+
+
 class CompiledRule:
-    __slots__ = ("agents", "headers", "methods", "paths", "query")
+    __slots__ = ("agents", "headers", "methods", "operations", "paths", "query")
 
     def __init__(self, rule: AllowRule) -> None:
         self.agents = None if rule.agents is None else _alternation(map(value_regex, rule.agents))
         self.methods = None if rule.methods is None else frozenset(rule.methods)
         self.paths = None if rule.paths is None else _alternation(map(path_regex, rule.paths))
+        self.operations = (
+            None if rule.operations is None else _alternation(map(value_regex, rule.operations))
+        )
         self.query = tuple(
             (k, re.compile(value_regex(v), re.DOTALL)) for k, v in rule.query.items()
         )
@@ -51,8 +59,18 @@ class CompiledRule:
             (k, re.compile(value_regex(v), re.DOTALL)) for k, v in rule.headers.items()
         )
 
-    def allows(self, call: Call, path: str, query: list[tuple[str, str]] | None) -> bool:
+    def allows(
+        self,
+        call: Call,
+        path: str,
+        query: list[tuple[str, str]] | None,
+        operation: str | None = None,
+    ) -> bool:
         if self.methods is not None and call.method.upper() not in self.methods:
+            return False
+        if self.operations is not None and (
+            operation is None or self.operations.fullmatch(operation) is None
+        ):
             return False
         if self.agents is not None and (
             call.agent is None or self.agents.fullmatch(call.agent) is None
@@ -73,11 +91,20 @@ class CompiledRule:
 
 
 class Allow:
-    def __init__(self, *, service: str, rules: Iterable[AllowRule], source: str) -> None:
+    def __init__(
+        self,
+        *,
+        service: str,
+        rules: Iterable[AllowRule],
+        source: str,
+        spec: openapi.Spec | None = None,
+    ) -> None:
         self.service = service
         self.rules = tuple(CompiledRule(r) for r in rules)
         self.source = source
         self._needs_query = any(r.query for r in self.rules)
+        # The OpenAPI document that names operations, matched only when a rule asks.
+        self._spec = spec if any(r.operations is not None for r in self.rules) else None
 
     def allows(self, call: Call) -> bool:
         raw_path, _, raw_query = call.target.partition("?")
@@ -85,7 +112,9 @@ class Allow:
         if ("." in path or "\\" in path) and _dot_segment(path):
             return False
         query = parse_qsl(raw_query, keep_blank_values=True) if self._needs_query else None
-        return any(rule.allows(call, path, query) for rule in self.rules)
+        spec = self._spec
+        operation = spec.operation_id(call.method, call.target) if spec is not None else None
+        return any(rule.allows(call, path, query, operation) for rule in self.rules)
 
     async def __call__(self, call: Call, next: Handler) -> Reply:
         if not self.allows(call):
@@ -111,4 +140,6 @@ class Allow:
 def build(service: ServicePolicy, *, state: StateBuild) -> Step | None:
     if not service.allow:
         return None
-    return Allow(service=service.name, rules=service.allow, source=service.allow_from)
+    return Allow(
+        service=service.name, rules=service.allow, source=service.allow_from, spec=service.openapi
+    )

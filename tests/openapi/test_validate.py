@@ -508,3 +508,56 @@ async def test_read_only_properties_are_not_required_of_a_request(
         body = await problem(resp)
     assert body["errors"][0]["message"] == '"name" is a required property'
     assert len(recorder.calls) == 1
+
+
+async def test_allow_rules_name_operations_of_the_document(
+    start_sidecar: StartSidecar, pets: tuple[Recorder, str], client: aiohttp.ClientSession
+) -> None:
+    recorder, url = pets
+    rules = (
+        "allow:\n"
+        "              - {agents: [reader], operations: [getPetById, find*]}\n"
+        "              - {agents: [admin]}"
+    )
+    sc = await start_sidecar(policy(url, "{requests: report}", extra=rules))
+    reader = {"X-Agent-Id": "reader"}
+    async with client.get(f"{sc.url}/pets/pet/42", headers=reader) as resp:
+        assert resp.status == 200
+    async with client.get(f"{sc.url}/pets/pet/findByStatus?status=sold", headers=reader) as resp:
+        assert resp.status == 200
+    async with client.delete(f"{sc.url}/pets/pet/42", headers=reader) as resp:
+        assert resp.status == 403
+        assert (await problem(resp))["reason"] == "forbidden"
+    # A path outside the document is no operation: only the rule without operations allows it.
+    async with client.get(f"{sc.url}/pets/nowhere", headers=reader) as resp:
+        assert resp.status == 403
+    async with client.delete(f"{sc.url}/pets/pet/42", headers={"X-Agent-Id": "admin"}) as resp:
+        assert resp.status == 200
+    assert [(c["method"], c["path"]) for c in recorder.calls] == [
+        ("GET", "/pet/42"),
+        ("GET", "/pet/findByStatus?status=sold"),
+        ("DELETE", "/pet/42"),
+    ]
+
+
+def test_operations_must_exist_in_the_document_and_need_one(tmp_path: Path) -> None:
+    from sidecar.policy.loader import PolicyError, load_policy
+
+    (tmp_path / "p.yaml").write_text(
+        "version: 1\n"
+        "services:\n"
+        "  pets:\n"
+        "    upstream: http://127.0.0.1:9\n"
+        f"    openapi: ${{file:{PETSTORE}}}\n"
+        "    allow: [{operations: [getPetByID, nothing*]}]\n"
+        "  plain:\n"
+        "    upstream: http://127.0.0.1:9\n"
+        "    allow: [{operations: [getPetById]}]\n"
+    )
+    with pytest.raises(PolicyError) as caught:
+        load_policy(str(tmp_path))
+    text = "\n".join(str(p) for p in caught.value.problems)
+    assert "p.yaml:6:27: unknown operation 'getPetByID'" in text
+    assert "did you mean 'getPetById'?" in text
+    assert "p.yaml:6:39: operation glob 'nothing*' matches no operationId" in text
+    assert "p.yaml:9:14: operations need an 'openapi' document on service 'plain'" in text

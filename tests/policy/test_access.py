@@ -220,6 +220,7 @@ def test_schema_lists_the_new_keys(capsys: pytest.CaptureFixture[str]) -> None:
         "paths",
         "query",
         "headers",
+        "operations",
     }
     assert "verify" in schema["$defs"]["Agents"]["properties"]
 

@@ -1,42 +1,50 @@
 """The admin listener: health, readiness, the effective config, reloads.
 
-Nothing here ever shows a secret: secrets serialize as their reference
-(`${file:/path}`, `${env:NAME}`) or `<redacted>`.
+Runs on the same HTTP/1.1 listener as the egress (proxy/listener.py), so a
+sidecar that serves no webhook never loads an HTTP framework. Nothing here
+ever shows a secret: secrets serialize as their reference (`${file:/path}`,
+`${env:NAME}`) or `<redacted>`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import json
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
-from aiohttp import hdrs, web
-
-from .problems import ProblemError, problem_response
+from .headers import SERVER
+from .problems import ProblemError, problem_parts
+from .proxy.listener import App, Request, Response
 from .runtime import Sidecar
 from .telemetry.metrics import CONTENT_TYPE
 
-SIDECAR_KEY = web.AppKey("sidecar", Sidecar)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Params = dict[str, str]
+Handler = Callable[[Sidecar, Request, Params], Awaitable[Response]]
+_JSON = "application/json; charset=utf-8"
 
 
-def _sidecar(request: web.Request) -> Sidecar:
-    return request.app[SIDECAR_KEY]
+def json_response(data: Any, status: int = 200) -> Response:
+    return Response(
+        status=status,
+        headers=[("Content-Type", _JSON), ("Server", SERVER)],
+        body=json.dumps(data).encode(),
+    )
 
 
-async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+async def healthz(sidecar: Sidecar, request: Request, params: Params) -> Response:
+    return json_response({"status": "ok"})
 
 
-async def readyz(request: web.Request) -> web.Response:
-    sidecar = _sidecar(request)
+async def readyz(sidecar: Sidecar, request: Request, params: Params) -> Response:
     if sidecar.draining:
-        return web.json_response({"status": "draining"}, status=503)
+        return json_response({"status": "draining"}, status=503)
     if sidecar.router is None:
-        return web.json_response({"status": "no policy loaded"}, status=503)
-    return web.json_response({"status": "ready", "version": sidecar.router.version})
+        return json_response({"status": "no policy loaded"}, status=503)
+    return json_response({"status": "ready", "version": sidecar.router.version})
 
 
 def effective_config(sidecar: Sidecar) -> dict[str, Any]:
@@ -60,18 +68,17 @@ def effective_config(sidecar: Sidecar) -> dict[str, Any]:
     }
 
 
-async def config(request: web.Request) -> web.Response:
-    return web.json_response(effective_config(_sidecar(request)))
+async def config(sidecar: Sidecar, request: Request, params: Params) -> Response:
+    return json_response(effective_config(sidecar))
 
 
-async def reload(request: web.Request) -> web.Response:
-    result = await _sidecar(request).reload("admin")
-    return web.json_response(result.as_dict(), status=200 if result.ok else 422)
+async def reload(sidecar: Sidecar, request: Request, params: Params) -> Response:
+    result = await sidecar.reload("admin")
+    return json_response(result.as_dict(), status=200 if result.ok else 422)
 
 
-async def services(request: web.Request) -> web.Response:
+async def services(sidecar: Sidecar, request: Request, params: Params) -> Response:
     """Each service's route and the live state of its breaker and retry budget."""
-    sidecar = _sidecar(request)
     policy = sidecar.policy
     out: dict[str, Any] = {}
     for name, s in policy.services.items() if policy else ():
@@ -87,35 +94,40 @@ async def services(request: web.Request) -> web.Response:
             "rules": [r.model_dump(mode="json", exclude_defaults=True) for r in s.allow],
         }
         out[name] = entry
-    return web.json_response({"services": out})
+    return json_response({"services": out})
 
 
-async def metrics(request: web.Request) -> web.Response:
-    sidecar = _sidecar(request)
+async def metrics(sidecar: Sidecar, request: Request, params: Params) -> Response:
     telemetry = sidecar.telemetry
     # The queue gauges as of this scrape, not of the last periodic read.
     await sidecar.webhooks.refresh_gauges()
-    return web.Response(body=telemetry.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+    return Response(
+        status=200,
+        headers=[("Content-Type", CONTENT_TYPE), ("Server", SERVER)],
+        body=telemetry.metrics.render(),
+    )
 
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-@web.middleware
-async def same_origin_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+def _cross_origin(request: Request) -> Response | None:
     # A web page can POST text/plain anywhere without a CORS preflight, so any site
     # a browser on this host visits could trigger reloads; browsers always name
     # the page's origin on such a request, while curl, probes and scripts send none.
-    origin = request.headers.get(hdrs.ORIGIN)
-    if origin is not None and request.method not in SAFE_METHODS:
-        own = f"{request.scheme}://{request.host}".lower()
-        if origin.lower() != own:
-            refused = ProblemError(
-                "forbidden_origin",
-                f"the admin port accepts {request.method} only from its own origin {own}",
-            )
-            return problem_response(refused)
-    return await handler(request)
+    origin = request.headers.get("Origin")
+    if origin is None or request.method in SAFE_METHODS:
+        return None
+    own = f"http://{request.headers.get('Host', '')}".lower()
+    if origin.lower() == own:
+        return None
+    status, headers, body = problem_parts(
+        ProblemError(
+            "forbidden_origin",
+            f"the admin port accepts {request.method} only from its own origin {own}",
+        )
+    )
+    return Response(status=status, headers=headers, body=body)
 
 
 def _origin(url: str) -> str:
@@ -136,71 +148,107 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _no_webhooks() -> web.Response:
-    return web.json_response({"error": "no webhooks are configured"}, status=404)
+def _no_webhooks() -> Response:
+    return json_response({"error": "no webhooks are configured"}, status=404)
 
 
-async def webhooks(request: web.Request) -> web.Response:
+async def webhooks(sidecar: Sidecar, request: Request, params: Params) -> Response:
     """Per endpoint: queue depth, oldest pending age, successes, failures, dead, disabled."""
-    store = _sidecar(request).webhooks.store
+    store = sidecar.webhooks.store
     if store is None:
         return _no_webhooks()
-    return web.json_response(_plain(await store.overview()))
+    return json_response(_plain(await store.overview()))
 
 
-async def webhook_message(request: web.Request) -> web.Response:
-    store = _sidecar(request).webhooks.store
+async def webhook_message(sidecar: Sidecar, request: Request, params: Params) -> Response:
+    store = sidecar.webhooks.store
     if store is None:
         return _no_webhooks()
-    view = await store.message(request.match_info["id"])
+    view = await store.message(params["id"])
     if view is None:
-        return web.json_response({"error": "no such message"}, status=404)
+        return json_response({"error": "no such message"}, status=404)
     out = _plain(view)
     for delivery in out["deliveries"]:
         delivery["url"] = _origin(delivery["url"])
-    return web.json_response(out)
+    return json_response(out)
 
 
-async def webhook_retry(request: web.Request) -> web.Response:
-    sidecar = _sidecar(request)
+async def webhook_retry(sidecar: Sidecar, request: Request, params: Params) -> Response:
     store = sidecar.webhooks.store
     if store is None:
         return _no_webhooks()
-    count = await store.retry(request.match_info["id"])
+    count = await store.retry(params["id"])
     if count is None:
-        return web.json_response({"error": "no such message"}, status=404)
+        return json_response({"error": "no such message"}, status=404)
     sidecar.webhooks.wake()
-    return web.json_response({"retried_deliveries": count})
+    return json_response({"retried_deliveries": count})
 
 
-async def webhook_enable(request: web.Request) -> web.Response:
+async def webhook_enable(sidecar: Sidecar, request: Request, params: Params) -> Response:
     """Enable every endpoint of this name (disabled by a 410 Gone)."""
-    sidecar = _sidecar(request)
     store = sidecar.webhooks.store
     if store is None:
         return _no_webhooks()
-    name = request.match_info["name"]
+    name = params["name"]
     enabled = []
     for stats in (await store.overview()).endpoints:
         if stats.endpoint == name and await store.enable(stats.source, name):
             enabled.append(stats.source)
     if not enabled:
-        return web.json_response({"error": "no such endpoint"}, status=404)
+        return json_response({"error": "no such endpoint"}, status=404)
     sidecar.webhooks.wake()
-    return web.json_response({"enabled": name, "webhooks": enabled})
+    return json_response({"enabled": name, "webhooks": enabled})
 
 
-def admin_app(sidecar: Sidecar) -> web.Application:
-    app = web.Application(middlewares=[same_origin_only])
-    app[SIDECAR_KEY] = sidecar
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/config", config)
-    app.router.add_get("/services", services)
-    app.router.add_post("/reload", reload)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/webhooks", webhooks)
-    app.router.add_get("/webhooks/messages/{id}", webhook_message)
-    app.router.add_post("/webhooks/messages/{id}/retry", webhook_retry)
-    app.router.add_post("/webhooks/endpoints/{name}/enable", webhook_enable)
-    return app
+_ROUTES: list[tuple[str, str, Handler]] = [
+    ("GET", "/healthz", healthz),
+    ("GET", "/readyz", readyz),
+    ("GET", "/config", config),
+    ("GET", "/services", services),
+    ("POST", "/reload", reload),
+    ("GET", "/metrics", metrics),
+    ("GET", "/webhooks", webhooks),
+    ("GET", "/webhooks/messages/{id}", webhook_message),
+    ("POST", "/webhooks/messages/{id}/retry", webhook_retry),
+    ("POST", "/webhooks/endpoints/{name}/enable", webhook_enable),
+]
+
+
+def _compile(template: str) -> re.Pattern[str]:
+    # "/a/{id}/b" -> ^/a/(?P<id>[^/]+)/b$: literal parts and one named segment each.
+    parts = re.split(r"\{(\w+)\}", template)
+    regex = "".join(
+        re.escape(part) if i % 2 == 0 else f"(?P<{part}>[^/]+)" for i, part in enumerate(parts)
+    )
+    return re.compile(regex + "$")
+
+
+_COMPILED = [(method, _compile(path), handler) for method, path, handler in _ROUTES]
+
+
+def _plain_answer(status: int, text: str, extra: list[tuple[str, str]] | None = None) -> Response:
+    headers = [("Content-Type", "text/plain; charset=utf-8"), ("Server", SERVER)]
+    return Response(status=status, headers=headers + (extra or []), body=text.encode())
+
+
+def admin_app(sidecar: Sidecar) -> App:
+    async def handle(request: Request) -> Response:
+        refused = _cross_origin(request)
+        if refused is not None:
+            return refused
+        path = request.target.partition("?")[0]
+        allowed: list[str] = []
+        for method, pattern, handler in _COMPILED:
+            found = pattern.match(path)
+            if found is None:
+                continue
+            if request.method == method or (request.method == "HEAD" and method == "GET"):
+                params = {k: unquote(v) for k, v in found.groupdict().items()}
+                return await handler(sidecar, request, params)
+            allowed.append(method)
+        if allowed:
+            allow = ", ".join(sorted(set(allowed)))
+            return _plain_answer(405, "405: Method Not Allowed", [("Allow", allow)])
+        return _plain_answer(404, "404: Not Found")
+
+    return handle

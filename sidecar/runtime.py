@@ -202,25 +202,7 @@ class ListenError(Exception):
     """A listener could not be opened (port in use, address not on this host...)."""
 
 
-class AdminListener:
-    """The admin port (aiohttp, off the request path) with the same face as a Listener."""
-
-    def __init__(self, runner: Any) -> None:
-        self.name = "admin"
-        self._runner = runner
-
-    @property
-    def addresses(self) -> list[tuple[str, int]]:
-        return [tuple(a[:2]) for a in self._runner.addresses]
-
-    async def shutdown(self, drain: float = 10.0) -> None:
-        await self._runner.shutdown()
-
-    async def cleanup(self) -> None:
-        await self._runner.cleanup()
-
-
-Bound = Listener | AdminListener
+Bound = Listener
 
 
 def _listen_error(address: tuple[str, int], exc: OSError) -> ListenError:
@@ -304,15 +286,6 @@ async def _open(sidecar: Sidecar, name: str, address: tuple[str, int]) -> Bound:
         return await listen_http(sidecar.handler, host, port, backlog=1024, name=name)
     if name == "ingress":
         return await listen_http(ingress_app(sidecar.webhooks), host, port, name=name)
-    from aiohttp import web
-
     from .admin import admin_app
 
-    runner = web.AppRunner(admin_app(sidecar), handle_signals=False, access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    return AdminListener(runner)
+    return await listen_http(admin_app(sidecar), host, port, name=name)

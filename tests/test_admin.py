@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sidecar.admin import admin_app
+from sidecar.proxy.listener import serve
 from sidecar.runtime import Sidecar
 from tests.conftest import echo_app
 from tests.helpers import sidecar_process
@@ -12,8 +13,9 @@ async def test_readyz_is_503_until_a_policy_is_loaded(upstream, client, tmp_path
     base = await upstream(echo_app())
     (tmp_path / "p.yaml").write_text(f"version: 1\nservices:\n  api: {{upstream: '{base}'}}\n")
     sidecar = Sidecar(str(tmp_path), env={})
+    listener = await serve(admin_app(sidecar), "127.0.0.1", 0)  # served before any reload
+    admin = f"http://127.0.0.1:{listener.addresses[0][1]}"
     try:
-        admin = await upstream(admin_app(sidecar))  # served before any reload
         async with client.get(f"{admin}/readyz") as r:
             assert r.status == 503
         async with client.get(f"{admin}/healthz") as r:
@@ -22,7 +24,13 @@ async def test_readyz_is_503_until_a_policy_is_loaded(upstream, client, tmp_path
         async with client.get(f"{admin}/readyz") as r:
             assert r.status == 200
             assert (await r.json())["version"]
+        async with client.get(f"{admin}/nowhere") as r:
+            assert r.status == 404
+        async with client.get(f"{admin}/reload") as r:
+            assert r.status == 405
+            assert r.headers["Allow"] == "POST"
     finally:
+        await listener.cleanup()
         await sidecar.close()
 
 

@@ -1,7 +1,8 @@
 """What a sidecar with the example policies loads: nothing it does not use.
 
 Each library here costs megabytes of resident memory per pod (redis 7, the
-cryptography backend of pyjwt and authlib 8, sqlite3 and the webhook code);
+cryptography backend of pyjwt and authlib 8, sqlite3 and the webhook code,
+aiohttp 11);
 they are imported only when a policy or the environment asks for them.
 """
 
@@ -21,6 +22,9 @@ ONLY_WHEN_USED = (
     "sqlite3",
     "opentelemetry.sdk",
     "jsonschema_rs",
+    # The egress, admin and ingress listeners are the sidecar's own: no HTTP framework
+    # until a webhook delivers, an OAuth2 token is fetched or a JWKS is read.
+    "aiohttp",
 )
 
 PROBE = f"""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 import ssl
 from collections.abc import AsyncIterable, Iterable
@@ -527,7 +528,9 @@ async def _send_body(conn: _Connection, body: AsyncIterable[bytes], chunked: boo
         transport.write(LAST_CHUNK)
 
 
+@functools.cache
 def _default_tls() -> ssl.SSLContext:
+    # One for the process: each context loads the system's CA store (megabytes).
     context = ssl.create_default_context()
     context.set_alpn_protocols(["http/1.1"])
     return context

@@ -10,6 +10,9 @@ What runs (all on 127.0.0.1, on free ports, under a temporary directory):
   sidecar      wrk -> `sidecar run`, realistic policy -> upstream (the proxy under test)
   sidecar-min  the same with only the bearer token in its policy
   sidecar-idle `sidecar run` with the example policies of `make run`: idle RSS only
+  sidecar-post     the realistic policy, wrk POSTing a ~100-byte JSON body (baseline)
+  sidecar+validate the same with `openapi:` and `validate: {requests: enforce}`: the
+                   body is checked against the document's schema on every call
   + tracing variants, and the sidecar with `--sidecar-env KEY=VAL` set.
 Every proxy strips the /bench prefix and injects `Authorization: Bearer <token>`.
 Each target gets a pass with many connections (throughput) and one with a single
@@ -60,6 +63,57 @@ REPO = BENCH_DIR.parent
 # No `$` in it: nginx would expand it as a variable inside `return`.
 UPSTREAM_BODY = '{"ok":true,"from":"bench-upstream","pad":"0123456789abcdef0123456789abcdef"}'
 REQUEST_PATH = "/v1/ping"
+# What the POST targets send: a chat-completion-shaped call, ~100 bytes.
+POST_BODY = (
+    '{"model":"gpt-4o","messages":[{"role":"user","content":"Say hi in one word."}],'
+    '"max_tokens":16}'
+)
+# The same body broken (model is not a string): a validating sidecar must refuse it.
+INVALID_POST_BODY = '{"model":4,"messages":[],"max_tokens":16}'
+# The document `sidecar+validate` checks POST_BODY against: one operation, a body
+# schema with what a real API's would have (required keys, types, an enum, bounds).
+OPENAPI_DOCUMENT: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "bench", "version": "1"},
+    "paths": {
+        REQUEST_PATH: {
+            "post": {
+                "operationId": "ping",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["model", "messages"],
+                                "additionalProperties": False,
+                                "properties": {
+                                    "model": {"type": "string", "minLength": 1},
+                                    "messages": {
+                                        "type": "array",
+                                        "minItems": 1,
+                                        "items": {
+                                            "type": "object",
+                                            "required": ["role", "content"],
+                                            "properties": {
+                                                "role": {"enum": ["system", "user", "assistant"]},
+                                                "content": {"type": "string"},
+                                            },
+                                        },
+                                    },
+                                    "max_tokens": {"type": "integer", "minimum": 1},
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {"200": {"description": "ok"}},
+            }
+        }
+    },
+}
+# The target `sidecar+validate` is compared with: the same calls, no document.
+VALIDATE_BASELINE = "sidecar-post"
 SERVICE = "bench"
 # What every proxy injects; the upstream answers 401 without it. No `$`, no quotes:
 # it goes into nginx and Caddy configs as is.
@@ -124,6 +178,11 @@ class Target:
     policy: Policy = Policy.REALISTIC
     # Issue 8's goal lines are checked against this target.
     goal: bool = False
+    # wrk POSTs POST_BODY as JSON instead of a GET; such a target is not compared with
+    # the reference proxies, which are measured with GETs.
+    post: bool = False
+    # The sidecar's service gets OPENAPI_DOCUMENT and `validate: {requests: enforce}`.
+    validate: bool = False
 
     @property
     def is_proxy(self) -> bool:
@@ -135,7 +194,13 @@ class Target:
         headers = {AGENT_HEADER: "bench-agent"}
         if self.kind is Kind.DIRECT:
             headers["Authorization"] = f"Bearer {TOKEN}"
+        if self.post:
+            headers["Content-Type"] = "application/json"
         return headers
+
+    @property
+    def body(self) -> bytes | None:
+        return POST_BODY.encode() if self.post else None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -267,8 +332,11 @@ def tail(path: Path, lines: int = 25) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def http_get(url: str, headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, headers=dict(headers or {}))
+def http_get(
+    url: str, headers: Mapping[str, str] | None = None, body: bytes | None = None
+) -> tuple[int, bytes]:
+    """GET, or POST when there is a body."""
+    request = urllib.request.Request(url, data=body, headers=dict(headers or {}))
     try:
         with _HTTP.open(request, timeout=2.0) as resp:
             status: int = resp.status
@@ -300,12 +368,24 @@ def wait_ready(
     raise BenchError(f"{what} not ready after {READY_TIMEOUT_S:.0f}s ({last}):\n{tail(log)}")
 
 
-def check_answer(url: str, what: str, headers: Mapping[str, str]) -> None:
+def check_answer(
+    url: str, what: str, headers: Mapping[str, str], request_body: bytes | None = None
+) -> None:
     """A proxy that answers fast with the wrong thing (404, 502, or the upstream's 401
     when it did not inject the token) must not be timed."""
-    status, body = http_get(url, headers)
+    status, body = http_get(url, headers, request_body)
     if status != 200 or body != UPSTREAM_BODY.encode():
-        raise BenchError(f"{what}: GET {url} gave HTTP {status}, body {body[:200]!r}")
+        method = "GET" if request_body is None else "POST"
+        raise BenchError(f"{what}: {method} {url} gave HTTP {status}, body {body[:200]!r}")
+
+
+def check_validation(url: str, what: str, headers: Mapping[str, str]) -> None:
+    """Validation must really be on, or the on/off comparison compares nothing."""
+    status, body = http_get(url, headers, INVALID_POST_BODY.encode())
+    if status != 422:
+        raise BenchError(
+            f"{what}: an invalid body was not refused (HTTP {status}, body {body[:200]!r})"
+        )
 
 
 def check_tracing(log: Path, what: str, *, before_run: bool) -> None:
@@ -473,7 +553,8 @@ class Running:
     proc: subprocess.Popen[bytes] | None
 
 
-def sidecar_policy(policy: Policy, upstream_port: int) -> str:
+def sidecar_policy(policy: Policy, upstream_port: int, *, openapi: str | None = None) -> str:
+    """The policy file; `openapi` (a path relative to it) turns request validation on."""
     service = (
         "version: 1\n"
         "services:\n"
@@ -481,6 +562,8 @@ def sidecar_policy(policy: Policy, upstream_port: int) -> str:
         f"    upstream: http://127.0.0.1:{upstream_port}\n"
         '    auth: {type: bearer, token: "${env:BENCH_TOKEN}"}\n'
     )
+    if openapi is not None:
+        service += f"    openapi: {openapi}\n    validate: {{requests: enforce}}\n"
     if policy is Policy.MINIMAL:
         return service
     # Limits far above what one core can do: every call takes a token from both
@@ -568,7 +651,9 @@ class Bench:
         url = f"http://127.0.0.1:{port}/{SERVICE}{REQUEST_PATH}"
         try:
             wait_ready(ready_url or url, proc, log, target.name, target.headers)
-            check_answer(url, target.name, target.headers)
+            check_answer(url, target.name, target.headers, target.body)
+            if target.validate:
+                check_validation(url, target.name, target.headers)
             if target.tracing:
                 check_tracing(log, target.name, before_run=True)
             yield Running(url, proc)
@@ -670,7 +755,14 @@ class Bench:
         home = self.workdir / target.name
         policies = home / "policies"
         policies.mkdir(parents=True)
-        (policies / "bench.yaml").write_text(sidecar_policy(target.policy, self.upstream_port))
+        openapi = None
+        if target.validate:
+            # Outside policies/: only the policy file names it.
+            (home / "openapi.json").write_text(json.dumps(OPENAPI_DOCUMENT, indent=2) + "\n")
+            openapi = "../openapi.json"
+        (policies / "bench.yaml").write_text(
+            sidecar_policy(target.policy, self.upstream_port, openapi=openapi)
+        )
         port, admin = free_port(), free_port()
         argv = [str(self.settings.sidecar_bin), "run", "--policies", str(policies)]
         argv += ["--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}"]
@@ -714,7 +806,7 @@ class Bench:
     ) -> dict[str, Any]:
         log = self.workdir / f"wrk-{target.name}-c{connections}-{tag}.log"
         argv = [self.settings.wrk, f"-t{threads}", f"-c{connections}", f"-d{seconds}s"]
-        argv += [f"--timeout={WRK_REQUEST_TIMEOUT_S}s", "-s", str(BENCH_DIR / "report.lua")]
+        argv += [f"--timeout={WRK_REQUEST_TIMEOUT_S}s", "-s", str(self._wrk_script(target))]
         for name, value in target.headers.items():
             argv += ["-H", f"{name}: {value}"]
         argv += [url]
@@ -730,6 +822,21 @@ class Bench:
                 stats: dict[str, Any] = json.loads(line.removeprefix("BENCH_JSON "))
                 return stats
         raise BenchError(f"wrk against {target.name} exited {code} without a report:\n{tail(log)}")
+
+    def _wrk_script(self, target: Target) -> Path:
+        """report.lua, plus for a POST target the method and body (wrk takes one script)."""
+        if target.body is None:
+            return BENCH_DIR / "report.lua"
+        script = self.workdir / f"wrk-{target.name}.lua"
+        # Long bracket strings: the JSON's quotes need no escaping. The -H headers
+        # (Content-Type among them) are in wrk.headers before this runs, and wrk adds
+        # Content-Length from wrk.body.
+        script.write_text(
+            f"dofile([==[{BENCH_DIR / 'report.lua'}]==])\n"
+            'wrk.method = "POST"\n'
+            f"wrk.body = [==[{target.body.decode()}]==]\n"
+        )
+        return script
 
     def _to_measurement(
         self,
@@ -796,6 +903,9 @@ def comparisons(
     direct_1, nginx_1 = find(results, "direct", 1), find(results, "nginx", 1)
     for t in targets:
         mine_1 = find(results, t.name, 1)
+        if t.post:
+            # Its request differs from the references' GET: no ratio would mean anything.
+            continue
         if t.is_proxy and direct_1 and mine_1:
             added_p50[t.name] = round(mine_1.p50_ms - direct_1.p50_ms, 3)
             added_p99[t.name] = round(mine_1.p99_ms - direct_1.p99_ms, 3)
@@ -816,7 +926,10 @@ def comparisons(
             continue
         summary[t.name] = {
             "rps": mine.rps,
-            **{f"x_{ref}": ratio(mine, find(results, ref, many)) for ref in REFERENCES},
+            **{
+                f"x_{ref}": None if t.post else ratio(mine, find(results, ref, many))
+                for ref in REFERENCES
+            },
             "p50_added_ms_at_1_connection": added_p50.get(t.name),
             "p99_ms": mine.p99_ms,
             "rss_mib_after_passes": memory.get(t.name, {}).get("after_passes"),
@@ -847,6 +960,26 @@ def comparisons(
             entry["added_p50_ms_at_1_connection"] = round(on_1.p50_ms - off_1.p50_ms, 3)
             entry["added_p99_ms_at_1_connection"] = round(on_1.p99_ms - off_1.p99_ms, 3)
         tracing[t.name] = entry
+    # Validation on vs off: the same POSTs, with and without the OpenAPI document.
+    validation: dict[str, Any] = {}
+    for t in targets:
+        if not t.validate:
+            continue
+        rps = {}
+        for c in levels:
+            r = ratio(find(results, t.name, c), find(results, VALIDATE_BASELINE, c))
+            if r is not None:
+                rps[str(c)] = r
+        on_1, off_1 = find(results, t.name, 1), find(results, VALIDATE_BASELINE, 1)
+        v_entry: dict[str, Any] = {
+            "baseline": VALIDATE_BASELINE,
+            "request_body_bytes": len(POST_BODY),
+            f"rps_over_{VALIDATE_BASELINE}_by_connections": rps,
+        }
+        if on_1 and off_1:
+            v_entry["added_p50_ms_at_1_connection"] = round(on_1.p50_ms - off_1.p50_ms, 3)
+            v_entry["added_p99_ms_at_1_connection"] = round(on_1.p99_ms - off_1.p99_ms, 3)
+        validation[t.name] = v_entry
     return {
         "summary_at_connections": many,
         "summary": summary,
@@ -854,6 +987,7 @@ def comparisons(
         "goals_target": goal_target,
         "goals": goals(summary.get(goal_target or "", {}), idle_rss, many),
         "tracing_overhead": tracing,
+        "validation_overhead": validation,
         **{f"rps_over_{ref}_by_connections": rps_over[ref] for ref in REFERENCES},
         "added_p50_ms_over_direct_at_1_connection": added_p50,
         "added_p99_ms_over_direct_at_1_connection": added_p99,
@@ -964,6 +1098,19 @@ def print_report(
                 f"p99 {entry['added_p99_ms_at_1_connection']:+.3f} ms"
             )
         print(line)
+    for name, entry in comp.get("validation_overhead", {}).items():
+        by_conns = entry[f"rps_over_{VALIDATE_BASELINE}_by_connections"]
+        shown = ", ".join(f"{r:.2f} x {VALIDATE_BASELINE} at {c} conn" for c, r in by_conns.items())
+        line = (
+            f"validation: {name} req/s = {shown or '-'} "
+            f"(POST with a {entry['request_body_bytes']}-byte JSON body)"
+        )
+        if "added_p50_ms_at_1_connection" in entry:
+            line += (
+                f"; added at 1 conn: p50 {entry['added_p50_ms_at_1_connection']:+.3f} ms, "
+                f"p99 {entry['added_p99_ms_at_1_connection']:+.3f} ms"
+            )
+        print(line)
     print_goals(comp)
     for m in results:
         if m.error_count:
@@ -1063,6 +1210,9 @@ def build_targets(sidecar_env: Mapping[str, str]) -> list[Target]:
                 "OTEL_TRACES_SAMPLER_ARG": "0.1",
             },
         ),
+        # Issue 10: what checking a request body against an OpenAPI schema costs.
+        Target(name=VALIDATE_BASELINE, kind=Kind.SIDECAR, post=True),
+        Target(name="sidecar+validate", kind=Kind.SIDECAR, post=True, validate=True),
     ]
     if sidecar_env:
         targets.append(Target(name="sidecar+env", kind=Kind.SIDECAR, env=dict(sidecar_env)))
@@ -1237,6 +1387,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "kind": t.kind.value,
                     "env": dict(t.env),
                     **({"policy": t.policy.value} if t.kind is Kind.SIDECAR else {}),
+                    **({"method": "POST", "request_body": POST_BODY} if t.post else {}),
+                    **(
+                        {"openapi": OPENAPI_DOCUMENT, "validate": {"requests": "enforce"}}
+                        if t.validate
+                        else {}
+                    ),
                 }
                 for t in targets
             ],

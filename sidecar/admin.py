@@ -246,6 +246,8 @@ def admin_app(sidecar: Sidecar) -> App:
                 params = {k: unquote(v) for k, v in found.groupdict().items()}
                 return await handler(sidecar, request, params)
             allowed.append(method)
+            if method == "GET":
+                allowed.append("HEAD")
         if allowed:
             allow = ", ".join(sorted(set(allowed)))
             return _plain_answer(405, "405: Method Not Allowed", [("Allow", allow)])

@@ -243,9 +243,11 @@ def _relay(request: Request, reply: Reply, route: Route, exchange: Exchange | No
         # The handshake with the agent is the sidecar's own.
         headers = [h for h in headers if h[0].lower() != "server"]
         headers.append(("Server", SERVER))
-        return Response(status=101, headers=headers, reason=reply.reason, tunnel=reply.detach())
+        return Response(
+            status=101, headers=headers, reason=reply.reason, tunnel=reply.detach(), on_done=done
+        )
     body: AsyncIterable[bytes] | None = reply.body
-    if body is not None and route.idle is not None:
+    if body is not None and route.idle is not None and not getattr(body, "complete", False):
         body = _idle_bounded(body, route.idle)
     return Response(
         status=status,

@@ -66,7 +66,8 @@ def head_bytes(first_line: bytes, headers: Iterable[tuple[str, str]]) -> bytes:
 
 def _check_field(text: str) -> None:
     if "\r" in text or "\n" in text or "\0" in text:
-        raise ValueError(f"CR, LF or NUL in a header field: {text!r}")
+        # The field's name only: its value may be a credential.
+        raise ValueError(f"CR, LF or NUL in the header field {text.partition(':')[0][:64]!r}")
 
 
 def chunk(data: bytes) -> bytes:

@@ -381,7 +381,9 @@ class HttpServerProtocol(asyncio.Protocol):
         while True:
             if not self._queue:
                 self._busy = False
-                self._set_timer(self._limits.idle_timeout)
+                # A request head already begun (while busy) gets the header deadline.
+                limits = self._limits
+                self._set_timer(limits.header_timeout if self._in_head else limits.idle_timeout)
                 if self._queue_paused:
                     self._queue_paused = False
                     self._update_reading()
@@ -427,17 +429,22 @@ class HttpServerProtocol(asyncio.Protocol):
             self._close()
         finally:
             self._app_has = None
-            if request.body is not None and not request.body.at_eof:
-                keep_alive = await self._discard_body(request) and keep_alive
+            # The answer's end is recorded before anything else may await: a hang-up
+            # there (cancelling this task) must not skip it.
             body = response.body
             if isinstance(body, FeedStream):
                 body.close()  # sync: the common case costs no await
-            elif body is not None and not isinstance(body, bytes):
+            if response.on_done is not None:
+                try:
+                    response.on_done(self._sent, error)
+                except Exception:
+                    log.exception("recording the end of an answer failed")
+            if body is not None and not isinstance(body, bytes | FeedStream):
                 aclose = getattr(body, "aclose", None)
                 if aclose is not None:
                     await aclose()
-            if response.on_done is not None:
-                response.on_done(self._sent, error)
+        if request.body is not None and not request.body.at_eof:
+            keep_alive = await self._discard_body(request) and keep_alive
         return keep_alive
 
     async def _discard_body(self, request: Request) -> bool:

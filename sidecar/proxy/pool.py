@@ -111,6 +111,8 @@ class _Connection(asyncio.Protocol):
         self.body: FeedStream | None = None
         self.message_done = False
         self.keep_alive = False
+        # Sends a streamed request body, possibly still after the answer's head came.
+        self.sender: asyncio.Task[None] | None = None
         # After a 101: raw bytes go to the tunnel's peer.
         self._upgrade_rest = b""
         self._peer: TunnelPeer | None = None
@@ -137,6 +139,10 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._peer is not None:
             self._peer.tunnel_data(data)
+            return
+        if self.status == 101:
+            # Upgraded, tunnel not attached yet: these bytes are the tunnel's, not HTTP.
+            self._upgrade_rest += data
             return
         self.got_bytes = True
         try:
@@ -238,6 +244,7 @@ class _Connection(asyncio.Protocol):
         self.body = None
         self.message_done = False
         self.keep_alive = False
+        self.sender = None
         return self._head
 
     def reusable(self) -> bool:
@@ -247,6 +254,15 @@ class _Connection(asyncio.Protocol):
             and self.keep_alive
             and self.body is not None
             and self.body.at_eof
+            # The whole call went out: the upstream waits for no more of its body.
+            and (
+                self.sender is None
+                or (
+                    self.sender.done()
+                    and not self.sender.cancelled()
+                    and self.sender.exception() is None
+                )
+            )
         )
 
     def idle(self, until: float) -> None:
@@ -326,6 +342,12 @@ class UpstreamReply:
             return
         self._released = True
         self.body.close()
+        sender = self._conn.sender
+        if sender is not None and not sender.done():
+            # Answered before the whole body was sent: the upstream still waits for the
+            # rest, so this connection can carry no other call.
+            sender.cancel()
+            self._conn.close()
         self._pool._put_back(self._conn)
 
     def detach(self) -> _Connection:
@@ -422,7 +444,8 @@ class Pool:
             else:
                 transport.write(head)
                 # The upstream may answer before the upload ends (a 413, say).
-                sender = asyncio.ensure_future(_send_body(conn, body, chunked))
+                sender = conn.sender = asyncio.ensure_future(_send_body(conn, body, chunked))
+                sender.add_done_callback(_retrieved)
                 await asyncio.wait({sender, answered}, return_when=asyncio.FIRST_COMPLETED)
                 if sender.done() and sender.exception() is not None:
                     conn.close()
@@ -512,6 +535,12 @@ class Pool:
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+
+def _retrieved(task: asyncio.Task[None]) -> None:
+    # A sender that failed after the answer came is not an error of the call's.
+    if not task.cancelled():
+        task.exception()
 
 
 async def _send_body(conn: _Connection, body: AsyncIterable[bytes], chunked: bool) -> None:

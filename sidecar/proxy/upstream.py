@@ -43,7 +43,7 @@ class Upstream:
         headers = call.headers
         if call.upgrade:
             # Hop-by-hop, so dropped from the agent's request: this hop asks again.
-            headers.extend(_UPGRADE_HEADERS)
+            headers.update(_UPGRADE_HEADERS)  # update: a retry must not send them twice
         try:
             return await self.pool.request(
                 call.method,

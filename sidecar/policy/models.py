@@ -470,6 +470,7 @@ class Service(Model):
     validation: Validate | None = Field(default=None, alias="validate")
     graphql: GraphQL | None = Field(default=None, description="A GraphQL API, see protocols.py")
     mcp: MCPSetting = Field(default=None, description="An MCP server: true, or its tool rules")
+    llm: LLM | None = Field(default=None, description="An LLM API: token accounting, see llm.py")
 
     @field_validator("upstream")
     @classmethod
@@ -528,6 +529,7 @@ class PolicyFile(Model):
 
 # At the end: these modules build on this module's base model and types.
 from .access import AgentKeys, AllowRule, CredentialHeader, JwtVerify  # noqa: E402
+from .llm import LLM  # noqa: E402
 from .openapi import DocumentPath, Validate  # noqa: E402
 from .protocols import GraphQL, MCPSetting  # noqa: E402
 from .upstream_limits import UpstreamLimits  # noqa: E402

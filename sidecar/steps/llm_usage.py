@@ -129,7 +129,17 @@ def _parse(data: bytes) -> Any:
 class Scanner:
     """Reads one answer's usage from its chunks; `feed` each, then `finish`."""
 
-    __slots__ = ("_cap", "_chunks", "_data", "_dead", "_held", "_inflate", "_kind", "_tail")
+    __slots__ = (
+        "_cap",
+        "_chunks",
+        "_data",
+        "_dead",
+        "_held",
+        "_inflate",
+        "_kind",
+        "_tail",
+        "usage",
+    )
 
     def __init__(self, kind: Kind, *, encoding: str | None = None, cap: int = 1 << 20) -> None:
         self._kind = kind

@@ -167,7 +167,9 @@ class LLMUpstream:
         if body.get("stream"):
             options = body.get("stream_options") or {}
             usage = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
-            parts = openai_stream(model, ["Hel", "lo", "!"], usage if options.get("include_usage") else None)
+            parts = openai_stream(
+                model, ["Hel", "lo", "!"], usage if options.get("include_usage") else None
+            )
             return await self._stream(request, list(parts))
         return await self._json(openai_json(model, 12, 5))
 

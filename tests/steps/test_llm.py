@@ -50,16 +50,17 @@ async def post(
         return r.status, await r.read()
 
 
-async def read_until(response: aiohttp.ClientResponse, got: bytearray, marker: bytes) -> None:
-    """Read what the sidecar relayed until `marker` arrived (fails after 10 s)."""
+async def read_exactly(response: aiohttp.ClientResponse, got: bytearray, expected: bytes) -> None:
+    """Read what the sidecar relays until `got` is as long as `expected` (fails after 10 s)."""
 
     async def read() -> None:
-        while marker not in got:
+        while len(got) < len(expected):
             chunk = await response.content.readany()
-            assert chunk, f"the answer ended before {marker!r}"
+            assert chunk, f"the answer ended after {bytes(got)!r}"
             got.extend(chunk)
 
     await asyncio.wait_for(read(), 10)
+    assert bytes(got) == expected
 
 
 async def test_openai_json_answers_count_per_agent_and_model(upstream, start_sidecar, client):
@@ -127,12 +128,10 @@ async def test_openai_stream_reaches_the_agent_event_by_event_and_counts_its_usa
         assert r.status == 200
         assert r.headers["Content-Type"] == "text/event-stream"
         # The first event reaches the agent while the upstream still holds the rest.
-        await read_until(r, got, first)
-        assert bytes(got) == first
+        await read_exactly(r, got, first)
         first_seen.set()
         # Half an event: the sidecar passes a chunk that ends inside an event on at once.
-        await read_until(r, got, last[:cut])
-        assert bytes(got) == first + second + last[:cut]
+        await read_exactly(r, got, first + second + last[:cut])
         half_seen.set()
         got.extend(await r.read())
     assert bytes(got) == sent  # byte for byte what the upstream sent
@@ -152,7 +151,9 @@ async def test_anthropic_json_and_stream_count_input_with_cache_and_output(
     request = {"model": "claude-sonnet-4-5", "max_tokens": 64, "messages": []}
     status, body = await post(client, url, request, "a1")
     assert status == 200 and json.loads(body)["usage"]["input_tokens"] == 20
-    async with client.post(url, json={**request, "stream": True}, headers={"X-Agent-Id": "a1"}) as r:
+    async with client.post(
+        url, json={**request, "stream": True}, headers={"X-Agent-Id": "a1"}
+    ) as r:
         streamed = await r.read()
     assert streamed == b"".join(anthropic_stream("claude-sonnet-4-5", 25, 15))
     # JSON: 20 input + 100 written to + 1000 read from the cache; stream: 25 in, 15 out.
@@ -171,7 +172,10 @@ async def test_garbage_and_unknown_answers_pass_unchanged_and_count_nothing(
     url = f"{sc.url}/oai/chat/completions"
     cases = [
         ("application/json", [b'{"usage": {"prompt_tokens": 5', b", garbage \xff\xfe"]),
-        ("text/event-stream", [b"data: {not json\n\n", b'data: {"usage": {"prompt_tokens": x}}\n\n']),
+        (
+            "text/event-stream",
+            [b"data: {not json\n\n", b'data: {"usage": {"prompt_tokens": x}}\n\n'],
+        ),
         ("text/event-stream", [b'data: {"usage": ["prompt_tokens", 5]}\n\n']),
         ("text/plain", [b'{"usage": {"prompt_tokens": 5, "completion_tokens": 1}}']),
     ]
@@ -214,7 +218,9 @@ async def test_stream_usage_asks_openai_for_usage_when_the_agent_did_not(
 ):
     llm = LLMUpstream()
     base = await upstream(llm.app())
-    sc = await start_sidecar(policy(base).replace("{api: openai}", "{api: openai, stream_usage: true}"))
+    sc = await start_sidecar(
+        policy(base).replace("{api: openai}", "{api: openai, stream_usage: true}")
+    )
     url = f"{sc.url}/oai/chat/completions"
     plain = {"model": "gpt-4o", "stream": True, "messages": []}
     refused = {**plain, "stream_options": {"include_usage": False}}

@@ -23,14 +23,19 @@ def scan(kind: str, data: bytes, *, cuts: list[int] = (), encoding: str | None =
     return usage.input, usage.output, usage.model
 
 
-OPENAI_SSE = b"".join(openai_stream("gpt-4o", ["a", "b"], {"prompt_tokens": 9, "completion_tokens": 4}))
+OPENAI_SSE = b"".join(
+    openai_stream("gpt-4o", ["a", "b"], {"prompt_tokens": 9, "completion_tokens": 4})
+)
 ANTHROPIC_SSE = b"".join(anthropic_stream("claude-x", 25, 15))
 
 
-@pytest.mark.parametrize(("data", "expected"), [
-    (OPENAI_SSE, (9, 4, "gpt-4o")),
-    (ANTHROPIC_SSE, (25, 15, "claude-x")),
-])
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (OPENAI_SSE, (9, 4, "gpt-4o")),
+        (ANTHROPIC_SSE, (25, 15, "claude-x")),
+    ],
+)
 def test_an_sse_stream_cut_at_every_byte_reads_the_same(data: bytes, expected: tuple) -> None:
     assert scan("sse", data) == expected
     for cut in range(1, len(data)):
@@ -50,18 +55,28 @@ def test_a_stream_without_usage_reports_none() -> None:
 
 def test_json_answers_openai_anthropic_responses_gemini() -> None:
     assert scan("json", json.dumps(openai_json("gpt-4o", 12, 5)).encode(), cuts=[7]) == (
-        12, 5, "gpt-4o",
+        12,
+        5,
+        "gpt-4o",
     )
-    anthropic = anthropic_json("claude-x", {"input_tokens": 3, "output_tokens": 4,
-                                            "cache_read_input_tokens": 10})
+    anthropic = anthropic_json(
+        "claude-x", {"input_tokens": 3, "output_tokens": 4, "cache_read_input_tokens": 10}
+    )
     assert scan("json", json.dumps(anthropic).encode()) == (13, 4, "claude-x")
     responses = {"model": "gpt-5", "usage": {"input_tokens": 8, "output_tokens": 2}}
     assert scan("json", json.dumps(responses).encode()) == (8, 2, "gpt-5")
     gemini = [
-        {"usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": 1},
-         "modelVersion": "gemini-2.5-flash"},
-        {"usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": 6,
-                           "thoughtsTokenCount": 10}},
+        {
+            "usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": 1},
+            "modelVersion": "gemini-2.5-flash",
+        },
+        {
+            "usageMetadata": {
+                "promptTokenCount": 4,
+                "candidatesTokenCount": 6,
+                "thoughtsTokenCount": 10,
+            }
+        },
     ]
     assert scan("json", json.dumps(gemini).encode()) == (4, 16, "gemini-2.5-flash")
 
@@ -98,7 +113,9 @@ def test_garbage_reads_as_nothing() -> None:
     for kind in ("json", "sse", "ndjson"):
         assert scan(kind, b'\xff\xfe{"usage": {"prompt_tokens": 1\n\n') == (None, None, None)
         assert scan(kind, b'{"usage": {"prompt_tokens": true, "completion_tokens": -1}}\n\n') == (
-            None, None, None,
+            None,
+            None,
+            None,
         )
 
 
@@ -113,11 +130,7 @@ def test_agent_and_model_labels_are_bounded_per_service() -> None:
     metrics = Metrics()
     for n in range(MAX_LLM_AGENTS + 20):
         metrics.on_llm_usage("svc", f"agent-{n}", "m" * 500, 1, 1)
-    agents = {
-        s.labels["agent"]
-        for family in metrics.llm_tokens.collect()
-        for s in family.samples
-    }
+    agents = {s.labels["agent"] for family in metrics.llm_tokens.collect() for s in family.samples}
     assert len(agents) == MAX_LLM_AGENTS + 1 and "_other" in agents
     models = {s.labels["model"] for family in metrics.llm_tokens.collect() for s in family.samples}
     assert models == {"m" * 128}

@@ -18,7 +18,10 @@ span as OpenTelemetry GenAI attributes (`gen_ai.usage.input_tokens`, ...).
 Telemetry ends that span after the body was relayed and after the reply was
 released, which is when the wrapper reports.
 
-In the chain it runs after the limiters and outside retry: it sees the one
+Token limits (`rate_limit: [{tokens: ...}]`, llm_limits.py) are checked here
+before the call goes on, and charged the usage when the answer is over.
+
+In the chain it runs after the call limiters and outside retry: it sees the one
 reply that reaches the agent, a call the sidecar refuses costs no body parse,
 and the body it reads is the one every retry sends.
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 from urllib.parse import unquote
@@ -37,6 +41,7 @@ from ..call import Call, Handler, Reply, make_replayable
 from ..policy.llm import LLM
 from ..policy.loader import ServicePolicy
 from ..state import StateBuild
+from .llm_limits import Charge, Clock, Sleep, TokenLimit, admit, settle, sleeper
 from .llm_usage import MAX_MODEL, Scanner, Usage, kind_of
 from .operation import annotate, endpoint
 
@@ -68,15 +73,31 @@ def operation_name(path: str) -> str | None:
 
 
 class LLMStep:
-    def __init__(self, *, service: str, llm: LLM) -> None:
+    def __init__(
+        self,
+        *,
+        service: str,
+        llm: LLM,
+        limits: list[TokenLimit] | None = None,
+        clock: Clock = time.monotonic,
+        sleep: Sleep | None = None,
+    ) -> None:
         self.service = service
         self.api = llm.api
         self.provider = llm.provider or llm.api
         self.stream_usage = llm.stream_usage and llm.api == "openai"
+        self.limits = limits or []
+        self._clock = clock
+        self._sleep = sleep or sleeper()
 
     async def __call__(self, call: Call, next: Handler) -> Reply:
         if call.method != "POST" or call.upgrade:
             return await next(call)
+        charge: Charge = []
+        if self.limits:
+            charge = await admit(
+                self.limits, call.agent, service=self.service, clock=self._clock, sleep=self._sleep
+            )
         path = endpoint(call.target)
         model = await self._request_model(call, path)
         attributes: dict[str, str | int | bool] = {
@@ -97,7 +118,7 @@ class LLMStep:
         encoding = (headers.get("Content-Encoding") or "identity").strip().lower()
         if kind is None or encoding not in ("identity", "gzip", "x-gzip", "deflate"):
             return reply
-        meter = _Meter(self.service, call, model, Scanner(kind, encoding=encoding))
+        meter = _Meter(self.service, call, model, Scanner(kind, encoding=encoding), charge)
         return MeteredReply(reply, meter)
 
     async def _request_model(self, call: Call, path: str) -> str | None:
@@ -144,13 +165,16 @@ def _add_stream_usage(doc: dict[str, Any], path: str) -> bool:
 class _Meter:
     """One answer's scanner, and where its usage goes once it is over."""
 
-    __slots__ = ("call", "done", "model", "scanner", "service")
+    __slots__ = ("call", "charge", "done", "model", "scanner", "service")
 
-    def __init__(self, service: str, call: Call, model: str | None, scanner: Scanner) -> None:
+    def __init__(
+        self, service: str, call: Call, model: str | None, scanner: Scanner, charge: Charge
+    ) -> None:
         self.service = service
         self.call = call
         self.model = model
         self.scanner = scanner
+        self.charge = charge
         self.done = False
 
     def finish(self) -> None:
@@ -160,6 +184,8 @@ class _Meter:
         usage: Usage = self.scanner.finish()
         if not usage.known:
             return
+        if self.charge:
+            settle(self.charge, (usage.input or 0) + (usage.output or 0))
         call = self.call
         model = self.model or usage.model or UNKNOWN_MODEL
         attributes: dict[str, str | int | bool] = {}
@@ -221,8 +247,31 @@ async def _scanned(body: AsyncIterable[bytes], meter: _Meter) -> AsyncIterator[b
     meter.finish()
 
 
-def build(service: ServicePolicy, *, state: StateBuild) -> LLMStep | None:
+def build(
+    service: ServicePolicy,
+    *,
+    state: StateBuild,
+    clock: Clock = time.monotonic,
+    sleep: Sleep | None = None,
+) -> LLMStep | None:
     llm = service.spec.llm
     if llm is None:
         return None
-    return LLMStep(service=service.name, llm=llm)
+    name = service.name
+    limits: list[TokenLimit] = []
+    for limit in service.spec.rate_limit:
+        tokens = limit.tokens
+        if tokens is None:
+            continue
+        # Keyed by the whole limit: an unchanged limit keeps its bucket across reloads.
+        found = state.get(
+            name,
+            "llm-tokens",
+            limit,
+            lambda lim=limit, t=tokens.per_second: TokenLimit(  # type: ignore[misc]
+                service=name, limit=lim, tokens=t, clock=clock
+            ),
+        )
+        if found not in limits:
+            limits.append(found)
+    return LLMStep(service=name, llm=llm, limits=limits, clock=clock, sleep=sleep)

@@ -273,3 +273,46 @@ async def test_spans_carry_gen_ai_attributes(upstream, start_sidecar, client):
     assert oai["gen_ai.system"] == "openai"
     assert oai["gen_ai.request.model"] == "gpt-4o"
     assert (oai["gen_ai.usage.input_tokens"], oai["gen_ai.usage.output_tokens"]) == (12, 5)
+
+
+async def test_token_limits_admit_while_tokens_are_left_and_charge_the_usage(
+    upstream, start_sidecar, client
+):
+    llm = LLMUpstream()
+    base = await upstream(llm.app())
+    limits = "    rate_limit:\n      - {tokens: 20/h, burst: 20, per: agent}\n"
+    sc = await start_sidecar(policy(base, extra=limits))
+    url = f"{sc.url}/oai/chat/completions"
+    request = {"model": "gpt-4o", "messages": []}
+    # 20 tokens: the first answer costs 17 (12 in, 5 out), the second is let through
+    # with 3 left and puts the bucket 14 tokens in debt, the third waits ~42 minutes.
+    for _ in range(2):
+        status, _ = await post(client, url, request, "a1")
+        assert status == 200
+    async with client.post(url, json=request, headers={"X-Agent-Id": "a1"}) as r:
+        assert r.status == 429
+        assert r.headers["X-Sidecar-Error"] == "rate_limited"
+        assert int(r.headers["Retry-After"]) > 2000
+        problem = await r.json(content_type=None)
+        assert "token limit" in problem["detail"]
+    assert len(llm.requests) == 2  # the refused call never reached the upstream
+    status, _ = await post(client, url, request, "a2")  # another agent's bucket is full
+    assert status == 200
+    # Call limits are untouched by tokens: the Anthropic service has none at all.
+    status, _ = await post(client, f"{sc.url}/claude/messages", {"model": "c"}, "a1")
+    assert status == 200
+
+
+async def test_a_token_limit_needs_llm(start_sidecar, tmp_path):
+    from sidecar.policy.loader import PolicyError, load_policy
+
+    (tmp_path / "p.yaml").write_text(
+        "version: 1\nservices:\n  s:\n    upstream: http://127.0.0.1:1\n"
+        "    rate_limit: {tokens: 100/min}\n"
+    )
+    try:
+        load_policy(str(tmp_path))
+    except PolicyError as err:
+        assert "needs llm:" in str(err)
+    else:
+        raise AssertionError("a token limit without llm: was accepted")

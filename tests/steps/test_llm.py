@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.helpers import eventually
 from tests.steps.llm_upstream import LLMUpstream, anthropic_stream, openai_stream, sse
 
 TOKENS = "sidecar_llm_tokens_total"
@@ -103,6 +104,8 @@ async def test_a_template_marks_the_service_and_gzip_answers_are_read(
         ("openai", "a1", "gpt-4o", "input"): 12,
         ("openai", "a1", "gpt-4o", "output"): 5,
     }
+    async with client.get(f"{sc.admin}/metrics") as r:
+        assert "sk-test-not-a-secret" not in await r.text()
 
 
 async def test_openai_stream_reaches_the_agent_event_by_event_and_counts_its_usage(
@@ -316,3 +319,24 @@ async def test_a_token_limit_needs_llm(start_sidecar, tmp_path):
         assert "needs llm:" in str(err)
     else:
         raise AssertionError("a token limit without llm: was accepted")
+
+
+async def test_an_answer_cut_short_counts_the_usage_it_reported(upstream, start_sidecar, client):
+    llm = LLMUpstream()
+    base = await upstream(llm.app())
+    sc = await start_sidecar(policy(base))
+    start, *_ = anthropic_stream("claude-x", 25, 15)
+    llm.script = [start, asyncio.Event()]  # message_start, then nothing until the agent leaves
+    request = {"model": "claude-x", "stream": True, "messages": []}
+    got = bytearray()
+    async with client.post(f"{sc.url}/claude/messages", json=request) as r:
+        await read_exactly(r, got, start)
+        r.close()  # the agent hangs up mid-stream
+
+    async def counted() -> bool:
+        return await tokens(client, sc.admin) == {
+            ("claude", "", "claude-x", "input"): 25,
+            ("claude", "", "claude-x", "output"): 1,  # as message_start reports it
+        }
+
+    await eventually(counted, "the usage of message_start counted")

@@ -28,6 +28,7 @@ and the body it reads is the one every retry sends.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -41,7 +42,7 @@ from ..call import Call, Handler, Reply, make_replayable
 from ..policy.llm import LLM
 from ..policy.loader import ServicePolicy
 from ..state import StateBuild
-from .llm_limits import Charge, Clock, Sleep, TokenLimit, admit, settle, sleeper
+from .llm_limits import Charge, Clock, Sleep, TokenLimit, admit, settle
 from .llm_usage import MAX_MODEL, Scanner, Usage, kind_of
 from .operation import annotate, endpoint
 
@@ -88,7 +89,7 @@ class LLMStep:
         self.stream_usage = llm.stream_usage and llm.api == "openai"
         self.limits = limits or []
         self._clock = clock
-        self._sleep = sleep or sleeper()
+        self._sleep = sleep or asyncio.sleep
 
     async def __call__(self, call: Call, next: Handler) -> Reply:
         if call.method != "POST" or call.upgrade:

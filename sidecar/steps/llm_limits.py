@@ -13,7 +13,6 @@ bucket.
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -88,7 +87,3 @@ async def admit(
 def settle(charge: Charge, tokens: int) -> None:
     for limit, bucket in charge:
         limit.charge(bucket, tokens)
-
-
-def sleeper() -> Sleep:
-    return asyncio.sleep

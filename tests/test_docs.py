@@ -54,6 +54,7 @@ WHERE: dict[str, tuple[str, str | None]] = {
     "GraphQL": ("graphql", None),
     "GraphQLRule": ("graphql.allow", None),
     "MCP": ("mcp", None),
+    "LLM": ("llm", None),
     "WebhookStore": ("webhooks.store", None),
 }
 

@@ -219,9 +219,19 @@ class Timeout(Model):
 
 
 class RateLimit(Model):
-    rate: RateValue = Field(description="Sustained rate, like '10/s' or '600/min'")
+    rate: RateValue | None = Field(
+        default=None, description="Sustained rate of calls, like '10/s' or '600/min'"
+    )
+    tokens: RateValue | None = Field(
+        default=None,
+        description="A token limit instead of `rate` (services with `llm:`): LLM tokens, like "
+        "'100000/min'; a call is let through while tokens are left and charged its usage",
+    )
     burst: int | None = Field(
-        default=None, ge=1, description="Bucket size; default: one second's worth (at least 1)"
+        default=None,
+        ge=1,
+        description="Bucket size; default: one second's worth of `rate` (at least 1), one "
+        "minute's worth of `tokens`",
     )
     per: Literal["service", "agent"] = Field(
         default="service", description="One bucket for the service, or one per agent"
@@ -269,6 +279,26 @@ class RateLimit(Model):
         if self.backend is not None and (self.operations is not None or self.by_operation):
             raise ValueError("operations and by_operation apply to limits without a backend")
         return self
+
+    @model_validator(mode="after")
+    def _rate_or_tokens(self) -> RateLimit:
+        if (self.rate is None) == (self.tokens is None):
+            raise ValueError("set either rate (calls) or tokens (LLM tokens)")
+        if self.tokens is not None and (
+            self.backend is not None or self.operations is not None or self.by_operation
+        ):
+            raise ValueError(
+                "a token limit is kept by each sidecar: backend, operations and by_operation "
+                "apply to call limits only"
+            )
+        return self
+
+    @property
+    def call_rate(self) -> Rate:
+        """The rate of a call limit; token limits are steps/llm.py's, never asked this."""
+        if self.rate is None:
+            raise ValueError("a token limit has no call rate")
+        return self.rate
 
 
 def _check_condition(item: str | int, names: tuple[str, ...], *, lo: int) -> str | int:
@@ -470,6 +500,7 @@ class Service(Model):
     validation: Validate | None = Field(default=None, alias="validate")
     graphql: GraphQL | None = Field(default=None, description="A GraphQL API, see protocols.py")
     mcp: MCPSetting = Field(default=None, description="An MCP server: true, or its tool rules")
+    llm: LLM | None = Field(default=None, description="An LLM API: token accounting, see llm.py")
 
     @field_validator("upstream")
     @classmethod
@@ -506,6 +537,12 @@ class Service(Model):
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, dict) else v
 
+    @model_validator(mode="after")
+    def _token_limits_need_llm(self) -> Service:
+        if self.llm is None and any(x.tokens is not None for x in self.rate_limit):
+            raise ValueError("a rate_limit with tokens needs llm: (the answers report the tokens)")
+        return self
+
 
 class PolicyFile(Model):
     """One policy file. The files of a directory are merged into one Policy."""
@@ -528,6 +565,7 @@ class PolicyFile(Model):
 
 # At the end: these modules build on this module's base model and types.
 from .access import AgentKeys, AllowRule, CredentialHeader, JwtVerify  # noqa: E402
+from .llm import LLM  # noqa: E402
 from .openapi import DocumentPath, Validate  # noqa: E402
 from .protocols import GraphQL, MCPSetting  # noqa: E402
 from .upstream_limits import UpstreamLimits  # noqa: E402

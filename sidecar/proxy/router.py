@@ -23,6 +23,7 @@ from ..steps import (
     breaker,
     graphql,
     identity,
+    llm,
     mcp,
     pause,
     ratelimit,
@@ -55,6 +56,9 @@ STEP_BUILDERS: list[tuple[str, StepBuilder]] = [
     # Before the limiter: a call refused during an upstream's pause spends no token.
     ("pause", pause.build),
     ("ratelimit", ratelimit.build),
+    # Outside retry: reads an LLM call's model once and meters the one reply the agent
+    # gets; after the limiters, so a refused call costs no body parse (steps/llm.py).
+    ("llm", llm.build),
     ("retry", retry.build),
     ("breaker", breaker.build),
     ("timeout", timeout.build),

@@ -46,14 +46,14 @@ def default_burst(limit: RateLimit) -> int:
     """One second's worth of the rate, at least one token."""
     if limit.burst is not None:
         return limit.burst
-    return max(1, math.floor(limit.rate.per_second))
+    return max(1, math.floor(limit.call_rate.per_second))
 
 
 def describe(service: str, limit: RateLimit, burst: int) -> str:
     who = "each agent" if limit.per == "agent" else "all agents together"
     ops = f" on operations {', '.join(limit.operations)}" if limit.operations is not None else ""
     return (
-        f"The sidecar's rate limit for service '{service}'{ops} ({limit.rate} with bursts of "
+        f"The sidecar's rate limit for service '{service}'{ops} ({limit.call_rate} with bursts of "
         f"{burst}, for {who}) is used up; this refusal comes from the sidecar, not the "
         "upstream."
     )
@@ -103,7 +103,7 @@ class LocalLimit:
     """One `rate_limit` entry kept in this process: one bucket, or one per agent."""
 
     def __init__(self, *, service: str, limit: RateLimit, clock: Clock) -> None:
-        self.rate = limit.rate.per_second
+        self.rate = limit.call_rate.per_second
         self.burst = default_burst(limit)
         self.max_wait = limit.max_wait or 0.0
         self.per_agent = limit.per == "agent"
@@ -264,7 +264,8 @@ def build(
     clock: Clock = time.monotonic,
     sleep: Sleep = asyncio.sleep,
 ) -> RateLimiter | None:
-    limits = service.spec.rate_limit
+    # Token limits (`tokens:`) are the llm step's.
+    limits = [x for x in service.spec.rate_limit if x.rate is not None]
     if not limits:
         return None
     name = service.name

@@ -145,9 +145,9 @@ class SharedLimit:
     def __init__(
         self, *, service: str, limit: RateLimit, burst: int, backend: RedisBackend, detail: str
     ) -> None:
-        digest = fingerprint((limit.rate.per_second, burst, limit.per))
+        digest = fingerprint((limit.call_rate.per_second, burst, limit.per))
         self.key_prefix = f"sidecar:ratelimit:{service}:{digest}"
-        self.rate = limit.rate.per_second
+        self.rate = limit.call_rate.per_second
         self.burst = burst
         self.max_wait = limit.max_wait or 0.0
         self.per_agent = limit.per == "agent"

@@ -79,6 +79,13 @@ KNOWN_METHODS = frozenset(
 )
 OTHER_METHOD = "_OTHER"
 
+# Agent ids and model names come from the agents' requests: each service keeps at
+# most this many distinct values per label, later ones share OTHER_LABEL.
+MAX_LLM_AGENTS = 100
+MAX_LLM_MODELS = 50
+MAX_LABEL = 128
+OTHER_LABEL = "_other"
+
 
 def method_label(method: str) -> str:
     return method if method in KNOWN_METHODS else OTHER_METHOD
@@ -174,6 +181,17 @@ class Metrics:
             "Agent requests being handled right now.",
             registry=r,
         )
+        self.llm_tokens = Counter(
+            "sidecar_llm_tokens",
+            "Tokens LLM answers reported in their usage. kind: input (the prompt, cached "
+            "input included) or output; agent and model: up to 100 agents and 50 models per "
+            "service, the rest as _other; model 'unknown' when neither the request nor the "
+            "answer named it.",
+            ["service", "agent", "model", "kind"],
+            registry=r,
+        )
+        self._llm: dict[tuple[str, str, str], tuple[Counter, Counter]] = {}
+        self._llm_labels: dict[str, tuple[set[str], set[str]]] = {}
         self._services: dict[str, ServiceMetrics] = {}
         self.webhooks = WebhookMetrics(r)
 
@@ -198,8 +216,38 @@ class Metrics:
     def on_response_drift(self, service: str, operation: str, kind: str) -> None:
         self.openapi_drift.labels(service, operation, kind).inc()
 
+    def on_llm_usage(
+        self, service: str, agent: str, model: str, input: int | None, output: int | None
+    ) -> None:
+        """Count one answer's tokens; once per LLM answer, at its end."""
+        agents, models = self._llm_labels.setdefault(service, (set(), set()))
+        agent = _bounded(agent, agents, MAX_LLM_AGENTS)
+        model = _bounded(model, models, MAX_LLM_MODELS)
+        key = (service, agent, model)
+        children = self._llm.get(key)
+        if children is None:
+            counter = self.llm_tokens
+            children = self._llm[key] = (
+                counter.labels(service, agent, model, "input"),
+                counter.labels(service, agent, model, "output"),
+            )
+        if input:
+            children[0].inc(input)
+        if output:
+            children[1].inc(output)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _bounded(value: str, seen: set[str], most: int) -> str:
+    value = value[:MAX_LABEL]
+    if value in seen:
+        return value
+    if len(seen) >= most:
+        return OTHER_LABEL
+    seen.add(value)
+    return value
 
 
 # (direction, webhook, endpoint): an outbound endpoint's name, an inbound target's URL.

@@ -1,0 +1,246 @@
+"""Token usage read from an LLM answer as its bytes pass, never holding the stream.
+
+`Scanner` is fed each chunk of the answer on its way to the agent:
+
+- a JSON answer is kept (up to `cap` bytes; a larger one is not read) and
+  parsed at its end;
+- an SSE stream (text/event-stream) is cut into events as it passes; only the
+  event being received is held, and only an event that holds a usage object
+  is parsed (OpenAI's last chunk under `stream_options.include_usage`,
+  Anthropic's message_start and message_delta, the Responses API's
+  response.completed);
+- NDJSON (Ollama's native API) is read line by line the same way.
+
+gzip and deflate answers are inflated for reading (the agent still gets the
+bytes as sent). Usage reports are cumulative: a later report of a count
+replaces an earlier one, which is how Anthropic's message_delta and Gemini's
+usageMetadata chunks count. Nothing here raises: a scanner that meets
+garbage stops reading and reports what it found before, often nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from typing import Any, Literal
+
+Kind = Literal["json", "sse", "ndjson"]
+
+# Most SSE events (every token's chunk) carry no usage: they are not parsed. OpenAI
+# chunks under include_usage carry `"usage":null` until the last.
+_HAS_USAGE = re.compile(rb'"usage(?:Metadata)?"\s*:\s*\{|"prompt_eval_count"\s*:')
+_INFLATE_STEP = 64 * 1024
+MAX_MODEL = 128
+
+
+def kind_of(content_type: str | None) -> Kind | None:
+    """How an answer of this media type is read; None: it is not."""
+    if not content_type:
+        return None
+    media = content_type.partition(";")[0].strip().lower()
+    if media == "text/event-stream":
+        return "sse"
+    if media in ("application/x-ndjson", "application/ndjson", "application/jsonl"):
+        return "ndjson"
+    if media == "application/json" or media.endswith("+json"):
+        return "json"
+    return None
+
+
+def _count(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+class Usage:
+    """Token counts an answer reported, and the model that answered."""
+
+    __slots__ = ("input", "model", "output")
+
+    def __init__(self) -> None:
+        self.input: int | None = None
+        self.output: int | None = None
+        self.model: str | None = None
+
+    @property
+    def known(self) -> bool:
+        return self.input is not None or self.output is not None
+
+    def fold(self, doc: Any) -> None:
+        """Take what one JSON document (an answer, or one stream event) reports."""
+        if isinstance(doc, list):
+            for item in doc[:10_000]:  # Gemini's streamed JSON array
+                self.fold(item)
+            return
+        if not isinstance(doc, dict):
+            return
+        # Anthropic's message_start, the Responses API's response.* events.
+        for inner in ("message", "response"):
+            nested = doc.get(inner)
+            if isinstance(nested, dict):
+                self.fold(nested)
+        model = doc.get("model", doc.get("modelVersion"))
+        if isinstance(model, str) and model:
+            self.model = model[:MAX_MODEL]
+        usage = doc.get("usage")
+        if isinstance(usage, dict):
+            self._usage(usage)
+        gemini = doc.get("usageMetadata")
+        if isinstance(gemini, dict):
+            self._gemini(gemini)
+        if doc.get("done") is True and "eval_count" in doc:  # Ollama's native API
+            self._set(_count(doc.get("prompt_eval_count")), _count(doc.get("eval_count")))
+
+    def _usage(self, usage: dict[str, Any]) -> None:
+        if "prompt_tokens" in usage or "completion_tokens" in usage:  # chat completions
+            self._set(_count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")))
+            return
+        # Anthropic and the Responses API. Anthropic counts cached input apart from
+        # input_tokens; GenAI's input_tokens is all the input, so they are added.
+        tokens = _count(usage.get("input_tokens"))
+        if tokens is not None:
+            for cached in ("cache_creation_input_tokens", "cache_read_input_tokens"):
+                tokens += _count(usage.get(cached)) or 0
+        self._set(tokens, _count(usage.get("output_tokens")))
+
+    def _gemini(self, meta: dict[str, Any]) -> None:
+        output = _count(meta.get("candidatesTokenCount"))
+        thoughts = _count(meta.get("thoughtsTokenCount"))
+        if thoughts is not None:
+            output = (output or 0) + thoughts
+        self._set(_count(meta.get("promptTokenCount")), output)
+
+    def _set(self, input: int | None, output: int | None) -> None:
+        if input is not None:
+            self.input = input
+        if output is not None:
+            self.output = output
+
+
+def _parse(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+
+
+class Scanner:
+    """Reads one answer's usage from its chunks; `feed` each, then `finish`."""
+
+    __slots__ = (
+        "_cap",
+        "_chunks",
+        "_data",
+        "_dead",
+        "_held",
+        "_inflate",
+        "_kind",
+        "_tail",
+        "usage",
+    )
+
+    def __init__(self, kind: Kind, *, encoding: str | None = None, cap: int = 1 << 20) -> None:
+        self._kind = kind
+        self._cap = cap
+        self._dead = False
+        self._chunks: list[bytes] = []  # a JSON answer so far
+        self._held = 0  # bytes in _chunks, or in _data for an SSE event
+        self._tail = b""  # an unfinished line
+        self._data: list[bytes] = []  # the data lines of the SSE event being received
+        self._inflate = (
+            zlib.decompressobj(zlib.MAX_WBITS | 32) if encoding in ("gzip", "x-gzip") else None
+        )
+        if encoding == "deflate":
+            self._inflate = zlib.decompressobj(zlib.MAX_WBITS)
+        self.usage = Usage()
+
+    def feed(self, data: bytes) -> None:
+        if self._dead:
+            return
+        try:
+            inflate = self._inflate
+            if inflate is None:
+                self._take(data)
+                return
+            # Inflated a step at a time: a small compressed chunk may be a large answer.
+            out = inflate.decompress(data, _INFLATE_STEP)
+            while True:
+                self._take(out)
+                if self._dead or not inflate.unconsumed_tail:
+                    break
+                out = inflate.decompress(inflate.unconsumed_tail, _INFLATE_STEP)
+        except Exception:
+            self._stop()
+
+    def finish(self) -> Usage:
+        """The usage found, once the answer ended (or was cut short)."""
+        if self._dead:
+            return self.usage
+        try:
+            if self._kind == "json":
+                if self._chunks:
+                    self.usage.fold(_parse(b"".join(self._chunks)))
+            else:
+                if self._tail:
+                    self._line(self._tail)
+                    self._tail = b""
+                self._line(b"")  # an event the stream ended without a blank line after
+        except Exception:
+            pass
+        self._stop()
+        return self.usage
+
+    def _stop(self) -> None:
+        self._dead = True
+        self._chunks = []
+        self._data = []
+        self._tail = b""
+
+    def _take(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._kind == "json":
+            self._held += len(data)
+            if self._held > self._cap:
+                self._stop()  # too large to hold: not read at all
+            else:
+                self._chunks.append(data)
+            return
+        if self._tail:
+            data = self._tail + data
+        end = data.rfind(b"\n")
+        if end < 0:
+            if len(data) > self._cap:
+                self._stop()
+            else:
+                self._tail = data
+            return
+        self._tail = data[end + 1 :]
+        for line in data[:end].split(b"\n"):
+            self._line(line)
+
+    def _line(self, line: bytes) -> None:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if self._kind == "ndjson":
+            if line and _HAS_USAGE.search(line):
+                self.usage.fold(_parse(line))
+            return
+        if not line:  # the end of an SSE event
+            data = self._data
+            if data:
+                self._data = []
+                self._held = 0
+                payload = data[0] if len(data) == 1 else b"\n".join(data)
+                if _HAS_USAGE.search(payload):
+                    self.usage.fold(_parse(payload))
+            return
+        if line.startswith(b"data:"):
+            value = line[6:] if line[5:6] == b" " else line[5:]
+            self._held += len(value)
+            if self._held > self._cap:
+                self._stop()
+            else:
+                self._data.append(value)

@@ -21,9 +21,11 @@ from ..steps import (
     allow,
     auth,
     breaker,
+    faults,
     graphql,
     identity,
     mcp,
+    mock,
     pause,
     ratelimit,
     request_rules,
@@ -52,12 +54,17 @@ STEP_BUILDERS: list[tuple[str, StepBuilder]] = [
     # so, not to wait for a pause or a token.
     ("graphql", graphql.build),
     ("mcp", mcp.build),
+    # mode: mock answers here, after every refusal and before anything that would
+    # spend a token or reach the upstream (or its credential).
+    ("mock", mock.build),
     # Before the limiter: a call refused during an upstream's pause spends no token.
     ("pause", pause.build),
     ("ratelimit", ratelimit.build),
     ("retry", retry.build),
     ("breaker", breaker.build),
     ("timeout", timeout.build),
+    # Inside the timeout (an added delay counts as the upstream's), outside the credential.
+    ("faults", faults.build),
     ("auth", auth.build),
     ("telemetry", telemetry.build),
 ]

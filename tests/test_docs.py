@@ -55,6 +55,14 @@ WHERE: dict[str, tuple[str, str | None]] = {
     "GraphQLRule": ("graphql.allow", None),
     "MCP": ("mcp", None),
     "WebhookStore": ("webhooks.store", None),
+    "MockAnswer": ("mock", None),
+    "MockMatch": ("mock", "match"),
+    "Faults": ("faults", None),
+    "DelayFault": ("faults", "delay"),
+    "AbortFault": ("faults", "abort"),
+    "ResetFault": ("faults", "reset"),
+    "BandwidthFault": ("faults", "bandwidth"),
+    "SSEFault": ("faults", "sse"),
 }
 
 _TICKED = re.compile(r"`([A-Za-z_]+)`")

@@ -3,6 +3,7 @@ switched at runtime by the admin port and always visible."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import aiohttp
@@ -94,10 +95,8 @@ async def test_delay_and_abort_answer_without_calling_the_upstream(
         text = await r.text()
     assert 'sidecar_faults_injected_total{kind="abort",service="api"} 1.0' in text
     assert 'sidecar_faults_injected_total{kind="delay",service="api"} 1.0' in text
-    assert (
-        'sidecar_request_duration_seconds_count{code="500",method="GET",reason="fault_injected",service="api"} 1.0'
-        in text
-    )  # noqa: E501
+    labels = 'code="500",method="GET",reason="fault_injected",service="api"'
+    assert f"sidecar_request_duration_seconds_count{{{labels}}} 1.0" in text
 
 
 async def test_ratio_zero_never_injects(
@@ -286,3 +285,38 @@ async def test_ratio_is_honoured_over_many_calls_with_a_fixed_seed() -> None:
     assert counted == [("api", "abort")] * aborted
     # The same seed makes the same run.
     assert await aborts(Faults(service="api", config=config, injected=[]), 1000) == aborted
+
+
+async def test_spans_name_the_fault_and_the_mock(
+    upstream, start_sidecar: StartSidecar, client: aiohttp.ClientSession
+) -> None:
+    from tests.otlp_receiver import Receiver
+
+    receiver = Receiver()
+    collector = await upstream(receiver.app())
+    up = Upstream()
+    base = await upstream(up.app())
+    sc = await start_sidecar(
+        f"""
+        version: 1
+        services:
+          api:
+            upstream: {base}
+            faults: {{delay: {{fixed: 1ms}}, abort: {{status: 502}}}}
+          fake:
+            upstream: {base}
+            mode: mock
+            mock: [{{body: ok}}]
+        """,
+        env={"OTEL_EXPORTER_OTLP_ENDPOINT": collector},
+    )
+    async with client.get(f"{sc.url}/api/x") as r:
+        assert r.status == 502
+    async with client.get(f"{sc.url}/fake/x") as r:
+        assert r.status == 200
+    assert await asyncio.to_thread(sc.sidecar.telemetry.force_flush)
+    servers = {s.attributes["sidecar.service"]: s for s in receiver.spans if s.kind == "server"}
+    assert servers["api"].attributes["sidecar.fault"] == "delay,abort"
+    assert servers["api"].attributes["sidecar.error.reason"] == "fault_injected"
+    assert servers["fake"].attributes["sidecar.mock"] is True
+    assert up.hits == 0

@@ -54,6 +54,10 @@ STEP_BUILDERS: list[tuple[str, StepBuilder]] = [
     # so, not to wait for a pause or a token.
     ("graphql", graphql.build),
     ("mcp", mcp.build),
+    # Where Envoy has its fault filter, before the router: retries, the breaker and the
+    # timeout never hide, repeat or count a fault, so the agent sees the ratio asked
+    # for; and a mock answer can be faulted too.
+    ("faults", faults.build),
     # mode: mock answers here, after every refusal and before anything that would
     # spend a token or reach the upstream (or its credential).
     ("mock", mock.build),
@@ -63,8 +67,6 @@ STEP_BUILDERS: list[tuple[str, StepBuilder]] = [
     ("retry", retry.build),
     ("breaker", breaker.build),
     ("timeout", timeout.build),
-    # Inside the timeout (an added delay counts as the upstream's), outside the credential.
-    ("faults", faults.build),
     ("auth", auth.build),
     ("telemetry", telemetry.build),
 ]

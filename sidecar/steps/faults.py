@@ -9,11 +9,14 @@ For a ratio of the calls (of some agents only, when `agents` says so):
 - `bandwidth`: the upstream's answer reaches the agent at most this fast;
 - `sse`: an SSE answer's connection is cut after N events.
 
-The step sits just inside the timeout, as close to the upstream as a fault
-can be without touching the credential: an added delay counts against
-`timeout.total` (as a slow upstream would), while an abort is the sidecar's
-own answer, which retries and the breaker ignore (as with Envoy's fault
-filter). Every faulted answer says so in `X-Sidecar-Fault` (the kinds that hit
+The step sits where Envoy users have the fault filter, in front of
+everything that talks to the upstream: after the refusals (identity, allow,
+validate, GraphQL and MCP rules), before mocks, the rate limiter, retries, the
+breaker, the timeout and the credential. So retries never repeat or hide a
+fault and the breaker never counts one (the agent sees the ratio the policy
+asks for), an added delay is not counted against `timeout.total`, an aborted
+call spends no token, and a mock answer can be faulted like a live one.
+Every faulted answer says so in `X-Sidecar-Fault` (the kinds that hit
 it, comma-separated); every injection is counted (`sidecar_faults_injected`)
 and named on the call's span (`sidecar.fault`). The step is also its state:
 `enabled` is switched at runtime by the admin port's `POST /faults` and stays

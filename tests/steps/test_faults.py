@@ -320,3 +320,45 @@ async def test_spans_name_the_fault_and_the_mock(
     assert servers["api"].attributes["sidecar.error.reason"] == "fault_injected"
     assert servers["fake"].attributes["sidecar.mock"] is True
     assert up.hits == 0
+
+
+async def test_retries_never_repeat_a_fault_and_mocks_can_be_faulted(
+    upstream, start_sidecar: StartSidecar, client: aiohttp.ClientSession
+) -> None:
+    up = Upstream()
+    base = await upstream(up.app())
+    events = "".join(f"data: {i}\\n\\n" for i in range(5))
+    sc = await start_sidecar(
+        f"""
+        version: 1
+        services:
+          api:
+            upstream: {base}
+            retry: {{attempts: 3, on: [503, reset]}}
+            circuit_breaker: {{min_requests: 1, failure_ratio: 0.1}}
+            faults: {{abort: {{status: 503}}}}
+          fake:
+            upstream: {base}
+            mode: mock
+            mock:
+              - match: {{path: /events}}
+                headers: {{Content-Type: text/event-stream}}
+                body: "{events}"
+            faults: {{sse: {{cut_after: 2}}}}
+        """
+    )
+    for _ in range(3):
+        async with client.get(f"{sc.url}/api/x") as r:
+            # Not a retried 503, nor an open breaker: the fault, once per call.
+            assert r.headers["X-Sidecar-Error"] == "fault_injected"
+    async with client.get(f"{sc.admin}/services") as r:
+        services = (await r.json())["services"]
+    assert services["api"]["faults"]["injected"]["abort"] == 3
+    assert services["api"]["circuit_breaker"]["state"] == "closed"
+    assert up.hits == 0
+    async with client.get(f"{sc.url}/fake/events") as r:
+        assert r.headers["X-Sidecar-Mock"] == "true"
+        assert r.headers["X-Sidecar-Fault"] == "sse"
+        got, cut = await read_events(r)
+    assert cut
+    assert got == b"data: 0\n\ndata: 1\n\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import aiohttp
@@ -141,3 +142,93 @@ async def test_live_service_with_mock_answers_is_refused(tmp_path: Path) -> None
         """,
     )
     assert any("p.yaml:7:26: method must be * or one of" in e for e in errors(tmp_path))
+
+
+API = {
+    "openapi": "3.1.0",
+    "info": {"title": "pets", "version": "1"},
+    "paths": {
+        "/pets/{id}": {
+            "get": {
+                "operationId": "getPet",
+                "parameters": [
+                    {"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}
+                ],
+                "responses": {
+                    "404": {"description": "none"},
+                    "200": {
+                        "description": "a pet",
+                        "content": {
+                            "application/json": {
+                                "examples": {"rex": {"$ref": "#/components/examples/rex"}}
+                            }
+                        },
+                    },
+                },
+            },
+            "delete": {"responses": {"204": {"description": "gone"}}},
+        },
+        "/pets": {
+            "get": {
+                "responses": {
+                    "200": {
+                        "description": "pets",
+                        "content": {
+                            "text/csv": {"example": "id,name\n1,rex\n"},
+                            "application/json": {
+                                "schema": {"type": "array", "example": [{"id": 1}]}
+                            },
+                        },
+                    }
+                }
+            },
+            "post": {
+                "responses": {"201": {"description": "made", "content": {"application/json": {}}}}
+            },
+        },
+    },
+    "components": {"examples": {"rex": {"value": {"id": 1, "name": "Rex"}}}},
+}
+
+
+async def test_openapi_examples_answer_what_no_rule_does(
+    upstream, start_sidecar: StartSidecar, client: aiohttp.ClientSession
+) -> None:
+    seen: list[web.Request] = []
+    base = await upstream(recording_app(seen))
+    sc = await start_sidecar(
+        {
+            "policy.yaml": f"""
+                version: 1
+                services:
+                  pets:
+                    upstream: {base}
+                    openapi: api.json
+                    mode: mock
+                    mock:
+                      - {{match: {{method: GET, path: /pets/2}}, body: {{id: 2, name: Tom}}}}
+                """,
+            "api.json": json.dumps(API),
+        }
+    )
+    async with client.get(f"{sc.url}/pets/pets/1") as r:
+        assert r.status == 200
+        assert r.headers["X-Sidecar-Mock"] == "true"
+        assert await r.json() == {"id": 1, "name": "Rex"}
+    # A rule of the policy wins over the document.
+    async with client.get(f"{sc.url}/pets/pets/2") as r:
+        assert await r.json() == {"id": 2, "name": "Tom"}
+    # JSON first, from the schema's example.
+    async with client.get(f"{sc.url}/pets/pets") as r:
+        assert r.headers["Content-Type"] == "application/json"
+        assert await r.json() == [{"id": 1}]
+    async with client.delete(f"{sc.url}/pets/pets/1") as r:
+        assert r.status == 204
+    # No example: no_mock, which says where one could go.
+    async with client.post(f"{sc.url}/pets/pets", json={}) as r:
+        assert r.status == 501
+        assert "OpenAPI document" in (await r.json())["detail"]
+    # The document still validates calls first.
+    async with client.get(f"{sc.url}/pets/pets/abc") as r:
+        assert r.status == 422
+    assert seen == []

@@ -134,6 +134,8 @@ class Faults:
                 headers={FAULT_HEADER: ",".join(kinds)},
             )
         reply = await next(call)
+        if reply.status == 101:
+            return reply  # a WebSocket tunnel: the egress needs the upstream's reply itself
         body = reply.body
         bandwidth = self._bandwidth
         if body is not None and bandwidth is not None and self._hit(bandwidth.ratio):

@@ -207,6 +207,9 @@ async def test_admin_switches_faults_without_a_reload(
     assert services["api"]["faults"]["enabled"] is False
     assert services["api"]["faults"]["abort"] == {"ratio": 1.0, "status": 503}
     assert services["calm"]["faults"] is None
+    for path in ("/services", "/faults", "/config"):
+        async with client.get(f"{sc.admin}{path}") as r:
+            assert SECRET not in await r.text()
     async with client.get(f"{sc.admin}/metrics") as r:
         assert 'sidecar_faults_enabled{service="api"} 0.0' in await r.text()
 
@@ -362,3 +365,32 @@ async def test_retries_never_repeat_a_fault_and_mocks_can_be_faulted(
         got, cut = await read_events(r)
     assert cut
     assert got == b"data: 0\n\ndata: 1\n\n"
+
+
+async def test_a_websocket_handshake_is_delayed_and_still_tunnels(
+    upstream, start_sidecar: StartSidecar, client: aiohttp.ClientSession
+) -> None:
+    async def socket(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            await ws.send_str(f"echo:{msg.data}")
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", socket)
+    base = await upstream(app)
+    sc = await start_sidecar(
+        f"""
+        version: 1
+        services:
+          rt:
+            upstream: {base}
+            faults: {{delay: {{fixed: 1ms}}, bandwidth: {{per_second: 1KiB}}}}
+        """
+    )
+    async with client.ws_connect(f"{sc.url}/rt/ws") as ws:
+        await ws.send_str("hi")
+        assert (await asyncio.wait_for(ws.receive(), 5)).data == "echo:hi"
+    async with client.get(f"{sc.admin}/faults") as r:
+        assert (await r.json())["faults"]["rt"]["injected"]["delay"] == 1

@@ -261,6 +261,8 @@ async def faults(sidecar: Sidecar, request: Request, params: Params) -> Response
     switches = sidecar.faults()
     service = asked.get("service")
     if service is not None:
+        if not isinstance(service, str):
+            return json_response({"error": "service must be a service's name"}, status=400)
         if service not in switches:
             return json_response(
                 {"error": f"service {service!r} has no faults block in the policy"}, status=404

@@ -247,6 +247,7 @@ async def test_admin_switches_faults_without_a_reload(
         ({"service": "calm", "enabled": True}, 404),
         ({"service": "api"}, 400),
         ({"enabled": True, "ratio": 1}, 400),
+        ({"enabled": True, "service": ["api"]}, 400),
     ):
         async with client.post(f"{sc.admin}/faults", json=body) as r:
             assert r.status == status, body

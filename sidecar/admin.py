@@ -11,16 +11,19 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from .headers import SERVER
 from .problems import ProblemError, problem_parts
 from .proxy.listener import App, Request, Response
 from .runtime import Sidecar
 from .telemetry.metrics import CONTENT_TYPE
+
+log = logging.getLogger("sidecar.admin")
 
 Params = dict[str, str]
 Handler = Callable[[Sidecar, Request, Params], Awaitable[Response]]
@@ -88,6 +91,10 @@ async def services(sidecar: Sidecar, request: Request, params: Params) -> Respon
             found = sidecar.state.find(name, step)
             entry[key] = found[0].snapshot() if found else None
         entry["rate_limit"] = [r.model_dump(mode="json") for r in s.spec.rate_limit]
+        # Never hidden: chaos left on, or a mocked service, must show at a glance.
+        entry["mode"] = s.spec.mode
+        faults = sidecar.state.find(name, "faults")
+        entry["faults"] = faults[0].snapshot() if faults else None
         # The rules in force and where they are written; none means every agent may call.
         entry["allow"] = {
             "from": s.allow_from or None,
@@ -200,12 +207,85 @@ async def webhook_enable(sidecar: Sidecar, request: Request, params: Params) -> 
     return json_response({"enabled": name, "webhooks": enabled})
 
 
+# Largest POST /faults body read: a switch is a few bytes of JSON.
+_FAULTS_BODY_LIMIT = 4096
+
+
+async def _json_body(request: Request) -> Any:
+    body = request.body
+    if body is None:
+        return {}
+    data = b""
+    async for chunk in body:
+        data += chunk
+        if len(data) > _FAULTS_BODY_LIMIT:
+            raise ValueError(f"the body is larger than {_FAULTS_BODY_LIMIT} bytes")
+    return json.loads(data) if data.strip() else {}
+
+
+def _switch_of(value: Any) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "on", "1", "false", "off", "0"):
+        return value.lower() in ("true", "on", "1")
+    return None
+
+
+async def faults_view(sidecar: Sidecar, request: Request, params: Params) -> Response:
+    return json_response({"faults": {name: f.snapshot() for name, f in sidecar.faults().items()}})
+
+
+async def faults(sidecar: Sidecar, request: Request, params: Params) -> Response:
+    """Switch fault injection on or off, for one service or all, without a reload.
+
+    Takes `enabled` (and optionally `service`) from a JSON body or the query string:
+    `POST /faults?service=github&enabled=false`. The switch holds until a reload
+    changes that service's `faults:` block (a changed block starts as it says).
+    """
+    try:
+        asked = await _json_body(request)
+    except ValueError as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return json_response({"error": f"the body is not a JSON object: {err}"}, status=400)
+    if not isinstance(asked, dict):
+        return json_response({"error": "the body is not a JSON object"}, status=400)
+    for key, values in parse_qs(request.target.partition("?")[2]).items():
+        asked.setdefault(key, values[-1])
+    unknown = sorted(set(asked) - {"service", "enabled"})
+    if unknown:
+        return json_response(
+            {"error": f"unknown keys {', '.join(unknown)}; expected service, enabled"}, status=400
+        )
+    enabled = _switch_of(asked.get("enabled"))
+    if enabled is None:
+        return json_response({"error": "give enabled: true or false"}, status=400)
+    switches = sidecar.faults()
+    service = asked.get("service")
+    if service is not None:
+        if not isinstance(service, str):
+            return json_response({"error": "service must be a service's name"}, status=400)
+        if service not in switches:
+            return json_response(
+                {"error": f"service {service!r} has no faults block in the policy"}, status=404
+            )
+        switches = {service: switches[service]}
+    for name, switch in switches.items():
+        switch.switch(enabled)
+        log.warning(
+            "fault injection of service %s switched %s by the admin port",
+            name,
+            "on" if enabled else "off",
+        )
+    return json_response({"faults": {name: f.snapshot() for name, f in switches.items()}})
+
+
 _ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/healthz", healthz),
     ("GET", "/readyz", readyz),
     ("GET", "/config", config),
     ("GET", "/services", services),
     ("POST", "/reload", reload),
+    ("GET", "/faults", faults_view),
+    ("POST", "/faults", faults),
     ("GET", "/metrics", metrics),
     ("GET", "/webhooks", webhooks),
     ("GET", "/webhooks/messages/{id}", webhook_message),

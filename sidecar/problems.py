@@ -39,6 +39,10 @@ REASONS: dict[str, tuple[int, str]] = {
     "forbidden_origin": (403, "Cross-origin request refused"),
     "http_version_not_supported": (505, "HTTP version not supported"),
     "graphql_limit": (400, "GraphQL operation over a limit"),
+    # services.<name>.faults: an abort the policy asked for; its status is the policy's.
+    "fault_injected": (503, "Fault injected by the sidecar"),
+    # services.<name>.mode: mock, and no mock answer matches the call.
+    "no_mock": (501, "No mock answer"),
 }
 
 
@@ -56,8 +60,11 @@ class ProblemError(Exception):
         cause: str | None = None,
         extra: dict[str, object] | None = None,
         content_type: str = "application/problem+json",
+        status: int | None = None,
     ) -> None:
         super().__init__(detail)
+        # Another status than the reason's own (an injected abort's is the policy's).
+        self._status = status
         # RFC 9457 extension members added to the body (e.g. invalid_request's `errors`).
         self.extra = extra
         # What went wrong on the wire, in the words retry/breaker `on:` lists use:
@@ -74,12 +81,13 @@ class ProblemError(Exception):
 
     @property
     def status(self) -> int:
-        return REASONS[self.reason][0]
+        return self._status or REASONS[self.reason][0]
 
 
 def problem_document(err: ProblemError, service: str | None = None) -> dict[str, object]:
     """The RFC 9457 body, for any data plane that writes the answer itself."""
-    status, title = REASONS[err.reason]
+    title = REASONS[err.reason][1]
+    status = err.status
     document: dict[str, object] = {
         "type": PROBLEM_TYPE + err.reason.replace("_", "-"),
         "title": title,

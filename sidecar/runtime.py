@@ -22,6 +22,7 @@ from .proxy.listener import Listener
 from .proxy.listener import serve as listen_http
 from .proxy.router import Router, compile_policy
 from .state import StateStore
+from .steps.faults import Faults
 from .telemetry import Telemetry
 from .webhooks.hub import StoreChanged, WebhookHub
 from .webhooks.listener import ingress_app
@@ -88,6 +89,8 @@ class Sidecar:
         hooks = self.state.hooks
         hooks.request_violation.append(self.telemetry.metrics.on_request_violation)
         hooks.response_drift.append(self.telemetry.metrics.on_response_drift)
+        hooks.fault_injected.append(self.telemetry.metrics.on_fault)
+        self.telemetry.metrics.faults.source = self.fault_switches
         # Durable state (the webhook queue) lives here; opened only once a policy needs it.
         self.webhooks = WebhookHub(
             data_dir or os.environ.get("SIDECAR_DATA_DIR", DATA_DIR),
@@ -168,6 +171,19 @@ class Sidecar:
     def begin_drain(self) -> None:
         """Stop being ready (so load balancers send no new calls); calls in flight go on."""
         self.draining = True
+
+    def faults(self) -> dict[str, Faults]:
+        """Each service's fault injection (its step and switch), as the current policy has it."""
+        policy = self.policy
+        out: dict[str, Faults] = {}
+        for name in policy.services if policy is not None else ():
+            found = self.state.find(name, "faults")
+            if found:
+                out[name] = found[0]
+        return out
+
+    def fault_switches(self) -> list[tuple[str, bool]]:
+        return [(name, faults.enabled) for name, faults in self.faults().items()]
 
     def secret_files(self) -> frozenset[str]:
         return self.policy.secret_files if self.policy else frozenset()

@@ -56,6 +56,8 @@ class Hooks:
         # (service, operation, kind: status | content_type) for an answer the
         # document does not describe.
         self.response_drift: list[Callable[[str, str, str], None]] = []
+        # (service, kind: delay | abort | reset | bandwidth | sse) for each injected fault.
+        self.fault_injected: list[Callable[[str, str], None]] = []
 
 
 class StateStore:

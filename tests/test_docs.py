@@ -56,6 +56,14 @@ WHERE: dict[str, tuple[str, str | None]] = {
     "MCP": ("mcp", None),
     "LLM": ("llm", None),
     "WebhookStore": ("webhooks.store", None),
+    "MockAnswer": ("mock", None),
+    "MockMatch": ("mock", "match"),
+    "Faults": ("faults", None),
+    "DelayFault": ("faults", "delay"),
+    "AbortFault": ("faults", "abort"),
+    "ResetFault": ("faults", "reset"),
+    "BandwidthFault": ("faults", "bandwidth"),
+    "SSEFault": ("faults", "sse"),
 }
 
 _TICKED = re.compile(r"`([A-Za-z_]+)`")

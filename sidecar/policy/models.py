@@ -501,6 +501,9 @@ class Service(Model):
     graphql: GraphQL | None = Field(default=None, description="A GraphQL API, see protocols.py")
     mcp: MCPSetting = Field(default=None, description="An MCP server: true, or its tool rules")
     llm: LLM | None = Field(default=None, description="An LLM API: token accounting, see llm.py")
+    mode: Mode = Field(default="live", description="live: the upstream answers; mock: `mock:`")
+    mock: list[MockAnswer] = Field(default_factory=list, description="Answers of mode: mock")
+    faults: Faults | None = Field(default=None, description="Injected faults, see testing.py")
 
     @field_validator("upstream")
     @classmethod
@@ -543,6 +546,13 @@ class Service(Model):
             raise ValueError("a rate_limit with tokens needs llm: (the answers report the tokens)")
         return self
 
+    @model_validator(mode="after")
+    def _mock_needs_mode(self) -> Service:
+        # A live service with mock answers would look mocked in a review and call the API.
+        if self.mock and self.mode != "mock":
+            raise ValueError("mock answers are used only with mode: mock")
+        return self
+
 
 class PolicyFile(Model):
     """One policy file. The files of a directory are merged into one Policy."""
@@ -568,6 +578,7 @@ from .access import AgentKeys, AllowRule, CredentialHeader, JwtVerify  # noqa: E
 from .llm import LLM  # noqa: E402
 from .openapi import DocumentPath, Validate  # noqa: E402
 from .protocols import GraphQL, MCPSetting  # noqa: E402
+from .testing import Faults, MockAnswer, Mode  # noqa: E402
 from .upstream_limits import UpstreamLimits  # noqa: E402
 from .webhooks import Webhooks  # noqa: E402
 

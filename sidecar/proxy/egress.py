@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from ..call import Body, Reply
 from ..headers import HOP_BY_HOP, SERVER, drop_with_connection
 from ..problems import ProblemError, problem_parts
+from ..steps.faults import InjectedReset
 from ..webhooks.listener import OUTBOUND_PREFIX, outbound_answer
 from .listener import Request, Response
 from .pool import UpstreamError, UpstreamReply
@@ -40,6 +41,7 @@ _REFUSED_METHODS = frozenset({"TRACE", "CONNECT"})
 # Why a relayed answer ended before its last byte (access log, metrics, spans).
 IDLE_CUT = "upstream_idle_timeout"
 RESET_CUT = "upstream_reset"
+FAULT_CUT = "fault_injected"
 
 
 def unsafe_path(raw: str) -> bool:
@@ -63,6 +65,8 @@ def cut_reason(exc: BaseException | None) -> str | None:
     `timeout.idle`, or its connection failed; None when the agent's side failed."""
     if isinstance(exc, TimeoutError):
         return IDLE_CUT
+    if isinstance(exc, InjectedReset):
+        return FAULT_CUT
     if isinstance(exc, UpstreamError):
         return RESET_CUT
     return None

@@ -21,10 +21,12 @@ from ..steps import (
     allow,
     auth,
     breaker,
+    faults,
     graphql,
     identity,
     llm,
     mcp,
+    mock,
     pause,
     ratelimit,
     request_rules,
@@ -53,6 +55,13 @@ STEP_BUILDERS: list[tuple[str, StepBuilder]] = [
     # so, not to wait for a pause or a token.
     ("graphql", graphql.build),
     ("mcp", mcp.build),
+    # Where Envoy has its fault filter, before the router: retries, the breaker and the
+    # timeout never hide, repeat or count a fault, so the agent sees the ratio asked
+    # for; and a mock answer can be faulted too.
+    ("faults", faults.build),
+    # mode: mock answers here, after every refusal and before anything that would
+    # spend a token or reach the upstream (or its credential).
+    ("mock", mock.build),
     # Before the limiter: a call refused during an upstream's pause spends no token.
     ("pause", pause.build),
     ("ratelimit", ratelimit.build),

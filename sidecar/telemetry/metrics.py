@@ -13,7 +13,7 @@ path does dictionary lookups, never `labels()`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -168,6 +168,15 @@ class Metrics:
             ["service", "operation", "kind"],
             registry=r,
         )
+        self.faults_injected = Counter(
+            "sidecar_faults_injected",
+            "Faults the sidecar injected on purpose (services.<name>.faults). "
+            "kind: delay, abort, reset, bandwidth or sse.",
+            ["service", "kind"],
+            registry=r,
+        )
+        self.faults = FaultGauges()
+        r.register(self.faults)
         self.reloads = reloads = Counter(
             "sidecar_reloads",
             "Policy reload attempts; a failed one leaves the last good policy serving.",
@@ -236,6 +245,9 @@ class Metrics:
         if output:
             children[1].inc(output)
 
+    def on_fault(self, service: str, kind: str) -> None:
+        self.faults_injected.labels(service, kind).inc()
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -252,6 +264,28 @@ def _bounded(value: str, seen: set[str], most: int) -> str:
 
 # (direction, webhook, endpoint): an outbound endpoint's name, an inbound target's URL.
 QueueKey = tuple[str, str, str]
+
+
+class FaultGauges(Collector):
+    """1 for each service whose fault injection is on right now, 0 when switched off.
+
+    Read at scrape time from `source` (set by the runtime): a switch by the
+    admin port or a reload shows at once, and a service that lost its `faults:`
+    does not linger.
+    """
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Iterable[tuple[str, bool]]] = tuple
+
+    def collect(self) -> Iterable[Family]:
+        family = GaugeMetricFamily(
+            "sidecar_faults_enabled",
+            "Whether a service's fault injection is on (1) or switched off (0).",
+            labels=["service"],
+        )
+        for service, enabled in self.source():
+            family.add_metric([service], 1.0 if enabled else 0.0)
+        return [family]
 
 
 class QueueGauges(Collector):

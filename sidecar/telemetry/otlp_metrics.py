@@ -34,8 +34,9 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge as PromGauge
 from prometheus_client import Histogram as PromHistogram
 from prometheus_client.metrics_core import Metric as Family
+from prometheus_client.registry import Collector
 
-from .metrics import Metrics, QueueGauges
+from .metrics import Metrics
 from .tracing import exporter_options, resource, signal_endpoint
 
 log = logging.getLogger("sidecar.telemetry")
@@ -123,7 +124,7 @@ def _observable(metric: PromCounter | PromGauge) -> tuple[str, str, ObservationC
     return family.name, family.documentation, callback
 
 
-def _observable_family(collector: QueueGauges, name: str) -> tuple[str, str, ObservationCallback]:
+def _observable_family(collector: Collector, name: str) -> tuple[str, str, ObservationCallback]:
     """Like _observable, for one gauge family of a custom collector."""
     documentation = next(f.documentation for f in collector.collect() if f.name == name)
 
@@ -208,6 +209,7 @@ def meter_provider(env: Mapping[str, str], metrics: Metrics) -> MeterProvider | 
         metrics.reloads,
         metrics.openapi_violations,
         metrics.openapi_drift,
+        metrics.faults_injected,
         metrics.webhooks.received,
         metrics.webhooks.deliveries,
     )
@@ -216,9 +218,10 @@ def meter_provider(env: Mapping[str, str], metrics: Metrics) -> MeterProvider | 
         meter.create_observable_counter(name, callbacks=[callback], description=description)
     name, description, callback = _observable(metrics.in_flight)
     meter.create_observable_gauge(name, callbacks=[callback], description=description)
-    for family in metrics.webhooks.queue.collect():
-        name, description, callback = _observable_family(metrics.webhooks.queue, family.name)
-        meter.create_observable_gauge(name, callbacks=[callback], description=description)
+    for collector in (metrics.webhooks.queue, metrics.faults):
+        for family in collector.collect():
+            name, description, callback = _observable_family(collector, family.name)
+            meter.create_observable_gauge(name, callbacks=[callback], description=description)
     # The endpoint only: OTLP headers often carry an API key.
     log.info("metrics export on: OTLP/HTTP to %s", endpoint.partition("?")[0])
     return provider

@@ -620,6 +620,8 @@ class RedisStore:
         deliveries = []
         for i in range(len(ids)):
             d = {_text(k): _text(v) for k, v in results[2 * i].items()}
+            if not d:
+                continue  # expired by the retention a moment before the message itself
             attempts = [Attempt(**json.loads(a)) for a in results[2 * i + 1]]
             deliveries.append(
                 DeliveryView(

@@ -14,19 +14,21 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .headers import SERVER
 from .problems import ProblemError, problem_parts
 from .proxy.listener import App, Request, Response
-from .runtime import Sidecar
 from .telemetry.metrics import CONTENT_TYPE
+
+if TYPE_CHECKING:
+    from .runtime import Sidecar
 
 log = logging.getLogger("sidecar.admin")
 
 Params = dict[str, str]
-Handler = Callable[[Sidecar, Request, Params], Awaitable[Response]]
+Handler = Callable[["Sidecar", Request, Params], Awaitable[Response]]
 _JSON = "application/json; charset=utf-8"
 
 

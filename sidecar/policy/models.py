@@ -416,7 +416,7 @@ class JwtAuth(Model):
     def _check_key(cls, v: Secret, info: ValidationInfo) -> Secret:
         # A bad key must fail `sidecar validate`, not the first call. Imported here:
         # the steps import this module.
-        from ..steps.jwt_auth import signing_key
+        from .jwt_keys import signing_key
 
         algorithm = info.data.get("algorithm")
         # `sidecar validate` without --resolve-secrets leaves references unread.
@@ -428,7 +428,7 @@ class JwtAuth(Model):
     @field_validator("claims")
     @classmethod
     def _check_claims(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from ..steps.jwt_auth import RESERVED_CLAIMS
+        from .jwt_keys import RESERVED_CLAIMS
 
         reserved = sorted(RESERVED_CLAIMS & set(v))
         if reserved:

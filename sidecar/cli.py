@@ -169,7 +169,8 @@ def cmd_validate(directory: str, *, resolve_secrets: bool) -> int:
 def cmd_import_openapi(args: argparse.Namespace) -> int:
     from .openapi import OpenAPIError, load
     from .openapi.importer import policy_yaml, service_name, upstream_url
-    from .policy.models import Service, _service_name
+    from .policy.base import _service_name
+    from .policy.models import Service
 
     try:
         # Compiled, not only parsed: a document the sidecar could not load is refused here.
@@ -209,7 +210,7 @@ def cmd_schema() -> int:
 
 
 def cmd_templates(policies: str | None, show: str | None) -> int:
-    from .policy.models import _did_you_mean
+    from .policy.base import _did_you_mean
     from .policy.templates import catalog, expanded_policy
 
     found = catalog(policies)

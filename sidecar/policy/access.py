@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlsplit
 from pydantic import AfterValidator, BeforeValidator, Field, PlainSerializer, ValidationInfo
 from pydantic import WithJsonSchema as Schema
 
-from .models import Duration, HeaderName, Model, closest
+from .base import Duration, HeaderName, Model, closest
 from .secrets import Secret, resolver_from_context
 
 # Only public-key algorithms: a JWKS is public, so an HMAC "key" from it would let

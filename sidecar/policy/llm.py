@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field
 
-from .models import Model
+from .base import Model
 
 LLMApi = Literal["openai", "anthropic"]
 

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from .. import openapi
 from .access import AllowRule, value_regex
+from .base import _did_you_mean, closest
 from .models import (
     AUTH_TYPES,
     Agents,
@@ -28,8 +29,6 @@ from .models import (
     PolicyFile,
     QueryAuth,
     Service,
-    _did_you_mean,
-    closest,
 )
 from .openapi import document_file
 from .secrets import SecretResolver

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, WithJsonSchema
 
-from .models import Model
+from .base import Model
 
 _FILE_REF = re.compile(r"^\$\{file:([^}]+)\}$")
 

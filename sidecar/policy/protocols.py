@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, field_validator
 
-from .models import Model
+from .base import Model
 
 OperationType = Literal["query", "mutation", "subscription"]
 OPERATION_TYPES: tuple[OperationType, ...] = ("query", "mutation", "subscription")

@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from .models import _did_you_mean
+from .base import _did_you_mean
 from .yamlpos import Document, Path, Position, Problem, YamlError, load_document
 
 BUILTIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "templates")

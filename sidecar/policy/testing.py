@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .models import Duration, HeaderName, Model, Size
+from .base import Duration, HeaderName, Model, Size
 
 # How a service is answered: `live` by its upstream, `mock` by its `mock:` rules.
 Mode = Literal["live", "mock"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from .models import HeaderName, Model
+from .base import HeaderName, Model
 
 
 class Quota(Model):

@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from .models import Duration, HeaderName, Model, SecretStr, Size, _header_name
+from .base import Duration, HeaderName, Model, SecretStr, Size, _header_name
 from .secrets import Secret, resolver_from_context
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

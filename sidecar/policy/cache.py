@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 from .models import Duration, HeaderName, Model, Size
 
 CacheMethod = Literal["GET", "HEAD", "POST"]
+_SAFE_METHODS: tuple[CacheMethod, ...] = ("GET", "HEAD")
 
 
 class Cache(Model):
@@ -30,7 +31,7 @@ class Cache(Model):
         default=1 << 20, ge=0, description="Largest answer body kept; larger ones pass uncached"
     )
     methods: list[CacheMethod] = Field(
-        default_factory=lambda: ["GET", "HEAD"],
+        default_factory=lambda: list(_SAFE_METHODS),
         min_length=1,
         description="Methods whose answers are cached; with POST the request body "
         "(canonical JSON when it is JSON) is part of the key, for deterministic LLM calls "

@@ -259,8 +259,8 @@ class _Missed:
         inner = reply.body
         if step is None:
             self.body = inner
-        elif inner is None:
-            # Nothing to stream (HEAD, 204): stored at once.
+        elif inner is None or head:
+            # Nothing to stream (a HEAD's body is never relayed, a 204 has none): stored at once.
             step._store(key, reply, b"", ttl)
             self.body = None
         else:

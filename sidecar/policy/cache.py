@@ -27,6 +27,12 @@ class Cache(Model):
     max_entries: int = Field(
         default=1000, ge=1, description="Most answers kept; the least recently used go first"
     )
+    max_bytes: Size = Field(
+        default=64 << 20,
+        ge=0,
+        description="Most bytes of answer bodies kept for the service; the least recently "
+        "used go first",
+    )
     max_body: Size = Field(
         default=1 << 20, ge=0, description="Largest answer body kept; larger ones pass uncached"
     )

@@ -84,10 +84,12 @@ class Entry:
 
 
 class CacheStore:
-    """The entries of one service, least recently used first, at most `max_entries`."""
+    """The entries of one service, least recently used first, within both bounds."""
 
-    def __init__(self, *, max_entries: int) -> None:
+    def __init__(self, *, max_entries: int, max_bytes: int) -> None:
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self._entries: OrderedDict[bytes, Entry] = OrderedDict()
 
     def __len__(self) -> int:
@@ -99,16 +101,24 @@ class CacheStore:
             return None
         if entry.expires <= now:
             del self._entries[key]
+            self.bytes -= len(entry.data)
             return None
         self._entries.move_to_end(key)
         return entry
 
     def put(self, key: bytes, entry: Entry) -> None:
+        size = len(entry.data)
+        if size > self.max_bytes:
+            return
         entries = self._entries
+        old = entries.pop(key, None)
+        if old is not None:
+            self.bytes -= len(old.data)
         entries[key] = entry
-        entries.move_to_end(key)
-        while len(entries) > self.max_entries:
-            entries.popitem(last=False)
+        self.bytes += size
+        while len(entries) > self.max_entries or self.bytes > self.max_bytes:
+            _, dropped = entries.popitem(last=False)
+            self.bytes -= len(dropped.data)
 
 
 class CacheStep:
@@ -314,7 +324,7 @@ def build(
         service.name,
         "cache",
         (service.spec.upstream, config),
-        lambda: CacheStore(max_entries=config.max_entries),
+        lambda: CacheStore(max_entries=config.max_entries, max_bytes=config.max_bytes),
     )
     return CacheStep(
         service=service.name,

@@ -12,7 +12,7 @@ from multidict import CIMultiDict
 
 from sidecar.call import Call, Reply, StaticReply
 from sidecar.policy.cache import Cache
-from sidecar.steps.cache import CacheStep, CacheStore
+from sidecar.steps.cache import CacheStep, CacheStore, Entry
 from tests.conftest import StartSidecar
 from tests.helpers import eventually
 
@@ -245,7 +245,7 @@ async def test_a_reload_with_the_same_cache_keeps_the_entries(
 
 async def test_least_recently_used_entries_go_first_and_ttl_follows_the_clock() -> None:
     now = [0.0]
-    store = CacheStore(max_entries=2)
+    store = CacheStore(max_entries=2, max_bytes=1 << 20)
     step = CacheStep(
         service="api",
         config=Cache.model_validate({"ttl": "1m", "max_entries": 2}),
@@ -277,3 +277,28 @@ async def test_least_recently_used_entries_go_first_and_ttl_follows_the_clock() 
     now[0] = 61.0
     assert await fetch("/b") == "miss"
     assert calls == ["/a", "/b", "/c", "/b", "/b"]
+
+
+def test_the_store_is_bounded_in_bytes_too() -> None:
+    def entry(size: int) -> Entry:
+        return Entry(
+            status=200,
+            reason=None,
+            headers=CIMultiDict(),
+            data=b"x" * size,
+            content_length=size,
+            stored=0.0,
+            expires=60.0,
+        )
+
+    store = CacheStore(max_entries=100, max_bytes=1000)
+    for i in range(10):
+        store.put(b"k%d" % i, entry(300))
+    assert len(store) == 3
+    assert store.bytes == 900
+    assert store.get(b"k9", 0.0) is not None
+    assert store.get(b"k6", 0.0) is None
+    store.put(b"huge", entry(1001))  # larger than the whole store: not kept
+    assert store.get(b"huge", 0.0) is None
+    store.put(b"k9", entry(100))  # replaced, not counted twice
+    assert store.bytes == 700

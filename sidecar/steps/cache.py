@@ -5,6 +5,8 @@ The key is the method, the target, Accept-Encoding and the policy's
 body (its canonical JSON when it parses as JSON, so key order and spacing do
 not matter). It never holds the injected credential: the step runs before
 `auth`, and the route has already dropped the agent's copy of that header.
+A call carrying the agent's own Authorization or Cookie (a service without
+`auth` passes them on) is not cached, unless `key_headers` names the header.
 
 A hit is answered here, before the limiters, retry and auth: it spends no
 token and never reaches the upstream. A miss goes on; its answer is relayed
@@ -43,6 +45,10 @@ Report = Callable[[str, str], None]
 # Accept-Encoding is always part of the key: a gzip answer must not reach an agent
 # that did not ask for one.
 _ALWAYS_KEYED = ("accept-encoding",)
+
+
+# Request headers whose answer belongs to whoever sent them (RFC 9111 3.5).
+_PERSONAL = ("authorization", "proxy-authorization", "cookie")
 
 
 class Entry:
@@ -171,6 +177,11 @@ class CacheStep:
         # The agent asked for a fresh answer: it goes upstream and is not stored.
         if "no-store" in directives or "no-cache" in directives:
             return None
+        # The agent's own credential (a service without `auth` passes it on) makes the
+        # answer that credential's: not kept, unless the policy keys on that header.
+        for name in _PERSONAL:
+            if name in call.headers and name not in self.key_headers:
+                return None
         digest = hashlib.sha256()
         parts: list[str] = [call.method, call.target]
         parts.append("" if self.shared else "agent:" + (call.agent or ""))

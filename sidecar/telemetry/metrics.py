@@ -179,7 +179,8 @@ class Metrics:
             "sidecar_cache_requests",
             "Calls of a method a service's cache keeps (services.<name>.cache). result: hit "
             "(answered from the cache), miss (sent upstream) or bypass (not looked up: the "
-            "agent sent Cache-Control no-store/no-cache, or a POST body too large to key).",
+            "agent sent Cache-Control no-store/no-cache or its own Authorization/Cookie, or a "
+            "POST body too large to key).",
             ["service", "result"],
             registry=r,
         )

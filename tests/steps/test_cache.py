@@ -302,3 +302,36 @@ def test_the_store_is_bounded_in_bytes_too() -> None:
     assert store.get(b"huge", 0.0) is None
     store.put(b"k9", entry(100))  # replaced, not counted twice
     assert store.bytes == 700
+
+
+async def test_an_agents_own_credential_is_never_answered_from_the_cache(
+    upstream, start_sidecar: StartSidecar, client: aiohttp.ClientSession
+) -> None:
+    up = Upstream()
+    base = await upstream(up.app())
+    sc = await start_sidecar(
+        f"""
+        version: 1
+        services:
+          open:
+            upstream: {base}
+            cache: {{shared: true}}
+          keyed:
+            upstream: {base}
+            cache: {{shared: true, key_headers: [Authorization]}}
+        """
+    )
+    for agent, token in (("a1", "t1"), ("a2", "t2")):
+        headers = {"X-Agent-Id": agent, "Authorization": f"Bearer {token}"}
+        async with client.get(f"{sc.url}/open/mine", headers=headers) as r:
+            assert "X-Sidecar-Cache" not in r.headers
+    assert up.count("/mine") == 2
+    results = []
+    for token in ("t1", "t2", "t1"):
+        headers = {"X-Agent-Id": "a1", "Authorization": f"Bearer {token}"}
+        async with client.get(f"{sc.url}/keyed/k", headers=headers) as r:
+            results.append(r.headers["X-Sidecar-Cache"])
+    assert results == ["miss", "miss", "hit"]
+    async with client.get(f"{sc.admin}/metrics") as r:
+        text = await r.text()
+    assert 'sidecar_cache_requests_total{result="bypass",service="open"} 2.0' in text

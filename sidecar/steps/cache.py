@@ -35,6 +35,7 @@ from ..call import Call, Handler, Reply, StaticReply, make_replayable
 from ..policy.cache import Cache
 from ..policy.loader import ServicePolicy
 from ..state import StateBuild
+from .operation import annotate
 
 CACHE_HEADER = "X-Sidecar-Cache"
 
@@ -149,7 +150,8 @@ class CacheStep:
         self._report = report
         self._clock = clock
 
-    def _count(self, result: str) -> None:
+    def _count(self, call: Call, result: str) -> None:
+        annotate(call, {"sidecar.cache": result})
         for hook in self._report:
             hook(self.service, result)
 
@@ -159,14 +161,14 @@ class CacheStep:
             return await next(call)
         key = await self._key(call)
         if key is None:
-            self._count("bypass")
+            self._count(call, "bypass")
             return await next(call)
         now = self._clock()
         entry = self.store.get(key, now)
         if entry is not None:
-            self._count("hit")
+            self._count(call, "hit")
             return entry.reply(now, method == "HEAD")
-        self._count("miss")
+        self._count(call, "miss")
         reply = await next(call)
         ttl = self._storable(reply)
         return _Missed(reply, self if ttl else None, key, ttl, method == "HEAD")
@@ -320,7 +322,9 @@ async def _kept(
             else:
                 chunks.append(data)
         yield data
-    if chunks is not None:
+    # A body shorter than its Content-Length was cut, even if the stream ended quietly.
+    length = reply.content_length
+    if chunks is not None and (length is None or length == size):
         step._store(key, reply, b"".join(chunks), ttl)
 
 

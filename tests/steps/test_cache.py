@@ -54,6 +54,16 @@ class Upstream:
                 return web.json_response({"n": n}, status=404)
             if path == "/short":
                 return web.json_response({"n": n}, headers={"Cache-Control": "max-age=0"})
+            if path == "/cut" and n == 1:
+                response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+                response.content_length = 100
+                await response.prepare(request)
+                await response.write(b"only ten b")
+                assert request.transport is not None
+                request.transport.close()
+                return response
+            if path == "/cut":
+                return web.Response(text="whole")
             if path == "/big":
                 return web.Response(body=b"x" * 4096)
             if request.method == "POST":
@@ -335,3 +345,23 @@ async def test_an_agents_own_credential_is_never_answered_from_the_cache(
     async with client.get(f"{sc.admin}/metrics") as r:
         text = await r.text()
     assert 'sidecar_cache_requests_total{result="bypass",service="open"} 2.0' in text
+
+
+async def test_an_answer_cut_short_is_not_stored(
+    upstream, start_sidecar: StartSidecar, client: aiohttp.ClientSession
+) -> None:
+    up = Upstream()
+    base = await upstream(up.app())
+    sc = await start_sidecar(policy(base, "{}"), env={"API_TOKEN": SECRET})
+    try:
+        async with client.get(f"{sc.url}/api/cut", headers={"X-Agent-Id": "a1"}) as r:
+            await r.read()
+    except aiohttp.ClientError:
+        pass  # the agent sees the cut; what matters is what the cache kept
+    async with client.get(f"{sc.url}/api/cut", headers={"X-Agent-Id": "a1"}) as r:
+        assert r.headers["X-Sidecar-Cache"] == "miss"
+        assert await r.text() == "whole"
+    async with client.get(f"{sc.url}/api/cut", headers={"X-Agent-Id": "a1"}) as r:
+        assert r.headers["X-Sidecar-Cache"] == "hit"
+        assert await r.text() == "whole"
+    assert up.count("/cut") == 2

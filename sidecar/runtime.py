@@ -90,6 +90,7 @@ class Sidecar:
         hooks.request_violation.append(self.telemetry.metrics.on_request_violation)
         hooks.response_drift.append(self.telemetry.metrics.on_response_drift)
         hooks.fault_injected.append(self.telemetry.metrics.on_fault)
+        hooks.cache_lookup.append(self.telemetry.metrics.on_cache)
         self.telemetry.metrics.faults.source = self.fault_switches
         # Durable state (the webhook queue) lives here; opened only once a policy needs it.
         self.webhooks = WebhookHub(

@@ -58,6 +58,8 @@ class Hooks:
         self.response_drift: list[Callable[[str, str, str], None]] = []
         # (service, kind: delay | abort | reset | bandwidth | sse) for each injected fault.
         self.fault_injected: list[Callable[[str, str], None]] = []
+        # (service, result: hit | miss | bypass) for each call of a method a cache keeps.
+        self.cache_lookup: list[Callable[[str, str], None]] = []
 
 
 class StateStore:

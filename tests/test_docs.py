@@ -64,6 +64,7 @@ WHERE: dict[str, tuple[str, str | None]] = {
     "ResetFault": ("faults", "reset"),
     "BandwidthFault": ("faults", "bandwidth"),
     "SSEFault": ("faults", "sse"),
+    "Cache": ("cache", None),
 }
 
 _TICKED = re.compile(r"`([A-Za-z_]+)`")

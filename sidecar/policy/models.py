@@ -394,6 +394,7 @@ class Service(Model):
     mode: Mode = Field(default="live", description="live: the upstream answers; mock: `mock:`")
     mock: list[MockAnswer] = Field(default_factory=list, description="Answers of mode: mock")
     faults: Faults | None = Field(default=None, description="Injected faults, see testing.py")
+    cache: Cache | None = Field(default=None, description="Answers served again, see cache.py")
 
     @field_validator("upstream")
     @classmethod
@@ -465,6 +466,7 @@ class PolicyFile(Model):
 
 # At the end: each feature's models, which Agents, Service and PolicyFile name.
 from .access import AgentKeys, AllowRule, CredentialHeader, JwtVerify  # noqa: E402
+from .cache import Cache  # noqa: E402
 from .llm import LLM  # noqa: E402
 from .openapi import DocumentPath, Validate  # noqa: E402
 from .protocols import GraphQL, MCPSetting  # noqa: E402

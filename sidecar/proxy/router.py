@@ -21,6 +21,7 @@ from ..steps import (
     allow,
     auth,
     breaker,
+    cache,
     faults,
     graphql,
     identity,
@@ -62,6 +63,9 @@ STEP_BUILDERS: list[tuple[str, StepBuilder]] = [
     # mode: mock answers here, after every refusal and before anything that would
     # spend a token or reach the upstream (or its credential).
     ("mock", mock.build),
+    # A hit is answered before anything that would spend a token, wait for a pause
+    # or reach the upstream (or its credential): a hit is free.
+    ("cache", cache.build),
     # Before the limiter: a call refused during an upstream's pause spends no token.
     ("pause", pause.build),
     ("ratelimit", ratelimit.build),

@@ -175,6 +175,15 @@ class Metrics:
             ["service", "kind"],
             registry=r,
         )
+        self.cache_requests = Counter(
+            "sidecar_cache_requests",
+            "Calls of a method a service's cache keeps (services.<name>.cache). result: hit "
+            "(answered from the cache), miss (sent upstream) or bypass (not looked up: the "
+            "agent sent Cache-Control no-store/no-cache or its own Authorization/Cookie, or a "
+            "POST body too large to key).",
+            ["service", "result"],
+            registry=r,
+        )
         self.faults = FaultGauges()
         r.register(self.faults)
         self.reloads = reloads = Counter(
@@ -247,6 +256,9 @@ class Metrics:
 
     def on_fault(self, service: str, kind: str) -> None:
         self.faults_injected.labels(service, kind).inc()
+
+    def on_cache(self, service: str, result: str) -> None:
+        self.cache_requests.labels(service, result).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

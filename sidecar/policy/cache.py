@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from .models import Duration, HeaderName, Model, Size
+from .base import Duration, HeaderName, Model, Size
 
 CacheMethod = Literal["GET", "HEAD", "POST"]
 _SAFE_METHODS: tuple[CacheMethod, ...] = ("GET", "HEAD")

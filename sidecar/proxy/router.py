@@ -21,6 +21,7 @@ from ..steps import (
     allow,
     auth,
     breaker,
+    cassette,
     faults,
     graphql,
     identity,
@@ -62,6 +63,10 @@ STEP_BUILDERS: list[tuple[str, StepBuilder]] = [
     # mode: mock answers here, after every refusal and before anything that would
     # spend a token or reach the upstream (or its credential).
     ("mock", mock.build),
+    # mode: replay answers here for the same reasons as mock. mode: record is here too:
+    # outside retry, breaker, timeout and auth, it saves the one final answer the agent
+    # gets, and sees the call before the credential is injected (steps/cassette.py).
+    ("cassette", cassette.build),
     # Before the limiter: a call refused during an upstream's pause spends no token.
     ("pause", pause.build),
     ("ratelimit", ratelimit.build),

@@ -1,4 +1,4 @@
-"""`mode: record` and `mode: replay`: exchanges with the upstream saved as files, answered from them.
+"""`mode: record` and `mode: replay`: exchanges with the upstream saved as files, replayed.
 
 Record: the call goes to the upstream as in `live`; the answer streams to the
 agent unchanged while a copy (up to `max_body`) is kept, and when its last
@@ -464,7 +464,8 @@ class CassetteStep:
         texts = [_text(chunk) for _, chunk in events]
         if tape.sse and events and all(t is not None for t in texts):
             response["events"] = [
-                {"at": round(at, 4), "data": text} for (at, _), text in zip(events, texts)
+                {"at": round(at, 4), "data": text}
+                for (at, _), text in zip(events, texts, strict=True)
             ]
         elif data:
             _encode_body(data, response, exact=True)

@@ -183,9 +183,19 @@ def _prefix(method: str, path: str, query: str) -> str:
     return f"{method}-{slug}-{where}"
 
 
+def _sorted(value: Any) -> Any:
+    """The file's own keys sorted, so cassettes diff cleanly; a JSON body's keys stay in
+    the upstream's order, so it re-serializes to the very bytes it came as."""
+    if isinstance(value, dict):
+        return {k: (v if k == "body_json" else _sorted(v)) for k, v in sorted(value.items())}
+    if isinstance(value, list):
+        return [_sorted(v) for v in value]
+    return value
+
+
 def _write(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    text = json.dumps(_sorted(record), indent=2, ensure_ascii=False) + "\n"
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)

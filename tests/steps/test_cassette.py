@@ -35,6 +35,9 @@ def api_app() -> web.Application:
         body = await request.json()
         return web.json_response({"created": body["name"]}, status=201)
 
+    async def order(request: web.Request) -> web.Response:
+        return web.json_response({"zeta": 1, "alpha": [2, {"y": None, "b": "é"}]})
+
     async def blob(request: web.Request) -> web.Response:
         return web.Response(body=bytes(range(256)), content_type="application/octet-stream")
 
@@ -50,6 +53,7 @@ def api_app() -> web.Application:
     app = web.Application()
     app.router.add_get("/items/{id}", item)
     app.router.add_post("/items", create)
+    app.router.add_get("/order", order)
     app.router.add_get("/blob", blob)
     app.router.add_get("/stream", stream)
     return app
@@ -73,20 +77,25 @@ def policy(base: str, mode: str, extra: str = "") -> str:
 CALLS: list[tuple[str, str, bytes | None]] = [
     ("GET", "/api/items/7?expand=1", None),
     ("POST", "/api/items", b'{"name": "x", "request_id": "r-1"}'),
+    ("GET", "/api/order", None),
     ("GET", "/api/blob", None),
     ("GET", "/api/stream", None),
 ]
+
+
+def listed(tapes: Path) -> list[Path]:
+    return sorted(tapes.glob("*.json"))
 
 
 async def saved(tapes: Path, count: int) -> list[Path]:
     """The cassette files once `count` are there: a file is written just after the
     answer's last byte left, so the agent may have it a moment before."""
     for _ in range(500):
-        files = sorted(tapes.glob("*.json"))
+        files = listed(tapes)
         if len(files) >= count:
             return files
         await asyncio.sleep(0.01)
-    return sorted(tapes.glob("*.json"))
+    return listed(tapes)
 
 
 async def fetch(
@@ -110,9 +119,9 @@ async def test_record_then_replay_with_the_upstream_stopped(
         live = [await fetch(client, recorder.url + url, m, d) for m, url, d in CALLS]
     finally:
         await runner.cleanup()
-    assert [status for status, _, _ in live] == [200, 201, 200, 200]
+    assert [status for status, _, _ in live] == [200, 201, 200, 200, 200]
     assert SECRET in json.loads(live[0][2])["auth"]  # the agent itself sees the echo
-    assert b"".join(EVENTS) == live[3][2]
+    assert b"".join(EVENTS) == live[4][2]
 
     tapes = tmp_path / "tapes"
     files = await saved(tapes, len(CALLS))
@@ -124,6 +133,8 @@ async def test_record_then_replay_with_the_upstream_stopped(
         assert json.loads(text)["request"]["method"] in ("GET", "POST")
     # Readable: the JSON answer is kept parsed, the SSE answer as events.
     stream = json.loads(next(p for p in files if "stream" in p.name).read_text())
+    order = json.loads(next(p for p in files if "order" in p.name).read_text())
+    assert order["response"]["body_json"] == {"zeta": 1, "alpha": [2, {"y": None, "b": "é"}]}
     assert [e["data"] for e in stream["response"]["events"]] == [e.decode() for e in EVENTS]
 
     replayer = await start_sidecar(
@@ -198,3 +209,50 @@ async def test_ignored_json_fields_and_passthrough(
         assert (await r.json())["id"] == "9"
     # Passthrough calls are not recorded.
     assert len(list(tapes.glob("*.json"))) == 1
+
+
+async def test_a_query_credential_never_reaches_a_cassette(
+    upstream: Callable[[web.Application], Awaitable[str]],
+    start_sidecar: StartSidecar,
+    client: aiohttp.ClientSession,
+) -> None:
+    base = await upstream(api_app())
+    recorder = await start_sidecar(
+        f"""
+        version: 1
+        services:
+          api:
+            upstream: {base}
+            auth: {{type: query, name: key, value: "${{env:API_KEY}}"}}
+            mode: record
+        """,
+        env={"API_KEY": SECRET},
+    )
+    async with client.get(f"{recorder.url}/api/items/3?key=agent-own&page=2") as r:
+        assert r.status == 200
+        assert SECRET in (await r.json())["q"]  # the upstream got it, and echoed it
+    tapes = recorder.policies / "cassettes" / "api"
+    files = await saved(tapes, 1)
+    assert len(files) == 1
+    text = files[0].read_text()
+    assert SECRET not in text
+    assert json.loads(text)["request"]["query"] == "page=2"
+
+    replayer = await start_sidecar(
+        {
+            "policy.yaml": f"""
+            version: 1
+            services:
+              api:
+                upstream: {base}
+                auth: {{type: query, name: key, value: "${{env:API_KEY}}"}}
+                mode: replay
+                cassettes: ../policies0/cassettes/api
+            """
+        },
+        env={"API_KEY": SECRET},
+    )
+    async with client.get(f"{replayer.url}/api/items/3?page=2") as r:
+        assert r.status == 200
+        assert r.headers["X-Sidecar-Replay"] == "true"
+        assert SECRET not in await r.text()

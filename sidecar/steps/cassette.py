@@ -490,12 +490,11 @@ class CassetteStep:
     async def _replay(self, call: Call, next: Handler) -> Reply:
         method = call.method
         path, query = _split_query(call.target, self.auth_query)
-        whole = await make_replayable(call, REQUEST_LIMIT)
-        body = call.body if whole and isinstance(call.body, bytes) else None
-        if not whole:
-            # Never sent upstream: read it all, to match it.
-            chunks = [chunk async for chunk in call.body] if call.body is not None else []  # type: ignore[union-attr]
-            body = call.body = b"".join(chunks)
+        if not await make_replayable(call, REQUEST_LIMIT):
+            # A streamed or large body is never recorded (see _record), so nothing can
+            # match it; it is not read, so passthrough can still send it.
+            return await self._missing(call, next, method, path, query, None)
+        body = call.body if isinstance(call.body, bytes) else None
         ignore = self.settings.match.ignore_json_fields
         wanted = hashlib.sha256(_match_form(body, ignore).encode()).hexdigest()
         candidates = await asyncio.to_thread(
@@ -510,14 +509,20 @@ class CassetteStep:
             if self._match(request, ignore) == wanted:
                 annotate(call, {"sidecar.replay": True})
                 return self._answer(record.get("response") or {})
+        return await self._missing(call, next, method, path, query, body)
+
+    async def _missing(
+        self, call: Call, next: Handler, method: str, path: str, query: str, body: bytes | None
+    ) -> Reply:
         if self.settings.on_missing == "passthrough":
             return await next(call)
+        size = f"{len(body)} bytes" if body is not None else "a streamed or large body"
         raise ProblemError(
             "no_recording",
             f"Service '{self.service}' is in replay mode and no recording in "
             f"{self.directory.name}/ matches {method} {path}"
             + (f"?{query}" if query else "")
-            + f" with a request body of {len(body or b'')} bytes; record it with mode: record.",
+            + f" with a request body of {size}; record it with mode: record.",
             service=self.service,
             headers={REPLAY_HEADER: "true"},
         )

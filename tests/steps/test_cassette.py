@@ -6,10 +6,12 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from sidecar.runtime import Sidecar, serve
 from tests.conftest import StartSidecar
 
 SECRET = "sk-cassette-canary-51c9e2"
@@ -256,3 +258,50 @@ async def test_a_query_credential_never_reaches_a_cassette(
         assert r.status == 200
         assert r.headers["X-Sidecar-Replay"] == "true"
         assert SECRET not in await r.text()
+
+
+async def test_the_mode_of_every_service_set_at_start(
+    tmp_path: Path, client: aiohttp.ClientSession
+) -> None:
+    """`sidecar run --mode record|replay` (SIDECAR_MODE): live services follow it."""
+    runner = web.AppRunner(api_app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "policy.yaml").write_text(
+        f"version: 1\nservices:\n  api:\n    upstream: {base}\n"
+        "  offline:\n    upstream: http://127.0.0.1:9\n    mode: mock\n"
+        "    mock: [{body: mocked}]\n"
+    )
+
+    async def started(mode: str) -> tuple[Sidecar, list[Any], str]:
+        sidecar = Sidecar(str(policies), mode=mode)
+        assert (await sidecar.reload("startup")).ok
+        listeners = await serve(sidecar, listen=("127.0.0.1", 0), admin=("127.0.0.1", 0))
+        return sidecar, listeners, f"http://127.0.0.1:{listeners[0].addresses[0][1]}"
+
+    recorder, listeners, url = await started("record")
+    try:
+        live = await fetch(client, f"{url}/api/order", "GET", None)
+        assert "x-sidecar-replay" not in live[1]
+        assert len(await saved(policies / "cassettes" / "api", 1)) == 1
+    finally:
+        await runner.cleanup()
+        for listener in listeners:
+            await listener.cleanup()
+        await recorder.close()
+
+    replayer, listeners, url = await started("replay")
+    try:
+        async with client.get(f"{url}/api/order") as r:
+            assert r.headers["X-Sidecar-Replay"] == "true"
+            assert await r.read() == live[2]
+        async with client.get(f"{url}/offline/x") as r:  # a mock service stays mocked
+            assert r.headers["X-Sidecar-Mock"] == "true"
+            assert await r.text() == "mocked"
+    finally:
+        for listener in listeners:
+            await listener.cleanup()
+        await replayer.close()

@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import time
+import uuid
 from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -196,7 +197,8 @@ def _sorted(value: Any) -> Any:
 def _write(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(_sorted(record), indent=2, ensure_ascii=False) + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
+    # Two identical calls at once each write their own file; the last one stays.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
@@ -356,6 +358,12 @@ class CassetteStep:
         self.redact = frozenset(redact)
 
     async def __call__(self, call: Call, next: Handler) -> Reply:
+        if call.upgrade:
+            # A WebSocket becomes a tunnel after its 101: there is no answer to save.
+            if self.mode == "replay":
+                path, query = _split_query(call.target, self.auth_query)
+                return await self._missing(call, next, call.method, path, query, None)
+            return await next(call)
         if self.mode == "replay":
             return await self._replay(call, next)
         return await self._record(call, next)

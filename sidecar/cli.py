@@ -99,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
         "tracing is configured by the standard OTEL_* variables",
     )
 
+    run.add_argument(
+        "--mode",
+        choices=("live", "record", "replay"),
+        default=_env("MODE"),
+        help="answer every service this way, whatever its policy's mode (mock services "
+        "stay mocked): record saves exchanges to cassettes, replay answers from them "
+        "(env SIDECAR_MODE)",
+    )
+
     validate = sub.add_parser("validate", help="check a policy directory; exit 1 on errors")
     validate.add_argument("dir", metavar="DIR")
     validate.add_argument(
@@ -237,7 +246,7 @@ async def _run(args: argparse.Namespace) -> int:
 
     telemetry = Telemetry.from_env(access_log=args.access_log)
     access_writer = access.configure() if telemetry.access_log else None
-    sidecar = Sidecar(args.policies, telemetry=telemetry, data_dir=args.data_dir)
+    sidecar = Sidecar(args.policies, telemetry=telemetry, data_dir=args.data_dir, mode=args.mode)
     try:
         return await _serve(sidecar, args)
     finally:

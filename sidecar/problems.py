@@ -43,6 +43,8 @@ REASONS: dict[str, tuple[int, str]] = {
     "fault_injected": (503, "Fault injected by the sidecar"),
     # services.<name>.mode: mock, and no mock answer matches the call.
     "no_mock": (501, "No mock answer"),
+    # services.<name>.mode: replay, and no recording matches the call.
+    "no_recording": (501, "No recording"),
 }
 
 

@@ -67,9 +67,12 @@ class Sidecar:
         env: Mapping[str, str] | None = None,
         telemetry: Telemetry | None = None,
         data_dir: str | None = None,
+        mode: str | None = None,
     ) -> None:
         self.policies = policies
         self.env = env
+        # --mode / SIDECAR_MODE: every service's mode, over its policy's (not mock's).
+        self.mode = mode
         self.policy: Policy | None = None
         self.router: Router | None = None
         self.state = StateStore()
@@ -122,7 +125,9 @@ class Sidecar:
 
         try:
             # File reads happen in a worker thread: the loop keeps serving meanwhile.
-            policy = await asyncio.to_thread(load_policy, self.policies, env=self.env)
+            policy = await asyncio.to_thread(
+                load_policy, self.policies, env=self.env, mode=self.mode
+            )
         except PolicyError as exc:
             errors = tuple(str(p) for p in exc.problems)
             for line in errors:

@@ -58,6 +58,8 @@ WHERE: dict[str, tuple[str, str | None]] = {
     "WebhookStore": ("webhooks.store", None),
     "MockAnswer": ("mock", None),
     "MockMatch": ("mock", "match"),
+    "Cassettes": ("cassettes", None),
+    "CassetteMatch": ("cassettes", "match"),
     "Faults": ("faults", None),
     "DelayFault": ("faults", "delay"),
     "AbortFault": ("faults", "abort"),

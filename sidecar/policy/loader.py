@@ -91,12 +91,17 @@ def policy_files(directory: str) -> list[str]:
 
 
 def load_policy(
-    directory: str, *, env: Mapping[str, str] | None = None, resolve_secrets: bool = True
+    directory: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    resolve_secrets: bool = True,
+    mode: str | None = None,
 ) -> Policy:
     """Load, validate and merge; raises PolicyError listing every problem found.
 
     With resolve_secrets=False, `${env:}` and `${file:}` references are checked
-    for form only (for CI, which has no production secrets).
+    for form only (for CI, which has no production secrets). `mode` (live, record
+    or replay: `sidecar run --mode`) replaces every service's own, except mock's.
     """
     files = policy_files(directory)
     if not files:
@@ -176,6 +181,9 @@ def load_policy(
                 )
                 continue
             prefix = spec.prefix or f"/{name}"
+            if mode is not None and spec.mode != "mock" and spec.mode != mode:
+                # A service mocked in its policy has no upstream worth recording.
+                spec = spec.model_copy(update={"mode": mode})
             document, problem = _openapi(doc, name, spec, directory, resolver, digest)
             if problem is not None:
                 problems.append(problem)

@@ -391,10 +391,17 @@ class Service(Model):
     graphql: GraphQL | None = Field(default=None, description="A GraphQL API, see protocols.py")
     mcp: MCPSetting = Field(default=None, description="An MCP server: true, or its tool rules")
     llm: LLM | None = Field(default=None, description="An LLM API: token accounting, see llm.py")
-    mode: Mode = Field(default="live", description="live: the upstream answers; mock: `mock:`")
+    mode: Mode = Field(
+        default="live",
+        description="live: the upstream answers; mock: `mock:`; record: the upstream, saved "
+        "to `cassettes`; replay: `cassettes`",
+    )
     mock: list[MockAnswer] = Field(default_factory=list, description="Answers of mode: mock")
     faults: Faults | None = Field(default=None, description="Injected faults, see testing.py")
     cache: Cache | None = Field(default=None, description="Answers served again, see cache.py")
+    cassettes: Cassettes | None = Field(
+        default=None, description="Recordings of mode: record and replay, see testing.py"
+    )
 
     @field_validator("upstream")
     @classmethod
@@ -442,6 +449,8 @@ class Service(Model):
         # A live service with mock answers would look mocked in a review and call the API.
         if self.mock and self.mode != "mock":
             raise ValueError("mock answers are used only with mode: mock")
+        if self.cassettes is not None and self.mode not in ("record", "replay"):
+            raise ValueError("cassettes are used only with mode: record or mode: replay")
         return self
 
 
@@ -470,7 +479,7 @@ from .cache import Cache  # noqa: E402
 from .llm import LLM  # noqa: E402
 from .openapi import DocumentPath, Validate  # noqa: E402
 from .protocols import GraphQL, MCPSetting  # noqa: E402
-from .testing import Faults, MockAnswer, Mode  # noqa: E402
+from .testing import Cassettes, Faults, MockAnswer, Mode  # noqa: E402
 from .upstream_limits import UpstreamLimits  # noqa: E402
 from .webhooks import Webhooks  # noqa: E402
 

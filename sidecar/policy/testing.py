@@ -1,5 +1,7 @@
 """The `mode:`, `mock:` and `faults:` parts of a service: for testing agents.
 
+`mode: record` saves each exchange with the live upstream as a file of the
+service's cassette directory, and `mode: replay` answers from those files.
 `mode: mock` answers every call to the service from its `mock:` rules, so an
 agent runs offline, without keys; the upstream is never contacted. `faults:`
 makes a live service misbehave on purpose (Envoy's fault filter, Toxiproxy):
@@ -16,8 +18,10 @@ from pydantic import Field, field_validator, model_validator
 
 from .base import Duration, HeaderName, Model, Size
 
-# How a service is answered: `live` by its upstream, `mock` by its `mock:` rules.
-Mode = Literal["live", "mock"]
+# How a service is answered: `live` by its upstream, `mock` by its `mock:` rules,
+# `record` by its upstream with each exchange saved to its cassettes, `replay` by
+# those cassettes (steps/cassette.py).
+Mode = Literal["live", "mock", "record", "replay"]
 
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
@@ -164,3 +168,48 @@ class Faults(Model):
 
     def kinds(self) -> list[str]:
         return [kind for kind in FAULT_KINDS if getattr(self, kind) is not None]
+
+
+class CassetteMatch(Model):
+    ignore_json_fields: list[str] = Field(
+        default_factory=list,
+        description="Fields of a JSON request body left out of the comparison "
+        "(dotted for nested ones: metadata.request_id)",
+    )
+
+
+class Cassettes(Model):
+    """Where `mode: record` writes and `mode: replay` reads, and how they behave."""
+
+    dir: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Directory of the cassette files, relative to the policy file; "
+        "default cassettes/<service> beside it",
+    )
+    redact: list[HeaderName] = Field(
+        default_factory=list,
+        description="Headers (of the request or the answer) whose values are never written",
+    )
+    match: CassetteMatch = Field(
+        default_factory=CassetteMatch, description="How a call is matched to a recording"
+    )
+    pacing: Literal["recorded", "fast"] = Field(
+        default="recorded",
+        description="recorded: SSE events replayed at their recorded pace; fast: at once",
+    )
+    on_missing: Literal["error", "passthrough"] = Field(
+        default="error",
+        description="error: a call with no recording gets 501 no_recording; "
+        "passthrough: it goes to the upstream (not recorded)",
+    )
+    max_body: Size = Field(
+        default=8 << 20,
+        description="Largest answer recorded; a larger one reaches the agent but is not saved",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dir_only(cls, v: Any) -> Any:
+        # `cassettes: fixtures/billing` is the common spelling.
+        return {"dir": v} if isinstance(v, str) else v

@@ -22,6 +22,7 @@ from ..steps import (
     auth,
     breaker,
     cache,
+    cassette,
     faults,
     graphql,
     identity,
@@ -63,6 +64,10 @@ STEP_BUILDERS: list[tuple[str, StepBuilder]] = [
     # mode: mock answers here, after every refusal and before anything that would
     # spend a token or reach the upstream (or its credential).
     ("mock", mock.build),
+    # mode: replay answers here for the same reasons as mock. mode: record is here too:
+    # outside retry, breaker, timeout and auth, it saves the one final answer the agent
+    # gets, and sees the call before the credential is injected (steps/cassette.py).
+    ("cassette", cassette.build),
     # A hit is answered before anything that would spend a token, wait for a pause
     # or reach the upstream (or its credential): a hit is free.
     ("cache", cache.build),

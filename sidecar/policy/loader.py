@@ -205,6 +205,7 @@ def load_policy(
 
     agents = agents or Agents()
     problems.extend(_access_problems(agents, allow, services, written_in))
+    problems.extend(_fallback_problems(services, written_in))
     for name, sp in services.items():
         if sp.spec.allow is not None:
             rules, source = tuple(sp.spec.allow), f"services.{name}.allow"
@@ -283,6 +284,43 @@ def _operation_problems(
                     hint = f" (did you mean '{close}'?)" if close else ""
                     message = f"unknown operation '{glob}' in the service's OpenAPI document{hint}"
                 problems.append(Problem(doc.value_position((*at, j)), message))
+    return problems
+
+
+def _fallback_problems(
+    services: Mapping[str, ServicePolicy], written_in: Mapping[str, Document]
+) -> list[Problem]:
+    """`fallback` names known services, never this one, and never loops back to it."""
+    problems: list[Problem] = []
+    known = sorted(services)
+    for name, sp in services.items():
+        for j, other in enumerate(sp.spec.fallback):
+            if other == name:
+                message = f"service '{name}' cannot fall back to itself"
+            elif other not in services:
+                message = f"unknown service '{other}' in fallback{_did_you_mean(other, known)}"
+            else:
+                continue
+            at = written_in[name].value_position(("services", name, "fallback", j))
+            problems.append(Problem(at, message))
+    # A cycle (a -> b -> a) would bounce a failing call between the two.
+    edges = {n: [o for o in sp.spec.fallback if o in services] for n, sp in services.items()}
+    for name in services:
+        seen: set[str] = set()
+        todo = list(edges[name])
+        while todo:
+            current = todo.pop()
+            if current == name:
+                problems.append(
+                    Problem(
+                        written_in[name].position(("services", name, "fallback")),
+                        f"fallback of service '{name}' leads back to it (a cycle)",
+                    )
+                )
+                break
+            if current not in seen:
+                seen.add(current)
+                todo.extend(edges[current])
     return problems
 
 

@@ -398,6 +398,11 @@ class Service(Model):
     )
     mock: list[MockAnswer] = Field(default_factory=list, description="Answers of mode: mock")
     faults: Faults | None = Field(default=None, description="Injected faults, see testing.py")
+    fallback: list[str] = Field(
+        default_factory=list,
+        description="Services to try in turn, each with its own chain, when this one is "
+        "down, refuses (breaker, limit) or answers 429/5xx",
+    )
     cache: Cache | None = Field(default=None, description="Answers served again, see cache.py")
     cassettes: Cassettes | None = Field(
         default=None, description="Recordings of mode: record and replay, see testing.py"

@@ -23,6 +23,7 @@ from ..steps import (
     breaker,
     cache,
     cassette,
+    fallback,
     faults,
     graphql,
     identity,
@@ -57,6 +58,11 @@ STEP_BUILDERS: list[tuple[str, StepBuilder]] = [
     # so, not to wait for a pause or a token.
     ("graphql", graphql.build),
     ("mcp", mcp.build),
+    # Outermost of what serves the call, after every refusal: a call the agent may not
+    # make never fails over, and everything the service does to serve it (faults,
+    # cache, limits, retries, breaker, credential) is inside, so another service is
+    # tried only once this one has given up (steps/fallback.py).
+    ("fallback", fallback.build),
     # Where Envoy has its fault filter, before the router: retries, the breaker and the
     # timeout never hide, repeat or count a fault, so the agent sees the ratio asked
     # for; and a mock answer can be faulted too.
@@ -249,4 +255,6 @@ def compile_policy(policy: Policy, state: StateBuild) -> Router:
                 handler=handler,
             )
         )
-    return Router(routes, version=policy.version)
+    router = Router(routes, version=policy.version)
+    fallback.resolve(state, router.routes)
+    return router

@@ -1,0 +1,175 @@
+"""Fallbacks (`fallback: [service, ...]`): a call the service cannot serve goes to the next.
+
+The outermost service step after the refusals: a call the agent may not make, or
+that is malformed, is told so and never fails over. Everything the service does
+to serve a call (cache, pause, limits, retries, breaker, credential) is inside,
+so a fallback hop runs only once the service has given up, and runs the other
+service's own whole chain: its identity/allow rules, credential, limits, breaker.
+
+A hop happens on the sidecar's own refusals that say "this upstream, not this
+call" (breaker open, unreachable, timed out, limited) and on a 429/5xx answer
+the retries could not better. A Reply with any other status is final: it goes
+to the agent as is, so no hop ever happens after answer bytes reached it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import weakref
+from collections.abc import AsyncIterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from ..call import Call, Handler, Reply, make_replayable
+from ..policy.loader import ServicePolicy
+from ..problems import ProblemError
+from ..state import StateBuild
+from .operation import annotate
+
+if TYPE_CHECKING:
+    from ..proxy.router import Route
+
+SERVED_BY = "X-Sidecar-Served-By"
+
+# The sidecar's refusals that blame the upstream (or its limit), not the call.
+FALLBACK_REASONS = frozenset(
+    {"circuit_open", "upstream_unreachable", "upstream_timeout", "rate_limited"}
+)
+
+# Set while a hop runs: the other service's own fallback step passes it through,
+# so the list written on the first service alone decides where a call goes.
+_hopping: contextvars.ContextVar[bool] = contextvars.ContextVar("fallback_hop", default=False)
+
+# The routes of the Router being built, filled once every route exists (see
+# `resolve`): a step needs the handlers of services compiled after its own.
+_tables: weakref.WeakKeyDictionary[StateBuild, dict[str, Route]] = weakref.WeakKeyDictionary()
+
+
+def _failed(reply: Reply) -> bool:
+    return reply.status == 429 or reply.status >= 500
+
+
+class ServedBy:
+    """A fallback's reply with the header that tells the agent who answered."""
+
+    __slots__ = ("_reply", "headers")
+
+    def __init__(self, reply: Reply, service: str) -> None:
+        self._reply = reply
+        headers = CIMultiDict(reply.headers)
+        headers[SERVED_BY] = service
+        self.headers = CIMultiDictProxy(headers)
+
+    @property
+    def status(self) -> int:
+        return self._reply.status
+
+    @property
+    def reason(self) -> str | None:
+        return self._reply.reason
+
+    @property
+    def content_length(self) -> int | None:
+        return self._reply.content_length
+
+    @property
+    def body(self) -> AsyncIterable[bytes] | None:
+        return self._reply.body
+
+    def release(self) -> Any:
+        return self._reply.release()
+
+
+class Fallback:
+    def __init__(self, *, service: str, chain: tuple[str, ...], routes: Mapping[str, Route]):
+        self.service = service
+        self.chain = chain
+        self._routes = routes
+
+    async def __call__(self, call: Call, next: Handler) -> Reply:
+        if _hopping.get() or not await make_replayable(call):
+            # A body read only once cannot be sent to a second service.
+            return await next(call)
+        # As the call stands before this service's credential is added: a hop must
+        # never carry one service's secret to another's upstream.
+        headers = call.headers.copy()
+        method, target, body = call.method, call.target, call.body
+        try:
+            reply = await next(call)
+        except ProblemError as err:
+            if err.reason not in FALLBACK_REASONS:
+                raise
+            failure: ProblemError | Reply = err
+        else:
+            if not _failed(reply):
+                return reply
+            failure = reply
+        primary = self._routes.get(self.service)
+        for i, name in enumerate(self.chain):
+            last = i == len(self.chain) - 1
+            route = self._routes.get(name)
+            if route is None:
+                break
+            if not isinstance(failure, ProblemError):
+                await _release(failure)
+            hop = Call(
+                service=name,
+                method=method,
+                target=target,
+                headers=_rehead(headers, primary, route),
+                body=body,
+                agent=call.agent,
+            )
+            hop.exchange = call.exchange
+            annotate(call, {"sidecar.fallback.from": self.service, "sidecar.fallback.to": name})
+            token = _hopping.set(True)
+            try:
+                reply = await route.handler(hop)
+            except ProblemError as err:
+                if last or err.reason not in FALLBACK_REASONS:
+                    raise
+                failure = err
+                continue
+            finally:
+                _hopping.reset(token)
+            if last or not _failed(reply):
+                annotate(call, {"sidecar.served_by": name})
+                return ServedBy(reply, name)
+            failure = reply
+        if isinstance(failure, ProblemError):
+            raise failure
+        return failure
+
+
+def _rehead(headers: CIMultiDict[str], primary: Route | None, route: Route) -> CIMultiDict[str]:
+    """The headers as the other service's route would have prepared them."""
+    own = {n.lower() for n, _ in primary.set_headers} if primary is not None else set()
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower not in route.drop and lower not in own:
+            out.add(name, value)
+    for name, value in route.set_headers:
+        out[name] = value
+    return out
+
+
+async def _release(reply: Reply) -> None:
+    result = reply.release()
+    if hasattr(result, "__await__"):
+        await result
+
+
+def build(service: ServicePolicy, *, state: StateBuild) -> Fallback | None:
+    if not service.spec.fallback:
+        return None
+    routes = _tables.setdefault(state, {})
+    return Fallback(service=service.name, chain=tuple(service.spec.fallback), routes=routes)
+
+
+def resolve(state: StateBuild, routes: Mapping[str, Route]) -> None:
+    """Called by compile_policy once all routes of `state`'s Router exist."""
+    table = _tables.pop(state, None)
+    if table is not None:
+        table.update(routes)

@@ -403,6 +403,11 @@ class Service(Model):
         description="Services to try in turn, each with its own chain, when this one is "
         "down, refuses (breaker, limit) or answers 429/5xx",
     )
+    model_map: dict[str, str] = Field(
+        default_factory=dict,
+        description="When this service serves another's fallback: the JSON body's "
+        '"model" renamed (e.g. gpt-4o: claude-sonnet-4-5)',
+    )
     cache: Cache | None = Field(default=None, description="Answers served again, see cache.py")
     cassettes: Cassettes | None = Field(
         default=None, description="Recordings of mode: record and replay, see testing.py"

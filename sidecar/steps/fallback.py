@@ -15,13 +15,14 @@ to the agent as is, so no hop ever happens after answer bytes reached it.
 from __future__ import annotations
 
 import contextvars
+import json
 import weakref
 from collections.abc import AsyncIterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ..call import Call, Handler, Reply, make_replayable
+from ..call import Body, Call, Handler, Reply, make_replayable
 from ..policy.loader import ServicePolicy
 from ..problems import ProblemError
 from ..state import StateBuild
@@ -44,6 +45,9 @@ _hopping: contextvars.ContextVar[bool] = contextvars.ContextVar("fallback_hop", 
 # The routes of the Router being built, filled once every route exists (see
 # `resolve`): a step needs the handlers of services compiled after its own.
 _tables: weakref.WeakKeyDictionary[StateBuild, dict[str, Route]] = weakref.WeakKeyDictionary()
+_models: weakref.WeakKeyDictionary[StateBuild, dict[str, dict[str, str]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _failed(reply: Reply) -> bool:
@@ -82,10 +86,18 @@ class ServedBy:
 
 
 class Fallback:
-    def __init__(self, *, service: str, chain: tuple[str, ...], routes: Mapping[str, Route]):
+    def __init__(
+        self,
+        *,
+        service: str,
+        chain: tuple[str, ...],
+        routes: Mapping[str, Route],
+        models: Mapping[str, Mapping[str, str]],
+    ):
         self.service = service
         self.chain = chain
         self._routes = routes
+        self._models = models
 
     async def __call__(self, call: Call, next: Handler) -> Reply:
         if _hopping.get() or not await make_replayable(call):
@@ -118,7 +130,7 @@ class Fallback:
                 method=method,
                 target=target,
                 headers=_rehead(headers, primary, route),
-                body=body,
+                body=_remodel(body, self._models.get(name)),
                 agent=call.agent,
             )
             hop.exchange = call.exchange
@@ -155,6 +167,27 @@ def _rehead(headers: CIMultiDict[str], primary: Route | None, route: Route) -> C
     return out
 
 
+def _remodel(body: Body, models: Mapping[str, str] | None) -> Body:
+    """The body with its JSON "model" renamed by the other service's model_map.
+
+    Only the name: both APIs must speak the same wire format. A body that is not
+    a JSON object naming a mapped model goes as it came.
+    """
+    if not models or not isinstance(body, bytes):
+        return body
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(document, dict):
+        return body
+    model = document.get("model")
+    if not isinstance(model, str) or model not in models:
+        return body
+    document["model"] = models[model]
+    return json.dumps(document).encode()
+
+
 async def _release(reply: Reply) -> None:
     result = reply.release()
     if hasattr(result, "__await__"):
@@ -162,10 +195,19 @@ async def _release(reply: Reply) -> None:
 
 
 def build(service: ServicePolicy, *, state: StateBuild) -> Fallback | None:
+    # Every service's map is noted, fallback list or not: it is read by the others' steps.
+    models = _models.setdefault(state, {})
+    if service.spec.model_map:
+        models[service.name] = dict(service.spec.model_map)
     if not service.spec.fallback:
         return None
     routes = _tables.setdefault(state, {})
-    return Fallback(service=service.name, chain=tuple(service.spec.fallback), routes=routes)
+    return Fallback(
+        service=service.name,
+        chain=tuple(service.spec.fallback),
+        routes=routes,
+        models=models,
+    )
 
 
 def resolve(state: StateBuild, routes: Mapping[str, Route]) -> None:
@@ -173,3 +215,4 @@ def resolve(state: StateBuild, routes: Mapping[str, Route]) -> None:
     table = _tables.pop(state, None)
     if table is not None:
         table.update(routes)
+    _models.pop(state, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +142,18 @@ def test_unknown_and_cyclic_fallbacks_are_refused_at_load(tmp_path: Path) -> Non
     ), problems
     assert any("fallback of service 'anthropic' leads back to it" in p for p in problems)
     assert any("fallback of service 'mistral' leads back to it" in p for p in problems)
+
+
+async def test_model_map_renames_the_model_for_the_fallback_hop(
+    upstream, start_sidecar, client, closed_port
+):
+    seen: list[dict[str, Any]] = []
+    secondary = await upstream(recording(200, seen, "secondary"))
+    text = policy(f"http://127.0.0.1:{closed_port}", secondary)
+    text += "    model_map: {gpt-4o: claude-sonnet-4-5}\n"
+    sidecar = await start_sidecar(text, env=ENV)
+    async with client.post(
+        f"{sidecar.url}/primary/v1/chat", json={"model": "gpt-4o", "n": 1}
+    ) as resp:
+        assert resp.status == 200
+    assert json.loads(seen[0]["body"]) == {"model": "claude-sonnet-4-5", "n": 1}

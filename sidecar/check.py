@@ -61,8 +61,10 @@ async def check_service(sidecar: Sidecar, name: str) -> Result:
         result.ms["dns"] = _ms(start)
         result.stage = "tcp"
         start = time.perf_counter()
-        family, _, _, _, address = infos[0]
-        _, writer = await asyncio.wait_for(asyncio.open_connection(address[0], address[1]), TIMEOUT)
+        address = infos[0][4]
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(str(address[0]), int(address[1])), TIMEOUT
+        )
         result.ms["tcp"] = _ms(start)
         writer.close()
         if url.scheme == "https":

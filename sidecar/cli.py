@@ -227,6 +227,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     # Quiet: the sidecar's own log lines (policy loaded...) are not the report.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    # Load errors are printed below, once.
+    logging.getLogger("sidecar").setLevel(logging.CRITICAL)
     results, errors = asyncio.run(run_checks(args.policies, args.services))
     for error in errors:
         print(f"sidecar check: {error}", file=sys.stderr)

@@ -66,7 +66,7 @@ async def test_check_reports_each_service_and_never_the_secret(tmp_path: Path) -
     closed_port = _free_port()
     auth = "auth: {type: bearer, token: '${env:SIDECAR_CHECK_TOKEN}'}"
     (tmp_path / "services.yaml").write_text(
-        "services:\n"
+        "version: 1\nservices:\n"
         f"  good:\n    upstream: http://127.0.0.1:{good_port}/v1\n    {auth}\n"
         "    check: {path: /models, method: GET, expect: [200]}\n"
         f"  bad:\n    upstream: http://127.0.0.1:{bad_port}\n    {auth}\n"

@@ -14,10 +14,13 @@ The endpoint is compared percent-decoded, so an encoded path cannot dodge it.
 
 from __future__ import annotations
 
+import json
 from fnmatch import fnmatchcase
 from typing import Any
 
-from ..call import Call, Handler, Reply
+from multidict import CIMultiDict
+
+from ..call import Call, Handler, Reply, StaticReply
 from ..policy.loader import ServicePolicy
 from ..policy.protocols import MCP
 from ..problems import ProblemError
@@ -30,6 +33,9 @@ PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
 INVALID_PARAMS = -32602
 TOOL_FORBIDDEN = -32001
+
+# Largest JSON tools/list answer read to be filtered; a larger one is relayed as is.
+LIST_LIMIT = 1 << 20
 
 # Methods that carry no JSON-RPC message: the server's event stream (GET), the end of
 # a session (DELETE), a CORS preflight. Any other method's body is read, not just POST's.
@@ -73,9 +79,58 @@ class MCPStep:
         annotate(call, attributes)
         token = OPERATION.set(tuple(labels))
         try:
-            return await next(call)
+            reply = await next(call)
         finally:
             OPERATION.reset(token)
+        if "tools/list" in labels:
+            return await self._filter_tools(call.agent, reply)
+        return reply
+
+    def _allows(self, agent: str | None, tool: str) -> bool:
+        globs = self.per_agent.get(agent, self.tools) if agent is not None else self.tools
+        return any(fnmatchcase(tool, glob) for glob in globs)
+
+    async def _filter_tools(self, agent: str | None, reply: Reply) -> Reply:
+        """A JSON tools/list answer without the tools the agent may not call.
+
+        Only a JSON answer of at most LIST_LIMIT bytes is rewritten; an SSE
+        answer is relayed as it comes (not filtered yet): calling a listed
+        but forbidden tool is still refused.
+        """
+        kind = reply.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+        length = reply.content_length
+        if kind != "application/json" or length is None or length > LIST_LIMIT:
+            return reply
+        try:
+            chunks = [chunk async for chunk in reply.body] if reply.body is not None else []
+        finally:
+            reply.release()
+        data = b"".join(chunks)
+        try:
+            document = json.loads(data)
+        except ValueError:
+            document = None
+        changed = False
+        for message in document if isinstance(document, list) else [document]:
+            result = message.get("result") if isinstance(message, dict) else None
+            tools = result.get("tools") if isinstance(result, dict) else None
+            if isinstance(result, dict) and isinstance(tools, list):
+                kept = [
+                    t
+                    for t in tools
+                    if isinstance(t, dict)
+                    and isinstance(t.get("name"), str)
+                    and self._allows(agent, t["name"])
+                ]
+                changed = changed or len(kept) != len(tools)
+                result["tools"] = kept
+        if changed:
+            data = json.dumps(document, separators=(",", ":")).encode()
+        headers = CIMultiDict(reply.headers)
+        headers.popall("Content-Length", None)
+        headers.popall("Transfer-Encoding", None)
+        headers["Content-Length"] = str(len(data))
+        return StaticReply(reply.status, headers, data, reason=reply.reason)
 
     async def _read(self, call: Call) -> tuple[list[Any], list[str]]:
         """The POST's JSON-RPC messages and their labels, once every one is allowed."""
@@ -109,8 +164,7 @@ class MCPStep:
         tool = params.get("name") if isinstance(params, dict) else None
         if not isinstance(tool, str):
             raise self._bad(message_id, INVALID_PARAMS, "tools/call needs `params.name`, a string")
-        globs = self.per_agent.get(agent, self.tools) if agent is not None else self.tools
-        if not any(fnmatchcase(tool, glob) for glob in globs):
+        if not self._allows(agent, tool):
             caller = f"Agent '{agent}'" if agent else "A caller without an agent id"
             detail = (
                 f"{caller} may not call the tool '{tool}' of MCP service '{self.service}': "

@@ -182,8 +182,8 @@ async def test_other_methods_pass_and_the_session_id_goes_both_ways(
     assert body["result"]["protocolVersion"] == "2025-03-26"
     listing = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
     status, _, body = await post(client, sc, listing, "reader")
-    # tools/list answers pass unfiltered: filtering needs the answer's body.
-    assert [t["name"] for t in body["result"]["tools"]] == TOOLS
+    # A tools/list answer shows the reader only the tools it may call.
+    assert [t["name"] for t in body["result"]["tools"]] == ["search_docs"]
     async with client.post(
         f"{sc.url}/tools/mcp",
         json={"jsonrpc": "2.0", "method": "notifications/initialized"},
@@ -321,3 +321,17 @@ async def test_a_client_that_accepts_problem_json_gets_it(upstream, start_sideca
             assert resp.headers["Content-Type"] == "application/problem+json"
             assert (await resp.json(content_type=None))["error"]["code"] == -32001
     assert server.hits == 0
+
+
+async def test_tools_list_shows_only_the_tools_the_agent_may_call(upstream, start_sidecar, client):
+    _, sc = await start(upstream, start_sidecar)
+    listing = {"jsonrpc": "2.0", "id": 3, "method": "tools/list"}
+    status, headers, body = await post(client, sc, listing, "reader")
+    assert status == 200
+    assert body == {"jsonrpc": "2.0", "id": 3, "result": {"tools": [{"name": "search_docs"}]}}
+    assert int(headers["Content-Length"]) == len(json.dumps(body, separators=(",", ":")))
+    status, _, body = await post(client, sc, listing, "janitor")
+    assert [t["name"] for t in body["result"]["tools"]] == list(TOOLS)
+    status, _, body = await post(client, sc, listing)
+    names = [t["name"] for t in body["result"]["tools"]]
+    assert names and all(n.startswith("search_") or n == "slow_report" for n in names)

@@ -7,8 +7,9 @@ is not among the agent's globs (`mcp.per_agent[agent]`, else `mcp.tools`).
 The refusal is a problem+json document that is also a JSON-RPC error
 response (`jsonrpc`, `id`, `error`), so either kind of client can read it.
 
-Only the request is read: the answer, often an SSE stream, is relayed as it
-comes. GET (the server's event stream) and DELETE (end of a session) pass.
+Answers, often SSE streams, are relayed as they come, except a JSON
+`tools/list` answer: it is read (up to LIST_LIMIT) and the tools the agent
+may not call are dropped from it. GET (the server's event stream) and DELETE (end of a session) pass.
 The endpoint is compared percent-decoded, so an encoded path cannot dodge it.
 """
 

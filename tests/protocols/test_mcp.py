@@ -65,6 +65,11 @@ class MCPServer:
                 await response.write(f"event: message\ndata: {json.dumps(final)}\n\n".encode())
                 await response.write_eof()
                 return response
+            if first.get("method") == "tools/list" and "X-Test-Sse" in request.headers:
+                event = f"event: message\ndata: {json.dumps(self.answer(first))}\n\n"
+                return web.Response(
+                    body=event.encode(), headers={"Content-Type": "text/event-stream", **session}
+                )
             answers = [a for a in (self.answer(m) for m in messages) if a is not None]
             if not answers:
                 return web.Response(status=202, headers=session)
@@ -335,3 +340,14 @@ async def test_tools_list_shows_only_the_tools_the_agent_may_call(upstream, star
     status, _, body = await post(client, sc, listing)
     names = [t["name"] for t in body["result"]["tools"]]
     assert names and all(n.startswith("search_") or n == "slow_report" for n in names)
+
+
+async def test_an_sse_tools_list_is_filtered_too(upstream, start_sidecar, client):
+    _, sc = await start(upstream, start_sidecar)
+    listing = {"jsonrpc": "2.0", "id": 4, "method": "tools/list"}
+    headers = {"X-Agent-Id": "reader", "X-Test-Sse": "1", "Accept": "text/event-stream"}
+    async with client.post(f"{sc.url}/tools/mcp", json=listing, headers=headers) as resp:
+        text = (await resp.read()).decode()
+    assert text.startswith("event: message\n")
+    data = json.loads(text.split("data: ", 1)[1])
+    assert data["result"]["tools"] == [{"name": "search_docs"}]

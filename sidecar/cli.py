@@ -1,4 +1,4 @@
-"""Command line: `sidecar run | validate | schema | templates | import | inject`.
+"""Command line: `sidecar run | validate | check | schema | templates | import | inject`.
 
 Every flag has an environment variable (SIDECAR_<FLAG>), so a container can be
 configured without a command line.
@@ -116,6 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="also read every ${env:} and ${file:} secret (by default only their form is checked)",
     )
 
+    check = sub.add_parser(
+        "check", help="probe each service: DNS, TCP, TLS and its credential; exit 1 on a failure"
+    )
+    check.add_argument("services", nargs="*", metavar="SERVICE", help="default: every service")
+    check.add_argument(
+        "--policies",
+        default=_env("POLICIES"),
+        required=_env("POLICIES") is None,
+        metavar="DIR",
+        help="policy directory (env SIDECAR_POLICIES)",
+    )
+    check.add_argument("--json", action="store_true", help="one JSON document on stdout")
+
     sub.add_parser("schema", help="print the policy JSON Schema")
 
     templates = sub.add_parser(
@@ -207,6 +220,32 @@ def cmd_import_openapi(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .check import format_line, run_checks
+
+    # Quiet: the sidecar's own log lines (policy loaded...) are not the report.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    # Load errors are printed below, once.
+    logging.getLogger("sidecar").setLevel(logging.CRITICAL)
+    results, errors = asyncio.run(run_checks(args.policies, args.services))
+    for error in errors:
+        print(f"sidecar check: {error}", file=sys.stderr)
+    if errors:
+        return 1
+    if args.json:
+        print(
+            json.dumps(
+                {"ok": all(r.ok for r in results), "services": [r.as_dict() for r in results]},
+                indent=2,
+            )
+        )
+    else:
+        colour = sys.stdout.isatty()
+        for result in results:
+            print(format_line(result, colour=colour))
+    return 0 if all(r.ok for r in results) else 1
 
 
 def cmd_schema() -> int:
@@ -326,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_validate(args.dir, resolve_secrets=args.resolve_secrets)
     if args.command == "schema":
         return cmd_schema()
+    if args.command == "check":
+        return cmd_check(args)
     if args.command == "templates":
         name = args.name if args.templates_command == "show" else None
         return cmd_templates(args.policies, name)

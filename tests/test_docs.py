@@ -67,6 +67,7 @@ WHERE: dict[str, tuple[str, str | None]] = {
     "BandwidthFault": ("faults", "bandwidth"),
     "SSEFault": ("faults", "sse"),
     "Cache": ("cache", None),
+    "Check": ("check", None),
 }
 
 _TICKED = re.compile(r"`([A-Za-z_]+)`")

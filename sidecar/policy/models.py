@@ -379,6 +379,9 @@ class Service(Model):
         default=False,
         description="Send X-Forwarded-For/-Proto/-Host and Via upstream (off: none are sent)",
     )
+    check: Check | None = Field(
+        default=None, description="The probe `sidecar check` sends through this service"
+    )
     limits: UpstreamLimits = Field(
         default_factory=lambda: UpstreamLimits(),
         description="How the upstream reports its own limits, read by the adaptive pause",
@@ -486,6 +489,7 @@ class PolicyFile(Model):
 # At the end: each feature's models, which Agents, Service and PolicyFile name.
 from .access import AgentKeys, AllowRule, CredentialHeader, JwtVerify  # noqa: E402
 from .cache import Cache  # noqa: E402
+from .check import Check  # noqa: E402
 from .llm import LLM  # noqa: E402
 from .openapi import DocumentPath, Validate  # noqa: E402
 from .protocols import GraphQL, MCPSetting  # noqa: E402

@@ -7,17 +7,24 @@ is not among the agent's globs (`mcp.per_agent[agent]`, else `mcp.tools`).
 The refusal is a problem+json document that is also a JSON-RPC error
 response (`jsonrpc`, `id`, `error`), so either kind of client can read it.
 
-Only the request is read: the answer, often an SSE stream, is relayed as it
-comes. GET (the server's event stream) and DELETE (end of a session) pass.
+Answers, often SSE streams, are relayed as they come, except a JSON
+`tools/list` answer (JSON up to LIST_LIMIT, or SSE event by event): the tools
+the agent may not call are dropped from it. GET (the server's event stream)
+and DELETE (end of a session) pass.
 The endpoint is compared percent-decoded, so an encoded path cannot dodge it.
 """
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from fnmatch import fnmatchcase
 from typing import Any
 
-from ..call import Call, Handler, Reply
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from ..call import Call, Handler, Reply, StaticReply
 from ..policy.loader import ServicePolicy
 from ..policy.protocols import MCP
 from ..problems import ProblemError
@@ -30,6 +37,9 @@ PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
 INVALID_PARAMS = -32602
 TOOL_FORBIDDEN = -32001
+
+# Largest JSON tools/list answer read to be filtered; a larger one is relayed as is.
+LIST_LIMIT = 1 << 20
 
 # Methods that carry no JSON-RPC message: the server's event stream (GET), the end of
 # a session (DELETE), a CORS preflight. Any other method's body is read, not just POST's.
@@ -73,9 +83,62 @@ class MCPStep:
         annotate(call, attributes)
         token = OPERATION.set(tuple(labels))
         try:
-            return await next(call)
+            reply = await next(call)
         finally:
             OPERATION.reset(token)
+        if "tools/list" in labels:
+            return await self._filter_tools(call.agent, reply)
+        return reply
+
+    def _allows(self, agent: str | None, tool: str) -> bool:
+        globs = self.per_agent.get(agent, self.tools) if agent is not None else self.tools
+        return any(fnmatchcase(tool, glob) for glob in globs)
+
+    async def _filter_tools(self, agent: str | None, reply: Reply) -> Reply:
+        """A JSON tools/list answer without the tools the agent may not call.
+
+        Only a JSON answer of at most LIST_LIMIT bytes is rewritten; an SSE
+        answer is relayed as it comes (not filtered yet): calling a listed
+        but forbidden tool is still refused.
+        """
+        kind = reply.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+        if kind == "text/event-stream" and reply.body is not None:
+            return FilteredEvents(reply, lambda d: self._filtered(agent, d))
+        length = reply.content_length
+        if kind != "application/json" or length is None or length > LIST_LIMIT:
+            return reply
+        try:
+            chunks = [chunk async for chunk in reply.body] if reply.body is not None else []
+        finally:
+            reply.release()
+        data = self._filtered(agent, b"".join(chunks))
+        headers = CIMultiDict(reply.headers)
+        headers.popall("Content-Length", None)
+        headers.popall("Transfer-Encoding", None)
+        headers["Content-Length"] = str(len(data))
+        return StaticReply(reply.status, headers, data, reason=reply.reason)
+
+    def _filtered(self, agent: str | None, data: bytes) -> bytes:
+        """A JSON-RPC answer (or batch) without the listed tools the agent may not call."""
+        try:
+            document = json.loads(data)
+        except ValueError:
+            return data
+        changed = False
+        for message in document if isinstance(document, list) else [document]:
+            result = message.get("result") if isinstance(message, dict) else None
+            tools = result.get("tools") if isinstance(result, dict) else None
+            if isinstance(result, dict) and isinstance(tools, list):
+                kept = [
+                    t
+                    for t in tools
+                    if isinstance(t, dict)
+                    and isinstance(t.get("name"), str)
+                    and self._allows(agent, t["name"])
+                ]
+                changed = changed or len(kept) != len(tools)
+                result["tools"] = kept
+        return json.dumps(document, separators=(",", ":")).encode() if changed else data
 
     async def _read(self, call: Call) -> tuple[list[Any], list[str]]:
         """The POST's JSON-RPC messages and their labels, once every one is allowed."""
@@ -109,8 +172,7 @@ class MCPStep:
         tool = params.get("name") if isinstance(params, dict) else None
         if not isinstance(tool, str):
             raise self._bad(message_id, INVALID_PARAMS, "tools/call needs `params.name`, a string")
-        globs = self.per_agent.get(agent, self.tools) if agent is not None else self.tools
-        if not any(fnmatchcase(tool, glob) for glob in globs):
+        if not self._allows(agent, tool):
             caller = f"Agent '{agent}'" if agent else "A caller without an agent id"
             detail = (
                 f"{caller} may not call the tool '{tool}' of MCP service '{self.service}': "
@@ -129,6 +191,76 @@ class MCPStep:
             f"Service '{self.service}' reads every MCP request, and this one is not usable: {flaw}."
         )
         return bad_request(detail, service=self.service, extra=rpc_error(message_id, code, detail))
+
+
+class FilteredEvents:
+    """An SSE answer relayed event by event, each event's data passed through `rewrite`.
+
+    An event longer than LIST_LIMIT is relayed as it is from there on: the
+    stream is never held in memory.
+    """
+
+    __slots__ = ("_reply", "_rewrite", "body", "headers")
+
+    def __init__(self, reply: Reply, rewrite: Callable[[bytes], bytes]) -> None:
+        self._reply = reply
+        self._rewrite = rewrite
+        headers = CIMultiDict(reply.headers)
+        headers.popall("Content-Length", None)
+        self.headers = CIMultiDictProxy(headers)
+        assert reply.body is not None
+        self.body: AsyncIterable[bytes] | None = self._events(reply.body)
+
+    @property
+    def status(self) -> int:
+        return self._reply.status
+
+    @property
+    def reason(self) -> str | None:
+        return self._reply.reason
+
+    @property
+    def content_length(self) -> int | None:
+        return None
+
+    def release(self) -> Any:
+        return self._reply.release()
+
+    async def _events(self, body: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+        pending = b""
+        passthrough = False
+        async for chunk in body:
+            if passthrough:
+                yield chunk
+                continue
+            pending += chunk
+            while True:
+                match = _EVENT_END.search(pending)
+                if match is None:
+                    break
+                event, pending = pending[: match.end()], pending[match.end() :]
+                yield self._event(event)
+            if len(pending) > LIST_LIMIT:
+                passthrough = True
+                yield pending
+                pending = b""
+        if pending:
+            yield pending
+
+    def _event(self, event: bytes) -> bytes:
+        lines = event.splitlines()
+        data = [line[5:].removeprefix(b" ") for line in lines if line.startswith(b"data:")]
+        if not data:
+            return event
+        joined = b"\n".join(data)
+        rewritten = self._rewrite(joined)
+        if rewritten == joined:
+            return event
+        kept = [line for line in lines if line and not line.startswith(b"data:")]
+        return b"\n".join([*kept, b"data: " + rewritten]) + b"\n\n"
+
+
+_EVENT_END = re.compile(rb"\r?\n\r?\n|\r\r")
 
 
 def _media_type(accept: str | None) -> str:

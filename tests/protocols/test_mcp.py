@@ -65,6 +65,11 @@ class MCPServer:
                 await response.write(f"event: message\ndata: {json.dumps(final)}\n\n".encode())
                 await response.write_eof()
                 return response
+            if first.get("method") == "tools/list" and "X-Test-Sse" in request.headers:
+                event = f"event: message\ndata: {json.dumps(self.answer(first))}\n\n"
+                return web.Response(
+                    body=event.encode(), headers={"Content-Type": "text/event-stream", **session}
+                )
             answers = [a for a in (self.answer(m) for m in messages) if a is not None]
             if not answers:
                 return web.Response(status=202, headers=session)
@@ -182,8 +187,8 @@ async def test_other_methods_pass_and_the_session_id_goes_both_ways(
     assert body["result"]["protocolVersion"] == "2025-03-26"
     listing = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
     status, _, body = await post(client, sc, listing, "reader")
-    # tools/list answers pass unfiltered: filtering needs the answer's body.
-    assert [t["name"] for t in body["result"]["tools"]] == TOOLS
+    # A tools/list answer shows the reader only the tools it may call.
+    assert [t["name"] for t in body["result"]["tools"]] == ["search_docs"]
     async with client.post(
         f"{sc.url}/tools/mcp",
         json={"jsonrpc": "2.0", "method": "notifications/initialized"},
@@ -321,3 +326,28 @@ async def test_a_client_that_accepts_problem_json_gets_it(upstream, start_sideca
             assert resp.headers["Content-Type"] == "application/problem+json"
             assert (await resp.json(content_type=None))["error"]["code"] == -32001
     assert server.hits == 0
+
+
+async def test_tools_list_shows_only_the_tools_the_agent_may_call(upstream, start_sidecar, client):
+    _, sc = await start(upstream, start_sidecar)
+    listing = {"jsonrpc": "2.0", "id": 3, "method": "tools/list"}
+    status, headers, body = await post(client, sc, listing, "reader")
+    assert status == 200
+    assert body == {"jsonrpc": "2.0", "id": 3, "result": {"tools": [{"name": "search_docs"}]}}
+    assert int(headers["Content-Length"]) == len(json.dumps(body, separators=(",", ":")))
+    status, _, body = await post(client, sc, listing, "janitor")
+    assert [t["name"] for t in body["result"]["tools"]] == list(TOOLS)
+    status, _, body = await post(client, sc, listing)
+    names = [t["name"] for t in body["result"]["tools"]]
+    assert names and all(n.startswith("search_") or n == "slow_report" for n in names)
+
+
+async def test_an_sse_tools_list_is_filtered_too(upstream, start_sidecar, client):
+    _, sc = await start(upstream, start_sidecar)
+    listing = {"jsonrpc": "2.0", "id": 4, "method": "tools/list"}
+    headers = {"X-Agent-Id": "reader", "X-Test-Sse": "1", "Accept": "text/event-stream"}
+    async with client.post(f"{sc.url}/tools/mcp", json=listing, headers=headers) as resp:
+        text = (await resp.read()).decode()
+    assert text.startswith("event: message\n")
+    data = json.loads(text.split("data: ", 1)[1])
+    assert data["result"]["tools"] == [{"name": "search_docs"}]

@@ -1,0 +1,179 @@
+"""`sidecar check`: can each service be reached, and is its credential accepted?
+
+DNS, TCP connect and TLS are probed directly; the credential is probed with one
+request sent through the service's own chain of steps (the Router that
+`sidecar run` builds), so it is injected exactly as for an agent's call.
+Nothing printed here ever holds a credential: only names, statuses, timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from multidict import CIMultiDict
+
+from .call import Call
+from .problems import ProblemError
+from .runtime import Sidecar
+
+TIMEOUT = 10.0
+
+
+@dataclass(slots=True)
+class Result:
+    service: str
+    ok: bool = False
+    stage: str = "dns"  # the first stage that failed, or "ok"
+    error: str | None = None
+    status: int | None = None
+    ms: dict[str, float] = field(default_factory=dict)
+    cert_expires_in_days: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 1)
+
+
+async def check_service(sidecar: Sidecar, name: str) -> Result:
+    assert sidecar.policy is not None and sidecar.router is not None
+    service = sidecar.policy.services[name]
+    spec = service.spec
+    result = Result(service=name)
+    url = urlsplit(spec.upstream)
+    host = url.hostname or ""
+    port = url.port or (443 if url.scheme == "https" else 80)
+    loop = asyncio.get_running_loop()
+    try:
+        start = time.perf_counter()
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), TIMEOUT
+        )
+        result.ms["dns"] = _ms(start)
+        result.stage = "tcp"
+        start = time.perf_counter()
+        address = infos[0][4]
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(str(address[0]), int(address[1])), TIMEOUT
+        )
+        result.ms["tcp"] = _ms(start)
+        writer.close()
+        if url.scheme == "https":
+            result.stage = "tls"
+            start = time.perf_counter()
+            # The default context: the chain must verify against the system's roots.
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(
+                    host, port, ssl=ssl.create_default_context(), server_hostname=host
+                ),
+                TIMEOUT,
+            )
+            result.ms["tls"] = _ms(start)
+            cert = writer.get_extra_info("peercert") or {}
+            writer.close()
+            if "notAfter" in cert:
+                expires = ssl.cert_time_to_seconds(cert["notAfter"])
+                result.cert_expires_in_days = round((expires - time.time()) / 86400, 1)
+                if expires < time.time():
+                    raise ValueError("certificate expired")
+        result.stage = "probe"
+        await _probe(sidecar, name, result)
+    except (OSError, TimeoutError, ssl.SSLError, ValueError) as exc:
+        # The type and errno words only: an exception's text is not quoted blindly.
+        result.error = (
+            exc.strerror or type(exc).__name__
+            if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError)
+            else str(exc)
+            if isinstance(exc, ValueError)
+            else type(exc).__name__
+        )
+    return result
+
+
+async def _probe(sidecar: Sidecar, name: str, result: Result) -> None:
+    assert sidecar.policy is not None and sidecar.router is not None
+    probe = sidecar.policy.services[name].spec.check
+    route = sidecar.router.routes[name]
+    headers: CIMultiDict[str] = CIMultiDict()
+    for header, value in route.set_headers:
+        headers[header] = value
+    call = Call(
+        service=name,
+        method=probe.method if probe else "GET",
+        target=probe.path if probe else "/",
+        headers=headers,
+        body=None,
+        agent=None,
+    )
+    start = time.perf_counter()
+    try:
+        reply = await asyncio.wait_for(route.handler(call), TIMEOUT)
+    except ProblemError as exc:
+        result.ms["probe"] = _ms(start)
+        result.status = exc.status
+        result.error = f"refused by the sidecar: {exc.reason}"
+        return
+    try:
+        result.status = reply.status
+        body = reply.body
+        if body is not None:
+            async for _ in body:
+                pass
+    finally:
+        reply.release()
+    result.ms["probe"] = _ms(start)
+    expect = probe.expect if probe and probe.expect else None
+    status = reply.status
+    accepted = status in expect if expect else status < 500 and status not in (401, 403)
+    if accepted:
+        result.ok, result.stage = True, "ok"
+    else:
+        result.error = (
+            f"credential not accepted (HTTP {status})"
+            if status
+            in (
+                401,
+                403,
+            )
+            else f"unexpected HTTP {status}"
+        )
+
+
+async def run_checks(policies: str, services: list[str]) -> tuple[list[Result], list[str]]:
+    """Each named service's result (all when none named), and any load errors."""
+    with tempfile.TemporaryDirectory(prefix="sidecar-check-") as data_dir:
+        sidecar = Sidecar(policies, data_dir=data_dir)
+        try:
+            loaded = await sidecar.reload("check")
+            if not loaded.ok or sidecar.policy is None:
+                return [], list(loaded.errors)
+            names = services or sorted(sidecar.policy.services)
+            unknown = [n for n in names if n not in sidecar.policy.services]
+            if unknown:
+                return [], [f"unknown service '{n}'" for n in unknown]
+            results = await asyncio.gather(*(check_service(sidecar, n) for n in names))
+            return list(results), []
+        finally:
+            await sidecar.close()
+
+
+def format_line(result: Result, *, colour: bool) -> str:
+    times = " ".join(f"{k} {v:g}ms" for k, v in result.ms.items())
+    if result.ok:
+        mark, what = "ok", f"HTTP {result.status}"
+    else:
+        mark, what = "FAIL", f"{result.stage}: {result.error}"
+    if result.cert_expires_in_days is not None:
+        what += f", certificate expires in {result.cert_expires_in_days:g} days"
+    if colour:
+        mark = f"\033[32m{mark}\033[0m" if result.ok else f"\033[31m{mark}\033[0m"
+    return f"{mark:<4} {result.service}  {what}  {times}".rstrip()

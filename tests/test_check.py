@@ -1,0 +1,103 @@
+"""`sidecar check` against real local upstreams, through the real CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "sk-check-canary-5b1f0e"
+
+
+async def _start(app: web.Application) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, runner.addresses[0][1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _sidecar(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sidecar",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "SIDECAR_CHECK_TOKEN": TOKEN},
+        cwd=ROOT,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_check_reports_each_service_and_never_the_secret(tmp_path: Path) -> None:
+    seen: list[str] = []
+
+    async def models(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        if request.headers.get("Authorization") != f"Bearer {TOKEN}":
+            return web.Response(status=401)
+        return web.json_response({"data": []})
+
+    async def refuse(request: web.Request) -> web.Response:
+        return web.Response(status=401, text="bad key")
+
+    good_app = web.Application()
+    good_app.router.add_route("*", "/{tail:.*}", models)
+    bad_app = web.Application()
+    bad_app.router.add_route("*", "/{tail:.*}", refuse)
+    good, good_port = await _start(good_app)
+    bad, bad_port = await _start(bad_app)
+    closed_port = _free_port()
+    auth = "auth: {type: bearer, token: '${env:SIDECAR_CHECK_TOKEN}'}"
+    (tmp_path / "services.yaml").write_text(
+        "version: 1\nservices:\n"
+        f"  good:\n    upstream: http://127.0.0.1:{good_port}/v1\n    {auth}\n"
+        "    check: {path: /models, method: GET, expect: [200]}\n"
+        f"  bad:\n    upstream: http://127.0.0.1:{bad_port}\n    {auth}\n"
+        f"  gone:\n    upstream: http://127.0.0.1:{closed_port}\n    {auth}\n"
+    )
+    try:
+        code, out, err = await _sidecar("check", "--policies", str(tmp_path), "--json")
+        assert code == 1
+        report = json.loads(out)
+        by_name = {r["service"]: r for r in report["services"]}
+        assert report["ok"] is False
+        assert by_name["good"]["ok"] is True and by_name["good"]["status"] == 200
+        assert set(by_name["good"]["ms"]) == {"dns", "tcp", "probe"}
+        assert seen == ["/v1/models"]  # the base path kept, the probe path under it
+        assert by_name["bad"]["ok"] is False and by_name["bad"]["status"] == 401
+        assert by_name["bad"]["stage"] == "probe"
+        assert by_name["gone"]["ok"] is False and by_name["gone"]["stage"] == "tcp"
+        assert TOKEN not in out + err
+
+        code, out, err = await _sidecar("check", "good", "--policies", str(tmp_path))
+        assert code == 0
+        assert out.startswith("ok   good  HTTP 200")
+        assert "\033[" not in out  # not a terminal: no colour
+        code, out, err = await _sidecar("check", "bad", "gone", "--policies", str(tmp_path))
+        assert code == 1
+        assert "FAIL bad  probe: credential not accepted (HTTP 401)" in out
+        assert "FAIL gone  tcp:" in out
+        assert TOKEN not in out + err
+
+        code, out, err = await _sidecar("check", "nope", "--policies", str(tmp_path))
+        assert code == 1 and "unknown service 'nope'" in err
+    finally:
+        await good.cleanup()
+        await bad.cleanup()

@@ -64,6 +64,40 @@ class StaticReply:
         return None
 
 
+class ReplyView:
+    """Another reply with its body, headers or length replaced by a step (a metered,
+    recorded, faulted or filtered answer); status, reason and release stay its own.
+    Subclasses that must do more when the answer ends override `release`."""
+
+    __slots__ = ("_reply", "body", "content_length", "headers")
+
+    def __init__(
+        self,
+        reply: Reply,
+        *,
+        body: AsyncIterable[bytes] | Any | None = ...,
+        headers: CIMultiDictProxy[str] | None = None,
+        content_length: int | Any | None = ...,
+    ) -> None:
+        self._reply = reply
+        self.body: AsyncIterable[bytes] | None = reply.body if body is ... else body
+        self.headers: CIMultiDictProxy[str] = reply.headers if headers is None else headers
+        self.content_length: int | None = (
+            reply.content_length if content_length is ... else content_length
+        )
+
+    @property
+    def status(self) -> int:
+        return self._reply.status
+
+    @property
+    def reason(self) -> str | None:
+        return self._reply.reason
+
+    def release(self) -> Any:
+        return self._reply.release()
+
+
 async def _once(data: bytes) -> AsyncIterator[bytes]:
     yield data
 

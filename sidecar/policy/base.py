@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -140,3 +141,26 @@ def _header_value(value: str) -> str:
 
 
 HeaderValue = Annotated[str, AfterValidator(_header_value)]
+
+
+def _redis_url(value: str) -> str:
+    if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("backend must be a redis://, rediss:// or unix:// URL")
+    return value
+
+
+def _masked(value: str) -> str:
+    # A redis URL may carry a password: /config and /services show it masked.
+    parts = urlsplit(value)
+    if parts.password is None:
+        return value
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
+
+
+RedisUrl = Annotated[
+    str,
+    AfterValidator(_redis_url),
+    PlainSerializer(_masked, return_type=str),
+    WithJsonSchema({"type": "string", "examples": ["redis://127.0.0.1:6379/0"]}),
+]

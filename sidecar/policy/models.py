@@ -15,7 +15,6 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationInfo,
-    field_serializer,
     field_validator,
     model_validator,
 )
@@ -26,6 +25,7 @@ from .base import (
     HeaderValue,
     Model,
     RateValue,
+    RedisUrl,
     SecretStr,
     ServiceName,
     Size,
@@ -129,7 +129,7 @@ class RateLimit(Model):
     max_wait: Duration | None = Field(
         default=None, description="Queue up to this long for a token instead of refusing"
     )
-    backend: str | None = Field(
+    backend: RedisUrl | None = Field(
         default=None, description="redis://host:port/db to share the limit between sidecars"
     )
     fail_open: bool = Field(
@@ -145,24 +145,6 @@ class RateLimit(Model):
         default=False,
         description="One bucket per GraphQL/MCP operation (within `per`), not one for all",
     )
-
-    @field_serializer("backend")
-    def _redact_backend(self, v: str | None) -> str | None:
-        # A redis URL may carry a password: /config and /services show it masked.
-        if v is None:
-            return v
-        parts = urlsplit(v)
-        if parts.password is None:
-            return v
-        host = parts.netloc.rpartition("@")[2]
-        return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
-
-    @field_validator("backend")
-    @classmethod
-    def _check_backend(cls, v: str | None) -> str | None:
-        if v is not None and urlsplit(v).scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("backend must be a redis://, rediss:// or unix:// URL")
-        return v
 
     @model_validator(mode="after")
     def _local_operations(self) -> RateLimit:

@@ -18,12 +18,11 @@ from pydantic import (
     AfterValidator,
     Field,
     ValidationInfo,
-    field_serializer,
     field_validator,
     model_validator,
 )
 
-from .base import Duration, HeaderName, Model, SecretStr, Size, _header_name
+from .base import Duration, HeaderName, Model, RedisUrl, SecretStr, Size, _header_name
 from .secrets import Secret, resolver_from_context
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -292,7 +291,7 @@ class OutboundWebhook(Model):
 class WebhookStore(Model):
     """Where the one queue of both directions lives."""
 
-    backend: str | None = Field(
+    backend: RedisUrl | None = Field(
         default=None,
         description="redis://host:port/db (or rediss://, unix://) to share one queue between "
         "replicas over Redis Streams; default: SQLite in --data-dir",
@@ -314,24 +313,6 @@ class WebhookStore(Model):
         description="Messages whose every delivery succeeded are removed this long after "
         "they arrived; default: kept",
     )
-
-    @field_serializer("backend")
-    def _redact_backend(self, v: str | None) -> str | None:
-        # A redis URL may carry a password: /config shows it masked.
-        if v is None:
-            return v
-        parts = urlsplit(v)
-        if parts.password is None:
-            return v
-        host = parts.netloc.rpartition("@")[2]
-        return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
-
-    @field_validator("backend")
-    @classmethod
-    def _check_backend(cls, v: str | None) -> str | None:
-        if v is not None and urlsplit(v).scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("backend must be a redis://, rediss:// or unix:// URL")
-        return v
 
 
 class Webhooks(Model):

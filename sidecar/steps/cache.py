@@ -31,7 +31,7 @@ from typing import Any
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ..call import Call, Handler, Reply, StaticReply, make_replayable
+from ..call import Call, Handler, Reply, ReplyView, StaticReply, make_replayable
 from ..policy.cache import Cache
 from ..policy.loader import ServicePolicy
 from ..state import StateBuild
@@ -267,18 +267,17 @@ def _canonical(body: bytes) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-class _Missed:
+class _Missed(ReplyView):
     """The upstream's answer marked as a miss; its body kept on the way when storable."""
 
-    __slots__ = ("_reply", "body", "headers")
+    __slots__ = ()
 
     def __init__(
         self, reply: Reply, step: CacheStep | None, key: bytes, ttl: float, head: bool
     ) -> None:
-        self._reply = reply
         headers = CIMultiDict(reply.headers)
         headers[CACHE_HEADER] = "miss"
-        self.headers = CIMultiDictProxy(headers)
+        super().__init__(reply, headers=CIMultiDictProxy(headers))
         inner = reply.body
         if step is None:
             self.body = inner
@@ -288,21 +287,6 @@ class _Missed:
             self.body = None
         else:
             self.body = _kept(inner, step, key, reply, ttl)
-
-    @property
-    def status(self) -> int:
-        return self._reply.status
-
-    @property
-    def reason(self) -> str | None:
-        return self._reply.reason
-
-    @property
-    def content_length(self) -> int | None:
-        return self._reply.content_length
-
-    def release(self) -> Any:
-        return self._reply.release()
 
 
 async def _kept(

@@ -36,7 +36,7 @@ from urllib.parse import quote, unquote_plus
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ..call import Call, Handler, Reply, StaticReply, make_replayable
+from ..call import Call, Handler, Reply, ReplyView, StaticReply, make_replayable
 from ..headers import HOP_BY_HOP
 from ..policy.loader import ServicePolicy
 from ..policy.models import BasicAuth, BearerAuth, HeaderAuth, QueryAuth
@@ -259,33 +259,13 @@ class _Tape:
             self.pending = b""
 
 
-class RecordedReply:
+class RecordedReply(ReplyView):
     """The upstream's reply, its body copied on the way; the cassette written at its end."""
 
-    __slots__ = ("_reply", "body")
+    __slots__ = ()
 
     def __init__(self, reply: Reply, body: AsyncIterable[bytes] | None) -> None:
-        self._reply = reply
-        self.body = body
-
-    @property
-    def status(self) -> int:
-        return self._reply.status
-
-    @property
-    def reason(self) -> str | None:
-        return self._reply.reason
-
-    @property
-    def headers(self) -> CIMultiDictProxy[str]:
-        return self._reply.headers
-
-    @property
-    def content_length(self) -> int | None:
-        return self._reply.content_length
-
-    def release(self) -> Any:
-        return self._reply.release()
+        super().__init__(reply, body=body)
 
 
 # -- replay ----------------------------------------------------------------------------

@@ -17,12 +17,12 @@ from __future__ import annotations
 import contextvars
 import json
 import weakref
-from collections.abc import AsyncIterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ..call import Body, Call, Handler, Reply, make_replayable
+from ..call import Body, Call, Handler, Reply, ReplyView, make_replayable
 from ..policy.loader import ServicePolicy
 from ..problems import ProblemError
 from ..state import StateBuild
@@ -54,35 +54,15 @@ def _failed(reply: Reply) -> bool:
     return reply.status == 429 or reply.status >= 500
 
 
-class ServedBy:
+class ServedBy(ReplyView):
     """A fallback's reply with the header that tells the agent who answered."""
 
-    __slots__ = ("_reply", "headers")
+    __slots__ = ()
 
     def __init__(self, reply: Reply, service: str) -> None:
-        self._reply = reply
         headers = CIMultiDict(reply.headers)
         headers[SERVED_BY] = service
-        self.headers = CIMultiDictProxy(headers)
-
-    @property
-    def status(self) -> int:
-        return self._reply.status
-
-    @property
-    def reason(self) -> str | None:
-        return self._reply.reason
-
-    @property
-    def content_length(self) -> int | None:
-        return self._reply.content_length
-
-    @property
-    def body(self) -> AsyncIterable[bytes] | None:
-        return self._reply.body
-
-    def release(self) -> Any:
-        return self._reply.release()
+        super().__init__(reply, headers=CIMultiDictProxy(headers))
 
 
 class Fallback:

@@ -34,7 +34,7 @@ from typing import Any
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ..call import Call, Handler, Reply
+from ..call import Call, Handler, Reply, ReplyView
 from ..headers import SERVER
 from ..policy.loader import ServicePolicy
 from ..policy.testing import FAULT_KINDS
@@ -160,32 +160,15 @@ class Faults:
         annotate(call, {FAULT_ATTRIBUTE: ",".join(kinds)})
 
 
-class _Faulted:
+class _Faulted(ReplyView):
     """The upstream's answer with its body slowed or cut, and marked as faulted."""
 
-    __slots__ = ("_reply", "body", "headers")
+    __slots__ = ()
 
     def __init__(self, reply: Reply, body: AsyncIterable[bytes] | None, kinds: list[str]):
-        self._reply = reply
-        self.body = body
         headers = CIMultiDict(reply.headers)
         headers[FAULT_HEADER] = ",".join(kinds)
-        self.headers = CIMultiDictProxy(headers)
-
-    @property
-    def status(self) -> int:
-        return self._reply.status
-
-    @property
-    def reason(self) -> str | None:
-        return self._reply.reason
-
-    @property
-    def content_length(self) -> int | None:
-        return self._reply.content_length
-
-    def release(self) -> Any:
-        return self._reply.release()
+        super().__init__(reply, body=body, headers=CIMultiDictProxy(headers))
 
 
 class _Cut:

@@ -36,9 +36,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 from urllib.parse import unquote
 
-from multidict import CIMultiDictProxy
-
-from ..call import Call, Handler, Reply, make_replayable
+from ..call import Call, Handler, Reply, ReplyView, make_replayable
 from ..policy.llm import LLM
 from ..policy.loader import ServicePolicy
 from ..state import StateBuild
@@ -204,34 +202,15 @@ class _Meter:
             )
 
 
-class MeteredReply:
+class MeteredReply(ReplyView):
     """The upstream's reply with its body read on the way; the rest delegated."""
 
-    __slots__ = ("_meter", "_reply", "body")
+    __slots__ = ("_meter",)
 
     def __init__(self, reply: Reply, meter: _Meter) -> None:
-        self._reply = reply
-        self._meter = meter
         inner = reply.body
-        self.body: AsyncIterable[bytes] | None = (
-            _scanned(inner, meter) if inner is not None else None
-        )
-
-    @property
-    def status(self) -> int:
-        return self._reply.status
-
-    @property
-    def reason(self) -> str | None:
-        return self._reply.reason
-
-    @property
-    def headers(self) -> CIMultiDictProxy[str]:
-        return self._reply.headers
-
-    @property
-    def content_length(self) -> int | None:
-        return self._reply.content_length
+        super().__init__(reply, body=_scanned(inner, meter) if inner is not None else None)
+        self._meter = meter
 
     def release(self) -> Any:
         # Called once the answer was relayed or abandoned, before telemetry ends the

@@ -24,7 +24,7 @@ from typing import Any
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ..call import Call, Handler, Reply, StaticReply
+from ..call import Call, Handler, Reply, ReplyView, StaticReply
 from ..policy.loader import ServicePolicy
 from ..policy.protocols import MCP
 from ..problems import ProblemError
@@ -193,38 +193,26 @@ class MCPStep:
         return bad_request(detail, service=self.service, extra=rpc_error(message_id, code, detail))
 
 
-class FilteredEvents:
+class FilteredEvents(ReplyView):
     """An SSE answer relayed event by event, each event's data passed through `rewrite`.
 
     An event longer than LIST_LIMIT is relayed as it is from there on: the
     stream is never held in memory.
     """
 
-    __slots__ = ("_reply", "_rewrite", "body", "headers")
+    __slots__ = ("_rewrite",)
 
     def __init__(self, reply: Reply, rewrite: Callable[[bytes], bytes]) -> None:
-        self._reply = reply
         self._rewrite = rewrite
         headers = CIMultiDict(reply.headers)
         headers.popall("Content-Length", None)
-        self.headers = CIMultiDictProxy(headers)
         assert reply.body is not None
-        self.body: AsyncIterable[bytes] | None = self._events(reply.body)
-
-    @property
-    def status(self) -> int:
-        return self._reply.status
-
-    @property
-    def reason(self) -> str | None:
-        return self._reply.reason
-
-    @property
-    def content_length(self) -> int | None:
-        return None
-
-    def release(self) -> Any:
-        return self._reply.release()
+        super().__init__(
+            reply,
+            body=self._events(reply.body),
+            headers=CIMultiDictProxy(headers),
+            content_length=None,
+        )
 
     async def _events(self, body: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
         pending = b""

@@ -393,6 +393,12 @@ class Service(Model):
         description="When this service serves another's fallback: the JSON body's "
         '"model" renamed (e.g. gpt-4o: claude-sonnet-4-5)',
     )
+    translate: Translate | None = Field(
+        default=None,
+        description="AGENT_API->UPSTREAM_API: calls in the agent's LLM API (directly or as "
+        "another service's fallback hop) are translated to this service's and its answers "
+        "back, streams included (e.g. openai->anthropic)",
+    )
     cache: Cache | None = Field(default=None, description="Answers served again, see cache.py")
     cassettes: Cassettes | None = Field(
         default=None, description="Recordings of mode: record and replay, see testing.py"
@@ -440,6 +446,17 @@ class Service(Model):
         return self
 
     @model_validator(mode="after")
+    def _translate_matches_llm(self) -> Service:
+        if self.translate is not None and self.llm is not None:
+            upstream_api = self.translate.partition("->")[2]
+            if self.llm.api != upstream_api:
+                raise ValueError(
+                    f"translate: {self.translate} sends {upstream_api} calls upstream, "
+                    f"but llm.api is {self.llm.api}"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _mock_needs_mode(self) -> Service:
         # A live service with mock answers would look mocked in a review and call the API.
         if self.mock and self.mode != "mock":
@@ -476,6 +493,7 @@ from .llm import LLM  # noqa: E402
 from .openapi import DocumentPath, Validate  # noqa: E402
 from .protocols import GraphQL, MCPSetting  # noqa: E402
 from .testing import Cassettes, Faults, MockAnswer, Mode  # noqa: E402
+from .translate import Translate  # noqa: E402
 from .upstream_limits import UpstreamLimits  # noqa: E402
 from .webhooks import Webhooks  # noqa: E402
 

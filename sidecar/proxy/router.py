@@ -35,6 +35,7 @@ from ..steps import (
     request_rules,
     retry,
     timeout,
+    translate,
     validate,
 )
 from .redirects import RedirectRewriter
@@ -63,6 +64,10 @@ STEP_BUILDERS: list[tuple[str, StepBuilder]] = [
     # cache, limits, retries, breaker, credential) is inside, so another service is
     # tried only once this one has given up (steps/fallback.py).
     ("fallback", fallback.build),
+    # Each service translates the calls written for another LLM API, its own agents'
+    # and other services' fallback hops alike; outside mock, cassette and cache, which
+    # hold the upstream's API, and outside llm, which counts the upstream's own answer.
+    ("translate", translate.build),
     # Where Envoy has its fault filter, before the router: retries, the breaker and the
     # timeout never hide, repeat or count a fault, so the agent sees the ratio asked
     # for; and a mock answer can be faulted too.

@@ -128,6 +128,11 @@ async def test_openai_agent_served_by_anthropic_when_the_primary_answers_503(ups
         assert completion.usage.total_tokens == 1127
         async with aiohttp.ClientSession() as client:
             counted = await tokens(client, proc.admin)
+            async with client.get(f"{proc.admin}/metrics") as r:
+                metrics = await r.text()
+        logs = proc.output
+    for secret in (ANTHROPIC_KEY, OPENAI_KEY, AGENT_KEY):
+        assert secret not in logs and secret not in metrics
     assert [s["upstream"] for s in seen] == ["primary"]
     assert seen[0]["headers"]["Authorization"] == f"Bearer {OPENAI_KEY}"
     [call] = claude.calls

@@ -11,7 +11,7 @@ APT_PACKAGES := redis-server nginx wrk
 export OPENAI_API_KEY ?= sk-example-placeholder
 export GITHUB_TOKEN ?= ghp-example-placeholder
 
-.PHONY: run test lint typecheck unit system-deps bench bench-webhooks clean
+.PHONY: run test lint typecheck unit system-deps bench bench-webhooks bench-ttft clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -60,6 +60,11 @@ bench: $(BENCH_STAMP) system-deps
 # local receiver. WEBHOOK_BENCH_ARGS="--store redis://127.0.0.1:6379/0" for Redis.
 bench-webhooks: $(STAMP)
 	$(BIN)/python bench/webhooks.py $(WEBHOOK_BENCH_ARGS)
+
+# Seconds, not minutes: the first-token latency the sidecar adds to a streamed LLM
+# answer (plain and translated openai->anthropic), sequential calls on one connection.
+bench-ttft: $(STAMP)
+	$(BIN)/python bench/ttft.py $(TTFT_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

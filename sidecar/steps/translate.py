@@ -33,7 +33,7 @@ from ..policy.translate import apis
 from ..problems import ProblemError
 from ..state import StateBuild
 from .llm_usage import kind_of
-from .operation import annotate, endpoint, read_body
+from .operation import annotate, endpoint
 from .translate_answer import (
     SSEReader,
     ToAnthropicEvents,
@@ -63,7 +63,9 @@ _OWN_HEADERS = {
     ),
 }
 
-# The largest JSON answer held to be translated whole.
+# The largest request held to be translated (Anthropic's own limit for messages,
+# base64 images included), and the largest JSON answer.
+MAX_REQUEST = 32 << 20
 MAX_ANSWER = 16 << 20
 
 
@@ -77,11 +79,16 @@ class Translate:
         self._drop = _OWN_HEADERS[source]
 
     async def __call__(self, call: Call, next: Handler) -> Reply:
+        # On every call, translated or not: an agent written for the other API sends
+        # its own credential for it, which this upstream must never see.
+        headers = call.headers
+        for name in self._drop:
+            headers.popall(name, None)
         if call.method != "POST" or call.upgrade:
             return await next(call)
         if not endpoint(call.target).endswith(self._suffix):
             return await next(call)
-        body = await read_body(call, service=self.service, what="translated")
+        body = await self._body(call)
         try:
             doc = json.loads(body)
         except (ValueError, RecursionError):
@@ -100,15 +107,34 @@ class Translate:
         call.content_length = len(data)
         query = call.target.partition("?")[2]
         call.target = f"{self.path}?{query}" if query else self.path
-        headers = call.headers
-        for name in self._drop:
-            headers.popall(name, None)
         headers["Content-Type"] = "application/json"
         # The answer is read to be translated: it comes plain.
         headers["Accept-Encoding"] = "identity"
         annotate(call, {"sidecar.translate": f"{self.source}->{self.target}"})
         reply = await next(call)
         return await self._answer(reply, stream=translated.get("stream") is True, doc=doc)
+
+    async def _body(self, call: Call) -> bytes:
+        """The whole request body: a call is translated as one JSON document."""
+        body = call.body
+        if body is None or isinstance(body, bytes):
+            return body or b""
+        chunks: list[bytes] = []
+        held = 0
+        async for chunk in body:
+            held += len(chunk)
+            if held > MAX_REQUEST:
+                raise ProblemError(
+                    "request_too_large",
+                    f"Service '{self.service}' translates calls, so the sidecar must hold "
+                    f"them: this one is over {MAX_REQUEST >> 20} MiB.",
+                    service=self.service,
+                )
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        call.body = data
+        call.content_length = len(data)
+        return data
 
     def _refuse(self, why: str) -> ProblemError:
         return ProblemError(

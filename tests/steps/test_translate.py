@@ -368,6 +368,17 @@ async def test_an_openai_agent_calls_an_anthropic_service_with_tools(upstream, t
             model="claude-sonnet-4-5", messages=CONVERSATION, tools=TOOLS, stream=True
         )
         chunks = [chunk async for chunk in stream]
+        # A call that is not translated does not carry the agent's credential either.
+        async with (
+            aiohttp.ClientSession() as client,
+            client.get(
+                f"{proc.url}/claude/v1/models", headers={"Authorization": f"Bearer {AGENT_KEY}"}
+            ),
+        ):
+            pass
+    *translated, untranslated = claude.calls
+    assert untranslated["path"] == "/v1/models"
+    assert_upstream_credentials(untranslated["headers"])
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "Let me check."
     calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or ()]
@@ -422,7 +433,7 @@ async def test_an_openai_agent_calls_an_anthropic_service_with_tools(upstream, t
         "tool_choice": {"type": "any"},
         "metadata": {"user_id": "agent-7"},
     }
-    for call in claude.calls:
+    for call in translated:
         assert call["path"] == "/v1/messages"
         assert_upstream_credentials(call["headers"])
 

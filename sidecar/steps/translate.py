@@ -260,7 +260,7 @@ async def _events(
         out = b"".join(event(data) for _, data in reader.feed(inflate(chunk)))
         if out:
             yield out
-    out = b"".join(event(data) for _, data in reader.finish())
+    out = b"".join(event(data) for _, data in reader.finish()) + translator.finish()
     if out:
         yield out
 

@@ -351,11 +351,24 @@ class ToOpenAIChunks:
             return _sse(error_to_openai(doc, 500))
         return b""  # ping, content_block_stop
 
+    def finish(self) -> bytes:
+        return b""  # a stream cut before message_stop stays cut: no [DONE]
+
 
 class ToAnthropicEvents:
     """OpenAI chat.completion.chunk events -> Anthropic stream events, one at a time."""
 
-    __slots__ = ("_block", "_input", "_next", "_output", "_reason", "_started", "_tools", "done")
+    __slots__ = (
+        "_block",
+        "_finished",
+        "_input",
+        "_next",
+        "_output",
+        "_reason",
+        "_started",
+        "_tools",
+        "done",
+    )
 
     def __init__(self) -> None:
         self._started = False
@@ -363,6 +376,7 @@ class ToAnthropicEvents:
         self._next = 0  # the next content block's index
         self._tools: dict[int, int] = {}  # OpenAI tool call index -> block index
         self._reason = "end_turn"
+        self._finished = False  # a finish_reason was seen
         self._input = 0
         self._output = 0
         self.done = False
@@ -445,7 +459,13 @@ class ToAnthropicEvents:
             reason = choice.get("finish_reason")
             if isinstance(reason, str):
                 self._reason = STOP_REASONS.get(reason, "end_turn")
+                self._finished = True
         return out
+
+    def finish(self) -> bytes:
+        """At the end of the upstream's stream: some OpenAI-compatible servers end a
+        finished answer without `data: [DONE]`; a stream cut before its end stays cut."""
+        return self.end() if self._finished else b""
 
     def end(self) -> bytes:
         if self.done:

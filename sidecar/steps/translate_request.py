@@ -160,6 +160,8 @@ def openai_to_anthropic(doc: dict[str, Any]) -> dict[str, Any]:
         raise Untranslatable("messages must be a list")
     if doc.get("n") not in (None, 1):
         raise Untranslatable("n other than 1 has no Anthropic counterpart")
+    if doc.get("functions") or doc.get("function_call"):
+        raise Untranslatable("it uses the deprecated functions or function_call (use tools)")
     system: list[str] = []
     turns: list[dict[str, Any]] = []
     for message in messages:

@@ -16,7 +16,8 @@ def run(translator: ToOpenAIChunks | ToAnthropicEvents, data: bytes, cuts: list[
     for end in [*cuts, len(data)]:
         out += b"".join(translator.event(d) for _, d in reader.feed(data[start:end]))
         start = end
-    return out + b"".join(translator.event(d) for _, d in reader.finish())
+    out += b"".join(translator.event(d) for _, d in reader.finish())
+    return out + translator.finish()
 
 
 def events(data: bytes) -> list[Any]:
@@ -112,3 +113,16 @@ def test_an_openai_stream_with_text_and_a_tool_call_as_anthropic_events() -> Non
     delta = events(whole)[-2]
     assert delta["delta"]["stop_reason"] == "tool_use"
     assert delta["usage"] == {"input_tokens": 9, "output_tokens": 4}
+
+
+def test_an_openai_stream_ending_without_done_still_ends_the_anthropic_message() -> None:
+    usage = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
+    *parts, _done = openai_stream("gpt-4o", ["Hi"], usage)
+    finished = json.loads(json.dumps(json.loads(parts[0][6:])))
+    finished["choices"][0] = {"index": 0, "delta": {}, "finish_reason": "stop"}
+    data = b"".join([parts[0], sse(finished), parts[1]])
+    names = [e["type"] for e in events(run(ToAnthropicEvents(), data, []))]
+    assert names[-2:] == ["message_delta", "message_stop"]
+    # Cut before any finish_reason: the message stays unfinished, as the upstream left it.
+    names = [e["type"] for e in events(run(ToAnthropicEvents(), parts[0], []))]
+    assert "message_stop" not in names

@@ -544,3 +544,46 @@ def test_translate_must_agree_with_llm_api(tmp_path: Path) -> None:
     )
     problems = errors(tmp_path)
     assert any("translate: openai->anthropic sends anthropic calls upstream" in p for p in problems)
+
+
+async def test_an_anthropic_agent_falls_back_to_an_openai_service_streaming(
+    upstream, tmp_path, closed_port
+):
+    gpt = Seen()
+    base = await upstream(gpt.app())
+    policy = f"""
+version: 1
+services:
+  claude:
+    template: anthropic
+    upstream: http://127.0.0.1:{closed_port}
+    retry: {{attempts: 2, on: [connect-error], backoff: {{initial: 10ms, max: 20ms}}}}
+    fallback: [gpt]
+  gpt:
+    template: openai
+    upstream: {base}/v1
+    translate: anthropic->openai
+    model_map: {{claude-test: gpt-4o}}
+"""
+    async with sidecar(tmp_path, policy) as proc:
+        agent = anthropic.AsyncAnthropic(
+            base_url=f"{proc.url}/claude", api_key=AGENT_KEY, max_retries=0, timeout=20
+        )
+        async with agent.messages.stream(
+            model="claude-test",
+            max_tokens=100,
+            messages=[{"role": "user", "content": "hi"}],
+        ) as stream:
+            text = "".join([piece async for piece in stream.text_stream])
+            final = await stream.get_final_message()
+    assert text == "Hello!"
+    assert final.model == "gpt-4o"
+    assert final.stop_reason == "end_turn"
+    [request] = gpt.requests
+    assert request["model"] == "gpt-4o" and request["stream"] is True
+    [call] = gpt.calls
+    assert call["path"] == "/v1/chat/completions"
+    assert call["headers"]["Authorization"] == f"Bearer {OPENAI_KEY}"
+    assert "anthropic-version" not in call["headers"]
+    assert AGENT_KEY not in json.dumps(call["headers"])
+    assert ANTHROPIC_KEY not in json.dumps(call["headers"])

@@ -45,6 +45,8 @@ REASONS: dict[str, tuple[int, str]] = {
     "no_mock": (501, "No mock answer"),
     # services.<name>.mode: replay, and no recording matches the call.
     "no_recording": (501, "No recording"),
+    # services.<name>.translate: the upstream's 2xx answer is not the JSON its API sends.
+    "untranslatable_answer": (502, "Upstream answer could not be translated"),
 }
 
 

@@ -112,7 +112,7 @@ class Translate:
         headers["Accept-Encoding"] = "identity"
         annotate(call, {"sidecar.translate": f"{self.source}->{self.target}"})
         reply = await next(call)
-        return await self._answer(reply, stream=translated.get("stream") is True, doc=doc)
+        return await self._answer(reply, doc)
 
     async def _body(self, call: Call) -> bytes:
         """The whole request body: a call is translated as one JSON document."""
@@ -144,7 +144,7 @@ class Translate:
             service=self.service,
         )
 
-    async def _answer(self, reply: Reply, *, stream: bool, doc: dict[str, Any]) -> Reply:
+    async def _answer(self, reply: Reply, doc: dict[str, Any]) -> Reply:
         headers = reply.headers
         inflate = _inflater(headers.get("Content-Encoding"))
         if inflate is None:
@@ -172,10 +172,11 @@ class Translate:
             answer = None
         if ok:
             if not isinstance(answer, dict):
+                await _release(reply)
                 raise ProblemError(
-                    "upstream_unreachable",
-                    f"Service '{self.service}' answered with a body that is not JSON, "
-                    f"so it could not be translated to {self.source}.",
+                    "untranslatable_answer",
+                    f"Service '{self.service}' answered {reply.status} with a body that is "
+                    f"not a JSON object, so it could not be translated to {self.source}'s API.",
                     service=self.service,
                 )
             if self.source == "openai":
@@ -242,7 +243,7 @@ async def _read(reply: Reply, inflate: Inflate, *, service: str) -> bytes:
         held += len(data)
         if held > MAX_ANSWER:
             raise ProblemError(
-                "upstream_unreachable",
+                "untranslatable_answer",
                 f"Service '{service}' answered with more than {MAX_ANSWER >> 20} MiB of JSON, "
                 "too large to translate.",
                 service=service,

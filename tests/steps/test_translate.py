@@ -439,8 +439,14 @@ async def test_an_openai_agent_calls_an_anthropic_service_with_tools(upstream, t
 
 
 async def test_anthropic_errors_reach_the_openai_agent_in_openai_shape(upstream, tmp_path):
+    answers = 0
+
     async def overloaded(request: web.Request) -> web.Response:
+        nonlocal answers
         await request.read()
+        answers += 1
+        if answers > 1:  # a 200 that is not what Anthropic sends
+            return web.Response(text="<html>oops</html>", content_type="application/json")
         error = {"type": "error", "error": {"type": "invalid_request_error", "message": "bad x"}}
         return web.json_response(error, status=400)
 
@@ -464,6 +470,15 @@ async def test_anthropic_errors_reach_the_openai_agent_in_openai_shape(upstream,
             assert r.status == 400
             assert r.headers["X-Sidecar-Error"] == "bad_request"
             assert "n other than 1" in (await r.json())["detail"]
+        async with (
+            aiohttp.ClientSession() as client,
+            client.post(
+                f"{proc.url}/claude/chat/completions",
+                json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+            ) as r,
+        ):
+            assert r.status == 502
+            assert r.headers["X-Sidecar-Error"] == "untranslatable_answer"
     assert caught.value.status_code == 400
     assert caught.value.body == {
         "message": "bad x",

@@ -233,6 +233,9 @@ class SqliteLedger:
             loading = self._loading[k] = _Loading(self._submit(read))
             try:
                 value = await asyncio.shield(loading.future)
+            except (sqlite3.Error, OSError):
+                # Logged when the file failed to open; the budget's fail_open decides.
+                raise LedgerDown from None
             finally:
                 del self._loading[k]
             # Charges made while the read was queued behind them are not in it.
@@ -241,7 +244,10 @@ class SqliteLedger:
                 self._remember(k, value)
             return self._cache.get(k, value)
         # Several calls for one key wait for one read.
-        await asyncio.shield(loading.future)
+        try:
+            await asyncio.shield(loading.future)
+        except (sqlite3.Error, OSError):
+            raise LedgerDown from None
         found = self._cache.get(k)
         return found if found is not None else await self.spent(key, window, until)
 
@@ -259,7 +265,11 @@ class SqliteLedger:
                 (key, window, until, amount),
             )
 
-        await self._submit(write)
+        try:
+            await self._submit(write)
+        except (sqlite3.Error, OSError) as exc:
+            log.error("budget store %s: a charge could not be written: %s", self.path, exc)
+            raise LedgerDown from None
 
     def retire(self) -> None:
         # The writer drains what is queued before it stops: no charge is dropped.

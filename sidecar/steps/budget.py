@@ -122,7 +122,9 @@ class BudgetLimit:
             await self.ledger.add(self.key(agent), start, end, amount)
         except LedgerDown:
             # The answer was served; its charge is lost, and the next admission says so.
-            log.warning("budget of service %s: a charge was lost (backend down)", self.service)
+            log.warning(
+                "budget of service %s: a charge was lost (its store is unavailable)", self.service
+            )
 
     def snapshot(self) -> dict[str, object]:
         """For /services: the budget, its window, and (per service) what is left."""
@@ -164,8 +166,8 @@ class BudgetLimit:
     def _unavailable(self) -> ProblemError:
         return ProblemError(
             "rate_limited",
-            f"The shared budget of service '{self.service}' (its Redis backend) is unavailable, "
-            "and the policy says to refuse calls until it is back; this refusal comes from the "
+            f"The store that keeps the budget of service '{self.service}' is unavailable, and "
+            "the policy says to refuse calls until it is back; this refusal comes from the "
             "sidecar, not the upstream. Retry after 1 second.",
             service=self.service,
             retry_after=1.0,

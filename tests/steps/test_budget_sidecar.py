@@ -194,3 +194,63 @@ async def test_two_sidecar_processes_share_token_limits_and_budgets_in_redis(
         # Per agent: another agent's budget is untouched, in both sidecars.
         assert (await chat(client, two.url, agent="b", service="budgeted"))[0] == 200
     assert len(llm.requests) == 5
+
+
+async def test_a_spent_budget_lets_the_fallback_serve(upstream, start_sidecar, client, data_dir):
+    llm = LLMUpstream()
+    base = await upstream(llm.app())
+    sc = await start_sidecar(
+        f"""
+        version: 1
+        services:
+          llm:
+            upstream: {base}
+            llm: {{api: openai}}
+            budget: {{tokens: 10/hour}}
+            fallback: [spare]
+          spare:
+            upstream: {base}
+            llm: {{api: openai}}
+        """
+    )
+    status, first, _ = await chat(client, sc.url)  # 17 tokens: over the 10
+    assert status == 200 and "X-Sidecar-Served-By" not in first
+    status, second, _ = await chat(client, sc.url)
+    assert status == 200 and second["X-Sidecar-Served-By"] == "spare"
+
+
+async def test_the_backend_password_never_shows(
+    upstream, start_sidecar, client, data_dir, closed_port, caplog
+):
+    llm = LLMUpstream()
+    base = await upstream(llm.app())
+    backend = f"redis://:hunter2-secret@127.0.0.1:{closed_port}/0"
+    sc = await start_sidecar(
+        f"""
+        version: 1
+        services:
+          llm:
+            upstream: {base}
+            llm: {{api: openai}}
+            budget: {{tokens: 1M/day, backend: "{backend}", fail_open: false}}
+          tok:
+            upstream: {base}
+            llm: {{api: openai}}
+            rate_limit: [{{tokens: 1000000/h, backend: "{backend}"}}]
+        """
+    )
+    # The token limit lets calls through while Redis is down (fail_open by default).
+    assert (await chat(client, sc.url, service="tok"))[0] == 200
+    status, headers, body = await chat(client, sc.url)
+    # Redis is down: the budget refuses (fail_open: false), saying so.
+    assert status == 429 and headers["X-Sidecar-Error"] == "rate_limited"
+    assert b"store that keeps the budget" in body
+    seen = [body.decode()]
+    for path in ("/services", "/config", "/metrics"):
+        async with client.get(f"{sc.admin}{path}") as resp:
+            seen.append(await resp.text())
+    seen.append(caplog.text)
+    for text in seen:
+        assert "hunter2" not in text
+    assert "unavailable" in caplog.text  # the warning names host:port only
+    assert len(llm.requests) == 1

@@ -305,7 +305,8 @@ def _charged(future: asyncio.Future[Any]) -> None:
 
 async def _written(pending: Awaitable[Any]) -> None:
     try:
-        await pending
+        # Shielded: an agent that hangs up now does not cancel the charge it owes.
+        await asyncio.shield(pending)
     except Exception as exc:
         # The answer is not failed for it: it was served, and its charge is logged lost.
         log.error("a budget or token charge could not be written: %s", exc)

@@ -392,9 +392,7 @@ async def test_metrics_reach_a_real_otlp_receiver_with_the_same_names_and_labels
     assert in_flight.kind == "gauge" and in_flight.value == 0
 
 
-async def test_llm_tokens_and_cache_counts_reach_the_otlp_receiver(
-    upstream, start_sidecar, client
-):
+async def test_llm_tokens_and_cache_counts_reach_the_otlp_receiver(upstream, start_sidecar, client):
     receiver = Receiver()
     collector = await upstream(receiver.app())
     llm = await upstream(LLMUpstream().app())

@@ -22,11 +22,13 @@ CACHE_HEADER = "X-Sidecar-Cache"
 Headers = Mapping[str, str]
 
 # Never taken from a 304 into the stored answer (RFC 9111 3.2): the stored body
-# depends on them, or they belong to one connection.
+# depends on them (a server may label a bodiless 304 with any Content-Type), or
+# they belong to one connection.
 _NOT_UPDATED = frozenset(
     {
         "content-length",
         "content-encoding",
+        "content-type",
         "content-range",
         "transfer-encoding",
         "connection",

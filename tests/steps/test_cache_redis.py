@@ -3,11 +3,13 @@ through a real redis-server; an outage is a miss, never a failed call; no secret
 
 from __future__ import annotations
 
+import logging
 import os
 import textwrap
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
@@ -154,3 +156,32 @@ async def test_a_redis_outage_is_a_miss_never_a_failed_call(
 
     # Back once Redis answers again (after the second the sidecar leaves it alone).
     await eventually(cached, "the cache to store and serve again once Redis is back")
+
+
+async def test_the_backends_password_is_never_shown(
+    upstream,
+    start_sidecar: StartSidecar,
+    client: aiohttp.ClientSession,
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    password = "redis-pw-canary-9c2e"
+    origin = Origin()
+    base = await upstream(origin.app())
+    # This redis-server has no such user: every connection is refused, like a wrong password.
+    url = f"redis://cacheuser:{password}@127.0.0.1:{redis_server.port}/0"
+    sc = await start_sidecar(policy(base, url), env={"API_TOKEN": SECRET})
+    with caplog.at_level(logging.DEBUG):
+        for _ in range(2):
+            async with client.get(f"{sc.url}/api/x", headers={"X-Agent-Id": "a1"}) as r:
+                assert r.status == 200
+                assert r.headers["X-Sidecar-Cache"] == "miss"
+                assert password not in await r.text()
+    assert "cache backend 127.0.0.1:" in caplog.text
+    seen = caplog.text
+    for path in ("/config", "/services", "/metrics"):
+        async with client.get(f"{sc.admin}{path}") as r:
+            seen += await r.text()
+    assert password not in seen
+    assert SECRET not in seen
+    assert 'sidecar_cache_backend_errors_total{service="api"}' in seen

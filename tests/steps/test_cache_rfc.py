@@ -16,6 +16,7 @@ from multidict import CIMultiDict
 from sidecar.call import Call, Reply, StaticReply
 from sidecar.policy.cache import Cache
 from sidecar.policy.loader import PolicyError, load_policy
+from sidecar.problems import ProblemError
 from sidecar.steps.cache import CacheStep, CacheStore
 from tests.conftest import StartSidecar
 
@@ -365,3 +366,47 @@ async def test_evictions_and_sizes_are_in_the_metrics(
     async with client.get(f"{sc.admin}/services") as r:
         cache = (await r.json())["services"]["api"]["cache"]
     assert (cache["entries"], cache["max_entries"]) == (3, 3)
+
+
+async def test_freshness_and_the_stale_if_error_window_follow_the_clock() -> None:
+    now = [1000.0]
+    step = CacheStep(
+        service="api",
+        config=Cache.model_validate({"ttl": "1h"}),
+        store=CacheStore(max_entries=10, max_bytes=1 << 20),
+        report=[],
+        clock=lambda: now[0],
+    )
+    down = [False]
+    sent: list[str | None] = []
+
+    async def origin(call: Call) -> Reply:
+        sent.append(call.headers.get("If-None-Match"))
+        if down[0]:
+            raise ProblemError("upstream_unreachable", "down", service="api")
+        headers = {"ETag": '"e"', "Cache-Control": "max-age=10, stale-if-error=20"}
+        return StaticReply(200, CIMultiDict(headers), b"body")
+
+    async def get() -> tuple[str, str]:
+        call = Call(
+            service="api", method="GET", target="/t", headers=CIMultiDict(), body=None, agent="a"
+        )
+        reply = await step(call, origin)
+        if reply.body is not None:
+            async for _ in reply.body:
+                pass
+        return reply.headers["X-Sidecar-Cache"], reply.headers.get("Age", "")
+
+    assert await get() == ("miss", "")
+    now[0] = 1005.0
+    assert await get() == ("hit", "5")
+    down[0] = True
+    now[0] = 1015.0  # stale for 5 s: revalidation tried, the upstream is gone
+    assert await get() == ("stale", "15")
+    assert sent == [None, '"e"']
+    now[0] = 1031.0  # past max-age + stale-if-error
+    with pytest.raises(ProblemError):
+        await get()
+    down[0] = False
+    assert await get() == ("miss", "")
+    assert sent == [None, '"e"', '"e"', '"e"']

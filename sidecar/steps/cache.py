@@ -250,7 +250,8 @@ class CacheStep:
             await _discard(reply)
             received = self._clock()
             refreshed = self._revalidated(entry, reply.headers, sent, received)
-            self.store.save(key, refreshed, received)
+            if refreshed.keep_until > received:
+                self.store.save(key, refreshed, received)
             self._count(call, "revalidated")
             return self._answer(refreshed, request, call.method, received, "revalidated")
         if reply.status in _ERROR_STATUSES and entry.may_serve_stale(self._clock()):

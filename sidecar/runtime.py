@@ -30,7 +30,8 @@ from .webhooks.listener import ingress_app
 
 log = logging.getLogger("sidecar")
 
-# Default --data-dir: durable state (the webhook queue), relative to the working directory.
+# Default --data-dir: durable state (the webhook queue, budgets), relative to the working
+# directory.
 DATA_DIR = "sidecar-data"
 
 
@@ -76,7 +77,8 @@ class Sidecar:
         self.mode = mode
         self.policy: Policy | None = None
         self.router: Router | None = None
-        self.state = StateStore()
+        data_dir = data_dir or os.environ.get("SIDECAR_DATA_DIR", DATA_DIR)
+        self.state = StateStore(data_dir=data_dir)
         self.last_reload: ReloadResult | None = None
         self.counts = ReloadCounts()
         # Set once on SIGTERM/SIGINT: /readyz answers 503 while calls in flight finish.
@@ -101,7 +103,7 @@ class Sidecar:
         self.telemetry.metrics.faults.source = self.fault_switches
         # Durable state (the webhook queue) lives here; opened only once a policy needs it.
         self.webhooks = WebhookHub(
-            data_dir or os.environ.get("SIDECAR_DATA_DIR", DATA_DIR),
+            data_dir,
             metrics=self.telemetry.metrics.webhooks,
             tracer=self.telemetry.tracer,
         )

@@ -68,9 +68,11 @@ class Hooks:
 
 
 class StateStore:
-    def __init__(self) -> None:
+    def __init__(self, *, data_dir: str | None = None) -> None:
         self._items: dict[Key, Any] = {}
         self.hooks = Hooks()
+        # Where durable state (budgets) is kept; None: in memory only (embedded, tests).
+        self.data_dir = data_dir
 
     def begin(self) -> StateBuild:
         return StateBuild(self)
@@ -92,6 +94,7 @@ class StateBuild:
         self._store = store
         self._items: dict[Key, Any] = {}
         self.hooks = store.hooks
+        self.data_dir = store.data_dir
 
     def get(self, service: str, step: str, params: object, factory: Callable[[], T]) -> T:
         key = (service, step, fingerprint(params))

@@ -227,6 +227,20 @@ class Metrics:
             ["service", "agent", "model", "kind"],
             registry=r,
         )
+        self.llm_budget_spent = Counter(
+            "sidecar_llm_budget_spent",
+            "What LLM answers charged to a service's budgets (services.<name>.budget): tokens, "
+            "or money in the currency of the policy's prices. budget: as written, like "
+            "'tokens 2M/day per agent' (one per budget of the policy, all agents together).",
+            ["service", "budget"],
+            registry=r,
+        )
+        self.llm_budget_exhausted = Counter(
+            "sidecar_llm_budget_exhausted",
+            "Calls the sidecar refused with 429 budget_exhausted, per budget.",
+            ["service", "budget"],
+            registry=r,
+        )
         self._llm: dict[tuple[str, str, str], tuple[Counter, Counter]] = {}
         self._llm_labels: dict[str, tuple[set[str], set[str]]] = {}
         self._services: dict[str, ServiceMetrics] = {}
@@ -272,6 +286,12 @@ class Metrics:
             children[0].inc(input)
         if output:
             children[1].inc(output)
+
+    def on_budget_spent(self, service: str, budget: str, amount: float) -> None:
+        self.llm_budget_spent.labels(service, budget).inc(amount)
+
+    def on_budget_exhausted(self, service: str, budget: str) -> None:
+        self.llm_budget_exhausted.labels(service, budget).inc()
 
     def on_fault(self, service: str, kind: str) -> None:
         self.faults_injected.labels(service, kind).inc()

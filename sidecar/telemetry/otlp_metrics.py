@@ -210,6 +210,8 @@ def meter_provider(env: Mapping[str, str], metrics: Metrics) -> MeterProvider | 
         metrics.openapi_violations,
         metrics.openapi_drift,
         metrics.faults_injected,
+        metrics.llm_budget_spent,
+        metrics.llm_budget_exhausted,
         metrics.webhooks.received,
         metrics.webhooks.deliveries,
     )

@@ -100,6 +100,9 @@ async def services(sidecar: Sidecar, request: Request, params: Params) -> Respon
         entry["mode"] = s.spec.mode
         faults = sidecar.state.find(name, "faults")
         entry["faults"] = faults[0].snapshot() if faults else None
+        # How full the cache is (memory), or where it lives (Redis, without its password).
+        cache = sidecar.state.find(name, "cache")
+        entry["cache"] = cache[0].snapshot() if cache else None
         # The rules in force and where they are written; none means every agent may call.
         entry["allow"] = {
             "from": s.allow_from or None,

@@ -58,8 +58,13 @@ class Hooks:
         self.response_drift: list[Callable[[str, str, str], None]] = []
         # (service, kind: delay | abort | reset | bandwidth | sse) for each injected fault.
         self.fault_injected: list[Callable[[str, str], None]] = []
-        # (service, result: hit | miss | bypass) for each call of a method a cache keeps.
+        # (service, result: hit | miss | revalidated | stale | bypass) for each call of a
+        # method a cache keeps.
         self.cache_lookup: list[Callable[[str, str], None]] = []
+        # (service, count) when a memory cache drops entries to stay within its bounds.
+        self.cache_evicted: list[Callable[[str, int], None]] = []
+        # (service) when a cache's Redis backend failed a read or a write.
+        self.cache_backend_error: list[Callable[[str], None]] = []
 
 
 class StateStore:

@@ -42,7 +42,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-from ..budgets.ledger import Ledger, MemoryLedger, SqliteLedger
+from ..budgets.ledger import Ledger, MemoryLedger
 from ..call import Call, Handler, Reply, ReplyView, make_replayable
 from ..policy.budget import Budget
 from ..policy.llm import LLM
@@ -434,6 +434,8 @@ def _budget(name: str, budget: Budget, state: StateBuild, wall: Clock) -> Budget
         backend = state.get("*", "ratelimit-redis", url, lambda: RedisBackend(url))
         ledger = state.get("*", "budget-redis", url, lambda: RedisLedger(backend))
     elif state.data_dir is not None:
+        from ..budgets.sqlite_ledger import SqliteLedger
+
         data_dir = state.data_dir
         # One file per data dir, whatever the budgets: reloads keep it open.
         ledger = state.get("*", "budget-ledger", data_dir, lambda: SqliteLedger(data_dir))

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from multidict import CIMultiDict
 
-from sidecar.budgets.ledger import MemoryLedger, SqliteLedger
+from sidecar.budgets.ledger import MemoryLedger
+from sidecar.budgets.sqlite_ledger import SqliteLedger
 from sidecar.call import Call, Reply, StaticReply
 from sidecar.policy.budget import Budget, parse_allowance, parse_price
 from sidecar.policy.llm import LLM

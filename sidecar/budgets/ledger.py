@@ -1,10 +1,10 @@
 """What each budget spent in its current window, kept in the sidecar's data dir.
 
-The data dir's SQLite file (sqlite_ledger.py: `budgets.db`, WAL mode) holds
-a row per (budget key, window start). The contract: a charge is on disk before the answer it paid for has
-ended (steps/llm.py awaits `add` before it ends the reply's body), so a
-`kill -9` never forgets an acknowledged charge and a restarted sidecar refuses
-what the old one would have.
+The data dir's SQLite file (sqlite_ledger.py: `budgets.db`, WAL mode) holds a
+row per (budget key, window start). The contract: a charge is on disk before
+the answer it paid for has ended (steps/llm.py awaits `add` before it ends the
+reply's body), so a `kill -9` never forgets an acknowledged charge and a
+restarted sidecar refuses what the old one would have.
 
 As in the webhook queue, one writer thread owns the connection and commits
 whatever queued up meanwhile in one transaction, so the event loop never waits

@@ -93,10 +93,16 @@ async def services(sidecar: Sidecar, request: Request, params: Params) -> Respon
             found = sidecar.state.find(name, step)
             entry[key] = found[0].snapshot() if found else None
         entry["rate_limit"] = [r.model_dump(mode="json") for r in s.spec.rate_limit]
+        if s.spec.budget:
+            # What is written and, for a budget of the whole service, what is left of it.
+            entry["budget"] = [b.snapshot() for b in sidecar.state.find(name, "llm-budget")]
         # Never hidden: chaos left on, or a mocked service, must show at a glance.
         entry["mode"] = s.spec.mode
         faults = sidecar.state.find(name, "faults")
         entry["faults"] = faults[0].snapshot() if faults else None
+        # How full the cache is (memory), or where it lives (Redis, without its password).
+        cache = sidecar.state.find(name, "cache")
+        entry["cache"] = cache[0].snapshot() if cache else None
         # The rules in force and where they are written; none means every agent may call.
         entry["allow"] = {
             "from": s.allow_from or None,

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir",
         default=_env("DATA_DIR", "sidecar-data"),
         metavar="DIR",
-        help="durable state: the webhook queue, SQLite (env SIDECAR_DATA_DIR, "
+        help="durable state: the webhook queue and LLM budgets, SQLite (env SIDECAR_DATA_DIR, "
         "default ./sidecar-data)",
     )
     run.add_argument(

@@ -23,6 +23,8 @@ REASONS: dict[str, tuple[int, str]] = {
     "bad_request": (400, "Bad request"),
     "method_not_allowed": (405, "Method not allowed"),
     "rate_limited": (429, "Rate limited by the sidecar"),
+    # services.<name>.budget: a token or cost budget is spent until its window resets.
+    "budget_exhausted": (429, "Budget exhausted"),
     "circuit_open": (503, "Circuit open"),
     "upstream_paused": (503, "Upstream asked for a pause"),
     "upstream_timeout": (504, "Upstream timeout"),

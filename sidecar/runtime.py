@@ -22,6 +22,7 @@ from .proxy.listener import Listener
 from .proxy.listener import serve as listen_http
 from .proxy.router import Router, compile_policy
 from .state import StateStore
+from .steps.cache import CacheStore
 from .steps.faults import Faults
 from .telemetry import Telemetry
 from .webhooks.hub import StoreChanged, WebhookHub
@@ -29,7 +30,8 @@ from .webhooks.listener import ingress_app
 
 log = logging.getLogger("sidecar")
 
-# Default --data-dir: durable state (the webhook queue), relative to the working directory.
+# Default --data-dir: durable state (the webhook queue, budgets), relative to the working
+# directory.
 DATA_DIR = "sidecar-data"
 
 
@@ -75,7 +77,8 @@ class Sidecar:
         self.mode = mode
         self.policy: Policy | None = None
         self.router: Router | None = None
-        self.state = StateStore()
+        data_dir = data_dir or os.environ.get("SIDECAR_DATA_DIR", DATA_DIR)
+        self.state = StateStore(data_dir=data_dir)
         self.last_reload: ReloadResult | None = None
         self.counts = ReloadCounts()
         # Set once on SIGTERM/SIGINT: /readyz answers 503 while calls in flight finish.
@@ -94,10 +97,13 @@ class Sidecar:
         hooks.response_drift.append(self.telemetry.metrics.on_response_drift)
         hooks.fault_injected.append(self.telemetry.metrics.on_fault)
         hooks.cache_lookup.append(self.telemetry.metrics.on_cache)
+        hooks.cache_evicted.append(self.telemetry.metrics.on_cache_evicted)
+        hooks.cache_backend_error.append(self.telemetry.metrics.on_cache_backend_error)
+        self.telemetry.metrics.cache.source = self.cache_sizes
         self.telemetry.metrics.faults.source = self.fault_switches
         # Durable state (the webhook queue) lives here; opened only once a policy needs it.
         self.webhooks = WebhookHub(
-            data_dir or os.environ.get("SIDECAR_DATA_DIR", DATA_DIR),
+            data_dir,
             metrics=self.telemetry.metrics.webhooks,
             tracer=self.telemetry.tracer,
         )
@@ -190,6 +196,16 @@ class Sidecar:
 
     def fault_switches(self) -> list[tuple[str, bool]]:
         return [(name, faults.enabled) for name, faults in self.faults().items()]
+
+    def cache_sizes(self) -> list[tuple[str, int, int]]:
+        """(service, entries, bytes) of each in-memory cache the current policy uses."""
+        policy = self.policy
+        out: list[tuple[str, int, int]] = []
+        for name in policy.services if policy is not None else ():
+            for store in self.state.find(name, "cache"):
+                if isinstance(store, CacheStore):
+                    out.append((name, store.count, store.bytes))
+        return out
 
     def secret_files(self) -> frozenset[str]:
         return self.policy.secret_files if self.policy else frozenset()

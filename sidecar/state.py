@@ -58,14 +58,21 @@ class Hooks:
         self.response_drift: list[Callable[[str, str, str], None]] = []
         # (service, kind: delay | abort | reset | bandwidth | sse) for each injected fault.
         self.fault_injected: list[Callable[[str, str], None]] = []
-        # (service, result: hit | miss | bypass) for each call of a method a cache keeps.
+        # (service, result: hit | miss | revalidated | stale | bypass) for each call of a
+        # method a cache keeps.
         self.cache_lookup: list[Callable[[str, str], None]] = []
+        # (service, count) when a memory cache drops entries to stay within its bounds.
+        self.cache_evicted: list[Callable[[str, int], None]] = []
+        # (service) when a cache's Redis backend failed a read or a write.
+        self.cache_backend_error: list[Callable[[str], None]] = []
 
 
 class StateStore:
-    def __init__(self) -> None:
+    def __init__(self, *, data_dir: str | None = None) -> None:
         self._items: dict[Key, Any] = {}
         self.hooks = Hooks()
+        # Where durable state (budgets) is kept; None: in memory only (embedded, tests).
+        self.data_dir = data_dir
 
     def begin(self) -> StateBuild:
         return StateBuild(self)
@@ -87,6 +94,7 @@ class StateBuild:
         self._store = store
         self._items: dict[Key, Any] = {}
         self.hooks = store.hooks
+        self.data_dir = store.data_dir
 
     def get(self, service: str, step: str, params: object, factory: Callable[[], T]) -> T:
         key = (service, step, fingerprint(params))

@@ -55,6 +55,8 @@ WHERE: dict[str, tuple[str, str | None]] = {
     "GraphQLRule": ("graphql.allow", None),
     "MCP": ("mcp", None),
     "LLM": ("llm", None),
+    "Budget": ("budget", None),
+    "Price": ("prices", None),
     "WebhookStore": ("webhooks.store", None),
     "MockAnswer": ("mock", None),
     "MockMatch": ("mock", "match"),

@@ -22,6 +22,7 @@ from sidecar.telemetry.tracing import resource, sampler, traces_endpoint
 from tests.conftest import echo_app
 from tests.helpers import sidecar_process
 from tests.otlp_receiver import Receiver
+from tests.steps.llm_upstream import LLMUpstream
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -389,6 +390,42 @@ async def test_metrics_reach_a_real_otlp_receiver_with_the_same_names_and_labels
     assert reloads.kind == "sum" and reloads.value == 1
     [in_flight] = [p for p in points if p.metric == "sidecar_requests_in_flight"]
     assert in_flight.kind == "gauge" and in_flight.value == 0
+
+
+async def test_llm_tokens_and_cache_counts_reach_the_otlp_receiver(upstream, start_sidecar, client):
+    receiver = Receiver()
+    collector = await upstream(receiver.app())
+    llm = await upstream(LLMUpstream().app())
+    env = {"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"{collector}/v1/metrics"}
+    policy = f"""
+    version: 1
+    services:
+      oai:
+        upstream: {llm}/v1
+        llm: {{api: openai}}
+        cache: {{methods: [POST]}}
+    """
+    sc = await start_sidecar(policy, env=env)
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    for _ in range(2):  # a miss, then a hit that spends no token
+        async with client.post(
+            f"{sc.url}/oai/chat/completions", json=body, headers={"X-Agent-Id": "a1"}
+        ) as r:
+            assert r.status == 200
+    assert await asyncio.to_thread(sc.sidecar.telemetry.force_flush)
+
+    tokens = {
+        p.attributes["kind"]: p.value
+        for p in receiver.points
+        if p.metric == "sidecar_llm_tokens" and p.attributes["model"] == "gpt-4o"
+    }
+    assert tokens == {"input": 12, "output": 5}
+    cache = {
+        p.attributes["result"]: p.value
+        for p in receiver.points
+        if p.metric == "sidecar_cache_requests"
+    }
+    assert cache["hit"] == 1 and cache["miss"] == 1
 
 
 async def test_metrics_export_is_off_without_an_endpoint_or_with_none(

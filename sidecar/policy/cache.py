@@ -1,17 +1,18 @@
-"""The `cache:` part of a service: answers kept in memory and served again.
+"""The `cache:` part of a service: answers kept (in memory or Redis) and served again.
 
 A hit is answered by the sidecar (steps/cache.py): no token spent, no
 upstream call. The upstream's Cache-Control is honoured (no-store, no-cache,
-private, max-age, s-maxage); `ttl` is the longest an answer is kept.
+private, max-age, s-maxage, stale-if-error); `ttl` is the longest an answer
+is served without asking the upstream again.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from .base import Duration, HeaderName, Model, Size
+from .base import Duration, HeaderName, Model, RedisUrl, Size
 
 CacheMethod = Literal["GET", "HEAD", "POST"]
 _SAFE_METHODS: tuple[CacheMethod, ...] = ("GET", "HEAD")
@@ -50,7 +51,24 @@ class Cache(Model):
     shared: bool = Field(
         default=False,
         description="false: each agent has its own entries; true: agents share them "
-        "(answers marked Cache-Control: private are then not kept)",
+        "(answers marked Cache-Control: private are then not kept); `scope` says the same",
+    )
+    scope: Literal["service", "agent"] | None = Field(
+        default=None,
+        description="agent: each agent has its own entries; service: agents share them "
+        "(the same as shared: true); default agent",
+    )
+    stale_if_error: Duration | None = Field(
+        default=None,
+        ge=0,
+        description="How long past its freshness an answer may still be served when the "
+        "upstream fails (5xx, unreachable, timeout, breaker open); an answer's own "
+        "Cache-Control stale-if-error also allows it",
+    )
+    backend: RedisUrl | None = Field(
+        default=None,
+        description="redis://host:port/db to keep the entries in Redis, shared by the "
+        "sidecars that use it; default: this sidecar's memory",
     )
 
     @field_validator("methods")
@@ -59,3 +77,23 @@ class Cache(Model):
         if len(set(v)) != len(v):
             raise ValueError("methods lists a method twice")
         return v
+
+    @model_validator(mode="after")
+    def _one_scope(self) -> Cache:
+        # `shared` came first; `scope` is the issue's name for it. Both may be
+        # written, but they must agree.
+        if (
+            self.scope is not None
+            and "shared" in self.model_fields_set
+            and self.shared != (self.scope == "service")
+        ):
+            raise ValueError(
+                f"shared: {str(self.shared).lower()} contradicts scope: {self.scope}; "
+                "write only one of them"
+            )
+        return self
+
+    @property
+    def per_service(self) -> bool:
+        """Agents share the entries (scope: service, or shared: true)."""
+        return self.scope == "service" if self.scope is not None else self.shared

@@ -156,13 +156,8 @@ class RateLimit(Model):
     def _rate_or_tokens(self) -> RateLimit:
         if (self.rate is None) == (self.tokens is None):
             raise ValueError("set either rate (calls) or tokens (LLM tokens)")
-        if self.tokens is not None and (
-            self.backend is not None or self.operations is not None or self.by_operation
-        ):
-            raise ValueError(
-                "a token limit is kept by each sidecar: backend, operations and by_operation "
-                "apply to call limits only"
-            )
+        if self.tokens is not None and (self.operations is not None or self.by_operation):
+            raise ValueError("operations and by_operation apply to call limits only")
         return self
 
     @property
@@ -400,6 +395,17 @@ class Service(Model):
         "back, streams included (e.g. openai->anthropic)",
     )
     cache: Cache | None = Field(default=None, description="Answers served again, see cache.py")
+    # prices before budget: the budget's check reads them.
+    prices: Prices = Field(
+        default_factory=dict,
+        description="LLM prices per model (a name or glob; `default` for the others) for "
+        "cost budgets, see budget.py",
+    )
+    budget: list[Budget] = Field(
+        default_factory=list,
+        description="Token or cost budgets per calendar window (UTC); over budget: 429 "
+        "budget_exhausted, see budget.py",
+    )
     cassettes: Cassettes | None = Field(
         default=None, description="Recordings of mode: record and replay, see testing.py"
     )
@@ -434,15 +440,28 @@ class Service(Model):
             raise ValueError("prefix must be a plain path")
         return v.rstrip("/") or "/"
 
-    @field_validator("rate_limit", mode="before")
+    @field_validator("rate_limit", "budget", mode="before")
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, dict) else v
+
+    @field_validator("budget")
+    @classmethod
+    def _cost_needs_prices(cls, v: list[Budget], info: ValidationInfo) -> list[Budget]:
+        prices = info.data.get("prices") or {}
+        if any(b.cost is not None for b in v) and "default" not in prices:
+            raise ValueError(
+                "a cost budget needs prices: with a `default` entry, the price of every model "
+                "the table does not name (else those calls would cost nothing)"
+            )
+        return v
 
     @model_validator(mode="after")
     def _token_limits_need_llm(self) -> Service:
         if self.llm is None and any(x.tokens is not None for x in self.rate_limit):
             raise ValueError("a rate_limit with tokens needs llm: (the answers report the tokens)")
+        if self.llm is None and self.budget:
+            raise ValueError("a budget needs llm: (the answers report the tokens)")
         return self
 
     @model_validator(mode="after")
@@ -487,6 +506,7 @@ class PolicyFile(Model):
 
 # At the end: each feature's models, which Agents, Service and PolicyFile name.
 from .access import AgentKeys, AllowRule, CredentialHeader, JwtVerify  # noqa: E402
+from .budget import Budget, Prices  # noqa: E402
 from .cache import Cache  # noqa: E402
 from .check import Check  # noqa: E402
 from .llm import LLM  # noqa: E402

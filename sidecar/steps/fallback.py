@@ -35,7 +35,7 @@ SERVED_BY = "X-Sidecar-Served-By"
 
 # The sidecar's refusals that blame the upstream (or its limit), not the call.
 FALLBACK_REASONS = frozenset(
-    {"circuit_open", "upstream_unreachable", "upstream_timeout", "rate_limited"}
+    {"circuit_open", "upstream_unreachable", "upstream_timeout", "rate_limited", "budget_exhausted"}
 )
 
 # Set while a hop runs: the other service's own fallback step passes it through,

@@ -18,8 +18,12 @@ span as OpenTelemetry GenAI attributes (`gen_ai.usage.input_tokens`, ...).
 Telemetry ends that span after the body was relayed and after the reply was
 released, which is when the wrapper reports.
 
-Token limits (`rate_limit: [{tokens: ...}]`, llm_limits.py) are checked here
-before the call goes on, and charged the usage when the answer is over.
+Token limits (`rate_limit: [{tokens: ...}]`, llm_limits.py; in Redis with a
+`backend`) and budgets (`budget:`, budget.py) are checked here before the call
+goes on, and charged the usage when the answer is over. A budget's charge is
+durable (the data dir, or Redis) before the answer ends: the body's end waits
+for it, and a JSON answer's last chunk is held back until then, so an agent
+that got its whole answer was charged for it even if the sidecar is killed.
 
 In the chain it runs after the call limiters and outside retry: it sees the one
 reply that reaches the agent, a call the sidecar refuses costs no body parse,
@@ -30,21 +34,37 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 import re
 import time
-from collections.abc import AsyncIterable, AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
+from ..budgets.ledger import Ledger, MemoryLedger
 from ..call import Call, Handler, Reply, ReplyView, make_replayable
+from ..policy.budget import Budget
 from ..policy.llm import LLM
 from ..policy.loader import ServicePolicy
+from ..policy.models import RateLimit
+from ..problems import ProblemError
 from ..state import StateBuild
-from .llm_limits import Charge, Clock, Sleep, TokenLimit, admit, settle
+from .budget import BudgetLimit, Pricing
+from .llm_limits import Charge, Clock, Sleep, TokenLimit, admit, describe_tokens, settle
 from .llm_usage import MAX_MODEL, Scanner, Usage, kind_of
 from .operation import annotate, endpoint
+from .ratelimit import limit_headers, refusal
+
+if TYPE_CHECKING:
+    from .ratelimit_redis import SharedTokenLimit
+
+log = logging.getLogger("sidecar.llm")
 
 UNKNOWN_MODEL = "unknown"
+
+# Charges still being written after an answer was abandoned (see MeteredReply.release).
+_charging: set[asyncio.Future[Any]] = set()
 
 # The model when the body does not name it: an Azure deployment, a Gemini model.
 _PATH_MODEL = re.compile(r"/deployments/([^/]+)/|/models/([^/:]+):")
@@ -78,6 +98,9 @@ class LLMStep:
         service: str,
         llm: LLM,
         limits: list[TokenLimit] | None = None,
+        shared: list[SharedTokenLimit] | None = None,
+        budgets: list[BudgetLimit] | None = None,
+        pricing: Pricing | None = None,
         clock: Clock = time.monotonic,
         sleep: Sleep | None = None,
     ) -> None:
@@ -86,17 +109,33 @@ class LLMStep:
         self.provider = llm.provider or llm.api
         self.stream_usage = llm.stream_usage and llm.api == "openai"
         self.limits = limits or []
+        self.shared = shared or []
+        self.budgets = budgets or []
+        self.pricing = pricing
         self._clock = clock
         self._sleep = sleep or asyncio.sleep
 
     async def __call__(self, call: Call, next: Handler) -> Reply:
         if call.method != "POST" or call.upgrade:
             return await next(call)
+        agent = call.agent
+        # Budgets first: a call refused for a spent budget takes no token.
+        for budget in self.budgets:
+            try:
+                await budget.check(agent)
+            except ProblemError as err:
+                exchange = call.exchange
+                if err.reason == "budget_exhausted" and exchange is not None:
+                    exchange.telemetry.metrics.on_budget_exhausted(self.service, budget.name)
+                raise
         charge: Charge = []
         if self.limits:
             charge = await admit(
-                self.limits, call.agent, service=self.service, clock=self._clock, sleep=self._sleep
+                self.limits, agent, service=self.service, clock=self._clock, sleep=self._sleep
             )
+        shared: list[SharedTokenLimit] = []
+        if self.shared:
+            shared = await self._take_shared(agent)
         path = endpoint(call.target)
         model = await self._request_model(call, path)
         attributes: dict[str, str | int | bool] = {
@@ -117,8 +156,37 @@ class LLMStep:
         encoding = (headers.get("Content-Encoding") or "identity").strip().lower()
         if kind is None or encoding not in ("identity", "gzip", "x-gzip", "deflate"):
             return reply
-        meter = _Meter(self.service, call, model, Scanner(kind, encoding=encoding), charge)
-        return MeteredReply(reply, meter)
+        meter = _Meter(self, call, model, Scanner(kind, encoding=encoding), charge, shared)
+        return MeteredReply(reply, meter, hold_last=kind == "json" and bool(self.budgets))
+
+    async def _take_shared(self, agent: str | None) -> list[SharedTokenLimit]:
+        """Take one token of every shared limit (waiting up to max_wait), or refuse."""
+        delay = 0.0
+        taken: list[SharedTokenLimit] = []
+        for limit in self.shared:
+            try:
+                ok, wait, tokens = await limit.take(agent)
+            except BaseException:
+                self._give_back(taken, agent)
+                raise
+            if not ok:
+                self._give_back(taken, agent)
+                headers = limit_headers(limit.burst, tokens, wait)
+                raise refusal(self.service, limit.detail, max(delay, wait), headers)
+            taken.append(limit)
+            delay = max(delay, wait)
+        if delay > 0:
+            try:
+                await self._sleep(delay)
+            except asyncio.CancelledError:
+                self._give_back(taken, agent)
+                raise
+        return taken
+
+    @staticmethod
+    def _give_back(taken: list[SharedTokenLimit], agent: str | None) -> None:
+        for limit in taken:
+            _keep(asyncio.ensure_future(limit.charge(agent, 0)))
 
     async def _request_model(self, call: Call, path: str) -> str | None:
         model: str | None = None
@@ -164,29 +232,53 @@ def _add_stream_usage(doc: dict[str, Any], path: str) -> bool:
 class _Meter:
     """One answer's scanner, and where its usage goes once it is over."""
 
-    __slots__ = ("call", "charge", "done", "model", "scanner", "service")
+    __slots__ = ("call", "charge", "done", "model", "scanner", "shared", "step")
 
     def __init__(
-        self, service: str, call: Call, model: str | None, scanner: Scanner, charge: Charge
+        self,
+        step: LLMStep,
+        call: Call,
+        model: str | None,
+        scanner: Scanner,
+        charge: Charge,
+        shared: list[SharedTokenLimit],
     ) -> None:
-        self.service = service
+        self.step = step
         self.call = call
         self.model = model
         self.scanner = scanner
         self.charge = charge
+        self.shared = shared
         self.done = False
 
-    def finish(self) -> None:
+    def finish(self) -> Awaitable[Any] | None:
+        """Count the usage; what is still being written to a ledger, if anything."""
         if self.done:
-            return
+            return None
         self.done = True
         usage: Usage = self.scanner.finish()
         if not usage.known:
-            return
-        if self.charge:
-            settle(self.charge, (usage.input or 0) + (usage.output or 0))
+            return None
+        step = self.step
         call = self.call
+        agent = call.agent
+        tokens = (usage.input or 0) + (usage.output or 0)
+        if self.charge:
+            settle(self.charge, tokens)
         model = self.model or usage.model or UNKNOWN_MODEL
+        exchange = call.exchange
+        metrics = exchange.telemetry.metrics if exchange is not None else None
+        writes: list[Awaitable[None]] = [limit.charge(agent, tokens) for limit in self.shared]
+        for budget in step.budgets:
+            if budget.unit == "tokens":
+                amount: float = tokens
+            elif step.pricing is not None:
+                amount = step.pricing.cost(model, usage.input or 0, usage.output or 0)
+            else:
+                continue
+            writes.append(budget.charge(agent, amount))
+            if metrics is not None and amount > 0 and math.isfinite(amount):
+                metrics.on_budget_spent(step.service, budget.name, amount)
         attributes: dict[str, str | int | bool] = {}
         if usage.model is not None:
             attributes["gen_ai.response.model"] = usage.model
@@ -195,11 +287,29 @@ class _Meter:
         if usage.output is not None:
             attributes["gen_ai.usage.output_tokens"] = usage.output
         annotate(call, attributes)
-        exchange = call.exchange
-        if exchange is not None:
-            exchange.telemetry.metrics.on_llm_usage(
-                self.service, call.agent or "", model, usage.input, usage.output
-            )
+        if metrics is not None:
+            metrics.on_llm_usage(step.service, agent or "", model, usage.input, usage.output)
+        return asyncio.gather(*writes) if writes else None
+
+
+def _keep(future: asyncio.Future[Any]) -> None:
+    _charging.add(future)
+    future.add_done_callback(_charged)
+
+
+def _charged(future: asyncio.Future[Any]) -> None:
+    _charging.discard(future)
+    if not future.cancelled() and future.exception() is not None:
+        log.error("a budget or token charge could not be written: %s", future.exception())
+
+
+async def _written(pending: Awaitable[Any]) -> None:
+    try:
+        # Shielded: an agent that hangs up now does not cancel the charge it owes.
+        await asyncio.shield(pending)
+    except Exception as exc:
+        # The answer is not failed for it: it was served, and its charge is logged lost.
+        log.error("a budget or token charge could not be written: %s", exc)
 
 
 class MeteredReply(ReplyView):
@@ -207,15 +317,20 @@ class MeteredReply(ReplyView):
 
     __slots__ = ("_meter",)
 
-    def __init__(self, reply: Reply, meter: _Meter) -> None:
+    def __init__(self, reply: Reply, meter: _Meter, *, hold_last: bool = False) -> None:
         inner = reply.body
-        super().__init__(reply, body=_scanned(inner, meter) if inner is not None else None)
+        body: AsyncIterable[bytes] | None = None
+        if inner is not None:
+            body = _held(inner, meter) if hold_last else _scanned(inner, meter)
+        super().__init__(reply, body=body)
         self._meter = meter
 
     def release(self) -> Any:
         # Called once the answer was relayed or abandoned, before telemetry ends the
         # server span: an answer cut short still reports the usage seen so far.
-        self._meter.finish()
+        pending = self._meter.finish()
+        if pending is not None:
+            _keep(asyncio.ensure_future(pending))
         return self._reply.release()
 
 
@@ -224,7 +339,27 @@ async def _scanned(body: AsyncIterable[bytes], meter: _Meter) -> AsyncIterator[b
     async for data in body:
         feed(data)
         yield data
-    meter.finish()
+    pending = meter.finish()
+    if pending is not None:
+        # Before the body ends (a chunked or SSE answer's last bytes): the charge is
+        # durable before the agent sees the answer complete.
+        await _written(pending)
+
+
+async def _held(body: AsyncIterable[bytes], meter: _Meter) -> AsyncIterator[bytes]:
+    """A JSON answer, whose last chunk waits until its charge is written."""
+    feed = meter.scanner.feed
+    last: bytes | None = None
+    async for data in body:
+        feed(data)
+        if last is not None:
+            yield last
+        last = data
+    pending = meter.finish()
+    if pending is not None:
+        await _written(pending)
+    if last is not None:
+        yield last
 
 
 def build(
@@ -233,15 +368,22 @@ def build(
     state: StateBuild,
     clock: Clock = time.monotonic,
     sleep: Sleep | None = None,
+    wall: Clock = time.time,
 ) -> LLMStep | None:
     llm = service.spec.llm
     if llm is None:
         return None
     name = service.name
     limits: list[TokenLimit] = []
+    shared: list[SharedTokenLimit] = []
     for limit in service.spec.rate_limit:
         tokens = limit.tokens
         if tokens is None:
+            continue
+        if limit.backend is not None:
+            shared_limit = _shared(name, limit, limit.backend, tokens.per_second, state)
+            if all(shared_limit.key_prefix != s.key_prefix for s in shared):
+                shared.append(shared_limit)
             continue
         # Keyed by the whole limit: an unchanged limit keeps its bucket across reloads.
         found = state.get(
@@ -254,4 +396,55 @@ def build(
         )
         if found not in limits:
             limits.append(found)
-    return LLMStep(service=name, llm=llm, limits=limits, clock=clock, sleep=sleep)
+    budgets = [_budget(name, b, state, wall) for b in service.spec.budget]
+    pricing = Pricing(service.spec.prices) if service.spec.prices else None
+    return LLMStep(
+        service=name,
+        llm=llm,
+        limits=limits,
+        shared=shared,
+        budgets=budgets,
+        pricing=pricing,
+        clock=clock,
+        sleep=sleep,
+    )
+
+
+def _shared(
+    name: str, limit: RateLimit, url: str, rate: float, state: StateBuild
+) -> SharedTokenLimit:
+    # Only a policy with a shared limit pays for the redis client's import.
+    from .ratelimit_redis import RedisBackend, SharedTokenLimit
+
+    backend = state.get("*", "ratelimit-redis", url, lambda: RedisBackend(url))
+    burst = limit.burst or max(1, math.floor(rate * 60))
+    detail = describe_tokens(name, limit)
+    return SharedTokenLimit(
+        service=name, limit=limit, tokens=rate, burst=burst, backend=backend, detail=detail
+    )
+
+
+def _budget(name: str, budget: Budget, state: StateBuild, wall: Clock) -> BudgetLimit:
+    ledger: Ledger
+    url = budget.backend
+    if url is not None:
+        from .budget_redis import RedisLedger
+        from .ratelimit_redis import RedisBackend
+
+        backend = state.get("*", "ratelimit-redis", url, lambda: RedisBackend(url))
+        ledger = state.get("*", "budget-redis", url, lambda: RedisLedger(backend))
+    elif state.data_dir is not None:
+        from ..budgets.sqlite_ledger import SqliteLedger
+
+        data_dir = state.data_dir
+        # One file per data dir, whatever the budgets: reloads keep it open.
+        ledger = state.get("*", "budget-ledger", data_dir, lambda: SqliteLedger(data_dir))
+    else:
+        ledger = state.get("*", "budget-ledger", None, MemoryLedger)
+    # Keyed by the budget: an unchanged one keeps its object (and its /services view).
+    return state.get(
+        name,
+        "llm-budget",
+        budget,
+        lambda: BudgetLimit(service=name, budget=budget, ledger=ledger, clock=wall),
+    )

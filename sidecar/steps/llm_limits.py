@@ -6,9 +6,10 @@ holds at least one token, and charged the answer's input and output tokens
 when the answer is over. The bucket may go into debt, and then later calls
 wait (`max_wait`) or are refused with 429 `rate_limited` until it refills.
 
-The buckets are this sidecar's own (no Redis backend yet). They live in the
-state store keyed by the limit, so a reload that keeps a limit keeps its
-bucket.
+These buckets are this sidecar's own; a limit with a `backend` is kept in
+Redis instead (ratelimit_redis.SharedTokenLimit), shared by every sidecar.
+They live in the state store keyed by the limit, so a reload that keeps a
+limit keeps its bucket.
 """
 
 from __future__ import annotations
@@ -24,6 +25,15 @@ Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
 
+def describe_tokens(service: str, limit: RateLimit) -> str:
+    who = "each agent" if limit.per == "agent" else "all agents together"
+    return (
+        f"The sidecar's token limit for service '{service}' ({limit.tokens} for {who}) is "
+        "used up by the tokens of earlier answers; this refusal comes from the sidecar, "
+        "not the upstream."
+    )
+
+
 class TokenLimit:
     """One `tokens` entry: one bucket, or one per agent."""
 
@@ -32,12 +42,7 @@ class TokenLimit:
         self.burst = limit.burst or max(1, math.floor(tokens * 60))
         self.max_wait = limit.max_wait or 0.0
         self.per_agent = limit.per == "agent"
-        who = "each agent" if self.per_agent else "all agents together"
-        self.detail = (
-            f"The sidecar's token limit for service '{service}' ({limit.tokens} for {who}) is "
-            "used up by the tokens of earlier answers; this refusal comes from the sidecar, "
-            "not the upstream."
-        )
+        self.detail = describe_tokens(service, limit)
         self._clock = clock
         self._bucket = Bucket(float(self.burst), clock())
         self._agents: OrderedDict[str | None, Bucket] = OrderedDict()

@@ -18,6 +18,8 @@ import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
@@ -30,6 +32,8 @@ from ..problems import ProblemError
 from ..state import fingerprint
 
 log = logging.getLogger("sidecar.ratelimit")
+
+T = TypeVar("T")
 
 TIMEOUT = 0.25  # seconds, connecting and each reply
 DOWN_FOR = 1.0  # after a failure, calls do not wait on Redis again for this long
@@ -114,6 +118,18 @@ class RedisBackend:
         taken, wait, tokens = result
         return bool(taken), float(wait), float(tokens)
 
+    async def command(self, work: Callable[[Redis], Awaitable[T]]) -> T:
+        """Any other use of the client (budgets), on the same short leash as `run`."""
+        if self._down_until and time.monotonic() < self._down_until:
+            raise BackendDown
+        try:
+            result = await work(self.client)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed(exc)
+            raise BackendDown from None
+        self._down_until = 0.0
+        return result
+
     def _failed(self, exc: BaseException) -> None:
         now = time.monotonic()
         self._down_until = now + DOWN_FOR
@@ -181,3 +197,64 @@ class SharedLimit:
     async def give_back(self, agent: str | None) -> None:
         with contextlib.suppress(BackendDown):
             await self.backend.run(self.key(agent), self.rate, self.burst, -1, 0.0)
+
+
+# A charge is always taken, however deep it puts the bucket in debt.
+_ALWAYS = 1e18
+
+
+class SharedTokenLimit:
+    """A token limit (`rate_limit: [{tokens: ..., backend: ...}]`) kept in Redis.
+
+    Admission takes one token (waiting up to max_wait for it, in arrival order,
+    like a call limit); the answer's usage, less that token, is charged when it
+    is known, into debt if need be, so the next calls of every sidecar wait.
+    """
+
+    def __init__(
+        self,
+        *,
+        service: str,
+        limit: RateLimit,
+        tokens: float,
+        burst: int,
+        backend: RedisBackend,
+        detail: str,
+    ) -> None:
+        digest = fingerprint(("tokens", tokens, burst, limit.per))
+        self.key_prefix = f"sidecar:tokens:{service}:{digest}"
+        self.rate = tokens
+        self.burst = burst
+        self.max_wait = limit.max_wait or 0.0
+        self.per_agent = limit.per == "agent"
+        self.fail_open = limit.fail_open
+        self.backend = backend
+        self.service = service
+        self.detail = detail
+        self._anonymous = self.key_prefix + ":anonymous"
+
+    def key(self, agent: str | None) -> str:
+        if not self.per_agent:
+            return self.key_prefix
+        return self._anonymous if agent is None else f"{self.key_prefix}:agent:{agent}"
+
+    async def take(self, agent: str | None) -> tuple[bool, float, float]:
+        """(taken, seconds until the token exists, tokens left); fail_open when Redis is down."""
+        try:
+            return await self.backend.run(self.key(agent), self.rate, self.burst, 1, self.max_wait)
+        except BackendDown:
+            if self.fail_open:
+                return True, 0.0, float(self.burst)
+        raise ProblemError(
+            "rate_limited",
+            f"The shared token limiter of service '{self.service}' (its Redis backend) is "
+            "unavailable, and the policy says to refuse calls until it is back; this refusal "
+            "comes from the sidecar, not the upstream. Retry after 1 second.",
+            service=self.service,
+            retry_after=BACKEND_RETRY_AFTER,
+        )
+
+    async def charge(self, agent: str | None, tokens: int) -> None:
+        # One token was taken at admission; an answer of 0 tokens gives it back.
+        with contextlib.suppress(BackendDown):
+            await self.backend.run(self.key(agent), self.rate, self.burst, tokens - 1, _ALWAYS)

@@ -178,12 +178,31 @@ class Metrics:
         self.cache_requests = Counter(
             "sidecar_cache_requests",
             "Calls of a method a service's cache keeps (services.<name>.cache). result: hit "
-            "(answered from the cache), miss (sent upstream) or bypass (not looked up: the "
-            "agent sent Cache-Control no-store/no-cache or its own Authorization/Cookie, or a "
-            "POST body too large to key).",
+            "(answered from the cache), miss (sent upstream), revalidated (a stale entry "
+            "confirmed by the upstream's 304), stale (a stale entry served because the "
+            "upstream failed) or bypass (not looked up: the agent sent Cache-Control "
+            "no-store/no-cache or its own Authorization/Cookie, or a POST body too large to "
+            "key).",
             ["service", "result"],
             registry=r,
         )
+        self.cache_evictions = Counter(
+            "sidecar_cache_evictions",
+            "Entries a service's in-memory cache dropped to stay within max_entries and "
+            "max_bytes (least recently used first).",
+            ["service"],
+            registry=r,
+        )
+        self.cache_backend_errors = Counter(
+            "sidecar_cache_backend_errors",
+            "Cache reads and writes that failed (or were skipped while the backend was "
+            "down) because a service's Redis cache backend did not answer; the call went "
+            "on uncached.",
+            ["service"],
+            registry=r,
+        )
+        self.cache = CacheGauges()
+        r.register(self.cache)
         self.faults = FaultGauges()
         r.register(self.faults)
         self.reloads = reloads = Counter(
@@ -206,6 +225,20 @@ class Metrics:
             "service, the rest as _other; model 'unknown' when neither the request nor the "
             "answer named it.",
             ["service", "agent", "model", "kind"],
+            registry=r,
+        )
+        self.llm_budget_spent = Counter(
+            "sidecar_llm_budget_spent",
+            "What LLM answers charged to a service's budgets (services.<name>.budget): tokens, "
+            "or money in the currency of the policy's prices. budget: as written, like "
+            "'tokens 2M/day per agent' (one per budget of the policy, all agents together).",
+            ["service", "budget"],
+            registry=r,
+        )
+        self.llm_budget_exhausted = Counter(
+            "sidecar_llm_budget_exhausted",
+            "Calls the sidecar refused with 429 budget_exhausted, per budget.",
+            ["service", "budget"],
             registry=r,
         )
         self._llm: dict[tuple[str, str, str], tuple[Counter, Counter]] = {}
@@ -254,11 +287,23 @@ class Metrics:
         if output:
             children[1].inc(output)
 
+    def on_budget_spent(self, service: str, budget: str, amount: float) -> None:
+        self.llm_budget_spent.labels(service, budget).inc(amount)
+
+    def on_budget_exhausted(self, service: str, budget: str) -> None:
+        self.llm_budget_exhausted.labels(service, budget).inc()
+
     def on_fault(self, service: str, kind: str) -> None:
         self.faults_injected.labels(service, kind).inc()
 
     def on_cache(self, service: str, result: str) -> None:
         self.cache_requests.labels(service, result).inc()
+
+    def on_cache_evicted(self, service: str, count: int) -> None:
+        self.cache_evictions.labels(service).inc(count)
+
+    def on_cache_backend_error(self, service: str) -> None:
+        self.cache_backend_errors.labels(service).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -298,6 +343,30 @@ class FaultGauges(Collector):
         for service, enabled in self.source():
             family.add_metric([service], 1.0 if enabled else 0.0)
         return [family]
+
+
+class CacheGauges(Collector):
+    """Entries and bytes each service's in-memory cache holds, read at scrape time."""
+
+    def __init__(self) -> None:
+        # (service, entries, bytes) per service with an in-memory cache; set by the runtime.
+        self.source: Callable[[], Iterable[tuple[str, int, int]]] = tuple
+
+    def collect(self) -> Iterable[Family]:
+        entries = GaugeMetricFamily(
+            "sidecar_cache_entries",
+            "Answers a service's in-memory cache holds (each Vary variant counts).",
+            labels=["service"],
+        )
+        size = GaugeMetricFamily(
+            "sidecar_cache_bytes",
+            "Bytes of answer bodies a service's in-memory cache holds.",
+            labels=["service"],
+        )
+        for service, count, held in self.source():
+            entries.add_metric([service], count)
+            size.add_metric([service], held)
+        return [entries, size]
 
 
 class QueueGauges(Collector):

@@ -210,6 +210,10 @@ def meter_provider(env: Mapping[str, str], metrics: Metrics) -> MeterProvider | 
         metrics.openapi_violations,
         metrics.openapi_drift,
         metrics.faults_injected,
+        metrics.cache_requests,
+        metrics.llm_tokens,
+        metrics.llm_budget_spent,
+        metrics.llm_budget_exhausted,
         metrics.webhooks.received,
         metrics.webhooks.deliveries,
     )

@@ -297,19 +297,23 @@ def test_the_store_is_bounded_in_bytes_too() -> None:
             headers=CIMultiDict(),
             data=b"x" * size,
             content_length=size,
-            stored=0.0,
-            expires=60.0,
+            response_time=0.0,
+            initial_age=0.0,
+            lifetime=60.0,
         )
 
-    store = CacheStore(max_entries=100, max_bytes=1000)
+    evicted: list[int] = []
+    store = CacheStore(max_entries=100, max_bytes=1000, evicted=evicted.append)
     for i in range(10):
         store.put(b"k%d" % i, entry(300))
     assert len(store) == 3
     assert store.bytes == 900
-    assert store.get(b"k9", 0.0) is not None
-    assert store.get(b"k6", 0.0) is None
+    assert sum(evicted) == 7
+    none: CIMultiDict[str] = CIMultiDict()
+    assert store.get(b"k9", none, 0.0) is not None
+    assert store.get(b"k6", none, 0.0) is None
     store.put(b"huge", entry(1001))  # larger than the whole store: not kept
-    assert store.get(b"huge", 0.0) is None
+    assert store.get(b"huge", none, 0.0) is None
     store.put(b"k9", entry(100))  # replaced, not counted twice
     assert store.bytes == 700
 

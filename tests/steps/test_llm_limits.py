@@ -50,8 +50,10 @@ def test_token_limits_refuse_keys_of_call_limits() -> None:
     for bad in (
         {"tokens": "1/s", "rate": "1/s"},
         {"burst": 3},
-        {"tokens": "1/s", "backend": "redis://x"},
         {"tokens": "1/s", "operations": ["a"]},
+        {"tokens": "1/s", "by_operation": True},
     ):
         with pytest.raises(ValueError):
             RateLimit.model_validate(bad)
+    # A token limit may be shared through Redis, like a call limit.
+    RateLimit.model_validate({"tokens": "1/s", "backend": "redis://127.0.0.1:6379/0"})

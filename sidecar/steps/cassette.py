@@ -67,6 +67,16 @@ def _text(data: bytes) -> str | None:
         return None
 
 
+# How an upstream may have written its JSON: (separators name, separators, indent).
+# Pretty ones (Flask's, many APIs') are kept parsed too, so they diff line by line.
+_JSON_STYLES: tuple[tuple[str, tuple[str, str], int | None], ...] = (
+    ("spaced", (", ", ": "), None),
+    ("compact", (",", ":"), None),
+    ("spaced", (",", ": "), 2),
+    ("spaced", (",", ": "), 4),
+)
+
+
 def _encode_body(data: bytes, out: dict[str, Any], *, exact: bool) -> None:
     """Put `data` into `out` as readably as it allows: JSON, text or base64.
 
@@ -82,13 +92,23 @@ def _encode_body(data: bytes, out: dict[str, Any], *, exact: bool) -> None:
     except ValueError:
         value = None
     else:
-        for style, separators in (("spaced", (", ", ": ")), ("compact", (",", ":"))):
+        if not exact:
+            out["body_json"] = value
+            return
+        newline = text.endswith("\n")
+        for style, separators, indent in _JSON_STYLES:
             for ascii_only in (True, False):
-                again = json.dumps(value, separators=separators, ensure_ascii=ascii_only)
-                if not exact or again == text:
+                again = json.dumps(
+                    value, separators=separators, ensure_ascii=ascii_only, indent=indent
+                )
+                if again + ("\n" if newline else "") == text:
                     out["body_json"] = value
-                    if exact:
-                        out["json_style"] = {"separators": style, "ascii": ascii_only}
+                    found: dict[str, Any] = {"separators": style, "ascii": ascii_only}
+                    if indent is not None:
+                        found["indent"] = indent
+                    if newline:
+                        found["newline"] = True
+                    out["json_style"] = found
                     return
     out["body"] = text
 
@@ -98,10 +118,19 @@ def _decode_body(stored: dict[str, Any]) -> bytes:
         return base64.b64decode(stored["body_base64"])
     if "body_json" in stored:
         style = stored.get("json_style") or {}
-        separators = (",", ":") if style.get("separators") == "compact" else (", ", ": ")
+        indent = style.get("indent")
+        if style.get("separators") == "compact":
+            separators = (",", ":")
+        else:
+            separators = (",", ": ") if indent is not None else (", ", ": ")
         text = json.dumps(
-            stored["body_json"], separators=separators, ensure_ascii=style.get("ascii", True)
+            stored["body_json"],
+            separators=separators,
+            ensure_ascii=style.get("ascii", True),
+            indent=indent,
         )
+        if style.get("newline"):
+            text += "\n"
         return text.encode()
     body = stored.get("body")
     return body.encode() if isinstance(body, str) else b""
@@ -425,9 +454,19 @@ class CassetteStep:
         reply: Reply,
         scrub: _Scrub,
     ) -> AsyncIterator[bytes]:
+        length = reply.content_length
+        saved = False
         async for data in body:
             tape.feed(data)
+            if length is not None and tape.size == length and not saved:
+                # Saved before its last bytes go out: an agent that has its whole answer
+                # may hang up at once, and the relay then never asks for the stream's end.
+                saved = True
+                tape.end()
+                await self._save(target, request, reply, tape, scrub)
             yield data
+        if saved:
+            return
         # Only an answer that reached its end is saved: a cut one would replay as whole.
         tape.end()
         await self._save(target, request, reply, tape, scrub)

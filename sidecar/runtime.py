@@ -98,6 +98,7 @@ class Sidecar:
         hooks.response_drift.append(self.telemetry.metrics.on_response_drift)
         hooks.fault_injected.append(self.telemetry.metrics.on_fault)
         hooks.cache_lookup.append(self.telemetry.metrics.on_cache)
+        hooks.graphql_errors.append(self.telemetry.metrics.on_graphql_errors)
         self.telemetry.metrics.faults.source = self.fault_switches
         # Durable state (the webhook queue) lives here; opened only once a policy needs it.
         self.webhooks = WebhookHub(

@@ -60,6 +60,8 @@ class Hooks:
         self.fault_injected: list[Callable[[str, str], None]] = []
         # (service, result: hit | miss | bypass) for each call of a method a cache keeps.
         self.cache_lookup: list[Callable[[str, str], None]] = []
+        # (service) for each GraphQL answer with errors that `count_errors` counted.
+        self.graphql_errors: list[Callable[[str], None]] = []
 
 
 class StateStore:

@@ -184,6 +184,13 @@ class Metrics:
             ["service", "result"],
             registry=r,
         )
+        self.graphql_errors = Counter(
+            "sidecar_graphql_errors",
+            "GraphQL answers with a good status and a non-empty errors array, of services "
+            "with graphql.count_errors (each counted as a failure by the circuit breaker).",
+            ["service"],
+            registry=r,
+        )
         self.faults = FaultGauges()
         r.register(self.faults)
         self.reloads = reloads = Counter(
@@ -259,6 +266,9 @@ class Metrics:
 
     def on_cache(self, service: str, result: str) -> None:
         self.cache_requests.labels(service, result).inc()
+
+    def on_graphql_errors(self, service: str) -> None:
+        self.graphql_errors.labels(service).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -218,8 +218,8 @@ def test_record_and_replay_flags_are_those_of_run(tmp_path: Path) -> None:
     policies.mkdir()
     (policies / "policy.yaml").write_text(
         "version: 1\nservices:\n"
-        "  a: {upstream: 'http://127.0.0.1:9', mode: record,\n"
-        "      cassettes: {dir: tapes/a, redact: [X-Key]}}\n"
+        # A live service's cassettes settings are for runs that record or replay it.
+        "  a: {upstream: 'http://127.0.0.1:9', cassettes: {dir: tapes/a, redact: [X-Key]}}\n"
         "  b: {upstream: 'http://127.0.0.1:9'}\n"
         "  m: {upstream: 'http://127.0.0.1:9', mode: mock, mock: [{body: ok}]}\n"
     )
@@ -254,3 +254,24 @@ def test_record_and_replay_flags_are_those_of_run(tmp_path: Path) -> None:
     assert a is not None and a.dir == "tapes/a" and a.pacing == "recorded"
     assert policy.services["b"].spec.mode == "record"
     assert _cassette_override(parser.parse_args(["run", "--policies", str(policies)])) is None
+
+
+def test_record_needs_a_policy_directory_and_mock_takes_no_cassettes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sidecar.cli import main
+    from sidecar.policy.loader import PolicyError, load_policy
+
+    monkeypatch.delenv("SIDECAR_POLICIES", raising=False)
+    with pytest.raises(SystemExit) as done:
+        main(["record"])
+    assert done.value.code == 2
+    assert "record: give the policy directory DIR" in capsys.readouterr().err
+
+    (tmp_path / "policy.yaml").write_text(
+        "version: 1\nservices:\n  m:\n    upstream: http://127.0.0.1:9\n    mode: mock\n"
+        "    mock: [{body: ok}]\n    cassettes: tapes\n"
+    )
+    with pytest.raises(PolicyError) as refused:
+        load_policy(str(tmp_path))
+    assert "cassettes are not used with mode: mock" in str(refused.value.problems[0])

@@ -26,6 +26,7 @@ from multidict import CIMultiDict
 
 from ..call import Call, Handler, Reply, ReplyView, StaticReply
 from ..policy.loader import ServicePolicy
+from ..problems import ProblemError
 from ..state import StateBuild
 from .operation import annotate, endpoint
 from .outcomes import CountedFailure
@@ -79,6 +80,20 @@ class GraphQLErrors:
                 if size > LIMIT:
                     # Too large to hold (no Content-Length said so): relayed as it comes.
                     return ReplyView(reply, body=_rest(chunks, iterator))
+        except ProblemError:
+            reply.release()
+            raise
+        except Exception:
+            # The upstream broke off its answer (steps see no pool errors by type): as a
+            # reset before the head, for retry and the breaker alike.
+            reply.release()
+            raise ProblemError(
+                "upstream_unreachable",
+                f"The upstream of service '{self.service}' closed the connection before its "
+                "whole answer; try again later.",
+                service=self.service,
+                cause="reset",
+            ) from None
         except BaseException:
             reply.release()
             raise

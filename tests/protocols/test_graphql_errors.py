@@ -156,3 +156,24 @@ async def test_the_server_span_is_an_error_with_the_error_count(upstream, start_
     assert server.attributes["error.type"] == "graphql_errors"
     assert server.attributes["http.response.status_code"] == 200
     assert server.status_code == 2  # ERROR
+
+
+async def test_an_answer_broken_off_while_read_is_upstream_unreachable(
+    upstream, start_sidecar, client
+):
+    async def broken(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = 1000
+        await response.prepare(request)
+        await response.write(b'{"errors": [{"message": "par')
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/graphql", broken)
+    sc = await start_sidecar(policy(await upstream(app), True))
+    status, headers, body = await ask(client, sc)
+    assert status == 502
+    assert headers["X-Sidecar-Error"] == "upstream_unreachable"
+    assert "closed the connection before its whole answer" in json.loads(body)["detail"]

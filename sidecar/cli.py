@@ -1,4 +1,5 @@
-"""Command line: `sidecar run | validate | check | schema | templates | import | inject`.
+"""Command line: `sidecar run | record | replay | validate | check | schema | templates |
+import | inject`.
 
 Every flag has an environment variable (SIDECAR_<FLAG>), so a container can be
 configured without a command line.
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .policy.testing import CassetteOverride
     from .runtime import Sidecar
 
 log = logging.getLogger("sidecar")
@@ -35,13 +37,75 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"SIDECAR_{name}", default)
 
 
+def _flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _serving_options() -> argparse.ArgumentParser:
+    """The options of every command that serves agents (run, record, replay), defined once."""
+    serving = argparse.ArgumentParser(add_help=False)
+    serving.add_argument(
+        "--listen",
+        type=parse_hostport,
+        default=parse_hostport(_env("LISTEN", "127.0.0.1:15000") or ""),
+        metavar="HOST:PORT",
+        help="egress listener (env SIDECAR_LISTEN, default 127.0.0.1:15000)",
+    )
+    serving.add_argument(
+        "--admin",
+        type=parse_hostport,
+        default=parse_hostport(_env("ADMIN", "127.0.0.1:15001") or ""),
+        metavar="HOST:PORT",
+        help="admin listener (env SIDECAR_ADMIN, default 127.0.0.1:15001)",
+    )
+    serving.add_argument(
+        "--ingress",
+        type=parse_hostport,
+        default=parse_hostport(_env("INGRESS", "0.0.0.0:15002") or ""),
+        metavar="HOST:PORT",
+        help="inbound webhook listener, opened only when the policy declares inbound "
+        "webhooks (env SIDECAR_INGRESS, default 0.0.0.0:15002)",
+    )
+    serving.add_argument(
+        "--data-dir",
+        default=_env("DATA_DIR", "sidecar-data"),
+        metavar="DIR",
+        help="durable state: the webhook queue and LLM budgets, SQLite (env SIDECAR_DATA_DIR, "
+        "default ./sidecar-data)",
+    )
+    serving.add_argument(
+        "--log-level",
+        default=_env("LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="env SIDECAR_LOG_LEVEL",
+    )
+    serving.add_argument(
+        "--drain",
+        type=float,
+        default=float(_env("DRAIN", "10") or 10),
+        metavar="SECONDS",
+        help="on SIGTERM, let calls in flight finish for this long (env SIDECAR_DRAIN)",
+    )
+    serving.add_argument(
+        "--access-log",
+        action="store_true",
+        default=_flag(_env("ACCESS_LOG")),
+        help="one JSON line per request on stdout (env SIDECAR_ACCESS_LOG=1); "
+        "tracing is configured by the standard OTEL_* variables",
+    )
+    return serving
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sidecar", description="Egress proxy for AI agents, steered by YAML policies."
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="serve agents' calls with the policies in DIR")
+    serving = _serving_options()
+    run = sub.add_parser(
+        "run", parents=[serving], help="serve agents' calls with the policies in DIR"
+    )
     run.add_argument(
         "--policies",
         default=_env("POLICIES"),
@@ -50,62 +114,62 @@ def build_parser() -> argparse.ArgumentParser:
         help="policy directory (env SIDECAR_POLICIES)",
     )
     run.add_argument(
-        "--listen",
-        type=parse_hostport,
-        default=parse_hostport(_env("LISTEN", "127.0.0.1:15000") or ""),
-        metavar="HOST:PORT",
-        help="egress listener (env SIDECAR_LISTEN, default 127.0.0.1:15000)",
-    )
-    run.add_argument(
-        "--admin",
-        type=parse_hostport,
-        default=parse_hostport(_env("ADMIN", "127.0.0.1:15001") or ""),
-        metavar="HOST:PORT",
-        help="admin listener (env SIDECAR_ADMIN, default 127.0.0.1:15001)",
-    )
-    run.add_argument(
-        "--ingress",
-        type=parse_hostport,
-        default=parse_hostport(_env("INGRESS", "0.0.0.0:15002") or ""),
-        metavar="HOST:PORT",
-        help="inbound webhook listener, opened only when the policy declares inbound "
-        "webhooks (env SIDECAR_INGRESS, default 0.0.0.0:15002)",
-    )
-    run.add_argument(
-        "--data-dir",
-        default=_env("DATA_DIR", "sidecar-data"),
-        metavar="DIR",
-        help="durable state: the webhook queue and LLM budgets, SQLite (env SIDECAR_DATA_DIR, "
-        "default ./sidecar-data)",
-    )
-    run.add_argument(
-        "--log-level",
-        default=_env("LOG_LEVEL", "info"),
-        choices=["debug", "info", "warning", "error"],
-        help="env SIDECAR_LOG_LEVEL",
-    )
-    run.add_argument(
-        "--drain",
-        type=float,
-        default=float(_env("DRAIN", "10") or 10),
-        metavar="SECONDS",
-        help="on SIGTERM, let calls in flight finish for this long (env SIDECAR_DRAIN)",
-    )
-    run.add_argument(
-        "--access-log",
-        action="store_true",
-        default=(_env("ACCESS_LOG") or "").strip().lower() in ("1", "true", "yes", "on"),
-        help="one JSON line per request on stdout (env SIDECAR_ACCESS_LOG=1); "
-        "tracing is configured by the standard OTEL_* variables",
-    )
-
-    run.add_argument(
         "--mode",
         choices=("live", "record", "replay"),
         default=_env("MODE"),
         help="answer every service this way, whatever its policy's mode (mock services "
         "stay mocked): record saves exchanges to cassettes, replay answers from them "
         "(env SIDECAR_MODE)",
+    )
+
+    # `sidecar run --mode record|replay` with the policy directory as its argument, and
+    # the flags a test run wants (sidecar/policy/testing.py CassetteOverride).
+    record = sub.add_parser(
+        "record",
+        parents=[serving],
+        help="run with every service in mode record: each exchange saved to its cassettes",
+        description="`sidecar run --policies DIR --mode record`: every service but mocked "
+        "ones calls its upstream and saves each exchange, redacted, as a JSON file of its "
+        "cassette directory.",
+    )
+    replay = sub.add_parser(
+        "replay",
+        parents=[serving],
+        help="run with every service in mode replay: answered from its cassettes, "
+        "no upstream contacted",
+        description="`sidecar run --policies DIR --mode replay`: every service but mocked "
+        "ones answers from its cassettes; a call with no recording gets 501 no_recording "
+        "(or, with --passthrough, goes to the upstream).",
+    )
+    for mode, shortcut in (("record", record), ("replay", replay)):
+        shortcut.add_argument(
+            "policies",
+            nargs="?",
+            default=_env("POLICIES"),
+            metavar="DIR",
+            help="policy directory (env SIDECAR_POLICIES)",
+        )
+        shortcut.add_argument(
+            "--cassettes",
+            default=_env("CASSETTES"),
+            metavar="DIR",
+            help="cassettes of every service in DIR/<service>/, instead of where each "
+            "service's cassettes.dir says (env SIDECAR_CASSETTES)",
+        )
+        shortcut.set_defaults(mode=mode)
+    replay.add_argument(
+        "--fast",
+        action="store_true",
+        default=_flag(_env("FAST")),
+        help="SSE answers at once, not at their recorded pace, for every service "
+        "(env SIDECAR_FAST=1)",
+    )
+    replay.add_argument(
+        "--passthrough",
+        action="store_true",
+        default=_flag(_env("PASSTHROUGH")),
+        help="a call with no recording goes to the upstream (not recorded) instead of "
+        "a 501 no_recording, for every service (env SIDECAR_PASSTHROUGH=1)",
     )
 
     validate = sub.add_parser("validate", help="check a policy directory; exit 1 on errors")
@@ -279,13 +343,33 @@ def cmd_templates(policies: str | None, show: str | None) -> int:
     return 0
 
 
+def _cassette_override(args: argparse.Namespace) -> CassetteOverride | None:
+    """`sidecar record|replay` flags; None for `sidecar run`, whose cassettes are the policy's."""
+    if args.command == "run":
+        return None
+    from .policy.testing import CassetteOverride
+
+    return CassetteOverride(
+        # Resolved here: relative to where the command was typed, like DIR.
+        root=os.path.abspath(args.cassettes) if args.cassettes else None,
+        pacing="fast" if getattr(args, "fast", False) else None,
+        on_missing="passthrough" if getattr(args, "passthrough", False) else None,
+    )
+
+
 async def _run(args: argparse.Namespace) -> int:
     from .runtime import Sidecar
     from .telemetry import Telemetry, access
 
     telemetry = Telemetry.from_env(access_log=args.access_log)
     access_writer = access.configure() if telemetry.access_log else None
-    sidecar = Sidecar(args.policies, telemetry=telemetry, data_dir=args.data_dir, mode=args.mode)
+    sidecar = Sidecar(
+        args.policies,
+        telemetry=telemetry,
+        data_dir=args.data_dir,
+        mode=args.mode,
+        cassettes=_cassette_override(args),
+    )
     try:
         return await _serve(sidecar, args)
     finally:
@@ -372,6 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_templates(args.policies, name)
     if args.command == "import":
         return cmd_import_openapi(args)
+    if args.command in ("record", "replay") and args.policies is None:
+        parser.error(f"{args.command}: give the policy directory DIR (or SIDECAR_POLICIES)")
     logging.basicConfig(
         level=getattr(args, "log_level", _env("LOG_LEVEL", "info") or "info").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .policy.loader import Policy, PolicyError, load_policy
+from .policy.testing import CassetteOverride
 from .policy.watcher import watch
 from .proxy.egress import Egress
 from .proxy.listener import Listener
@@ -70,11 +71,14 @@ class Sidecar:
         telemetry: Telemetry | None = None,
         data_dir: str | None = None,
         mode: str | None = None,
+        cassettes: CassetteOverride | None = None,
     ) -> None:
         self.policies = policies
         self.env = env
         # --mode / SIDECAR_MODE: every service's mode, over its policy's (not mock's).
         self.mode = mode
+        # `sidecar record|replay` --cassettes, --fast, --passthrough.
+        self.cassettes = cassettes
         self.policy: Policy | None = None
         self.router: Router | None = None
         data_dir = data_dir or os.environ.get("SIDECAR_DATA_DIR", DATA_DIR)
@@ -100,6 +104,7 @@ class Sidecar:
         hooks.cache_evicted.append(self.telemetry.metrics.on_cache_evicted)
         hooks.cache_backend_error.append(self.telemetry.metrics.on_cache_backend_error)
         self.telemetry.metrics.cache.source = self.cache_sizes
+        hooks.graphql_errors.append(self.telemetry.metrics.on_graphql_errors)
         self.telemetry.metrics.faults.source = self.fault_switches
         # Durable state (the webhook queue) lives here; opened only once a policy needs it.
         self.webhooks = WebhookHub(
@@ -132,7 +137,11 @@ class Sidecar:
         try:
             # File reads happen in a worker thread: the loop keeps serving meanwhile.
             policy = await asyncio.to_thread(
-                load_policy, self.policies, env=self.env, mode=self.mode
+                load_policy,
+                self.policies,
+                env=self.env,
+                mode=self.mode,
+                cassettes=self.cassettes,
             )
         except PolicyError as exc:
             errors = tuple(str(p) for p in exc.problems)

@@ -65,6 +65,8 @@ class Hooks:
         self.cache_evicted: list[Callable[[str, int], None]] = []
         # (service) when a cache's Redis backend failed a read or a write.
         self.cache_backend_error: list[Callable[[str], None]] = []
+        # (service) for each GraphQL answer with errors that `count_errors` counted.
+        self.graphql_errors: list[Callable[[str], None]] = []
 
 
 class StateStore:

@@ -81,14 +81,17 @@ async def sidecar_process(
     *args: str,
     env: Mapping[str, str] | None = None,
     limit: float = 20,
+    command_name: str = "run",
 ) -> AsyncIterator[SidecarProcess]:
     """`sidecar run --policies DIR` on OS-picked ports, ready to serve; killed on exit.
 
     `policies` None: the process finds them itself (SIDECAR_POLICIES). `env` replaces
-    the environment (pass `{**os.environ, ...}` to extend it).
+    the environment (pass `{**os.environ, ...}` to extend it). `command_name` "record"
+    or "replay" runs that shortcut, which takes DIR as its argument.
     """
-    command = [sys.executable, "-m", "sidecar", "run"]
-    command += [] if policies is None else ["--policies", str(policies)]
+    command = [sys.executable, "-m", "sidecar", command_name]
+    if policies is not None:
+        command += ["--policies", str(policies)] if command_name == "run" else [str(policies)]
     command += ["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", *args]
     proc = await asyncio.create_subprocess_exec(
         *command,

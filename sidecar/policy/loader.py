@@ -34,6 +34,7 @@ from .openapi import document_file
 from .secrets import SecretResolver
 from .templates import catalog as template_catalog
 from .templates import expand as expand_templates
+from .testing import CassetteOverride
 from .webhooks import Webhooks
 from .webhooks import merge as merge_webhooks
 from .yamlpos import Document, Path, Position, Problem, YamlError, load_document
@@ -96,12 +97,15 @@ def load_policy(
     env: Mapping[str, str] | None = None,
     resolve_secrets: bool = True,
     mode: str | None = None,
+    cassettes: CassetteOverride | None = None,
 ) -> Policy:
     """Load, validate and merge; raises PolicyError listing every problem found.
 
     With resolve_secrets=False, `${env:}` and `${file:}` references are checked
     for form only (for CI, which has no production secrets). `mode` (live, record
-    or replay: `sidecar run --mode`) replaces every service's own, except mock's.
+    or replay: `sidecar run --mode`) replaces every service's own, except mock's;
+    `cassettes` (`sidecar record|replay` flags) then changes the `cassettes:` of every
+    service that records or replays.
     """
     files = policy_files(directory)
     if not files:
@@ -184,6 +188,8 @@ def load_policy(
             if mode is not None and spec.mode != "mock" and spec.mode != mode:
                 # A service mocked in its policy has no upstream worth recording.
                 spec = spec.model_copy(update={"mode": mode})
+            if cassettes is not None and spec.mode in ("record", "replay"):
+                spec = spec.model_copy(update={"cassettes": cassettes.apply(name, spec.cassettes)})
             document, problem = _openapi(doc, name, spec, directory, resolver, digest)
             if problem is not None:
                 problems.append(problem)

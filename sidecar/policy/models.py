@@ -480,8 +480,10 @@ class Service(Model):
         # A live service with mock answers would look mocked in a review and call the API.
         if self.mock and self.mode != "mock":
             raise ValueError("mock answers are used only with mode: mock")
-        if self.cassettes is not None and self.mode not in ("record", "replay"):
-            raise ValueError("cassettes are used only with mode: record or mode: replay")
+        # A live service's cassettes apply when a run records or replays every service
+        # (`sidecar record|replay`, `--mode`): its redactions must be writable beforehand.
+        if self.cassettes is not None and self.mode == "mock":
+            raise ValueError("cassettes are not used with mode: mock (a mock never records)")
         return self
 
 

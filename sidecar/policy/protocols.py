@@ -71,6 +71,12 @@ class GraphQL(Model):
         description="Pass requests that carry only a persisted-query id (their operation "
         "cannot be checked); false refuses them with 403",
     )
+    count_errors: bool = Field(
+        default=False,
+        description="A 2xx JSON answer of the endpoint with a non-empty `errors` array counts "
+        "as a failure for the circuit breaker and as an error in metrics and spans (answers "
+        "up to 1 MiB are read for it; larger or streamed ones are relayed unread)",
+    )
 
     @field_validator("path")
     @classmethod

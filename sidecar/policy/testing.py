@@ -12,6 +12,8 @@ short, each for a ratio of the calls.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -213,3 +215,24 @@ class Cassettes(Model):
     def _dir_only(cls, v: Any) -> Any:
         # `cassettes: fixtures/billing` is the common spelling.
         return {"dir": v} if isinstance(v, str) else v
+
+
+@dataclass(frozen=True, slots=True)
+class CassetteOverride:
+    """What `sidecar record|replay` flags change in every recording or replaying service's
+    `cassettes:`, over its policy file: one switch for a whole test run."""
+
+    # Absolute; each service's cassettes go to root/<service>, whatever its `dir:`.
+    root: str | None = None
+    pacing: Literal["recorded", "fast"] | None = None
+    on_missing: Literal["error", "passthrough"] | None = None
+
+    def apply(self, service: str, cassettes: Cassettes | None) -> Cassettes:
+        update: dict[str, Any] = {}
+        if self.root is not None:
+            update["dir"] = str(Path(self.root) / service)
+        if self.pacing is not None:
+            update["pacing"] = self.pacing
+        if self.on_missing is not None:
+            update["on_missing"] = self.on_missing
+        return (cassettes or Cassettes()).model_copy(update=update)

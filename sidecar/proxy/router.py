@@ -26,6 +26,7 @@ from ..steps import (
     fallback,
     faults,
     graphql,
+    graphql_errors,
     identity,
     llm,
     mcp,
@@ -91,6 +92,9 @@ STEP_BUILDERS: list[tuple[str, StepBuilder]] = [
     ("retry", retry.build),
     ("breaker", breaker.build),
     ("timeout", timeout.build),
+    # Inside the breaker, which counts the GraphQL errors it finds in a 200 as a failure,
+    # and the timeout, which bounds reading that answer; once per attempt.
+    ("graphql_errors", graphql_errors.build),
     ("auth", auth.build),
     ("telemetry", telemetry.build),
 ]

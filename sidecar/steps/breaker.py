@@ -4,8 +4,10 @@ closed -> open when, over the sliding `window`, at least `min_requests` calls
 were seen and failures/total >= `failure_ratio`; open -> half-open after
 `open_for`; half-open lets at most `half_open_requests` probes through at a
 time: that many successes close it (with a fresh window), one failure opens it
-again. A failure is a wire error (`connect-error`, `timeout`, `reset`) or an
-upstream status listed in `on`; a 4xx is the caller's fault and never counts.
+again. A failure is a wire error (`connect-error`, `timeout`, `reset`), an
+upstream status listed in `on`, or an answer a step inside marked as failed
+(`CountedFailure`: a GraphQL 200 with errors, `graphql.count_errors`); a 4xx
+is the caller's fault and never counts.
 
 The breaker object is also its own state: it lives in the state store keyed by
 its CircuitBreaker parameters, so a reload that leaves them alone keeps it.
@@ -22,7 +24,7 @@ from ..policy.loader import ServicePolicy
 from ..policy.models import CircuitBreaker
 from ..problems import ProblemError
 from ..state import StateBuild
-from .outcomes import Outcomes
+from .outcomes import CountedFailure, Outcomes
 
 CLOSED = "closed"
 OPEN = "open"
@@ -88,7 +90,9 @@ class Breaker:
             # Cancelled by the agent or a sidecar bug: says nothing about the upstream.
             self._settle(generation, None)
             raise
-        self._settle(generation, reply.status in self._statuses)
+        self._settle(
+            generation, reply.status in self._statuses or isinstance(reply, CountedFailure)
+        )
         return reply
 
     def _admit(self) -> int:

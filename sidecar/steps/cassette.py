@@ -1,9 +1,12 @@
 """`mode: record` and `mode: replay`: exchanges with the upstream saved as files, replayed.
 
 Record: the call goes to the upstream as in `live`; the answer streams to the
-agent unchanged while a copy (up to `max_body`) is kept, and when its last
-byte has passed, the exchange is written as one pretty JSON file with sorted
-keys, so cassettes diff cleanly in git. The step sits outside retry, the
+agent unchanged while a copy (up to `max_body`) is kept, and once the
+upstream's answer is whole, the exchange is written as one pretty JSON file
+with sorted keys, so cassettes diff cleanly in git. An agent may hang up as
+soon as it has what it waited for (an MCP client after its SSE event): the
+answer is saved all the same when the upstream had sent all of it, and a
+write under way is never cancelled. The step sits outside retry, the
 breaker, the timeout and auth: it saves the one answer the agent got, and it
 sees the call before the credential is injected. Whatever auth injected
 (read back from the call once it returns, so OAuth2 and JWT tokens too) and
@@ -29,7 +32,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote_plus
@@ -67,6 +70,16 @@ def _text(data: bytes) -> str | None:
         return None
 
 
+# How an upstream may have written its JSON: (separators name, separators, indent).
+# Pretty ones (Flask's, many APIs') are kept parsed too, so they diff line by line.
+_JSON_STYLES: tuple[tuple[str, tuple[str, str], int | None], ...] = (
+    ("spaced", (", ", ": "), None),
+    ("compact", (",", ":"), None),
+    ("spaced", (",", ": "), 2),
+    ("spaced", (",", ": "), 4),
+)
+
+
 def _encode_body(data: bytes, out: dict[str, Any], *, exact: bool) -> None:
     """Put `data` into `out` as readably as it allows: JSON, text or base64.
 
@@ -82,13 +95,23 @@ def _encode_body(data: bytes, out: dict[str, Any], *, exact: bool) -> None:
     except ValueError:
         value = None
     else:
-        for style, separators in (("spaced", (", ", ": ")), ("compact", (",", ":"))):
+        if not exact:
+            out["body_json"] = value
+            return
+        newline = text.endswith("\n")
+        for style, separators, indent in _JSON_STYLES:
             for ascii_only in (True, False):
-                again = json.dumps(value, separators=separators, ensure_ascii=ascii_only)
-                if not exact or again == text:
+                again = json.dumps(
+                    value, separators=separators, ensure_ascii=ascii_only, indent=indent
+                )
+                if again + ("\n" if newline else "") == text:
                     out["body_json"] = value
-                    if exact:
-                        out["json_style"] = {"separators": style, "ascii": ascii_only}
+                    found: dict[str, Any] = {"separators": style, "ascii": ascii_only}
+                    if indent is not None:
+                        found["indent"] = indent
+                    if newline:
+                        found["newline"] = True
+                    out["json_style"] = found
                     return
     out["body"] = text
 
@@ -98,10 +121,19 @@ def _decode_body(stored: dict[str, Any]) -> bytes:
         return base64.b64decode(stored["body_base64"])
     if "body_json" in stored:
         style = stored.get("json_style") or {}
-        separators = (",", ":") if style.get("separators") == "compact" else (", ", ": ")
+        indent = style.get("indent")
+        if style.get("separators") == "compact":
+            separators = (",", ":")
+        else:
+            separators = (",", ": ") if indent is not None else (", ", ": ")
         text = json.dumps(
-            stored["body_json"], separators=separators, ensure_ascii=style.get("ascii", True)
+            stored["body_json"],
+            separators=separators,
+            ensure_ascii=style.get("ascii", True),
+            indent=indent,
         )
+        if style.get("newline"):
+            text += "\n"
         return text.encode()
     body = stored.get("body")
     return body.encode() if isinstance(body, str) else b""
@@ -259,13 +291,74 @@ class _Tape:
             self.pending = b""
 
 
+class _Recording:
+    """One exchange on its way to a cassette: saved once, when the upstream's answer is whole."""
+
+    __slots__ = ("reply", "request", "saved", "scrub", "step", "tape", "target")
+
+    def __init__(
+        self,
+        step: CassetteStep,
+        target: Path,
+        request: dict[str, Any],
+        reply: Reply,
+        tape: _Tape,
+        scrub: _Scrub,
+    ) -> None:
+        self.step = step
+        self.target = target
+        self.request = request
+        self.reply = reply
+        self.tape = tape
+        self.scrub = scrub
+        self.saved = False
+
+    async def save(self) -> None:
+        if self.saved:
+            return
+        self.saved = True
+        self.tape.end()
+        await self.step._save(self.target, self.request, self.reply, self.tape, self.scrub)
+
+    async def copied(self, body: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+        length = self.reply.content_length
+        async for data in body:
+            self.tape.feed(data)
+            if length is not None and self.tape.size == length:
+                # Saved before its last bytes go out: an agent that has its whole answer
+                # may hang up at once, and the relay then never asks for the stream's end.
+                await self.save()
+            yield data
+        # Only an answer that reached its end is saved: a cut one would replay as whole.
+        await self.save()
+
+    def on_release(self) -> None:
+        """The agent is done with the answer, maybe before the relay read its end (an MCP
+        client hangs up once it has the SSE event it waited for): if the upstream's whole
+        answer has arrived, what is still buffered completes the tape and it is saved."""
+        if self.saved:
+            return
+        body = self.reply.body
+        take_all = getattr(body, "take_all", None)
+        if take_all is None or not getattr(body, "complete", False):
+            return  # cut short: not saved
+        self.tape.feed(take_all())
+        self.step._background(self.save())
+
+
 class RecordedReply(ReplyView):
     """The upstream's reply, its body copied on the way; the cassette written at its end."""
 
-    __slots__ = ()
+    __slots__ = ("_recording",)
 
-    def __init__(self, reply: Reply, body: AsyncIterable[bytes] | None) -> None:
-        super().__init__(reply, body=body)
+    def __init__(self, reply: Reply, recording: _Recording) -> None:
+        assert reply.body is not None
+        super().__init__(reply, body=recording.copied(reply.body))
+        self._recording = recording
+
+    def release(self) -> Any:
+        self._recording.on_release()
+        return self._reply.release()
 
 
 # -- replay ----------------------------------------------------------------------------
@@ -336,6 +429,7 @@ class CassetteStep:
         if auth_header:
             redact.add(auth_header.lower())
         self.redact = frozenset(redact)
+        self._saving: set[asyncio.Task[None]] = set()
 
     async def __call__(self, call: Call, next: Handler) -> Reply:
         if call.upgrade:
@@ -386,12 +480,11 @@ class CassetteStep:
         tape = _Tape(self.settings.max_body, sse)
         name = f"{_prefix(method, path, query)}-{request['match'][-12:]}.json"
         target = self.directory / name
-        inner = reply.body
-        if inner is None:
-            tape.end()
-            await self._save(target, request, reply, tape, scrub)
+        recording = _Recording(self, target, request, reply, tape, scrub)
+        if reply.body is None:
+            await recording.save()
             return reply
-        return RecordedReply(reply, self._copied(inner, tape, target, request, reply, scrub))
+        return RecordedReply(reply, recording)
 
     def _request_record(
         self,
@@ -416,21 +509,11 @@ class CassetteStep:
             _encode_body(scrub.bytes(body), out, exact=False)
         return out
 
-    async def _copied(
-        self,
-        body: AsyncIterable[bytes],
-        tape: _Tape,
-        target: Path,
-        request: dict[str, Any],
-        reply: Reply,
-        scrub: _Scrub,
-    ) -> AsyncIterator[bytes]:
-        async for data in body:
-            tape.feed(data)
-            yield data
-        # Only an answer that reached its end is saved: a cut one would replay as whole.
-        tape.end()
-        await self._save(target, request, reply, tape, scrub)
+    def _background(self, save: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(save)
+        # Held until done: the loop keeps only a weak reference to a task.
+        self._saving.add(task)
+        task.add_done_callback(self._saving.discard)
 
     async def _save(
         self,
@@ -468,8 +551,11 @@ class CassetteStep:
         elif data:
             _encode_body(data, response, exact=True)
         record = {"request": request, "response": response}
+        # Shielded: an agent that hangs up once it has its answer cancels this task, and
+        # a write still queued for a worker thread would then be dropped.
+        write = asyncio.get_running_loop().run_in_executor(None, _write, target, record)
         try:
-            await asyncio.to_thread(_write, target, record)
+            await asyncio.shield(write)
         except OSError as e:
             log.warning("service %s: cassette %s not written: %s", self.service, target, e)
 

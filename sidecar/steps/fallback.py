@@ -10,6 +10,17 @@ A hop happens on the sidecar's own refusals that say "this upstream, not this
 call" (breaker open, unreachable, timed out, limited) and on a 429/5xx answer
 the retries could not better. A Reply with any other status is final: it goes
 to the agent as is, so no hop ever happens after answer bytes reached it.
+
+MCP sessions stick to the upstream that made them: a session lives in one
+server's memory, and another server answers its id with 404. A call carrying
+`Mcp-Session-Id` never hops. If a fallback service issued that id (its answer
+to an `initialize` that hopped to it carried the header), the call goes
+straight to that service, whatever the state of this one; otherwise it is
+this service's session, and the call gets this service's answer or refusal
+(a `503 circuit_open`, say), so the agent starts a new session rather than
+carrying its id to a server that never saw it. The ids fallbacks issued are
+remembered per service (the newest MAX_SESSIONS; a reload that keeps the
+fallback list keeps them) and forgotten after their DELETE.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from __future__ import annotations
 import contextvars
 import json
 import weakref
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -32,6 +44,9 @@ if TYPE_CHECKING:
     from ..proxy.router import Route
 
 SERVED_BY = "X-Sidecar-Served-By"
+SESSION_HEADER = "Mcp-Session-Id"
+# MCP session ids issued by fallback services, remembered per service.
+MAX_SESSIONS = 10_000
 
 # The sidecar's refusals that blame the upstream (or its limit), not the call.
 FALLBACK_REASONS = frozenset(
@@ -65,6 +80,26 @@ class ServedBy(ReplyView):
         super().__init__(reply, headers=CIMultiDictProxy(headers))
 
 
+class Sessions:
+    """Which fallback service issued an MCP session id; the oldest forgotten first."""
+
+    def __init__(self, limit: int = MAX_SESSIONS) -> None:
+        self.limit = limit
+        self._owners: OrderedDict[str, str] = OrderedDict()
+
+    def remember(self, session: str, service: str) -> None:
+        self._owners[session] = service
+        self._owners.move_to_end(session)
+        if len(self._owners) > self.limit:
+            self._owners.popitem(last=False)
+
+    def owner(self, session: str) -> str | None:
+        return self._owners.get(session)
+
+    def forget(self, session: str) -> None:
+        self._owners.pop(session, None)
+
+
 class Fallback:
     def __init__(
         self,
@@ -73,14 +108,27 @@ class Fallback:
         chain: tuple[str, ...],
         routes: Mapping[str, Route],
         models: Mapping[str, Mapping[str, str]],
+        sessions: Sessions | None = None,
     ):
         self.service = service
         self.chain = chain
         self._routes = routes
         self._models = models
+        self.sessions = sessions if sessions is not None else Sessions()
 
     async def __call__(self, call: Call, next: Handler) -> Reply:
-        if _hopping.get() or not await make_replayable(call):
+        if _hopping.get():
+            return await next(call)
+        session = call.headers.get(SESSION_HEADER)
+        if session is not None:
+            owner = self.sessions.owner(session)
+            route = self._routes.get(owner) if owner is not None else None
+            if route is None:
+                # This service's own session (or one of a service a reload removed, which
+                # this upstream answers 404: the agent starts a new session).
+                return await next(call)
+            return await self._to_owner(call, route, session)
+        if not await make_replayable(call):
             # A body read only once cannot be sent to a second service.
             return await next(call)
         # As the call stands before this service's credential is added: a hop must
@@ -127,11 +175,37 @@ class Fallback:
                 _hopping.reset(token)
             if last or not _failed(reply):
                 annotate(call, {"sidecar.served_by": name})
+                issued = reply.headers.get(SESSION_HEADER)
+                if issued is not None:
+                    self.sessions.remember(issued, name)
                 return ServedBy(reply, name)
             failure = reply
         if isinstance(failure, ProblemError):
             raise failure
         return failure
+
+    async def _to_owner(self, call: Call, route: Route, session: str) -> Reply:
+        """A call of a session a fallback service issued: to that service, and no other."""
+        owner = route.name
+        hop = Call(
+            service=owner,
+            method=call.method,
+            target=call.target,
+            headers=_rehead(call.headers, self._routes.get(self.service), route),
+            body=_remodel(call.body, self._models.get(owner)),
+            agent=call.agent,
+            content_length=call.content_length,
+        )
+        hop.exchange = call.exchange
+        annotate(call, {"sidecar.fallback.from": self.service, "sidecar.served_by": owner})
+        token = _hopping.set(True)
+        try:
+            reply = await route.handler(hop)
+        finally:
+            _hopping.reset(token)
+        if call.method == "DELETE" and reply.status < 300:
+            self.sessions.forget(session)
+        return ServedBy(reply, owner)
 
 
 def _rehead(headers: CIMultiDict[str], primary: Route | None, route: Route) -> CIMultiDict[str]:
@@ -182,11 +256,13 @@ def build(service: ServicePolicy, *, state: StateBuild) -> Fallback | None:
     if not service.spec.fallback:
         return None
     routes = _tables.setdefault(state, {})
+    chain = tuple(service.spec.fallback)
     return Fallback(
         service=service.name,
-        chain=tuple(service.spec.fallback),
+        chain=chain,
         routes=routes,
         models=models,
+        sessions=state.get(service.name, "mcp-sessions", chain, Sessions),
     )
 
 

@@ -1,8 +1,13 @@
-"""What an `on:` list (retry, circuit_breaker) matches: wire errors and statuses."""
+"""What an `on:` list (retry, circuit_breaker) matches: wire errors and statuses; and an
+answer that counts as failed whatever its status."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from multidict import CIMultiDict
+
+from ..call import StaticReply
 
 WIRE_CAUSES = ("connect-error", "timeout", "reset")
 
@@ -26,3 +31,22 @@ class Outcomes:
             causes=frozenset(c for c in on if isinstance(c, str) and c in WIRE_CAUSES),
             statuses=frozenset(statuses),
         )
+
+
+class CountedFailure(StaticReply):
+    """An answer whose good status hides a failure the policy counts (a GraphQL 200 with
+    `errors`): the agent gets it as it came, held in memory; the breaker counts it failed."""
+
+    __slots__ = ("failure",)
+
+    def __init__(
+        self,
+        status: int,
+        headers: CIMultiDict[str],
+        data: bytes,
+        *,
+        reason: str | None,
+        failure: str,
+    ) -> None:
+        super().__init__(status, headers, data, reason=reason)
+        self.failure = failure

@@ -306,7 +306,8 @@ class Telemetry:
         elif status >= 500:
             attributes["error.type"] = reason or str(status)
         span.set_attributes(attributes)
-        if status >= 500 or error is not None:
+        # A step may name an error the status hides (a GraphQL 200 with errors).
+        if status >= 500 or error is not None or "error.type" in attributes:
             span.set_status(Status(StatusCode.ERROR))
         span.end()
 

@@ -203,6 +203,13 @@ class Metrics:
         )
         self.cache = CacheGauges()
         r.register(self.cache)
+        self.graphql_errors = Counter(
+            "sidecar_graphql_errors",
+            "GraphQL answers with a good status and a non-empty errors array, of services "
+            "with graphql.count_errors (each counted as a failure by the circuit breaker).",
+            ["service"],
+            registry=r,
+        )
         self.faults = FaultGauges()
         r.register(self.faults)
         self.reloads = reloads = Counter(
@@ -304,6 +311,9 @@ class Metrics:
 
     def on_cache_backend_error(self, service: str) -> None:
         self.cache_backend_errors.labels(service).inc()
+
+    def on_graphql_errors(self, service: str) -> None:
+        self.graphql_errors.labels(service).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -25,9 +25,11 @@ import argparse
 import asyncio
 import cProfile
 import gc
+import os
 import pstats
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -321,7 +323,11 @@ async def _measure(args: argparse.Namespace) -> None:
         for _ in range(args.rounds):
             for name, (port, _) in started.items():
                 for label, connections, calls in passes:
+                    if args.mark:
+                        os.getppid()  # callgrind dumps its counts here (--instructions)
                     user, system, wall = await load.run(port, connections, calls)
+                    if args.mark:
+                        os.getppid()
                     rows[name, label].append((_us(user, calls), _us(system, calls), wall / calls))
         print(f"{'target':<12} {'pass':<5} {'us/call min':>11} {'median':>7}", end="")
         print(f" {'user':>6} {'sys':>6} {'calls/s':>8}")
@@ -398,6 +404,46 @@ async def _profile(load: _Load, port: int, args: argparse.Namespace) -> None:
     stats.sort_stats("tottime").print_stats(args.top)
 
 
+def _instructions(argv: list[str], args: argparse.Namespace) -> None:
+    """Run this script under callgrind and report instructions per call: a count that
+    the machine's other load does not change, unlike any time. Slow (~30x)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "callgrind.out"
+        rest = [a for a in argv if a != "--instructions"]
+        command = [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={out}",
+            # A dump (and a reset of the counts) at each getppid(): --mark calls it
+            # right before and after each timed pass.
+            "--dump-before=getppid",
+            sys.executable,
+            __file__,
+            *rest,
+            "--mark",
+        ]
+        subprocess.run(command, check=True, stderr=subprocess.DEVNULL)
+        # Dump 1 is everything up to the first pass, then pass, gap, pass, gap...
+        dumps = sorted(Path(tmp).glob("callgrind.out.*"), key=lambda p: int(p.suffix[1:]))
+        totals = []
+        for dump in dumps:
+            summary = next(
+                line
+                for line in dump.read_text().splitlines()
+                if line[:9] in ("summary: ", "totals: ")
+            )
+            totals.append(int(summary.split()[1]))
+    passes = [
+        (name, label, calls)
+        for _ in range(args.rounds)
+        for name in args.only
+        for label, calls in (("seq", args.calls // 4), ("conc", args.calls))
+    ]
+    print(f"{'target':<12} {'pass':<5} {'instructions/call':>18}")
+    for (name, label, calls), total in zip(passes, totals[1::2], strict=False):
+        print(f"{name:<12} {label:<5} {total / calls:>18,.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -408,6 +454,10 @@ def main() -> None:
     parser.add_argument("--profile", default="", help="targets to profile after timing")
     parser.add_argument("--cprofile", action="store_true", help="cProfile, not pyinstrument")
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument(
+        "--instructions", action="store_true", help="instructions per call, under callgrind"
+    )
+    parser.add_argument("--mark", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         uvloop.run(_child())
@@ -417,6 +467,9 @@ def main() -> None:
     unknown = set(args.only + args.profile) - TARGETS.keys()
     if unknown:
         parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
+    if args.instructions:
+        _instructions(sys.argv[1:], args)
+        return
     uvloop.run(_measure(args))
 
 

@@ -388,6 +388,8 @@ async def _profile(load: _Load, port: int, args: argparse.Namespace) -> None:
     await load.run(port, args.connections, args.calls)
     profile.disable()
     stats = pstats.Stats(profile)
+    if os.environ.get("CPU_PER_CALL_PSTATS"):
+        stats.dump_stats(os.environ["CPU_PER_CALL_PSTATS"])
     groups: dict[str, float] = defaultdict(float)
     raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
     total = 0.0

@@ -424,7 +424,9 @@ def _instructions(argv: list[str], args: argparse.Namespace) -> None:
             *rest,
             "--mark",
         ]
-        subprocess.run(command, check=True, stderr=subprocess.DEVNULL)
+        # A fixed hash seed: str hashes (dict and set probes) are then the same every run.
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        subprocess.run(command, check=True, stderr=subprocess.DEVNULL, env=env)
         # Dump 1 is everything up to the first pass, then pass, gap, pass, gap...
         dumps = sorted(Path(tmp).glob("callgrind.out.*"), key=lambda p: int(p.suffix[1:]))
         totals = []

@@ -96,9 +96,16 @@ class Egress:
         self.telemetry = telemetry
 
     async def __call__(self, request: Request) -> Response:
-        if self.telemetry is not None:
-            return await self.telemetry.observe(request, self._handle)
-        return await self._handle(request, None)
+        telemetry = self.telemetry
+        if telemetry is None:
+            return await self._handle(request, None)
+        exchange = telemetry.begin(request)
+        try:
+            response = await self._handle(request, exchange)
+        except BaseException as exc:
+            telemetry.failed(exchange, exc)
+            raise
+        return telemetry.answered(exchange, response)
 
     async def _handle(self, request: Request, exchange: Exchange | None) -> Response:
         raw = request.target

@@ -34,6 +34,8 @@ log = logging.getLogger("sidecar.proxy")
 
 # X-Sidecar-Error marks the sidecar's own answers: an upstream may not forge one.
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "x-sidecar-error"}
+# It holds every framing field the listener writes itself (Content-Length,
+# Transfer-Encoding, Connection, Keep-Alive): a relayed answer is `no_framing`.
 _REWRITTEN = frozenset(h.lower() for h in REWRITTEN_HEADERS)
 # Methods the sidecar will not carry: TRACE would echo the injected credential
 # back to the agent; CONNECT would make it a tunnel to anywhere.
@@ -267,6 +269,7 @@ def _relay(request: Request, reply: Reply, route: Route, exchange: Exchange | No
         content_length=reply.content_length,
         reason=reply.reason,
         on_done=done,
+        no_framing=True,
     )
 
 

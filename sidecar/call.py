@@ -11,7 +11,7 @@ and headers, and release it to try again; the egress relays any Reply.
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -148,6 +148,17 @@ class Call:
 
 class Step(Protocol):
     """One policy step: `async (call, next) -> reply`, built once per (re)load."""
+
+    async def __call__(self, call: Call, next: Handler) -> Reply: ...
+
+
+@runtime_checkable
+class Before(Protocol):
+    """A step whose whole work is a synchronous change to the call before the next
+    step (a fixed credential): the compiler links `before` and the next step
+    directly, so the chain has no coroutine for it. `__call__` still works alone."""
+
+    def before(self, call: Call) -> None: ...
 
     async def __call__(self, call: Call, next: Handler) -> Reply: ...
 

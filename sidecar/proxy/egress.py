@@ -34,6 +34,8 @@ log = logging.getLogger("sidecar.proxy")
 
 # X-Sidecar-Error marks the sidecar's own answers: an upstream may not forge one.
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "x-sidecar-error"}
+# It holds every framing field the listener writes itself (Content-Length,
+# Transfer-Encoding, Connection, Keep-Alive): a relayed answer is `no_framing`.
 _REWRITTEN = frozenset(h.lower() for h in REWRITTEN_HEADERS)
 # Methods the sidecar will not carry: TRACE would echo the injected credential
 # back to the agent; CONNECT would make it a tunnel to anywhere.
@@ -96,9 +98,16 @@ class Egress:
         self.telemetry = telemetry
 
     async def __call__(self, request: Request) -> Response:
-        if self.telemetry is not None:
-            return await self.telemetry.observe(request, self._handle)
-        return await self._handle(request, None)
+        telemetry = self.telemetry
+        if telemetry is None:
+            return await self._handle(request, None)
+        exchange = telemetry.begin(request)
+        try:
+            response = await self._handle(request, exchange)
+        except BaseException as exc:
+            telemetry.failed(exchange, exc)
+            raise
+        return telemetry.answered(exchange, response)
 
     async def _handle(self, request: Request, exchange: Exchange | None) -> Response:
         raw = request.target
@@ -260,6 +269,7 @@ def _relay(request: Request, reply: Reply, route: Route, exchange: Exchange | No
         content_length=reply.content_length,
         reason=reply.reason,
         on_done=done,
+        no_framing=True,
     )
 
 

@@ -84,6 +84,9 @@ class Response:
     # Called once the answer is over: bytes written to the agent, and the error that
     # cut it short (None when whole; CancelledError when the agent left).
     on_done: Callable[[int, BaseException | None], None] | None = None
+    # The app already left out every framing and hop-by-hop field (a relayed answer):
+    # `headers` is written as it is, without a second look at each name.
+    no_framing: bool = False
 
 
 App = Callable[[Request], Awaitable[Response]]
@@ -470,13 +473,16 @@ class HttpServerProtocol(asyncio.Protocol):
     ) -> bool:
         status = response.status
         keep_alive = request.keep_alive and not self._finishing and _discardable(request)
-        headers: list[tuple[str, str]] = []
-        for name, value in response.headers:
-            if name.lower() in _FRAMING:
-                if name.lower() == "connection" and "close" in value.lower():
-                    keep_alive = False
-                continue
-            headers.append((name, value))
+        if response.no_framing:
+            headers = list(response.headers)
+        else:
+            headers = []
+            for name, value in response.headers:
+                if name.lower() in _FRAMING:
+                    if name.lower() == "connection" and "close" in value.lower():
+                        keep_alive = False
+                    continue
+                headers.append((name, value))
         if status == 101:
             if response.tunnel is None or not request.is_upgrade:
                 raise RuntimeError("a 101 answer needs an upgrade request and a tunnel")

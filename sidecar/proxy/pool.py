@@ -415,8 +415,23 @@ class Pool:
         head = head_bytes(f"{method} {target} HTTP/1.1\r\n".encode("latin-1"), framing)
         replayable = method in IDEMPOTENT and not (body is not None and not isinstance(body, bytes))
 
-        conn, reused = await self._connection()
+        conn = self._idle_connection()
+        reused = conn is not None
+        if conn is None:
+            conn = await self._connect()
         try:
+            if body is None or isinstance(body, bytes):
+                # _exchange's whole-body path, inline: no coroutine more per call.
+                answered = conn.begin(method)
+                transport = conn.transport
+                assert transport is not None
+                try:
+                    transport.write(head + body if body else head)
+                    await answered
+                except BaseException:
+                    conn.close()
+                    raise
+                return UpstreamReply(self, conn)
             return await self._exchange(conn, method, head, body, chunked)
         except ResetError:
             if not (reused and replayable and not conn.got_bytes):
@@ -458,12 +473,12 @@ class Pool:
             raise
         return UpstreamReply(self, conn)
 
-    async def _connection(self) -> tuple[_Connection, bool]:
+    def _idle_connection(self) -> _Connection | None:
         while self._idle:
             conn = self._idle.pop()
             if not conn.closed:
-                return conn, True
-        return await self._connect(), False
+                return conn
+        return None
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()

@@ -7,13 +7,13 @@ single reference; calls in flight keep the Router (and chain) they started on.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
 
 from multidict import CIMultiDict
 
 from .. import telemetry
-from ..call import Body, Call, Handler, Step
+from ..call import Before, Body, Call, Handler, Reply, Step
 from ..headers import HOP_BY_HOP, drop_with_connection
 from ..policy.loader import Policy, ServicePolicy
 from ..state import StateBuild
@@ -237,6 +237,17 @@ class Router:
         return self._root
 
 
+def _before(step: Before, next: Handler) -> Handler:
+    change = step.before
+
+    def handler(call: Call) -> Awaitable[Reply]:
+        change(call)
+        # The next step's awaitable itself: awaited by the step before this one.
+        return next(call)
+
+    return handler
+
+
 def compile_policy(policy: Policy, state: StateBuild) -> Router:
     routes = []
     for service in policy.services.values():
@@ -254,7 +265,9 @@ def compile_policy(policy: Policy, state: StateBuild) -> Router:
         handler: Handler = upstream
         for _, builder in reversed(STEP_BUILDERS):
             step = builder(service, state=state)
-            if step is not None:
+            if isinstance(step, Before):
+                handler = _before(step, handler)
+            elif step is not None:
                 handler = functools.partial(step.__call__, next=handler)
         routes.append(
             Route(

@@ -18,25 +18,37 @@ from . import Step
 
 
 class SetHeader:
-    """Bearer, basic and header kinds: one fixed header value, computed once per load."""
+    """Bearer, basic and header kinds: one fixed header value, computed once per load.
+
+    A `call.Before` step: the chain runs `before` and the next step, with no
+    coroutine of its own.
+    """
 
     def __init__(self, *, name: str, value: str) -> None:
         self.name = name
         self._value = value
 
-    async def __call__(self, call: Call, next: Handler) -> Reply:
+    def before(self, call: Call) -> None:
         call.headers[self.name] = self._value
+
+    async def __call__(self, call: Call, next: Handler) -> Reply:
+        self.before(call)
         return await next(call)
 
 
 class SetQuery:
-    """The query kind: the parameter replaces any the agent sent under that name."""
+    """The query kind: the parameter replaces any the agent sent under that name
+    (a `call.Before` step too)."""
 
     def __init__(self, *, name: str, value: str) -> None:
         self.name = name
         self._pair = f"{quote(name, safe='')}={quote(value, safe='')}"
 
     async def __call__(self, call: Call, next: Handler) -> Reply:
+        self.before(call)
+        return await next(call)
+
+    def before(self, call: Call) -> None:
         path, sep, query = call.target.partition("?")
         if sep and query:
             # The agent's other parameters stay byte for byte (`flag` is not `flag=`).
@@ -45,7 +57,6 @@ class SetQuery:
             call.target = f"{path}?{'&'.join(kept)}"
         else:
             call.target = f"{path}?{self._pair}"
-        return await next(call)
 
     @staticmethod
     def _name(pair: str) -> str:

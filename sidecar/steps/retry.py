@@ -71,20 +71,17 @@ class Retry:
     async def __call__(self, call: Call, next: Handler) -> Reply:
         # Every call counts towards the budget's base, retried or not.
         self.active += 1
+        retrying = False
         try:
             if self.attempts < 2 or (
                 call.method not in IDEMPOTENT and "Idempotency-Key" not in call.headers
             ):
                 return await next(call)
-            if not await make_replayable(call):
+            body = call.body
+            # make_replayable's first test, inline: most calls have no body or a whole one.
+            if not (body is None or isinstance(body, bytes)) and not await make_replayable(call):
                 return await next(call)
-            return await self._tries(call, next)
-        finally:
-            self.active -= 1
-
-    async def _tries(self, call: Call, next: Handler) -> Reply:
-        retrying = False
-        try:
+            # The tries, in this coroutine: one frame fewer on every call's path.
             attempt = 1
             while True:
                 call.attempt = attempt
@@ -117,6 +114,7 @@ class Retry:
                 await self.sleep(delay)
                 attempt += 1
         finally:
+            self.active -= 1
             if retrying:
                 self.retrying -= 1
 

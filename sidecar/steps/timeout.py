@@ -22,20 +22,26 @@ class Timeout:
             f"The upstream of service '{service}' did not answer within {total:g}s; "
             "try again later or with a smaller request."
         )
+        # The attempts in flight, oldest first. Every deadline is its start plus the
+        # same `total`, so the first one is always the next to expire: one timer serves
+        # them all, instead of a timer made and cancelled on every call.
+        self._pending: dict[_Expiry, None] = {}
+        self._timer: asyncio.TimerHandle | None = None
 
     async def __call__(self, call: Call, next: Handler) -> Reply:
-        # One timer and one tiny object per call: asyncio.timeout() costs several
-        # times that on a path every request takes.
         task = asyncio.current_task()
         if task is None:  # pragma: no cover - steps always run inside a task
             return await next(call)
         loop = task.get_loop()
-        expiry = _Expiry(task)
-        handle = loop.call_at(loop.time() + self.total, expiry)
+        expiry = _Expiry(task, loop.time() + self.total)
+        pending = self._pending
+        pending[expiry] = None
+        if self._timer is None:
+            self._timer = loop.call_at(expiry.deadline, self._expire, loop)
         try:
             return await next(call)
         except asyncio.CancelledError:
-            # Ours only if the timer fired and nobody else asked for a cancel too
+            # Ours only if the deadline passed and nobody else asked for a cancel too
             # (an agent that hung up must still cancel the whole call).
             if expiry.fired and task.uncancel() == 0:
                 raise ProblemError(
@@ -43,17 +49,31 @@ class Timeout:
                 ) from None
             raise
         finally:
-            handle.cancel()
+            pending.pop(expiry, None)
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        now = loop.time()
+        expired: list[_Expiry] = []
+        for expiry in self._pending:
+            if expiry.deadline > now:
+                self._timer = loop.call_at(expiry.deadline, self._expire, loop)
+                break
+            expired.append(expiry)
+        for expiry in expired:
+            del self._pending[expiry]
+            expiry.fire()
 
 
 class _Expiry:
-    __slots__ = ("fired", "task")
+    __slots__ = ("deadline", "fired", "task")
 
-    def __init__(self, task: asyncio.Task[object]) -> None:
+    def __init__(self, task: asyncio.Task[object], deadline: float) -> None:
         self.task = task
+        self.deadline = deadline
         self.fired = False
 
-    def __call__(self) -> None:
+    def fire(self) -> None:
         self.fired = True
         self.task.cancel(TIMEOUT_CANCEL)
 

@@ -1,6 +1,6 @@
 """Traces, metrics and the access log around every agent request.
 
-- The egress app wraps each request in `Telemetry.observe`: a SERVER span
+- The egress app brackets each request with `Telemetry.begin` and `answered`: a SERVER span
   (when tracing is on), the request duration histogram, the in-flight gauge and
   the access log line, all covering the answer's streaming too (they are
   recorded from the answer's `on_done`, which the listener calls at its end).
@@ -23,7 +23,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -70,11 +70,32 @@ def _flag(value: str | None) -> bool:
 class Exchange:
     """What one agent request left for telemetry to record when it is over."""
 
-    __slots__ = ("attempts", "attributes", "call", "cut", "reason", "route", "span", "telemetry")
+    __slots__ = (
+        "attempts",
+        "attributes",
+        "call",
+        "cut",
+        "inner",
+        "reason",
+        "request",
+        "route",
+        "span",
+        "start",
+        "status",
+        "telemetry",
+    )
 
-    def __init__(self, telemetry: Telemetry, span: Span | None) -> None:
+    def __init__(
+        self, telemetry: Telemetry, span: Span | None, request: Request, start: float
+    ) -> None:
         self.telemetry = telemetry
         self.span = span
+        self.request = request
+        self.start = start  # perf_counter() at the request's arrival
+        # Set by Telemetry.answered: the answer's status, and the egress's own
+        # on_done, which `done` runs first.
+        self.status = 0
+        self.inner: Callable[[int, BaseException | None], None] | None = None
         self.route: Route | None = None
         self.call: Call | None = None
         self.attempts = 0
@@ -89,6 +110,19 @@ class Exchange:
         """Let the attempt step find this exchange, and its span, from the call."""
         self.call = call
         call.exchange = self
+
+    def done(self, sent: int, exc: BaseException | None) -> None:
+        """The answer's end (the listener's on_done): `sent` bytes, cut short by `exc`."""
+        inner, self.inner = self.inner, None  # it points back here: no cycle left for the GC
+        if inner is not None:
+            inner(sent, exc)
+        telemetry = self.telemetry
+        telemetry.metrics.in_flight_value._value -= 1
+        if exc is None or self.cut is not None:
+            telemetry._finish(self, self.status, self.cut, sent)
+        else:
+            # The agent's side failed or it hung up mid-answer.
+            telemetry._finish(self, CLIENT_CLOSED, "cancelled", sent)
 
 
 class Telemetry:
@@ -163,51 +197,36 @@ class Telemetry:
 
     # -- the agent request ----------------------------------------------------------------
 
-    async def observe(
-        self,
-        request: Request,
-        handle: Callable[[Request, Exchange], Awaitable[Response]],
-    ) -> Response:
+    def begin(self, request: Request) -> Exchange:
+        """An agent request arrived: its SERVER span (when tracing), the in-flight gauge.
+
+        The egress calls `begin`, then `answered` with its Response or `failed` with
+        what it raised: plain calls around its own await, not a coroutine of their own.
+        """
         start = perf_counter()
         tracer = self.tracer
         span = self._server_span(tracer, request) if tracer is not None else None
-        exchange = Exchange(self, span)
-        in_flight = self.metrics.in_flight
-        in_flight.inc()
-        try:
-            response = await handle(request, exchange)
-        except BaseException as exc:
-            in_flight.dec()
-            error = "cancelled" if isinstance(exc, asyncio.CancelledError) else None
-            status = CLIENT_CLOSED if error else 500
-            self._finish(request, exchange, status, error or type(exc).__qualname__, 0, start)
-            raise
-        inner = response.on_done
-        status = response.status
+        exchange = Exchange(self, span, request, start)
+        self.metrics.in_flight_value._value += 1
+        return exchange
 
-        def done(sent: int, exc: BaseException | None) -> None:
-            if inner is not None:
-                inner(sent, exc)
-            in_flight.dec()
-            if exc is None or exchange.cut is not None:
-                self._finish(request, exchange, status, exchange.cut, sent, start)
-            else:
-                # The agent's side failed or it hung up mid-answer.
-                self._finish(request, exchange, CLIENT_CLOSED, "cancelled", sent, start)
+    def failed(self, exchange: Exchange, exc: BaseException) -> None:
+        """The egress raised instead of answering (cancelled, or a bug)."""
+        self.metrics.in_flight_value._value -= 1
+        error = "cancelled" if isinstance(exc, asyncio.CancelledError) else None
+        status = CLIENT_CLOSED if error else 500
+        self._finish(exchange, status, error or type(exc).__qualname__, 0)
 
-        response.on_done = done
+    def answered(self, exchange: Exchange, response: Response) -> Response:
+        """The egress's answer: recorded once its last byte is written (`on_done`)."""
+        exchange.inner = response.on_done
+        exchange.status = response.status
+        response.on_done = exchange.done
         return response
 
-    def _finish(
-        self,
-        request: Request,
-        exchange: Exchange,
-        status: int,
-        error: str | None,
-        sent: int,
-        start: float,
-    ) -> None:
-        duration = perf_counter() - start
+    def _finish(self, exchange: Exchange, status: int, error: str | None, sent: int) -> None:
+        request = exchange.request
+        duration = perf_counter() - exchange.start
         route = exchange.route
         service = route.name if route is not None else ""
         reason = exchange.reason
@@ -342,7 +361,7 @@ class Telemetry:
                 span.end()
             raise
         status = reply.status
-        metrics.attempt(str(status)).observe(perf_counter() - start)
+        metrics.answered(status).observe(perf_counter() - start)
         if span is not None:
             if status >= 400:
                 span.set_attributes(
@@ -389,7 +408,21 @@ class Attempt:
         exchange = call.exchange
         if exchange is None:
             return await next(call)
-        return await exchange.telemetry.attempt(self, exchange, call, next)  # type: ignore[no-any-return]
+        telemetry: Telemetry = exchange.telemetry
+        if telemetry.tracer is not None:
+            return await telemetry.attempt(self, exchange, call, next)
+        # Tracing off (the common case): Telemetry.attempt's metrics only, inline, one
+        # coroutine fewer on every call.
+        exchange.attempts += 1
+        metrics = telemetry.metrics.service(call.service)
+        start = perf_counter()
+        try:
+            reply = await next(call)
+        except BaseException as exc:
+            metrics.attempt(_outcome(exc)).observe(perf_counter() - start)
+            raise
+        metrics.answered(reply.status).observe(perf_counter() - start)
+        return reply
 
 
 def build(service: ServicePolicy, *, state: StateBuild) -> Attempt:

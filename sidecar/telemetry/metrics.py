@@ -13,6 +13,7 @@ path does dictionary lookups, never `labels()`.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client import (
@@ -87,6 +88,32 @@ MAX_LABEL = 128
 OTHER_LABEL = "_other"
 
 
+class Timings:
+    """One bound Histogram child, observed on the request path.
+
+    What `Histogram.observe` does (the sum, the first bucket whose bound is not
+    below the amount) without its per-call checks and linear bucket walk: the
+    child is bound here, its values are LoopValues, and the request path observes
+    two of these on every call.
+    """
+
+    __slots__ = ("_bounds", "_buckets", "_sum", "child")
+
+    def __init__(self, child: Histogram) -> None:
+        self.child = child
+        self._bounds = tuple(child._upper_bounds)
+        buckets = tuple(child._buckets)
+        if not all(isinstance(b, LoopValue) for b in (child._sum, *buckets)):
+            raise TypeError("Timings needs LoopValue values (installed by this module)")
+        self._buckets: tuple[LoopValue, ...] = buckets
+        self._sum: LoopValue = child._sum
+
+    def observe(self, amount: float) -> None:
+        self._sum._value += amount
+        # The last bound is +Inf: every amount has a bucket.
+        self._buckets[bisect_left(self._bounds, amount)]._value += 1
+
+
 def method_label(method: str) -> str:
     return method if method in KNOWN_METHODS else OTHER_METHOD
 
@@ -94,30 +121,40 @@ def method_label(method: str) -> str:
 class ServiceMetrics:
     """The label children of one service; "" is the service of unrouted requests."""
 
-    __slots__ = ("_attempts", "_metrics", "_requests", "rate_limited", "service")
+    __slots__ = ("_answered", "_attempts", "_metrics", "_requests", "rate_limited", "service")
 
     def __init__(self, metrics: Metrics, service: str) -> None:
         self.service = service
         self._metrics = metrics
-        self._requests: dict[tuple[str, int, str], Histogram] = {}
-        self._attempts: dict[str, Histogram] = {}
+        self._requests: dict[tuple[str, int, str], Timings] = {}
+        self._attempts: dict[str, Timings] = {}
+        self._answered: dict[int, Timings] = {}
         self.rate_limited = metrics.rate_limited.labels(service)
 
-    def request(self, method: str, status: int, reason: str) -> Histogram:
+    def request(self, method: str, status: int, reason: str) -> Timings:
         key = (method, status, reason)
         child = self._requests.get(key)
         if child is None:
-            child = self._metrics.request_duration.labels(
-                self.service, method_label(method), str(status), reason
+            child = Timings(
+                self._metrics.request_duration.labels(
+                    self.service, method_label(method), str(status), reason
+                )
             )
             self._requests[key] = child
         return child
 
-    def attempt(self, outcome: str) -> Histogram:
+    def attempt(self, outcome: str) -> Timings:
         child = self._attempts.get(outcome)
         if child is None:
-            child = self._metrics.attempt_duration.labels(self.service, outcome)
+            child = Timings(self._metrics.attempt_duration.labels(self.service, outcome))
             self._attempts[outcome] = child
+        return child
+
+    def answered(self, status: int) -> Timings:
+        """`attempt(str(status))`, without making the string on every call."""
+        child = self._answered.get(status)
+        if child is None:
+            child = self._answered[status] = self.attempt(str(status))
         return child
 
 
@@ -225,6 +262,8 @@ class Metrics:
             "Agent requests being handled right now.",
             registry=r,
         )
+        # Moved on every request: its value itself, not Gauge.inc()'s checks.
+        self.in_flight_value: LoopValue = self.in_flight._value
         self.llm_tokens = Counter(
             "sidecar_llm_tokens",
             "Tokens LLM answers reported in their usage. kind: input (the prompt, cached "

@@ -1,0 +1,481 @@
+"""CPU time per proxied call, measured in-process: trustworthy on a busy, shared machine.
+
+wrk and run.py measure throughput, which needs idle cores. This measures what
+throughput is made of: the proxy's CPU seconds per call (`time.process_time()`,
+user + system, of this process only), which other processes on the machine
+hardly change. The load side runs in a child process (this same file with
+--child): a tiny asyncio upstream answering fixed bytes like the bench's nginx
+(401 without the bench's bearer token) and a client driving keep-alive GETs
+over raw sockets, one connection (sequential) or many (concurrent). Only the
+proxy under test runs in this process, so its CPU is all that is counted.
+
+Targets:
+  sidecar      the real Sidecar (listener, egress, chain, metrics) with run.py's realistic policy
+  sidecar-min  the same with run.py's minimal policy (bearer only)
+  listener     the sidecar's listener alone, the app answering a fixed Response
+  probe        a bare uvloop + httptools proxy with one kept-alive upstream connection per
+               agent connection, injecting the token: the floor for this stack
+
+Run: .venv/bin/python bench/cpu_per_call.py [--only sidecar,probe] [--profile sidecar]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import gc
+import os
+import pstats
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httptools
+import uvloop
+
+# bench/ is sys.path[0] when this file runs as a script: the policies are run.py's own.
+from run import AGENT_HEADER, SERVICE, TOKEN, UPSTREAM_BODY, Policy, sidecar_policy
+
+PATH = f"/{SERVICE}/v1/ping"
+_BODY = UPSTREAM_BODY.encode()
+_OK = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Mon, 30 Nov 2026 23:00:00 GMT\r\n"
+    b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: keep-alive\r\n\r\n%b"
+    % (len(_BODY), _BODY)
+)
+_UNAUTHORIZED = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n"
+_BEARER = f"Bearer {TOKEN}".encode()
+
+
+# -- the load side (child process) -----------------------------------------------------------
+
+
+class _Upstream(asyncio.Protocol):
+    """Answers each GET head it reads; bodies are never sent by the proxies here."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport
+        self.rest = b""
+
+    def data_received(self, data: bytes) -> None:
+        *heads, self.rest = (self.rest + data).split(b"\r\n\r\n")
+        self.transport.write(b"".join(_OK if _BEARER in h else _UNAUTHORIZED for h in heads))
+
+
+class _Client(asyncio.Protocol):
+    """One agent connection: a request, its whole answer, the next request."""
+
+    def __init__(self, request: bytes, counts: dict[str, int], done: asyncio.Future[None]) -> None:
+        self.request = request
+        self.counts = counts
+        self.done = done
+        self.buf = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport
+
+    def send(self) -> None:
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while True:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = self.buf[: end + 2].lower()
+            at = head.find(b"content-length:")
+            length = int(head[at + 15 : head.find(b"\r\n", at)]) if at >= 0 else 0
+            if len(self.buf) < end + 4 + length:
+                return
+            ok = head.startswith(b"http/1.1 200") and self.buf[end + 4 : end + 4 + length] == _BODY
+            self.buf = self.buf[end + 4 + length :]
+            self.counts["ok" if ok else "bad"] += 1
+            self.counts["left"] -= 1
+            if self.counts["left"] > 0:
+                if self.counts["left"] >= self.counts["connections"]:
+                    self.send()
+            elif not self.done.done():
+                self.done.set_result(None)
+
+
+async def _drive(port: int, connections: int, calls: int) -> tuple[int, int, float]:
+    loop = asyncio.get_running_loop()
+    request = (
+        f"GET {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{AGENT_HEADER}: bench-agent\r\n\r\n"
+    ).encode()
+    counts = {"ok": 0, "bad": 0, "left": calls, "connections": connections}
+    done: asyncio.Future[None] = loop.create_future()
+    clients = []
+    for _ in range(connections):
+        _, client = await loop.create_connection(
+            lambda: _Client(request, counts, done), "127.0.0.1", port
+        )
+        clients.append(client)
+    start = time.perf_counter()
+    for client in clients:
+        client.send()
+    await done
+    wall = time.perf_counter() - start
+    for client in clients:
+        client.transport.close()
+    return counts["ok"], counts["bad"], wall
+
+
+async def _child() -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(_Upstream, "127.0.0.1", 0)
+    print(f"UPSTREAM {server.sockets[0].getsockname()[1]}", flush=True)
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := (await reader.readline()).decode().split():
+        port, connections, calls = map(int, line)
+        ok, bad, wall = await _drive(port, connections, calls)
+        print(f"DONE {ok} {bad} {wall:.6f}", flush=True)
+
+
+# -- the proxies under test (this process) --------------------------------------------------
+
+Start = Callable[[int, Path], Awaitable[tuple[int, Callable[[], Awaitable[None]]]]]
+
+
+async def _start_sidecar(policy: Policy, upstream: int, tmp: Path) -> tuple[int, Any]:
+    from sidecar.runtime import Sidecar, serve
+
+    directory = tmp / policy.value
+    directory.mkdir()
+    (directory / "policy.yaml").write_text(sidecar_policy(policy, upstream))
+    sidecar = Sidecar(str(directory), env={"BENCH_TOKEN": TOKEN})
+    result = await sidecar.reload("startup")
+    assert result.ok, result.errors
+    (bound,) = await serve(sidecar, listen=("127.0.0.1", 0), admin=None)
+
+    async def stop() -> None:
+        await bound.cleanup()
+        await sidecar.close()
+
+    return bound.addresses[0][1], stop
+
+
+async def _start_listener(upstream: int, tmp: Path) -> tuple[int, Any]:
+    from sidecar.proxy.listener import Request, Response, serve
+
+    headers = [("Server", "nginx/1.22.1"), ("Content-Type", "application/json")]
+
+    async def app(request: Request) -> Response:
+        return Response(status=200, headers=list(headers), body=_BODY)
+
+    listener = await serve(app, "127.0.0.1", 0)
+    return listener.addresses[0][1], listener.cleanup
+
+
+class _ProbeUpstream(asyncio.Protocol):
+    def __init__(self, agent: _Probe) -> None:
+        self.agent = agent
+        self.parser = httptools.HttpResponseParser(self)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_message_begin(self) -> None:
+        self.headers: list[bytes] = []
+        self.body: list[bytes] = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() not in (b"content-length", b"connection", b"transfer-encoding"):
+            self.headers.append(b"%b: %b\r\n" % (name, value))
+
+    def on_body(self, data: bytes) -> None:
+        self.body.append(data)
+
+    def on_message_complete(self) -> None:
+        body = b"".join(self.body)
+        head = b"HTTP/1.1 %d OK\r\n%bContent-Length: %d\r\n\r\n" % (
+            self.parser.get_status_code(),
+            b"".join(self.headers),
+            len(body),
+        )
+        self.agent.answered.set_result(head + body)
+
+
+class _Probe(asyncio.Protocol):
+    """A bare proxy: parse, rewrite, one await for the upstream's whole answer, write."""
+
+    def __init__(self, upstream: int) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.port = upstream
+        self.parser = httptools.HttpRequestParser(self)
+        self.up: _ProbeUpstream | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = [b"Host: 127.0.0.1:%d\r\n" % self.port, b"Authorization: %b\r\n" % _BEARER]
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() not in (b"host", b"authorization", b"x-agent-id", b"connection"):
+            self.headers.append(b"%b: %b\r\n" % (name, value))
+
+    def on_message_complete(self) -> None:
+        target = self.url[len(SERVICE) + 1 :]
+        head = b"%b %b HTTP/1.1\r\n%b\r\n" % (
+            self.parser.get_method(),
+            target,
+            b"".join(self.headers),
+        )
+        self.loop.create_task(self.forward(head))
+
+    async def forward(self, head: bytes) -> None:
+        if self.up is None:
+            _, self.up = await self.loop.create_connection(
+                lambda: _ProbeUpstream(self), "127.0.0.1", self.port
+            )
+        self.answered: asyncio.Future[bytes] = self.loop.create_future()
+        self.up.transport.write(head)
+        self.transport.write(await self.answered)
+
+
+async def _start_probe(upstream: int, tmp: Path) -> tuple[int, Any]:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _Probe(upstream), "127.0.0.1", 0)
+
+    async def stop() -> None:
+        server.close()
+
+    return server.sockets[0].getsockname()[1], stop
+
+
+TARGETS: dict[str, Start] = {
+    "sidecar": lambda up, tmp: _start_sidecar(Policy.REALISTIC, up, tmp),
+    "sidecar-min": lambda up, tmp: _start_sidecar(Policy.MINIMAL, up, tmp),
+    "listener": _start_listener,
+    "probe": _start_probe,
+}
+
+
+# -- measuring -------------------------------------------------------------------------------
+
+
+class _Load:
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    async def run(self, port: int, connections: int, calls: int) -> tuple[float, float, float]:
+        """CPU seconds (user, system) this process spent, and the wall time, for `calls`."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        # getrusage: microsecond resolution (os.times counts 10 ms ticks).
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        self.proc.stdin.write(f"{port} {connections} {calls}\n".encode())
+        line = (await self.proc.stdout.readline()).decode().split()
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        _, ok, bad, wall = line
+        if int(bad) or int(ok) != calls:
+            raise SystemExit(f"{bad} bad answers of {calls}: the proxy under test is broken")
+        return after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime, float(wall)
+
+
+def _us(seconds: float, calls: int) -> float:
+    return seconds / calls * 1e6
+
+
+async def _measure(args: argparse.Namespace) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        __file__,
+        "--child",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    upstream = int((await proc.stdout.readline()).split()[1])
+    load = _Load(proc)
+    passes = (("seq", 1, args.calls // 4), ("conc", args.connections, args.calls))
+    with tempfile.TemporaryDirectory() as tmp:
+        started = {name: await TARGETS[name](upstream, Path(tmp)) for name in args.only}
+        for port, _ in started.values():
+            await load.run(port, args.connections, 2000)  # warm: pools, caches, children
+        # As `sidecar run` does once it serves (cli.py): what lives for the process's
+        # life is out of the collector's sight.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(20_000, 50, 100)
+        # Rounds interleave the targets, so a busier moment of the machine falls on all.
+        rows: dict[tuple[str, str], list[tuple[float, float, float]]] = defaultdict(list)
+        for _ in range(args.rounds):
+            for name, (port, _) in started.items():
+                for label, connections, calls in passes:
+                    if args.mark:
+                        os.getppid()  # callgrind dumps its counts here (--instructions)
+                    user, system, wall = await load.run(port, connections, calls)
+                    if args.mark:
+                        os.getppid()
+                    rows[name, label].append((_us(user, calls), _us(system, calls), wall / calls))
+        print(f"{'target':<12} {'pass':<5} {'us/call min':>11} {'median':>7}", end="")
+        print(f" {'user':>6} {'sys':>6} {'calls/s':>8}")
+        for (name, label), found in rows.items():
+            totals = sorted(u + s for u, s, _ in found)
+            user, system, wall = min(found, key=lambda r: r[0] + r[1])
+            print(
+                f"{name:<12} {label:<5} {totals[0]:>11.1f} {statistics.median(totals):>7.1f}"
+                f" {user:>6.1f} {system:>6.1f} {1 / wall:>8.0f}"
+            )
+        for name in args.profile:
+            await _profile(load, started[name][0], args)
+        for _, stop in started.values():
+            await stop()
+    assert proc.stdin is not None
+    proc.stdin.close()
+    await proc.wait()
+
+
+# Self time grouped by where the code lives, so a change shows up in its layer.
+_GROUPS = (
+    ("sidecar/proxy/listener", "listener"),
+    ("sidecar/proxy/egress", "egress"),
+    ("sidecar/proxy/router", "router"),
+    ("sidecar/proxy/pool", "pool"),
+    ("sidecar/proxy/upstream", "upstream"),
+    ("sidecar/proxy/http1", "http1"),
+    ("sidecar/telemetry", "telemetry"),
+    ("sidecar/steps", "steps"),
+    ("sidecar/", "sidecar (other)"),
+    ("multidict", "multidict"),
+    ("prometheus_client", "prometheus"),
+    ("asyncio", "asyncio"),
+)
+
+
+async def _profile(load: _Load, port: int, args: argparse.Namespace) -> None:
+    try:
+        import pyinstrument
+    except ImportError:
+        pyinstrument = None
+    if pyinstrument is not None and not args.cprofile:
+        # A sampler: time inside C calls (socket writes, multidict) stays with its caller,
+        # and the overhead does not drown the small functions.
+        from pyinstrument.stack_sampler import get_stack_sampler
+
+        # Sampled by this process's CPU time, not wall time: time the kernel spends
+        # elsewhere (the load process, other users) must not land on the socket writes.
+        get_stack_sampler().timer_func = time.process_time
+        sampler = pyinstrument.Profiler(interval=0.0001, async_mode="disabled")
+        sampler.start()
+        await load.run(port, args.connections, args.calls)
+        sampler.stop()
+        print(sampler.output_text(unicode=False, color=False, show_all=False))
+        return
+    profile = cProfile.Profile()
+    profile.enable()
+    await load.run(port, args.connections, args.calls)
+    profile.disable()
+    stats = pstats.Stats(profile)
+    if os.environ.get("CPU_PER_CALL_PSTATS"):
+        stats.dump_stats(os.environ["CPU_PER_CALL_PSTATS"])
+    groups: dict[str, float] = defaultdict(float)
+    raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+    total = 0.0
+    for (file, _, _), (_, _, tottime, _, _) in raw.items():
+        total += tottime
+        group = next((g for key, g in _GROUPS if key in file), None)
+        if group is None:
+            group = "builtins/C" if file == "~" else "other"
+        groups[group] += tottime
+    print(f"\nprofile ({args.calls} concurrent calls, cProfile inflates absolute figures):")
+    for group, seconds in sorted(groups.items(), key=lambda g: -g[1]):
+        print(f"  {group:<16} {seconds / total:6.1%}")
+    print()
+    stats.sort_stats("tottime").print_stats(args.top)
+
+
+def _instructions(argv: list[str], args: argparse.Namespace) -> None:
+    """Run this script under callgrind and report instructions per call: a count that
+    the machine's other load does not change, unlike any time. Slow (~30x)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "callgrind.out"
+        rest = [a for a in argv if a != "--instructions"]
+        command = [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={out}",
+            # A dump (and a reset of the counts) at each getppid(): --mark calls it
+            # right before and after each timed pass.
+            "--dump-before=getppid",
+            sys.executable,
+            __file__,
+            *rest,
+            "--mark",
+        ]
+        # A fixed hash seed: str hashes (dict and set probes) are then the same every run.
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        subprocess.run(command, check=True, stderr=subprocess.DEVNULL, env=env)
+        # Dump 1 is everything up to the first pass, then pass, gap, pass, gap...
+        dumps = sorted(Path(tmp).glob("callgrind.out.*"), key=lambda p: int(p.suffix[1:]))
+        totals = []
+        for dump in dumps:
+            summary = next(
+                line
+                for line in dump.read_text().splitlines()
+                if line[:9] in ("summary: ", "totals: ")
+            )
+            totals.append(int(summary.split()[1]))
+    passes = [
+        (name, label, calls)
+        for _ in range(args.rounds)
+        for name in args.only
+        for label, calls in (("seq", args.calls // 4), ("conc", args.calls))
+    ]
+    print(f"{'target':<12} {'pass':<5} {'instructions/call':>18}")
+    for (name, label, calls), total in zip(passes, totals[1::2], strict=False):
+        print(f"{name:<12} {label:<5} {total / calls:>18,.0f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--only", default="probe,listener,sidecar-min,sidecar")
+    parser.add_argument("--calls", type=int, default=8000, help="per concurrent pass")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--profile", default="", help="targets to profile after timing")
+    parser.add_argument("--cprofile", action="store_true", help="cProfile, not pyinstrument")
+    parser.add_argument("--top", type=int, default=40)
+    parser.add_argument(
+        "--instructions", action="store_true", help="instructions per call, under callgrind"
+    )
+    parser.add_argument("--mark", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        uvloop.run(_child())
+        return
+    args.only = [t for t in args.only.split(",") if t]
+    args.profile = [t for t in args.profile.split(",") if t]
+    unknown = set(args.only + args.profile) - TARGETS.keys()
+    if unknown:
+        parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
+    if args.instructions:
+        _instructions(sys.argv[1:], args)
+        return
+    uvloop.run(_measure(args))
+
+
+if __name__ == "__main__":
+    main()

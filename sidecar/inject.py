@@ -18,9 +18,10 @@ import signal
 import ssl
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+if TYPE_CHECKING:
+    from aiohttp import web
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def make_app(*, image: str) -> web.Application:
+    # Here, not at the top: `sidecar run` builds this command's parser too, and must
+    # not pay aiohttp's megabytes for a webhook it does not serve.
+    from aiohttp import web
+
     async def mutate(request: web.Request) -> web.Response:
         body = await request.read()
         try:
@@ -278,6 +283,8 @@ def _pod_error(pod: Any) -> str | None:
 
 
 def _bad_request(message: str) -> web.Response:
+    from aiohttp import web
+
     return web.json_response({"error": message}, status=400)
 
 
@@ -332,6 +339,8 @@ async def _serve(
     tls: ssl.SSLContext | None,
     cert_files: tuple[str, str],
 ) -> None:
+    from aiohttp import web
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -29,8 +29,12 @@ ONLY_WHEN_USED = (
 
 PROBE = f"""
 import asyncio, json, sys
+from sidecar.cli import build_parser
 from sidecar.runtime import Sidecar
 import sidecar.admin
+
+# `sidecar run` builds every subcommand's parser (inject's too) before it serves.
+build_parser()
 
 async def main():
     sidecar = Sidecar("policies", env={{"OPENAI_API_KEY": "k", "GITHUB_TOKEN": "t"}})

@@ -21,6 +21,8 @@ ONLY_WHEN_USED = (
     "cryptography",
     "sqlite3",
     "opentelemetry.sdk",
+    # The OpenTelemetry API too: with tracing off no span code runs.
+    "opentelemetry.trace",
     "jsonschema_rs",
     # The egress, admin and ingress listeners are the sidecar's own: no HTTP framework
     # until a webhook delivers, an OAuth2 token is fetched or a JWKS is read.

@@ -28,16 +28,6 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from opentelemetry.trace import (
-    Span,
-    SpanKind,
-    Status,
-    StatusCode,
-    Tracer,
-    set_span_in_context,
-)
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
 from ..call import Call, Handler, Reply
 from ..problems import ProblemError
 from ..steps.timeout import TIMEOUT_CANCEL
@@ -47,6 +37,8 @@ from .metrics import KNOWN_METHODS, OTHER_METHOD, Metrics
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import Span, Tracer
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     from ..policy.loader import ServicePolicy
     from ..proxy.listener import Request, Response
@@ -135,7 +127,15 @@ class Telemetry:
         self.access_log = access_log
         # Exports the Prometheus registry over OTLP too, when configured (from_env).
         self.meter_provider: MeterProvider | None = None
-        self._propagator = TraceContextTextMapPropagator()
+        # The OpenTelemetry API is imported only when tracing is on: with tracing off no
+        # span code runs, and its modules cost start-up memory.
+        self._propagator: TraceContextTextMapPropagator | None = None
+        if provider is not None:
+            from opentelemetry.trace.propagation.tracecontext import (
+                TraceContextTextMapPropagator,
+            )
+
+            self._propagator = TraceContextTextMapPropagator()
         self._breakers: dict[str, Any] = {}
 
     @classmethod
@@ -266,6 +266,8 @@ class Telemetry:
         exchange.call = None
 
     def _server_span(self, tracer: Tracer, request: Request) -> Span:
+        from opentelemetry.trace import SpanKind
+
         method = request.method
         known = method in KNOWN_METHODS
         attributes: dict[str, Any] = {
@@ -283,7 +285,8 @@ class Telemetry:
             attributes["server.port"] = port
         return tracer.start_span(
             method if known else "HTTP",
-            context=self._propagator.extract(request.headers),
+            # The propagator is made with the tracer, so it is there whenever a span is.
+            context=self._propagator.extract(request.headers) if self._propagator else None,
             kind=SpanKind.SERVER,
             attributes=attributes,
         )
@@ -327,6 +330,8 @@ class Telemetry:
         span.set_attributes(attributes)
         # A step may name an error the status hides (a GraphQL 200 with errors).
         if status >= 500 or error is not None or "error.type" in attributes:
+            from opentelemetry.trace import Status, StatusCode
+
             span.set_status(Status(StatusCode.ERROR))
         span.end()
 
@@ -336,19 +341,23 @@ class Telemetry:
         span: Span | None = None
         parent = exchange.span
         tracer = self.tracer
-        if parent is not None and tracer is not None and not parent.is_recording():
-            # An unsampled request: its attempts are not recorded either (parent-based
-            # sampling), but the upstream still continues the same trace.
-            self._propagator.inject(call.headers, context=set_span_in_context(parent))
-        elif parent is not None and tracer is not None:
-            span = tracer.start_span(
-                call.method if call.method in KNOWN_METHODS else "HTTP",
-                context=set_span_in_context(parent),
-                kind=SpanKind.CLIENT,
-                attributes=step.attributes(call),
-            )
-            # Replaces the agent's traceparent: the upstream's parent is this attempt.
-            self._propagator.inject(call.headers, context=set_span_in_context(span))
+        propagator = self._propagator
+        if parent is not None and tracer is not None and propagator is not None:
+            from opentelemetry.trace import SpanKind, set_span_in_context
+
+            if not parent.is_recording():
+                # An unsampled request: its attempts are not recorded either (parent-based
+                # sampling), but the upstream still continues the same trace.
+                propagator.inject(call.headers, context=set_span_in_context(parent))
+            else:
+                span = tracer.start_span(
+                    call.method if call.method in KNOWN_METHODS else "HTTP",
+                    context=set_span_in_context(parent),
+                    kind=SpanKind.CLIENT,
+                    attributes=step.attributes(call),
+                )
+                # Replaces the agent's traceparent: the upstream's parent is this attempt.
+                propagator.inject(call.headers, context=set_span_in_context(span))
         start = perf_counter()
         try:
             reply = await next(call)
@@ -356,6 +365,8 @@ class Telemetry:
             outcome = _outcome(exc)
             metrics.attempt(outcome).observe(perf_counter() - start)
             if span is not None:
+                from opentelemetry.trace import Status, StatusCode
+
                 span.set_attribute("error.type", outcome)
                 span.set_status(Status(StatusCode.ERROR))
                 span.end()
@@ -364,6 +375,8 @@ class Telemetry:
         metrics.answered(status).observe(perf_counter() - start)
         if span is not None:
             if status >= 400:
+                from opentelemetry.trace import Status, StatusCode
+
                 span.set_attributes(
                     {"http.response.status_code": status, "error.type": str(status)}
                 )

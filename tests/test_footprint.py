@@ -27,6 +27,8 @@ ONLY_WHEN_USED = (
     # The egress, admin and ingress listeners are the sidecar's own: no HTTP framework
     # until a webhook delivers, an OAuth2 token is fetched or a JWKS is read.
     "aiohttp",
+    # The access log's queue handler, only with --access-log.
+    "logging.handlers",
 )
 
 PROBE = f"""

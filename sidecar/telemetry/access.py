@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import logging.handlers
 import queue
 import sys
 import time
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import logging.handlers
 
 LOGGER = "sidecar.access"
 log = logging.getLogger(LOGGER)
@@ -55,6 +57,10 @@ def configure(stream: IO[str] | None = None) -> logging.handlers.QueueListener:
 
     The caller stops the returned listener at shutdown, which flushes what is queued.
     """
+    # Here, not at the top: logging.handlers (with pickle and socket handlers) costs
+    # half a megabyte in every sidecar whose access log is off.
+    import logging.handlers
+
     q: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     out = logging.StreamHandler(stream or sys.stdout)
     out.setFormatter(logging.Formatter("%(message)s"))

@@ -271,7 +271,10 @@ class HttpServerProtocol(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._url = b""
-        self._headers = CIMultiDict()
+        # Fresh since the last head was handed over (on_headers_complete); a head cut
+        # short by a refusal closes the connection, so this is only a safeguard.
+        if self._headers:
+            self._headers = CIMultiDict()
         self._head_bytes = 0
         self._in_head = True
         if not self._busy:
@@ -326,6 +329,10 @@ class HttpServerProtocol(asyncio.Protocol):
             keep_alive=parser.should_keep_alive() and not is_upgrade,
             is_upgrade=is_upgrade,
         )
+        # The request owns its head now: an idle keep-alive connection holds no copy
+        # of its last request's headers and URL, only an empty dict for the next one.
+        self._headers = CIMultiDict()
+        self._url = b""
         self._queue.append(request)
         if not self._busy:
             self._busy = True

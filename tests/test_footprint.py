@@ -29,6 +29,8 @@ ONLY_WHEN_USED = (
     "aiohttp",
     # The access log's queue handler, only with --access-log.
     "logging.handlers",
+    # The did-you-mean of a policy error.
+    "difflib",
 )
 
 PROBE = f"""

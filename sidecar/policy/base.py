@@ -7,7 +7,6 @@ openapi, ...) build on these, so none of them imports another to get them.
 
 from __future__ import annotations
 
-import difflib
 import re
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -86,6 +85,9 @@ _SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def closest(key: str, options: list[str]) -> str | None:
+    # Only a policy with an error gets here: a valid one loads without difflib.
+    import difflib
+
     close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
     return close[0] if close else None
 

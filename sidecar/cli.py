@@ -428,8 +428,11 @@ async def _serve(sidecar: Sidecar, args: argparse.Namespace) -> int:
         loop.add_signal_handler(signum, on_stop, signum)
     await stop.wait()
     log.info("stopping: letting calls in flight finish (up to %gs)", args.drain)
-    await asyncio.gather(*(runner.shutdown(args.drain) for runner in runners))
-    for runner in runners:
+    # The admin port closes last: while calls drain, /readyz keeps answering 503
+    # (draining) to new probes instead of refusing them.
+    serving = [runner for runner in runners if runner.name != "admin"]
+    await asyncio.gather(*(runner.shutdown(args.drain) for runner in serving))
+    for runner in (*serving, *(runner for runner in runners if runner.name == "admin")):
         await runner.cleanup()
     return 0
 

@@ -158,72 +158,36 @@ _closing: set[asyncio.Task[None]] = set()
 class SharedLimit:
     """One `rate_limit` entry with a backend; its bucket lives in Redis."""
 
+    # What the refusal while Redis is down calls this limiter.
+    kind = "rate limiter"
+
     def __init__(
         self, *, service: str, limit: RateLimit, burst: int, backend: RedisBackend, detail: str
     ) -> None:
-        digest = fingerprint((limit.call_rate.per_second, burst, limit.per))
-        self.key_prefix = f"sidecar:ratelimit:{service}:{digest}"
-        self.rate = limit.call_rate.per_second
-        self.burst = burst
-        self.max_wait = limit.max_wait or 0.0
-        self.per_agent = limit.per == "agent"
-        self.fail_open = limit.fail_open
-        self.backend = backend
-        self.service = service
-        self.detail = detail
-        self._anonymous = self.key_prefix + ":anonymous"
-
-    def key(self, agent: str | None) -> str:
-        if not self.per_agent:
-            return self.key_prefix
-        return self._anonymous if agent is None else f"{self.key_prefix}:agent:{agent}"
-
-    async def take(self, agent: str | None) -> tuple[bool, float, float]:
-        """(taken, seconds until the token exists, tokens left)."""
-        try:
-            return await self.backend.run(self.key(agent), self.rate, self.burst, 1, self.max_wait)
-        except BackendDown:
-            if self.fail_open:
-                return True, 0.0, float(self.burst)
-        raise ProblemError(
-            "rate_limited",
-            f"The shared rate limiter of service '{self.service}' (its Redis backend) is "
-            "unavailable, and the policy says to refuse calls until it is back; this refusal "
-            "comes from the sidecar, not the upstream. Retry after 1 second.",
-            service=self.service,
-            retry_after=BACKEND_RETRY_AFTER,
+        self._setup(
+            service=service,
+            limit=limit,
+            rate=limit.call_rate.per_second,
+            burst=burst,
+            backend=backend,
+            detail=detail,
+            key_prefix="sidecar:ratelimit:"
+            f"{service}:{fingerprint((limit.call_rate.per_second, burst, limit.per))}",
         )
 
-    async def give_back(self, agent: str | None) -> None:
-        with contextlib.suppress(BackendDown):
-            await self.backend.run(self.key(agent), self.rate, self.burst, -1, 0.0)
-
-
-# A charge is always taken, however deep it puts the bucket in debt.
-_ALWAYS = 1e18
-
-
-class SharedTokenLimit:
-    """A token limit (`rate_limit: [{tokens: ..., backend: ...}]`) kept in Redis.
-
-    Admission takes one token (waiting up to max_wait for it, in arrival order,
-    like a call limit); the answer's usage, less that token, is charged when it
-    is known, into debt if need be, so the next calls of every sidecar wait.
-    """
-
-    def __init__(
+    def _setup(
         self,
         *,
         service: str,
         limit: RateLimit,
-        tokens: float,
+        rate: float,
         burst: int,
         backend: RedisBackend,
         detail: str,
+        key_prefix: str,
     ) -> None:
-        digest = fingerprint(("tokens", tokens, burst, limit.per))
-        self.key_prefix = f"sidecar:tokens:{service}:{digest}"
-        self.rate = tokens
+        self.key_prefix = key_prefix
+        self.rate = rate
         self.burst = burst
         self.max_wait = limit.max_wait or 0.0
         self.per_agent = limit.per == "agent"
@@ -247,11 +211,51 @@ class SharedTokenLimit:
                 return True, 0.0, float(self.burst)
         raise ProblemError(
             "rate_limited",
-            f"The shared token limiter of service '{self.service}' (its Redis backend) is "
+            f"The shared {self.kind} of service '{self.service}' (its Redis backend) is "
             "unavailable, and the policy says to refuse calls until it is back; this refusal "
             "comes from the sidecar, not the upstream. Retry after 1 second.",
             service=self.service,
             retry_after=BACKEND_RETRY_AFTER,
+        )
+
+    async def give_back(self, agent: str | None) -> None:
+        with contextlib.suppress(BackendDown):
+            await self.backend.run(self.key(agent), self.rate, self.burst, -1, 0.0)
+
+
+# A charge is always taken, however deep it puts the bucket in debt.
+_ALWAYS = 1e18
+
+
+class SharedTokenLimit(SharedLimit):
+    """A token limit (`rate_limit: [{tokens: ..., backend: ...}]`) kept in Redis.
+
+    Admission takes one token (waiting up to max_wait for it, in arrival order,
+    like a call limit); the answer's usage, less that token, is charged when it
+    is known, into debt if need be, so the next calls of every sidecar wait.
+    """
+
+    kind = "token limiter"
+
+    def __init__(
+        self,
+        *,
+        service: str,
+        limit: RateLimit,
+        tokens: float,
+        burst: int,
+        backend: RedisBackend,
+        detail: str,
+    ) -> None:
+        self._setup(
+            service=service,
+            limit=limit,
+            rate=tokens,
+            burst=burst,
+            backend=backend,
+            detail=detail,
+            key_prefix="sidecar:tokens:"
+            f"{service}:{fingerprint(('tokens', tokens, burst, limit.per))}",
         )
 
     async def charge(self, agent: str | None, tokens: int) -> None:

@@ -4,13 +4,14 @@ refused until the calendar window (UTC) resets; spend kept in a real SQLite file
 from __future__ import annotations
 
 import json
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from multidict import CIMultiDict
 
-from sidecar.budgets.ledger import MemoryLedger
+from sidecar.budgets.ledger import LedgerDown, MemoryLedger
 from sidecar.budgets.sqlite_ledger import SqliteLedger
 from sidecar.call import Call, Reply, StaticReply
 from sidecar.policy.budget import Budget, parse_allowance, parse_price
@@ -148,6 +149,31 @@ async def test_sqlite_spend_survives_a_new_ledger_on_the_same_dir(tmp_path: Path
     # A different budget (another amount) is another key: it starts at nothing.
     await budget(wall, second, tokens="2K/day").check(None)
     second.retire()
+
+
+async def test_a_budget_store_that_cannot_open_is_down_and_says_so_in_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The data dir is a file: the store cannot be created there.
+    data_dir = tmp_path / "not-a-dir"
+    data_dir.write_text("")
+    ledger = SqliteLedger(str(data_dir))
+    with caplog.at_level(logging.ERROR, logger="sidecar.budgets"):
+        with pytest.raises(LedgerDown):
+            await ledger.spent("k", 0, 86400)
+        with pytest.raises(LedgerDown):
+            await ledger.add("k", 0, 86400, 10)
+    ledger.retire()
+    path = data_dir / "budgets.db"
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        f"cannot open the budget store {path}",
+        f"budget store {path}",
+    ]
+    assert (
+        caplog.records[1]
+        .getMessage()
+        .endswith(f"a charge could not be written: the budget store {path} could not be opened")
+    )
 
 
 def usage_reply(prompt: int, completion: int) -> StaticReply:

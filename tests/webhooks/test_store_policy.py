@@ -185,3 +185,23 @@ async def test_delivered_messages_are_pruned_after_the_retention(tmp_path: Path)
         assert await store.message(again) is not None  # delivered, but young
     finally:
         await store.close()
+
+
+async def test_a_webhook_store_that_cannot_open_fails_the_reload_with_sqlites_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = tmp_path / "data"
+    (data / "webhooks.db").mkdir(parents=True)  # a directory where the file should be
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    policy = INBOUND.format(store="", secret=SECRET, target="http://127.0.0.1:9")
+    (policies / "policy.yaml").write_text(textwrap.dedent(policy))
+    sidecar = Sidecar(str(policies), env={}, data_dir=str(data))
+    with caplog.at_level(logging.ERROR, logger="sidecar"):
+        result = await sidecar.reload("startup")
+    await sidecar.close()
+    assert not result.ok
+    assert result.errors == (
+        f"{data}: cannot open the webhook store: unable to open database file",
+    )
+    assert "the webhook store could not be opened" in caplog.text

@@ -17,20 +17,19 @@ are released, to be attempted again (at least once, never lost).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import json
 import logging
 import os
-import queue
 import secrets
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
+
+from ..sqlite_writer import SqliteWriter
 
 log = logging.getLogger("sidecar.webhooks")
 
@@ -38,8 +37,6 @@ T = TypeVar("T")
 Clock = Callable[[], float]
 
 DB_NAME = "webhooks.db"
-# Jobs committed together at most: bounds the latency one batch adds to the next.
-_BATCH = 512
 _DEDUP_PURGE_EVERY = 60.0
 
 
@@ -218,102 +215,11 @@ def new_message_id(now: float) -> str:
     return f"msg_{int(now * 1000):012x}{secrets.token_hex(8)}"
 
 
-@dataclass(slots=True)
-class _Job:
-    work: Callable[[sqlite3.Connection], Any]
-    future: asyncio.Future[Any]
-    loop: asyncio.AbstractEventLoop
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
-
-
-class _Writer(threading.Thread):
-    """Owns the connection; runs queued jobs in batches, one commit per batch."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(name="sidecar-webhooks-db", daemon=True)
-        self.path = path
-        self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self.opened = threading.Event()
-        self.open_error: BaseException | None = None
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        # FULL, not NORMAL: in WAL mode NORMAL already survives kill -9 (a commit's
-        # WAL frames are in the OS before COMMIT returns), but not a power cut or
-        # a kernel crash, and a sender that got 2xx never sends the event again.
-        # Group commit pays the fsync once per batch.
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.executescript(_SCHEMA)
-        # A claim held by a killed process would block its delivery forever.
-        conn.execute("UPDATE deliveries SET claimed = 0 WHERE claimed = 1")
-        return conn
-
-    def run(self) -> None:
-        try:
-            conn = self._connect()
-        except BaseException as exc:
-            self.open_error = exc
-            self.opened.set()
-            return
-        self.opened.set()
-        try:
-            self._serve(conn)
-        finally:
-            conn.close()
-
-    def _serve(self, conn: sqlite3.Connection) -> None:
-        while True:
-            first = self.jobs.get()
-            if first is None:
-                return
-            batch = [first]
-            stop = False
-            while len(batch) < _BATCH:
-                try:
-                    job = self.jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    stop = True
-                    break
-                batch.append(job)
-            self._run_batch(conn, batch)
-            if stop:
-                return
-
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
-        outcomes: list[tuple[Any, BaseException | None]] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for job in batch:
-                # A savepoint per job: one failing job leaves the others' work intact.
-                conn.execute("SAVEPOINT job")
-                try:
-                    outcomes.append((job.work(conn), None))
-                    conn.execute("RELEASE job")
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
-                    outcomes.append((None, exc))
-            conn.execute("COMMIT")
-        except Exception as exc:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            outcomes = [(None, exc)] * len(batch)
-        # Only now, after COMMIT: an accepted event is on disk before anyone hears so.
-        for job, (result, error) in zip(batch, outcomes, strict=True):
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                job.loop.call_soon_threadsafe(_settle, job.future, result, error)
+def _setup(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.executescript(_SCHEMA)
+    # A claim held by a killed process would block its delivery forever.
+    conn.execute("UPDATE deliveries SET claimed = 0 WHERE claimed = 1")
 
 
 class StoreUnavailable(Exception):
@@ -371,7 +277,7 @@ class Queue(Protocol):
 class Store:
     """The queue. Open with `await Store.open(data_dir)`; every method is a coroutine."""
 
-    def __init__(self, writer: _Writer, clock: Clock) -> None:
+    def __init__(self, writer: SqliteWriter, clock: Clock) -> None:
         self._writer = writer
         self._clock = clock
         self._closed = False
@@ -384,12 +290,15 @@ class Store:
 
     @classmethod
     async def open(cls, data_dir: str | os.PathLike[str], *, clock: Clock = time.time) -> Store:
-        path = Path(data_dir)
-        await asyncio.to_thread(path.mkdir, parents=True, exist_ok=True)
-        writer = _Writer(path / DB_NAME)
-        writer.start()
+        writer = SqliteWriter(
+            Path(data_dir) / DB_NAME,
+            thread_name="sidecar-webhooks-db",
+            what="the webhook store",
+            setup=_setup,
+        )
         await asyncio.to_thread(writer.opened.wait)
         if writer.open_error is not None:
+            writer.stop()
             raise writer.open_error
         return cls(writer, clock)
 
@@ -401,16 +310,13 @@ class Store:
         if self._closed:
             return
         self._closed = True
-        self._writer.jobs.put(None)
+        self._writer.stop()
         await asyncio.to_thread(self._writer.join)
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         if self._closed:
             raise StoreClosed("the webhook store is closed")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._writer.jobs.put(_Job(work, future, loop))
-        return await future
+        return await self._writer.submit(work)
 
     async def accept(
         self,

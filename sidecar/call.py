@@ -15,6 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from .headers import decode_fields
+
 
 class Reply(Protocol):
     """An answer as the steps see it; `body` is iterated once, then `release()`."""
@@ -108,12 +110,13 @@ Handler = Callable[["Call"], Awaitable[Reply]]
 
 class Call:
     __slots__ = (
+        "_headers",
+        "_raw",
         "agent",
         "attempt",
         "body",
         "content_length",
         "exchange",
-        "headers",
         "method",
         "service",
         "target",
@@ -126,15 +129,21 @@ class Call:
         service: str,
         method: str,
         target: str,
-        headers: CIMultiDict[str],
+        headers: CIMultiDict[str] | None = None,
         body: Body,
         agent: str | None,
         content_length: int | None = None,
+        raw_headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         self.service = service
         self.method = method
         self.target = target  # path and query, already encoded, upstream base path excluded
-        self.headers = headers
+        # The fields to send: `raw_headers` (as the agent sent them, bytes) until a step
+        # asks for `headers`, which decodes them once; from then on `headers` is all.
+        self._raw = raw_headers if headers is None else None
+        self._headers = headers if headers is not None or raw_headers is not None else None
+        if self._raw is None and self._headers is None:
+            self._headers = CIMultiDict()
         self.body = body
         # The agent's declared body length; None: chunked (or no body).
         self.content_length = len(body) if isinstance(body, bytes) else content_length
@@ -144,6 +153,46 @@ class Call:
         self.upgrade = False
         # Telemetry's record of this agent request (telemetry.Exchange), when observed.
         self.exchange: Any = None
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = decode_fields(self._raw or ())
+            self._raw = None
+        return headers
+
+    @headers.setter
+    def headers(self, headers: CIMultiDict[str]) -> None:
+        self._headers = headers
+        self._raw = None
+
+    @property
+    def raw_headers(self) -> list[tuple[bytes, bytes]] | None:
+        """The fields as bytes while no step has asked for `headers`, else None."""
+        return self._raw
+
+    def header(self, name: str) -> str | None:
+        """The first field called `name` (any case), decoding no other."""
+        raw = self._raw
+        if raw is None:
+            return self.headers.get(name)
+        wanted = name.lower().encode("latin-1")
+        for field, value in raw:
+            if field.lower() == wanted:
+                return value.decode("latin-1")
+        return None
+
+    def set_header(self, name: str, value: str) -> None:
+        """`headers[name] = value`, without decoding the other fields."""
+        raw = self._raw
+        if raw is None:
+            self.headers[name] = value
+            return
+        wanted = name.lower().encode("latin-1")
+        kept = [field for field in raw if field[0].lower() != wanted]
+        kept.append((name.encode("latin-1"), value.encode("latin-1")))
+        self._raw = kept
 
 
 class Step(Protocol):

@@ -5,6 +5,9 @@ from __future__ import annotations
 import datetime
 import email.utils
 import re
+from collections.abc import Iterable
+
+from multidict import CIMultiDict
 
 # Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never forwarded.
 HOP_BY_HOP = frozenset(
@@ -26,8 +29,15 @@ HOP_BY_HOP = frozenset(
 # for a probe to match against known flaws. Relayed answers keep the upstream's.
 SERVER = "agent-sidecar"
 
+
 # Connection values that name no other header: nothing more to drop.
+def decode_fields(raw: Iterable[tuple[bytes, bytes]]) -> CIMultiDict[str]:
+    """Header fields as a parser read them (bytes), as the dict steps work with."""
+    return CIMultiDict([(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw])
+
+
 _PLAIN_CONNECTION = frozenset({"keep-alive", "close"})
+_PLAIN_CONNECTION_RAW = frozenset({b"keep-alive", b"close"})
 
 
 def drop_with_connection(drop: frozenset[str], connection: str | None) -> frozenset[str]:
@@ -38,6 +48,13 @@ def drop_with_connection(drop: frozenset[str], connection: str | None) -> frozen
     if not connection or connection.lower() in _PLAIN_CONNECTION:
         return drop
     return drop | {t.strip().lower() for t in connection.split(",")}
+
+
+def drop_with_connection_raw(drop: frozenset[bytes], connection: bytes | None) -> frozenset[bytes]:
+    """`drop_with_connection` for a head kept as bytes."""
+    if not connection or connection.lower() in _PLAIN_CONNECTION_RAW:
+        return drop
+    return drop | {t.strip().lower() for t in connection.split(b",")}
 
 
 def retry_after_seconds(value: str, wall_now: float) -> float | None:

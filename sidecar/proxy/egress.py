@@ -17,10 +17,11 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from ..call import Body, Reply
-from ..headers import HOP_BY_HOP, SERVER, drop_with_connection
+from ..headers import HOP_BY_HOP, SERVER, drop_with_connection, drop_with_connection_raw
 from ..problems import ProblemError, problem_parts
 from ..steps.faults import InjectedReset
 from ..webhooks.listener import OUTBOUND_PREFIX, outbound_answer
+from .http1 import raw_header_lines
 from .listener import Request, Response
 from .pool import UpstreamError, UpstreamReply
 from .redirects import REWRITTEN_HEADERS
@@ -34,9 +35,12 @@ log = logging.getLogger("sidecar.proxy")
 
 # X-Sidecar-Error marks the sidecar's own answers: an upstream may not forge one.
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "x-sidecar-error"}
+_RESPONSE_DROP_RAW = frozenset(name.encode("latin-1") for name in _RESPONSE_DROP)
 # It holds every framing field the listener writes itself (Content-Length,
 # Transfer-Encoding, Connection, Keep-Alive): a relayed answer is `no_framing`.
 _REWRITTEN = frozenset(h.lower() for h in REWRITTEN_HEADERS)
+_REWRITTEN_RAW = frozenset(h.encode("latin-1") for h in _REWRITTEN)
+_NONE: frozenset[bytes] = frozenset()
 # Methods the sidecar will not carry: TRACE would echo the injected credential
 # back to the agent; CONNECT would make it a tunnel to anywhere.
 _REFUSED_METHODS = frozenset({"TRACE", "CONNECT"})
@@ -238,6 +242,46 @@ class _Relayed:
 
 
 def _relay(request: Request, reply: Reply, route: Route, exchange: Exchange | None) -> Response:
+    status = reply.status
+    done = _Relayed(reply, route, exchange)
+    if status == 101 and isinstance(reply, UpstreamReply) and request.is_upgrade:
+        return _upgraded(reply, done)
+    body: AsyncIterable[bytes] | None = reply.body
+    if body is not None and route.idle is not None and not getattr(body, "complete", False):
+        body = _idle_bounded(body, route.idle)
+    if type(reply) is UpstreamReply:
+        # The upstream's own answer, untouched by any step (most calls): its head is
+        # relayed as the bytes it came in, never decoded; unless it has a redirect
+        # to rewrite.
+        drop = drop_with_connection_raw(_RESPONSE_DROP_RAW, reply.connection)
+        try:
+            lines = raw_header_lines(
+                reply.raw_headers, drop, _REWRITTEN_RAW if route.redirects else _NONE
+            )
+        except ValueError:
+            lines = None  # written below the slow way, which refuses it where it always has
+        if lines is not None:
+            return Response(
+                status=status,
+                head_lines=lines,
+                body=body,
+                content_length=reply.content_length,
+                reason=reply.reason,
+                on_done=done,
+                no_framing=True,
+            )
+    return Response(
+        status=status,
+        headers=_relayed_headers(request, reply, route),
+        body=body,
+        content_length=reply.content_length,
+        reason=reply.reason,
+        on_done=done,
+        no_framing=True,
+    )
+
+
+def _relayed_headers(request: Request, reply: Reply, route: Route) -> list[tuple[str, str]]:
     source = reply.headers
     drop = drop_with_connection(_RESPONSE_DROP, source.get("Connection"))
     headers = [(name, value) for name, value in source.items() if name.lower() not in drop]
@@ -247,29 +291,21 @@ def _relay(request: Request, reply: Reply, route: Route, exchange: Exchange | No
         for i, (name, value) in enumerate(headers):
             if name.lower() in _REWRITTEN:
                 headers[i] = (name, redirects.rewrite(value, host=host, path=request.target))
-    status = reply.status
-    done = _Relayed(reply, route, exchange)
-    if status == 101 and isinstance(reply, UpstreamReply) and request.is_upgrade:
-        upgrade = source.get("Upgrade")
-        if upgrade is not None:
-            headers.append(("Upgrade", upgrade))
-        # The handshake with the agent is the sidecar's own.
-        headers = [h for h in headers if h[0].lower() != "server"]
-        headers.append(("Server", SERVER))
-        return Response(
-            status=101, headers=headers, reason=reply.reason, tunnel=reply.detach(), on_done=done
-        )
-    body: AsyncIterable[bytes] | None = reply.body
-    if body is not None and route.idle is not None and not getattr(body, "complete", False):
-        body = _idle_bounded(body, route.idle)
+    return headers
+
+
+def _upgraded(reply: UpstreamReply, done: _Relayed) -> Response:
+    source = reply.headers
+    drop = drop_with_connection(_RESPONSE_DROP, source.get("Connection"))
+    headers = [(name, value) for name, value in source.items() if name.lower() not in drop]
+    upgrade = source.get("Upgrade")
+    if upgrade is not None:
+        headers.append(("Upgrade", upgrade))
+    # The handshake with the agent is the sidecar's own.
+    headers = [h for h in headers if h[0].lower() != "server"]
+    headers.append(("Server", SERVER))
     return Response(
-        status=status,
-        headers=headers,
-        body=body,
-        content_length=reply.content_length,
-        reason=reply.reason,
-        on_done=done,
-        no_framing=True,
+        status=101, headers=headers, reason=reply.reason, tunnel=reply.detach(), on_done=done
     )
 
 

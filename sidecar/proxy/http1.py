@@ -25,6 +25,8 @@ __all__ = [
     "TunnelPeer",
     "chunk",
     "head_bytes",
+    "header_lines",
+    "raw_header_lines",
     "status_line",
 ]
 
@@ -54,6 +56,11 @@ def head_bytes(first_line: bytes, headers: Iterable[tuple[str, str]]) -> bytes:
     A CR, LF or NUL in a name or value raises ValueError: written as is, it would
     let a header value split the message (response splitting).
     """
+    return first_line + header_lines(headers) + b"\r\n"
+
+
+def header_lines(headers: Iterable[tuple[str, str]]) -> bytes:
+    """`Name: value\\r\\n` lines; ValueError for a CR, LF or NUL in a field."""
     lines = [f"{name}: {value}\r\n" for name, value in headers]
     text = "".join(lines)
     # One pass over the whole head instead of three per field: each line holds
@@ -61,7 +68,31 @@ def head_bytes(first_line: bytes, headers: Iterable[tuple[str, str]]) -> bytes:
     if text.count("\n") != len(lines) or text.count("\r") != len(lines) or "\0" in text:
         for line in lines:
             _check_field(line[:-2])
-    return first_line + text.encode("latin-1") + b"\r\n"
+    return text.encode("latin-1")
+
+
+def raw_header_lines(
+    headers: Iterable[tuple[bytes, bytes]],
+    drop: frozenset[bytes],
+    refer: frozenset[bytes] = frozenset(),
+) -> bytes | None:
+    """`header_lines` for fields as a parser read them, leaving out the names in `drop`
+    (lowercase): a head relayed without decoding a byte. None when a name in `refer`
+    is there: the caller must change that field, so it writes the head itself.
+    ValueError as `header_lines`."""
+    lines = []
+    for field in headers:
+        name = field[0].lower()
+        if name in drop:
+            continue
+        if name in refer:
+            return None
+        lines.append(b"%b: %b\r\n" % field)
+    data = b"".join(lines)
+    if data.count(b"\n") != len(lines) or data.count(b"\r") != len(lines) or b"\0" in data:
+        for line in lines:
+            _check_field(line[:-2].decode("latin-1"))
+    return data
 
 
 def _check_field(text: str) -> None:

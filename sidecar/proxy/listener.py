@@ -22,7 +22,7 @@ from typing import cast
 import httptools
 from multidict import CIMultiDict
 
-from ..headers import SERVER
+from ..headers import SERVER, decode_fields
 from ..problems import ProblemError, problem_document
 from .http1 import (
     LAST_CHUNK,
@@ -31,6 +31,7 @@ from .http1 import (
     WriteGate,
     chunk,
     head_bytes,
+    header_lines,
     status_line,
 )
 
@@ -58,17 +59,66 @@ class Limits:
     body_high_water: int = 64 * 1024  # request body bytes buffered before reading pauses
 
 
-@dataclass(slots=True)
 class Request:
-    method: str
-    target: str  # as sent, never decoded or normalized
-    version: str  # "1.0" or "1.1"
-    headers: CIMultiDict[str]
-    content_length: int | None
-    body: FeedStream | None  # None when the request has no body
-    peer: tuple[str, int] | None
-    keep_alive: bool
-    is_upgrade: bool
+    """One agent request as parsed. Its header fields stay the bytes the parser read
+    (`raw_headers`) until something asks for `headers`, decoded then, once: the proxy
+    path reads the few it needs with `header()` and relays the rest as bytes."""
+
+    __slots__ = (
+        "_headers",
+        "body",
+        "connection",
+        "content_length",
+        "is_upgrade",
+        "keep_alive",
+        "method",
+        "peer",
+        "raw_headers",
+        "target",
+        "version",
+    )
+
+    def __init__(
+        self,
+        *,
+        method: str,
+        target: str,
+        version: str,
+        raw_headers: list[tuple[bytes, bytes]],
+        content_length: int | None,
+        body: FeedStream | None,
+        peer: tuple[str, int] | None,
+        keep_alive: bool,
+        is_upgrade: bool,
+        connection: bytes | None = None,
+    ) -> None:
+        self.method = method
+        self.target = target  # as sent, never decoded or normalized
+        self.version = version  # "1.0" or "1.1"
+        self.raw_headers = raw_headers
+        self._headers: CIMultiDict[str] | None = None
+        self.content_length = content_length
+        self.body = body  # None when the request has no body
+        self.peer = peer
+        self.keep_alive = keep_alive
+        self.is_upgrade = is_upgrade
+        self.connection = connection  # the first Connection field's value
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        """The fields decoded (a copy: changing it changes nothing that is relayed)."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = decode_fields(self.raw_headers)
+        return headers
+
+    def header(self, name: bytes) -> str | None:
+        """The first field called `name` (lowercase), decoding no other."""
+        size = len(name)
+        for field_name, value in self.raw_headers:
+            if len(field_name) == size and field_name.lower() == name:
+                return value.decode("latin-1")
+        return None
 
 
 @dataclass(slots=True)
@@ -86,6 +136,9 @@ class Response:
     # The app already left out every framing and hop-by-hop field (a relayed answer):
     # `headers` is written as it is, without a second look at each name.
     no_framing: bool = False
+    # The header lines already serialized (a relayed answer's, as the upstream sent
+    # them), framing left out: written instead of `headers`.
+    head_lines: bytes | None = None
 
 
 App = Callable[[Request], Awaitable[Response]]
@@ -155,7 +208,7 @@ def _discardable(request: Request) -> bool:
         return True
     length = request.content_length
     # With Expect the agent waits for a 100 that will not come: the body never arrives.
-    return length is not None and length <= _DISCARD_LIMIT and "Expect" not in request.headers
+    return length is not None and length <= _DISCARD_LIMIT and request.header(b"expect") is None
 
 
 class HttpServerProtocol(asyncio.Protocol):
@@ -173,7 +226,12 @@ class HttpServerProtocol(asyncio.Protocol):
         self._closed = False
         # The request being parsed.
         self._url = b""
-        self._headers: CIMultiDict[str] = CIMultiDict()
+        self._headers: list[tuple[bytes, bytes]] = []
+        # The fields the server itself reads, noted as they pass.
+        self._length: bytes | None = None
+        self._chunked = False
+        self._expect: bytes | None = None
+        self._connection: bytes | None = None
         self._head_bytes = 0
         self._in_head = False
         self._body: FeedStream | None = None
@@ -274,7 +332,7 @@ class HttpServerProtocol(asyncio.Protocol):
         # Fresh since the last head was handed over (on_headers_complete); a head cut
         # short by a refusal closes the connection, so this is only a safeguard.
         if self._headers:
-            self._headers = CIMultiDict()
+            self._headers = []
         self._head_bytes = 0
         self._in_head = True
         if not self._busy:
@@ -294,7 +352,20 @@ class HttpServerProtocol(asyncio.Protocol):
             or len(self._headers) >= self._limits.max_headers
         ):
             raise _Refused(431, "The request headers are larger than this sidecar accepts.")
-        self._headers.add(name.decode("latin-1"), value.decode("latin-1"))
+        self._headers.append((name, value))
+        size = len(name)
+        if size == 14 or size == 6 or size == 17 or size == 10:
+            lower = name.lower()
+            if lower == b"content-length":
+                if self._length is None:
+                    self._length = value
+            elif lower == b"transfer-encoding":
+                self._chunked = True
+            elif lower == b"expect":
+                if self._expect is None:
+                    self._expect = value
+            elif lower == b"connection" and self._connection is None:
+                self._connection = value
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -304,35 +375,43 @@ class HttpServerProtocol(asyncio.Protocol):
             if version.startswith("0"):
                 raise _Refused(400, "HTTP/0.9 requests are not accepted; send HTTP/1.1.")
             raise _Refused(505, "This sidecar speaks HTTP/1.1 only; send HTTP/1.1 requests.")
-        headers = self._headers
-        length_text = headers.get("Content-Length")
+        length_text = self._length
         content_length = int(length_text) if length_text is not None else None
         is_upgrade = parser.should_upgrade()
         body: FeedStream | None = None
-        if "Transfer-Encoding" in headers or (content_length and not is_upgrade):
-            expect = headers.get("Expect", "").lower() == "100-continue" and version == "1.1"
+        if self._chunked or (content_length and not is_upgrade):
+            expect = self._expect
             body = FeedStream(
                 pause=self._pause_for_body,
                 resume=self._resume_for_body,
                 high_water=self._limits.body_high_water,
-                on_first_read=self._send_continue if expect else None,
+                on_first_read=(
+                    self._send_continue
+                    if expect is not None
+                    and version == "1.1"
+                    and expect.lower().strip() == b"100-continue"
+                    else None
+                ),
             )
         self._body = body
         request = Request(
             method=parser.get_method().decode("ascii"),
             target=self._url.decode("latin-1"),
             version=version,
-            headers=headers,
+            raw_headers=self._headers,
             content_length=content_length,
             body=body,
             peer=self._peer,
             keep_alive=parser.should_keep_alive() and not is_upgrade,
             is_upgrade=is_upgrade,
+            connection=self._connection,
         )
         # The request owns its head now: an idle keep-alive connection holds no copy
-        # of its last request's headers and URL, only an empty dict for the next one.
-        self._headers = CIMultiDict()
+        # of its last request's headers and URL, only an empty list for the next one.
+        self._headers = []
         self._url = b""
+        self._length = self._expect = self._connection = None
+        self._chunked = False
         self._queue.append(request)
         if not self._busy:
             self._busy = True
@@ -482,10 +561,13 @@ class HttpServerProtocol(asyncio.Protocol):
     ) -> bool:
         status = response.status
         keep_alive = request.keep_alive and not self._finishing and _discardable(request)
-        if response.no_framing:
+        lines = response.head_lines
+        headers: list[tuple[str, str]] = []
+        if lines is not None:
+            pass
+        elif response.no_framing:
             headers = list(response.headers)
         else:
-            headers = []
             for name, value in response.headers:
                 if name.lower() in _FRAMING:
                     if name.lower() == "connection" and "close" in value.lower():
@@ -508,21 +590,25 @@ class HttpServerProtocol(asyncio.Protocol):
         no_body = request.method == "HEAD" or status in _NO_BODY_STATUS or status < 200
         length = len(body) if isinstance(body, bytes) else response.content_length
         chunked = False
+        # The framing this server writes itself, after the app's fields.
+        framing = b""
         if status in _NO_BODY_STATUS or status < 200:
             pass
         elif length is not None:
-            headers.append(("Content-Length", str(length)))
+            framing = b"Content-Length: %d\r\n" % length
         elif not no_body:
             if request.version == "1.1":
                 chunked = True
-                headers.append(("Transfer-Encoding", "chunked"))
+                framing = b"Transfer-Encoding: chunked\r\n"
             else:
                 keep_alive = False  # the body ends when the connection does
         if not keep_alive:
-            headers.append(("Connection", "close"))
+            framing += b"Connection: close\r\n"
         elif request.version == "1.0":
-            headers.append(("Connection", "keep-alive"))
-        head = head_bytes(status_line(status, response.reason), headers)
+            framing += b"Connection: keep-alive\r\n"
+        if lines is None:
+            lines = header_lines(headers)
+        head = b"%b%b%b\r\n" % (status_line(status, response.reason), lines, framing)
 
         if no_body or body is None:
             transport.write(head)

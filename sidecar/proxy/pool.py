@@ -20,13 +20,23 @@ from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 
-from .http1 import LAST_CHUNK, FeedStream, TunnelPeer, WriteGate, chunk, head_bytes
+from ..headers import decode_fields
+from .http1 import (
+    LAST_CHUNK,
+    FeedStream,
+    TunnelPeer,
+    WriteGate,
+    chunk,
+    header_lines,
+    raw_header_lines,
+)
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # Written by the pool itself from the origin and the body; the caller's are dropped.
 _OWN_HEADERS = frozenset({"host", "content-length", "transfer-encoding"})
+_OWN_HEADERS_RAW = frozenset(name.encode("latin-1") for name in _OWN_HEADERS)
 
 
 class UpstreamError(Exception):
@@ -107,7 +117,10 @@ class _Connection(asyncio.Protocol):
         self.got_bytes = False
         self.status = 0
         self.reason = ""
-        self.headers: CIMultiDict[str] = CIMultiDict()
+        # The answer's head as read: decoded only if a step asks (UpstreamReply.headers).
+        self.raw: list[tuple[bytes, bytes]] = []
+        self.length: bytes | None = None  # the first Content-Length
+        self.connection: bytes | None = None  # the first Connection
         self.body: FeedStream | None = None
         self.message_done = False
         self.keep_alive = False
@@ -180,14 +193,21 @@ class _Connection(asyncio.Protocol):
     # httptools callbacks
 
     def on_message_begin(self) -> None:
-        self.headers = CIMultiDict()
+        self.raw = []
+        self.length = None
+        self.connection = None
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.body is None:  # after the head: a trailer, not forwarded
-            self.headers.add(name.decode("latin-1"), value.decode("latin-1"))
+            self.raw.append((name, value))
+            size = len(name)
+            if size == 14 and self.length is None and name.lower() == b"content-length":
+                self.length = value
+            elif size == 10 and self.connection is None and name.lower() == b"connection":
+                self.connection = value
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -315,11 +335,13 @@ class UpstreamReply:
 
     __slots__ = (
         "_conn",
+        "_headers",
         "_pool",
         "_released",
         "body",
+        "connection",
         "content_length",
-        "headers",
+        "raw_headers",
         "reason",
         "status",
     )
@@ -330,12 +352,23 @@ class UpstreamReply:
         self._released = False
         self.status = conn.status
         self.reason = conn.reason
-        self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(conn.headers)
-        length = conn.headers.get("Content-Length")
+        # The head as the upstream sent it, names and values as bytes: the egress
+        # relays it from these without decoding it (most steps never look).
+        self.raw_headers = conn.raw
+        self.connection = conn.connection
+        self._headers: CIMultiDictProxy[str] | None = None
+        length = conn.length
         self.content_length = int(length) if length is not None and length.isdigit() else None
         assert conn.body is not None
         self.body: FeedStream = conn.body
         conn.body.on_close = self.release
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = CIMultiDictProxy(decode_fields(self.raw_headers))
+        return headers
 
     def release(self) -> None:
         if self._released:
@@ -385,7 +418,7 @@ class Pool:
         self._idle: list[_Connection] = []
         self._every = min(1.0, idle_timeout / 4)
         self._sweep: asyncio.TimerHandle | None = None
-        self._host_line = ("Host", self.origin.host_header)
+        self._host_line = b"Host: %b\r\n" % self.origin.host_header.encode("latin-1")
         # Counters for tests and metrics: connections opened, calls retried.
         self.connections_opened = 0
         self.retries = 0
@@ -394,25 +427,40 @@ class Pool:
         self,
         method: str,
         target: str,
-        headers: Iterable[tuple[str, str]],
+        headers: Iterable[tuple[str, str]] | list[tuple[bytes, bytes]],
         body: bytes | AsyncIterable[bytes] | None = None,
         *,
         content_length: int | None = None,
     ) -> UpstreamReply:
-        """Send one call; returns at the answer's head (the body streams after)."""
+        """Send one call; returns at the answer's head (the body streams after).
+
+        `headers` as text, or as a list of the bytes a parser read (relayed as they are).
+        """
         if isinstance(body, FeedStream) and body.complete:
             # All of it came with the head (most calls): one write, no sender task.
             body = body.take_all()
         if isinstance(body, bytes):
             content_length = len(body)
-        framing: list[tuple[str, str]] = [self._host_line]
-        framing.extend(h for h in headers if h[0].lower() not in _OWN_HEADERS)
+        if isinstance(headers, list) and headers and isinstance(headers[0][0], bytes):
+            raw = cast(list[tuple[bytes, bytes]], headers)
+            lines = raw_header_lines(raw, _OWN_HEADERS_RAW) or b""
+        else:
+            text = cast(Iterable[tuple[str, str]], headers)
+            lines = header_lines(h for h in text if h[0].lower() not in _OWN_HEADERS)
         chunked = body is not None and not isinstance(body, bytes) and content_length is None
         if chunked:
-            framing.append(("Transfer-Encoding", "chunked"))
+            framing = b"Transfer-Encoding: chunked\r\n"
         elif content_length is not None and (content_length or method not in IDEMPOTENT):
-            framing.append(("Content-Length", str(content_length)))
-        head = head_bytes(f"{method} {target} HTTP/1.1\r\n".encode("latin-1"), framing)
+            framing = b"Content-Length: %d\r\n" % content_length
+        else:
+            framing = b""
+        head = b"%b %b HTTP/1.1\r\n%b%b%b\r\n" % (
+            method.encode("latin-1"),
+            target.encode("latin-1"),
+            self._host_line,
+            lines,
+            framing,
+        )
         replayable = method in IDEMPOTENT and not (body is not None and not isinstance(body, bytes))
 
         conn = self._idle_connection()

@@ -14,7 +14,7 @@ from multidict import CIMultiDict
 
 from .. import telemetry
 from ..call import Before, Body, Call, Handler, Reply, Step
-from ..headers import HOP_BY_HOP, drop_with_connection
+from ..headers import HOP_BY_HOP, drop_with_connection_raw
 from ..policy.loader import Policy, ServicePolicy
 from ..state import StateBuild
 from ..steps import (
@@ -117,7 +117,9 @@ _VIA_10 = "1.0 agent-sidecar"
 class Route:
     __slots__ = (
         "agent_header",
+        "agent_header_raw",
         "drop",
+        "drop_raw",
         "forwarded",
         "handler",
         "idle",
@@ -166,31 +168,41 @@ class Route:
         if credential:
             drop.add(credential.lower())
         self.drop = frozenset(drop)
+        self.drop_raw = frozenset(name.encode("latin-1") for name in drop)
+        self.agent_header_raw = agent_header.lower().encode("latin-1")
 
     def prepare(self, request: Request, body: Body) -> Call:
         """The agent's request as the upstream will get it, before any step runs."""
-        incoming = request.headers
-        drop = drop_with_connection(self.drop, incoming.get("Connection"))
-        headers: CIMultiDict[str] = CIMultiDict()
-        for name, value in incoming.items():
-            if name.lower() not in drop:
-                headers.add(name, value)
-        if self.forwarded:
-            _add_forwarding(headers, request)
-        for name, value in self.set_headers:
-            headers[name] = value
-        target = request.target[self.strip :]
-        if not target or target[0] != "/":
-            target = "/" + target
-        return Call(
+        drop = drop_with_connection_raw(self.drop_raw, request.connection)
+        agent_header = self.agent_header_raw
+        agent: bytes | None = None
+        kept: list[tuple[bytes, bytes]] = []
+        for field in request.raw_headers:
+            lowered = field[0].lower()
+            if lowered not in drop:
+                kept.append(field)
+            elif lowered == agent_header and agent is None:
+                agent = field[1]
+        call = Call(
             service=self.name,
             method=request.method,
-            target=target,
-            headers=headers,
+            target=self._target(request.target),
+            raw_headers=kept,
             body=body,
-            agent=incoming.get(self.agent_header),
+            agent=agent.decode("latin-1") if agent is not None else None,
             content_length=request.content_length,
         )
+        if self.forwarded:
+            _add_forwarding(call.headers, request)
+        for name, value in self.set_headers:
+            call.set_header(name, value)
+        return call
+
+    def _target(self, raw: str) -> str:
+        target = raw[self.strip :]
+        if not target or target[0] != "/":
+            target = "/" + target
+        return target
 
 
 def _add_forwarding(headers: CIMultiDict[str], request: Request) -> None:

@@ -40,15 +40,16 @@ class Upstream:
         self.inflight = 0
 
     async def __call__(self, call: Call) -> Reply:
-        headers = call.headers
+        raw = call.raw_headers
         if call.upgrade:
             # Hop-by-hop, so dropped from the agent's request: this hop asks again.
-            headers.update(_UPGRADE_HEADERS)  # update: a retry must not send them twice
+            call.headers.update(_UPGRADE_HEADERS)  # update: a retry must not send them twice
+            raw = None
         try:
             return await self.pool.request(
                 call.method,
                 self.base_path + call.target,
-                headers.items(),
+                call.headers.items() if raw is None else raw,
                 call.body,
                 content_length=call.content_length,
             )

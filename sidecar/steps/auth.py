@@ -29,7 +29,7 @@ class SetHeader:
         self._value = value
 
     def before(self, call: Call) -> None:
-        call.headers[self.name] = self._value
+        call.set_header(self.name, self._value)
 
     async def __call__(self, call: Call, next: Handler) -> Reply:
         self.before(call)

@@ -74,7 +74,7 @@ class Retry:
         retrying = False
         try:
             if self.attempts < 2 or (
-                call.method not in IDEMPOTENT and "Idempotency-Key" not in call.headers
+                call.method not in IDEMPOTENT and call.header("Idempotency-Key") is None
             ):
                 return await next(call)
             body = call.body

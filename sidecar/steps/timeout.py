@@ -27,11 +27,17 @@ class Timeout:
         # them all, instead of a timer made and cancelled on every call.
         self._pending: dict[_Expiry, None] = {}
         self._timer: asyncio.TimerHandle | None = None
+        # The loop of the last call: asking asyncio for the running loop costs a getpid()
+        # system call on every call (its fork check), a lookup with the loop does not.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __call__(self, call: Call, next: Handler) -> Reply:
-        task = asyncio.current_task()
-        if task is None:  # pragma: no cover - steps always run inside a task
-            return await next(call)
+        task = asyncio.current_task(self._loop) if self._loop is not None else None
+        if task is None:
+            self._loop = asyncio.get_running_loop()
+            task = asyncio.current_task(self._loop)
+            if task is None:  # pragma: no cover - steps always run inside a task
+                return await next(call)
         loop = task.get_loop()
         expiry = _Expiry(task, loop.time() + self.total)
         pending = self._pending

@@ -276,3 +276,46 @@ async def test_a_cut_stream_is_logged_with_its_reason_and_bytes(tmp_path, upstre
     assert stalled["bytes_sent"] > len(b"data: first\n\n")  # the head and the first event
     assert (reset["path"], reset["reason"]) == ("/svc/resets", "upstream_reset")
     assert reset["bytes_sent"] > len(b"data: first\n\n")
+
+
+async def test_header_fields_pass_byte_for_byte_both_ways(tmp_path):
+    """Names keep their case and order, and values their bytes (obs-text, UTF-8) in
+    both directions; only the hop's own fields are replaced."""
+    seen: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nX-Upstream-Note: caf\xc3\xa9 \xe9\r\nx-lower: One\r\n"
+            b"X-Twice: a\r\nX-Twice: b\r\nConnection: keep-alive, X-Hop\r\nX-Hop: gone\r\n"
+            b"Content-Length: 2\r\n\r\nok"
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    policies = _policies(tmp_path, f"  svc: {{upstream: '{base}'}}\n")
+    async with server, sidecar_process(policies, env=_env()) as proc:
+        reader, writer = await asyncio.open_connection(*_host_port(proc.url))
+        writer.write(
+            b"GET /svc/x HTTP/1.1\r\nHost: agent\r\nX-Agent-Note: na\xc3\xafve \xff\r\n"
+            b"x-MiXeD: 1\r\nX-Twice: c\r\nX-Twice: d\r\nConnection: X-Drop\r\nX-Drop: no\r\n\r\n"
+        )
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert await reader.readexactly(2) == b"ok"
+        writer.close()
+    sent = seen[0]
+    assert (
+        b"\r\nX-Agent-Note: na\xc3\xafve \xff\r\nx-MiXeD: 1\r\nX-Twice: c\r\nX-Twice: d\r\n" in sent
+    )
+    assert b"X-Drop" not in sent and b"Connection: X-Drop" not in sent
+    assert b"\r\nHost: 127.0.0.1:" in sent
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert (
+        b"\r\nX-Upstream-Note: caf\xc3\xa9 \xe9\r\nx-lower: One\r\nX-Twice: a\r\nX-Twice: b\r\n"
+        in head
+    )
+    assert b"X-Hop" not in head
+    assert b"\r\nContent-Length: 2\r\n" in head

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import sys
 import tempfile
 import threading
@@ -34,8 +33,9 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-REPO = Path(__file__).resolve().parent.parent
-_BOUND = re.compile(r"egress on (http://\S+?:\d+), admin on (http://\S+?:\d+)")
+# bench/ is sys.path[0] when this file runs as a script.
+from procs import serve, sidecar_run
+
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
@@ -110,19 +110,15 @@ def start_upstream() -> tuple[str, asyncio.AbstractEventLoop, threading.Thread]:
     ready: list[str] = []
     started = threading.Event()
 
-    async def serve() -> None:
+    async def start() -> None:
         app = web.Application()
         app.router.add_post("/v1/messages", messages)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        ready.append(f"http://127.0.0.1:{runner.addresses[0][1]}")
+        ready.append((await serve(app))[1])
         started.set()
 
     def run() -> None:
         asyncio.set_event_loop(loop)
-        loop.run_until_complete(serve())
+        loop.run_until_complete(start())
         loop.run_forever()
 
     thread = threading.Thread(target=run, daemon=True)
@@ -165,57 +161,16 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-async def addresses(proc: asyncio.subprocess.Process, limit: float = 20) -> str:
-    assert proc.stderr is not None
-    seen = ""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        line = await asyncio.wait_for(proc.stderr.readline(), deadline - time.monotonic())
-        if not line:
-            break
-        seen += line.decode("utf-8", "replace")
-        found = _BOUND.search(seen)
-        if found:
-            return found.group(1)
-    raise RuntimeError(f"the sidecar did not start:\n{seen}")
-
-
-async def drain(stream: asyncio.StreamReader | None) -> None:
-    if stream is not None:
-        while await stream.read(65536):
-            pass
-
-
 async def main(args: argparse.Namespace) -> int:
     upstream, loop, thread = start_upstream()
     anthropic_body = json.dumps(
         {"model": "claude-bench", "max_tokens": 64, "stream": True, "messages": MESSAGES}
     ).encode()
     openai_body = json.dumps({"model": "claude-bench", "stream": True, "messages": MESSAGES})
+    env = {**os.environ, "ANTHROPIC_API_KEY": "sk-ant-bench-placeholder"}
     with tempfile.TemporaryDirectory(prefix="sidecar-bench-ttft-") as tmp:
-        policies = Path(tmp) / "policies"
-        policies.mkdir()
-        (policies / "policy.yaml").write_text(policy(upstream))
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "sidecar",
-            "run",
-            "--policies",
-            str(policies),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            cwd=REPO,
-            env={**os.environ, "ANTHROPIC_API_KEY": "sk-ant-bench-placeholder"},
-            stderr=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.DEVNULL,
-        )
-        draining: asyncio.Task[None] | None = None
-        try:
-            egress = await addresses(proc)
-            draining = asyncio.create_task(drain(proc.stderr))
+        async with sidecar_run(Path(tmp), policy(upstream), env=env, limit=20) as sidecar:
+            egress = sidecar.egress
             paths = [
                 ("direct", f"{upstream}/v1/messages", anthropic_body),
                 ("sidecar", f"{egress}/claude/v1/messages", anthropic_body),
@@ -234,11 +189,6 @@ async def main(args: argparse.Namespace) -> int:
                         break
                     for name, url, body in paths:
                         results[name].append(await first_event(client, url, body))
-        finally:
-            proc.terminate()
-            await proc.wait()
-            if draining is not None:
-                await draining
     loop.call_soon_threadsafe(loop.stop)
     thread.join(5)
     direct = results["direct"]

@@ -28,7 +28,6 @@ import hashlib
 import hmac
 import json
 import os
-import re
 import sys
 import tempfile
 import textwrap
@@ -39,11 +38,11 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-REPO = Path(__file__).resolve().parent.parent
+# bench/ is sys.path[0] when this file runs as a script.
+from procs import serve, sidecar_run
+
 SECRET = "bench-github-secret"
 WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-_BOUND = re.compile(r"egress on (http://\S+?:\d+), admin on (http://\S+?:\d+)")
-_INGRESS = re.compile(r"ingress \(inbound webhooks\) on (http://\S+?:\d+)")
 
 
 @dataclass
@@ -151,36 +150,11 @@ def percentile(values: list[float], p: float) -> float:
 
 async def main(args: argparse.Namespace) -> int:
     receiver = Receiver()
-    runner = web.AppRunner(receiver.app(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    target = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    runner, target = await serve(receiver.app())
     with tempfile.TemporaryDirectory(prefix="sidecar-bench-webhooks-") as tmp:
-        policies = Path(tmp) / "policies"
-        policies.mkdir()
-        (policies / "policy.yaml").write_text(policy(target, args.store))
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "sidecar",
-            "run",
-            "--policies",
-            str(policies),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--ingress",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(Path(tmp) / "data"),
-            cwd=REPO,
-            stderr=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.DEVNULL,
-        )
-        try:
-            egress, ingress = await addresses(proc)
+        extra = ["--ingress", "127.0.0.1:0", "--data-dir", str(Path(tmp) / "data")]
+        async with sidecar_run(Path(tmp), policy(target, args.store), *extra) as sidecar:
+            egress, ingress = sidecar.egress, sidecar.ingress
             passes: list[Pass] = []
             connector = aiohttp.TCPConnector(limit=args.concurrency)
             async with aiohttp.ClientSession(connector=connector) as client:
@@ -192,9 +166,6 @@ async def main(args: argparse.Namespace) -> int:
                     await load(client, run, url, inbound, args.seconds, args.concurrency)
                     passes.append(run)
                     await receiver.wait_for(set(run.sent), args.drain)
-        finally:
-            proc.terminate()
-            await proc.wait()
     await runner.cleanup()
     store = args.store.split("@")[-1] if args.store else "sqlite (WAL, synchronous=FULL)"
     print(
@@ -216,33 +187,6 @@ async def main(args: argparse.Namespace) -> int:
             f"{percentile(latencies, 99):>8.1f}"
         )
     return 0
-
-
-async def addresses(proc: asyncio.subprocess.Process) -> tuple[str, str]:
-    """Egress and ingress as the process logged them."""
-    assert proc.stderr is not None
-    egress = ingress = ""
-    seen: list[str] = []
-    deadline = time.perf_counter() + 30
-    while not (egress and ingress):
-        if time.perf_counter() > deadline:
-            raise SystemExit("sidecar run did not start:\n" + "".join(seen))
-        line = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode()
-        if not line:
-            raise SystemExit("sidecar run exited:\n" + "".join(seen))
-        seen.append(line)
-        if found := _BOUND.search(line):
-            egress = found.group(1)
-        if found := _INGRESS.search(line):
-            ingress = found.group(1)
-    # Keep reading its log, so the pipe never fills and blocks it.
-    asyncio.get_running_loop().create_task(_drain(proc.stderr))
-    return egress, ingress
-
-
-async def _drain(stream: asyncio.StreamReader) -> None:
-    while await stream.readline():
-        pass
 
 
 if __name__ == "__main__":

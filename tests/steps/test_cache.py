@@ -11,10 +11,17 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from sidecar.call import Call, Reply, StaticReply
-from sidecar.policy.cache import Cache
-from sidecar.steps.cache import CacheStep, CacheStore, Entry
+from sidecar.steps.cache import CacheStore, Entry
 from tests.conftest import StartSidecar
 from tests.helpers import eventually
+from tests.steps.conftest import (
+    CacheSidecar,
+    cache_policy,
+    cache_step,
+    get_through,
+    metrics,
+    served,
+)
 
 SECRET = "sk-cache-canary-5e1d"
 
@@ -23,6 +30,7 @@ class Upstream:
     """Counts the calls it gets per path; what each path answers is its name."""
 
     def __init__(self) -> None:
+        self.base = ""  # where it serves, once started
         self.hits: dict[str, int] = {}
         self.authorization: list[str] = []
         self.release = asyncio.Event()
@@ -75,16 +83,7 @@ class Upstream:
         return app
 
 
-def policy(base: str, cache: str, retry: int = 1) -> str:
-    return f"""
-        version: 1
-        services:
-          api:
-            upstream: {base}
-            auth: {{type: bearer, token: "${{env:API_TOKEN}}"}}
-            cache: {cache}
-            retry: {{attempts: {retry}}}
-        """
+up = served(Upstream)
 
 
 async def get(client: aiohttp.ClientSession, url: str, agent: str = "a1") -> tuple[Any, Any]:
@@ -94,11 +93,9 @@ async def get(client: aiohttp.ClientSession, url: str, agent: str = "a1") -> tup
 
 
 async def test_second_identical_get_is_a_hit_and_the_upstream_saw_one_call(
-    upstream, start_sidecar: StartSidecar, client: aiohttp.ClientSession
+    up: Upstream, cache_sidecar: CacheSidecar, client: aiohttp.ClientSession
 ) -> None:
-    up = Upstream()
-    base = await upstream(up.app())
-    sc = await start_sidecar(policy(base, "{}"), env={"API_TOKEN": SECRET})
+    sc = await cache_sidecar(up.base, "{}", SECRET)
     headers, body = await get(client, f"{sc.url}/api/x?q=1")
     assert headers["X-Sidecar-Cache"] == "miss"
     assert body == {"n": 1, "path": "/x"}
@@ -118,25 +115,22 @@ async def test_second_identical_get_is_a_hit_and_the_upstream_saw_one_call(
         assert r.status == 200
         assert r.headers["X-Sidecar-Cache"] == "hit"
         assert await r.read() == b""
-    async with client.get(f"{sc.admin}/metrics") as r:
-        text = await r.text()
+    text = await metrics(client, sc.admin)
     assert 'sidecar_cache_requests_total{result="hit",service="api"} 2.0' in text
     assert 'sidecar_cache_requests_total{result="miss",service="api"} 3.0' in text
     assert SECRET not in text
 
 
 async def test_agents_do_not_share_entries_unless_shared(
-    upstream, start_sidecar: StartSidecar, client: aiohttp.ClientSession
+    up: Upstream, cache_sidecar: CacheSidecar, client: aiohttp.ClientSession
 ) -> None:
-    up = Upstream()
-    base = await upstream(up.app())
-    sc = await start_sidecar(policy(base, "{}"), env={"API_TOKEN": SECRET})
+    sc = await cache_sidecar(up.base, "{}", SECRET)
     await get(client, f"{sc.url}/api/x", agent="a1")
     headers, body = await get(client, f"{sc.url}/api/x", agent="a2")
     assert headers["X-Sidecar-Cache"] == "miss"
     assert body["n"] == 2
 
-    shared = await start_sidecar(policy(base, "{shared: true}"), env={"API_TOKEN": SECRET})
+    shared = await cache_sidecar(up.base, "{shared: true}", SECRET)
     await get(client, f"{shared.url}/api/y", agent="a1")
     headers, body = await get(client, f"{shared.url}/api/y", agent="a2")
     assert headers["X-Sidecar-Cache"] == "hit"
@@ -144,11 +138,9 @@ async def test_agents_do_not_share_entries_unless_shared(
 
 
 async def test_what_must_not_be_kept_is_not(
-    upstream, start_sidecar: StartSidecar, client: aiohttp.ClientSession
+    up: Upstream, cache_sidecar: CacheSidecar, client: aiohttp.ClientSession
 ) -> None:
-    up = Upstream()
-    base = await upstream(up.app())
-    sc = await start_sidecar(policy(base, "{max_body: 1KiB}"), env={"API_TOKEN": SECRET})
+    sc = await cache_sidecar(up.base, "{max_body: 1KiB}", SECRET)
     for path in ("/no-store", "/cookie", "/missing", "/short"):
         await get(client, f"{sc.url}/api{path}")
         headers, body = await get(client, f"{sc.url}/api{path}")
@@ -171,11 +163,9 @@ async def test_what_must_not_be_kept_is_not(
 
 
 async def test_post_is_keyed_by_its_canonical_json_body_when_enabled(
-    upstream, start_sidecar: StartSidecar, client: aiohttp.ClientSession
+    up: Upstream, cache_sidecar: CacheSidecar, client: aiohttp.ClientSession
 ) -> None:
-    up = Upstream()
-    base = await upstream(up.app())
-    sc = await start_sidecar(policy(base, "{methods: [POST]}"), env={"API_TOKEN": SECRET})
+    sc = await cache_sidecar(up.base, "{methods: [POST]}", SECRET)
     url = f"{sc.url}/api/v1/chat/completions"
     ask = {"model": "m", "temperature": 0, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -202,11 +192,9 @@ async def test_post_is_keyed_by_its_canonical_json_body_when_enabled(
 
 
 async def test_an_entry_expires_after_its_ttl(
-    upstream, start_sidecar: StartSidecar, client: aiohttp.ClientSession
+    up: Upstream, cache_sidecar: CacheSidecar, client: aiohttp.ClientSession
 ) -> None:
-    up = Upstream()
-    base = await upstream(up.app())
-    sc = await start_sidecar(policy(base, "{ttl: 50ms}"), env={"API_TOKEN": SECRET})
+    sc = await cache_sidecar(up.base, "{ttl: 50ms}", SECRET)
     await get(client, f"{sc.url}/api/x")
 
     async def fresh() -> bool:
@@ -218,11 +206,9 @@ async def test_an_entry_expires_after_its_ttl(
 
 
 async def test_a_miss_streams_chunk_by_chunk_and_is_stored_once_complete(
-    upstream, start_sidecar: StartSidecar, client: aiohttp.ClientSession
+    up: Upstream, cache_sidecar: CacheSidecar, client: aiohttp.ClientSession
 ) -> None:
-    up = Upstream()
-    base = await upstream(up.app())
-    sc = await start_sidecar(policy(base, "{}"), env={"API_TOKEN": SECRET})
+    sc = await cache_sidecar(up.base, "{}", SECRET)
     async with client.get(f"{sc.url}/api/stream", headers={"X-Agent-Id": "a1"}) as r:
         assert r.headers["X-Sidecar-Cache"] == "miss"
         # The first event arrives while the upstream still holds back the second.
@@ -237,17 +223,15 @@ async def test_a_miss_streams_chunk_by_chunk_and_is_stored_once_complete(
 
 
 async def test_a_reload_with_the_same_cache_keeps_the_entries(
-    upstream, start_sidecar: StartSidecar, client: aiohttp.ClientSession
+    up: Upstream, cache_sidecar: CacheSidecar, client: aiohttp.ClientSession
 ) -> None:
-    up = Upstream()
-    base = await upstream(up.app())
-    sc = await start_sidecar(policy(base, "{ttl: 10m}"), env={"API_TOKEN": SECRET})
+    sc = await cache_sidecar(up.base, "{ttl: 10m}", SECRET)
     await get(client, f"{sc.url}/api/x")
-    sc.write("policy.yaml", policy(base, "{ttl: 10m}", retry=2))
+    sc.write("policy.yaml", cache_policy(up.base, "{ttl: 10m}", retry=2))
     assert (await sc.sidecar.reload("test")).ok
     headers, _ = await get(client, f"{sc.url}/api/x")
     assert headers["X-Sidecar-Cache"] == "hit"
-    sc.write("policy.yaml", policy(base, "{ttl: 5m}"))
+    sc.write("policy.yaml", cache_policy(up.base, "{ttl: 5m}"))
     assert (await sc.sidecar.reload("test")).ok
     headers, _ = await get(client, f"{sc.url}/api/x")
     assert headers["X-Sidecar-Cache"] == "miss"
@@ -256,13 +240,7 @@ async def test_a_reload_with_the_same_cache_keeps_the_entries(
 async def test_least_recently_used_entries_go_first_and_ttl_follows_the_clock() -> None:
     now = [0.0]
     store = CacheStore(max_entries=2, max_bytes=1 << 20)
-    step = CacheStep(
-        service="api",
-        config=Cache.model_validate({"ttl": "1m", "max_entries": 2}),
-        store=store,
-        report=[],
-        clock=lambda: now[0],
-    )
+    step = cache_step({"ttl": "1m", "max_entries": 2}, store, lambda: now[0])
     calls: list[str] = []
 
     async def upstream(call: Call) -> Reply:
@@ -270,14 +248,7 @@ async def test_least_recently_used_entries_go_first_and_ttl_follows_the_clock() 
         return StaticReply(200, CIMultiDict({"Content-Type": "text/plain"}), b"ok")
 
     async def fetch(target: str) -> str:
-        call = Call(
-            service="api", method="GET", target=target, headers=CIMultiDict(), body=None, agent="a"
-        )
-        reply = await step(call, upstream)
-        if reply.body is not None:
-            async for _ in reply.body:
-                pass
-        return reply.headers["X-Sidecar-Cache"]
+        return (await get_through(step, upstream, target)).headers["X-Sidecar-Cache"]
 
     assert [await fetch(t) for t in ("/a", "/b", "/a", "/c")] == ["miss", "miss", "hit", "miss"]
     assert len(store) == 2
@@ -319,19 +290,17 @@ def test_the_store_is_bounded_in_bytes_too() -> None:
 
 
 async def test_an_agents_own_credential_is_never_answered_from_the_cache(
-    upstream, start_sidecar: StartSidecar, client: aiohttp.ClientSession
+    up: Upstream, start_sidecar: StartSidecar, client: aiohttp.ClientSession
 ) -> None:
-    up = Upstream()
-    base = await upstream(up.app())
     sc = await start_sidecar(
         f"""
         version: 1
         services:
           open:
-            upstream: {base}
+            upstream: {up.base}
             cache: {{shared: true}}
           keyed:
-            upstream: {base}
+            upstream: {up.base}
             cache: {{shared: true, key_headers: [Authorization]}}
         """
     )
@@ -346,17 +315,14 @@ async def test_an_agents_own_credential_is_never_answered_from_the_cache(
         async with client.get(f"{sc.url}/keyed/k", headers=headers) as r:
             results.append(r.headers["X-Sidecar-Cache"])
     assert results == ["miss", "miss", "hit"]
-    async with client.get(f"{sc.admin}/metrics") as r:
-        text = await r.text()
+    text = await metrics(client, sc.admin)
     assert 'sidecar_cache_requests_total{result="bypass",service="open"} 2.0' in text
 
 
 async def test_an_answer_cut_short_is_not_stored(
-    upstream, start_sidecar: StartSidecar, client: aiohttp.ClientSession
+    up: Upstream, cache_sidecar: CacheSidecar, client: aiohttp.ClientSession
 ) -> None:
-    up = Upstream()
-    base = await upstream(up.app())
-    sc = await start_sidecar(policy(base, "{}"), env={"API_TOKEN": SECRET})
+    sc = await cache_sidecar(up.base, "{}", SECRET)
     try:
         async with client.get(f"{sc.url}/api/cut", headers={"X-Agent-Id": "a1"}) as r:
             await r.read()

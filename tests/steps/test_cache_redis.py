@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import textwrap
 from pathlib import Path
 
 import aiohttp
@@ -13,15 +12,16 @@ import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
-from tests.conftest import StartSidecar
 from tests.helpers import eventually, sidecar_process
 from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401
+from tests.steps.conftest import CacheSidecar, api_cache, cache_policy, metrics, served
 
 SECRET = "sk-cache-redis-canary-31f0"
 
 
 class Origin:
     def __init__(self) -> None:
+        self.base = ""  # where it serves, once started
         self.hits = 0
         self.authorization: list[str] = []
 
@@ -40,18 +40,12 @@ class Origin:
         return app
 
 
-def policy(base: str, redis_url: str) -> str:
-    return textwrap.dedent(
-        f"""
-        version: 1
-        services:
-          api:
-            upstream: {base}
-            auth: {{type: bearer, token: "${{env:API_TOKEN}}"}}
-            cache: {{scope: service, backend: "{redis_url}"}}
-            retry: {{attempts: 1}}
-        """
-    )
+origin = served(Origin)
+
+
+def shared(redis_url: str) -> str:
+    """The `cache:` value of an entry shared by every agent, kept in that Redis."""
+    return f'{{scope: service, backend: "{redis_url}"}}'
 
 
 async def everything(redis_url: str) -> list[bytes]:
@@ -70,13 +64,11 @@ async def everything(redis_url: str) -> list[bytes]:
 
 
 async def test_two_sidecar_processes_share_the_entries_and_no_secret_reaches_redis(
-    upstream, redis_server: RedisServer, tmp_path: Path
+    origin: Origin, redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    origin = Origin()
-    base = await upstream(origin.app())
     directory = tmp_path / "policies"
     directory.mkdir()
-    (directory / "policy.yaml").write_text(policy(base, redis_server.url))
+    (directory / "policy.yaml").write_text(cache_policy(origin.base, shared(redis_server.url)))
     env = {**os.environ, "API_TOKEN": SECRET}
     async with (
         sidecar_process(directory, env=env) as first,
@@ -112,8 +104,7 @@ async def test_two_sidecar_processes_share_the_entries_and_no_secret_reaches_red
         await eventually(both, "the second variant to reach Redis")
         result, body = await get(f"{first.url}/api/items?page=1", "a1", "fr")
         assert (result, body["n"]) == ("hit", 2)
-        async with client.get(f"{first.admin}/services") as r:
-            cache = (await r.json())["services"]["api"]["cache"]
+        cache = await api_cache(client, first.admin)
         assert cache["backend"] == "redis"
         assert cache["where"] == f"127.0.0.1:{redis_server.port}"
         await first.stop()
@@ -127,14 +118,12 @@ async def test_two_sidecar_processes_share_the_entries_and_no_secret_reaches_red
 
 
 async def test_a_redis_outage_is_a_miss_never_a_failed_call(
-    upstream,
-    start_sidecar: StartSidecar,
+    origin: Origin,
+    cache_sidecar: CacheSidecar,
     client: aiohttp.ClientSession,
     redis_server: RedisServer,
 ) -> None:
-    origin = Origin()
-    base = await upstream(origin.app())
-    sc = await start_sidecar(policy(base, redis_server.url), env={"API_TOKEN": SECRET})
+    sc = await cache_sidecar(origin.base, shared(redis_server.url), SECRET)
     url = f"{sc.url}/api/x"
     headers = {"X-Agent-Id": "a1"}
     redis_server.stop()
@@ -143,8 +132,7 @@ async def test_a_redis_outage_is_a_miss_never_a_failed_call(
             assert r.status == 200
             assert r.headers["X-Sidecar-Cache"] == "miss"
             assert (await r.json())["n"] == n
-    async with client.get(f"{sc.admin}/metrics") as r:
-        text = await r.text()
+    text = await metrics(client, sc.admin)
     assert 'sidecar_cache_backend_errors_total{service="api"}' in text
     assert SECRET not in text
     redis_server.start()
@@ -159,18 +147,16 @@ async def test_a_redis_outage_is_a_miss_never_a_failed_call(
 
 
 async def test_the_backends_password_is_never_shown(
-    upstream,
-    start_sidecar: StartSidecar,
+    origin: Origin,
+    cache_sidecar: CacheSidecar,
     client: aiohttp.ClientSession,
     redis_server: RedisServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     password = "redis-pw-canary-9c2e"
-    origin = Origin()
-    base = await upstream(origin.app())
     # This redis-server has no such user: every connection is refused, like a wrong password.
     url = f"redis://cacheuser:{password}@127.0.0.1:{redis_server.port}/0"
-    sc = await start_sidecar(policy(base, url), env={"API_TOKEN": SECRET})
+    sc = await cache_sidecar(origin.base, shared(url), SECRET)
     with caplog.at_level(logging.DEBUG):
         for _ in range(2):
             async with client.get(f"{sc.url}/api/x", headers={"X-Agent-Id": "a1"}) as r:

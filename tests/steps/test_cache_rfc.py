@@ -14,11 +14,11 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from sidecar.call import Call, Reply, StaticReply
-from sidecar.policy.cache import Cache
 from sidecar.policy.loader import PolicyError, load_policy
 from sidecar.problems import ProblemError
-from sidecar.steps.cache import CacheStep, CacheStore
+from sidecar.steps.cache import CacheStore
 from tests.conftest import StartSidecar
+from tests.steps.conftest import CacheSidecar, api_cache, cache_step, get_through, metrics, served
 
 SECRET = "sk-cache-rfc-canary-77a3"
 LAST_MODIFIED = "Wed, 21 Oct 2015 07:28:00 GMT"
@@ -28,6 +28,7 @@ class Origin:
     """An upstream that counts calls per path and notes the validators it was sent."""
 
     def __init__(self) -> None:
+        self.base = ""  # where it serves, once started
         self.hits: dict[str, int] = {}
         self.if_none_match: list[str | None] = []
         self.if_modified_since: list[str | None] = []
@@ -96,16 +97,7 @@ class Origin:
         return app
 
 
-def policy(base: str, cache: str) -> str:
-    return f"""
-        version: 1
-        services:
-          api:
-            upstream: {base}
-            auth: {{type: bearer, token: "${{env:API_TOKEN}}"}}
-            cache: {cache}
-            retry: {{attempts: 1}}
-        """
+origin = served(Origin)
 
 
 async def fetch(
@@ -118,11 +110,9 @@ async def fetch(
 
 
 async def test_vary_keeps_one_variant_per_value_of_the_headers_it_names(
-    upstream, start_sidecar: StartSidecar, client: aiohttp.ClientSession
+    origin: Origin, cache_sidecar: CacheSidecar, client: aiohttp.ClientSession
 ) -> None:
-    origin = Origin()
-    base = await upstream(origin.app())
-    sc = await start_sidecar(policy(base, "{}"), env={"API_TOKEN": SECRET})
+    sc = await cache_sidecar(origin.base, "{}", SECRET)
     url = f"{sc.url}/api/vary"
     results = []
     for language in ("en", "fr", "en", "fr"):
@@ -135,19 +125,16 @@ async def test_vary_keeps_one_variant_per_value_of_the_headers_it_names(
         _, headers, _ = await fetch(client, f"{sc.url}/api/vary-star")
         assert headers["X-Sidecar-Cache"] == "miss"
     assert origin.count("/vary-star") == 2
-    async with client.get(f"{sc.admin}/services") as r:
-        cache = (await r.json())["services"]["api"]["cache"]
+    cache = await api_cache(client, sc.admin)
     assert cache["backend"] == "memory"
     assert cache["entries"] == 2
     assert cache["bytes"] > 0
 
 
 async def test_a_stale_entry_is_revalidated_with_its_etag_and_a_304_refreshes_it(
-    upstream, start_sidecar: StartSidecar, client: aiohttp.ClientSession
+    origin: Origin, cache_sidecar: CacheSidecar, client: aiohttp.ClientSession
 ) -> None:
-    origin = Origin()
-    base = await upstream(origin.app())
-    sc = await start_sidecar(policy(base, "{}"), env={"API_TOKEN": SECRET})
+    sc = await cache_sidecar(origin.base, "{}", SECRET)
     url = f"{sc.url}/api/etag"
     status, headers, body = await fetch(client, url)
     assert (status, headers["X-Sidecar-Cache"], body) == (200, "miss", {"n": 1})
@@ -169,18 +156,15 @@ async def test_a_stale_entry_is_revalidated_with_its_etag_and_a_304_refreshes_it
     status, headers, body = await fetch(client, url, If_None_Match='"v0"')
     assert (status, headers["X-Sidecar-Cache"], body) == (200, "hit", {"n": 1})
     assert origin.count("/etag") == 2
-    async with client.get(f"{sc.admin}/metrics") as r:
-        text = await r.text()
+    text = await metrics(client, sc.admin)
     assert 'sidecar_cache_requests_total{result="revalidated",service="api"} 1.0' in text
     assert SECRET not in text
 
 
 async def test_last_modified_is_revalidated_with_if_modified_since(
-    upstream, start_sidecar: StartSidecar, client: aiohttp.ClientSession
+    origin: Origin, cache_sidecar: CacheSidecar, client: aiohttp.ClientSession
 ) -> None:
-    origin = Origin()
-    base = await upstream(origin.app())
-    sc = await start_sidecar(policy(base, "{}"), env={"API_TOKEN": SECRET})
+    sc = await cache_sidecar(origin.base, "{}", SECRET)
     url = f"{sc.url}/api/modified"
     results = []
     for _ in range(3):
@@ -205,7 +189,7 @@ async def test_last_modified_is_revalidated_with_if_modified_since(
 
 
 async def test_a_stale_entry_is_served_when_the_upstream_is_gone_if_the_answer_allows(
-    start_sidecar: StartSidecar, client: aiohttp.ClientSession
+    cache_sidecar: CacheSidecar, client: aiohttp.ClientSession
 ) -> None:
     origin = Origin()
     runner = web.AppRunner(origin.app(), access_log=None, handle_signals=False)
@@ -213,7 +197,7 @@ async def test_a_stale_entry_is_served_when_the_upstream_is_gone_if_the_answer_a
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
-    sc = await start_sidecar(policy(f"http://127.0.0.1:{port}", "{}"), env={"API_TOKEN": SECRET})
+    sc = await cache_sidecar(f"http://127.0.0.1:{port}", "{}", SECRET)
     url = f"{sc.url}/api/stale-ok"
     _, headers, _ = await fetch(client, url)
     assert headers["X-Sidecar-Cache"] == "miss"
@@ -227,17 +211,14 @@ async def test_a_stale_entry_is_served_when_the_upstream_is_gone_if_the_answer_a
     # Without stale-if-error (answer or policy), the agent sees the failure.
     status, headers, _ = await fetch(client, f"{sc.url}/api/other")
     assert (status, headers["X-Sidecar-Error"]) == (502, "upstream_unreachable")
-    async with client.get(f"{sc.admin}/metrics") as r:
-        text = await r.text()
+    text = await metrics(client, sc.admin)
     assert 'sidecar_cache_requests_total{result="stale",service="api"} 1.0' in text
 
 
 async def test_the_policys_stale_if_error_serves_an_entry_when_the_upstream_answers_503(
-    upstream, start_sidecar: StartSidecar, client: aiohttp.ClientSession
+    origin: Origin, cache_sidecar: CacheSidecar, client: aiohttp.ClientSession
 ) -> None:
-    origin = Origin()
-    base = await upstream(origin.app())
-    sc = await start_sidecar(policy(base, "{stale_if_error: 10m}"), env={"API_TOKEN": SECRET})
+    sc = await cache_sidecar(origin.base, "{stale_if_error: 10m}", SECRET)
     url = f"{sc.url}/api/etag"
     await fetch(client, url)
     origin.failing = True
@@ -252,11 +233,9 @@ async def test_the_policys_stale_if_error_serves_an_entry_when_the_upstream_answ
 
 
 async def test_age_counts_the_time_the_answer_spent_in_caches_before(
-    upstream, start_sidecar: StartSidecar, client: aiohttp.ClientSession
+    origin: Origin, cache_sidecar: CacheSidecar, client: aiohttp.ClientSession
 ) -> None:
-    origin = Origin()
-    base = await upstream(origin.app())
-    sc = await start_sidecar(policy(base, "{ttl: 1h}"), env={"API_TOKEN": SECRET})
+    sc = await cache_sidecar(origin.base, "{ttl: 1h}", SECRET)
     await fetch(client, f"{sc.url}/api/aged")
     _, headers, _ = await fetch(client, f"{sc.url}/api/aged")
     assert headers["X-Sidecar-Cache"] == "hit"
@@ -268,19 +247,17 @@ async def test_age_counts_the_time_the_answer_spent_in_caches_before(
 
 
 async def test_scope_service_shares_entries_and_scope_agent_does_not(
-    upstream, start_sidecar: StartSidecar, client: aiohttp.ClientSession
+    origin: Origin, start_sidecar: StartSidecar, client: aiohttp.ClientSession
 ) -> None:
-    origin = Origin()
-    base = await upstream(origin.app())
     sc = await start_sidecar(
         f"""
         version: 1
         services:
           shared:
-            upstream: {base}
+            upstream: {origin.base}
             cache: {{scope: service}}
           own:
-            upstream: {base}
+            upstream: {origin.base}
             cache: {{scope: agent, shared: false}}
         """
     )
@@ -310,13 +287,7 @@ def test_scope_and_shared_that_disagree_are_refused(tmp_path: Path) -> None:
 async def test_memory_stays_within_both_bounds_under_10k_distinct_keys() -> None:
     evicted: list[int] = []
     store = CacheStore(max_entries=500, max_bytes=50_000, evicted=evicted.append)
-    step = CacheStep(
-        service="api",
-        config=Cache.model_validate({"ttl": "1h", "max_entries": 500, "max_bytes": 50_000}),
-        store=store,
-        report=[],
-        clock=lambda: 1000.0,
-    )
+    step = cache_step({"ttl": "1h", "max_entries": 500, "max_bytes": 50_000}, store, lambda: 1000.0)
     calls = 0
 
     async def origin(call: Call) -> Reply:
@@ -327,13 +298,8 @@ async def test_memory_stays_within_both_bounds_under_10k_distinct_keys() -> None
         return StaticReply(200, CIMultiDict({"Content-Type": "text/plain"}), b"x" * size)
 
     async def get(target: str) -> str:
-        call = Call(
-            service="api", method="GET", target=target, headers=CIMultiDict(), body=None, agent="a"
-        )
-        reply = await step(call, origin)
+        reply = await get_through(step, origin, target)
         assert reply.body is not None
-        async for _ in reply.body:
-            pass
         return reply.headers["X-Sidecar-Cache"]
 
     most_entries = most_bytes = 0
@@ -351,32 +317,22 @@ async def test_memory_stays_within_both_bounds_under_10k_distinct_keys() -> None
 
 
 async def test_evictions_and_sizes_are_in_the_metrics(
-    upstream, start_sidecar: StartSidecar, client: aiohttp.ClientSession
+    origin: Origin, cache_sidecar: CacheSidecar, client: aiohttp.ClientSession
 ) -> None:
-    origin = Origin()
-    base = await upstream(origin.app())
-    sc = await start_sidecar(policy(base, "{max_entries: 3}"), env={"API_TOKEN": SECRET})
+    sc = await cache_sidecar(origin.base, "{max_entries: 3}", SECRET)
     for i in range(5):
         await fetch(client, f"{sc.url}/api/p{i}")
-    async with client.get(f"{sc.admin}/metrics") as r:
-        text = await r.text()
+    text = await metrics(client, sc.admin)
     assert 'sidecar_cache_evictions_total{service="api"} 2.0' in text
     assert 'sidecar_cache_entries{service="api"} 3.0' in text
     assert 'sidecar_cache_bytes{service="api"}' in text
-    async with client.get(f"{sc.admin}/services") as r:
-        cache = (await r.json())["services"]["api"]["cache"]
+    cache = await api_cache(client, sc.admin)
     assert (cache["entries"], cache["max_entries"]) == (3, 3)
 
 
 async def test_freshness_and_the_stale_if_error_window_follow_the_clock() -> None:
     now = [1000.0]
-    step = CacheStep(
-        service="api",
-        config=Cache.model_validate({"ttl": "1h"}),
-        store=CacheStore(max_entries=10, max_bytes=1 << 20),
-        report=[],
-        clock=lambda: now[0],
-    )
+    step = cache_step({"ttl": "1h"}, CacheStore(max_entries=10, max_bytes=1 << 20), lambda: now[0])
     down = [False]
     sent: list[str | None] = []
 
@@ -388,13 +344,7 @@ async def test_freshness_and_the_stale_if_error_window_follow_the_clock() -> Non
         return StaticReply(200, CIMultiDict(headers), b"body")
 
     async def get() -> tuple[str, str]:
-        call = Call(
-            service="api", method="GET", target="/t", headers=CIMultiDict(), body=None, agent="a"
-        )
-        reply = await step(call, origin)
-        if reply.body is not None:
-            async for _ in reply.body:
-                pass
+        reply = await get_through(step, origin, "/t")
         return reply.headers["X-Sidecar-Cache"], reply.headers.get("Age", "")
 
     assert await get() == ("miss", "")

@@ -39,8 +39,6 @@ _RESPONSE_DROP_RAW = frozenset(name.encode("latin-1") for name in _RESPONSE_DROP
 # It holds every framing field the listener writes itself (Content-Length,
 # Transfer-Encoding, Connection, Keep-Alive): a relayed answer is `no_framing`.
 _REWRITTEN = frozenset(h.lower() for h in REWRITTEN_HEADERS)
-_REWRITTEN_RAW = frozenset(h.encode("latin-1") for h in _REWRITTEN)
-_NONE: frozenset[bytes] = frozenset()
 # Methods the sidecar will not carry: TRACE would echo the injected credential
 # back to the agent; CONNECT would make it a tunnel to anywhere.
 _REFUSED_METHODS = frozenset({"TRACE", "CONNECT"})
@@ -249,15 +247,12 @@ def _relay(request: Request, reply: Reply, route: Route, exchange: Exchange | No
     body: AsyncIterable[bytes] | None = reply.body
     if body is not None and route.idle is not None and not getattr(body, "complete", False):
         body = _idle_bounded(body, route.idle)
-    if type(reply) is UpstreamReply:
+    if type(reply) is UpstreamReply and not (reply.refers and route.redirects is not None):
         # The upstream's own answer, untouched by any step (most calls): its head is
-        # relayed as the bytes it came in, never decoded; unless it has a redirect
-        # to rewrite.
+        # relayed as the bytes it came in, never decoded (unless it has a URL to rewrite).
         drop = drop_with_connection_raw(_RESPONSE_DROP_RAW, reply.connection)
         try:
-            lines = raw_header_lines(
-                reply.raw_headers, drop, _REWRITTEN_RAW if route.redirects else _NONE
-            )
+            lines: bytes | None = raw_header_lines(reply.raw_headers, drop)
         except ValueError:
             lines = None  # written below the slow way, which refuses it where it always has
         if lines is not None:

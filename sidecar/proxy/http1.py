@@ -71,27 +71,19 @@ def header_lines(headers: Iterable[tuple[str, str]]) -> bytes:
     return text.encode("latin-1")
 
 
-def raw_header_lines(
-    headers: Iterable[tuple[bytes, bytes]],
-    drop: frozenset[bytes],
-    refer: frozenset[bytes] = frozenset(),
-) -> bytes | None:
+def raw_header_lines(headers: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes]) -> bytes:
     """`header_lines` for fields as a parser read them, leaving out the names in `drop`
-    (lowercase): a head relayed without decoding a byte. None when a name in `refer`
-    is there: the caller must change that field, so it writes the head itself.
-    ValueError as `header_lines`."""
-    lines = []
-    for field in headers:
-        name = field[0].lower()
-        if name in drop:
-            continue
-        if name in refer:
-            return None
-        lines.append(b"%b: %b\r\n" % field)
-    data = b"".join(lines)
-    if data.count(b"\n") != len(lines) or data.count(b"\r") != len(lines) or b"\0" in data:
-        for line in lines:
-            _check_field(line[:-2].decode("latin-1"))
+    (lowercase): a head relayed without decoding a byte. ValueError as there."""
+    # bytes.join, not %-formatting: twice as fast per field.
+    lines = [b": ".join(field) for field in headers if field[0].lower() not in drop]
+    if not lines:
+        return b""
+    lines.append(b"")
+    data = b"\r\n".join(lines)
+    count = len(lines) - 1
+    if data.count(b"\n") != count or data.count(b"\r") != count or b"\0" in data:
+        for line in lines[:-1]:
+            _check_field(line.decode("latin-1"))
     return data
 
 

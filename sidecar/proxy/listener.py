@@ -608,7 +608,7 @@ class HttpServerProtocol(asyncio.Protocol):
             framing += b"Connection: keep-alive\r\n"
         if lines is None:
             lines = header_lines(headers)
-        head = b"%b%b%b\r\n" % (status_line(status, response.reason), lines, framing)
+        head = status_line(status, response.reason) + lines + framing + b"\r\n"
 
         if no_body or body is None:
             transport.write(head)

@@ -121,6 +121,7 @@ class _Connection(asyncio.Protocol):
         self.raw: list[tuple[bytes, bytes]] = []
         self.length: bytes | None = None  # the first Content-Length
         self.connection: bytes | None = None  # the first Connection
+        self.refers = False  # a Location or Content-Location: a URL a proxy may rewrite
         self.body: FeedStream | None = None
         self.message_done = False
         self.keep_alive = False
@@ -196,6 +197,7 @@ class _Connection(asyncio.Protocol):
         self.raw = []
         self.length = None
         self.connection = None
+        self.refers = False
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason.decode("latin-1")
@@ -204,10 +206,16 @@ class _Connection(asyncio.Protocol):
         if self.body is None:  # after the head: a trailer, not forwarded
             self.raw.append((name, value))
             size = len(name)
-            if size == 14 and self.length is None and name.lower() == b"content-length":
-                self.length = value
-            elif size == 10 and self.connection is None and name.lower() == b"connection":
-                self.connection = value
+            if size == 14 or size == 10 or size == 8 or size == 16:
+                lower = name.lower()
+                if lower == b"content-length":
+                    if self.length is None:
+                        self.length = value
+                elif lower == b"connection":
+                    if self.connection is None:
+                        self.connection = value
+                elif lower == b"location" or lower == b"content-location":
+                    self.refers = True
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -343,6 +351,7 @@ class UpstreamReply:
         "content_length",
         "raw_headers",
         "reason",
+        "refers",
         "status",
     )
 
@@ -356,6 +365,7 @@ class UpstreamReply:
         # relays it from these without decoding it (most steps never look).
         self.raw_headers = conn.raw
         self.connection = conn.connection
+        self.refers = conn.refers
         self._headers: CIMultiDictProxy[str] | None = None
         length = conn.length
         self.content_length = int(length) if length is not None and length.isdigit() else None
@@ -443,7 +453,7 @@ class Pool:
             content_length = len(body)
         if isinstance(headers, list) and headers and isinstance(headers[0][0], bytes):
             raw = cast(list[tuple[bytes, bytes]], headers)
-            lines = raw_header_lines(raw, _OWN_HEADERS_RAW) or b""
+            lines = raw_header_lines(raw, _OWN_HEADERS_RAW)
         else:
             text = cast(Iterable[tuple[str, str]], headers)
             lines = header_lines(h for h in text if h[0].lower() not in _OWN_HEADERS)
@@ -454,12 +464,17 @@ class Pool:
             framing = b"Content-Length: %d\r\n" % content_length
         else:
             framing = b""
-        head = b"%b %b HTTP/1.1\r\n%b%b%b\r\n" % (
-            method.encode("latin-1"),
-            target.encode("latin-1"),
-            self._host_line,
-            lines,
-            framing,
+        head = b"".join(
+            (
+                method.encode("latin-1"),
+                b" ",
+                target.encode("latin-1"),
+                b" HTTP/1.1\r\n",
+                self._host_line,
+                lines,
+                framing,
+                b"\r\n",
+            )
         )
         replayable = method in IDEMPOTENT and not (body is not None and not isinstance(body, bytes))
 

@@ -18,6 +18,7 @@ import re
 from collections.abc import MutableMapping
 from urllib.parse import SplitResult, urlsplit
 
+# proxy/pool.py notes when an answer has one of these (UpstreamReply.refers).
 REWRITTEN_HEADERS = ("Location", "Content-Location")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # A Host header that can stand as a URL's authority (host, [v6], :port); anything else

@@ -31,11 +31,6 @@ SERVER = "agent-sidecar"
 
 
 # Connection values that name no other header: nothing more to drop.
-def decode_fields(raw: Iterable[tuple[bytes, bytes]]) -> CIMultiDict[str]:
-    """Header fields as a parser read them (bytes), as the dict steps work with."""
-    return CIMultiDict([(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw])
-
-
 _PLAIN_CONNECTION = frozenset({"keep-alive", "close"})
 _PLAIN_CONNECTION_RAW = frozenset({b"keep-alive", b"close"})
 
@@ -102,3 +97,8 @@ def reset_seconds(value: str, wall_now: float) -> float | None:
     if when.tzinfo is None:
         return None
     return max(0.0, when.timestamp() - wall_now)
+
+
+def decode_fields(raw: Iterable[tuple[bytes, bytes]]) -> CIMultiDict[str]:
+    """Header fields as a parser read them (bytes), as the dict steps work with."""
+    return CIMultiDict([(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw])

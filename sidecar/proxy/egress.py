@@ -278,7 +278,7 @@ def _relay(request: Request, reply: Reply, route: Route, exchange: Exchange | No
 
 def _relayed_headers(request: Request, reply: Reply, route: Route) -> list[tuple[str, str]]:
     source = reply.headers
-    drop = drop_with_connection(_RESPONSE_DROP, source.get("Connection"))
+    drop = drop_with_connection(_RESPONSE_DROP, ", ".join(source.getall("Connection", ())))
     headers = [(name, value) for name, value in source.items() if name.lower() not in drop]
     redirects = route.redirects
     if redirects is not None:
@@ -291,7 +291,7 @@ def _relayed_headers(request: Request, reply: Reply, route: Route) -> list[tuple
 
 def _upgraded(reply: UpstreamReply, done: _Relayed) -> Response:
     source = reply.headers
-    drop = drop_with_connection(_RESPONSE_DROP, source.get("Connection"))
+    drop = drop_with_connection(_RESPONSE_DROP, ", ".join(source.getall("Connection", ())))
     headers = [(name, value) for name, value in source.items() if name.lower() not in drop]
     upgrade = source.get("Upgrade")
     if upgrade is not None:

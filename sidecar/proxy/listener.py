@@ -102,7 +102,7 @@ class Request:
         self.peer = peer
         self.keep_alive = keep_alive
         self.is_upgrade = is_upgrade
-        self.connection = connection  # the first Connection field's value
+        self.connection = connection  # every Connection field's value, joined
 
     @property
     def headers(self) -> CIMultiDict[str]:
@@ -113,7 +113,8 @@ class Request:
         return headers
 
     def header(self, name: bytes) -> str | None:
-        """The first field called `name` (lowercase), decoding no other."""
+        """The first field called `name` (any case), decoding no other."""
+        name = name.lower()
         size = len(name)
         for field_name, value in self.raw_headers:
             if len(field_name) == size and field_name.lower() == name:
@@ -364,8 +365,10 @@ class HttpServerProtocol(asyncio.Protocol):
             elif lower == b"expect":
                 if self._expect is None:
                     self._expect = value
-            elif lower == b"connection" and self._connection is None:
-                self._connection = value
+            elif lower == b"connection":
+                # Repeated fields are one list (RFC 9110 5.3): every one names hop fields.
+                previous = self._connection
+                self._connection = value if previous is None else previous + b", " + value
 
     def on_headers_complete(self) -> None:
         self._in_head = False

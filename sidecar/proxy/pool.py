@@ -120,7 +120,7 @@ class _Connection(asyncio.Protocol):
         # The answer's head as read: decoded only if a step asks (UpstreamReply.headers).
         self.raw: list[tuple[bytes, bytes]] = []
         self.length: bytes | None = None  # the first Content-Length
-        self.connection: bytes | None = None  # the first Connection
+        self.connection: bytes | None = None  # every Connection field, joined
         self.refers = False  # a Location or Content-Location: a URL a proxy may rewrite
         self.body: FeedStream | None = None
         self.message_done = False
@@ -212,8 +212,9 @@ class _Connection(asyncio.Protocol):
                     if self.length is None:
                         self.length = value
                 elif lower == b"connection":
-                    if self.connection is None:
-                        self.connection = value
+                    # Repeated fields are one list (RFC 9110 5.3).
+                    previous = self.connection
+                    self.connection = value if previous is None else previous + b", " + value
                 elif lower == b"location" or lower == b"content-location":
                     self.refers = True
 
@@ -437,26 +438,26 @@ class Pool:
         self,
         method: str,
         target: str,
-        headers: Iterable[tuple[str, str]] | list[tuple[bytes, bytes]],
+        headers: Iterable[tuple[str, str]],
         body: bytes | AsyncIterable[bytes] | None = None,
         *,
         content_length: int | None = None,
+        raw_headers: list[tuple[bytes, bytes]] | None = None,
     ) -> UpstreamReply:
         """Send one call; returns at the answer's head (the body streams after).
 
-        `headers` as text, or as a list of the bytes a parser read (relayed as they are).
+        `raw_headers`, when given, are sent instead of `headers`: fields as a parser
+        read them (bytes), relayed as they are.
         """
         if isinstance(body, FeedStream) and body.complete:
             # All of it came with the head (most calls): one write, no sender task.
             body = body.take_all()
         if isinstance(body, bytes):
             content_length = len(body)
-        if isinstance(headers, list) and headers and isinstance(headers[0][0], bytes):
-            raw = cast(list[tuple[bytes, bytes]], headers)
-            lines = raw_header_lines(raw, _OWN_HEADERS_RAW)
+        if raw_headers is not None:
+            lines = raw_header_lines(raw_headers, _OWN_HEADERS_RAW)
         else:
-            text = cast(Iterable[tuple[str, str]], headers)
-            lines = header_lines(h for h in text if h[0].lower() not in _OWN_HEADERS)
+            lines = header_lines(h for h in headers if h[0].lower() not in _OWN_HEADERS)
         chunked = body is not None and not isinstance(body, bytes) and content_length is None
         if chunked:
             framing = b"Transfer-Encoding: chunked\r\n"

@@ -49,9 +49,10 @@ class Upstream:
             return await self.pool.request(
                 call.method,
                 self.base_path + call.target,
-                call.headers.items() if raw is None else raw,
+                call.headers.items() if raw is None else (),
                 call.body,
                 content_length=call.content_length,
+                raw_headers=raw,
             )
         except UpstreamError as exc:
             raise self._problem(exc) from None

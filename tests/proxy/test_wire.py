@@ -319,3 +319,130 @@ async def test_header_fields_pass_byte_for_byte_both_ways(tmp_path):
     )
     assert b"X-Hop" not in head
     assert b"\r\nContent-Length: 2\r\n" in head
+
+
+async def _scripted_upstream(answers: list[bytes], seen: list[bytes]) -> tuple[asyncio.Server, str]:
+    """An upstream that records each request head as sent and answers the next of
+    `answers`, byte for byte."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while answers:
+                seen.append(await reader.readuntil(b"\r\n\r\n"))
+                writer.write(answers.pop(0))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def test_fields_the_upstream_must_not_see_stay_dropped_on_every_attempt(tmp_path):
+    """Credential, agent id, proxy and hop-by-hop fields, in any case and repeated,
+    never reach the upstream, and the injected ones go out once per attempt; the
+    sidecar's marks and hop fields from the upstream never reach the agent."""
+    seen: list[bytes] = []
+    busy = b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\nRetry-After: 0\r\n\r\n"
+    good = (
+        b"HTTP/1.1 200 OK\r\nX-Sidecar-Error: forged\r\nx-sidecar-error: forged2\r\n"
+        b"Keep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\nTrailer: X-T\r\n"
+        b"Connection: keep-alive, X-Hop\r\nX-Hop: gone\r\nTransfer-Encoding: chunked\r\n"
+        b"Upgrade: h2c\r\nX-Kept: yes\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+    )
+    server, base = await _scripted_upstream([busy, good], seen)
+    policies = _policies(
+        tmp_path,
+        f"  svc:\n    upstream: '{base}'\n"
+        "    auth: {type: bearer, token: '${env:TOKEN}'}\n"
+        "    headers: {set: {X-Set: fixed}, remove: [Cookie]}\n"
+        "    retry: {attempts: 2, on: [503], backoff: {initial: 1ms, max: 1ms}}\n",
+    )
+    async with server, sidecar_process(policies, env=_env(TOKEN="s3cret")) as proc:
+        reader, writer = await asyncio.open_connection(*_host_port(proc.url))
+        writer.write(
+            b"GET /svc/x HTTP/1.1\r\nHost: agent\r\nauthorization: Bearer agent\r\n"
+            b"AUTHORIZATION: Bearer agent2\r\nx-agent-id: a1\r\nX-AGENT-ID: a2\r\n"
+            b"X-Forwarded-For: 1.2.3.4\r\nx-forwarded-host: evil\r\nVia: 1.1 evil\r\n"
+            b"Forwarded: for=evil\r\nCookie: c=1\r\ncookie: c=2\r\nX-Set: agent\r\n"
+            b"x-set: agent2\r\nProxy-Authorization: Basic x\r\nTE: trailers\r\n"
+            b"Keep-Alive: 1\r\nConnection: keep-alive, X-Conn\r\nX-Conn: drop\r\n"
+            b"Proxy-Connection: keep-alive\r\nTrailer: X\r\nX-Keep: 1\r\n\r\n"
+        )
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+    assert len(seen) == 2
+    for sent in seen:
+        low = sent.lower()
+        for name in (
+            b"x-agent-id",
+            b"x-forwarded",
+            b"via:",
+            b"forwarded:",
+            b"cookie",
+            b"proxy-",
+            b"\r\nte:",
+            b"keep-alive",
+            b"x-conn",
+            b"\r\ntrailer",
+            b"agent2",
+            b"bearer agent",
+            b"evil",
+        ):
+            assert name not in low, name
+        assert low.count(b"authorization: bearer s3cret\r\n") == 1
+        assert low.count(b"x-set: fixed\r\n") == 1
+        assert b"X-Keep: 1\r\n" in sent
+    low = head.lower()
+    for name in (b"x-sidecar-error", b"keep-alive", b"proxy-authenticate", b"trailer", b"x-hop"):
+        assert name not in low, name
+    assert b"upgrade" not in low
+    assert b"X-Kept: yes" in head
+
+
+async def test_every_connection_field_names_hop_by_hop_fields(tmp_path):
+    """Two Connection fields are one list (RFC 9110 5.3): the fields named in the
+    second are dropped too, both ways."""
+    seen: list[bytes] = []
+    server, base = await _scripted_upstream(
+        [
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nConnection: X-Up-Hop\r\n"
+            b"X-Up-Hop: secret\r\nContent-Length: 2\r\n\r\nok"
+        ],
+        seen,
+    )
+    policies = _policies(tmp_path, f"  svc: {{upstream: '{base}'}}\n")
+    async with server, sidecar_process(policies, env=_env()) as proc:
+        reader, writer = await asyncio.open_connection(*_host_port(proc.url))
+        writer.write(
+            b"GET /svc/x HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\n"
+            b"Connection: X-Agent-Hop\r\nX-Agent-Hop: secret\r\n\r\n"
+        )
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+    assert b"X-Agent-Hop" not in seen[0]
+    assert b"X-Up-Hop" not in head
+
+
+@pytest.mark.parametrize("expect", [b"100-continue", b"100-continue ", b"100-Continue\t"])
+async def test_expect_100_continue_is_answered_whatever_its_case_and_spaces(tmp_path, expect):
+    seen: list[bytes] = []
+    server, base = await _scripted_upstream([b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"], seen)
+    policies = _policies(tmp_path, f"  svc: {{upstream: '{base}'}}\n")
+    async with server, sidecar_process(policies, env=_env()) as proc:
+        reader, writer = await asyncio.open_connection(*_host_port(proc.url))
+        writer.write(
+            b"POST /svc/x HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nExpect: "
+            + expect
+            + b"\r\n\r\n"
+        )
+        async with asyncio.timeout(10):
+            first = await reader.readuntil(b"\r\n\r\n")
+            assert first.startswith(b"HTTP/1.1 100 Continue\r\n")
+            writer.write(b"hi")
+            answer = await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 ")

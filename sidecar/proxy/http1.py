@@ -148,6 +148,7 @@ class FeedStream(BodyStream):
         "_eof",
         "_error",
         "_high_water",
+        "_loop",
         "_low_water",
         "_on_first_read",
         "_pause",
@@ -165,7 +166,11 @@ class FeedStream(BodyStream):
         high_water: int = 65536,
         on_first_read: Callable[[], None] | None = None,
         on_close: Callable[[], None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
+        # Given by the protocol that feeds it: asking asyncio for the running loop at
+        # each wait costs a getpid() system call (its fork check), per streamed chunk.
+        self._loop = loop
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._eof = False
@@ -234,7 +239,10 @@ class FeedStream(BodyStream):
                 raise StopAsyncIteration
             if self._error is not None:
                 raise self._error
-            self._waiter = asyncio.get_running_loop().create_future()
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            self._waiter = loop.create_future()
             await self._waiter
         data = self._chunks.popleft()
         self._buffered -= len(data)

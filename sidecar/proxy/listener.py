@@ -361,6 +361,14 @@ class HttpServerProtocol(asyncio.Protocol):
                 if self._length is None:
                     self._length = value
             elif lower == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":
+                    # llhttp de-chunks `gzip, chunked` and would drop the gzip unsaid:
+                    # the upstream would get compressed bytes labelled as plain.
+                    raise _Refused(
+                        400,
+                        "Transfer-Encoding other than chunked is not accepted; send the body "
+                        "with Content-Length or Transfer-Encoding: chunked.",
+                    )
                 self._chunked = True
             elif lower == b"expect":
                 if self._expect is None:
@@ -385,6 +393,7 @@ class HttpServerProtocol(asyncio.Protocol):
         if self._chunked or (content_length and not is_upgrade):
             expect = self._expect
             body = FeedStream(
+                loop=self._loop,
                 pause=self._pause_for_body,
                 resume=self._resume_for_body,
                 high_water=self._limits.body_high_water,

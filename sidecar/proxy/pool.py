@@ -227,7 +227,10 @@ class _Connection(asyncio.Protocol):
         self.status = status
         self.keep_alive = self._parser.should_keep_alive()
         self.body = FeedStream(
-            pause=self._pause_reading, resume=self._resume_reading, high_water=self._pool.high_water
+            loop=self._loop,
+            pause=self._pause_reading,
+            resume=self._resume_reading,
+            high_water=self._pool.high_water,
         )
         if self._head is not None and not self._head.done():
             self._head.set_result(None)

@@ -41,6 +41,9 @@ REFUSED = {
     + b"".join(b"X-%d: a\r\n" % i for i in range(101))
     + b"\r\n",
     "te_not_chunked": b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nabc",
+    # De-chunked, the body would reach the upstream still gzipped but labelled plain.
+    "te_coding_then_chunked": b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, "
+    b"chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
 }
 
 

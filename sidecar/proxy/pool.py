@@ -425,9 +425,10 @@ class Pool:
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle
         self.high_water = high_water
-        self._ssl: ssl.SSLContext | None = None
-        if self.origin.scheme == "https":
-            self._ssl = ssl_context or _default_tls()
+        # The default context is made at the first connection, not here: it loads the
+        # system's CA store (2.3 MiB), which an idle sidecar never needs.
+        self._tls = self.origin.scheme == "https"
+        self._ssl: ssl.SSLContext | None = ssl_context if self._tls else None
         self._resolver = resolver or Resolver()
         self._idle: list[_Connection] = []
         self._every = min(1.0, idle_timeout / 4)
@@ -550,6 +551,8 @@ class Pool:
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         origin = self.origin
+        if self._tls and self._ssl is None:
+            self._ssl = _default_tls()
         try:
             async with asyncio.timeout(self.connect_timeout):
                 try:

@@ -278,49 +278,6 @@ async def test_a_cut_stream_is_logged_with_its_reason_and_bytes(tmp_path, upstre
     assert reset["bytes_sent"] > len(b"data: first\n\n")
 
 
-async def test_header_fields_pass_byte_for_byte_both_ways(tmp_path):
-    """Names keep their case and order, and values their bytes (obs-text, UTF-8) in
-    both directions; only the hop's own fields are replaced."""
-    seen: list[bytes] = []
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        seen.append(await reader.readuntil(b"\r\n\r\n"))
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nX-Upstream-Note: caf\xc3\xa9 \xe9\r\nx-lower: One\r\n"
-            b"X-Twice: a\r\nX-Twice: b\r\nConnection: keep-alive, X-Hop\r\nX-Hop: gone\r\n"
-            b"Content-Length: 2\r\n\r\nok"
-        )
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    base = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    policies = _policies(tmp_path, f"  svc: {{upstream: '{base}'}}\n")
-    async with server, sidecar_process(policies, env=_env()) as proc:
-        reader, writer = await asyncio.open_connection(*_host_port(proc.url))
-        writer.write(
-            b"GET /svc/x HTTP/1.1\r\nHost: agent\r\nX-Agent-Note: na\xc3\xafve \xff\r\n"
-            b"x-MiXeD: 1\r\nX-Twice: c\r\nX-Twice: d\r\nConnection: X-Drop\r\nX-Drop: no\r\n\r\n"
-        )
-        async with asyncio.timeout(10):
-            head = await reader.readuntil(b"\r\n\r\n")
-            assert await reader.readexactly(2) == b"ok"
-        writer.close()
-    sent = seen[0]
-    assert (
-        b"\r\nX-Agent-Note: na\xc3\xafve \xff\r\nx-MiXeD: 1\r\nX-Twice: c\r\nX-Twice: d\r\n" in sent
-    )
-    assert b"X-Drop" not in sent and b"Connection: X-Drop" not in sent
-    assert b"\r\nHost: 127.0.0.1:" in sent
-    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
-    assert (
-        b"\r\nX-Upstream-Note: caf\xc3\xa9 \xe9\r\nx-lower: One\r\nX-Twice: a\r\nX-Twice: b\r\n"
-        in head
-    )
-    assert b"X-Hop" not in head
-    assert b"\r\nContent-Length: 2\r\n" in head
-
-
 async def _scripted_upstream(answers: list[bytes], seen: list[bytes]) -> tuple[asyncio.Server, str]:
     """An upstream that records each request head as sent and answers the next of
     `answers`, byte for byte."""
@@ -339,11 +296,60 @@ async def _scripted_upstream(answers: list[bytes], seen: list[bytes]) -> tuple[a
     return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
 
+async def _through_sidecar(
+    tmp_path: Path,
+    answers: list[bytes],
+    request: bytes,
+    *,
+    service: str = "",
+    env: dict[str, str] | None = None,
+) -> tuple[list[bytes], bytes]:
+    """One raw request through a real sidecar to a scripted upstream: the heads the
+    upstream got, and the head the agent got."""
+    seen: list[bytes] = []
+    server, base = await _scripted_upstream(answers, seen)
+    policies = _policies(tmp_path, f"  svc:\n    upstream: '{base}'\n{service}")
+    async with server, sidecar_process(policies, env=_env(**(env or {}))) as proc:
+        reader, writer = await asyncio.open_connection(*_host_port(proc.url))
+        writer.write(request)
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+    return seen, head
+
+
+async def test_header_fields_pass_byte_for_byte_both_ways(tmp_path):
+    """Names keep their case and order, and values their bytes (obs-text, UTF-8) in
+    both directions; only the hop's own fields are replaced."""
+    seen, head = await _through_sidecar(
+        tmp_path,
+        [
+            b"HTTP/1.1 200 OK\r\nX-Upstream-Note: caf\xc3\xa9 \xe9\r\nx-lower: One\r\n"
+            b"X-Twice: a\r\nX-Twice: b\r\nConnection: keep-alive, X-Hop\r\nX-Hop: gone\r\n"
+            b"Content-Length: 2\r\n\r\nok"
+        ],
+        b"GET /svc/x HTTP/1.1\r\nHost: agent\r\nX-Agent-Note: na\xc3\xafve \xff\r\n"
+        b"x-MiXeD: 1\r\nX-Twice: c\r\nX-Twice: d\r\nConnection: X-Drop\r\nX-Drop: no\r\n\r\n",
+    )
+    sent = seen[0]
+    assert (
+        b"\r\nX-Agent-Note: na\xc3\xafve \xff\r\nx-MiXeD: 1\r\nX-Twice: c\r\nX-Twice: d\r\n" in sent
+    )
+    assert b"X-Drop" not in sent
+    assert b"\r\nHost: 127.0.0.1:" in sent
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert (
+        b"\r\nX-Upstream-Note: caf\xc3\xa9 \xe9\r\nx-lower: One\r\nX-Twice: a\r\nX-Twice: b\r\n"
+        in head
+    )
+    assert b"X-Hop" not in head
+    assert b"\r\nContent-Length: 2\r\n" in head
+
+
 async def test_fields_the_upstream_must_not_see_stay_dropped_on_every_attempt(tmp_path):
     """Credential, agent id, proxy and hop-by-hop fields, in any case and repeated,
     never reach the upstream, and the injected ones go out once per attempt; the
     sidecar's marks and hop fields from the upstream never reach the agent."""
-    seen: list[bytes] = []
     busy = b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\nRetry-After: 0\r\n\r\n"
     good = (
         b"HTTP/1.1 200 OK\r\nX-Sidecar-Error: forged\r\nx-sidecar-error: forged2\r\n"
@@ -351,28 +357,21 @@ async def test_fields_the_upstream_must_not_see_stay_dropped_on_every_attempt(tm
         b"Connection: keep-alive, X-Hop\r\nX-Hop: gone\r\nTransfer-Encoding: chunked\r\n"
         b"Upgrade: h2c\r\nX-Kept: yes\r\n\r\n2\r\nok\r\n0\r\n\r\n"
     )
-    server, base = await _scripted_upstream([busy, good], seen)
-    policies = _policies(
+    seen, head = await _through_sidecar(
         tmp_path,
-        f"  svc:\n    upstream: '{base}'\n"
-        "    auth: {type: bearer, token: '${env:TOKEN}'}\n"
+        [busy, good],
+        b"GET /svc/x HTTP/1.1\r\nHost: agent\r\nauthorization: Bearer agent\r\n"
+        b"AUTHORIZATION: Bearer agent2\r\nx-agent-id: a1\r\nX-AGENT-ID: a2\r\n"
+        b"X-Forwarded-For: 1.2.3.4\r\nx-forwarded-host: evil\r\nVia: 1.1 evil\r\n"
+        b"Forwarded: for=evil\r\nCookie: c=1\r\ncookie: c=2\r\nX-Set: agent\r\n"
+        b"x-set: agent2\r\nProxy-Authorization: Basic x\r\nTE: trailers\r\n"
+        b"Keep-Alive: 1\r\nConnection: keep-alive, X-Conn\r\nX-Conn: drop\r\n"
+        b"Proxy-Connection: keep-alive\r\nTrailer: X\r\nX-Keep: 1\r\n\r\n",
+        service="    auth: {type: bearer, token: '${env:TOKEN}'}\n"
         "    headers: {set: {X-Set: fixed}, remove: [Cookie]}\n"
         "    retry: {attempts: 2, on: [503], backoff: {initial: 1ms, max: 1ms}}\n",
+        env={"TOKEN": "s3cret"},
     )
-    async with server, sidecar_process(policies, env=_env(TOKEN="s3cret")) as proc:
-        reader, writer = await asyncio.open_connection(*_host_port(proc.url))
-        writer.write(
-            b"GET /svc/x HTTP/1.1\r\nHost: agent\r\nauthorization: Bearer agent\r\n"
-            b"AUTHORIZATION: Bearer agent2\r\nx-agent-id: a1\r\nX-AGENT-ID: a2\r\n"
-            b"X-Forwarded-For: 1.2.3.4\r\nx-forwarded-host: evil\r\nVia: 1.1 evil\r\n"
-            b"Forwarded: for=evil\r\nCookie: c=1\r\ncookie: c=2\r\nX-Set: agent\r\n"
-            b"x-set: agent2\r\nProxy-Authorization: Basic x\r\nTE: trailers\r\n"
-            b"Keep-Alive: 1\r\nConnection: keep-alive, X-Conn\r\nX-Conn: drop\r\n"
-            b"Proxy-Connection: keep-alive\r\nTrailer: X\r\nX-Keep: 1\r\n\r\n"
-        )
-        async with asyncio.timeout(10):
-            head = await reader.readuntil(b"\r\n\r\n")
-        writer.close()
     assert len(seen) == 2
     for sent in seen:
         low = sent.lower()
@@ -405,24 +404,15 @@ async def test_fields_the_upstream_must_not_see_stay_dropped_on_every_attempt(tm
 async def test_every_connection_field_names_hop_by_hop_fields(tmp_path):
     """Two Connection fields are one list (RFC 9110 5.3): the fields named in the
     second are dropped too, both ways."""
-    seen: list[bytes] = []
-    server, base = await _scripted_upstream(
+    seen, head = await _through_sidecar(
+        tmp_path,
         [
             b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nConnection: X-Up-Hop\r\n"
             b"X-Up-Hop: secret\r\nContent-Length: 2\r\n\r\nok"
         ],
-        seen,
+        b"GET /svc/x HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\n"
+        b"Connection: X-Agent-Hop\r\nX-Agent-Hop: secret\r\n\r\n",
     )
-    policies = _policies(tmp_path, f"  svc: {{upstream: '{base}'}}\n")
-    async with server, sidecar_process(policies, env=_env()) as proc:
-        reader, writer = await asyncio.open_connection(*_host_port(proc.url))
-        writer.write(
-            b"GET /svc/x HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\n"
-            b"Connection: X-Agent-Hop\r\nX-Agent-Hop: secret\r\n\r\n"
-        )
-        async with asyncio.timeout(10):
-            head = await reader.readuntil(b"\r\n\r\n")
-        writer.close()
     assert b"X-Agent-Hop" not in seen[0]
     assert b"X-Up-Hop" not in head
 

@@ -82,39 +82,58 @@ def anthropic_json(model: str, usage: dict[str, int]) -> dict[str, Any]:
     }
 
 
-def anthropic_stream(model: str, input_tokens: int, output_tokens: int) -> list[bytes]:
+def anthropic_start(model: str, input_tokens: int) -> bytes:
+    """An Anthropic stream's message_start."""
     message = anthropic_json(model, {"input_tokens": input_tokens, "output_tokens": 1})
     message["content"] = []
     message["stop_reason"] = None
+    return sse({"type": "message_start", "message": message}, "message_start")
+
+
+def anthropic_block_start(index: int, block: dict[str, Any] | None = None) -> bytes:
+    """content_block_start of a text block, or of `block`."""
+    content = block if block is not None else {"type": "text", "text": ""}
+    return sse(
+        {"type": "content_block_start", "index": index, "content_block": content},
+        "content_block_start",
+    )
+
+
+def anthropic_delta(index: int, text: str = "", partial_json: str | None = None) -> bytes:
+    """content_block_delta: text, or a tool call's input JSON when `partial_json`."""
+    delta = (
+        {"type": "text_delta", "text": text}
+        if partial_json is None
+        else {"type": "input_json_delta", "partial_json": partial_json}
+    )
+    return sse(
+        {"type": "content_block_delta", "index": index, "delta": delta}, "content_block_delta"
+    )
+
+
+def anthropic_end(index: int, stop_reason: str, output_tokens: int) -> list[bytes]:
+    """The last block's stop, message_delta (stop reason and usage) and message_stop."""
     return [
-        sse({"type": "message_start", "message": message}, "message_start"),
-        sse(
-            {
-                "type": "content_block_start",
-                "index": 0,
-                "content_block": {"type": "text", "text": ""},
-            },
-            "content_block_start",
-        ),
-        sse({"type": "ping"}, "ping"),
-        sse(
-            {
-                "type": "content_block_delta",
-                "index": 0,
-                "delta": {"type": "text_delta", "text": "Hello"},
-            },
-            "content_block_delta",
-        ),
-        sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
+        sse({"type": "content_block_stop", "index": index}, "content_block_stop"),
         sse(
             {
                 "type": "message_delta",
-                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "delta": {"stop_reason": stop_reason, "stop_sequence": None},
                 "usage": {"output_tokens": output_tokens},
             },
             "message_delta",
         ),
         sse({"type": "message_stop"}, "message_stop"),
+    ]
+
+
+def anthropic_stream(model: str, input_tokens: int, output_tokens: int) -> list[bytes]:
+    return [
+        anthropic_start(model, input_tokens),
+        anthropic_block_start(0),
+        sse({"type": "ping"}, "ping"),
+        anthropic_delta(0, "Hello"),
+        *anthropic_end(0, "end_turn", output_tokens),
     ]
 
 

@@ -23,7 +23,15 @@ from aiohttp import web
 
 from tests.helpers import SidecarProcess, sidecar_process
 from tests.policy.test_loader import errors, write
-from tests.steps.llm_upstream import LLMUpstream, anthropic_json, sse
+from tests.steps.llm_upstream import (
+    LLMUpstream,
+    anthropic_block_start,
+    anthropic_delta,
+    anthropic_end,
+    anthropic_json,
+    anthropic_start,
+    sse,
+)
 from tests.steps.test_fallback import recording
 from tests.steps.test_llm import tokens
 
@@ -154,44 +162,14 @@ async def test_openai_agent_served_by_anthropic_when_the_primary_answers_503(ups
 
 
 def anthropic_text_stream(gate: asyncio.Event) -> list[bytes | asyncio.Event]:
-    message = anthropic_json("claude-sonnet-4-5", {"input_tokens": 25, "output_tokens": 1})
-    message["content"] = []
-    message["stop_reason"] = None
-
-    def delta(text: str) -> bytes:
-        return sse(
-            {
-                "type": "content_block_delta",
-                "index": 0,
-                "delta": {"type": "text_delta", "text": text},
-            },
-            "content_block_delta",
-        )
-
     return [
-        sse({"type": "message_start", "message": message}, "message_start"),
-        sse(
-            {
-                "type": "content_block_start",
-                "index": 0,
-                "content_block": {"type": "text", "text": ""},
-            },
-            "content_block_start",
-        ),
+        anthropic_start("claude-sonnet-4-5", 25),
+        anthropic_block_start(0),
         sse({"type": "ping"}, "ping"),
-        delta("Hel"),
+        anthropic_delta(0, "Hel"),
         gate,  # the rest waits until the agent has seen "Hel"
-        delta("lo"),
-        sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
-        sse(
-            {
-                "type": "message_delta",
-                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                "usage": {"output_tokens": 15},
-            },
-            "message_delta",
-        ),
-        sse({"type": "message_stop"}, "message_stop"),
+        anthropic_delta(0, "lo"),
+        *anthropic_end(0, "end_turn", 15),
     ]
 
 
@@ -234,58 +212,16 @@ async def test_a_stopped_primary_falls_back_to_a_translated_stream_event_by_even
 
 
 def tool_stream() -> list[bytes | asyncio.Event]:
-    message = anthropic_json("claude-sonnet-4-5", {"input_tokens": 30, "output_tokens": 1})
-    message["content"] = []
-    message["stop_reason"] = None
     block = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}
-    events: list[bytes | asyncio.Event] = [
-        sse({"type": "message_start", "message": message}, "message_start"),
-        sse(
-            {
-                "type": "content_block_start",
-                "index": 0,
-                "content_block": {"type": "text", "text": ""},
-            },
-            "content_block_start",
-        ),
-        sse(
-            {
-                "type": "content_block_delta",
-                "index": 0,
-                "delta": {"type": "text_delta", "text": "Let me check."},
-            },
-            "content_block_delta",
-        ),
+    return [
+        anthropic_start("claude-sonnet-4-5", 30),
+        anthropic_block_start(0),
+        anthropic_delta(0, "Let me check."),
         sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
-        sse(
-            {"type": "content_block_start", "index": 1, "content_block": block},
-            "content_block_start",
-        ),
+        anthropic_block_start(1, block),
+        *(anthropic_delta(1, partial_json=part) for part in ['{"city": ', '"Par', 'is"}']),
+        *anthropic_end(1, "tool_use", 12),
     ]
-    for part in ['{"city": ', '"Par', 'is"}']:
-        events.append(
-            sse(
-                {
-                    "type": "content_block_delta",
-                    "index": 1,
-                    "delta": {"type": "input_json_delta", "partial_json": part},
-                },
-                "content_block_delta",
-            )
-        )
-    events += [
-        sse({"type": "content_block_stop", "index": 1}, "content_block_stop"),
-        sse(
-            {
-                "type": "message_delta",
-                "delta": {"stop_reason": "tool_use", "stop_sequence": None},
-                "usage": {"output_tokens": 12},
-            },
-            "message_delta",
-        ),
-        sse({"type": "message_stop"}, "message_stop"),
-    ]
-    return events
 
 
 TOOLS = [

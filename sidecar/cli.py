@@ -41,6 +41,17 @@ def _flag(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _policies_option(parser: argparse.ArgumentParser) -> None:
+    """--policies DIR, required unless SIDECAR_POLICIES gives it."""
+    parser.add_argument(
+        "--policies",
+        default=_env("POLICIES"),
+        required=_env("POLICIES") is None,
+        metavar="DIR",
+        help="policy directory (env SIDECAR_POLICIES)",
+    )
+
+
 def _serving_options() -> argparse.ArgumentParser:
     """The options of every command that serves agents (run, record, replay), defined once."""
     serving = argparse.ArgumentParser(add_help=False)
@@ -106,13 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run", parents=[serving], help="serve agents' calls with the policies in DIR"
     )
-    run.add_argument(
-        "--policies",
-        default=_env("POLICIES"),
-        required=_env("POLICIES") is None,
-        metavar="DIR",
-        help="policy directory (env SIDECAR_POLICIES)",
-    )
+    _policies_option(run)
     run.add_argument(
         "--mode",
         choices=("live", "record", "replay"),
@@ -184,13 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="probe each service: DNS, TCP, TLS and its credential; exit 1 on a failure"
     )
     check.add_argument("services", nargs="*", metavar="SERVICE", help="default: every service")
-    check.add_argument(
-        "--policies",
-        default=_env("POLICIES"),
-        required=_env("POLICIES") is None,
-        metavar="DIR",
-        help="policy directory (env SIDECAR_POLICIES)",
-    )
+    _policies_option(check)
     check.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
     sub.add_parser("schema", help="print the policy JSON Schema")

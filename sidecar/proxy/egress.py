@@ -244,22 +244,23 @@ def _relay(request: Request, reply: Reply, route: Route, exchange: Exchange | No
     done = _Relayed(reply, route, exchange)
     if status == 101 and isinstance(reply, UpstreamReply) and request.is_upgrade:
         return _upgraded(reply, done)
-    body: AsyncIterable[bytes] | None = reply.body
-    if body is not None and route.idle is not None and not getattr(body, "complete", False):
-        body = _idle_bounded(body, route.idle)
     if type(reply) is UpstreamReply and not (reply.refers and route.redirects is not None):
         # The upstream's own answer, untouched by any step (most calls): its head is
-        # relayed as the bytes it came in, never decoded (unless it has a URL to rewrite).
+        # relayed as the bytes it came in, never decoded (unless it has a URL to rewrite),
+        # and a body that came whole with it as those bytes too.
         drop = drop_with_connection_raw(_RESPONSE_DROP_RAW, reply.connection)
         try:
             lines: bytes | None = raw_header_lines(reply.raw_headers, drop)
         except ValueError:
             lines = None  # written below the slow way, which refuses it where it always has
         if lines is not None:
+            data = reply.data
+            whole = data is not None and reply.content_length is not None
             return Response(
                 status=status,
                 head_lines=lines,
-                body=body,
+                # A HEAD answer's Content-Length is the resource's, not its empty body's.
+                body=data if whole and request.method != "HEAD" else _body(reply, route),
                 content_length=reply.content_length,
                 reason=reply.reason,
                 on_done=done,
@@ -268,12 +269,19 @@ def _relay(request: Request, reply: Reply, route: Route, exchange: Exchange | No
     return Response(
         status=status,
         headers=_relayed_headers(request, reply, route),
-        body=body,
+        body=_body(reply, route),
         content_length=reply.content_length,
         reason=reply.reason,
         on_done=done,
         no_framing=True,
     )
+
+
+def _body(reply: Reply, route: Route) -> AsyncIterable[bytes] | None:
+    body = reply.body
+    if body is not None and route.idle is not None and not getattr(body, "complete", False):
+        return _idle_bounded(body, route.idle)
+    return body
 
 
 def _relayed_headers(request: Request, reply: Reply, route: Route) -> list[tuple[str, str]]:

@@ -122,7 +122,14 @@ class _Connection(asyncio.Protocol):
         self.length: bytes | None = None  # the first Content-Length
         self.connection: bytes | None = None  # every Connection field, joined
         self.refers = False  # a Location or Content-Location: a URL a proxy may rewrite
-        self.body: FeedStream | None = None
+        self._in_head = False
+        # The body read before anyone asked for it: most answers arrive whole with their
+        # head, and are then handed over as bytes, with no stream (UpstreamReply.data).
+        self.pending: list[bytes] = []
+        self._pending_size = 0
+        self._pending_paused = False
+        self.error: UpstreamError | None = None  # the connection failed before the end
+        self.body: FeedStream | None = None  # once the answer is known to stream
         self.message_done = False
         self.keep_alive = False
         # Sends a streamed request body, possibly still after the answer's head came.
@@ -144,8 +151,7 @@ class _Connection(asyncio.Protocol):
         error = ResetError("the upstream closed the connection before the whole answer")
         if self._head is not None and not self._head.done():
             self._head.set_exception(error)
-        if self.body is not None and not self.message_done:
-            self.body.set_error(error)
+        self._broken(error)
         self._writes.wake()
         if self._peer is not None:
             self._peer.tunnel_closed()
@@ -177,9 +183,16 @@ class _Connection(asyncio.Protocol):
     def _fail(self, error: UpstreamError) -> None:
         if self._head is not None and not self._head.done():
             self._head.set_exception(error)
-        if self.body is not None and not self.message_done:
-            self.body.set_error(error)
+        self._broken(error)
         self.close()
+
+    def _broken(self, error: UpstreamError) -> None:
+        if self.message_done:
+            return
+        if self.body is not None:
+            self.body.set_error(error)
+        else:
+            self.error = error
 
     def pause_writing(self) -> None:
         self._writes.pause()
@@ -194,6 +207,7 @@ class _Connection(asyncio.Protocol):
     # httptools callbacks
 
     def on_message_begin(self) -> None:
+        self._in_head = True
         self.raw = []
         self.length = None
         self.connection = None
@@ -203,7 +217,7 @@ class _Connection(asyncio.Protocol):
         self.reason += reason.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.body is None:  # after the head: a trailer, not forwarded
+        if self._in_head:  # else a trailer, not forwarded
             self.raw.append((name, value))
             size = len(name)
             if size == 14 or size == 10 or size == 8 or size == 16:
@@ -219,6 +233,7 @@ class _Connection(asyncio.Protocol):
                     self.refers = True
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         status = self._parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             # Interim (100 Continue, 103 Early Hints): the real answer follows.
@@ -226,26 +241,50 @@ class _Connection(asyncio.Protocol):
             return
         self.status = status
         self.keep_alive = self._parser.should_keep_alive()
-        self.body = FeedStream(
-            loop=self._loop,
-            pause=self._pause_reading,
-            resume=self._resume_reading,
-            high_water=self._pool.high_water,
-        )
         if self._head is not None and not self._head.done():
             self._head.set_result(None)
         if self._no_body:
             raise _HeadDone
 
     def on_body(self, data: bytes) -> None:
-        if self.body is not None:
-            self.body.feed(data)
+        body = self.body
+        if body is not None:
+            body.feed(data)
+            return
+        self.pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size > self._pool.high_water and not self._pending_paused:
+            # Until the caller takes the answer: the stream made for it then resumes.
+            self._pending_paused = True
+            self._pause_reading()
 
     def on_message_complete(self) -> None:
-        if self.body is None:
+        if self.status == 0:
             return  # the end of an interim answer
         self.message_done = True
-        self.body.feed_eof()
+        if self.body is not None:
+            self.body.feed_eof()
+        elif self._pending_paused:
+            self._pending_paused = False
+            self._resume_reading()  # all of it is here: the next answer may be read
+
+    def open_body(self) -> FeedStream:
+        """The answer's body as a stream: what was read so far, then the rest."""
+        body = self.body = FeedStream(
+            loop=self._loop,
+            pause=self._pause_reading,
+            resume=self._resume_reading,
+            high_water=self._pool.high_water,
+        )
+        self._pending_paused = False  # the stream's own flow control takes over
+        for data in self.pending:
+            body.feed(data)
+        self.pending = []
+        if self.message_done:
+            body.feed_eof()
+        elif self.error is not None:
+            body.set_error(self.error)
+        return body
 
     # Flow control
 
@@ -274,6 +313,10 @@ class _Connection(asyncio.Protocol):
         self.status = 0
         self.reason = ""
         self.body = None
+        self.pending = []
+        self._pending_size = 0
+        self._pending_paused = False
+        self.error = None
         self.message_done = False
         self.keep_alive = False
         self.sender = None
@@ -284,8 +327,8 @@ class _Connection(asyncio.Protocol):
             not self.closed
             and self.message_done
             and self.keep_alive
-            and self.body is not None
-            and self.body.at_eof
+            # Read whole from the socket; a stream made of it need not be consumed.
+            and (self.body is None or self.body.at_eof)
             # The whole call went out: the upstream waits for no more of its body.
             and (
                 self.sender is None
@@ -300,6 +343,7 @@ class _Connection(asyncio.Protocol):
     def idle(self, until: float) -> None:
         self._head = None
         self.body = None
+        self.pending = []
         self.idle_until = until
 
     def _cancel_idle(self) -> None:
@@ -340,9 +384,11 @@ class _HeadDone(Exception):
 class UpstreamReply:
     """An upstream's answer: head now, body as it arrives.
 
-    Call `release()` when done (from sync code too): the connection returns to
-    the pool if the body was read to its end and both sides keep it alive, and
-    is closed otherwise. Closing `body` releases too.
+    An answer whose body arrived whole with its head (most) has it in `data`; `body`
+    is a stream in every case, made when first asked for. Call `release()` when done
+    (from sync code too): the connection returns to the pool if the body was read to
+    its end and both sides keep it alive, and is closed otherwise. Closing `body`
+    releases too.
     """
 
     __slots__ = (
@@ -350,9 +396,10 @@ class UpstreamReply:
         "_headers",
         "_pool",
         "_released",
-        "body",
+        "_stream",
         "connection",
         "content_length",
+        "data",
         "raw_headers",
         "reason",
         "refers",
@@ -373,9 +420,30 @@ class UpstreamReply:
         self._headers: CIMultiDictProxy[str] | None = None
         length = conn.length
         self.content_length = int(length) if length is not None and length.isdigit() else None
-        assert conn.body is not None
-        self.body: FeedStream = conn.body
-        conn.body.on_close = self.release
+        self._stream: FeedStream | None = None
+        self.data: bytes | None = None
+        if conn.message_done:
+            pending = conn.pending
+            self.data = pending[0] if len(pending) == 1 else b"".join(pending)
+            conn.pending = []
+        else:
+            self._stream = conn.open_body()
+            self._stream.on_close = self.release
+
+    @property
+    def body(self) -> FeedStream:
+        stream = self._stream
+        if stream is None:
+            # A whole answer asked for as a stream: one already at its end, apart from
+            # the connection, which may already be carrying another call.
+            stream = self._stream = FeedStream(
+                loop=self._conn._loop, pause=_nothing, resume=_nothing
+            )
+            if self.data:
+                stream.feed(self.data)
+            stream.feed_eof()
+            stream.on_close = self.release
+        return stream
 
     @property
     def headers(self) -> CIMultiDictProxy[str]:
@@ -388,7 +456,8 @@ class UpstreamReply:
         if self._released:
             return
         self._released = True
-        self.body.close()
+        if self._stream is not None:
+            self._stream.close()
         sender = self._conn.sender
         if sender is not None and not sender.done():
             # Answered before the whole body was sent: the upstream still waits for the
@@ -404,6 +473,10 @@ class UpstreamReply:
         self._released = True
         self._pool._forget(self._conn)
         return self._conn
+
+
+def _nothing() -> None:
+    return None
 
 
 class Pool:

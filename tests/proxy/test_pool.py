@@ -74,6 +74,27 @@ async def test_keep_alive_reuses_one_connection(upstream: Upstream) -> None:
     pool.close()
 
 
+async def test_whole_answers_above_the_high_water_mark_leave_the_connection_reusable(
+    upstream: Upstream,
+) -> None:
+    """An answer read whole before the caller took it, past the high-water mark (so
+    reading paused meanwhile), comes back as bytes, and its connection reads the next
+    answer: two of them, then a chunked one, on one connection."""
+    peers: set[int] = set()
+    pool = Pool(await upstream(_peers_app(peers)), high_water=4)
+    for path in ("/head", "/a", "/stream"):
+        async with asyncio.timeout(10):  # a connection left paused never answers
+            reply = await pool.request("GET", path, [])
+            body = await _read(reply.body)
+        if path != "/stream":
+            assert reply.data == body == (b"x" * 10 if path == "/head" else b"ok")
+        else:
+            assert body == b"one,two,three"
+        reply.release()
+    assert len(peers) == 1 and pool.connections_opened == 1
+    pool.close()
+
+
 async def test_bodies_both_ways_content_length_and_chunked(upstream: Upstream) -> None:
     pool = Pool(await upstream(echo_app()))
 

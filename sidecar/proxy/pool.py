@@ -123,6 +123,7 @@ class _Connection(asyncio.Protocol):
         self.connection: bytes | None = None  # every Connection field, joined
         self.refers = False  # a Location or Content-Location: a URL a proxy may rewrite
         self._in_head = False
+        self._final = False  # the answer's own head came (not an interim one's)
         # The body read before anyone asked for it: most answers arrive whole with their
         # head, and are then handed over as bytes, with no stream (UpstreamReply.data).
         self.pending: list[bytes] = []
@@ -207,6 +208,10 @@ class _Connection(asyncio.Protocol):
     # httptools callbacks
 
     def on_message_begin(self) -> None:
+        if self.message_done:
+            # An answer no call asked for (after the whole one, or on an idle
+            # connection): the connection can no longer be trusted to frame answers.
+            raise _Unasked
         self._in_head = True
         self.raw = []
         self.length = None
@@ -239,6 +244,7 @@ class _Connection(asyncio.Protocol):
             # Interim (100 Continue, 103 Early Hints): the real answer follows.
             self.reason = ""
             return
+        self._final = True
         self.status = status
         self.keep_alive = self._parser.should_keep_alive()
         if self._head is not None and not self._head.done():
@@ -259,7 +265,7 @@ class _Connection(asyncio.Protocol):
             self._pause_reading()
 
     def on_message_complete(self) -> None:
-        if self.status == 0:
+        if not self._final:
             return  # the end of an interim answer
         self.message_done = True
         if self.body is not None:
@@ -312,6 +318,7 @@ class _Connection(asyncio.Protocol):
         self.got_bytes = False
         self.status = 0
         self.reason = ""
+        self._final = False
         self.body = None
         self.pending = []
         self._pending_size = 0
@@ -379,6 +386,10 @@ class _Connection(asyncio.Protocol):
 
 class _HeadDone(Exception):
     """Stops the parser at the end of a HEAD answer's head."""
+
+
+class _Unasked(Exception):
+    """Stops the parser at an answer that no call is waiting for."""
 
 
 class UpstreamReply:

@@ -190,6 +190,55 @@ async def test_interim_100_is_skipped() -> None:
     server.close()
 
 
+async def _scripted(answer: bytes) -> tuple[asyncio.Server, Pool]:
+    """An upstream that answers each request head with `answer`, then waits."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, Pool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+
+
+async def test_an_answer_with_status_000_still_ends() -> None:
+    server, pool = await _scripted(b"HTTP/1.1 000 Zero\r\nContent-Length: 2\r\n\r\nok")
+    async with asyncio.timeout(10):
+        reply = await pool.request("GET", "/", [])
+        assert await _read(reply.body) == b"ok"
+    reply.release()
+    assert pool.idle_connections == 1
+    pool.close()
+    server.close()
+
+
+async def test_an_answer_nobody_asked_for_closes_the_connection() -> None:
+    """Bytes of a second answer after the whole first one (in the same read): the
+    first is answered as it was, its head untouched, and the connection is not
+    reused, so no call ever reads the stray answer as its own."""
+    server, pool = await _scripted(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-First: 1\r\n\r\nfirst"
+        b"HTTP/1.1 201 Stray\r\nContent-Length: 6\r\nX-Stray: 1\r\n\r\nsecond"
+    )
+    async with asyncio.timeout(10):
+        reply = await pool.request("GET", "/", [])
+        assert (reply.status, reply.reason) == (200, "OK")
+        assert reply.headers.get("X-First") == "1" and "X-Stray" not in reply.headers
+        assert await _read(reply.body) == b"first"
+        reply.release()
+        again = await pool.request("GET", "/", [])
+        assert await _read(again.body) == b"first"
+        again.release()
+    assert pool.connections_opened == 2
+    pool.close()
+    server.close()
+
+
 async def test_connect_refused(closed_port: int) -> None:
     pool = Pool(f"http://127.0.0.1:{closed_port}")
     with pytest.raises(ConnectError, match="refused"):

@@ -123,6 +123,7 @@ class _Connection(asyncio.Protocol):
         self.connection: bytes | None = None  # every Connection field, joined
         self.refers = False  # a Location or Content-Location: a URL a proxy may rewrite
         self._in_head = False
+        self._chunked = False  # the answer has a Transfer-Encoding (chunked)
         self._final = False  # the answer's own head came (not an interim one's)
         # The body read before anyone asked for it: most answers arrive whole with their
         # head, and are then handed over as bytes, with no stream (UpstreamReply.data).
@@ -149,6 +150,10 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self._cancel_idle()
         self._pool._forget(self)
+        if exc is None and self._final and self.length is None and not self._chunked:
+            # An answer with neither Content-Length nor chunked framing ends where its
+            # connection does (RFC 9112 6.3): a clean close is its end, not a cut.
+            self.on_message_complete()
         error = ResetError("the upstream closed the connection before the whole answer")
         if self._head is not None and not self._head.done():
             self._head.set_exception(error)
@@ -213,6 +218,7 @@ class _Connection(asyncio.Protocol):
             # connection): the connection can no longer be trusted to frame answers.
             raise _Unasked
         self._in_head = True
+        self._chunked = False
         self.raw = []
         self.length = None
         self.connection = None
@@ -225,9 +231,11 @@ class _Connection(asyncio.Protocol):
         if self._in_head:  # else a trailer, not forwarded
             self.raw.append((name, value))
             size = len(name)
-            if size == 14 or size == 10 or size == 8 or size == 16:
+            if size == 14 or size == 10 or size == 8 or size == 16 or size == 17:
                 lower = name.lower()
-                if lower == b"content-length":
+                if lower == b"transfer-encoding":
+                    self._chunked = True
+                elif lower == b"content-length":
                     if self.length is None:
                         self.length = value
                 elif lower == b"connection":

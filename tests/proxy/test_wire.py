@@ -436,3 +436,32 @@ async def test_expect_100_continue_is_answered_whatever_its_case_and_spaces(tmp_
             answer = await reader.readuntil(b"\r\n\r\n")
         writer.close()
     assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_an_answer_that_ends_with_its_connection_reaches_the_agent_whole(tmp_path):
+    """No Content-Length, no chunked: the upstream's close ends the body (RFC 9112
+    6.3), and the agent gets all of it, properly ended, not a cut answer."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nhello "
+        )
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(b"world")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    policies = _policies(tmp_path, f"  svc: {{upstream: '{base}'}}\n")
+    async with (
+        server,
+        sidecar_process(policies, env=_env()) as proc,
+        aiohttp.ClientSession() as client,
+        asyncio.timeout(10),
+        client.get(f"{proc.url}/svc/x") as r,
+    ):
+        assert r.status == 200
+        assert await r.read() == b"hello world"  # aiohttp raises on a cut chunked body

@@ -140,10 +140,10 @@ class Call:
         self.target = target  # path and query, already encoded, upstream base path excluded
         # The fields to send: `raw_headers` (as the agent sent them, bytes) until a step
         # asks for `headers`, which decodes them once; from then on `headers` is all.
+        if headers is None and raw_headers is None:
+            headers = CIMultiDict()
+        self._headers = headers
         self._raw = raw_headers if headers is None else None
-        self._headers = headers if headers is not None or raw_headers is not None else None
-        if self._raw is None and self._headers is None:
-            self._headers = CIMultiDict()
         self.body = body
         # The agent's declared body length; None: chunked (or no body).
         self.content_length = len(body) if isinstance(body, bytes) else content_length

@@ -243,7 +243,7 @@ def _relay(request: Request, reply: Reply, route: Route, exchange: Exchange | No
     status = reply.status
     done = _Relayed(reply, route, exchange)
     if status == 101 and isinstance(reply, UpstreamReply) and request.is_upgrade:
-        return _upgraded(reply, done)
+        return _upgraded(_relayed_headers(request, reply, route), reply, done)
     if type(reply) is UpstreamReply and not (reply.refers and route.redirects is not None):
         # The upstream's own answer, untouched by any step (most calls): its head is
         # relayed as the bytes it came in, never decoded (unless it has a URL to rewrite),
@@ -297,11 +297,8 @@ def _relayed_headers(request: Request, reply: Reply, route: Route) -> list[tuple
     return headers
 
 
-def _upgraded(reply: UpstreamReply, done: _Relayed) -> Response:
-    source = reply.headers
-    drop = drop_with_connection(_RESPONSE_DROP, ", ".join(source.getall("Connection", ())))
-    headers = [(name, value) for name, value in source.items() if name.lower() not in drop]
-    upgrade = source.get("Upgrade")
+def _upgraded(headers: list[tuple[str, str]], reply: UpstreamReply, done: _Relayed) -> Response:
+    upgrade = reply.headers.get("Upgrade")
     if upgrade is not None:
         headers.append(("Upgrade", upgrade))
     # The handshake with the agent is the sidecar's own.

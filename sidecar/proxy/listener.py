@@ -575,11 +575,9 @@ class HttpServerProtocol(asyncio.Protocol):
         keep_alive = request.keep_alive and not self._finishing and _discardable(request)
         lines = response.head_lines
         headers: list[tuple[str, str]] = []
-        if lines is not None:
-            pass
-        elif response.no_framing:
+        if lines is None and response.no_framing:
             headers = list(response.headers)
-        else:
+        elif lines is None:
             for name, value in response.headers:
                 if name.lower() in _FRAMING:
                     if name.lower() == "connection" and "close" in value.lower():

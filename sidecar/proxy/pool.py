@@ -358,7 +358,6 @@ class _Connection(asyncio.Protocol):
     def idle(self, until: float) -> None:
         self._head = None
         self.body = None
-        self.pending = []
         self.idle_until = until
 
     def _cancel_idle(self) -> None:

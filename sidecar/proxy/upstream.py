@@ -40,11 +40,10 @@ class Upstream:
         self.inflight = 0
 
     async def __call__(self, call: Call) -> Reply:
-        raw = call.raw_headers
         if call.upgrade:
             # Hop-by-hop, so dropped from the agent's request: this hop asks again.
             call.headers.update(_UPGRADE_HEADERS)  # update: a retry must not send them twice
-            raw = None
+        raw = call.raw_headers  # None once a step (or the upgrade) decoded them
         try:
             return await self.pool.request(
                 call.method,

@@ -457,7 +457,7 @@ def _trace_id(span: Span | None, request: Request) -> str | None:
         if context.is_valid:
             return format(context.trace_id, "032x")
     # Tracing off: the agent's own trace id still ties the line to its trace.
-    parent = request.headers.get("traceparent")
+    parent = request.header(b"traceparent")  # one field, not the whole head decoded
     if parent and len(parent) >= 55 and parent[2] == "-" and parent[35] == "-":
         trace_id = parent[3:35].lower()
         if trace_id.strip("0123456789abcdef") == "" and trace_id != "0" * 32:

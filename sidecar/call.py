@@ -10,12 +10,14 @@ and headers, and release it to try again; the egress relays any Reply.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import AsyncIterable, Awaitable, Callable
+from typing import Any, Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
+from mypy_extensions import mypyc_attr
 
 from .headers import decode_fields
+from .streams import once
 
 
 class Reply(Protocol):
@@ -60,12 +62,14 @@ class StaticReply:
 
     @property
     def body(self) -> AsyncIterable[bytes] | None:
-        return _once(self._data) if self._data else None
+        return once(self._data) if self._data else None
 
     def release(self) -> None:
         return None
 
 
+# Steps outside the compiled modules (setup.py) subclass it.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class ReplyView:
     """Another reply with its body, headers or length replaced by a step (a metered,
     recorded, faulted or filtered answer); status, reason and release stay its own.
@@ -98,10 +102,6 @@ class ReplyView:
 
     def release(self) -> Any:
         return self._reply.release()
-
-
-async def _once(data: bytes) -> AsyncIterator[bytes]:
-    yield data
 
 
 Body = bytes | AsyncIterable[bytes] | None
@@ -201,7 +201,6 @@ class Step(Protocol):
     async def __call__(self, call: Call, next: Handler) -> Reply: ...
 
 
-@runtime_checkable
 class Before(Protocol):
     """A step whose whole work is a synchronous change to the call before the next
     step (a fixed credential): the compiler links `before` and the next step

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, Callable
 from typing import TYPE_CHECKING
 
 from ..call import Body, Reply
 from ..headers import HOP_BY_HOP, SERVER, drop_with_connection, drop_with_connection_raw
 from ..problems import ProblemError, problem_parts
 from ..steps.faults import InjectedReset
+from ..streams import idle_bounded, limited
 from ..webhooks.listener import OUTBOUND_PREFIX, outbound_answer
 from .http1 import raw_header_lines
 from .listener import Request, Response
@@ -213,7 +214,7 @@ class Egress:
             return body
         # Refused when it grows past the limit: the upstream's connection is then cut
         # mid-body, so it never gets a whole request.
-        return _limited(body, limit, route.name)
+        return limited(body, limit, route.name)
 
 
 class _Relayed:
@@ -280,7 +281,7 @@ def _relay(request: Request, reply: Reply, route: Route, exchange: Exchange | No
 def _body(reply: Reply, route: Route) -> AsyncIterable[bytes] | None:
     body = reply.body
     if body is not None and route.idle is not None and not getattr(body, "complete", False):
-        return _idle_bounded(body, route.idle)
+        return idle_bounded(body, route.idle)
     return body
 
 
@@ -307,28 +308,3 @@ def _upgraded(headers: list[tuple[str, str]], reply: UpstreamReply, done: _Relay
     return Response(
         status=101, headers=headers, reason=reply.reason, tunnel=reply.detach(), on_done=done
     )
-
-
-async def _idle_bounded(body: AsyncIterable[bytes], idle: float) -> AsyncIterator[bytes]:
-    # Only the silence between chunks is bounded, never the whole stream.
-    chunks = aiter(body)
-    while True:
-        async with asyncio.timeout(idle):
-            try:
-                data = await anext(chunks)
-            except StopAsyncIteration:
-                return
-        yield data
-
-
-async def _limited(source: AsyncIterable[bytes], limit: int, service: str) -> AsyncIterator[bytes]:
-    seen = 0
-    async for data in source:
-        seen += len(data)
-        if seen > limit:
-            raise ProblemError(
-                "request_too_large",
-                f"The request body exceeded {limit} bytes, the most service '{service}' accepts.",
-                service=service,
-            )
-        yield data

@@ -15,9 +15,9 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterable, Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import httptools
 from multidict import CIMultiDict
@@ -518,37 +518,53 @@ class HttpServerProtocol(asyncio.Protocol):
         transport = self._transport
         assert transport is not None
         self._sent = 0
-        error: BaseException | None = None
         keep_alive = False
+        # No await in a `finally` or `except` here: a compiled coroutine (mypyc) that
+        # awaits there loses the exceptions later thrown into it (setup.py).
         try:
             keep_alive = await self._write_response(transport, request, response)
         except asyncio.CancelledError as exc:
-            error = exc
+            closing = self._answered(response, exc)
+            if closing is not None:
+                self._loop.create_task(closing)  # the task is being cancelled: not here
             raise
         except Exception as exc:
             # Mid-answer (the upstream broke, the agent left): the head is gone, so the
             # only honest signal left is the connection's end.
-            error = exc
             self._close()
-        finally:
-            self._app_has = None
-            # The answer's end is recorded before anything else may await: a hang-up
-            # there (cancelling this task) must not skip it.
-            body = response.body
-            if isinstance(body, FeedStream):
-                body.close()  # sync: the common case costs no await
-            if response.on_done is not None:
-                try:
-                    response.on_done(self._sent, error)
-                except Exception:
-                    log.exception("recording the end of an answer failed")
-            if body is not None and not isinstance(body, bytes | FeedStream):
-                aclose = getattr(body, "aclose", None)
-                if aclose is not None:
-                    await aclose()
+            closing = self._answered(response, exc)
+        except BaseException:
+            self._answered(response, None)
+            raise
+        else:
+            closing = self._answered(response, None)
+        if closing is not None:
+            await closing
         if request.body is not None and not request.body.at_eof:
             keep_alive = await self._discard_body(request) and keep_alive
         return keep_alive
+
+    def _answered(
+        self, response: Response, error: BaseException | None
+    ) -> Coroutine[Any, Any, None] | None:
+        """Records the answer's end, before anything else may await: a hang-up there
+        (cancelling this task) must not skip it. Returns the closing of a body that is
+        an async generator, for the caller to await."""
+        self._app_has = None
+        body = response.body
+        if isinstance(body, FeedStream):
+            body.close()  # sync: the common case costs no await
+        if response.on_done is not None:
+            try:
+                response.on_done(self._sent, error)
+            except Exception:
+                log.exception("recording the end of an answer failed")
+        if body is not None and not isinstance(body, bytes | FeedStream):
+            aclose = getattr(body, "aclose", None)
+            if aclose is not None:
+                closing: Coroutine[Any, Any, None] = aclose()
+                return closing
+        return None
 
     async def _discard_body(self, request: Request) -> bool:
         """Read and drop what is left of a body the answer did not need (a refusal):
@@ -774,7 +790,10 @@ class Listener:
     @property
     def addresses(self) -> list[tuple[str, int]]:
         assert self.server is not None
-        return [s.getsockname()[:2] for s in self.server.sockets]
+        # Untyped: uvloop's `sockets` is a list where asyncio's is a tuple, and the
+        # compiled module (mypyc) checks declared types at run time.
+        sockets: Any = getattr(self.server, "sockets")  # noqa: B009
+        return [s.getsockname()[:2] for s in sockets]
 
     def closed(self, connection: HttpServerProtocol) -> None:
         self.connections.discard(connection)

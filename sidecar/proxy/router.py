@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from multidict import CIMultiDict
 
 from .. import telemetry
-from ..call import Before, Body, Call, Handler, Reply, Step
+from ..call import Body, Call, Handler, Reply, Step
 from ..headers import HOP_BY_HOP, drop_with_connection_raw
 from ..policy.loader import Policy, ServicePolicy
 from ..state import StateBuild
@@ -249,8 +249,7 @@ class Router:
         return self._root
 
 
-def _before(step: Before, next: Handler) -> Handler:
-    change = step.before
+def _before(change: Callable[[Call], None], next: Handler) -> Handler:
 
     def handler(call: Call) -> Awaitable[Reply]:
         change(call)
@@ -277,8 +276,11 @@ def compile_policy(policy: Policy, state: StateBuild) -> Router:
         handler: Handler = upstream
         for _, builder in reversed(STEP_BUILDERS):
             step = builder(service, state=state)
-            if isinstance(step, Before):
-                handler = _before(step, handler)
+            # A `Before` step, found by its method: runtime Protocol checks do not
+            # survive compilation (mypyc).
+            change = getattr(step, "before", None)
+            if change is not None:
+                handler = _before(change, handler)
             elif step is not None:
                 handler = functools.partial(step.__call__, next=handler)
         routes.append(

@@ -78,7 +78,7 @@ class Breaker:
         self.failed = 0
 
     async def __call__(self, call: Call, next: Handler) -> Reply:
-        generation = self._admit() if self.state is not CLOSED else self._generation
+        generation = self._admit() if self.state != CLOSED else self._generation
         try:
             reply = await next(call)
         except ProblemError as err:
@@ -97,7 +97,7 @@ class Breaker:
 
     def _admit(self) -> int:
         now = self.clock()
-        if self.state is OPEN:
+        if self.state == OPEN:
             wait = self._opened_at + self.open_for - now
             if wait > 0:
                 raise self._refusal(wait, probing=False)
@@ -110,7 +110,7 @@ class Breaker:
     def _settle(self, generation: int, failed: bool | None) -> None:
         if generation != self._generation:
             return
-        if self.state is CLOSED:
+        if self.state == CLOSED:
             if failed is None:
                 return
             now = self.clock()
@@ -166,9 +166,9 @@ class Breaker:
         frm = self.state
         self.state = to
         self._generation += 1
-        if to is OPEN:
+        if to == OPEN:
             self._opened_at = now
-        elif to is HALF_OPEN:
+        elif to == HALF_OPEN:
             self._probes = 0
             self._passed = 0
         else:
@@ -196,11 +196,11 @@ class Breaker:
         now = self.clock()
         state = self.state
         retry_in = 0.0
-        if state is OPEN:
+        if state == OPEN:
             retry_in = max(0.0, self._opened_at + self.open_for - now)
             if retry_in == 0.0:
                 state = HALF_OPEN  # becomes so on the next call
-        elif state is CLOSED:
+        elif state == CLOSED:
             self._advance(now)
         return {
             "state": state,
@@ -211,7 +211,7 @@ class Breaker:
             "failure_ratio": self.failure_ratio,
             "min_requests": self.min_requests,
             "half_open_in_seconds": round(retry_in, 3),
-            "probes_in_flight": self._probes if self.state is HALF_OPEN else 0,
+            "probes_in_flight": self._probes if self.state == HALF_OPEN else 0,
             "transitions": dict(self.transitions),
         }
 

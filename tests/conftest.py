@@ -22,7 +22,30 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from sidecar.runtime import Sidecar, serve
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _stale_compiled_modules() -> str | None:
+    """Why the compiled modules (`make compiled`) would test old code, if they would:
+    Python imports a module's .so before its .py, so an edit after the last build
+    would go untested. None when they are current, or when there are none."""
+    built = [p.stat().st_mtime for p in (_ROOT / "sidecar").rglob("*.so")]
+    if not built:
+        return None
+    oldest = min(built)
+    for source in [_ROOT / "setup.py", *(_ROOT / "sidecar").rglob("*.py")]:
+        if source.stat().st_mtime > oldest:
+            return (
+                f"{source.relative_to(_ROOT)} changed after the compiled modules were built: "
+                "run `make compiled` (or `make clean-compiled` to test interpreted)"
+            )
+    return None
+
+
+if (_stale := _stale_compiled_modules()) is not None:
+    pytest.exit(_stale, returncode=2)
+
+from sidecar.runtime import Sidecar, serve  # noqa: E402
 
 
 @dataclass

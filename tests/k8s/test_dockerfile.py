@@ -146,6 +146,8 @@ def in_context(path: str, rules: list[tuple[bool, re.Pattern[str]]]) -> bool:
         "bench/run.py",
         "sidecar/__pycache__/inject.cpython-311.pyc",
         "sidecar/policy/__pycache__/loader.cpython-311.pyc",
+        "sidecar/proxy/pool.cpython-311-x86_64-linux-gnu.so",
+        "sidecar/hot_path__mypyc.cpython-311-x86_64-linux-gnu.so",
     ],
 )
 def test_the_build_context_leaves_out(path: str) -> None:
@@ -153,7 +155,8 @@ def test_the_build_context_leaves_out(path: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "path", ["pyproject.toml", "README.md", "sidecar/inject.py", "sidecar/policy/loader.py"]
+    "path",
+    ["pyproject.toml", "setup.py", "README.md", "sidecar/inject.py", "sidecar/policy/loader.py"],
 )
 def test_the_build_context_keeps(path: str) -> None:
     assert in_context(path, dockerignore())

@@ -1,0 +1,51 @@
+"""The package, with its hot path compiled to C by mypyc when SIDECAR_MYPYC=1.
+
+`make compiled` builds the modules below in place (next to their sources) for
+`make run`, `make test` and `make bench`: the same typed code, about a third
+less CPU per proxied call. Without SIDECAR_MYPYC (a plain `pip install .`) the
+package is pure Python and behaves the same.
+"""
+
+import os
+
+from setuptools import setup
+
+# What every proxied call runs through: the data plane, the steps of a common
+# policy and the telemetry each call reports to. Modules with async generators
+# stay interpreted (mypyc cannot compile those): sidecar/streams.py holds them.
+COMPILED = [
+    "sidecar/call.py",
+    "sidecar/headers.py",
+    "sidecar/problems.py",
+    "sidecar/proxy/egress.py",
+    "sidecar/proxy/http1.py",
+    "sidecar/proxy/listener.py",
+    "sidecar/proxy/pool.py",
+    "sidecar/proxy/redirects.py",
+    "sidecar/proxy/router.py",
+    "sidecar/proxy/upstream.py",
+    "sidecar/steps/auth.py",
+    "sidecar/steps/breaker.py",
+    "sidecar/steps/outcomes.py",
+    "sidecar/steps/pause.py",
+    "sidecar/steps/ratelimit.py",
+    "sidecar/steps/retry.py",
+    "sidecar/steps/timeout.py",
+    "sidecar/telemetry/__init__.py",
+    "sidecar/telemetry/access.py",
+    "sidecar/telemetry/metrics.py",
+]
+
+ext_modules = []
+if os.environ.get("SIDECAR_MYPYC") == "1":
+    from mypyc.build import mypycify
+
+    ext_modules = mypycify(
+        ["--config-file=pyproject.toml", *COMPILED],
+        opt_level="3",
+        # The shared library inside the package (sidecar/hot_path__mypyc...so), not at
+        # the top level where only a checkout on sys.path would find it.
+        group_name="sidecar.hot_path",
+    )
+
+setup(ext_modules=ext_modules)

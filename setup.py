@@ -31,8 +31,8 @@ COMPILED = [
     "sidecar/steps/ratelimit.py",
     "sidecar/steps/retry.py",
     "sidecar/steps/timeout.py",
-    "sidecar/telemetry/__init__.py",
     "sidecar/telemetry/access.py",
+    "sidecar/telemetry/exchange.py",
     "sidecar/telemetry/metrics.py",
 ]
 

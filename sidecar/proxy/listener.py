@@ -16,7 +16,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 import httptools
@@ -122,24 +122,53 @@ class Request:
         return None
 
 
-@dataclass(slots=True)
 class Response:
-    status: int
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    body: bytes | AsyncIterable[bytes] | None = None
-    content_length: int | None = None  # for a streamed body; None: chunked or close
-    reason: str | None = None  # None: the standard phrase
-    # With status 101: the other end to relay raw bytes to once the head is written.
-    tunnel: Tunnel | None = None
-    # Called once the answer is over: bytes written to the agent, and the error that
-    # cut it short (None when whole; CancelledError when the agent left).
-    on_done: Callable[[int, BaseException | None], None] | None = None
-    # The app already left out every framing and hop-by-hop field (a relayed answer):
-    # `headers` is written as it is, without a second look at each name.
-    no_framing: bool = False
-    # The header lines already serialized (a relayed answer's, as the upstream sent
-    # them), framing left out: written instead of `headers`.
-    head_lines: bytes | None = None
+    """An answer for the listener to write.
+
+    A plain class, not a dataclass: compiled (setup.py), its __init__ is native,
+    where a dataclass's is generated Python, one call per request.
+    """
+
+    __slots__ = (
+        "body",
+        "content_length",
+        "head_lines",
+        "headers",
+        "no_framing",
+        "on_done",
+        "reason",
+        "status",
+        "tunnel",
+    )
+
+    def __init__(
+        self,
+        status: int,
+        headers: list[tuple[str, str]] | None = None,
+        body: bytes | AsyncIterable[bytes] | None = None,
+        content_length: int | None = None,
+        reason: str | None = None,
+        tunnel: Tunnel | None = None,
+        on_done: Callable[[int, BaseException | None], None] | None = None,
+        no_framing: bool = False,
+        head_lines: bytes | None = None,
+    ) -> None:
+        self.status = status
+        self.headers: list[tuple[str, str]] = [] if headers is None else headers
+        self.body = body
+        self.content_length = content_length  # for a streamed body; None: chunked or close
+        self.reason = reason  # None: the standard phrase
+        # With status 101: the other end to relay raw bytes to once the head is written.
+        self.tunnel = tunnel
+        # Called once the answer is over: bytes written to the agent, and the error that
+        # cut it short (None when whole; CancelledError when the agent left).
+        self.on_done = on_done
+        # The app already left out every framing and hop-by-hop field (a relayed
+        # answer): `headers` is written as it is, without a second look at each name.
+        self.no_framing = no_framing
+        # The header lines already serialized (a relayed answer's, as the upstream sent
+        # them), framing left out: written instead of `headers`.
+        self.head_lines = head_lines
 
 
 App = Callable[[Request], Awaitable[Response]]

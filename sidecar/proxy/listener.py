@@ -173,6 +173,9 @@ class Response:
 
 App = Callable[[Request], Awaitable[Response]]
 
+# The closing of answer bodies whose connection's task was cancelled (_answer).
+_CLOSING: set[asyncio.Task[None]] = set()
+
 
 class _Refused(Exception):
     """A request the server answers itself, before the app."""
@@ -555,7 +558,11 @@ class HttpServerProtocol(asyncio.Protocol):
         except asyncio.CancelledError as exc:
             closing = self._answered(response, exc)
             if closing is not None:
-                self._loop.create_task(closing)  # the task is being cancelled: not here
+                # This task is being cancelled, so not here; held until done, as the loop
+                # keeps only a weak reference to a task.
+                task = self._loop.create_task(closing)
+                _CLOSING.add(task)
+                task.add_done_callback(_CLOSING.discard)
             raise
         except Exception as exc:
             # Mid-answer (the upstream broke, the agent left): the head is gone, so the

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from multidict import CIMultiDict, CIMultiDictProxy
 from mypy_extensions import mypyc_attr
 
-from .headers import decode_fields
+from .headers import check_field, decode_fields
 from .streams import once
 
 
@@ -184,11 +184,16 @@ class Call:
         return None
 
     def set_header(self, name: str, value: str) -> None:
-        """`headers[name] = value`, without decoding the other fields."""
+        """`headers[name] = value`, without decoding the other fields.
+
+        ValueError for a CR, LF or NUL in either: the raw fields are written as they
+        are (`proxy.http1.raw_header_lines`), so none may enter unchecked.
+        """
         raw = self._raw
         if raw is None:
             self.headers[name] = value
             return
+        check_field(name, value)
         wanted = name.lower().encode("latin-1")
         kept = [field for field in raw if field[0].lower() != wanted]
         kept.append((name.encode("latin-1"), value.encode("latin-1")))

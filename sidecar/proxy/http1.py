@@ -72,19 +72,19 @@ def header_lines(headers: Iterable[tuple[str, str]]) -> bytes:
 
 
 def raw_header_lines(headers: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes]) -> bytes:
-    """`header_lines` for fields as a parser read them, leaving out the names in `drop`
-    (lowercase): a head relayed without decoding a byte. ValueError as there."""
+    """`Name: value\\r\\n` lines of fields as a parser read them, leaving out the names
+    in `drop` (lowercase): a head relayed without decoding a byte.
+
+    Not checked for CR, LF or NUL, unlike `header_lines`: llhttp refuses a message
+    with any of them in a field, and `Call.set_header`, the one way a step adds a
+    raw field, checks its own. A check here cost 6% of a proxied call's instructions.
+    """
     # bytes.join, not %-formatting: twice as fast per field.
     lines = [b": ".join(field) for field in headers if field[0].lower() not in drop]
     if not lines:
         return b""
     lines.append(b"")
-    data = b"\r\n".join(lines)
-    count = len(lines) - 1
-    if data.count(b"\n") != count or data.count(b"\r") != count or b"\0" in data:
-        for line in lines[:-1]:
-            _check_field(line.decode("latin-1"))
-    return data
+    return b"\r\n".join(lines)
 
 
 def _check_field(text: str) -> None:

@@ -114,3 +114,32 @@ async def test_query_credential_is_added_to_a_call_without_a_query(upstream, sta
         seen = await r.json()
     assert seen["query"] == [["api_key", "a b&c=d"]]
     assert seen["raw_query"] == "api_key=a%20b%26c%3Dd"
+
+
+@pytest.mark.parametrize("kind", ["bearer", "header"])
+async def test_a_credential_that_would_split_the_request_is_never_written(
+    kind, upstream, start_sidecar, client, tmp_path
+):
+    # The policy refuses CR and LF in a value it can see; a file secret read per
+    # load can still hold a NUL. The field is checked where it joins the call.
+    secret = tmp_path / "token"
+    secret.write_bytes(b"half\x00secret-canary")
+    auth = KINDS[kind][0].replace("${env:TOKEN}", f"${{file:{secret}}}")
+    seen: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        return web.Response(text="upstream")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", record)
+    base = await upstream(app)
+    sc = await start_sidecar(
+        f"version: 1\nservices:\n  api:\n    upstream: {base}\n    auth: {auth}\n"
+    )
+    async with client.get(f"{sc.url}/api/x") as r:
+        body = await r.text()
+        assert r.status >= 500
+        assert r.headers["Content-Type"] == "application/problem+json"
+    assert seen == []
+    assert "secret-canary" not in body and "secret-canary" not in str(r.headers)

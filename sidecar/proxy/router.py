@@ -6,7 +6,6 @@ single reference; calls in flight keep the Router (and chain) they started on.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -259,6 +258,16 @@ def _before(change: Callable[[Call], None], next: Handler) -> Handler:
     return handler
 
 
+def _link(step: Step, next: Handler) -> Handler:
+    # A compiled closure, not functools.partial(step.__call__, next=...): a partial
+    # is called through tp_call with a keyword dict, 4% of a call's instructions
+    # for the six links of a realistic chain.
+    def handler(call: Call) -> Awaitable[Reply]:
+        return step(call, next)
+
+    return handler
+
+
 def compile_policy(policy: Policy, state: StateBuild) -> Router:
     routes = []
     for service in policy.services.values():
@@ -282,7 +291,7 @@ def compile_policy(policy: Policy, state: StateBuild) -> Router:
             if change is not None:
                 handler = _before(change, handler)
             elif step is not None:
-                handler = functools.partial(step.__call__, next=handler)
+                handler = _link(step, handler)
         routes.append(
             Route(
                 service=service,

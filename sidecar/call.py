@@ -10,13 +10,14 @@ and headers, and release it to try again; the egress relays any Reply.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterable, Awaitable, Callable
 from typing import Any, Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 from mypy_extensions import mypyc_attr
 
-from .headers import check_field, decode_fields
+from .headers import check_field, decode_fields, unsafe_field
 from .streams import once
 
 
@@ -198,6 +199,35 @@ class Call:
         kept = [field for field in raw if field[0].lower() != wanted]
         kept.append((name.encode("latin-1"), value.encode("latin-1")))
         self._raw = kept
+
+    def set_field(self, field: Field) -> None:
+        """`set_header(field.name, field.value)` with the work done at load."""
+        raw = self._raw
+        prepared = field.raw
+        if raw is None or prepared is None:
+            self.set_header(field.name, field.value)
+            return
+        key = field.key
+        kept = [f for f in raw if f[0].lower() != key]
+        kept.append(prepared)
+        self._raw = kept
+
+
+class Field:
+    """A header field set on every call of a service (a fixed credential, a policy's
+    `headers.set`): encoded, lowercased and checked once, at load."""
+
+    __slots__ = ("key", "name", "raw", "value")
+
+    def __init__(self, name: str, value: str) -> None:
+        self.name = name
+        self.value = value
+        self.key = name.lower().encode("latin-1", "replace")
+        self.raw: tuple[bytes, bytes] | None = None
+        if not (unsafe_field(name) or unsafe_field(value)):
+            # Else set_header refuses it on each call, where it always has.
+            with contextlib.suppress(UnicodeEncodeError):
+                self.raw = (name.encode("latin-1"), value.encode("latin-1"))
 
 
 class Step(Protocol):

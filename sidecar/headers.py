@@ -55,10 +55,13 @@ def drop_with_connection_raw(drop: frozenset[bytes], connection: bytes | None) -
 def check_field(name: str, value: str) -> None:
     """ValueError for a CR, LF or NUL in a field about to be written as is: it would
     let the field split the message (request or response splitting)."""
-    for text in (name, value):
-        if "\r" in text or "\n" in text or "\0" in text:
-            # The field's name only: its value may be a credential.
-            raise ValueError(f"CR, LF or NUL in the header field {name[:64]!r}")
+    if unsafe_field(name) or unsafe_field(value):
+        # The field's name only: its value may be a credential.
+        raise ValueError(f"CR, LF or NUL in the header field {name[:64]!r}")
+
+
+def unsafe_field(text: str) -> bool:
+    return "\r" in text or "\n" in text or "\0" in text
 
 
 def retry_after_seconds(value: str, wall_now: float) -> float | None:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from multidict import CIMultiDict
 
 from .. import telemetry
-from ..call import Body, Call, Handler, Reply, Step
+from ..call import Body, Call, Field, Handler, Reply, Step
 from ..headers import HOP_BY_HOP, drop_with_connection_raw
 from ..policy.loader import Policy, ServicePolicy
 from ..state import StateBuild
@@ -115,6 +115,7 @@ _VIA_10 = "1.0 agent-sidecar"
 
 class Route:
     __slots__ = (
+        "_set_fields",
         "agent_header",
         "agent_header_raw",
         "drop",
@@ -149,6 +150,7 @@ class Route:
         self.max_body = spec.max_body
         self.idle = spec.timeout.idle
         self.set_headers = tuple(spec.headers.set.items())
+        self._set_fields = tuple(Field(name, value) for name, value in self.set_headers)
         self.forwarded = spec.forwarded
         self.redirects = (
             RedirectRewriter(upstream=spec.upstream, prefix=service.prefix)
@@ -193,8 +195,8 @@ class Route:
         )
         if self.forwarded:
             _add_forwarding(call.headers, request)
-        for name, value in self.set_headers:
-            call.set_header(name, value)
+        for extra in self._set_fields:
+            call.set_field(extra)
         return call
 
     def _target(self, raw: str) -> str:

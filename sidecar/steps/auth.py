@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 from urllib.parse import quote, unquote_plus
 
-from ..call import Call, Handler, Reply
+from ..call import Call, Field, Handler, Reply
 from ..policy.loader import ServicePolicy
 from ..policy.models import BasicAuth, BearerAuth, HeaderAuth, OAuth2ClientCredentials, QueryAuth
 from ..state import StateBuild
@@ -26,10 +26,10 @@ class SetHeader:
 
     def __init__(self, *, name: str, value: str) -> None:
         self.name = name
-        self._value = value
+        self._field = Field(name, value)
 
     def before(self, call: Call) -> None:
-        call.set_header(self.name, self._value)
+        call.set_field(self._field)
 
     async def __call__(self, call: Call, next: Handler) -> Reply:
         self.before(call)

@@ -208,7 +208,9 @@ class Call:
             self.set_header(field.name, field.value)
             return
         key = field.key
-        kept = [f for f in raw if f[0].lower() != key]
+        size = len(key)
+        # By length first: most names differ in it, and need no lowercase copy.
+        kept = [f for f in raw if len(f[0]) != size or f[0].lower() != key]
         kept.append(prepared)
         self._raw = kept
 

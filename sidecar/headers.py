@@ -45,9 +45,36 @@ def drop_with_connection(drop: frozenset[str], connection: str | None) -> frozen
     return drop | {t.strip().lower() for t in connection.split(",")}
 
 
-def drop_with_connection_raw(drop: frozenset[bytes], connection: bytes | None) -> frozenset[bytes]:
+class FieldNames:
+    """Lowercase field names as bytes, for heads relayed as they came.
+
+    `has` tells most fields apart by the length of their name alone, from a table:
+    no lowercase copy, no hash of it. A name of a length in the set costs what
+    `name.lower() in names` does.
+    """
+
+    __slots__ = ("_sizes", "names")
+
+    def __init__(self, names: Iterable[bytes]) -> None:
+        self.names = frozenset(names)
+        sizes = bytearray(256)  # a name of 255 bytes or more counts as 255
+        for name in self.names:
+            sizes[min(len(name), 255)] = 1
+        self._sizes = bytes(sizes)
+
+    def has(self, name: bytes) -> bool:
+        return self._sizes[min(len(name), 255)] == 1 and name.lower() in self.names
+
+    def __or__(self, more: Iterable[bytes]) -> FieldNames:
+        return FieldNames(self.names | frozenset(more))
+
+
+def drop_with_connection_raw(drop: FieldNames, connection: bytes | None) -> FieldNames:
     """`drop_with_connection` for a head kept as bytes."""
-    if not connection or connection.lower() in _PLAIN_CONNECTION_RAW:
+    # Compared as sent first: no lowercase copy for the spellings nearly all send.
+    if not connection or connection == b"keep-alive" or connection == b"close":
+        return drop
+    if connection.lower() in _PLAIN_CONNECTION_RAW:
         return drop
     return drop | {t.strip().lower() for t in connection.split(b",")}
 

@@ -17,7 +17,13 @@ from collections.abc import AsyncIterable, Callable
 from typing import TYPE_CHECKING
 
 from ..call import Body, Reply
-from ..headers import HOP_BY_HOP, SERVER, drop_with_connection, drop_with_connection_raw
+from ..headers import (
+    HOP_BY_HOP,
+    SERVER,
+    FieldNames,
+    drop_with_connection,
+    drop_with_connection_raw,
+)
 from ..problems import ProblemError, problem_parts
 from ..steps.faults import InjectedReset
 from ..streams import idle_bounded, limited
@@ -36,7 +42,7 @@ log = logging.getLogger("sidecar.proxy")
 
 # X-Sidecar-Error marks the sidecar's own answers: an upstream may not forge one.
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "x-sidecar-error"}
-_RESPONSE_DROP_RAW = frozenset(name.encode("latin-1") for name in _RESPONSE_DROP)
+_RESPONSE_DROP_RAW = FieldNames(name.encode("latin-1") for name in _RESPONSE_DROP)
 # It holds every framing field the listener writes itself (Content-Length,
 # Transfer-Encoding, Connection, Keep-Alive): a relayed answer is `no_framing`.
 _REWRITTEN = frozenset(h.lower() for h in REWRITTEN_HEADERS)
@@ -53,11 +59,13 @@ def unsafe_path(raw: str) -> bool:
     """True when the target could leave the upstream's base path once an upstream
     normalizes it: a '.' or '..' segment, however spelled (%2e, %2f, backslash,
     ';' parameters), or a fragment, which an origin-form target never has."""
+    if "." not in raw and "%" not in raw and "\\" not in raw and "#" not in raw:
+        return False  # the common case, told without splitting off the query
     if "#" in raw:
         return True
     path = raw.partition("?")[0]
     if "." not in path and "%" not in path and "\\" not in path:
-        return False  # the common case: nothing that could spell a dot segment
+        return False  # nothing in the path that could spell a dot segment
     path = path.lower().replace("%2e", ".").replace("%2f", "/").replace("%5c", "/")
     for segment in path.replace("\\", "/").split("/"):
         if segment.split(";", 1)[0] in (".", ".."):

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from http import HTTPStatus
 from typing import Protocol
 
-from ..headers import HOP_BY_HOP
+from ..headers import HOP_BY_HOP, FieldNames
 
 __all__ = [
     "HOP_BY_HOP",
@@ -71,20 +71,23 @@ def header_lines(headers: Iterable[tuple[str, str]]) -> bytes:
     return text.encode("latin-1")
 
 
-def raw_header_lines(headers: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes]) -> bytes:
+def raw_header_lines(headers: Iterable[tuple[bytes, bytes]], drop: FieldNames) -> bytes:
     """`Name: value\\r\\n` lines of fields as a parser read them, leaving out the names
-    in `drop` (lowercase): a head relayed without decoding a byte.
+    in `drop`: a head relayed without decoding a byte.
 
     Not checked for CR, LF or NUL, unlike `header_lines`: llhttp refuses a message
     with any of them in a field, and `Call.set_header`, the one way a step adds a
     raw field, checks its own. A check here cost 6% of a proxied call's instructions.
     """
-    # bytes.join, not %-formatting: twice as fast per field.
-    lines = [b": ".join(field) for field in headers if field[0].lower() not in drop]
-    if not lines:
-        return b""
-    lines.append(b"")
-    return b"\r\n".join(lines)
+    # One join over every piece: a join per field cost more than the field's copy.
+    parts: list[bytes] = []
+    for name, value in headers:
+        if not drop.has(name):
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(value)
+            parts.append(b"\r\n")
+    return b"".join(parts)
 
 
 def _check_field(text: str) -> None:

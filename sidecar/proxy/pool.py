@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import httptools
 from multidict import CIMultiDictProxy
 
-from ..headers import decode_fields
+from ..headers import FieldNames, decode_fields
 from .http1 import (
     LAST_CHUNK,
     FeedStream,
@@ -36,7 +36,7 @@ from .http1 import (
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # Written by the pool itself from the origin and the body; the caller's are dropped.
 _OWN_HEADERS = frozenset({"host", "content-length", "transfer-encoding"})
-_OWN_HEADERS_RAW = frozenset(name.encode("latin-1") for name in _OWN_HEADERS)
+_OWN_HEADERS_RAW = FieldNames(name.encode("latin-1") for name in _OWN_HEADERS)
 
 
 class UpstreamError(Exception):

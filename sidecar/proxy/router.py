@@ -13,7 +13,7 @@ from multidict import CIMultiDict
 
 from .. import telemetry
 from ..call import Body, Call, Field, Handler, Reply, Step
-from ..headers import HOP_BY_HOP, drop_with_connection_raw
+from ..headers import HOP_BY_HOP, FieldNames, drop_with_connection_raw
 from ..policy.loader import Policy, ServicePolicy
 from ..state import StateBuild
 from ..steps import (
@@ -169,7 +169,7 @@ class Route:
         if credential:
             drop.add(credential.lower())
         self.drop = frozenset(drop)
-        self.drop_raw = frozenset(name.encode("latin-1") for name in drop)
+        self.drop_raw = FieldNames(name.encode("latin-1") for name in drop)
         self.agent_header_raw = agent_header.lower().encode("latin-1")
 
     def prepare(self, request: Request, body: Body) -> Call:
@@ -179,10 +179,9 @@ class Route:
         agent: bytes | None = None
         kept: list[tuple[bytes, bytes]] = []
         for field in request.raw_headers:
-            lowered = field[0].lower()
-            if lowered not in drop:
+            if not drop.has(field[0]):
                 kept.append(field)
-            elif lowered == agent_header and agent is None:
+            elif agent is None and field[0].lower() == agent_header:
                 agent = field[1]
         call = Call(
             service=self.name,

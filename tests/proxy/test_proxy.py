@@ -81,10 +81,16 @@ headers:
         "X-Agent-Id": "agent-7",
         "X-Custom": "kept",
         "User-Agent": "agent-ua",
+        # Dropped however spelled; kept when only the length matches a dropped name.
+        "x-DeBuG": "2",
+        "X-Debuh": "same length as X-Debug",
+        "X-Long-" + "n" * 300: "a name past the length table",
     }
     async with client.get(f"{sc.url}/svc/h", headers=headers) as r:
         seen = (await r.json())["headers"]
     lower = {k.lower(): v for k, v in seen.items()}
+    assert lower["x-debuh"] == "same length as X-Debug"
+    assert lower["x-long-" + "n" * 300] == "a name past the length table"
     assert lower["host"] == base.removeprefix("http://")
     assert lower["user-agent"] == "agent-sidecar"
     assert lower["x-team"] == "blue"

@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 from ..call import Call, Handler, Reply
 from ..policy.loader import ServicePolicy
 from ..problems import ProblemError
 from ..state import StateBuild
+
+# What asyncio.current_task(loop) reads on CPython 3.11, where that function is
+# Python (a frame on every call); from 3.12 it is C, and used as it is.
+_CURRENT_TASKS: dict[asyncio.AbstractEventLoop, asyncio.Task[object]] | None = (
+    getattr(asyncio.tasks, "_current_tasks", None) if sys.version_info < (3, 12) else None
+)
+
+
+def _current_task(loop: asyncio.AbstractEventLoop) -> asyncio.Task[object] | None:
+    tasks = _CURRENT_TASKS
+    if tasks is not None:
+        return tasks.get(loop)
+    return asyncio.current_task(loop)
+
 
 # The message of the cancel that ends an attempt at `timeout.total`: code inside the
 # attempt (telemetry's attempt span) tells it from an agent hanging up by this.
@@ -32,10 +47,10 @@ class Timeout:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __call__(self, call: Call, next: Handler) -> Reply:
-        task = asyncio.current_task(self._loop) if self._loop is not None else None
+        task = _current_task(self._loop) if self._loop is not None else None
         if task is None:
             self._loop = asyncio.get_running_loop()
-            task = asyncio.current_task(self._loop)
+            task = _current_task(self._loop)
             if task is None:  # pragma: no cover - steps always run inside a task
                 return await next(call)
         loop = task.get_loop()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterable, Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 from mypy_extensions import mypyc_attr
@@ -250,7 +250,7 @@ class Before(Protocol):
 
 # Largest request body held in memory so a call can be sent again (a retry, a
 # refreshed credential); a larger one is tried once.
-REPLAY_LIMIT = 1 << 20
+REPLAY_LIMIT: Final = 1 << 20
 
 
 async def make_replayable(call: Call, limit: int = REPLAY_LIMIT) -> bool:

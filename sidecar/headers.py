@@ -6,11 +6,12 @@ import datetime
 import email.utils
 import re
 from collections.abc import Iterable
+from typing import Final
 
 from multidict import CIMultiDict
 
 # Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never forwarded.
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         "connection",
         "keep-alive",
@@ -27,12 +28,12 @@ HOP_BY_HOP = frozenset(
 
 # The Server header of the sidecar's own answers: no runtime or library version
 # for a probe to match against known flaws. Relayed answers keep the upstream's.
-SERVER = "agent-sidecar"
+SERVER: Final = "agent-sidecar"
 
 
 # Connection values that name no other header: nothing more to drop.
-_PLAIN_CONNECTION = frozenset({"keep-alive", "close"})
-_PLAIN_CONNECTION_RAW = frozenset({b"keep-alive", b"close"})
+_PLAIN_CONNECTION: Final = frozenset({"keep-alive", "close"})
+_PLAIN_CONNECTION_RAW: Final = frozenset({b"keep-alive", b"close"})
 
 
 def drop_with_connection(drop: frozenset[str], connection: str | None) -> frozenset[str]:
@@ -107,10 +108,10 @@ def retry_after_seconds(value: str, wall_now: float) -> float | None:
 
 
 # A Go-style duration, as OpenAI's x-ratelimit-reset-* headers send it: 6m0s, 1.5s, 20ms.
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s)")
-_DURATION_UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+_DURATION_PART: Final = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s)")
+_DURATION_UNIT: Final = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 # Anything larger is a Unix time (GitHub, GitLab), not a number of seconds to wait.
-_EPOCH_FROM = 1e9
+_EPOCH_FROM: Final = 1e9
 
 
 def reset_seconds(value: str, wall_now: float) -> float | None:

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import json
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from .headers import SERVER
 
 if TYPE_CHECKING:
     from aiohttp import web
 
-PROBLEM_TYPE = "https://agent-sidecar.dev/errors/"
+PROBLEM_TYPE: Final = "https://agent-sidecar.dev/errors/"
 
 # reason -> (status, title)
-REASONS: dict[str, tuple[int, str]] = {
+REASONS: Final[dict[str, tuple[int, str]]] = {
     "no_route": (404, "No route"),
     "bad_request": (400, "Bad request"),
     "method_not_allowed": (405, "Method not allowed"),

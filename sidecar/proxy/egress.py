@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ..call import Body, Reply
 from ..headers import (
@@ -41,18 +41,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("sidecar.proxy")
 
 # X-Sidecar-Error marks the sidecar's own answers: an upstream may not forge one.
-_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "x-sidecar-error"}
-_RESPONSE_DROP_RAW = FieldNames(name.encode("latin-1") for name in _RESPONSE_DROP)
+_RESPONSE_DROP: Final = HOP_BY_HOP | {"content-length", "x-sidecar-error"}
+_RESPONSE_DROP_RAW: Final = FieldNames(name.encode("latin-1") for name in _RESPONSE_DROP)
 # It holds every framing field the listener writes itself (Content-Length,
 # Transfer-Encoding, Connection, Keep-Alive): a relayed answer is `no_framing`.
-_REWRITTEN = frozenset(h.lower() for h in REWRITTEN_HEADERS)
+_REWRITTEN: Final = frozenset(h.lower() for h in REWRITTEN_HEADERS)
 # Methods the sidecar will not carry: TRACE would echo the injected credential
 # back to the agent; CONNECT would make it a tunnel to anywhere.
-_REFUSED_METHODS = frozenset({"TRACE", "CONNECT"})
+_REFUSED_METHODS: Final = frozenset({"TRACE", "CONNECT"})
 # Why a relayed answer ended before its last byte (access log, metrics, spans).
-IDLE_CUT = "upstream_idle_timeout"
-RESET_CUT = "upstream_reset"
-FAULT_CUT = "fault_injected"
+IDLE_CUT: Final = "upstream_idle_timeout"
+RESET_CUT: Final = "upstream_reset"
+FAULT_CUT: Final = "fault_injected"
 
 
 def unsafe_path(raw: str) -> bool:

@@ -11,7 +11,7 @@ import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from http import HTTPStatus
-from typing import Protocol
+from typing import Final, Protocol
 
 from ..headers import HOP_BY_HOP, FieldNames
 
@@ -30,13 +30,13 @@ __all__ = [
     "status_line",
 ]
 
-LAST_CHUNK = b"0\r\n\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"
 
 # Every status the stdlib knows, serialized once; an unknown one is built on demand.
-_STATUS_LINES: dict[int, bytes] = {
+_STATUS_LINES: Final[dict[int, bytes]] = {
     s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode("latin-1") for s in HTTPStatus
 }
-_PHRASES: dict[int, str] = {s.value: s.phrase for s in HTTPStatus}
+_PHRASES: Final[dict[int, str]] = {s.value: s.phrase for s in HTTPStatus}
 
 
 def status_line(status: int, reason: str | None = None) -> bytes:

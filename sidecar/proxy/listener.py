@@ -17,7 +17,7 @@ import json
 import logging
 from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import httptools
 from multidict import CIMultiDict
@@ -37,14 +37,14 @@ from .http1 import (
 
 log = logging.getLogger("sidecar.listener")
 
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Framing belongs to this server: whatever the app put there is replaced.
-_FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
-_NO_BODY_STATUS = frozenset({204, 304})
+_FRAMING: Final = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
+_NO_BODY_STATUS: Final = frozenset({204, 304})
 # An unread request body up to this size is read and dropped after the answer, for up
 # to this long, so the agent reads the answer instead of a reset (nginx's lingering close).
-_DISCARD_LIMIT = 1 << 20
-_DISCARD_TIMEOUT = 5.0
+_DISCARD_LIMIT: Final = 1 << 20
+_DISCARD_TIMEOUT: Final = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +174,7 @@ class Response:
 App = Callable[[Request], Awaitable[Response]]
 
 # The closing of answer bodies whose connection's task was cancelled (_answer).
-_CLOSING: set[asyncio.Task[None]] = set()
+_CLOSING: Final[set[asyncio.Task[None]]] = set()
 
 
 class _Refused(Exception):
@@ -186,7 +186,7 @@ class _Refused(Exception):
         self.detail = detail
 
 
-_TITLES = {
+_TITLES: Final = {
     400: "Bad request",
     414: "URI too long",
     431: "Request header fields too large",
@@ -215,7 +215,7 @@ def refusal_bytes(status: int, detail: str) -> bytes:
     return head + body
 
 
-_INTERNAL_ERROR = Response(
+_INTERNAL_ERROR: Final = Response(
     status=500,
     headers=[
         ("Server", SERVER),

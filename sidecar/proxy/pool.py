@@ -16,7 +16,7 @@ import socket
 import ssl
 from collections.abc import AsyncIterable, Iterable
 from dataclasses import dataclass
-from typing import cast
+from typing import Final, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -33,10 +33,10 @@ from .http1 import (
     raw_header_lines,
 )
 
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # Written by the pool itself from the origin and the body; the caller's are dropped.
-_OWN_HEADERS = frozenset({"host", "content-length", "transfer-encoding"})
-_OWN_HEADERS_RAW = FieldNames(name.encode("latin-1") for name in _OWN_HEADERS)
+_OWN_HEADERS: Final = frozenset({"host", "content-length", "transfer-encoding"})
+_OWN_HEADERS_RAW: Final = FieldNames(name.encode("latin-1") for name in _OWN_HEADERS)
 
 
 class UpstreamError(Exception):

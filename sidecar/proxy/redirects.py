@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import MutableMapping
+from typing import Final
 from urllib.parse import SplitResult, urlsplit
 
 # proxy/pool.py notes when an answer has one of these (UpstreamReply.refers).
-REWRITTEN_HEADERS = ("Location", "Content-Location")
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+REWRITTEN_HEADERS: Final = ("Location", "Content-Location")
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 # A Host header that can stand as a URL's authority (host, [v6], :port); anything else
 # would make the rewritten URL point somewhere the agent did not ask for.
-_AUTHORITY = re.compile(r"^[A-Za-z0-9._~\-]+(:[0-9]*)?$|^\[[0-9A-Fa-f:.]+\](:[0-9]*)?$")
+_AUTHORITY: Final = re.compile(r"^[A-Za-z0-9._~\-]+(:[0-9]*)?$|^\[[0-9A-Fa-f:.]+\](:[0-9]*)?$")
 
 
 class RedirectRewriter:

@@ -7,7 +7,7 @@ single reference; calls in flight keep the Router (and chain) they started on.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from multidict import CIMultiDict
 
@@ -102,15 +102,15 @@ STEP_BUILDERS: list[tuple[str, StepBuilder]] = [
 # are never forwarded as they came: a service either gets none (the default, so a
 # third-party API learns nothing of the pod's addresses) or the sidecar's (`forwarded`).
 # RFC 7239 `Forwarded` is never sent: one convention, the one upstreams read most.
-_FORWARDING_HEADERS = (
+_FORWARDING_HEADERS: Final = (
     "x-forwarded-for",
     "x-forwarded-proto",
     "x-forwarded-host",
     "via",
     "forwarded",
 )
-_VIA_11 = "1.1 agent-sidecar"
-_VIA_10 = "1.0 agent-sidecar"
+_VIA_11: Final = "1.1 agent-sidecar"
+_VIA_10: Final = "1.0 agent-sidecar"
 
 
 class Route:

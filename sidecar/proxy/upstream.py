@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Final
 from urllib.parse import urlsplit
 
 from ..call import Call, Reply
@@ -18,8 +19,8 @@ from .pool import ConnectError, ConnectTimeout, Pool, ResetError, Resolver, Upst
 log = logging.getLogger("sidecar.upstream")
 
 # One DNS cache for the process: every pool resolves through it.
-RESOLVER = Resolver(ttl=60.0)
-_UPGRADE_HEADERS = (("Connection", "Upgrade"), ("Upgrade", "websocket"))
+RESOLVER: Final = Resolver(ttl=60.0)
+_UPGRADE_HEADERS: Final = (("Connection", "Upgrade"), ("Upgrade", "websocket"))
 
 
 class Upstream:

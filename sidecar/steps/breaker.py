@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from ..call import Call, Handler, Reply
 from ..policy.loader import ServicePolicy
@@ -26,17 +26,17 @@ from ..problems import ProblemError
 from ..state import StateBuild
 from .outcomes import CountedFailure, Outcomes
 
-CLOSED = "closed"
-OPEN = "open"
-HALF_OPEN = "half_open"
+CLOSED: Final = "closed"
+OPEN: Final = "open"
+HALF_OPEN: Final = "half_open"
 
 # The window is kept as this many buckets: recording a call is two increments,
 # and old calls slide out a bucket at a time instead of one by one.
-BUCKETS = 10
+BUCKETS: Final = 10
 
 # How long a refused caller should wait while the half-open probes are out:
 # they settle the breaker within about one upstream round trip.
-PROBING_RETRY_AFTER = 1.0
+PROBING_RETRY_AFTER: Final = 1.0
 
 
 class Breaker:

@@ -4,12 +4,13 @@ answer that counts as failed whatever its status."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 from multidict import CIMultiDict
 
 from ..call import StaticReply
 
-WIRE_CAUSES = ("connect-error", "timeout", "reset")
+WIRE_CAUSES: Final = ("connect-error", "timeout", "reset")
 
 
 @dataclass(frozen=True, slots=True)

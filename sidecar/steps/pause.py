@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Final
 
 from ..call import Call, Handler, Reply
 from ..headers import reset_seconds, retry_after_seconds
@@ -36,15 +37,15 @@ Clock = Callable[[], float]
 
 # An upstream's Retry-After is obeyed up to this long; a longer (or broken)
 # value would otherwise silence a service for hours.
-MAX_PAUSE = 600.0
+MAX_PAUSE: Final = 600.0
 
 # The upstream status that started a pause -> the reason the sidecar refuses with.
-REASON_AFTER = {429: "rate_limited", 503: "upstream_paused"}
+REASON_AFTER: Final = {429: "rate_limited", 503: "upstream_paused"}
 
 # The statuses an API refuses with when one of its limits is used up (GitHub: 403).
-_QUOTA_REFUSALS = frozenset({403, 429})
+_QUOTA_REFUSALS: Final = frozenset({403, 429})
 
-_ASKED = "asked for no calls until later ({header})"
+_ASKED: Final = "asked for no calls until later ({header})"
 
 
 class Pause:

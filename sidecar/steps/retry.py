@@ -26,7 +26,7 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 from ..call import Call, Handler, Reply, make_replayable
 from ..headers import retry_after_seconds
@@ -36,7 +36,7 @@ from ..problems import ProblemError
 from ..state import StateBuild
 from .outcomes import Outcomes
 
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 
 class Retry:

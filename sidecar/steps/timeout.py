@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from typing import Final
 
 from ..call import Call, Handler, Reply
 from ..policy.loader import ServicePolicy
@@ -12,7 +13,7 @@ from ..state import StateBuild
 
 # What asyncio.current_task(loop) reads on CPython 3.11, where that function is
 # Python (a frame on every call); from 3.12 it is C, and used as it is.
-_CURRENT_TASKS: dict[asyncio.AbstractEventLoop, asyncio.Task[object]] | None = (
+_CURRENT_TASKS: Final[dict[asyncio.AbstractEventLoop, asyncio.Task[object]] | None] = (
     getattr(asyncio.tasks, "_current_tasks", None) if sys.version_info < (3, 12) else None
 )
 
@@ -26,7 +27,7 @@ def _current_task(loop: asyncio.AbstractEventLoop) -> asyncio.Task[object] | Non
 
 # The message of the cancel that ends an attempt at `timeout.total`: code inside the
 # attempt (telemetry's attempt span) tells it from an agent hanging up by this.
-TIMEOUT_CANCEL = "sidecar: timeout.total"
+TIMEOUT_CANCEL: Final = "sidecar: timeout.total"
 
 
 class Timeout:

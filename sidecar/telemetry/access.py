@@ -13,12 +13,12 @@ import logging
 import queue
 import sys
 import time
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     import logging.handlers
 
-LOGGER = "sidecar.access"
+LOGGER: Final = "sidecar.access"
 log = logging.getLogger(LOGGER)
 
 

@@ -14,6 +14,7 @@ path does dictionary lookups, never `labels()`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Final
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -68,23 +69,23 @@ class LoopValue:
 
 _values.ValueClass = LoopValue
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 
 # From 1 ms to 5 min: sidecar refusals take microseconds, LLM answers minutes.
-BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+BUCKETS: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 # Methods outside this set share one label value, so a client cannot mint series.
-KNOWN_METHODS = frozenset(
+KNOWN_METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 )
-OTHER_METHOD = "_OTHER"
+OTHER_METHOD: Final = "_OTHER"
 
 # Agent ids and model names come from the agents' requests: each service keeps at
 # most this many distinct values per label, later ones share OTHER_LABEL.
-MAX_LLM_AGENTS = 100
-MAX_LLM_MODELS = 50
-MAX_LABEL = 128
-OTHER_LABEL = "_other"
+MAX_LLM_AGENTS: Final = 100
+MAX_LLM_MODELS: Final = 50
+MAX_LABEL: Final = 128
+OTHER_LABEL: Final = "_other"
 
 
 class Timings:

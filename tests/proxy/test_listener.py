@@ -106,19 +106,28 @@ async def test_connection_close_from_the_agent_closes_after_the_answer(
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["path"] == "/a"
 
 
-async def test_http_1_0_answer_without_length_is_close_delimited() -> None:
+# llhttp keeps an HTTP/1.0 request alive when either field asks: the version must
+# still be read as 1.0 (the listener takes a shortcut only without them).
+@pytest.mark.parametrize(
+    "fields", [b"", b"Connection: keep-alive\r\n", b"Proxy-Connection: keep-alive\r\n"]
+)
+async def test_http_1_0_answer_without_length_is_close_delimited(fields: bytes) -> None:
+    versions: list[str] = []
+
     async def stream() -> AsyncIterator[bytes]:
         yield b"one,"
         yield b"two"
 
     async def app(request: Request) -> Response:
+        versions.append(request.version)
         return Response(200, body=stream())
 
     async with listening(app) as address:
-        answer = await exchange(address, b"GET / HTTP/1.0\r\n\r\n")
+        answer = await exchange(address, b"GET / HTTP/1.0\r\n" + fields + b"\r\n")
     head, _, body = answer.partition(b"\r\n\r\n")
     assert b"Transfer-Encoding" not in head and b"Content-Length" not in head
     assert body == b"one,two"
+    assert versions == ["1.0"]
 
 
 async def test_chunked_answer_for_a_stream_without_length(client: aiohttp.ClientSession) -> None:

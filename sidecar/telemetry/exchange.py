@@ -419,10 +419,12 @@ class Attempt:
         return attributes
 
     async def __call__(self, call: Call, next: Handler) -> Reply:
-        exchange = call.exchange
+        # Typed here, as Call.exchange is Any (telemetry sits above call.py): the
+        # compiled code reads and writes its fields directly, not by name.
+        exchange: Exchange | None = call.exchange
         if exchange is None:
             return await next(call)
-        telemetry: Telemetry = exchange.telemetry
+        telemetry = exchange.telemetry
         if telemetry.tracer is not None:
             return await telemetry.attempt(self, exchange, call, next)
         # Tracing off (the common case): Telemetry.attempt's metrics only, inline, one

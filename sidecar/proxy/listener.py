@@ -431,7 +431,12 @@ class HttpServerProtocol(asyncio.Protocol):
             raise _Refused(505, "This sidecar speaks HTTP/1.1 only; send HTTP/1.1 requests.")
         length_text = self._length
         content_length = int(length_text) if length_text is not None else None
-        is_upgrade = parser.should_upgrade()
+        method = parser.get_method()
+        # llhttp upgrades only a CONNECT or a request whose Connection (or
+        # Proxy-Connection) field says upgrade: without one, no need to ask.
+        is_upgrade = (
+            self._connection is not None or self._proxy_connection or method == b"CONNECT"
+        ) and parser.should_upgrade()
         body: FeedStream | None = None
         if self._chunked or (content_length and not is_upgrade):
             expect = self._expect
@@ -450,7 +455,7 @@ class HttpServerProtocol(asyncio.Protocol):
             )
         self._body = body
         request = Request(
-            method=parser.get_method().decode("ascii"),
+            method=method.decode("ascii"),
             target=self._url.decode("latin-1"),
             version=version,
             raw_headers=self._headers,

@@ -48,13 +48,14 @@ class Timeout:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __call__(self, call: Call, next: Handler) -> Reply:
-        task = _current_task(self._loop) if self._loop is not None else None
-        if task is None:
-            self._loop = asyncio.get_running_loop()
-            task = _current_task(self._loop)
+        loop = self._loop
+        task = _current_task(loop) if loop is not None else None
+        if loop is None or task is None:
+            # The first call, or a call on another loop than the last one's.
+            loop = self._loop = asyncio.get_running_loop()
+            task = _current_task(loop)
             if task is None:  # pragma: no cover - steps always run inside a task
                 return await next(call)
-        loop = task.get_loop()
         expiry = _Expiry(task, loop.time() + self.total)
         pending = self._pending
         pending[expiry] = None
@@ -71,7 +72,8 @@ class Timeout:
                 ) from None
             raise
         finally:
-            pending.pop(expiry, None)
+            if not expiry.fired:  # a fired one was taken out by _expire
+                del pending[expiry]
 
     def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timer = None

@@ -465,3 +465,27 @@ async def test_an_answer_that_ends_with_its_connection_reaches_the_agent_whole(t
     ):
         assert r.status == 200
         assert await r.read() == b"hello world"  # aiohttp raises on a cut chunked body
+
+
+async def test_connect_is_refused_and_never_forwarded(tmp_path):
+    # llhttp treats CONNECT as an upgrade even with no Connection field: the
+    # listener must still ask it, and the egress refuses the method.
+    seen, head = await _through_sidecar(
+        tmp_path,
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"],
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+    )
+    assert head.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 405 ")), head
+    assert b"Content-Type: application/problem+json" in head
+    assert seen == []
+
+
+async def test_upgrade_without_connection_upgrade_is_a_plain_request(tmp_path):
+    seen, head = await _through_sidecar(
+        tmp_path,
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"],
+        b"GET /svc/plain HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n",
+    )
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n"), head
+    assert seen[0].startswith(b"GET /plain HTTP/1.1\r\n")
+    assert b"Upgrade" not in seen[0]  # hop-by-hop: never forwarded on a plain request

@@ -233,9 +233,15 @@ class Field:
 
 
 class Step(Protocol):
-    """One policy step: `async (call, next) -> reply`, built once per (re)load."""
+    """One policy step: `async (call, next) -> reply`, built once per (re)load.
 
-    async def __call__(self, call: Call, next: Handler) -> Reply: ...
+    Most are coroutine functions. A step may instead return the next step's own
+    awaitable when it has nothing to do after it (steps/ratelimit.py): whoever
+    calls a step awaits what it returns at once, so an exception it raises before
+    returning lands where one from inside the coroutine would.
+    """
+
+    def __call__(self, call: Call, next: Handler) -> Awaitable[Reply]: ...
 
 
 class Before(Protocol):

@@ -179,9 +179,18 @@ class RateLimiter:
         self._sleep = sleep
         self._refunds: set[asyncio.Task[None]] = set()
 
-    async def __call__(self, call: Call, next: Handler) -> Reply:
+    def __call__(self, call: Call, next: Handler) -> Awaitable[Reply]:
+        # Not a coroutine: a call that gets its tokens at once (nearly all) goes on as
+        # the next step's awaitable, with no coroutine of this step's in the chain to
+        # create and to pass every resumption through. A refusal raises here, where
+        # the step before awaits it, as a `call.Before` step's does.
         agent = call.agent
         delay = self._take_local(agent, self._clock()) if self._local else 0.0
+        if self._shared or delay > 0:
+            return self._queued(call, next, agent, delay)
+        return next(call)
+
+    async def _queued(self, call: Call, next: Handler, agent: str | None, delay: float) -> Reply:
         if self._shared:
             delay = max(delay, await self._take_shared(agent))
         if delay > 0:

@@ -30,6 +30,7 @@ from .http1 import (
     Tunnel,
     WriteGate,
     chunk,
+    content_length,
     head_bytes,
     header_lines,
     status_line,
@@ -430,7 +431,7 @@ class HttpServerProtocol(asyncio.Protocol):
                 raise _Refused(400, "HTTP/0.9 requests are not accepted; send HTTP/1.1.")
             raise _Refused(505, "This sidecar speaks HTTP/1.1 only; send HTTP/1.1 requests.")
         length_text = self._length
-        content_length = int(length_text) if length_text is not None else None
+        length = content_length(length_text) if length_text is not None else None
         method = parser.get_method()
         # llhttp upgrades only a CONNECT or a request whose Connection (or
         # Proxy-Connection) field says upgrade: without one, no need to ask.
@@ -438,7 +439,7 @@ class HttpServerProtocol(asyncio.Protocol):
             self._connection is not None or self._proxy_connection or method == b"CONNECT"
         ) and parser.should_upgrade()
         body: FeedStream | None = None
-        if self._chunked or (content_length and not is_upgrade):
+        if self._chunked or (length and not is_upgrade):
             expect = self._expect
             body = FeedStream(
                 loop=self._loop,
@@ -459,7 +460,7 @@ class HttpServerProtocol(asyncio.Protocol):
             target=self._url.decode("latin-1"),
             version=version,
             raw_headers=self._headers,
-            content_length=content_length,
+            content_length=length,
             body=body,
             peer=self._peer,
             keep_alive=keep_alive and not is_upgrade,

@@ -29,6 +29,7 @@ from .http1 import (
     TunnelPeer,
     WriteGate,
     chunk,
+    content_length,
     header_lines,
     raw_header_lines,
 )
@@ -437,7 +438,7 @@ class UpstreamReply:
         self.refers = conn.refers
         self._headers: CIMultiDictProxy[str] | None = None
         length = conn.length
-        self.content_length = int(length) if length is not None and length.isdigit() else None
+        self.content_length = content_length(length) if length is not None else None
         self._stream: FeedStream | None = None
         self.data: bytes | None = None
         if conn.message_done:

@@ -13,6 +13,7 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sidecar.proxy.http1 import content_length
 from sidecar.proxy.listener import Limits, Request, Response
 from tests.conftest import Counting, echo_app
 from tests.helpers import eventually
@@ -360,3 +361,9 @@ def test_fuzzed_requests_get_an_answer_or_a_close(data: bytes) -> None:
         assert errors == []
 
     asyncio.run(run())
+
+
+@given(st.binary(max_size=30) | st.integers(min_value=0, max_value=10**40).map(lambda n: b"%d" % n))
+def test_content_length_reads_what_int_reads_for_digits_only(value: bytes) -> None:
+    expected = int(value) if value and all(48 <= b <= 57 for b in value) else None
+    assert content_length(value) == expected

@@ -258,23 +258,18 @@ def _relay(request: Request, reply: Reply, route: Route, exchange: Exchange | No
         # relayed as the bytes it came in, never decoded (unless it has a URL to rewrite),
         # and a body that came whole with it as those bytes too.
         drop = drop_with_connection_raw(_RESPONSE_DROP_RAW, reply.connection)
-        try:
-            lines: bytes | None = raw_header_lines(reply.raw_headers, drop)
-        except ValueError:
-            lines = None  # written below the slow way, which refuses it where it always has
-        if lines is not None:
-            data = reply.data
-            whole = data is not None and reply.content_length is not None
-            return Response(
-                status=status,
-                head_lines=lines,
-                # A HEAD answer's Content-Length is the resource's, not its empty body's.
-                body=data if whole and request.method != "HEAD" else _body(reply, route),
-                content_length=reply.content_length,
-                reason=reply.reason,
-                on_done=done,
-                no_framing=True,
-            )
+        data = reply.data
+        whole = data is not None and reply.content_length is not None
+        return Response(
+            status=status,
+            head_lines=raw_header_lines(reply.raw_headers, drop),
+            # A HEAD answer's Content-Length is the resource's, not its empty body's.
+            body=data if whole and request.method != "HEAD" else _body(reply, route),
+            content_length=reply.content_length,
+            reason=reply.reason,
+            on_done=done,
+            no_framing=True,
+        )
     return Response(
         status=status,
         headers=_relayed_headers(request, reply, route),

@@ -112,7 +112,7 @@ class Sidecar:
             metrics=self.telemetry.metrics.webhooks,
             tracer=self.telemetry.tracer,
         )
-        self.handler = Egress(lambda: self.router, self.telemetry, self.webhooks)
+        self.handler = Egress(self.telemetry, self.webhooks)
 
     async def reload(self, trigger: str) -> ReloadResult:
         async with self._lock:
@@ -174,6 +174,7 @@ class Sidecar:
             return failed(f"{self.webhooks.data_dir}: cannot open the webhook store: {exc}")
         build.commit()
         self.policy, self.router = policy, router
+        self.handler.router = router
         log.info(
             "policy %s loaded (%s): %d services from %d files",
             policy.version,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable
 from typing import TYPE_CHECKING, Final
 
 from ..call import Body, Reply
@@ -97,12 +97,11 @@ class Egress:
     """The listener's app; `router` is read once per request, never locked."""
 
     def __init__(
-        self,
-        current: Callable[[], Router | None],
-        telemetry: Telemetry | None = None,
-        webhooks: WebhookHub | None = None,
+        self, telemetry: Telemetry | None = None, webhooks: WebhookHub | None = None
     ) -> None:
-        self._current = current
+        # The current policy's routes; a reload swaps this one reference (runtime.py),
+        # and a call keeps the Router it matched on.
+        self.router: Router | None = None
         # Agents post outbound events to /_webhooks/<name>; never routed to a service.
         self.webhooks = webhooks
         # None: no metrics, spans or access log, and the request path pays nothing for them.
@@ -155,7 +154,7 @@ class Egress:
                 None,
                 exchange,
             )
-        router = self._current()
+        router = self.router
         route = router.match(raw) if router is not None else None
         if route is None:
             return problem(

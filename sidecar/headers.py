@@ -54,7 +54,7 @@ class FieldNames:
     `name.lower() in names` does.
     """
 
-    __slots__ = ("_sizes", "names")
+    __slots__ = ("_sizes", "_spelled", "names")
 
     def __init__(self, names: Iterable[bytes]) -> None:
         self.names = frozenset(names)
@@ -62,9 +62,16 @@ class FieldNames:
         for name in self.names:
             sizes[min(len(name), 255)] = 1
         self._sizes = bytes(sizes)
+        # The names as nearly every client and server writes them (Host, Keep-Alive,
+        # X-Agent-Id) or all lowercase: found as sent, with no lowercase copy.
+        self._spelled = self.names | {
+            b"-".join(part.capitalize() for part in name.split(b"-")) for name in self.names
+        }
 
     def has(self, name: bytes) -> bool:
-        return self._sizes[min(len(name), 255)] == 1 and name.lower() in self.names
+        if self._sizes[min(len(name), 255)] != 1:
+            return False
+        return name in self._spelled or name.lower() in self.names
 
     def __or__(self, more: Iterable[bytes]) -> FieldNames:
         return FieldNames(self.names | frozenset(more))

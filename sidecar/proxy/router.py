@@ -181,7 +181,11 @@ class Route:
         for field in request.raw_headers:
             if not drop.has(field[0]):
                 kept.append(field)
-            elif agent is None and field[0].lower() == agent_header:
+            elif (
+                agent is None
+                and len(field[0]) == len(agent_header)
+                and field[0].lower() == agent_header
+            ):
                 agent = field[1]
         call = Call(
             service=self.name,

@@ -108,18 +108,63 @@ class Egress:
         self.telemetry = telemetry
 
     async def __call__(self, request: Request) -> Response:
+        # One coroutine per answer: the checks before the chain are a plain call, and
+        # the chain is awaited here, between telemetry's begin and its end.
         telemetry = self.telemetry
-        if telemetry is None:
-            return await self._handle(request, None)
-        exchange = telemetry.begin(request)
+        exchange = telemetry.begin(request) if telemetry is not None else None
         try:
-            response = await self._handle(request, exchange)
+            found = self._route(request, exchange)
+            if found is None:
+                assert self.webhooks is not None
+                response = await outbound_answer(self.webhooks, request)
+            elif isinstance(found, Response):
+                response = found
+            else:
+                route = found
+                upstream = route.upstream
+                # Counted from here to the last byte relayed, so a reload never closes a
+                # pool that a call of the old policy (queued, backing off, streaming) needs.
+                upstream.inflight += 1
+                try:
+                    call = route.prepare(request, self._body(route, request))
+                    if (
+                        request.is_upgrade
+                        and request.headers.get("Upgrade", "").lower() == "websocket"
+                    ):
+                        call.upgrade = True
+                    if exchange is not None:
+                        exchange.bind(call)
+                    reply = await route.handler(call)
+                except ProblemError as err:
+                    upstream.inflight -= 1
+                    response = problem(err, route.name, exchange)
+                except asyncio.CancelledError:
+                    upstream.inflight -= 1
+                    raise
+                except Exception:
+                    upstream.inflight -= 1
+                    log.exception("unexpected error in service %s", route.name)
+                    response = problem(
+                        ProblemError(
+                            "internal_error",
+                            "The sidecar failed while handling this call; the error is in its log.",
+                        ),
+                        route.name,
+                        exchange,
+                    )
+                else:
+                    response = _relay(request, reply, route, exchange)
         except BaseException as exc:
-            telemetry.failed(exchange, exc)
+            if telemetry is not None and exchange is not None:
+                telemetry.failed(exchange, exc)
             raise
-        return telemetry.answered(exchange, response)
+        if telemetry is not None and exchange is not None:
+            return telemetry.answered(exchange, response)
+        return response
 
-    async def _handle(self, request: Request, exchange: Exchange | None) -> Response:
+    def _route(self, request: Request, exchange: Exchange | None) -> Route | Response | None:
+        """The route of a request to forward, the sidecar's own answer to one it does
+        not forward, or None for an outbound webhook event (webhooks/)."""
         raw = request.target
         if unsafe_path(raw):
             return problem(
@@ -142,7 +187,7 @@ class Egress:
                 exchange,
             )
         if raw.startswith(OUTBOUND_PREFIX) and self.webhooks is not None:
-            return await outbound_answer(self.webhooks, request)
+            return None
         if request.method in _REFUSED_METHODS:
             return problem(
                 ProblemError(
@@ -168,35 +213,7 @@ class Egress:
             )
         if exchange is not None:
             exchange.route = route
-        upstream = route.upstream
-        # Counted from here to the last byte relayed, so a reload never closes a pool
-        # that a call of the old policy (queued, backing off, streaming) still needs.
-        upstream.inflight += 1
-        try:
-            call = route.prepare(request, self._body(route, request))
-            if request.is_upgrade and request.headers.get("Upgrade", "").lower() == "websocket":
-                call.upgrade = True
-            if exchange is not None:
-                exchange.bind(call)
-            reply = await route.handler(call)
-        except ProblemError as err:
-            upstream.inflight -= 1
-            return problem(err, route.name, exchange)
-        except asyncio.CancelledError:
-            upstream.inflight -= 1
-            raise
-        except Exception:
-            upstream.inflight -= 1
-            log.exception("unexpected error in service %s", route.name)
-            return problem(
-                ProblemError(
-                    "internal_error",
-                    "The sidecar failed while handling this call; the error is in its log.",
-                ),
-                route.name,
-                exchange,
-            )
-        return _relay(request, reply, route, exchange)
+        return route
 
     def _body(self, route: Route, request: Request) -> Body:
         body = request.body

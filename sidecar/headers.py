@@ -50,8 +50,8 @@ class FieldNames:
     """Lowercase field names as bytes, for heads relayed as they came.
 
     `has` tells most fields apart by the length of their name alone, from a table:
-    no lowercase copy, no hash of it. A name of a length in the set costs what
-    `name.lower() in names` does.
+    no lowercase copy, no hash of it. A name of a length in the set is looked up as
+    sent, and lowercased only when spelled some other way.
     """
 
     __slots__ = ("_sizes", "_spelled", "names")

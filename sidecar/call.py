@@ -195,23 +195,26 @@ class Call:
             self.headers[name] = value
             return
         check_field(name, value)
-        wanted = name.lower().encode("latin-1")
-        kept = [field for field in raw if field[0].lower() != wanted]
-        kept.append((name.encode("latin-1"), value.encode("latin-1")))
-        self._raw = kept
+        self._replace_raw(
+            name.lower().encode("latin-1"), (name.encode("latin-1"), value.encode("latin-1"))
+        )
 
     def set_field(self, field: Field) -> None:
         """`set_header(field.name, field.value)` with the work done at load."""
-        raw = self._raw
         prepared = field.raw
-        if raw is None or prepared is None:
+        if self._raw is None or prepared is None:
             self.set_header(field.name, field.value)
             return
-        key = field.key
+        self._replace_raw(field.key, prepared)
+
+    def _replace_raw(self, key: bytes, field: tuple[bytes, bytes]) -> None:
+        """Every raw field called `key` (lowercase) out, `field` in, at the end."""
+        raw = self._raw
+        assert raw is not None
         size = len(key)
         # By length first: most names differ in it, and need no lowercase copy.
         kept = [f for f in raw if len(f[0]) != size or f[0].lower() != key]
-        kept.append(prepared)
+        kept.append(field)
         self._raw = kept
 
 

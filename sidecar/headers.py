@@ -96,6 +96,7 @@ def check_field(name: str, value: str) -> None:
 
 
 def unsafe_field(text: str) -> bool:
+    """A CR, LF or NUL in a field's name, value or line: it would split the message."""
     return "\r" in text or "\n" in text or "\0" in text
 
 

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from http import HTTPStatus
 from typing import Final, Protocol
 
-from ..headers import HOP_BY_HOP, FieldNames
+from ..headers import HOP_BY_HOP, FieldNames, unsafe_field
 
 __all__ = [
     "HOP_BY_HOP",
@@ -108,7 +108,7 @@ def raw_header_lines(headers: Iterable[tuple[bytes, bytes]], drop: FieldNames) -
 
 
 def _check_field(text: str) -> None:
-    if "\r" in text or "\n" in text or "\0" in text:
+    if unsafe_field(text):
         # The field's name only: its value may be a credential.
         raise ValueError(f"CR, LF or NUL in the header field {text.partition(':')[0][:64]!r}")
 

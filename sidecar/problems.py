@@ -47,6 +47,12 @@ REASONS: Final[dict[str, tuple[int, str]]] = {
     "no_mock": (501, "No mock answer"),
     # services.<name>.mode: replay, and no recording matches the call.
     "no_recording": (501, "No recording"),
+    # services.<name>.files (docs/files.md): no such file; a write's precondition failed;
+    # a range past the file's end; an agent's quota (or the volume) is full.
+    "not_found": (404, "Not found"),
+    "precondition_failed": (412, "Precondition failed"),
+    "range_not_satisfiable": (416, "Range not satisfiable"),
+    "quota_exceeded": (507, "Storage quota exceeded"),
     # services.<name>.translate: the upstream's 2xx answer is not the JSON its API sends.
     "untranslatable_answer": (502, "Upstream answer could not be translated"),
 }

@@ -185,8 +185,14 @@ def load_policy(
                 )
                 continue
             prefix = spec.prefix or f"/{name}"
-            if mode is not None and spec.mode != "mock" and spec.mode != mode:
-                # A service mocked in its policy has no upstream worth recording.
+            if (
+                mode is not None
+                and spec.mode != "mock"
+                and spec.mode != mode
+                and spec.files is None
+            ):
+                # A service mocked in its policy has no upstream worth recording, and a
+                # files service has none at all.
                 spec = spec.model_copy(update={"mode": mode})
             if cassettes is not None and spec.mode in ("record", "replay"):
                 spec = spec.model_copy(update={"cassettes": cassettes.apply(name, spec.cassettes)})

@@ -324,7 +324,11 @@ def _service_schema(schema: dict[str, Any]) -> None:
         required.remove("upstream")
         if not required:
             del schema["required"]
-        schema["anyOf"] = [{"required": ["upstream"]}, {"required": ["template"]}]
+        schema["anyOf"] = [
+            {"required": ["upstream"]},
+            {"required": ["template"]},
+            {"required": ["files"]},
+        ]
 
 
 class Service(Model):
@@ -409,6 +413,16 @@ class Service(Model):
     cassettes: Cassettes | None = Field(
         default=None, description="Recordings of mode: record and replay, see testing.py"
     )
+    files: Files | None = Field(
+        default=None,
+        description="Serve a local directory instead of an upstream (no upstream then), "
+        "see docs/files.md",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _files_have_no_upstream(cls, data: Any) -> Any:
+        return fill_upstream(data)
 
     @field_validator("upstream")
     @classmethod
@@ -511,6 +525,7 @@ from .access import AgentKeys, AllowRule, CredentialHeader, JwtVerify  # noqa: E
 from .budget import Budget, Prices  # noqa: E402
 from .cache import Cache  # noqa: E402
 from .check import Check  # noqa: E402
+from .files import Files, fill_upstream  # noqa: E402
 from .llm import LLM  # noqa: E402
 from .openapi import DocumentPath, Validate  # noqa: E402
 from .protocols import GraphQL, MCPSetting  # noqa: E402

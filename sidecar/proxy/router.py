@@ -13,6 +13,7 @@ from multidict import CIMultiDict
 
 from .. import telemetry
 from ..call import Body, Call, Field, Handler, Reply, Step
+from ..files import service as files
 from ..headers import HOP_BY_HOP, FieldNames, drop_with_connection_raw
 from ..policy.loader import Policy, ServicePolicy
 from ..state import StateBuild
@@ -287,7 +288,8 @@ def compile_policy(policy: Policy, state: StateBuild) -> Router:
                 connect_timeout=s.spec.timeout.connect,
             ),
         )
-        handler: Handler = upstream
+        # A files service answers from its directory where others call their upstream.
+        handler: Handler = upstream if spec.files is None else files.build(service, state=state)
         for _, builder in reversed(STEP_BUILDERS):
             step = builder(service, state=state)
             # A `Before` step, found by its method: runtime Protocol checks do not

@@ -9,6 +9,7 @@ Nothing printed here ever holds a credential: only names, statuses, timings.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 import tempfile
@@ -49,6 +50,8 @@ async def check_service(sidecar: Sidecar, name: str) -> Result:
     service = sidecar.policy.services[name]
     spec = service.spec
     result = Result(service=name)
+    if spec.files is not None:
+        return await _check_files(spec.files.root, spec.files.read_only, result)
     url = urlsplit(spec.upstream)
     host = url.hostname or ""
     port = url.port or (443 if url.scheme == "https" else 80)
@@ -95,6 +98,22 @@ async def check_service(sidecar: Sidecar, name: str) -> Result:
             else str(exc)
             if isinstance(exc, ValueError)
             else type(exc).__name__
+        )
+    return result
+
+
+async def _check_files(root: str, read_only: bool, result: Result) -> Result:
+    """A files service has no upstream: its root must be a directory it can use."""
+    result.stage = "files"
+    start = time.perf_counter()
+    mode = os.R_OK | os.X_OK | (0 if read_only else os.W_OK)
+    usable = await asyncio.to_thread(lambda: os.path.isdir(root) and os.access(root, mode))
+    result.ms["files"] = _ms(start)
+    if usable:
+        result.ok, result.stage = True, "ok"
+    else:
+        result.error = "root is not a directory the sidecar can " + (
+            "read" if read_only else "read and write"
         )
     return result
 

@@ -70,6 +70,7 @@ WHERE: dict[str, tuple[str, str | None]] = {
     "SSEFault": ("faults", "sse"),
     "Cache": ("cache", None),
     "Check": ("check", None),
+    "Files": ("files", None),
 }
 
 _TICKED = re.compile(r"`([A-Za-z_]+)`")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sidecar.check import check_service
 from sidecar.policy.loader import load_policy
 from sidecar.policy.models import PolicyFile
+from sidecar.runtime import Sidecar
 from tests.policy.test_loader import errors, write
 
 
@@ -94,3 +96,28 @@ def test_the_schema_describes_files() -> None:
         "list_limit",
     }
     assert all("description" in value for value in files.values())
+
+
+async def test_sidecar_check_looks_at_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    root.mkdir()
+    write(
+        tmp_path,
+        "p.yaml",
+        f"""
+        version: 1
+        services:
+          docs: {{files: {{root: "{root}"}}}}
+          gone: {{files: {{root: "{tmp_path / "missing"}"}}}}
+        """,
+    )
+    sidecar = Sidecar(str(tmp_path))
+    assert (await sidecar.reload("startup")).ok
+    try:
+        docs = await check_service(sidecar, "docs")
+        gone = await check_service(sidecar, "gone")
+    finally:
+        await sidecar.close()
+    assert (docs.ok, docs.stage, docs.error) == (True, "ok", None)
+    assert (gone.ok, gone.stage) == (False, "files")
+    assert gone.error == "root is not a directory the sidecar can read and write"

@@ -58,9 +58,9 @@ def check_write(
     """The preconditions of a PUT or DELETE against the file as it is now (None: absent)."""
     if if_match is not None and not matches_strong(if_match, current):
         raise precondition_failed(
-            f"{shown!r} does not exist or has changed (If-Match): read it again before writing."
-            if current is None or "*" not in _tags(if_match)
-            else f"{shown!r} does not exist (If-Match: *)."
+            f"{shown!r} does not exist (If-Match)."
+            if current is None
+            else f"{shown!r} has changed (If-Match): read it again before writing."
         )
     if if_none_match is not None and matches_weak(if_none_match, current):
         raise precondition_failed(

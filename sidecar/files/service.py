@@ -590,7 +590,8 @@ def build(service: ServicePolicy, *, state: StateBuild) -> FilesService:
     config = service.spec.files
     assert config is not None
     # mimetypes reads the system's tables on first use: here, at load, not on a call.
-    mimetypes.init()
+    if not mimetypes.inited:
+        mimetypes.init()
     files_state = state.get(
         service.name,
         "files",

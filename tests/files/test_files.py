@@ -337,3 +337,36 @@ async def test_requests_client_writes_and_reads_a_range(start_sidecar, root):
     assert (put, status, body) == (201, 206, b'"a"')
     assert tag.startswith('"')
     assert (root / "été.json").read_bytes() == b'{"a": 1}'
+
+
+async def test_concurrent_safe_creates_make_one_file(start_sidecar, client, root):
+    sc = await start_sidecar(files_policy(root))
+
+    async def create(i: int) -> int:
+        headers = {"If-None-Match": "*"}
+        async with client.put(
+            f"{sc.url}/docs/once.txt", data=_chunks(8, 1000 + i), headers=headers
+        ) as r:
+            return r.status
+
+    statuses = await asyncio.gather(*(create(i) for i in range(6)))
+    assert sorted(statuses) == [201] + [412] * 5
+    # The file is one upload whole, not a mix of several.
+    data = (root / "once.txt").read_bytes()
+    assert len(data) in {8 * (1000 + i) for i in range(6)}
+    await _no_leftovers(root)
+
+
+async def test_an_oversized_upload_is_refused_before_its_body_is_asked_for(start_sidecar, root):
+    sc = await start_sidecar(files_policy(root, max_size=10))
+    host, port = sc.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"PUT /docs/a.txt HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\nExpect: 100-continue\r\n\r\n"
+    )
+    await writer.drain()
+    async with asyncio.timeout(10):
+        status = await reader.readline()
+    writer.close()
+    assert status.startswith(b"HTTP/1.1 413 ")  # no "100 Continue" first
+    assert not (root / "a.txt").exists()

@@ -11,7 +11,7 @@ APT_PACKAGES := redis-server nginx wrk
 export OPENAI_API_KEY ?= sk-example-placeholder
 export GITHUB_TOKEN ?= ghp-example-placeholder
 
-.PHONY: run test lint typecheck unit system-deps compiler-deps compiled clean-compiled bench bench-webhooks bench-ttft clean
+.PHONY: run test lint typecheck unit openai1 system-deps compiler-deps compiled clean-compiled bench bench-webhooks bench-ttft clean
 
 # setuptools 77+ reads pyproject.toml's license field when setup.py builds (compiled).
 $(STAMP): pyproject.toml
@@ -75,8 +75,18 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(COMPILED) system-deps
-	$(BIN)/pytest -q
+# openai 1.x beside the venv's newer one, for tests/newcomer/test_sdk_errors.py (which
+# drives it as a subprocess, and skips when it is missing).
+OPENAI1_VENV ?= /tmp/agent-sidecar-openai1
+$(OPENAI1_VENV)/.installed:
+	$(PY) -m venv $(OPENAI1_VENV)
+	$(OPENAI1_VENV)/bin/pip install -q 'openai>=1.50,<2'
+	touch $@
+
+openai1: $(OPENAI1_VENV)/.installed
+
+unit: $(COMPILED) system-deps openai1
+	SIDECAR_OPENAI1_PYTHON=$(OPENAI1_VENV)/bin/python $(BIN)/pytest -q
 
 test: lint typecheck unit
 

@@ -14,9 +14,9 @@ from pydantic import (
     AfterValidator,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
     ValidationInfo,
     field_validator,
-    ModelWrapValidatorHandler,
     model_validator,
 )
 

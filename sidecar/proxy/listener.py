@@ -231,6 +231,7 @@ _INTERNAL_ERROR: Final = Response(
             "detail": "The sidecar failed while handling this call; see its log.",
             "service": None,
             "reason": "internal_error",
+            "message": "The sidecar failed while handling this call; see its log.",
         }
     ).encode(),
 )

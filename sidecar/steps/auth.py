@@ -75,9 +75,7 @@ def header_name(service: ServicePolicy) -> str | None:
 
 
 def _unresolved(auth: object) -> bool:
-    return any(
-        isinstance(value, Secret) and value.unresolved for value in vars(auth).values()
-    )
+    return any(isinstance(value, Secret) and value.unresolved for value in vars(auth).values())
 
 
 def build(service: ServicePolicy, *, state: StateBuild) -> Step | None:

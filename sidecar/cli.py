@@ -286,7 +286,7 @@ def cmd_import_openapi(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .check import format_line, run_checks
+    from .check import format_lines, run_checks
 
     # Quiet: the sidecar's own log lines (policy loaded...) are not the report.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -295,20 +295,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     results, errors = asyncio.run(run_checks(args.policies, args.services))
     for error in errors:
         print(f"sidecar check: {error}", file=sys.stderr)
-    if errors:
-        return 1
+    ok = not errors and all(r.ok for r in results)
     if args.json:
-        print(
-            json.dumps(
-                {"ok": all(r.ok for r in results), "services": [r.as_dict() for r in results]},
-                indent=2,
-            )
-        )
-    else:
-        colour = sys.stdout.isatty()
-        for result in results:
-            print(format_line(result, colour=colour))
-    return 0 if all(r.ok for r in results) else 1
+        # Always a JSON document, also when the policy is refused: CI parses it.
+        report: dict[str, Any] = {"ok": ok, "services": [r.as_dict() for r in results]}
+        if errors:
+            report["errors"] = errors
+        print(json.dumps(report, indent=2))
+    elif not errors:
+        for line in format_lines(results, colour=sys.stdout.isatty()):
+            print(line)
+    return 0 if ok else 1
 
 
 def cmd_schema() -> int:
@@ -390,6 +387,7 @@ async def _serve(sidecar: Sidecar, args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 1
     sidecar.start_watching()
+    _announce_cassettes(sidecar)
     # Everything made so far lives as long as the process: move it out of the
     # collector's sight, so the full collections that interrupt serving are short.
     gc.collect()
@@ -433,7 +431,24 @@ async def _serve(sidecar: Sidecar, args: argparse.Namespace) -> int:
     await asyncio.gather(*(runner.shutdown(args.drain) for runner in serving))
     for runner in (*serving, *(runner for runner in runners if runner.name == "admin")):
         await runner.cleanup()
+    if sidecar.policy is not None:
+        from .steps.cassette import written_summary
+
+        for line in written_summary(list(sidecar.policy.services.values())):
+            log.info("%s", line)
     return 0
+
+
+def _announce_cassettes(sidecar: Sidecar) -> None:
+    """Record and replay say where their cassettes are (and, at exit, how many were written)."""
+    policy = sidecar.policy
+    if policy is None:
+        return
+    services = [s for s in policy.services.values() if s.spec.mode in ("record", "replay")]
+    if services:
+        from .steps.cassette import announce
+
+        announce(services)
 
 
 def _event_loop_factory() -> Any:
@@ -445,6 +460,20 @@ def _event_loop_factory() -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        # Flushed here, so a reader that left early is seen inside this try.
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`sidecar schema | head`): no traceback for that. Python
+        # would try to flush stdout again at exit; it goes to /dev/null instead.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "validate":

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import filecmp
 import gc
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Sequence
@@ -222,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-o",
         "--output",
         metavar="FILE",
-        help="write the policy here (default: stdout); `openapi:` is then relative to FILE",
+        help="write the policy here (default: stdout); `openapi:` is then relative to FILE, "
+        "and a document outside FILE's directory is copied beside it",
     )
     oa.add_argument(
         "--upstream", metavar="URL", help="upstream URL instead of the document's first server"
@@ -274,7 +277,22 @@ def cmd_import_openapi(args: argparse.Namespace) -> int:
         print(f"sidecar import: {str(exc).splitlines()[-1].strip()}", file=sys.stderr)
         return 2
     base = os.path.dirname(os.path.abspath(args.output)) if args.output else os.getcwd()
-    ref = os.path.relpath(os.path.abspath(args.spec), base)
+    source = os.path.abspath(args.spec)
+    ref = os.path.relpath(source, base)
+    if args.output and (ref == os.pardir or ref.startswith(os.pardir + os.sep)):
+        # A policy directory travels alone (a ConfigMap, a container image): the document
+        # goes beside the policy, never referred to outside it.
+        ref = os.path.basename(source)
+        beside = os.path.join(base, ref)
+        if os.path.exists(beside) and not filecmp.cmp(source, beside, shallow=False):
+            print(
+                f"sidecar import: {beside} exists and is another document; move it, or "
+                "import from a copy of the document inside the output's directory",
+                file=sys.stderr,
+            )
+            return 1
+        shutil.copyfile(source, beside)
+        print(f"copied {args.spec} beside the policy, to {beside}", file=sys.stderr)
     text = policy_yaml(document, spec_ref=ref, name=name, upstream=args.upstream, source=args.spec)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:

@@ -118,6 +118,13 @@ async def test_gql_shows_the_sentence(sidecar) -> None:  # type: ignore[no-untyp
     assert "research-bot" in str(refused.value), str(refused.value)
     assert refused.value.errors is not None
     assert refused.value.errors[0]["extensions"] == {"code": "forbidden"}
+    # A refusal that a retry cannot clear says so to any client.
+    async with (
+        aiohttp.ClientSession() as client,
+        client.post(f"{sidecar.url}/shop/graphql", json={"query": "{ products { id } }"}) as r,
+    ):
+        assert r.headers["X-Sidecar-Error"] == "forbidden"
+        assert r.headers["x-should-retry"] == "false"
 
 
 async def test_a_rate_limit_stays_retryable(sidecar) -> None:  # type: ignore[no-untyped-def]

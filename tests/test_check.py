@@ -154,3 +154,14 @@ async def test_check_json_is_json_when_the_policy_is_refused(tmp_path: Path) -> 
     report = json.loads(out)
     assert report["ok"] is False and report["services"] == []
     assert any("broken.yaml:3" in e and "upstrem" in e for e in report["errors"]), report
+
+
+def test_every_built_in_template_has_a_probe_that_expects_success() -> None:
+    from sidecar.policy.templates import catalog
+
+    found = catalog(None)
+    assert found.templates
+    for template in found.templates.values():
+        check = template.service.get("check")
+        assert check is not None, template.name
+        assert check.get("expect") == [200] and check["path"] != "/", template.name

@@ -101,3 +101,11 @@ async def test_every_metric_the_docs_name_is_in_a_live_metrics(start_sidecar) ->
         if name not in live and re.sub(r"_(bucket|count|sum)$", "", name) not in live
     }
     assert not missing, f"named in the docs, absent from /metrics: {sorted(missing)}"
+
+
+def test_the_readmes_error_table_names_each_reason_once() -> None:
+    readme = (ROOT / "README.md").read_text()
+    table = readme.partition("| `X-Sidecar-Error` | status |")[2].partition("\n\n")[0]
+    reasons = re.findall(r"^\| `([a-z_]+)`", table, re.M)
+    assert len(reasons) > 10
+    assert sorted(r for r in set(reasons) if reasons.count(r) > 1) == []

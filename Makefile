@@ -7,14 +7,15 @@ STAMP := $(VENV)/.installed
 POLICIES ?= policies
 APT_PACKAGES := redis-server nginx wrk
 
-# Placeholders so the example policies load on a machine without real keys.
-export OPENAI_API_KEY ?= sk-example-placeholder
-export GITHUB_TOKEN ?= ghp-example-placeholder
+# Placeholder keys (kept when real ones are exported) so the example policies load on a
+# machine without keys: `make run` reads them, and so can a sidecar started by hand.
+PLACEHOLDER_KEYS := examples/placeholder-keys.sh
 
-.PHONY: run test lint typecheck unit system-deps compiler-deps compiled clean-compiled bench bench-webhooks bench-ttft clean
+.PHONY: run test lint typecheck unit openai1 system-deps compiler-deps compiled clean-compiled bench bench-webhooks bench-ttft clean
 
 # setuptools 77+ reads pyproject.toml's license field when setup.py builds (compiled).
 $(STAMP): pyproject.toml
+	@echo "creating $(VENV) and installing the sidecar with its dev tools (a minute or two, once)"
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip 'setuptools>=77'
 	$(BIN)/pip install -q -e '.[dev]'
@@ -26,8 +27,12 @@ $(STAMP): pyproject.toml
 COMPILED := $(VENV)/.compiled
 $(COMPILED): $(STAMP) setup.py $(shell find sidecar -name '*.py')
 	@$(MAKE) -s compiler-deps
+	@echo "compiling the hot path to C with mypyc (the modules setup.py's COMPILED lists):"
+	@echo "about two minutes the first time, and again after a module changes; make clean-compiled undoes it"
 	find sidecar -name '*.so' -delete
-	SIDECAR_MYPYC=1 $(BIN)/python setup.py -q build_ext --inplace >/dev/null
+	@start=$$(date +%s); \
+	SIDECAR_MYPYC=1 $(BIN)/python setup.py -q build_ext --inplace >/dev/null && \
+	echo "compiled in $$(( $$(date +%s) - start ))s"
 	@# Copied with the build's old times when a module's shim did not change: newer
 	@# than every source now, which is what tests/conftest.py checks.
 	find sidecar -name '*.so' -exec touch {} +
@@ -45,6 +50,7 @@ clean-compiled:
 run: $(COMPILED)
 	@$(BIN)/python examples/echo_upstream.py & echo_pid=$$!; \
 	trap 'kill $$echo_pid 2>/dev/null' EXIT INT TERM; \
+	. ./$(PLACEHOLDER_KEYS); \
 	$(BIN)/sidecar run --policies $(POLICIES)
 
 # gcc and Python's headers for the compiled modules (Debian's python3-dev has them;
@@ -75,8 +81,18 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(COMPILED) system-deps
-	$(BIN)/pytest -q
+# openai 1.x beside the venv's newer one, for tests/newcomer/test_sdk_errors.py (which
+# drives it as a subprocess, and skips when it is missing).
+OPENAI1_VENV ?= /tmp/agent-sidecar-openai1
+$(OPENAI1_VENV)/.installed:
+	$(PY) -m venv $(OPENAI1_VENV)
+	$(OPENAI1_VENV)/bin/pip install -q 'openai>=1.50,<2'
+	touch $@
+
+openai1: $(OPENAI1_VENV)/.installed
+
+unit: $(COMPILED) system-deps openai1
+	SIDECAR_OPENAI1_PYTHON=$(OPENAI1_VENV)/bin/python $(BIN)/pytest -q
 
 test: lint typecheck unit
 

@@ -3,6 +3,8 @@
 DNS, TCP connect and TLS are probed directly; the credential is probed with one
 request sent through the service's own chain of steps (the Router that
 `sidecar run` builds), so it is injected exactly as for an agent's call.
+A service that never calls its upstream (mode: mock, or replay without
+passthrough) is not probed: it is reported `skip`, and does not fail the check.
 Nothing printed here ever holds a credential: only names, statuses, timings.
 """
 
@@ -36,6 +38,8 @@ class Result:
     status: int | None = None
     ms: dict[str, float] = field(default_factory=dict)
     cert_expires_in_days: float | None = None
+    # Why the service was not probed (stage "skipped"); it counts as ok.
+    skipped: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,6 +56,10 @@ async def check_service(sidecar: Sidecar, name: str) -> Result:
     result = Result(service=name)
     if spec.files is not None:
         return await _check_files(spec.files.root, spec.files.read_only, result)
+    offline = _offline(spec.mode, spec.cassettes.on_missing if spec.cassettes else None)
+    if offline is not None:
+        result.ok, result.stage, result.skipped = True, "skipped", offline
+        return result
     url = urlsplit(spec.upstream)
     host = url.hostname or ""
     port = url.port or (443 if url.scheme == "https" else 80)
@@ -116,6 +124,15 @@ async def _check_files(root: str, read_only: bool, result: Result) -> Result:
             "read" if read_only else "read and write"
         )
     return result
+
+
+def _offline(mode: str, on_missing: str | None) -> str | None:
+    """Why a service never calls its upstream, or None when it may."""
+    if mode == "mock":
+        return "mode: mock, the upstream is never called"
+    if mode == "replay" and on_missing != "passthrough":
+        return "mode: replay, the upstream is never called"
+    return None
 
 
 async def _probe(sidecar: Sidecar, name: str, result: Result) -> None:
@@ -185,14 +202,28 @@ async def run_checks(policies: str, services: list[str]) -> tuple[list[Result], 
             await sidecar.close()
 
 
-def format_line(result: Result, *, colour: bool) -> str:
-    times = " ".join(f"{k} {v:g}ms" for k, v in result.ms.items())
-    if result.ok:
-        mark, what = "ok", f"HTTP {result.status}"
-    else:
-        mark, what = "FAIL", f"{result.stage}: {result.error}"
-    if result.cert_expires_in_days is not None:
-        what += f", certificate expires in {result.cert_expires_in_days:g} days"
-    if colour:
-        mark = f"\033[32m{mark}\033[0m" if result.ok else f"\033[31m{mark}\033[0m"
-    return f"{mark:<4} {result.service}  {what}  {times}".rstrip()
+def format_lines(results: list[Result], *, colour: bool) -> list[str]:
+    """One line per service, in aligned columns: mark, service, what, timings."""
+    rows = []
+    for result in results:
+        times = " ".join(f"{k} {v:g}ms" for k, v in result.ms.items())
+        if result.skipped is not None:
+            mark, what = "skip", result.skipped
+        elif result.ok:
+            mark, what = "ok", f"HTTP {result.status}"
+        else:
+            mark, what = "FAIL", f"{result.stage}: {result.error}"
+        if result.cert_expires_in_days is not None:
+            what += f", certificate expires in {result.cert_expires_in_days:g} days"
+        rows.append((mark, result.service, what, times))
+    name_width = max((len(r[1]) for r in rows), default=0)
+    what_width = max((len(r[2]) for r in rows), default=0)
+    lines = []
+    for mark, service, what, times in rows:
+        # Padded before colouring: escape codes take no room on the screen.
+        shown = f"{mark:<4}"
+        if colour:
+            code = {"ok": "32", "skip": "33"}.get(mark, "31")
+            shown = f"\033[{code}m{shown}\033[0m"
+        lines.append(f"{shown} {service:<{name_width}}  {what:<{what_width}}  {times}".rstrip())
+    return lines

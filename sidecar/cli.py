@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import filecmp
 import gc
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Sequence
@@ -222,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-o",
         "--output",
         metavar="FILE",
-        help="write the policy here (default: stdout); `openapi:` is then relative to FILE",
+        help="write the policy here (default: stdout); `openapi:` is then relative to FILE, "
+        "and a document outside FILE's directory is copied beside it",
     )
     oa.add_argument(
         "--upstream", metavar="URL", help="upstream URL instead of the document's first server"
@@ -274,7 +277,22 @@ def cmd_import_openapi(args: argparse.Namespace) -> int:
         print(f"sidecar import: {str(exc).splitlines()[-1].strip()}", file=sys.stderr)
         return 2
     base = os.path.dirname(os.path.abspath(args.output)) if args.output else os.getcwd()
-    ref = os.path.relpath(os.path.abspath(args.spec), base)
+    source = os.path.abspath(args.spec)
+    ref = os.path.relpath(source, base)
+    if args.output and (ref == os.pardir or ref.startswith(os.pardir + os.sep)):
+        # A policy directory travels alone (a ConfigMap, a container image): the document
+        # goes beside the policy, never referred to outside it.
+        ref = os.path.basename(source)
+        beside = os.path.join(base, ref)
+        if os.path.exists(beside) and not filecmp.cmp(source, beside, shallow=False):
+            print(
+                f"sidecar import: {beside} exists and is another document; move it, or "
+                "import from a copy of the document inside the output's directory",
+                file=sys.stderr,
+            )
+            return 1
+        shutil.copyfile(source, beside)
+        print(f"copied {args.spec} beside the policy, to {beside}", file=sys.stderr)
     text = policy_yaml(document, spec_ref=ref, name=name, upstream=args.upstream, source=args.spec)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
@@ -286,7 +304,7 @@ def cmd_import_openapi(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .check import format_line, run_checks
+    from .check import format_lines, run_checks
 
     # Quiet: the sidecar's own log lines (policy loaded...) are not the report.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -295,20 +313,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     results, errors = asyncio.run(run_checks(args.policies, args.services))
     for error in errors:
         print(f"sidecar check: {error}", file=sys.stderr)
-    if errors:
-        return 1
+    ok = not errors and all(r.ok for r in results)
     if args.json:
-        print(
-            json.dumps(
-                {"ok": all(r.ok for r in results), "services": [r.as_dict() for r in results]},
-                indent=2,
-            )
-        )
-    else:
-        colour = sys.stdout.isatty()
-        for result in results:
-            print(format_line(result, colour=colour))
-    return 0 if all(r.ok for r in results) else 1
+        # Always a JSON document, also when the policy is refused: CI parses it.
+        report: dict[str, Any] = {"ok": ok, "services": [r.as_dict() for r in results]}
+        if errors:
+            report["errors"] = errors
+        print(json.dumps(report, indent=2))
+    elif not errors:
+        for line in format_lines(results, colour=sys.stdout.isatty()):
+            print(line)
+    return 0 if ok else 1
 
 
 def cmd_schema() -> int:
@@ -390,6 +405,7 @@ async def _serve(sidecar: Sidecar, args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 1
     sidecar.start_watching()
+    _announce_cassettes(sidecar)
     # Everything made so far lives as long as the process: move it out of the
     # collector's sight, so the full collections that interrupt serving are short.
     gc.collect()
@@ -433,7 +449,24 @@ async def _serve(sidecar: Sidecar, args: argparse.Namespace) -> int:
     await asyncio.gather(*(runner.shutdown(args.drain) for runner in serving))
     for runner in (*serving, *(runner for runner in runners if runner.name == "admin")):
         await runner.cleanup()
+    if sidecar.policy is not None:
+        from .steps.cassette import written_summary
+
+        for line in written_summary(list(sidecar.policy.services.values())):
+            log.info("%s", line)
     return 0
+
+
+def _announce_cassettes(sidecar: Sidecar) -> None:
+    """Record and replay say where their cassettes are (and, at exit, how many were written)."""
+    policy = sidecar.policy
+    if policy is None:
+        return
+    services = [s for s in policy.services.values() if s.spec.mode in ("record", "replay")]
+    if services:
+        from .steps.cassette import announce
+
+        announce(services)
 
 
 def _event_loop_factory() -> Any:
@@ -445,6 +478,20 @@ def _event_loop_factory() -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        # Flushed here, so a reader that left early is seen inside this try.
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`sidecar schema | head`): no traceback for that. Python
+        # would try to flush stdout again at exit; it goes to /dev/null instead.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "validate":

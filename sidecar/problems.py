@@ -1,7 +1,14 @@
 """The sidecar's own answers: RFC 9457 problem+json with an X-Sidecar-Error reason.
 
 An agent, often an LLM reading the text, must be able to tell the sidecar's
-refusals from the upstream's answers and know what to do next.
+refusals from the upstream's answers and know what to do next. SDKs show only
+what their ecosystem's error body names, so the document carries it too, as
+extension members: a top-level `message` everywhere (the openai SDK 3.x and
+many HTTP clients read it), an `error: {message, type, code}` object on an LLM
+service's refusals (the openai and anthropic SDKs), and GraphQL's
+`errors: [{message, extensions: {code}}]` on a GraphQL service's (gql, Apollo).
+A refusal that retrying cannot clear soon carries `x-should-retry: false`,
+which the openai and anthropic SDKs honour over their own retry rules.
 """
 
 from __future__ import annotations
@@ -58,6 +65,39 @@ REASONS: Final[dict[str, tuple[int, str]]] = {
 }
 
 
+# Refusals a retry cannot clear soon: the SDKs' own retries (openai, anthropic) would only
+# repeat them. Never rate_limited, circuit_open or upstream_paused: those clear by
+# themselves, and their Retry-After says when.
+NOT_RETRYABLE: Final = frozenset(
+    {
+        "budget_exhausted",
+        "forbidden",
+        "invalid_request",
+        "no_mock",
+        "no_recording",
+        "unknown_operation",
+    }
+)
+_NO_RETRY: Final = ("x-should-retry", "false")
+
+# What each ecosystem reads from an error body (Route.dialect), besides problem+json.
+PLAIN: Final = 0
+LLM: Final = 1  # error: {message, type, code}, as OpenAI and Anthropic write it
+GRAPHQL: Final = 2  # errors: [{message, extensions: {code}}]
+
+# An LLM error's `type` by status, in the words both OpenAI and Anthropic use.
+_LLM_TYPES: Final[dict[int, str]] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
 class ProblemError(Exception):
     """Raised anywhere in a chain to make the sidecar answer for itself."""
 
@@ -107,6 +147,8 @@ def problem_document(err: ProblemError, service: str | None = None) -> dict[str,
         "detail": err.detail,
         "service": err.service or service,
         "reason": err.reason,
+        # RFC 9457 allows extension members: the one most SDKs print.
+        "message": err.detail,
     }
     if err.extra:
         for key, value in err.extra.items():
@@ -115,15 +157,29 @@ def problem_document(err: ProblemError, service: str | None = None) -> dict[str,
 
 
 def problem_parts(
-    err: ProblemError, service: str | None = None
+    err: ProblemError, service: str | None = None, dialect: int = PLAIN
 ) -> tuple[int, list[tuple[str, str]], bytes]:
-    """Status, headers and body of the sidecar's answer, for any data plane to write."""
+    """Status, headers and body of the sidecar's answer, for any data plane to write;
+    `dialect` adds the error members the service's SDKs read (LLM or GRAPHQL)."""
     body = problem_document(err, service)
+    if dialect == LLM:
+        body.setdefault(
+            "error",
+            {
+                "message": err.detail,
+                "type": _LLM_TYPES.get(err.status, "api_error"),
+                "code": err.reason,
+            },
+        )
+    elif dialect == GRAPHQL:
+        body.setdefault("errors", [{"message": err.detail, "extensions": {"code": err.reason}}])
     headers = [
         ("Content-Type", err.content_type),
         ("X-Sidecar-Error", err.reason),
         ("Server", SERVER),
     ]
+    if err.reason in NOT_RETRYABLE:
+        headers.append(_NO_RETRY)
     if err.retry_after is not None:
         # Whole seconds, rounded up: an agent that waits exactly this long succeeds.
         seconds = max(1, math.ceil(err.retry_after))

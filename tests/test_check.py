@@ -92,7 +92,8 @@ async def test_check_reports_each_service_and_never_the_secret(tmp_path: Path) -
         assert "\033[" not in out  # not a terminal: no colour
         code, out, err = await _sidecar("check", "bad", "gone", "--policies", str(tmp_path))
         assert code == 1
-        assert "FAIL bad  probe: credential not accepted (HTTP 401)" in out
+        # Columns aligned: the service names padded to the longest.
+        assert "FAIL bad   probe: credential not accepted (HTTP 401)" in out
         assert "FAIL gone  tcp:" in out
         assert TOKEN not in out + err
 
@@ -101,3 +102,66 @@ async def test_check_reports_each_service_and_never_the_secret(tmp_path: Path) -
     finally:
         await good.cleanup()
         await bad.cleanup()
+
+
+async def test_check_skips_offline_services_and_probes_the_templates_path(tmp_path: Path) -> None:
+    seen: list[str] = []
+
+    async def models(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        if request.path != "/v1/models":
+            return web.Response(status=404)
+        return web.json_response({"data": []})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", models)
+    runner, port = await _start(app)
+    closed_port = _free_port()
+    (tmp_path / "services.yaml").write_text(
+        "version: 1\nservices:\n"
+        # The template's own probe (the models list), under the base path /v1.
+        f"  llm:\n    template: openai\n    upstream: http://127.0.0.1:{port}/v1\n"
+        "    auth: {type: bearer, token: '${env:SIDECAR_CHECK_TOKEN}'}\n"
+        # Offline services: their upstreams are down, and they never call them.
+        f"  mocked-service:\n    upstream: http://127.0.0.1:{closed_port}\n    mode: mock\n"
+        f"  replayed:\n    upstream: http://127.0.0.1:{closed_port}\n    mode: replay\n"
+    )
+    try:
+        code, out, err = await _sidecar("check", "--policies", str(tmp_path), "--json")
+        assert code == 0, out + err
+        by_name = {r["service"]: r for r in json.loads(out)["services"]}
+        assert by_name["llm"]["status"] == 200 and seen == ["/v1/models"]
+        assert by_name["mocked-service"]["stage"] == "skipped"
+        assert by_name["mocked-service"]["ms"] == {}
+        assert by_name["replayed"]["ok"] is True
+
+        code, out, err = await _sidecar("check", "--policies", str(tmp_path))
+        assert code == 0, out + err
+        lines = out.splitlines()
+        assert lines[0].startswith("ok   llm             HTTP 200")
+        assert lines[1].startswith("skip mocked-service  mode: mock, the upstream is never called")
+        # Every line's third column starts at the same place: after the longest name.
+        column = len("skip mocked-service  ")
+        assert all(line[column - 1] == " " and line[column] != " " for line in lines), lines
+    finally:
+        await runner.cleanup()
+
+
+async def test_check_json_is_json_when_the_policy_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "broken.yaml").write_text("version: 1\nservices:\n  x: {upstrem: http://a}\n")
+    code, out, _ = await _sidecar("check", "--policies", str(tmp_path), "--json")
+    assert code == 1
+    report = json.loads(out)
+    assert report["ok"] is False and report["services"] == []
+    assert any("broken.yaml:3" in e and "upstrem" in e for e in report["errors"]), report
+
+
+def test_every_built_in_template_has_a_probe_that_expects_success() -> None:
+    from sidecar.policy.templates import catalog
+
+    found = catalog(None)
+    assert found.templates
+    for template in found.templates.values():
+        check = template.service.get("check")
+        assert check is not None, template.name
+        assert check.get("expect") == [200] and check["path"] != "/", template.name

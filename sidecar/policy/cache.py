@@ -44,6 +44,12 @@ class Cache(Model):
         "(canonical JSON when it is JSON) is part of the key, for deterministic LLM calls "
         "(temperature 0) and read-only GraphQL queries",
     )
+    ignore_upstream_cache_control: list[CacheMethod] = Field(
+        default_factory=list,
+        description="Methods (of `methods`) whose 2xx answers are kept for `ttl` whatever "
+        "the upstream's Cache-Control or Expires says (no-cache, no-store, private, "
+        "max-age): an opt-in for streamed (SSE) LLM answers, which usually say no-cache",
+    )
     key_headers: list[HeaderName] = Field(
         default_factory=list,
         description="Request headers that are part of the key (Accept-Encoding always is)",
@@ -77,6 +83,16 @@ class Cache(Model):
         if len(set(v)) != len(v):
             raise ValueError("methods lists a method twice")
         return v
+
+    @model_validator(mode="after")
+    def _overrides_cached_methods(self) -> Cache:
+        extra = [m for m in self.ignore_upstream_cache_control if m not in self.methods]
+        if extra:
+            raise ValueError(
+                f"ignore_upstream_cache_control names {', '.join(extra)}, which `methods` "
+                "does not cache; add it to methods"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_scope(self) -> Cache:

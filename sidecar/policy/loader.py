@@ -113,6 +113,8 @@ def load_policy(
             [Problem(Position(directory, 1, 1), "no *.yaml or *.yml policy files found")]
         )
     resolver = SecretResolver(env, check_only=not resolve_secrets)
+    resolver.mode = mode
+    resolver.passthrough = cassettes is not None and cassettes.on_missing == "passthrough"
     templates = template_catalog(directory)
     problems: list[Problem] = list(templates.problems)
     parsed: list[tuple[Document, PolicyFile]] = []

@@ -14,6 +14,7 @@ from pydantic import (
     AfterValidator,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -287,7 +288,9 @@ class JwtAuth(Model):
 
         algorithm = info.data.get("algorithm")
         # `sidecar validate` without --resolve-secrets leaves references unread.
-        unresolved = resolver_from_context(info.context).check_only and "${" in v.source
+        unresolved = v.unresolved or (
+            resolver_from_context(info.context).check_only and "${" in v.source
+        )
         if algorithm is not None and not unresolved:
             signing_key(algorithm, v.reveal())
         return v
@@ -469,6 +472,20 @@ class Service(Model):
                 "the table does not name (else those calls would cost nothing)"
             )
         return v
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _offline_secrets(
+        cls, data: Any, handler: ModelWrapValidatorHandler[Service], info: ValidationInfo
+    ) -> Service:
+        # A service that never calls its upstream needs no credential (policy/secrets.py).
+        resolver = resolver_from_context(info.context)
+        before = resolver.offline
+        resolver.offline = not resolver.calls_out(data)
+        try:
+            return handler(data)
+        finally:
+            resolver.offline = before
 
     @model_validator(mode="after")
     def _token_limits_need_llm(self) -> Service:

@@ -71,6 +71,12 @@ class GraphQL(Model):
         description="Pass requests that carry only a persisted-query id (their operation "
         "cannot be checked); false refuses them with 403",
     )
+    introspection: Literal["allow", "deny"] | list[str] = Field(
+        default="allow",
+        description="Operations that select __schema or __type (measured apart from "
+        "max_depth, max_aliases and max_cost): allow, deny, or the agent id globs that "
+        "may run them",
+    )
     count_errors: bool = Field(
         default=False,
         description="A 2xx JSON answer of the endpoint with a non-empty `errors` array counts "

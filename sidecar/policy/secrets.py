@@ -23,6 +23,9 @@ class Secret:
 
     _value: str = field(compare=True)
     source: str = field(compare=False)
+    # A reference left unread because only a service that never calls its upstream
+    # (mode: mock, or replay without passthrough) uses it: its value is empty.
+    unresolved: bool = field(default=False, compare=False)
 
     def reveal(self) -> str:
         return self._value
@@ -50,12 +53,40 @@ class SecretResolver:
         # `sidecar validate` in CI checks the references, not the values: the
         # CI job rarely has the production secrets, and should not need them.
         self.check_only = check_only
+        # `sidecar run --mode` and `sidecar replay --passthrough`, over each service's own.
+        self.mode: str | None = None
+        self.passthrough = False
+        # True while a service that never calls its upstream is validated (mode: mock, or
+        # replay without passthrough): a secret it cannot read is left unresolved, empty,
+        # rather than refused, so the README's `sidecar replay ... --fast` needs no keys.
+        self.offline = False
 
     def resolve(self, text: str) -> Secret:
         refs = list(_REF.finditer(text))
         if not refs:
             return Secret(text, "<redacted>")
+        if self.offline and not self.check_only:
+            try:
+                return self._resolve(text)
+            except ValueError:
+                return Secret("", text, unresolved=True)
+        return self._resolve(text)
 
+    def calls_out(self, service: object) -> bool:
+        """Whether a service (its raw mapping, templates expanded) may call its upstream."""
+        if not isinstance(service, dict):
+            return True
+        own = service.get("mode")
+        mode = own if self.mode is None or own == "mock" else self.mode
+        if mode == "mock":
+            return False
+        if mode != "replay":
+            return True
+        cassettes = service.get("cassettes")
+        on_missing = cassettes.get("on_missing") if isinstance(cassettes, dict) else None
+        return self.passthrough or on_missing == "passthrough"
+
+    def _resolve(self, text: str) -> Secret:
         def sub(m: re.Match[str]) -> str:
             kind, name = m.group(1), m.group(2).strip()
             if not name:

@@ -42,16 +42,22 @@ def parse_duration(value: object) -> float:
     if isinstance(value, str):
         m = _DURATION.match(value)
         if m:
-            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+            number, unit = float(m.group(1)), m.group(2)
+            # Divided, not multiplied by 0.001: 700 * 0.001 is 0.7000000000000001, and
+            # /config and /faults would show it so.
+            return number / 1000 if unit == "ms" else number * _DURATION_UNITS[unit]
     raise ValueError(f"{value!r} is not a duration; write it like '250ms', '5s', '2m' or '1h'")
 
 
 def format_duration(seconds: float) -> str:
-    if seconds < 1 and seconds * 1000 == int(seconds * 1000):
-        return f"{int(seconds * 1000)}ms"
-    if seconds == int(seconds):
-        return f"{int(seconds)}s"
-    return f"{seconds}s"
+    # Rounded to the microsecond: a float's last bit (0.1 + 0.2) never shows.
+    ms = round(seconds * 1000, 3)
+    if seconds < 1 and ms == int(ms):
+        return f"{int(ms)}ms"
+    whole = round(seconds, 6)
+    if whole == int(whole):
+        return f"{int(whole)}s"
+    return f"{whole}s"
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from ..headers import (
     drop_with_connection,
     drop_with_connection_raw,
 )
-from ..problems import ProblemError, problem_parts
+from ..problems import PLAIN, ProblemError, problem_parts
 from ..steps.faults import InjectedReset
 from ..streams import idle_bounded, limited
 from ..webhooks.listener import OUTBOUND_PREFIX, outbound_answer
@@ -85,9 +85,11 @@ def cut_reason(exc: BaseException | None) -> str | None:
     return None
 
 
-def problem(err: ProblemError, service: str | None, exchange: Exchange | None) -> Response:
+def problem(
+    err: ProblemError, service: str | None, exchange: Exchange | None, dialect: int = PLAIN
+) -> Response:
     """The sidecar's own answer, as the listener writes it."""
-    status, headers, body = problem_parts(err, service)
+    status, headers, body = problem_parts(err, service, dialect)
     if exchange is not None:
         exchange.reason = err.reason
     return Response(status=status, headers=headers, body=body)
@@ -137,7 +139,7 @@ class Egress:
                     reply = await route.handler(call)
                 except ProblemError as err:
                     upstream.inflight -= 1
-                    response = problem(err, route.name, exchange)
+                    response = problem(err, route.name, exchange, route.dialect)
                 except asyncio.CancelledError:
                     upstream.inflight -= 1
                     raise
@@ -151,6 +153,7 @@ class Egress:
                         ),
                         route.name,
                         exchange,
+                        route.dialect,
                     )
                 else:
                     response = _relay(request, reply, route, exchange)

@@ -195,6 +195,45 @@ _TITLES: Final = {
 }
 
 
+def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    """One HTTP/2 frame (RFC 9113 4.1): length, type, flags, stream, payload."""
+    head = len(payload).to_bytes(3, "big") + bytes((kind, flags)) + stream.to_bytes(4, "big")
+    return head + payload
+
+
+def _hpack_literal(name: bytes, value: bytes) -> bytes:
+    # A literal field without indexing and a new name (RFC 7541 6.2.2), no Huffman; every
+    # name and value here is shorter than 127 bytes.
+    return b"\x00" + bytes((len(name),)) + name + bytes((len(value),)) + value
+
+
+def _h2_refusal(detail: str) -> bytes:
+    """The 505 in HTTP/2's own framing, for a client that opened with the HTTP/2 preface
+    (prior knowledge, h2c): an HTTP/1.1 answer is unreadable to it (curl says "Empty
+    reply from server"). The server preface (an empty SETTINGS), the answer on stream 1
+    (the client's first), then GOAWAY, and the connection ends."""
+    document = problem_document(ProblemError("http_version_not_supported", detail))
+    body = json.dumps(document).encode()
+    fields = (
+        b"\x08\x03505"  # :status, its name by static index 8 (RFC 7541 6.2.2)
+        + _hpack_literal(b"content-type", b"application/problem+json")
+        + _hpack_literal(b"x-sidecar-error", b"http_version_not_supported")
+        + _hpack_literal(b"server", SERVER.encode())
+        + _hpack_literal(b"content-length", str(len(body)).encode())
+    )
+    goaway = (1).to_bytes(4, "big") + (0).to_bytes(4, "big")  # last stream 1, NO_ERROR
+    return (
+        _frame(0x4, 0, 0, b"")  # SETTINGS
+        + _frame(0x1, 0x4, 1, fields)  # HEADERS, END_HEADERS
+        + _frame(0x0, 0x1, 1, body)  # DATA, END_STREAM
+        + _frame(0x7, 0, 0, goaway)
+    )
+
+
+H2_DETAIL: Final = "This sidecar speaks HTTP/1.1 only; send HTTP/1.1 requests."
+_H2_REFUSAL: Final = _h2_refusal(H2_DETAIL)
+
+
 def refusal_bytes(status: int, detail: str) -> bytes:
     """The whole answer for a refused request: problem+json, then the connection closes."""
     reason = "http_version_not_supported" if status == 505 else "bad_request"
@@ -231,6 +270,7 @@ _INTERNAL_ERROR: Final = Response(
             "detail": "The sidecar failed while handling this call; see its log.",
             "service": None,
             "reason": "internal_error",
+            "message": "The sidecar failed while handling this call; see its log.",
         }
     ).encode(),
 )
@@ -330,7 +370,7 @@ class HttpServerProtocol(asyncio.Protocol):
         if self._first_data:
             self._first_data = False
             if data.startswith(b"PRI * HTTP/2"):
-                self._refuse(505, "This sidecar speaks HTTP/1.1 only; send HTTP/1.1 requests.")
+                self._refuse_h2()
                 return
         try:
             self._parser.feed_data(data)
@@ -758,6 +798,13 @@ class HttpServerProtocol(asyncio.Protocol):
             self._transport.resume_reading()
 
     # Connection
+
+    def _refuse_h2(self) -> None:
+        transport = self._transport
+        if transport is None or self._closed:
+            return
+        transport.write(_H2_REFUSAL)
+        self._close()
 
     def _refuse(self, status: int, detail: str) -> None:
         transport = self._transport

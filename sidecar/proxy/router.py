@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Final
 
 from multidict import CIMultiDict
 
-from .. import telemetry
+from .. import problems, telemetry
 from ..call import Body, Call, Field, Handler, Reply, Step
 from ..files import service as files
 from ..headers import HOP_BY_HOP, FieldNames, drop_with_connection_raw
@@ -119,6 +119,7 @@ class Route:
         "_set_fields",
         "agent_header",
         "agent_header_raw",
+        "dialect",
         "drop",
         "drop_raw",
         "forwarded",
@@ -153,6 +154,13 @@ class Route:
         self.set_headers = tuple(spec.headers.set.items())
         self._set_fields = tuple(Field(name, value) for name, value in self.set_headers)
         self.forwarded = spec.forwarded
+        # The error members its agents' SDKs read in the sidecar's refusals (problems.py).
+        if spec.graphql is not None:
+            self.dialect = problems.GRAPHQL
+        elif spec.llm is not None or spec.translate is not None:
+            self.dialect = problems.LLM
+        else:
+            self.dialect = problems.PLAIN
         self.redirects = (
             RedirectRewriter(upstream=spec.upstream, prefix=service.prefix)
             if spec.redirects == "rewrite"

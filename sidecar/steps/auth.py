@@ -13,6 +13,7 @@ from urllib.parse import quote, unquote_plus
 from ..call import Call, Field, Handler, Reply
 from ..policy.loader import ServicePolicy
 from ..policy.models import BasicAuth, BearerAuth, HeaderAuth, OAuth2ClientCredentials, QueryAuth
+from ..policy.secrets import Secret
 from ..state import StateBuild
 from . import Step
 
@@ -73,9 +74,15 @@ def header_name(service: ServicePolicy) -> str | None:
     return getattr(auth, "header", "Authorization")
 
 
+def _unresolved(auth: object) -> bool:
+    return any(isinstance(value, Secret) and value.unresolved for value in vars(auth).values())
+
+
 def build(service: ServicePolicy, *, state: StateBuild) -> Step | None:
     auth = service.spec.auth
-    if auth is None:
+    if auth is None or _unresolved(auth):
+        # No credential for a service that never calls its upstream (mode: mock, or
+        # replay without passthrough) when its secret is not there (policy/secrets.py).
         return None
     if isinstance(auth, BearerAuth):
         return SetHeader(name="Authorization", value=f"Bearer {auth.token.reveal()}")

@@ -50,6 +50,7 @@ from ..problems import ProblemError
 from ..state import StateBuild, fingerprint
 from .cache_entry import (
     CACHE_HEADER,
+    NOT_STORED_HEADER,
     Entry,
     directives,
     freshness,
@@ -187,6 +188,7 @@ class CacheStep:
         self.ttl = config.ttl
         self.max_body = config.max_body
         self.methods = frozenset(config.methods)
+        self.overriding = frozenset(config.ignore_upstream_cache_control)
         self.shared = config.per_service
         self.stale_if_error = config.stale_if_error
         keyed = {h.lower() for h in config.key_headers}
@@ -311,34 +313,53 @@ class CacheStep:
         method: str,
         result: str,
     ) -> Reply:
-        entry = self._storable(reply, request, sent, self._clock())
-        return _Missed(reply, self if entry else None, key, entry, method == "HEAD", result)
+        entry = self._storable(reply, request, sent, self._clock(), method)
+        if isinstance(entry, str):
+            return _Missed(reply, None, key, None, method == "HEAD", result, entry)
+        return _Missed(reply, self, key, entry, method == "HEAD", result)
 
     def _storable(
-        self, reply: Reply, request: CIMultiDict[str], sent: float, received: float
-    ) -> Entry | None:
-        """The entry the answer becomes once its body is whole; None: not kept."""
+        self,
+        reply: Reply,
+        request: CIMultiDict[str],
+        sent: float,
+        received: float,
+        method: str,
+    ) -> Entry | str:
+        """The entry the answer becomes once its body is whole, or why it is not kept
+        (the words of X-Sidecar-Cache-Not-Stored)."""
         status = reply.status
         if not 200 <= status < 300 or status == 206:
-            return None
+            return "status"
         headers = reply.headers
         if "Set-Cookie" in headers:
-            return None
+            return "set-cookie"
         length = reply.content_length
         if length is not None and length > self.max_body:
-            return None
+            return "too-large"
         names = vary_names(headers)
         if names is None:
-            return None
+            return "vary"
+        judged: Any = headers
+        if method in self.overriding:
+            # The policy's explicit opt-in: the upstream's directives do not decide.
+            judged = CIMultiDict(headers)
+            judged.popall("Cache-Control", None)
+            judged.popall("Expires", None)
         fresh = freshness(
-            headers,
+            judged,
             ttl=self.ttl,
             shared=self.shared,
             stale_if_error=self.stale_if_error,
             response_time=received,
         )
         if fresh is None:
-            return None
+            cc = directives(headers.getall("Cache-Control", ()))
+            if "no-store" in cc:
+                return "no-store"
+            if self.shared and "private" in cc:
+                return "private"
+            return "no-cache" if "no-cache" in cc else "expired"
         stored = CIMultiDict(headers)
         stored.popall(CACHE_HEADER, None)
         # Age is worked out anew for each answer given from the entry.
@@ -422,9 +443,12 @@ class _Missed(ReplyView):
         entry: Entry | None,
         head: bool,
         result: str,
+        not_stored: str | None = None,
     ) -> None:
         headers = CIMultiDict(reply.headers)
         headers[CACHE_HEADER] = result
+        if not_stored is not None:
+            headers[NOT_STORED_HEADER] = not_stored
         super().__init__(reply, headers=CIMultiDictProxy(headers))
         inner = reply.body
         if step is None or entry is None:

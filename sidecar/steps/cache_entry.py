@@ -17,6 +17,8 @@ from typing import Any
 from multidict import CIMultiDict
 
 CACHE_HEADER = "X-Sidecar-Cache"
+# On a miss that will not be stored: why (the docs list the words).
+NOT_STORED_HEADER = "X-Sidecar-Cache-Not-Stored"
 
 # Request headers an answer's Vary may name: hashed, never kept as they are.
 Headers = Mapping[str, str]

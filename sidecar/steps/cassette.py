@@ -58,6 +58,8 @@ REQUEST_LIMIT = 8 << 20
 _NOT_KEPT = HOP_BY_HOP | {"content-length"}
 _SSE_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _SLUG = re.compile(r"[^A-Za-z0-9._-]+")
+# Cassettes written by this process, per directory: `sidecar record` reports them at exit.
+WRITTEN: dict[str, int] = {}
 
 
 # -- what is written -------------------------------------------------------------------
@@ -554,10 +556,19 @@ class CassetteStep:
         # Shielded: an agent that hangs up once it has its answer cancels this task, and
         # a write still queued for a worker thread would then be dropped.
         write = asyncio.get_running_loop().run_in_executor(None, _write, target, record)
+        # Counted when the write ends, which may be after this task was cancelled.
+        write.add_done_callback(lambda done: self._written(target, done))
         try:
             await asyncio.shield(write)
         except OSError as e:
             log.warning("service %s: cassette %s not written: %s", self.service, target, e)
+
+    def _written(self, target: Path, done: asyncio.Future[None]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return
+        where = str(target.parent)
+        WRITTEN[where] = WRITTEN.get(where, 0) + 1
+        log.info("service %s: recorded %s", self.service, target)
 
     # replay
 
@@ -637,6 +648,29 @@ def _static_secrets(service: ServicePolicy) -> set[str]:
         user, password = auth.username.reveal(), auth.password.reveal()
         out.update((password, base64.b64encode(f"{user}:{password}".encode()).decode()))
     return out
+
+
+def announce(services: list[ServicePolicy]) -> None:
+    """Where each recording or replaying service keeps its cassettes, logged at start."""
+    for service in services:
+        mode = service.spec.mode
+        if mode == "record":
+            log.info("service %s records its cassettes to %s", service.name, directory(service))
+        elif mode == "replay":
+            found = directory(service)
+            count = len(list(found.glob("*.json"))) if found.is_dir() else 0
+            log.info("service %s replays %d cassettes from %s", service.name, count, found)
+
+
+def written_summary(services: list[ServicePolicy]) -> list[str]:
+    """What recording services wrote in this process: one line per service, at exit."""
+    lines = []
+    for service in services:
+        if service.spec.mode == "record":
+            where = directory(service)
+            count = WRITTEN.get(str(where), 0)
+            lines.append(f"service {service.name}: wrote {count} cassette(s) to {where}")
+    return lines
 
 
 def directory(service: ServicePolicy) -> Path:

@@ -5,7 +5,8 @@ request, or an array of them: a batch), an `application/graphql` body, or a
 GET's `query`/`operationName`/`variables` parameters. Each operation is
 measured (graphql_analysis.py) and refused with `400 graphql_limit` when it is
 too deep, has too many aliases or costs too much (a batch's costs add up), or
-with `403 forbidden` when no `allow` rule lets the agent run it. A request
+with `403 forbidden` when no `allow` rule lets the agent run it. Introspection
+(`__schema`, `__type`) is measured apart and allowed by `introspection`. A request
 that carries only a persisted-query id has no text to check and passes,
 unless `persisted_queries: false`. Other paths, HEAD and OPTIONS pass
 untouched; the path is compared percent-decoded, so `/%67raphql` is checked too.
@@ -160,8 +161,32 @@ class GraphQLStep:
         except TooComplex as err:
             raise self._limit(f"The GraphQL request is refused: {err}.") from None
         self._allow(agent, operation)
+        if operation.introspection:
+            self._introspection(agent, operation)
         self._check_limits(operation)
         return operation
+
+    def _introspection(self, agent: str | None, operation: Operation) -> None:
+        from .graphql_analysis import INTROSPECTION_MAX_DEPTH
+
+        setting = self.config.introspection
+        if setting == "deny" or (
+            isinstance(setting, list) and not any(fnmatchcase(agent or "", g) for g in setting)
+        ):
+            caller = f"Agent '{agent}'" if agent else "A caller without an agent id"
+            raise ProblemError(
+                "forbidden",
+                f"{caller} may not introspect the schema of service '{self.service}' (its "
+                f"{operation.describe()} selects __schema or __type): graphql.introspection "
+                "of the policy does not allow it.",
+                service=self.service,
+            )
+        if operation.introspection_depth > INTROSPECTION_MAX_DEPTH:
+            raise self._limit(
+                f"The introspection in the {operation.describe()} is "
+                f"{operation.introspection_depth} fields deep; the sidecar allows at most "
+                f"{INTROSPECTION_MAX_DEPTH}. Send a standard introspection query."
+            )
 
     def _allow(self, agent: str | None, operation: Operation) -> None:
         rules = self.rules

@@ -11,6 +11,12 @@ variable). `{ repos(first: 10) { issues(first: 20) { title } } }` costs
 1 + 10 * (1 + 20 * 1) = 211. Fragments count where they are spread; the walk
 measures each fragment once, so a document that spreads fragments into
 fragments cannot make it take exponential time.
+
+Introspection (`__schema`, `__type`) is measured apart: the standard query of gql,
+GraphiQL and code generators is about 15 levels deep, and a limit set for the
+API's data would refuse it. Those selections count toward none of the limits; the
+operation is flagged instead (`graphql.introspection` decides), and their own depth
+is bounded by INTROSPECTION_MAX_DEPTH.
 """
 
 from __future__ import annotations
@@ -43,6 +49,10 @@ CACHE_SIZE = 512
 PAGE_ARGUMENTS = frozenset({"first", "last", "limit"})
 # The page size assumed for a literal too long to be a real one.
 HUGE_PAGE = 10**18
+INTROSPECTION_FIELDS = frozenset({"__schema", "__type"})
+# Deeper than any client's standard introspection query (about 15, `ofType` nested 8
+# times), shallow enough that a crafted one cannot walk the schema without end.
+INTROSPECTION_MAX_DEPTH = 20
 
 
 class InvalidOperation(Exception):
@@ -60,6 +70,9 @@ class Operation:
     depth: int
     aliases: int
     cost: int
+    # Selects `__schema` or `__type` (measured apart from the limits above).
+    introspection: bool = False
+    introspection_depth: int = 0
 
     @property
     def label(self) -> str:
@@ -143,6 +156,8 @@ def measure(
         depth=depth,
         aliases=aliases,
         cost=cost,
+        introspection=walk.introspection_depth > 0,
+        introspection_depth=walk.introspection_depth,
     )
 
 
@@ -154,12 +169,20 @@ class _Walk:
         self.variables = variables
         self.measured: dict[str, tuple[int, int, int]] = {}
         self.open: set[str] = set()
+        # The deepest introspection selection, from its `__schema`/`__type` field down.
+        self.introspection_depth = 0
 
     def selections(self, selection_set: SelectionSetNode) -> tuple[int, int, int]:
         """(depth, aliases, cost) of a selection set."""
         depth = aliases = cost = 0
         for node in selection_set.selections:
             if isinstance(node, FieldNode):
+                if node.name.value in INTROSPECTION_FIELDS:
+                    inner = (0, 0, 0)
+                    if node.selection_set is not None:
+                        inner = self.selections(node.selection_set)
+                    self.introspection_depth = max(self.introspection_depth, inner[0] + 1)
+                    continue
                 inner = (0, 0, 0)
                 if node.selection_set is not None:
                     inner = self.selections(node.selection_set)

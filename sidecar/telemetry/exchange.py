@@ -52,6 +52,8 @@ perf_counter: Final = time.perf_counter
 SIDECAR_ERROR: Final = "X-Sidecar-Error"
 # nginx's "client closed request": the agent went away before the answer was complete.
 CLIENT_CLOSED: Final = 499
+# The reason label of a call the agent hung up on before its answer ended (nginx's 499).
+CLIENT_CLOSED_REASON: Final = "client_closed"
 # An agent-chosen id ends up in spans and log lines: bound its size.
 MAX_AGENT: Final = 128
 
@@ -231,6 +233,8 @@ class Telemetry:
         route = exchange.route
         service = route.name if route is not None else ""
         reason = exchange.reason
+        if status == CLIENT_CLOSED and not reason:
+            reason = CLIENT_CLOSED_REASON
         cut = exchange.cut
         if cut is not None:
             # The status went out before the answer broke: the reason says so.

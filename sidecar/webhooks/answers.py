@@ -56,6 +56,7 @@ def refused(reason: Reason, detail: str, webhook: str | None, outcome: str | Non
         "detail": detail,
         "service": webhook,
         "reason": reason.name,
+        "message": detail,
     }
     headers = {"Content-Type": "application/problem+json", "X-Sidecar-Error": reason.name}
     return Result(

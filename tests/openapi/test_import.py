@@ -218,3 +218,31 @@ async def test_the_generated_github_policy_validates_real_calls(
         assert resp.status == 200
         echoed = await resp.json()
     assert echoed["path"] == "/repos/octo/hello/issues"
+
+
+def test_import_to_another_directory_copies_the_document_beside_the_policy(
+    tmp_path: Path,
+) -> None:
+    specs, policies = tmp_path / "specs", tmp_path / "policies"
+    specs.mkdir()
+    policies.mkdir()
+    shutil.copy(DATA / "petstore.yaml", specs / "petstore.yaml")
+    out = policies / "pets.yaml"
+    done = sidecar("import", "openapi", str(specs / "petstore.yaml"), "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert f"copied {specs / 'petstore.yaml'} beside the policy" in done.stderr
+    policy = yaml.safe_load(out.read_text())
+    assert policy["services"]["petstore"]["openapi"] == "petstore.yaml"
+    # The policy directory alone, as a ConfigMap mounts it, still validates.
+    mounted = tmp_path / "configmap"
+    shutil.copytree(policies, mounted)
+    shutil.rmtree(specs)
+    checked = sidecar("validate", str(mounted))
+    assert checked.returncode == 0, checked.stderr
+    # Another document of the same name there is never overwritten.
+    (policies / "petstore.yaml").write_text("openapi: 3.0.0\ninfo: {title: x, version: '1'}\n")
+    shutil.copytree(tmp_path / "configmap", specs, dirs_exist_ok=True)
+    (specs / "petstore.yaml").write_bytes((DATA / "petstore.yaml").read_bytes())
+    again = sidecar("import", "openapi", str(specs / "petstore.yaml"), "-o", str(out))
+    assert again.returncode == 1
+    assert "is another document" in again.stderr

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 import strawberry
 from aiohttp import web
 from gql import Client, gql
 from gql.transport.aiohttp import AIOHTTPTransport
-from gql.transport.exceptions import TransportQueryError, TransportServerError
+from gql.transport.exceptions import TransportQueryError
 from strawberry.aiohttp.views import GraphQLView
 
 SECRET = "canary-strawberry-secret"
@@ -121,12 +122,17 @@ async def test_a_gql_agent_queries_and_its_mutation_is_refused_before_the_server
     async with agent(url) as session:
         result = await session.execute(gql('query Greet { hello(name: "agent") }'))
         assert result == {"hello": "hello agent"}
-        with pytest.raises(TransportServerError) as refused:
+        # The sidecar's refusals carry GraphQL `errors`: gql shows their sentence.
+        with pytest.raises(TransportQueryError) as refused:
             await session.execute(gql('mutation Drop { deleteRepo(name: "prod") }'))
-        assert refused.value.code == 403
-        with pytest.raises(TransportServerError) as deep:
+        assert "may not run the GraphQL mutation 'Drop'" in str(refused.value)
+        assert refused.value.errors == [
+            {"message": ANY, "extensions": {"code": "forbidden"}},
+        ]
+        with pytest.raises(TransportQueryError) as deep:
             await session.execute(gql("{ repos { issues { title } } }"))
-        assert deep.value.code == 400
+        assert deep.value.errors is not None
+        assert deep.value.errors[0]["extensions"] == {"code": "graphql_limit"}
     assert backend.executed == ["hello"]
     assert backend.authorizations == [f"Bearer {SECRET}"]
 
@@ -162,7 +168,8 @@ async def test_graphql_errors_in_200_answers_open_the_breaker_for_a_gql_agent(
                 await session.execute(gql("{ status }"))
             assert "backend unavailable" in str(failed.value)
         backend.down = False
-        with pytest.raises(TransportServerError) as open_circuit:
+        with pytest.raises(TransportQueryError) as open_circuit:
             await session.execute(gql("{ status }"))
-        assert open_circuit.value.code == 503
+        assert open_circuit.value.errors is not None
+        assert open_circuit.value.errors[0]["extensions"] == {"code": "circuit_open"}
     assert backend.executed == ["status"] * 3

@@ -196,15 +196,50 @@ async def test_http2_prior_knowledge_gets_a_clear_refusal(tmp_path, upstream):
             )
             answer = await reader.read()  # until the sidecar closes
             writer.close()
-    head, _, body = answer.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    assert lines[0] == "HTTP/1.1 505 HTTP Version Not Supported"
-    assert "X-Sidecar-Error: http_version_not_supported" in lines
-    assert "Content-Type: application/problem+json" in lines
-    assert "Server: agent-sidecar" in lines
-    problem = json.loads(body)
+    # HTTP/2's own framing, which such a client reads: SETTINGS, the 505 on stream 1, GOAWAY.
+    frames = h2_frames(answer)
+    assert [(kind, stream) for kind, _, stream, _ in frames] == [(4, 0), (1, 1), (0, 1), (7, 0)]
+    fields = frames[1][3]
+    assert fields.startswith(b"\x08\x03505")  # :status 505
+    assert b"x-sidecar-error\x1ahttp_version_not_supported" in fields
+    assert b"application/problem+json" in fields
+    problem = json.loads(frames[2][3])
     assert problem["status"] == 505
     assert "HTTP/1.1 only" in problem["detail"]
+
+
+def h2_frames(data: bytes) -> list[tuple[int, int, int, bytes]]:
+    """HTTP/2 frames (RFC 9113 4.1) as (type, flags, stream, payload)."""
+    frames = []
+    while data:
+        length = int.from_bytes(data[:3], "big")
+        kind, flags = data[3], data[4]
+        stream = int.from_bytes(data[5:9], "big") & 0x7FFFFFFF
+        frames.append((kind, flags, stream, data[9 : 9 + length]))
+        data = data[9 + length :]
+    return frames
+
+
+async def test_curl_with_http2_prior_knowledge_prints_the_505(tmp_path, upstream):
+    base = await upstream(web.Application())
+    policies = _policies(tmp_path, f"  svc: {{upstream: '{base}'}}\n")
+    async with sidecar_process(policies, env=_env()) as proc:
+        curl = await asyncio.create_subprocess_exec(
+            "curl",
+            "-s",
+            "--http2-prior-knowledge",
+            "-w",
+            "\n%{http_code} %{http_version}",
+            f"{proc.url}/svc/x",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(curl.communicate(), 20)
+    body, _, status = out.decode().rpartition("\n")
+    assert status == "505 2", (out, err)
+    problem = json.loads(body)
+    assert problem["reason"] == "http_version_not_supported"
+    assert "HTTP/1.1 only" in problem["message"]
 
 
 def _echo_close_app() -> web.Application:

@@ -151,6 +151,7 @@ def draft(
         )
         doc_name = f"{name}.openapi{suffix}"
         directory = out.parent if out is not None else Path.cwd()
+        directory.mkdir(parents=True, exist_ok=True)
         (directory / doc_name).write_bytes(findings.openapi_text)
         text = policy_yaml(
             findings.openapi,

@@ -109,6 +109,52 @@ def _serving_options() -> argparse.ArgumentParser:
     return serving
 
 
+def _discovery_parsers(sub: Any) -> None:
+    """`sidecar discover` and `sidecar learn`; their code is imported only when they run."""
+    disc = sub.add_parser(
+        "discover", help="probe a live API and draft its service policy (OpenAPI, GraphQL, MCP)"
+    )
+    disc.add_argument("url", metavar="URL", help="the API's base URL")
+    disc.add_argument("--name", help="service name (default: from the host)")
+    disc.add_argument("--out", "-o", metavar="FILE", help="write the policy here (default: stdout)")
+    disc.add_argument(
+        "--header",
+        "-H",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="a header sent with every probe; ${env:NAME} in VALUE is read from the environment",
+    )
+    disc.add_argument(
+        "--max-requests", type=int, default=40, help="probes sent at most (default 40)"
+    )
+    disc.add_argument(
+        "--timeout", type=float, default=20.0, help="seconds for the whole run (default 20)"
+    )
+
+    learn = sub.add_parser(
+        "learn",
+        help="an OpenAPI document and least-privilege allow rules from recorded traffic",
+    )
+    learn.add_argument("--cassettes", action="append", default=[], metavar="DIR")
+    learn.add_argument("--access-log", action="append", default=[], metavar="FILE")
+    learn.add_argument(
+        "--observed",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="the --data-dir of a sidecar with services in mode: observe",
+    )
+    learn.add_argument("--service", action="append", default=[], metavar="NAME")
+    learn.add_argument("--out", "-o", metavar="DIR", help="where to write (default ./learned)")
+    learn.add_argument("--upstream", metavar="URL", help="the upstream of the written policy")
+    learn.add_argument("--since", metavar="24h|DATE", help="only calls since then")
+    learn.add_argument(
+        "--diff", action="store_true", help="list calls the policy does not cover; exit 1 if any"
+    )
+    learn.add_argument("--policies", metavar="DIR", help="the policy in force (for --diff)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sidecar", description="Egress proxy for AI agents, steered by YAML policies."
@@ -122,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     _policies_option(run)
     run.add_argument(
         "--mode",
-        choices=("live", "record", "replay"),
+        choices=("live", "record", "replay", "observe"),
         default=_env("MODE"),
         help="answer every service this way, whatever its policy's mode (mock services "
         "stay mocked): record saves exchanges to cassettes, replay answers from them "
@@ -230,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     oa.add_argument(
         "--upstream", metavar="URL", help="upstream URL instead of the document's first server"
     )
+
+    _discovery_parsers(sub)
 
     inject = sub.add_parser("inject", help="serve the Kubernetes sidecar-injection webhook")
     try:
@@ -505,6 +553,24 @@ def _main(argv: Sequence[str] | None) -> int:
         return cmd_templates(args.policies, name)
     if args.command == "import":
         return cmd_import_openapi(args)
+    if args.command == "learn":
+        from .learn.command import main as learn_main
+
+        return learn_main(
+            cassettes=args.cassettes,
+            access_logs=args.access_log,
+            observed=args.observed,
+            services=args.service,
+            out=args.out,
+            upstream=args.upstream,
+            since=args.since,
+            diff=args.diff,
+            policies=args.policies,
+        )
+    if args.command == "discover":
+        from .discovery.command import run as discover_run
+
+        return discover_run(args)
     if args.command in ("record", "replay") and args.policies is None:
         parser.error(f"{args.command}: give the policy directory DIR (or SIDECAR_POLICIES)")
     logging.basicConfig(

@@ -381,7 +381,8 @@ class Service(Model):
     mode: Mode = Field(
         default="live",
         description="live: the upstream answers; mock: `mock:`; record: the upstream, saved "
-        "to `cassettes`; replay: `cassettes`",
+        "to `cassettes`; replay: `cassettes`; observe: the upstream, with the shape of each "
+        "call written to <data-dir>/observe for `sidecar learn`",
     )
     mock: list[MockAnswer] = Field(default_factory=list, description="Answers of mode: mock")
     faults: Faults | None = Field(default=None, description="Injected faults, see testing.py")

@@ -22,8 +22,9 @@ from .base import Duration, HeaderName, Model, Size
 
 # How a service is answered: `live` by its upstream, `mock` by its `mock:` rules,
 # `record` by its upstream with each exchange saved to its cassettes, `replay` by
-# those cassettes (steps/cassette.py).
-Mode = Literal["live", "mock", "record", "replay"]
+# those cassettes (steps/cassette.py), `observe` by its upstream with the shape of each
+# call written down for `sidecar learn` (learn/observe.py).
+Mode = Literal["live", "mock", "record", "replay", "observe"]
 
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 

@@ -15,6 +15,7 @@ from .. import problems, telemetry
 from ..call import Body, Call, Field, Handler, Reply, Step
 from ..files import service as files
 from ..headers import HOP_BY_HOP, FieldNames, drop_with_connection_raw
+from ..learn import observe
 from ..policy.loader import Policy, ServicePolicy
 from ..state import StateBuild
 from ..steps import (
@@ -80,6 +81,9 @@ STEP_BUILDERS: list[tuple[str, StepBuilder]] = [
     # outside retry, breaker, timeout and auth, it saves the one final answer the agent
     # gets, and sees the call before the credential is injected (steps/cassette.py).
     ("cassette", cassette.build),
+    # mode: observe writes down the shape of the call and of the one answer the agent
+    # gets, as record does, for `sidecar learn` (learn/observe.py).
+    ("observe", observe.build),
     # A hit is answered before anything that would spend a token, wait for a pause
     # or reach the upstream (or its credential): a hit is free.
     ("cache", cache.build),

@@ -477,6 +477,9 @@ class CassetteStep:
             secrets.update(v for v in request_headers.getall(name, ()) if v)
         scrub = _Scrub(secrets)
         request = self._request_record(method, path, query, body, request_headers, scrub)
+        if call.agent:
+            # Who made the call, for `sidecar learn`'s allow rules; not part of the match.
+            request["agent"] = call.agent
         content_type = reply.headers.get("Content-Type", "")
         sse = content_type.partition(";")[0].strip().lower() == "text/event-stream"
         tape = _Tape(self.settings.max_body, sse)

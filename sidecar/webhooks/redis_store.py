@@ -38,6 +38,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from .store import (
+    SUBSCRIPTION,
     Accepted,
     Attempt,
     DeliveryStatus,
@@ -49,6 +50,7 @@ from .store import (
     MessageView,
     Outcome,
     Overview,
+    Pending,
     QueueDepth,
     StoreClosed,
     StoreUnavailable,
@@ -104,9 +106,37 @@ for i = 0, n - 1 do
   redis.call('RPUSH', P .. ':msg:' .. mid .. ':d', id)
   redis.call('SADD', P .. ':endpoints', ep)
   redis.call('ZADD', P .. ':pending:' .. ep, created, id)
-  redis.call('XADD', P .. ':due', '*', 'd', id)
+  if ARGV[14 + 2 * i] == '' then
+    -- A subscription's: waits in arrival order for its subscriber's acknowledgement.
+    redis.call('ZADD', P .. ':sub:' .. source, id, id)
+  else
+    redis.call('XADD', P .. ':due', '*', 'd', id)
+  end
 end
 return {mid, 0}
+"""
+
+# ARGV: P, source, message id, endpoint name of subscriptions. Marks the message's
+# subscription delivery and every earlier one delivered; -1: no such delivery.
+_ACK = """
+local P = ARGV[1]
+local sub = P .. ':sub:' .. ARGV[2]
+local upto = nil
+for _, id in ipairs(redis.call('LRANGE', P .. ':msg:' .. ARGV[3] .. ':d', 0, -1)) do
+  local d = redis.call('HMGET', P .. ':d:' .. id, 'source', 'endpoint')
+  if d[1] == ARGV[2] and d[2] == ARGV[4] then upto = tonumber(id) end
+end
+if not upto then return -1 end
+local ep = cjson.encode({'inbound', ARGV[2], ARGV[4]})
+local ids = redis.call('ZRANGEBYSCORE', sub, '-inf', upto)
+for _, id in ipairs(ids) do
+  redis.call('HSET', P .. ':d:' .. id, 'status', 'delivered', 'next_attempt', '')
+  redis.call('HINCRBY', P .. ':d:' .. id, 'attempts', 1)
+  redis.call('ZREM', P .. ':pending:' .. ep, id)
+  redis.call('ZREM', sub, id)
+end
+if #ids > 0 then redis.call('HINCRBY', P .. ':stats:' .. ep, 'delivered', #ids) end
+return #ids
 """
 
 _PROMOTE = """
@@ -294,6 +324,7 @@ class RedisStore:
         self._requeue = redis.register_script(_REQUEUE)
         self._enable = redis.register_script(_ENABLE)
         self._retry = redis.register_script(_RETRY)
+        self._ack = redis.register_script(_ACK)
 
     @classmethod
     async def open(
@@ -643,3 +674,43 @@ class RedisStore:
             created=float(fields["created"]),
             deliveries=deliveries,
         )
+
+    async def pending(self, source: str, after: int | None, limit: int) -> list[Pending]:
+        """The subscription's unacknowledged events of `source` after delivery `after`."""
+        self._check()
+        p = self._prefix
+        low = "-inf" if after is None else f"({after}"
+        try:
+            ids = await self._redis.zrangebyscore(f"{p}:sub:{source}", low, "+inf", 0, limit)
+            if not ids:
+                return []
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for delivery_id in ids:
+                    pipe.hget(f"{p}:d:{_text(delivery_id)}", "message_id")
+                mids = [_text(m) for m in await pipe.execute() if m is not None]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for mid in mids:
+                    pipe.hmget(f"{p}:msg:{mid}", "event_type", "headers", "body", "created")
+                messages = await pipe.execute()
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
+        out = []
+        for delivery_id, mid, m in zip(ids, mids, messages, strict=False):
+            if m[2] is None:
+                continue  # removed by retention meanwhile
+            out.append(
+                Pending(
+                    delivery_id=int(_text(delivery_id)),
+                    message_id=mid,
+                    event_type=_text(m[0]) or None,
+                    headers=[(k, v) for k, v in json.loads(m[1])],
+                    body=bytes(m[2]),
+                    created=float(m[3]),
+                )
+            )
+        return out
+
+    async def ack(self, source: str, message_id: str) -> int | None:
+        """Mark this event and every earlier one of the subscription delivered."""
+        acked = int(await self._call(self._ack, [source, message_id, SUBSCRIPTION]))
+        return None if acked < 0 else acked

@@ -37,6 +37,10 @@ T = TypeVar("T")
 Clock = Callable[[], float]
 
 DB_NAME = "webhooks.db"
+# The delivery of an inbound event that agents subscribe to (`subscribe: true`): no
+# URL, never claimed by the delivery worker (its next_attempt is NULL), delivered
+# when the subscriber acknowledges it (webhooks/events.py).
+SUBSCRIPTION = "_events"
 _DEDUP_PURGE_EVERY = 60.0
 
 
@@ -91,6 +95,18 @@ class Due:
     headers: list[tuple[str, str]]
     body: bytes
     created: float = 0.0  # when the message was accepted
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """An event waiting for its subscriber's acknowledgement, in arrival order."""
+
+    delivery_id: int
+    message_id: str
+    event_type: str | None
+    headers: list[tuple[str, str]]
+    body: bytes
+    created: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +289,10 @@ class Queue(Protocol):
 
     async def message(self, message_id: str) -> MessageView | None: ...
 
+    async def pending(self, source: str, after: int | None, limit: int) -> list[Pending]: ...
+
+    async def ack(self, source: str, message_id: str) -> int | None: ...
+
 
 class Store:
     """The queue. Open with `await Store.open(data_dir)`; every method is a coroutine."""
@@ -374,7 +394,10 @@ class Store:
             conn.executemany(
                 "INSERT INTO deliveries (message_id, direction, source, endpoint, url, status,"
                 " next_attempt) VALUES (?, ?, ?, ?, ?, 'pending', ?)",
-                [(message_id, direction.value, source, t.endpoint, t.url, now) for t in targets],
+                [
+                    (message_id, direction.value, source, t.endpoint, t.url, now if t.url else None)
+                    for t in targets
+                ],
             )
             return Accepted(message_id, duplicate=False, routed=bool(targets))
 
@@ -510,7 +533,7 @@ class Store:
             ).rowcount
             conn.execute(
                 "UPDATE deliveries SET next_attempt = ? WHERE source = ? AND endpoint = ?"
-                " AND status = 'pending'",
+                " AND status = 'pending' AND url != ''",
                 (now, source, endpoint),
             )
             return changed > 0
@@ -535,7 +558,8 @@ class Store:
                 return None
             return int(
                 conn.execute(
-                    "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt = ?"
+                    "UPDATE deliveries SET status = 'pending', attempts = 0,"
+                    " next_attempt = CASE WHEN url = '' THEN NULL ELSE ? END"
                     " WHERE message_id = ? AND status != 'delivered'",
                     (now, message_id),
                 ).rowcount
@@ -652,5 +676,49 @@ class Store:
                 created=m[5],
                 deliveries=deliveries,
             )
+
+        return await self._run(work)
+
+    async def pending(self, source: str, after: int | None, limit: int) -> list[Pending]:
+        """The subscription's unacknowledged events of `source` after delivery `after`."""
+
+        def work(conn: sqlite3.Connection) -> list[Pending]:
+            rows = conn.execute(
+                "SELECT d.id, d.message_id, m.event_type, m.headers, m.body, m.created"
+                " FROM deliveries d JOIN messages m ON m.id = d.message_id"
+                " WHERE d.source = ? AND d.endpoint = ? AND d.status = 'pending' AND d.id > ?"
+                " ORDER BY d.id LIMIT ?",
+                (source, SUBSCRIPTION, -1 if after is None else after, limit),
+            ).fetchall()
+            return [
+                Pending(r[0], r[1], r[2], [(k, v) for k, v in json.loads(r[3])], r[4], r[5])
+                for r in rows
+            ]
+
+        return await self._run(work)
+
+    async def ack(self, source: str, message_id: str) -> int | None:
+        """Mark this event and every earlier one of the subscription delivered.
+
+        How many were still pending; None: `source` has no such subscribed event."""
+
+        def work(conn: sqlite3.Connection) -> int | None:
+            row = conn.execute(
+                "SELECT id FROM deliveries WHERE message_id = ? AND source = ? AND endpoint = ?",
+                (message_id, source, SUBSCRIPTION),
+            ).fetchone()
+            if row is None:
+                return None
+            done = conn.execute(
+                "SELECT id FROM deliveries WHERE source = ? AND endpoint = ?"
+                " AND status = 'pending' AND id <= ?",
+                (source, SUBSCRIPTION, row[0]),
+            ).fetchall()
+            conn.executemany(
+                "UPDATE deliveries SET status = 'delivered', attempts = attempts + 1,"
+                " last_error = NULL WHERE id = ?",
+                done,
+            )
+            return len(done)
 
         return await self._run(work)

@@ -124,8 +124,8 @@ outbound:
     signing: {{secrets: [{secret}]}}
     retry: {{schedule: [0s, 100ms, 100ms], jitter: 0}}
     endpoints:
-      - {{name: gone, url: "{gone}"}}
-      - {{name: fine, url: "{fine}", events: ["invoice.*"]}}
+      - {{name: gone, url: "{gone}", allow_private: true}}
+      - {{name: fine, url: "{fine}", events: ["invoice.*"], allow_private: true}}
 """
 
 

@@ -33,7 +33,7 @@ async def test_attempts_follow_the_schedule_with_jitter_then_dead_letter(
           events:
             signing: {{secrets: [{WHSEC}]}}
             retry: {{schedule: [0s, 10s, 5m], jitter: 0.5}}
-            endpoints: [{{name: one, url: "{target.url}"}}]
+            endpoints: [{{name: one, url: "{target.url}", allow_private: true}}]
         """
     )
     clock = Clock()

@@ -154,6 +154,18 @@ def is_own_listener(ip: IP, port: int, listeners: Iterable[Listener]) -> bool:
         if any(one.is_loopback or one.is_unspecified for one in embedded(ip)):
             return True
         bound, _ = literal(bound_host)
-        if bound is not None and bound == ip:
+        if bound is not None and (bound == ip or (bound.is_unspecified and _assigned_here(ip))):
             return True
     return False
+
+
+def _assigned_here(ip: IP) -> bool:
+    """Is the address one of this host's own (what a wildcard-bound listener answers on)?
+    Only an address assigned here can be bound: one syscall, no traffic."""
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((str(ip), 0))
+    except OSError:
+        return False
+    return True

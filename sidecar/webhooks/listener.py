@@ -96,6 +96,8 @@ async def _admit(hub: WebhookHub, kind: str, name: str, request: Request) -> Res
     try:
         await gate.admit(kind, name, request)
     except ProblemError as err:
+        from ..proxy.listener import Response
+
         status, headers, body = problem_parts(err, err.service)
         return Response(status=status, headers=headers, body=body)
     return None
@@ -131,6 +133,8 @@ async def events_answer(hub: WebhookHub, request: Request) -> Response:
         )
     if asked.poll:
         return answer(await events.long_poll(store, subs, name, asked))
+    from ..proxy.listener import Response
+
     return Response(
         status=200,
         headers=list(_SSE_HEADERS),

@@ -323,6 +323,7 @@ class DeliveryWorker:
             status_code=status,
             error=error,
             duration=elapsed,
+            due=due.due or None,
         )
         outcome, next_attempt = self._outcome(due, attempt, schedule, jitter, retry_after)
         await self._store.finish(due, attempt, outcome, next_attempt)

@@ -24,6 +24,7 @@ run Redis with `appendonly yes` and `appendfsync always`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -66,7 +67,9 @@ TIMEOUT = 5.0  # seconds, connecting and each reply
 # How often a replica looks at the shared stream when nothing woke it: events
 # accepted by another replica are found within this.
 POLL = 1.0
-# A claimed delivery of an endpoint at its per_endpoint limit goes back for this long.
+# A replica holds this many entries per endpoint over its per_endpoint share, in order;
+# one read beyond that goes back to the queue for this long.
+HOLD = 256
 DEFER = 0.5
 _PROMOTE_BATCH = 256
 
@@ -160,7 +163,7 @@ local function drop()
   redis.call('XDEL', P .. ':due', ARGV[2])
 end
 local d = redis.call('HMGET', P .. ':d:' .. ARGV[3], 'message_id', 'direction', 'source',
-  'endpoint', 'url', 'attempts', 'status')
+  'endpoint', 'url', 'attempts', 'status', 'next_attempt')
 if not d[1] or d[7] ~= 'pending' then drop() return {'skip'} end
 local key = cjson.encode({d[3], d[4]})
 if redis.call('SISMEMBER', P .. ':disabled', key) == 1 then
@@ -170,7 +173,7 @@ if redis.call('SISMEMBER', P .. ':disabled', key) == 1 then
 end
 local m = redis.call('HMGET', P .. ':msg:' .. d[1], 'event_type', 'headers', 'body', 'created')
 if not m[3] then drop() return {'skip'} end
-return {'ok', d[1], d[2], d[3], d[4], d[5], d[6], m[1], m[2], m[3], m[4]}
+return {'ok', d[1], d[2], d[3], d[4], d[5], d[6], m[1], m[2], m[3], m[4], d[8]}
 """
 
 # ARGV: P, entry id, delivery id, group, attempt JSON, ok, outcome, next attempt,
@@ -313,6 +316,9 @@ class RedisStore:
         self._closed = False
         # delivery id -> stream entry id, of the deliveries this replica has in flight.
         self._inflight: dict[int, str] = {}
+        # Per endpoint at its per_endpoint share: delivery id -> stream entry id of the
+        # entries read meanwhile, in the order read (the order they came due).
+        self._held: dict[tuple[str, str], collections.OrderedDict[int, str]] = {}
         self._endpoints: dict[int, tuple[str, str]] = {}
         self._last_touch = 0.0
         self._heartbeat: asyncio.Task[None] | None = None
@@ -420,25 +426,73 @@ class RedisStore:
 
     async def claim(self, limit: int, per_endpoint: int) -> list[Due]:
         """Due deliveries for this replica: what is due moves into the stream, then
-        entries a crashed replica left idle are taken over, then new ones read."""
+        the entries held for a free slot go first, then entries a crashed replica
+        left idle are taken over, then new ones read."""
         self._check()
         now = self._clock()
         await self._touch(now)
         if limit <= 0:
             return []
         await self._call(self._promote, [repr(now), _PROMOTE_BATCH])
+        busy: dict[tuple[str, str], int] = {}
+        for pair in self._endpoints.values():
+            busy[pair] = busy.get(pair, 0) + 1
+        claimed: list[Due] = []
+        # Held entries first, oldest first: they came due before anything still unread.
+        for pair, held in self._held.items():
+            while held and busy.get(pair, 0) < per_endpoint and len(claimed) < limit:
+                delivery_id, entry_id = held.popitem(last=False)
+                due = await self._take_due(entry_id, delivery_id)
+                if due is not None:
+                    busy[pair] = busy.get(pair, 0) + 1
+                    self._claimed(due, entry_id, claimed)
+        room = limit - len(claimed)
+        if room <= 0:
+            return claimed
+        deferred: list[Any] = []
+        for entry_id, delivery_id in await self._read(room):
+            if delivery_id in self._inflight or any(delivery_id in h for h in self._held.values()):
+                continue  # ours, in flight or held, idle past claim_idle: still ours
+            due = await self._take_due(entry_id, delivery_id)
+            if due is None:
+                continue
+            pair = (due.source, due.endpoint)
+            if busy.get(pair, 0) >= per_endpoint:
+                held = self._held.setdefault(pair, collections.OrderedDict())
+                if len(held) < HOLD:
+                    # Kept, in the order read, for this endpoint's next free slot: put
+                    # back in the queue it would lose its place to every later entry.
+                    held[delivery_id] = entry_id
+                else:
+                    deferred += [entry_id, delivery_id]
+                continue
+            busy[pair] = busy.get(pair, 0) + 1
+            self._claimed(due, entry_id, claimed)
+        if deferred:
+            # Over what this replica holds for the endpoint: back to the queue, for
+            # this or another replica.
+            await self._call(self._requeue, [GROUP, repr(now + DEFER), *deferred])
+        return claimed
+
+    def _claimed(self, due: Due, entry_id: str, into: list[Due]) -> None:
+        self._inflight[due.delivery_id] = entry_id
+        self._endpoints[due.delivery_id] = (due.source, due.endpoint)
+        into.append(due)
+
+    async def _read(self, room: int) -> list[tuple[str, int]]:
+        """Stream entries for this replica: idle ones of a stopped replica, then new ones."""
         key = f"{self._prefix}:due"
         entries: list[tuple[str, int]] = []
         try:
             stolen: Any = await self._redis.xautoclaim(
-                key, GROUP, self.consumer, int(self.claim_idle * 1000), "0-0", count=limit
+                key, GROUP, self.consumer, int(self.claim_idle * 1000), "0-0", count=room
             )
             for entry_id, fields in stolen[1]:
                 if fields:  # a deleted entry comes back empty
                     entries.append((_text(entry_id), int(fields[b"d"])))
             if stolen[1]:
                 log.info("webhook deliveries taken over from a stopped replica: %d", len(stolen[1]))
-            room = limit - len(entries)
+            room -= len(entries)
             if room > 0:
                 read: Any = await self._redis.xreadgroup(
                     GROUP, self.consumer, {key: ">"}, count=room
@@ -456,46 +510,34 @@ class RedisStore:
             raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
         except RedisError as exc:
             raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
-        busy: dict[tuple[str, str], int] = {}
-        for pair in self._endpoints.values():
-            busy[pair] = busy.get(pair, 0) + 1
-        claimed: list[Due] = []
-        deferred: list[Any] = []
-        for entry_id, delivery_id in entries:
-            if delivery_id in self._inflight:
-                continue  # ours, in flight, idle past claim_idle: still ours
-            row = await self._call(self._take, [entry_id, delivery_id, GROUP])
-            if _text(row[0]) != "ok":
-                continue
-            due = Due(
-                delivery_id=delivery_id,
-                message_id=_text(row[1]),
-                direction=Direction(_text(row[2])),
-                source=_text(row[3]),
-                endpoint=_text(row[4]),
-                url=_text(row[5]),
-                attempts=int(row[6]),
-                event_type=_text(row[7]) or None,
-                headers=[(k, v) for k, v in json.loads(row[8])],
-                body=bytes(row[9]),
-                created=float(row[10]),
-            )
-            pair = (due.source, due.endpoint)
-            if busy.get(pair, 0) >= per_endpoint:
-                deferred += [entry_id, delivery_id]
-                continue
-            busy[pair] = busy.get(pair, 0) + 1
-            self._inflight[delivery_id] = entry_id
-            self._endpoints[delivery_id] = pair
-            claimed.append(due)
-        if deferred:
-            # Over the endpoint's share: back to the queue, for this or another replica.
-            await self._call(self._requeue, [GROUP, repr(now + DEFER), *deferred])
-        return claimed
+        return entries
+
+    async def _take_due(self, entry_id: str, delivery_id: int) -> Due | None:
+        """The delivery of a stream entry as it is now; None: not to be attempted."""
+        row = await self._call(self._take, [entry_id, delivery_id, GROUP])
+        if _text(row[0]) != "ok":
+            return None
+        return Due(
+            delivery_id=delivery_id,
+            message_id=_text(row[1]),
+            direction=Direction(_text(row[2])),
+            source=_text(row[3]),
+            endpoint=_text(row[4]),
+            url=_text(row[5]),
+            attempts=int(row[6]),
+            event_type=_text(row[7]) or None,
+            headers=[(k, v) for k, v in json.loads(row[8])],
+            body=bytes(row[9]),
+            created=float(row[10]),
+            due=float(row[11]) if row[11] else 0.0,
+        )
 
     async def _touch(self, now: float) -> None:
-        """Reset the idle time of this replica's entries in flight: they are alive."""
-        if not self._inflight or now - self._last_touch < self.claim_idle / 3:
+        """Reset the idle time of this replica's entries in flight or held: they are alive."""
+        ours: list[Any] = [*self._inflight.values()]
+        for held in self._held.values():
+            ours.extend(held.values())
+        if not ours or now - self._last_touch < self.claim_idle / 3:
             return
         self._last_touch = now
         try:
@@ -504,7 +546,7 @@ class RedisStore:
                 GROUP,
                 self.consumer,
                 0,
-                list(self._inflight.values()),
+                ours,
                 justid=True,
             )
         except RedisError as exc:
@@ -533,6 +575,7 @@ class RedisStore:
                 "status_code": attempt.status_code,
                 "error": attempt.error,
                 "duration": attempt.duration,
+                "due": attempt.due,
             }
         )
         when = next_attempt if next_attempt is not None else attempt.at
@@ -554,13 +597,17 @@ class RedisStore:
         )
 
     async def release_claims(self) -> None:
-        if not self._inflight:
-            return
         pairs: list[Any] = []
         for delivery_id, entry_id in self._inflight.items():
             pairs += [entry_id, delivery_id]
+        for held in self._held.values():
+            for delivery_id, entry_id in held.items():
+                pairs += [entry_id, delivery_id]
+        if not pairs:
+            return
         self._inflight.clear()
         self._endpoints.clear()
+        self._held.clear()
         await self._call(self._requeue, [GROUP, "", *pairs])
 
     async def enable(self, source: str, endpoint: str) -> bool:

@@ -95,6 +95,7 @@ class Due:
     headers: list[tuple[str, str]]
     body: bytes
     created: float = 0.0  # when the message was accepted
+    due: float = 0.0  # when this attempt was scheduled for
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,10 +112,11 @@ class Pending:
 
 @dataclass(frozen=True, slots=True)
 class Attempt:
-    at: float
+    at: float  # when it started
     status_code: int | None
     error: str | None
     duration: float
+    due: float | None = None  # when it was scheduled for (None: recorded before this was kept)
 
     @property
     def ok(self) -> bool:
@@ -234,6 +236,9 @@ def new_message_id(now: float) -> str:
 def _setup(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA foreign_keys=ON")
     conn.executescript(_SCHEMA)
+    # Added to a table older databases already have.
+    if "due" not in {row[1] for row in conn.execute("PRAGMA table_info(attempts)")}:
+        conn.execute("ALTER TABLE attempts ADD COLUMN due REAL")
     # A claim held by a killed process would block its delivery forever.
     conn.execute("UPDATE deliveries SET claimed = 0 WHERE claimed = 1")
 
@@ -424,7 +429,7 @@ class Store:
                 " WHERE d.status = 'pending' AND d.claimed = 0 AND d.next_attempt <= ?"
                 f" AND {_NOT_DISABLED})"
                 " SELECT r.id, r.message_id, r.direction, r.source, r.endpoint, r.url, r.attempts,"
-                " m.event_type, m.headers, m.body, m.created FROM ranked r"
+                " m.event_type, m.headers, m.body, m.created, r.next_attempt FROM ranked r"
                 " JOIN messages m ON m.id = r.message_id"
                 " LEFT JOIN busy b ON b.source = r.source AND b.endpoint = r.endpoint"
                 " WHERE r.place + COALESCE(b.n, 0) <= ? ORDER BY r.next_attempt, r.id LIMIT ?",
@@ -446,6 +451,7 @@ class Store:
                     headers=[(k, v) for k, v in json.loads(r[8])],
                     body=r[9],
                     created=r[10],
+                    due=r[11],
                 )
                 for r in rows
             ]
@@ -474,8 +480,8 @@ class Store:
             if prune_before is not None:
                 _prune(conn, prune_before)
             conn.execute(
-                "INSERT INTO attempts (delivery_id, at, status_code, error, duration, ok)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO attempts (delivery_id, at, status_code, error, duration, ok, due)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     due.delivery_id,
                     attempt.at,
@@ -483,6 +489,7 @@ class Store:
                     attempt.error,
                     attempt.duration,
                     int(attempt.ok),
+                    attempt.due,
                 ),
             )
             if outcome is Outcome.delivered:
@@ -650,9 +657,9 @@ class Store:
                 (message_id,),
             ).fetchall():
                 attempts = [
-                    Attempt(at=a[0], status_code=a[1], error=a[2], duration=a[3])
+                    Attempt(at=a[0], status_code=a[1], error=a[2], duration=a[3], due=a[4])
                     for a in conn.execute(
-                        "SELECT at, status_code, error, duration FROM attempts"
+                        "SELECT at, status_code, error, duration, due FROM attempts"
                         " WHERE delivery_id = ? ORDER BY id",
                         (d[0],),
                     )

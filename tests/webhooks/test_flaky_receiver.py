@@ -115,10 +115,14 @@ async def _run(upstream: Any, tmp_path: Path, store: str = "") -> None:
         aiohttp.ClientSession() as client,
     ):
         ids: dict[int, str] = {}
-        for n in range(EVENTS):
+
+        async def publish(n: int) -> None:
             async with client.post(f"{sidecar.url}/_webhooks/events", json={"n": n}) as r:
                 assert r.status == 202
                 ids[n] = (await r.json())["id"]
+
+        for start in range(0, EVENTS, 20):
+            await asyncio.gather(*(publish(n) for n in range(start, start + 20)))
 
         async def settled() -> bool:
             async with client.get(f"{sidecar.admin}/webhooks") as r:
@@ -127,9 +131,12 @@ async def _run(upstream: Any, tmp_path: Path, store: str = "") -> None:
 
         await eventually(settled, "every event delivered or dead", 60, every=0.2)
         views: dict[int, dict[str, Any]] = {}
-        for n, message_id in ids.items():
-            async with client.get(f"{sidecar.admin}/webhooks/messages/{message_id}") as r:
+
+        async def view(n: int) -> None:
+            async with client.get(f"{sidecar.admin}/webhooks/messages/{ids[n]}") as r:
                 [views[n]] = (await r.json())["deliveries"]
+
+        await asyncio.gather(*(view(n) for n in ids))
         async with client.get(f"{sidecar.admin}/webhooks") as r:
             [stats] = (await r.json())["endpoints"]
     # Every attempt the schedule calls for was made, once: the receiver saw it, and

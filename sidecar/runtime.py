@@ -200,6 +200,8 @@ class Sidecar:
     def begin_drain(self) -> None:
         """Stop being ready (so load balancers send no new calls); calls in flight go on."""
         self.draining = True
+        # Subscribers' streams end (they reconnect elsewhere, or after the restart).
+        self.webhooks.subscriptions.close()
 
     def faults(self) -> dict[str, Faults]:
         """Each service's fault injection (its step and switch), as the current policy has it."""

@@ -55,6 +55,8 @@ class Subscriptions:
 
     def __init__(self) -> None:
         self._arrived = asyncio.Event()
+        # Set when the sidecar drains: open streams end, so shutdown need not wait.
+        self.closing = False
         self.streams: dict[str, int] = {}
         self.on_sent: Callable[[str, str, int], None] | None = None
         self.on_acked: Callable[[str, int], None] | None = None
@@ -68,6 +70,10 @@ class Subscriptions:
     def notify(self) -> None:
         self._arrived.set()
         self._arrived = asyncio.Event()
+
+    def close(self) -> None:
+        self.closing = True
+        self.notify()
 
     async def wait(self, seconds: float) -> None:
         """Until an event arrives, or `seconds` passed."""
@@ -177,7 +183,7 @@ async def long_poll(store: Queue, subs: Subscriptions, name: str, request: Reque
         while True:
             found = await store.pending(name, None, limit)
             left = deadline - loop.time()
-            if found or left <= 0:
+            if found or left <= 0 or subs.closing:
                 break
             await subs.wait(min(left, POLL))
     except (sqlite3.Error, OSError, StoreUnavailable) as exc:
@@ -199,7 +205,7 @@ async def stream(
         yield b": subscribed\n\n"
         cursor: int | None = None
         quiet = 0.0
-        while True:
+        while not subs.closing:
             found = await store.pending(name, cursor, BATCH)
             if found:
                 cursor = found[-1].delivery_id

@@ -123,7 +123,7 @@ async def events_answer(hub: WebhookHub, request: Request) -> Response:
     if asked.action == "ack" and request.method == "POST":
         body = await read_limited(request.body, events.ACK_BODY_LIMIT)
         return answer(await events.acknowledge(store, subs, name, body))
-    if asked.action or request.method not in ("GET", "HEAD"):
+    if asked.action or request.method != "GET":
         return answer(
             refused(
                 Reason.no_route,

@@ -260,3 +260,16 @@ async def test_every_unacknowledged_event_survives_kill_9_over_redis(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     await _kill_and_come_back(tmp_path, f'store: {{backend: "{redis_server.url}"}}')
+
+
+async def test_an_open_stream_does_not_hold_up_shutdown(tmp_path: Path) -> None:
+    policies = policy(tmp_path / "p")
+    args = ("--ingress", "127.0.0.1:0", "--data-dir", str(tmp_path / "d"), "--drain", "120")
+    async with sidecar_process(policies, *args) as sidecar, aiohttp.ClientSession() as client:
+        message = await send(client, ingress_of(sidecar), 1)
+        stream = await subscribe(client, sidecar.url)
+        assert [i for i, _ in await Stream(stream).take(1)] == [message]
+        # Draining ends the stream (it ends whole, not cut), so the sidecar stops well
+        # before its 120 s drain (stop() gives up after 20 s).
+        assert await sidecar.stop() == 0
+        assert await Stream(stream).take(1) == []

@@ -21,74 +21,30 @@ as one more delivery, which no worker sends; the subscriber reads it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from ..policy.units import parse_duration
 from .answers import Reason, Result, refused
 from .store import Pending, StoreUnavailable
+from .subscriptions import EVENTS_PREFIX, POLL, Subscriptions
 
 if TYPE_CHECKING:
     from .store import Queue
 
 log = logging.getLogger("sidecar.webhooks")
 
-EVENTS_PREFIX = "/_events/"
 # Read at most this many events per look at the store.
 BATCH = 100
 MAX_LIMIT = 1000
 MAX_WAIT = 300.0
 # An SSE comment this often keeps proxies and clients from closing an idle stream.
 KEEPALIVE = 15.0
-# Without a wake-up (an event another replica took, over Redis), look this often.
-POLL = 1.0
 ACK_BODY_LIMIT = 4096
-
-
-class Subscriptions:
-    """Wakes waiting subscribers when events arrive, and counts them for metrics."""
-
-    def __init__(self) -> None:
-        self._arrived = asyncio.Event()
-        # Set when the sidecar drains: open streams end, so shutdown need not wait.
-        self.closing = False
-        self.streams: dict[str, int] = {}
-        self.on_sent: Callable[[str, str, int], None] | None = None
-        self.on_acked: Callable[[str, int], None] | None = None
-        self.on_streams: Callable[[str, int], None] | None = None
-
-    def opened(self, source: str, change: int) -> None:
-        count = self.streams[source] = self.streams.get(source, 0) + change
-        if self.on_streams is not None:
-            self.on_streams(source, count)
-
-    def notify(self) -> None:
-        self._arrived.set()
-        self._arrived = asyncio.Event()
-
-    def close(self) -> None:
-        self.closing = True
-        self.notify()
-
-    async def wait(self, seconds: float) -> None:
-        """Until an event arrives, or `seconds` passed."""
-        arrived = self._arrived
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await arrived.wait()
-
-    def sent(self, source: str, form: str, count: int) -> None:
-        if self.on_sent is not None and count:
-            self.on_sent(source, form, count)
-
-    def acked(self, source: str, count: int) -> None:
-        if self.on_acked is not None and count:
-            self.on_acked(source, count)
 
 
 def event_json(event: Pending) -> dict[str, Any]:

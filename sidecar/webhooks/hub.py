@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..policy.webhooks import Webhooks, WebhookStore
 from .answers import Reason, Result, refused
-from .events import Subscriptions
+from .subscriptions import Subscriptions
 
 if TYPE_CHECKING:
     # Imported when a policy first declares webhooks: a sidecar without them never

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 
 from ..headers import SERVER
 from ..problems import ProblemError, problem_parts
-from . import events
 from .answers import Reason, Result, refused
 from .gate import EVENTS, OUTBOUND
+from .subscriptions import EVENTS_PREFIX
 
 if TYPE_CHECKING:
     from ..proxy.listener import App, Request, Response
@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 # Agents' outbound events: the group's own max_body is checked by the Outbox.
 OUTBOUND_READ_LIMIT = 16 << 20
 OUTBOUND_PREFIX = "/_webhooks/"
-EVENTS_PREFIX = events.EVENTS_PREFIX
 # The sidecar's own paths on egress that this package answers.
 OWN_PREFIXES = (OUTBOUND_PREFIX, EVENTS_PREFIX)
 _SSE_HEADERS = [
@@ -104,6 +103,9 @@ async def _admit(hub: WebhookHub, kind: str, name: str, request: Request) -> Res
 
 
 async def events_answer(hub: WebhookHub, request: Request) -> Response:
+    # Imported on first use: it needs the store (sqlite3).
+    from . import events
+
     headers = {k.lower(): v for k, v in request.headers.items()}
     asked = events.Request(request.method, request.target, headers)
     name = asked.name

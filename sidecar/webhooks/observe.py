@@ -29,8 +29,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from .answers import Result
 from .delivery import AttemptEnd
-from .events import Subscriptions
 from .store import SUBSCRIPTION, Attempt, Direction, Due, Outcome, QueueDepth
+from .subscriptions import Subscriptions
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span

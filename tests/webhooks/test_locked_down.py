@@ -27,6 +27,7 @@ WHSEC = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 GOOD_KEY = "key-of-the-billing-agent-canary"
 OTHER_KEY = "key-of-the-research-agent"
 SECRET = "It's a Secret to Everybody"
+PATH_CANARY = "path-credential-canary"
 
 
 def _sha(key: str) -> str:
@@ -286,7 +287,7 @@ async def test_a_name_that_resolves_to_loopback_is_refused_when_connecting(
             events:
               retry: {{schedule: [0s, 50ms], jitter: 0}}
               signing: {{secrets: ["{WHSEC}"]}}
-              endpoints: [{{name: sink, url: "http://{name}:{port}/in"PRIVATE}}]
+              endpoints: [{{name: sink, url: "http://{name}:{port}/in/{PATH_CANARY}?t={PATH_CANARY}"PRIVATE}}]
         """
     policies = _write(tmp_path / "p", text.replace("PRIVATE", ""))
     async with (
@@ -312,6 +313,8 @@ async def test_a_name_that_resolves_to_loopback_is_refused_when_connecting(
         errors = [a["error"] for a in delivery["attempts"]]
         assert len(errors) == 2 and all(e.startswith("refused: ") for e in errors), errors
         assert "loopback" in errors[0] and "allow_private" in errors[0]
+        # An endpoint's path and query can be its credential: shown nowhere.
+        assert PATH_CANARY not in json.dumps(delivery)
         # With allow_private: true the same receiver is an in-cluster one.
         _write(tmp_path / "p", text.replace("PRIVATE", ", allow_private: true"))
         async with client.post(f"{sidecar.admin}/reload") as r:
@@ -319,6 +322,7 @@ async def test_a_name_that_resolves_to_loopback_is_refused_when_connecting(
         async with client.post(f"{sidecar.url}/_webhooks/events", json={"n": 2}) as r:
             assert r.status == 202
         await eventually(lambda: len(sink.bodies) == 1, "delivered with allow_private")
+    assert PATH_CANARY not in sidecar.output
 
 
 async def test_no_delivery_reaches_the_sidecars_own_admin_port(tmp_path: Path) -> None:

@@ -124,6 +124,8 @@ async def test_sse_ids_acknowledgements_and_last_event_id(tmp_path: Path) -> Non
         assert [e["body"] for _, e in got] == [{"n": 0}, {"n": 1}, {"n": 2}]
         assert got[0][1]["type"] == "push" and got[0][1]["id"] == ids[0]
         assert got[0][1]["headers"]["x-github-delivery"] == "d-0"
+        # The webhook's secret is never sent on (only the sender's signature is).
+        assert SECRET not in json.dumps(got)
         # Live: an event stored while the stream is open arrives on it.
         ids.append(await send(client, ingress, 3))
         [(live_id, live)] = await Stream(first).take(1)

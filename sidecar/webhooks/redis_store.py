@@ -132,11 +132,31 @@ end
 if not upto then return -1 end
 local ep = cjson.encode({'inbound', ARGV[2], ARGV[4]})
 local ids = redis.call('ZRANGEBYSCORE', sub, '-inf', upto)
+local retention = tonumber(ARGV[5])
 for _, id in ipairs(ids) do
   redis.call('HSET', P .. ':d:' .. id, 'status', 'delivered', 'next_attempt', '')
   redis.call('HINCRBY', P .. ':d:' .. id, 'attempts', 1)
   redis.call('ZREM', P .. ':pending:' .. ep, id)
   redis.call('ZREM', sub, id)
+  if retention > 0 then
+    -- As _FINISH does: a message all of whose deliveries are done expires.
+    local mkey = P .. ':msg:' .. redis.call('HGET', P .. ':d:' .. id, 'message_id')
+    local others = redis.call('LRANGE', mkey .. ':d', 0, -1)
+    local done = true
+    for _, other in ipairs(others) do
+      if redis.call('HGET', P .. ':d:' .. other, 'status') ~= 'delivered' then done = false end
+    end
+    if done then
+      local created = tonumber(redis.call('HGET', mkey, 'created'))
+      local left = math.max(1, math.floor(created * 1000 + retention - tonumber(ARGV[6])))
+      redis.call('PEXPIRE', mkey, left)
+      redis.call('PEXPIRE', mkey .. ':d', left)
+      for _, other in ipairs(others) do
+        redis.call('PEXPIRE', P .. ':d:' .. other, left)
+        redis.call('PEXPIRE', P .. ':d:' .. other .. ':a', left)
+      end
+    end
+  end
 end
 if #ids > 0 then redis.call('HINCRBY', P .. ':stats:' .. ep, 'delivered', #ids) end
 return #ids
@@ -759,5 +779,7 @@ class RedisStore:
 
     async def ack(self, source: str, message_id: str) -> int | None:
         """Mark this event and every earlier one of the subscription delivered."""
-        acked = int(await self._call(self._ack, [source, message_id, SUBSCRIPTION]))
+        retention = int((self.retention or 0) * 1000)
+        now = int(self._clock() * 1000)
+        acked = int(await self._call(self._ack, [source, message_id, SUBSCRIPTION, retention, now]))
         return None if acked < 0 else acked

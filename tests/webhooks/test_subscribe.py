@@ -243,8 +243,8 @@ async def _kill_and_come_back(tmp_path: Path, store: str = "") -> None:
         with pytest.raises((aiohttp.ClientError, asyncio.TimeoutError)):
             await Stream(stream).take(1)
     async with sidecar_process(policies, *args) as sidecar, aiohttp.ClientSession() as client:
-        # The subscriber comes back with the last id it saw (an EventSource does):
-        # that acknowledges up to it, so it asks again for what it saw unhandled.
+        # A subscriber that comes back without a Last-Event-ID gets every event not
+        # acknowledged; one that sends the last id it handled, what follows it.
         stream = await subscribe(client, sidecar.url)
         assert [i for i, _ in await Stream(stream).take(4)] == ids[2:]
         stream.close()

@@ -123,6 +123,7 @@ class InboundHook:
         self._store = store
         self._verifier = build_verifier(spec.verify, clock=clock)
         self._dedup_window = spec.dedup_window
+        self._first_in = spec.retry.schedule[0]
         self._slack = spec.verify.type == "slack"
         self._routes = [
             CompiledRoute(r.name or f"route-{i}", r.match, r.deliver_to)
@@ -174,6 +175,7 @@ class InboundHook:
                 targets=targets,
                 dedup_id=verified.delivery_id,
                 dedup_window=self._dedup_window,
+                first_attempt_in=self._first_in,
             )
         except (sqlite3.Error, OSError, StoreUnavailable) as exc:
             log.error("inbound webhook %s: cannot store the event: %s", self.name, exc)

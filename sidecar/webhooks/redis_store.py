@@ -100,18 +100,22 @@ if n == 0 then
   redis.call('HINCRBY', P .. ':unrouted', source, 1)
 end
 for i = 0, n - 1 do
-  local endpoint = ARGV[13 + 2 * i]
+  local endpoint = ARGV[14 + 2 * i]
   local id = redis.call('INCR', P .. ':seq')
   local ep = cjson.encode({ARGV[3], source, endpoint})
   redis.call('HSET', P .. ':d:' .. id, 'message_id', mid, 'direction', ARGV[3],
-    'source', source, 'endpoint', endpoint, 'url', ARGV[14 + 2 * i], 'status', 'pending',
+    'source', source, 'endpoint', endpoint, 'url', ARGV[15 + 2 * i], 'status', 'pending',
     'attempts', 0, 'next_attempt', created, 'created', created)
   redis.call('RPUSH', P .. ':msg:' .. mid .. ':d', id)
   redis.call('SADD', P .. ':endpoints', ep)
   redis.call('ZADD', P .. ':pending:' .. ep, created, id)
-  if ARGV[14 + 2 * i] == '' then
+  if ARGV[15 + 2 * i] == '' then
     -- A subscription's: waits in arrival order for its subscriber's acknowledgement.
     redis.call('ZADD', P .. ':sub:' .. source, id, id)
+  elseif ARGV[13] ~= created then
+    -- The schedule's first delay: waits with the retries.
+    redis.call('HSET', P .. ':d:' .. id, 'next_attempt', ARGV[13])
+    redis.call('ZADD', P .. ':delayed', ARGV[13], id)
   else
     redis.call('XADD', P .. ':due', '*', 'd', id)
   end
@@ -418,6 +422,7 @@ class RedisStore:
         targets: Sequence[Target],
         dedup_id: str | None = None,
         dedup_window: float = 0.0,
+        first_attempt_in: float = 0.0,
     ) -> Accepted:
         now = self._clock()
         message_id = new_message_id(now)
@@ -435,6 +440,7 @@ class RedisStore:
             dedup,
             max(1, int(dedup_window * 1000)),
             len(targets),
+            repr(now + first_attempt_in) if first_attempt_in > 0 else repr(now),
         ]
         for target in targets:
             args += [target.endpoint, target.url]

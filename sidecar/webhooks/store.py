@@ -272,6 +272,7 @@ class Queue(Protocol):
         targets: Sequence[Target],
         dedup_id: str | None = None,
         dedup_window: float = 0.0,
+        first_attempt_in: float = 0.0,
     ) -> Accepted: ...
 
     async def claim(self, limit: int, per_endpoint: int) -> list[Due]: ...
@@ -354,8 +355,12 @@ class Store:
         targets: Sequence[Target],
         dedup_id: str | None = None,
         dedup_window: float = 0.0,
+        first_attempt_in: float = 0.0,
     ) -> Accepted:
         """Store a message and one pending delivery per target; returns once committed.
+
+        Each delivery is first due `first_attempt_in` from now (the schedule's first
+        delay); a subscription's is never due (its subscriber reads it).
 
         With a dedup_id seen for this source within the window, nothing is
         stored and the first message's id comes back as a duplicate.
@@ -364,6 +369,7 @@ class Store:
         now = self._clock()
         message_id = new_message_id(now)
         status = MessageStatus.routed if targets else MessageStatus.unrouted
+        first = now + first_attempt_in
         purge = now - self._last_purge > _DEDUP_PURGE_EVERY
         if purge:
             self._last_purge = now
@@ -400,7 +406,14 @@ class Store:
                 "INSERT INTO deliveries (message_id, direction, source, endpoint, url, status,"
                 " next_attempt) VALUES (?, ?, ?, ?, ?, 'pending', ?)",
                 [
-                    (message_id, direction.value, source, t.endpoint, t.url, now if t.url else None)
+                    (
+                        message_id,
+                        direction.value,
+                        source,
+                        t.endpoint,
+                        t.url,
+                        first if t.url else None,
+                    )
                     for t in targets
                 ],
             )

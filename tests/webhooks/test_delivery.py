@@ -384,3 +384,21 @@ async def test_a_subscribed_event_waits_for_its_acknowledgement(store: Store) ->
     assert view is not None and view.deliveries[0].status is DeliveryStatus.delivered
     stats = {s.source: s for s in (await store.overview()).endpoints}
     assert (stats["gh"].successes, stats["gh"].depth, stats["other"].depth) == (2, 0, 1)
+
+
+async def test_the_first_attempt_waits_for_the_schedules_first_delay(
+    store: Store, receiver: Start, running: Start
+) -> None:
+    target: Receiver = await receiver((200, {}))
+    policy = inbound_policy(target.url + "/events", schedule="[300ms, 100ms]")
+    await running(store, policy)
+    body = b'{"action": "opened"}'
+    result = await Ingress(policy, store=store).handle(
+        "/hooks/github", github_headers(body, SECRET, "d-first"), body
+    )
+    await eventually(lambda: len(target.received) == 1, "the delivery after its first delay")
+    view = await store.message(result.message_id or "")
+    assert view is not None
+    [attempt] = view.deliveries[0].attempts
+    assert attempt.due is not None and attempt.due - view.created >= 0.3 - 0.001
+    assert attempt.at >= attempt.due - 0.001

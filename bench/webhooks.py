@@ -93,7 +93,7 @@ def policy(receiver: str, store: str | None) -> str:
             events:
               signing: {{secrets: ["{WHSEC}"]}}
               endpoints:
-                - {{name: receiver, url: "{receiver}/events"}}
+                - {{name: receiver, url: "{receiver}/events", allow_private: true}}
         """
     )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import filecmp
 import gc
 import json
@@ -292,8 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_validate(directory: str, *, resolve_secrets: bool) -> int:
     from .policy.loader import PolicyError, load_policy
 
+    # The listeners `sidecar run` would open here (SIDECAR_* or the defaults): a
+    # webhook delivered to one of them is refused now, not at the first delivery.
+    listeners = []
+    for name, default in (
+        ("LISTEN", "127.0.0.1:15000"),
+        ("ADMIN", "127.0.0.1:15001"),
+        ("INGRESS", "0.0.0.0:15002"),
+    ):
+        with contextlib.suppress(argparse.ArgumentTypeError):
+            listeners.append(parse_hostport(_env(name, default) or default))
     try:
-        policy = load_policy(directory, resolve_secrets=resolve_secrets)
+        policy = load_policy(directory, resolve_secrets=resolve_secrets, listeners=tuple(listeners))
     except PolicyError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -431,6 +442,7 @@ async def _run(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         mode=args.mode,
         cassettes=_cassette_override(args),
+        listeners=(args.listen, args.admin, args.ingress),
     )
     try:
         return await _serve(sidecar, args)

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ from .state import StateStore
 from .steps.cache import CacheStore
 from .steps.faults import Faults
 from .telemetry import Telemetry
+from .webhooks.gate import build_gate
 from .webhooks.hub import StoreChanged, WebhookHub
 from .webhooks.listener import ingress_app
 
@@ -72,8 +73,12 @@ class Sidecar:
         data_dir: str | None = None,
         mode: str | None = None,
         cassettes: CassetteOverride | None = None,
+        listeners: Iterable[tuple[str, int]] = (),
     ) -> None:
         self.policies = policies
+        # The sidecar's own listeners (egress, admin, ingress), the bound ones once
+        # serving: no webhook is delivered to one of them. Port 0: not known yet.
+        self.listeners: tuple[tuple[str, int], ...] = tuple(a for a in listeners if a[1])
         self.env = env
         # --mode / SIDECAR_MODE: every service's mode, over its policy's (not mock's).
         self.mode = mode
@@ -142,6 +147,7 @@ class Sidecar:
                 env=self.env,
                 mode=self.mode,
                 cassettes=self.cassettes,
+                listeners=self.listeners,
             )
         except PolicyError as exc:
             errors = tuple(str(p) for p in exc.problems)
@@ -157,13 +163,14 @@ class Sidecar:
         build = self.state.begin()
         try:
             router = compile_policy(policy, build)
+            gate = build_gate(policy, build)
         except Exception as exc:
             build.abort()
             log.exception(self._failure("policy could not be compiled"))
             # The type only: an exception's text may quote a policy value.
             return failed(f"{self.policies}: cannot compile: {type(exc).__name__}")
         try:
-            await self.webhooks.apply(policy.webhooks)
+            await self.webhooks.apply(policy.webhooks, gate=gate)
         except StoreChanged as exc:
             build.abort()
             log.error("%s: %s", self._failure("policy rejected"), exc)
@@ -193,6 +200,8 @@ class Sidecar:
     def begin_drain(self) -> None:
         """Stop being ready (so load balancers send no new calls); calls in flight go on."""
         self.draining = True
+        # Subscribers' streams end (they reconnect elsewhere, or after the restart).
+        self.webhooks.subscriptions.close()
 
     def faults(self) -> dict[str, Faults]:
         """Each service's fault injection (its step and switch), as the current policy has it."""
@@ -253,6 +262,12 @@ class ListenError(Exception):
 Bound = Listener
 
 
+def _own_listeners(sidecar: Sidecar, addresses: Iterable[tuple[str, int]]) -> None:
+    """The bound addresses (port 0 picked one): what reloads and deliveries refuse."""
+    sidecar.listeners = tuple(dict.fromkeys((str(h), int(p)) for h, p in addresses))
+    sidecar.webhooks.listeners = sidecar.listeners
+
+
 def _listen_error(address: tuple[str, int], exc: OSError) -> ListenError:
     host, port = address
     # The errno's own words ("address already in use"), not the event loop's wrapping.
@@ -283,6 +298,7 @@ def _open_ingress_later(sidecar: Sidecar, address: tuple[str, int], runners: lis
             return
         runners.append(runner)
         bound = runner.addresses[0][:2]
+        _own_listeners(sidecar, (*sidecar.listeners, bound))
         log.info("ingress (inbound webhooks) on http://%s:%d", *bound)
 
     def on_reload(result: ReloadResult) -> None:
@@ -321,6 +337,10 @@ async def serve(
                 raise _listen_error(address, exc) from exc
         if ingress is not None and not sidecar.webhooks.inbound_paths:
             _open_ingress_later(sidecar, ingress, bound)
+        known = [a[:2] for made in bound for a in made.addresses]
+        if ingress is not None and not sidecar.webhooks.inbound_paths and ingress[1]:
+            known.append(ingress)
+        _own_listeners(sidecar, known)
     except BaseException:
         for made in bound:
             await made.cleanup()

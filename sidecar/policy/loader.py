@@ -98,8 +98,12 @@ def load_policy(
     resolve_secrets: bool = True,
     mode: str | None = None,
     cassettes: CassetteOverride | None = None,
+    listeners: tuple[tuple[str, int], ...] = (),
 ) -> Policy:
     """Load, validate and merge; raises PolicyError listing every problem found.
+
+    `listeners` are the sidecar's own (host, port) where known: no webhook may be
+    delivered to one of them.
 
     With resolve_secrets=False, `${env:}` and `${file:}` references are checked
     for form only (for CI, which has no production secrets). `mode` (live, record
@@ -147,7 +151,9 @@ def load_policy(
         unknown, unexpanded = expand_templates(doc, templates.templates, templates.broken)
         problems.extend(unknown)
         try:
-            model = PolicyFile.model_validate(doc.data, context={"secrets": resolver})
+            model = PolicyFile.model_validate(
+                doc.data, context={"secrets": resolver, "listeners": listeners}
+            )
         except ValidationError as exc:
             problems.extend(_problems(doc, exc, unexpanded=unexpanded))
             continue

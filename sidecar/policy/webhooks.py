@@ -22,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from .access import AllowRule
+from .addresses import check_endpoint_url, check_not_own_listener
 from .base import Duration, HeaderName, Model, RedisUrl, SecretStr, Size, _header_name
 from .secrets import Secret, resolver_from_context
 
@@ -147,6 +149,14 @@ class Route(Model):
     def _one_or_many(cls, v: Any) -> Any:
         return _one_or_many(v)
 
+    @field_validator("deliver_to")
+    @classmethod
+    def _not_own(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        # Local by design, but never the sidecar itself (its admin port's /reload...).
+        for url in v:
+            check_not_own_listener(url, info.context)
+        return v
+
 
 class Verify(Model):
     type: Literal["standard", "github", "stripe", "slack", "hmac"] = Field(
@@ -213,6 +223,15 @@ class InboundWebhook(Model):
     )
     max_body: Size = Field(default=1024 * 1024, ge=1, description="Larger bodies get 413")
     routes: list[Route] = Field(default_factory=list)
+    subscribe: bool = Field(
+        default=False,
+        description="Also keep every accepted event for agents that subscribe at "
+        "/_events/<name> on egress (SSE or long-poll JSON), until they acknowledge it",
+    )
+    allow: list[AllowRule] | None = Field(
+        default=None,
+        description="Who may subscribe at /_events/<name>; absent: the top-level allow rules",
+    )
     retry: DeliveryRetry = Field(default_factory=DeliveryRetry)
     timeout: Duration = Field(default=30.0, gt=0, description="Per delivery attempt")
 
@@ -228,10 +247,23 @@ class InboundWebhook(Model):
 
 class OutboundEndpoint(Model):
     name: str = Field(description="Names the endpoint in the admin view and its enable operation")
+    # Before `url`, whose check reads it.
+    allow_private: bool = Field(
+        default=False,
+        description="Let the URL reach a non-public address (loopback, private ranges, "
+        "link-local): an in-cluster receiver. Default: refused at load and at connect time",
+    )
     url: HttpUrl
     events: list[str] = Field(
         default_factory=lambda: ["*"], min_length=1, description="Event type globs it receives"
     )
+
+    @field_validator("url")
+    @classmethod
+    def _public(cls, v: str, info: ValidationInfo) -> str:
+        allow_private = bool(info.data.get("allow_private", False))
+        check_endpoint_url(v, allow_private=allow_private, context=info.context)
+        return v
 
     @field_validator("name")
     @classmethod
@@ -276,6 +308,10 @@ class OutboundWebhook(Model):
     max_body: Size = Field(default=1024 * 1024, ge=1, description="Larger events get 413")
     idempotency_window: Duration = Field(
         default=86400.0, ge=0, description="An idempotency key seen within this is not sent again"
+    )
+    allow: list[AllowRule] | None = Field(
+        default=None,
+        description="Who may publish at /_webhooks/<name>; absent: the top-level allow rules",
     )
 
     @field_validator("endpoints")

@@ -27,7 +27,7 @@ from ..headers import (
 from ..problems import PLAIN, ProblemError, problem_parts
 from ..steps.faults import InjectedReset
 from ..streams import idle_bounded, limited
-from ..webhooks.listener import OUTBOUND_PREFIX, outbound_answer
+from ..webhooks.listener import OWN_PREFIXES, own_answer
 from .http1 import raw_header_lines
 from .listener import Request, Response
 from .pool import UpstreamError, UpstreamReply
@@ -104,7 +104,8 @@ class Egress:
         # The current policy's routes; a reload swaps this one reference (runtime.py),
         # and a call keeps the Router it matched on.
         self.router: Router | None = None
-        # Agents post outbound events to /_webhooks/<name>; never routed to a service.
+        # Agents post outbound events to /_webhooks/<name> and subscribe to inbound ones
+        # at /_events/<name>; never routed to a service.
         self.webhooks = webhooks
         # None: no metrics, spans or access log, and the request path pays nothing for them.
         self.telemetry = telemetry
@@ -118,7 +119,7 @@ class Egress:
             found = self._route(request, exchange)
             if found is None:
                 assert self.webhooks is not None
-                response = await outbound_answer(self.webhooks, request)
+                response = await own_answer(self.webhooks, request)
             elif isinstance(found, Response):
                 response = found
             else:
@@ -167,7 +168,7 @@ class Egress:
 
     def _route(self, request: Request, exchange: Exchange | None) -> Route | Response | None:
         """The route of a request to forward, the sidecar's own answer to one it does
-        not forward, or None for an outbound webhook event (webhooks/)."""
+        not forward, or None for the webhook paths (webhooks/)."""
         raw = request.target
         if unsafe_path(raw):
             return problem(
@@ -189,7 +190,7 @@ class Egress:
                 None,
                 exchange,
             )
-        if raw.startswith(OUTBOUND_PREFIX) and self.webhooks is not None:
+        if raw.startswith(OWN_PREFIXES) and self.webhooks is not None:
             return None
         if request.method in _REFUSED_METHODS:
             return problem(

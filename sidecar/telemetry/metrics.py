@@ -494,6 +494,19 @@ class WebhookMetrics:
             buckets=BUCKETS,
             registry=registry,
         )
+        self.subscription_events = Counter(
+            "sidecar_webhook_subscription_events",
+            "Inbound events sent to agents subscribed at /_events/<name> (again after a "
+            "reconnect until acknowledged). form: sse or poll.",
+            ["webhook", "form"],
+            registry=registry,
+        )
+        self.subscribers = Gauge(
+            "sidecar_webhook_subscribers",
+            "SSE streams open at /_events/<name>.",
+            ["webhook"],
+            registry=registry,
+        )
         self.queue = QueueGauges()
         registry.register(self.queue)
         self._received: dict[tuple[str, str, str], Counter] = {}
@@ -517,6 +530,15 @@ class WebhookMetrics:
         if counter is None:
             counter = outcomes[outcome] = self.deliveries.labels(*key, outcome)
         counter.inc()
+
+    def subscription_sent(self, webhook: str, form: str, count: int) -> None:
+        self.subscription_events.labels(webhook, form).inc(count)
+
+    def subscription_acked(self, webhook: str, endpoint: str, count: int) -> None:
+        self.deliveries.labels("inbound", webhook, endpoint, "delivered").inc(count)
+
+    def subscriber_streams(self, webhook: str, open_streams: int) -> None:
+        self.subscribers.labels(webhook).set(open_streams)
 
     def delivered(self, direction: str, webhook: str, seconds: float) -> None:
         key = (direction, webhook)

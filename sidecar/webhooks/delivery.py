@@ -24,6 +24,7 @@ from typing import Protocol
 import aiohttp
 
 from ..policy.webhooks import DeliveryRetry, Webhooks
+from .guard import AddressRefused, GuardedResolver, Listeners, check_literal
 from .signatures import Signer
 from .store import Attempt, Direction, Due, Outcome, Queue, StoreUnavailable
 
@@ -62,6 +63,8 @@ class DeliverySettings:
     timeout: float
     signer: Signer | None = None  # outbound only
     urls: Mapping[str, str] = field(default_factory=dict)  # outbound endpoint -> current URL
+    # Outbound endpoints that may reach only public addresses (no allow_private).
+    public_only: frozenset[str] = frozenset()
 
 
 SettingsKey = tuple[Direction, str]
@@ -97,6 +100,7 @@ def compile_settings(webhooks: Webhooks | None) -> dict[SettingsKey, DeliverySet
             group.timeout,
             signer=Signer(group.signing),
             urls={e.name: e.url for e in group.endpoints},
+            public_only=frozenset(e.name for e in group.endpoints if not e.allow_private),
         )
     return out
 
@@ -130,6 +134,7 @@ class DeliveryWorker:
         clock: Clock = time.time,
         rand: Callable[[], float] = random.random,
         session: aiohttp.ClientSession | None = None,
+        listeners: Listeners = lambda: (),
     ) -> None:
         self._store = store
         self._settings = settings
@@ -139,8 +144,13 @@ class DeliveryWorker:
         self._watcher = watcher
         self._clock = clock
         self._rand = rand
+        # Two clients: one whose resolver refuses non-public addresses (outbound
+        # endpoints), one that lets local ones through (inbound targets, allow_private).
+        # Both refuse the sidecar's own listeners.
         self._session = session
+        self._public_session = session
         self._own_session = session is None
+        self._listeners = listeners
         self._running: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -172,14 +182,24 @@ class DeliveryWorker:
         self._loop_task = None
         with contextlib.suppress(StoreUnavailable):
             await self._store.release_claims()
-        if self._own_session and self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._own_session:
+            for session in (self._session, self._public_session):
+                if session is not None:
+                    await session.close()
+            self._session = self._public_session = None
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(auto_decompress=False)
-        return self._session
+    def _client(self, public_only: bool) -> aiohttp.ClientSession:
+        session = self._public_session if public_only else self._session
+        if session is None:
+            resolver = GuardedResolver(public_only=public_only, listeners=self._listeners)
+            session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(resolver=resolver), auto_decompress=False
+            )
+            if public_only:
+                self._public_session = session
+            else:
+                self._session = session
+        return session
 
     async def run_once(self) -> int:
         """Claim what is due now and wait for those attempts; how many were made."""
@@ -250,6 +270,8 @@ class DeliveryWorker:
             log.exception("webhook delivery %s of %s failed", due.delivery_id, due.message_id)
 
     async def _attempt(self, due: Due) -> None:
+        if not due.url:
+            return  # a subscription's (never due): its subscriber acknowledges it
         settings = self._settings.get((due.direction, due.source))
         headers = self._request_headers(due, settings)
         end = self._watcher.begin(due, headers) if self._watcher is not None else None
@@ -265,9 +287,11 @@ class DeliveryWorker:
         else:
             schedule, jitter = settings.schedule, settings.jitter
             url = settings.urls.get(due.endpoint, due.url)
+            public_only = due.endpoint in settings.public_only
             clock = time.monotonic()
             try:
-                async with self._client().post(
+                check_literal(url, public_only=public_only, listeners=self._listeners())
+                async with self._client(public_only).post(
                     url,
                     data=due.body,
                     headers=headers,
@@ -281,6 +305,15 @@ class DeliveryWorker:
                     await response.read()
             except TimeoutError:
                 error = f"no answer within {settings.timeout:g}s"
+            except AddressRefused as exc:
+                error = f"refused: {exc}"
+            except aiohttp.ClientConnectorError as exc:
+                refused = exc.os_error
+                error = (
+                    f"refused: {refused}"
+                    if isinstance(refused, AddressRefused)
+                    else f"could not connect: {type(exc).__name__}"
+                )
             except aiohttp.ClientError as exc:
                 # Not the URL: an endpoint's path can be its credential (as Slack's are).
                 error = f"could not connect: {type(exc).__name__}"
@@ -290,6 +323,7 @@ class DeliveryWorker:
             status_code=status,
             error=error,
             duration=elapsed,
+            due=due.due or None,
         )
         outcome, next_attempt = self._outcome(due, attempt, schedule, jitter, retry_after)
         await self._store.finish(due, attempt, outcome, next_attempt)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..policy.webhooks import Webhooks, WebhookStore
 from .answers import Reason, Result, refused
+from .subscriptions import Subscriptions
 
 if TYPE_CHECKING:
     # Imported when a policy first declares webhooks: a sidecar without them never
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
     from ..telemetry.metrics import WebhookMetrics
     from .delivery import DeliveryWorker
+    from .gate import Gate
     from .inbound import InboundHook, Ingress
     from .observe import WebhookTelemetry
     from .outbound import Outbox
@@ -78,14 +80,21 @@ class WebhookHub:
         self._tracer = tracer
         self._telemetry: WebhookTelemetry | None = None
         self._gauges: asyncio.Task[None] | None = None
+        # Identity and allow rules for /_webhooks/<name> and /_events/<name> (gate.py).
+        self.gate: Gate | None = None
+        # Agents waiting at /_events/<name>, woken when an event is stored.
+        self.subscriptions = Subscriptions()
+        # The sidecar's own listeners (runtime.py): no delivery may connect to one.
+        self.listeners: tuple[tuple[str, int], ...] = ()
 
     @property
     def inbound_paths(self) -> frozenset[str]:
         return frozenset(self._ingress.hooks) if self._ingress is not None else frozenset()
 
-    async def apply(self, webhooks: Webhooks | None) -> None:
+    async def apply(self, webhooks: Webhooks | None, *, gate: Gate | None = None) -> None:
         """Serve a (re)loaded policy's webhooks; opens the store on first use."""
         async with self._lock:
+            self.gate = gate
             if webhooks is None and self.store is None:
                 return  # no webhooks ever: no database file, no worker
             from .delivery import DeliveryWorker, compile_settings
@@ -110,8 +119,14 @@ class WebhookHub:
             self._outbox = Outbox(webhooks, store=store)
             settings = compile_settings(webhooks)
             if self._worker is None:
-                self._worker = DeliveryWorker(store, settings, watcher=self._telemetry)
+                self._worker = DeliveryWorker(
+                    store, settings, watcher=self._telemetry, listeners=lambda: self.listeners
+                )
                 await self._worker.start()
+                # After the worker, which sets its own: both wake on a new event.
+                store.on_new_deliveries = self._on_new_deliveries
+                if self._telemetry is not None:
+                    self._telemetry.watch_subscriptions(self.subscriptions)
             else:
                 self._worker.configure(settings)
 
@@ -136,6 +151,16 @@ class WebhookHub:
         store = await Store.open(self.data_dir)
         log.info("webhook store at %s", os.path.join(self.data_dir, "webhooks.db"))
         return store
+
+    def _on_new_deliveries(self) -> None:
+        if self._worker is not None:
+            self._worker.wake()
+        self.subscriptions.notify()
+
+    def subscribable(self, name: str) -> bool:
+        """Is `name` an inbound webhook agents may subscribe to (`subscribe: true`)?"""
+        hook = self._ingress.by_name.get(name) if self._ingress is not None else None
+        return hook is not None and hook.subscribe
 
     def wake(self) -> None:
         """Deliveries were made due again (retry, enable): look now, not at the next tick."""

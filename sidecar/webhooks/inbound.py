@@ -21,7 +21,7 @@ from typing import Any
 from ..policy.webhooks import InboundWebhook, Match, ValueMatch, Webhooks
 from .answers import Reason, Result, accepted, refused
 from .signatures import SignatureError, build_verifier, lower_headers
-from .store import Direction, Queue, StoreUnavailable, Target
+from .store import SUBSCRIPTION, Direction, Queue, StoreUnavailable, Target
 
 log = logging.getLogger("sidecar.webhooks")
 
@@ -119,9 +119,11 @@ class InboundHook:
         self.name = name
         self.path = spec.path
         self.max_body = spec.max_body
+        self.subscribe = spec.subscribe
         self._store = store
         self._verifier = build_verifier(spec.verify, clock=clock)
         self._dedup_window = spec.dedup_window
+        self._first_in = spec.retry.schedule[0]
         self._slack = spec.verify.type == "slack"
         self._routes = [
             CompiledRoute(r.name or f"route-{i}", r.match, r.deliver_to)
@@ -161,6 +163,8 @@ class InboundHook:
         if self._slack and (challenge := _slack_challenge(body)) is not None:
             return challenge
         targets = self.route(lowered, verified.event_type, body)
+        if self.subscribe:
+            targets.append(_SUBSCRIBED)
         try:
             result = await self._store.accept(
                 direction=Direction.inbound,
@@ -171,6 +175,7 @@ class InboundHook:
                 targets=targets,
                 dedup_id=verified.delivery_id,
                 dedup_window=self._dedup_window,
+                first_attempt_in=self._first_in,
             )
         except (sqlite3.Error, OSError, StoreUnavailable) as exc:
             log.error("inbound webhook %s: cannot store the event: %s", self.name, exc)
@@ -180,6 +185,9 @@ class InboundHook:
         outcome = "duplicate" if result.duplicate else "accepted" if targets else "unrouted"
         self.counts[outcome] += 1
         return accepted(200, result.message_id, result.duplicate, outcome)
+
+
+_SUBSCRIBED = Target(endpoint=SUBSCRIPTION, url="")
 
 
 def _slack_challenge(body: bytes) -> Result | None:
@@ -208,6 +216,7 @@ class Ingress:
             spec.path: InboundHook(name, spec, store=store, clock=clock)
             for name, spec in inbound.items()
         }
+        self.by_name = {hook.name: hook for hook in self.hooks.values()}
 
     def hook_for(self, path: str) -> InboundHook | None:
         return self.hooks.get(path)

@@ -11,7 +11,10 @@ from collections.abc import AsyncIterable
 from typing import TYPE_CHECKING
 
 from ..headers import SERVER
+from ..problems import ProblemError, problem_parts
 from .answers import Reason, Result, refused
+from .gate import EVENTS, OUTBOUND
+from .subscriptions import EVENTS_PREFIX
 
 if TYPE_CHECKING:
     from ..proxy.listener import App, Request, Response
@@ -20,6 +23,14 @@ if TYPE_CHECKING:
 # Agents' outbound events: the group's own max_body is checked by the Outbox.
 OUTBOUND_READ_LIMIT = 16 << 20
 OUTBOUND_PREFIX = "/_webhooks/"
+# The sidecar's own paths on egress that this package answers.
+OWN_PREFIXES = (OUTBOUND_PREFIX, EVENTS_PREFIX)
+_SSE_HEADERS = [
+    ("Content-Type", "text/event-stream"),
+    ("Cache-Control", "no-cache"),
+    ("X-Accel-Buffering", "no"),
+    ("Server", SERVER),
+]
 
 
 async def read_limited(body: AsyncIterable[bytes] | None, limit: int) -> bytes:
@@ -69,8 +80,75 @@ def too_large(limit: int) -> Result:
     )
 
 
+async def own_answer(hub: WebhookHub, request: Request) -> Response:
+    """`/_webhooks/<name>` or `/_events/<name>...` on egress."""
+    if request.target.startswith(EVENTS_PREFIX):
+        return await events_answer(hub, request)
+    return await outbound_answer(hub, request)
+
+
+async def _admit(hub: WebhookHub, kind: str, name: str, request: Request) -> Response | None:
+    """None when identity and allow rules let the call through; else the refusal."""
+    gate = hub.gate
+    if gate is None:
+        return None
+    try:
+        await gate.admit(kind, name, request)
+    except ProblemError as err:
+        from ..proxy.listener import Response
+
+        status, headers, body = problem_parts(err, err.service)
+        return Response(status=status, headers=headers, body=body)
+    return None
+
+
+async def events_answer(hub: WebhookHub, request: Request) -> Response:
+    # Imported on first use: it needs the store (sqlite3).
+    from . import events
+
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    asked = events.Request(request.method, request.target, headers)
+    name = asked.name
+    refusal = await _admit(hub, EVENTS, name, request)
+    if refusal is not None:
+        return refusal
+    store = hub.store
+    if store is None or not hub.subscribable(name):
+        return answer(
+            refused(
+                Reason.no_route,
+                f"no inbound webhook named '{name[:128]}' has subscribe: true",
+                None,
+            )
+        )
+    subs = hub.subscriptions
+    if asked.action == "ack" and request.method == "POST":
+        body = await read_limited(request.body, events.ACK_BODY_LIMIT)
+        return answer(await events.acknowledge(store, subs, name, body))
+    if asked.action or request.method != "GET":
+        return answer(
+            refused(
+                Reason.no_route,
+                "GET /_events/<name> to subscribe, POST /_events/<name>/ack to acknowledge",
+                name,
+            )
+        )
+    if asked.poll:
+        return answer(await events.long_poll(store, subs, name, asked))
+    from ..proxy.listener import Response
+
+    return Response(
+        status=200,
+        headers=list(_SSE_HEADERS),
+        body=events.stream(store, subs, name, asked.last_id),
+    )
+
+
 async def outbound_answer(hub: WebhookHub, request: Request) -> Response:
     name = request.target.partition("?")[0][len(OUTBOUND_PREFIX) :]
+    refusal = await _admit(hub, OUTBOUND, name, request)
+    if refusal is not None:
+        return refusal
     if request.method != "POST":
         return answer(refused(Reason.no_route, "post an event to /_webhooks/<name>", name))
     body = await read_limited(request.body, OUTBOUND_READ_LIMIT)

@@ -29,7 +29,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from .answers import Result
 from .delivery import AttemptEnd
-from .store import Attempt, Direction, Due, Outcome, QueueDepth
+from .store import SUBSCRIPTION, Attempt, Direction, Due, Outcome, QueueDepth
+from .subscriptions import Subscriptions
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -46,7 +47,7 @@ Headers = list[tuple[str, str]]
 
 def endpoint_label(direction: Direction, endpoint: str) -> str:
     """Outbound: the endpoint's name as it is. Inbound: the target URL without its query."""
-    if direction is Direction.outbound:
+    if direction is Direction.outbound or endpoint == SUBSCRIPTION:
         return endpoint
     parts = urlsplit(endpoint)
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
@@ -142,6 +143,12 @@ class WebhookTelemetry:
                 _end_attempt(span, attempt, outcome)
 
         return end
+
+    def watch_subscriptions(self, subs: Subscriptions) -> None:
+        metrics = self.metrics
+        subs.on_sent = metrics.subscription_sent
+        subs.on_acked = lambda webhook, n: metrics.subscription_acked(webhook, SUBSCRIPTION, n)
+        subs.on_streams = metrics.subscriber_streams
 
     def queue_depths(self, rows: list[QueueDepth]) -> None:
         """The store's current queue depths, into the gauges."""

@@ -43,6 +43,7 @@ class OutboundGroup:
         self.max_body = spec.max_body
         self._endpoints = spec.endpoints
         self._window = spec.idempotency_window
+        self._first_in = spec.retry.schedule[0]
         self._store = store
 
     def targets(self, event_type: str | None) -> list[Target]:
@@ -79,6 +80,7 @@ class OutboundGroup:
                 targets=self.targets(event_type),
                 dedup_id=idempotency_key,
                 dedup_window=self._window,
+                first_attempt_in=self._first_in,
             )
         except (sqlite3.Error, OSError, StoreUnavailable) as exc:
             log.error("outbound webhook %s: cannot store the event: %s", self.name, exc)

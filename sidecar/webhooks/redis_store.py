@@ -24,6 +24,7 @@ run Redis with `appendonly yes` and `appendfsync always`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -38,6 +39,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from .store import (
+    SUBSCRIPTION,
     Accepted,
     Attempt,
     DeliveryStatus,
@@ -49,6 +51,7 @@ from .store import (
     MessageView,
     Outcome,
     Overview,
+    Pending,
     QueueDepth,
     StoreClosed,
     StoreUnavailable,
@@ -64,7 +67,9 @@ TIMEOUT = 5.0  # seconds, connecting and each reply
 # How often a replica looks at the shared stream when nothing woke it: events
 # accepted by another replica are found within this.
 POLL = 1.0
-# A claimed delivery of an endpoint at its per_endpoint limit goes back for this long.
+# A replica holds this many entries per endpoint over its per_endpoint share, in order;
+# one read beyond that goes back to the queue for this long.
+HOLD = 256
 DEFER = 0.5
 _PROMOTE_BATCH = 256
 
@@ -95,18 +100,70 @@ if n == 0 then
   redis.call('HINCRBY', P .. ':unrouted', source, 1)
 end
 for i = 0, n - 1 do
-  local endpoint = ARGV[13 + 2 * i]
+  local endpoint = ARGV[14 + 2 * i]
   local id = redis.call('INCR', P .. ':seq')
   local ep = cjson.encode({ARGV[3], source, endpoint})
   redis.call('HSET', P .. ':d:' .. id, 'message_id', mid, 'direction', ARGV[3],
-    'source', source, 'endpoint', endpoint, 'url', ARGV[14 + 2 * i], 'status', 'pending',
+    'source', source, 'endpoint', endpoint, 'url', ARGV[15 + 2 * i], 'status', 'pending',
     'attempts', 0, 'next_attempt', created, 'created', created)
   redis.call('RPUSH', P .. ':msg:' .. mid .. ':d', id)
   redis.call('SADD', P .. ':endpoints', ep)
   redis.call('ZADD', P .. ':pending:' .. ep, created, id)
-  redis.call('XADD', P .. ':due', '*', 'd', id)
+  if ARGV[15 + 2 * i] == '' then
+    -- A subscription's: waits in arrival order for its subscriber's acknowledgement.
+    redis.call('ZADD', P .. ':sub:' .. source, id, id)
+  elseif ARGV[13] ~= created then
+    -- The schedule's first delay: waits with the retries.
+    redis.call('HSET', P .. ':d:' .. id, 'next_attempt', ARGV[13])
+    redis.call('ZADD', P .. ':delayed', ARGV[13], id)
+  else
+    redis.call('XADD', P .. ':due', '*', 'd', id)
+  end
 end
 return {mid, 0}
+"""
+
+# ARGV: P, source, message id, endpoint name of subscriptions. Marks the message's
+# subscription delivery and every earlier one delivered; -1: no such delivery.
+_ACK = """
+local P = ARGV[1]
+local sub = P .. ':sub:' .. ARGV[2]
+local upto = nil
+for _, id in ipairs(redis.call('LRANGE', P .. ':msg:' .. ARGV[3] .. ':d', 0, -1)) do
+  local d = redis.call('HMGET', P .. ':d:' .. id, 'source', 'endpoint')
+  if d[1] == ARGV[2] and d[2] == ARGV[4] then upto = tonumber(id) end
+end
+if not upto then return -1 end
+local ep = cjson.encode({'inbound', ARGV[2], ARGV[4]})
+local ids = redis.call('ZRANGEBYSCORE', sub, '-inf', upto)
+local retention = tonumber(ARGV[5])
+for _, id in ipairs(ids) do
+  redis.call('HSET', P .. ':d:' .. id, 'status', 'delivered', 'next_attempt', '')
+  redis.call('HINCRBY', P .. ':d:' .. id, 'attempts', 1)
+  redis.call('ZREM', P .. ':pending:' .. ep, id)
+  redis.call('ZREM', sub, id)
+  if retention > 0 then
+    -- As _FINISH does: a message all of whose deliveries are done expires.
+    local mkey = P .. ':msg:' .. redis.call('HGET', P .. ':d:' .. id, 'message_id')
+    local others = redis.call('LRANGE', mkey .. ':d', 0, -1)
+    local done = true
+    for _, other in ipairs(others) do
+      if redis.call('HGET', P .. ':d:' .. other, 'status') ~= 'delivered' then done = false end
+    end
+    if done then
+      local created = tonumber(redis.call('HGET', mkey, 'created'))
+      local left = math.max(1, math.floor(created * 1000 + retention - tonumber(ARGV[6])))
+      redis.call('PEXPIRE', mkey, left)
+      redis.call('PEXPIRE', mkey .. ':d', left)
+      for _, other in ipairs(others) do
+        redis.call('PEXPIRE', P .. ':d:' .. other, left)
+        redis.call('PEXPIRE', P .. ':d:' .. other .. ':a', left)
+      end
+    end
+  end
+end
+if #ids > 0 then redis.call('HINCRBY', P .. ':stats:' .. ep, 'delivered', #ids) end
+return #ids
 """
 
 _PROMOTE = """
@@ -130,7 +187,7 @@ local function drop()
   redis.call('XDEL', P .. ':due', ARGV[2])
 end
 local d = redis.call('HMGET', P .. ':d:' .. ARGV[3], 'message_id', 'direction', 'source',
-  'endpoint', 'url', 'attempts', 'status')
+  'endpoint', 'url', 'attempts', 'status', 'next_attempt')
 if not d[1] or d[7] ~= 'pending' then drop() return {'skip'} end
 local key = cjson.encode({d[3], d[4]})
 if redis.call('SISMEMBER', P .. ':disabled', key) == 1 then
@@ -140,7 +197,7 @@ if redis.call('SISMEMBER', P .. ':disabled', key) == 1 then
 end
 local m = redis.call('HMGET', P .. ':msg:' .. d[1], 'event_type', 'headers', 'body', 'created')
 if not m[3] then drop() return {'skip'} end
-return {'ok', d[1], d[2], d[3], d[4], d[5], d[6], m[1], m[2], m[3], m[4]}
+return {'ok', d[1], d[2], d[3], d[4], d[5], d[6], m[1], m[2], m[3], m[4], d[8]}
 """
 
 # ARGV: P, entry id, delivery id, group, attempt JSON, ok, outcome, next attempt,
@@ -283,6 +340,9 @@ class RedisStore:
         self._closed = False
         # delivery id -> stream entry id, of the deliveries this replica has in flight.
         self._inflight: dict[int, str] = {}
+        # Per endpoint at its per_endpoint share: delivery id -> stream entry id of the
+        # entries read meanwhile, in the order read (the order they came due).
+        self._held: dict[tuple[str, str], collections.OrderedDict[int, str]] = {}
         self._endpoints: dict[int, tuple[str, str]] = {}
         self._last_touch = 0.0
         self._heartbeat: asyncio.Task[None] | None = None
@@ -294,6 +354,7 @@ class RedisStore:
         self._requeue = redis.register_script(_REQUEUE)
         self._enable = redis.register_script(_ENABLE)
         self._retry = redis.register_script(_RETRY)
+        self._ack = redis.register_script(_ACK)
 
     @classmethod
     async def open(
@@ -361,6 +422,7 @@ class RedisStore:
         targets: Sequence[Target],
         dedup_id: str | None = None,
         dedup_window: float = 0.0,
+        first_attempt_in: float = 0.0,
     ) -> Accepted:
         now = self._clock()
         message_id = new_message_id(now)
@@ -378,6 +440,7 @@ class RedisStore:
             dedup,
             max(1, int(dedup_window * 1000)),
             len(targets),
+            repr(now + first_attempt_in) if first_attempt_in > 0 else repr(now),
         ]
         for target in targets:
             args += [target.endpoint, target.url]
@@ -389,25 +452,73 @@ class RedisStore:
 
     async def claim(self, limit: int, per_endpoint: int) -> list[Due]:
         """Due deliveries for this replica: what is due moves into the stream, then
-        entries a crashed replica left idle are taken over, then new ones read."""
+        the entries held for a free slot go first, then entries a crashed replica
+        left idle are taken over, then new ones read."""
         self._check()
         now = self._clock()
         await self._touch(now)
         if limit <= 0:
             return []
         await self._call(self._promote, [repr(now), _PROMOTE_BATCH])
+        busy: dict[tuple[str, str], int] = {}
+        for pair in self._endpoints.values():
+            busy[pair] = busy.get(pair, 0) + 1
+        claimed: list[Due] = []
+        # Held entries first, oldest first: they came due before anything still unread.
+        for pair, held in self._held.items():
+            while held and busy.get(pair, 0) < per_endpoint and len(claimed) < limit:
+                delivery_id, entry_id = held.popitem(last=False)
+                due = await self._take_due(entry_id, delivery_id)
+                if due is not None:
+                    busy[pair] = busy.get(pair, 0) + 1
+                    self._claimed(due, entry_id, claimed)
+        room = limit - len(claimed)
+        if room <= 0:
+            return claimed
+        deferred: list[Any] = []
+        for entry_id, delivery_id in await self._read(room):
+            if delivery_id in self._inflight or any(delivery_id in h for h in self._held.values()):
+                continue  # ours, in flight or held, idle past claim_idle: still ours
+            due = await self._take_due(entry_id, delivery_id)
+            if due is None:
+                continue
+            pair = (due.source, due.endpoint)
+            if busy.get(pair, 0) >= per_endpoint:
+                held = self._held.setdefault(pair, collections.OrderedDict())
+                if len(held) < HOLD:
+                    # Kept, in the order read, for this endpoint's next free slot: put
+                    # back in the queue it would lose its place to every later entry.
+                    held[delivery_id] = entry_id
+                else:
+                    deferred += [entry_id, delivery_id]
+                continue
+            busy[pair] = busy.get(pair, 0) + 1
+            self._claimed(due, entry_id, claimed)
+        if deferred:
+            # Over what this replica holds for the endpoint: back to the queue, for
+            # this or another replica.
+            await self._call(self._requeue, [GROUP, repr(now + DEFER), *deferred])
+        return claimed
+
+    def _claimed(self, due: Due, entry_id: str, into: list[Due]) -> None:
+        self._inflight[due.delivery_id] = entry_id
+        self._endpoints[due.delivery_id] = (due.source, due.endpoint)
+        into.append(due)
+
+    async def _read(self, room: int) -> list[tuple[str, int]]:
+        """Stream entries for this replica: idle ones of a stopped replica, then new ones."""
         key = f"{self._prefix}:due"
         entries: list[tuple[str, int]] = []
         try:
             stolen: Any = await self._redis.xautoclaim(
-                key, GROUP, self.consumer, int(self.claim_idle * 1000), "0-0", count=limit
+                key, GROUP, self.consumer, int(self.claim_idle * 1000), "0-0", count=room
             )
             for entry_id, fields in stolen[1]:
                 if fields:  # a deleted entry comes back empty
                     entries.append((_text(entry_id), int(fields[b"d"])))
             if stolen[1]:
                 log.info("webhook deliveries taken over from a stopped replica: %d", len(stolen[1]))
-            room = limit - len(entries)
+            room -= len(entries)
             if room > 0:
                 read: Any = await self._redis.xreadgroup(
                     GROUP, self.consumer, {key: ">"}, count=room
@@ -425,46 +536,34 @@ class RedisStore:
             raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
         except RedisError as exc:
             raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
-        busy: dict[tuple[str, str], int] = {}
-        for pair in self._endpoints.values():
-            busy[pair] = busy.get(pair, 0) + 1
-        claimed: list[Due] = []
-        deferred: list[Any] = []
-        for entry_id, delivery_id in entries:
-            if delivery_id in self._inflight:
-                continue  # ours, in flight, idle past claim_idle: still ours
-            row = await self._call(self._take, [entry_id, delivery_id, GROUP])
-            if _text(row[0]) != "ok":
-                continue
-            due = Due(
-                delivery_id=delivery_id,
-                message_id=_text(row[1]),
-                direction=Direction(_text(row[2])),
-                source=_text(row[3]),
-                endpoint=_text(row[4]),
-                url=_text(row[5]),
-                attempts=int(row[6]),
-                event_type=_text(row[7]) or None,
-                headers=[(k, v) for k, v in json.loads(row[8])],
-                body=bytes(row[9]),
-                created=float(row[10]),
-            )
-            pair = (due.source, due.endpoint)
-            if busy.get(pair, 0) >= per_endpoint:
-                deferred += [entry_id, delivery_id]
-                continue
-            busy[pair] = busy.get(pair, 0) + 1
-            self._inflight[delivery_id] = entry_id
-            self._endpoints[delivery_id] = pair
-            claimed.append(due)
-        if deferred:
-            # Over the endpoint's share: back to the queue, for this or another replica.
-            await self._call(self._requeue, [GROUP, repr(now + DEFER), *deferred])
-        return claimed
+        return entries
+
+    async def _take_due(self, entry_id: str, delivery_id: int) -> Due | None:
+        """The delivery of a stream entry as it is now; None: not to be attempted."""
+        row = await self._call(self._take, [entry_id, delivery_id, GROUP])
+        if _text(row[0]) != "ok":
+            return None
+        return Due(
+            delivery_id=delivery_id,
+            message_id=_text(row[1]),
+            direction=Direction(_text(row[2])),
+            source=_text(row[3]),
+            endpoint=_text(row[4]),
+            url=_text(row[5]),
+            attempts=int(row[6]),
+            event_type=_text(row[7]) or None,
+            headers=[(k, v) for k, v in json.loads(row[8])],
+            body=bytes(row[9]),
+            created=float(row[10]),
+            due=float(row[11]) if row[11] else 0.0,
+        )
 
     async def _touch(self, now: float) -> None:
-        """Reset the idle time of this replica's entries in flight: they are alive."""
-        if not self._inflight or now - self._last_touch < self.claim_idle / 3:
+        """Reset the idle time of this replica's entries in flight or held: they are alive."""
+        ours: list[Any] = [*self._inflight.values()]
+        for held in self._held.values():
+            ours.extend(held.values())
+        if not ours or now - self._last_touch < self.claim_idle / 3:
             return
         self._last_touch = now
         try:
@@ -473,7 +572,7 @@ class RedisStore:
                 GROUP,
                 self.consumer,
                 0,
-                list(self._inflight.values()),
+                ours,
                 justid=True,
             )
         except RedisError as exc:
@@ -502,6 +601,7 @@ class RedisStore:
                 "status_code": attempt.status_code,
                 "error": attempt.error,
                 "duration": attempt.duration,
+                "due": attempt.due,
             }
         )
         when = next_attempt if next_attempt is not None else attempt.at
@@ -523,13 +623,17 @@ class RedisStore:
         )
 
     async def release_claims(self) -> None:
-        if not self._inflight:
-            return
         pairs: list[Any] = []
         for delivery_id, entry_id in self._inflight.items():
             pairs += [entry_id, delivery_id]
+        for held in self._held.values():
+            for delivery_id, entry_id in held.items():
+                pairs += [entry_id, delivery_id]
+        if not pairs:
+            return
         self._inflight.clear()
         self._endpoints.clear()
+        self._held.clear()
         await self._call(self._requeue, [GROUP, "", *pairs])
 
     async def enable(self, source: str, endpoint: str) -> bool:
@@ -643,3 +747,45 @@ class RedisStore:
             created=float(fields["created"]),
             deliveries=deliveries,
         )
+
+    async def pending(self, source: str, after: int | None, limit: int) -> list[Pending]:
+        """The subscription's unacknowledged events of `source` after delivery `after`."""
+        self._check()
+        p = self._prefix
+        low = "-inf" if after is None else f"({after}"
+        try:
+            ids = await self._redis.zrangebyscore(f"{p}:sub:{source}", low, "+inf", 0, limit)
+            if not ids:
+                return []
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for delivery_id in ids:
+                    pipe.hget(f"{p}:d:{_text(delivery_id)}", "message_id")
+                mids = [_text(m) for m in await pipe.execute() if m is not None]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for mid in mids:
+                    pipe.hmget(f"{p}:msg:{mid}", "event_type", "headers", "body", "created")
+                messages = await pipe.execute()
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
+        out = []
+        for delivery_id, mid, m in zip(ids, mids, messages, strict=False):
+            if m[2] is None:
+                continue  # removed by retention meanwhile
+            out.append(
+                Pending(
+                    delivery_id=int(_text(delivery_id)),
+                    message_id=mid,
+                    event_type=_text(m[0]) or None,
+                    headers=[(k, v) for k, v in json.loads(m[1])],
+                    body=bytes(m[2]),
+                    created=float(m[3]),
+                )
+            )
+        return out
+
+    async def ack(self, source: str, message_id: str) -> int | None:
+        """Mark this event and every earlier one of the subscription delivered."""
+        retention = int((self.retention or 0) * 1000)
+        now = int(self._clock() * 1000)
+        acked = int(await self._call(self._ack, [source, message_id, SUBSCRIPTION, retention, now]))
+        return None if acked < 0 else acked

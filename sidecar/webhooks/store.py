@@ -37,6 +37,10 @@ T = TypeVar("T")
 Clock = Callable[[], float]
 
 DB_NAME = "webhooks.db"
+# The delivery of an inbound event that agents subscribe to (`subscribe: true`): no
+# URL, never claimed by the delivery worker (its next_attempt is NULL), delivered
+# when the subscriber acknowledges it (webhooks/events.py).
+SUBSCRIPTION = "_events"
 _DEDUP_PURGE_EVERY = 60.0
 
 
@@ -91,14 +95,28 @@ class Due:
     headers: list[tuple[str, str]]
     body: bytes
     created: float = 0.0  # when the message was accepted
+    due: float = 0.0  # when this attempt was scheduled for
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """An event waiting for its subscriber's acknowledgement, in arrival order."""
+
+    delivery_id: int
+    message_id: str
+    event_type: str | None
+    headers: list[tuple[str, str]]
+    body: bytes
+    created: float
 
 
 @dataclass(frozen=True, slots=True)
 class Attempt:
-    at: float
+    at: float  # when it started
     status_code: int | None
     error: str | None
     duration: float
+    due: float | None = None  # when it was scheduled for (None: recorded before this was kept)
 
     @property
     def ok(self) -> bool:
@@ -218,6 +236,9 @@ def new_message_id(now: float) -> str:
 def _setup(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA foreign_keys=ON")
     conn.executescript(_SCHEMA)
+    # Added to a table older databases already have.
+    if "due" not in {row[1] for row in conn.execute("PRAGMA table_info(attempts)")}:
+        conn.execute("ALTER TABLE attempts ADD COLUMN due REAL")
     # A claim held by a killed process would block its delivery forever.
     conn.execute("UPDATE deliveries SET claimed = 0 WHERE claimed = 1")
 
@@ -251,6 +272,7 @@ class Queue(Protocol):
         targets: Sequence[Target],
         dedup_id: str | None = None,
         dedup_window: float = 0.0,
+        first_attempt_in: float = 0.0,
     ) -> Accepted: ...
 
     async def claim(self, limit: int, per_endpoint: int) -> list[Due]: ...
@@ -272,6 +294,10 @@ class Queue(Protocol):
     async def depths(self) -> list[QueueDepth]: ...
 
     async def message(self, message_id: str) -> MessageView | None: ...
+
+    async def pending(self, source: str, after: int | None, limit: int) -> list[Pending]: ...
+
+    async def ack(self, source: str, message_id: str) -> int | None: ...
 
 
 class Store:
@@ -329,8 +355,12 @@ class Store:
         targets: Sequence[Target],
         dedup_id: str | None = None,
         dedup_window: float = 0.0,
+        first_attempt_in: float = 0.0,
     ) -> Accepted:
         """Store a message and one pending delivery per target; returns once committed.
+
+        Each delivery is first due `first_attempt_in` from now (the schedule's first
+        delay); a subscription's is never due (its subscriber reads it).
 
         With a dedup_id seen for this source within the window, nothing is
         stored and the first message's id comes back as a duplicate.
@@ -339,6 +369,7 @@ class Store:
         now = self._clock()
         message_id = new_message_id(now)
         status = MessageStatus.routed if targets else MessageStatus.unrouted
+        first = now + first_attempt_in
         purge = now - self._last_purge > _DEDUP_PURGE_EVERY
         if purge:
             self._last_purge = now
@@ -374,7 +405,17 @@ class Store:
             conn.executemany(
                 "INSERT INTO deliveries (message_id, direction, source, endpoint, url, status,"
                 " next_attempt) VALUES (?, ?, ?, ?, ?, 'pending', ?)",
-                [(message_id, direction.value, source, t.endpoint, t.url, now) for t in targets],
+                [
+                    (
+                        message_id,
+                        direction.value,
+                        source,
+                        t.endpoint,
+                        t.url,
+                        first if t.url else None,
+                    )
+                    for t in targets
+                ],
             )
             return Accepted(message_id, duplicate=False, routed=bool(targets))
 
@@ -401,7 +442,7 @@ class Store:
                 " WHERE d.status = 'pending' AND d.claimed = 0 AND d.next_attempt <= ?"
                 f" AND {_NOT_DISABLED})"
                 " SELECT r.id, r.message_id, r.direction, r.source, r.endpoint, r.url, r.attempts,"
-                " m.event_type, m.headers, m.body, m.created FROM ranked r"
+                " m.event_type, m.headers, m.body, m.created, r.next_attempt FROM ranked r"
                 " JOIN messages m ON m.id = r.message_id"
                 " LEFT JOIN busy b ON b.source = r.source AND b.endpoint = r.endpoint"
                 " WHERE r.place + COALESCE(b.n, 0) <= ? ORDER BY r.next_attempt, r.id LIMIT ?",
@@ -423,6 +464,7 @@ class Store:
                     headers=[(k, v) for k, v in json.loads(r[8])],
                     body=r[9],
                     created=r[10],
+                    due=r[11],
                 )
                 for r in rows
             ]
@@ -451,8 +493,8 @@ class Store:
             if prune_before is not None:
                 _prune(conn, prune_before)
             conn.execute(
-                "INSERT INTO attempts (delivery_id, at, status_code, error, duration, ok)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO attempts (delivery_id, at, status_code, error, duration, ok, due)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     due.delivery_id,
                     attempt.at,
@@ -460,6 +502,7 @@ class Store:
                     attempt.error,
                     attempt.duration,
                     int(attempt.ok),
+                    attempt.due,
                 ),
             )
             if outcome is Outcome.delivered:
@@ -510,7 +553,7 @@ class Store:
             ).rowcount
             conn.execute(
                 "UPDATE deliveries SET next_attempt = ? WHERE source = ? AND endpoint = ?"
-                " AND status = 'pending'",
+                " AND status = 'pending' AND url != ''",
                 (now, source, endpoint),
             )
             return changed > 0
@@ -535,7 +578,8 @@ class Store:
                 return None
             return int(
                 conn.execute(
-                    "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt = ?"
+                    "UPDATE deliveries SET status = 'pending', attempts = 0,"
+                    " next_attempt = CASE WHEN url = '' THEN NULL ELSE ? END"
                     " WHERE message_id = ? AND status != 'delivered'",
                     (now, message_id),
                 ).rowcount
@@ -626,9 +670,9 @@ class Store:
                 (message_id,),
             ).fetchall():
                 attempts = [
-                    Attempt(at=a[0], status_code=a[1], error=a[2], duration=a[3])
+                    Attempt(at=a[0], status_code=a[1], error=a[2], duration=a[3], due=a[4])
                     for a in conn.execute(
-                        "SELECT at, status_code, error, duration FROM attempts"
+                        "SELECT at, status_code, error, duration, due FROM attempts"
                         " WHERE delivery_id = ? ORDER BY id",
                         (d[0],),
                     )
@@ -652,5 +696,49 @@ class Store:
                 created=m[5],
                 deliveries=deliveries,
             )
+
+        return await self._run(work)
+
+    async def pending(self, source: str, after: int | None, limit: int) -> list[Pending]:
+        """The subscription's unacknowledged events of `source` after delivery `after`."""
+
+        def work(conn: sqlite3.Connection) -> list[Pending]:
+            rows = conn.execute(
+                "SELECT d.id, d.message_id, m.event_type, m.headers, m.body, m.created"
+                " FROM deliveries d JOIN messages m ON m.id = d.message_id"
+                " WHERE d.source = ? AND d.endpoint = ? AND d.status = 'pending' AND d.id > ?"
+                " ORDER BY d.id LIMIT ?",
+                (source, SUBSCRIPTION, -1 if after is None else after, limit),
+            ).fetchall()
+            return [
+                Pending(r[0], r[1], r[2], [(k, v) for k, v in json.loads(r[3])], r[4], r[5])
+                for r in rows
+            ]
+
+        return await self._run(work)
+
+    async def ack(self, source: str, message_id: str) -> int | None:
+        """Mark this event and every earlier one of the subscription delivered.
+
+        How many were still pending; None: `source` has no such subscribed event."""
+
+        def work(conn: sqlite3.Connection) -> int | None:
+            row = conn.execute(
+                "SELECT id FROM deliveries WHERE message_id = ? AND source = ? AND endpoint = ?",
+                (message_id, source, SUBSCRIPTION),
+            ).fetchone()
+            if row is None:
+                return None
+            done = conn.execute(
+                "SELECT id FROM deliveries WHERE source = ? AND endpoint = ?"
+                " AND status = 'pending' AND id <= ?",
+                (source, SUBSCRIPTION, row[0]),
+            ).fetchall()
+            conn.executemany(
+                "UPDATE deliveries SET status = 'delivered', attempts = attempts + 1,"
+                " last_error = NULL WHERE id = ?",
+                done,
+            )
+            return len(done)
 
         return await self._run(work)

@@ -40,7 +40,7 @@ def policy(target: str) -> Webhooks:
                 "out": {
                     "signing": {"secrets": [SECRET]},
                     "retry": retry,
-                    "endpoints": [{"name": "receiver", "url": target}],
+                    "endpoints": [{"name": "receiver", "url": target, "allow_private": True}],
                 }
             },
         }

@@ -18,7 +18,15 @@ from aiohttp import web
 from sidecar.webhooks.delivery import DeliveryWorker, compile_settings
 from sidecar.webhooks.inbound import Ingress
 from sidecar.webhooks.outbound import Outbox
-from sidecar.webhooks.store import DeliveryStatus, MessageStatus, Overview, Store
+from sidecar.webhooks.store import (
+    SUBSCRIPTION,
+    DeliveryStatus,
+    Direction,
+    MessageStatus,
+    Overview,
+    Store,
+    Target,
+)
 from tests.helpers import eventually
 
 from .conftest import Receiver, github_headers, webhooks
@@ -124,8 +132,8 @@ outbound:
     signing: {{secrets: [{secret}]}}
     retry: {{schedule: [0s, 100ms, 100ms], jitter: 0}}
     endpoints:
-      - {{name: gone, url: "{gone}"}}
-      - {{name: fine, url: "{fine}", events: ["invoice.*"]}}
+      - {{name: gone, url: "{gone}", allow_private: true}}
+      - {{name: fine, url: "{fine}", events: ["invoice.*"], allow_private: true}}
 """
 
 
@@ -336,3 +344,61 @@ async def test_slack_url_verification_is_answered_not_stored(store: Store) -> No
     assert (await store.overview()) == Overview([], {})
     unsigned = await Ingress(policy, store=store).handle("/hooks/slack", {}, body)
     assert unsigned.status == 401
+
+
+async def test_a_subscribed_event_waits_for_its_acknowledgement(store: Store) -> None:
+    """`subscribe: true`: no worker ever sends it; the subscriber reads and acknowledges."""
+
+    async def accept(source: str, n: int) -> str:
+        accepted = await store.accept(
+            direction=Direction.inbound,
+            source=source,
+            event_type="push",
+            headers=[("x-github-event", "push")],
+            body=json.dumps({"n": n}).encode(),
+            targets=[Target(SUBSCRIPTION, "")],
+        )
+        return accepted.message_id
+
+    first, second = await accept("gh", 1), await accept("gh", 2)
+    other = await accept("other", 3)
+    assert await store.claim(10, 10) == []
+    pending = await store.pending("gh", None, 10)
+    assert [(p.message_id, p.body, p.event_type) for p in pending] == [
+        (first, b'{"n": 1}', "push"),
+        (second, b'{"n": 2}', "push"),
+    ]
+    assert pending[0].headers == [("x-github-event", "push")]
+    after = await store.pending("gh", pending[0].delivery_id, 10)
+    assert [p.message_id for p in after] == [second]
+    # An admin retry never hands it to the delivery worker either.
+    assert await store.retry(first) == 1
+    assert await store.claim(10, 10) == []
+    assert await store.ack("gh", second) == 2  # it and every earlier one
+    assert await store.pending("gh", None, 10) == []
+    assert await store.ack("gh", second) == 0
+    assert await store.ack("gh", "msg_nope") is None
+    assert await store.ack("gh", other) is None  # another webhook's event
+    assert [p.message_id for p in await store.pending("other", None, 10)] == [other]
+    view = await store.message(first)
+    assert view is not None and view.deliveries[0].status is DeliveryStatus.delivered
+    stats = {s.source: s for s in (await store.overview()).endpoints}
+    assert (stats["gh"].successes, stats["gh"].depth, stats["other"].depth) == (2, 0, 1)
+
+
+async def test_the_first_attempt_waits_for_the_schedules_first_delay(
+    store: Store, receiver: Start, running: Start
+) -> None:
+    target: Receiver = await receiver((200, {}))
+    policy = inbound_policy(target.url + "/events", schedule="[300ms, 100ms]")
+    await running(store, policy)
+    body = b'{"action": "opened"}'
+    result = await Ingress(policy, store=store).handle(
+        "/hooks/github", github_headers(body, SECRET, "d-first"), body
+    )
+    await eventually(lambda: len(target.received) == 1, "the delivery after its first delay")
+    view = await store.message(result.message_id or "")
+    assert view is not None
+    [attempt] = view.deliveries[0].attempts
+    assert attempt.due is not None and attempt.due - view.created >= 0.3 - 0.001
+    assert attempt.at >= attempt.due - 0.001

@@ -72,7 +72,7 @@ def test_defaults_and_merge() -> None:
             "outbound": {
                 "o": {
                     "signing": {"secrets": "whsec_c2VjcmV0"},
-                    "endpoints": [{"name": "e", "url": "http://127.0.0.1:1/"}],
+                    "endpoints": [{"name": "e", "url": "https://e.example.com/"}],
                 }
             },
         }

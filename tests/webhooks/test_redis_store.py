@@ -16,7 +16,7 @@ import pytest
 from sidecar.webhooks.inbound import Ingress
 from sidecar.webhooks.outbound import Outbox
 from sidecar.webhooks.redis_store import RedisStore
-from sidecar.webhooks.store import DeliveryStatus
+from sidecar.webhooks.store import SUBSCRIPTION, DeliveryStatus, Direction, Target
 from tests.helpers import eventually
 from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401
 
@@ -152,3 +152,23 @@ async def test_delivered_messages_expire_after_the_retention(
     await eventually(gone, "the delivered message removed after its retention")
     keys = [k async for k in replica._redis.scan_iter("shared:*")]
     assert not [k for k in keys if b":msg:" in k or b":d:" in k], keys
+
+
+async def test_an_acknowledged_subscription_expires_with_the_retention(
+    store: RedisStore,
+) -> None:
+    store.configure(claim_idle=60.0, retention=0.2)
+    accepted = await store.accept(
+        direction=Direction.inbound,
+        source="gh",
+        event_type=None,
+        headers=[],
+        body=b"{}",
+        targets=[Target(SUBSCRIPTION, "")],
+    )
+    assert await store.ack("gh", accepted.message_id) == 1
+
+    async def gone() -> bool:
+        return await store.message(accepted.message_id) is None
+
+    await eventually(gone, "the acknowledged message removed after its retention")

@@ -33,7 +33,7 @@ async def test_attempts_follow_the_schedule_with_jitter_then_dead_letter(
           events:
             signing: {{secrets: [{WHSEC}]}}
             retry: {{schedule: [0s, 10s, 5m], jitter: 0.5}}
-            endpoints: [{{name: one, url: "{target.url}"}}]
+            endpoints: [{{name: one, url: "{target.url}", allow_private: true}}]
         """
     )
     clock = Clock()
@@ -79,3 +79,32 @@ def test_retry_after_forms() -> None:
     assert retry_after_seconds("soon", 0) is None
     assert retry_after_seconds(None, 0) is None
     assert retry_after_seconds("99999999", 0) == 86400
+
+
+async def test_the_first_delay_of_the_schedule_is_waited_too(
+    tmp_path: Path, receiver: Callable[..., Any]
+) -> None:
+    target: Receiver = await receiver((200, {}))
+    policy = webhooks(
+        f"""
+        outbound:
+          events:
+            signing: {{secrets: [{WHSEC}]}}
+            retry: {{schedule: [2s, 10s], jitter: 0.5}}
+            endpoints: [{{name: one, url: "{target.url}", allow_private: true}}]
+        """
+    )
+    clock = Clock()
+    store = await Store.open(tmp_path, clock=clock)
+    worker = DeliveryWorker(store, compile_settings(policy), clock=clock)
+    try:
+        await Outbox(policy, store=store).handle("events", {}, b"{}")
+        assert await worker.run_once() == 0
+        clock.now += 1.9
+        assert await worker.run_once() == 0
+        clock.now += 0.1
+        assert await worker.run_once() == 1
+        assert len(target.received) == 1
+    finally:
+        await worker.stop()
+        await store.close()

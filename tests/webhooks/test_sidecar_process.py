@@ -66,7 +66,7 @@ def policy(dir: Path, target: str) -> Path:
                   signing: {{secrets: ["{WHSEC}"]}}
                   retry: {{schedule: [0s, 50ms, 50ms, 50ms], jitter: 0}}
                   endpoints:
-                    - {{name: receiver, url: "{target}"}}
+                    - {{name: receiver, url: "{target}", allow_private: true}}
             """
         )
     )

@@ -83,7 +83,7 @@ def policy(ok: str, failing: str) -> str:
               signing: {{secrets: ["{WHSEC}"]}}
               retry: {{schedule: [0s, 1h], jitter: 0}}
               endpoints:
-                - {{name: billing, url: "{failing}/hook?token=url-canary"}}
+                - {{name: billing, url: "{failing}/hook?token=url-canary", allow_private: true}}
         """
 
 

@@ -1,0 +1,89 @@
+"""Where a delivery may connect, judged on the address it really connects to.
+
+The policy's check (policy/addresses.py) sees the URL; this one sees what the
+name resolves to when the delivery connects, so a name that passed at load and
+resolves to 127.0.0.1 or 169.254.169.254 later (DNS rebinding) is refused then.
+Every address the name resolves to must pass, so no fallback between addresses
+can reach a refused one. An IP literal never reaches a resolver in aiohttp, so
+`check_literal` judges it before the request.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
+
+from ..policy.addresses import Listener, is_own_listener, literal, refusal
+
+Listeners = Callable[[], tuple[Listener, ...]]
+
+
+class AddressRefused(OSError):
+    """The delivery's address is not one it may reach; the text says why."""
+
+
+def why_refused(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    port: int,
+    *,
+    public_only: bool,
+    listeners: tuple[Listener, ...],
+) -> str | None:
+    if is_own_listener(ip, port, listeners):
+        return f"{ip}:{port} is the sidecar's own listener"
+    if public_only:
+        why = refusal(ip)
+        if why is not None:
+            return f"{why}, and the endpoint does not set allow_private"
+    return None
+
+
+def check_literal(url: str, *, public_only: bool, listeners: tuple[Listener, ...]) -> None:
+    """AddressRefused when the URL's host is an IP address that may not be reached."""
+    parts = urlsplit(url)
+    ip, odd = literal(parts.hostname or "")
+    if odd:
+        raise AddressRefused(f"{parts.hostname} is an address in an unusual form")
+    if ip is None:
+        return
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return  # aiohttp refuses the URL itself
+    why = why_refused(ip, port, public_only=public_only, listeners=listeners)
+    if why is not None:
+        raise AddressRefused(why)
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves as aiohttp would, then refuses the name if any address may not be reached."""
+
+    def __init__(self, *, public_only: bool, listeners: Listeners) -> None:
+        self._inner = DefaultResolver()
+        self._public_only = public_only
+        self._listeners = listeners
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await self._inner.resolve(host, port, family)
+        listeners = self._listeners()
+        for result in found:
+            try:
+                ip = ipaddress.ip_address(result["host"])
+            except ValueError:
+                raise AddressRefused(f"{host} resolved to something that is no address") from None
+            why = why_refused(
+                ip, result["port"], public_only=self._public_only, listeners=listeners
+            )
+            if why is not None:
+                raise AddressRefused(f"{host} resolves to {why}")
+        return found
+
+    async def close(self) -> None:
+        await self._inner.close()

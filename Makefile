@@ -11,7 +11,7 @@ APT_PACKAGES := redis-server nginx wrk
 export OPENAI_API_KEY ?= sk-example-placeholder
 export GITHUB_TOKEN ?= ghp-example-placeholder
 
-.PHONY: run test lint typecheck unit system-deps compiler-deps compiled clean-compiled bench bench-webhooks bench-ttft clean
+.PHONY: run test lint typecheck unit mcp1-venv system-deps compiler-deps compiled clean-compiled bench bench-webhooks bench-ttft clean
 
 # setuptools 77+ reads pyproject.toml's license field when setup.py builds (compiled).
 $(STAMP): pyproject.toml
@@ -75,8 +75,19 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(COMPILED) system-deps
-	$(BIN)/pytest -q
+# The MCP SDK 1.x in a virtualenv of its own (the project's has 2.x): the MCP tests
+# drive an agent on it as a subprocess (tests/protocols/mcp1_client.py), and skip
+# without it.
+MCP1_VENV ?= /tmp/mcp1
+$(MCP1_VENV)/.installed:
+	$(PY) -m venv $(MCP1_VENV)
+	$(MCP1_VENV)/bin/pip install -q 'mcp<2'
+	touch $@
+
+mcp1-venv: $(MCP1_VENV)/.installed
+
+unit: $(COMPILED) system-deps mcp1-venv
+	MCP1_PYTHON=$(MCP1_VENV)/bin/python $(BIN)/pytest -q
 
 test: lint typecheck unit
 

@@ -32,7 +32,7 @@ import re
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
 from fnmatch import fnmatchcase
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -111,7 +111,7 @@ class MCPStep:
 
     async def __call__(self, call: Call, next: Handler) -> Reply:
         if (call.method in _PASSING and not _has_body(call)) or not self._reads(call):
-            return self._streamed(call.agent, await next(call), session_stream=True)
+            return self._streamed(call, await next(call), session_stream=True)
         try:
             messages, labels = await self._read(call)
         except ProblemError as err:
@@ -139,7 +139,7 @@ class MCPStep:
             OPERATION.reset(token)
         if "tools/list" in labels and _media(reply) == "application/json":
             return await self._filter_tools(call.agent, reply)
-        return self._streamed(call.agent, reply, session_stream=False)
+        return self._streamed(call, reply, session_stream=False)
 
     def _reads(self, call: Call) -> bool:
         if self.path is None:
@@ -153,12 +153,13 @@ class MCPStep:
 
     # -- answers ---------------------------------------------------------------------
 
-    def _streamed(self, agent: str | None, reply: Reply, *, session_stream: bool) -> Reply:
+    def _streamed(self, call: Call, reply: Reply, *, session_stream: bool) -> Reply:
         """An SSE answer filtered event by event (and, for a GET, the older transport's
         session stream); any other answer as it is."""
         if reply.body is None or _media(reply) != "text/event-stream":
             return reply
-        session = _SessionStream(self) if session_stream else None
+        agent = call.agent
+        session = _SessionStream(self, call.target) if session_stream else None
         return FilteredEvents(reply, lambda d: self._filtered(agent, d), session)
 
     async def _filter_tools(self, agent: str | None, reply: Reply) -> Reply:
@@ -203,24 +204,29 @@ class MCPStep:
                 result["tools"] = kept
         return json.dumps(document, separators=(",", ":")).encode() if changed else data
 
-    def announced(self, data: str) -> str:
+    def announced(self, data: str, stream: str) -> tuple[str, str | None]:
         """An older-transport `endpoint` event's URL as the agent must use it (through
-        the sidecar's prefix), its endpoint now read like the MCP path."""
+        the sidecar's prefix), and the target (after the prefix) it names, now read
+        like the MCP path; None when it is not this service's. `stream` is the target
+        of the GET that carries the event (relative URLs are read against it)."""
         parts = urlsplit(data)
         if (parts.scheme or parts.netloc) and (
             f"{parts.scheme}://{parts.netloc}".lower() != self.origin
         ):
-            return data  # another origin: not this service's, left to the client
+            return data, None  # another origin: not this service's, left to the client
+        query = f"?{parts.query}" if parts.query else ""
         path = parts.path
         if not path.startswith("/"):
-            return data  # relative to the GET's URL, which the agent already uses
+            # Relative to the GET's URL, which the agent already uses through the prefix.
+            target = urljoin(stream.partition("?")[0], path)
+            self.sessions.endpoints.add(endpoint(target))
+            return data, target + query
         if self.base_path:
             if not (path == self.base_path or path.startswith(self.base_path + "/")):
-                return data
+                return data, None
             path = path[len(self.base_path) :] or "/"
         self.sessions.endpoints.add(endpoint(path))
-        target = path + (f"?{parts.query}" if parts.query else "")
-        return self.prefix + target
+        return self.prefix + path + query, path + query
 
     # -- requests --------------------------------------------------------------------
 
@@ -341,17 +347,18 @@ class _SessionStream:
     """One GET stream of the service: announces and rewrites the older transport's
     messages endpoint, and carries the errors refused POSTs of its session left."""
 
-    __slots__ = ("key", "queue", "step")
+    __slots__ = ("key", "queue", "step", "target")
 
-    def __init__(self, step: MCPStep) -> None:
+    def __init__(self, step: MCPStep, target: str) -> None:
         self.step = step
+        self.target = target
         self.key: str | None = None
         self.queue: asyncio.Queue[bytes] = asyncio.Queue()
 
     def endpoint_event(self, data: str) -> str:
-        url = self.step.announced(data)
-        if self.key is None and url.startswith(self.step.prefix + "/"):
-            self.key = _session_key(url[len(self.step.prefix) :])
+        url, target = self.step.announced(data, self.target)
+        if self.key is None and target is not None:
+            self.key = _session_key(target)
             self.step.sessions.streams[self.key] = self.queue
         return url
 

@@ -29,6 +29,7 @@ from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_P
 from tests.helpers import sidecar_process
 
 PROTOCOLS = [GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL]
+SECRET = "canary-graphql-ws-secret"
 
 
 @strawberry.type
@@ -88,6 +89,7 @@ async def sidecar(upstream, tmp_path: Path) -> AsyncIterator[tuple[str, list[str
 services:
   gh:
     upstream: {base}
+    auth: {{type: bearer, token: {SECRET}}}
     graphql:
       max_depth: 2
       allow:
@@ -121,6 +123,7 @@ async def test_refused_operations_get_the_subprotocols_error_and_the_socket_goes
         error = refused.value.errors[0]  # type: ignore[index]
         assert "may not run the GraphQL mutation 'Drop'" in error["message"]
         assert error["extensions"] == {"reason": "forbidden", "service": "gh"}
+        assert SECRET not in json.dumps(refused.value.errors)
         # Deeper than max_depth: refused the same way.
         with pytest.raises(TransportQueryError) as deep:
             await session.execute(gql("query Deep { repos { issues { title } } }"))

@@ -368,8 +368,9 @@ class Service(Model):
     )
     method_override: list[Method] = Field(
         default_factory=list,
-        description="Methods that X-HTTP-Method-Override, X-HTTP-Method and X-Method-Override "
-        "may name (allow rules then judge that method); none: those headers are dropped",
+        description="Methods that X-HTTP-Method-Override, X-HTTP-Method, X-Method-Override "
+        "and the _method query parameter may name (allow rules then judge that method); "
+        "none: those headers are dropped",
     )
     escaped_slashes: Literal["refuse", "keep"] = Field(
         default="refuse",

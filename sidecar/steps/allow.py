@@ -212,24 +212,39 @@ class Allow:
         return False
 
     def _method(self, call: Call) -> str:
-        """The method the upstream will run: the request line's, or the one an
-        override header names on a service that takes them."""
+        """The method the upstream will run: the request line's, or the one an override
+        (a header, or the `_method` query parameter of Express's method-override and
+        Laravel) names on a service that takes them."""
         method = call.method.upper()
+        query = call.target.partition("?")[2]
+        named = set()
+        if "method" in query.lower():
+            named = {
+                v.strip().upper() for k, v in query_pairs(query) if server_name(k) == "_method"
+            }
         if not self.method_override:
+            if named:
+                raise ProblemError(
+                    "bad_request",
+                    f"The query names a method (`_method`) that some servers run instead of "
+                    f"{method}; service '{self.service}' takes no method override. Send the "
+                    "request with the method itself.",
+                    service=self.service,
+                )
             return method
-        named = {
+        named.update(
             value.strip().upper()
             for header in METHOD_OVERRIDE_HEADERS
             for value in call.headers.getall(header, ())
-        }
+        )
         if not named:
             return method
         if len(named) > 1 or not named <= self.method_override:
             raise ProblemError(
                 "bad_request",
-                f"The method-override headers name {', '.join(sorted(named))[:64]}; service "
+                f"The method overrides name {', '.join(sorted(named))[:64]}; service "
                 f"'{self.service}' takes one of {', '.join(sorted(self.method_override))} "
-                "there, and one only.",
+                "there (a method-override header or `_method`), and one only.",
                 service=self.service,
             )
         return named.pop()

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 TRANSPORT_WS = "graphql-transport-ws"
 LEGACY_WS = "graphql-ws"
+SUBPROTOCOLS = frozenset({TRANSPORT_WS, LEGACY_WS})
 
 # The messages that start an operation, in either subprotocol.
 _STARTS = frozenset({"subscribe", "start"})

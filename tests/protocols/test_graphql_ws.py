@@ -83,6 +83,7 @@ async def sidecar(upstream, tmp_path: Path) -> AsyncIterator[tuple[str, list[str
     app = web.Application()
     view = GraphQLView(schema=schema(executed), subscription_protocols=PROTOCOLS)
     app.router.add_route("*", "/graphql", view)
+    app.router.add_route("GET", "/subscriptions", view)  # where many servers take them
     base = await upstream(app)
     (tmp_path / "p.yaml").write_text(
         f"""version: 1
@@ -135,6 +136,17 @@ async def test_refused_operations_get_the_subprotocols_error_and_the_socket_goes
         if protocol == GRAPHQL_TRANSPORT_WS_PROTOCOL:  # strawberry's graphql-ws: no queries
             assert await session.execute(gql("query Hi { hello }")) == {"hello": "hello"}
     assert executed == ["count", "count"] + (["hello"] if protocol == PROTOCOLS[0] else [])
+
+
+async def test_a_graphql_socket_on_another_path_is_judged_too(sidecar):
+    url, executed = sidecar
+    other = url.removesuffix("/graphql") + "/subscriptions"
+    async with asyncio.timeout(20), _agent(other, GRAPHQL_TRANSPORT_WS_PROTOCOL) as session:
+        with pytest.raises(TransportQueryError) as refused:
+            await session.execute(gql('mutation Drop { deleteRepo(name: "prod") }'))
+        assert refused.value.errors[0]["extensions"]["reason"] == "forbidden"  # type: ignore[index]
+        assert await session.execute(gql("query Hi { hello }")) == {"hello": "hello"}
+    assert executed == ["hello"]
 
 
 async def test_a_message_read_two_ways_closes_the_socket(sidecar):

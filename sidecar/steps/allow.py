@@ -50,19 +50,29 @@ def _alternation(regexes: Iterable[str]) -> re.Pattern[str]:
 
 # An encoded '/' or '\\' in any case, or a bare '\\' (some servers read it as '/').
 _ESCAPED_SEPARATOR = re.compile(r"%2[fF]|%5[cC]|\\")
-# Query parameters as any common server might split them: '&', and ';' (older CGI
-# stacks, some Java servers).
-_QUERY_SPLIT = re.compile(r"[&;]")
+# Query parameters split on ';' as well as '&', as older CGI stacks and some Java
+# servers do.
+_SEMICOLON_SPLIT = re.compile(r"[&;]")
+
+Pairs = list[tuple[str, str]]
 
 
-def query_pairs(raw: str) -> list[tuple[str, str]]:
-    """Every (name, value) of a query, percent- and '+'-decoded, split on '&' and ';'."""
+def query_pairs(raw: str, *, semicolons: bool = False) -> Pairs:
+    """Every (name, value) of a query, percent- and '+'-decoded, split on '&' (and ';')."""
     pairs = []
-    for part in _QUERY_SPLIT.split(raw):
+    for part in _SEMICOLON_SPLIT.split(raw) if semicolons else raw.split("&"):
         if part:
             name, _, value = part.partition("=")
             pairs.append((unquote_plus(name), unquote_plus(value)))
     return pairs
+
+
+def query_readings(raw: str) -> list[Pairs]:
+    """The ways common servers split a query: on '&', and, when it has one, on ';' too."""
+    readings = [query_pairs(raw)]
+    if ";" in raw:
+        readings.append(query_pairs(raw, semicolons=True))
+    return readings
 
 
 def server_name(name: str) -> str:
@@ -113,7 +123,7 @@ class CompiledRule:
         call: Call,
         method: str,
         path: str,
-        query: list[tuple[str, str]] | None,
+        query: list[Pairs] | None,
         operation: str | None = None,
     ) -> int:
         if self.methods is not None and method not in self.methods:
@@ -132,9 +142,12 @@ class CompiledRule:
             values = call.headers.getall(name, [])
             if not values or not all(pattern.fullmatch(v) for v in values):
                 return _FAILS
-        return self._query(query or ())
+        if not self.query or query is None:
+            return _HOLDS
+        # The rule must hold for every reading a server could make of the query.
+        return max(self._query(pairs) for pairs in query)
 
-    def _query(self, query: list[tuple[str, str]] | tuple[()]) -> int:
+    def _query(self, query: Pairs) -> int:
         verdict = _HOLDS
         for name, read_as, pattern in self.query:
             found = [(k, v) for k, v in query if k == name or server_name(k) == read_as]
@@ -191,7 +204,7 @@ class Allow:
         path = match_form(raw_path)
         if ("." in path or "\\" in path) and _dot_segment(path):
             return False
-        query = query_pairs(raw_query) if self._needs_query else None
+        query = query_readings(raw_query) if self._needs_query else None
         spec = self._spec
         operation = spec.operation_id(method, call.target) if spec is not None else None
         ambiguous = False
@@ -220,7 +233,9 @@ class Allow:
         named = set()
         if "method" in query.lower():
             named = {
-                v.strip().upper() for k, v in query_pairs(query) if server_name(k) == "_method"
+                v.strip().upper()
+                for k, v in query_pairs(query, semicolons=True)
+                if server_name(k) == "_method"
             }
         if not self.method_override:
             if named:

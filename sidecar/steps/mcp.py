@@ -21,7 +21,9 @@ results lose the tools the agent may not call: in a JSON answer (up to
 LIST_LIMIT) and in every SSE stream of the service, the GET ones included.
 GET, HEAD, OPTIONS and DELETE without a body pass; with a body, they are read
 like a POST. The endpoint is compared percent-decoded, so an encoded path
-cannot dodge it.
+cannot dodge it. A WebSocket (no MCP transport, but the SDK 1.x has one) has
+every message the agent sends judged the same way, a refusal answered with
+the JSON-RPC errors as a text message.
 """
 
 from __future__ import annotations
@@ -41,7 +43,17 @@ from ..policy.loader import ServicePolicy
 from ..policy.protocols import MCP
 from ..problems import ProblemError, problem_document
 from ..state import StateBuild
-from .operation import OPERATION, annotate, bad_request, endpoint, parse_json, read_body
+from .operation import (
+    OPERATION,
+    _DuplicateKey,
+    _unique_keys,
+    annotate,
+    bad_request,
+    endpoint,
+    parse_json,
+    read_body,
+)
+from .websocket import FilteredTunnel, Verdict
 
 # JSON-RPC 2.0 error codes: the spec's, and one of its implementation-defined
 # server errors (-32000..-32099) for a tool the policy does not allow.
@@ -110,8 +122,13 @@ class MCPStep:
         self.sessions = sessions if sessions is not None else Sessions()
 
     async def __call__(self, call: Call, next: Handler) -> Reply:
+        if call.upgrade:
+            # permessage-deflate would hide the messages from the sidecar.
+            call.headers.popall("Sec-WebSocket-Extensions", None)
+            return self._socket(call, await next(call))
         if (call.method in _PASSING and not _has_body(call)) or not self._reads(call):
-            return self._streamed(call, await next(call), session_stream=True)
+            reply = await next(call)
+            return self._streamed(call, reply, session_stream=call.method == "GET")
         try:
             messages, labels = await self._read(call)
         except ProblemError as err:
@@ -293,22 +310,7 @@ class MCPStep:
             problem.content_type = kind
             problem.extra = rpc_error(refusal.message_id, refusal.code, problem.detail)
             return problem
-        data = problem_document(problem, self.service)
-        refused = {"code": refusal.code, "message": problem.detail, "data": data}
-        others = {
-            "code": refusal.code,
-            "message": f"Not sent: another request of the batch was refused. {problem.detail}",
-            "data": data,
-        }
-        ids = [m["id"] for m in messages if "method" in m and "id" in m]
-        if refusal.message_id not in ids:
-            ids.append(refusal.message_id)  # a refused notification: answered all the same
-        answers = [
-            {"jsonrpc": "2.0", "id": i, "error": refused if i == refusal.message_id else others}
-            for i in ids
-        ]
-        document: Any = answers if len(messages) > 1 else answers[0]
-        text = json.dumps(document, separators=(",", ":")).encode()
+        text = self._answers(refusal, messages)
         event = b"event: message\r\ndata: " + text + b"\r\n\r\n"
         status, body, content_type = 200, text, "application/json"
         if stream is not None and stream.qsize() < _QUEUED_LIMIT:
@@ -326,6 +328,59 @@ class MCPStep:
             body=body,
             content_type=content_type,
         )
+
+    def _answers(self, refusal: _Refusal, messages: list[Any]) -> bytes:
+        """The JSON-RPC error answers to a refused body: one for each request (the
+        refused one's own, "not sent" for the rest of a batch), none for notifications
+        and responses, as one object or, for a batch, an array."""
+        problem = refusal.problem
+        data = problem_document(problem, self.service)
+        refused = {"code": refusal.code, "message": problem.detail, "data": data}
+        others = {
+            "code": refusal.code,
+            "message": f"Not sent: another request of the batch was refused. {problem.detail}",
+            "data": data,
+        }
+        ids = [m["id"] for m in messages if "method" in m and "id" in m]
+        if refusal.message_id not in ids:
+            ids.append(refusal.message_id)  # a refused notification: answered all the same
+        answers = [
+            {"jsonrpc": "2.0", "id": i, "error": refused if i == refusal.message_id else others}
+            for i in ids
+        ]
+        document: Any = answers if len(messages) > 1 else answers[0]
+        return json.dumps(document, separators=(",", ":")).encode()
+
+    def _socket(self, call: Call, reply: Reply) -> Reply:
+        """A WebSocket the upstream accepted (the MCP SDK 1.x's `mcp` subprotocol, and
+        any other JSON-RPC socket): every message the agent sends is judged."""
+        if reply.status == 101:
+            agent = call.agent
+            call.tunnel_filter = lambda tunnel: FilteredTunnel(
+                tunnel, lambda data: self._judge_message(agent, data)
+            )
+        return reply
+
+    def _judge_message(self, agent: str | None, data: bytes) -> Verdict:
+        """One WebSocket message: None to pass it, the JSON-RPC error answers of a
+        refused one, or a close code for one servers could read two ways."""
+        try:
+            document = json.loads(data, object_pairs_hook=_unique_keys)
+        except _DuplicateKey:
+            return 1008
+        except (ValueError, RecursionError):
+            return None  # not JSON-RPC: the server refuses it as it would without us
+        messages = document if isinstance(document, list) else [document]
+        if not messages or not all(isinstance(m, dict) for m in messages):
+            return None
+        for message in messages:
+            try:
+                self._check(agent, message)
+            except _Refusal as refusal:
+                return self._answers(refusal, messages)
+            except ProblemError:
+                return None  # unusable and without an id: the server refuses it
+        return None
 
     def _invalid(self, message_id: Any, code: int, flaw: str) -> Exception:
         if message_id is None:

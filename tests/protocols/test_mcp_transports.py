@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 import uvicorn
+from aiohttp import web
 from mcp import Client
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
@@ -221,3 +222,47 @@ async def test_batches_and_bodies_on_other_methods_are_judged_too(sidecar):
             )
             assert headers.get("X-Sidecar-Error") == "forbidden", (method, status, body)
     assert ran == []
+
+
+async def test_a_json_rpc_websocket_is_judged_message_by_message(upstream, tmp_path):
+    """No MCP transport, but the SDK 1.x has one (subprotocol `mcp`): a tool the agent
+    may not call is answered with its JSON-RPC error, and the socket goes on."""
+    ran: list[str] = []
+
+    async def socket(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(protocols=["mcp"])
+        await ws.prepare(request)
+        async for message in ws:
+            call = json.loads(message.data)
+            ran.append(call["params"]["name"])
+            await ws.send_json({"jsonrpc": "2.0", "id": call["id"], "result": {"content": []}})
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", socket)
+    base = await upstream(app)
+    (tmp_path / "p.yaml").write_text(
+        f"version: 1\nservices:\n  ws:\n    upstream: {base}\n"
+        "    mcp: {path: /mcp, tools: [search_*]}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "SIDECAR_"))}
+    async with (
+        sidecar_process(tmp_path, env=env) as proc,
+        aiohttp.ClientSession() as client,
+        client.ws_connect(
+            f"{proc.url}/ws/ws", protocols=["mcp"], headers={"X-Agent-Id": "research-bot"}
+        ) as ws,
+    ):
+        await ws.send_str(json.dumps(_call("delete_files", 1)))
+        refused = await ws.receive_json(timeout=10)
+        assert refused["id"] == 1
+        assert refused["error"]["code"] == -32001
+        assert refused["error"]["message"] == REFUSAL.format(service="ws")
+        assert refused["error"]["data"]["reason"] == "forbidden"
+        await ws.send_str(json.dumps(_call("search_web", 2)))
+        assert (await ws.receive_json(timeout=10)) == {
+            "jsonrpc": "2.0",
+            "id": 2,
+            "result": {"content": []},
+        }
+    assert ran == ["search_web"]

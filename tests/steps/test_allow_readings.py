@@ -163,6 +163,9 @@ async def test_a_query_rule_holds_for_the_one_plain_reading(sidecar):
     assert seen["query"] == "state=open&page=2"
     status, _, reason = await _call(sidecar, "GET", "/gh/issues?state=closed", agent="search-bot")
     assert (status, reason) == (403, "forbidden")
+    # `open;x` to a server that splits on '&' only: the rule must hold that way too.
+    status, _, reason = await _call(sidecar, "GET", "/gh/issues?state=open;x", agent="search-bot")
+    assert (status, reason) == (403, "forbidden")
     # Another rule that asks nothing of the query still allows the call.
     status, _, _ = await _call(sidecar, "GET", "/gh/issues?state=open&State=x", agent="admin")
     assert status == 200

@@ -11,7 +11,7 @@ APT_PACKAGES := redis-server nginx wrk
 # machine without keys: `make run` reads them, and so can a sidecar started by hand.
 PLACEHOLDER_KEYS := examples/placeholder-keys.sh
 
-.PHONY: run test lint typecheck unit openai1 system-deps compiler-deps compiled clean-compiled bench bench-webhooks bench-ttft clean
+.PHONY: run test lint typecheck unit openai1 mcp1-venv system-deps compiler-deps compiled clean-compiled bench bench-webhooks bench-ttft clean
 
 # setuptools 77+ reads pyproject.toml's license field when setup.py builds (compiled).
 $(STAMP): pyproject.toml
@@ -91,8 +91,19 @@ $(OPENAI1_VENV)/.installed:
 
 openai1: $(OPENAI1_VENV)/.installed
 
-unit: $(COMPILED) system-deps openai1
-	SIDECAR_OPENAI1_PYTHON=$(OPENAI1_VENV)/bin/python $(BIN)/pytest -q
+# The MCP SDK 1.x in a virtualenv of its own (the project's has 2.x): the MCP tests
+# drive an agent on it as a subprocess (tests/protocols/mcp1_client.py), and skip
+# without it.
+MCP1_VENV ?= /tmp/mcp1
+$(MCP1_VENV)/.installed:
+	$(PY) -m venv $(MCP1_VENV)
+	$(MCP1_VENV)/bin/pip install -q 'mcp<2'
+	touch $@
+
+mcp1-venv: $(MCP1_VENV)/.installed
+
+unit: $(COMPILED) system-deps openai1 mcp1-venv
+	SIDECAR_OPENAI1_PYTHON=$(OPENAI1_VENV)/bin/python MCP1_PYTHON=$(MCP1_VENV)/bin/python $(BIN)/pytest -q
 
 test: lint typecheck unit
 

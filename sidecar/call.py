@@ -121,6 +121,7 @@ class Call:
         "method",
         "service",
         "target",
+        "tunnel_filter",
         "upgrade",
     )
 
@@ -152,6 +153,9 @@ class Call:
         self.attempt = 1
         # A WebSocket handshake: the upstream's 101 turns the connection into a tunnel.
         self.upgrade = False
+        # Set by a step that must read the tunnel (GraphQL, MCP over WebSocket): the egress
+        # relays through what it makes of the upstream's tunnel.
+        self.tunnel_filter: Callable[[Any], Any] | None = None
         # Telemetry's record of this agent request (telemetry.Exchange), when observed.
         self.exchange: Any = None
 

@@ -113,8 +113,12 @@ class ProblemError(Exception):
         extra: dict[str, object] | None = None,
         content_type: str = "application/problem+json",
         status: int | None = None,
+        body: bytes | None = None,
     ) -> None:
         super().__init__(detail)
+        # The whole body in another protocol's own form instead of the problem document
+        # (an MCP refusal is a JSON-RPC error answer); None: the problem document.
+        self.body = body
         # Another status than the reason's own (an injected abort's is the policy's).
         self._status = status
         # RFC 9457 extension members added to the body (e.g. invalid_request's `errors`).
@@ -189,7 +193,7 @@ def problem_parts(
         extra = {name.lower() for name in err.headers}
         headers = [h for h in headers if h[0].lower() not in extra]
         headers.extend(err.headers.items())
-    return err.status, headers, json.dumps(body).encode()
+    return err.status, headers, json.dumps(body).encode() if err.body is None else err.body
 
 
 def problem_response(err: ProblemError, service: str | None = None) -> web.Response:

@@ -28,6 +28,10 @@ JWT_ALGORITHMS: tuple[JwtAlgorithm, ...] = get_args(JwtAlgorithm)
 
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
+# Headers that make many frameworks (Rails, Laravel, Express's method-override, Google
+# APIs) run another method than the request line's: dropped unless `method_override`.
+METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
+
 _AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@:-]*$")
 _AGENT_GLOB = re.compile(r"^[A-Za-z0-9_.@:*-]+$")
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")

@@ -373,6 +373,18 @@ class Service(Model):
     allow: list[AllowRule] | None = Field(
         default=None, description="Who may call what; absent: the top-level allow rules"
     )
+    method_override: list[Method] = Field(
+        default_factory=list,
+        description="Methods that X-HTTP-Method-Override, X-HTTP-Method, X-Method-Override "
+        "and the _method query parameter may name (allow rules then judge that method); "
+        "none: those headers are dropped",
+    )
+    escaped_slashes: Literal["refuse", "keep"] = Field(
+        default="refuse",
+        description="A path with an encoded / or \\ (%2F, %5C) on a service with allow rules: "
+        "refuse: 400; keep: judged as one segment (the upstream never splits there, as "
+        "GitLab's project ids)",
+    )
     openapi: DocumentPath | None = Field(default=None, description="The API's OpenAPI document")
     validation: Validate | None = Field(default=None, alias="validate")
     graphql: GraphQL | None = Field(default=None, description="A GraphQL API, see protocols.py")
@@ -539,7 +551,7 @@ class PolicyFile(Model):
 
 
 # At the end: each feature's models, which Agents, Service and PolicyFile name.
-from .access import AgentKeys, AllowRule, CredentialHeader, JwtVerify  # noqa: E402
+from .access import AgentKeys, AllowRule, CredentialHeader, JwtVerify, Method  # noqa: E402
 from .budget import Budget, Prices  # noqa: E402
 from .cache import Cache  # noqa: E402
 from .check import Check  # noqa: E402

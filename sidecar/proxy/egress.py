@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterable
-from typing import TYPE_CHECKING, Final
+from collections.abc import AsyncIterable, Callable
+from typing import TYPE_CHECKING, Any, Final
 
 from ..call import Body, Reply
 from ..headers import (
@@ -28,7 +28,7 @@ from ..problems import PLAIN, ProblemError, problem_parts
 from ..steps.faults import InjectedReset
 from ..streams import idle_bounded, limited
 from ..webhooks.listener import OWN_PREFIXES, own_answer
-from .http1 import raw_header_lines
+from .http1 import Tunnel, raw_header_lines
 from .listener import Request, Response
 from .pool import UpstreamError, UpstreamReply
 from .redirects import REWRITTEN_HEADERS
@@ -157,7 +157,7 @@ class Egress:
                         route.dialect,
                     )
                 else:
-                    response = _relay(request, reply, route, exchange)
+                    response = _relay(request, reply, route, exchange, call.tunnel_filter)
         except BaseException as exc:
             if telemetry is not None and exchange is not None:
                 telemetry.failed(exchange, exc)
@@ -268,11 +268,18 @@ class _Relayed:
                 self.exchange.cut = cut
 
 
-def _relay(request: Request, reply: Reply, route: Route, exchange: Exchange | None) -> Response:
+def _relay(
+    request: Request,
+    reply: Reply,
+    route: Route,
+    exchange: Exchange | None,
+    tunnel_filter: Callable[[Any], Any] | None = None,
+) -> Response:
     status = reply.status
     done = _Relayed(reply, route, exchange)
     if status == 101 and isinstance(reply, UpstreamReply) and request.is_upgrade:
-        return _upgraded(_relayed_headers(request, reply, route), reply, done)
+        headers = _relayed_headers(request, reply, route)
+        return _upgraded(headers, reply, done, tunnel_filter)
     if type(reply) is UpstreamReply and not (reply.refers and route.redirects is not None):
         # The upstream's own answer, untouched by any step (most calls): its head is
         # relayed as the bytes it came in, never decoded (unless it has a URL to rewrite),
@@ -321,13 +328,19 @@ def _relayed_headers(request: Request, reply: Reply, route: Route) -> list[tuple
     return headers
 
 
-def _upgraded(headers: list[tuple[str, str]], reply: UpstreamReply, done: _Relayed) -> Response:
+def _upgraded(
+    headers: list[tuple[str, str]],
+    reply: UpstreamReply,
+    done: _Relayed,
+    tunnel_filter: Callable[[Any], Any] | None,
+) -> Response:
     upgrade = reply.headers.get("Upgrade")
     if upgrade is not None:
         headers.append(("Upgrade", upgrade))
     # The handshake with the agent is the sidecar's own.
     headers = [h for h in headers if h[0].lower() != "server"]
     headers.append(("Server", SERVER))
-    return Response(
-        status=101, headers=headers, reason=reply.reason, tunnel=reply.detach(), on_done=done
-    )
+    tunnel: Tunnel = reply.detach()
+    if tunnel_filter is not None:
+        tunnel = tunnel_filter(tunnel)
+    return Response(status=101, headers=headers, reason=reply.reason, tunnel=tunnel, on_done=done)

@@ -16,6 +16,7 @@ from ..call import Body, Call, Field, Handler, Reply, Step
 from ..files import service as files
 from ..headers import HOP_BY_HOP, FieldNames, drop_with_connection_raw
 from ..learn import observe
+from ..policy.access import METHOD_OVERRIDE_HEADERS
 from ..policy.loader import Policy, ServicePolicy
 from ..state import StateBuild
 from ..steps import (
@@ -178,6 +179,9 @@ class Route:
         drop.update(_FORWARDING_HEADERS)
         drop.update(h.lower() for h in spec.headers.remove)
         drop.update(h.lower() for h in spec.headers.set)
+        if not spec.method_override:
+            # Frameworks run the method these name, not the one the rules judged.
+            drop.update(METHOD_OVERRIDE_HEADERS)
         credential = auth.header_name(service)
         if credential:
             drop.add(credential.lower())

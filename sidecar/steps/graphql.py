@@ -10,6 +10,9 @@ with `403 forbidden` when no `allow` rule lets the agent run it. Introspection
 that carries only a persisted-query id has no text to check and passes,
 unless `persisted_queries: false`. Other paths, HEAD and OPTIONS pass
 untouched; the path is compared percent-decoded, so `/%67raphql` is checked too.
+A WebSocket to the path, or offering graphql-transport-ws or graphql-ws on any
+path, has every operation it starts checked the same way (graphql_ws.py),
+without compression, so the sidecar can read the frames.
 
 graphql-core is imported only when a service has `graphql:` configured.
 """
@@ -48,6 +51,8 @@ class GraphQLStep:
         self.documents = documents
 
     async def __call__(self, call: Call, next: Handler) -> Reply:
+        if call.upgrade:
+            return await self._socket(call, next)
         if endpoint(call.target) != self.path or call.method in _PASSING:
             return await next(call)
         query = call.target.partition("?")[2]
@@ -82,6 +87,32 @@ class GraphQLStep:
             return await next(call)
         finally:
             OPERATION.reset(token)
+
+    async def _socket(self, call: Call, next: Handler) -> Reply:
+        """A WebSocket handshake to the endpoint, or offering a GraphQL subprotocol on any
+        path (servers often take subscriptions elsewhere): the tunnel the upstream's
+        101 opens gets a judge."""
+        from .graphql_ws import SUBPROTOCOLS, OperationJudge
+        from .websocket import FilteredTunnel
+
+        offered = {
+            p.strip().lower()
+            for value in call.headers.getall("Sec-WebSocket-Protocol", ())
+            for p in value.split(",")
+        }
+        if endpoint(call.target) != self.path and not offered & SUBPROTOCOLS:
+            return await next(call)
+        # permessage-deflate would hide the operations from the sidecar.
+        call.headers.popall("Sec-WebSocket-Extensions", None)
+        reply = await next(call)
+        if reply.status == 101:
+            judge = OperationJudge(self, call.agent, reply.headers.get("Sec-WebSocket-Protocol"))
+            call.tunnel_filter = lambda tunnel: FilteredTunnel(tunnel, judge)
+        return reply
+
+    def check_operation(self, agent: str | None, request: dict[str, Any]) -> None:
+        """Refuse (ProblemError) an operation request the policy does not let `agent` run."""
+        self._check(agent, request)
 
     async def _from_body(self, call: Call, query: str) -> list[dict[str, Any]]:
         body = await read_body(call, service=self.service, what="GraphQL")

@@ -7,7 +7,11 @@ is looked at twice:
   or Gemini's `models/NAME:` in the path otherwise). A body sent without
   Content-Length, or larger than 1 MiB, is not read: its model is "unknown".
   With `stream_usage`, an OpenAI streaming request without
-  `stream_options.include_usage` gets it, so its stream reports usage.
+  `stream_options.include_usage` gets it, so its stream reports usage. A
+  service with a budget or a token limit asks for it on every streamed
+  completion (without `stream_usage`: on the agent's behalf, and the answer
+  is relayed without what that added, so the agent gets the stream it asked
+  for: no usage-only chunk, no `"usage":null` member).
 - the answer: a JSON, SSE or NDJSON answer is read as it passes to the agent
   (llm_usage.Scanner); the reply's body is a wrapper that hands each chunk on
   as it came, so a stream stays a stream, event by event.
@@ -24,6 +28,11 @@ goes on, and charged the usage when the answer is over. A budget's charge is
 durable (the data dir, or Redis) before the answer ends: the body's end waits
 for it, and a JSON answer's last chunk is held back until then, so an agent
 that got its whole answer was charged for it even if the sidecar is killed.
+
+An answer that reports no usage on such a service (an upstream that ignores
+`include_usage`, a stream cut short) is estimated instead of counted as zero:
+input from the characters of the request's text, output from those of the
+generated text seen, one token per CHARS_PER_TOKEN characters, rounded up.
 
 In the chain it runs after the call limiters and outside retry: it sees the one
 reply that reaches the agent, a call the sidecar refuses costs no body parse,
@@ -62,6 +71,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("sidecar.llm")
 
 UNKNOWN_MODEL = "unknown"
+
+# OpenAI's rule of thumb for English text; an estimate is only made where an answer
+# reports no usage, and errs high for code and low for some other languages.
+CHARS_PER_TOKEN = 4
+
+# The request members whose text the model reads (chat, completions, Responses,
+# Anthropic, Gemini): an estimate of the input counts their strings' characters.
+_INPUT_KEYS = ("messages", "prompt", "input", "system", "instructions", "contents", "tools")
 
 # Charges still being written after an answer was abandoned (see MeteredReply.release).
 _charging: set[asyncio.Future[Any]] = set()
@@ -111,6 +128,8 @@ class LLMStep:
         self.limits = limits or []
         self.shared = shared or []
         self.budgets = budgets or []
+        # Every call must count: usage is asked for, and estimated where none comes.
+        self.metered = bool(self.limits or self.shared or self.budgets)
         self.pricing = pricing
         self._clock = clock
         self._sleep = sleep or asyncio.sleep
@@ -137,7 +156,8 @@ class LLMStep:
         if self.shared:
             shared = await self._take_shared(agent)
         path = endpoint(call.target)
-        model = await self._request_model(call, path)
+        request = await self._read_request(call, path)
+        model = request.model
         attributes: dict[str, str | int | bool] = {
             "gen_ai.system": self.provider,
             "gen_ai.provider.name": self.provider,
@@ -156,8 +176,12 @@ class LLMStep:
         encoding = (headers.get("Content-Encoding") or "identity").strip().lower()
         if kind is None or encoding not in ("identity", "gzip", "x-gzip", "deflate"):
             return reply
-        meter = _Meter(self, call, model, Scanner(kind, encoding=encoding), charge, shared)
-        return MeteredReply(reply, meter, hold_last=kind == "json" and bool(self.budgets))
+        scanner = Scanner(kind, encoding=encoding, estimate=self.metered)
+        meter = _Meter(self, call, model, scanner, charge, shared, request.input_chars)
+        metered = MeteredReply(reply, meter, hold_last=kind == "json" and bool(self.budgets))
+        if request.hidden_usage and kind == "sse" and encoding == "identity":
+            return UsageHidden(metered)
+        return metered
 
     async def _take_shared(self, agent: str | None) -> list[SharedTokenLimit]:
         """Take one token of every shared limit (waiting up to max_wait), or refuse."""
@@ -188,24 +212,63 @@ class LLMStep:
         for limit in taken:
             _keep(asyncio.ensure_future(limit.charge(agent, 0)))
 
-    async def _request_model(self, call: Call, path: str) -> str | None:
-        model: str | None = None
+    async def _read_request(self, call: Call, path: str) -> _Request:
+        request = _Request()
         if await make_replayable(call) and isinstance(call.body, bytes):
             body = call.body
             doc = _parse(body) if body[:1] in (b"{", b" ", b"\n", b"\r", b"\t") else None
             if isinstance(doc, dict):
                 found = doc.get("model")
                 if isinstance(found, str) and found:
-                    model = found[:MAX_MODEL]
-                if self.stream_usage and _add_stream_usage(doc, path):
+                    request.model = found[:MAX_MODEL]
+                if self.metered:
+                    request.input_chars = sum(_chars(doc.get(key)) for key in _INPUT_KEYS)
+                changed = False
+                if self.stream_usage:
+                    changed = _add_stream_usage(doc, path)
+                elif self.metered and self.api == "openai":
+                    changed = request.hidden_usage = _add_stream_usage(doc, path, force=True)
+                if request.hidden_usage:
+                    # The added chunk is taken out of the stream as it passes: it must come
+                    # as plain text to be found.
+                    call.set_header("Accept-Encoding", "identity")
+                if changed:
                     data = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
                     call.body = data
                     call.content_length = len(data)
-        if model is None:
+            elif self.metered:
+                request.input_chars = len(body)
+        elif self.metered and call.content_length is not None:
+            request.input_chars = call.content_length  # not held: its size is all there is
+        if request.model is None:
             match = _PATH_MODEL.search(path)
             if match is not None:
-                model = unquote(match.group(1) or match.group(2))[:MAX_MODEL]
-        return model
+                request.model = unquote(match.group(1) or match.group(2))[:MAX_MODEL]
+        return request
+
+
+class _Request:
+    """What the step read from a request: its model, the characters of its text (for an
+    estimate), and whether it asked for usage on the agent's behalf."""
+
+    __slots__ = ("hidden_usage", "input_chars", "model")
+
+    def __init__(self) -> None:
+        self.model: str | None = None
+        self.input_chars = 0
+        self.hidden_usage = False
+
+
+def _chars(value: Any, depth: int = 0) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if depth > 16:
+        return 0
+    if isinstance(value, list):
+        return sum(_chars(item, depth + 1) for item in value)
+    if isinstance(value, dict):
+        return sum(_chars(item, depth + 1) for item in value.values())
+    return 0
 
 
 def _parse(body: bytes) -> Any:
@@ -215,15 +278,19 @@ def _parse(body: bytes) -> Any:
         return None
 
 
-def _add_stream_usage(doc: dict[str, Any], path: str) -> bool:
-    """Ask a streamed chat/text completion to report its usage; True when changed."""
+def _add_stream_usage(doc: dict[str, Any], path: str, *, force: bool = False) -> bool:
+    """Ask a streamed chat/text completion to report its usage; True when changed.
+    `force`: an agent's own `include_usage: false` is overridden too (its answer is
+    then relayed without the usage, see UsageHidden)."""
     if doc.get("stream") is not True or not path.endswith("/completions"):
         return False
     options = doc.get("stream_options")
     if options is None:
         doc["stream_options"] = {"include_usage": True}
         return True
-    if isinstance(options, dict) and "include_usage" not in options:
+    if isinstance(options, dict) and (
+        "include_usage" not in options or (force and options["include_usage"] is not True)
+    ):
         options["include_usage"] = True
         return True
     return False  # the agent chose: include_usage false stays false
@@ -232,7 +299,7 @@ def _add_stream_usage(doc: dict[str, Any], path: str) -> bool:
 class _Meter:
     """One answer's scanner, and where its usage goes once it is over."""
 
-    __slots__ = ("call", "charge", "done", "model", "scanner", "shared", "step")
+    __slots__ = ("call", "charge", "done", "input_chars", "model", "scanner", "shared", "step")
 
     def __init__(
         self,
@@ -242,8 +309,10 @@ class _Meter:
         scanner: Scanner,
         charge: Charge,
         shared: list[SharedTokenLimit],
+        input_chars: int = 0,
     ) -> None:
         self.step = step
+        self.input_chars = input_chars
         self.call = call
         self.model = model
         self.scanner = scanner
@@ -257,9 +326,16 @@ class _Meter:
             return None
         self.done = True
         usage: Usage = self.scanner.finish()
-        if not usage.known:
-            return None
         step = self.step
+        estimated = False
+        if not usage.known:
+            if not step.metered:
+                return None
+            # Counted as zero, a call would be free: an agent could stream its way
+            # around a budget.
+            usage.input = math.ceil(self.input_chars / CHARS_PER_TOKEN)
+            usage.output = math.ceil(usage.chars / CHARS_PER_TOKEN)
+            estimated = True
         call = self.call
         agent = call.agent
         tokens = (usage.input or 0) + (usage.output or 0)
@@ -280,6 +356,8 @@ class _Meter:
             if metrics is not None and amount > 0 and math.isfinite(amount):
                 metrics.on_budget_spent(step.service, budget.name, amount)
         attributes: dict[str, str | int | bool] = {}
+        if estimated:
+            attributes["sidecar.llm.usage_estimated"] = True
         if usage.model is not None:
             attributes["gen_ai.response.model"] = usage.model
         if usage.input is not None:
@@ -360,6 +438,66 @@ async def _held(body: AsyncIterable[bytes], meter: _Meter) -> AsyncIterator[byte
         await _written(pending)
     if last is not None:
         yield last
+
+
+class UsageHidden(ReplyView):
+    """An OpenAI stream the sidecar asked usage for on the agent's behalf, relayed as the
+    agent asked for it: without the usage-only chunk, and without the `"usage":null`
+    member every other chunk then carries. Events without `"usage"` pass as they came."""
+
+    __slots__ = ()
+
+    def __init__(self, reply: Reply) -> None:
+        assert reply.body is not None
+        super().__init__(reply, body=_without_usage(reply.body))
+
+
+_EVENT_END = re.compile(rb"\r?\n\r?\n|\r\r")
+_NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])|"usage"\s*:\s*null\s*,')
+# An event is never held past this: one so large is relayed as it is.
+_EVENT_LIMIT = 1 << 20
+
+
+async def _without_usage(body: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    pending = b""
+    async for chunk in body:
+        pending += chunk
+        out: list[bytes] = []
+        start = 0
+        while True:
+            match = _EVENT_END.search(pending, start)
+            if match is None:
+                break
+            out.append(_event_without_usage(pending[start : match.end()]))
+            start = match.end()
+        pending = pending[start:]
+        if len(pending) > _EVENT_LIMIT:
+            out.append(pending)
+            pending = b""
+        data = b"".join(out)
+        if data:
+            yield data
+    if pending:
+        yield pending
+
+
+def _event_without_usage(event: bytes) -> bytes:
+    if b'"usage"' not in event:
+        return event
+    stripped = _NULL_USAGE.sub(b"", event)
+    if b'"usage"' not in stripped:
+        return stripped
+    lines = event.splitlines()
+    data = b"\n".join(line[5:].removeprefix(b" ") for line in lines if line.startswith(b"data:"))
+    doc = _parse(data)
+    if not isinstance(doc, dict) or not isinstance(doc.get("usage"), dict):
+        return event
+    if doc.get("choices") == []:
+        return b""  # the chunk only the sidecar asked for
+    del doc["usage"]
+    kept = [line for line in lines if line and not line.startswith(b"data:")]
+    payload = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+    return b"\n".join([*kept, b"data: " + payload]) + b"\n\n"
 
 
 def build(

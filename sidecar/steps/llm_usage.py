@@ -12,7 +12,10 @@
 - NDJSON (Ollama's native API) is read line by line the same way.
 
 gzip and deflate answers are inflated for reading (the agent still gets the
-bytes as sent). Usage reports are cumulative: a later report of a count
+bytes as sent). With `estimate`, every event (or the whole JSON answer) is
+parsed and the characters of its generated text counted (`Usage.chars`), for
+an estimate when the answer reports no usage. Usage reports are cumulative: a
+later report of a count
 replaces an earlier one, which is how Anthropic's message_delta and Gemini's
 usageMetadata chunks count. Nothing here raises: a scanner that meets
 garbage stops reading and reports what it found before, often nothing.
@@ -54,15 +57,68 @@ def _count(value: Any) -> int | None:
     return None
 
 
+# Where an answer's generated text is, in the APIs read here: OpenAI's chat deltas and
+# messages (content, tool-call arguments, refusals, reasoning), completions' `text`,
+# Anthropic's text/thinking/partial_json deltas and text blocks, the Responses API's
+# output_text deltas, Gemini's parts and Ollama's message/response.
+_TEXT_KEYS = frozenset(
+    {
+        "content",
+        "text",
+        "arguments",
+        "refusal",
+        "reasoning_content",
+        "thinking",
+        "partial_json",
+        "delta",
+        "response",
+    }
+)
+# Containers that hold that text (and nothing counted twice).
+_TEXT_HOLDERS = frozenset(
+    {"choices", "delta", "message", "content", "tool_calls", "function", "content_block"}
+    | {"candidates", "parts", "output"}
+)
+
+
+def text_chars(doc: Any, depth: int = 0) -> int:
+    """Characters of generated text in one answer or stream event (see _TEXT_KEYS)."""
+    if depth > 8:
+        return 0
+    if depth == 0 and isinstance(doc, dict):
+        kind = doc.get("type")
+        # The Responses API repeats a stream's text in its *.done and completed events.
+        if (
+            isinstance(kind, str)
+            and kind.startswith("response.")
+            and kind.endswith((".done", ".completed", ".added"))
+        ):
+            return 0
+    total = 0
+    if isinstance(doc, list):
+        for item in doc[:1000]:
+            total += text_chars(item, depth + 1)
+    elif isinstance(doc, dict):
+        for key, value in doc.items():
+            if isinstance(value, str):
+                if key in _TEXT_KEYS:
+                    total += len(value)
+            elif key in _TEXT_HOLDERS or (depth == 0 and isinstance(value, list)):
+                total += text_chars(value, depth + 1)
+    return total
+
+
 class Usage:
     """Token counts an answer reported, and the model that answered."""
 
-    __slots__ = ("input", "model", "output")
+    __slots__ = ("chars", "input", "model", "output")
 
     def __init__(self) -> None:
         self.input: int | None = None
         self.output: int | None = None
         self.model: str | None = None
+        # Characters of generated text seen (counted only when the scanner estimates).
+        self.chars = 0
 
     @property
     def known(self) -> bool:
@@ -134,6 +190,7 @@ class Scanner:
         "_chunks",
         "_data",
         "_dead",
+        "_estimate",
         "_held",
         "_inflate",
         "_kind",
@@ -141,8 +198,16 @@ class Scanner:
         "usage",
     )
 
-    def __init__(self, kind: Kind, *, encoding: str | None = None, cap: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        kind: Kind,
+        *,
+        encoding: str | None = None,
+        cap: int = 1 << 20,
+        estimate: bool = False,
+    ) -> None:
         self._kind = kind
+        self._estimate = estimate
         self._cap = cap
         self._dead = False
         self._chunks: list[bytes] = []  # a JSON answer so far
@@ -181,7 +246,7 @@ class Scanner:
         try:
             if self._kind == "json":
                 if self._chunks:
-                    self.usage.fold(_parse(b"".join(self._chunks)))
+                    self._fold(_parse(b"".join(self._chunks)))
             else:
                 if self._tail:
                     self._line(self._tail)
@@ -191,6 +256,11 @@ class Scanner:
             pass
         self._stop()
         return self.usage
+
+    def _fold(self, doc: Any) -> None:
+        self.usage.fold(doc)
+        if self._estimate:
+            self.usage.chars += text_chars(doc)
 
     def _stop(self) -> None:
         self._dead = True
@@ -225,8 +295,8 @@ class Scanner:
         if line.endswith(b"\r"):
             line = line[:-1]
         if self._kind == "ndjson":
-            if line and _HAS_USAGE.search(line):
-                self.usage.fold(_parse(line))
+            if line and (self._estimate or _HAS_USAGE.search(line)):
+                self._fold(_parse(line))
             return
         if not line:  # the end of an SSE event
             data = self._data
@@ -234,8 +304,8 @@ class Scanner:
                 self._data = []
                 self._held = 0
                 payload = data[0] if len(data) == 1 else b"\n".join(data)
-                if _HAS_USAGE.search(payload):
-                    self.usage.fold(_parse(payload))
+                if self._estimate or _HAS_USAGE.search(payload):
+                    self._fold(_parse(payload))
             return
         if line.startswith(b"data:"):
             value = line[6:] if line[5:6] == b" " else line[5:]

@@ -132,6 +132,20 @@ async def post(
         return resp.status, dict(resp.headers), json.loads(await resp.read())
 
 
+def assert_answered(headers: dict[str, str], body: Any, reason: str) -> dict[str, Any]:
+    """A refused JSON-RPC call, answered as an MCP server answers a failed call: HTTP 200
+    with the JSON-RPC error for its id; the problem document is the error's `data`."""
+    assert headers["Content-Type"] == "application/json"
+    assert headers["X-Sidecar-Error"] == reason
+    assert body["jsonrpc"] == "2.0"
+    problem: dict[str, Any] = body["error"]["data"]
+    assert problem["reason"] == reason
+    assert problem["service"] == "tools"
+    assert body["error"]["message"].endswith(problem["detail"])
+    assert "canary-mcp-secret" not in json.dumps(body)
+    return problem
+
+
 def assert_refused(status: int, headers: dict[str, str], body: Any, reason: str, code: int) -> None:
     assert status == code, body
     # The client accepts JSON and SSE, not problem+json: the same document, as JSON.
@@ -154,25 +168,28 @@ async def test_tools_are_allowed_per_agent_by_glob(upstream, start_sidecar, clie
     }
 
     status, headers, body = await post(client, sc, call_tool("delete_files", 8), "anyone")
-    assert_refused(status, headers, body, "forbidden", 403)
+    assert status == 200
+    problem = assert_answered(headers, body, "forbidden")
     detail = (
         "Agent 'anyone' may not call the tool 'delete_files' of MCP service 'tools': "
         "the policy's mcp tool rules do not allow it."
     )
-    assert body["detail"] == detail
-    # The same document is a JSON-RPC error answer to the refused request.
+    assert problem["detail"] == detail
+    # The JSON-RPC error answer to the refused request.
     assert body["id"] == 8
-    assert body["error"] == {"code": -32001, "message": detail}
+    assert body["error"]["code"] == -32001
 
     status, _, _ = await post(client, sc, call_tool("delete_files"), "janitor")
     assert status == 200
     # per_agent replaces `tools` for that agent: the reader has search_docs only.
     assert (await post(client, sc, call_tool("search_docs"), "reader"))[0] == 200
-    assert (await post(client, sc, call_tool("search_web"), "reader"))[0] == 403
+    _, headers, body = await post(client, sc, call_tool("search_web"), "reader")
+    assert headers["X-Sidecar-Error"] == "forbidden"
     # Without an agent id the service's `tools` apply.
     status, headers, body = await post(client, sc, call_tool("delete_files"))
-    assert_refused(status, headers, body, "forbidden", 403)
-    assert body["detail"].startswith("A caller without an agent id may not call")
+    assert status == 200
+    problem = assert_answered(headers, body, "forbidden")
+    assert problem["detail"].startswith("A caller without an agent id may not call")
     assert server.calls == ["search_web", "delete_files", "search_docs"]
 
 
@@ -212,10 +229,16 @@ async def test_batches_are_refused_whole_when_one_tool_is_forbidden(
     assert status == 200
     assert [answer["id"] for answer in body] == [1, 2]
 
-    status, headers, body = await post(client, sc, [*batch, call_tool("delete_files", 3)], "anyone")
-    assert_refused(status, headers, body, "forbidden", 403)
-    assert body["id"] == 3
-    assert "delete_files" in body["detail"]
+    notification = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {}}
+    refused = [*batch, notification, call_tool("delete_files", 3)]
+    status, headers, body = await post(client, sc, refused, "anyone")
+    assert status == 200
+    # An error answer for each request of the batch, none for the notification.
+    assert [answer["id"] for answer in body] == [1, 2, 3]
+    for answer in body:
+        assert_answered(headers, answer, "forbidden")
+    assert "delete_files" in body[2]["error"]["message"]
+    assert body[0]["error"]["message"].startswith("Not sent: another request of the batch")
     assert server.calls == ["search_web", "search_docs"]
 
 
@@ -255,8 +278,15 @@ async def test_malformed_bodies_get_a_json_rpc_friendly_400(upstream, start_side
     ]
     for raw, code, message_id, expected in cases:
         status, headers, body = await post(client, sc, None, "janitor", raw=raw)
-        assert_refused(status, headers, body, "bad_request", 400)
-        assert expected in body["detail"], (raw, body["detail"])
+        if message_id is None:
+            # Nothing to answer: the request as a whole is refused.
+            assert_refused(status, headers, body, "bad_request", 400)
+            detail = body["detail"]
+        else:
+            # A request with an id gets its JSON-RPC error answer.
+            assert status == 200
+            detail = assert_answered(headers, body, "bad_request")["detail"]
+        assert expected in detail, (raw, detail)
         assert body["error"]["code"] == code
         assert body["id"] == message_id
     assert server.hits == 0

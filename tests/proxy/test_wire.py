@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 
-from tests.helpers import eventually, sidecar_process
+from tests.helpers import ROOT, eventually, sidecar_process
 
 HELLO_GZ = gzip.compress(b"hello", mtime=0)
 # Small on the wire, large once decoded: max_body must count the former.
@@ -514,6 +514,13 @@ async def test_connect_is_refused_and_never_forwarded(tmp_path):
     assert b"X-Sidecar-Error: bad_request" in head
     assert b"Content-Type: application/problem+json" in head
     assert seen == []
+    # The README's table of the sidecar's own answers says the same.
+    rows: dict[str, str] = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith(("| `bad_request` | 400 |", "| `method_not_allowed`")):
+            rows.setdefault(line.split("|")[1].strip(" `"), line)
+    assert "CONNECT" in rows["bad_request"]
+    assert "CONNECT" not in rows["method_not_allowed"]
 
 
 async def test_upgrade_without_connection_upgrade_is_a_plain_request(tmp_path):

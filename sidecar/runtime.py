@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import time
@@ -113,6 +114,17 @@ class Sidecar:
             tracer=self.telemetry.tracer,
         )
         self.handler = Egress(self.telemetry, self.webhooks)
+        # The console's 30 minutes of readings, and the alert rules; both run on one
+        # timer (start_background), never on the request path.
+        from .alerts.engine import AlertEngine
+        from .console.figures import Samples
+
+        self.samples = Samples(self.telemetry.metrics)
+        self.alert_engine = AlertEngine(self)
+        self.telemetry.metrics.alerts.source = self.alert_engine.gauge_rows
+        # The admin token in force: the policy's admin.token, else SIDECAR_ADMIN_TOKEN(_FILE).
+        self.admin_token: str | None = None
+        self._background: asyncio.Task[None] | None = None
 
     async def reload(self, trigger: str) -> ReloadResult:
         async with self._lock:
@@ -163,7 +175,15 @@ class Sidecar:
             # The type only: an exception's text may quote a policy value.
             return failed(f"{self.policies}: cannot compile: {type(exc).__name__}")
         try:
-            await self.webhooks.apply(policy.webhooks)
+            token = await asyncio.to_thread(self._admin_token, policy)
+        except OSError as exc:
+            build.abort()
+            log.error("%s: %s", self._failure("policy rejected"), exc)
+            return failed(f"SIDECAR_ADMIN_TOKEN_FILE: cannot read: {exc.strerror}")
+        try:
+            from .alerts.engine import delivery_settings
+
+            await self.webhooks.apply(policy.webhooks, delivery_settings(policy.alerts))
         except StoreChanged as exc:
             build.abort()
             log.error("%s: %s", self._failure("policy rejected"), exc)
@@ -174,6 +194,8 @@ class Sidecar:
             return failed(f"{self.webhooks.data_dir}: cannot open the webhook store: {exc}")
         build.commit()
         self.policy, self.router = policy, router
+        self.admin_token = token
+        self.alert_engine.configure(policy.alerts)
         self.handler.router = router
         log.info(
             "policy %s loaded (%s): %d services from %d files",
@@ -183,6 +205,39 @@ class Sidecar:
             len(policy.files),
         )
         return ReloadResult(ok=True, trigger=trigger, at=now, version=policy.version, changed=True)
+
+    def _admin_token(self, policy: Policy) -> str | None:
+        if policy.admin is not None and policy.admin.token is not None:
+            return policy.admin.token.reveal() or None
+        env = os.environ if self.env is None else self.env
+        if env.get("SIDECAR_ADMIN_TOKEN"):
+            return env["SIDECAR_ADMIN_TOKEN"]
+        path = env.get("SIDECAR_ADMIN_TOKEN_FILE")
+        if path:
+            with open(path, encoding="utf-8") as f:
+                return f.read().strip() or None
+        return None
+
+    def start_background(self) -> None:
+        """The console's readings every 10 s and the alert rules, on one timer."""
+        if self._background is None:
+            self._background = asyncio.get_running_loop().create_task(
+                self._tick(), name="console-and-alerts"
+            )
+
+    async def _tick(self) -> None:
+        samples, engine = self.samples, self.alert_engine
+        next_sample = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_sample:
+                samples.take()
+                next_sample = now + samples.every
+            try:
+                await engine.evaluate()
+            except Exception:
+                log.exception("alert evaluation failed")
+            await asyncio.sleep(min(samples.every, engine.every))
 
     def _failure(self, what: str) -> str:
         # Before the first good policy there is nothing to fall back on: nothing serves.
@@ -237,6 +292,11 @@ class Sidecar:
 
     async def close(self) -> None:
         self._stop.set()
+        if self._background is not None:
+            self._background.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._background
+            self._background = None
         if self._watch_task is not None:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -307,6 +367,13 @@ async def serve(
     policy declares an inbound webhook (it never serves anything else): if
     none does yet, it opens when a reload first declares one.
     """
+    if admin is not None and not is_loopback(admin[0]) and sidecar.admin_token is None:
+        # Anyone who reaches the port could reload, replay webhooks and read the figures.
+        raise ListenError(
+            f"the admin listener {admin[0]}:{admin[1]} is not a loopback address and no admin "
+            "token is set: set admin.token in the policy (or SIDECAR_ADMIN_TOKEN, or "
+            "SIDECAR_ADMIN_TOKEN_FILE), or bind --admin to 127.0.0.1"
+        )
     wanted: list[tuple[str, tuple[str, int]]] = [("egress", listen)]
     if admin is not None:
         wanted.append(("admin", admin))
@@ -325,7 +392,17 @@ async def serve(
         for made in bound:
             await made.cleanup()
         raise
+    sidecar.start_background()
     return bound
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
 
 
 async def _open(sidecar: Sidecar, name: str, address: tuple[str, int]) -> Bound:
@@ -336,4 +413,6 @@ async def _open(sidecar: Sidecar, name: str, address: tuple[str, int]) -> Bound:
         return await listen_http(ingress_app(sidecar.webhooks), host, port, name=name)
     from .admin import admin_app
 
-    return await listen_http(admin_app(sidecar), host, port, name=name)
+    return await listen_http(
+        admin_app(sidecar, protected=not is_loopback(host)), host, port, name=name
+    )

@@ -106,6 +106,7 @@ class AlertEngine:
         # Readings of the services' totals for the windowed rules (error ratio, p99).
         self._history: deque[tuple[float, dict[str, ServiceCounts]]] = deque()
         self.sent = 0  # notifications stored, since start
+        self.evaluations = 0
 
     @property
     def every(self) -> float:
@@ -139,6 +140,7 @@ class AlertEngine:
                 log.exception("alert rule %s could not be evaluated", rule.name)
                 continue
             await self._step(rule, holding, now)
+        self.evaluations += 1
 
     # -- conditions -------------------------------------------------------------------
 

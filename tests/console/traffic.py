@@ -18,6 +18,9 @@ SIGNING = "whsec_" + base64.b64encode(b"console-test-signing-key-32bytes").decod
 CANARY_TOKEN = "canary-upstream-token-5f1d"
 CANARY_ADMIN = "canary-admin-token-9c2e"
 CANARY_SLACK = "/services/T000/B000/canary-slack-path-77aa"
+# The keys every webhook endpoint and alert receiver on loopback in these tests carries;
+# one place, so a rule that loopback targets must say `allow_private: true` is one edit.
+LOOPBACK_OK = ""
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
@@ -71,7 +74,7 @@ def busy_policy(*, echo: str, flaky: str, llm: str, sink: str, extra: str = "") 
         webhooks:
           outbound:
             events:
-              endpoints: [{{name: sink, url: "{sink}/hook"}}]
+              endpoints: [{{name: sink, url: "{sink}/hook"{LOOPBACK_OK}}}]
               signing: {{secrets: ["{SIGNING}"]}}
               retry: {{schedule: [0s, 50ms], jitter: 0}}
         """

@@ -122,6 +122,7 @@ class Sidecar:
         self.samples = Samples(self.telemetry.metrics)
         self.alert_engine = AlertEngine(self)
         self.telemetry.metrics.alerts.source = self.alert_engine.gauge_rows
+        self.telemetry.metrics.breakers.source = self.breaker_states
         # The admin token in force: the policy's admin.token, else SIDECAR_ADMIN_TOKEN(_FILE).
         self.admin_token: str | None = None
         self._background: asyncio.Task[None] | None = None
@@ -261,6 +262,15 @@ class Sidecar:
 
     def fault_switches(self) -> list[tuple[str, bool]]:
         return [(name, faults.enabled) for name, faults in self.faults().items()]
+
+    def breaker_states(self) -> list[tuple[str, str]]:
+        """(service, state) of each breaker the current policy has."""
+        policy = self.policy
+        out: list[tuple[str, str]] = []
+        for name in policy.services if policy is not None else ():
+            for breaker in self.state.find(name, "breaker"):
+                out.append((name, str(breaker.snapshot()["state"])))
+        return out
 
     def cache_sizes(self) -> list[tuple[str, int, int]]:
         """(service, entries, bytes) of each in-memory cache the current policy uses."""

@@ -70,6 +70,10 @@ WHERE: dict[str, tuple[str, str | None]] = {
     "SSEFault": ("faults", "sse"),
     "Cache": ("cache", None),
     "Check": ("check", None),
+    "Admin": ("admin", None),
+    "Alerts": ("alerts", None),
+    "Receiver": ("alerts.receivers", None),
+    "Rule": ("alerts.rules", None),
 }
 
 _TICKED = re.compile(r"`([A-Za-z_]+)`")

@@ -336,6 +336,8 @@ class Metrics:
         self.agents = AgentTally()
         self.alerts = AlertGauges()
         r.register(self.alerts)
+        self.breakers = BreakerGauges()
+        r.register(self.breakers)
 
     def service(self, name: str) -> ServiceMetrics:
         found = self._services.get(name)
@@ -415,6 +417,31 @@ def _bounded(value: str, seen: set[str], most: int) -> str:
 
 # (direction, webhook, endpoint): an outbound endpoint's name, an inbound target's URL.
 QueueKey = tuple[str, str, str]
+
+
+BREAKER_STATES: Final = ("closed", "open", "half_open")
+
+
+class BreakerGauges(Collector):
+    """Each service's breaker state as a state set: 1 for the state it is in, 0 for the others.
+
+    Read at scrape time from `source` (set by the runtime), so a dashboard or a
+    Prometheus rule sees an open breaker without reconstructing it from transitions.
+    """
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Iterable[tuple[str, str]]] = tuple
+
+    def collect(self) -> Iterable[Family]:
+        family = GaugeMetricFamily(
+            "sidecar_circuit_breaker_state",
+            "A service's circuit breaker: 1 for the state it is in (closed, open, half_open).",
+            labels=["service", "state"],
+        )
+        for service, state in self.source():
+            for name in BREAKER_STATES:
+                family.add_metric([service, name], 1.0 if name == state else 0.0)
+        return [family]
 
 
 class AlertGauges(Collector):

@@ -15,6 +15,7 @@ from sidecar.telemetry.pools import PoolSnapshot
 from tests.conftest import echo_app
 from tests.console.traffic import (
     CANARY_TOKEN,
+    LOOPBACK_OK,
     TRACEPARENT,
     Sink,
     busy_policy,
@@ -34,13 +35,23 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-async def busy(upstream, start_sidecar, client):
+async def busy(upstream, start_sidecar, client, alerts: bool = False):
     sink = Sink()
+    echo = await upstream(echo_app())
+    extra = f"""
+    alerts:
+      evaluate_every: 100ms
+      receivers:
+        ops: {{format: slack, url: "{echo}/slack"{LOOPBACK_OK}}}
+      rules:
+        - {{name: flaky-breaker, kind: breaker_open, severity: critical, send_to: [ops]}}
+    """
     policy = busy_policy(
-        echo=await upstream(echo_app()),
+        echo=echo,
         flaky=await upstream(failing_app()),
         llm=await upstream(LLMUpstream().app()),
         sink=await upstream(sink.app()),
+        extra=extra if alerts else "",
     )
     sc = await start_sidecar(policy, env={"API_TOKEN": CANARY_TOKEN})
     await drive(client, sc.url)

@@ -96,8 +96,8 @@ function drawServices(services) {
     const paused = s.paused
       ? el("span", { class: "pill warn" }, `paused ${s.paused.seconds_left.toFixed(0)} s`)
       : null;
-    return el("tr", { "data-service": s.name === null ? "(no route)" : s.name },
-      el("td", {}, el("strong", {}, s.name === null ? "(no route)" : s.name), s.mode && s.mode !== "live" ? el("span", { class: "tag warn" }, s.mode) : null),
+    return el("tr", { "data-service": s.name === null ? "(no service)" : s.name },
+      el("td", {}, el("strong", {}, s.name === null ? "(no service)" : s.name), s.mode && s.mode !== "live" ? el("span", { class: "tag warn" }, s.mode) : null),
       el("td", { class: "num", "data-field": "calls" }, String(s.calls)),
       el("td", { class: "num", "data-field": "calls_per_min" }, num(s.calls_per_min)),
       el("td", { class: "num " + rate(s.success_rate), "data-field": "success_rate" }, pct(s.success_rate)),

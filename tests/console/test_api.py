@@ -17,6 +17,7 @@ from tests.console.traffic import (
     CANARY_TOKEN,
     LOOPBACK_OK,
     TRACEPARENT,
+    Gone,
     Sink,
     busy_policy,
     dead_letter,
@@ -35,7 +36,7 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-async def busy(upstream, start_sidecar, client, alerts: bool = False):
+async def busy(upstream, start_sidecar, client, alerts: bool = False, gone: Gone | None = None):
     sink = Sink()
     echo = await upstream(echo_app())
     extra = f"""
@@ -52,6 +53,7 @@ async def busy(upstream, start_sidecar, client, alerts: bool = False):
         llm=await upstream(LLMUpstream().app()),
         sink=await upstream(sink.app()),
         extra=extra if alerts else "",
+        gone=await upstream(gone.app()) if gone is not None else None,
     )
     sc = await start_sidecar(policy, env={"API_TOKEN": CANARY_TOKEN})
     await drive(client, sc.url)
@@ -154,3 +156,44 @@ def test_the_sample_ring_keeps_thirty_minutes_and_no_more() -> None:
     assert len(samples.ring) == KEEP_SECONDS / SAMPLE_EVERY == 180
     assert samples.ring[-1][0] - samples.ring[0][0] == KEEP_SECONDS - SAMPLE_EVERY
     assert len(samples.series("api")["calls"]) == 179
+
+
+async def test_a_cache_hit_ratio_and_an_upstream_pause_show(
+    upstream, start_sidecar, client, data_dir
+):
+    from aiohttp import web
+
+    async def cacheable(request: web.Request) -> web.Response:
+        return web.Response(text="same", headers={"Cache-Control": "max-age=60"})
+
+    async def busy_upstream(request: web.Request) -> web.Response:
+        return web.Response(status=429, headers={"Retry-After": "120"})
+
+    app = web.Application()
+    app.router.add_get("/cached/{tail:.*}", cacheable)
+    app.router.add_get("/quiet/{tail:.*}", busy_upstream)
+    base = await upstream(app)
+    sc = await start_sidecar(
+        f"""
+        version: 1
+        services:
+          docs: {{upstream: '{base}/cached', cache: {{}}}}
+          quiet: {{upstream: '{base}/quiet'}}
+        """
+    )
+    for _ in range(4):
+        async with client.get(f"{sc.url}/docs/page") as r:
+            assert r.status == 200
+    async with client.get(f"{sc.url}/quiet/x") as r:
+        assert r.status == 429 and "X-Sidecar-Error" not in r.headers  # the upstream's own
+    async with client.get(f"{sc.url}/quiet/x") as r:
+        assert r.headers["X-Sidecar-Error"] == "rate_limited"  # the sidecar holds the pause
+    async with client.get(f"{sc.admin}/api/console") as r:
+        services = {s["name"]: s for s in (await r.json())["services"]}
+    assert services["docs"]["cache"] == {"hits": 3, "lookups": 4, "hit_ratio": 0.75}
+    assert services["quiet"]["cache"] is None
+    paused = services["quiet"]["paused"]
+    assert paused["reason"] == "rate_limited" and 100 < paused["seconds_left"] <= 120
+    assert services["quiet"]["upstream_errors"] == {"429": 1}
+    assert services["quiet"]["refusals"] == {"rate_limited": 1}
+    assert services["docs"]["paused"] is None

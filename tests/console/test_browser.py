@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import echo_app
 from tests.console.cdp import chromium
 from tests.console.test_api import busy as busy_sidecar
-from tests.console.traffic import dead_letter, scrape, total
+from tests.console.traffic import Gone, dead_letter, scrape, total
 from tests.helpers import ROOT, eventually
 
 ROWS = """[...document.querySelectorAll('#services tbody tr')].map(tr => ({
@@ -41,7 +41,10 @@ def shots(tmp_path: Path) -> Path:
 async def test_the_console_shows_what_metrics_count_and_its_replay_button_replays(
     upstream, start_sidecar, client, data_dir, tmp_path
 ):
-    sc, sink = await busy_sidecar(upstream, start_sidecar, client, alerts=True)
+    away = Gone()
+    sc, sink = await busy_sidecar(upstream, start_sidecar, client, alerts=True, gone=away)
+    async with client.post(f"{sc.url}/_webhooks/later", json={"type": "t"}) as r:
+        assert r.status == 202  # its endpoint answers 410: disabled, the event waits
     message_id = await dead_letter(client, sc.admin)
     # Some history for the sparklines: the 10-s readings, taken now rather than waited for.
     for round in range(6):
@@ -123,6 +126,24 @@ async def test_the_console_shows_what_metrics_count_and_its_replay_button_replay
             return dead == "0" and not await page.eval(f"document.querySelector({selector!r})")
 
         await eventually(gone, "the dead letter to leave the console", 15)
+
+        # Enable: the endpoint a 410 disabled shows a button; clicking it enables it.
+        endpoint = '#webhooks tr[data-endpoint="later/away"]'
+        await eventually(
+            lambda: page.eval(f"!!document.querySelector('{endpoint} button')"),
+            "the enable button of the disabled endpoint",
+        )
+        assert await page.eval(f"document.querySelector('{endpoint} button').innerText") == "enable"
+        away.back = True
+        await page.click(f"{endpoint} button")
+
+        async def enabled() -> bool:
+            await page.next_draw()
+            text = await page.eval(f"document.querySelector('{endpoint}').innerText")
+            return "enabled" in text
+
+        await eventually(enabled, "the endpoint to show enabled", 15)
+        await eventually(lambda: away.received, "the waiting event to be delivered")
         assert page.console_errors == []
 
 

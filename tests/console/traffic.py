@@ -53,9 +53,39 @@ def failing_app() -> web.Application:
     return app
 
 
-def busy_policy(*, echo: str, flaky: str, llm: str, sink: str, extra: str = "") -> str:
-    return textwrap.dedent(
-        f"""
+@dataclass
+class Gone:
+    """A webhook endpoint that answers 410 Gone (the sidecar disables it) until `back`."""
+
+    back: bool = False
+    received: list[bytes] = field(default_factory=list)
+
+    def app(self) -> web.Application:
+        async def handle(request: web.Request) -> web.Response:
+            body = await request.read()
+            if not self.back:
+                return web.Response(status=410)
+            self.received.append(body)
+            return web.Response(status=200)
+
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", handle)
+        return app
+
+
+def busy_policy(
+    *, echo: str, flaky: str, llm: str, sink: str, extra: str = "", gone: str | None = None
+) -> str:
+    """`gone`: the URL of an endpoint (Gone) for a second outbound webhook, `later`."""
+    later = ""
+    if gone is not None:
+        later = (
+            f'    later:\n      endpoints: [{{name: away, url: "{gone}/x"{LOOPBACK_OK}}}]\n'
+            f'      signing: {{secrets: ["{SIGNING}"]}}\n'
+        )
+    return (
+        textwrap.dedent(
+            f"""
         version: 1
         services:
           api:
@@ -78,7 +108,10 @@ def busy_policy(*, echo: str, flaky: str, llm: str, sink: str, extra: str = "") 
               signing: {{secrets: ["{SIGNING}"]}}
               retry: {{schedule: [0s, 50ms], jitter: 0}}
         """
-    ) + textwrap.dedent(extra)
+        )
+        + later
+        + textwrap.dedent(extra)
+    )
 
 
 async def drive(client: aiohttp.ClientSession, url: str) -> None:

@@ -15,7 +15,7 @@ from aiohttp import web
 from standardwebhooks import Webhook
 
 from sidecar.telemetry.pools import PoolSnapshot
-from tests.console.traffic import LOOPBACK_OK, SIGNING, scrape
+from tests.console.traffic import ENDPOINT_OK, RECEIVER_OK, SIGNING, scrape
 from tests.helpers import eventually
 
 
@@ -61,7 +61,7 @@ class Flaky:
 
 
 def receiver_yaml(name: str, url: str, fmt: str = "slack", more: str = "") -> str:
-    return f'{name}: {{format: {fmt}, url: "{url}"{more}{LOOPBACK_OK}}}'
+    return f'{name}: {{format: {fmt}, url: "{url}"{more}{RECEIVER_OK}}}'
 
 
 @pytest.fixture
@@ -242,11 +242,11 @@ async def test_each_rule_kind_fires_on_its_condition(upstream, start_sidecar, cl
         webhooks:
           outbound:
             events:
-              endpoints: [{{name: sink, url: "{await upstream(sink.app())}/x"{LOOPBACK_OK}}}]
+              endpoints: [{{name: sink, url: "{await upstream(sink.app())}/x"{ENDPOINT_OK}}}]
               signing: {{secrets: ["{SIGNING}"]}}
               retry: {{schedule: [0s, 20ms], jitter: 0}}
             later:  # its endpoint answers 410: disabled, its delivery waits in the queue
-              endpoints: [{{name: away, url: "{await upstream(gone.app())}/x"{LOOPBACK_OK}}}]
+              endpoints: [{{name: away, url: "{await upstream(gone.app())}/x"{ENDPOINT_OK}}}]
               signing: {{secrets: ["{SIGNING}"]}}
         alerts:
           evaluate_every: 50ms

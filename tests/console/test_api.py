@@ -15,7 +15,7 @@ from sidecar.telemetry.pools import PoolSnapshot
 from tests.conftest import echo_app
 from tests.console.traffic import (
     CANARY_TOKEN,
-    LOOPBACK_OK,
+    RECEIVER_OK,
     TRACEPARENT,
     Gone,
     Sink,
@@ -43,7 +43,7 @@ async def busy(upstream, start_sidecar, client, alerts: bool = False, gone: Gone
     alerts:
       evaluate_every: 100ms
       receivers:
-        ops: {{format: slack, url: "{echo}/slack"{LOOPBACK_OK}}}
+        ops: {{format: slack, url: "{echo}/slack"{RECEIVER_OK}}}
       rules:
         - {{name: flaky-breaker, kind: breaker_open, severity: critical, send_to: [ops]}}
     """

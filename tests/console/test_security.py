@@ -18,6 +18,7 @@ from tests.console.traffic import (
     CANARY_ADMIN,
     CANARY_SLACK,
     CANARY_TOKEN,
+    RECEIVER_OK,
     SIGNING,
     Sink,
     busy_policy,
@@ -136,15 +137,15 @@ async def test_no_secret_in_any_console_page_or_admin_answer(
     upstream, start_sidecar, client, data_dir
 ):
     sink = Sink()
-    alerts = """
+    alerts = f"""
     alerts:
       receivers:
-        ops: {format: slack, url: "${env:SLACK_URL}"}
+        ops: {{format: slack, url: "${{env:SLACK_URL}}"{RECEIVER_OK}}}
       rules:
-        - {name: flaky-breaker, kind: breaker_open, send_to: [ops]}
+        - {{name: flaky-breaker, kind: breaker_open, send_to: [ops]}}
       evaluate_every: 100ms
     admin:
-      token: "${env:ADMIN_TOKEN}"
+      token: "${{env:ADMIN_TOKEN}}"
     """
     sink_url = await upstream(sink.app())
     policy = busy_policy(

@@ -18,9 +18,11 @@ SIGNING = "whsec_" + base64.b64encode(b"console-test-signing-key-32bytes").decod
 CANARY_TOKEN = "canary-upstream-token-5f1d"
 CANARY_ADMIN = "canary-admin-token-9c2e"
 CANARY_SLACK = "/services/T000/B000/canary-slack-path-77aa"
-# The keys every webhook endpoint and alert receiver on loopback in these tests carries;
-# one place, so a rule that loopback targets must say `allow_private: true` is one edit.
-LOOPBACK_OK = ""
+# The keys every webhook endpoint (ENDPOINT_OK) and alert receiver (RECEIVER_OK) on
+# loopback in these tests carries: one place each, so a rule that loopback targets must
+# say `allow_private: true` is a one-line edit.
+ENDPOINT_OK = ""
+RECEIVER_OK = ""
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
@@ -80,7 +82,7 @@ def busy_policy(
     later = ""
     if gone is not None:
         later = (
-            f'    later:\n      endpoints: [{{name: away, url: "{gone}/x"{LOOPBACK_OK}}}]\n'
+            f'    later:\n      endpoints: [{{name: away, url: "{gone}/x"{ENDPOINT_OK}}}]\n'
             f'      signing: {{secrets: ["{SIGNING}"]}}\n'
         )
     return (
@@ -104,7 +106,7 @@ def busy_policy(
         webhooks:
           outbound:
             events:
-              endpoints: [{{name: sink, url: "{sink}/hook"{LOOPBACK_OK}}}]
+              endpoints: [{{name: sink, url: "{sink}/hook"{ENDPOINT_OK}}}]
               signing: {{secrets: ["{SIGNING}"]}}
               retry: {{schedule: [0s, 50ms], jitter: 0}}
         """

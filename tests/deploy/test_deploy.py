@@ -14,7 +14,8 @@ import yaml
 
 from tests.conftest import echo_app
 from tests.console.traffic import (
-    LOOPBACK_OK,
+    ENDPOINT_OK,
+    RECEIVER_OK,
     SIGNING,
     Sink,
     busy_policy,
@@ -79,7 +80,7 @@ async def test_every_metric_and_label_of_deploy_is_exported(
     alerts:
       evaluate_every: 50ms
       receivers:
-        ops: {{format: slack, url: "{echo}/slack"{LOOPBACK_OK}}}
+        ops: {{format: slack, url: "{echo}/slack"{RECEIVER_OK}}}
       rules:
         - {{name: flaky-breaker, kind: breaker_open, send_to: [ops]}}
     """
@@ -99,7 +100,7 @@ async def test_every_metric_and_label_of_deploy_is_exported(
     policy = policy.replace(
         "  outbound:\n",
         f'  outbound:\n    away:\n      endpoints: [{{name: gone, url: "{await upstream(gone)}/x"'
-        f'{LOOPBACK_OK}}}]\n      signing: {{secrets: ["{SIGNING}"]}}\n',
+        f'{ENDPOINT_OK}}}]\n      signing: {{secrets: ["{SIGNING}"]}}\n',
         1,
     )
     sc = await start_sidecar(policy, env={"API_TOKEN": "t"})

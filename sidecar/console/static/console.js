@@ -251,4 +251,6 @@ async function refresh() {
 
 document.getElementById("problem-filter").addEventListener("input", () => last && drawProblems(last.problems));
 refresh();
-setInterval(refresh, EVERY_MS);
+// A tab in the background costs the sidecar nothing: no polls until it is seen again.
+setInterval(() => document.hidden || refresh(), EVERY_MS);
+document.addEventListener("visibilitychange", () => document.hidden || refresh());

@@ -264,12 +264,16 @@ class Sidecar:
         return [(name, faults.enabled) for name, faults in self.faults().items()]
 
     def breaker_states(self) -> list[tuple[str, str]]:
-        """(service, state) of each breaker the current policy has."""
+        """(service, state) of each breaker the current policy has.
+
+        Also called from the OTLP exporter's thread: it reads the state field only
+        (snapshot() would advance the breaker's window from that thread).
+        """
         policy = self.policy
         out: list[tuple[str, str]] = []
         for name in policy.services if policy is not None else ():
             for breaker in self.state.find(name, "breaker"):
-                out.append((name, str(breaker.snapshot()["state"])))
+                out.append((name, str(breaker.state)))
         return out
 
     def cache_sizes(self) -> list[tuple[str, int, int]]:

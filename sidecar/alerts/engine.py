@@ -121,7 +121,8 @@ class AlertEngine:
                 del self._active[key]
 
     def active(self) -> list[Alert]:
-        return sorted(self._active.values(), key=lambda a: (a.rule.name, a.subject))
+        # list() first: one step under the GIL, as the OTLP exporter's thread reads this too.
+        return sorted(list(self._active.values()), key=lambda a: (a.rule.name, a.subject))
 
     def gauge_rows(self) -> Iterable[tuple[str, str, str, str]]:
         return [(a.rule.name, a.state, a.subject, a.rule.severity) for a in self.active()]

@@ -126,6 +126,9 @@ async def test_a_breaker_opening_reaches_slack_once_then_resolved_once(
         }.items()
     )
     assert samples["sidecar_alerts", key] == 1.0
+    breaker = "sidecar_circuit_breaker_state"
+    assert samples[breaker, frozenset({"service": "pay", "state": "open"}.items())] == 1.0
+    assert samples[breaker, frozenset({"service": "pay", "state": "closed"}.items())] == 0.0
     async with client.get(f"{sc.admin}/api/console") as r:
         [shown] = (await r.json())["alerts"]
     assert (shown["alertname"], shown["state"], shown["subject"]) == (
@@ -148,6 +151,7 @@ async def test_a_breaker_opening_reaches_slack_once_then_resolved_once(
     assert "RESOLVED" in slack.bodies[1]["text"] and "*pay-breaker*" in slack.bodies[1]["text"]
     samples = await scrape(client, sc.admin)
     assert not [k for k in samples if k[0] == "sidecar_alerts"]
+    assert samples[breaker, frozenset({"service": "pay", "state": "closed"}.items())] == 1.0
 
 
 async def test_for_keeps_an_alert_pending_and_repeat_sends_it_again(

@@ -144,6 +144,16 @@ async def test_the_console_shows_what_metrics_count_and_its_replay_button_replay
 
         await eventually(enabled, "the endpoint to show enabled", 15)
         await eventually(lambda: away.received, "the waiting event to be delivered")
+
+        # A broken policy: the banner says where, and that the last good one serves.
+        version = await page.eval("document.getElementById('policy-version').innerText")
+        sc.write("policy.yaml", "version: 1\nservices:\n  api: {upstream: ftp://x}\n")
+        assert not (await sc.sidecar.reload("test")).ok
+        await page.next_draw()
+        banner = await page.eval("document.getElementById('reload-error').innerText")
+        assert banner.startswith("The last reload failed; the last good policy keeps serving.")
+        assert f"{sc.policies / 'policy.yaml'}:3:" in banner
+        assert await page.eval("document.getElementById('policy-version').innerText") == version
         assert page.console_errors == []
 
 

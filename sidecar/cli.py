@@ -67,7 +67,8 @@ def _serving_options() -> argparse.ArgumentParser:
         type=parse_hostport,
         default=parse_hostport(_env("ADMIN", "127.0.0.1:15001") or ""),
         metavar="HOST:PORT",
-        help="admin listener (env SIDECAR_ADMIN, default 127.0.0.1:15001)",
+        help="admin listener and console (env SIDECAR_ADMIN, default 127.0.0.1:15001); "
+        "any non-loopback address needs an admin token (admin.token, SIDECAR_ADMIN_TOKEN)",
     )
     serving.add_argument(
         "--ingress",

@@ -454,3 +454,23 @@ def admin_app(sidecar: Sidecar, *, protected: bool = False) -> App:
         return _plain_answer(404, "404: Not Found")
 
     return handle
+
+
+def probes_app(sidecar: Sidecar) -> App:
+    """The probes listener (`--probes`): /healthz and /readyz, nothing else, no token.
+
+    Kubernetes probes reach a pod over its IP, so this listener binds there while
+    the admin port (the console, reloads, the figures) stays on loopback; it shows
+    nothing but readiness and the policy's version hash.
+    """
+
+    async def handle(request: Request) -> Response:
+        path = request.target.partition("?")[0]
+        handler = {"/healthz": healthz, "/readyz": readyz}.get(path)
+        if handler is None:
+            return _plain_answer(404, "404: Not Found")
+        if request.method not in ("GET", "HEAD"):
+            return _plain_answer(405, "405: Method Not Allowed", [("Allow", "GET, HEAD")])
+        return await handler(sidecar, request, {})
+
+    return handle

@@ -374,10 +374,11 @@ async def serve(
     admin: tuple[str, int] | None,
     drain: float = 10.0,
     ingress: tuple[str, int] | None = None,
+    probes: tuple[str, int] | None = None,
 ) -> list[Bound]:
     """Open the listeners; ListenError (with nothing left open) when one cannot be.
 
-    Egress first, then admin; the ingress listener last, and only when the
+    Egress first, then admin and probes; the ingress listener last, and only when the
     policy declares an inbound webhook (it never serves anything else): if
     none does yet, it opens when a reload first declares one.
     """
@@ -391,6 +392,8 @@ async def serve(
     wanted: list[tuple[str, tuple[str, int]]] = [("egress", listen)]
     if admin is not None:
         wanted.append(("admin", admin))
+    if probes is not None:
+        wanted.append(("probes", probes))
     if ingress is not None and sidecar.webhooks.inbound_paths:
         wanted.append(("ingress", ingress))
     bound: list[Bound] = []
@@ -425,7 +428,10 @@ async def _open(sidecar: Sidecar, name: str, address: tuple[str, int]) -> Bound:
         return await listen_http(sidecar.handler, host, port, backlog=1024, name=name)
     if name == "ingress":
         return await listen_http(ingress_app(sidecar.webhooks), host, port, name=name)
-    from .admin import admin_app
+    from .admin import admin_app, probes_app
+
+    if name == "probes":
+        return await listen_http(probes_app(sidecar), host, port, name=name)
 
     return await listen_http(
         admin_app(sidecar, protected=not is_loopback(host)), host, port, name=name

@@ -180,3 +180,30 @@ async def test_no_secret_in_any_console_page_or_admin_answer(
     assert "flaky-breaker" in seen and "_alerts.ops" in seen  # the alert and its queue show
     for canary in (CANARY_TOKEN, CANARY_ADMIN, CANARY_SLACK, "canary-slack-path", SIGNING):
         assert canary not in seen, canary
+
+
+async def test_the_probes_listener_answers_readiness_and_nothing_else(tmp_path, client):
+    # As the image and the Kubernetes manifests run it: admin on loopback, probes on all
+    # interfaces, and no token anywhere; it starts, and the probes show nothing else.
+    (tmp_path / "p.yaml").write_text("version: 1\nservices:\n  api: {upstream: 'http://x'}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_ADMIN_TOKEN")}
+    env["SIDECAR_DATA_DIR"] = str(tmp_path / "data")
+    async with sidecar_process(tmp_path, "--probes", "0.0.0.0:0", env=env) as proc:
+        found = re.search(r"probes on http://0\.0\.0\.0:(\d+)", proc.output)
+        assert found, proc.output
+        probes = f"http://127.0.0.1:{found.group(1)}"
+        async with client.get(f"{probes}/readyz") as r:
+            assert r.status == 200 and (await r.json())["status"] == "ready"
+        async with client.get(f"{probes}/healthz") as r:
+            assert r.status == 200
+        for method, path in (
+            ("GET", "/"),
+            ("GET", "/metrics"),
+            ("GET", "/config"),
+            ("GET", "/api/console"),
+            ("POST", "/reload"),
+        ):
+            async with client.request(method, probes + path) as r:
+                assert r.status == 404, path
+        async with client.get(f"{proc.admin}/api/console") as r:
+            assert r.status == 200  # the console, on loopback

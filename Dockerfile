@@ -37,16 +37,18 @@ RUN groupadd --system --gid 10001 sidecar \
 
 COPY --from=builder /opt/venv /opt/venv
 
-# Egress stays on loopback: only the agent in the same pod may use it. Admin binds all
-# interfaces because the kubelet probes it over the pod IP.
+# Egress and admin stay on loopback: only the agent in the same pod may use the one, and
+# the other needs a token anywhere else. The kubelet probes over the pod IP reach the
+# probes listener, which answers /healthz and /readyz and nothing else.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     SIDECAR_LISTEN=127.0.0.1:15000 \
-    SIDECAR_ADMIN=0.0.0.0:15001
+    SIDECAR_ADMIN=127.0.0.1:15001 \
+    SIDECAR_PROBES=0.0.0.0:15021
 
 USER 10001:10001
-EXPOSE 15001
+EXPOSE 15021
 
 ENTRYPOINT ["sidecar"]
 CMD ["run", "--policies", "/etc/sidecar/policies"]

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 POLICIES ?= policies
-APT_PACKAGES := redis-server nginx wrk
+APT_PACKAGES := redis-server nginx wrk prometheus
 
 # Placeholder keys (kept when real ones are exported) so the example policies load on a
 # machine without keys: `make run` reads them, and so can a sidecar started by hand.
@@ -65,9 +65,10 @@ compiler-deps: $(STAMP)
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-# redis-server backs the shared rate-limit tests; nginx and wrk the benchmark.
+# redis-server backs the shared rate-limit tests; nginx and wrk the benchmark; promtool
+# (Debian's prometheus) checks deploy/prometheus in tests/deploy.
 system-deps:
-	@missing=""; for p in redis-server nginx wrk; do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	@missing=""; for p in redis-server nginx wrk promtool; do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \

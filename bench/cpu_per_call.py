@@ -12,6 +12,7 @@ proxy under test runs in this process, so its CPU is all that is counted.
 Targets:
   sidecar      the real Sidecar (listener, egress, chain, metrics) with run.py's realistic policy
   sidecar-min  the same with run.py's minimal policy (bearer only)
+  sidecar-console  `sidecar`, with its admin port open and /api/console polled every 2 s
   listener     the sidecar's listener alone, the app answering a fixed Response
   probe        a bare uvloop + httptools proxy with one kept-alive upstream connection per
                agent connection, injecting the token: the floor for this stack
@@ -147,19 +148,42 @@ async def _child() -> None:
 Start = Callable[[int, Path], Awaitable[tuple[int, Callable[[], Awaitable[None]]]]]
 
 
-async def _start_sidecar(policy: Policy, upstream: int, tmp: Path) -> tuple[int, Any]:
+# The console page's poll, from a process of its own (its CPU is not the proxy's).
+_POLL = """
+import sys, time, urllib.request
+while True:
+    urllib.request.urlopen(sys.argv[1]).read()
+    time.sleep(float(sys.argv[2]))
+"""
+CONSOLE_POLL_SECONDS = 2.0  # what console.js does
+
+
+async def _start_sidecar(
+    policy: Policy, upstream: int, tmp: Path, *, console: bool = False
+) -> tuple[int, Any]:
     from sidecar.runtime import Sidecar, serve
 
-    directory = tmp / policy.value
+    directory = tmp / (policy.value + ("-console" if console else ""))
     directory.mkdir()
     (directory / "policy.yaml").write_text(sidecar_policy(policy, upstream))
     sidecar = Sidecar(str(directory), env={"BENCH_TOKEN": TOKEN})
     result = await sidecar.reload("startup")
     assert result.ok, result.errors
-    (bound,) = await serve(sidecar, listen=("127.0.0.1", 0), admin=None)
+    admin = ("127.0.0.1", 0) if console else None
+    bound, *rest = await serve(sidecar, listen=("127.0.0.1", 0), admin=admin)
+    poller = None
+    if rest:
+        url = f"http://127.0.0.1:{rest[0].addresses[0][1]}/api/console"
+        poller = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _POLL, url, str(CONSOLE_POLL_SECONDS)
+        )
 
     async def stop() -> None:
-        await bound.cleanup()
+        if poller is not None:
+            poller.kill()
+            await poller.wait()
+        for runner in (bound, *rest):
+            await runner.cleanup()
         await sidecar.close()
 
     return bound.addresses[0][1], stop
@@ -267,6 +291,8 @@ async def _start_probe(upstream: int, tmp: Path) -> tuple[int, Any]:
 TARGETS: dict[str, Start] = {
     "sidecar": lambda up, tmp: _start_sidecar(Policy.REALISTIC, up, tmp),
     "sidecar-min": lambda up, tmp: _start_sidecar(Policy.MINIMAL, up, tmp),
+    # The realistic policy with the admin port open and the console polling it.
+    "sidecar-console": lambda up, tmp: _start_sidecar(Policy.REALISTIC, up, tmp, console=True),
     "listener": _start_listener,
     "probe": _start_probe,
 }

@@ -8,8 +8,12 @@ ever shows a secret: secrets serialize as their reference (`${file:/path}`,
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
 import dataclasses
 import enum
+import hmac
 import json
 import logging
 import re
@@ -286,7 +290,58 @@ async def faults(sidecar: Sidecar, request: Request, params: Params) -> Response
     return json_response({"faults": {name: f.snapshot() for name, f in switches.items()}})
 
 
+# The console's own headers: it is never framed (clickjacking of its replay and
+# enable buttons), loads nothing but its own files, and is never cached.
+CONSOLE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
+_SECURITY_HEADERS = [
+    ("Content-Security-Policy", CONSOLE_CSP),
+    ("X-Frame-Options", "DENY"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-store"),
+]
+_STATIC = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/console.js": ("console.js", "text/javascript; charset=utf-8"),
+    "/console.css": ("console.css", "text/css; charset=utf-8"),
+}
+_static_cache: dict[str, bytes] = {}
+
+
+def _read_static(name: str) -> bytes:
+    from importlib import resources
+
+    return resources.files("sidecar.console").joinpath("static", name).read_bytes()
+
+
+async def console_file(sidecar: Sidecar, request: Request, params: Params) -> Response:
+    """The console page and its script and style: package data, no build step, no CDN."""
+    name, content_type = _STATIC[request.target.partition("?")[0]]
+    body = _static_cache.get(name)
+    if body is None:
+        # Read once, off the loop; the files do not change while the package is installed.
+        body = _static_cache[name] = await asyncio.to_thread(_read_static, name)
+    headers = [("Content-Type", content_type), ("Server", SERVER), *_SECURITY_HEADERS]
+    return Response(status=200, headers=headers, body=body)
+
+
+async def console_api(sidecar: Sidecar, request: Request, params: Params) -> Response:
+    """Everything the console shows, as one JSON document (docs/console.md)."""
+    from .console.api import document
+
+    # The queue figures as of now, for /metrics and the page alike.
+    await sidecar.webhooks.refresh_gauges()
+    return json_response(await document(sidecar))
+
+
 _ROUTES: list[tuple[str, str, Handler]] = [
+    ("GET", "/", console_file),
+    ("GET", "/console.js", console_file),
+    ("GET", "/console.css", console_file),
+    ("GET", "/api/console", console_api),
     ("GET", "/healthz", healthz),
     ("GET", "/readyz", readyz),
     ("GET", "/config", config),
@@ -319,9 +374,66 @@ def _plain_answer(status: int, text: str, extra: list[tuple[str, str]] | None = 
     return Response(status=status, headers=headers + (extra or []), body=text.encode())
 
 
-def admin_app(sidecar: Sidecar) -> App:
+# Answered without a token (never with a wrong one): kubelet probes carry no secret.
+PROBES = frozenset({"/healthz", "/readyz"})
+
+
+def presented_token(request: Request) -> str | None:
+    """The token of `Authorization: Bearer T`, or the password of HTTP Basic (browsers)."""
+    value = request.headers.get("Authorization")
+    if not value:
+        return None
+    scheme, _, rest = value.strip().partition(" ")
+    scheme = scheme.lower()
+    if scheme == "bearer":
+        return rest.strip()
+    if scheme == "basic":
+        try:
+            decoded = base64.b64decode(rest.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, ValueError):
+            return ""
+        return decoded.partition(":")[2]
+    return ""
+
+
+def _unauthorized(detail: str) -> Response:
+    status, headers, body = problem_parts(ProblemError("unauthenticated", detail))
+    # Basic first: a browser opening the console asks for it (any user name, the token).
+    headers.append(("WWW-Authenticate", 'Basic realm="sidecar admin", charset="UTF-8"'))
+    headers.append(("WWW-Authenticate", 'Bearer realm="sidecar admin"'))
+    return Response(status=status, headers=headers, body=body)
+
+
+def check_token(sidecar: Sidecar, request: Request, *, protected: bool) -> Response | None:
+    """None when the request may go on; else the 401 to answer.
+
+    With a token in force every path but the probes needs it, and a wrong one
+    gets 401 on every path. On a non-loopback address with no token (a reload
+    removed it) only the probes answer.
+    """
+    token = sidecar.admin_token
+    presented = presented_token(request)
+    path = request.target.partition("?")[0]
+    if token is None:
+        if not protected or path in PROBES:
+            return None
+        return _unauthorized("the admin port is not on loopback and no admin token is set")
+    if presented is None:
+        if path in PROBES:
+            return None
+        return _unauthorized("the admin port needs its token: Authorization: Bearer <token>")
+    if hmac.compare_digest(presented.encode("utf-8"), token.encode("utf-8")):
+        return None
+    return _unauthorized("the admin token is wrong")
+
+
+def admin_app(sidecar: Sidecar, *, protected: bool = False) -> App:
+    """The admin port's handler; `protected`: bound to a non-loopback address."""
+
     async def handle(request: Request) -> Response:
-        refused = _cross_origin(request)
+        refused = check_token(sidecar, request, protected=protected)
+        if refused is None:
+            refused = _cross_origin(request)
         if refused is not None:
             return refused
         path = request.target.partition("?")[0]
@@ -340,5 +452,25 @@ def admin_app(sidecar: Sidecar) -> App:
             allow = ", ".join(sorted(set(allowed)))
             return _plain_answer(405, "405: Method Not Allowed", [("Allow", allow)])
         return _plain_answer(404, "404: Not Found")
+
+    return handle
+
+
+def probes_app(sidecar: Sidecar) -> App:
+    """The probes listener (`--probes`): /healthz and /readyz, nothing else, no token.
+
+    Kubernetes probes reach a pod over its IP, so this listener binds there while
+    the admin port (the console, reloads, the figures) stays on loopback; it shows
+    nothing but readiness and the policy's version hash.
+    """
+
+    async def handle(request: Request) -> Response:
+        path = request.target.partition("?")[0]
+        handler = {"/healthz": healthz, "/readyz": readyz}.get(path)
+        if handler is None:
+            return _plain_answer(404, "404: Not Found")
+        if request.method not in ("GET", "HEAD"):
+            return _plain_answer(405, "405: Method Not Allowed", [("Allow", "GET, HEAD")])
+        return await handler(sidecar, request, {})
 
     return handle

@@ -55,6 +55,10 @@ def _policies_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _optional_hostport(value: str | None) -> tuple[str, int] | None:
+    return parse_hostport(value) if value else None
+
+
 def _serving_options() -> argparse.ArgumentParser:
     """The options of every command that serves agents (run, record, replay), defined once."""
     serving = argparse.ArgumentParser(add_help=False)
@@ -70,7 +74,16 @@ def _serving_options() -> argparse.ArgumentParser:
         type=parse_hostport,
         default=parse_hostport(_env("ADMIN", "127.0.0.1:15001") or ""),
         metavar="HOST:PORT",
-        help="admin listener (env SIDECAR_ADMIN, default 127.0.0.1:15001)",
+        help="admin listener and console (env SIDECAR_ADMIN, default 127.0.0.1:15001); "
+        "any non-loopback address needs an admin token (admin.token, SIDECAR_ADMIN_TOKEN)",
+    )
+    serving.add_argument(
+        "--probes",
+        type=parse_hostport,
+        default=_optional_hostport(_env("PROBES")),
+        metavar="HOST:PORT",
+        help="a listener that answers only /healthz and /readyz, for kubelet probes over "
+        "the pod IP while the admin port stays on loopback (env SIDECAR_PROBES; default off)",
     )
     serving.add_argument(
         "--ingress",
@@ -459,7 +472,12 @@ async def _serve(sidecar: Sidecar, args: argparse.Namespace) -> int:
         return 1  # the reload logged each error, once
     try:
         runners = await serve(
-            sidecar, listen=args.listen, admin=args.admin, drain=args.drain, ingress=args.ingress
+            sidecar,
+            listen=args.listen,
+            admin=args.admin,
+            drain=args.drain,
+            ingress=args.ingress,
+            probes=args.probes,
         )
     except ListenError as exc:
         log.error("%s", exc)
@@ -474,8 +492,9 @@ async def _serve(sidecar: Sidecar, args: argparse.Namespace) -> int:
     # The bound addresses, not the asked-for ones: port 0 picks a free port.
     egress, admin = (runner.addresses[0][:2] for runner in runners[:2])
     log.info("egress on http://%s:%d, admin on http://%s:%d", *egress, *admin)
-    if len(runners) > 2:
-        log.info("ingress (inbound webhooks) on http://%s:%d", *runners[2].addresses[0][:2])
+    for runner in runners[2:]:
+        what = "ingress (inbound webhooks)" if runner.name == "ingress" else "probes"
+        log.info("%s on http://%s:%d", what, *runner.addresses[0][:2])
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -503,11 +522,12 @@ async def _serve(sidecar: Sidecar, args: argparse.Namespace) -> int:
         loop.add_signal_handler(signum, on_stop, signum)
     await stop.wait()
     log.info("stopping: letting calls in flight finish (up to %gs)", args.drain)
-    # The admin port closes last: while calls drain, /readyz keeps answering 503
-    # (draining) to new probes instead of refusing them.
-    serving = [runner for runner in runners if runner.name != "admin"]
+    # The admin and probes ports close last: while calls drain, /readyz keeps
+    # answering 503 (draining) to new probes instead of refusing them.
+    last = ("admin", "probes")
+    serving = [runner for runner in runners if runner.name not in last]
     await asyncio.gather(*(runner.shutdown(args.drain) for runner in serving))
-    for runner in (*serving, *(runner for runner in runners if runner.name == "admin")):
+    for runner in (*serving, *(runner for runner in runners if runner.name in last)):
         await runner.cleanup()
     if sidecar.policy is not None:
         from .steps.cassette import written_summary

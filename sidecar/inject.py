@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 DEFAULT_IMAGE = "ghcr.io/agent-sidecar/sidecar:0.1.0"
 CONTAINER_NAME = "agent-sidecar"
 ADMIN_PORT = 15001
+# The probes listener (--probes): /healthz and /readyz on the pod IP, admin on loopback.
+PROBES_PORT = 15021
 POLICIES_DIR = "/etc/sidecar/policies"
 CREDENTIALS_DIR = "/var/run/secrets/agent-sidecar"
 RUN_AS = 10001  # the numeric USER of the image
@@ -189,7 +191,7 @@ def sidecar_container(*, image: str, with_credentials: bool = False) -> dict[str
         )
 
     def probe(path: str, **timing: int) -> dict[str, Any]:
-        return {"httpGet": {"path": path, "port": ADMIN_PORT}, **timing}
+        return {"httpGet": {"path": path, "port": PROBES_PORT}, **timing}
 
     return {
         "name": CONTAINER_NAME,
@@ -197,12 +199,13 @@ def sidecar_container(*, image: str, with_credentials: bool = False) -> dict[str
         "args": ["run", "--policies", POLICIES_DIR],
         "restartPolicy": "Always",
         # Spelled out so that an --image override with other defaults still keeps egress
-        # on loopback and lets the kubelet reach the admin port over the pod IP.
+        # and admin on loopback and lets the kubelet reach the probes over the pod IP.
         "env": [
             {"name": "SIDECAR_LISTEN", "value": "127.0.0.1:15000"},
-            {"name": "SIDECAR_ADMIN", "value": f"0.0.0.0:{ADMIN_PORT}"},
+            {"name": "SIDECAR_ADMIN", "value": f"127.0.0.1:{ADMIN_PORT}"},
+            {"name": "SIDECAR_PROBES", "value": f"0.0.0.0:{PROBES_PORT}"},
         ],
-        "ports": [{"name": "sidecar-admin", "containerPort": ADMIN_PORT}],
+        "ports": [{"name": "sidecar-probes", "containerPort": PROBES_PORT}],
         # Startup waits for /readyz: the agent containers start only once the routes
         # are loaded, so their first call does not fail.
         "startupProbe": probe("/readyz", periodSeconds=1, failureThreshold=30),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import time
@@ -118,6 +119,18 @@ class Sidecar:
             tracer=self.telemetry.tracer,
         )
         self.handler = Egress(self.telemetry, self.webhooks)
+        # The console's 30 minutes of readings, and the alert rules; both run on one
+        # timer (start_background), never on the request path.
+        from .alerts.engine import AlertEngine
+        from .console.figures import Samples
+
+        self.samples = Samples(self.telemetry.metrics)
+        self.alert_engine = AlertEngine(self)
+        self.telemetry.metrics.alerts.source = self.alert_engine.gauge_rows
+        self.telemetry.metrics.breakers.source = self.breaker_states
+        # The admin token in force: the policy's admin.token, else SIDECAR_ADMIN_TOKEN(_FILE).
+        self.admin_token: str | None = None
+        self._background: asyncio.Task[None] | None = None
 
     async def reload(self, trigger: str) -> ReloadResult:
         async with self._lock:
@@ -170,7 +183,15 @@ class Sidecar:
             # The type only: an exception's text may quote a policy value.
             return failed(f"{self.policies}: cannot compile: {type(exc).__name__}")
         try:
-            await self.webhooks.apply(policy.webhooks, gate=gate)
+            token = await asyncio.to_thread(self._admin_token, policy)
+        except OSError as exc:
+            build.abort()
+            log.error("%s: %s", self._failure("policy rejected"), exc)
+            return failed(f"SIDECAR_ADMIN_TOKEN_FILE: cannot read: {exc.strerror}")
+        try:
+            from .alerts.engine import delivery_settings
+
+            await self.webhooks.apply(policy.webhooks, delivery_settings(policy.alerts), gate=gate)
         except StoreChanged as exc:
             build.abort()
             log.error("%s: %s", self._failure("policy rejected"), exc)
@@ -181,6 +202,8 @@ class Sidecar:
             return failed(f"{self.webhooks.data_dir}: cannot open the webhook store: {exc}")
         build.commit()
         self.policy, self.router = policy, router
+        self.admin_token = token
+        self.alert_engine.configure(policy.alerts)
         self.handler.router = router
         log.info(
             "policy %s loaded (%s): %d services from %d files",
@@ -190,6 +213,39 @@ class Sidecar:
             len(policy.files),
         )
         return ReloadResult(ok=True, trigger=trigger, at=now, version=policy.version, changed=True)
+
+    def _admin_token(self, policy: Policy) -> str | None:
+        if policy.admin is not None and policy.admin.token is not None:
+            return policy.admin.token.reveal() or None
+        env = os.environ if self.env is None else self.env
+        if env.get("SIDECAR_ADMIN_TOKEN"):
+            return env["SIDECAR_ADMIN_TOKEN"]
+        path = env.get("SIDECAR_ADMIN_TOKEN_FILE")
+        if path:
+            with open(path, encoding="utf-8") as f:
+                return f.read().strip() or None
+        return None
+
+    def start_background(self) -> None:
+        """The console's readings every 10 s and the alert rules, on one timer."""
+        if self._background is None:
+            self._background = asyncio.get_running_loop().create_task(
+                self._tick(), name="console-and-alerts"
+            )
+
+    async def _tick(self) -> None:
+        samples, engine = self.samples, self.alert_engine
+        next_sample = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_sample:
+                samples.take()
+                next_sample = now + samples.every
+            try:
+                await engine.evaluate()
+            except Exception:
+                log.exception("alert evaluation failed")
+            await asyncio.sleep(min(samples.every, engine.every))
 
     def _failure(self, what: str) -> str:
         # Before the first good policy there is nothing to fall back on: nothing serves.
@@ -215,6 +271,19 @@ class Sidecar:
 
     def fault_switches(self) -> list[tuple[str, bool]]:
         return [(name, faults.enabled) for name, faults in self.faults().items()]
+
+    def breaker_states(self) -> list[tuple[str, str]]:
+        """(service, state) of each breaker the current policy has.
+
+        Also called from the OTLP exporter's thread: it reads the state field only
+        (snapshot() would advance the breaker's window from that thread).
+        """
+        policy = self.policy
+        out: list[tuple[str, str]] = []
+        for name in policy.services if policy is not None else ():
+            for breaker in self.state.find(name, "breaker"):
+                out.append((name, str(breaker.state)))
+        return out
 
     def cache_sizes(self) -> list[tuple[str, int, int]]:
         """(service, entries, bytes) of each in-memory cache the current policy uses."""
@@ -246,6 +315,11 @@ class Sidecar:
 
     async def close(self) -> None:
         self._stop.set()
+        if self._background is not None:
+            self._background.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._background
+            self._background = None
         if self._watch_task is not None:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -316,16 +390,26 @@ async def serve(
     admin: tuple[str, int] | None,
     drain: float = 10.0,
     ingress: tuple[str, int] | None = None,
+    probes: tuple[str, int] | None = None,
 ) -> list[Bound]:
     """Open the listeners; ListenError (with nothing left open) when one cannot be.
 
-    Egress first, then admin; the ingress listener last, and only when the
+    Egress first, then admin and probes; the ingress listener last, and only when the
     policy declares an inbound webhook (it never serves anything else): if
     none does yet, it opens when a reload first declares one.
     """
+    if admin is not None and not is_loopback(admin[0]) and sidecar.admin_token is None:
+        # Anyone who reaches the port could reload, replay webhooks and read the figures.
+        raise ListenError(
+            f"the admin listener {admin[0]}:{admin[1]} is not a loopback address and no admin "
+            "token is set: set admin.token in the policy (or SIDECAR_ADMIN_TOKEN, or "
+            "SIDECAR_ADMIN_TOKEN_FILE), or bind --admin to 127.0.0.1"
+        )
     wanted: list[tuple[str, tuple[str, int]]] = [("egress", listen)]
     if admin is not None:
         wanted.append(("admin", admin))
+    if probes is not None:
+        wanted.append(("probes", probes))
     if ingress is not None and sidecar.webhooks.inbound_paths:
         wanted.append(("ingress", ingress))
     bound: list[Bound] = []
@@ -345,7 +429,17 @@ async def serve(
         for made in bound:
             await made.cleanup()
         raise
+    sidecar.start_background()
     return bound
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
 
 
 async def _open(sidecar: Sidecar, name: str, address: tuple[str, int]) -> Bound:
@@ -354,6 +448,11 @@ async def _open(sidecar: Sidecar, name: str, address: tuple[str, int]) -> Bound:
         return await listen_http(sidecar.handler, host, port, backlog=1024, name=name)
     if name == "ingress":
         return await listen_http(ingress_app(sidecar.webhooks), host, port, name=name)
-    from .admin import admin_app
+    from .admin import admin_app, probes_app
 
-    return await listen_http(admin_app(sidecar), host, port, name=name)
+    if name == "probes":
+        return await listen_http(probes_app(sidecar), host, port, name=name)
+
+    return await listen_http(
+        admin_app(sidecar, protected=not is_loopback(host)), host, port, name=name
+    )

@@ -71,6 +71,10 @@ WHERE: dict[str, tuple[str, str | None]] = {
     "Cache": ("cache", None),
     "Check": ("check", None),
     "Files": ("files", None),
+    "Admin": ("admin", None),
+    "Alerts": ("alerts", None),
+    "Receiver": ("alerts.receivers", None),
+    "Rule": ("alerts.rules", None),
 }
 
 _TICKED = re.compile(r"`([A-Za-z_]+)`")

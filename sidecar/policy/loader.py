@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from .. import openapi
 from .access import AllowRule, value_regex
+from .alerts import Admin, Alerts
 from .base import _did_you_mean, closest
 from .models import (
     AUTH_TYPES,
@@ -65,6 +66,8 @@ class Policy:
     secret_files: frozenset[str] = field(default_factory=frozenset)
     webhooks: Webhooks | None = None  # every file's `webhooks:` merged; None when none has one
     allow: tuple[AllowRule, ...] | None = None  # the top-level rules; None when no file has any
+    admin: Admin | None = None  # `admin:`, from the one file that has it
+    alerts: Alerts | None = None  # `alerts:`, from the one file that has it
 
 
 class PolicyError(Exception):
@@ -235,6 +238,19 @@ def load_policy(
             rules, source = (), ""
         services[name] = replace(sp, agents=agents, allow=rules, allow_from=source if rules else "")
 
+    # One file holds each of these, as with `agents:`: a second is an error, not a merge.
+    singles: dict[str, tuple[Position, Any]] = {}
+    for doc, model in parsed:
+        for key in ("admin", "alerts"):
+            value = getattr(model, key)
+            if value is None:
+                continue
+            here = doc.position((key,))
+            if key in singles:
+                problems.append(Problem(here, f"'{key}' is already set in {singles[key][0]}"))
+            else:
+                singles[key] = (here, value)
+
     parts = [model.webhooks for _, model in parsed if model.webhooks is not None]
     webhooks: Webhooks | None = None
     if parts:
@@ -256,6 +272,8 @@ def load_policy(
         secret_files=frozenset(resolver.files),
         webhooks=webhooks,
         allow=tuple(allow[1]) if allow is not None else None,
+        admin=singles["admin"][1] if "admin" in singles else None,
+        alerts=singles["alerts"][1] if "alerts" in singles else None,
     )
 
 

@@ -548,10 +548,15 @@ class PolicyFile(Model):
     allow: list[AllowRule] | None = Field(
         default=None, description="Allow rules of every service that has none of its own"
     )
+    admin: Admin | None = Field(default=None, description="The admin listener, see alerts.py")
+    alerts: Alerts | None = Field(
+        default=None, description="Alert rules and where they are sent, see alerts.py"
+    )
 
 
 # At the end: each feature's models, which Agents, Service and PolicyFile name.
 from .access import AgentKeys, AllowRule, CredentialHeader, JwtVerify, Method  # noqa: E402
+from .alerts import Admin, Alerts  # noqa: E402
 from .budget import Budget, Prices  # noqa: E402
 from .cache import Cache  # noqa: E402
 from .check import Check  # noqa: E402

@@ -32,6 +32,8 @@ from ..problems import ProblemError
 from ..steps.timeout import TIMEOUT_CANCEL
 from . import access
 from .metrics import KNOWN_METHODS, OTHER_METHOD, Metrics
+from .pools import Pools
+from .problems import RecentProblems
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
@@ -140,6 +142,9 @@ class Telemetry:
 
             self._propagator = TraceContextTextMapPropagator()
         self._breakers: dict[str, Any] = {}
+        # The console's: the last problems, and the pools connectors register.
+        self.problems = RecentProblems()
+        self.pools = Pools()
 
     @classmethod
     def from_env(
@@ -245,12 +250,24 @@ class Telemetry:
         metrics.request(method, status, reason).observe(duration)
         if reason == "rate_limited":
             metrics.rate_limited.inc()
+        call = exchange.call
+        agent = call.agent if call is not None else None
+        if agent:
+            self.metrics.agents.count(agent, status >= 400 and reason != "")
         span = exchange.span
+        if status >= 500 or (status >= 400 and reason != ""):
+            # Off the successful path: the console's recent problems.
+            self.problems.record(
+                service,
+                agent[:MAX_AGENT] if agent else "",
+                method if method in KNOWN_METHODS else OTHER_METHOD,
+                status,
+                reason,
+                _trace_id(span, request),
+            )
         if span is not None:
             self._end_server_span(span, exchange, method, status, reason, error)
         if self.access_log and access.log.isEnabledFor(logging.INFO):
-            call = exchange.call
-            agent = call.agent if call is not None else None
             access.log.info(
                 access.line(
                     at=time.time() - duration,

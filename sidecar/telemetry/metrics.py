@@ -86,6 +86,8 @@ MAX_LLM_AGENTS: Final = 100
 MAX_LLM_MODELS: Final = 50
 MAX_LABEL: Final = 128
 OTHER_LABEL: Final = "_other"
+# Agents the console tells apart (AgentTally); later ones share OTHER_LABEL.
+MAX_TALLY_AGENTS: Final = 200
 
 
 class Timings:
@@ -162,6 +164,40 @@ class ServiceMetrics:
         if child is None:
             child = self._answered[status] = self.attempt(str(status))
         return child
+
+
+class AgentTally:
+    """Calls and refusals per agent, for the console: two plain ints, no Prometheus series.
+
+    Agent ids come from requests, so at most MAX_TALLY_AGENTS are kept apart and
+    the rest share OTHER_LABEL, as the LLM token labels do.
+    """
+
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        # agent -> [calls, refusals]
+        self.counts: dict[str, list[int]] = {}
+
+    def count(self, agent: str, refused: bool) -> None:
+        found = self.counts.get(agent)
+        if found is None:
+            found = self._new(agent)
+        found[0] += 1
+        if refused:
+            found[1] += 1
+
+    def _new(self, agent: str) -> list[int]:
+        counts = self.counts
+        key = agent[:MAX_LABEL]
+        found = counts.get(key)
+        if found is None:
+            if len(counts) >= MAX_TALLY_AGENTS:
+                key = OTHER_LABEL
+                found = counts.get(key)
+            if found is None:
+                found = counts[key] = [0, 0]
+        return found
 
 
 class Metrics:
@@ -297,6 +333,11 @@ class Metrics:
         self._llm_labels: dict[str, tuple[set[str], set[str]]] = {}
         self._services: dict[str, ServiceMetrics] = {}
         self.webhooks = WebhookMetrics(r)
+        self.agents = AgentTally()
+        self.alerts = AlertGauges()
+        r.register(self.alerts)
+        self.breakers = BreakerGauges()
+        r.register(self.breakers)
 
     def service(self, name: str) -> ServiceMetrics:
         found = self._services.get(name)
@@ -376,6 +417,53 @@ def _bounded(value: str, seen: set[str], most: int) -> str:
 
 # (direction, webhook, endpoint): an outbound endpoint's name, an inbound target's URL.
 QueueKey = tuple[str, str, str]
+
+
+BREAKER_STATES: Final = ("closed", "open", "half_open")
+
+
+class BreakerGauges(Collector):
+    """Each service's breaker state as a state set: 1 for the state it is in, 0 for the others.
+
+    Read at scrape time from `source` (set by the runtime), so a dashboard or a
+    Prometheus rule sees an open breaker without reconstructing it from transitions.
+    """
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Iterable[tuple[str, str]]] = tuple
+
+    def collect(self) -> Iterable[Family]:
+        family = GaugeMetricFamily(
+            "sidecar_circuit_breaker_state",
+            "A service's circuit breaker: 1 for the state it is in (closed, open, half_open).",
+            labels=["service", "state"],
+        )
+        for service, state in self.source():
+            for name in BREAKER_STATES:
+                family.add_metric([service, name], 1.0 if name == state else 0.0)
+        return [family]
+
+
+class AlertGauges(Collector):
+    """ALERTS-style: 1 for each alert firing (or pending) now, as Prometheus' own ALERTS.
+
+    `source` is set by the alert engine: (alertname, state, service, severity) rows.
+    """
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Iterable[tuple[str, str, str, str]]] = tuple
+
+    def collect(self) -> Iterable[Family]:
+        family = GaugeMetricFamily(
+            "sidecar_alerts",
+            "Alerts of the policy's alerts: section that are pending or firing now (1). "
+            "alertname: the rule's name; alertstate: pending or firing; service: what it is "
+            "about (a service, budget, webhook endpoint or pool), '' for the sidecar itself.",
+            labels=["alertname", "alertstate", "service", "severity"],
+        )
+        for name, state, subject, severity in self.source():
+            family.add_metric([name, state, subject, severity], 1.0)
+        return [family]
 
 
 class FaultGauges(Collector):

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
 
     from ..telemetry.metrics import WebhookMetrics
-    from .delivery import DeliveryWorker
+    from .delivery import DeliverySettings, DeliveryWorker, SettingsKey
     from .gate import Gate
     from .inbound import InboundHook, Ingress
     from .observe import WebhookTelemetry
@@ -91,11 +91,21 @@ class WebhookHub:
     def inbound_paths(self) -> frozenset[str]:
         return frozenset(self._ingress.hooks) if self._ingress is not None else frozenset()
 
-    async def apply(self, webhooks: Webhooks | None, *, gate: Gate | None = None) -> None:
-        """Serve a (re)loaded policy's webhooks; opens the store on first use."""
+    async def apply(
+        self,
+        webhooks: Webhooks | None,
+        extra: Mapping[SettingsKey, DeliverySettings] | None = None,
+        *,
+        gate: Gate | None = None,
+    ) -> None:
+        """Serve a (re)loaded policy's webhooks; opens the store on first use.
+
+        `extra`: the delivery settings of other senders through the same queue
+        (the alert receivers, alerts/); they open the store too.
+        """
         async with self._lock:
             self.gate = gate
-            if webhooks is None and self.store is None:
+            if webhooks is None and not extra and self.store is None:
                 return  # no webhooks ever: no database file, no worker
             from .delivery import DeliveryWorker, compile_settings
             from .inbound import Ingress
@@ -117,7 +127,7 @@ class WebhookHub:
             store = self.store
             self._ingress = Ingress(webhooks, store=store)
             self._outbox = Outbox(webhooks, store=store)
-            settings = compile_settings(webhooks)
+            settings = {**compile_settings(webhooks), **(extra or {})}
             if self._worker is None:
                 self._worker = DeliveryWorker(
                     store, settings, watcher=self._telemetry, listeners=lambda: self.listeners

@@ -146,6 +146,17 @@ class QueueDepth:
 
 
 @dataclass(frozen=True, slots=True)
+class DeadLetter:
+    direction: Direction
+    source: str
+    endpoint: str
+    message_id: str
+    event_type: str | None
+    created: float
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Overview:
     endpoints: list[EndpointStats]
     unrouted: dict[str, int]  # inbound webhook -> messages no route matched
@@ -633,6 +644,23 @@ class Store:
                 ).fetchall()
             )
             return Overview(stats, unrouted)
+
+        return await self._run(work)
+
+    async def dead_letters(self, limit: int = 50) -> list[DeadLetter]:
+        """The newest dead deliveries, each with its message id (what a replay takes)."""
+
+        def work(conn: sqlite3.Connection) -> list[DeadLetter]:
+            return [
+                DeadLetter(Direction(r[0]), r[1], r[2], r[3], r[4], r[5], r[6])
+                for r in conn.execute(
+                    "SELECT d.direction, d.source, d.endpoint, d.message_id, m.event_type,"
+                    " m.created, d.last_error FROM deliveries d"
+                    " JOIN messages m ON m.id = d.message_id"
+                    " WHERE d.status = 'dead' ORDER BY m.created DESC LIMIT ?",
+                    (limit,),
+                )
+            ]
 
         return await self._run(work)
 

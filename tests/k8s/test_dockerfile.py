@@ -90,12 +90,14 @@ def test_the_final_image_runs_the_sidecar_as_a_numeric_non_root_user() -> None:
     ]
 
 
-def test_egress_stays_on_loopback_and_only_admin_is_exposed() -> None:
+def test_egress_and_admin_stay_on_loopback_and_only_probes_are_exposed() -> None:
     final = stages()[-1]
     env = dict(pair.split("=", 1) for a in args_of(final, "ENV") for pair in shlex.split(a))
     assert env["SIDECAR_LISTEN"] == "127.0.0.1:15000"
-    assert env["SIDECAR_ADMIN"] == "0.0.0.0:15001"
-    assert args_of(final, "EXPOSE") == ["15001"]
+    # Anywhere else the admin port needs a token, or the sidecar does not start.
+    assert env["SIDECAR_ADMIN"] == "127.0.0.1:15001"
+    assert env["SIDECAR_PROBES"] == "0.0.0.0:15021"
+    assert args_of(final, "EXPOSE") == ["15021"]
 
 
 # --- the build context: .dockerignore -----------------------------------------------------

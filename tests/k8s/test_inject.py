@@ -133,9 +133,9 @@ def assert_native_sidecar(pod: Pod, *, image: str, configmap: str) -> None:
     sidecar = sidecar_of(pod)
     assert sidecar["image"] == image
     assert sidecar["restartPolicy"] == "Always"
-    assert sidecar["startupProbe"]["httpGet"] == {"path": "/readyz", "port": 15001}
-    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 15001}
-    assert sidecar["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 15001}
+    assert sidecar["startupProbe"]["httpGet"] == {"path": "/readyz", "port": 15021}
+    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 15021}
+    assert sidecar["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 15021}
     sc = sidecar["securityContext"]
     assert sc["runAsNonRoot"] is True
     assert sc["readOnlyRootFilesystem"] is True

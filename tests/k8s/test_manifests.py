@@ -70,13 +70,14 @@ def test_the_sidecar_is_a_native_sidecar_with_admin_probes() -> None:
     assert sidecar["restartPolicy"] == "Always"
     probes = {k: sidecar[k]["httpGet"] for k in ("startupProbe", "readinessProbe", "livenessProbe")}
     assert probes == {
-        "startupProbe": {"path": "/readyz", "port": 15001},
-        "readinessProbe": {"path": "/readyz", "port": 15001},
-        "livenessProbe": {"path": "/healthz", "port": 15001},
+        "startupProbe": {"path": "/readyz", "port": 15021},
+        "readinessProbe": {"path": "/readyz", "port": 15021},
+        "livenessProbe": {"path": "/healthz", "port": 15021},
     }
     env = {e["name"]: e["value"] for e in sidecar["env"]}
     assert env["SIDECAR_LISTEN"].startswith("127.0.0.1:"), "egress must stay on loopback"
-    assert env["SIDECAR_ADMIN"] == "0.0.0.0:15001", "the kubelet probes over the pod IP"
+    assert env["SIDECAR_ADMIN"].startswith("127.0.0.1:"), "admin needs a token elsewhere"
+    assert env["SIDECAR_PROBES"] == "0.0.0.0:15021", "the kubelet probes over the pod IP"
 
 
 def test_the_sidecar_in_the_deployment_is_the_one_the_webhook_injects() -> None:

@@ -370,3 +370,24 @@ async def test_an_oversized_upload_is_refused_before_its_body_is_asked_for(start
     writer.close()
     assert status.startswith(b"HTTP/1.1 413 ")  # no "100 Continue" first
     assert not (root / "a.txt").exists()
+
+
+async def test_a_range_with_digits_that_are_not_ascii_is_ignored(start_sidecar, root):
+    # str.isdigit() is true of '²', which int() cannot read: such a
+    # Range is bad syntax, ignored like any other (the whole file), never a 500.
+    (root / "a.txt").write_bytes(b"0123456789")
+    sc = await start_sidecar(files_policy(root))
+    host, port = sc.url.removeprefix("http://").split(":")
+    for spec in (b"\xb2-", b"0-\xb2", b"-\xb3", b"\xb9-2"):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"GET /docs/a.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\nRange: bytes="
+            + spec
+            + b"\r\n\r\n"
+        )
+        await writer.drain()
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200 "), (spec, answer[:200])
+        assert answer.endswith(b"\r\n\r\n0123456789"), spec

@@ -3,7 +3,8 @@
 A property is `required` only when every sample of the object has it; a string gets a
 `format` when every value has it (uuid, date-time, date, email, uri), and an `enum`
 only when few short words were seen, often: a value that could be personal or secret
-(digits, long text, a field named like a credential) is never written down.
+(digits, long text, a field named like a credential or beneath one) is never written
+down.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ from typing import Any
 _ENUM_MAX = 6  # at most this many distinct values
 _ENUM_MIN_SEEN = 3  # seen at least this many times in all
 _WORD = re.compile(r"^[A-Za-z][A-Za-z_.-]{0,23}$")
-_SECRETISH = re.compile(r"(key|token|secret|passw|auth|cookie|session|signature|credential)", re.I)
+_SECRETISH = re.compile(
+    r"(key|token|secret|pass|pwd|private|auth|cookie|session|signature|credential|jwt|bearer)"
+    r"|(^|[^a-z])(pin|otp)([^a-z]|$)",
+    re.I,
+)
 _FORMATS = (
     (
         "uuid",
@@ -91,7 +96,9 @@ class Shape:
                         self.truncated = True
                         continue
                     child = self.properties[key] = Shape()
-                child.add(item, name=key, depth=depth + 1)
+                # What is beneath a credential's field is as secret as it: its name passes on.
+                inner = name if name and _SECRETISH.search(name) else key
+                child.add(item, name=inner, depth=depth + 1)
 
     def _word(self, value: str, name: str) -> None:
         if not self.enumerable:

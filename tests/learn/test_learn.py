@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 from openapi_spec_validator import validate
 
 from tests.helpers import ROOT, eventually, sidecar_process
@@ -261,3 +262,46 @@ async def test_access_log_gives_rules_per_agent(upstream, tmp_path):
         "learn", "--access-log", str(log), "--since", "2100-01-01", "--out", str(out)
     )
     assert future.returncode == 1 and "no calls" in future.stderr
+
+
+async def test_a_secret_made_of_letters_is_never_learned_as_an_enum(
+    upstream, start_sidecar, client, tmp_path
+):
+    # A pass phrase of plain words, sent again and again, looks like an enum to the schema
+    # merger; neither a field named like one (passphrase, pwd, pin, otp) nor anything
+    # beneath a field named like a credential may be written down.
+    phrase, nested = "correct-horse-battery", "swordfish"
+
+    async def login(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_post("/login", login)
+    base = await upstream(app)
+    cassettes = tmp_path / "cassettes"
+    sc = await start_sidecar(policy({"accounts": base}, "record", cassettes))
+    bodies = [
+        {
+            "user": f"user{i}",
+            "kind": "human",
+            "passphrase": phrase,
+            "pwd": nested,
+            "credentials": {"value": nested, "scheme": phrase},
+        }
+        for i in range(4)
+    ]
+    for body in bodies:
+        async with client.post(f"{sc.url}/accounts/login", json=body) as resp:
+            assert resp.status == 200
+    folder = cassettes / "accounts"
+    await eventually(lambda: len(list(folder.glob("*.json"))) == 4, "the cassettes")
+    out = tmp_path / "learned"
+    done = sidecar_cli("learn", "--cassettes", str(cassettes), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    text = (out / "accounts.openapi.json").read_text() + (out / "accounts.yaml").read_text()
+    assert phrase not in text and nested not in text
+    # An enum is still learned where a value is a word of the API.
+    document = json.loads((out / "accounts.openapi.json").read_text())
+    body = document["paths"]["/login"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["schema"]["properties"]["kind"]["enum"] == ["human"]

@@ -379,13 +379,7 @@ class FilesService:
         try:
             directory = beneath.directory(path.parts[:-1], create=True)
             assert directory is not None  # created
-            old = _current(directory, path)
-            conditions.check_write(
-                path.shown,
-                conditions.etag(old) if old is not None else None,
-                if_match,
-                if_none_match,
-            )
+            old = _checked(directory, path, if_match, if_none_match)
             usage = self.state.usage
             if usage is not None and agent is not None:
                 with self.state.commit:
@@ -409,18 +403,19 @@ class FilesService:
         fd = upload.fd
         assert fd is not None
         os.fsync(fd)
+        size = os.fstat(fd).st_size
         upload.fd = None
         os.close(fd)
         directory, name, temp = upload.directory, upload.name, upload.temp
+        usage = self.state.usage
         with self.state.commit:
             # Again, now: another call may have written or removed the file meanwhile.
-            old = _current(directory, path)
-            conditions.check_write(
-                path.shown,
-                conditions.etag(old) if old is not None else None,
-                if_match,
-                if_none_match,
-            )
+            old = _checked(directory, path, if_match, if_none_match)
+            grows = size - (old.st_size if old is not None else 0)
+            if usage is not None and agent is not None and grows > 0:
+                # Again too: the bytes of the file it replaces, credited while it streamed,
+                # may have been freed (and spent) by other calls since.
+                self._check_quota(usage, agent, grows, committed=True)
             try:
                 if if_none_match is not None and if_none_match.strip() == "*":
                     # link(2) never replaces: a file made by anyone since is kept.
@@ -440,7 +435,6 @@ class FilesService:
                 st = os.stat(name, dir_fd=directory, follow_symlinks=False)
             except OSError as exc:
                 paths.raise_os_error(exc, path.shown)
-            usage = self.state.usage
             if usage is not None and agent is not None:
                 usage.add(agent, st.st_size - (old.st_size if old is not None else 0))
         # The rename itself made durable: the directory's entry, not just the file's data.
@@ -499,9 +493,14 @@ class FilesService:
             return FileReply(201, headers, body=_once(data), content_length=len(data))
         return FileReply(204, headers)
 
-    def _check_quota(self, usage: Usage, agent: str, extra: int) -> None:
-        """Refused once the agent's usage (with the uploads in flight and `extra`) is over."""
-        total = usage.used.get(agent, 0) + usage.reserved.get(agent, 0) + extra
+    def _check_quota(
+        self, usage: Usage, agent: str, extra: int, *, committed: bool = False
+    ) -> None:
+        """Refused once the agent's usage (with the uploads in flight, unless only what is
+        `committed` counts, and `extra`) is over."""
+        total = usage.used.get(agent, 0) + extra
+        if not committed:
+            total += usage.reserved.get(agent, 0)
         if total > usage.quota:
             raise ProblemError(
                 "quota_exceeded",
@@ -551,6 +550,17 @@ class FilesService:
 async def _none() -> AsyncIterator[bytes]:
     return
     yield b""  # an async generator that yields nothing
+
+
+def _checked(
+    directory: int, path: FilePath, if_match: str | None, if_none_match: str | None
+) -> os.stat_result | None:
+    """The file a write would replace (None: none), once its preconditions hold."""
+    old = _current(directory, path)
+    conditions.check_write(
+        path.shown, conditions.etag(old) if old is not None else None, if_match, if_none_match
+    )
+    return old
 
 
 def _current(directory: int, path: FilePath) -> os.stat_result | None:

@@ -306,3 +306,19 @@ async def test_a_credential_in_the_url_is_refused_never_written(url, tmp_path):
     assert "--header" in done.stderr
     assert PROBE_TOKEN not in done.stderr + done.stdout
     assert not out.exists()
+
+
+async def test_a_redirect_loop_on_the_host_is_reported_and_bounded(upstream):
+    seen: list[str] = []
+
+    async def loop(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        raise web.HTTPFound(request.path)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", loop)
+    base = await upstream(app)
+    done = await discover(base, "--max-requests", "8")
+    assert done.returncode == 0, done.stderr
+    assert "GET / (the base URL): too many redirects" in done.stderr
+    assert len(seen) == 8

@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from openapi_spec_validator import validate
+from yarl import URL
 
 from tests.helpers import ROOT, eventually, sidecar_process
 from tests.learn.apis import AGENT_SECRET, APIS, TOKEN, Call
@@ -305,3 +306,28 @@ async def test_a_secret_made_of_letters_is_never_learned_as_an_enum(
     document = json.loads((out / "accounts.openapi.json").read_text())
     body = document["paths"]["/login"]["post"]["requestBody"]["content"]["application/json"]
     assert body["schema"]["properties"]["kind"]["enum"] == ["human"]
+
+
+async def test_diff_judges_paths_as_the_allow_step_does(upstream, start_sidecar, client, tmp_path):
+    # The allow step compares paths percent-decoded (`/search/read%20me` is `/search/read me`),
+    # so the learned rule lets this call through; --diff must not call it drift.
+    async def search(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_get("/search/{q}", search)
+    base = await upstream(app)
+    cassettes = tmp_path / "cassettes"
+    sc = await start_sidecar(policy({"notes": base}, "record", cassettes))
+    target = URL(f"{sc.url}/notes/search/caf%C3%A9", encoded=True)
+    async with client.get(target, headers={"X-Agent-Id": "reader"}) as resp:
+        assert resp.status == 200
+    await eventually(lambda: len(list((cassettes / "notes").glob("*.json"))) == 1, "cassette")
+    out = tmp_path / "learned"
+    assert sidecar_cli("learn", "--cassettes", str(cassettes), "--out", str(out)).returncode == 0
+    same = sidecar_cli("learn", "--diff", "--policies", str(out), "--cassettes", str(cassettes))
+    assert same.returncode == 0, same.stdout + same.stderr
+    # The allow step, enforcing the same rules, agrees.
+    sc = await start_sidecar({f.name: f.read_text() for f in out.iterdir()})
+    async with client.get(target, headers={"X-Agent-Id": "reader"}) as resp:
+        assert resp.status == 200, await resp.text()

@@ -331,3 +331,59 @@ async def test_diff_judges_paths_as_the_allow_step_does(upstream, start_sidecar,
     sc = await start_sidecar({f.name: f.read_text() for f in out.iterdir()})
     async with client.get(target, headers={"X-Agent-Id": "reader"}) as resp:
         assert resp.status == 200, await resp.text()
+
+
+async def test_keys_that_are_values_are_never_learned_as_property_names(
+    upstream, start_sidecar, client, tmp_path
+):
+    # A JSON object used as a map, keyed by API keys, e-mail addresses or ids: its keys are
+    # data, as secret or personal as any value, and must not become property names.
+    key, email = "sk-live-4f9a8b7c6d5e", "alice@example.com"
+
+    async def keys(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response(
+            {"by_key": {key: {"scopes": ["read"]}}, "owners": {email: {"admin": True}}}
+        )
+
+    app = web.Application()
+    app.router.add_post("/keys", keys)
+    base = await upstream(app)
+    cassettes = tmp_path / "cassettes"
+    sc = await start_sidecar(policy({"keys": base}, "record", cassettes))
+    async with client.post(f"{sc.url}/keys/keys", json={"grants": {key: "read"}}) as resp:
+        assert resp.status == 200
+    await eventually(lambda: len(list((cassettes / "keys").glob("*.json"))) == 1, "cassette")
+    out = tmp_path / "learned"
+    done = sidecar_cli("learn", "--cassettes", str(cassettes), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    text = (out / "keys.openapi.json").read_text()
+    assert key not in text and email not in text
+    document = json.loads(text)
+    validate(document)
+    answer = document["paths"]["/keys"]["post"]["responses"]["200"]["content"]["application/json"]
+    # The map's values are still described, under additionalProperties.
+    by_key = answer["schema"]["properties"]["by_key"]
+    assert by_key["additionalProperties"]["properties"]["scopes"]["type"] == "array"
+
+
+async def test_observe_mode_writes_no_key_that_is_data(upstream, tmp_path):
+    key = "sk-live-4f9a8b7c6d5e"
+
+    async def keys(request: web.Request) -> web.Response:
+        return web.json_response({"issued": {key: {"scopes": ["read"]}}})
+
+    app = web.Application()
+    app.router.add_get("/keys", keys)
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "policy.yaml").write_text(policy({"keys": await upstream(app)}, "observe"))
+    data = tmp_path / "data"
+    async with sidecar_process(policies, "--data-dir", str(data)) as sc:
+        async with aiohttp.ClientSession() as client, client.get(f"{sc.url}/keys/keys") as r:
+            assert r.status == 200
+        observed = data / "observe" / "keys.jsonl"
+        await eventually(lambda: observed.exists() and observed.read_text(), "the observed line")
+    text = observed.read_text()
+    assert key not in text
+    assert '"scopes"' in text  # the shape beneath it is kept

@@ -108,11 +108,11 @@ async def _once(data: bytes) -> AsyncIterator[bytes]:
 
 
 class Upload(Held):
-    """A PUT in progress: the directory it goes to, its temporary file, what it replaces."""
+    """A PUT in progress: the directory it goes to (a descriptor it owns), its temporary
+    file, what it replaces."""
 
-    def __init__(self, beneath: Beneath, directory: int, name: str, old: os.stat_result | None):
+    def __init__(self, directory: int, name: str, old: os.stat_result | None):
         super().__init__()
-        self.beneath = beneath
         self.directory = directory
         self.name = name
         self.old = old
@@ -140,7 +140,7 @@ class Upload(Held):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.temp, dir_fd=self.directory)
         finally:
-            self.beneath.close()
+            os.close(self.directory)
 
 
 class Usage:
@@ -384,13 +384,16 @@ class FilesService:
             if usage is not None and agent is not None:
                 with self.state.commit:
                     usage.measure(agent, beneath.base)
+            # The upload keeps its own directory only, not one descriptor per level of the
+            # path, while its body streams.
+            owned = os.dup(directory)
             try:
-                return Upload(beneath, directory, path.name, old)
+                return Upload(owned, path.name, old)
             except OSError as exc:
+                os.close(owned)
                 paths.raise_os_error(exc, path.shown)
-        except BaseException:
+        finally:
             beneath.close()
-            raise
 
     def _commit(
         self,

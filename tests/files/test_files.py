@@ -427,3 +427,31 @@ async def test_quota_holds_when_the_file_an_upload_replaces_is_deleted_meanwhile
     held = sum(p.stat().st_size for p in (root / "alice").rglob("*") if p.is_file())
     assert held <= 100
     await _no_leftovers(root)
+
+
+async def test_an_upload_in_flight_holds_few_descriptors_however_deep(start_sidecar, root):
+    # An upload 60 directories deep must not hold a descriptor per directory while its
+    # body streams: a few hundred slow uploads would exhaust the process's descriptors
+    # (every socket of the sidecar included).
+    sc = await start_sidecar(files_policy(root))
+    host, port = sc.url.removeprefix("http://").split(":")
+    deep = "/".join(f"d{i}" for i in range(60))
+    before = len(os.listdir("/proc/self/fd"))
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"PUT /docs/{deep}/a.txt HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+        "Expect: 100-continue\r\nConnection: close\r\n\r\n".encode()
+    )
+    await writer.drain()
+    async with asyncio.timeout(10):
+        assert (await reader.readline()).startswith(b"HTTP/1.1 100 ")  # the upload has begun
+        await reader.readline()
+    held = len(os.listdir("/proc/self/fd")) - before
+    writer.write(b"abc")
+    await writer.drain()
+    async with asyncio.timeout(10):
+        answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 201 "), answer[:300]
+    assert (root / deep / "a.txt").read_bytes() == b"abc"
+    assert held < 10, held

@@ -216,6 +216,15 @@ def run(
     if parts.scheme not in ("http", "https") or not parts.hostname:
         print(f"sidecar discover: {args.url!r} is not an http(s) URL", file=stderr)
         return 2
+    if parts.username is not None or parts.password is not None or parts.query or "#" in base:
+        # Never echoed: what is there may be a credential. It would be sent to every probe
+        # and written into the draft's `upstream:`, which takes no query anyway.
+        print(
+            "sidecar discover: the URL holds a user name, password, query or fragment; give "
+            "the API's base URL alone, and a credential with --header 'Name: ${env:VAR}'",
+            file=stderr,
+        )
+        return 2
     try:
         headers, written = parse_headers(args.header, dict(os.environ))
     except DiscoverError as e:

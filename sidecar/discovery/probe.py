@@ -99,6 +99,7 @@ class Prober:
                 continue
             self.note(f"{method} {shown}{what}: {answer.status} {answer.media or '-'}")
             return answer
+        self.note(f"{method} {urlsplit(self.url(path)).path or '/'}{what}: too many redirects")
         return None
 
     async def _once(

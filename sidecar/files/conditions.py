@@ -82,7 +82,7 @@ def byte_range(header: str, size: int) -> tuple[int, int] | None:
         return None  # several ranges: RFC 9110 lets a server send the whole file instead
     first, dash, last = spec.partition("-")
     first, last = first.strip(), last.strip()
-    if not dash or not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+    if not dash or not _digits(first) or not _digits(last):
         return None
     if not first:
         if not last:
@@ -98,6 +98,12 @@ def byte_range(header: str, size: int) -> tuple[int, int] | None:
         raise unsatisfiable(size)
     end = int(last) if last else size - 1
     return start, min(end, size - 1)
+
+
+def _digits(text: str) -> bool:
+    """Empty, or ASCII digits only: str.isdigit() also takes '²' (RFC 9110's DIGIT
+    is ASCII), and int() then fails on some of them."""
+    return text == "" or (text.isascii() and text.isdigit())
 
 
 def unsatisfiable(size: int) -> ProblemError:

@@ -108,11 +108,11 @@ async def _once(data: bytes) -> AsyncIterator[bytes]:
 
 
 class Upload(Held):
-    """A PUT in progress: the directory it goes to, its temporary file, what it replaces."""
+    """A PUT in progress: the directory it goes to (a descriptor it owns), its temporary
+    file, what it replaces."""
 
-    def __init__(self, beneath: Beneath, directory: int, name: str, old: os.stat_result | None):
+    def __init__(self, directory: int, name: str, old: os.stat_result | None):
         super().__init__()
-        self.beneath = beneath
         self.directory = directory
         self.name = name
         self.old = old
@@ -140,7 +140,7 @@ class Upload(Held):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.temp, dir_fd=self.directory)
         finally:
-            self.beneath.close()
+            os.close(self.directory)
 
 
 class Usage:
@@ -379,24 +379,21 @@ class FilesService:
         try:
             directory = beneath.directory(path.parts[:-1], create=True)
             assert directory is not None  # created
-            old = _current(directory, path)
-            conditions.check_write(
-                path.shown,
-                conditions.etag(old) if old is not None else None,
-                if_match,
-                if_none_match,
-            )
+            old = _checked(directory, path, if_match, if_none_match)
             usage = self.state.usage
             if usage is not None and agent is not None:
                 with self.state.commit:
                     usage.measure(agent, beneath.base)
+            # The upload keeps its own directory only, not one descriptor per level of the
+            # path, while its body streams.
+            owned = os.dup(directory)
             try:
-                return Upload(beneath, directory, path.name, old)
+                return Upload(owned, path.name, old)
             except OSError as exc:
+                os.close(owned)
                 paths.raise_os_error(exc, path.shown)
-        except BaseException:
+        finally:
             beneath.close()
-            raise
 
     def _commit(
         self,
@@ -409,18 +406,19 @@ class FilesService:
         fd = upload.fd
         assert fd is not None
         os.fsync(fd)
+        size = os.fstat(fd).st_size
         upload.fd = None
         os.close(fd)
         directory, name, temp = upload.directory, upload.name, upload.temp
+        usage = self.state.usage
         with self.state.commit:
             # Again, now: another call may have written or removed the file meanwhile.
-            old = _current(directory, path)
-            conditions.check_write(
-                path.shown,
-                conditions.etag(old) if old is not None else None,
-                if_match,
-                if_none_match,
-            )
+            old = _checked(directory, path, if_match, if_none_match)
+            grows = size - (old.st_size if old is not None else 0)
+            if usage is not None and agent is not None and grows > 0:
+                # Again too: the bytes of the file it replaces, credited while it streamed,
+                # may have been freed (and spent) by other calls since.
+                self._check_quota(usage, agent, grows, committed=True)
             try:
                 if if_none_match is not None and if_none_match.strip() == "*":
                     # link(2) never replaces: a file made by anyone since is kept.
@@ -440,7 +438,6 @@ class FilesService:
                 st = os.stat(name, dir_fd=directory, follow_symlinks=False)
             except OSError as exc:
                 paths.raise_os_error(exc, path.shown)
-            usage = self.state.usage
             if usage is not None and agent is not None:
                 usage.add(agent, st.st_size - (old.st_size if old is not None else 0))
         # The rename itself made durable: the directory's entry, not just the file's data.
@@ -499,9 +496,14 @@ class FilesService:
             return FileReply(201, headers, body=_once(data), content_length=len(data))
         return FileReply(204, headers)
 
-    def _check_quota(self, usage: Usage, agent: str, extra: int) -> None:
-        """Refused once the agent's usage (with the uploads in flight and `extra`) is over."""
-        total = usage.used.get(agent, 0) + usage.reserved.get(agent, 0) + extra
+    def _check_quota(
+        self, usage: Usage, agent: str, extra: int, *, committed: bool = False
+    ) -> None:
+        """Refused once the agent's usage (with the uploads in flight, unless only what is
+        `committed` counts, and `extra`) is over."""
+        total = usage.used.get(agent, 0) + extra
+        if not committed:
+            total += usage.reserved.get(agent, 0)
         if total > usage.quota:
             raise ProblemError(
                 "quota_exceeded",
@@ -551,6 +553,17 @@ class FilesService:
 async def _none() -> AsyncIterator[bytes]:
     return
     yield b""  # an async generator that yields nothing
+
+
+def _checked(
+    directory: int, path: FilePath, if_match: str | None, if_none_match: str | None
+) -> os.stat_result | None:
+    """The file a write would replace (None: none), once its preconditions hold."""
+    old = _current(directory, path)
+    conditions.check_write(
+        path.shown, conditions.etag(old) if old is not None else None, if_match, if_none_match
+    )
+    return old
 
 
 def _current(directory: int, path: FilePath) -> os.stat_result | None:

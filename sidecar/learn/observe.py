@@ -46,12 +46,16 @@ _MAX_ITEMS = 3  # of an array, enough to merge its items' shapes
 
 def skeleton(value: Any, depth: int = 0) -> Any:
     """The value's shape: its structure and key names, no value of it."""
-    from .shapes import _format
+    from .shapes import _format, data_key
 
     if depth > 16:
         return None
     if isinstance(value, dict):
-        return {str(k): skeleton(v, depth + 1) for k, v in list(value.items())[:200]}
+        # A key that is data (an id, an e-mail address, an API key) is a value too: "0".
+        return {
+            "0" if data_key(str(k)) else str(k): skeleton(v, depth + 1)
+            for k, v in list(value.items())[:200]
+        }
     if isinstance(value, list):
         return [skeleton(v, depth + 1) for v in value[:_MAX_ITEMS]]
     if isinstance(value, bool):

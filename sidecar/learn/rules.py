@@ -8,7 +8,6 @@ observed calls through, up to the values of the parameters.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -99,39 +98,37 @@ class Drift:
 
 
 class _Judge:
+    """The allow step's own compiled rules (steps/allow.py), judging a sample as it would a
+    call: the path in its match form (percent-decoded once), conditions on query and
+    headers aside (no source keeps their values)."""
+
     def __init__(self, service: ServicePolicy) -> None:
-        from ..policy.access import path_regex, value_regex
+        from ..steps.allow import CompiledRule
 
-        def alternation(parts: Iterable[str]) -> re.Pattern[str]:
-            return re.compile("|".join(f"(?:{p})" for p in parts), re.DOTALL)
-
-        self.rules = [
-            (
-                None if r.agents is None else alternation(map(value_regex, r.agents)),
-                None if r.methods is None else frozenset(r.methods),
-                None if r.paths is None else alternation(map(path_regex, r.paths)),
-                None if r.operations is None else alternation(map(value_regex, r.operations)),
-            )
-            for r in service.allow
-        ]
+        self.rules = [CompiledRule(r) for r in service.allow]
         self.spec = service.openapi
 
     def allowed(self, sample: Sample) -> bool:
+        from ..policy.access import match_form
+
         if not self.rules:
             return True
         operation = None
         if self.spec is not None:
             operation = self.spec.operation_id(sample.method, sample.path)
-        for agents, methods, paths, operations in self.rules:
-            if agents is not None and (sample.agent is None or not agents.fullmatch(sample.agent)):
+        path = match_form(sample.path)
+        for rule in self.rules:
+            if rule.methods is not None and sample.method not in rule.methods:
                 continue
-            if methods is not None and sample.method not in methods:
-                continue
-            if paths is not None and not paths.fullmatch(sample.path):
-                continue
-            if operations is not None and (
-                operation is None or not operations.fullmatch(operation)
+            if rule.operations is not None and (
+                operation is None or not rule.operations.fullmatch(operation)
             ):
+                continue
+            if rule.agents is not None and (
+                sample.agent is None or not rule.agents.fullmatch(sample.agent)
+            ):
+                continue
+            if rule.paths is not None and not rule.paths.fullmatch(path):
                 continue
             return True
         return False

@@ -3,7 +3,8 @@
 A property is `required` only when every sample of the object has it; a string gets a
 `format` when every value has it (uuid, date-time, date, email, uri), and an `enum`
 only when few short words were seen, often: a value that could be personal or secret
-(digits, long text, a field named like a credential) is never written down.
+(digits, long text, a field named like a credential or beneath one) is never written
+down.
 """
 
 from __future__ import annotations
@@ -12,10 +13,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .paths import value_kind
+
 _ENUM_MAX = 6  # at most this many distinct values
 _ENUM_MIN_SEEN = 3  # seen at least this many times in all
 _WORD = re.compile(r"^[A-Za-z][A-Za-z_.-]{0,23}$")
-_SECRETISH = re.compile(r"(key|token|secret|passw|auth|cookie|session|signature|credential)", re.I)
+_SECRETISH = re.compile(
+    r"(key|token|secret|pass|pwd|private|auth|cookie|session|signature|credential|jwt|bearer)"
+    r"|(^|[^a-z])(pin|otp)([^a-z]|$)",
+    re.I,
+)
 _FORMATS = (
     (
         "uuid",
@@ -33,6 +40,12 @@ _FORMATS = (
 )
 _MAX_DEPTH = 12  # deeper values are described as `{}` (anything)
 _MAX_PROPERTIES = 200
+
+
+def data_key(key: str) -> bool:
+    """An object key that is a value (a number, UUID, date, hash, e-mail, id or token), as
+    a path segment would be one: the object is a map, not a record."""
+    return value_kind(key) is not None
 
 
 def _format(value: str) -> str | None:
@@ -55,6 +68,9 @@ class Shape:
     words: dict[str, int] = field(default_factory=dict)
     enumerable: bool = True
     truncated: bool = False
+    # The values of an object used as a map, keyed by data (ids, e-mail addresses, API
+    # keys): its keys are never written down.
+    additional: Shape | None = None
 
     def add(self, value: Any, *, name: str = "", depth: int = 0) -> None:
         self.seen += 1
@@ -82,8 +98,16 @@ class Shape:
         elif isinstance(value, dict):
             self.types.add("object")
             self.objects += 1
+            secret = bool(name) and _SECRETISH.search(name) is not None
             for key, item in value.items():
                 if not isinstance(key, str):
+                    continue
+                # What is beneath a credential's field is as secret as it: its name passes on.
+                inner = name if secret else key
+                if data_key(key):
+                    if self.additional is None:
+                        self.additional = Shape()
+                    self.additional.add(item, name=name if secret else "", depth=depth + 1)
                     continue
                 child = self.properties.get(key)
                 if child is None:
@@ -91,7 +115,7 @@ class Shape:
                         self.truncated = True
                         continue
                     child = self.properties[key] = Shape()
-                child.add(item, name=key, depth=depth + 1)
+                child.add(item, name=inner, depth=depth + 1)
 
     def _word(self, value: str, name: str) -> None:
         if not self.enumerable:
@@ -135,6 +159,8 @@ class Shape:
             required = sorted(k for k, v in self.properties.items() if v.seen == self.objects)
             if required and self.objects:
                 out["required"] = required
+        if "object" in self.types and self.additional is not None:
+            out["additionalProperties"] = self.additional.schema()
         if "array" in self.types and self.items is not None and self.items.seen:
             out["items"] = self.items.schema()
         return out

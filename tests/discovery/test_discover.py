@@ -287,3 +287,38 @@ async def test_header_with_a_missing_variable_is_refused():
     )
     assert done.returncode == 2
     assert "NOT_SET_ANYWHERE is not set" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"http://bob:{PROBE_TOKEN}@127.0.0.1:9/api",
+        f"http://127.0.0.1:9/api?api_key={PROBE_TOKEN}",
+        f"http://127.0.0.1:9/api#{PROBE_TOKEN}",
+    ],
+)
+async def test_a_credential_in_the_url_is_refused_never_written(url, tmp_path):
+    # A user name, password or query in the URL would be sent to every probe and written
+    # into the draft's `upstream:` (which then fails validation); --header is the way.
+    out = tmp_path / "p.yaml"
+    done = await discover(url, "--out", str(out))
+    assert done.returncode == 2, done.stderr
+    assert "--header" in done.stderr
+    assert PROBE_TOKEN not in done.stderr + done.stdout
+    assert not out.exists()
+
+
+async def test_a_redirect_loop_on_the_host_is_reported_and_bounded(upstream):
+    seen: list[str] = []
+
+    async def loop(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        raise web.HTTPFound(request.path)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", loop)
+    base = await upstream(app)
+    done = await discover(base, "--max-requests", "8")
+    assert done.returncode == 0, done.stderr
+    assert "GET / (the base URL): too many redirects" in done.stderr
+    assert len(seen) == 8

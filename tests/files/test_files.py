@@ -370,3 +370,88 @@ async def test_an_oversized_upload_is_refused_before_its_body_is_asked_for(start
     writer.close()
     assert status.startswith(b"HTTP/1.1 413 ")  # no "100 Continue" first
     assert not (root / "a.txt").exists()
+
+
+async def test_a_range_with_digits_that_are_not_ascii_is_ignored(start_sidecar, root):
+    # str.isdigit() is true of '²', which int() cannot read: such a
+    # Range is bad syntax, ignored like any other (the whole file), never a 500.
+    (root / "a.txt").write_bytes(b"0123456789")
+    sc = await start_sidecar(files_policy(root))
+    host, port = sc.url.removeprefix("http://").split(":")
+    for spec in (b"\xb2-", b"0-\xb2", b"-\xb3", b"\xb9-2"):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"GET /docs/a.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\nRange: bytes="
+            + spec
+            + b"\r\n\r\n"
+        )
+        await writer.drain()
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200 "), (spec, answer[:200])
+        assert answer.endswith(b"\r\n\r\n0123456789"), spec
+
+
+async def test_quota_holds_when_the_file_an_upload_replaces_is_deleted_meanwhile(
+    start_sidecar, client, root
+):
+    # An upload replacing a 90-byte file was credited those 90 bytes when it began; the
+    # file deleted and another written while it streams, that credit must not let the
+    # agent end with 190 bytes under a quota of 100.
+    sc = await start_sidecar(files_policy(root, per_agent=True, quota=100))
+    alice = {"X-Agent-Id": "alice"}
+    async with client.put(f"{sc.url}/docs/x.txt", data=b"x" * 90, headers=alice) as r:
+        assert r.status == 201
+    host, port = sc.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"PUT /docs/x.txt HTTP/1.1\r\nHost: x\r\nX-Agent-Id: alice\r\nContent-Length: 100\r\n"
+        b"Expect: 100-continue\r\nConnection: close\r\n\r\n"
+    )
+    await writer.drain()
+    async with asyncio.timeout(10):
+        assert (await reader.readline()).startswith(b"HTTP/1.1 100 ")  # the upload has begun
+        await reader.readline()
+    async with client.delete(f"{sc.url}/docs/x.txt", headers=alice) as r:
+        assert r.status == 204
+    async with client.put(f"{sc.url}/docs/y.txt", data=b"y" * 90, headers=alice) as r:
+        assert r.status == 201
+    writer.write(b"z" * 100)
+    await writer.drain()
+    async with asyncio.timeout(10):
+        answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 507 "), answer[:300]
+    assert b"quota_exceeded" in answer
+    held = sum(p.stat().st_size for p in (root / "alice").rglob("*") if p.is_file())
+    assert held <= 100
+    await _no_leftovers(root)
+
+
+async def test_an_upload_in_flight_holds_few_descriptors_however_deep(start_sidecar, root):
+    # An upload 60 directories deep must not hold a descriptor per directory while its
+    # body streams: a few hundred slow uploads would exhaust the process's descriptors
+    # (every socket of the sidecar included).
+    sc = await start_sidecar(files_policy(root))
+    host, port = sc.url.removeprefix("http://").split(":")
+    deep = "/".join(f"d{i}" for i in range(60))
+    before = len(os.listdir("/proc/self/fd"))
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"PUT /docs/{deep}/a.txt HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+        "Expect: 100-continue\r\nConnection: close\r\n\r\n".encode()
+    )
+    await writer.drain()
+    async with asyncio.timeout(10):
+        assert (await reader.readline()).startswith(b"HTTP/1.1 100 ")  # the upload has begun
+        await reader.readline()
+    held = len(os.listdir("/proc/self/fd")) - before
+    writer.write(b"abc")
+    await writer.drain()
+    async with asyncio.timeout(10):
+        answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 201 "), answer[:300]
+    assert (root / deep / "a.txt").read_bytes() == b"abc"
+    assert held < 10, held

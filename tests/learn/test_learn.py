@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 from openapi_spec_validator import validate
+from yarl import URL
 
 from tests.helpers import ROOT, eventually, sidecar_process
 from tests.learn.apis import AGENT_SECRET, APIS, TOKEN, Call
@@ -261,3 +263,127 @@ async def test_access_log_gives_rules_per_agent(upstream, tmp_path):
         "learn", "--access-log", str(log), "--since", "2100-01-01", "--out", str(out)
     )
     assert future.returncode == 1 and "no calls" in future.stderr
+
+
+async def test_a_secret_made_of_letters_is_never_learned_as_an_enum(
+    upstream, start_sidecar, client, tmp_path
+):
+    # A pass phrase of plain words, sent again and again, looks like an enum to the schema
+    # merger; neither a field named like one (passphrase, pwd, pin, otp) nor anything
+    # beneath a field named like a credential may be written down.
+    phrase, nested = "correct-horse-battery", "swordfish"
+
+    async def login(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_post("/login", login)
+    base = await upstream(app)
+    cassettes = tmp_path / "cassettes"
+    sc = await start_sidecar(policy({"accounts": base}, "record", cassettes))
+    bodies = [
+        {
+            "user": f"user{i}",
+            "kind": "human",
+            "passphrase": phrase,
+            "pwd": nested,
+            "credentials": {"value": nested, "scheme": phrase},
+        }
+        for i in range(4)
+    ]
+    for body in bodies:
+        async with client.post(f"{sc.url}/accounts/login", json=body) as resp:
+            assert resp.status == 200
+    folder = cassettes / "accounts"
+    await eventually(lambda: len(list(folder.glob("*.json"))) == 4, "the cassettes")
+    out = tmp_path / "learned"
+    done = sidecar_cli("learn", "--cassettes", str(cassettes), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    text = (out / "accounts.openapi.json").read_text() + (out / "accounts.yaml").read_text()
+    assert phrase not in text and nested not in text
+    # An enum is still learned where a value is a word of the API.
+    document = json.loads((out / "accounts.openapi.json").read_text())
+    body = document["paths"]["/login"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["schema"]["properties"]["kind"]["enum"] == ["human"]
+
+
+async def test_diff_judges_paths_as_the_allow_step_does(upstream, start_sidecar, client, tmp_path):
+    # The allow step compares paths percent-decoded (`/search/read%20me` is `/search/read me`),
+    # so the learned rule lets this call through; --diff must not call it drift.
+    async def search(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_get("/search/{q}", search)
+    base = await upstream(app)
+    cassettes = tmp_path / "cassettes"
+    sc = await start_sidecar(policy({"notes": base}, "record", cassettes))
+    target = URL(f"{sc.url}/notes/search/caf%C3%A9", encoded=True)
+    async with client.get(target, headers={"X-Agent-Id": "reader"}) as resp:
+        assert resp.status == 200
+    await eventually(lambda: len(list((cassettes / "notes").glob("*.json"))) == 1, "cassette")
+    out = tmp_path / "learned"
+    assert sidecar_cli("learn", "--cassettes", str(cassettes), "--out", str(out)).returncode == 0
+    same = sidecar_cli("learn", "--diff", "--policies", str(out), "--cassettes", str(cassettes))
+    assert same.returncode == 0, same.stdout + same.stderr
+    # The allow step, enforcing the same rules, agrees.
+    sc = await start_sidecar({f.name: f.read_text() for f in out.iterdir()})
+    async with client.get(target, headers={"X-Agent-Id": "reader"}) as resp:
+        assert resp.status == 200, await resp.text()
+
+
+async def test_keys_that_are_values_are_never_learned_as_property_names(
+    upstream, start_sidecar, client, tmp_path
+):
+    # A JSON object used as a map, keyed by API keys, e-mail addresses or ids: its keys are
+    # data, as secret or personal as any value, and must not become property names.
+    key, email = "sk-live-4f9a8b7c6d5e", "alice@example.com"
+
+    async def keys(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response(
+            {"by_key": {key: {"scopes": ["read"]}}, "owners": {email: {"admin": True}}}
+        )
+
+    app = web.Application()
+    app.router.add_post("/keys", keys)
+    base = await upstream(app)
+    cassettes = tmp_path / "cassettes"
+    sc = await start_sidecar(policy({"keys": base}, "record", cassettes))
+    async with client.post(f"{sc.url}/keys/keys", json={"grants": {key: "read"}}) as resp:
+        assert resp.status == 200
+    await eventually(lambda: len(list((cassettes / "keys").glob("*.json"))) == 1, "cassette")
+    out = tmp_path / "learned"
+    done = sidecar_cli("learn", "--cassettes", str(cassettes), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    text = (out / "keys.openapi.json").read_text()
+    assert key not in text and email not in text
+    document = json.loads(text)
+    validate(document)
+    answer = document["paths"]["/keys"]["post"]["responses"]["200"]["content"]["application/json"]
+    # The map's values are still described, under additionalProperties.
+    by_key = answer["schema"]["properties"]["by_key"]
+    assert by_key["additionalProperties"]["properties"]["scopes"]["type"] == "array"
+
+
+async def test_observe_mode_writes_no_key_that_is_data(upstream, tmp_path):
+    key = "sk-live-4f9a8b7c6d5e"
+
+    async def keys(request: web.Request) -> web.Response:
+        return web.json_response({"issued": {key: {"scopes": ["read"]}}})
+
+    app = web.Application()
+    app.router.add_get("/keys", keys)
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "policy.yaml").write_text(policy({"keys": await upstream(app)}, "observe"))
+    data = tmp_path / "data"
+    async with sidecar_process(policies, "--data-dir", str(data)) as sc:
+        async with aiohttp.ClientSession() as client, client.get(f"{sc.url}/keys/keys") as r:
+            assert r.status == 200
+        observed = data / "observe" / "keys.jsonl"
+        await eventually(lambda: observed.exists() and observed.read_text(), "the observed line")
+    text = observed.read_text()
+    assert key not in text
+    assert '"scopes"' in text  # the shape beneath it is kept

@@ -31,6 +31,7 @@ from .base import (
     Size,
     _did_you_mean,
 )
+from .cloud import AwsSigV4Auth
 from .secrets import Secret, resolver_from_context
 from .units import (
     Rate,
@@ -310,10 +311,24 @@ class JwtAuth(Model):
 
 
 Auth = Annotated[
-    BearerAuth | HeaderAuth | QueryAuth | BasicAuth | OAuth2ClientCredentials | JwtAuth,
+    BearerAuth
+    | HeaderAuth
+    | QueryAuth
+    | BasicAuth
+    | OAuth2ClientCredentials
+    | JwtAuth
+    | AwsSigV4Auth,
     Field(discriminator="type"),
 ]
-AUTH_TYPES = ("bearer", "header", "query", "basic", "oauth2_client_credentials", "jwt")
+AUTH_TYPES = (
+    "bearer",
+    "header",
+    "query",
+    "basic",
+    "oauth2_client_credentials",
+    "jwt",
+    "aws_sigv4",
+)
 
 
 def _service_schema(schema: dict[str, Any]) -> None:
@@ -405,6 +420,11 @@ class Service(Model):
         default_factory=list,
         description="Token or cost budgets per calendar window (UTC); over budget: 429 "
         "budget_exhausted, see budget.py",
+    )
+    objects: Objects | None = Field(
+        default=None,
+        description="Object-store rules of an S3-compatible service: buckets and keys per "
+        "agent, see cloud.py",
     )
     cassettes: Cassettes | None = Field(
         default=None, description="Recordings of mode: record and replay, see testing.py"
@@ -511,6 +531,7 @@ from .access import AgentKeys, AllowRule, CredentialHeader, JwtVerify  # noqa: E
 from .budget import Budget, Prices  # noqa: E402
 from .cache import Cache  # noqa: E402
 from .check import Check  # noqa: E402
+from .cloud import Objects  # noqa: E402
 from .llm import LLM  # noqa: E402
 from .openapi import DocumentPath, Validate  # noqa: E402
 from .protocols import GraphQL, MCPSetting  # noqa: E402

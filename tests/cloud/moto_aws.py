@@ -47,6 +47,10 @@ class Moto:
             **kwargs,
         )
 
+    def relax(self) -> None:
+        """Serve every request unchecked (set-up calls), until `enforce`."""
+        settings.INITIAL_NO_AUTH_ACTION_COUNT = float("inf")
+
     def enforce(self, spare: int = 0) -> None:
         settings.INITIAL_NO_AUTH_ACTION_COUNT = ActionAuthenticatorMixin.request_count + spare
 

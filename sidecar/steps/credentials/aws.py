@@ -49,6 +49,7 @@ _SIGNED: Final = frozenset({"content-type", "content-md5"})
 # The agent's own streaming form that stays unsigned: its body is aws-chunked framing
 # with a trailing checksum, and the value tells the upstream so.
 _KEPT_PAYLOADS: Final = frozenset({"STREAMING-UNSIGNED-PAYLOAD-TRAILER"})
+_SIGV2_PRESIGNED: Final = frozenset({"awsaccesskeyid", "signature", "expires"})
 _STS_NS: Final = "{https://sts.amazonaws.com/doc/2011-06-15/}"
 # The clock credential lifetimes are measured with; tests replace it before building.
 CLOCK = time.monotonic
@@ -320,9 +321,14 @@ class AwsSigV4:
 
 
 def _without_presigning(query: str) -> str:
-    # A presigned URL's X-Amz-* parameters would make AWS check the agent's signature.
-    kept = [p for p in query.split("&") if p and p[:6].lower() != "x-amz-"]
-    return "&".join(kept)
+    # A presigned URL's parameters (SigV4's X-Amz-*, SigV2's AWSAccessKeyId, Signature,
+    # Expires) would make AWS check the agent's signature instead of ours.
+    pairs = [p for p in query.split("&") if p]
+    names = {p.partition("=")[0].lower() for p in pairs}
+    drop = _SIGV2_PRESIGNED if "awsaccesskeyid" in names or "signature" in names else ()
+    return "&".join(
+        p for p in pairs if p[:6].lower() != "x-amz-" and p.partition("=")[0].lower() not in drop
+    )
 
 
 def build(service: ServicePolicy, spec: AwsSigV4Auth, *, state: StateBuild) -> AwsSigV4:

@@ -67,7 +67,9 @@ UNKNOWN_MODEL = "unknown"
 _charging: set[asyncio.Future[Any]] = set()
 
 # The model when the body does not name it: an Azure deployment, a Gemini model.
-_PATH_MODEL = re.compile(r"/deployments/([^/]+)/|/models/([^/:]+):")
+_PATH_MODEL = re.compile(
+    r"/deployments/([^/]+)/|/models/([^/:]+):|/model/([^/]+)/(?:invoke|converse)"
+)
 
 # GenAI operation names (gen_ai.operation.name) by the endpoint's last segments.
 _OPERATIONS = (
@@ -81,6 +83,9 @@ _OPERATIONS = (
     ("/api/embed", "embeddings"),
     (":generateContent", "generate_content"),
     (":streamGenerateContent", "generate_content"),
+    # Bedrock: InvokeModel and Converse, the model in the path.
+    ("/invoke", "chat"),
+    ("/converse", "chat"),
 )
 
 
@@ -204,7 +209,8 @@ class LLMStep:
         if model is None:
             match = _PATH_MODEL.search(path)
             if match is not None:
-                model = unquote(match.group(1) or match.group(2))[:MAX_MODEL]
+                found_in_path = match.group(1) or match.group(2) or match.group(3)
+                model = unquote(found_in_path)[:MAX_MODEL]
         return model
 
 

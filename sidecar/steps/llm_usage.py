@@ -97,6 +97,9 @@ class Usage:
         if "prompt_tokens" in usage or "completion_tokens" in usage:  # chat completions
             self._set(_count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")))
             return
+        if "inputTokens" in usage or "outputTokens" in usage:  # Bedrock's Converse
+            self._set(_count(usage.get("inputTokens")), _count(usage.get("outputTokens")))
+            return
         # Anthropic and the Responses API. Anthropic counts cached input apart from
         # input_tokens; GenAI's input_tokens is all the input, so they are added.
         tokens = _count(usage.get("input_tokens"))

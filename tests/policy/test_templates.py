@@ -31,6 +31,9 @@ BUILTINS = (
     "stripe",
     "jira",
     "notion",
+    "s3",
+    "bedrock",
+    "sts",
 )
 # Templates that leave the upstream to the policy: the customer's own resource or site.
 NEEDS_UPSTREAM = {

@@ -55,15 +55,23 @@ class Moto:
         settings.INITIAL_NO_AUTH_ACTION_COUNT = ActionAuthenticatorMixin.request_count + spare
 
 
-def agent_client(service: str, endpoint: str, **config: Any) -> Any:
-    """The agent's client: pointed at the sidecar, holding a key that is not valid."""
-    return boto3.client(
+def agent_client(service: str, endpoint: str, *, agent: str | None = None, **config: Any) -> Any:
+    """The agent's client: pointed at the sidecar, holding a key that is not valid,
+    naming itself in X-Agent-Id when `agent` is given."""
+    client = boto3.client(
         service,
         endpoint_url=endpoint,
         region_name=REGION,
         config=Config(retries={"max_attempts": 1}, **config),
         **WRONG,
     )
+    if agent is not None:
+
+        def name_agent(request: Any, **_: Any) -> None:
+            request.headers["X-Agent-Id"] = agent
+
+        client.meta.events.register("before-send.*", name_agent)
+    return client
 
 
 def moto_server() -> Iterator[Moto]:

@@ -29,6 +29,7 @@ class FakeBedrock:
     key_id: str
     secret: str
     region: str = "us-east-1"
+    token: str | None = None  # the session token the signer must send and sign
     seen: list[dict[str, Any]] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
 
@@ -46,6 +47,8 @@ class FakeBedrock:
         key_id, _, region, service, signed, signature = match.groups()
         if key_id != self.key_id or region != self.region or service != "bedrock":
             return f"credential scope {key_id}/{region}/{service}"
+        if request.headers.get("X-Amz-Security-Token") != self.token:
+            return "not the session token expected"
         if request.headers.get("X-Amz-Content-Sha256") != hashlib.sha256(body).hexdigest():
             return "the body's hash is not the one signed"
         names = signed.split(";")
@@ -57,7 +60,8 @@ class FakeBedrock:
             headers=headers,
         )
         aws.context["timestamp"] = request.headers["X-Amz-Date"]
-        auth = SigV4Auth(Credentials(self.key_id, self.secret), "bedrock", self.region)
+        creds = Credentials(self.key_id, self.secret, self.token)
+        auth = SigV4Auth(creds, "bedrock", self.region)
         canonical = auth.canonical_request(aws)
         expected = auth.signature(auth.string_to_sign(aws, canonical), aws)
         return None if expected == signature else "signature does not match"

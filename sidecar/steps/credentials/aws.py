@@ -46,6 +46,9 @@ STS_TIMEOUT: Final = 10.0
 _DROP: Final = ("authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256")
 # Fields signed besides host and x-amz-*: what S3 and the SDKs sign that a proxy may see.
 _SIGNED: Final = frozenset({"content-type", "content-md5"})
+_OWN_SIGNED: Final = "host;x-amz-content-sha256;x-amz-date"
+_OWN_SIGNED_WITH_TOKEN: Final = f"{_OWN_SIGNED};x-amz-security-token"
+_SIGNED_RAW: Final = frozenset(name.encode() for name in _SIGNED)
 # The agent's own streaming form that stays unsigned: its body is aws-chunked framing
 # with a trailing checksum, and the value tells the upstream so.
 _KEPT_PAYLOADS: Final = frozenset({"STREAMING-UNSIGNED-PAYLOAD-TRAILER"})
@@ -191,32 +194,21 @@ def _read_text(path: str) -> str:
 CredentialSource = StaticCredentials | WebIdentityCredentials
 
 
-class AwsSigV4:
-    """The step: remove the agent's signature, sign the call with the sidecar's keys."""
+class Signer:
+    """Signs a call, synchronously, once its credentials and payload hash are known."""
 
-    def __init__(
-        self,
-        *,
-        service: str,
-        spec: AwsSigV4Auth,
-        upstream: str,
-        source: CredentialSource,
-        max_body: int | None,
-    ) -> None:
+    def __init__(self, *, service: str, spec: AwsSigV4Auth, upstream: str) -> None:
         parts = urlsplit(upstream)
         host = parts.hostname or ""
         host = f"[{host}]" if ":" in host else host
         default = 443 if parts.scheme == "https" else 80
         port = parts.port or default
         self.service = service
-        self._host = host if port == default else f"{host}:{port}"
+        self.host = host if port == default else f"{host}:{port}"
         self._base = parts.path.rstrip("/")
         self._region = spec.region
         self._name = spec.service
         self._s3 = spec.service == "s3"
-        self._signed = spec.signed_payload
-        self._limit = max_body or SIGNED_BODY_LIMIT
-        self.source = source
         self._key: tuple[str, str, bytes] = ("", "", b"")  # (secret, day, signing key)
         self._stamp: tuple[int, str] = (-1, "")
 
@@ -237,29 +229,91 @@ class AwsSigV4:
             )
         return cached[2]
 
-    async def __call__(self, call: Call, next: Handler) -> Reply:
-        source = self.source
-        credentials = source.fresh()
-        if credentials is None:
-            credentials = await source.get()
-        headers = call.headers
-        agent_payload = headers.get("x-amz-content-sha256")
-        for name in _DROP:
-            headers.popall(name, None)
+    def sign(self, call: Call, credentials: AwsCredentials, payload: str | None) -> None:
+        """`payload`: the body's hash, or None for an unsigned payload."""
+        fields, agent_payload = self._agent_fields(call)
+        if payload is None:
+            payload = self._unsigned(agent_payload)
         path, sep, query = call.target.partition("?")
         if sep:
             query = _without_presigning(query)
         if self._s3:
             path = sigv4.canonical_path(path, s3=True)
-            canonical = sigv4.canonical_path(self._base + path, s3=True)
+            canonical = sigv4.canonical_path(self._base + path, s3=True) if self._base else path
         else:
             canonical = sigv4.canonical_path(self._base + path, s3=False)
         call.target = f"{path}?{query}" if query else path
-        if self._signed:
-            payload = await self._hash_body(call)
-        elif agent_payload in _KEPT_PAYLOADS:
-            payload = agent_payload
-        elif agent_payload is not None and agent_payload.startswith("STREAMING-"):
+        amz_date = self._amz_date()
+        token = credentials.token
+        query = sigv4.canonical_query(query)
+        if fields:
+            fields.append(("host", self.host))
+            fields.append(("x-amz-date", amz_date))
+            fields.append(("x-amz-content-sha256", payload))
+            if token is not None:
+                fields.append(("x-amz-security-token", token))
+            text, names = sigv4.canonical_request(call.method, canonical, query, fields, payload)
+        else:
+            # Only the sidecar's own fields (a plain GET): already in canonical order.
+            lines = f"host:{self.host}\nx-amz-content-sha256:{payload}\nx-amz-date:{amz_date}\n"
+            if token is not None:
+                lines += f"x-amz-security-token:{token}\n"
+                names = _OWN_SIGNED_WITH_TOKEN
+            else:
+                names = _OWN_SIGNED
+            text = f"{call.method}\n{canonical}\n{query}\n{lines}\n{names}\n{payload}"
+        day = amz_date[:8]
+        scope = f"{day}/{self._region}/{self._name}/aws4_request"
+        signature = sigv4.signature(
+            self._signing_key(credentials.secret, day), amz_date, scope, text
+        )
+        added = [
+            ("X-Amz-Date", amz_date),
+            ("X-Amz-Content-Sha256", payload),
+            ("Authorization", sigv4.authorization(credentials.access_key, scope, names, signature)),
+        ]
+        if token is not None:
+            added.append(("X-Amz-Security-Token", token))
+        call.set_headers(added)
+
+    @staticmethod
+    def _agent_fields(call: Call) -> tuple[list[tuple[str, str]], str | None]:
+        """The agent's fields to sign (its own signature's fields left out, the session
+        token removed), and the payload hash it declared."""
+        fields: list[tuple[str, str]] = []
+        agent_payload: str | None = None
+        raw = call.raw_headers
+        if raw is not None:
+            # The fields as bytes, not decoded: most calls carry no x-amz-* at all.
+            token = False
+            for raw_name, raw_value in raw:
+                key = raw_name.lower()
+                if key in _SIGNED_RAW or key.startswith(b"x-amz-"):
+                    if key == b"x-amz-content-sha256":
+                        agent_payload = raw_value.decode("latin-1")
+                    elif key == b"x-amz-security-token":
+                        token = True
+                    elif key != b"x-amz-date":
+                        fields.append((key.decode("latin-1"), raw_value.decode("latin-1")))
+            if token:
+                call.headers.popall("x-amz-security-token", None)
+            return fields, agent_payload
+        headers = call.headers
+        agent_payload = headers.get("x-amz-content-sha256")
+        for name in _DROP:
+            headers.popall(name, None)
+        for name, value in headers.items():
+            lower = name.lower()
+            if lower.startswith("x-amz-") or lower in _SIGNED:
+                fields.append((lower, value))
+        return fields, agent_payload
+
+    def _unsigned(self, agent_payload: str | None) -> str:
+        if agent_payload is None or agent_payload == sigv4.UNSIGNED_PAYLOAD:
+            return sigv4.UNSIGNED_PAYLOAD
+        if agent_payload in _KEPT_PAYLOADS:
+            return agent_payload
+        if agent_payload.startswith("STREAMING-"):
             raise ProblemError(
                 "bad_request",
                 f"Service '{self.service}' re-signs every call, so a body signed chunk by "
@@ -267,29 +321,33 @@ class AwsSigV4:
                 "AWS SDKs over plain HTTP) or in one piece.",
                 service=self.service,
             )
-        else:
-            payload = sigv4.UNSIGNED_PAYLOAD
-        amz_date = self._amz_date()
-        headers["X-Amz-Date"] = amz_date
-        headers["X-Amz-Content-Sha256"] = payload
-        if credentials.token is not None:
-            headers["X-Amz-Security-Token"] = credentials.token
-        signed = [("host", self._host)]
-        for name, value in headers.items():
-            lower = name.lower()
-            if lower.startswith("x-amz-") or lower in _SIGNED:
-                signed.append((lower, value))
-        text, names = sigv4.canonical_request(
-            call.method, canonical, sigv4.canonical_query(query), signed, payload
-        )
-        day = amz_date[:8]
-        scope = f"{day}/{self._region}/{self._name}/aws4_request"
-        signature = sigv4.signature(
-            self._signing_key(credentials.secret, day), amz_date, scope, text
-        )
-        headers["Authorization"] = sigv4.authorization(
-            credentials.access_key, scope, names, signature
-        )
+        return sigv4.UNSIGNED_PAYLOAD
+
+
+class AwsSigV4:
+    """The step: remove the agent's signature, sign the call with the sidecar's keys."""
+
+    def __init__(
+        self,
+        *,
+        signer: Signer,
+        source: CredentialSource,
+        signed_payload: bool,
+        max_body: int | None,
+    ) -> None:
+        self.signer = signer
+        self.service = signer.service
+        self.source = source
+        self._signed = signed_payload
+        self._limit = max_body or SIGNED_BODY_LIMIT
+
+    async def __call__(self, call: Call, next: Handler) -> Reply:
+        source = self.source
+        credentials = source.fresh()
+        if credentials is None:
+            credentials = await source.get()
+        payload = await self._hash_body(call) if self._signed else None
+        self.signer.sign(call, credentials, payload)
         return await next(call)
 
     async def _hash_body(self, call: Call) -> str:
@@ -320,6 +378,22 @@ class AwsSigV4:
         )
 
 
+class StaticAwsSigV4:
+    """Static keys and an unsigned payload: nothing to wait for, so a `call.Before` step
+    (the chain calls `before` and the next step, with no coroutine of its own)."""
+
+    def __init__(self, *, signer: Signer, credentials: AwsCredentials) -> None:
+        self.signer = signer
+        self.credentials = credentials
+
+    def before(self, call: Call) -> None:
+        self.signer.sign(call, self.credentials, None)
+
+    async def __call__(self, call: Call, next: Handler) -> Reply:
+        self.before(call)
+        return await next(call)
+
+
 def _without_presigning(query: str) -> str:
     # A presigned URL's parameters (SigV4's X-Amz-*, SigV2's AWSAccessKeyId, Signature,
     # Expires) would make AWS check the agent's signature instead of ours.
@@ -331,7 +405,10 @@ def _without_presigning(query: str) -> str:
     )
 
 
-def build(service: ServicePolicy, spec: AwsSigV4Auth, *, state: StateBuild) -> AwsSigV4:
+def build(
+    service: ServicePolicy, spec: AwsSigV4Auth, *, state: StateBuild
+) -> AwsSigV4 | StaticAwsSigV4:
+    signer = Signer(service=service.name, spec=spec, upstream=service.spec.upstream)
     source: CredentialSource
     if spec.web_identity is not None:
         web = spec.web_identity
@@ -346,11 +423,13 @@ def build(service: ServicePolicy, spec: AwsSigV4Auth, *, state: StateBuild) -> A
         key = spec.access_key_id.reveal() if spec.access_key_id is not None else ""
         secret = spec.secret_access_key.reveal() if spec.secret_access_key is not None else ""
         token = spec.session_token.reveal() if spec.session_token is not None else None
-        source = StaticCredentials(AwsCredentials(key, secret, token))
+        credentials = AwsCredentials(key, secret, token)
+        if not spec.signed_payload:
+            return StaticAwsSigV4(signer=signer, credentials=credentials)
+        source = StaticCredentials(credentials)
     return AwsSigV4(
-        service=service.name,
-        spec=spec,
-        upstream=service.spec.upstream,
+        signer=signer,
         source=source,
+        signed_payload=spec.signed_payload,
         max_body=service.spec.max_body,
     )

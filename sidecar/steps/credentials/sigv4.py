@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Iterable
 from urllib.parse import quote, unquote
 
@@ -24,12 +25,17 @@ UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 # Characters never percent-encoded (RFC 3986 unreserved), per the SigV4 spec.
 _UNRESERVED = "-_.~"
+# A path of unreserved characters only, with no empty or dot segment: its own canonical
+# form in both kinds (the common case, answered without re-encoding).
+_PLAIN_PATH = re.compile(r"(?:/[A-Za-z0-9_~-][A-Za-z0-9._~-]*)*/?")
 
 
 def canonical_path(path: str, *, s3: bool) -> str:
     """The canonical URI of a path as it is (or will be) sent."""
     if not path:
         return "/"
+    if _PLAIN_PATH.fullmatch(path) is not None:
+        return path
     if s3:
         # Each segment decoded and encoded again, so the canonical form does not
         # depend on how the agent's client chose to escape; the caller sends it.
@@ -102,7 +108,7 @@ def canonical_request(
 def signature(key: bytes, amz_date: str, scope: str, canonical: str) -> str:
     digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
     to_sign = f"{ALGORITHM}\n{amz_date}\n{scope}\n{digest}"
-    return hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    return hmac.digest(key, to_sign.encode(), "sha256").hex()
 
 
 def authorization(access_key: str, scope: str, signed_headers: str, sig: str) -> str:

@@ -8,6 +8,7 @@ or delete which buckets and keys of an S3-compatible service (steps/objects.py).
 from __future__ import annotations
 
 import configparser
+import json
 import os
 import re
 from typing import Any, Literal
@@ -16,7 +17,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from .base import Duration, Model, SecretStr, Size
-from .secrets import resolver_from_context
+from .secrets import Secret, resolver_from_context
 
 _AWS_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
@@ -205,3 +206,131 @@ class Objects(Model):
         description="Content types an upload may declare (globs like image/*); none declared "
         "counts as binary/octet-stream",
     )
+
+
+_GCP_KINDS = ("service_account", "external_account")
+CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
+
+
+class GcpAuth(Model):
+    """Google access tokens from google-auth (steps/credentials/gcp.py)."""
+
+    type: Literal["gcp"]
+    credentials: SecretStr | None = Field(
+        default=None,
+        description="The JSON of a service-account key or of an external-account file "
+        "(workload identity federation), e.g. ${file:/var/run/secrets/gcp/key.json}; "
+        "absent: the metadata server (GKE workload identity, Compute Engine)",
+    )
+    scopes: list[str] = Field(
+        default_factory=lambda: [CLOUD_PLATFORM], min_length=1, description="OAuth2 scopes"
+    )
+    refresh_before: Duration = Field(
+        default=300.0, ge=0, description="Fetch a new token this long before expiry"
+    )
+
+    @field_validator("credentials")
+    @classmethod
+    def _check_credentials(cls, v: Secret | None, info: ValidationInfo) -> Secret | None:
+        if v is None or (resolver_from_context(info.context).check_only and "${" in v.source):
+            return v
+        try:
+            data = json.loads(v.reveal())
+        except ValueError:
+            raise ValueError("credentials is not JSON (a service-account key file)") from None
+        kind = data.get("type") if isinstance(data, dict) else None
+        if kind not in _GCP_KINDS:
+            raise ValueError(f"credentials must be a file of type {' or '.join(_GCP_KINDS)}")
+        if kind == "service_account":
+            missing = [k for k in ("client_email", "private_key", "token_uri") if k not in data]
+            if missing:
+                raise ValueError(f"the service-account key lacks {', '.join(missing)}")
+        return v
+
+
+class ManagedIdentity(Model):
+    client_id: str | None = Field(
+        default=None, description="A user-assigned identity; absent: the system-assigned one"
+    )
+    endpoint: str = Field(
+        default="http://169.254.169.254/metadata/identity/oauth2/token",
+        description="The instance metadata (IMDS) token endpoint",
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _check_endpoint(cls, v: str) -> str:
+        return _http_url(v, "endpoint")
+
+
+class WorkloadIdentity(Model):
+    """AKS workload identity: a federated token exchanged at Microsoft Entra ID.
+
+    Each key defaults to the variable the AKS webhook sets in the pod."""
+
+    tenant_id: str | None = Field(default=None, description="Default: $AZURE_TENANT_ID")
+    client_id: str | None = Field(default=None, description="Default: $AZURE_CLIENT_ID")
+    token_file: str | None = Field(default=None, description="Default: $AZURE_FEDERATED_TOKEN_FILE")
+    authority: str | None = Field(
+        default=None,
+        description="Default: $AZURE_AUTHORITY_HOST, else https://login.microsoftonline.com",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_env(cls, data: Any, info: ValidationInfo) -> Any:
+        if data is True:
+            data = {}
+        if not isinstance(data, dict):
+            return data
+        resolver = resolver_from_context(info.context)
+        out = dict(data)
+        for key, var in (
+            ("tenant_id", "AZURE_TENANT_ID"),
+            ("client_id", "AZURE_CLIENT_ID"),
+            ("token_file", "AZURE_FEDERATED_TOKEN_FILE"),
+        ):
+            if out.get(key) is None:
+                value = resolver.env.get(var)
+                if value is None and not resolver.check_only:
+                    raise ValueError(f"workload_identity.{key} is not set, nor is ${var}")
+                out[key] = value
+        if out.get("authority") is None:
+            out["authority"] = (
+                resolver.env.get("AZURE_AUTHORITY_HOST") or "https://login.microsoftonline.com"
+            )
+        return out
+
+    @field_validator("authority")
+    @classmethod
+    def _check_authority(cls, v: str | None) -> str | None:
+        return None if v is None else _http_url(v, "authority")
+
+    @field_validator("token_file")
+    @classmethod
+    def _check_file(cls, v: str | None) -> str | None:
+        if v is not None and not os.path.isabs(v):
+            raise ValueError("token_file must be an absolute path")
+        return v
+
+
+class AzureAuth(Model):
+    """Microsoft Entra ID access tokens (steps/credentials/azure.py)."""
+
+    type: Literal["azure"]
+    scope: str = Field(description="What the token is for, e.g. https://storage.azure.com/.default")
+    managed_identity: ManagedIdentity | None = Field(
+        default=None, description="The VM's or pod's managed identity (the default)"
+    )
+    workload_identity: WorkloadIdentity | None = Field(
+        default=None, description="AKS workload identity federation"
+    )
+    refresh_before: Duration = Field(
+        default=300.0, ge=0, description="Fetch a new token this long before expiry"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AzureAuth:
+        if self.managed_identity is not None and self.workload_identity is not None:
+            raise ValueError("managed_identity and workload_identity are exclusive")
+        return self

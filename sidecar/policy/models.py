@@ -31,7 +31,7 @@ from .base import (
     Size,
     _did_you_mean,
 )
-from .cloud import AwsSigV4Auth
+from .cloud import AwsSigV4Auth, AzureAuth, GcpAuth
 from .secrets import Secret, resolver_from_context
 from .units import (
     Rate,
@@ -317,7 +317,9 @@ Auth = Annotated[
     | BasicAuth
     | OAuth2ClientCredentials
     | JwtAuth
-    | AwsSigV4Auth,
+    | AwsSigV4Auth
+    | GcpAuth
+    | AzureAuth,
     Field(discriminator="type"),
 ]
 AUTH_TYPES = (
@@ -328,6 +330,8 @@ AUTH_TYPES = (
     "oauth2_client_credentials",
     "jwt",
     "aws_sigv4",
+    "gcp",
+    "azure",
 )
 
 

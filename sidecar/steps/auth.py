@@ -11,7 +11,7 @@ import base64
 from urllib.parse import quote, unquote_plus
 
 from ..call import Call, Field, Handler, Reply
-from ..policy.cloud import AwsSigV4Auth
+from ..policy.cloud import AwsSigV4Auth, AzureAuth, GcpAuth
 from ..policy.loader import ServicePolicy
 from ..policy.models import (
     BasicAuth,
@@ -103,6 +103,14 @@ def build(service: ServicePolicy, *, state: StateBuild) -> Step | None:
         from .credentials import aws
 
         return aws.build(service, auth, state=state)
+    if isinstance(auth, GcpAuth):
+        from .credentials import gcp
+
+        return gcp.build(service, auth, state=state)
+    if isinstance(auth, AzureAuth):
+        from .credentials import azure
+
+        return azure.build(service, auth, state=state)
     from . import jwt_auth
 
     return jwt_auth.build(auth)

@@ -73,6 +73,24 @@ def test_a_profile_of_the_shared_credentials_file(tmp_path: Path) -> None:
             "{role_arn: 'role/r', token_file: /t}}",
             "role_arn must look like arn:aws:iam::123456789012:role/NAME",
         ),
+        ("{type: gcp, credentials: not-json}", "credentials is not JSON"),
+        (
+            """{type: gcp, credentials: '{"type": "authorized_user"}'}""",
+            "credentials must be a file of type service_account or external_account",
+        ),
+        (
+            """{type: gcp, credentials: '{"type": "service_account"}'}""",
+            "the service-account key lacks client_email, private_key, token_uri",
+        ),
+        (
+            "{type: azure, scope: x, workload_identity: {}}",
+            "workload_identity.tenant_id is not set, nor is $AZURE_TENANT_ID",
+        ),
+        (
+            "{type: azure, scope: x, managed_identity: {}, workload_identity: {tenant_id: t, "
+            "client_id: c, token_file: /t}}",
+            "managed_identity and workload_identity are exclusive",
+        ),
     ],
 )
 def test_refused_with_position(tmp_path: Path, auth: str, message: str) -> None:

@@ -7,7 +7,6 @@ or delete which buckets and keys of an S3-compatible service (steps/objects.py).
 
 from __future__ import annotations
 
-import configparser
 import json
 import os
 import re
@@ -113,6 +112,8 @@ class AwsSigV4Auth(Model):
             return data
         if any(data.get(k) is not None for k in _KEYS):
             raise ValueError(f"profile and {'/'.join(_KEYS)} are exclusive")
+        import configparser  # only policies with a profile read one
+
         resolver = resolver_from_context(info.context)
         path = data.get("credentials_file") or os.environ.get(
             "AWS_SHARED_CREDENTIALS_FILE", os.path.expanduser("~/.aws/credentials")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import fnmatch
 import functools
 import re
-import xml.etree.ElementTree as ET
 from collections import OrderedDict
 from typing import Final
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -275,6 +274,8 @@ class ObjectRules:
         self._check(agent, Operation("read", bucket or None, key))
 
     async def _delete_keys(self, call: Call) -> list[str]:
+        import xml.etree.ElementTree as ET  # only multi-object deletes carry XML
+
         if not await make_replayable(call, DELETE_BODY_LIMIT) or not isinstance(
             call.body, bytes | None
         ):

@@ -23,12 +23,9 @@ import asyncio
 import hashlib
 import logging
 import time
-import xml.etree.ElementTree as ET
 from datetime import datetime
-from typing import Final
+from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
-
-import aiohttp
 
 from ...call import Call, Handler, Reply
 from ...policy.cloud import AwsSigV4Auth, WebIdentity
@@ -37,6 +34,9 @@ from ...problems import ProblemError
 from ...state import StateBuild
 from . import sigv4
 from .refresh import Refreshing
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger("sidecar.auth")
 
@@ -94,7 +94,7 @@ class WebIdentityCredentials:
         self._refreshing: Refreshing[AwsCredentials] = Refreshing(
             self._assume, refresh_before=spec.refresh_before, clock=CLOCK
         )
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # opened at the first exchange
 
     @property
     def fetches(self) -> int:
@@ -107,6 +107,9 @@ class WebIdentityCredentials:
         return await self._refreshing.get()
 
     async def _assume(self) -> tuple[AwsCredentials, float]:
+        # Imported here: a policy with static keys never needs an HTTP client.
+        import aiohttp
+
         spec = self._spec
         try:
             token = (await asyncio.to_thread(_read_text, spec.token_file)).strip()
@@ -141,6 +144,8 @@ class WebIdentityCredentials:
     def _parse(
         self, status: int, raw: bytes, asked: float, duration: float
     ) -> tuple[AwsCredentials, float]:
+        import xml.etree.ElementTree as ET
+
         try:
             root = ET.fromstring(raw)
         except ET.ParseError:

@@ -83,9 +83,11 @@ _OPERATIONS = (
     ("/api/embed", "embeddings"),
     (":generateContent", "generate_content"),
     (":streamGenerateContent", "generate_content"),
-    # Bedrock: InvokeModel and Converse, the model in the path.
+    # Bedrock: InvokeModel and Converse, streamed or not, the model in the path.
     ("/invoke", "chat"),
     ("/converse", "chat"),
+    ("/invoke-with-response-stream", "chat"),
+    ("/converse-stream", "chat"),
 )
 
 

@@ -8,8 +8,11 @@ the hash the request claims).
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import re
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +40,8 @@ class FakeBedrock:
         app = web.Application()
         app.router.add_post("/model/{model}/invoke", self._invoke)
         app.router.add_post("/model/{model}/converse", self._converse)
+        app.router.add_post("/model/{model}/invoke-with-response-stream", self._invoke_stream)
+        app.router.add_post("/model/{model}/converse-stream", self._converse_stream)
         return app
 
     def _check(self, request: web.Request, body: bytes) -> str | None:
@@ -109,3 +114,99 @@ class FakeBedrock:
                 "metrics": {"latencyMs": 12},
             }
         )
+
+    async def _invoke_stream(self, request: web.Request) -> web.StreamResponse:
+        got = await self._verified(request)
+        if isinstance(got, web.Response):
+            return got
+        events = [
+            {
+                "type": "message_start",
+                "message": {
+                    "id": "m",
+                    "type": "message",
+                    "role": "assistant",
+                    "content": [],
+                    "model": "claude",
+                    "usage": {"input_tokens": 21, "output_tokens": 1},
+                },
+            },
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            },
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": "Streamed hello"},
+            },
+            {"type": "content_block_stop", "index": 0},
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn"},
+                "usage": {"output_tokens": 4},
+            },
+            {
+                "type": "message_stop",
+                "amazon-bedrock-invocationMetrics": {
+                    "inputTokenCount": 21,
+                    "outputTokenCount": 4,
+                    "invocationLatency": 9,
+                    "firstByteLatency": 3,
+                },
+            },
+        ]
+        frames = [
+            frame("chunk", {"bytes": base64.b64encode(json.dumps(e).encode()).decode()})
+            for e in events
+        ]
+        return await _stream(request, frames)
+
+    async def _converse_stream(self, request: web.Request) -> web.StreamResponse:
+        got = await self._verified(request)
+        if isinstance(got, web.Response):
+            return got
+        frames = [
+            frame("messageStart", {"role": "assistant"}),
+            frame("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": "Hi"}}),
+            frame("contentBlockStop", {"contentBlockIndex": 0}),
+            frame("messageStop", {"stopReason": "end_turn"}),
+            frame(
+                "metadata",
+                {
+                    "usage": {"inputTokens": 9, "outputTokens": 2, "totalTokens": 11},
+                    "metrics": {"latencyMs": 5},
+                },
+            ),
+        ]
+        return await _stream(request, frames)
+
+
+def frame(event: str, payload: dict[str, Any]) -> bytes:
+    """One AWS event-stream message (the binary framing boto3 decodes and checks)."""
+    headers = b""
+    for name, value in (
+        (":event-type", event),
+        (":content-type", "application/json"),
+        (":message-type", "event"),
+    ):
+        headers += bytes([len(name)]) + name.encode() + b"\x07"
+        headers += len(value).to_bytes(2, "big") + value.encode()
+    body = json.dumps(payload).encode()
+    total = 12 + len(headers) + len(body) + 4
+    prelude = total.to_bytes(4, "big") + len(headers).to_bytes(4, "big")
+    prelude += zlib.crc32(prelude).to_bytes(4, "big")
+    message = prelude + headers + body
+    return message + zlib.crc32(message).to_bytes(4, "big")
+
+
+async def _stream(request: web.Request, frames: list[bytes]) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "application/vnd.amazon.eventstream"})
+    await response.prepare(request)
+    for data in frames:
+        # Split mid-frame too: the sidecar must cut frames across chunks.
+        await response.write(data[:7])
+        await response.write(data[7:])
+    await response.write_eof()
+    return response

@@ -16,7 +16,8 @@ import boto3
 from aiohttp import web
 from botocore.config import Config
 
-from tests.cloud.fake_bedrock import FakeBedrock
+from sidecar.steps.llm_usage import Scanner, kind_of
+from tests.cloud.fake_bedrock import FakeBedrock, frame
 from tests.conftest import RunningSidecar, StartSidecar
 from tests.steps.test_llm import tokens
 
@@ -88,6 +89,46 @@ async def test_boto3_bedrock_runtime_invoke_and_converse(
     assert counted[("bedrock", "bot", MODEL, "output")] == 5 + 3
 
 
+async def test_streamed_answers_are_counted(
+    start_sidecar: StartSidecar, upstream: Upstreams
+) -> None:
+    sidecar, fake = await start(start_sidecar, upstream)
+    client = boto3.client(
+        "bedrock-runtime",
+        endpoint_url=f"{sidecar.url}/bedrock",
+        region_name="us-east-1",
+        aws_access_key_id="AKIAAGENTWRONGKEY000",
+        aws_secret_access_key="agent-wrong-secret",
+        config=Config(retries={"max_attempts": 1}),
+    )
+    body = {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 64, "messages": []}
+
+    def calls() -> tuple[str, str]:
+        streamed = client.invoke_model_with_response_stream(modelId=MODEL, body=json.dumps(body))
+        text = ""
+        for event in streamed["body"]:
+            chunk = json.loads(event["chunk"]["bytes"])
+            if chunk["type"] == "content_block_delta":
+                text += chunk["delta"]["text"]
+        conversed = client.converse_stream(
+            modelId=MODEL, messages=[{"role": "user", "content": [{"text": "Hi"}]}]
+        )
+        said = "".join(
+            e["contentBlockDelta"]["delta"]["text"]
+            for e in conversed["stream"]
+            if "contentBlockDelta" in e
+        )
+        return text, said
+
+    assert await asyncio.to_thread(calls) == ("Streamed hello", "Hi")
+    assert fake.refused == []
+    async with aiohttp.ClientSession() as http:
+        counted = await tokens(http, sidecar.admin)
+    # InvokeModel's stream (21 in, 4 out) and ConverseStream's metadata event (9 in, 2 out).
+    assert counted[("bedrock", "", MODEL, "input")] == 21 + 9  # no X-Agent-Id: agent ""
+    assert counted[("bedrock", "", MODEL, "output")] == 4 + 2
+
+
 async def test_anthropic_bedrock_client(start_sidecar: StartSidecar, upstream: Upstreams) -> None:
     sidecar, fake = await start(start_sidecar, upstream)
     client = anthropic.AsyncAnthropicBedrock(
@@ -126,3 +167,18 @@ async def test_a_wrong_sidecar_key_is_refused_by_the_fake(
     ):
         assert resp.status == 403
     assert fake.refused == ["signature does not match"]
+
+
+def test_event_stream_frames_are_cut_across_chunks() -> None:
+    data = b"".join(
+        [
+            frame("messageStart", {"role": "assistant"}),
+            frame("metadata", {"usage": {"inputTokens": 5, "outputTokens": 7}}),
+        ]
+    )
+    scanner = Scanner("eventstream")
+    for i in range(len(data)):  # one byte at a time
+        scanner.feed(data[i : i + 1])
+    usage = scanner.finish()
+    assert (usage.input, usage.output) == (5, 7)
+    assert kind_of("application/vnd.amazon.eventstream") == "eventstream"

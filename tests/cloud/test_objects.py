@@ -18,7 +18,7 @@ import pytest
 from boto3.s3.transfer import TransferConfig
 
 from tests.cloud.moto_aws import Moto, agent_client
-from tests.conftest import RunningSidecar, StartSidecar
+from tests.conftest import RunningSidecar, StartSidecar, echo_app
 
 RULES = """
             objects:
@@ -230,3 +230,36 @@ async def test_presigned_urls_are_refused(
         problem = json.loads(await resp.read())
     assert resp.status == 403
     assert problem["rule"] == "objects" and "presigned" in problem["detail"]
+
+
+async def test_virtual_hosted_addressing(start_sidecar: StartSidecar, upstream: Any) -> None:
+    # The upstream's host names the bucket (here `localhost`, which resolves); the whole
+    # path is the key. The echo upstream shows what passed, signed for that host.
+    base = (await upstream(echo_app())).replace("127.0.0.1", "localhost")
+    sidecar = await start_sidecar(
+        f"""
+        version: 1
+        services:
+          docs:
+            upstream: {base}
+            auth: {{type: aws_sigv4, service: s3, region: us-east-1, access_key_id: AKIAX,
+                    secret_access_key: s}}
+            objects:
+              addressing: virtual
+              rules: [{{buckets: [localhost], keys: ["agents/{{agent}}/**"],
+                        actions: [read, list]}}]
+        """
+    )
+    async with aiohttp.ClientSession(headers={"X-Agent-Id": "alice"}) as http:
+        async with http.get(f"{sidecar.url}/docs/agents/alice/a.txt") as resp:
+            echoed = await resp.json()
+        assert resp.status == 200 and echoed["path"] == "/agents/alice/a.txt"
+        assert echoed["headers"]["Host"].startswith("localhost:")
+        assert echoed["headers"]["Authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIAX/")
+        async with http.get(f"{sidecar.url}/docs/?list-type=2&prefix=agents/alice/") as resp:
+            assert resp.status == 200
+        for path in ("/docs/agents/bob/a.txt", "/docs/?list-type=2&prefix=agents/"):
+            async with http.get(f"{sidecar.url}{path}") as resp:
+                problem = json.loads(await resp.read())
+            assert resp.status == 403 and problem["rule"] == "objects.rules"
+            assert "bucket 'localhost'" in problem["detail"]

@@ -76,14 +76,29 @@ class GoogleToken:
     async def fetch(self) -> tuple[str, float]:
         return await asyncio.to_thread(self._refresh)
 
+    def close(self) -> None:
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.session.close()  # its requests.Session's pooled connections
+
+
+class _Source(TokenSource):
+    def __init__(self, *, service: str, google: GoogleToken, refresh_before: float) -> None:
+        super().__init__(
+            service=service, kind="Google", fetch=google.fetch, refresh_before=refresh_before
+        )
+        self._google = google
+
+    def retire(self) -> None:
+        # A refresh in its thread keeps the transport; the session then goes with the object.
+        if not self.refreshing.busy:
+            self._google.close()
+
 
 def build(service: ServicePolicy, spec: GcpAuth, *, state: StateBuild) -> BearerToken:
     def make() -> TokenSource:
-        return TokenSource(
-            service=service.name,
-            kind="Google",
-            fetch=GoogleToken(spec).fetch,
-            refresh_before=spec.refresh_before,
+        return _Source(
+            service=service.name, google=GoogleToken(spec), refresh_before=spec.refresh_before
         )
 
     return BearerToken(source=state.get(service.name, "gcp", spec, make))

@@ -53,6 +53,11 @@ class Refreshing(Generic[T]):
                 return value
         return await asyncio.shield(self._start())
 
+    @property
+    def busy(self) -> bool:
+        """A fetch is in flight."""
+        return self._pending is not None
+
     def invalidate(self) -> None:
         self._value = None
         self._refresh_at = self._expires_at = 0.0

@@ -160,8 +160,13 @@ async def test_copy_and_multi_delete_are_checked_key_by_key(
 
     await asyncio.to_thread(scenario)
     admin = agent_client("s3", f"{sidecar.url}/s3", agent="admin")
-    got = await asyncio.to_thread(admin.get_object, Bucket="shared", Key="agents/bob/secret.txt")
-    assert got["Body"].read() == b"bob's"
+
+    def bobs() -> bytes:
+        # Read in the thread: the sidecar relaying the body runs on this event loop.
+        data: bytes = admin.get_object(Bucket="shared", Key="agents/bob/secret.txt")["Body"].read()
+        return data
+
+    assert await asyncio.to_thread(bobs) == b"bob's"
 
 
 async def test_size_content_type_and_read_only(start_sidecar: StartSidecar, moto: Moto) -> None:

@@ -107,3 +107,22 @@ async def test_agents_presigned_query_is_not_forwarded(
     async with aiohttp.ClientSession() as client, client.get(url) as resp:
         assert resp.status == 200
         assert await resp.read() == b"v"
+
+
+async def test_sts_template_signs_a_form_post(start_sidecar: StartSidecar, moto: Moto) -> None:
+    # Another kind of AWS API: a signed body (the form's SHA-256), checked by moto with
+    # botocore's SigV4Auth. The answer names the sidecar's identity, not the agent's.
+    sidecar = await start_sidecar(
+        f"""
+        version: 1
+        services:
+          sts:
+            template: sts
+            upstream: {moto.url}
+        """,
+        env={"AWS_ACCESS_KEY_ID": moto.key_id, "AWS_SECRET_ACCESS_KEY": moto.secret},
+    )
+    moto.enforce()
+    sts = agent_client("sts", f"{sidecar.url}/sts")
+    identity = await asyncio.to_thread(sts.get_caller_identity)
+    assert identity["Arn"].endswith(":user/sidecar")

@@ -203,6 +203,26 @@ class Call:
             name.lower().encode("latin-1"), (name.encode("latin-1"), value.encode("latin-1"))
         )
 
+    def set_headers(self, fields: list[tuple[str, str]]) -> None:
+        """`set_header` of each (name, value), in one pass over the raw fields (a
+        signature's several fields, steps/credentials/aws.py)."""
+        raw = self._raw
+        if raw is None:
+            headers = self.headers
+            for name, value in fields:
+                headers[name] = value
+            return
+        keys: set[bytes] = set()
+        added: list[tuple[bytes, bytes]] = []
+        for name, value in fields:
+            check_field(name, value)
+            encoded = name.encode("latin-1")
+            keys.add(encoded.lower())
+            added.append((encoded, value.encode("latin-1")))
+        kept = [f for f in raw if f[0].lower() not in keys]
+        kept.extend(added)
+        self._raw = kept
+
     def set_field(self, field: Field) -> None:
         """`set_header(field.name, field.value)` with the work done at load."""
         prepared = field.raw

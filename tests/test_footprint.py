@@ -31,6 +31,10 @@ ONLY_WHEN_USED = (
     "logging.handlers",
     # The did-you-mean of a policy error.
     "difflib",
+    # Cloud credentials (steps/credentials/): only policies with those auth kinds.
+    "google.auth",
+    "configparser",
+    "xml.etree",
 )
 
 PROBE = f"""

@@ -32,6 +32,7 @@ from .base import (
     Size,
     _did_you_mean,
 )
+from .cloud import AwsSigV4Auth, AzureAuth, GcpAuth
 from .secrets import Secret, resolver_from_context
 from .units import (
     Rate,
@@ -313,10 +314,28 @@ class JwtAuth(Model):
 
 
 Auth = Annotated[
-    BearerAuth | HeaderAuth | QueryAuth | BasicAuth | OAuth2ClientCredentials | JwtAuth,
+    BearerAuth
+    | HeaderAuth
+    | QueryAuth
+    | BasicAuth
+    | OAuth2ClientCredentials
+    | JwtAuth
+    | AwsSigV4Auth
+    | GcpAuth
+    | AzureAuth,
     Field(discriminator="type"),
 ]
-AUTH_TYPES = ("bearer", "header", "query", "basic", "oauth2_client_credentials", "jwt")
+AUTH_TYPES = (
+    "bearer",
+    "header",
+    "query",
+    "basic",
+    "oauth2_client_credentials",
+    "jwt",
+    "aws_sigv4",
+    "gcp",
+    "azure",
+)
 
 
 def _service_schema(schema: dict[str, Any]) -> None:
@@ -425,6 +444,11 @@ class Service(Model):
         default_factory=list,
         description="Token or cost budgets per calendar window (UTC); over budget: 429 "
         "budget_exhausted, see budget.py",
+    )
+    objects: Objects | None = Field(
+        default=None,
+        description="Object-store rules of an S3-compatible service: buckets and keys per "
+        "agent, see cloud.py",
     )
     cassettes: Cassettes | None = Field(
         default=None, description="Recordings of mode: record and replay, see testing.py"
@@ -560,6 +584,7 @@ from .alerts import Admin, Alerts  # noqa: E402
 from .budget import Budget, Prices  # noqa: E402
 from .cache import Cache  # noqa: E402
 from .check import Check  # noqa: E402
+from .cloud import Objects  # noqa: E402
 from .files import Files, fill_upstream  # noqa: E402
 from .llm import LLM  # noqa: E402
 from .openapi import DocumentPath, Validate  # noqa: E402

@@ -33,6 +33,7 @@ from ..steps import (
     llm,
     mcp,
     mock,
+    objects,
     pause,
     ratelimit,
     request_rules,
@@ -56,6 +57,8 @@ STEP_BUILDERS: list[tuple[str, StepBuilder]] = [
     ("identity", identity.build),
     ("allow", allow.build),
     ("request_rules", request_rules.build),
+    # Object-store rules: which agent may touch which bucket and key (steps/objects.py).
+    ("objects", objects.build),
     # Then the OpenAPI document: a malformed call is told so whatever the limits say.
     ("validate", validate.build),
     # A call the policy refuses for what it asks (its operation, its tool) is told

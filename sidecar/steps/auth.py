@@ -11,8 +11,15 @@ import base64
 from urllib.parse import quote, unquote_plus
 
 from ..call import Call, Field, Handler, Reply
+from ..policy.cloud import AwsSigV4Auth, AzureAuth, GcpAuth
 from ..policy.loader import ServicePolicy
-from ..policy.models import BasicAuth, BearerAuth, HeaderAuth, OAuth2ClientCredentials, QueryAuth
+from ..policy.models import (
+    BasicAuth,
+    BearerAuth,
+    HeaderAuth,
+    OAuth2ClientCredentials,
+    QueryAuth,
+)
 from ..policy.secrets import Secret
 from ..state import StateBuild
 from . import Step
@@ -99,6 +106,18 @@ def build(service: ServicePolicy, *, state: StateBuild) -> Step | None:
         from . import oauth2
 
         return oauth2.build(service, auth, state=state)
+    if isinstance(auth, AwsSigV4Auth):
+        from .credentials import aws
+
+        return aws.build(service, auth, state=state)
+    if isinstance(auth, GcpAuth):
+        from .credentials import gcp
+
+        return gcp.build(service, auth, state=state)
+    if isinstance(auth, AzureAuth):
+        from .credentials import azure
+
+        return azure.build(service, auth, state=state)
     from . import jwt_auth
 
     return jwt_auth.build(auth)

@@ -41,6 +41,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from ..call import Call, Handler, Reply, ReplyView, StaticReply, make_replayable
 from ..headers import HOP_BY_HOP
+from ..policy.cloud import AwsSigV4Auth
 from ..policy.loader import ServicePolicy
 from ..policy.models import BasicAuth, BearerAuth, HeaderAuth, QueryAuth
 from ..policy.testing import Cassettes
@@ -650,6 +651,10 @@ def _static_secrets(service: ServicePolicy) -> set[str]:
     elif isinstance(auth, BasicAuth):
         user, password = auth.username.reveal(), auth.password.reveal()
         out.update((password, base64.b64encode(f"{user}:{password}".encode()).decode()))
+    elif isinstance(auth, AwsSigV4Auth):
+        for secret in (auth.secret_access_key, auth.session_token):
+            if secret is not None:
+                out.add(secret.reveal())
     return out
 
 

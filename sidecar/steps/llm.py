@@ -84,7 +84,9 @@ _INPUT_KEYS = ("messages", "prompt", "input", "system", "instructions", "content
 _charging: set[asyncio.Future[Any]] = set()
 
 # The model when the body does not name it: an Azure deployment, a Gemini model.
-_PATH_MODEL = re.compile(r"/deployments/([^/]+)/|/models/([^/:]+):")
+_PATH_MODEL = re.compile(
+    r"/deployments/([^/]+)/|/models/([^/:]+):|/model/([^/]+)/(?:invoke|converse)"
+)
 
 # GenAI operation names (gen_ai.operation.name) by the endpoint's last segments.
 _OPERATIONS = (
@@ -98,6 +100,11 @@ _OPERATIONS = (
     ("/api/embed", "embeddings"),
     (":generateContent", "generate_content"),
     (":streamGenerateContent", "generate_content"),
+    # Bedrock: InvokeModel and Converse, streamed or not, the model in the path.
+    ("/invoke", "chat"),
+    ("/converse", "chat"),
+    ("/invoke-with-response-stream", "chat"),
+    ("/converse-stream", "chat"),
 )
 
 
@@ -243,7 +250,8 @@ class LLMStep:
         if request.model is None:
             match = _PATH_MODEL.search(path)
             if match is not None:
-                request.model = unquote(match.group(1) or match.group(2))[:MAX_MODEL]
+                found_in_path = match.group(1) or match.group(2) or match.group(3)
+                request.model = unquote(found_in_path)[:MAX_MODEL]
         return request
 
 

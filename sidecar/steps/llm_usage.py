@@ -9,7 +9,11 @@
   is parsed (OpenAI's last chunk under `stream_options.include_usage`,
   Anthropic's message_start and message_delta, the Responses API's
   response.completed);
-- NDJSON (Ollama's native API) is read line by line the same way.
+- NDJSON (Ollama's native API) is read line by line the same way;
+- an AWS event stream (Bedrock's InvokeModelWithResponseStream and
+  ConverseStream, application/vnd.amazon.eventstream) is cut into its binary
+  frames; a frame's JSON payload, or the JSON inside its base64 `bytes`
+  (InvokeModel's chunks), is read like an SSE event.
 
 gzip and deflate answers are inflated for reading (the agent still gets the
 bytes as sent). With `estimate`, every event (or the whole JSON answer) is
@@ -23,16 +27,22 @@ garbage stops reading and reports what it found before, often nothing.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import zlib
 from typing import Any, Literal
 
-Kind = Literal["json", "sse", "ndjson"]
+Kind = Literal["json", "sse", "ndjson", "eventstream"]
 
 # Most SSE events (every token's chunk) carry no usage: they are not parsed. OpenAI
 # chunks under include_usage carry `"usage":null` until the last.
-_HAS_USAGE = re.compile(rb'"usage(?:Metadata)?"\s*:\s*\{|"prompt_eval_count"\s*:')
+_HAS_USAGE = re.compile(
+    rb'"usage(?:Metadata)?"\s*:\s*\{|"prompt_eval_count"\s*:|"amazon-bedrock-invocationMetrics"'
+)
+# An AWS event-stream frame: total length, headers length, prelude CRC (4 bytes each),
+# the headers, the payload, the message CRC (4 bytes).
+_PRELUDE = 12
 _INFLATE_STEP = 64 * 1024
 MAX_MODEL = 128
 
@@ -48,6 +58,8 @@ def kind_of(content_type: str | None) -> Kind | None:
         return "ndjson"
     if media == "application/json" or media.endswith("+json"):
         return "json"
+    if media == "application/vnd.amazon.eventstream":
+        return "eventstream"
     return None
 
 
@@ -146,12 +158,20 @@ class Usage:
         gemini = doc.get("usageMetadata")
         if isinstance(gemini, dict):
             self._gemini(gemini)
+        bedrock = doc.get("amazon-bedrock-invocationMetrics")
+        if isinstance(bedrock, dict):  # the last chunk of a Bedrock InvokeModel stream
+            self._set(
+                _count(bedrock.get("inputTokenCount")), _count(bedrock.get("outputTokenCount"))
+            )
         if doc.get("done") is True and "eval_count" in doc:  # Ollama's native API
             self._set(_count(doc.get("prompt_eval_count")), _count(doc.get("eval_count")))
 
     def _usage(self, usage: dict[str, Any]) -> None:
         if "prompt_tokens" in usage or "completion_tokens" in usage:  # chat completions
             self._set(_count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")))
+            return
+        if "inputTokens" in usage or "outputTokens" in usage:  # Bedrock's Converse
+            self._set(_count(usage.get("inputTokens")), _count(usage.get("outputTokens")))
             return
         # Anthropic and the Responses API. Anthropic counts cached input apart from
         # input_tokens; GenAI's input_tokens is all the input, so they are added.
@@ -247,6 +267,8 @@ class Scanner:
             if self._kind == "json":
                 if self._chunks:
                     self._fold(_parse(b"".join(self._chunks)))
+            elif self._kind == "eventstream":
+                pass  # an unfinished frame has no usage to read
             else:
                 if self._tail:
                     self._line(self._tail)
@@ -280,6 +302,9 @@ class Scanner:
             return
         if self._tail:
             data = self._tail + data
+        if self._kind == "eventstream":
+            self._frames(data)
+            return
         end = data.rfind(b"\n")
         if end < 0:
             if len(data) > self._cap:
@@ -290,6 +315,34 @@ class Scanner:
         self._tail = data[end + 1 :]
         for line in data[:end].split(b"\n"):
             self._line(line)
+
+    def _frames(self, data: bytes) -> None:
+        start = 0
+        while len(data) - start >= _PRELUDE:
+            total = int.from_bytes(data[start : start + 4], "big")
+            if total < _PRELUDE + 4 or total > self._cap:
+                self._stop()
+                return
+            if len(data) - start < total:
+                break
+            headers = int.from_bytes(data[start + 4 : start + 8], "big")
+            payload = data[start + _PRELUDE + headers : start + total - 4]
+            start += total
+            if not payload:
+                continue
+            doc = _parse(payload) if payload[:1] == b"{" else None
+            inner = doc.get("bytes") if isinstance(doc, dict) else None
+            if isinstance(inner, str):  # InvokeModel's chunk: the model's own event, base64
+                payload = base64.b64decode(inner)
+                if self._estimate or _HAS_USAGE.search(payload):
+                    self._fold(_parse(payload))
+            elif self._estimate or _HAS_USAGE.search(payload):
+                self._fold(doc)
+        rest = data[start:]
+        if len(rest) > self._cap:
+            self._stop()
+        else:
+            self._tail = rest
 
     def _line(self, line: bytes) -> None:
         if line.endswith(b"\r"):

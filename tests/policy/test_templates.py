@@ -31,11 +31,18 @@ BUILTINS = (
     "stripe",
     "jira",
     "notion",
+    "s3",
+    "bedrock",
+    "sts",
+    "gcs",
+    "vertex",
+    "azure_blob",
 )
 # Templates that leave the upstream to the policy: the customer's own resource or site.
 NEEDS_UPSTREAM = {
     "azure_openai": "https://example-resource.openai.azure.com",
     "jira": "https://example.atlassian.net",
+    "azure_blob": "https://example.blob.core.windows.net",
 }
 
 

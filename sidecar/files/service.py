@@ -280,6 +280,10 @@ class FilesService:
                 return FileReply(304, headers)
             headers["Content-Type"] = _media_type(path.name)
             headers["X-Content-Type-Options"] = "nosniff"
+            # The egress origin is shared by every service: an HTML or SVG file an agent
+            # wrote must not run scripts there (they could call other services, with the
+            # credentials the sidecar injects), so a browser gets it sandboxed.
+            headers["Content-Security-Policy"] = "sandbox; default-src 'none'"
             size = st.st_size
             start, length, status = 0, size, 200
             asked = call.header("Range")

@@ -457,3 +457,16 @@ async def test_an_upload_in_flight_holds_few_descriptors_however_deep(start_side
     assert answer.startswith(b"HTTP/1.1 201 "), answer[:300]
     assert (root / deep / "a.txt").read_bytes() == b"abc"
     assert held < 10, held
+
+
+async def test_an_html_file_is_served_sandboxed(start_sidecar, client, root):
+    # Every service shares the egress origin: a page an agent wrote must not run scripts
+    # there, where they could call the other services with the sidecar's credentials.
+    sc = await start_sidecar(files_policy(root))
+    page = b"<script>fetch('/github/user')</script>"
+    async with client.put(f"{sc.url}/docs/page.txt", data=page) as r:
+        assert r.status == 201
+    async with client.get(f"{sc.url}/docs/page.txt") as r:
+        assert r.status == 200
+        assert r.headers["X-Content-Type-Options"] == "nosniff"
+        assert r.headers["Content-Security-Policy"].startswith("sandbox")

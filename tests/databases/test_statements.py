@@ -7,6 +7,8 @@ multi-statement string or a function call, next to the statements that must pass
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -600,3 +602,31 @@ def test_a_forbidden_table_is_refused_however_deep(table: str, depth: int) -> No
             else f"WITH c{level} AS ({query}) SELECT * FROM c{level}"
         )
     refused("research-bot", query)
+
+
+def test_reset_all_runs_only_where_the_connector_restores_the_guards() -> None:
+    # asyncpg's pool sends this on every release.
+    reset = "SELECT pg_advisory_unlock_all();\nCLOSE ALL;\nUNLISTEN *;\nRESET ALL;"
+    assert "RESET ALL would undo the guards" in refused("admin", reset)
+    restoring = StatementRules.build(RULES, read_only=True, database="a", restores_guards=True)
+    allowed("research-bot", reset, restoring)
+    allowed("research-bot", "DISCARD ALL", restoring)
+    refused("research-bot", "RESET statement_timeout", restoring)
+    refused("stranger", "RESET ALL", restoring)
+
+
+def test_upsert_needs_update_too() -> None:
+    insert_only = StatementRules.build([Rule([], ["t"], ["insert"])], read_only=False, database="d")
+    allowed("x", "INSERT INTO t VALUES (1) ON CONFLICT DO NOTHING", insert_only)
+    message = refused(
+        "x", "INSERT INTO t VALUES (1) ON CONFLICT (a) DO UPDATE SET b = 2", insert_only
+    )
+    assert "writes public.t (UPDATE)" in message
+
+
+def test_importing_the_engine_does_not_load_the_parser() -> None:
+    code = (
+        "import sys, sidecar.databases.statements as s; assert 'pglast' not in sys.modules; "
+        "s.parse('SELECT 1'); assert 'pglast' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -42,6 +42,12 @@ HOUSEKEEPING: Final = frozenset(
     {"transaction", "show", "set", "reset", "execute", "explain", "prepare"}
 )
 
+# Statements that only end what the session started (cursors, prepared statements,
+# LISTEN): like the housekeeping kinds, any agent a rule names may run them.
+HOUSEKEEPING_STATEMENTS: Final = frozenset(
+    {"UnlistenStmt", "ClosePortalStmt", "FetchStmt", "DeallocateStmt", "DiscardStmt"}
+)
+
 # Kinds that change data or the schema: refused on a `read_only` database
 # (25006). COPY counts only when it copies into a table.
 WRITE_KINDS: Final = frozenset({"insert", "update", "delete", "merge", "ddl", "grant", "vacuum"})

@@ -29,6 +29,7 @@ from .kinds import (
     DML,
     GUARDED_SETTINGS,
     HOUSEKEEPING,
+    HOUSEKEEPING_STATEMENTS,
     LITERAL_TOKENS,
     REFUSED_STATEMENTS,
     RELATION_OBJECTS,
@@ -96,6 +97,9 @@ class Statement:
     read_write: bool = field(default=False, repr=False)  # asks for a read-write transaction
     write: Access | None = field(default=None, repr=False)  # the first write, if any
     write_kind: str | None = field(default=None, repr=False)  # the first write kind
+    # "RESET ALL" or "DISCARD ALL" when the string holds one: they undo the session's
+    # guards, so they are refused unless the connector restores the guards after them.
+    resets_all: str | None = field(default=None, repr=False)
 
 
 def parse(text: str) -> Statement:
@@ -174,6 +178,7 @@ class _Walk:
         self.read_write = False
         self.operations: list[str] = []
         self.targeted = False  # the current statement names a table it writes
+        self.resets_all: str | None = None
 
     # -- statements -----------------------------------------------------------------
 
@@ -188,7 +193,7 @@ class _Walk:
         self.targeted = False
         kind = self._statement(name, body, node)
         self.kinds.add(kind)
-        if kind not in HOUSEKEEPING:
+        if kind not in HOUSEKEEPING and name not in HOUSEKEEPING_STATEMENTS:
             self.needs.add(kind)
         return kind
 
@@ -219,10 +224,7 @@ class _Walk:
                 self.read_write = True
             return "transaction"
         if name == "DiscardStmt" and body.get("target") == "DISCARD_ALL":
-            self.refuse(
-                "DISCARD ALL would reset the session's settings, undoing the guards the "
-                "sidecar sets on every session; it is refused for every agent"
-            )
+            self.resets_all = "DISCARD ALL"
             return "reset"
         if name == "DropStmt":
             self._drop(body)
@@ -267,10 +269,7 @@ class _Walk:
         set_kind = body.get("kind", "")
         kind = "reset" if set_kind.startswith("VAR_RESET") else "set"
         if set_kind == "VAR_RESET_ALL":
-            self.refuse(
-                "RESET ALL would undo the guards the sidecar sets on every session "
-                "(read-only, statement timeout, search_path); it is refused for every agent"
-            )
+            self.resets_all = "RESET ALL"
             return kind
         setting = str(body.get("name", "")).lower()
         if set_kind == "VAR_SET_MULTI":
@@ -455,6 +454,7 @@ class _Walk:
             read_write=self.read_write,
             write=write,
             write_kind=write_kind,
+            resets_all=self.resets_all,
         )
 
 

@@ -96,27 +96,54 @@ class _Rule:
 class StatementRules:
     """A database's statement policy, built once per policy load."""
 
-    __slots__ = ("_agents", "_database", "_read_only", "_rules")
+    __slots__ = ("_agents", "_database", "_read_only", "_restores_guards", "_rules")
 
-    def __init__(self, rules: tuple[_Rule, ...] | None, *, read_only: bool, database: str) -> None:
+    def __init__(
+        self,
+        rules: tuple[_Rule, ...] | None,
+        *,
+        read_only: bool,
+        database: str,
+        restores_guards: bool = False,
+    ) -> None:
         self._rules = rules
         self._read_only = read_only
         self._database = database
+        self._restores_guards = restores_guards
         self._agents: dict[str, tuple[_Rule, ...]] = {}
 
     @classmethod
     def build(
-        cls, rules: Sequence[RuleLike] | None, *, read_only: bool, database: str
+        cls,
+        rules: Sequence[RuleLike] | None,
+        *,
+        read_only: bool,
+        database: str,
+        restores_guards: bool = False,
     ) -> StatementRules:
         """`rules` None: no allow rules (only the guards); an empty list allows nothing.
-        ValueError for a table glob that cannot be meant."""
+        `restores_guards`: the connector sets the session's guards again after a RESET
+        ALL or DISCARD ALL (asyncpg's pool sends RESET ALL on every release), so those
+        two may run; otherwise they are refused. ValueError for a table glob that
+        cannot be meant."""
         compiled = None if rules is None else tuple(_Rule(r) for r in rules)
-        return cls(compiled, read_only=read_only, database=database)
+        return cls(
+            compiled, read_only=read_only, database=database, restores_guards=restores_guards
+        )
 
     def judge(self, agent: str, statement: Statement) -> Verdict | None:
         """None when `agent` may run `statement` (the whole string), else the refusal."""
         if statement.refusal is not None:
             return statement.refusal
+        if statement.resets_all is not None and not self._restores_guards:
+            return Verdict(
+                INSUFFICIENT_PRIVILEGE,
+                FORBIDDEN,
+                f"statement refused: {statement.resets_all} would undo the guards the sidecar "
+                "sets on every session (read-only, statement timeout, search_path); it is "
+                "refused for every agent",
+                "nothing in this string ran; reset single settings (RESET TimeZone) instead",
+            )
         if self._read_only and (statement.read_write or statement.write_kind is not None):
             return self._read_only_verdict(statement)
         if self._rules is None or statement.count == 0:

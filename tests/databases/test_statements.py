@@ -630,3 +630,49 @@ def test_importing_the_engine_does_not_load_the_parser() -> None:
         "s.parse('SELECT 1'); assert 'pglast' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        # The server would read these bytes differently from the sidecar.
+        "SET client_encoding = 'SJIS'",
+        "SET NAMES 'GBK'",
+        "SET standard_conforming_strings = off",
+        # Other sessions' statements.
+        "SELECT pg_stat_get_backend_activity(1)",
+        "SELECT * FROM pg_hba_file_rules()",
+    ],
+)
+def test_what_would_let_the_server_read_another_statement_is_refused(sql: str) -> None:
+    refused("admin", sql)
+
+
+def test_utf8_client_encoding_is_fine() -> None:
+    allowed("research-bot", "SET client_encoding = 'UTF8'")
+    allowed("research-bot", "SET NAMES 'utf-8'")
+
+
+def test_a_nul_cannot_hide_a_statement() -> None:
+    # libpg_query stops at a NUL; what follows would go unjudged.
+    with pytest.raises(StatementError, match="NUL"):
+        parse("SELECT 1\x00; DROP TABLE orders")
+
+
+def test_large_objects_need_a_rule_naming_them() -> None:
+    message = refused("research-bot", "SELECT lo_get(16401)")
+    assert "reads pg_catalog.pg_largeobject" in message
+    allowed("admin", "SELECT lo_get(16401)")
+
+
+def test_moving_or_renaming_a_table_writes_its_new_name() -> None:
+    staging_ddl = StatementRules.build(
+        [Rule([], ["staging.*"], ["ddl"])], read_only=False, database="d"
+    )
+    allowed("x", "ALTER TABLE staging.a RENAME TO b", staging_ddl)
+    allowed("x", "ALTER TABLE staging.a RENAME COLUMN c TO d", staging_ddl)
+    allowed("x", "COMMENT ON TABLE staging.a IS 'raw events'", staging_ddl)
+    assert "writes public.a (DDL)" in refused(
+        "x", "ALTER TABLE staging.a SET SCHEMA public", staging_ddl
+    )
+    assert "writes public.a (DDL)" in refused("x", "ALTER TABLE a RENAME TO b", staging_ddl)

@@ -193,6 +193,10 @@ REFUSED_FUNCTIONS: Final = frozenset(
         "database_to_xml_and_xmlschema",
         "ts_stat",
         "pg_import_system_collations",
+        "pg_hba_file_rules",
+        "pg_ident_file_mappings",
+        "pg_show_all_file_settings",
+        "pg_get_replication_slots",
     }
 )
 # ... and whole families: server files (pg_read_file, pg_ls_dir, adminpack's
@@ -213,7 +217,13 @@ REFUSED_FUNCTION_PREFIXES: Final = (
     "pg_drop_replication_",
     "pg_copy_",
     "pg_wal_replay_",
+    "pg_stat_get_backend",  # other sessions' statements
+    "pg_log_",
 )
+
+# Large objects live outside any table a rule can name: their functions count as
+# reading pg_catalog.pg_largeobject, which only a rule naming it (or "*") allows.
+LARGE_OBJECT_FUNCTIONS: Final = ("lo_", "loread", "lowrite")
 
 
 def refused_function(name: str) -> bool:
@@ -230,6 +240,9 @@ GUARDED_SETTINGS: Final[dict[str, str]] = {
     "role": "it would change the database role the sidecar signed in as",
     "session_authorization": "it would change the database role the sidecar signed in as",
     "session_replication_role": "it would turn off triggers and foreign keys",
+    # With it off the server reads backslashes in '...' as escapes, and so a string the
+    # sidecar read as data could be code to the server.
+    "standard_conforming_strings": "the sidecar reads strings as PostgreSQL does with it on",
 }
 
 # Schemas whose relations describe the database rather than hold its data. Any agent a

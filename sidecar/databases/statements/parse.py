@@ -30,6 +30,7 @@ from .kinds import (
     GUARDED_SETTINGS,
     HOUSEKEEPING,
     HOUSEKEEPING_STATEMENTS,
+    LARGE_OBJECT_FUNCTIONS,
     LITERAL_TOKENS,
     REFUSED_STATEMENTS,
     RELATION_OBJECTS,
@@ -117,6 +118,9 @@ def _cached(text: str) -> Statement:
 def _parse(text: str) -> Statement:
     from pglast import parser  # lazily: only a sidecar with databases loads libpg_query
 
+    if "\x00" in text:
+        # libpg_query reads a C string: what follows a NUL would go unjudged.
+        raise StatementError("a statement cannot hold a NUL character", text.index("\x00") + 1)
     try:
         tree = json.loads(parser.parse_sql_json(text))
         tokens = parser.scan(text)
@@ -227,8 +231,26 @@ class _Walk:
             self.resets_all = "DISCARD ALL"
             return "reset"
         if name == "DropStmt":
-            self._drop(body)
+            self._objects(body.get("removeType"), body.get("objects", ()))
             return "ddl"
+        if name == "CommentStmt" and body.get("objtype") in RELATION_OBJECTS:
+            self._objects(body.get("objtype"), [body.get("object")])
+            return "ddl"
+        if name in ("RenameStmt", "AlterObjectSchemaStmt"):
+            # The new name is written too: a rule on staging.* must not let a table be
+            # moved, or renamed, where other rules reach it.
+            relation = body.get("relation")
+            relation_renamed = (
+                name == "AlterObjectSchemaStmt" or body.get("renameType") in RELATION_OBJECTS
+            )
+            if isinstance(relation, dict) and relation_renamed:
+                self.relation(relation, _NO_CTES, "ddl")
+                self.table(
+                    body.get("newschema", relation.get("schemaname")),
+                    str(body.get("newname", relation.get("relname", ""))),
+                    "ddl",
+                    write=True,
+                )
         if name in ("CreateTableAsStmt", "ViewStmt"):
             into = body.get("into", {}).get("rel")
             target = into if name == "CreateTableAsStmt" else body.get("view")
@@ -278,15 +300,24 @@ class _Walk:
                 self.read_write = True
             return kind
         why = GUARDED_SETTINGS.get(setting)
+        if setting == "client_encoding" and set_kind == "VAR_SET_VALUE":
+            args = body.get("args", ())
+            values = [a.get("A_Const", {}).get("sval", {}).get("sval") for a in args]
+            if any(str(v).lower().replace("-", "") not in ("utf8", "unicode") for v in values):
+                why = (
+                    "the sidecar reads statements as UTF-8; an encoding such as SJIS or GBK "
+                    "would let the server read them differently"
+                )
         if why is not None:
             shown = "SET" if kind == "set" else "RESET"
             self.refuse(f"{shown} {setting}: {why}; it is refused for every agent")
         self.fields(body, _NO_CTES, "select")
         return kind
 
-    def _drop(self, body: dict[str, Any]) -> None:
-        if body.get("removeType") in RELATION_OBJECTS:
-            for obj in body.get("objects", ()):
+    def _objects(self, object_type: Any, objects: Any) -> None:
+        """The objects a DROP or COMMENT names: tables when they are relations."""
+        if object_type in RELATION_OBJECTS:
+            for obj in objects or ():
                 items = obj.get("List", {}).get("items", ()) if isinstance(obj, dict) else ()
                 parts = _names(items)
                 if parts:
@@ -420,6 +451,8 @@ class _Walk:
                 f"{lowered}() acts outside the query (the server's files or settings, other "
                 "sessions or servers, or a query hidden in text); it is refused for every agent"
             )
+        elif lowered.startswith(LARGE_OBJECT_FUNCTIONS):
+            self.add(Access("select", "pg_catalog", "pg_largeobject", False, False))
 
     def refuse(self, why: str) -> None:
         if self.refusal is None:

@@ -45,7 +45,7 @@ from .verdict import FORBIDDEN, INSUFFICIENT_PRIVILEGE, Verdict
 # Texts longer than this are parsed every time rather than kept in the cache: a few
 # huge statements must not pin megabytes.
 CACHE_ENTRIES: Final = 2048
-CACHE_MAX_TEXT: Final = 16 * 1024
+CACHE_MAX_TEXT: Final = 8 * 1024
 
 _NO_CTES: Final[frozenset[str]] = frozenset()
 

@@ -676,3 +676,17 @@ def test_moving_or_renaming_a_table_writes_its_new_name() -> None:
         "x", "ALTER TABLE staging.a SET SCHEMA public", staging_ddl
     )
     assert "writes public.a (DDL)" in refused("x", "ALTER TABLE a RENAME TO b", staging_ddl)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT 1" + " + 1" * 2000,
+        "SELECT * FROM " + "(SELECT * FROM " * 400 + "secrets" + ") s" * 400,
+    ],
+)
+def test_what_nests_too_deeply_to_check_is_refused_not_a_crash(sql: str) -> None:
+    with pytest.raises(StatementError) as caught:
+        parse(sql)
+    assert caught.value.sqlstate in ("54001", "42601")
+    assert caught.value.message.startswith(("statement refused: it nests too deeply", "stack"))

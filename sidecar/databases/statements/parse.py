@@ -48,6 +48,11 @@ CACHE_ENTRIES: Final = 2048
 CACHE_MAX_TEXT: Final = 8 * 1024
 
 _NO_CTES: Final[frozenset[str]] = frozenset()
+# Nodes that hold no table, function or statement: not walked (a bulk INSERT's VALUES
+# holds thousands of them).
+_LEAVES: Final = frozenset(
+    {"A_Const", "ColumnRef", "ParamRef", "String", "Integer", "Float", "Boolean", "A_Star"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,13 +74,15 @@ class Access:
 
 
 class StatementError(Exception):
-    """The text does not parse; `.message` says where, for a SQLSTATE 42601 answer."""
+    """The text does not parse (SQLSTATE 42601), or nests too deeply to be checked
+    (54001, PostgreSQL's statement_too_complex); `.message` says where or why."""
 
-    def __init__(self, message: str, position: int | None = None) -> None:
+    def __init__(self, message: str, position: int | None = None, sqlstate: str = "42601") -> None:
         super().__init__(message)
         self.message = message
         # 1-based character position, as an ErrorResponse's P field wants it.
         self.position = position
+        self.sqlstate = sqlstate
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +123,19 @@ def _cached(text: str) -> Statement:
 
 
 def _parse(text: str) -> Statement:
+    try:
+        return _parse_tree(text)
+    except RecursionError:
+        # Hundreds of nested expressions (`1 + 1 + ...`, subqueries in subqueries):
+        # refused rather than judged in part.
+        raise StatementError(
+            "statement refused: it nests too deeply for the sidecar to check; "
+            "split it, or nest fewer expressions",
+            sqlstate="54001",
+        ) from None
+
+
+def _parse_tree(text: str) -> Statement:
     from pglast import parser  # lazily: only a sidecar with databases loads libpg_query
 
     if "\x00" in text:
@@ -176,7 +196,7 @@ class _Walk:
     def __init__(self) -> None:
         self.kinds: set[str] = set()
         self.needs: set[str] = set()
-        self.accesses: list[Access] = []
+        self.accesses: dict[Access, None] = {}  # in order, each once (a string may hold 10k)
         self.functions: set[str] = set()
         self.refusal: Verdict | None = None
         self.read_write = False
@@ -339,7 +359,7 @@ class _Walk:
         if len(value) == 1:
             ((key, body),) = value.items()
             if key[:1].isupper():  # a node wrapped in its type's name
-                if isinstance(body, dict):
+                if key not in _LEAVES and isinstance(body, dict):
                     self.typed(key, body, ctes, action)
                 return
         self.fields(value, ctes, action)
@@ -440,8 +460,7 @@ class _Walk:
         self.add(Access(action, schema, name, write, readable))
 
     def add(self, access: Access) -> None:
-        if access not in self.accesses:
-            self.accesses.append(access)
+        self.accesses.setdefault(access)
 
     def function(self, name: str) -> None:
         lowered = name.lower()

@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .databases.hub import DatabaseHub
+from .databases.telemetry import DatabaseTelemetry
 from .policy.loader import Policy, PolicyError, load_policy
 from .policy.testing import CassetteOverride
 from .policy.watcher import watch
@@ -113,6 +115,10 @@ class Sidecar:
             tracer=self.telemetry.tracer,
         )
         self.handler = Egress(self.telemetry, self.webhooks)
+        # One listener and pool per `databases:` entry, opened by serve().
+        self.databases = DatabaseHub(
+            DatabaseTelemetry(self.telemetry.metrics.registry, self.telemetry.tracer)
+        )
 
     async def reload(self, trigger: str) -> ReloadResult:
         async with self._lock:
@@ -172,7 +178,15 @@ class Sidecar:
             build.abort()
             log.exception(self._failure("the webhook store could not be opened"))
             return failed(f"{self.webhooks.data_dir}: cannot open the webhook store: {exc}")
+        credentials = None
+        if policy.databases and (policy.agents.keys or policy.agents.verify):
+            from .steps import identity
+
+            agents = policy.agents
+            # The same key set (and JWKS cache) as the HTTP identity step: same state key.
+            credentials = build.get("", "identity", agents, lambda: identity.new(agents))
         build.commit()
+        await self.databases.apply(policy.databases, policy.agents, credentials)
         self.policy, self.router = policy, router
         self.handler.router = router
         log.info(
@@ -242,6 +256,7 @@ class Sidecar:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._watch_task
         self.state.close()
+        await self.databases.close()
         await self.webhooks.close()
         await self.telemetry.close()
 
@@ -321,6 +336,11 @@ async def serve(
                 raise _listen_error(address, exc) from exc
         if ingress is not None and not sidecar.webhooks.inbound_paths:
             _open_ingress_later(sidecar, ingress, bound)
+        # One loopback listener per `databases:` entry; later reloads open and close them.
+        try:
+            await sidecar.databases.start()
+        except OSError as exc:
+            raise ListenError(f"a database listener: {exc.strerror or exc}") from exc
     except BaseException:
         for made in bound:
             await made.cleanup()

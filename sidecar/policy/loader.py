@@ -21,6 +21,8 @@ from pydantic import BaseModel, ValidationError
 from .. import openapi
 from .access import AllowRule, value_regex
 from .base import _did_you_mean, closest
+from .databases import Database
+from .databases import merge as merge_databases
 from .models import (
     AUTH_TYPES,
     Agents,
@@ -65,6 +67,8 @@ class Policy:
     secret_files: frozenset[str] = field(default_factory=frozenset)
     webhooks: Webhooks | None = None  # every file's `webhooks:` merged; None when none has one
     allow: tuple[AllowRule, ...] | None = None  # the top-level rules; None when no file has any
+    # Every file's `databases:` merged; empty when none has one.
+    databases: Mapping[str, Database] = field(default_factory=dict)
 
 
 class PolicyError(Exception):
@@ -229,6 +233,13 @@ def load_policy(
         first = next(doc for doc, model in parsed if model.webhooks is not None)
         problems.extend(Problem(first.position(("webhooks",)), c) for c in clashes)
 
+    db_parts = [model.databases for _, model in parsed if model.databases is not None]
+    databases: dict[str, Database] = {}
+    if db_parts:
+        databases, clashes = merge_databases(db_parts)
+        first = next(doc for doc, model in parsed if model.databases is not None)
+        problems.extend(Problem(first.position(("databases",)), c) for c in clashes)
+
     if problems:
         raise PolicyError(
             sorted(problems, key=lambda p: (p.position.file, p.position.line, p.position.col))
@@ -242,6 +253,7 @@ def load_policy(
         secret_files=frozenset(resolver.files),
         webhooks=webhooks,
         allow=tuple(allow[1]) if allow is not None else None,
+        databases=databases,
     )
 
 

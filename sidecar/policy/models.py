@@ -504,6 +504,10 @@ class PolicyFile(Model):
     allow: list[AllowRule] | None = Field(
         default=None, description="Allow rules of every service that has none of its own"
     )
+    databases: Databases | None = Field(
+        default=None,
+        description="PostgreSQL databases agents reach on a loopback listener, see databases.py",
+    )
 
 
 # At the end: each feature's models, which Agents, Service and PolicyFile name.
@@ -511,6 +515,7 @@ from .access import AgentKeys, AllowRule, CredentialHeader, JwtVerify  # noqa: E
 from .budget import Budget, Prices  # noqa: E402
 from .cache import Cache  # noqa: E402
 from .check import Check  # noqa: E402
+from .databases import Databases  # noqa: E402
 from .llm import LLM  # noqa: E402
 from .openapi import DocumentPath, Validate  # noqa: E402
 from .protocols import GraphQL, MCPSetting  # noqa: E402

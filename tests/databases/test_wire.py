@@ -1,0 +1,212 @@
+"""Agents' PostgreSQL clients through the sidecar to a real PostgreSQL: pooling and protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+import sqlalchemy
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from tests.conftest import RunningSidecar
+
+from .pg_server import DATABASE, PASSWORD, USER, PostgresServer, pg_bin
+
+
+def policy(pg: PostgresServer, *, extra: str = "", pool: str = "{size: 10}") -> str:
+    return f"""
+        version: 1
+        databases:
+          shop:
+            listen: 127.0.0.1:0
+            upstream: postgres://127.0.0.1:{pg.port}/{DATABASE}
+            tls: {{mode: disable}}
+            auth: {{username: {USER}, password: {PASSWORD}}}
+            pool: {pool}
+        {extra}
+        """
+
+
+def dsn(running: RunningSidecar, agent: str = "research-1", password: str = "x") -> str:
+    host, port = running.sidecar.databases.address("shop")
+    return f"postgresql://{agent}:{password}@{host}:{port}/{DATABASE}?sslmode=prefer"
+
+
+async def test_psycopg_queries_through_the_sidecar(
+    postgres: PostgresServer, start_sidecar: Any
+) -> None:
+    running = await start_sidecar(policy(postgres))
+    async with await psycopg.AsyncConnection.connect(dsn(running)) as conn:
+        cur = await conn.execute("SELECT count(*), current_user FROM orders WHERE id <= %s", (10,))
+        assert await cur.fetchone() == (10, USER)
+        cur = await conn.execute("SELECT current_setting('application_name')")
+        assert (await cur.fetchone() or [""])[0] == "agent-sidecar/shop"
+
+
+async def test_two_hundred_agents_share_a_pool_of_ten(
+    postgres: PostgresServer, start_sidecar: Any
+) -> None:
+    running = await start_sidecar(policy(postgres, pool="{size: 10, wait_timeout: 20s}"))
+
+    async def agent(i: int) -> int:
+        async with await psycopg.AsyncConnection.connect(dsn(running, f"agent-{i}")) as conn:
+            total = 0
+            for _ in range(3):
+                cur = await conn.execute("SELECT id FROM orders WHERE id = %s", (i % 500 + 1,))
+                total += (await cur.fetchone() or [0])[0]
+            return total
+
+    results = await asyncio.gather(*(agent(i) for i in range(200)))
+    assert results == [3 * (i % 500 + 1) for i in range(200)]
+    backends = postgres.psql(
+        f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{USER}'"
+    ).strip()
+    assert int(backends) <= 10
+    stats = running.sidecar.databases.stats()["shop"]["pool"]
+    assert stats["in_use"] == 0 and stats["idle"] <= 10
+
+
+async def test_asyncpg_prepared_statements_in_transaction_mode(
+    postgres: PostgresServer, start_sidecar: Any
+) -> None:
+    # A pool of 2 and 6 agents: each agent's statements run on server connections
+    # that other agents' statements were prepared on, and the other way round.
+    running = await start_sidecar(policy(postgres, pool="{size: 2, mode: transaction}"))
+
+    async def agent(i: int) -> list[Any]:
+        conn = await asyncpg.connect(dsn(running, f"bot-{i}"))
+        try:
+            stmt = await conn.prepare("SELECT item FROM orders WHERE id = $1")
+            got = [await stmt.fetchval(n) for n in (i + 1, i + 2)]
+            got.append(await conn.fetchval("SELECT amount FROM orders WHERE id = $1", i + 3))
+            async with conn.transaction():
+                got.append(await conn.fetchval("SELECT count(*) FROM orders WHERE id < $1", 5))
+            return got
+        finally:
+            await conn.close()
+
+    results = await asyncio.gather(*(agent(i) for i in range(6)))
+    for i, got in enumerate(results):
+        assert got[:2] == [f"item {i + 1}", f"item {i + 2}"]
+        assert float(got[2]) == (i + 3) * 1.5
+        assert got[3] == 4
+
+
+async def test_sqlalchemy_and_psql(postgres: PostgresServer, start_sidecar: Any) -> None:
+    running = await start_sidecar(policy(postgres))
+    url = dsn(running).replace("postgresql://", "postgresql+psycopg://")
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            rows = await conn.execute(sqlalchemy.text("SELECT id FROM orders ORDER BY id LIMIT 3"))
+            assert [r[0] for r in rows] == [1, 2, 3]
+    finally:
+        await engine.dispose()
+    host, port = running.sidecar.databases.address("shop")
+    proc = await asyncio.create_subprocess_exec(
+        pg_bin("psql") or "psql",
+        "-h",
+        host,
+        "-p",
+        str(port),
+        "-U",
+        "psql-agent",
+        "-d",
+        DATABASE,
+        "-At",
+        "-c",
+        "SELECT max(id) FROM orders",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={"PGPASSWORD": "anything", "PATH": "/usr/bin:/bin"},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert out.decode().strip() == "500", err
+
+
+async def test_cancel_reaches_the_agents_own_query(
+    postgres: PostgresServer, start_sidecar: Any
+) -> None:
+    running = await start_sidecar(policy(postgres, pool="{size: 1}"))
+    conn = await asyncpg.connect(dsn(running, "impatient"))
+    try:
+        with pytest.raises(asyncio.TimeoutError):
+            # asyncpg sends a CancelRequest when its timeout fires.
+            await conn.fetchval("SELECT pg_sleep(10)", timeout=0.5)
+        assert await conn.fetchval("SELECT 41 + 1") == 42
+    finally:
+        await conn.close()
+
+
+async def test_a_stale_cancel_does_not_hit_another_agents_query(
+    postgres: PostgresServer, start_sidecar: Any
+) -> None:
+    running = await start_sidecar(policy(postgres, pool="{size: 1}"))
+    first = await psycopg.AsyncConnection.connect(dsn(running, "first"), autocommit=True)
+    second = await psycopg.AsyncConnection.connect(dsn(running, "second"), autocommit=True)
+    try:
+        await first.execute("SELECT 1")  # its server connection went back to the pool
+        slow = asyncio.create_task(second.execute("SELECT pg_sleep(0.8), 'done'"))
+        await asyncio.sleep(0.3)
+        await (
+            first.cancel_safe()
+        )  # `first` holds no server connection now: nothing may be cancelled
+        cur = await slow
+        assert (await cur.fetchone() or ["", ""])[1] == "done"
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_upstream_restart_gives_a_clear_error_and_the_pool_recovers(
+    postgres: PostgresServer, start_sidecar: Any
+) -> None:
+    running = await start_sidecar(policy(postgres, pool="{size: 2}"))
+    conn = await psycopg.AsyncConnection.connect(dsn(running), autocommit=True)
+    try:
+        await conn.execute("BEGIN")
+        await conn.execute("SELECT 1")
+        await asyncio.to_thread(postgres.stop, "fast")
+        await asyncio.to_thread(postgres.start)
+        with pytest.raises(psycopg.OperationalError, match="was lost"):
+            await conn.execute("SELECT 2")
+        cur = await conn.execute("SELECT count(*) FROM orders")
+        assert await cur.fetchone() == (500,)
+    finally:
+        await conn.close()
+
+
+async def test_password_rotation_takes_effect_for_new_connections(
+    postgres: PostgresServer, start_sidecar: Any, tmp_path: Any
+) -> None:
+    secret = tmp_path / "password"
+    secret.write_text(PASSWORD + "\n")
+    text = policy(postgres, pool="{size: 1, idle_timeout: 1h}").replace(
+        f"password: {PASSWORD}", f'password: "${{file:{secret}}}"'
+    )
+    running = await start_sidecar(text, watch=True)
+    try:
+        async with await psycopg.AsyncConnection.connect(dsn(running)) as conn:
+            await conn.execute("SELECT 1")
+            rotated = "rotated-Canary-2b9e"
+            postgres.set_password(rotated)
+            reloaded = asyncio.Event()
+            running.sidecar.on_reload.append(lambda r: reloaded.set() if r.changed else None)
+            secret.write_text(rotated + "\n")
+            await asyncio.wait_for(reloaded.wait(), 10)
+            # The server connection logged in with the old password goes on serving...
+            await conn.execute("SELECT 2")
+        # ...and once it is gone, a new one logs in with the new password.
+        postgres.psql(
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{USER}'"
+        )
+        await asyncio.sleep(0.2)
+        async with await psycopg.AsyncConnection.connect(dsn(running)) as conn:
+            cur = await conn.execute("SELECT 3")
+            assert await cur.fetchone() == (3,)
+    finally:
+        postgres.set_password(PASSWORD)

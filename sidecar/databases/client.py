@@ -59,6 +59,7 @@ _COMPLETES = {
 }
 IDLE = ord("I")
 STATEMENT_PREFIX = "sidecar_"
+_TX_ONLY = frozenset({"transaction"})
 
 
 class ServerLost(Exception):
@@ -273,7 +274,8 @@ class Session:
     def _judge(self, sql: str, *, count: bool) -> Refusal | None:
         guard = self.entry.guard
         statement, refusal = guard.judge(self.agent, sql)
-        if refusal is None and count:
+        # BEGIN/COMMIT cost no token: a driver wraps each statement in them on its own.
+        if refusal is None and count and (statement is None or statement.kinds != _TX_ONLY):
             refusal = guard.take(self.agent)
         if statement is not None:
             self.operation = (statement.operation, statement.collection, statement.normalized)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .databases.http import DatabaseHttp
 from .databases.hub import DatabaseHub
 from .databases.telemetry import DatabaseTelemetry
 from .policy.loader import Policy, PolicyError, load_policy
@@ -119,6 +120,8 @@ class Sidecar:
         self.databases = DatabaseHub(
             DatabaseTelemetry(self.telemetry.metrics.registry, self.telemetry.tracer)
         )
+        self.database_http = DatabaseHttp(self.databases)
+        self.handler.databases = self.database_http
 
     async def reload(self, trigger: str) -> ReloadResult:
         async with self._lock:
@@ -187,6 +190,7 @@ class Sidecar:
             credentials = build.get("", "identity", agents, lambda: identity.new(agents))
         build.commit()
         await self.databases.apply(policy.databases, policy.agents, credentials)
+        self.database_http.agent_header = policy.agents.header
         self.policy, self.router = policy, router
         self.handler.router = router
         log.info(

@@ -166,3 +166,46 @@ async def test_the_password_is_on_no_surface(
     assert "sidecar_db_queries" in seen[3]
     for text in seen:
         assert PASSWORD not in text
+
+
+async def test_the_http_face_answers_json_rows_and_refuses_with_problem_json(
+    postgres: PostgresServer, start_sidecar: Any
+) -> None:
+    running = await start_sidecar(
+        policy(
+            postgres,
+            read_only="true",
+            max_rows="50",
+            allow="[{agents: [research-*], tables: [public.orders], statements: [select]}]",
+        )
+    )
+    url = f"{running.url}/_db/shop/query"
+    agent = {"X-Agent-Id": "research-1"}
+    async with aiohttp.ClientSession() as http:
+        sql = "SELECT id, item, amount FROM orders WHERE id <= $1 ORDER BY id"
+        async with http.post(url, json={"sql": sql, "params": [2]}, headers=agent) as resp:
+            assert resp.status == 200
+            got = await resp.json()
+        assert got["columns"] == [
+            {"name": "id", "type": "int4"},
+            {"name": "item", "type": "text"},
+            {"name": "amount", "type": "numeric"},
+        ]
+        assert got["rows"] == [[1, "item 1", "1.5"], [2, "item 2", "3.0"]]
+        assert got["truncated"] is False
+        async with http.post(url, json={"sql": "SELECT id FROM orders"}, headers=agent) as resp:
+            got = await resp.json()
+        assert got["truncated"] is True and got["row_count"] == 50
+        drop = {"sql": "SELECT 1; COMMIT; DROP TABLE orders"}
+        async with http.post(url, json=drop, headers=agent) as resp:
+            assert resp.status == 403
+            assert resp.headers["Content-Type"] == "application/problem+json"
+            assert resp.headers["X-Sidecar-Error"] == "forbidden"
+        stranger = {"X-Agent-Id": "intruder"}
+        async with http.post(url, json={"sql": "SELECT 1 FROM orders"}, headers=stranger) as resp:
+            assert resp.status == 403
+        async with http.post(url, json={"sql": "SELECT bump()"}, headers=agent) as resp:
+            assert resp.status in (400, 403)
+        async with http.post(f"{running.url}/_db/nope/query", json={"sql": "SELECT 1"}) as resp:
+            assert resp.status == 404
+    assert postgres.psql("SELECT count(*) FROM orders").strip() == "500"

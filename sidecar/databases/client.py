@@ -160,7 +160,7 @@ class Session:
                 self._own(_error(refusal))
                 self._own(pg.ready_for_query(self.tx_status))
                 return
-            if not await self._attach():
+            if not await self._attach(extended=False):
                 self._own(pg.ready_for_query(self.tx_status))
                 return
             self._send(raw, READY)
@@ -316,7 +316,8 @@ class Session:
         while expected and isinstance(expected[0], bytes):
             self.out += expected.popleft()  # type: ignore[arg-type]
 
-    async def _attach(self) -> bool:
+    async def _attach(self, *, extended: bool = True) -> bool:
+        """Borrow a server connection if none is held; False (the agent told) if none came."""
         if self.server is not None:
             return True
         entry = self.entry
@@ -330,9 +331,11 @@ class Session:
                 f"{wait:g}s (pool size {entry.pool.config.size})",
                 "Retry in a few seconds; the sidecar's pool is full, not the database.",
             )
+            self.skipping = extended
             return False
         except UpstreamError as exc:
             self._own_failure(exc.sqlstate, exc.text, "Retry later.")
+            self.skipping = extended
             return False
         self.tx_status = IDLE
         return True
@@ -340,7 +343,6 @@ class Session:
     def _own_failure(self, sqlstate: str, text: str, hint: str) -> None:
         self._own(pg.error_response(sqlstate, text, hint=hint))
         self.entry.observe(self.agent, self.operation, sqlstate, 0, 0.0)
-        self.skipping = True
 
     async def _read_server(self, server: ServerConnection) -> None:
         framer = server.framer

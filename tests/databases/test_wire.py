@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import textwrap
 from typing import Any
 
 import asyncpg
@@ -210,3 +211,53 @@ async def test_password_rotation_takes_effect_for_new_connections(
             assert await cur.fetchone() == (3,)
     finally:
         postgres.set_password(PASSWORD)
+
+
+async def test_reload_changes_rules_without_dropping_the_session(
+    postgres: PostgresServer, start_sidecar: Any
+) -> None:
+    running = await start_sidecar(policy(postgres))
+    async with await psycopg.AsyncConnection.connect(dsn(running), autocommit=True) as conn:
+        await conn.execute("SELECT count(*) FROM orders")
+        rules = "{size: 3}\n            allow: [{tables: [public.customers], statements: [select]}]"
+        (running.policies / "policy.yaml").write_text(textwrap.dedent(policy(postgres, pool=rules)))
+        result = await running.sidecar.reload("test")
+        assert result.ok and result.changed, result.errors
+        # The same agent connection, now under the new rules.
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            await conn.execute("SELECT count(*) FROM orders")
+        assert running.sidecar.databases.stats()["shop"]["pool"]["size"] == 3
+
+
+async def test_session_mode_resets_the_server_between_agents(
+    postgres: PostgresServer, start_sidecar: Any
+) -> None:
+    running = await start_sidecar(policy(postgres, pool="{size: 1, mode: session}"))
+    async with await psycopg.AsyncConnection.connect(dsn(running), autocommit=True) as conn:
+        await conn.execute("SET work_mem = '7MB'")
+        await conn.execute("PREPARE mine AS SELECT 1")
+    async with await psycopg.AsyncConnection.connect(dsn(running), autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT current_setting('work_mem'), count(*) FROM pg_prepared_statements"
+        )
+        assert await cur.fetchone() == ("4MB", 0)
+
+
+async def test_a_full_pool_makes_agents_wait_then_refuses_with_53400(
+    postgres: PostgresServer, start_sidecar: Any
+) -> None:
+    running = await start_sidecar(policy(postgres, pool="{size: 1, wait_timeout: 300ms}"))
+    holder = await psycopg.AsyncConnection.connect(dsn(running, "holder"))
+    waiter = await psycopg.AsyncConnection.connect(dsn(running, "waiter"), autocommit=True)
+    try:
+        await holder.execute("SELECT 1")  # an open transaction keeps the only connection
+        with pytest.raises(psycopg.Error) as err:
+            await waiter.execute("SELECT 2")
+        assert err.value.diag.sqlstate == "53400"
+        assert "Retry" in (err.value.diag.message_hint or "")
+        await holder.commit()
+        cur = await waiter.execute("SELECT 3")
+        assert await cur.fetchone() == (3,)
+    finally:
+        await holder.close()
+        await waiter.close()

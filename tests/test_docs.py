@@ -70,6 +70,12 @@ WHERE: dict[str, tuple[str, str | None]] = {
     "SSEFault": ("faults", "sse"),
     "Cache": ("cache", None),
     "Check": ("check", None),
+    "Database": ("databases", None),
+    "DatabaseTls": ("databases.tls", None),
+    "DatabaseAuth": ("databases.auth", None),
+    "DatabasePool": ("databases.pool", None),
+    "DatabaseRateLimit": ("databases.rate_limit", None),
+    "StatementRule": ("databases.allow", None),
 }
 
 _TICKED = re.compile(r"`([A-Za-z_]+)`")

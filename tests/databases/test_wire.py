@@ -261,3 +261,20 @@ async def test_a_full_pool_makes_agents_wait_then_refuses_with_53400(
     finally:
         await holder.close()
         await waiter.close()
+
+
+async def test_copy_out_and_in_are_relayed(postgres: PostgresServer, start_sidecar: Any) -> None:
+    postgres.psql(f"CREATE TABLE IF NOT EXISTS notes (n int); ALTER TABLE notes OWNER TO {USER}")
+    running = await start_sidecar(policy(postgres))
+    async with await psycopg.AsyncConnection.connect(dsn(running), autocommit=True) as conn:
+        cur = conn.cursor()
+        async with cur.copy("COPY notes (n) FROM STDIN") as copy:
+            for n in range(3):
+                await copy.write_row((n,))
+        out = b""
+        async with cur.copy("COPY (SELECT n FROM notes ORDER BY n) TO STDOUT") as copy:
+            async for data in copy:
+                out += bytes(data)
+        assert out == b"0\n1\n2\n"
+        cur = await conn.execute("SELECT count(*) FROM notes")
+        assert await cur.fetchone() == (3,)

@@ -148,7 +148,9 @@ class Session:
             self.writer.write(self.out)
             self.out.clear()
         self._maybe_release()
-        await self.writer.drain()
+        # Only when the agent reads slower than the answers come (a large result).
+        if self.writer.transport.get_write_buffer_size() > 65536:
+            await self.writer.drain()
 
     async def _message(self, kind: int, body: bytes, raw: bytes) -> None:
         if self.skipping and kind != pg.SYNC:

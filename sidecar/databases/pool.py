@@ -30,6 +30,11 @@ class PoolTimeout(Exception):
     """Every server connection stayed busy for the whole wait."""
 
 
+def _expire(waiter: asyncio.Future[ServerConnection | None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(PoolTimeout())
+
+
 class Pool:
     def __init__(self, name: str, settings: Settings, config: DatabasePool) -> None:
         self.name = name
@@ -93,15 +98,28 @@ class Pool:
         if self.busy + len(self.idle) < self.config.size:
             self.busy += 1
             return await self._open()
-        waiter: asyncio.Future[ServerConnection | None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[ServerConnection | None] = loop.create_future()
         self.waiters.append(waiter)
+        # A timer that fails the future, not asyncio.wait_for: this is the busy path of a
+        # full pool, and wait_for costs a wrapper per wait.
+        timer = loop.call_later(self.config.wait_timeout, _expire, waiter)
         try:
-            got = await asyncio.wait_for(waiter, self.config.wait_timeout)
-        except TimeoutError:
-            raise PoolTimeout() from None
-        finally:
+            got = await waiter
+        except BaseException:
             with contextlib.suppress(ValueError):
                 self.waiters.remove(waiter)
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # Handed a connection (or a slot) just as the borrower went away.
+                handed = waiter.result()
+                if handed is not None:
+                    self.release(handed)
+                else:
+                    self.busy -= 1
+                    self._hand_slot()
+            raise
+        finally:
+            timer.cancel()
         if got is not None:
             if got.healthy:
                 return got

@@ -65,6 +65,9 @@ class DatabaseTelemetry:
         self.pools = PoolGauges(lambda: ())
         registry.register(self.pools)
         self._agents: set[str] = set()
+        # Label children bound once per (database, agent, outcome, class): labels() per
+        # statement would hash and lock each time.
+        self._children: dict[tuple[str, str, str, str], tuple[Any, Any, Any]] = {}
 
     def observe(
         self,
@@ -85,11 +88,19 @@ class DatabaseTelemetry:
         outcome = "ok" if klass in ("00", "01", "02") else "error"
         if sqlstate in ("42501", "25006", "42601", "53400"):
             outcome = "refused"
-        self.queries.labels(database, agent, outcome, klass).inc()
+        key = (database, agent, outcome, klass)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self.queries.labels(database, agent, outcome, klass),
+                self.duration.labels(database, agent),
+                self.rows.labels(database, agent),
+            )
+        children[0].inc()
         if outcome != "refused":
-            self.duration.labels(database, agent).observe(seconds)
+            children[1].observe(seconds)
         if rows:
-            self.rows.labels(database, agent).inc(rows)
+            children[2].inc(rows)
         if self.tracer is not None:
             self._span(database, namespace, agent, operation, sqlstate, seconds)
 

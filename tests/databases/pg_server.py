@@ -39,6 +39,7 @@ class PostgresServer:
         self.data = self.root / "data"
         self.port = free_port()
         self._as: list[str] = []
+        self.ca_pem = ""  # the CA that signed the server's certificate (trustme)
         if os.geteuid() == 0:
             entry = pwd.getpwnam("postgres")
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
@@ -62,7 +63,9 @@ class PostgresServer:
             "UTF8",
             "--no-sync",
         )
+        self._certificate()
         with open(self.data / "postgresql.conf", "a") as f:
+            f.write("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n")
             f.write(
                 f"port = {self.port}\nlisten_addresses = '127.0.0.1'\n"
                 f"unix_socket_directories = '{self.root}'\nfsync = off\n"
@@ -77,6 +80,22 @@ class PostgresServer:
             "INSERT INTO orders SELECT g, 'item ' || g, g * 1.5 FROM generate_series(1, 500) g;"
             f"ALTER TABLE orders OWNER TO {USER};",
         )
+
+    def _certificate(self) -> None:
+        """A server certificate for 127.0.0.1 and localhost from a throwaway CA."""
+        import trustme
+
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1", "localhost")
+        self.ca_pem = ca.cert_pem.bytes().decode()
+        crt, key = self.data / "server.crt", self.data / "server.key"
+        crt.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+        key.write_bytes(cert.private_key_pem.bytes())
+        os.chmod(key, 0o600)
+        if self._as:
+            entry = pwd.getpwnam("postgres")
+            for path in (crt, key):
+                os.chown(path, entry.pw_uid, entry.pw_gid)
 
     def start(self) -> None:
         self._run(

@@ -209,3 +209,19 @@ async def test_the_http_face_answers_json_rows_and_refuses_with_problem_json(
         async with http.post(f"{running.url}/_db/nope/query", json={"sql": "SELECT 1"}) as resp:
             assert resp.status == 404
     assert postgres.psql("SELECT count(*) FROM orders").strip() == "500"
+
+
+async def test_statement_timeout_is_set_and_cannot_be_undone(
+    postgres: PostgresServer, start_sidecar: Any
+) -> None:
+    running = await start_sidecar(policy(postgres, statement_timeout="300ms"))
+    async with await psycopg.AsyncConnection.connect(dsn(running), autocommit=True) as conn:
+        cur = await conn.execute("SHOW statement_timeout")
+        assert await cur.fetchone() == ("300ms",)
+        with pytest.raises(psycopg.Error) as undo:
+            await conn.execute("SET statement_timeout = 0")
+        assert undo.value.diag.sqlstate == "42501"
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            await conn.execute("SELECT pg_sleep(3)")
+        cur = await conn.execute("SELECT 1")
+        assert await cur.fetchone() == (1,)

@@ -278,3 +278,22 @@ async def test_copy_out_and_in_are_relayed(postgres: PostgresServer, start_sidec
         assert out == b"0\n1\n2\n"
         cur = await conn.execute("SELECT count(*) FROM notes")
         assert await cur.fetchone() == (3,)
+
+
+async def test_tls_to_the_upstream_verifies_the_server(
+    postgres: PostgresServer, start_sidecar: Any, tmp_path: Any
+) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text(postgres.ca_pem)
+    tls = f'{{mode: verify-full, ca: "${{file:{ca}}}"}}'
+    running = await start_sidecar(policy(postgres).replace("{mode: disable}", tls))
+    async with await psycopg.AsyncConnection.connect(dsn(running)) as conn:
+        cur = await conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        assert await cur.fetchone() == (True,)
+    # A server whose certificate the CA did not sign is refused before any password is sent.
+    import trustme
+
+    ca.write_text(trustme.CA().cert_pem.bytes().decode())
+    other = await start_sidecar(policy(postgres).replace("{mode: disable}", tls))
+    with pytest.raises(psycopg.OperationalError, match="TLS to the database server failed"):
+        await psycopg.AsyncConnection.connect(dsn(other))

@@ -225,3 +225,21 @@ async def test_statement_timeout_is_set_and_cannot_be_undone(
             await conn.execute("SELECT pg_sleep(3)")
         cur = await conn.execute("SELECT 1")
         assert await cur.fetchone() == (1,)
+
+
+async def test_the_http_face_needs_the_agents_key_when_agents_must_prove_who_they_are(
+    postgres: PostgresServer, start_sidecar: Any
+) -> None:
+    digest = hashlib.sha256(b"key-of-research").hexdigest()
+    keys = f"agents: {{keys: {{research-1: 'sha256:{digest}'}}}}"
+    running = await start_sidecar(policy(postgres, keys=keys))
+    url = f"{running.url}/_db/shop/query"
+    body = {"sql": "SELECT current_setting('application_name') AS app"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, json=body, headers={"X-Agent-Id": "research-1"}) as resp:
+            assert resp.status == 401
+            assert resp.headers["X-Sidecar-Error"] == "unauthenticated"
+        token = {"X-Agent-Token": "key-of-research"}
+        async with http.post(url, json=body, headers=token) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["rows"] == [["agent-sidecar/shop"]]

@@ -145,3 +145,15 @@ class PostgresServer:
         with contextlib.suppress(subprocess.SubprocessError):
             self.stop("immediate")
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def add_login(self, role: str, password: str, method: str) -> None:
+        """A role that logs in with `method` (md5, password) over TCP: hba line first."""
+        encryption = "md5" if method == "md5" else "scram-sha-256"
+        self.psql(
+            f"SET password_encryption = '{encryption}'; "
+            f"CREATE ROLE {role} LOGIN PASSWORD '{password}'; "
+            f"GRANT SELECT ON orders TO {role}"
+        )
+        hba = self.data / "pg_hba.conf"
+        hba.write_text(f"host all {role} 127.0.0.1/32 {method}\n" + hba.read_text())
+        self._run(pg_bin("pg_ctl") or "pg_ctl", "-D", str(self.data), "reload")

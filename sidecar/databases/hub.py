@@ -51,8 +51,15 @@ class Entry:
         self.namespace = config.target.database
 
     def update(self, config: Database) -> None:
+        old = self.config
         self.config = config
-        self.guard = Guard(self.name, config)
+        # Rate-limit buckets survive a reload that leaves the rules and limits alone.
+        if (old.allow, old.read_only, old.rate_limit) != (
+            config.allow,
+            config.read_only,
+            config.rate_limit,
+        ):
+            self.guard = Guard(self.name, config)
         self.settings = Settings.of(self.name, config)
         self.pool.update(self.settings, config.pool)
         self.max_rows = config.max_rows or 0

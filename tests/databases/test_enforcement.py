@@ -243,3 +243,17 @@ async def test_the_http_face_needs_the_agents_key_when_agents_must_prove_who_the
         async with http.post(url, json=body, headers=token) as resp:
             assert resp.status == 200
             assert (await resp.json())["rows"] == [["agent-sidecar/shop"]]
+
+
+async def test_a_reload_that_leaves_the_limit_alone_keeps_its_bucket(
+    postgres: PostgresServer, start_sidecar: Any
+) -> None:
+    running = await start_sidecar(policy(postgres, rate_limit="[{rate: 1/min, burst: 1}]"))
+    async with await psycopg.AsyncConnection.connect(dsn(running), autocommit=True) as conn:
+        await conn.execute("SELECT 1")
+        text = (running.policies / "policy.yaml").read_text()
+        (running.policies / "policy.yaml").write_text(text.replace("size: 4", "size: 5"))
+        assert (await running.sidecar.reload("test")).changed
+        with pytest.raises(psycopg.Error) as err:
+            await conn.execute("SELECT 2")
+        assert err.value.diag.sqlstate == "53400"

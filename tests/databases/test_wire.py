@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import textwrap
 from typing import Any
@@ -297,3 +298,35 @@ async def test_tls_to_the_upstream_verifies_the_server(
     other = await start_sidecar(policy(postgres).replace("{mode: disable}", tls))
     with pytest.raises(psycopg.OperationalError, match="TLS to the database server failed"):
         await psycopg.AsyncConnection.connect(dsn(other))
+
+
+async def test_reload_moves_and_removes_listeners(
+    postgres: PostgresServer, start_sidecar: Any
+) -> None:
+    running = await start_sidecar(policy(postgres))
+    before = running.sidecar.databases.address("shop")
+    async with await psycopg.AsyncConnection.connect(dsn(running), autocommit=True) as conn:
+        free = socket.socket()
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+        free.close()
+        moved = policy(postgres).replace("listen: 127.0.0.1:0", f"listen: 127.0.0.1:{port}")
+        (running.policies / "policy.yaml").write_text(textwrap.dedent(moved))
+        assert (await running.sidecar.reload("test")).ok
+        assert running.sidecar.databases.address("shop") == ("127.0.0.1", port)
+        # The session that came in on the old address goes on.
+        cur = await conn.execute("SELECT 1")
+        assert await cur.fetchone() == (1,)
+    async with await psycopg.AsyncConnection.connect(dsn(running), autocommit=True) as conn:
+        await conn.execute("SELECT 1")
+    with pytest.raises(psycopg.OperationalError):
+        await psycopg.AsyncConnection.connect(
+            f"postgresql://a:x@{before[0]}:{before[1]}/{DATABASE}", connect_timeout=3
+        )
+    (running.policies / "policy.yaml").write_text("version: 1\n")
+    assert (await running.sidecar.reload("test")).ok
+    assert running.sidecar.databases.stats() == {}
+    with pytest.raises(psycopg.OperationalError):
+        await psycopg.AsyncConnection.connect(
+            f"postgresql://a:x@127.0.0.1:{port}/{DATABASE}", connect_timeout=3
+        )

@@ -369,6 +369,10 @@ class Session:
                 if not self.cut and not self.quiet_until_ready:
                     if max_rows and self.rows > max_rows:
                         self.cut = True
+                        # Stop the server too, rather than relay and drop the rest. A
+                        # late cancel finds this backend idle (the pool hands it on only
+                        # once the server has taken the cancel): it then does nothing.
+                        self.cancel()
                     else:
                         out += raw
                 continue
@@ -381,6 +385,10 @@ class Session:
                     # The server is closing this connection (a shutdown, a terminated
                     # backend): the agent is told once, below, and keeps its own session.
                     raise ServerLost(fields.get("M", ""))
+                if self.cut:
+                    # The cancel asked for above (57014), or another error past the limit.
+                    self._stop_result(out)
+                    continue
                 out += raw
                 self._failed(fields)
                 continue

@@ -257,3 +257,16 @@ async def test_a_reload_that_leaves_the_limit_alone_keeps_its_bucket(
         with pytest.raises(psycopg.Error) as err:
             await conn.execute("SELECT 2")
         assert err.value.diag.sqlstate == "53400"
+
+
+async def test_max_rows_stops_the_server_too(postgres: PostgresServer, start_sidecar: Any) -> None:
+    running = await start_sidecar(policy(postgres, max_rows="100"))
+    async with await psycopg.AsyncConnection.connect(dsn(running)) as conn:
+        with pytest.raises(psycopg.Error, match="stopped after 100 rows"):
+            # Fifty million rows: the server is cancelled, not drained to the end.
+            await conn.execute("SELECT generate_series(1, 50000000)")
+        # Like any error inside a transaction, it aborted the transaction.
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+        await conn.rollback()
+        cur = await conn.execute("SELECT 5")
+        assert await cur.fetchone() == (5,)

@@ -118,7 +118,11 @@ class Sidecar:
         self.handler = Egress(self.telemetry, self.webhooks)
         # One listener and pool per `databases:` entry, opened by serve().
         self.databases = DatabaseHub(
-            DatabaseTelemetry(self.telemetry.metrics.registry, self.telemetry.tracer)
+            DatabaseTelemetry(
+                self.telemetry.metrics.registry,
+                self.telemetry.tracer,
+                access_log=self.telemetry.access_log,
+            )
         )
         self.database_http = DatabaseHttp(self.databases)
         self.handler.databases = self.database_http

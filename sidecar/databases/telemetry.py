@@ -7,6 +7,8 @@ describe: db.system.name, db.operation.name, db.collection.name, db.namespace.
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -43,9 +45,16 @@ class PoolGauges(Collector):
         yield family
 
 
+# The same logger as the HTTP access log (telemetry/access.py): one JSON line per statement.
+access = logging.getLogger("sidecar.access")
+
+
 class DatabaseTelemetry:
-    def __init__(self, registry: CollectorRegistry, tracer: Tracer | None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, tracer: Tracer | None, *, access_log: bool = False
+    ) -> None:
         self.tracer = tracer
+        self.access_log = access_log
         self.queries = Counter(
             "sidecar_db_queries",
             "Statements by outcome (ok, refused, error) and SQLSTATE class.",
@@ -103,6 +112,23 @@ class DatabaseTelemetry:
             children[2].inc(rows)
         if self.tracer is not None:
             self._span(database, namespace, agent, operation, sqlstate, seconds)
+        if self.access_log and access.isEnabledFor(logging.INFO):
+            name, collection, text = operation or ("", None, "")
+            now = time.time() - seconds
+            record = {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+                + f".{int(now % 1 * 1000):03d}Z",
+                "agent": agent,
+                "database": database,
+                "operation": name or None,
+                "collection": collection,
+                "statement": text or None,  # literals replaced by ?
+                "sqlstate": sqlstate,
+                "outcome": outcome,
+                "rows": rows,
+                "duration_ms": round(seconds * 1000, 3),
+            }
+            access.info(json.dumps(record, separators=(",", ":")))
 
     def _span(
         self,

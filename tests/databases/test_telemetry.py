@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 from typing import Any
 
 import aiohttp
 import psycopg
+import pytest
 
 from tests.otlp_receiver import Receiver
 
@@ -57,3 +60,33 @@ async def test_spans_and_metrics_of_statements(
     assert 'sidecar_db_pool_connections{database="shop",state="idle"}' in metrics
     for span in receiver.spans:
         assert PASSWORD not in repr(span.attributes)
+
+
+async def test_the_access_log_has_a_line_per_statement_without_values(
+    postgres: PostgresServer, start_sidecar: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    running = await start_sidecar(
+        f"""
+        version: 1
+        databases:
+          shop:
+            listen: 127.0.0.1:0
+            upstream: postgres://127.0.0.1:{postgres.port}/{DATABASE}
+            auth: {{username: {USER}, password: {PASSWORD}}}
+        """,
+        env={"SIDECAR_ACCESS_LOG": "1"},
+    )
+    host, port = running.sidecar.databases.address("shop")
+    caplog.set_level(logging.INFO, logger="sidecar.access")
+    dsn = f"postgresql://research-7:x@{host}:{port}/{DATABASE}"
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("SELECT item FROM orders WHERE item = 'private-value'")
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "sidecar.access"]
+    line = next(x for x in lines if x["operation"] == "SELECT")
+    assert (line["agent"], line["database"], line["sqlstate"], line["rows"]) == (
+        "research-7",
+        "shop",
+        "00000",
+        0,
+    )
+    assert "private-value" not in caplog.text and PASSWORD not in caplog.text

@@ -94,6 +94,8 @@ class Session:
         self.tx_status = IDLE
         self.statements: dict[str, Prepared] = {}
         self.expected: deque[int | bytes] = deque()
+        # Server-side names of the Parses sent and not yet answered ("" for unnamed).
+        self.parsing: deque[str] = deque()
         self.out = bytearray()
         self.to_server = bytearray()
         self.skipping = False  # after a refusal in the extended protocol: until Sync
@@ -238,6 +240,7 @@ class Session:
         if not name:
             if await self._attach():
                 self._send(raw, PARSE)
+                self.parsing.append("")
             return
         if name in self.statements:
             self._refuse_state("42P05", f'prepared statement "{name}" already exists')
@@ -253,6 +256,7 @@ class Session:
         else:
             server.prepared.add(prepared.server_name)
             self._send(pg.rename_parse(prepared.server_name, query, types), PARSE)
+            self.parsing.append(prepared.server_name)
 
     def _known(self, name: str) -> Prepared | None:
         prepared = self.statements.get(name)
@@ -271,6 +275,7 @@ class Session:
             self._send(
                 pg.rename_parse(prepared.server_name, prepared.query, prepared.types), PARSE_QUIET
             )
+            self.parsing.append(prepared.server_name)
         return True
 
     def _judge(self, sql: str, *, count: bool) -> Refusal | None:
@@ -398,6 +403,8 @@ class Session:
             completes = _COMPLETES.get(kind)
             if completes is not None and head in completes:
                 expected.popleft()
+                if kind == pg.PARSE_COMPLETE:
+                    self.parsing.popleft()
                 if kind == pg.READY_FOR_QUERY:
                     self.tx_status = body[0]
                     self.synced = True
@@ -420,15 +427,25 @@ class Session:
 
     def _failed(self, fields: dict[str, str]) -> None:
         """After an error the server skips everything up to the next Sync."""
-        expected = self.expected
-        while expected and expected[0] != READY:
-            expected.popleft()
+        self._skip_to_ready()
         self.entry.observe(
             self.agent, self.operation, fields.get("C", "XX000"), self.rows, self._elapsed()
         )
         self.started = None
         self.rows = 0
         self.cut = False
+
+    def _skip_to_ready(self) -> None:
+        """Drop what the server will not answer (it skips to the next Sync after an error);
+        the Parses among them prepared nothing on this connection."""
+        expected = self.expected
+        server = self.server
+        while expected and expected[0] != READY:
+            item = expected.popleft()
+            if item in (PARSE, PARSE_QUIET):
+                name = self.parsing.popleft()
+                if server is not None:
+                    server.prepared.discard(name)
 
     def _stop_result(self, out: bytearray) -> None:
         limit = self.entry.max_rows
@@ -441,9 +458,7 @@ class Session:
         )
         self.entry.observe(self.agent, self.operation, "53400", limit or 0, self._elapsed())
         self.started = None
-        expected = self.expected
-        while expected and expected[0] != READY:
-            expected.popleft()
+        self._skip_to_ready()
         # The agent now expects nothing but ReadyForQuery: the server's other answers
         # to this batch (later statements' results) are dropped.
         self.quiet_until_ready = True
@@ -485,6 +500,7 @@ class Session:
         if server is not None:
             self.entry.pool.release(server, reusable=False)
         self.expected.clear()
+        self.parsing.clear()
         self.to_server.clear()
         self.quiet_until_ready = self.cut = self.copy_in = False
         self.skipping = False

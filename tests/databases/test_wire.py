@@ -330,3 +330,19 @@ async def test_reload_moves_and_removes_listeners(
         await psycopg.AsyncConnection.connect(
             f"postgresql://a:x@127.0.0.1:{port}/{DATABASE}", connect_timeout=3
         )
+
+
+async def test_a_statement_that_failed_to_prepare_is_prepared_again(
+    postgres: PostgresServer, start_sidecar: Any
+) -> None:
+    postgres.psql("DROP TABLE IF EXISTS later")
+    running = await start_sidecar(policy(postgres, pool="{size: 1}"))
+    conn = await asyncpg.connect(dsn(running))
+    try:
+        with pytest.raises(asyncpg.exceptions.UndefinedTableError):
+            await conn.prepare("SELECT n FROM later")
+        postgres.psql(f"CREATE TABLE later (n int); ALTER TABLE later OWNER TO {USER}")
+        stmt = await conn.prepare("SELECT n FROM later")
+        assert await stmt.fetch() == []
+    finally:
+        await conn.close()

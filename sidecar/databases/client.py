@@ -45,6 +45,12 @@ DESCRIBE = 4
 EXECUTE = 5
 CLOSE = 6
 READY = 7
+CLOSE_QUIET = 8  # the sidecar's own Close of a statement it evicts
+READY_QUIET = 9  # the Sync after those Closes
+_QUIET = (PARSE_QUIET, CLOSE_QUIET, READY_QUIET)
+# Statements kept prepared on one server connection; the least recently used beyond
+# this are closed when an agent next borrows it, so the server's memory stays bounded.
+MAX_PREPARED = 200
 
 _COMPLETES = {
     pg.PARSE_COMPLETE: (PARSE, PARSE_QUIET),
@@ -54,8 +60,8 @@ _COMPLETES = {
     pg.COMMAND_COMPLETE: (EXECUTE,),
     pg.EMPTY_QUERY: (EXECUTE,),
     pg.PORTAL_SUSPENDED: (EXECUTE,),
-    pg.CLOSE_COMPLETE: (CLOSE,),
-    pg.READY_FOR_QUERY: (READY,),
+    pg.CLOSE_COMPLETE: (CLOSE, CLOSE_QUIET),
+    pg.READY_FOR_QUERY: (READY, READY_QUIET),
 }
 IDLE = ord("I")
 STATEMENT_PREFIX = "sidecar_"
@@ -251,10 +257,10 @@ class Session:
             return
         server = self.server
         assert server is not None
-        if prepared.server_name in server.prepared:
+        if server.knows(prepared.server_name):
             self._own(pg.message(pg.PARSE_COMPLETE, b""))
         else:
-            server.prepared.add(prepared.server_name)
+            server.remember(prepared.server_name)
             self._send(pg.rename_parse(prepared.server_name, query, types), PARSE)
             self.parsing.append(prepared.server_name)
 
@@ -270,8 +276,8 @@ class Session:
             return False
         server = self.server
         assert server is not None
-        if prepared.server_name not in server.prepared:
-            server.prepared.add(prepared.server_name)
+        if not server.knows(prepared.server_name):
+            server.remember(prepared.server_name)
             self._send(
                 pg.rename_parse(prepared.server_name, prepared.query, prepared.types), PARSE_QUIET
             )
@@ -345,6 +351,13 @@ class Session:
             self.skipping = extended
             return False
         self.tx_status = IDLE
+        evicted = self.server.overflow(MAX_PREPARED)
+        if evicted:
+            # Nothing of this agent is on the connection yet: no portal of an evicted
+            # statement can be open.
+            for name in evicted:
+                self._send(pg.target(pg.CLOSE, ord("S"), name), CLOSE_QUIET)
+            self._send(pg.SYNC_MESSAGE, READY_QUIET)
         return True
 
     def _own_failure(self, sqlstate: str, text: str, hint: str) -> None:
@@ -407,10 +420,12 @@ class Session:
                     self.parsing.popleft()
                 if kind == pg.READY_FOR_QUERY:
                     self.tx_status = body[0]
-                    self.synced = True
-                    self.quiet_until_ready = False
-                    self._done()
-                if head != PARSE_QUIET:
+                    # The sidecar's own Sync settles only what was sent before it.
+                    self.synced = head == READY or not expected
+                    if head == READY:
+                        self.quiet_until_ready = False
+                        self._done()
+                if head not in _QUIET:
                     out += raw
                 if kind in (pg.COMMAND_COMPLETE, pg.PORTAL_SUSPENDED):
                     self._result_done()
@@ -440,12 +455,12 @@ class Session:
         the Parses among them prepared nothing on this connection."""
         expected = self.expected
         server = self.server
-        while expected and expected[0] != READY:
+        while expected and expected[0] not in (READY, READY_QUIET):
             item = expected.popleft()
             if item in (PARSE, PARSE_QUIET):
                 name = self.parsing.popleft()
                 if server is not None:
-                    server.prepared.discard(name)
+                    server.prepared.pop(name, None)
 
     def _stop_result(self, out: bytearray) -> None:
         limit = self.entry.max_rows

@@ -131,8 +131,9 @@ class ServerConnection:
         self.secret = 0
         self.params: dict[str, str] = {}
         self.created = self.last_used = time.monotonic()
-        # Server-side names of the statements prepared on this connection.
-        self.prepared: set[str] = set()
+        # Server-side names of the statements prepared on this connection, least
+        # recently used first (a dict keeps insertion order).
+        self.prepared: dict[str, None] = {}
         # A cancel forwarded while this connection served an agent: the pool waits for
         # it before handing the connection to anyone else.
         self.cancelling: asyncio.Task[None] | None = None
@@ -140,6 +141,28 @@ class ServerConnection:
         # Every read from the server goes through this one framer, so no byte is lost
         # between the login, the relay and the pool's probes.
         self.framer = pg.Framer()
+
+    def knows(self, name: str) -> bool:
+        """Whether the statement is prepared here; a use makes it the most recent."""
+        prepared = self.prepared
+        if name not in prepared:
+            return False
+        del prepared[name]
+        prepared[name] = None
+        return True
+
+    def remember(self, name: str) -> None:
+        self.prepared[name] = None
+
+    def overflow(self, most: int) -> list[str]:
+        """The least recently used statements past `most`, forgotten here."""
+        extra = len(self.prepared) - most
+        if extra <= 0:
+            return []
+        names = list(self.prepared)[:extra]
+        for name in names:
+            del self.prepared[name]
+        return names
 
     @property
     def healthy(self) -> bool:

@@ -346,3 +346,22 @@ async def test_a_statement_that_failed_to_prepare_is_prepared_again(
         assert await stmt.fetch() == []
     finally:
         await conn.close()
+
+
+async def test_statements_past_the_bound_are_closed_and_prepared_again(
+    postgres: PostgresServer, start_sidecar: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sidecar.databases import client
+
+    monkeypatch.setattr(client, "MAX_PREPARED", 2)
+    running = await start_sidecar(policy(postgres, pool="{size: 1}"))
+    conn = await asyncpg.connect(dsn(running))
+    try:
+        texts = [f"SELECT {n} + $1::int" for n in range(5)]
+        for _ in range(2):
+            for n, text in enumerate(texts):
+                assert await conn.fetchval(text, 1) == n + 1
+        count = "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'sidecar_%'"
+        assert await conn.fetchval(count) <= 3
+    finally:
+        await conn.close()

@@ -66,6 +66,7 @@ class PostgresServer:
         self._certificate()
         with open(self.data / "postgresql.conf", "a") as f:
             f.write("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n")
+            f.write("ssl_ca_file = 'root.crt'\n")
             f.write(
                 f"port = {self.port}\nlisten_addresses = '127.0.0.1'\n"
                 f"unix_socket_directories = '{self.root}'\nfsync = off\n"
@@ -86,15 +87,18 @@ class PostgresServer:
         import trustme
 
         ca = trustme.CA()
+        self.ca = ca
         cert = ca.issue_cert("127.0.0.1", "localhost")
         self.ca_pem = ca.cert_pem.bytes().decode()
         crt, key = self.data / "server.crt", self.data / "server.key"
+        root = self.data / "root.crt"  # clients' certificates (hba `cert`) verify against it
         crt.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
         key.write_bytes(cert.private_key_pem.bytes())
+        root.write_bytes(ca.cert_pem.bytes())
         os.chmod(key, 0o600)
         if self._as:
             entry = pwd.getpwnam("postgres")
-            for path in (crt, key):
+            for path in (crt, key, root):
                 os.chown(path, entry.pw_uid, entry.pw_gid)
 
     def start(self) -> None:
@@ -146,8 +150,13 @@ class PostgresServer:
             self.stop("immediate")
         shutil.rmtree(self.root, ignore_errors=True)
 
+    def client_cert(self, role: str) -> tuple[str, str]:
+        """A client certificate for `role` (its common name), PEM (cert, key)."""
+        cert = self.ca.issue_cert("client.invalid", common_name=role)
+        return cert.cert_chain_pems[0].bytes().decode(), cert.private_key_pem.bytes().decode()
+
     def add_login(self, role: str, password: str, method: str) -> None:
-        """A role that logs in with `method` (md5, password) over TCP: hba line first."""
+        """A role that logs in with `method` (md5, password, cert) over TCP: hba line first."""
         encryption = "md5" if method == "md5" else "scram-sha-256"
         self.psql(
             f"SET password_encryption = '{encryption}'; "
@@ -155,5 +164,6 @@ class PostgresServer:
             f"GRANT SELECT ON orders TO {role}"
         )
         hba = self.data / "pg_hba.conf"
-        hba.write_text(f"host all {role} 127.0.0.1/32 {method}\n" + hba.read_text())
+        kind = "hostssl" if method == "cert" else "host"
+        hba.write_text(f"{kind} all {role} 127.0.0.1/32 {method}\n" + hba.read_text())
         self._run(pg_bin("pg_ctl") or "pg_ctl", "-D", str(self.data), "reload")

@@ -31,3 +31,33 @@ async def test_upstream_login_methods(
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
         cur = await conn.execute("SELECT current_user, count(*) FROM orders")
         assert await cur.fetchone() == (role, 500)
+
+
+async def test_upstream_login_with_a_client_certificate(
+    postgres: PostgresServer, start_sidecar: Any, tmp_path: Any
+) -> None:
+    postgres.add_login("cert_agent", "unused", "cert")
+    cert, key = postgres.client_cert("cert_agent")
+    (tmp_path / "ca.pem").write_text(postgres.ca_pem)
+    (tmp_path / "client.pem").write_text(cert)
+    (tmp_path / "client.key").write_text(key)
+    running = await start_sidecar(
+        f"""
+        version: 1
+        databases:
+          shop:
+            listen: 127.0.0.1:0
+            upstream: postgres://127.0.0.1:{postgres.port}/{DATABASE}
+            tls:
+              mode: verify-full
+              ca: "${{file:{tmp_path}/ca.pem}}"
+              cert: "${{file:{tmp_path}/client.pem}}"
+              key: "${{file:{tmp_path}/client.key}}"
+            auth: {{username: cert_agent}}
+        """
+    )
+    host, port = running.sidecar.databases.address("shop")
+    dsn = f"postgresql://bot:x@{host}:{port}/{DATABASE}"
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute("SELECT current_user, count(*) FROM orders")
+        assert await cur.fetchone() == ("cert_agent", 500)

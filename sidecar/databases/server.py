@@ -33,9 +33,12 @@ class UpstreamError(Exception):
         self.text = text
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class Settings:
-    """How to open a server connection; `generation` changes when old ones must go."""
+    """How to open a server connection; `generation` changes when old ones must go.
+
+    Its repr names the server only: `key` holds a private key, `password` a secret.
+    """
 
     host: str
     port: int
@@ -48,6 +51,9 @@ class Settings:
     key: str | None
     startup: Mapping[str, str]
     generation: str = field(default="")
+
+    def __repr__(self) -> str:
+        return f"Settings({self.user}@{self.host}:{self.port}/{self.database})"
 
     @classmethod
     def of(cls, name: str, db: Database) -> Settings:

@@ -348,7 +348,7 @@ async def serve(
         try:
             await sidecar.databases.start()
         except OSError as exc:
-            raise ListenError(f"a database listener: {exc.strerror or exc}") from exc
+            raise ListenError(exc.strerror or str(exc)) from exc
     except BaseException:
         for made in bound:
             await made.cleanup()

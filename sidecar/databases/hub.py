@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import os
 import secrets
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -286,7 +287,15 @@ class DatabaseHub:
         opened: list[Entry] = []
         try:
             for entry in self.entries.values():
-                await entry.listen()
+                try:
+                    await entry.listen()
+                except OSError as exc:
+                    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                    raise OSError(
+                        exc.errno,
+                        f"database '{entry.name}': cannot listen on {entry.config.listen}: "
+                        f"{reason[:1].lower()}{reason[1:]}",
+                    ) from exc
                 opened.append(entry)
         except BaseException:
             for entry in opened:

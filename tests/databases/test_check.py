@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import textwrap
@@ -47,3 +48,28 @@ def test_check_logs_in_and_reports_the_version(postgres: PostgresServer, tmp_pat
     result = json.loads(out)["services"][0]
     assert result["stage"] == "login" and "28P01" in result["error"]
     assert PASSWORD not in out
+
+
+def test_run_stops_when_a_database_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        (tmp_path / "policy.yaml").write_text(
+            "version: 1\ndatabases:\n  shop:\n"
+            f"    listen: 127.0.0.1:{port}\n"
+            "    upstream: postgres://127.0.0.1:1/shop\n"
+            "    auth: {username: u, password: p}\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-m", "sidecar", "run", "--policies", str(tmp_path)]
+            + ["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1
+    assert f"database 'shop': cannot listen on 127.0.0.1:{port}: address already in use" in (
+        done.stderr
+    )

@@ -62,8 +62,18 @@ def test_run_stops_when_a_database_port_is_taken(tmp_path: Path) -> None:
             "    auth: {username: u, password: p}\n"
         )
         done = subprocess.run(
-            [sys.executable, "-m", "sidecar", "run", "--policies", str(tmp_path)]
-            + ["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"],
+            [
+                sys.executable,
+                "-m",
+                "sidecar",
+                "run",
+                "--policies",
+                str(tmp_path),
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+            ],
             cwd=ROOT,
             capture_output=True,
             text=True,

@@ -5,13 +5,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 POLICIES ?= policies
-APT_PACKAGES := redis-server nginx wrk prometheus
+APT_PACKAGES := redis-server nginx wrk prometheus postgresql pgbouncer
 
 # Placeholder keys (kept when real ones are exported) so the example policies load on a
 # machine without keys: `make run` reads them, and so can a sidecar started by hand.
 PLACEHOLDER_KEYS := examples/placeholder-keys.sh
 
-.PHONY: run test lint typecheck unit openai1 mcp1-venv system-deps compiler-deps compiled clean-compiled bench bench-webhooks bench-ttft clean
+.PHONY: run test lint typecheck unit openai1 mcp1-venv system-deps compiler-deps compiled clean-compiled bench bench-webhooks bench-ttft bench-db clean
 
 # setuptools 77+ reads pyproject.toml's license field when setup.py builds (compiled).
 $(STAMP): pyproject.toml
@@ -66,9 +66,13 @@ compiler-deps: $(STAMP)
 	fi
 
 # redis-server backs the shared rate-limit tests; nginx and wrk the benchmark; promtool
-# (Debian's prometheus) checks deploy/prometheus in tests/deploy.
+# (Debian's prometheus) checks deploy/prometheus in tests/deploy; PostgreSQL
+# (initdb/pg_ctl under /usr/lib/postgresql/*/bin, psql, pgbench) the database tests,
+# and pgbouncer the database benchmark.
 system-deps:
-	@missing=""; for p in redis-server nginx wrk promtool; do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	@missing=""; for p in redis-server nginx wrk promtool psql pgbench; do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || missing="$$missing pgbouncer"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
@@ -126,6 +130,11 @@ bench-webhooks: $(COMPILED)
 # answer (plain and translated openai->anthropic), sequential calls on one connection.
 bench-ttft: $(COMPILED)
 	$(BIN)/python bench/ttft.py $(TTFT_BENCH_ARGS)
+
+# Seconds, not minutes: pgbench -S against PostgreSQL directly, through pgbouncer and
+# through the sidecar (same pool size and mode), in one run, as ratios.
+bench-db: $(COMPILED) system-deps
+	$(BIN)/python bench/pgbench.py $(DB_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build

@@ -116,6 +116,11 @@ async def services(sidecar: Sidecar, request: Request, params: Params) -> Respon
     return json_response({"services": out})
 
 
+async def databases(sidecar: Sidecar, request: Request, params: Params) -> Response:
+    """Each database: where it listens, its upstream (never the password), its pool now."""
+    return json_response({"databases": sidecar.databases.stats()})
+
+
 async def metrics(sidecar: Sidecar, request: Request, params: Params) -> Response:
     telemetry = sidecar.telemetry
     # The queue gauges as of this scrape, not of the last periodic read.
@@ -346,6 +351,7 @@ _ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/readyz", readyz),
     ("GET", "/config", config),
     ("GET", "/services", services),
+    ("GET", "/databases", databases),
     ("POST", "/reload", reload),
     ("GET", "/faults", faults_view),
     ("POST", "/faults", faults),

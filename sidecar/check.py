@@ -40,6 +40,7 @@ class Result:
     cert_expires_in_days: float | None = None
     # Why the service was not probed (stage "skipped"); it counts as ok.
     skipped: str | None = None
+    server_version: str | None = None  # databases: the PostgreSQL version that answered
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -184,6 +185,46 @@ async def _probe(sidecar: Sidecar, name: str, result: Result) -> None:
         )
 
 
+async def check_database(sidecar: Sidecar, name: str) -> Result:
+    """TCP, then the sidecar's own login (TLS as the policy says, auth), then SELECT 1."""
+    from .databases.server import UpstreamError, connect
+
+    entry = sidecar.databases.entries[name]
+    settings = entry.settings
+    result = Result(service=name, stage="tcp")
+    try:
+        start = time.perf_counter()
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(settings.host, settings.port), TIMEOUT
+        )
+        result.ms["tcp"] = _ms(start)
+        writer.close()
+        result.stage = "login"
+        start = time.perf_counter()
+        conn = await connect(settings)
+        result.ms["login"] = _ms(start)
+        try:
+            cert = conn.writer.get_extra_info("peercert") or {}
+            if "notAfter" in cert:
+                expires = ssl.cert_time_to_seconds(cert["notAfter"])
+                result.cert_expires_in_days = round((expires - time.time()) / 86400, 1)
+            result.stage = "query"
+            start = time.perf_counter()
+            await asyncio.wait_for(conn.simple("SELECT 1"), TIMEOUT)
+            result.ms["query"] = _ms(start)
+            result.server_version = conn.params.get("server_version")
+            result.ok, result.stage = True, "ok"
+        finally:
+            conn.close()
+    except UpstreamError as exc:
+        result.error = f"{exc.text} (SQLSTATE {exc.sqlstate})"
+    except (OSError, TimeoutError) as exc:
+        result.error = (
+            exc.strerror or type(exc).__name__ if isinstance(exc, OSError) else "timed out"
+        )
+    return result
+
+
 async def run_checks(policies: str, services: list[str]) -> tuple[list[Result], list[str]]:
     """Each named service's result (all when none named), and any load errors."""
     with tempfile.TemporaryDirectory(prefix="sidecar-check-") as data_dir:
@@ -192,11 +233,20 @@ async def run_checks(policies: str, services: list[str]) -> tuple[list[Result], 
             loaded = await sidecar.reload("check")
             if not loaded.ok or sidecar.policy is None:
                 return [], list(loaded.errors)
-            names = services or sorted(sidecar.policy.services)
-            unknown = [n for n in names if n not in sidecar.policy.services]
+            databases = sidecar.databases.entries
+            names = services or sorted(sidecar.policy.services) + sorted(databases)
+            unknown = [n for n in names if n not in sidecar.policy.services and n not in databases]
             if unknown:
-                return [], [f"unknown service '{n}'" for n in unknown]
-            results = await asyncio.gather(*(check_service(sidecar, n) for n in names))
+                nor = " (nor database)" if databases else ""
+                return [], [f"unknown service '{n}'{nor}" for n in unknown]
+            results = await asyncio.gather(
+                *(
+                    check_service(sidecar, n)
+                    if n in sidecar.policy.services
+                    else check_database(sidecar, n)
+                    for n in names
+                )
+            )
             return list(results), []
         finally:
             await sidecar.close()
@@ -211,6 +261,8 @@ def format_lines(results: list[Result], *, colour: bool) -> list[str]:
             mark, what = "skip", result.skipped
         elif result.ok:
             mark, what = "ok", f"HTTP {result.status}"
+            if result.server_version is not None:
+                what = f"PostgreSQL {result.server_version}"
         else:
             mark, what = "FAIL", f"{result.stage}: {result.error}"
         if result.cert_expires_in_days is not None:

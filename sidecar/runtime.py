@@ -16,6 +16,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .databases.http import DatabaseHttp
+from .databases.hub import DatabaseHub
+from .databases.telemetry import DatabaseTelemetry
 from .policy.loader import Policy, PolicyError, load_policy
 from .policy.testing import CassetteOverride
 from .policy.watcher import watch
@@ -131,6 +134,16 @@ class Sidecar:
         # The admin token in force: the policy's admin.token, else SIDECAR_ADMIN_TOKEN(_FILE).
         self.admin_token: str | None = None
         self._background: asyncio.Task[None] | None = None
+        # One listener and pool per `databases:` entry, opened by serve().
+        self.databases = DatabaseHub(
+            DatabaseTelemetry(
+                self.telemetry.metrics.registry,
+                self.telemetry.tracer,
+                access_log=self.telemetry.access_log,
+            )
+        )
+        self.database_http = DatabaseHttp(self.databases)
+        self.handler.databases = self.database_http
 
     async def reload(self, trigger: str) -> ReloadResult:
         async with self._lock:
@@ -200,7 +213,16 @@ class Sidecar:
             build.abort()
             log.exception(self._failure("the webhook store could not be opened"))
             return failed(f"{self.webhooks.data_dir}: cannot open the webhook store: {exc}")
+        credentials = None
+        if policy.databases and (policy.agents.keys or policy.agents.verify):
+            from .steps import identity
+
+            agents = policy.agents
+            # The same key set (and JWKS cache) as the HTTP identity step: same state key.
+            credentials = build.get("", "identity", agents, lambda: identity.new(agents))
         build.commit()
+        await self.databases.apply(policy.databases, policy.agents, credentials)
+        self.database_http.agent_header = policy.agents.header
         self.policy, self.router = policy, router
         self.admin_token = token
         self.alert_engine.configure(policy.alerts)
@@ -325,6 +347,7 @@ class Sidecar:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._watch_task
         self.state.close()
+        await self.databases.close()
         await self.webhooks.close()
         await self.telemetry.close()
 
@@ -425,6 +448,11 @@ async def serve(
         if ingress is not None and not sidecar.webhooks.inbound_paths and ingress[1]:
             known.append(ingress)
         _own_listeners(sidecar, known)
+        # One loopback listener per `databases:` entry; later reloads open and close them.
+        try:
+            await sidecar.databases.start()
+        except OSError as exc:
+            raise ListenError(exc.strerror or str(exc)) from exc
     except BaseException:
         for made in bound:
             await made.cleanup()

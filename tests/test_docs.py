@@ -83,6 +83,12 @@ WHERE: dict[str, tuple[str, str | None]] = {
     "Alerts": ("alerts", None),
     "Receiver": ("alerts.receivers", None),
     "Rule": ("alerts.rules", None),
+    "Database": ("databases", None),
+    "DatabaseTls": ("databases.tls", None),
+    "DatabaseAuth": ("databases.auth", None),
+    "DatabasePool": ("databases.pool", None),
+    "DatabaseRateLimit": ("databases.rate_limit", None),
+    "StatementRule": ("databases.allow", None),
 }
 
 _TICKED = re.compile(r"`([A-Za-z_]+)`")

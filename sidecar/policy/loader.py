@@ -22,6 +22,8 @@ from .. import openapi
 from .access import AllowRule, value_regex
 from .alerts import Admin, Alerts
 from .base import _did_you_mean, closest
+from .databases import Database
+from .databases import merge as merge_databases
 from .models import (
     AUTH_TYPES,
     Agents,
@@ -68,6 +70,8 @@ class Policy:
     allow: tuple[AllowRule, ...] | None = None  # the top-level rules; None when no file has any
     admin: Admin | None = None  # `admin:`, from the one file that has it
     alerts: Alerts | None = None  # `alerts:`, from the one file that has it
+    # Every file's `databases:` merged; empty when none has one.
+    databases: Mapping[str, Database] = field(default_factory=dict)
 
 
 class PolicyError(Exception):
@@ -259,6 +263,13 @@ def load_policy(
         first = next(doc for doc, model in parsed if model.webhooks is not None)
         problems.extend(Problem(first.position(("webhooks",)), c) for c in clashes)
 
+    db_parts = [model.databases for _, model in parsed if model.databases is not None]
+    databases: dict[str, Database] = {}
+    if db_parts:
+        databases, clashes = merge_databases(db_parts)
+        first = next(doc for doc, model in parsed if model.databases is not None)
+        problems.extend(Problem(first.position(("databases",)), c) for c in clashes)
+
     if problems:
         raise PolicyError(
             sorted(problems, key=lambda p: (p.position.file, p.position.line, p.position.col))
@@ -274,6 +285,7 @@ def load_policy(
         allow=tuple(allow[1]) if allow is not None else None,
         admin=singles["admin"][1] if "admin" in singles else None,
         alerts=singles["alerts"][1] if "alerts" in singles else None,
+        databases=databases,
     )
 
 

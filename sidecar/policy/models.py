@@ -576,6 +576,10 @@ class PolicyFile(Model):
     alerts: Alerts | None = Field(
         default=None, description="Alert rules and where they are sent, see alerts.py"
     )
+    databases: Databases | None = Field(
+        default=None,
+        description="PostgreSQL databases agents reach on a loopback listener, see databases.py",
+    )
 
 
 # At the end: each feature's models, which Agents, Service and PolicyFile name.
@@ -585,6 +589,7 @@ from .budget import Budget, Prices  # noqa: E402
 from .cache import Cache  # noqa: E402
 from .check import Check  # noqa: E402
 from .cloud import Objects  # noqa: E402
+from .databases import Databases  # noqa: E402
 from .files import Files, fill_upstream  # noqa: E402
 from .llm import LLM  # noqa: E402
 from .openapi import DocumentPath, Validate  # noqa: E402

@@ -29,10 +29,13 @@ from ..steps.faults import InjectedReset
 from ..streams import idle_bounded, limited
 from ..webhooks.listener import OWN_PREFIXES, own_answer
 from .http1 import Tunnel, raw_header_lines
-from .listener import Request, Response
+from .listener import App, Request, Response
 from .pool import UpstreamError, UpstreamReply
 from .redirects import REWRITTEN_HEADERS
 from .router import Route, Router
+
+# The HTTP face of the databases (databases/http.py), answered by Egress.databases.
+DB_PREFIX: Final = "/_db/"
 
 if TYPE_CHECKING:
     from ..telemetry import Exchange, Telemetry
@@ -109,6 +112,8 @@ class Egress:
         self.webhooks = webhooks
         # None: no metrics, spans or access log, and the request path pays nothing for them.
         self.telemetry = telemetry
+        # Agents post SQL to /_db/<name>/query (databases/http.py); never routed to a service.
+        self.databases: App | None = None
 
     async def __call__(self, request: Request) -> Response:
         # One coroutine per answer: the checks before the chain are a plain call, and
@@ -118,8 +123,12 @@ class Egress:
         try:
             found = self._route(request, exchange)
             if found is None:
-                assert self.webhooks is not None
-                response = await own_answer(self.webhooks, request)
+                databases = self.databases
+                if databases is not None and request.target.startswith(DB_PREFIX):
+                    response = await databases(request)
+                else:
+                    assert self.webhooks is not None
+                    response = await own_answer(self.webhooks, request)
             elif isinstance(found, Response):
                 response = found
             else:
@@ -191,6 +200,8 @@ class Egress:
                 exchange,
             )
         if raw.startswith(OWN_PREFIXES) and self.webhooks is not None:
+            return None
+        if raw.startswith(DB_PREFIX) and self.databases is not None:
             return None
         if request.method in _REFUSED_METHODS:
             return problem(

@@ -126,11 +126,12 @@ def build(service: ServicePolicy, *, state: StateBuild) -> Step | None:
     agents = service.agents
     if agents.verify is None and not agents.keys:
         return None
-    credentials = state.get("", "identity", agents, lambda: _new(agents))
+    credentials = state.get("", "identity", agents, lambda: new(agents))
     return Identify(service=service.name, credentials=credentials)
 
 
-def _new(agents: Agents) -> Credentials:
+def new(agents: Agents) -> Credentials:
+    """The key set of `agents:`, fetching started (shared with the database connector)."""
     credentials = Credentials(agents)
     credentials.prefetch()
     return credentials

@@ -140,7 +140,7 @@ def test_unknown_keys_are_reported_with_the_other_errors(tmp_path: Path) -> None
         f"{f}:6:32: unknown key 'brust' (did you mean 'burst'?)",
         f"{f}:7:49: unknown key 'nme' (did you mean 'name'?)",
         f"{f}:8:1: unknown key 'extra'; expected one of: admin, agents, alerts, allow, "
-        "services, version, webhooks",
+        "databases, services, version, webhooks",
     ]
 
 

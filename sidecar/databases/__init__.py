@@ -1,0 +1,1 @@
+"""PostgreSQL connector: agents reach databases through the sidecar, governed by policy."""

@@ -86,7 +86,7 @@ def build_gate(policy: Policy, state: StateBuild) -> Gate:
     credentials: identity.Credentials | None = None
     if agents.verify is not None or agents.keys:
         # The key the identity step keeps its Credentials under: one for both.
-        credentials = state.get("", "identity", agents, lambda: identity._new(agents))
+        credentials = state.get("", "identity", agents, lambda: identity.new(agents))
     rules: dict[tuple[str, str], tuple[Sequence[AllowRule], str]] = {}
     webhooks = policy.webhooks
     if webhooks is not None:

@@ -164,4 +164,7 @@ def test_every_built_in_template_has_a_probe_that_expects_success() -> None:
     for template in found.templates.values():
         check = template.service.get("check")
         assert check is not None, template.name
-        assert check.get("expect") == [200] and check["path"] != "/", template.name
+        # 200 from a cheap call of the API; where the API has none that needs no argument,
+        # the status it gives only once the credential was accepted (a validation error).
+        assert check.get("expect") in ([200], [400]), template.name
+        assert check["path"] != "/", template.name

@@ -263,7 +263,7 @@ class Step(Protocol):
     """One policy step: `async (call, next) -> reply`, built once per (re)load.
 
     Most are coroutine functions. A step may instead return the next step's own
-    awaitable when it has nothing to do after it (steps/ratelimit.py): whoever
+    awaitable when it has nothing to do after it (steps/resilience/ratelimit.py): whoever
     calls a step awaits what it returns at once, so an exception it raises before
     returning lands where one from inside the coroutine would.
     """

@@ -530,7 +530,7 @@ async def _serve(sidecar: Sidecar, args: argparse.Namespace) -> int:
     for runner in (*serving, *(runner for runner in runners if runner.name in last)):
         await runner.cleanup()
     if sidecar.policy is not None:
-        from .steps.cassette import written_summary
+        from .steps.answers.cassette import written_summary
 
         for line in written_summary(list(sidecar.policy.services.values())):
             log.info("%s", line)
@@ -544,7 +544,7 @@ def _announce_cassettes(sidecar: Sidecar) -> None:
         return
     services = [s for s in policy.services.values() if s.spec.mode in ("record", "replay")]
     if services:
-        from .steps.cassette import announce
+        from .steps.answers.cassette import announce
 
         announce(services)
 

@@ -27,8 +27,8 @@ from .proxy.listener import Listener
 from .proxy.listener import serve as listen_http
 from .proxy.router import Router, compile_policy
 from .state import StateStore
-from .steps.cache import CacheStore
-from .steps.faults import Faults
+from .steps.answers.cache import CacheStore
+from .steps.resilience.faults import Faults
 from .telemetry import Telemetry
 from .webhooks.gate import build_gate
 from .webhooks.hub import StoreChanged, WebhookHub
@@ -215,7 +215,7 @@ class Sidecar:
             return failed(f"{self.webhooks.data_dir}: cannot open the webhook store: {exc}")
         credentials = None
         if policy.databases and (policy.agents.keys or policy.agents.verify):
-            from .steps import identity
+            from .steps.access import identity
 
             agents = policy.agents
             # The same key set (and JWKS cache) as the HTTP identity step: same state key.

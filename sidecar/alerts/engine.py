@@ -325,7 +325,7 @@ def _origin(url: str) -> str:
 
 def budget_rows(sidecar: Sidecar) -> list[dict[str, Any]]:
     """Every budget of the policy: per service, or per agent the sidecar has seen."""
-    from ..steps.budget import window_bounds
+    from ..steps.llm.budget import window_bounds
 
     policy = sidecar.policy
     agents: list[str | None] = list(sidecar.telemetry.metrics.agents.counts)

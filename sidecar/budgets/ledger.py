@@ -2,7 +2,7 @@
 
 The data dir's SQLite file (sqlite_ledger.py: `budgets.db`, WAL mode) holds a
 row per (budget key, window start). The contract: a charge is on disk before
-the answer it paid for has ended (steps/llm.py awaits `add` before it ends the
+the answer it paid for has ended (steps/llm/llm.py awaits `add` before it ends the
 reply's body), so a `kill -9` never forgets an acknowledged charge and a
 restarted sidecar refuses what the old one would have.
 

@@ -109,7 +109,7 @@ def agents(sidecar: Sidecar) -> list[dict[str, Any]]:
     policy = sidecar.policy
     pricing: dict[str, Any] = {}
     if policy is not None:
-        from ..steps.budget import Pricing
+        from ..steps.llm.budget import Pricing
 
         pricing = {n: Pricing(s.spec.prices) for n, s in policy.services.items() if s.spec.prices}
     models: dict[str, dict[tuple[str, str], dict[str, float]]] = {}

@@ -29,7 +29,7 @@ from .server import Settings, UpstreamError
 from .telemetry import DatabaseTelemetry, Operation
 
 if TYPE_CHECKING:
-    from ..steps.identity import Credentials
+    from ..steps.access.identity import Credentials
 
 log = logging.getLogger("sidecar.databases")
 
@@ -164,7 +164,7 @@ class Entry:
             framer.feed(data)
             msg = framer.next()
         kind, body, _ = msg
-        from ..steps.identity import KeysUnavailable, Refused
+        from ..steps.access.identity import KeysUnavailable, Refused
 
         try:
             if kind != pg.PASSWORD:

@@ -35,7 +35,7 @@ from ..policy.files import Files
 from ..policy.loader import ServicePolicy
 from ..problems import ProblemError
 from ..state import StateBuild
-from ..steps.operation import annotate
+from ..steps.protocols.operation import annotate
 from . import conditions, paths
 from .paths import Beneath, FilePath, Kind
 from .pool import Held, run, run_owned

@@ -1,7 +1,7 @@
 """Who may call what: verified agent identity (`agents.verify`, `agents.keys`) and allow rules.
 
 The models check every glob, name and hash here, so `sidecar validate` reports
-a bad one at its FILE:LINE:COL; the steps (steps/identity.py, steps/allow.py)
+a bad one at its FILE:LINE:COL; the steps (steps/access/identity.py, steps/access/allow.py)
 compile the same globs with the functions below, once per load.
 """
 

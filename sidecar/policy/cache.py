@@ -1,6 +1,6 @@
 """The `cache:` part of a service: answers kept (in memory or Redis) and served again.
 
-A hit is answered by the sidecar (steps/cache.py): no token spent, no
+A hit is answered by the sidecar (steps/answers/cache.py): no token spent, no
 upstream call. The upstream's Cache-Control is honoured (no-store, no-cache,
 private, max-age, s-maxage, stale-if-error); `ttl` is the longest an answer
 is served without asking the upstream again.

@@ -2,7 +2,7 @@
 
 `aws_sigv4` signs every call with AWS credentials the agent never holds
 (steps/credentials/aws.py); `objects:` says which agent may read, write, list
-or delete which buckets and keys of an S3-compatible service (steps/objects.py).
+or delete which buckets and keys of an S3-compatible service (steps/access/objects.py).
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ class ObjectRule(Model):
 
 
 class Objects(Model):
-    """Object-store rules of an S3-compatible service (steps/objects.py)."""
+    """Object-store rules of an S3-compatible service (steps/access/objects.py)."""
 
     addressing: Literal["path", "virtual"] = Field(
         default="path",

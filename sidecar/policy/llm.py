@@ -2,7 +2,7 @@
 
 A service with an `llm:` block (every LLM template sets one) has its token
 usage counted from the answers, per agent and model, and its spans carry the
-OpenTelemetry GenAI attributes. See steps/llm.py.
+OpenTelemetry GenAI attributes. See steps/llm/llm.py.
 """
 
 from __future__ import annotations

@@ -164,7 +164,7 @@ class RateLimit(Model):
 
     @property
     def call_rate(self) -> Rate:
-        """The rate of a call limit; token limits are steps/llm.py's, never asked this."""
+        """The rate of a call limit; token limits are steps/llm/llm.py's, never asked this."""
         if self.rate is None:
             raise ValueError("a token limit has no call rate")
         return self.rate

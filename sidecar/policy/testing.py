@@ -22,7 +22,7 @@ from .base import Duration, HeaderName, Model, Size
 
 # How a service is answered: `live` by its upstream, `mock` by its `mock:` rules,
 # `record` by its upstream with each exchange saved to its cassettes, `replay` by
-# those cassettes (steps/cassette.py), `observe` by its upstream with the shape of each
+# those cassettes (steps/answers/cassette.py), `observe` by its upstream with the shape of each
 # call written down for `sidecar learn` (learn/observe.py).
 Mode = Literal["live", "mock", "record", "replay", "observe"]
 

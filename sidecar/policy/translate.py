@@ -4,7 +4,7 @@
 messages: an OpenAI chat completions call that reaches it (an agent's own, or
 another service's fallback hop) is sent as a messages call, and its answer
 (JSON, SSE or error) comes back as OpenAI's. Calls already in the upstream's
-API pass as they are. See steps/translate.py.
+API pass as they are. See steps/llm/translate.py.
 """
 
 from __future__ import annotations

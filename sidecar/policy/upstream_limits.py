@@ -1,6 +1,6 @@
 """The `limits:` part of a service: how its upstream reports its own limits.
 
-The adaptive pause (steps/pause.py) reads these headers from the upstream's
+The adaptive pause (steps/resilience/pause.py) reads these headers from the upstream's
 answers. Providers name them differently (OpenAI `x-ratelimit-*` and
 `retry-after-ms`, Anthropic `anthropic-ratelimit-*`, GitHub `x-ratelimit-*`,
 GitLab `RateLimit-*`), so the names are policy, usually filled by a template.

@@ -25,7 +25,7 @@ from ..headers import (
     drop_with_connection_raw,
 )
 from ..problems import PLAIN, ProblemError, problem_parts
-from ..steps.faults import InjectedReset
+from ..steps.resilience.faults import InjectedReset
 from ..streams import idle_bounded, limited
 from ..webhooks.listener import OWN_PREFIXES, own_answer
 from .http1 import Tunnel, raw_header_lines

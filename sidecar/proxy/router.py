@@ -19,29 +19,12 @@ from ..learn import observe
 from ..policy.access import METHOD_OVERRIDE_HEADERS
 from ..policy.loader import Policy, ServicePolicy
 from ..state import StateBuild
-from ..steps import (
-    allow,
-    auth,
-    breaker,
-    cache,
-    cassette,
-    fallback,
-    faults,
-    graphql,
-    graphql_errors,
-    identity,
-    llm,
-    mcp,
-    mock,
-    objects,
-    pause,
-    ratelimit,
-    request_rules,
-    retry,
-    timeout,
-    translate,
-    validate,
-)
+from ..steps.access import allow, identity, objects, request_rules, validate
+from ..steps.answers import cache, cassette, mock
+from ..steps.credentials import auth
+from ..steps.llm import llm, translate
+from ..steps.protocols import graphql, graphql_errors, mcp
+from ..steps.resilience import breaker, fallback, faults, pause, ratelimit, retry, timeout
 from .redirects import RedirectRewriter
 from .upstream import Upstream
 
@@ -57,7 +40,7 @@ STEP_BUILDERS: list[tuple[str, StepBuilder]] = [
     ("identity", identity.build),
     ("allow", allow.build),
     ("request_rules", request_rules.build),
-    # Object-store rules: which agent may touch which bucket and key (steps/objects.py).
+    # Object-store rules: which agent may touch which bucket and key (steps/access/objects.py).
     ("objects", objects.build),
     # Then the OpenAPI document: a malformed call is told so whatever the limits say.
     ("validate", validate.build),
@@ -68,7 +51,7 @@ STEP_BUILDERS: list[tuple[str, StepBuilder]] = [
     # Outermost of what serves the call, after every refusal: a call the agent may not
     # make never fails over, and everything the service does to serve it (faults,
     # cache, limits, retries, breaker, credential) is inside, so another service is
-    # tried only once this one has given up (steps/fallback.py).
+    # tried only once this one has given up (steps/resilience/fallback.py).
     ("fallback", fallback.build),
     # Each service translates the calls written for another LLM API, its own agents'
     # and other services' fallback hops alike; outside mock, cassette and cache, which
@@ -83,7 +66,7 @@ STEP_BUILDERS: list[tuple[str, StepBuilder]] = [
     ("mock", mock.build),
     # mode: replay answers here for the same reasons as mock. mode: record is here too:
     # outside retry, breaker, timeout and auth, it saves the one final answer the agent
-    # gets, and sees the call before the credential is injected (steps/cassette.py).
+    # gets, and sees the call before the credential is injected (steps/answers/cassette.py).
     ("cassette", cassette.build),
     # mode: observe writes down the shape of the call and of the one answer the agent
     # gets, as record does, for `sidecar learn` (learn/observe.py).
@@ -95,7 +78,7 @@ STEP_BUILDERS: list[tuple[str, StepBuilder]] = [
     ("pause", pause.build),
     ("ratelimit", ratelimit.build),
     # Outside retry: reads an LLM call's model once and meters the one reply the agent
-    # gets; after the limiters, so a refused call costs no body parse (steps/llm.py).
+    # gets; after the limiters, so a refused call costs no body parse (steps/llm/llm.py).
     ("llm", llm.build),
     ("retry", retry.build),
     ("breaker", breaker.build),

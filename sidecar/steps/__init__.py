@@ -1,7 +1,18 @@
-"""Policy steps, one module each. A step is `async (call, next) -> reply`.
+"""Policy steps, one folder per concern. A step is `async (call, next) -> reply`.
 
-Every module has `build(service, *, state) -> Step | None`: it validates and
-precomputes at load time, and returns None when the policy does not ask for it.
+- access/: who is calling and may they (identity, allow, request rules, validation,
+  object-store rules);
+- resilience/: rate limits, pauses, retries, the breaker, timeouts, faults, fallback;
+- credentials/: what the sidecar injects or signs (auth kinds, OAuth2, JWTs, clouds);
+- llm/: token metering and limits, budgets, translation between LLM APIs;
+- protocols/: GraphQL, MCP, WebSocket, and the operation a call is known by;
+- answers/: answers given without the upstream (cache, mock, cassette).
+
+Every step module has `build(service, *, state) -> Step | None`: it validates and
+precomputes at load time, and returns None when the policy does not ask for it. The
+order of a chain is fixed in one place: proxy/router.py's STEP_BUILDERS. Package
+`__init__` files stay thin and uncompiled (mypyc gives a compiled package `__init__`
+a wrong `__path__`).
 """
 
 from ..call import Handler, Step

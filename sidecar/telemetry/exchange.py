@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 from ..call import Call, Handler, Reply
 from ..problems import ProblemError
-from ..steps.timeout import TIMEOUT_CANCEL
+from ..steps.resilience.timeout import TIMEOUT_CANCEL
 from . import access
 from .metrics import KNOWN_METHODS, OTHER_METHOD, Metrics
 from .pools import Pools

@@ -5,7 +5,7 @@ to an inbound webhook's events) are calls like any service's: with `agents.keys`
 or `agents.verify` set they need a credential (`401 unauthenticated`), and the
 allow rules in force (the webhook's own `allow`, else the top-level `allow`)
 judge them on their full path, e.g. `/_webhooks/events` (`403 forbidden`). The
-same steps do the judging as for services (steps/identity.py, steps/allow.py),
+same steps do the judging as for services (steps/access/identity.py, steps/access/allow.py),
 and the same Credentials serve both, so a key set is fetched once.
 
 A Gate is built with each policy (runtime.py) and swapped with the Router.
@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 
 from ..call import Call, Reply, StaticReply
 from ..policy.access import AllowRule
-from ..steps import identity
-from ..steps.allow import Allow
-from ..steps.identity import Identify
+from ..steps.access import identity
+from ..steps.access.allow import Allow
+from ..steps.access.identity import Identify
 
 if TYPE_CHECKING:
     from ..policy.loader import Policy

@@ -16,10 +16,10 @@ import boto3
 from aiohttp import web
 from botocore.config import Config
 
-from sidecar.steps.llm_usage import Scanner, kind_of
+from sidecar.steps.llm.llm_usage import Scanner, kind_of
 from tests.cloud.fake_bedrock import FakeBedrock, frame
 from tests.conftest import RunningSidecar, StartSidecar
-from tests.steps.test_llm import tokens
+from tests.steps.llm.test_llm import tokens
 
 KEY_ID = "AKIASIDECARBEDROCK01"
 SECRET = "bedrock/secret+key-of-the-sidecar"

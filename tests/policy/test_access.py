@@ -18,7 +18,7 @@ from sidecar.cli import main as cli_main
 from sidecar.policy.access import AllowRule, path_regex
 from sidecar.policy.loader import load_policy
 from sidecar.problems import ProblemError
-from sidecar.steps.allow import Allow
+from sidecar.steps.access.allow import Allow
 from tests.policy.test_loader import errors, write
 
 HASH = "sha256:" + hashlib.sha256(b"k").hexdigest()

@@ -21,8 +21,8 @@ from sidecar.policy.models import Service
 from sidecar.policy.yamlpos import Position
 from sidecar.problems import ProblemError
 from sidecar.state import StateStore
-from sidecar.steps import graphql, mcp
-from sidecar.steps.operation import OPERATION
+from sidecar.steps.protocols import graphql, mcp
+from sidecar.steps.protocols.operation import OPERATION
 
 
 class Exchange:

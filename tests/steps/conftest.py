@@ -24,7 +24,7 @@ from multidict import CIMultiDict
 
 from sidecar.call import Call, Handler, Reply
 from sidecar.policy.cache import Cache
-from sidecar.steps.cache import CacheStep, CacheStore
+from sidecar.steps.answers.cache import CacheStep, CacheStore
 from tests.conftest import RunningSidecar, StartSidecar
 
 Upstreams = Callable[[web.Application], Awaitable[str]]

@@ -25,7 +25,7 @@ from .names import glob_shown, table_glob
 from .parse import Access, Statement
 from .verdict import FORBIDDEN, INSUFFICIENT_PRIVILEGE, READ_ONLY_TRANSACTION, Verdict
 
-# An agent-chosen name ends up in the refusal: bound its size (as steps/allow.py does).
+# An agent-chosen name ends up in the refusal: bound its size (as steps/access/allow.py does).
 _MAX_NAME: Final = 128
 # Agents seen, with the rules that name them; cleared when full (names are agent-chosen).
 _MAX_AGENTS: Final = 4096

@@ -1,7 +1,7 @@
 """The step of every cloud kind whose credential is a bearer access token (Google, Azure).
 
 The token comes from a `Refreshing` source (refresh.py): fetched once for all
-calls, renewed before it expires. As with OAuth2 (steps/oauth2.py), an
+calls, renewed before it expires. As with OAuth2 (steps/credentials/oauth2.py), an
 upstream 401 means the token was revoked: it is dropped, a new one fetched,
 and the call sent once more if its body can be sent again.
 """

@@ -1,6 +1,6 @@
 """A credential with a lifetime: fetched once for all callers, renewed before it expires.
 
-As steps/oauth2.py does for its tokens: however many calls find the value
+As steps/credentials/oauth2.py does for its tokens: however many calls find the value
 missing or expired, they wait for one fetch (single flight, shielded, so a
 caller giving up cancels nobody else's); within `refresh_before` of expiry the
 current value is still handed out while a new one is fetched behind the call.

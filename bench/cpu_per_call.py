@@ -190,7 +190,7 @@ async def _start_sidecar(
 
 
 async def _start_listener(upstream: int, tmp: Path) -> tuple[int, Any]:
-    from sidecar.proxy.listener import Request, Response, serve
+    from sidecar.http.listener import Request, Response, serve
 
     headers = [("Server", "nginx/1.22.1"), ("Content-Type", "application/json")]
 
@@ -375,12 +375,12 @@ async def _measure(args: argparse.Namespace) -> None:
 
 # Self time grouped by where the code lives, so a change shows up in its layer.
 _GROUPS = (
-    ("sidecar/proxy/listener", "listener"),
-    ("sidecar/proxy/egress", "egress"),
-    ("sidecar/proxy/router", "router"),
-    ("sidecar/proxy/pool", "pool"),
-    ("sidecar/proxy/upstream", "upstream"),
-    ("sidecar/proxy/http1", "http1"),
+    ("sidecar/http/listener", "listener"),
+    ("sidecar/http/egress", "egress"),
+    ("sidecar/http/router", "router"),
+    ("sidecar/http/pool", "pool"),
+    ("sidecar/http/upstream", "upstream"),
+    ("sidecar/http/http1", "http1"),
     ("sidecar/telemetry", "telemetry"),
     ("sidecar/steps", "steps"),
     ("sidecar/", "sidecar (other)"),

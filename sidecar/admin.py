@@ -1,6 +1,6 @@
 """The admin listener: health, readiness, the effective config, reloads.
 
-Runs on the same HTTP/1.1 listener as the egress (proxy/listener.py), so a
+Runs on the same HTTP/1.1 listener as the egress (http/listener.py), so a
 sidecar that serves no webhook never loads an HTTP framework. Nothing here
 ever shows a secret: secrets serialize as their reference (`${file:/path}`,
 `${env:NAME}`) or `<redacted>`.
@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .headers import SERVER
+from .http.listener import App, Request, Response
 from .problems import ProblemError, problem_parts
-from .proxy.listener import App, Request, Response
 from .telemetry.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:

@@ -19,13 +19,13 @@ from typing import Any
 from .databases.http import DatabaseHttp
 from .databases.hub import DatabaseHub
 from .databases.telemetry import DatabaseTelemetry
+from .http.egress import Egress
+from .http.listener import Listener
+from .http.listener import serve as listen_http
+from .http.router import Router, compile_policy
 from .policy.loader import Policy, PolicyError, load_policy
 from .policy.testing import CassetteOverride
 from .policy.watcher import watch
-from .proxy.egress import Egress
-from .proxy.listener import Listener
-from .proxy.listener import serve as listen_http
-from .proxy.router import Router, compile_policy
 from .state import StateStore
 from .steps.answers.cache import CacheStore
 from .steps.resilience.faults import Faults

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sidecar.admin import admin_app
-from sidecar.proxy.listener import serve
+from sidecar.http.listener import serve
 from sidecar.runtime import Sidecar
 from tests.conftest import echo_app
 from tests.helpers import sidecar_process

@@ -54,7 +54,7 @@ async def main():
 asyncio.run(main())
 # The TLS context loads the system's CA store (megabytes): made at the first
 # connection to an https upstream, not when a policy names one.
-from sidecar.proxy.pool import _default_tls
+from sidecar.http.pool import _default_tls
 if _default_tls.cache_info().currsize:
     print("a TLS context was made at load", file=sys.stderr)
     sys.exit(1)

@@ -1,7 +1,7 @@
 """The files service: GET, HEAD, PUT and DELETE on the files beneath a root.
 
 It is the innermost handler of a service with `files:` (in place of the
-upstream, proxy/router.py), so identity, allow rules, rate limits, metrics,
+upstream, http/router.py), so identity, allow rules, rate limits, metrics,
 spans and the access log apply to it as to any service. It answers for
 itself like a mock does, with a `Reply` whose body is read from disk a chunk
 at a time on the files pool (pool.py): nothing here blocks the event loop,

@@ -41,9 +41,9 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+    from ..http.listener import Request, Response
+    from ..http.router import Route
     from ..policy.loader import ServicePolicy
-    from ..proxy.listener import Request, Response
-    from ..proxy.router import Route
     from ..runtime import ReloadResult, Sidecar
     from ..state import StateBuild
 

@@ -23,8 +23,8 @@ from ..steps.access.allow import Allow
 from ..steps.access.identity import Identify
 
 if TYPE_CHECKING:
+    from ..http.listener import Request
     from ..policy.loader import Policy
-    from ..proxy.listener import Request
     from ..state import StateBuild
 
 OUTBOUND = "_webhooks"

@@ -2,7 +2,7 @@
 
 Also the egress side's `/_webhooks/<name>` answer. A body is read up to one
 byte past the webhook's limit, so an oversized one is refused (413) without
-being held whole. Both run on the proxy's listener (proxy/listener.py).
+being held whole. Both run on the proxy's listener (http/listener.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from .gate import EVENTS, OUTBOUND
 from .subscriptions import EVENTS_PREFIX
 
 if TYPE_CHECKING:
-    from ..proxy.listener import App, Request, Response
+    from ..http.listener import App, Request, Response
     from .hub import WebhookHub
 
 # Agents' outbound events: the group's own max_body is checked by the Outbox.
@@ -48,7 +48,7 @@ async def read_limited(body: AsyncIterable[bytes] | None, limit: int) -> bytes:
 
 
 def answer(result: Result) -> Response:
-    from ..proxy.listener import Response
+    from ..http.listener import Response
 
     headers = [(k, v) for k, v in result.headers.items() if k.lower() != "server"]
     headers.append(("Server", SERVER))
@@ -95,7 +95,7 @@ async def _admit(hub: WebhookHub, kind: str, name: str, request: Request) -> Res
     try:
         await gate.admit(kind, name, request)
     except ProblemError as err:
-        from ..proxy.listener import Response
+        from ..http.listener import Response
 
         status, headers, body = problem_parts(err, err.service)
         return Response(status=status, headers=headers, body=body)
@@ -135,7 +135,7 @@ async def events_answer(hub: WebhookHub, request: Request) -> Response:
         )
     if asked.poll:
         return answer(await events.long_poll(store, subs, name, asked))
-    from ..proxy.listener import Response
+    from ..http.listener import Response
 
     return Response(
         status=200,

@@ -148,7 +148,7 @@ def in_context(path: str, rules: list[tuple[bool, re.Pattern[str]]]) -> bool:
         "bench/run.py",
         "sidecar/__pycache__/inject.cpython-311.pyc",
         "sidecar/policy/__pycache__/loader.cpython-311.pyc",
-        "sidecar/proxy/pool.cpython-311-x86_64-linux-gnu.so",
+        "sidecar/http/pool.cpython-311-x86_64-linux-gnu.so",
         "sidecar/hot_path__mypyc.cpython-311-x86_64-linux-gnu.so",
     ],
 )

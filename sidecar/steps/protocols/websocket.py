@@ -1,6 +1,6 @@
 """A WebSocket tunnel whose agent messages a step judges (RFC 6455 framing).
 
-After an upstream's 101 the egress relays raw bytes both ways (proxy/egress.py).
+After an upstream's 101 the egress relays raw bytes both ways (http/egress.py).
 A step that must read the agent's messages (GraphQL over graphql-ws) gives the
 call a `tunnel_filter`: the egress wraps the upstream's tunnel in a
 `FilteredTunnel`, which

@@ -41,7 +41,7 @@ from ...state import StateBuild
 from ..protocols.operation import annotate
 
 if TYPE_CHECKING:
-    from ...proxy.router import Route
+    from ...http.router import Route
 
 SERVED_BY = "X-Sidecar-Served-By"
 SESSION_HEADER = "Mcp-Session-Id"

@@ -126,7 +126,7 @@ async def test_websocket_sessions_give_back_their_pool_count(upstream, start_sid
 def test_a_header_that_would_split_the_message_is_refused_without_its_value() -> None:
     import pytest
 
-    from sidecar.proxy.http1 import head_bytes
+    from sidecar.http.http1 import head_bytes
 
     with pytest.raises(ValueError) as refused:
         head_bytes(b"GET / HTTP/1.1\r\n", [("Authorization", "Bearer sk-SECRET\r\nX-Evil: 1")])

@@ -1,6 +1,6 @@
 """The egress app: match a route, run its chain, stream the answer back.
 
-Runs on the listener (proxy/listener.py). Bodies stream both ways without
+Runs on the listener (http/listener.py). Bodies stream both ways without
 buffering: the agent's upload is fed to the upstream as it arrives, and the
 answer (any `Reply`: the upstream's, or a step's own) reaches the agent chunk
 by chunk, an SSE event as soon as the upstream sends it. A WebSocket
@@ -17,13 +17,7 @@ from collections.abc import AsyncIterable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from ..call import Body, Reply
-from ..headers import (
-    HOP_BY_HOP,
-    SERVER,
-    FieldNames,
-    drop_with_connection,
-    drop_with_connection_raw,
-)
+from ..headers import HOP_BY_HOP, SERVER, FieldNames, drop_with_connection, drop_with_connection_raw
 from ..problems import PLAIN, ProblemError, problem_parts
 from ..steps.resilience.faults import InjectedReset
 from ..streams import idle_bounded, limited
@@ -41,7 +35,7 @@ if TYPE_CHECKING:
     from ..telemetry import Exchange, Telemetry
     from ..webhooks.hub import WebhookHub
 
-log = logging.getLogger("sidecar.proxy")
+log = logging.getLogger("sidecar.http")
 
 # X-Sidecar-Error marks the sidecar's own answers: an upstream may not forge one.
 _RESPONSE_DROP: Final = HOP_BY_HOP | {"content-length", "x-sidecar-error"}

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from sidecar.proxy.redirects import RedirectRewriter
+from sidecar.http.redirects import RedirectRewriter
 from tests.helpers import sidecar_process
 
 TOKEN = "redirect-test-token"

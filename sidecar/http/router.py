@@ -159,7 +159,7 @@ class Route:
         )
         drop = set(HOP_BY_HOP)
         drop.add("host")
-        # The sidecar answers the agent's Expect itself (proxy/listener.py).
+        # The sidecar answers the agent's Expect itself (http/listener.py).
         drop.add("expect")
         drop.add(agent_header.lower())
         drop.update(_FORWARDING_HEADERS)

@@ -19,7 +19,7 @@ from collections.abc import MutableMapping
 from typing import Final
 from urllib.parse import SplitResult, urlsplit
 
-# proxy/pool.py notes when an answer has one of these (UpstreamReply.refers).
+# http/pool.py notes when an answer has one of these (UpstreamReply.refers).
 REWRITTEN_HEADERS: Final = ("Location", "Content-Location")
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 # A Host header that can stand as a URL's authority (host, [v6], :port); anything else

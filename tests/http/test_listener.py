@@ -13,8 +13,8 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.proxy.http1 import content_length
-from sidecar.proxy.listener import Limits, Request, Response
+from sidecar.http.http1 import content_length
+from sidecar.http.listener import Limits, Request, Response
 from tests.conftest import Counting, echo_app
 from tests.helpers import eventually
 
@@ -74,7 +74,7 @@ async def test_http2_prior_knowledge_gets_505(upstream: Upstream) -> None:
     counting = Counting()
     async with proxy(await upstream(counting.app())) as address:
         answer = await exchange(address, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-    # Answered in HTTP/2 framing (tests/proxy/test_wire.py reads it frame by frame).
+    # Answered in HTTP/2 framing (tests/http/test_wire.py reads it frame by frame).
     assert answer[3] == 0x4  # the server's SETTINGS first
     assert b"\x08\x03505" in answer
     assert b"HTTP/1.1 only" in answer

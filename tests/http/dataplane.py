@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from sidecar.headers import HOP_BY_HOP
-from sidecar.proxy.listener import App, Limits, Request, Response, serve
-from sidecar.proxy.pool import Pool
+from sidecar.http.listener import App, Limits, Request, Response, serve
+from sidecar.http.pool import Pool
 
 
 def forwarding_app(pool: Pool, seen: list[Request] | None = None) -> App:

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from sidecar.proxy.pool import ConnectError, Pool, ResetError, TLSError
+from sidecar.http.pool import ConnectError, Pool, ResetError, TLSError
 from tests.conftest import echo_app
 
 from .dataplane import proxy, read_response

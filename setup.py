@@ -12,11 +12,11 @@ from setuptools import setup
 
 # What every proxied call runs through: the data plane, the steps of a common
 # policy and the telemetry each call reports to. Modules with async generators
-# stay interpreted (mypyc cannot compile those): sidecar/streams.py holds them.
+# stay interpreted (mypyc cannot compile those): sidecar/core/streams.py holds them.
 COMPILED = [
-    "sidecar/call.py",
-    "sidecar/headers.py",
-    "sidecar/problems.py",
+    "sidecar/core/call.py",
+    "sidecar/core/headers.py",
+    "sidecar/core/problems.py",
     "sidecar/http/egress.py",
     "sidecar/http/http1.py",
     "sidecar/http/listener.py",

@@ -21,9 +21,9 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from .headers import SERVER
+from .core.headers import SERVER
+from .core.problems import ProblemError, problem_parts
 from .http.listener import App, Request, Response
-from .problems import ProblemError, problem_parts
 from .telemetry.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:

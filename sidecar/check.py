@@ -22,8 +22,8 @@ from urllib.parse import urlsplit
 
 from multidict import CIMultiDict
 
-from .call import Call
-from .problems import ProblemError
+from .core.call import Call
+from .core.problems import ProblemError
 from .runtime import Sidecar
 
 TIMEOUT = 10.0

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .core.state import StateStore
 from .databases.http import DatabaseHttp
 from .databases.hub import DatabaseHub
 from .databases.telemetry import DatabaseTelemetry
@@ -26,7 +27,6 @@ from .http.router import Router, compile_policy
 from .policy.loader import Policy, PolicyError, load_policy
 from .policy.testing import CassetteOverride
 from .policy.watcher import watch
-from .state import StateStore
 from .steps.answers.cache import CacheStore
 from .steps.resilience.faults import Faults
 from .telemetry import Telemetry

@@ -13,8 +13,8 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
+from ..core.problems import ProblemError, problem_parts
 from ..http.listener import Request, Response
-from ..problems import ProblemError, problem_parts
 from . import protocol as pg
 from .pool import PoolTimeout
 from .server import ServerConnection, UpstreamError

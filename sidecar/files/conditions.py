@@ -10,7 +10,7 @@ import os
 from email.utils import formatdate
 from typing import Final
 
-from ..problems import ProblemError
+from ..core.problems import ProblemError
 
 RANGE_UNIT: Final = "bytes"
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Final, NoReturn
 from urllib.parse import unquote
 
-from ..problems import ProblemError
+from ..core.problems import ProblemError
 
 MAX_NAME: Final = 255  # bytes, as most file systems allow
 MAX_DEPTH: Final = 64

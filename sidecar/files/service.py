@@ -29,12 +29,12 @@ from typing import Final
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ..call import Call, Reply
-from ..headers import SERVER
+from ..core.call import Call, Reply
+from ..core.headers import SERVER
+from ..core.problems import ProblemError
+from ..core.state import StateBuild
 from ..policy.files import Files
 from ..policy.loader import ServicePolicy
-from ..problems import ProblemError
-from ..state import StateBuild
 from ..steps.protocols.operation import annotate
 from . import conditions, paths
 from .paths import Beneath, FilePath, Kind

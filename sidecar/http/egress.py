@@ -16,11 +16,17 @@ import logging
 from collections.abc import AsyncIterable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from ..call import Body, Reply
-from ..headers import HOP_BY_HOP, SERVER, FieldNames, drop_with_connection, drop_with_connection_raw
-from ..problems import PLAIN, ProblemError, problem_parts
+from ..core.call import Body, Reply
+from ..core.headers import (
+    HOP_BY_HOP,
+    SERVER,
+    FieldNames,
+    drop_with_connection,
+    drop_with_connection_raw,
+)
+from ..core.problems import PLAIN, ProblemError, problem_parts
+from ..core.streams import idle_bounded, limited
 from ..steps.resilience.faults import InjectedReset
-from ..streams import idle_bounded, limited
 from ..webhooks.listener import OWN_PREFIXES, own_answer
 from .http1 import Tunnel, raw_header_lines
 from .listener import App, Request, Response

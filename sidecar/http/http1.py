@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from http import HTTPStatus
 from typing import Final, Protocol
 
-from ..headers import HOP_BY_HOP, FieldNames, unsafe_field
+from ..core.headers import HOP_BY_HOP, FieldNames, unsafe_field
 
 __all__ = [
     "HOP_BY_HOP",

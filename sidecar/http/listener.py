@@ -22,8 +22,8 @@ from typing import Any, Final, cast
 import httptools
 from multidict import CIMultiDict
 
-from ..headers import SERVER, decode_fields
-from ..problems import ProblemError, problem_document
+from ..core.headers import SERVER, decode_fields
+from ..core.problems import ProblemError, problem_document
 from .http1 import (
     LAST_CHUNK,
     FeedStream,

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import httptools
 from multidict import CIMultiDictProxy
 
-from ..headers import FieldNames, decode_fields
+from ..core.headers import FieldNames, decode_fields
 from .http1 import (
     LAST_CHUNK,
     FeedStream,

@@ -11,14 +11,15 @@ from typing import TYPE_CHECKING, Final
 
 from multidict import CIMultiDict
 
-from .. import problems, telemetry
-from ..call import Body, Call, Field, Handler, Reply, Step
+from .. import telemetry
+from ..core import problems
+from ..core.call import Body, Call, Field, Handler, Reply, Step
+from ..core.headers import HOP_BY_HOP, FieldNames, drop_with_connection_raw
+from ..core.state import StateBuild
 from ..files import service as files
-from ..headers import HOP_BY_HOP, FieldNames, drop_with_connection_raw
 from ..learn import observe
 from ..policy.access import METHOD_OVERRIDE_HEADERS
 from ..policy.loader import Policy, ServicePolicy
-from ..state import StateBuild
 from ..steps.access import allow, identity, objects, request_rules, validate
 from ..steps.answers import cache, cassette, mock
 from ..steps.credentials import auth
@@ -145,7 +146,7 @@ class Route:
         self.set_headers = tuple(spec.headers.set.items())
         self._set_fields = tuple(Field(name, value) for name, value in self.set_headers)
         self.forwarded = spec.forwarded
-        # The error members its agents' SDKs read in the sidecar's refusals (problems.py).
+        # The error members its agents' SDKs read in the sidecar's refusals (core/problems.py).
         if spec.graphql is not None:
             self.dialect = problems.GRAPHQL
         elif spec.llm is not None or spec.translate is not None:

@@ -12,8 +12,8 @@ import logging
 from typing import Final
 from urllib.parse import urlsplit
 
-from ..call import Call, Reply
-from ..problems import ProblemError
+from ..core.call import Call, Reply
+from ..core.problems import ProblemError
 from .pool import ConnectError, ConnectTimeout, Pool, ResetError, Resolver, UpstreamError
 
 log = logging.getLogger("sidecar.upstream")

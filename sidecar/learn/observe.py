@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
-from ..call import Call, Handler, Reply, ReplyView, make_replayable
+from ..core.call import Call, Handler, Reply, ReplyView, make_replayable
 from .samples import credential_like
 
 if TYPE_CHECKING:
+    from ..core.state import StateBuild
     from ..policy.loader import ServicePolicy
-    from ..state import StateBuild
 
 log = logging.getLogger("sidecar.observe")
 

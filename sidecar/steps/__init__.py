@@ -15,6 +15,6 @@ order of a chain is fixed in one place: http/router.py's STEP_BUILDERS. Package
 a wrong `__path__`).
 """
 
-from ..call import Handler, Step
+from ..core.call import Handler, Step
 
 __all__ = ["Handler", "Step"]

@@ -27,8 +27,8 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
-from ..call import Call, Handler, Reply
-from ..problems import ProblemError
+from ..core.call import Call, Handler, Reply
+from ..core.problems import ProblemError
 from ..steps.resilience.timeout import TIMEOUT_CANCEL
 from . import access
 from .metrics import KNOWN_METHODS, OTHER_METHOD, Metrics
@@ -41,11 +41,11 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+    from ..core.state import StateBuild
     from ..http.listener import Request, Response
     from ..http.router import Route
     from ..policy.loader import ServicePolicy
     from ..runtime import ReloadResult, Sidecar
-    from ..state import StateBuild
 
 log = logging.getLogger("sidecar.telemetry")
 
@@ -440,7 +440,7 @@ class Attempt:
         return attributes
 
     async def __call__(self, call: Call, next: Handler) -> Reply:
-        # Typed here, as Call.exchange is Any (telemetry sits above call.py): the
+        # Typed here, as Call.exchange is Any (telemetry sits above core/call.py): the
         # compiled code reads and writes its fields directly, not by name.
         exchange: Exchange | None = call.exchange
         if exchange is None:

@@ -9,7 +9,7 @@ import enum
 import json
 from dataclasses import dataclass, field
 
-from ..problems import PROBLEM_TYPE
+from ..core.problems import PROBLEM_TYPE
 
 
 class Reason(enum.Enum):

@@ -16,16 +16,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ..call import Call, Reply, StaticReply
+from ..core.call import Call, Reply, StaticReply
 from ..policy.access import AllowRule
 from ..steps.access import identity
 from ..steps.access.allow import Allow
 from ..steps.access.identity import Identify
 
 if TYPE_CHECKING:
+    from ..core.state import StateBuild
     from ..http.listener import Request
     from ..policy.loader import Policy
-    from ..state import StateBuild
 
 OUTBOUND = "_webhooks"
 EVENTS = "_events"

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterable
 from typing import TYPE_CHECKING
 
-from ..headers import SERVER
-from ..problems import ProblemError, problem_parts
+from ..core.headers import SERVER
+from ..core.problems import ProblemError, problem_parts
 from .answers import Reason, Result, refused
 from .gate import EVENTS, OUTBOUND
 from .subscriptions import EVENTS_PREFIX

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.core.problems import ProblemError
 from sidecar.files import paths
-from sidecar.problems import ProblemError
 from tests.files.helpers import files_policy, refused, url
 
 

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from sidecar.headers import HOP_BY_HOP
+from sidecar.core.headers import HOP_BY_HOP
 from sidecar.http.listener import App, Limits, Request, Response, serve
 from sidecar.http.pool import Pool
 

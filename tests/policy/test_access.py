@@ -13,11 +13,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from sidecar.call import Call
 from sidecar.cli import main as cli_main
+from sidecar.core.call import Call
+from sidecar.core.problems import ProblemError
 from sidecar.policy.access import AllowRule, path_regex
 from sidecar.policy.loader import load_policy
-from sidecar.problems import ProblemError
 from sidecar.steps.access.allow import Allow
 from tests.policy.test_loader import errors, write
 

@@ -15,12 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from sidecar.call import Call, Reply, StaticReply
+from sidecar.core.call import Call, Reply, StaticReply
+from sidecar.core.problems import ProblemError
+from sidecar.core.state import StateStore
 from sidecar.policy.loader import ServicePolicy, load_policy
 from sidecar.policy.models import Service
 from sidecar.policy.yamlpos import Position
-from sidecar.problems import ProblemError
-from sidecar.state import StateStore
 from sidecar.steps.protocols import graphql, mcp
 from sidecar.steps.protocols.operation import OPERATION
 

@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from sidecar.call import Call, Handler, Reply
+from sidecar.core.call import Call, Handler, Reply
 from sidecar.policy.cache import Cache
 from sidecar.steps.answers.cache import CacheStep, CacheStore
 from tests.conftest import RunningSidecar, StartSidecar

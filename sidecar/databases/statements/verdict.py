@@ -11,7 +11,7 @@ INSUFFICIENT_PRIVILEGE: Final = "42501"
 READ_ONLY_TRANSACTION: Final = "25006"
 SYNTAX_ERROR: Final = "42601"
 
-# The sidecar's reason name (sidecar/problems.py), for the HTTP face and telemetry.
+# The sidecar's reason name (sidecar/core/problems.py), for the HTTP face and telemetry.
 FORBIDDEN: Final = "forbidden"
 
 

@@ -27,11 +27,11 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 from urllib.parse import unquote_plus
 
-from ...call import Call, Handler, Reply
+from ...core.call import Call, Handler, Reply
+from ...core.problems import ProblemError
+from ...core.state import StateBuild
 from ...policy.access import METHOD_OVERRIDE_HEADERS, AllowRule, match_form, path_regex, value_regex
 from ...policy.loader import ServicePolicy
-from ...problems import ProblemError
-from ...state import StateBuild
 from .. import Step
 
 # An agent-chosen name ends up in the refusal: bound its size.

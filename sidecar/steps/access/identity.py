@@ -19,11 +19,11 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING
 
-from ...call import Call, Handler, Reply
+from ...core.call import Call, Handler, Reply
+from ...core.problems import ProblemError
+from ...core.state import StateBuild
 from ...policy.loader import ServicePolicy
 from ...policy.models import Agents
-from ...problems import ProblemError
-from ...state import StateBuild
 from .. import Step
 
 if TYPE_CHECKING:

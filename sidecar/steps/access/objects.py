@@ -27,11 +27,11 @@ from collections import OrderedDict
 from typing import Final
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from ...call import Call, Handler, Reply, make_replayable
+from ...core.call import Call, Handler, Reply, make_replayable
+from ...core.problems import ProblemError
+from ...core.state import StateBuild
 from ...policy.cloud import ObjectRule, Objects
 from ...policy.loader import ServicePolicy
-from ...problems import ProblemError
-from ...state import StateBuild
 
 # A multi-object delete's XML body is read to check its keys; S3 allows 1000 keys.
 DELETE_BODY_LIMIT: Final = 1 << 20

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from urllib.parse import quote, unquote_plus
 
-from ...call import Call, Handler, Reply
+from ...core.call import Call, Handler, Reply
+from ...core.state import StateBuild
 from ...policy.loader import ServicePolicy
-from ...state import StateBuild
 from .. import Step
 
 

@@ -18,13 +18,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from ...call import Call, Handler, Reply, make_replayable
+from ...core.call import Call, Handler, Reply, make_replayable
+from ...core.problems import ProblemError
+from ...core.state import StateBuild
 from ...openapi import Operation, Spec, Violation
 from ...policy.loader import ServicePolicy
 from ...policy.models import QueryAuth
 from ...policy.openapi import Validate
-from ...problems import ProblemError
-from ...state import StateBuild
 from ..credentials import auth
 
 log = logging.getLogger("sidecar.validate")

@@ -27,7 +27,7 @@ stored: a non-2xx answer (206 too), one that sets a cookie, `no-store`,
 `private` when shared, `Vary: *`, and one that is never fresh and has neither
 a validator nor a stale-if-error window.
 
-The entries are state (state.py): a reload that keeps the service's upstream
+The entries are state (core/state.py): a reload that keeps the service's upstream
 and `cache:` block keeps them; one that changes either starts empty.
 """
 
@@ -43,11 +43,11 @@ from typing import Any, Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ...call import Call, Handler, Reply, ReplyView, StaticReply, make_replayable
+from ...core.call import Call, Handler, Reply, ReplyView, StaticReply, make_replayable
+from ...core.problems import ProblemError
+from ...core.state import StateBuild, fingerprint
 from ...policy.cache import Cache
 from ...policy.loader import ServicePolicy
-from ...problems import ProblemError
-from ...state import StateBuild, fingerprint
 from ..protocols.operation import annotate
 from .cache_entry import (
     CACHE_HEADER,

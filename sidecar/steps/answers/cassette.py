@@ -39,14 +39,14 @@ from urllib.parse import quote, unquote_plus
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ...call import Call, Handler, Reply, ReplyView, StaticReply, make_replayable
-from ...headers import HOP_BY_HOP
+from ...core.call import Call, Handler, Reply, ReplyView, StaticReply, make_replayable
+from ...core.headers import HOP_BY_HOP
+from ...core.problems import ProblemError
+from ...core.state import StateBuild
 from ...policy.cloud import AwsSigV4Auth
 from ...policy.loader import ServicePolicy
 from ...policy.models import BasicAuth, BearerAuth, HeaderAuth, QueryAuth
 from ...policy.testing import Cassettes
-from ...problems import ProblemError
-from ...state import StateBuild
 from ..credentials.auth import header_name
 from ..protocols.operation import annotate
 

@@ -17,14 +17,14 @@ from typing import Any
 
 from multidict import CIMultiDict
 
-from ...call import Call, Handler, Reply, StaticReply
-from ...headers import SERVER
+from ...core.call import Call, Handler, Reply, StaticReply
+from ...core.headers import SERVER
+from ...core.problems import ProblemError
+from ...core.state import StateBuild
 from ...openapi.document import METHODS, OpenAPIError, deref
 from ...openapi.spec import Spec
 from ...policy.loader import ServicePolicy
 from ...policy.testing import MockAnswer
-from ...problems import ProblemError
-from ...state import StateBuild
 from ..protocols.operation import annotate
 
 MOCK_HEADER = "X-Sidecar-Mock"

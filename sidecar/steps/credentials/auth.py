@@ -10,12 +10,12 @@ from __future__ import annotations
 import base64
 from urllib.parse import quote, unquote_plus
 
-from ...call import Call, Field, Handler, Reply
+from ...core.call import Call, Field, Handler, Reply
+from ...core.state import StateBuild
 from ...policy.cloud import AwsSigV4Auth, AzureAuth, GcpAuth
 from ...policy.loader import ServicePolicy
 from ...policy.models import BasicAuth, BearerAuth, HeaderAuth, OAuth2ClientCredentials, QueryAuth
 from ...policy.secrets import Secret
-from ...state import StateBuild
 from .. import Step
 
 

@@ -27,11 +27,11 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
 
-from ...call import Call, Handler, Reply
+from ...core.call import Call, Handler, Reply
+from ...core.problems import ProblemError
+from ...core.state import StateBuild
 from ...policy.cloud import AwsSigV4Auth, WebIdentity
 from ...policy.loader import ServicePolicy
-from ...problems import ProblemError
-from ...state import StateBuild
 from . import sigv4
 from .refresh import Refreshing
 

@@ -18,9 +18,9 @@ from urllib.parse import urlencode
 
 import aiohttp
 
+from ...core.state import StateBuild
 from ...policy.cloud import AzureAuth, ManagedIdentity, WorkloadIdentity
 from ...policy.loader import ServicePolicy
-from ...state import StateBuild
 from .bearer import BearerToken, TokenFailed, TokenSource
 
 TOKEN_TIMEOUT: Final = 10.0

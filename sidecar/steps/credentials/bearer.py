@@ -12,8 +12,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from ...call import Call, Handler, Reply, make_replayable
-from ...problems import ProblemError
+from ...core.call import Call, Handler, Reply, make_replayable
+from ...core.problems import ProblemError
 from .refresh import Fetch, Refreshing
 
 log = logging.getLogger("sidecar.auth")

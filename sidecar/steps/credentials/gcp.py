@@ -13,9 +13,9 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+from ...core.state import StateBuild
 from ...policy.cloud import GcpAuth
 from ...policy.loader import ServicePolicy
-from ...state import StateBuild
 from .bearer import BearerToken, TokenFailed, TokenSource
 
 # A token without an expiry (unusual): assume an hour, a 401 replaces it sooner.

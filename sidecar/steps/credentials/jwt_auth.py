@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import jwt
 
-from ...call import Call, Handler, Reply
+from ...core.call import Call, Handler, Reply
 from ...policy.jwt_keys import signing_key
 from ...policy.models import JwtAuth
 

@@ -25,11 +25,11 @@ import aiohttp
 from authlib.oauth2.auth import ClientAuth
 from authlib.oauth2.rfc6749.parameters import prepare_token_request
 
-from ...call import Call, Handler, Reply, make_replayable
+from ...core.call import Call, Handler, Reply, make_replayable
+from ...core.problems import ProblemError
+from ...core.state import StateBuild
 from ...policy.loader import ServicePolicy
 from ...policy.models import OAuth2ClientCredentials
-from ...problems import ProblemError
-from ...state import StateBuild
 
 log = logging.getLogger("sidecar.auth")
 

@@ -21,9 +21,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from ...budgets.ledger import Ledger, LedgerDown
+from ...core.problems import ProblemError
+from ...core.state import fingerprint
 from ...policy.budget import Budget, Price
-from ...problems import ProblemError
-from ...state import fingerprint
 
 log = logging.getLogger("sidecar.budgets")
 

@@ -52,13 +52,13 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from ...budgets.ledger import Ledger, MemoryLedger
-from ...call import Call, Handler, Reply, ReplyView, make_replayable
+from ...core.call import Call, Handler, Reply, ReplyView, make_replayable
+from ...core.problems import ProblemError
+from ...core.state import StateBuild
 from ...policy.budget import Budget
 from ...policy.llm import LLM
 from ...policy.loader import ServicePolicy
 from ...policy.models import RateLimit
-from ...problems import ProblemError
-from ...state import StateBuild
 from ..protocols.operation import annotate, endpoint
 from ..resilience.ratelimit import limit_headers, refusal
 from .budget import BudgetLimit, Pricing

@@ -27,11 +27,11 @@ from urllib.parse import urlsplit
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ...call import Call, Handler, Reply, ReplyView
+from ...core.call import Call, Handler, Reply, ReplyView
+from ...core.problems import ProblemError
+from ...core.state import StateBuild
 from ...policy.loader import ServicePolicy
 from ...policy.translate import apis
-from ...problems import ProblemError
-from ...state import StateBuild
 from ..protocols.operation import annotate, endpoint
 from .llm_usage import kind_of
 from .translate_answer import (

@@ -24,11 +24,11 @@ from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
-from ...call import Call, Handler, Reply
+from ...core.call import Call, Handler, Reply
+from ...core.problems import ProblemError
+from ...core.state import StateBuild
 from ...policy.loader import ServicePolicy
 from ...policy.protocols import GraphQL, GraphQLRule
-from ...problems import ProblemError
-from ...state import StateBuild
 from .operation import OPERATION, annotate, bad_request, endpoint, parse_json, read_body
 
 if TYPE_CHECKING:

@@ -24,10 +24,10 @@ from typing import Any
 
 from multidict import CIMultiDict
 
-from ...call import Call, Handler, Reply, ReplyView, StaticReply
+from ...core.call import Call, Handler, Reply, ReplyView, StaticReply
+from ...core.problems import ProblemError
+from ...core.state import StateBuild
 from ...policy.loader import ServicePolicy
-from ...problems import ProblemError
-from ...state import StateBuild
 from ..resilience.outcomes import CountedFailure
 from .operation import annotate, endpoint
 

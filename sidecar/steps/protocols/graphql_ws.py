@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from ...problems import ProblemError
+from ...core.problems import ProblemError
 from .operation import _DuplicateKey, _unique_keys
 from .websocket import Verdict
 

@@ -38,11 +38,11 @@ from urllib.parse import urljoin, urlsplit
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ...call import Call, Handler, Reply, ReplyView, StaticReply
+from ...core.call import Call, Handler, Reply, ReplyView, StaticReply
+from ...core.problems import ProblemError, problem_document
+from ...core.state import StateBuild
 from ...policy.loader import ServicePolicy
 from ...policy.protocols import MCP
-from ...problems import ProblemError, problem_document
-from ...state import StateBuild
 from .operation import (
     OPERATION,
     _DuplicateKey,

@@ -21,8 +21,8 @@ from contextvars import ContextVar
 from typing import Any
 from urllib.parse import unquote
 
-from ...call import Call, make_replayable
-from ...problems import ProblemError
+from ...core.call import Call, make_replayable
+from ...core.problems import ProblemError
 
 # The operations of the call this task is working on; () outside a GraphQL/MCP step.
 OPERATION: ContextVar[tuple[str, ...]] = ContextVar("sidecar_operation", default=())

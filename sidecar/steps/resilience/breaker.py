@@ -19,11 +19,11 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from ...call import Call, Handler, Reply
+from ...core.call import Call, Handler, Reply
+from ...core.problems import ProblemError
+from ...core.state import StateBuild
 from ...policy.loader import ServicePolicy
 from ...policy.models import CircuitBreaker
-from ...problems import ProblemError
-from ...state import StateBuild
 from .outcomes import CountedFailure, Outcomes
 
 CLOSED: Final = "closed"

@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ...call import Body, Call, Handler, Reply, ReplyView, make_replayable
+from ...core.call import Body, Call, Handler, Reply, ReplyView, make_replayable
+from ...core.problems import ProblemError
+from ...core.state import StateBuild
 from ...policy.loader import ServicePolicy
-from ...problems import ProblemError
-from ...state import StateBuild
 from ..protocols.operation import annotate
 
 if TYPE_CHECKING:

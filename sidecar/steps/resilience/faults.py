@@ -34,13 +34,13 @@ from typing import Any
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ...call import Call, Handler, Reply, ReplyView
-from ...headers import SERVER
+from ...core.call import Call, Handler, Reply, ReplyView
+from ...core.headers import SERVER
+from ...core.problems import ProblemError
+from ...core.state import StateBuild
 from ...policy.loader import ServicePolicy
 from ...policy.testing import FAULT_KINDS
 from ...policy.testing import Faults as FaultsConfig
-from ...problems import ProblemError
-from ...state import StateBuild
 from ..protocols.operation import annotate
 
 FAULT_HEADER = "X-Sidecar-Fault"

@@ -8,7 +8,7 @@ from typing import Final
 
 from multidict import CIMultiDict
 
-from ...call import StaticReply
+from ...core.call import StaticReply
 
 WIRE_CAUSES: Final = ("connect-error", "timeout", "reset")
 

@@ -26,12 +26,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
-from ...call import Call, Handler, Reply
-from ...headers import reset_seconds, retry_after_seconds
+from ...core.call import Call, Handler, Reply
+from ...core.headers import reset_seconds, retry_after_seconds
+from ...core.problems import ProblemError
+from ...core.state import StateBuild
 from ...policy.loader import ServicePolicy
 from ...policy.upstream_limits import UpstreamLimits
-from ...problems import ProblemError
-from ...state import StateBuild
 
 Clock = Callable[[], float]
 

@@ -22,11 +22,11 @@ from collections.abc import Awaitable, Callable, Hashable
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING
 
-from ...call import Call, Handler, Reply
+from ...core.call import Call, Handler, Reply
+from ...core.problems import ProblemError
+from ...core.state import StateBuild
 from ...policy.loader import ServicePolicy
 from ...policy.models import RateLimit
-from ...problems import ProblemError
-from ...state import StateBuild
 from ..protocols.operation import OPERATION
 from . import pause as pause_step
 from .pause import Pause

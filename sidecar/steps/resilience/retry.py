@@ -28,12 +28,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
-from ...call import Call, Handler, Reply, make_replayable
-from ...headers import retry_after_seconds
+from ...core.call import Call, Handler, Reply, make_replayable
+from ...core.headers import retry_after_seconds
+from ...core.problems import ProblemError
+from ...core.state import StateBuild
 from ...policy.loader import ServicePolicy
 from ...policy.models import Retry as RetryConfig
-from ...problems import ProblemError
-from ...state import StateBuild
 from .outcomes import Outcomes
 
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})

@@ -6,10 +6,10 @@ import asyncio
 import sys
 from typing import Final
 
-from ...call import Call, Handler, Reply
+from ...core.call import Call, Handler, Reply
+from ...core.problems import ProblemError
+from ...core.state import StateBuild
 from ...policy.loader import ServicePolicy
-from ...problems import ProblemError
-from ...state import StateBuild
 
 # What asyncio.current_task(loop) reads on CPython 3.11, where that function is
 # Python (a frame on every call); from 3.12 it is C, and used as it is.

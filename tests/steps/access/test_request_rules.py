@@ -6,11 +6,11 @@ from typing import Any
 
 from multidict import CIMultiDict
 
-from sidecar.call import Call
+from sidecar.core.call import Call
+from sidecar.core.state import StateStore
 from sidecar.policy.loader import ServicePolicy
 from sidecar.policy.models import Service
 from sidecar.policy.yamlpos import Position
-from sidecar.state import StateStore
 from sidecar.steps.access.request_rules import build
 
 

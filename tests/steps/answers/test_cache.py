@@ -10,7 +10,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from sidecar.call import Call, Reply, StaticReply
+from sidecar.core.call import Call, Reply, StaticReply
 from sidecar.steps.answers.cache import CacheStore, Entry
 from tests.conftest import StartSidecar
 from tests.helpers import eventually

@@ -13,9 +13,9 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from sidecar.call import Call, Reply, StaticReply
+from sidecar.core.call import Call, Reply, StaticReply
+from sidecar.core.problems import ProblemError
 from sidecar.policy.loader import PolicyError, load_policy
-from sidecar.problems import ProblemError
 from sidecar.steps.answers.cache import CacheStore
 from tests.conftest import StartSidecar
 from tests.steps.conftest import CacheSidecar, api_cache, cache_step, get_through, metrics, served

@@ -10,9 +10,9 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from multidict import CIMultiDict
 
-from sidecar.call import Call
+from sidecar.core.call import Call
+from sidecar.core.problems import ProblemError
 from sidecar.policy.cloud import AwsSigV4Auth
-from sidecar.problems import ProblemError
 from sidecar.steps.credentials.aws import AwsCredentials, Signer
 
 KEY, SECRET, TOKEN = "AKIASIDECAR000000001", "sidecar-secret", "sidecar-session"

@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from multidict import CIMultiDict
 
-from sidecar.call import Call
 from sidecar.cli import main as cli_main
+from sidecar.core.call import Call
 from sidecar.policy.models import JwtAuth
 from sidecar.steps.credentials.jwt_auth import MintJwt
 

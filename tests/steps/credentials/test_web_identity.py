@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from sidecar.core.problems import ProblemError
 from sidecar.policy.cloud import WebIdentity
-from sidecar.problems import ProblemError
 from sidecar.steps.credentials import aws
 from sidecar.steps.credentials.aws import WebIdentityCredentials
 

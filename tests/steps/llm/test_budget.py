@@ -13,11 +13,11 @@ from multidict import CIMultiDict
 
 from sidecar.budgets.ledger import LedgerDown, MemoryLedger
 from sidecar.budgets.sqlite_ledger import SqliteLedger
-from sidecar.call import Call, Reply, StaticReply
+from sidecar.core.call import Call, Reply, StaticReply
+from sidecar.core.problems import ProblemError, problem_parts
 from sidecar.policy.budget import Budget, parse_allowance, parse_price
 from sidecar.policy.llm import LLM
 from sidecar.policy.models import Service
-from sidecar.problems import ProblemError, problem_parts
 from sidecar.steps.llm.budget import BudgetLimit, Pricing, window_bounds
 from sidecar.steps.llm.llm import LLMStep
 

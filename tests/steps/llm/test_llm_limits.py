@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from sidecar.core.problems import ProblemError
 from sidecar.policy.models import RateLimit
-from sidecar.problems import ProblemError
 from sidecar.steps.llm.llm_limits import TokenLimit, admit, settle
 
 

@@ -9,9 +9,9 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from sidecar.call import Call
+from sidecar.core.call import Call
+from sidecar.core.problems import ProblemError
 from sidecar.policy.models import CircuitBreaker
-from sidecar.problems import ProblemError
 from sidecar.steps.resilience.breaker import Breaker
 
 

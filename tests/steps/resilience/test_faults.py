@@ -11,9 +11,9 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from sidecar.call import Call, Reply, StaticReply
+from sidecar.core.call import Call, Reply, StaticReply
+from sidecar.core.problems import ProblemError
 from sidecar.policy.testing import Faults as FaultsConfig
-from sidecar.problems import ProblemError
 from sidecar.steps.resilience.faults import Faults
 from tests.conftest import StartSidecar
 

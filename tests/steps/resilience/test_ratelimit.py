@@ -8,13 +8,13 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict
 
-from sidecar.call import Call
-from sidecar.headers import retry_after_seconds
+from sidecar.core.call import Call
+from sidecar.core.headers import retry_after_seconds
+from sidecar.core.problems import ProblemError, problem_response
+from sidecar.core.state import StateStore
 from sidecar.policy.loader import ServicePolicy
 from sidecar.policy.models import Service
 from sidecar.policy.yamlpos import Position
-from sidecar.problems import ProblemError, problem_response
-from sidecar.state import StateStore
 from sidecar.steps.resilience import pause, ratelimit
 from sidecar.steps.resilience.ratelimit import RateLimiter, build
 

@@ -12,9 +12,9 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from sidecar.call import Call
+from sidecar.core.call import Call
+from sidecar.core.problems import ProblemError
 from sidecar.policy.models import Retry as RetryConfig
-from sidecar.problems import ProblemError
 from sidecar.steps.resilience.retry import Retry
 
 NOW = 1_700_000_000.0

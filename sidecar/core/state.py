@@ -15,7 +15,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel
 
-from .policy.secrets import Secret
+from ..policy.secrets import Secret
 
 T = TypeVar("T")
 Key = tuple[str, str, str]

@@ -17,6 +17,9 @@ COMPILED = [
     "sidecar/core/call.py",
     "sidecar/core/headers.py",
     "sidecar/core/problems.py",
+    # The engines under the breaker and rate-limit steps, which run on every call.
+    "sidecar/engines/breaker.py",
+    "sidecar/engines/limits.py",
     "sidecar/http/egress.py",
     "sidecar/http/http1.py",
     "sidecar/http/listener.py",

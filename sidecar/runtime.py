@@ -215,7 +215,7 @@ class Sidecar:
             return failed(f"{self.webhooks.data_dir}: cannot open the webhook store: {exc}")
         credentials = None
         if policy.databases and (policy.agents.keys or policy.agents.verify):
-            from .steps.access import identity
+            from .engines import identity
 
             agents = policy.agents
             # The same key set (and JWKS cache) as the HTTP identity step: same state key.

@@ -1,7 +1,7 @@
 """What decides about one statement of one agent: the rules (db-rules' engine) and the limits.
 
 A thin adapter: the statement engine (statements/) parses and judges, the
-token buckets of the HTTP rate limits (steps/resilience/ratelimit.py) count. Both the
+token buckets of the rate-limit engine (engines/limits.py) count, as for HTTP. Both the
 wire relay and the HTTP face ask the same Guard, so they refuse alike.
 """
 
@@ -11,9 +11,9 @@ import math
 import time
 from dataclasses import dataclass
 
+from ..engines.limits import LocalLimit
 from ..policy.databases import Database
 from ..policy.models import RateLimit
-from ..steps.resilience.ratelimit import LocalLimit
 from .statements import Statement, StatementError, StatementRules, parse
 
 

@@ -143,7 +143,7 @@ class DatabaseHttp:
         credentials = self.hub.credentials
         if credentials is None:
             return request.headers.get(self.agent_header) or "anonymous"
-        from ..steps.access.identity import KeysUnavailable, Refused
+        from ..engines.identity import KeysUnavailable, Refused
 
         presented = request.headers.get(credentials.header, "").strip()
         try:

@@ -29,7 +29,7 @@ from .server import Settings, UpstreamError
 from .telemetry import DatabaseTelemetry, Operation
 
 if TYPE_CHECKING:
-    from ..steps.access.identity import Credentials
+    from ..engines.identity import Credentials
 
 log = logging.getLogger("sidecar.databases")
 
@@ -164,7 +164,7 @@ class Entry:
             framer.feed(data)
             msg = framer.next()
         kind, body, _ = msg
-        from ..steps.access.identity import KeysUnavailable, Refused
+        from ..engines.identity import KeysUnavailable, Refused
 
         try:
             if kind != pg.PASSWORD:

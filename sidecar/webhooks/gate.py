@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..core.call import Call, Reply, StaticReply
+from ..engines import identity
 from ..policy.access import AllowRule
-from ..steps.access import identity
 from ..steps.access.allow import Allow
 from ..steps.access.identity import Identify
 

@@ -8,72 +8,20 @@ becomes `call.agent`, whatever `X-Agent-Id` said. The credential itself is
 removed from the call before anything else sees it: the upstream never gets it,
 and the service's own `auth` step injects the upstream's credential later.
 
-One `Credentials` serves every service of a policy (held in the state store under
-the fingerprint of `agents:`), so the key set is fetched once and survives reloads
-that leave `agents:` alone. JWT verification and the key set live in jwks.py,
-imported only by policies that verify JWTs.
+A thin adapter over the identity engine (engines/identity.py), which the database
+connector and the webhook gate share: one `Credentials` serves every service of a
+policy (held in the state store under the fingerprint of `agents:`), so the key set
+is fetched once and survives reloads that leave `agents:` alone.
 """
 
 from __future__ import annotations
 
-import hashlib
-from typing import TYPE_CHECKING
-
 from ...core.call import Call, Handler, Reply
 from ...core.problems import ProblemError
 from ...core.state import StateBuild
+from ...engines.identity import Credentials, KeysUnavailable, Refused, new
 from ...policy.loader import ServicePolicy
-from ...policy.models import Agents
 from .. import Step
-
-if TYPE_CHECKING:
-    from .jwks import JwtVerifier
-
-
-class Refused(Exception):
-    """The credential does not prove an identity; the text says why, never quoting it."""
-
-
-class KeysUnavailable(Exception):
-    """No key set could be fetched yet: the sidecar's problem, not the agent's."""
-
-
-class Credentials:
-    """Turns a presented credential into an agent name, or refuses it."""
-
-    def __init__(self, agents: Agents) -> None:
-        self.header = agents.credential_header
-        self._by_hash = {
-            digest.removeprefix("sha256:"): name for name, digest in agents.keys.items()
-        }
-        self._jwt: JwtVerifier | None = None
-        if agents.verify is not None:
-            # Imported only by policies that verify JWTs: pyjwt's cryptography backend
-            # costs megabytes that a sidecar with API keys (or none) never needs.
-            from .jwks import JwtVerifier
-
-            self._jwt = JwtVerifier(agents.verify)
-
-    def prefetch(self) -> None:
-        """Start fetching the key set now, so the first call does not wait for it."""
-        if self._jwt is not None:
-            self._jwt.prefetch()
-
-    async def identify(self, presented: str) -> str:
-        if presented[:7].lower() == "bearer ":
-            presented = presented[7:].strip()
-        if self._by_hash:
-            name = self._by_hash.get(hashlib.sha256(presented.encode()).hexdigest())
-            if name is not None:
-                return name
-        if self._jwt is None:
-            raise Refused("the key is not one of agents.keys")
-        return await self._jwt.verify(presented)
-
-    def retire(self) -> None:
-        if self._jwt is not None:
-            self._jwt.retire()
-
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="agent-sidecar"'}
 
@@ -128,10 +76,3 @@ def build(service: ServicePolicy, *, state: StateBuild) -> Step | None:
         return None
     credentials = state.get("", "identity", agents, lambda: new(agents))
     return Identify(service=service.name, credentials=credentials)
-
-
-def new(agents: Agents) -> Credentials:
-    """The key set of `agents:`, fetching started (shared with the database connector)."""
-    credentials = Credentials(agents)
-    credentials.prefetch()
-    return credentials

@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from ...budgets.ledger import Ledger, LedgerDown
 from ...core.problems import ProblemError
 from ...core.state import fingerprint
+from ...engines.ledger import Ledger, LedgerDown
 from ...policy.budget import Budget, Price
 
 log = logging.getLogger("sidecar.budgets")

@@ -51,22 +51,23 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-from ...budgets.ledger import Ledger, MemoryLedger
 from ...core.call import Call, Handler, Reply, ReplyView, make_replayable
 from ...core.problems import ProblemError
 from ...core.state import StateBuild
+from ...engines.ledger import Ledger, MemoryLedger
+from ...engines.limits import limit_headers
 from ...policy.budget import Budget
 from ...policy.llm import LLM
 from ...policy.loader import ServicePolicy
 from ...policy.models import RateLimit
 from ..protocols.operation import annotate, endpoint
-from ..resilience.ratelimit import limit_headers, refusal
+from ..resilience.ratelimit import refusal
 from .budget import BudgetLimit, Pricing
 from .llm_limits import Charge, Clock, Sleep, TokenLimit, admit, describe_tokens, settle
 from .llm_usage import MAX_MODEL, Scanner, Usage, kind_of
 
 if TYPE_CHECKING:
-    from ..resilience.ratelimit_redis import SharedTokenLimit
+    from ...engines.limits_redis import SharedTokenLimit
 
 log = logging.getLogger("sidecar.llm")
 
@@ -560,7 +561,7 @@ def _shared(
     name: str, limit: RateLimit, url: str, rate: float, state: StateBuild
 ) -> SharedTokenLimit:
     # Only a policy with a shared limit pays for the redis client's import.
-    from ..resilience.ratelimit_redis import RedisBackend, SharedTokenLimit
+    from ...engines.limits_redis import RedisBackend, SharedTokenLimit
 
     backend = state.get("*", "ratelimit-redis", url, lambda: RedisBackend(url))
     burst = limit.burst or max(1, math.floor(rate * 60))
@@ -574,13 +575,13 @@ def _budget(name: str, budget: Budget, state: StateBuild, wall: Clock) -> Budget
     ledger: Ledger
     url = budget.backend
     if url is not None:
-        from ..resilience.ratelimit_redis import RedisBackend
-        from .budget_redis import RedisLedger
+        from ...engines.ledger_redis import RedisLedger
+        from ...engines.limits_redis import RedisBackend
 
         backend = state.get("*", "ratelimit-redis", url, lambda: RedisBackend(url))
         ledger = state.get("*", "budget-redis", url, lambda: RedisLedger(backend))
     elif state.data_dir is not None:
-        from ...budgets.sqlite_ledger import SqliteLedger
+        from ...engines.ledger_sqlite import SqliteLedger
 
         data_dir = state.data_dir
         # One file per data dir, whatever the budgets: reloads keep it open.

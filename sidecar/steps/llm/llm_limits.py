@@ -7,7 +7,7 @@ when the answer is over. The bucket may go into debt, and then later calls
 wait (`max_wait`) or are refused with 429 `rate_limited` until it refills.
 
 These buckets are this sidecar's own; a limit with a `backend` is kept in
-Redis instead (ratelimit_redis.SharedTokenLimit), shared by every sidecar.
+Redis instead (engines/limits_redis.py, SharedTokenLimit), shared by every sidecar.
 They live in the state store keyed by the limit, so a reload that keeps a
 limit keeps its bucket.
 """
@@ -18,8 +18,9 @@ import math
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
+from ...engines.limits import MAX_AGENTS, Bucket
 from ...policy.models import RateLimit
-from ..resilience.ratelimit import MAX_AGENTS, Bucket, refusal
+from ..resilience.ratelimit import refusal
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]

@@ -17,9 +17,9 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from sidecar.engines.identity import Refused
+from sidecar.engines.jwks import JwtVerifier
 from sidecar.policy.access import JwtVerify
-from sidecar.steps.access.identity import Refused
-from sidecar.steps.access.jwks import JwtVerifier
 from sidecar.telemetry import access
 from tests.conftest import Counting, echo_app
 from tests.helpers import eventually

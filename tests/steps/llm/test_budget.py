@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from multidict import CIMultiDict
 
-from sidecar.budgets.ledger import LedgerDown, MemoryLedger
-from sidecar.budgets.sqlite_ledger import SqliteLedger
 from sidecar.core.call import Call, Reply, StaticReply
 from sidecar.core.problems import ProblemError, problem_parts
+from sidecar.engines.ledger import LedgerDown, MemoryLedger
+from sidecar.engines.ledger_sqlite import SqliteLedger
 from sidecar.policy.budget import Budget, parse_allowance, parse_price
 from sidecar.policy.llm import LLM
 from sidecar.policy.models import Service

@@ -12,10 +12,11 @@ from sidecar.core.call import Call
 from sidecar.core.headers import retry_after_seconds
 from sidecar.core.problems import ProblemError, problem_response
 from sidecar.core.state import StateStore
+from sidecar.engines import limits
 from sidecar.policy.loader import ServicePolicy
 from sidecar.policy.models import Service
 from sidecar.policy.yamlpos import Position
-from sidecar.steps.resilience import pause, ratelimit
+from sidecar.steps.resilience import pause
 from sidecar.steps.resilience.ratelimit import RateLimiter, build
 
 
@@ -164,7 +165,7 @@ async def test_per_agent_buckets_are_separate_and_anonymous_calls_share_one() ->
 async def test_per_agent_buckets_are_bounded_least_recently_seen_forgotten(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(ratelimit, "MAX_AGENTS", 2)
+    monkeypatch.setattr(limits, "MAX_AGENTS", 2)
     clock, upstream = Clock(), Upstream()
     step = limiter({"rate": "1/h", "burst": 1, "per": "agent"}, clock=clock)
     await step(call("a"), upstream)

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from sidecar.steps.resilience.ratelimit_redis import BackendDown, RedisBackend
+from sidecar.engines.limits_redis import BackendDown, RedisBackend
 from tests.conftest import Counting, RunningSidecar
 from tests.helpers import eventually
 from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401

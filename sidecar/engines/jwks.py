@@ -1,4 +1,4 @@
-"""JWT verification against an issuer's JWK Set, for steps/access/identity.py.
+"""JWT verification against an issuer's JWK Set, for the identity engine (identity.py).
 
 Key sets are fetched with aiohttp on the event loop, never with a blocking
 client: when the set is older than `cache` (in the background: calls go on with
@@ -22,9 +22,9 @@ from typing import Any
 import aiohttp
 import jwt
 
-from ...policy.access import JwtVerify, jwks_document
-from ...policy.secrets import Secret
-from .identity import KeysUnavailable, Refused
+from ..policy.access import JwtVerify, jwks_document
+from ..policy.secrets import Secret
+from .refused import KeysUnavailable, Refused
 
 log = logging.getLogger("sidecar.identity")
 

@@ -27,9 +27,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
-from ...core.problems import ProblemError
-from ...core.state import fingerprint
-from ...policy.models import RateLimit
+from ..core.problems import ProblemError
+from ..core.state import fingerprint
+from ..policy.models import RateLimit
 
 log = logging.getLogger("sidecar.ratelimit")
 

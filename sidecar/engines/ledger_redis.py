@@ -8,15 +8,15 @@ same promise as the data dir's SQLite file).
 
 Every admission reads the key (one round trip): a budget is shared only if
 no sidecar trusts an old copy. The client and its short leash (250 ms, a
-second's rest after a failure) are the rate limiter's (ratelimit_redis.py).
+second's rest after a failure) are the rate limiter's (limits_redis.py).
 """
 
 from __future__ import annotations
 
 from redis.asyncio import Redis
 
-from ...budgets.ledger import LedgerDown
-from ..resilience.ratelimit_redis import BackendDown, RedisBackend
+from .ledger import LedgerDown
+from .limits_redis import BackendDown, RedisBackend
 
 _EXPIRE_AFTER = 86400
 

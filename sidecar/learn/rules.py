@@ -98,12 +98,12 @@ class Drift:
 
 
 class _Judge:
-    """The allow step's own compiled rules (steps/access/allow.py), judging a sample as it would a
+    """The allow engine's compiled rules (engines/allow.py), judging a sample as it would a
     call: the path in its match form (percent-decoded once), conditions on query and
     headers aside (no source keeps their values)."""
 
     def __init__(self, service: ServicePolicy) -> None:
-        from ..steps.access.allow import CompiledRule
+        from ..engines.allow import CompiledRule
 
         self.rules = [CompiledRule(r) for r in service.allow]
         self.spec = service.openapi

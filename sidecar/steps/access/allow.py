@@ -3,9 +3,10 @@
 A service's rules are its own `allow:`, else the top-level `allow:`; none at all
 lets every call through (no step is built). A call passes when one rule allows
 it: every condition that rule gives holds (agent, method, path, query, headers).
-Every glob is compiled here, once per load; a call costs a few regex matches.
 
-Rules judge the call the upstream will run, not just the one on the wire:
+The rules are compiled and matched by the allow engine (engines/allow.py); this step
+decides what the call really is. Rules judge the call the upstream will run, not
+just the one on the wire:
 - a method-override header (X-HTTP-Method-Override and kin) reaches the upstream
   only on a service that names the methods it may carry (`method_override`), and
   the rules then judge that method; elsewhere the router drops those headers;
@@ -25,12 +26,20 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
-from urllib.parse import unquote_plus
 
 from ...core.call import Call, Handler, Reply
 from ...core.problems import ProblemError
 from ...core.state import StateBuild
-from ...policy.access import METHOD_OVERRIDE_HEADERS, AllowRule, match_form, path_regex, value_regex
+from ...engines.allow import (
+    AMBIGUOUS,
+    HOLDS,
+    CompiledRule,
+    dot_segment,
+    query_pairs,
+    query_readings,
+    server_name,
+)
+from ...policy.access import METHOD_OVERRIDE_HEADERS, AllowRule, match_form
 from ...policy.loader import ServicePolicy
 from .. import Step
 
@@ -38,122 +47,11 @@ from .. import Step
 _MAX_NAME = 128
 
 
-def _alternation(regexes: Iterable[str]) -> re.Pattern[str]:
-    return re.compile("|".join(f"(?:{r})" for r in regexes), re.DOTALL)
-
-
 # An encoded '/' or '\\' in any case, or a bare '\\' (some servers read it as '/').
 _ESCAPED_SEPARATOR = re.compile(r"%2[fF]|%5[cC]|\\")
-# Query parameters split on ';' as well as '&', as older CGI stacks and some Java
-# servers do.
-_SEMICOLON_SPLIT = re.compile(r"[&;]")
-
-Pairs = list[tuple[str, str]]
-
-
-def query_pairs(raw: str, *, semicolons: bool = False) -> Pairs:
-    """Every (name, value) of a query, percent- and '+'-decoded, split on '&' (and ';')."""
-    pairs = []
-    for part in _SEMICOLON_SPLIT.split(raw) if semicolons else raw.split("&"):
-        if part:
-            name, _, value = part.partition("=")
-            pairs.append((unquote_plus(name), unquote_plus(value)))
-    return pairs
-
-
-def query_readings(raw: str) -> list[Pairs]:
-    """The ways common servers split a query: on '&', and, when it has one, on ';' too."""
-    readings = [query_pairs(raw)]
-    if ";" in raw:
-        readings.append(query_pairs(raw, semicolons=True))
-    return readings
-
-
-def server_name(name: str) -> str:
-    """The parameter a lenient server could read `name` as: any case, without a
-    PHP/Rails array suffix (`a[]`, `a[x]`), with PHP's '.' and ' ' turned into '_'
-    and its leading spaces and anything after a NUL dropped."""
-    name = name.partition("\x00")[0].lstrip(" ").partition("[")[0]
-    return name.replace(".", "_").replace(" ", "_").lower()
-
-
-# What one rule's query conditions make of a call.
-_HOLDS = 0
-_FAILS = 1
-_AMBIGUOUS = 2
-
-
-def _dot_segment(path: str) -> bool:
-    decoded = path.replace("%2F", "/").replace("\\", "/")
-    return any(s.split(";", 1)[0] in (".", "..") for s in decoded.split("/"))
-
 
 if TYPE_CHECKING:
     from ... import openapi
-
-
-class CompiledRule:
-    __slots__ = ("agents", "headers", "methods", "operations", "paths", "query")
-
-    query: tuple[tuple[str, str, re.Pattern[str]], ...]
-
-    def __init__(self, rule: AllowRule) -> None:
-        self.agents = None if rule.agents is None else _alternation(map(value_regex, rule.agents))
-        self.methods = None if rule.methods is None else frozenset(rule.methods)
-        self.paths = None if rule.paths is None else _alternation(map(path_regex, rule.paths))
-        self.operations = (
-            None if rule.operations is None else _alternation(map(value_regex, rule.operations))
-        )
-        self.query = tuple(
-            (k, server_name(k), re.compile(value_regex(v), re.DOTALL))
-            for k, v in rule.query.items()
-        )
-        self.headers = tuple(
-            (k, re.compile(value_regex(v), re.DOTALL)) for k, v in rule.headers.items()
-        )
-
-    def allows(
-        self,
-        call: Call,
-        method: str,
-        path: str,
-        query: list[Pairs] | None,
-        operation: str | None = None,
-    ) -> int:
-        if self.methods is not None and method not in self.methods:
-            return _FAILS
-        if self.operations is not None and (
-            operation is None or self.operations.fullmatch(operation) is None
-        ):
-            return _FAILS
-        if self.agents is not None and (
-            call.agent is None or self.agents.fullmatch(call.agent) is None
-        ):
-            return _FAILS
-        if self.paths is not None and self.paths.fullmatch(path) is None:
-            return _FAILS
-        for name, pattern in self.headers:
-            values = call.headers.getall(name, [])
-            if not values or not all(pattern.fullmatch(v) for v in values):
-                return _FAILS
-        if not self.query or query is None:
-            return _HOLDS
-        # The rule must hold for every reading a server could make of the query.
-        return max(self._query(pairs) for pairs in query)
-
-    def _query(self, query: Pairs) -> int:
-        verdict = _HOLDS
-        for name, read_as, pattern in self.query:
-            found = [(k, v) for k, v in query if k == name or server_name(k) == read_as]
-            if not found:
-                return _FAILS
-            # Servers differ on which of several they read (first, last, an array, all
-            # joined): only one, spelled as the rule spells it, reads the same everywhere.
-            if len(found) > 1 or found[0][0] != name:
-                verdict = _AMBIGUOUS
-            elif pattern.fullmatch(found[0][1]) is None:
-                return _FAILS
-        return verdict
 
 
 class Allow:
@@ -196,7 +94,7 @@ class Allow:
                 service=self.service,
             )
         path = match_form(raw_path)
-        if ("." in path or "\\" in path) and _dot_segment(path):
+        if ("." in path or "\\" in path) and dot_segment(path):
             return False
         query = query_readings(raw_query) if self._needs_query else None
         spec = self._spec
@@ -204,9 +102,9 @@ class Allow:
         ambiguous = False
         for rule in self.rules:
             verdict = rule.allows(call, method, path, query, operation)
-            if verdict == _HOLDS:
+            if verdict == HOLDS:
                 return True
-            ambiguous = ambiguous or verdict == _AMBIGUOUS
+            ambiguous = ambiguous or verdict == AMBIGUOUS
         if ambiguous:
             raise ProblemError(
                 "bad_request",

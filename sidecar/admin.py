@@ -23,6 +23,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from .core.headers import SERVER
 from .core.problems import ProblemError, problem_parts
+from .core.reasons import Reason
 from .http.listener import App, Request, Response
 from .telemetry.metrics import CONTENT_TYPE
 
@@ -147,7 +148,7 @@ def _cross_origin(request: Request) -> Response | None:
         return None
     status, headers, body = problem_parts(
         ProblemError(
-            "forbidden_origin",
+            Reason.forbidden_origin,
             f"the admin port accepts {request.method} only from its own origin {own}",
         )
     )
@@ -403,7 +404,7 @@ def presented_token(request: Request) -> str | None:
 
 
 def _unauthorized(detail: str) -> Response:
-    status, headers, body = problem_parts(ProblemError("unauthenticated", detail))
+    status, headers, body = problem_parts(ProblemError(Reason.unauthenticated, detail))
     # Basic first: a browser opening the console asks for it (any user name, the token).
     headers.append(("WWW-Authenticate", 'Basic realm="sidecar admin", charset="UTF-8"'))
     headers.append(("WWW-Authenticate", 'Bearer realm="sidecar admin"'))

@@ -18,50 +18,51 @@ import math
 from typing import TYPE_CHECKING, Final
 
 from .headers import SERVER
+from .reasons import Reason
 
 if TYPE_CHECKING:
     from aiohttp import web
 
 PROBLEM_TYPE: Final = "https://agent-sidecar.dev/errors/"
 
-# reason -> (status, title)
+# reason -> (status, title) of the HTTP answer (keyed by Reason; a plain name finds the same)
 REASONS: Final[dict[str, tuple[int, str]]] = {
-    "no_route": (404, "No route"),
-    "bad_request": (400, "Bad request"),
-    "method_not_allowed": (405, "Method not allowed"),
-    "rate_limited": (429, "Rate limited by the sidecar"),
+    Reason.no_route: (404, "No route"),
+    Reason.bad_request: (400, "Bad request"),
+    Reason.method_not_allowed: (405, "Method not allowed"),
+    Reason.rate_limited: (429, "Rate limited by the sidecar"),
     # services.<name>.budget: a token or cost budget is spent until its window resets.
-    "budget_exhausted": (429, "Budget exhausted"),
-    "circuit_open": (503, "Circuit open"),
-    "upstream_paused": (503, "Upstream asked for a pause"),
-    "upstream_timeout": (504, "Upstream timeout"),
-    "upstream_unreachable": (502, "Upstream unreachable"),
-    "request_too_large": (413, "Request too large"),
-    "auth_failed": (502, "Credential unavailable"),
-    "unauthenticated": (401, "Agent identity required"),
-    "forbidden": (403, "Not allowed by the sidecar's policy"),
+    Reason.budget_exhausted: (429, "Budget exhausted"),
+    Reason.circuit_open: (503, "Circuit open"),
+    Reason.upstream_paused: (503, "Upstream asked for a pause"),
+    Reason.upstream_timeout: (504, "Upstream timeout"),
+    Reason.upstream_unreachable: (502, "Upstream unreachable"),
+    Reason.request_too_large: (413, "Request too large"),
+    Reason.auth_failed: (502, "Credential unavailable"),
+    Reason.unauthenticated: (401, "Agent identity required"),
+    Reason.forbidden: (403, "Not allowed by the sidecar's policy"),
     # services.<name>.validate: the call breaks, or is missing from, the OpenAPI document.
-    "invalid_request": (422, "Request does not match the API's OpenAPI document"),
-    "unknown_operation": (404, "No such operation in the API's OpenAPI document"),
-    "internal_error": (500, "Sidecar internal error"),
+    Reason.invalid_request: (422, "Request does not match the API's OpenAPI document"),
+    Reason.unknown_operation: (404, "No such operation in the API's OpenAPI document"),
+    Reason.internal_error: (500, "Sidecar internal error"),
     # Admin port only: a browser page's request to a state-changing endpoint.
-    "forbidden_origin": (403, "Cross-origin request refused"),
-    "http_version_not_supported": (505, "HTTP version not supported"),
-    "graphql_limit": (400, "GraphQL operation over a limit"),
+    Reason.forbidden_origin: (403, "Cross-origin request refused"),
+    Reason.http_version_not_supported: (505, "HTTP version not supported"),
+    Reason.graphql_limit: (400, "GraphQL operation over a limit"),
     # services.<name>.faults: an abort the policy asked for; its status is the policy's.
-    "fault_injected": (503, "Fault injected by the sidecar"),
+    Reason.fault_injected: (503, "Fault injected by the sidecar"),
     # services.<name>.mode: mock, and no mock answer matches the call.
-    "no_mock": (501, "No mock answer"),
+    Reason.no_mock: (501, "No mock answer"),
     # services.<name>.mode: replay, and no recording matches the call.
-    "no_recording": (501, "No recording"),
+    Reason.no_recording: (501, "No recording"),
     # services.<name>.files (docs/files.md): no such file; a write's precondition failed;
     # a range past the file's end; an agent's quota (or the volume) is full.
-    "not_found": (404, "Not found"),
-    "precondition_failed": (412, "Precondition failed"),
-    "range_not_satisfiable": (416, "Range not satisfiable"),
-    "quota_exceeded": (507, "Storage quota exceeded"),
+    Reason.not_found: (404, "Not found"),
+    Reason.precondition_failed: (412, "Precondition failed"),
+    Reason.range_not_satisfiable: (416, "Range not satisfiable"),
+    Reason.quota_exceeded: (507, "Storage quota exceeded"),
     # services.<name>.translate: the upstream's 2xx answer is not the JSON its API sends.
-    "untranslatable_answer": (502, "Upstream answer could not be translated"),
+    Reason.untranslatable_answer: (502, "Upstream answer could not be translated"),
 }
 
 
@@ -70,12 +71,12 @@ REASONS: Final[dict[str, tuple[int, str]]] = {
 # themselves, and their Retry-After says when.
 NOT_RETRYABLE: Final = frozenset(
     {
-        "budget_exhausted",
-        "forbidden",
-        "invalid_request",
-        "no_mock",
-        "no_recording",
-        "unknown_operation",
+        Reason.budget_exhausted,
+        Reason.forbidden,
+        Reason.invalid_request,
+        Reason.no_mock,
+        Reason.no_recording,
+        Reason.unknown_operation,
     }
 )
 _NO_RETRY: Final = ("x-should-retry", "false")

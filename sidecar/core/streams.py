@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterable, AsyncIterator
 
 from .problems import ProblemError
+from .reasons import Reason
 
 
 async def once(data: bytes) -> AsyncIterator[bytes]:
@@ -30,7 +31,7 @@ async def limited(source: AsyncIterable[bytes], limit: int, service: str) -> Asy
         seen += len(data)
         if seen > limit:
             raise ProblemError(
-                "request_too_large",
+                Reason.request_too_large,
                 f"The request body exceeded {limit} bytes, the most service '{service}' accepts.",
                 service=service,
             )

@@ -11,6 +11,7 @@ import math
 import time
 from dataclasses import dataclass
 
+from ..core.reasons import Reason
 from ..engines.limits import LocalLimit
 from ..policy.databases import Database
 from ..policy.models import RateLimit
@@ -22,7 +23,7 @@ class Refusal:
     """A refusal in both forms: SQLSTATE for the wire, reason for problem+json."""
 
     sqlstate: str
-    reason: str
+    reason: Reason
     message: str
     hint: str | None = None
     retry_after: float | None = None
@@ -51,7 +52,7 @@ class Guard:
         try:
             statement = parse(sql)
         except StatementError as exc:
-            return None, Refusal("42601", "bad_request", exc.message)
+            return None, Refusal("42601", Reason.bad_request, exc.message)
         verdict = self.rules.judge(agent, statement)
         if verdict is None:
             return statement, None
@@ -73,7 +74,7 @@ class Guard:
             seconds = max(1, math.ceil(longest))
             return Refusal(
                 "53400",
-                "rate_limited",
+                Reason.rate_limited,
                 f"The sidecar's rate limit for database '{self.name}' is used up for agent "
                 f"'{agent}'; this refusal comes from the sidecar, not the database.",
                 f"Retry after {seconds} second{'s' if seconds != 1 else ''}.",

@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..core.problems import ProblemError, problem_parts
+from ..core.reasons import Reason
 from ..http.listener import Request, Response
 from . import protocol as pg
 from .pool import PoolTimeout
@@ -65,7 +66,9 @@ def _value(raw: bytes | None, oid: int) -> Any:
     return text
 
 
-def _problem(reason: str, detail: str, service: str, retry_after: float | None = None) -> Response:
+def _problem(
+    reason: Reason, detail: str, service: str, retry_after: float | None = None
+) -> Response:
     status, headers, body = problem_parts(
         ProblemError(reason, detail, service=service, retry_after=retry_after), service
     )
@@ -91,14 +94,14 @@ class DatabaseHttp:
         entry = self.hub.entries.get(name)
         if entry is None or rest != "query":
             return _problem(
-                "no_route",
+                Reason.no_route,
                 f"No database is configured at {request.target.partition('?')[0]!r}; post to "
                 "/_db/<database>/query with a database the policy defines.",
                 service,
             )
         if request.method != "POST":
             return _problem(
-                "method_not_allowed", "POST a JSON {sql, params} to this path.", service
+                Reason.method_not_allowed, "POST a JSON {sql, params} to this path.", service
             )
         agent = await self._agent(request, service)
         if isinstance(agent, Response):
@@ -114,14 +117,14 @@ class DatabaseHttp:
                 raise TypeError
         except (ValueError, KeyError, TypeError, AttributeError):
             return _problem(
-                "bad_request",
+                Reason.bad_request,
                 'Send a JSON object {"sql": "SELECT ...", "params": [...]} ($1, $2 in the SQL '
                 "are the params, in order).",
                 service,
             )
         statement, refusal = entry.guard.judge(agent, sql)
         if refusal is None and statement is not None and statement.count != 1:
-            return _problem("bad_request", "Send one statement per call.", service)
+            return _problem(Reason.bad_request, "Send one statement per call.", service)
         if refusal is None:
             refusal = entry.guard.take(agent)
         operation = (
@@ -152,13 +155,15 @@ class DatabaseHttp:
             return await credentials.identify(presented)
         except Refused as exc:
             return _problem(
-                "unauthenticated",
+                Reason.unauthenticated,
                 f"Database {service} needs a verified agent identity and this call has none: "
                 f"{exc}.",
                 service,
             )
         except KeysUnavailable:
-            return _problem("auth_failed", "The sidecar could not fetch agents' keys.", service)
+            return _problem(
+                Reason.auth_failed, "The sidecar could not fetch agents' keys.", service
+            )
 
     async def _run(
         self,
@@ -174,13 +179,13 @@ class DatabaseHttp:
             conn = await entry.pool.acquire()
         except PoolTimeout:
             return _problem(
-                "rate_limited",
+                Reason.rate_limited,
                 f"Every server connection of database '{entry.name}' stayed busy.",
                 service,
                 retry_after=1.0,
             )
         except UpstreamError as exc:
-            return _problem("upstream_unreachable", exc.text, service)
+            return _problem(Reason.upstream_unreachable, exc.text, service)
         limit = entry.max_rows
         conn.writer.write(
             pg.parse("", sql)
@@ -195,7 +200,7 @@ class DatabaseHttp:
             entry.pool.release(conn, reusable=False)
             entry.observe(agent, operation, "08006", 0, time.perf_counter() - started)
             return _problem(
-                "upstream_unreachable",
+                Reason.upstream_unreachable,
                 f"The connection to database '{entry.name}' was lost; retry.",
                 service,
             )

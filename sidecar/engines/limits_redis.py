@@ -28,6 +28,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
 from ..core.problems import ProblemError
+from ..core.reasons import Reason
 from ..core.state import fingerprint
 from ..policy.models import RateLimit
 
@@ -210,7 +211,7 @@ class SharedLimit:
             if self.fail_open:
                 return True, 0.0, float(self.burst)
         raise ProblemError(
-            "rate_limited",
+            Reason.rate_limited,
             f"The shared {self.kind} of service '{self.service}' (its Redis backend) is "
             "unavailable, and the policy says to refuse calls until it is back; this refusal "
             "comes from the sidecar, not the upstream. Retry after 1 second.",

@@ -11,6 +11,7 @@ from email.utils import formatdate
 from typing import Final
 
 from ..core.problems import ProblemError
+from ..core.reasons import Reason
 
 RANGE_UNIT: Final = "bytes"
 
@@ -49,7 +50,7 @@ def matches_weak(header: str, current: str | None) -> bool:
 
 
 def precondition_failed(detail: str) -> ProblemError:
-    return ProblemError("precondition_failed", detail)
+    return ProblemError(Reason.precondition_failed, detail)
 
 
 def check_write(
@@ -108,7 +109,7 @@ def _digits(text: str) -> bool:
 
 def unsatisfiable(size: int) -> ProblemError:
     return ProblemError(
-        "range_not_satisfiable",
+        Reason.range_not_satisfiable,
         f"The range asked for starts beyond the file's {size} bytes.",
         headers={"Content-Range": f"{RANGE_UNIT} */{size}"},
     )

@@ -35,6 +35,7 @@ from typing import Final, NoReturn
 from urllib.parse import unquote
 
 from ..core.problems import ProblemError
+from ..core.reasons import Reason
 
 MAX_NAME: Final = 255  # bytes, as most file systems allow
 MAX_DEPTH: Final = 64
@@ -63,15 +64,15 @@ class FilePath:
 
 
 def bad_request(detail: str) -> NoReturn:
-    raise ProblemError("bad_request", detail)
+    raise ProblemError(Reason.bad_request, detail)
 
 
 def forbidden(detail: str) -> NoReturn:
-    raise ProblemError("forbidden", detail)
+    raise ProblemError(Reason.forbidden, detail)
 
 
 def not_found(shown: str) -> NoReturn:
-    raise ProblemError("not_found", f"There is no file or directory at {shown!r}.")
+    raise ProblemError(Reason.not_found, f"There is no file or directory at {shown!r}.")
 
 
 def parse(target: str) -> FilePath:
@@ -122,7 +123,7 @@ def agent_dir(agent: str | None) -> str:
     """The directory name of an agent's own files (per_agent)."""
     if not agent:
         raise ProblemError(
-            "unauthenticated",
+            Reason.unauthenticated,
             "This files service keeps each agent's files apart: name the agent (its "
             "identity header or credential).",
         )
@@ -176,7 +177,7 @@ class Beneath:
             fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
             raise ProblemError(
-                "internal_error",
+                Reason.internal_error,
                 "The files service's root directory cannot be opened; the sidecar's log "
                 "and its operator know more.",
             ) from None
@@ -300,12 +301,12 @@ def raise_os_error(exc: OSError, shown: str) -> NoReturn:
     if code == errno.ENAMETOOLONG:
         bad_request("The path is too long for the volume.")
     if code in (errno.ENOSPC, errno.EDQUOT):
-        raise ProblemError("quota_exceeded", "The volume of this files service is full.")
+        raise ProblemError(Reason.quota_exceeded, "The volume of this files service is full.")
     if code == errno.EISDIR:
         bad_request(f"{shown!r} is a directory.")
     if code == errno.ENOTDIR:
         not_found(shown)
     raise ProblemError(
-        "internal_error",
+        Reason.internal_error,
         f"The sidecar could not access {shown!r} ({errno.errorcode.get(code or 0, 'error')}).",
     )

@@ -32,6 +32,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from ..core.call import Call, Reply
 from ..core.headers import SERVER
 from ..core.problems import ProblemError
+from ..core.reasons import Reason
 from ..core.state import StateBuild
 from ..policy.files import Files
 from ..policy.loader import ServicePolicy
@@ -213,14 +214,14 @@ class FilesService:
         if method == "PUT" or method == "DELETE":
             if self.config.read_only:
                 raise ProblemError(
-                    "forbidden",
+                    Reason.forbidden,
                     f"Service '{self.service}' is read-only: it answers GET and HEAD only.",
                     service=self.service,
                     headers={"Allow": _READ_ALLOWED},
                 )
             if path.directory or not path.parts:
                 raise ProblemError(
-                    "bad_request",
+                    Reason.bad_request,
                     f"{method} names a file: write its path without a trailing '/'.",
                     service=self.service,
                 )
@@ -231,7 +232,7 @@ class FilesService:
             annotate(call, {"sidecar.files.operation": "delete"})
             return await self._delete(call, path, agent)
         raise ProblemError(
-            "method_not_allowed",
+            Reason.method_not_allowed,
             f"Service '{self.service}' serves files: use GET or HEAD to read (a path ending "
             "in '/' lists a directory), PUT to write, DELETE to remove.",
             service=self.service,
@@ -243,7 +244,7 @@ class FilesService:
         if allowed is None or path.name.lower().endswith(allowed):
             return
         raise ProblemError(
-            "forbidden",
+            Reason.forbidden,
             f"Service '{self.service}' serves only files ending in {', '.join(allowed)}; "
             f"{path.shown!r} is not one.",
             service=self.service,
@@ -510,7 +511,7 @@ class FilesService:
             total += usage.reserved.get(agent, 0)
         if total > usage.quota:
             raise ProblemError(
-                "quota_exceeded",
+                Reason.quota_exceeded,
                 f"Agent '{agent}' would hold more than its quota of {usage.quota} bytes in "
                 f"service '{self.service}'; delete files first.",
                 service=self.service,
@@ -520,7 +521,7 @@ class FilesService:
         most = self.config.max_size
         size = f"The file is {length} bytes" if length is not None else "The file is larger"
         return ProblemError(
-            "request_too_large",
+            Reason.request_too_large,
             f"{size}; service '{self.service}' accepts files of at most {most} bytes.",
             service=self.service,
         )

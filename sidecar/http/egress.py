@@ -25,6 +25,7 @@ from ..core.headers import (
     drop_with_connection_raw,
 )
 from ..core.problems import PLAIN, ProblemError, problem_parts
+from ..core.reasons import Reason
 from ..core.streams import idle_bounded, limited
 from ..steps.resilience.faults import InjectedReset
 from ..webhooks.listener import OWN_PREFIXES, own_answer
@@ -158,7 +159,7 @@ class Egress:
                     log.exception("unexpected error in service %s", route.name)
                     response = problem(
                         ProblemError(
-                            "internal_error",
+                            Reason.internal_error,
                             "The sidecar failed while handling this call; the error is in its log.",
                         ),
                         route.name,
@@ -182,7 +183,7 @@ class Egress:
         if unsafe_path(raw):
             return problem(
                 ProblemError(
-                    "bad_request",
+                    Reason.bad_request,
                     "The path has '.' or '..' segments or a '#' fragment; send a normalized "
                     "path without a fragment.",
                 ),
@@ -192,7 +193,7 @@ class Egress:
         if raw[0] != "/":
             return problem(
                 ProblemError(
-                    "bad_request",
+                    Reason.bad_request,
                     "Send the path only (origin-form, like /service/...), not a full URL: "
                     "this is not a forward proxy.",
                 ),
@@ -206,7 +207,7 @@ class Egress:
         if request.method in _REFUSED_METHODS:
             return problem(
                 ProblemError(
-                    "method_not_allowed",
+                    Reason.method_not_allowed,
                     f"The sidecar does not forward {request.method} requests; use GET, POST, "
                     "PUT, PATCH, DELETE, HEAD or OPTIONS.",
                     headers={"Allow": "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"},
@@ -219,7 +220,7 @@ class Egress:
         if route is None:
             return problem(
                 ProblemError(
-                    "no_route",
+                    Reason.no_route,
                     f"No service is configured for the path {raw.partition('?')[0]!r}; call "
                     "http://<sidecar>/<service>/... with a service the policy defines.",
                 ),
@@ -244,7 +245,7 @@ class Egress:
             length = body.buffered
         if length is not None and length > limit:
             raise ProblemError(
-                "request_too_large",
+                Reason.request_too_large,
                 f"The request body is {length} bytes; service '{route.name}' accepts at most "
                 f"{limit} bytes.",
                 service=route.name,

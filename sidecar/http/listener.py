@@ -24,6 +24,7 @@ from multidict import CIMultiDict
 
 from ..core.headers import SERVER, decode_fields
 from ..core.problems import ProblemError, problem_document
+from ..core.reasons import Reason
 from .http1 import (
     LAST_CHUNK,
     FeedStream,
@@ -212,7 +213,7 @@ def _h2_refusal(detail: str) -> bytes:
     (prior knowledge, h2c): an HTTP/1.1 answer is unreadable to it (curl says "Empty
     reply from server"). The server preface (an empty SETTINGS), the answer on stream 1
     (the client's first), then GOAWAY, and the connection ends."""
-    document = problem_document(ProblemError("http_version_not_supported", detail))
+    document = problem_document(ProblemError(Reason.http_version_not_supported, detail))
     body = json.dumps(document).encode()
     fields = (
         b"\x08\x03505"  # :status, its name by static index 8 (RFC 7541 6.2.2)
@@ -236,7 +237,7 @@ _H2_REFUSAL: Final = _h2_refusal(H2_DETAIL)
 
 def refusal_bytes(status: int, detail: str) -> bytes:
     """The whole answer for a refused request: problem+json, then the connection closes."""
-    reason = "http_version_not_supported" if status == 505 else "bad_request"
+    reason = Reason.http_version_not_supported if status == 505 else Reason.bad_request
     document = problem_document(ProblemError(reason, detail))
     # 414 and 431 are bad_request refusals with a status that says which limit.
     document["status"] = status

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from ..core.call import Call, Reply
 from ..core.problems import ProblemError
+from ..core.reasons import Reason
 from .pool import ConnectError, ConnectTimeout, Pool, ResetError, Resolver, UpstreamError
 
 log = logging.getLogger("sidecar.upstream")
@@ -62,7 +63,7 @@ class Upstream:
         service = self.service
         if isinstance(exc, ConnectTimeout):
             return ProblemError(
-                "upstream_unreachable",
+                Reason.upstream_unreachable,
                 f"The upstream of service '{service}' did not accept a connection within "
                 f"{self.connect_timeout:g}s; try again later.",
                 service=service,
@@ -70,7 +71,7 @@ class Upstream:
             )
         if isinstance(exc, ConnectError):
             return ProblemError(
-                "upstream_unreachable",
+                Reason.upstream_unreachable,
                 f"The sidecar could not connect to the upstream of service '{service}' "
                 f"({exc}); try again later.",
                 service=service,
@@ -79,7 +80,7 @@ class Upstream:
         if not isinstance(exc, ResetError):
             log.warning("unexpected upstream error of %s: %s", service, type(exc).__name__)
         return ProblemError(
-            "upstream_unreachable",
+            Reason.upstream_unreachable,
             f"The upstream of service '{service}' closed the connection before answering; "
             "try again later.",
             service=service,

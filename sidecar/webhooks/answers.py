@@ -5,25 +5,21 @@ The sidecar's own refusals are problem+json with X-Sidecar-Error, as on egress.
 
 from __future__ import annotations
 
-import enum
 import json
 from dataclasses import dataclass, field
 
 from ..core.problems import PROBLEM_TYPE
+from ..core.reasons import Reason
 
-
-class Reason(enum.Enum):
-    """A refusal: (status, title); the value's name is the X-Sidecar-Error reason."""
-
-    no_route = (404, "No such webhook")
-    unauthenticated = (401, "Webhook signature refused")
-    request_too_large = (413, "Webhook body too large")
-    bad_request = (400, "Bad webhook event")
-    store_unavailable = (503, "Webhook store unavailable")
-
-    @property
-    def status(self) -> int:
-        return self.value[0]
+# The reasons a webhook entry point refuses with (the sidecar's one Reason enum), with
+# the status and title of a webhook's refusal.
+TITLES: dict[Reason, tuple[int, str]] = {
+    Reason.no_route: (404, "No such webhook"),
+    Reason.unauthenticated: (401, "Webhook signature refused"),
+    Reason.request_too_large: (413, "Webhook body too large"),
+    Reason.bad_request: (400, "Bad webhook event"),
+    Reason.store_unavailable: (503, "Webhook store unavailable"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,17 +44,17 @@ def accepted(status: int, message_id: str, duplicate: bool, outcome: str = "acce
 
 
 def refused(reason: Reason, detail: str, webhook: str | None, outcome: str | None = None) -> Result:
-    status, title = reason.value
+    status, title = TITLES[reason]
     body = {
-        "type": PROBLEM_TYPE + reason.name.replace("_", "-"),
+        "type": PROBLEM_TYPE + reason.value.replace("_", "-"),
         "title": title,
         "status": status,
         "detail": detail,
         "service": webhook,
-        "reason": reason.name,
+        "reason": reason.value,
         "message": detail,
     }
-    headers = {"Content-Type": "application/problem+json", "X-Sidecar-Error": reason.name}
+    headers = {"Content-Type": "application/problem+json", "X-Sidecar-Error": reason.value}
     return Result(
-        status, headers, json.dumps(body).encode(), reason=reason, outcome=outcome or reason.name
+        status, headers, json.dumps(body).encode(), reason=reason, outcome=outcome or reason.value
     )

@@ -28,8 +28,9 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
+from ..core.reasons import Reason
 from ..policy.units import parse_duration
-from .answers import Reason, Result, refused
+from .answers import Result, refused
 from .store import Pending, StoreUnavailable
 from .subscriptions import EVENTS_PREFIX, POLL, Subscriptions
 

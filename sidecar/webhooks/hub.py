@@ -15,8 +15,9 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
+from ..core.reasons import Reason
 from ..policy.webhooks import Webhooks, WebhookStore
-from .answers import Reason, Result, refused
+from .answers import Result, refused
 from .subscriptions import Subscriptions
 
 if TYPE_CHECKING:

@@ -18,8 +18,9 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ..core.reasons import Reason
 from ..policy.webhooks import InboundWebhook, Match, ValueMatch, Webhooks
-from .answers import Reason, Result, accepted, refused
+from .answers import Result, accepted, refused
 from .signatures import SignatureError, build_verifier, lower_headers
 from .store import SUBSCRIPTION, Direction, Queue, StoreUnavailable, Target
 

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 from ..core.headers import SERVER
 from ..core.problems import ProblemError, problem_parts
-from .answers import Reason, Result, refused
+from ..core.reasons import Reason
+from .answers import Result, refused
 from .gate import EVENTS, OUTBOUND
 from .subscriptions import EVENTS_PREFIX
 

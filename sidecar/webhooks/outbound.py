@@ -15,8 +15,9 @@ import logging
 import sqlite3
 from collections.abc import Mapping, Sequence
 
+from ..core.reasons import Reason
 from ..policy.webhooks import OutboundWebhook, Webhooks
-from .answers import Reason, Result, accepted, refused
+from .answers import Result, accepted, refused
 from .signatures import lower_headers
 from .store import Accepted, Direction, Queue, StoreUnavailable, Target
 

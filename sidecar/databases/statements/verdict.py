@@ -6,13 +6,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
+from ...core.reasons import Reason
+
 # The SQLSTATEs the engine answers with (PostgreSQL's own codes for the same refusals).
 INSUFFICIENT_PRIVILEGE: Final = "42501"
 READ_ONLY_TRANSACTION: Final = "25006"
 SYNTAX_ERROR: Final = "42601"
 
-# The sidecar's reason name (sidecar/core/problems.py), for the HTTP face and telemetry.
-FORBIDDEN: Final = "forbidden"
+# The sidecar's reason (core/reasons.py), for the HTTP face and telemetry.
+FORBIDDEN: Final = Reason.forbidden
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +22,6 @@ class Verdict:
     """A refusal. `message` says what was refused and why; `hint` what is allowed."""
 
     sqlstate: str
-    reason: str
+    reason: Reason
     message: str
     hint: str | None

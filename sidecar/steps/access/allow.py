@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from ...core.call import Call, Handler, Reply
 from ...core.problems import ProblemError
+from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...engines.allow import (
     AMBIGUOUS,
@@ -87,7 +88,7 @@ class Allow:
             and _ESCAPED_SEPARATOR.search(raw_path)
         ):
             raise ProblemError(
-                "bad_request",
+                Reason.bad_request,
                 f"The path holds an encoded '/' or '\\' (%2F, %5C); service '{self.service}' "
                 "has allow rules, and upstreams differ on whether it separates segments. "
                 "Send the path without encoded separators.",
@@ -107,7 +108,7 @@ class Allow:
             ambiguous = ambiguous or verdict == AMBIGUOUS
         if ambiguous:
             raise ProblemError(
-                "bad_request",
+                Reason.bad_request,
                 f"A query parameter that an allow rule of service '{self.service}' checks is "
                 "given more than once, or in another spelling (another case, a `name[]` "
                 "array, after a ';'), which servers read differently. Send it once, "
@@ -132,7 +133,7 @@ class Allow:
         if not self.method_override:
             if named:
                 raise ProblemError(
-                    "bad_request",
+                    Reason.bad_request,
                     f"The query names a method (`_method`) that some servers run instead of "
                     f"{method}; service '{self.service}' takes no method override. Send the "
                     "request with the method itself.",
@@ -148,7 +149,7 @@ class Allow:
             return method
         if len(named) > 1 or not named <= self.method_override:
             raise ProblemError(
-                "bad_request",
+                Reason.bad_request,
                 f"The method overrides name {', '.join(sorted(named))[:64]}; service "
                 f"'{self.service}' takes one of {', '.join(sorted(self.method_override))} "
                 "there (a method-override header or `_method`), and one only.",
@@ -170,7 +171,7 @@ class Allow:
         )
         path = call.target.partition("?")[0]
         return ProblemError(
-            "forbidden",
+            Reason.forbidden,
             f"No rule of {where} lets {who} call {self._method(call)} {path[:256]}; "
             "ask the platform team to allow it.",
             service=self.service,

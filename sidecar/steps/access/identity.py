@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from ...core.call import Call, Handler, Reply
 from ...core.problems import ProblemError
+from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...engines.identity import Credentials, KeysUnavailable, Refused, new
 from ...policy.loader import ServicePolicy
@@ -53,7 +54,7 @@ class Identify:
             raise self._refusal(str(exc)) from None
         except KeysUnavailable:
             raise ProblemError(
-                "auth_failed",
+                Reason.auth_failed,
                 f"The sidecar could not fetch the keys to verify agents' tokens for service "
                 f"'{self.service}'; retry later.",
                 service=self.service,
@@ -62,7 +63,7 @@ class Identify:
 
     def _refusal(self, why: str) -> ProblemError:
         return ProblemError(
-            "unauthenticated",
+            Reason.unauthenticated,
             f"Service '{self.service}' needs a verified agent identity and this call has "
             f"none: {why}.",
             service=self.service,

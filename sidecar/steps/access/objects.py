@@ -29,6 +29,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ...core.call import Call, Handler, Reply, make_replayable
 from ...core.problems import ProblemError
+from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...policy.cloud import ObjectRule, Objects
 from ...policy.loader import ServicePolicy
@@ -293,7 +294,7 @@ class ObjectRules:
         # Each detail starts with the rule's name ("objects.max_object_size: ..."), also
         # given alone as `rule`, for an agent that reads the body as data.
         return ProblemError(
-            "forbidden",
+            Reason.forbidden,
             f"Service '{self.service}' refused the call: {detail}.",
             service=self.service,
             extra={"rule": detail.partition(":")[0]},

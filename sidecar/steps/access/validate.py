@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from ...core.call import Call, Handler, Reply, make_replayable
 from ...core.problems import ProblemError
+from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...openapi import Operation, Spec, Violation
 from ...policy.loader import ServicePolicy
@@ -136,7 +137,7 @@ class OpenAPICheck:
             return
         self._count(self._violations, operation.label, "refused")
         raise ProblemError(
-            "invalid_request",
+            Reason.invalid_request,
             f"The call to {operation.label} ({operation.method} {operation.template}) breaks "
             f"the OpenAPI document of service '{self.service}', so the sidecar did not send "
             f"it: {shown}{more}. Fix the request as `errors` lists and send it again.",
@@ -161,7 +162,7 @@ class OpenAPICheck:
                 "(validate.unknown_operations: forbid). Check the path against the API's "
                 "reference."
             )
-        return ProblemError("unknown_operation", detail, service=self.service)
+        return ProblemError(Reason.unknown_operation, detail, service=self.service)
 
     def _count(self, hook: Hook, operation: str, label: str) -> None:
         for callback in hook:

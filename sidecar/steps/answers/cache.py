@@ -45,6 +45,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from ...core.call import Call, Handler, Reply, ReplyView, StaticReply, make_replayable
 from ...core.problems import ProblemError
+from ...core.reasons import Reason
 from ...core.state import StateBuild, fingerprint
 from ...policy.cache import Cache
 from ...policy.loader import ServicePolicy
@@ -77,7 +78,12 @@ _PERSONAL = ("authorization", "proxy-authorization", "cookie")
 # be a 500, 502, 503 or 504): its own answers, and the sidecar's problems about it.
 _ERROR_STATUSES = frozenset({500, 502, 503, 504})
 _UPSTREAM_FAILURES = frozenset(
-    {"upstream_unreachable", "upstream_timeout", "circuit_open", "upstream_paused"}
+    {
+        Reason.upstream_unreachable,
+        Reason.upstream_timeout,
+        Reason.circuit_open,
+        Reason.upstream_paused,
+    }
 )
 
 

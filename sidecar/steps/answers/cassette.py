@@ -42,6 +42,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from ...core.call import Call, Handler, Reply, ReplyView, StaticReply, make_replayable
 from ...core.headers import HOP_BY_HOP
 from ...core.problems import ProblemError
+from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...policy.cloud import AwsSigV4Auth
 from ...policy.loader import ServicePolicy
@@ -607,7 +608,7 @@ class CassetteStep:
             return await next(call)
         size = f"{len(body)} bytes" if body is not None else "a streamed or large body"
         raise ProblemError(
-            "no_recording",
+            Reason.no_recording,
             f"Service '{self.service}' is in replay mode and no recording in "
             f"{self.directory.name}/ matches {method} {path}"
             + (f"?{query}" if query else "")

@@ -20,6 +20,7 @@ from multidict import CIMultiDict
 from ...core.call import Call, Handler, Reply, StaticReply
 from ...core.headers import SERVER
 from ...core.problems import ProblemError
+from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...openapi.document import METHODS, OpenAPIError, deref
 from ...openapi.spec import Spec
@@ -117,7 +118,7 @@ class Mock:
                     annotate(call, {"sidecar.mock": True})
                     return example.reply()
         raise ProblemError(
-            "no_mock",
+            Reason.no_mock,
             f"Service '{self.service}' is in mock mode and none of its mock answers matches "
             f"{method} {path}; the upstream is never called in mock mode. Add a mock answer "
             "for it to the policy"

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 from ...core.call import Call, Handler, Reply
 from ...core.problems import ProblemError
+from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...policy.cloud import AwsSigV4Auth, WebIdentity
 from ...policy.loader import ServicePolicy
@@ -179,7 +180,7 @@ class WebIdentityCredentials:
     def _failed(self, why: str) -> ProblemError:
         log.warning("service %s: web identity exchange failed: %s", self.service, why)
         return ProblemError(
-            "auth_failed",
+            Reason.auth_failed,
             f"The sidecar could not get AWS credentials for service '{self.service}': {why}. "
             "The call was not sent; try again later.",
             service=self.service,
@@ -320,7 +321,7 @@ class Signer:
             return agent_payload
         if agent_payload.startswith("STREAMING-"):
             raise ProblemError(
-                "bad_request",
+                Reason.bad_request,
                 f"Service '{self.service}' re-signs every call, so a body signed chunk by "
                 f"chunk ({agent_payload}) cannot be sent; upload it unsigned (the default of "
                 "AWS SDKs over plain HTTP) or in one piece.",
@@ -376,7 +377,7 @@ class AwsSigV4:
 
     def _too_large(self) -> ProblemError:
         return ProblemError(
-            "request_too_large",
+            Reason.request_too_large,
             f"Service '{self.service}' signs each request body, so it holds it in memory: at "
             f"most {self._limit} bytes.",
             service=self.service,

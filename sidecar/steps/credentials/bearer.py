@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from ...core.call import Call, Handler, Reply, make_replayable
 from ...core.problems import ProblemError
+from ...core.reasons import Reason
 from .refresh import Fetch, Refreshing
 
 log = logging.getLogger("sidecar.auth")
@@ -62,7 +63,7 @@ class TokenSource:
             return await self.refreshing.get()
         except TokenFailed as exc:
             raise ProblemError(
-                "auth_failed",
+                Reason.auth_failed,
                 f"The sidecar could not get a {self.kind} access token for service "
                 f"'{self.service}': {exc.why}. The call was not sent; try again later.",
                 service=self.service,

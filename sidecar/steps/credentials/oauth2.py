@@ -27,6 +27,7 @@ from authlib.oauth2.rfc6749.parameters import prepare_token_request
 
 from ...core.call import Call, Handler, Reply, make_replayable
 from ...core.problems import ProblemError
+from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...policy.loader import ServicePolicy
 from ...policy.models import OAuth2ClientCredentials
@@ -172,7 +173,7 @@ class TokenSource:
     def _failed(self, why: str) -> ProblemError:
         log.warning("service %s: token request to %s failed: %s", self.service, self._where, why)
         return ProblemError(
-            "auth_failed",
+            Reason.auth_failed,
             f"The sidecar could not get an access token for service '{self.service}': {why}. "
             "The call was not sent; try again later.",
             service=self.service,

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from ...core.problems import ProblemError
+from ...core.reasons import Reason
 from ...core.state import fingerprint
 from ...engines.ledger import Ledger, LedgerDown
 from ...policy.budget import Budget, Price
@@ -146,7 +147,7 @@ class BudgetLimit:
         wait = max(1.0, end - now)
         seconds = math.ceil(wait)
         return ProblemError(
-            "budget_exhausted",
+            Reason.budget_exhausted,
             f"The sidecar's budget for service '{self.service}' ({self._what}, per calendar "
             f"{self.window} in UTC) is spent; it resets at {iso(end)}, in {seconds} seconds. "
             "Retry then, or use another service; this refusal comes from the sidecar, not "
@@ -165,7 +166,7 @@ class BudgetLimit:
 
     def _unavailable(self) -> ProblemError:
         return ProblemError(
-            "rate_limited",
+            Reason.rate_limited,
             f"The store that keeps the budget of service '{self.service}' is unavailable, and "
             "the policy says to refuse calls until it is back; this refusal comes from the "
             "sidecar, not the upstream. Retry after 1 second.",

@@ -53,6 +53,7 @@ from urllib.parse import unquote
 
 from ...core.call import Call, Handler, Reply, ReplyView, make_replayable
 from ...core.problems import ProblemError
+from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...engines.ledger import Ledger, MemoryLedger
 from ...engines.limits import limit_headers
@@ -152,7 +153,7 @@ class LLMStep:
                 await budget.check(agent)
             except ProblemError as err:
                 exchange = call.exchange
-                if err.reason == "budget_exhausted" and exchange is not None:
+                if err.reason == Reason.budget_exhausted and exchange is not None:
                     exchange.telemetry.metrics.on_budget_exhausted(self.service, budget.name)
                 raise
         charge: Charge = []

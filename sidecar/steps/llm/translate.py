@@ -29,6 +29,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from ...core.call import Call, Handler, Reply, ReplyView
 from ...core.problems import ProblemError
+from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...policy.loader import ServicePolicy
 from ...policy.translate import apis
@@ -120,7 +121,7 @@ class Translate:
             held += len(chunk)
             if held > MAX_REQUEST:
                 raise ProblemError(
-                    "request_too_large",
+                    Reason.request_too_large,
                     f"Service '{self.service}' translates calls, so the sidecar must hold "
                     f"them: this one is over {MAX_REQUEST >> 20} MiB.",
                     service=self.service,
@@ -133,7 +134,7 @@ class Translate:
 
     def _refuse(self, why: str) -> ProblemError:
         return ProblemError(
-            "bad_request",
+            Reason.bad_request,
             f"Service '{self.service}' translates {self.source} calls to {self.target}, "
             f"and this call cannot be: {why}.",
             service=self.service,
@@ -169,7 +170,7 @@ class Translate:
             if not isinstance(answer, dict):
                 await _release(reply)
                 raise ProblemError(
-                    "untranslatable_answer",
+                    Reason.untranslatable_answer,
                     f"Service '{self.service}' answered {reply.status} with a body that is "
                     f"not a JSON object, so it could not be translated to {self.source}'s API.",
                     service=self.service,
@@ -238,7 +239,7 @@ async def _read(reply: Reply, inflate: Inflate, *, service: str) -> bytes:
         held += len(data)
         if held > MAX_ANSWER:
             raise ProblemError(
-                "untranslatable_answer",
+                Reason.untranslatable_answer,
                 f"Service '{service}' answered with more than {MAX_ANSWER >> 20} MiB of JSON, "
                 "too large to translate.",
                 service=service,

@@ -26,6 +26,7 @@ from urllib.parse import parse_qs
 
 from ...core.call import Call, Handler, Reply
 from ...core.problems import ProblemError
+from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...policy.loader import ServicePolicy
 from ...policy.protocols import GraphQL, GraphQLRule
@@ -169,7 +170,7 @@ class GraphQLStep:
             if isinstance(extensions, dict) and "persistedQuery" in extensions:
                 if not self.config.persisted_queries:
                     raise ProblemError(
-                        "forbidden",
+                        Reason.forbidden,
                         f"Service '{self.service}' does not accept persisted-query ids: their "
                         "operation cannot be checked. Send the query text.",
                         service=self.service,
@@ -206,7 +207,7 @@ class GraphQLStep:
         ):
             caller = f"Agent '{agent}'" if agent else "A caller without an agent id"
             raise ProblemError(
-                "forbidden",
+                Reason.forbidden,
                 f"{caller} may not introspect the schema of service '{self.service}' (its "
                 f"{operation.describe()} selects __schema or __type): graphql.introspection "
                 "of the policy does not allow it.",
@@ -233,7 +234,7 @@ class GraphQLStep:
                 return
         caller = f"Agent '{agent}'" if agent else "A caller without an agent id"
         raise ProblemError(
-            "forbidden",
+            Reason.forbidden,
             f"{caller} may not run the {operation.describe()} on service '{self.service}': "
             "no graphql.allow rule of the policy lets it.",
             service=self.service,
@@ -270,7 +271,7 @@ class GraphQLStep:
             )
 
     def _limit(self, detail: str) -> ProblemError:
-        return ProblemError("graphql_limit", detail, service=self.service)
+        return ProblemError(Reason.graphql_limit, detail, service=self.service)
 
     def _bad(self, flaw: str) -> ProblemError:
         return bad_request(

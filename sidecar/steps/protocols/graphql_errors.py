@@ -26,6 +26,7 @@ from multidict import CIMultiDict
 
 from ...core.call import Call, Handler, Reply, ReplyView, StaticReply
 from ...core.problems import ProblemError
+from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...policy.loader import ServicePolicy
 from ..resilience.outcomes import CountedFailure
@@ -88,7 +89,7 @@ class GraphQLErrors:
             # reset before the head, for retry and the breaker alike.
             reply.release()
             raise ProblemError(
-                "upstream_unreachable",
+                Reason.upstream_unreachable,
                 f"The upstream of service '{self.service}' closed the connection before its "
                 "whole answer; try again later.",
                 service=self.service,

@@ -40,6 +40,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from ...core.call import Call, Handler, Reply, ReplyView, StaticReply
 from ...core.problems import ProblemError, problem_document
+from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...policy.loader import ServicePolicy
 from ...policy.protocols import MCP
@@ -293,7 +294,7 @@ class MCPStep:
                 f"{caller} may not call the tool '{tool}' of MCP service '{self.service}': "
                 "the policy's mcp tool rules do not allow it."
             )
-            problem = ProblemError("forbidden", detail, service=self.service)
+            problem = ProblemError(Reason.forbidden, detail, service=self.service)
             raise _Refusal(message_id, TOOL_FORBIDDEN, problem)
         return f"tools/call:{tool}"
 

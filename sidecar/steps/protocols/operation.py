@@ -23,6 +23,7 @@ from urllib.parse import unquote
 
 from ...core.call import Call, make_replayable
 from ...core.problems import ProblemError
+from ...core.reasons import Reason
 
 # The operations of the call this task is working on; () outside a GraphQL/MCP step.
 OPERATION: ContextVar[tuple[str, ...]] = ContextVar("sidecar_operation", default=())
@@ -48,7 +49,7 @@ async def read_body(call: Call, *, service: str, what: str) -> bytes:
     """
     if not await make_replayable(call) or not (call.body is None or isinstance(call.body, bytes)):
         raise ProblemError(
-            "request_too_large",
+            Reason.request_too_large,
             f"Service '{service}' checks every {what} request's body, so the sidecar must hold "
             "it: send it with a Content-Length of at most 1 MiB.",
             service=service,
@@ -88,7 +89,7 @@ def parse_json(body: bytes, *, service: str, what: str, extra: Any = None) -> An
     except RecursionError:
         flaw = "is nested too deeply"
     raise ProblemError(
-        "bad_request",
+        Reason.bad_request,
         f"The {what} request body {flaw}; service '{service}' reads every {what} request.",
         service=service,
         extra=extra,
@@ -106,4 +107,4 @@ def endpoint(target: str) -> str:
 
 
 def bad_request(detail: str, *, service: str, extra: Any = None) -> ProblemError:
-    return ProblemError("bad_request", detail, service=service, extra=extra)
+    return ProblemError(Reason.bad_request, detail, service=service, extra=extra)

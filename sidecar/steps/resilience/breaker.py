@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from ...core.call import Call, Handler, Reply
 from ...core.problems import ProblemError
+from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...engines.breaker import CLOSED, Circuit, CircuitOpen
 from ...policy.loader import ServicePolicy
@@ -73,7 +74,7 @@ class Breaker(Circuit):
                 f"Service '{self.service}' has been failing, so the sidecar stopped calling it "
                 f"for now; retry in {max(1, int(wait + 0.999))} second(s)."
             )
-        return ProblemError("circuit_open", detail, service=self.service, retry_after=wait)
+        return ProblemError(Reason.circuit_open, detail, service=self.service, retry_after=wait)
 
 
 def build(service: ServicePolicy, *, state: StateBuild) -> Breaker | None:

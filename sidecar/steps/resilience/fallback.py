@@ -36,6 +36,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from ...core.call import Body, Call, Handler, Reply, ReplyView, make_replayable
 from ...core.problems import ProblemError
+from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...policy.loader import ServicePolicy
 from ..protocols.operation import annotate
@@ -50,7 +51,13 @@ MAX_SESSIONS = 10_000
 
 # The sidecar's refusals that blame the upstream (or its limit), not the call.
 FALLBACK_REASONS = frozenset(
-    {"circuit_open", "upstream_unreachable", "upstream_timeout", "rate_limited", "budget_exhausted"}
+    {
+        Reason.circuit_open,
+        Reason.upstream_unreachable,
+        Reason.upstream_timeout,
+        Reason.rate_limited,
+        Reason.budget_exhausted,
+    }
 )
 
 # Set while a hop runs: the other service's own fallback step passes it through,

@@ -37,6 +37,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from ...core.call import Call, Handler, Reply, ReplyView
 from ...core.headers import SERVER
 from ...core.problems import ProblemError
+from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...policy.loader import ServicePolicy
 from ...policy.testing import FAULT_KINDS
@@ -125,7 +126,7 @@ class Faults:
         if abort is not None and self._hit(abort.ratio):
             self._injected(call, kinds, "abort")
             raise ProblemError(
-                "fault_injected",
+                Reason.fault_injected,
                 f"The sidecar answered {abort.status} itself because service '{self.service}' "
                 "has fault injection on (faults.abort); the upstream was not called. This is "
                 "a test of how failures are handled.",

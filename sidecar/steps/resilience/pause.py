@@ -29,6 +29,7 @@ from typing import Final
 from ...core.call import Call, Handler, Reply
 from ...core.headers import reset_seconds, retry_after_seconds
 from ...core.problems import ProblemError
+from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...policy.loader import ServicePolicy
 from ...policy.upstream_limits import UpstreamLimits
@@ -40,7 +41,7 @@ Clock = Callable[[], float]
 MAX_PAUSE: Final = 600.0
 
 # The upstream status that started a pause -> the reason the sidecar refuses with.
-REASON_AFTER: Final = {429: "rate_limited", 503: "upstream_paused"}
+REASON_AFTER: Final = {429: Reason.rate_limited, 503: Reason.upstream_paused}
 
 # The statuses an API refuses with when one of its limits is used up (GitHub: 403).
 _QUOTA_REFUSALS: Final = frozenset({403, 429})

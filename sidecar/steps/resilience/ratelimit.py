@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from ...core.call import Call, Handler, Reply
 from ...core.problems import ProblemError
+from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...engines.limits import (
     Bucket,
@@ -45,7 +46,7 @@ Sleep = Callable[[float], Awaitable[None]]
 def refusal(service: str, detail: str, wait: float, headers: dict[str, str] | None) -> ProblemError:
     seconds = max(1, math.ceil(wait))
     return ProblemError(
-        "rate_limited",
+        Reason.rate_limited,
         f"{detail} Retry after {seconds} second{'s' if seconds != 1 else ''}.",
         service=service,
         retry_after=wait,

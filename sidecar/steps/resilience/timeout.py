@@ -8,6 +8,7 @@ from typing import Final
 
 from ...core.call import Call, Handler, Reply
 from ...core.problems import ProblemError
+from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...policy.loader import ServicePolicy
 
@@ -68,7 +69,7 @@ class Timeout:
             # (an agent that hung up must still cancel the whole call).
             if expiry.fired and task.uncancel() == 0:
                 raise ProblemError(
-                    "upstream_timeout", self._detail, service=self.service, cause="timeout"
+                    Reason.upstream_timeout, self._detail, service=self.service, cause="timeout"
                 ) from None
             raise
         finally:

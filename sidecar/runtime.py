@@ -20,6 +20,7 @@ from .core.state import StateStore
 from .databases.http import DatabaseHttp
 from .databases.hub import DatabaseHub
 from .databases.telemetry import DatabaseTelemetry
+from .http import chain
 from .http.egress import Egress
 from .http.listener import Listener
 from .http.listener import serve as listen_http
@@ -188,7 +189,7 @@ class Sidecar:
             return ReloadResult(ok=True, trigger=trigger, at=now, version=policy.version)
         build = self.state.begin()
         try:
-            router = compile_policy(policy, build)
+            router = compile_policy(policy, build, chain.for_policy(policy.services))
             gate = build_gate(policy, build)
         except Exception as exc:
             build.abort()

@@ -6,26 +6,19 @@ single reference; calls in flight keep the Router (and chain) they started on.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Final
 
 from multidict import CIMultiDict
 
-from .. import telemetry
 from ..core import problems
 from ..core.call import Body, Call, Field, Handler, Reply, Step
 from ..core.headers import HOP_BY_HOP, FieldNames, drop_with_connection_raw
 from ..core.state import StateBuild
 from ..files import service as files
-from ..learn import observe
 from ..policy.access import METHOD_OVERRIDE_HEADERS
 from ..policy.loader import Policy, ServicePolicy
-from ..steps.access import allow, identity, objects, request_rules, validate
-from ..steps.answers import cache, cassette, mock
 from ..steps.credentials import auth
-from ..steps.llm import llm, translate
-from ..steps.protocols import graphql, graphql_errors, mcp
-from ..steps.resilience import breaker, fallback, faults, pause, ratelimit, retry, timeout
 from .redirects import RedirectRewriter
 from .upstream import Upstream
 
@@ -33,64 +26,6 @@ if TYPE_CHECKING:
     from .listener import Request
 
 StepBuilder = Callable[..., Step | None]
-
-# The order of a chain, outermost first: retry(breaker(timeout(auth(forward)))).
-# Builders of later features register themselves in this list in that order.
-STEP_BUILDERS: list[tuple[str, StepBuilder]] = [
-    # Who is calling, then may they: a refused call spends no token, trips no breaker.
-    ("identity", identity.build),
-    ("allow", allow.build),
-    ("request_rules", request_rules.build),
-    # Object-store rules: which agent may touch which bucket and key (steps/access/objects.py).
-    ("objects", objects.build),
-    # Then the OpenAPI document: a malformed call is told so whatever the limits say.
-    ("validate", validate.build),
-    # A call the policy refuses for what it asks (its operation, its tool) is told
-    # so, not to wait for a pause or a token.
-    ("graphql", graphql.build),
-    ("mcp", mcp.build),
-    # Outermost of what serves the call, after every refusal: a call the agent may not
-    # make never fails over, and everything the service does to serve it (faults,
-    # cache, limits, retries, breaker, credential) is inside, so another service is
-    # tried only once this one has given up (steps/resilience/fallback.py).
-    ("fallback", fallback.build),
-    # Each service translates the calls written for another LLM API, its own agents'
-    # and other services' fallback hops alike; outside mock, cassette and cache, which
-    # hold the upstream's API, and outside llm, which counts the upstream's own answer.
-    ("translate", translate.build),
-    # Where Envoy has its fault filter, before the router: retries, the breaker and the
-    # timeout never hide, repeat or count a fault, so the agent sees the ratio asked
-    # for; and a mock answer can be faulted too.
-    ("faults", faults.build),
-    # mode: mock answers here, after every refusal and before anything that would
-    # spend a token or reach the upstream (or its credential).
-    ("mock", mock.build),
-    # mode: replay answers here for the same reasons as mock. mode: record is here too:
-    # outside retry, breaker, timeout and auth, it saves the one final answer the agent
-    # gets, and sees the call before the credential is injected (steps/answers/cassette.py).
-    ("cassette", cassette.build),
-    # mode: observe writes down the shape of the call and of the one answer the agent
-    # gets, as record does, for `sidecar learn` (learn/observe.py).
-    ("observe", observe.build),
-    # A hit is answered before anything that would spend a token, wait for a pause
-    # or reach the upstream (or its credential): a hit is free.
-    ("cache", cache.build),
-    # Before the limiter: a call refused during an upstream's pause spends no token.
-    ("pause", pause.build),
-    ("ratelimit", ratelimit.build),
-    # Outside retry: reads an LLM call's model once and meters the one reply the agent
-    # gets; after the limiters, so a refused call costs no body parse (steps/llm/llm.py).
-    ("llm", llm.build),
-    ("retry", retry.build),
-    ("breaker", breaker.build),
-    ("timeout", timeout.build),
-    # Inside the breaker, which counts the GraphQL errors it finds in a 200 as a failure,
-    # and the timeout, which bounds reading that answer; once per attempt.
-    ("graphql_errors", graphql_errors.build),
-    ("auth", auth.build),
-    ("telemetry", telemetry.build),
-]
-
 # Proxy headers that tell the upstream about the agent's side. The agent's own values
 # are never forwarded as they came: a service either gets none (the default, so a
 # third-party API learns nothing of the pod's addresses) or the sidecar's (`forwarded`).
@@ -277,7 +212,15 @@ def _link(step: Step, next: Handler) -> Handler:
     return handler
 
 
-def compile_policy(policy: Policy, state: StateBuild) -> Router:
+# The steps of a chain, outermost first, given the routes of the Router being built
+# (filled once every route exists: see http/chain.py, which names them in order).
+Chain = Callable[[Mapping[str, Route]], Sequence[tuple[str, StepBuilder]]]
+
+
+def compile_policy(policy: Policy, state: StateBuild, chain: Chain) -> Router:
+    """Every service's route, its steps built in the order `chain` gives them."""
+    table: dict[str, Route] = {}
+    builders = chain(table)
     routes = []
     for service in policy.services.values():
         spec = service.spec
@@ -293,7 +236,7 @@ def compile_policy(policy: Policy, state: StateBuild) -> Router:
         )
         # A files service answers from its directory where others call their upstream.
         handler: Handler = upstream if spec.files is None else files.build(service, state=state)
-        for _, builder in reversed(STEP_BUILDERS):
+        for _, builder in reversed(builders):
             step = builder(service, state=state)
             # A `Before` step, found by its method: runtime Protocol checks do not
             # survive compilation (mypyc).
@@ -311,5 +254,6 @@ def compile_policy(policy: Policy, state: StateBuild) -> Router:
             )
         )
     router = Router(routes, version=policy.version)
-    fallback.resolve(state, router.routes)
+    # Steps that hand a call to another service (fallback) find its route here.
+    table.update(router.routes)
     return router

@@ -10,7 +10,7 @@
 
 Every step module has `build(service, *, state) -> Step | None`: it validates and
 precomputes at load time, and returns None when the policy does not ask for it. The
-order of a chain is fixed in one place: http/router.py's STEP_BUILDERS. Package
+order of a chain is fixed in one place: http/chain.py's steps(). Package
 `__init__` files stay thin and uncompiled (mypyc gives a compiled package `__init__`
 a wrong `__path__`).
 """

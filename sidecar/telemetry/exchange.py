@@ -4,7 +4,7 @@
   (when tracing is on), the request duration histogram, the in-flight gauge and
   the access log line, all covering the answer's streaming too (they are
   recorded from the answer's `on_done`, which the listener calls at its end).
-- The innermost step of every chain (`build`, registered last in STEP_BUILDERS,
+- The innermost step of every chain (`build`, the last step of http/chain.py,
   just before forward) times each upstream attempt and, when tracing is on,
   opens a CLIENT span and sends its W3C traceparent upstream.
 

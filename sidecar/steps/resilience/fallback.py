@@ -27,10 +27,9 @@ from __future__ import annotations
 
 import contextvars
 import json
-import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -41,8 +40,22 @@ from ...core.state import StateBuild
 from ...policy.loader import ServicePolicy
 from ..protocols.operation import annotate
 
-if TYPE_CHECKING:
-    from ...http.router import Route
+
+class Route(Protocol):
+    """What a hop needs of another service's route (the HTTP router's Route is one)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def handler(self) -> Handler: ...
+
+    @property
+    def set_headers(self) -> tuple[tuple[str, str], ...]: ...
+
+    @property
+    def drop(self) -> frozenset[str]: ...
+
 
 SERVED_BY = "X-Sidecar-Served-By"
 SESSION_HEADER = "Mcp-Session-Id"
@@ -63,13 +76,6 @@ FALLBACK_REASONS = frozenset(
 # Set while a hop runs: the other service's own fallback step passes it through,
 # so the list written on the first service alone decides where a call goes.
 _hopping: contextvars.ContextVar[bool] = contextvars.ContextVar("fallback_hop", default=False)
-
-# The routes of the Router being built, filled once every route exists (see
-# `resolve`): a step needs the handlers of services compiled after its own.
-_tables: weakref.WeakKeyDictionary[StateBuild, dict[str, Route]] = weakref.WeakKeyDictionary()
-_models: weakref.WeakKeyDictionary[StateBuild, dict[str, dict[str, str]]] = (
-    weakref.WeakKeyDictionary()
-)
 
 
 def _failed(reply: Reply) -> bool:
@@ -255,15 +261,22 @@ async def _release(reply: Reply) -> None:
         await result
 
 
-def build(service: ServicePolicy, *, state: StateBuild) -> Fallback | None:
-    # Every service's map is noted, fallback list or not: it is read by the others' steps.
-    models = _models.setdefault(state, {})
-    if service.spec.model_map:
-        models[service.name] = dict(service.spec.model_map)
+def build(
+    service: ServicePolicy,
+    *,
+    state: StateBuild,
+    routes: Mapping[str, Route],
+    services: Mapping[str, ServicePolicy],
+) -> Fallback | None:
+    """`routes`: the routes of the Router being built, by service, filled by the router
+    once every route exists (a hop needs the handlers of services compiled after its
+    own); `services`: the policy's, for the model_map of each service a hop goes to."""
     if not service.spec.fallback:
         return None
-    routes = _tables.setdefault(state, {})
     chain = tuple(service.spec.fallback)
+    models = {
+        name: dict(other.spec.model_map) for name, other in services.items() if other.spec.model_map
+    }
     return Fallback(
         service=service.name,
         chain=chain,
@@ -271,11 +284,3 @@ def build(service: ServicePolicy, *, state: StateBuild) -> Fallback | None:
         models=models,
         sessions=state.get(service.name, "mcp-sessions", chain, Sessions),
     )
-
-
-def resolve(state: StateBuild, routes: Mapping[str, Route]) -> None:
-    """Called by compile_policy once all routes of `state`'s Router exist."""
-    table = _tables.pop(state, None)
-    if table is not None:
-        table.update(routes)
-    _models.pop(state, None)

@@ -161,7 +161,8 @@ CONSOLE_POLL_SECONDS = 2.0  # what console.js does
 async def _start_sidecar(
     policy: Policy, upstream: int, tmp: Path, *, console: bool = False
 ) -> tuple[int, Any]:
-    from sidecar.runtime import Sidecar, serve
+    from sidecar.app import serve
+    from sidecar.runtime import Sidecar
 
     directory = tmp / (policy.value + ("-console" if console else ""))
     directory.mkdir()

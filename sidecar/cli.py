@@ -466,7 +466,7 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 async def _serve(sidecar: Sidecar, args: argparse.Namespace) -> int:
-    from .runtime import ListenError, serve
+    from .app import ListenError, serve
 
     if not (await sidecar.reload("startup")).ok:
         return 1  # the reload logged each error, once

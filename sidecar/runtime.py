@@ -1,14 +1,15 @@
-"""The running sidecar: the current Router, reloads, and the listeners.
+"""The running sidecar: the current policy and Router, reloads, and the state they keep.
 
 Reload = load + validate + compile a whole new Router off the request path,
-then swap one reference. A failed reload changes nothing.
+then swap one reference. A failed reload changes nothing. The listeners that
+serve it are opened by the composition root (app.py), which this module never
+imports: it knows neither the admin nor the listeners.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import time
@@ -22,8 +23,6 @@ from .databases.hub import DatabaseHub
 from .databases.telemetry import DatabaseTelemetry
 from .http import chain
 from .http.egress import Egress
-from .http.listener import Listener
-from .http.listener import serve as listen_http
 from .http.router import Router, compile_policy
 from .policy.loader import Policy, PolicyError, load_policy
 from .policy.testing import CassetteOverride
@@ -33,7 +32,6 @@ from .steps.resilience.faults import Faults
 from .telemetry import Telemetry
 from .webhooks.gate import build_gate
 from .webhooks.hub import StoreChanged, WebhookHub
-from .webhooks.listener import ingress_app
 
 log = logging.getLogger("sidecar")
 
@@ -351,137 +349,3 @@ class Sidecar:
         await self.databases.close()
         await self.webhooks.close()
         await self.telemetry.close()
-
-
-class ListenError(Exception):
-    """A listener could not be opened (port in use, address not on this host...)."""
-
-
-Bound = Listener
-
-
-def _own_listeners(sidecar: Sidecar, addresses: Iterable[tuple[str, int]]) -> None:
-    """The bound addresses (port 0 picked one): what reloads and deliveries refuse."""
-    sidecar.listeners = tuple(dict.fromkeys((str(h), int(p)) for h, p in addresses))
-    sidecar.webhooks.listeners = sidecar.listeners
-
-
-def _listen_error(address: tuple[str, int], exc: OSError) -> ListenError:
-    host, port = address
-    # The errno's own words ("address already in use"), not the event loop's wrapping.
-    reason = os.strerror(exc.errno) if exc.errno else str(exc)
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return ListenError(f"cannot listen on {where}: {reason[:1].lower()}{reason[1:]}")
-
-
-async def _open_ingress(sidecar: Sidecar, address: tuple[str, int]) -> Bound:
-    try:
-        return await _open(sidecar, "ingress", address)
-    except OSError as exc:
-        raise _listen_error(address, exc) from exc
-
-
-def _open_ingress_later(sidecar: Sidecar, address: tuple[str, int], runners: list[Bound]) -> None:
-    """Open the ingress listener once a reload first declares an inbound webhook.
-
-    The runner joins `runners`, so whoever stops the others stops it too.
-    """
-    opening: list[asyncio.Task[None]] = []
-
-    async def open_now() -> None:
-        try:
-            runner = await _open_ingress(sidecar, address)
-        except ListenError as exc:
-            log.error("inbound webhooks declared, but %s", exc)
-            return
-        runners.append(runner)
-        bound = runner.addresses[0][:2]
-        _own_listeners(sidecar, (*sidecar.listeners, bound))
-        log.info("ingress (inbound webhooks) on http://%s:%d", *bound)
-
-    def on_reload(result: ReloadResult) -> None:
-        if opening or not (result.ok and sidecar.webhooks.inbound_paths):
-            return
-        opening.append(asyncio.get_running_loop().create_task(open_now()))
-
-    sidecar.on_reload.append(on_reload)
-
-
-async def serve(
-    sidecar: Sidecar,
-    *,
-    listen: tuple[str, int],
-    admin: tuple[str, int] | None,
-    drain: float = 10.0,
-    ingress: tuple[str, int] | None = None,
-    probes: tuple[str, int] | None = None,
-) -> list[Bound]:
-    """Open the listeners; ListenError (with nothing left open) when one cannot be.
-
-    Egress first, then admin and probes; the ingress listener last, and only when the
-    policy declares an inbound webhook (it never serves anything else): if
-    none does yet, it opens when a reload first declares one.
-    """
-    if admin is not None and not is_loopback(admin[0]) and sidecar.admin_token is None:
-        # Anyone who reaches the port could reload, replay webhooks and read the figures.
-        raise ListenError(
-            f"the admin listener {admin[0]}:{admin[1]} is not a loopback address and no admin "
-            "token is set: set admin.token in the policy (or SIDECAR_ADMIN_TOKEN, or "
-            "SIDECAR_ADMIN_TOKEN_FILE), or bind --admin to 127.0.0.1"
-        )
-    wanted: list[tuple[str, tuple[str, int]]] = [("egress", listen)]
-    if admin is not None:
-        wanted.append(("admin", admin))
-    if probes is not None:
-        wanted.append(("probes", probes))
-    if ingress is not None and sidecar.webhooks.inbound_paths:
-        wanted.append(("ingress", ingress))
-    bound: list[Bound] = []
-    try:
-        for name, address in wanted:
-            try:
-                bound.append(await _open(sidecar, name, address))
-            except OSError as exc:
-                raise _listen_error(address, exc) from exc
-        if ingress is not None and not sidecar.webhooks.inbound_paths:
-            _open_ingress_later(sidecar, ingress, bound)
-        known = [a[:2] for made in bound for a in made.addresses]
-        if ingress is not None and not sidecar.webhooks.inbound_paths and ingress[1]:
-            known.append(ingress)
-        _own_listeners(sidecar, known)
-        # One loopback listener per `databases:` entry; later reloads open and close them.
-        try:
-            await sidecar.databases.start()
-        except OSError as exc:
-            raise ListenError(exc.strerror or str(exc)) from exc
-    except BaseException:
-        for made in bound:
-            await made.cleanup()
-        raise
-    sidecar.start_background()
-    return bound
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a name: it may resolve to anything
-
-
-async def _open(sidecar: Sidecar, name: str, address: tuple[str, int]) -> Bound:
-    host, port = address
-    if name == "egress":
-        return await listen_http(sidecar.handler, host, port, backlog=1024, name=name)
-    if name == "ingress":
-        return await listen_http(ingress_app(sidecar.webhooks), host, port, name=name)
-    from .admin import admin_app, probes_app
-
-    if name == "probes":
-        return await listen_http(probes_app(sidecar), host, port, name=name)
-
-    return await listen_http(
-        admin_app(sidecar, protected=not is_loopback(host)), host, port, name=name
-    )

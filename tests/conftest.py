@@ -45,7 +45,8 @@ def _stale_compiled_modules() -> str | None:
 if (_stale := _stale_compiled_modules()) is not None:
     pytest.exit(_stale, returncode=2)
 
-from sidecar.runtime import Sidecar, serve  # noqa: E402
+from sidecar.app import serve  # noqa: E402
+from sidecar.runtime import Sidecar  # noqa: E402
 
 
 @dataclass

@@ -201,7 +201,8 @@ async def test_a_session_the_fallback_issued_stays_on_the_fallback(
 
 async def test_the_session_id_is_recorded_and_replayed(mcp_servers, tmp_path) -> None:
     """An SDK client recorded through the sidecar, then replayed with the server stopped."""
-    from sidecar.runtime import Sidecar, serve
+    from sidecar.app import serve
+    from sidecar.runtime import Sidecar
 
     server = await mcp_servers("a")
     policies = tmp_path / "policies"

@@ -15,7 +15,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from sidecar.runtime import Sidecar, serve
+from sidecar.app import serve
+from sidecar.runtime import Sidecar
 from sidecar.webhooks.store import Attempt, Direction, Outcome, Store, Target
 from tests.helpers import eventually
 from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401

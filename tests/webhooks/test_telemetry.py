@@ -18,7 +18,8 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.runtime import Sidecar, serve
+from sidecar.app import serve
+from sidecar.runtime import Sidecar
 from tests.helpers import eventually
 from tests.otlp_receiver import Receiver as Collector
 

@@ -11,7 +11,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from sidecar.runtime import Sidecar, serve
+from sidecar.app import serve
+from sidecar.runtime import Sidecar
 from tests.conftest import StartSidecar
 
 SECRET = "sk-cassette-canary-51c9e2"

@@ -82,6 +82,9 @@ system-deps:
 lint: $(STAMP)
 	$(BIN)/ruff check sidecar tests bench examples setup.py
 	$(BIN)/ruff format --check sidecar tests bench examples setup.py
+	@# The layers and no import circles ([tool.importlinter] in pyproject.toml); PYTHONPATH
+	@# so a worktree sharing another checkout's virtualenv checks its own code.
+	PYTHONPATH=$(CURDIR) $(BIN)/lint-imports
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

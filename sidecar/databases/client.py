@@ -25,15 +25,31 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from . import protocol as pg
-from .pool import PoolTimeout
+from .pool import Pool, PoolTimeout
 from .server import ServerConnection, UpstreamError
+from .telemetry import Operation
 
 if TYPE_CHECKING:
-    from .guard import Refusal
-    from .hub import Entry
+    from .guard import Guard, Refusal
+
+
+class Entry(Protocol):
+    """What a session needs of its database (hub.py's Entry is one): a protocol, so
+    that the hub, which makes sessions, is not imported back from here."""
+
+    name: str
+    guard: Guard
+    pool: Pool
+    max_rows: int
+    background: set[asyncio.Task[None]]
+
+    def observe(
+        self, agent: str, operation: Operation, sqlstate: str, rows: int, seconds: float
+    ) -> None: ...
+
 
 log = logging.getLogger("sidecar.databases")
 

@@ -86,7 +86,7 @@ class LocalLimit:
         self.max_wait = limit.max_wait or 0.0
         self.per_agent = limit.per == "agent"
         self.detail = describe(service, limit, self.burst)
-        # Operations (GraphQL/MCP over HTTP: steps/protocols/operation.py): which calls
+        # Operations (GraphQL/MCP over HTTP: steps/operation.py): which calls
         # count, and whether each operation has its own bucket. `labels` names the
         # operations of the call being counted; read only when the limit names some.
         self.operations = tuple(limit.operations) if limit.operations is not None else None

@@ -36,7 +36,7 @@ from ..core.reasons import Reason
 from ..core.state import StateBuild
 from ..policy.files import Files
 from ..policy.loader import ServicePolicy
-from ..steps.protocols.operation import annotate
+from ..steps.operation import annotate
 from . import conditions, paths
 from .paths import Beneath, FilePath, Kind
 from .pool import Held, run, run_owned

@@ -5,8 +5,10 @@
 - resilience/: rate limits, pauses, retries, the breaker, timeouts, faults, fallback;
 - credentials/: what the sidecar injects or signs (auth kinds, OAuth2, JWTs, clouds);
 - llm/: token metering and limits, budgets, translation between LLM APIs;
-- protocols/: GraphQL, MCP, WebSocket, and the operation a call is known by;
-- answers/: answers given without the upstream (cache, mock, cassette).
+- protocols/: GraphQL, MCP, WebSocket;
+- answers/: answers given without the upstream (cache, mock, cassette);
+- operation.py: the operation a call is known by (GraphQL, MCP, OpenAPI), which every
+  group reads (limits by operation, telemetry's names, the cache key).
 
 Every step module has `build(service, *, state) -> Step | None`: it validates and
 precomputes at load time, and returns None when the policy does not ask for it. The

@@ -21,8 +21,8 @@ from sidecar.core.state import StateStore
 from sidecar.policy.loader import ServicePolicy, load_policy
 from sidecar.policy.models import Service
 from sidecar.policy.yamlpos import Position
+from sidecar.steps.operation import OPERATION
 from sidecar.steps.protocols import graphql, mcp
-from sidecar.steps.protocols.operation import OPERATION
 
 
 class Exchange:

@@ -49,7 +49,7 @@ from ...core.reasons import Reason
 from ...core.state import StateBuild, fingerprint
 from ...policy.cache import Cache
 from ...policy.loader import ServicePolicy
-from ..protocols.operation import annotate
+from ..operation import annotate
 from .cache_entry import (
     CACHE_HEADER,
     NOT_STORED_HEADER,

@@ -49,7 +49,7 @@ from ...policy.loader import ServicePolicy
 from ...policy.models import BasicAuth, BearerAuth, HeaderAuth, QueryAuth
 from ...policy.testing import Cassettes
 from ..credentials.auth import header_name
-from ..protocols.operation import annotate
+from ..operation import annotate
 
 log = logging.getLogger("sidecar.cassette")
 

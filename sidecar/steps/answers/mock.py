@@ -26,7 +26,7 @@ from ...openapi.document import METHODS, OpenAPIError, deref
 from ...openapi.spec import Spec
 from ...policy.loader import ServicePolicy
 from ...policy.testing import MockAnswer
-from ..protocols.operation import annotate
+from ..operation import annotate
 
 MOCK_HEADER = "X-Sidecar-Mock"
 

@@ -61,7 +61,7 @@ from ...policy.budget import Budget
 from ...policy.llm import LLM
 from ...policy.loader import ServicePolicy
 from ...policy.models import RateLimit
-from ..protocols.operation import annotate, endpoint
+from ..operation import annotate, endpoint
 from ..resilience.ratelimit import refusal
 from .budget import BudgetLimit, Pricing
 from .llm_limits import Charge, Clock, Sleep, TokenLimit, admit, describe_tokens, settle

@@ -33,7 +33,7 @@ from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...policy.loader import ServicePolicy
 from ...policy.translate import apis
-from ..protocols.operation import annotate, endpoint
+from ..operation import annotate, endpoint
 from .llm_usage import kind_of
 from .translate_answer import (
     SSEReader,

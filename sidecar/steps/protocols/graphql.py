@@ -30,7 +30,7 @@ from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...policy.loader import ServicePolicy
 from ...policy.protocols import GraphQL, GraphQLRule
-from .operation import OPERATION, annotate, bad_request, endpoint, parse_json, read_body
+from ..operation import OPERATION, annotate, bad_request, endpoint, parse_json, read_body
 
 if TYPE_CHECKING:
     from .graphql_analysis import Documents, Operation

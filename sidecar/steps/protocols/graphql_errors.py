@@ -29,8 +29,8 @@ from ...core.problems import ProblemError
 from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...policy.loader import ServicePolicy
+from ..operation import annotate, endpoint
 from ..resilience.outcomes import CountedFailure
-from .operation import annotate, endpoint
 
 # Largest answer read to look for errors; GraphQL JSON answers are rarely larger.
 LIMIT = 1 << 20

@@ -16,14 +16,22 @@ connection with 4400, as graphql-ws closes for an invalid message.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ...core.problems import ProblemError
-from .operation import _DuplicateKey, _unique_keys
+from ..operation import _DuplicateKey, _unique_keys
 from .websocket import Verdict
 
-if TYPE_CHECKING:
-    from .graphql import GraphQLStep
+
+class GraphQLStep(Protocol):
+    """What the tunnel needs of the GraphQL step (graphql.py's is one), kept a protocol
+    so that graphql.py, which makes the tunnel, is not imported back from here."""
+
+    @property
+    def service(self) -> str: ...
+
+    def check_operation(self, agent: str | None, request: dict[str, Any]) -> None: ...
+
 
 TRANSPORT_WS = "graphql-transport-ws"
 LEGACY_WS = "graphql-ws"

@@ -44,7 +44,7 @@ from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...policy.loader import ServicePolicy
 from ...policy.protocols import MCP
-from .operation import (
+from ..operation import (
     OPERATION,
     _DuplicateKey,
     _unique_keys,

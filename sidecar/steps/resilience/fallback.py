@@ -38,7 +38,7 @@ from ...core.problems import ProblemError
 from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...policy.loader import ServicePolicy
-from ..protocols.operation import annotate
+from ..operation import annotate
 
 
 class Route(Protocol):

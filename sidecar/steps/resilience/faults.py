@@ -42,7 +42,7 @@ from ...core.state import StateBuild
 from ...policy.loader import ServicePolicy
 from ...policy.testing import FAULT_KINDS
 from ...policy.testing import Faults as FaultsConfig
-from ..protocols.operation import annotate
+from ..operation import annotate
 
 FAULT_HEADER = "X-Sidecar-Fault"
 # The span attribute naming the faults a call got.

@@ -33,7 +33,7 @@ from ...engines.limits import (
     limit_headers,
 )
 from ...policy.loader import ServicePolicy
-from ..protocols.operation import OPERATION
+from ..operation import OPERATION
 from . import pause as pause_step
 from .pause import Pause
 

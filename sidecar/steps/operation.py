@@ -21,9 +21,9 @@ from contextvars import ContextVar
 from typing import Any
 from urllib.parse import unquote
 
-from ...core.call import Call, make_replayable
-from ...core.problems import ProblemError
-from ...core.reasons import Reason
+from ..core.call import Call, make_replayable
+from ..core.problems import ProblemError
+from ..core.reasons import Reason
 
 # The operations of the call this task is working on; () outside a GraphQL/MCP step.
 OPERATION: ContextVar[tuple[str, ...]] = ContextVar("sidecar_operation", default=())

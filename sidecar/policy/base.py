@@ -33,6 +33,10 @@ from .units import (
     parse_size,
 )
 
+# The header most auth kinds write their credential in (`credential_header` of each kind).
+AUTHORIZATION = "Authorization"
+
+
 Duration = Annotated[
     float,
     BeforeValidator(parse_duration),

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from .base import Duration, Model, SecretStr, Size
+from .base import AUTHORIZATION, Duration, Model, SecretStr, Size
 from .secrets import Secret, resolver_from_context
 
 _AWS_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -166,6 +166,11 @@ class AwsSigV4Auth(Model):
     def signed_payload(self) -> bool:
         return self.payload == "signed" or (self.payload is None and self.service != "s3")
 
+    @property
+    def credential_header(self) -> str | None:
+        """The header the credential lands in (the agent's own value there is dropped)."""
+        return AUTHORIZATION
+
 
 ObjectAction = Literal["read", "write", "list", "delete", "admin"]
 
@@ -247,6 +252,11 @@ class GcpAuth(Model):
             if missing:
                 raise ValueError(f"the service-account key lacks {', '.join(missing)}")
         return v
+
+    @property
+    def credential_header(self) -> str | None:
+        """The header the credential lands in (the agent's own value there is dropped)."""
+        return AUTHORIZATION
 
 
 class ManagedIdentity(Model):
@@ -335,3 +345,8 @@ class AzureAuth(Model):
         if self.managed_identity is not None and self.workload_identity is not None:
             raise ValueError("managed_identity and workload_identity are exclusive")
         return self
+
+    @property
+    def credential_header(self) -> str | None:
+        """The header the credential lands in (the agent's own value there is dropped)."""
+        return AUTHORIZATION

@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from .base import (
+    AUTHORIZATION,
     Duration,
     HeaderName,
     HeaderValue,
@@ -229,11 +230,21 @@ class BearerAuth(Model):
     type: Literal["bearer"]
     token: SecretStr
 
+    @property
+    def credential_header(self) -> str | None:
+        """The header the credential lands in (the agent's own value there is dropped)."""
+        return AUTHORIZATION
+
 
 class HeaderAuth(Model):
     type: Literal["header"]
     name: HeaderName
     value: SecretStr
+
+    @property
+    def credential_header(self) -> str | None:
+        """The header the credential lands in (the agent's own value there is dropped)."""
+        return self.name
 
 
 class QueryAuth(Model):
@@ -241,11 +252,21 @@ class QueryAuth(Model):
     name: str = Field(min_length=1)
     value: SecretStr
 
+    @property
+    def credential_header(self) -> str | None:
+        """The header the credential lands in (the agent's own value there is dropped)."""
+        return None  # a query parameter, no header
+
 
 class BasicAuth(Model):
     type: Literal["basic"]
     username: SecretStr
     password: SecretStr
+
+    @property
+    def credential_header(self) -> str | None:
+        """The header the credential lands in (the agent's own value there is dropped)."""
+        return AUTHORIZATION
 
 
 class OAuth2ClientCredentials(Model):
@@ -261,6 +282,11 @@ class OAuth2ClientCredentials(Model):
     refresh_before: Duration = Field(
         default=60.0, ge=0, description="Refresh this long before the token expires"
     )
+
+    @property
+    def credential_header(self) -> str | None:
+        """The header the credential lands in (the agent's own value there is dropped)."""
+        return AUTHORIZATION
 
     @field_validator("token_url")
     @classmethod
@@ -278,7 +304,12 @@ class JwtAuth(Model):
     kid: str | None = None
     claims: dict[str, Any] = Field(default_factory=dict)
     ttl: Duration = Field(default=300.0, gt=0)
-    header: HeaderName = Field(default="Authorization", description="Sent as 'Bearer <jwt>' here")
+    header: HeaderName = Field(default=AUTHORIZATION, description="Sent as 'Bearer <jwt>' here")
+
+    @property
+    def credential_header(self) -> str | None:
+        """The header the credential lands in (the agent's own value there is dropped)."""
+        return self.header
 
     @field_validator("key")
     @classmethod

@@ -12,6 +12,7 @@ from urllib.parse import quote, unquote_plus
 
 from ...core.call import Call, Field, Handler, Reply
 from ...core.state import StateBuild
+from ...policy.base import AUTHORIZATION
 from ...policy.cloud import AwsSigV4Auth, AzureAuth, GcpAuth
 from ...policy.loader import ServicePolicy
 from ...policy.models import BasicAuth, BearerAuth, HeaderAuth, OAuth2ClientCredentials, QueryAuth
@@ -68,11 +69,7 @@ class SetQuery:
 def header_name(service: ServicePolicy) -> str | None:
     """The header an auth kind writes, so the agent's own value there is dropped first."""
     auth = service.spec.auth
-    if auth is None or isinstance(auth, QueryAuth):
-        return None
-    if isinstance(auth, HeaderAuth):
-        return auth.name
-    return getattr(auth, "header", "Authorization")
+    return None if auth is None else auth.credential_header
 
 
 def _unresolved(auth: object) -> bool:
@@ -86,12 +83,12 @@ def build(service: ServicePolicy, *, state: StateBuild) -> Step | None:
         # replay without passthrough) when its secret is not there (policy/secrets.py).
         return None
     if isinstance(auth, BearerAuth):
-        return SetHeader(name="Authorization", value=f"Bearer {auth.token.reveal()}")
+        return SetHeader(name=AUTHORIZATION, value=f"Bearer {auth.token.reveal()}")
     if isinstance(auth, HeaderAuth):
         return SetHeader(name=auth.name, value=auth.value.reveal())
     if isinstance(auth, BasicAuth):
         pair = f"{auth.username.reveal()}:{auth.password.reveal()}".encode()
-        return SetHeader(name="Authorization", value=f"Basic {base64.b64encode(pair).decode()}")
+        return SetHeader(name=AUTHORIZATION, value=f"Basic {base64.b64encode(pair).decode()}")
     if isinstance(auth, QueryAuth):
         return SetQuery(name=auth.name, value=auth.value.reveal())
     if isinstance(auth, OAuth2ClientCredentials):

@@ -31,6 +31,7 @@ from ...core.call import Call, Handler, Reply
 from ...core.problems import ProblemError
 from ...core.reasons import Reason
 from ...core.state import StateBuild
+from ...policy.base import AUTHORIZATION
 from ...policy.cloud import AwsSigV4Auth, WebIdentity
 from ...policy.loader import ServicePolicy
 from . import sigv4
@@ -276,7 +277,7 @@ class Signer:
         added = [
             ("X-Amz-Date", amz_date),
             ("X-Amz-Content-Sha256", payload),
-            ("Authorization", sigv4.authorization(credentials.access_key, scope, names, signature)),
+            (AUTHORIZATION, sigv4.authorization(credentials.access_key, scope, names, signature)),
         ]
         if token is not None:
             added.append(("X-Amz-Security-Token", token))

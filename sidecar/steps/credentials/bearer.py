@@ -15,6 +15,7 @@ from collections.abc import Callable
 from ...core.call import Call, Handler, Reply, make_replayable
 from ...core.problems import ProblemError
 from ...core.reasons import Reason
+from ...policy.base import AUTHORIZATION
 from .refresh import Fetch, Refreshing
 
 log = logging.getLogger("sidecar.auth")
@@ -82,7 +83,7 @@ class BearerToken:
         token = source.fresh()
         if token is None:
             token = await source.get()
-        call.set_header("Authorization", f"Bearer {token}")
+        call.set_header(AUTHORIZATION, f"Bearer {token}")
         replayable = await make_replayable(call)
         reply = await next(call)
         if reply.status != 401:
@@ -92,5 +93,5 @@ class BearerToken:
         if not replayable:
             return reply
         reply.release()
-        call.set_header("Authorization", f"Bearer {await source.get()}")
+        call.set_header(AUTHORIZATION, f"Bearer {await source.get()}")
         return await next(call)

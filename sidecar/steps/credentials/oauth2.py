@@ -29,6 +29,7 @@ from ...core.call import Call, Handler, Reply, make_replayable
 from ...core.problems import ProblemError
 from ...core.reasons import Reason
 from ...core.state import StateBuild
+from ...policy.base import AUTHORIZATION
 from ...policy.loader import ServicePolicy
 from ...policy.models import OAuth2ClientCredentials
 
@@ -212,7 +213,7 @@ class OAuth2Auth:
     async def __call__(self, call: Call, next: Handler) -> Reply:
         source = self.source
         header = await source.header()
-        call.headers["Authorization"] = header
+        call.headers[AUTHORIZATION] = header
         replayable = await make_replayable(call)
         reply = await next(call)
         if reply.status != 401:
@@ -221,7 +222,7 @@ class OAuth2Auth:
         if not replayable:
             return reply  # the body is gone; the agent sees the 401 and may try again
         reply.release()
-        call.headers["Authorization"] = await source.header()
+        call.headers[AUTHORIZATION] = await source.header()
         return await next(call)
 
 

@@ -143,6 +143,7 @@ class Sidecar:
         )
         self.database_http = DatabaseHttp(self.databases)
         self.handler.databases = self.database_http
+        self.telemetry.pools.register(self.databases.snapshots)
 
     async def reload(self, trigger: str) -> ReloadResult:
         async with self._lock:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..policy.databases import Database
 from ..policy.models import Agents
+from ..telemetry.pools import PoolSnapshot
 from . import protocol as pg
 from .client import Session
 from .guard import Guard
@@ -248,6 +249,23 @@ class DatabaseHub:
 
     def stats(self) -> dict[str, Any]:
         return {name: e.stats() for name, e in self.entries.items()}
+
+    def snapshots(self) -> list[PoolSnapshot]:
+        """Each database's pool as the console and the pool_saturated alert see it."""
+        out = []
+        for name, entry in self.entries.items():
+            pool = entry.pool
+            out.append(
+                PoolSnapshot(
+                    kind="postgres",
+                    name=name,
+                    size=pool.busy + len(pool.idle),
+                    in_use=pool.busy,
+                    max=pool.config.size,
+                    waiting=pool.waiting,
+                )
+            )
+        return out
 
     def address(self, name: str) -> tuple[str, int]:
         address = self.entries[name].address

@@ -365,3 +365,37 @@ async def test_statements_past_the_bound_are_closed_and_prepared_again(
         assert await conn.fetchval(count) <= 3
     finally:
         await conn.close()
+
+
+async def test_the_console_shows_the_pool_and_a_saturated_pool_alerts(
+    postgres: PostgresServer, start_sidecar: Any, client: Any, closed_port: int
+) -> None:
+    # A session-mode pool of 1 held by one agent: the console's pool row says so, and
+    # the pool_saturated alert rule, which reads the same snapshot, fires.
+    running = await start_sidecar(
+        policy(
+            postgres,
+            pool="{mode: session, size: 1, wait_timeout: 5s}",
+            extra=f"""
+        alerts:
+          evaluate_every: 50ms
+          receivers:
+            ops: {{format: slack, url: "http://127.0.0.1:{closed_port}/hook", allow_private: true}}
+          rules:
+            - {{name: pools, kind: pool_saturated, percent: 90, send_to: [ops]}}
+        """,
+        )
+    )
+    async with await psycopg.AsyncConnection.connect(dsn(running)) as conn:
+        await conn.execute("SELECT 1")
+
+        async def saturated() -> bool:
+            async with client.get(f"{running.admin}/api/console") as resp:
+                figures = await resp.json()
+            pools = [p for p in figures["pools"] if p["name"] == "shop"]
+            firing = [a for a in figures["alerts"] if a["alertname"] == "pools"]
+            return bool(pools) and pools[0]["in_use"] == 1 and pools[0]["max"] == 1 and bool(firing)
+
+        from tests.helpers import eventually
+
+        await eventually(saturated, "the pool in the console and its alert", limit=10)

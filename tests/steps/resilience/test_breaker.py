@@ -13,14 +13,7 @@ from sidecar.core.call import Call
 from sidecar.core.problems import ProblemError
 from sidecar.policy.models import CircuitBreaker
 from sidecar.steps.resilience.breaker import Breaker
-
-
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.steps.resilience.fakes import Clock
 
 
 class FakeReply:

@@ -16,30 +16,7 @@ from sidecar.policy.loader import ServicePolicy
 from sidecar.policy.models import Service
 from sidecar.policy.yamlpos import Position
 from sidecar.steps.resilience.pause import Pause, build
-
-
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class FakeReply:
-    def __init__(self, status: int, headers: dict[str, str] | None = None) -> None:
-        self.status = status
-        self.headers: CIMultiDict[str] = CIMultiDict(headers or {})
-
-
-class Upstream:
-    def __init__(self) -> None:
-        self.calls = 0
-        self.reply = FakeReply(200)
-
-    async def __call__(self, call: Call) -> Any:
-        self.calls += 1
-        return self.reply
+from tests.steps.resilience.fakes import Clock, FakeReply, Upstream
 
 
 def service(upstream: str = "http://127.0.0.1:9") -> ServicePolicy:

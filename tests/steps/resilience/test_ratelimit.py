@@ -18,14 +18,7 @@ from sidecar.policy.models import Service
 from sidecar.policy.yamlpos import Position
 from sidecar.steps.resilience import pause
 from sidecar.steps.resilience.ratelimit import RateLimiter, build
-
-
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.steps.resilience.fakes import Clock, Upstream
 
 
 class Sleeps:
@@ -41,22 +34,6 @@ class Sleeps:
         self.slept.set()
         if self.gate is not None:
             await self.gate.wait()
-
-
-class FakeReply:
-    def __init__(self, status: int, headers: dict[str, str] | None = None) -> None:
-        self.status = status
-        self.headers: CIMultiDict[str] = CIMultiDict(headers or {})
-
-
-class Upstream:
-    def __init__(self) -> None:
-        self.calls = 0
-        self.reply = FakeReply(200)
-
-    async def __call__(self, call: Call) -> Any:
-        self.calls += 1
-        return self.reply
 
 
 def service(*limits: dict[str, Any]) -> ServicePolicy:

@@ -65,7 +65,7 @@ class Circuit:
         self.transitions: dict[str, int] = {}
         # Bumped on every transition: a call settles only in the generation it was
         # admitted in, so a slow call from before an opening cannot close a circuit.
-        self._generation = 0
+        self.generation = 0
         self._opened_at = 0.0
         self._probes = 0  # in flight
         self._passed = 0  # successful probes in this half-open period
@@ -76,7 +76,7 @@ class Circuit:
         self.total = 0
         self.failed = 0
 
-    def _admit(self) -> int:
+    def admit(self) -> int:
         """A call's generation, to settle it with; CircuitOpen when it may not go."""
         now = self.clock()
         if self.state == OPEN:
@@ -87,10 +87,10 @@ class Circuit:
         if self._probes >= self.half_open_requests:
             raise CircuitOpen(PROBING_RETRY_AFTER, probing=True)
         self._probes += 1
-        return self._generation
+        return self.generation
 
-    def _settle(self, generation: int, failed: bool | None) -> None:
-        if generation != self._generation:
+    def settle(self, generation: int, failed: bool | None) -> None:
+        if generation != self.generation:
             return
         if self.state == CLOSED:
             if failed is None:
@@ -147,7 +147,7 @@ class Circuit:
     def _move(self, to: str, now: float) -> None:
         frm = self.state
         self.state = to
-        self._generation += 1
+        self.generation += 1
         if to == OPEN:
             self._opened_at = now
         elif to == HALF_OPEN:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 from ...core.call import Call, Handler, Reply
 from ...core.problems import ProblemError
@@ -25,7 +26,11 @@ from ...policy.models import CircuitBreaker
 from .outcomes import CountedFailure, Outcomes
 
 
-class Breaker(Circuit):
+class Breaker:
+    """The HTTP step over one circuit (engines/breaker.py), which it holds rather than
+    extends: mypyc-compiled code crashed calling a compiled subclass's `__call__`
+    across modules. The circuit's state is read (and, by tests, set) through it."""
+
     def __init__(
         self,
         *,
@@ -34,34 +39,78 @@ class Breaker(Circuit):
         clock: Callable[[], float] = time.monotonic,
         on_transition: list[Callable[[str, str, str], None]] | None = None,
     ) -> None:
-        super().__init__(service=service, config=config, clock=clock, on_transition=on_transition)
+        self.service = service
+        self.circuit = Circuit(
+            service=service, config=config, clock=clock, on_transition=on_transition
+        )
         outcomes = Outcomes.of(config.on)
         self._causes = outcomes.causes
         self._statuses = outcomes.statuses
 
     async def __call__(self, call: Call, next: Handler) -> Reply:
-        if self.state != CLOSED:
+        circuit = self.circuit
+        if circuit.state != CLOSED:
             try:
-                generation = self._admit()
+                generation = circuit.admit()
             except CircuitOpen as exc:
                 raise self._refusal(exc.wait, probing=exc.probing) from None
         else:
-            generation = self._generation
+            generation = circuit.generation
         try:
             reply = await next(call)
         except ProblemError as err:
             # A wire error not listed in `on` (or the sidecar's own refusal) is no answer
             # from the upstream: it counts neither way.
-            self._settle(generation, True if err.cause in self._causes else None)
+            circuit.settle(generation, True if err.cause in self._causes else None)
             raise
         except BaseException:
             # Cancelled by the agent or a sidecar bug: says nothing about the upstream.
-            self._settle(generation, None)
+            circuit.settle(generation, None)
             raise
-        self._settle(
+        circuit.settle(
             generation, reply.status in self._statuses or isinstance(reply, CountedFailure)
         )
         return reply
+
+    @property
+    def state(self) -> str:
+        return self.circuit.state
+
+    @property
+    def total(self) -> int:
+        return self.circuit.total
+
+    @property
+    def failed(self) -> int:
+        return self.circuit.failed
+
+    @property
+    def transitions(self) -> dict[str, int]:
+        return self.circuit.transitions
+
+    @property
+    def on_transition(self) -> list[Callable[[str, str, str], None]]:
+        return self.circuit.on_transition
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self.circuit.clock
+
+    @clock.setter
+    def clock(self, clock: Callable[[], float]) -> None:
+        self.circuit.clock = clock
+
+    @property
+    def open_for(self) -> float:
+        return self.circuit.open_for
+
+    @open_for.setter
+    def open_for(self, seconds: float) -> None:
+        self.circuit.open_for = seconds
+
+    def snapshot(self) -> dict[str, Any]:
+        """The breaker as the admin /services page shows it."""
+        return self.circuit.snapshot()
 
     def _refusal(self, wait: float, *, probing: bool) -> ProblemError:
         if probing:

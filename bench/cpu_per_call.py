@@ -42,7 +42,16 @@ import httptools
 import uvloop
 
 # bench/ is sys.path[0] when this file runs as a script: the policies are run.py's own.
-from run import AGENT_HEADER, SERVICE, TOKEN, UPSTREAM_BODY, Policy, sidecar_policy
+from run import (
+    AGENT_HEADER,
+    OPENAPI_DOCUMENT,
+    POST_BODY,
+    SERVICE,
+    TOKEN,
+    UPSTREAM_BODY,
+    Policy,
+    sidecar_policy,
+)
 
 PATH = f"/{SERVICE}/v1/ping"
 _BODY = UPSTREAM_BODY.encode()
@@ -107,11 +116,35 @@ class _Client(asyncio.Protocol):
                 self.done.set_result(None)
 
 
-async def _drive(port: int, connections: int, calls: int) -> tuple[int, int, float]:
+class _Sink(asyncio.Protocol):
+    """An OTLP/HTTP collector that reads each export and answers 200, like run.py's sink."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport
+        self.parser = httptools.HttpRequestParser(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_message_complete(self) -> None:
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+
+def _request(port: int, post: bool) -> bytes:
+    head = f"{PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{AGENT_HEADER}: bench-agent\r\n"
+    if not post:
+        return f"GET {head}\r\n".encode()
+    body = POST_BODY.encode()
+    return b"POST %bContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (
+        head.encode(),
+        len(body),
+        body,
+    )
+
+
+async def _drive(port: int, connections: int, calls: int, post: bool) -> tuple[int, int, float]:
     loop = asyncio.get_running_loop()
-    request = (
-        f"GET {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{AGENT_HEADER}: bench-agent\r\n\r\n"
-    ).encode()
+    request = _request(port, post)
     counts = {"ok": 0, "bad": 0, "left": calls, "connections": connections}
     done: asyncio.Future[None] = loop.create_future()
     clients = []
@@ -133,27 +166,49 @@ async def _drive(port: int, connections: int, calls: int) -> tuple[int, int, flo
 async def _child() -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(_Upstream, "127.0.0.1", 0)
-    print(f"UPSTREAM {server.sockets[0].getsockname()[1]}", flush=True)
+    sink = await loop.create_server(_Sink, "127.0.0.1", 0)
+    ports = server.sockets[0].getsockname()[1], sink.sockets[0].getsockname()[1]
+    print(f"UPSTREAM {ports[0]} {ports[1]}", flush=True)
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     while line := (await reader.readline()).decode().split():
-        port, connections, calls = map(int, line)
-        ok, bad, wall = await _drive(port, connections, calls)
+        port, connections, calls, post = map(int, line)
+        ok, bad, wall = await _drive(port, connections, calls, bool(post))
         print(f"DONE {ok} {bad} {wall:.6f}", flush=True)
 
 
 # -- the proxies under test (this process) --------------------------------------------------
 
-Start = Callable[[int, Path], Awaitable[tuple[int, Callable[[], Awaitable[None]]]]]
+Start = Callable[[int, int, Path], Awaitable[tuple[int, Callable[[], Awaitable[None]]]]]
 
 
-async def _start_sidecar(policy: Policy, upstream: int, tmp: Path) -> tuple[int, Any]:
+async def _start_sidecar(
+    policy: Policy,
+    upstream: int,
+    tmp: Path,
+    *,
+    name: str,
+    env: dict[str, str] | None = None,
+    validate: bool = False,
+) -> tuple[int, Any]:
+    import json
+
     from sidecar.runtime import Sidecar, serve
 
-    directory = tmp / policy.value
+    directory = tmp / name
     directory.mkdir()
-    (directory / "policy.yaml").write_text(sidecar_policy(policy, upstream))
-    sidecar = Sidecar(str(directory), env={"BENCH_TOKEN": TOKEN})
+    openapi = None
+    if validate:
+        (directory / "openapi.json").write_text(json.dumps(OPENAPI_DOCUMENT))
+        openapi = "openapi.json"
+    (directory / "policy.yaml").write_text(sidecar_policy(policy, upstream, openapi=openapi))
+    sidecar = Sidecar(str(directory), env={"BENCH_TOKEN": TOKEN, **(env or {})})
+    writer = None
+    if sidecar.telemetry.access_log:
+        from sidecar.telemetry import access
+
+        # As `sidecar run --access-log` does, into a file rather than this script's stdout.
+        writer = access.configure((tmp / f"{name}.access.log").open("w"))
     result = await sidecar.reload("startup")
     assert result.ok, result.errors
     (bound,) = await serve(sidecar, listen=("127.0.0.1", 0), admin=None)
@@ -161,11 +216,13 @@ async def _start_sidecar(policy: Policy, upstream: int, tmp: Path) -> tuple[int,
     async def stop() -> None:
         await bound.cleanup()
         await sidecar.close()
+        if writer is not None:
+            writer.stop()
 
     return bound.addresses[0][1], stop
 
 
-async def _start_listener(upstream: int, tmp: Path) -> tuple[int, Any]:
+async def _start_listener(upstream: int, sink: int, tmp: Path) -> tuple[int, Any]:
     from sidecar.proxy.listener import Request, Response, serve
 
     headers = [("Server", "nginx/1.22.1"), ("Content-Type", "application/json")]
@@ -254,7 +311,7 @@ class _Probe(asyncio.Protocol):
         self.transport.write(await self.answered)
 
 
-async def _start_probe(upstream: int, tmp: Path) -> tuple[int, Any]:
+async def _start_probe(upstream: int, sink: int, tmp: Path) -> tuple[int, Any]:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: _Probe(upstream), "127.0.0.1", 0)
 
@@ -264,12 +321,39 @@ async def _start_probe(upstream: int, tmp: Path) -> tuple[int, Any]:
     return server.sockets[0].getsockname()[1], stop
 
 
+def _tracing(sink: int, *, ratio: float | None = None) -> dict[str, str]:
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink}"}
+    if ratio is not None:
+        env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
+        env["OTEL_TRACES_SAMPLER_ARG"] = str(ratio)
+    return env
+
+
+def _sidecar(name: str, policy: Policy = Policy.REALISTIC, **options: Any) -> Start:
+    def start(up: int, sink: int, tmp: Path) -> Awaitable[tuple[int, Any]]:
+        env = options.get("env")
+        rest = {k: v for k, v in options.items() if k != "env"}
+        return _start_sidecar(policy, up, tmp, name=name, env=env(sink) if env else None, **rest)
+
+    return start
+
+
 TARGETS: dict[str, Start] = {
-    "sidecar": lambda up, tmp: _start_sidecar(Policy.REALISTIC, up, tmp),
-    "sidecar-min": lambda up, tmp: _start_sidecar(Policy.MINIMAL, up, tmp),
+    "sidecar": _sidecar("sidecar"),
+    "sidecar-min": _sidecar("sidecar-min", Policy.MINIMAL),
     "listener": _start_listener,
     "probe": _start_probe,
+    # The features of issue 26, each over `sidecar` (or `sidecar-post` for validation).
+    "sidecar+tracing": _sidecar("sidecar+tracing", env=lambda sink: _tracing(sink)),
+    "sidecar+tracing@10%": _sidecar(
+        "sidecar+tracing@10%", env=lambda sink: _tracing(sink, ratio=0.1)
+    ),
+    "sidecar+log": _sidecar("sidecar+log", env=lambda sink: {"SIDECAR_ACCESS_LOG": "1"}),
+    "sidecar-post": _sidecar("sidecar-post"),
+    "sidecar+validate": _sidecar("sidecar+validate", validate=True),
 }
+# Targets driven with POST_BODY instead of GETs.
+POST_TARGETS = frozenset({"sidecar-post", "sidecar+validate"})
 
 
 # -- measuring -------------------------------------------------------------------------------
@@ -279,12 +363,14 @@ class _Load:
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
 
-    async def run(self, port: int, connections: int, calls: int) -> tuple[float, float, float]:
+    async def run(
+        self, port: int, connections: int, calls: int, post: bool = False
+    ) -> tuple[float, float, float]:
         """CPU seconds (user, system) this process spent, and the wall time, for `calls`."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
         # getrusage: microsecond resolution (os.times counts 10 ms ticks).
         before = resource.getrusage(resource.RUSAGE_SELF)
-        self.proc.stdin.write(f"{port} {connections} {calls}\n".encode())
+        self.proc.stdin.write(f"{port} {connections} {calls} {int(post)}\n".encode())
         line = (await self.proc.stdout.readline()).decode().split()
         after = resource.getrusage(resource.RUSAGE_SELF)
         _, ok, bad, wall = line
@@ -306,13 +392,16 @@ async def _measure(args: argparse.Namespace) -> None:
         stdout=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None
-    upstream = int((await proc.stdout.readline()).split()[1])
+    _, upstream, sink = (await proc.stdout.readline()).split()
     load = _Load(proc)
     passes = (("seq", 1, args.calls // 4), ("conc", args.connections, args.calls))
     with tempfile.TemporaryDirectory() as tmp:
-        started = {name: await TARGETS[name](upstream, Path(tmp)) for name in args.only}
-        for port, _ in started.values():
-            await load.run(port, args.connections, 2000)  # warm: pools, caches, children
+        started = {
+            name: await TARGETS[name](int(upstream), int(sink), Path(tmp)) for name in args.only
+        }
+        for name, (port, _) in started.items():
+            # Warm: pools, caches, children.
+            await load.run(port, args.connections, 2000, name in POST_TARGETS)
         # As `sidecar run` does once it serves (cli.py): what lives for the process's
         # life is out of the collector's sight.
         gc.collect()
@@ -325,7 +414,8 @@ async def _measure(args: argparse.Namespace) -> None:
                 for label, connections, calls in passes:
                     if args.mark:
                         os.getppid()  # callgrind dumps its counts here (--instructions)
-                    user, system, wall = await load.run(port, connections, calls)
+                    post = name in POST_TARGETS
+                    user, system, wall = await load.run(port, connections, calls, post)
                     if args.mark:
                         os.getppid()
                     rows[name, label].append((_us(user, calls), _us(system, calls), wall / calls))
@@ -339,7 +429,7 @@ async def _measure(args: argparse.Namespace) -> None:
                 f" {user:>6.1f} {system:>6.1f} {1 / wall:>8.0f}"
             )
         for name in args.profile:
-            await _profile(load, started[name][0], args)
+            await _profile(load, started[name][0], args, name in POST_TARGETS)
         for _, stop in started.values():
             await stop()
     assert proc.stdin is not None
@@ -364,7 +454,7 @@ _GROUPS = (
 )
 
 
-async def _profile(load: _Load, port: int, args: argparse.Namespace) -> None:
+async def _profile(load: _Load, port: int, args: argparse.Namespace, post: bool) -> None:
     try:
         import pyinstrument
     except ImportError:
@@ -379,13 +469,13 @@ async def _profile(load: _Load, port: int, args: argparse.Namespace) -> None:
         get_stack_sampler().timer_func = time.process_time
         sampler = pyinstrument.Profiler(interval=0.0001, async_mode="disabled")
         sampler.start()
-        await load.run(port, args.connections, args.calls)
+        await load.run(port, args.connections, args.calls, post)
         sampler.stop()
         print(sampler.output_text(unicode=False, color=False, show_all=False))
         return
     profile = cProfile.Profile()
     profile.enable()
-    await load.run(port, args.connections, args.calls)
+    await load.run(port, args.connections, args.calls, post)
     profile.disable()
     stats = pstats.Stats(profile)
     if os.environ.get("CPU_PER_CALL_PSTATS"):

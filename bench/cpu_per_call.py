@@ -179,7 +179,14 @@ async def _child() -> None:
 
 # -- the proxies under test (this process) --------------------------------------------------
 
-Start = Callable[[int, int, Path], Awaitable[tuple[int, Callable[[], Awaitable[None]]]]]
+Action = Callable[[], Awaitable[None]]
+# A started target: its port, how to stop it, and how to finish its background work
+# (the span exporter's queue), so that each pass is charged with the work it caused.
+Start = Callable[[int, int, Path], Awaitable[tuple[int, Action, Action]]]
+
+
+async def _nothing() -> None:
+    pass
 
 
 async def _start_sidecar(
@@ -190,7 +197,7 @@ async def _start_sidecar(
     name: str,
     env: dict[str, str] | None = None,
     validate: bool = False,
-) -> tuple[int, Any]:
+) -> tuple[int, Action, Action]:
     import json
 
     from sidecar.runtime import Sidecar, serve
@@ -219,10 +226,13 @@ async def _start_sidecar(
         if writer is not None:
             writer.stop()
 
-    return bound.addresses[0][1], stop
+    async def flush() -> None:
+        await asyncio.to_thread(sidecar.telemetry.force_flush)
+
+    return bound.addresses[0][1], stop, flush
 
 
-async def _start_listener(upstream: int, sink: int, tmp: Path) -> tuple[int, Any]:
+async def _start_listener(upstream: int, sink: int, tmp: Path) -> tuple[int, Action, Action]:
     from sidecar.proxy.listener import Request, Response, serve
 
     headers = [("Server", "nginx/1.22.1"), ("Content-Type", "application/json")]
@@ -231,7 +241,7 @@ async def _start_listener(upstream: int, sink: int, tmp: Path) -> tuple[int, Any
         return Response(status=200, headers=list(headers), body=_BODY)
 
     listener = await serve(app, "127.0.0.1", 0)
-    return listener.addresses[0][1], listener.cleanup
+    return listener.addresses[0][1], listener.cleanup, _nothing
 
 
 class _ProbeUpstream(asyncio.Protocol):
@@ -311,14 +321,14 @@ class _Probe(asyncio.Protocol):
         self.transport.write(await self.answered)
 
 
-async def _start_probe(upstream: int, sink: int, tmp: Path) -> tuple[int, Any]:
+async def _start_probe(upstream: int, sink: int, tmp: Path) -> tuple[int, Action, Action]:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: _Probe(upstream), "127.0.0.1", 0)
 
     async def stop() -> None:
         server.close()
 
-    return server.sockets[0].getsockname()[1], stop
+    return server.sockets[0].getsockname()[1], stop, _nothing
 
 
 def _tracing(sink: int, *, ratio: float | None = None) -> dict[str, str]:
@@ -330,7 +340,7 @@ def _tracing(sink: int, *, ratio: float | None = None) -> dict[str, str]:
 
 
 def _sidecar(name: str, policy: Policy = Policy.REALISTIC, **options: Any) -> Start:
-    def start(up: int, sink: int, tmp: Path) -> Awaitable[tuple[int, Any]]:
+    def start(up: int, sink: int, tmp: Path) -> Awaitable[tuple[int, Action, Action]]:
         env = options.get("env")
         rest = {k: v for k, v in options.items() if k != "env"}
         return _start_sidecar(policy, up, tmp, name=name, env=env(sink) if env else None, **rest)
@@ -364,7 +374,7 @@ class _Load:
         self.proc = proc
 
     async def run(
-        self, port: int, connections: int, calls: int, post: bool = False
+        self, port: int, connections: int, calls: int, post: bool = False, settle: Action = _nothing
     ) -> tuple[float, float, float]:
         """CPU seconds (user, system) this process spent, and the wall time, for `calls`."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -372,6 +382,7 @@ class _Load:
         before = resource.getrusage(resource.RUSAGE_SELF)
         self.proc.stdin.write(f"{port} {connections} {calls} {int(post)}\n".encode())
         line = (await self.proc.stdout.readline()).decode().split()
+        await settle()
         after = resource.getrusage(resource.RUSAGE_SELF)
         _, ok, bad, wall = line
         if int(bad) or int(ok) != calls:
@@ -399,9 +410,9 @@ async def _measure(args: argparse.Namespace) -> None:
         started = {
             name: await TARGETS[name](int(upstream), int(sink), Path(tmp)) for name in args.only
         }
-        for name, (port, _) in started.items():
+        for name, (port, _, flush) in started.items():
             # Warm: pools, caches, children.
-            await load.run(port, args.connections, 2000, name in POST_TARGETS)
+            await load.run(port, args.connections, 2000, name in POST_TARGETS, flush)
         # As `sidecar run` does once it serves (cli.py): what lives for the process's
         # life is out of the collector's sight.
         gc.collect()
@@ -410,12 +421,13 @@ async def _measure(args: argparse.Namespace) -> None:
         # Rounds interleave the targets, so a busier moment of the machine falls on all.
         rows: dict[tuple[str, str], list[tuple[float, float, float]]] = defaultdict(list)
         for _ in range(args.rounds):
-            for name, (port, _) in started.items():
+            for name, (port, _, flush) in started.items():
                 for label, connections, calls in passes:
+                    post = name in POST_TARGETS
                     if args.mark:
                         os.getppid()  # callgrind dumps its counts here (--instructions)
-                    post = name in POST_TARGETS
-                    user, system, wall = await load.run(port, connections, calls, post)
+                    # The spans of this pass are exported within it (flush): its CPU counts.
+                    user, system, wall = await load.run(port, connections, calls, post, flush)
                     if args.mark:
                         os.getppid()
                     rows[name, label].append((_us(user, calls), _us(system, calls), wall / calls))
@@ -430,7 +442,7 @@ async def _measure(args: argparse.Namespace) -> None:
             )
         for name in args.profile:
             await _profile(load, started[name][0], args, name in POST_TARGETS)
-        for _, stop in started.values():
+        for _, stop, _ in started.values():
             await stop()
     assert proc.stdin is not None
     proc.stdin.close()

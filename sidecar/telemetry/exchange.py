@@ -122,7 +122,10 @@ class SpanRecord:
 
     def traceparent(self) -> str:
         """The W3C header an upstream gets to continue this span's trace."""
-        return f"00-{self.trace_id:032x}-{self.span_id:016x}-{'01' if self.sampled else '00'}"
+        # bytes.hex(): far fewer instructions than a format spec.
+        trace = self.trace_id.to_bytes(16, "big").hex()
+        span = self.span_id.to_bytes(8, "big").hex()
+        return "00-" + trace + "-" + span + ("-01" if self.sampled else "-00")
 
     def inject(self, call: Call) -> None:
         """Replace the call's trace context (the agent's) by this span's."""
@@ -137,15 +140,22 @@ class SpanRecord:
 
 # The instrumentation scope of the agent requests' spans.
 SCOPE: Final = "agent-sidecar"
-# opentelemetry.proto.trace.v1.SpanFlags
-_HAS_IS_REMOTE: Final = 0x100
-_IS_REMOTE: Final = 0x200
-# Attribute fields already encoded, by (key, value, type): most of a span's attributes
+# The Span's `flags` field (number 16, fixed32): SpanFlags HAS_IS_REMOTE, and IS_REMOTE
+# for a parent that came from the agent.
+_FLAGS_LOCAL: Final = b"\x85\x01" + (0x100).to_bytes(4, "little")
+_FLAGS_REMOTE: Final = b"\x85\x01" + (0x300).to_bytes(4, "little")
+# Status: ERROR (code 2) or UNSET, present in both cases as the SDK writes it.
+_STATUS_ERROR: Final = b"\x7a\x02\x18\x02"
+_STATUS_UNSET: Final = b"\x7a\x00"
+# Attribute fields already encoded, by key and value: most of a span's attributes
 # repeat call after call (service, route, method, status). Bounded: cleared when full.
 _CACHE_MAX: Final = 4096
+_BYTE: Final = [bytes((i,)) for i in range(256)]
 
 
 def _varint(value: int) -> bytes:
+    if 0 <= value < 0x80:
+        return _BYTE[value]
     if value < 0:
         value += 1 << 64  # int64: two's complement, ten bytes
     out = bytearray()
@@ -158,7 +168,10 @@ def _varint(value: int) -> bytes:
 
 def _field(tag: int, payload: bytes) -> bytes:
     """A length-delimited field; `tag` is (number << 3) | 2, below 128."""
-    return bytes((tag,)) + _varint(len(payload)) + payload
+    size = len(payload)
+    if size < 0x80:
+        return _BYTE[tag] + _BYTE[size] + payload
+    return _BYTE[tag] + _varint(size) + payload
 
 
 def _any_value(value: Any) -> bytes:
@@ -174,7 +187,7 @@ def _any_value(value: Any) -> bytes:
     if isinstance(value, bytes):
         return _field(0x3A, value)
     if isinstance(value, (list, tuple)):
-        return _field(0x2A, b"".join(_field(0x0A, _any_value(v)) for v in value))
+        return _field(0x2A, b"".join([_field(0x0A, _any_value(v)) for v in value]))
     raise TypeError(f"attribute value of type {type(value).__name__}")
 
 
@@ -201,49 +214,73 @@ class Encoder:
         self._scope = scope_spans.SerializeToString()
         del resource_spans.scope_spans[:]
         self._resource = resource_spans.SerializeToString()
-        self._attributes: dict[tuple[str, Any, type], bytes] = {}
+        # By type, then key, then value: True == 1, so one dict for both would mix them.
+        self._strings: dict[str, dict[str, bytes]] = {}
+        self._ints: dict[str, dict[int, bytes]] = {}
+        self._bools: dict[str, dict[bool, bytes]] = {}
+        self._cached = 0
 
     def attribute(self, key: str, value: Any) -> bytes:
         """One `attributes` field (a KeyValue) of a span."""
-        cache = self._attributes
-        index = (key, value, type(value))
-        try:
-            return cache[index]
-        except (KeyError, TypeError):  # TypeError: a list value, not hashable
-            pass
+        kind = type(value)
+        cache: dict[str, Any] | None = None
+        if kind is str:
+            cache = self._strings
+        elif kind is int:
+            cache = self._ints
+        elif kind is bool:
+            cache = self._bools
+        if cache is not None:
+            values: dict[Any, bytes] | None = cache.get(key)
+            if values is not None:
+                found = values.get(value)
+                if found is not None:
+                    return found
         encoded = _field(0x4A, _field(0x0A, key.encode()) + _field(0x12, _any_value(value)))
-        if isinstance(value, (str, int, float, bool)):
-            if len(cache) >= _CACHE_MAX:
-                cache.clear()
-            cache[index] = encoded
+        if cache is not None:
+            if self._cached >= _CACHE_MAX:
+                self._strings.clear()
+                self._ints.clear()
+                self._bools.clear()
+                self._cached = 0
+            values = cache.get(key)
+            if values is None:
+                values = {}
+                cache[key] = values
+            values[value] = encoded
+            self._cached += 1
         return encoded
 
     def span(self, record: SpanRecord) -> bytes:
         """One Span message (its fields, without the enclosing tag)."""
         parts = [
-            b"\x0a\x10" + record.trace_id.to_bytes(16, "big"),
-            b"\x12\x08" + record.span_id.to_bytes(8, "big"),
+            b"\x0a\x10",
+            record.trace_id.to_bytes(16, "big"),
+            b"\x12\x08",
+            record.span_id.to_bytes(8, "big"),
         ]
         state = record.trace_state
         if state:
-            parts.append(_field(0x1A, ",".join(f"{k}={v}" for k, v in state.items()).encode()))
+            parts.append(_field(0x1A, ",".join([f"{k}={v}" for k, v in state.items()]).encode()))
         if record.parent_id:
-            parts.append(b"\x22\x08" + record.parent_id.to_bytes(8, "big"))
+            parts.append(b"\x22\x08")
+            parts.append(record.parent_id.to_bytes(8, "big"))
         parts.append(_field(0x2A, record.name.encode()))
-        parts.append(b"\x30" + _varint(record.kind))
-        parts.append(struct.pack("<BQBQ", 0x39, record.start, 0x41, record.end))
-        attribute = self.attribute
-        parts.extend([attribute(k, v) for k, v in record.attributes.items()])
-        # Status: ERROR (code 2) or UNSET, present in both cases as the SDK writes it.
-        parts.append(b"\x7a\x02\x18\x02" if record.error else b"\x7a\x00")
-        flags = _HAS_IS_REMOTE | (_IS_REMOTE if record.remote else 0)
-        parts.append(b"\x85\x01" + struct.pack("<I", flags))
+        parts.append(b"\x30")
+        parts.append(_BYTE[record.kind])
+        parts.append(b"\x39")
+        parts.append(record.start.to_bytes(8, "little"))
+        parts.append(b"\x41")
+        parts.append(record.end.to_bytes(8, "little"))
+        for key, value in record.attributes.items():
+            parts.append(self.attribute(key, value))
+        parts.append(_STATUS_ERROR if record.error else _STATUS_UNSET)
+        parts.append(_FLAGS_REMOTE if record.remote else _FLAGS_LOCAL)
         return b"".join(parts)
 
     def request(self, records: list[SpanRecord]) -> bytes:
         """An ExportTraceServiceRequest holding `records`."""
-        span = self.span
-        scope_spans = self._scope + b"".join([_field(0x12, span(r)) for r in records])
+        scope_spans = self._scope + b"".join([_field(0x12, self.span(r)) for r in records])
         return _field(0x0A, self._resource + _field(0x12, scope_spans))
 
 
@@ -584,48 +621,43 @@ class Telemetry:
         self._record(span)
 
     async def attempt(self, step: Attempt, exchange: Exchange, call: Call, next: Handler) -> Reply:
-        exchange.attempts += 1
-        metrics = self.metrics.service(call.service)
-        span: SpanRecord | None = None
-        parent = exchange.span
-        if parent is not None:
-            if not parent.sampled:
-                # An unsampled request: its attempts are not recorded either (parent-based
-                # sampling), but the upstream still continues the same trace.
-                parent.inject(call)
-            else:
-                span = SpanRecord(
-                    call.method if call.method in KNOWN_METHODS else "HTTP",
-                    KIND_CLIENT,
-                    parent.trace_id,
-                    parent.span_id,
-                    False,
-                    True,
-                    parent.trace_state,
-                )
-                span.attributes = step.attributes(call)
-                # Replaces the agent's traceparent: the upstream's parent is this attempt.
-                span.inject(call)
-        start = perf_counter()
-        try:
-            reply = await next(call)
-        except BaseException as exc:
-            outcome = _outcome(exc)
-            metrics.attempt(outcome).observe(perf_counter() - start)
-            if span is not None:
-                span.attributes["error.type"] = outcome
-                span.error = True
-                self._record(span)
-            raise
-        status = reply.status
-        metrics.answered(status).observe(perf_counter() - start)
-        if span is not None:
-            span.attributes["http.response.status_code"] = status
-            if status >= 400:
-                span.attributes["error.type"] = str(status)
-                span.error = True
-            self._record(span)
-        return reply
+        """One upstream attempt of `exchange`, timed and (when tracing) spanned."""
+        call.exchange = exchange
+        return await step(call, next)
+
+    def _client_span(self, step: Attempt, parent: SpanRecord, call: Call) -> SpanRecord | None:
+        """An attempt's CLIENT span, or None when its request is not sampled; either way
+        the upstream gets the trace context to continue."""
+        if not parent.sampled:
+            # An unsampled request: its attempts are not recorded either (parent-based
+            # sampling), but the upstream still continues the same trace.
+            parent.inject(call)
+            return None
+        span = SpanRecord(
+            call.method if call.method in KNOWN_METHODS else "HTTP",
+            KIND_CLIENT,
+            parent.trace_id,
+            parent.span_id,
+            False,
+            True,
+            parent.trace_state,
+        )
+        span.attributes = step.attributes(call)
+        # Replaces the agent's traceparent: the upstream's parent is this attempt.
+        span.inject(call)
+        return span
+
+    def _attempt_failed(self, span: SpanRecord, outcome: str) -> None:
+        span.attributes["error.type"] = outcome
+        span.error = True
+        self._record(span)
+
+    def _attempt_answered(self, span: SpanRecord, status: int) -> None:
+        span.attributes["http.response.status_code"] = status
+        if status >= 400:
+            span.attributes["error.type"] = str(status)
+            span.error = True
+        self._record(span)
 
 
 class Attempt:
@@ -665,19 +697,25 @@ class Attempt:
         if exchange is None:
             return await next(call)
         telemetry = exchange.telemetry
-        if telemetry.spans is not None:
-            return await telemetry.attempt(self, exchange, call, next)
-        # Tracing off (the common case): Telemetry.attempt's metrics only, inline, one
-        # coroutine fewer on every call.
         exchange.attempts += 1
         metrics = telemetry.metrics.service(call.service)
+        # Tracing on: a CLIENT span (or, unsampled, the trace context only); inline,
+        # so that tracing adds no coroutine to the call.
+        parent = exchange.span
+        span = telemetry._client_span(self, parent, call) if parent is not None else None
         start = perf_counter()
         try:
             reply = await next(call)
         except BaseException as exc:
-            metrics.attempt(_outcome(exc)).observe(perf_counter() - start)
+            outcome = _outcome(exc)
+            metrics.attempt(outcome).observe(perf_counter() - start)
+            if span is not None:
+                telemetry._attempt_failed(span, outcome)
             raise
-        metrics.answered(reply.status).observe(perf_counter() - start)
+        status = reply.status
+        metrics.answered(status).observe(perf_counter() - start)
+        if span is not None:
+            telemetry._attempt_answered(span, status)
         return reply
 
 
@@ -696,7 +734,7 @@ def _outcome(exc: BaseException) -> str:
 
 def _trace_id(span: SpanRecord | None, request: Request) -> str | None:
     if span is not None:
-        return f"{span.trace_id:032x}"
+        return span.trace_id.to_bytes(16, "big").hex()
     # Tracing off: the agent's own trace id still ties the line to its trace.
     parent = request.header(b"traceparent")  # one field, not the whole head decoded
     if parent and len(parent) >= 55 and parent[2] == "-" and parent[35] == "-":

@@ -490,25 +490,28 @@ class Telemetry:
         span = exchange.span
         if span is not None:
             self._end_server_span(span, exchange, method, status, reason, error)
-        if self.access_log and access.log.isEnabledFor(logging.INFO):
+        if self.access_log:
             call = exchange.call
             agent = call.agent if call is not None else None
-            access.log.info(
-                access.line(
-                    at=time.time() - duration,
-                    agent=agent[:MAX_AGENT] if agent else None,
-                    method=method,
-                    service=service or None,
-                    path=request.target.partition("?")[0],
-                    status=status,
-                    duration=duration,
-                    # What reached the agent's connection, also of an answer cut short.
-                    bytes_sent=sent,
-                    attempts=exchange.attempts,
-                    reason=reason or error,
-                    trace_id=_trace_id(span, request),
-                )
+            fields = (
+                time.time() - duration,
+                agent[:MAX_AGENT] if agent else None,
+                method,
+                service or None,
+                request.target.partition("?")[0],
+                status,
+                duration,
+                # What reached the agent's connection, also of an answer cut short.
+                sent,
+                exchange.attempts,
+                reason or error,
+                _trace_id(span, request),
             )
+            writer = access.writer
+            if writer is not None:
+                writer.put(fields)  # formatted and written by the writer's thread
+            elif access.log.isEnabledFor(logging.INFO):
+                access.log.info(access.format_line(fields))
         # call.exchange points back at the exchange: break the cycle, leave nothing to the GC.
         exchange.call = None
 

@@ -227,7 +227,11 @@ async def _start_sidecar(
             writer.stop()
 
     async def flush() -> None:
-        await asyncio.to_thread(sidecar.telemetry.force_flush)
+        # The span exporter's queue only: the SDK provider (webhook spans, idle here)
+        # would add its own flush's work to every pass.
+        spans = sidecar.telemetry.spans
+        if spans is not None:
+            await asyncio.to_thread(spans.force_flush)
 
     return bound.addresses[0][1], stop, flush
 

@@ -265,3 +265,53 @@ async def test_a_trace_the_sampler_drops_is_continued_and_not_exported(
 def test_tracing_off_makes_no_span_exporter() -> None:
     telemetry = Telemetry.from_env({})
     assert telemetry.spans is None and telemetry.tracer is None
+
+
+async def test_export_sends_the_configured_headers_gzip_and_retries_a_503(
+    upstream, start_sidecar, client
+):
+    received: list[tuple[dict[str, str], ExportTraceServiceRequest]] = []
+    answers = [503]  # the first export is refused once: it must come again
+
+    async def traces(request: web.Request) -> web.Response:
+        body = await request.read()
+        if answers:
+            return web.Response(status=answers.pop())
+        # aiohttp has already decompressed what the header says is gzip.
+        assert request.headers["Content-Encoding"] == "gzip"
+        message = ExportTraceServiceRequest.FromString(body)
+        received.append((dict(request.headers), message))
+        # Closing after each answer: the next export opens a new connection.
+        return web.Response(headers={"Connection": "close"})
+
+    app = web.Application()
+    app.router.add_post("/custom/traces", traces)
+    collector = await upstream(app)
+    api = await upstream(echo_app())
+    env = {
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{collector}/custom/traces",
+        "OTEL_EXPORTER_OTLP_HEADERS": "x-api-key=k1%20k2,x-team=agents",
+        "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip",
+    }
+    sc = await start_sidecar(f"version: 1\nservices:\n  api: {{upstream: '{api}'}}\n", env=env)
+    for path in ("a", "b"):
+        async with client.get(f"{sc.url}/api/{path}") as r:
+            assert r.status == 200
+        assert await asyncio.to_thread(sc.sidecar.telemetry.force_flush)
+    assert answers == []
+    assert len(received) == 2
+    for headers, message in received:
+        assert headers["x-api-key"] == "k1 k2" and headers["x-team"] == "agents"
+        assert headers["Content-Type"] == "application/x-protobuf"
+        spans = [s for rs in message.resource_spans for ss in rs.scope_spans for s in ss.spans]
+        assert sorted(s.kind for s in spans) == [Span.SPAN_KIND_SERVER, Span.SPAN_KIND_CLIENT]
+    paths = [
+        kv.value.string_value
+        for _, m in received
+        for rs in m.resource_spans
+        for ss in rs.scope_spans
+        for s in ss.spans
+        for kv in s.attributes
+        if kv.key == "url.path" and s.kind == Span.SPAN_KIND_SERVER
+    ]
+    assert paths == ["/api/a", "/api/b"]

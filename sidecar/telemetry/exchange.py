@@ -156,6 +156,8 @@ _BYTE: Final = [bytes((i,)) for i in range(256)]
 def _varint(value: int) -> bytes:
     if 0 <= value < 0x80:
         return _BYTE[value]
+    if 0 < value < 0x4000:  # a span's length, mostly
+        return _BYTE[(value & 0x7F) | 0x80] + _BYTE[value >> 7]
     if value < 0:
         value += 1 << 64  # int64: two's complement, ten bytes
     out = bytearray()
@@ -280,7 +282,13 @@ class Encoder:
 
     def request(self, records: list[SpanRecord]) -> bytes:
         """An ExportTraceServiceRequest holding `records`."""
-        scope_spans = self._scope + b"".join([_field(0x12, self.span(r)) for r in records])
+        parts = [self._scope]
+        for record in records:
+            span = self.span(record)
+            parts.append(b"\x12")
+            parts.append(_varint(len(span)))
+            parts.append(span)
+        scope_spans = b"".join(parts)
         return _field(0x0A, self._resource + _field(0x12, scope_spans))
 
 

@@ -4,8 +4,8 @@ The request path (exchange.py) makes a `SpanRecord` per sampled span and appends
 to `SpanExporter.queue`, a deque: no SDK `Span`, no lock, no OTLP message per call.
 The exporter's thread wakes when a batch is full or the schedule delay has passed
 (the standard OTEL_BSP_* variables), writes the OTLP protobuf bytes of the batch
-itself, and posts them with the SDK's own OTLP/HTTP exporter transport (endpoint,
-headers, TLS, compression, timeout and retries as OTEL_EXPORTER_OTLP_* say).
+itself, and posts them over one kept-alive connection (endpoint, headers, TLS files,
+compression, timeout and retries as OTEL_EXPORTER_OTLP_* say, as the SDK's exporter).
 
 What goes out is what the SDK exporter would send for the same spans: the envelope
 (resource and instrumentation scope) is encoded once by the SDK's `encode_spans`, and
@@ -16,10 +16,17 @@ field by field against the SDK's encoder in tests/telemetry/test_spans.py).
 from __future__ import annotations
 
 import collections
+import gzip
+import http.client
 import logging
+import random
+import ssl
 import threading
-from collections.abc import Callable, Mapping
+import time
+import zlib
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 # The encoder is compiled with the request path (exchange.py): it runs once per span.
 from .exchange import SCOPE, Encoder, SpanRecord
@@ -33,15 +40,100 @@ __all__ = ["SCOPE", "Encoder", "SpanExporter", "SpanRecord"]
 log = logging.getLogger("sidecar.telemetry")
 
 
-def _sender(exporter: Any) -> Callable[[bytes], bool]:
-    """Post serialized bytes with the SDK exporter's own transport and retries."""
-    client = getattr(exporter, "_client", None)
-    if client is not None and hasattr(client, "export"):  # opentelemetry-exporter >= 1.40
-        return lambda data: bool(client.export(data).success)
-    export = getattr(exporter, "_export", None)  # earlier: one attempt per call
-    if export is not None:
-        return lambda data: bool(export(data).ok)
-    raise RuntimeError("this opentelemetry-exporter-otlp-proto-http has no known transport")
+# As the SDK's OTLP/HTTP exporter: these answers are tried again, with backoff.
+RETRYABLE = frozenset({408, 429, 502, 503, 504})
+MAX_RETRIES = 6
+
+
+class Poster:
+    """POSTs export requests over one kept-alive connection, as the SDK's OTLP/HTTP
+    exporter would: same headers, compression, timeout, TLS files and retries.
+
+    http.client rather than the exporter's requests session: requests reads the
+    environment's proxy settings and builds a prepared request on every post, which
+    cost as much CPU per batch as encoding its 512 spans.
+    """
+
+    def __init__(self, endpoint: str, env: Mapping[str, str], options: dict[str, Any]) -> None:
+        parts = urlsplit(endpoint)
+        self.https = parts.scheme == "https"
+        self.host = parts.hostname or "localhost"
+        self.port = parts.port or (443 if self.https else 80)
+        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self.timeout: float = options["timeout"]
+        self.gzip = options["compression"].value == "gzip"
+        self.deflate = options["compression"].value == "deflate"
+        self.headers = {"Content-Type": "application/x-protobuf", **options["headers"]}
+        if self.gzip or self.deflate:
+            self.headers["Content-Encoding"] = "gzip" if self.gzip else "deflate"
+        self._context: ssl.SSLContext | None = None
+        if self.https:
+
+            def setting(name: str) -> str | None:
+                value = env.get(
+                    f"OTEL_EXPORTER_OTLP_TRACES_{name}", env.get(f"OTEL_EXPORTER_OTLP_{name}", "")
+                ).strip()
+                return value or None
+
+            self._context = ssl.create_default_context(cafile=setting("CERTIFICATE"))
+            certificate = setting("CLIENT_CERTIFICATE")
+            if certificate is not None:
+                self._context.load_cert_chain(certificate, setting("CLIENT_KEY"))
+        self._connection: http.client.HTTPConnection | None = None
+        self.stopping = threading.Event()
+
+    def _connect(self, timeout: float) -> http.client.HTTPConnection:
+        if self._connection is None:
+            if self.https:
+                self._connection = http.client.HTTPSConnection(
+                    self.host, self.port, timeout=timeout, context=self._context
+                )
+            else:
+                self._connection = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        self._connection.timeout = timeout
+        return self._connection
+
+    def _post(self, data: bytes, timeout: float) -> int | None:
+        """The answer's status, or None when the connection failed."""
+        for reuse in (True, False):
+            connection = self._connect(timeout)
+            try:
+                connection.request("POST", self.path, body=data, headers=self.headers)
+                answer = connection.getresponse()
+                answer.read()
+                if answer.will_close:
+                    self.close()
+                return answer.status
+            except (OSError, http.client.HTTPException):
+                self.close()
+                # A kept-alive connection the collector closed: once more on a new one.
+                if not reuse:
+                    return None
+        return None
+
+    def send(self, data: bytes) -> bool:
+        if self.gzip:
+            data = gzip.compress(data)
+        elif self.deflate:
+            data = zlib.compress(data)
+        deadline = time.monotonic() + self.timeout
+        status: int | None = None
+        for retry in range(MAX_RETRIES):
+            status = self._post(data, max(deadline - time.monotonic(), 0.001))
+            if status is not None and 200 <= status < 400:
+                return True
+            if status is not None and status not in RETRYABLE:
+                break
+            backoff = 2**retry * random.uniform(0.8, 1.2)
+            if time.monotonic() + backoff > deadline or self.stopping.wait(backoff):
+                break
+        log.warning("spans not exported: %s", status or "no connection to the collector")
+        return False
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
 
 def _setting(env: Mapping[str, str], name: str, default: int) -> int:
@@ -57,10 +149,11 @@ def _setting(env: Mapping[str, str], name: str, default: int) -> int:
 class SpanExporter:
     """The batch queue the request path appends to, and the thread that empties it."""
 
-    def __init__(self, *, exporter: Any, resource: Resource, env: Mapping[str, str]) -> None:
+    def __init__(
+        self, *, endpoint: str, options: dict[str, Any], resource: Resource, env: Mapping[str, str]
+    ) -> None:
         self.encoder = Encoder(resource)
-        self._exporter = exporter
-        self._send = _sender(exporter)
+        self._poster = Poster(endpoint, env, options)
         # The BatchSpanProcessor's variables and defaults.
         self.max_queue = _setting(env, "OTEL_BSP_MAX_QUEUE_SIZE", 2048)
         self.batch_size = min(_setting(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512), self.max_queue)
@@ -113,8 +206,7 @@ class SpanExporter:
             batch = [queue.popleft() for _ in range(min(len(queue), size))]
             try:
                 data = self.encoder.request(batch)
-                if not self._send(data):
-                    log.warning("%d spans not exported", len(batch))
+                self._poster.send(data)
             except Exception:
                 log.exception("exporting %d spans failed", len(batch))
 
@@ -134,4 +226,5 @@ class SpanExporter:
         self._stopping = True
         self._wake.set()
         self._thread.join()
-        self._exporter.shutdown()
+        self._poster.stopping.set()
+        self._poster.close()

@@ -190,9 +190,7 @@ def tracing(env: Mapping[str, str]) -> tuple[TracerProvider, SpanExporter, Sampl
     described = resource(env)
     provider = TracerProvider(resource=described, sampler=sampler(env))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, **options)))
-    spans = SpanExporter(
-        exporter=OTLPSpanExporter(endpoint=endpoint, **options), resource=described, env=env
-    )
+    spans = SpanExporter(endpoint=endpoint, options=options, resource=described, env=env)
     # The endpoint only: OTLP headers often carry an API key.
     log.info("tracing on: OTLP/HTTP to %s", endpoint.partition("?")[0])
     return provider, spans, Sampling(env)

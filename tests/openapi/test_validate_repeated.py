@@ -1,5 +1,6 @@
 """Validation results that must not change with the per-call shortcuts: the matches kept
-per path and method, and the header fields read one by one instead of all decoded."""
+per path and method, the header fields read one by one instead of all decoded, and the
+JSON body parsed without json.loads's detours."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import json
 from typing import Any
 
 import aiohttp
+import pytest
 
 from sidecar.openapi.document import Document
-from sidecar.openapi.spec import MATCH_CACHE_SIZE, Spec
+from sidecar.openapi.spec import MATCH_CACHE_SIZE, Spec, _parse
 from tests.conftest import StartSidecar, echo_app
 
 DOCUMENT: dict[str, Any] = {
@@ -122,3 +124,27 @@ async def test_header_parameters_and_content_type_as_the_agent_wrote_them(
     ]
     assert seen[3] == [{"in": "body", "pointer": "/name", "message": '3 is not of type "string"'}]
     assert seen[4][0]["message"] == "Content-Type text/plain is not one of: application/json"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"a":1}',
+        b' {"a": [1, 2.5, null, true]}\n',
+        b'{"a":1}x',
+        b"\xef\xbb\xbf{}",
+        '{"a":"é"}'.encode("utf-16"),
+        b'"\\ud800"',
+        b"[1,2",
+        b"\xff",
+        b"",
+    ],
+)
+def test_a_body_parses_as_json_loads_parses_it(body: bytes) -> None:
+    def outcome(parse: Any) -> tuple[str, Any]:
+        try:
+            return "ok", parse(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return "error", str(exc)
+
+    assert outcome(_parse) == outcome(json.loads)

@@ -104,3 +104,30 @@ def test_a_line_from_its_fields_and_its_keywords_is_the_same() -> None:
         "trace_id": None,
     }
     assert text.startswith('{"time":"2025-12-06T05:46:40.250Z","agent":"agent"')
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        (1765000000.0, None, "GET", None, "/", 404, 0.0, 0, 0, "no_route", None),
+        (1765000000.999, 'a"b\\c\u00e9\u2028\n', "PATCH", "s", "/p\u00e4th/\"x\"", 599, 12.5,
+         10**12, 3, "timeout", "0" * 32),
+        (1765000001.5, "agent", "GET", "api", "/x", 200, 1e-07, 5, 1, None, None),
+    ],
+)  # fmt: skip
+def test_a_line_is_what_json_dumps_writes(fields: Any) -> None:
+    _, agent, method, service, path, status, duration, sent, attempts, reason, trace = fields
+    expected = {
+        "time": access.format_line(fields)[9:33],
+        "agent": agent,
+        "method": method,
+        "service": service,
+        "path": path,
+        "status": status,
+        "duration_ms": round(duration * 1000, 3),
+        "bytes_sent": sent,
+        "upstream_attempts": attempts,
+        "reason": reason,
+        "trace_id": trace,
+    }
+    assert access.format_line(fields) == json.dumps(expected, separators=(",", ":"))

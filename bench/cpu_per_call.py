@@ -35,8 +35,9 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httptools
 import uvloop
@@ -44,9 +45,18 @@ import uvloop
 # bench/ is sys.path[0] when this file runs as a script: the policies are run.py's own.
 from run import (
     AGENT_HEADER,
+    AGENT_KEY,
+    AGENT_KEY_HASH,
+    ALLOW_RULES,
+    JWT_AUDIENCE,
+    JWT_ISSUER,
+    LLM_SERVICE,
     OPENAPI_DOCUMENT,
     POST_BODY,
     SERVICE,
+    SSE_BODY,
+    SSE_PATH,
+    SSE_REQUEST,
     TOKEN,
     UPSTREAM_BODY,
     Policy,
@@ -61,6 +71,12 @@ _OK = (
     % (len(_BODY), _BODY)
 )
 _UNAUTHORIZED = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n"
+_SSE = SSE_BODY.encode()
+_SSE_ANSWER = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n%b"
+    % (len(_SSE), _SSE)
+)
+_SSE_HEAD = b"POST " + SSE_PATH.encode()
 _BEARER = f"Bearer {TOKEN}".encode()
 
 
@@ -76,14 +92,24 @@ class _Upstream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         *heads, self.rest = (self.rest + data).split(b"\r\n\r\n")
-        self.transport.write(b"".join(_OK if _BEARER in h else _UNAUTHORIZED for h in heads))
+        self.transport.write(b"".join(_answer(h) for h in heads))
+
+
+def _answer(head: bytes) -> bytes:
+    if _BEARER not in head:
+        return _UNAUTHORIZED
+    # The request's body (a POST's) precedes the next head in the stream.
+    return _SSE_ANSWER if _SSE_HEAD in head else _OK
 
 
 class _Client(asyncio.Protocol):
     """One agent connection: a request, its whole answer, the next request."""
 
-    def __init__(self, request: bytes, counts: dict[str, int], done: asyncio.Future[None]) -> None:
+    def __init__(
+        self, request: bytes, expected: bytes, counts: dict[str, int], done: asyncio.Future[None]
+    ) -> None:
         self.request = request
+        self.expected = expected
         self.counts = counts
         self.done = done
         self.buf = b""
@@ -105,7 +131,8 @@ class _Client(asyncio.Protocol):
             length = int(head[at + 15 : head.find(b"\r\n", at)]) if at >= 0 else 0
             if len(self.buf) < end + 4 + length:
                 return
-            ok = head.startswith(b"http/1.1 200") and self.buf[end + 4 : end + 4 + length] == _BODY
+            body = self.buf[end + 4 : end + 4 + length]
+            ok = head.startswith(b"http/1.1 200") and body == self.expected
             self.buf = self.buf[end + 4 + length :]
             self.counts["ok" if ok else "bad"] += 1
             self.counts["left"] -= 1
@@ -130,27 +157,37 @@ class _Sink(asyncio.Protocol):
         self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
 
 
-def _request(port: int, post: bool) -> bytes:
-    head = f"{PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{AGENT_HEADER}: bench-agent\r\n"
-    if not post:
+def _request(port: int, load: Load) -> bytes:
+    head = f"{load.path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{AGENT_HEADER}: bench-agent\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in load.headers.items())
+    if load.body is None:
         return f"GET {head}\r\n".encode()
-    body = POST_BODY.encode()
     return b"POST %bContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (
         head.encode(),
-        len(body),
-        body,
+        len(load.body),
+        load.body,
     )
 
 
-async def _drive(port: int, connections: int, calls: int, post: bool) -> tuple[int, int, float]:
+class Load(NamedTuple):
+    """What the client sends to a target, and the answer it must get."""
+
+    path: str = PATH
+    headers: dict[str, str] = {}
+    body: bytes | None = None
+    expected: bytes = _BODY
+
+
+async def _drive(
+    port: int, connections: int, calls: int, request: bytes, expected: bytes
+) -> tuple[int, int, float]:
     loop = asyncio.get_running_loop()
-    request = _request(port, post)
     counts = {"ok": 0, "bad": 0, "left": calls, "connections": connections}
     done: asyncio.Future[None] = loop.create_future()
     clients = []
     for _ in range(connections):
         _, client = await loop.create_connection(
-            lambda: _Client(request, counts, done), "127.0.0.1", port
+            lambda: _Client(request, expected, counts, done), "127.0.0.1", port
         )
         clients.append(client)
     start = time.perf_counter()
@@ -169,11 +206,12 @@ async def _child() -> None:
     sink = await loop.create_server(_Sink, "127.0.0.1", 0)
     ports = server.sockets[0].getsockname()[1], sink.sockets[0].getsockname()[1]
     print(f"UPSTREAM {ports[0]} {ports[1]}", flush=True)
-    reader = asyncio.StreamReader()
+    reader = asyncio.StreamReader(limit=1 << 20)  # a line holds a whole SSE answer
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     while line := (await reader.readline()).decode().split():
-        port, connections, calls, post = map(int, line)
-        ok, bad, wall = await _drive(port, connections, calls, bool(post))
+        port, connections, calls = map(int, line[:3])
+        request, expected = bytes.fromhex(line[3]), bytes.fromhex(line[4])
+        ok, bad, wall = await _drive(port, connections, calls, request, expected)
         print(f"DONE {ok} {bad} {wall:.6f}", flush=True)
 
 
@@ -197,6 +235,8 @@ async def _start_sidecar(
     name: str,
     env: dict[str, str] | None = None,
     validate: bool = False,
+    service_extra: str = "",
+    agents: str | None = None,
 ) -> tuple[int, Action, Action]:
     import json
 
@@ -208,7 +248,17 @@ async def _start_sidecar(
     if validate:
         (directory / "openapi.json").write_text(json.dumps(OPENAPI_DOCUMENT))
         openapi = "openapi.json"
-    (directory / "policy.yaml").write_text(sidecar_policy(policy, upstream, openapi=openapi))
+    if agents == "jwt":
+        (directory / "jwks.json").write_text(_jwt()[0])
+        agents = (
+            f"agents:\n  verify:\n    type: jwt\n    jwks: ${{file:{directory / 'jwks.json'}}}\n"
+            f"    issuer: {JWT_ISSUER}\n    audience: {JWT_AUDIENCE}\n"
+        )
+    (directory / "policy.yaml").write_text(
+        sidecar_policy(
+            policy, upstream, openapi=openapi, service_extra=service_extra, agents=agents
+        )
+    )
     sidecar = Sidecar(str(directory), env={"BENCH_TOKEN": TOKEN, **(env or {})})
     writer = None
     if sidecar.telemetry.access_log:
@@ -335,6 +385,24 @@ async def _start_probe(upstream: int, sink: int, tmp: Path) -> tuple[int, Action
     return server.sockets[0].getsockname()[1], stop, _nothing
 
 
+@cache
+def _jwt() -> tuple[str, str]:
+    """A JWK Set and a token it verifies (ES256, valid for a day)."""
+    import json
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    jwk = jwt.algorithms.ECAlgorithm.to_jwk(private.public_key(), as_dict=True)
+    jwk["kid"] = "bench"
+    now = int(time.time())
+    claims = {"iss": JWT_ISSUER, "aud": JWT_AUDIENCE, "sub": "bench-agent"}
+    claims |= {"iat": now, "exp": now + 24 * 3600}
+    token = jwt.encode(claims, private, algorithm="ES256", headers={"kid": "bench"})
+    return json.dumps({"keys": [jwk]}), token
+
+
 def _tracing(sink: int, *, ratio: float | None = None) -> dict[str, str]:
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink}"}
     if ratio is not None:
@@ -365,9 +433,30 @@ TARGETS: dict[str, Start] = {
     "sidecar+log": _sidecar("sidecar+log", env=lambda sink: {"SIDECAR_ACCESS_LOG": "1"}),
     "sidecar-post": _sidecar("sidecar-post"),
     "sidecar+validate": _sidecar("sidecar+validate", validate=True),
+    "sidecar+agent-key": _sidecar(
+        "sidecar+agent-key", agents=f"agents:\n  keys:\n    bench-agent: {AGENT_KEY_HASH}\n"
+    ),
+    "sidecar+jwt": _sidecar("sidecar+jwt", agents="jwt"),
+    "sidecar+allow": _sidecar("sidecar+allow", service_extra=ALLOW_RULES),
+    "sidecar+cache": _sidecar("sidecar+cache", service_extra="    cache: {}\n"),
+    "sidecar-sse": _sidecar("sidecar-sse"),
+    "sidecar+llm": _sidecar("sidecar+llm", service_extra=LLM_SERVICE),
 }
-# Targets driven with POST_BODY instead of GETs.
-POST_TARGETS = frozenset({"sidecar-post", "sidecar+validate"})
+_POST = Load(body=POST_BODY.encode())
+_SSE_LOAD = Load(path=f"/{SERVICE}{SSE_PATH}", body=SSE_REQUEST.encode(), expected=_SSE)
+# What each target is sent, when not a GET of PATH.
+LOADS: dict[str, Callable[[], Load]] = {
+    "sidecar-post": lambda: _POST,
+    "sidecar+validate": lambda: _POST,
+    "sidecar+agent-key": lambda: Load(headers={"X-Agent-Token": AGENT_KEY}),
+    "sidecar+jwt": lambda: Load(headers={"X-Agent-Token": _jwt()[1]}),
+    "sidecar-sse": lambda: _SSE_LOAD,
+    "sidecar+llm": lambda: _SSE_LOAD,
+}
+
+
+def _load(name: str) -> Load:
+    return LOADS.get(name, Load)()
 
 
 # -- measuring -------------------------------------------------------------------------------
@@ -378,17 +467,19 @@ class _Load:
         self.proc = proc
 
     async def run(
-        self, port: int, connections: int, calls: int, post: bool = False, settle: Action = _nothing
+        self, port: int, connections: int, calls: int, load: Load, settle: Action = _nothing
     ) -> tuple[float, float, float]:
         """CPU seconds (user, system) this process spent, and the wall time, for `calls`."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
         # getrusage: microsecond resolution (os.times counts 10 ms ticks).
         before = resource.getrusage(resource.RUSAGE_SELF)
-        self.proc.stdin.write(f"{port} {connections} {calls} {int(post)}\n".encode())
-        line = (await self.proc.stdout.readline()).decode().split()
+        request = _request(port, load).hex()
+        line = f"{port} {connections} {calls} {request} {load.expected.hex()}\n"
+        self.proc.stdin.write(line.encode())
+        answer = (await self.proc.stdout.readline()).decode().split()
         await settle()
         after = resource.getrusage(resource.RUSAGE_SELF)
-        _, ok, bad, wall = line
+        _, ok, bad, wall = answer
         if int(bad) or int(ok) != calls:
             raise SystemExit(f"{bad} bad answers of {calls}: the proxy under test is broken")
         return after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime, float(wall)
@@ -416,7 +507,7 @@ async def _measure(args: argparse.Namespace) -> None:
         }
         for name, (port, _, flush) in started.items():
             # Warm: pools, caches, children.
-            await load.run(port, args.connections, 2000, name in POST_TARGETS, flush)
+            await load.run(port, args.connections, 2000, _load(name), flush)
         # As `sidecar run` does once it serves (cli.py): what lives for the process's
         # life is out of the collector's sight.
         gc.collect()
@@ -427,11 +518,12 @@ async def _measure(args: argparse.Namespace) -> None:
         for _ in range(args.rounds):
             for name, (port, _, flush) in started.items():
                 for label, connections, calls in passes:
-                    post = name in POST_TARGETS
                     if args.mark:
                         os.getppid()  # callgrind dumps its counts here (--instructions)
                     # The spans of this pass are exported within it (flush): its CPU counts.
-                    user, system, wall = await load.run(port, connections, calls, post, flush)
+                    user, system, wall = await load.run(
+                        port, connections, calls, _load(name), flush
+                    )
                     if args.mark:
                         os.getppid()
                     rows[name, label].append((_us(user, calls), _us(system, calls), wall / calls))
@@ -445,7 +537,7 @@ async def _measure(args: argparse.Namespace) -> None:
                 f" {user:>6.1f} {system:>6.1f} {1 / wall:>8.0f}"
             )
         for name in args.profile:
-            await _profile(load, started[name][0], args, name in POST_TARGETS)
+            await _profile(load, started[name][0], args, _load(name))
         for _, stop, _ in started.values():
             await stop()
     assert proc.stdin is not None
@@ -470,7 +562,7 @@ _GROUPS = (
 )
 
 
-async def _profile(load: _Load, port: int, args: argparse.Namespace, post: bool) -> None:
+async def _profile(load: _Load, port: int, args: argparse.Namespace, request: Load) -> None:
     try:
         import pyinstrument
     except ImportError:
@@ -485,13 +577,13 @@ async def _profile(load: _Load, port: int, args: argparse.Namespace, post: bool)
         get_stack_sampler().timer_func = time.process_time
         sampler = pyinstrument.Profiler(interval=0.0001, async_mode="disabled")
         sampler.start()
-        await load.run(port, args.connections, args.calls, post)
+        await load.run(port, args.connections, args.calls, request)
         sampler.stop()
         print(sampler.output_text(unicode=False, color=False, show_all=False))
         return
     profile = cProfile.Profile()
     profile.enable()
-    await load.run(port, args.connections, args.calls, post)
+    await load.run(port, args.connections, args.calls, request)
     profile.disable()
     stats = pstats.Stats(profile)
     if os.environ.get("CPU_PER_CALL_PSTATS"):

@@ -687,6 +687,8 @@ class Bench:
 
     def start_upstream(self) -> None:
         self.upstream_port = free_port()
+        sse_file = self.workdir / "sse-answer.txt"
+        sse_file.write_text(SSE_BODY)
         proc, log = self._start_nginx(
             "upstream",
             BENCH_DIR / "nginx-upstream.conf.template",
@@ -696,11 +698,18 @@ class Bench:
                 "AUTH_CHECK": (
                     f'            if ($http_authorization != "Bearer {TOKEN}") {{ return 401; }}'
                 ),
-                # The LLM metering targets' answer: an SSE stream of SSE_EVENTS events.
+                # The LLM metering targets' answer: an SSE stream of SSE_EVENTS events,
+                # too long for `return`: a file, reached from the POST by a 405 that
+                # error_page turns into an internal GET of it.
                 "EXTRA": (
                     f"        location = {SSE_PATH} {{\n"
+                    "            error_page 405 =200 /sse-answer;\n"
+                    "            return 405;\n"
+                    "        }\n"
+                    "        location = /sse-answer {\n"
+                    "            internal;\n"
                     "            default_type text/event-stream;\n"
-                    f"            return 200 '{SSE_BODY}';\n"
+                    f"            alias {sse_file};\n"
                     "        }\n"
                 ),
             },
@@ -754,11 +763,14 @@ class Bench:
         finally:
             self.procs.stop(proc)
 
-    def memory(self, running: Running) -> dict[str, float | None]:
+    def memory(self, running: Running, target: Target) -> dict[str, float | None]:
         """RSS after the passes, then with IDLE_CONNECTIONS agents connected and idle."""
         if running.proc is None:
             return {}
         after = rss_mib(running.proc.pid)
+        if target.agents is not None or target.jwt or target.service_extra:
+            # Its idle agents would be refused (unknown names, no credential): RSS only.
+            return {"after_passes": after, "with_idle_connections": None}
         with idle_agents(running.url, IDLE_CONNECTIONS):
             with_idle = rss_mib(running.proc.pid)
         return {"after_passes": after, "with_idle_connections": with_idle}
@@ -1527,7 +1539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 with bench.serve(target) as running:
                     results.extend(bench.measure(target, running.url))
                     if target.is_proxy:
-                        memory[target.name] = bench.memory(running)
+                        memory[target.name] = bench.memory(running, target)
             except BenchError as exc:
                 failures[target.name] = str(exc)
                 print(f"   failed: {exc}", file=sys.stderr, flush=True)

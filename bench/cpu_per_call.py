@@ -66,10 +66,20 @@ from run import (
 PATH = f"/{SERVICE}/v1/ping"
 _BODY = UPSTREAM_BODY.encode()
 _OK = (
-    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Mon, 30 Nov 2026 23:00:00 GMT\r\n"
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: @DATE@\r\n"
     b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: keep-alive\r\n\r\n%b"
     % (len(_BODY), _BODY)
 )
+
+
+@cache
+def _ok(second: int) -> bytes:
+    """_OK dated `second`, as nginx dates its answers: a cache must find them fresh."""
+    from email.utils import formatdate
+
+    return _OK.replace(b"@DATE@", formatdate(second, usegmt=True).encode())
+
+
 _UNAUTHORIZED = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n"
 _SSE = SSE_BODY.encode()
 _SSE_ANSWER = (
@@ -99,7 +109,7 @@ def _answer(head: bytes) -> bytes:
     if _BEARER not in head:
         return _UNAUTHORIZED
     # The request's body (a POST's) precedes the next head in the stream.
-    return _SSE_ANSWER if _SSE_HEAD in head else _OK
+    return _SSE_ANSWER if _SSE_HEAD in head else _ok(int(time.time()))
 
 
 class _Client(asyncio.Protocol):

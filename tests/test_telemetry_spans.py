@@ -22,7 +22,13 @@ from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
-from sidecar.telemetry.exchange import KIND_CLIENT, KIND_SERVER, SpanRecord, Telemetry
+from sidecar.telemetry.exchange import (
+    KIND_CLIENT,
+    KIND_SERVER,
+    SpanRecord,
+    Telemetry,
+    _attribute,
+)
 from sidecar.telemetry.spans import SCOPE, Encoder
 from sidecar.telemetry.tracing import Sampling, resource
 from tests.conftest import echo_app
@@ -42,8 +48,11 @@ def _record(**fields: Any) -> SpanRecord:
     return record
 
 
-def _sdk(record: SpanRecord, resource: Resource) -> ReadableSpan:
-    """The SDK span the same request made before span records."""
+def _sdk(
+    record: SpanRecord, resource: Resource, fixed: dict[str, Any] | None = None
+) -> ReadableSpan:
+    """The SDK span the same request made before span records; `fixed`: the attributes
+    the record holds already encoded."""
     state = record.trace_state
     parent = None
     if record.parent_id:
@@ -59,7 +68,7 @@ def _sdk(record: SpanRecord, resource: Resource) -> ReadableSpan:
         ),
         parent=parent,
         resource=resource,
-        attributes=record.attributes,
+        attributes={**(fixed or {}), **record.attributes},
         kind=SpanKind.SERVER if record.kind == KIND_SERVER else SpanKind.CLIENT,
         status=Status(StatusCode.ERROR if record.error else StatusCode.UNSET),
         start_time=record.start,
@@ -97,13 +106,18 @@ def test_a_batch_encodes_as_the_sdk_exporter_encodes_the_same_spans() -> None:
         attributes={"http.response.status_code": 503, "error.type": "503"},
         error=True,
     )
+    # An attempt's fixed attributes travel encoded (Attempt.encoded), before the others.
+    fixed = {"url.scheme": "https", "server.port": 443, "sidecar.service": "api"}
+    client.encoded = b"".join(_attribute(k, v) for k, v in fixed.items())
     root = _record(
         name="HTTP", kind=KIND_SERVER, trace_id=7, parent_id=0, remote=False, attributes={}
     )
     encoder = Encoder(described)
     for _ in range(2):  # the second time from the attribute cache
         ours = ExportTraceServiceRequest.FromString(encoder.request([server, client, root]))
-        sdk = encode_spans([_sdk(r, described) for r in (server, client, root)])
+        sdk = encode_spans(
+            [_sdk(server, described), _sdk(client, described, fixed), _sdk(root, described)]
+        )
         assert ours == sdk
 
 

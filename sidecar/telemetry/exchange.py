@@ -82,6 +82,7 @@ class SpanRecord:
 
     __slots__ = (
         "attributes",
+        "encoded",
         "end",
         "error",
         "kind",
@@ -121,6 +122,9 @@ class SpanRecord:
         self.end = 0
         # A dropped span's stay empty and are never read: no dict of its own.
         self.attributes: dict[str, Any] = {} if sampled else _NONE
+        # Attributes already in OTLP bytes, exported before `attributes`: an attempt's
+        # fixed ones (service, upstream address), encoded once per policy load.
+        self.encoded = b""
         self.error = False  # status ERROR, else UNSET
 
     def traceparent(self) -> str:
@@ -195,6 +199,11 @@ def _any_value(value: Any) -> bytes:
     raise TypeError(f"attribute value of type {type(value).__name__}")
 
 
+def _attribute(key: str, value: Any) -> bytes:
+    """One `attributes` field (a KeyValue) of a span."""
+    return _field(0x4A, _field(0x0A, key.encode()) + _field(0x12, _any_value(value)))
+
+
 class Encoder:
     """OTLP protobuf bytes of a batch of records, with the resource and scope given."""
 
@@ -240,7 +249,7 @@ class Encoder:
                 found = values.get(value)
                 if found is not None:
                     return found
-        encoded = _field(0x4A, _field(0x0A, key.encode()) + _field(0x12, _any_value(value)))
+        encoded = _attribute(key, value)
         if cache is not None:
             if self._cached >= _CACHE_MAX:
                 self._strings.clear()
@@ -276,6 +285,8 @@ class Encoder:
         parts.append(record.start.to_bytes(8, "little"))
         parts.append(b"\x41")
         parts.append(record.end.to_bytes(8, "little"))
+        if record.encoded:
+            parts.append(record.encoded)
         for key, value in record.attributes.items():
             parts.append(self.attribute(key, value))
         parts.append(_STATUS_ERROR if record.error else _STATUS_UNSET)
@@ -660,7 +671,8 @@ class Telemetry:
             True,
             parent.trace_state,
         )
-        span.attributes = step.attributes(call)
+        span.encoded = step.encoded
+        span.attributes = step.variable_attributes(call)
         # Replaces the agent's traceparent: the upstream's parent is this attempt.
         span.inject(call)
         return span
@@ -696,9 +708,18 @@ class Attempt:
             "network.protocol.version": "1.1",
             "sidecar.service": service,
         }
+        # The fixed ones in OTLP bytes, for the CLIENT span records.
+        self.encoded = b"".join([_attribute(k, v) for k, v in self._fixed.items()])
 
     def attributes(self, call: Call) -> dict[str, Any]:
+        """The CLIENT span's attributes at its start."""
         attributes = dict(self._fixed)
+        attributes.update(self.variable_attributes(call))
+        return attributes
+
+    def variable_attributes(self, call: Call) -> dict[str, Any]:
+        """Those of `attributes` that depend on the call, in the same order."""
+        attributes: dict[str, Any] = {}
         method = call.method
         attributes["http.request.method"] = method if method in KNOWN_METHODS else OTHER_METHOD
         # The query is never recorded: query auth puts the credential there.

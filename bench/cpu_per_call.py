@@ -289,7 +289,7 @@ async def _start_sidecar(
     async def flush() -> None:
         # The span exporter's queue only: the SDK provider (webhook spans, idle here)
         # would add its own flush's work to every pass.
-        spans = sidecar.telemetry.spans
+        spans = getattr(sidecar.telemetry, "spans", None)  # None too before issue 26
         if spans is not None:
             await asyncio.to_thread(spans.force_flush)
 

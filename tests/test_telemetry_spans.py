@@ -329,3 +329,36 @@ async def test_export_sends_the_configured_headers_gzip_and_retries_a_503(
         if kv.key == "url.path" and s.kind == Span.SPAN_KIND_SERVER
     ]
     assert paths == ["/api/a", "/api/b"]
+
+
+async def test_a_full_queue_drops_spans_and_says_so(upstream, start_sidecar, client, caplog):
+    requests: list[ExportTraceServiceRequest] = []
+
+    async def traces(request: web.Request) -> web.Response:
+        requests.append(ExportTraceServiceRequest.FromString(await request.read()))
+        if len(requests) == 1:
+            await asyncio.sleep(2)  # a slow collector: the queue fills meanwhile
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", traces)
+    collector = await upstream(app)
+    api = await upstream(echo_app())
+    env = {
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{collector}/v1/traces",
+        "OTEL_METRICS_EXPORTER": "none",
+        "OTEL_BSP_MAX_QUEUE_SIZE": "3",
+    }
+    sc = await start_sidecar(f"version: 1\nservices:\n  api: {{upstream: '{api}'}}\n", env=env)
+    with caplog.at_level("WARNING", logger="sidecar.telemetry"):
+        for n in range(5):  # 10 spans for a queue of 3 and a collector that takes 2 s
+            async with client.get(f"{sc.url}/api/{n}") as r:
+                assert r.status == 200
+        assert await asyncio.to_thread(sc.sidecar.telemetry.force_flush)
+    spans = [s for req in requests for rs in req.resource_spans for ss in rs.scope_spans
+             for s in ss.spans]  # fmt: skip
+    dropped = sc.sidecar.telemetry.spans.dropped
+    # At most 3 in flight and 3 queued: the rest were dropped, each counted.
+    assert len(spans) + dropped == 10
+    assert dropped >= 4
+    assert "Queue is full" in caplog.text

@@ -602,7 +602,7 @@ class Telemetry:
         size = len(queue)
         if size >= self._span_max:
             if self.spans is not None:
-                self.spans.dropped += 1  # as the BatchSpanProcessor does with a full queue
+                self.spans.drop()  # as the BatchSpanProcessor does with a full queue
             return
         queue.append(record)
         if size + 1 == self._span_batch and self.spans is not None:

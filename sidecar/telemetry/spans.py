@@ -179,6 +179,12 @@ class SpanExporter:
         span_context = context.get_span_context()
         return span_context if span_context.is_valid else None
 
+    def drop(self) -> None:
+        """A span found the queue full: counted, and said once per 10,000."""
+        if self.dropped % 10_000 == 0:
+            log.warning("Queue is full: spans dropped (%d so far)", self.dropped + 1)
+        self.dropped += 1
+
     def wake(self) -> None:
         """A batch is full (called from the loop, once per batch)."""
         self._wake.set()

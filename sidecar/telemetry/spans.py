@@ -230,7 +230,8 @@ class SpanExporter:
     def shutdown(self) -> None:
         """Export what is left, stop the thread and the transport."""
         self._stopping = True
+        # Before the join: what is left is tried once, not retried with backoff.
+        self._poster.stopping.set()
         self._wake.set()
         self._thread.join()
-        self._poster.stopping.set()
         self._poster.close()

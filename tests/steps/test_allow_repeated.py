@@ -41,13 +41,18 @@ def _decisions(step: Allow) -> list[bool]:
     return [step.allows(_call(agent, method, target)) for agent, method, target, _ in CALLS]
 
 
+# An encoded '/' is judged as part of one segment (escaped_slashes: keep); refused by
+# default, which tests/steps/test_allow_readings.py covers.
+KEEP = {"escaped_slashes": "keep"}
+
+
 def test_kept_decisions_are_the_rules_decisions(monkeypatch: pytest.MonkeyPatch) -> None:
-    step = Allow(service="gh", rules=RULES, source="allow")
+    step = Allow(service="gh", rules=RULES, source="allow", **KEEP)
     expected = [allowed for *_, allowed in CALLS]
     assert _decisions(step) == expected
     assert _decisions(step) == expected  # from the kept decisions
     monkeypatch.setattr(allow, "DECISIONS", 3)  # full after three: cleared, decided again
-    fresh = Allow(service="gh", rules=RULES, source="allow")
+    fresh = Allow(service="gh", rules=RULES, source="allow", **KEEP)
     assert _decisions(fresh) == expected
     assert _decisions(fresh) == expected
 
@@ -67,3 +72,25 @@ def test_rules_on_the_query_or_headers_are_decided_every_call() -> None:
     call = _call(None, "GET", "/x")
     call.headers["Accept"] = "application/json"
     assert headers.allows(call)
+
+
+def test_a_method_override_is_part_of_the_kept_decision() -> None:
+    # GET allowed and kept; the same GET overridden to DELETE (a service that takes
+    # overrides) is judged as the DELETE the upstream will run, not from the kept GET.
+    step = Allow(
+        service="gh",
+        rules=[AllowRule(methods="GET", paths="/repos/*/*")],
+        source="allow",
+        method_override=["DELETE"],
+    )
+    assert step.allows(_call("a", "GET", "/repos/o/r"))
+    overridden = Call(
+        service="gh",
+        method="GET",
+        target="/repos/o/r",
+        body=None,
+        agent="a",
+        raw_headers=[(b"X-HTTP-Method-Override", b"DELETE")],
+    )
+    assert not step.allows(overridden)
+    assert step.allows(_call("a", "GET", "/repos/o/r"))

@@ -36,23 +36,58 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httptools
 import uvloop
 
 # bench/ is sys.path[0] when this file runs as a script: the policies are run.py's own.
-from run import AGENT_HEADER, SERVICE, TOKEN, UPSTREAM_BODY, Policy, sidecar_policy
+from run import (
+    AGENT_HEADER,
+    AGENT_KEY,
+    AGENT_KEY_HASH,
+    ALLOW_RULES,
+    JWT_AUDIENCE,
+    JWT_ISSUER,
+    LLM_SERVICE,
+    OPENAPI_DOCUMENT,
+    POST_BODY,
+    SERVICE,
+    SSE_BODY,
+    SSE_PATH,
+    SSE_REQUEST,
+    TOKEN,
+    UPSTREAM_BODY,
+    Policy,
+    sidecar_policy,
+)
 
 PATH = f"/{SERVICE}/v1/ping"
 _BODY = UPSTREAM_BODY.encode()
 _OK = (
-    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Mon, 30 Nov 2026 23:00:00 GMT\r\n"
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: @DATE@\r\n"
     b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: keep-alive\r\n\r\n%b"
     % (len(_BODY), _BODY)
 )
+
+
+@cache
+def _ok(second: int) -> bytes:
+    """_OK dated `second`, as nginx dates its answers: a cache must find them fresh."""
+    from email.utils import formatdate
+
+    return _OK.replace(b"@DATE@", formatdate(second, usegmt=True).encode())
+
+
 _UNAUTHORIZED = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n"
+_SSE = SSE_BODY.encode()
+_SSE_ANSWER = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n%b"
+    % (len(_SSE), _SSE)
+)
+_SSE_HEAD = b"POST " + SSE_PATH.encode()
 _BEARER = f"Bearer {TOKEN}".encode()
 
 
@@ -68,14 +103,24 @@ class _Upstream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         *heads, self.rest = (self.rest + data).split(b"\r\n\r\n")
-        self.transport.write(b"".join(_OK if _BEARER in h else _UNAUTHORIZED for h in heads))
+        self.transport.write(b"".join(_answer(h) for h in heads))
+
+
+def _answer(head: bytes) -> bytes:
+    if _BEARER not in head:
+        return _UNAUTHORIZED
+    # The request's body (a POST's) precedes the next head in the stream.
+    return _SSE_ANSWER if _SSE_HEAD in head else _ok(int(time.time()))
 
 
 class _Client(asyncio.Protocol):
     """One agent connection: a request, its whole answer, the next request."""
 
-    def __init__(self, request: bytes, counts: dict[str, int], done: asyncio.Future[None]) -> None:
+    def __init__(
+        self, request: bytes, expected: bytes, counts: dict[str, int], done: asyncio.Future[None]
+    ) -> None:
         self.request = request
+        self.expected = expected
         self.counts = counts
         self.done = done
         self.buf = b""
@@ -97,7 +142,8 @@ class _Client(asyncio.Protocol):
             length = int(head[at + 15 : head.find(b"\r\n", at)]) if at >= 0 else 0
             if len(self.buf) < end + 4 + length:
                 return
-            ok = head.startswith(b"http/1.1 200") and self.buf[end + 4 : end + 4 + length] == _BODY
+            body = self.buf[end + 4 : end + 4 + length]
+            ok = head.startswith(b"http/1.1 200") and body == self.expected
             self.buf = self.buf[end + 4 + length :]
             self.counts["ok" if ok else "bad"] += 1
             self.counts["left"] -= 1
@@ -108,17 +154,51 @@ class _Client(asyncio.Protocol):
                 self.done.set_result(None)
 
 
-async def _drive(port: int, connections: int, calls: int) -> tuple[int, int, float]:
+class _Sink(asyncio.Protocol):
+    """An OTLP/HTTP collector that reads each export and answers 200, like run.py's sink."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport
+        self.parser = httptools.HttpRequestParser(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_message_complete(self) -> None:
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+
+def _request(port: int, load: Load) -> bytes:
+    head = f"{load.path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{AGENT_HEADER}: bench-agent\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in load.headers.items())
+    if load.body is None:
+        return f"GET {head}\r\n".encode()
+    return b"POST %bContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (
+        head.encode(),
+        len(load.body),
+        load.body,
+    )
+
+
+class Load(NamedTuple):
+    """What the client sends to a target, and the answer it must get."""
+
+    path: str = PATH
+    headers: dict[str, str] = {}
+    body: bytes | None = None
+    expected: bytes = _BODY
+
+
+async def _drive(
+    port: int, connections: int, calls: int, request: bytes, expected: bytes
+) -> tuple[int, int, float]:
     loop = asyncio.get_running_loop()
-    request = (
-        f"GET {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{AGENT_HEADER}: bench-agent\r\n\r\n"
-    ).encode()
     counts = {"ok": 0, "bad": 0, "left": calls, "connections": connections}
     done: asyncio.Future[None] = loop.create_future()
     clients = []
     for _ in range(connections):
         _, client = await loop.create_connection(
-            lambda: _Client(request, counts, done), "127.0.0.1", port
+            lambda: _Client(request, expected, counts, done), "127.0.0.1", port
         )
         clients.append(client)
     start = time.perf_counter()
@@ -134,18 +214,24 @@ async def _drive(port: int, connections: int, calls: int) -> tuple[int, int, flo
 async def _child() -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(_Upstream, "127.0.0.1", 0)
-    print(f"UPSTREAM {server.sockets[0].getsockname()[1]}", flush=True)
-    reader = asyncio.StreamReader()
+    sink = await loop.create_server(_Sink, "127.0.0.1", 0)
+    ports = server.sockets[0].getsockname()[1], sink.sockets[0].getsockname()[1]
+    print(f"UPSTREAM {ports[0]} {ports[1]}", flush=True)
+    reader = asyncio.StreamReader(limit=1 << 20)  # a line holds a whole SSE answer
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     while line := (await reader.readline()).decode().split():
-        port, connections, calls = map(int, line)
-        ok, bad, wall = await _drive(port, connections, calls)
+        port, connections, calls = map(int, line[:3])
+        request, expected = bytes.fromhex(line[3]), bytes.fromhex(line[4])
+        ok, bad, wall = await _drive(port, connections, calls, request, expected)
         print(f"DONE {ok} {bad} {wall:.6f}", flush=True)
 
 
 # -- the proxies under test (this process) --------------------------------------------------
 
-Start = Callable[[int, Path], Awaitable[tuple[int, Callable[[], Awaitable[None]]]]]
+Action = Callable[[], Awaitable[None]]
+# A started target: its port, how to stop it, and how to finish its background work
+# (the span exporter's queue), so that each pass is charged with the work it caused.
+Start = Callable[[int, int, Path], Awaitable[tuple[int, Action, Action]]]
 
 
 # The console page's poll, from a process of its own (its CPU is not the proxy's).
@@ -158,16 +244,50 @@ while True:
 CONSOLE_POLL_SECONDS = 2.0  # what console.js does
 
 
-async def _start_sidecar(
-    policy: Policy, upstream: int, tmp: Path, *, console: bool = False
-) -> tuple[int, Any]:
-    from sidecar.app import serve
-    from sidecar.runtime import Sidecar
+async def _nothing() -> None:
+    pass
 
-    directory = tmp / (policy.value + ("-console" if console else ""))
+
+async def _start_sidecar(
+    policy: Policy,
+    upstream: int,
+    tmp: Path,
+    *,
+    name: str,
+    env: dict[str, str] | None = None,
+    validate: bool = False,
+    service_extra: str = "",
+    agents: str | None = None,
+    console: bool = False,
+) -> tuple[int, Action, Action]:
+    import json
+
+    from sidecar.runtime import Sidecar, serve
+
+    directory = tmp / name
     directory.mkdir()
-    (directory / "policy.yaml").write_text(sidecar_policy(policy, upstream))
-    sidecar = Sidecar(str(directory), env={"BENCH_TOKEN": TOKEN})
+    openapi = None
+    if validate:
+        (directory / "openapi.json").write_text(json.dumps(OPENAPI_DOCUMENT))
+        openapi = "openapi.json"
+    if agents == "jwt":
+        (directory / "jwks.json").write_text(_jwt()[0])
+        agents = (
+            f"agents:\n  verify:\n    type: jwt\n    jwks: ${{file:{directory / 'jwks.json'}}}\n"
+            f"    issuer: {JWT_ISSUER}\n    audience: {JWT_AUDIENCE}\n"
+        )
+    (directory / "policy.yaml").write_text(
+        sidecar_policy(
+            policy, upstream, openapi=openapi, service_extra=service_extra, agents=agents
+        )
+    )
+    sidecar = Sidecar(str(directory), env={"BENCH_TOKEN": TOKEN, **(env or {})})
+    writer = None
+    if sidecar.telemetry.access_log:
+        from sidecar.telemetry import access
+
+        # As `sidecar run --access-log` does, into a file rather than this script's stdout.
+        writer = access.configure((tmp / f"{name}.access.log").open("w"))
     result = await sidecar.reload("startup")
     assert result.ok, result.errors
     admin = ("127.0.0.1", 0) if console else None
@@ -186,11 +306,20 @@ async def _start_sidecar(
         for runner in (bound, *rest):
             await runner.cleanup()
         await sidecar.close()
+        if writer is not None:
+            writer.stop()
 
-    return bound.addresses[0][1], stop
+    async def flush() -> None:
+        # The span exporter's queue only: the SDK provider (webhook spans, idle here)
+        # would add its own flush's work to every pass.
+        spans = getattr(sidecar.telemetry, "spans", None)  # None too before issue 26
+        if spans is not None:
+            await asyncio.to_thread(spans.force_flush)
+
+    return bound.addresses[0][1], stop, flush
 
 
-async def _start_listener(upstream: int, tmp: Path) -> tuple[int, Any]:
+async def _start_listener(upstream: int, sink: int, tmp: Path) -> tuple[int, Action, Action]:
     from sidecar.http.listener import Request, Response, serve
 
     headers = [("Server", "nginx/1.22.1"), ("Content-Type", "application/json")]
@@ -199,7 +328,7 @@ async def _start_listener(upstream: int, tmp: Path) -> tuple[int, Any]:
         return Response(status=200, headers=list(headers), body=_BODY)
 
     listener = await serve(app, "127.0.0.1", 0)
-    return listener.addresses[0][1], listener.cleanup
+    return listener.addresses[0][1], listener.cleanup, _nothing
 
 
 class _ProbeUpstream(asyncio.Protocol):
@@ -279,24 +408,90 @@ class _Probe(asyncio.Protocol):
         self.transport.write(await self.answered)
 
 
-async def _start_probe(upstream: int, tmp: Path) -> tuple[int, Any]:
+async def _start_probe(upstream: int, sink: int, tmp: Path) -> tuple[int, Action, Action]:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: _Probe(upstream), "127.0.0.1", 0)
 
     async def stop() -> None:
         server.close()
 
-    return server.sockets[0].getsockname()[1], stop
+    return server.sockets[0].getsockname()[1], stop, _nothing
+
+
+@cache
+def _jwt() -> tuple[str, str]:
+    """A JWK Set and a token it verifies (ES256, valid for a day)."""
+    import json
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    jwk = jwt.algorithms.ECAlgorithm.to_jwk(private.public_key(), as_dict=True)
+    jwk["kid"] = "bench"
+    now = int(time.time())
+    claims = {"iss": JWT_ISSUER, "aud": JWT_AUDIENCE, "sub": "bench-agent"}
+    claims |= {"iat": now, "exp": now + 24 * 3600}
+    token = jwt.encode(claims, private, algorithm="ES256", headers={"kid": "bench"})
+    return json.dumps({"keys": [jwk]}), token
+
+
+def _tracing(sink: int, *, ratio: float | None = None) -> dict[str, str]:
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink}"}
+    if ratio is not None:
+        env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
+        env["OTEL_TRACES_SAMPLER_ARG"] = str(ratio)
+    return env
+
+
+def _sidecar(name: str, policy: Policy = Policy.REALISTIC, **options: Any) -> Start:
+    def start(up: int, sink: int, tmp: Path) -> Awaitable[tuple[int, Action, Action]]:
+        env = options.get("env")
+        rest = {k: v for k, v in options.items() if k != "env"}
+        return _start_sidecar(policy, up, tmp, name=name, env=env(sink) if env else None, **rest)
+
+    return start
 
 
 TARGETS: dict[str, Start] = {
-    "sidecar": lambda up, tmp: _start_sidecar(Policy.REALISTIC, up, tmp),
-    "sidecar-min": lambda up, tmp: _start_sidecar(Policy.MINIMAL, up, tmp),
+    "sidecar": _sidecar("sidecar"),
+    "sidecar-min": _sidecar("sidecar-min", Policy.MINIMAL),
     # The realistic policy with the admin port open and the console polling it.
-    "sidecar-console": lambda up, tmp: _start_sidecar(Policy.REALISTIC, up, tmp, console=True),
+    "sidecar-console": _sidecar("sidecar-console", console=True),
     "listener": _start_listener,
     "probe": _start_probe,
+    # The features of issue 26, each over `sidecar` (or `sidecar-post` for validation).
+    "sidecar+tracing": _sidecar("sidecar+tracing", env=lambda sink: _tracing(sink)),
+    "sidecar+tracing@10%": _sidecar(
+        "sidecar+tracing@10%", env=lambda sink: _tracing(sink, ratio=0.1)
+    ),
+    "sidecar+log": _sidecar("sidecar+log", env=lambda sink: {"SIDECAR_ACCESS_LOG": "1"}),
+    "sidecar-post": _sidecar("sidecar-post"),
+    "sidecar+validate": _sidecar("sidecar+validate", validate=True),
+    "sidecar+agent-key": _sidecar(
+        "sidecar+agent-key", agents=f"agents:\n  keys:\n    bench-agent: {AGENT_KEY_HASH}\n"
+    ),
+    "sidecar+jwt": _sidecar("sidecar+jwt", agents="jwt"),
+    "sidecar+allow": _sidecar("sidecar+allow", service_extra=ALLOW_RULES),
+    "sidecar+cache": _sidecar("sidecar+cache", service_extra="    cache: {}\n"),
+    "sidecar-sse": _sidecar("sidecar-sse"),
+    "sidecar+llm": _sidecar("sidecar+llm", service_extra=LLM_SERVICE),
 }
+_POST = Load(body=POST_BODY.encode())
+_SSE_LOAD = Load(path=f"/{SERVICE}{SSE_PATH}", body=SSE_REQUEST.encode(), expected=_SSE)
+# What each target is sent, when not a GET of PATH.
+LOADS: dict[str, Callable[[], Load]] = {
+    "sidecar-post": lambda: _POST,
+    "sidecar+validate": lambda: _POST,
+    "sidecar+agent-key": lambda: Load(headers={"X-Agent-Token": AGENT_KEY}),
+    "sidecar+jwt": lambda: Load(headers={"X-Agent-Token": _jwt()[1]}),
+    "sidecar-sse": lambda: _SSE_LOAD,
+    "sidecar+llm": lambda: _SSE_LOAD,
+}
+
+
+def _load(name: str) -> Load:
+    return LOADS.get(name, Load)()
 
 
 # -- measuring -------------------------------------------------------------------------------
@@ -306,15 +501,20 @@ class _Load:
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
 
-    async def run(self, port: int, connections: int, calls: int) -> tuple[float, float, float]:
+    async def run(
+        self, port: int, connections: int, calls: int, load: Load, settle: Action = _nothing
+    ) -> tuple[float, float, float]:
         """CPU seconds (user, system) this process spent, and the wall time, for `calls`."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
         # getrusage: microsecond resolution (os.times counts 10 ms ticks).
         before = resource.getrusage(resource.RUSAGE_SELF)
-        self.proc.stdin.write(f"{port} {connections} {calls}\n".encode())
-        line = (await self.proc.stdout.readline()).decode().split()
+        request = _request(port, load).hex()
+        line = f"{port} {connections} {calls} {request} {load.expected.hex()}\n"
+        self.proc.stdin.write(line.encode())
+        answer = (await self.proc.stdout.readline()).decode().split()
+        await settle()
         after = resource.getrusage(resource.RUSAGE_SELF)
-        _, ok, bad, wall = line
+        _, ok, bad, wall = answer
         if int(bad) or int(ok) != calls:
             raise SystemExit(f"{bad} bad answers of {calls}: the proxy under test is broken")
         return after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime, float(wall)
@@ -333,13 +533,16 @@ async def _measure(args: argparse.Namespace) -> None:
         stdout=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None
-    upstream = int((await proc.stdout.readline()).split()[1])
+    _, upstream, sink = (await proc.stdout.readline()).split()
     load = _Load(proc)
     passes = (("seq", 1, args.calls // 4), ("conc", args.connections, args.calls))
     with tempfile.TemporaryDirectory() as tmp:
-        started = {name: await TARGETS[name](upstream, Path(tmp)) for name in args.only}
-        for port, _ in started.values():
-            await load.run(port, args.connections, 2000)  # warm: pools, caches, children
+        started = {
+            name: await TARGETS[name](int(upstream), int(sink), Path(tmp)) for name in args.only
+        }
+        for name, (port, _, flush) in started.items():
+            # Warm: pools, caches, children.
+            await load.run(port, args.connections, 2000, _load(name), flush)
         # As `sidecar run` does once it serves (cli.py): what lives for the process's
         # life is out of the collector's sight.
         gc.collect()
@@ -348,11 +551,14 @@ async def _measure(args: argparse.Namespace) -> None:
         # Rounds interleave the targets, so a busier moment of the machine falls on all.
         rows: dict[tuple[str, str], list[tuple[float, float, float]]] = defaultdict(list)
         for _ in range(args.rounds):
-            for name, (port, _) in started.items():
+            for name, (port, _, flush) in started.items():
                 for label, connections, calls in passes:
                     if args.mark:
                         os.getppid()  # callgrind dumps its counts here (--instructions)
-                    user, system, wall = await load.run(port, connections, calls)
+                    # The spans of this pass are exported within it (flush): its CPU counts.
+                    user, system, wall = await load.run(
+                        port, connections, calls, _load(name), flush
+                    )
                     if args.mark:
                         os.getppid()
                     rows[name, label].append((_us(user, calls), _us(system, calls), wall / calls))
@@ -366,8 +572,8 @@ async def _measure(args: argparse.Namespace) -> None:
                 f" {user:>6.1f} {system:>6.1f} {1 / wall:>8.0f}"
             )
         for name in args.profile:
-            await _profile(load, started[name][0], args)
-        for _, stop in started.values():
+            await _profile(load, started[name][0], args, _load(name))
+        for _, stop, _ in started.values():
             await stop()
     assert proc.stdin is not None
     proc.stdin.close()
@@ -391,7 +597,7 @@ _GROUPS = (
 )
 
 
-async def _profile(load: _Load, port: int, args: argparse.Namespace) -> None:
+async def _profile(load: _Load, port: int, args: argparse.Namespace, request: Load) -> None:
     try:
         import pyinstrument
     except ImportError:
@@ -406,13 +612,13 @@ async def _profile(load: _Load, port: int, args: argparse.Namespace) -> None:
         get_stack_sampler().timer_func = time.process_time
         sampler = pyinstrument.Profiler(interval=0.0001, async_mode="disabled")
         sampler.start()
-        await load.run(port, args.connections, args.calls)
+        await load.run(port, args.connections, args.calls, request)
         sampler.stop()
         print(sampler.output_text(unicode=False, color=False, show_all=False))
         return
     profile = cProfile.Profile()
     profile.enable()
-    await load.run(port, args.connections, args.calls)
+    await load.run(port, args.connections, args.calls, request)
     profile.disable()
     stats = pstats.Stats(profile)
     if os.environ.get("CPU_PER_CALL_PSTATS"):

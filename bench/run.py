@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import enum
+import hashlib
 import json
 import os
 import platform
@@ -114,6 +115,51 @@ OPENAPI_DOCUMENT: dict[str, Any] = {
 }
 # The target `sidecar+validate` is compared with: the same calls, no document.
 VALIDATE_BASELINE = "sidecar-post"
+# Issue 26: what each feature costs, as the feature's target over its baseline (req/s at
+# the many-connection level, or the CPU per SSE event), each with its goal.
+AGENT_KEY = "bench-agent-key-0123456789abcdef"
+JWT_ISSUER = "https://issuer.bench"
+JWT_AUDIENCE = "agent-sidecar"
+SSE_PATH = "/v1/chat/completions"
+SSE_EVENTS = 200
+SSE_BASELINE = "sidecar-sse"
+# An OpenAI chat-completions stream: 199 content chunks and a last one with the usage.
+SSE_BODY = "".join(
+    'data: {"id":"c1","object":"chat.completion.chunk","model":"gpt-4o",'
+    f'"choices":[{{"index":0,"delta":{{"content":"w{i} "}}}}]}}\n\n'
+    for i in range(SSE_EVENTS - 1)
+) + (
+    'data: {"id":"c1","object":"chat.completion.chunk","model":"gpt-4o","choices":[],'
+    '"usage":{"prompt_tokens":12,"completion_tokens":199,"total_tokens":211}}\n\n'
+    "data: [DONE]\n\n"
+)
+SSE_REQUEST = '{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+# (row, target, baseline, goal as text, lowest ratio that meets it).
+FEATURES: tuple[tuple[str, str, str, str, float], ...] = (
+    ("tracing, every call (SERVER + CLIENT span, OTLP/HTTP)", "sidecar+tracing", "sidecar",
+     ">= 0.6x", 0.6),
+    ("tracing, 10 % sampled", "sidecar+tracing@10%", "sidecar", ">= 0.9x", 0.9),
+    ("access log on (JSON lines)", "sidecar+log", "sidecar", ">= 0.85x", 0.85),
+    (f"OpenAPI validation, POST {len(POST_BODY)}-byte JSON body", "sidecar+validate",
+     VALIDATE_BASELINE, ">= 0.85x", 0.85),
+    ("identity: JWT verified (cached)", "sidecar+jwt", "sidecar", ">= 0.9x", 0.9),
+    ("identity: agent key", "sidecar+agent-key", "sidecar", ">= 0.9x", 0.9),
+    ("allow rules (10 rules, globs)", "sidecar+allow", "sidecar", ">= 0.95x", 0.95),
+    ("cache hit (GET)", "sidecar+cache", "sidecar", "> 1x (faster than uncached)", 1.0),
+)  # fmt: skip
+AGENT_KEY_HASH = "sha256:" + hashlib.sha256(AGENT_KEY.encode()).hexdigest()
+# Ten rules, globs in each; only the last allows the bench's calls, so all are tried.
+ALLOW_RULES = (
+    "    allow:\n"
+    + "".join(
+        f"      - {{agents: [team{i}-*], methods: [GET, POST], paths: [/v{i}/**, /x/*/y{i}]}}\n"
+        for i in range(2, 11)
+    )
+    + "      - {agents: [bench-*], methods: [GET, POST], paths: [/v1/*, /v1/**]}\n"
+)
+LLM_SERVICE = "    llm: {api: openai}\n"
+# CPU per SSE event of LLM metering: at most this many microseconds.
+GOAL_SSE_US_PER_EVENT = 5.0
 SERVICE = "bench"
 # What every proxy injects; the upstream answers 401 without it. No `$`, no quotes:
 # it goes into nginx and Caddy configs as is.
@@ -183,6 +229,15 @@ class Target:
     post: bool = False
     # The sidecar's service gets OPENAPI_DOCUMENT and `validate: {requests: enforce}`.
     validate: bool = False
+    # Issue 26's features: more keys for the service, an `agents:` section replacing the
+    # realistic policy's, and more headers for wrk to send.
+    service_extra: str = ""
+    agents: str | None = None
+    request_headers: Mapping[str, str] = field(default_factory=dict)
+    # The JWT identity target: the bench writes a JWK Set and signs a token for wrk.
+    jwt: bool = False
+    # wrk POSTs SSE_REQUEST to SSE_PATH and the upstream answers SSE_BODY.
+    sse: bool = False
 
     @property
     def is_proxy(self) -> bool:
@@ -194,13 +249,25 @@ class Target:
         headers = {AGENT_HEADER: "bench-agent"}
         if self.kind is Kind.DIRECT:
             headers["Authorization"] = f"Bearer {TOKEN}"
-        if self.post:
+        if self.post or self.sse:
             headers["Content-Type"] = "application/json"
+        headers.update(self.request_headers)
         return headers
 
     @property
     def body(self) -> bytes | None:
+        if self.sse:
+            return SSE_REQUEST.encode()
         return POST_BODY.encode() if self.post else None
+
+    @property
+    def path(self) -> str:
+        return SSE_PATH if self.sse else REQUEST_PATH
+
+    @property
+    def expected(self) -> str:
+        """The upstream's answer, which the proxy must relay as it is."""
+        return SSE_BODY if self.sse else UPSTREAM_BODY
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -369,12 +436,16 @@ def wait_ready(
 
 
 def check_answer(
-    url: str, what: str, headers: Mapping[str, str], request_body: bytes | None = None
+    url: str,
+    what: str,
+    headers: Mapping[str, str],
+    request_body: bytes | None = None,
+    expected: str = UPSTREAM_BODY,
 ) -> None:
     """A proxy that answers fast with the wrong thing (404, 502, or the upstream's 401
     when it did not inject the token) must not be timed."""
     status, body = http_get(url, headers, request_body)
-    if status != 200 or body != UPSTREAM_BODY.encode():
+    if status != 200 or body != expected.encode():
         method = "GET" if request_body is None else "POST"
         raise BenchError(f"{what}: {method} {url} gave HTTP {status}, body {body[:200]!r}")
 
@@ -399,7 +470,7 @@ def check_tracing(log: Path, what: str, *, before_run: bool) -> None:
         if "tracing on: OTLP/HTTP" not in text:
             raise BenchError(f"{what}: the sidecar did not turn tracing on:\n{tail(log)}")
         return
-    for sign in ("Failed to export", "Exception while exporting", "Queue is full"):
+    for sign in ("Failed to export", "Exception while exporting", "Queue is full", "not exported"):
         if sign in text:
             print(f"   note: {what} log says {sign!r}; some spans were lost", file=sys.stderr)
 
@@ -553,8 +624,16 @@ class Running:
     proc: subprocess.Popen[bytes] | None
 
 
-def sidecar_policy(policy: Policy, upstream_port: int, *, openapi: str | None = None) -> str:
-    """The policy file; `openapi` (a path relative to it) turns request validation on."""
+def sidecar_policy(
+    policy: Policy,
+    upstream_port: int,
+    *,
+    openapi: str | None = None,
+    service_extra: str = "",
+    agents: str | None = None,
+) -> str:
+    """The policy file; `openapi` (a path relative to it) turns request validation on;
+    `service_extra` adds keys to the service, `agents` replaces the agents section."""
     service = (
         "version: 1\n"
         "services:\n"
@@ -564,8 +643,10 @@ def sidecar_policy(policy: Policy, upstream_port: int, *, openapi: str | None = 
     )
     if openapi is not None:
         service += f"    openapi: {openapi}\n    validate: {{requests: enforce}}\n"
+    service += service_extra
     if policy is Policy.MINIMAL:
         return service
+    default_agents = f"agents:\n  header: {AGENT_HEADER}\n"
     # Limits far above what one core can do: every call takes a token from both
     # buckets, none is ever refused. The breaker and retry see every call too.
     return (
@@ -583,7 +664,7 @@ def sidecar_policy(policy: Policy, upstream_port: int, *, openapi: str | None = 
         "      min_requests: 10\n"
         "      window: 30s\n"
         "      open_for: 15s\n"
-        f"agents:\n  header: {AGENT_HEADER}\n"
+        f"{agents if agents is not None else default_agents}"
     )
 
 
@@ -602,9 +683,12 @@ class Bench:
         self.procs = procs
         self.upstream_port = 0
         self.sink_port = 0
+        self.jwt_token = ""
 
     def start_upstream(self) -> None:
         self.upstream_port = free_port()
+        sse_file = self.workdir / "sse-answer.txt"
+        sse_file.write_text(SSE_BODY)
         proc, log = self._start_nginx(
             "upstream",
             BENCH_DIR / "nginx-upstream.conf.template",
@@ -613,6 +697,20 @@ class Bench:
                 "BODY": UPSTREAM_BODY,
                 "AUTH_CHECK": (
                     f'            if ($http_authorization != "Bearer {TOKEN}") {{ return 401; }}'
+                ),
+                # The LLM metering targets' answer: an SSE stream of SSE_EVENTS events,
+                # too long for `return`: a file, reached from the POST by a 405 that
+                # error_page turns into an internal GET of it.
+                "EXTRA": (
+                    f"        location = {SSE_PATH} {{\n"
+                    "            error_page 405 =200 /sse-answer;\n"
+                    "            return 405;\n"
+                    "        }\n"
+                    "        location = /sse-answer {\n"
+                    "            internal;\n"
+                    "            default_type text/event-stream;\n"
+                    f"            alias {sse_file};\n"
+                    "        }\n"
                 ),
             },
             cpus=self.settings.load_cpus,
@@ -648,10 +746,11 @@ class Bench:
             port, proc, log, ready_url = self._start_sidecar(target)
         else:
             raise BenchError(f"{target.name}: {target.kind.value} is not served")
-        url = f"http://127.0.0.1:{port}/{SERVICE}{REQUEST_PATH}"
+        url = f"http://127.0.0.1:{port}/{SERVICE}{target.path}"
+        headers = {**target.headers, **self.jwt_headers(target)}
         try:
-            wait_ready(ready_url or url, proc, log, target.name, target.headers)
-            check_answer(url, target.name, target.headers, target.body)
+            wait_ready(ready_url or url, proc, log, target.name, headers)
+            check_answer(url, target.name, headers, target.body, target.expected)
             if target.validate:
                 check_validation(url, target.name, target.headers)
             if target.tracing:
@@ -664,11 +763,14 @@ class Bench:
         finally:
             self.procs.stop(proc)
 
-    def memory(self, running: Running) -> dict[str, float | None]:
+    def memory(self, running: Running, target: Target) -> dict[str, float | None]:
         """RSS after the passes, then with IDLE_CONNECTIONS agents connected and idle."""
         if running.proc is None:
             return {}
         after = rss_mib(running.proc.pid)
+        if target.agents is not None or target.jwt or target.service_extra:
+            # Its idle agents would be refused (unknown names, no credential): RSS only.
+            return {"after_passes": after, "with_idle_connections": None}
         with idle_agents(running.url, IDLE_CONNECTIONS):
             with_idle = rss_mib(running.proc.pid)
         return {"after_passes": after, "with_idle_connections": with_idle}
@@ -760,19 +862,54 @@ class Bench:
             # Outside policies/: only the policy file names it.
             (home / "openapi.json").write_text(json.dumps(OPENAPI_DOCUMENT, indent=2) + "\n")
             openapi = "../openapi.json"
+        agents = target.agents
+        if target.jwt:
+            jwks = self._jwt_keys()
+            agents = (
+                f"agents:\n  verify:\n    type: jwt\n    jwks: ${{file:{jwks}}}\n"
+                f"    issuer: {JWT_ISSUER}\n    audience: {JWT_AUDIENCE}\n"
+            )
         (policies / "bench.yaml").write_text(
-            sidecar_policy(target.policy, self.upstream_port, openapi=openapi)
+            sidecar_policy(
+                target.policy,
+                self.upstream_port,
+                openapi=openapi,
+                service_extra=target.service_extra,
+                agents=agents,
+            )
         )
         port, admin = free_port(), free_port()
         argv = [str(self.settings.sidecar_bin), "run", "--policies", str(policies)]
         argv += ["--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}"]
-        extra = {"BENCH_TOKEN": TOKEN}
+        extra = {"BENCH_TOKEN": TOKEN, "OPENAI_API_KEY": TOKEN}
         if target.tracing:
             extra["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = self._otlp_sink()
         env = sidecar_env({**extra, **target.env})
         log = home / "sidecar.log"
         proc = self.procs.start(argv, cpus=self.settings.proxy_cpus, log=log, env=env)
         return port, proc, log, f"http://127.0.0.1:{admin}/readyz"
+
+    def _jwt_keys(self) -> Path:
+        """A JWK Set file for the JWT target, and the token wrk sends (jwt_headers)."""
+        import jwt
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        path = self.workdir / "jwks.json"
+        if not path.exists():
+            private = ec.generate_private_key(ec.SECP256R1())
+            jwk = jwt.algorithms.ECAlgorithm.to_jwk(private.public_key(), as_dict=True)
+            jwk["kid"] = "bench"
+            path.write_text(json.dumps({"keys": [jwk]}))
+            now = int(time.time())
+            claims = {"iss": JWT_ISSUER, "aud": JWT_AUDIENCE, "sub": "bench-agent"}
+            claims |= {"iat": now, "exp": now + 24 * 3600}
+            self.jwt_token = jwt.encode(
+                claims, private, algorithm="ES256", headers={"kid": "bench"}
+            )
+        return path
+
+    def jwt_headers(self, target: Target) -> dict[str, str]:
+        return {"X-Agent-Token": self.jwt_token} if target.jwt else {}
 
     def _otlp_sink(self) -> str:
         """An OTLP/HTTP endpoint that accepts every export: nginx answering 200, on the
@@ -782,7 +919,7 @@ class Bench:
             proc, log = self._start_nginx(
                 "otlp-sink",
                 BENCH_DIR / "nginx-upstream.conf.template",
-                {"PORT": str(self.sink_port), "BODY": "", "AUTH_CHECK": ""},
+                {"PORT": str(self.sink_port), "BODY": "", "AUTH_CHECK": "", "EXTRA": ""},
                 cpus=self.settings.load_cpus,
             )
             wait_ready(f"http://127.0.0.1:{self.sink_port}/v1/traces", proc, log, "otlp sink")
@@ -807,7 +944,7 @@ class Bench:
         log = self.workdir / f"wrk-{target.name}-c{connections}-{tag}.log"
         argv = [self.settings.wrk, f"-t{threads}", f"-c{connections}", f"-d{seconds}s"]
         argv += [f"--timeout={WRK_REQUEST_TIMEOUT_S}s", "-s", str(self._wrk_script(target))]
-        for name, value in target.headers.items():
+        for name, value in {**target.headers, **self.jwt_headers(target)}.items():
             argv += ["-H", f"{name}: {value}"]
         argv += [url]
         proc = self.procs.start(argv, cpus=self.settings.load_cpus, log=log)
@@ -980,7 +1117,32 @@ def comparisons(
             v_entry["added_p50_ms_at_1_connection"] = round(on_1.p50_ms - off_1.p50_ms, 3)
             v_entry["added_p99_ms_at_1_connection"] = round(on_1.p99_ms - off_1.p99_ms, 3)
         validation[t.name] = v_entry
+    features: list[dict[str, Any]] = []
+    for row, name, base, goal_text, limit in FEATURES:
+        r = ratio(find(results, name, many), find(results, base, many))
+        met = None if r is None else (r > limit if limit == 1.0 else r >= limit)
+        features.append(
+            {"row": row, "target": name, "baseline": base, "value": r, "unit": "x",
+             "goal": goal_text, "met": met}
+        )  # fmt: skip
+    llm, plain = find(results, "sidecar+llm", many), find(results, SSE_BASELINE, many)
+    per_event = None
+    if llm and plain and llm.rps and plain.rps:
+        # One core runs the sidecar: 1 / req/s is the CPU time of one call.
+        per_event = round((1 / llm.rps - 1 / plain.rps) * 1e6 / SSE_EVENTS, 3)
+    features.append(
+        {"row": f"LLM metering, SSE answer of {SSE_EVENTS} events (CPU per event)",
+         "target": "sidecar+llm", "baseline": SSE_BASELINE, "value": per_event, "unit": "us",
+         "goal": f"<= {GOAL_SSE_US_PER_EVENT:g} us",
+         "met": None if per_event is None else per_event <= GOAL_SSE_US_PER_EVENT}
+    )  # fmt: skip
+    features.append(
+        {"row": "idle RSS of `make run`", "target": "sidecar-idle", "baseline": None,
+         "value": idle_rss, "unit": "MiB", "goal": f"<= {GOAL_IDLE_RSS_MIB_MAX:g} MiB",
+         "met": None if idle_rss is None else idle_rss <= GOAL_IDLE_RSS_MIB_MAX}
+    )  # fmt: skip
     return {
+        "feature_costs": features,
         "summary_at_connections": many,
         "summary": summary,
         "sidecar_idle_rss_mib": idle_rss,
@@ -1112,11 +1274,28 @@ def print_report(
             )
         print(line)
     print_goals(comp)
+    print_features(comp)
     for m in results:
         if m.error_count:
             print(f"WARNING: {m.target} at {m.connections} conn had errors: {m.errors}")
     for name, why in failures.items():
         print(f"FAILED: {name}: {why}", file=sys.stderr)
+
+
+def print_features(comp: Mapping[str, Any]) -> None:
+    """Issue 26's table: what each feature costs, over the same sidecar without it."""
+    rows = comp.get("feature_costs") or []
+    if not any(r["value"] is not None for r in rows):
+        return
+    many = comp["summary_at_connections"]
+    print(f"\nwhat each feature costs (req/s @{many} over its baseline, same run):")
+    print("| feature on | now | goal | |")
+    print("|---|---|---|---|")
+    for r in rows:
+        value = r["value"]
+        shown = "not measured" if value is None else f"{value:g} {r['unit']}".replace(" x", "x")
+        verdict = {True: "met", False: "NOT MET", None: ""}[r["met"]]
+        print(f"| {r['row']} | {shown} | {r['goal']} | {verdict} |")
 
 
 def print_summary(comp: Mapping[str, Any]) -> None:
@@ -1213,6 +1392,24 @@ def build_targets(sidecar_env: Mapping[str, str]) -> list[Target]:
         # Issue 10: what checking a request body against an OpenAPI schema costs.
         Target(name=VALIDATE_BASELINE, kind=Kind.SIDECAR, post=True),
         Target(name="sidecar+validate", kind=Kind.SIDECAR, post=True, validate=True),
+        # Issue 26: each feature on its own over `sidecar` (see FEATURES).
+        Target(name="sidecar+log", kind=Kind.SIDECAR, env={"SIDECAR_ACCESS_LOG": "1"}),
+        Target(
+            name="sidecar+agent-key",
+            kind=Kind.SIDECAR,
+            agents=f"agents:\n  keys:\n    bench-agent: {AGENT_KEY_HASH}\n",
+            request_headers={"X-Agent-Token": AGENT_KEY},
+        ),
+        Target(name="sidecar+jwt", kind=Kind.SIDECAR, jwt=True),
+        Target(name="sidecar+allow", kind=Kind.SIDECAR, service_extra=ALLOW_RULES),
+        Target(name="sidecar+cache", kind=Kind.SIDECAR, service_extra="    cache: {}\n"),
+        Target(name=SSE_BASELINE, kind=Kind.SIDECAR, sse=True),
+        Target(
+            name="sidecar+llm",
+            kind=Kind.SIDECAR,
+            sse=True,
+            service_extra="    llm: {api: openai}\n",
+        ),
     ]
     if sidecar_env:
         targets.append(Target(name="sidecar+env", kind=Kind.SIDECAR, env=dict(sidecar_env)))
@@ -1342,7 +1539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 with bench.serve(target) as running:
                     results.extend(bench.measure(target, running.url))
                     if target.is_proxy:
-                        memory[target.name] = bench.memory(running)
+                        memory[target.name] = bench.memory(running, target)
             except BenchError as exc:
                 failures[target.name] = str(exc)
                 print(f"   failed: {exc}", file=sys.stderr, flush=True)

@@ -188,6 +188,19 @@ class Call:
                 return value.decode("latin-1")
         return None
 
+    def pop_all(self, name: str) -> list[str]:
+        """Every value of the field `name` (any case), in order, and the field removed;
+        the other fields stay undecoded."""
+        raw = self._raw
+        if raw is None:
+            return self.headers.popall(name, [])
+        key = name.lower().encode("latin-1")
+        size = len(key)
+        found = [v.decode("latin-1") for f, v in raw if len(f) == size and f.lower() == key]
+        if found:
+            self._raw = [f for f in raw if len(f[0]) != size or f[0].lower() != key]
+        return found
+
     def set_header(self, name: str, value: str) -> None:
         """`headers[name] = value`, without decoding the other fields.
 

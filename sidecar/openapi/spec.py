@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import parse_qsl
-
-from multidict import CIMultiDict
 
 from .document import METHODS, Document, OpenAPIError, deref, pointer
 from .matcher import Matcher
@@ -114,6 +112,24 @@ class Parameter:
                 out.append(Violation(self.location, self.name, err.pointer, err.message))
 
 
+# The decoder's C scanner, which json.loads reaches through two Python layers.
+_scan: Any = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+def _parse(body: bytes) -> Any:
+    """json.loads(body), without its encoding detection and whitespace regexes for the
+    common body: UTF-8 text that is one JSON value from its first byte to its last.
+    Anything else goes through json.loads itself, with its error messages."""
+    try:
+        text = body.decode()
+        value, end = _scan(text, 0)
+    except (UnicodeDecodeError, StopIteration, ValueError):
+        return json.loads(body)
+    if end != len(text):
+        return json.loads(body)  # whitespace or more after the value (an error, or not)
+    return value
+
+
 def _is_json(media: str) -> bool:
     return media == "application/json" or media.endswith("+json")
 
@@ -160,7 +176,7 @@ class Body:
         if validator is None or not _is_json(media):
             return
         try:
-            value = json.loads(body)
+            value = _parse(body)
         except (ValueError, UnicodeDecodeError) as exc:
             out.append(Violation("body", None, "", f"not valid JSON: {exc}"))
             return
@@ -212,7 +228,7 @@ class Operation:
         *,
         path_params: dict[str, str],
         query: str,
-        headers: CIMultiDict[str],
+        headers: Fields,
         body: bytes | None,
         check_body: bool = True,
         injected: frozenset[tuple[str, str]] = frozenset(),
@@ -259,6 +275,19 @@ class Operation:
         return "content_type"
 
 
+class Fields(Protocol):
+    """The call's header fields as check_request reads them (a CIMultiDict is one)."""
+
+    def get(self, name: str) -> str | None: ...
+
+    def getall(self, name: str, default: None) -> list[str] | None: ...
+
+
+# Matches kept per Spec, by (method, path): agents call the same few paths over and over.
+# Cleared when full, so paths never seen again cannot grow it.
+MATCH_CACHE_SIZE = 1024
+
+
 class Match(NamedTuple):
     operation: Operation | None  # None: the path is known, the method is not
     template: str
@@ -299,10 +328,23 @@ class Spec:
                 if operation.operation_id:
                     self.operations[operation.operation_id] = operation
         self._matcher: Matcher[Operation] = Matcher(entries)
+        self._matches: dict[tuple[str, str], Match | None] = {}
         self.count = len(entries)
 
     def match(self, method: str, path: str) -> Match | None:
-        """The operation a call makes; `path` is percent-encoded, without the query."""
+        """The operation a call makes; `path` is percent-encoded, without the query.
+
+        The Match is shared between calls of the same method and path: read it only."""
+        key = (method, path)
+        cache = self._matches
+        if key in cache:
+            return cache[key]
+        if len(cache) >= MATCH_CACHE_SIZE:
+            cache.clear()
+        found = cache[key] = self._match(method, path)
+        return found
+
+    def _match(self, method: str, path: str) -> Match | None:
         found = self._matcher.match(path)
         if found is None:
             return None

@@ -11,8 +11,11 @@
 What is never recorded anywhere: request or response headers, query strings
 (both carry credentials and signed URLs), bodies.
 
-With tracing off (no OTLP endpoint) no span object is made: every tracing
-branch hangs on `Telemetry.tracer` / `Exchange.span` being None. OTLP metrics
+With tracing on, a span is a `SpanRecord` (a few fields) appended to the span
+exporter's queue (spans.py), whose thread encodes and sends batches: no SDK span
+per call. A request the sampler drops gets ids (its trace still goes upstream)
+and nothing else. With tracing off (no OTLP endpoint) no record is made: every
+tracing branch hangs on `Telemetry.spans` / `Exchange.span` being None. OTLP metrics
 export (otlp_metrics.py) reads the same Prometheus registry from its own
 thread, so the request path records each observation once either way.
 """
@@ -22,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
+import struct
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
@@ -37,20 +42,29 @@ from .problems import RecentProblems
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.trace import Span, Tracer
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+    from opentelemetry.trace import Tracer
 
     from ..core.state import StateBuild
     from ..http.listener import Request, Response
     from ..http.router import Route
     from ..policy.loader import ServicePolicy
     from ..runtime import ReloadResult, Sidecar
+    from .spans import SpanExporter
+    from .tracing import Sampling
 
 log = logging.getLogger("sidecar.telemetry")
 
 # A C static, not a lookup in the module's namespace on every call (mypyc).
 perf_counter: Final = time.perf_counter
+time_ns: Final = time.time_ns
+getrandbits: Final = random.getrandbits
+# The attributes of every dropped span: always empty.
+_NONE: Final[dict[str, Any]] = {}
+# opentelemetry.proto.trace.v1.Span.SpanKind
+KIND_SERVER: Final = 2
+KIND_CLIENT: Final = 3
 SIDECAR_ERROR: Final = "X-Sidecar-Error"
 # nginx's "client closed request": the agent went away before the answer was complete.
 CLIENT_CLOSED: Final = 499
@@ -62,6 +76,237 @@ MAX_AGENT: Final = 128
 
 def _flag(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+class SpanRecord:
+    """One span as the request path records it; spans.py encodes it for OTLP.
+
+    A dropped (unsampled) span keeps its ids only: its trace goes on upstream.
+    """
+
+    __slots__ = (
+        "attributes",
+        "encoded",
+        "end",
+        "error",
+        "kind",
+        "name",
+        "parent_id",
+        "remote",
+        "sampled",
+        "span_id",
+        "start",
+        "trace_id",
+        "trace_state",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        kind: int,
+        trace_id: int,
+        parent_id: int,
+        remote: bool,
+        sampled: bool,
+        trace_state: Any,
+        span_id: int = 0,
+    ) -> None:
+        self.name = name
+        self.kind = kind
+        self.trace_id = trace_id
+        while span_id == 0:  # 0 is the invalid id, as the SDK's RandomIdGenerator avoids
+            span_id = getrandbits(64)
+        self.span_id = span_id
+        self.parent_id = parent_id  # 0: a root span
+        self.remote = remote  # the parent came from the agent's traceparent
+        self.sampled = sampled
+        # The agent's tracestate (an SDK TraceState), passed on and exported; or None.
+        self.trace_state = trace_state
+        self.start = time_ns() if sampled else 0
+        self.end = 0
+        # A dropped span's stay empty and are never read: no dict of its own.
+        self.attributes: dict[str, Any] = {} if sampled else _NONE
+        # Attributes already in OTLP bytes, exported before `attributes`: an attempt's
+        # fixed ones (service, upstream address), encoded once per policy load.
+        self.encoded = b""
+        self.error = False  # status ERROR, else UNSET
+
+    def traceparent(self) -> str:
+        """The W3C header an upstream gets to continue this span's trace."""
+        # One bytes.hex() of both ids: far fewer instructions than format specs.
+        ids = ((self.trace_id << 64) | self.span_id).to_bytes(24, "big").hex()
+        return "00-" + ids[:32] + "-" + ids[32:] + ("-01" if self.sampled else "-00")
+
+    def inject(self, call: Call) -> None:
+        """Replace the call's trace context (the agent's) by this span's."""
+        # set_header: the agent's other fields stay undecoded bytes.
+        call.set_header("traceparent", self.traceparent())
+        state = self.trace_state
+        if state:
+            call.set_header("tracestate", state.to_header())
+
+
+# -- OTLP protobuf bytes of span records (the exporter's thread, spans.py) --------------
+
+# The instrumentation scope of the agent requests' spans.
+SCOPE: Final = "agent-sidecar"
+# The Span's `flags` field (number 16, fixed32): SpanFlags HAS_IS_REMOTE, and IS_REMOTE
+# for a parent that came from the agent.
+_FLAGS_LOCAL: Final = b"\x85\x01" + (0x100).to_bytes(4, "little")
+_FLAGS_REMOTE: Final = b"\x85\x01" + (0x300).to_bytes(4, "little")
+# Status: ERROR (code 2) or UNSET, present in both cases as the SDK writes it.
+_STATUS_ERROR: Final = b"\x7a\x02\x18\x02"
+_STATUS_UNSET: Final = b"\x7a\x00"
+# Attribute fields already encoded, by key and value: most of a span's attributes
+# repeat call after call (service, route, method, status). Bounded: cleared when full.
+_CACHE_MAX: Final = 4096
+_BYTE: Final = [bytes((i,)) for i in range(256)]
+
+
+def _varint(value: int) -> bytes:
+    if 0 <= value < 0x80:
+        return _BYTE[value]
+    if 0 < value < 0x4000:  # a span's length, mostly
+        return _BYTE[(value & 0x7F) | 0x80] + _BYTE[value >> 7]
+    if value < 0:
+        value += 1 << 64  # int64: two's complement, ten bytes
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field(tag: int, payload: bytes) -> bytes:
+    """A length-delimited field; `tag` is (number << 3) | 2, below 128."""
+    size = len(payload)
+    if size < 0x80:
+        return _BYTE[tag] + _BYTE[size] + payload
+    return _BYTE[tag] + _varint(size) + payload
+
+
+def _any_value(value: Any) -> bytes:
+    # As the SDK's _encode_value: bool before int (bool is an int).
+    if isinstance(value, bool):
+        return b"\x10\x01" if value else b"\x10\x00"
+    if isinstance(value, int):
+        return b"\x18" + _varint(value)
+    if isinstance(value, float):
+        return b"\x21" + struct.pack("<d", value)
+    if isinstance(value, str):
+        return _field(0x0A, value.encode())
+    if isinstance(value, bytes):
+        return _field(0x3A, value)
+    if isinstance(value, (list, tuple)):
+        return _field(0x2A, b"".join([_field(0x0A, _any_value(v)) for v in value]))
+    raise TypeError(f"attribute value of type {type(value).__name__}")
+
+
+def _attribute(key: str, value: Any) -> bytes:
+    """One `attributes` field (a KeyValue) of a span."""
+    return _field(0x4A, _field(0x0A, key.encode()) + _field(0x12, _any_value(value)))
+
+
+class Encoder:
+    """OTLP protobuf bytes of a batch of records, with the resource and scope given."""
+
+    def __init__(self, resource: Resource) -> None:
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+        from opentelemetry.sdk.trace import ReadableSpan
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+        from opentelemetry.trace import SpanContext
+
+        # The envelope exactly as the SDK writes it, from one span it encodes, less the span.
+        probe = ReadableSpan(
+            name="probe",
+            context=SpanContext(trace_id=1, span_id=1, is_remote=False),
+            resource=resource,
+            instrumentation_scope=InstrumentationScope(SCOPE),
+        )
+        request = encode_spans([probe])
+        resource_spans = request.resource_spans[0]
+        scope_spans = resource_spans.scope_spans[0]
+        del scope_spans.spans[:]
+        self._scope = scope_spans.SerializeToString()
+        del resource_spans.scope_spans[:]
+        self._resource = resource_spans.SerializeToString()
+        # By type, then key, then value: True == 1, so one dict for both would mix them.
+        self._strings: dict[str, dict[str, bytes]] = {}
+        self._ints: dict[str, dict[int, bytes]] = {}
+        self._bools: dict[str, dict[bool, bytes]] = {}
+        self._cached = 0
+
+    def attribute(self, key: str, value: Any) -> bytes:
+        """One `attributes` field (a KeyValue) of a span."""
+        kind = type(value)
+        cache: dict[str, Any] | None = None
+        if kind is str:
+            cache = self._strings
+        elif kind is int:
+            cache = self._ints
+        elif kind is bool:
+            cache = self._bools
+        if cache is not None:
+            values: dict[Any, bytes] | None = cache.get(key)
+            if values is not None:
+                found = values.get(value)
+                if found is not None:
+                    return found
+        encoded = _attribute(key, value)
+        if cache is not None:
+            if self._cached >= _CACHE_MAX:
+                self._strings.clear()
+                self._ints.clear()
+                self._bools.clear()
+                self._cached = 0
+            values = cache.get(key)
+            if values is None:
+                values = {}
+                cache[key] = values
+            values[value] = encoded
+            self._cached += 1
+        return encoded
+
+    def span(self, record: SpanRecord) -> bytes:
+        """One Span message (its fields, without the enclosing tag)."""
+        parts = [
+            b"\x0a\x10",
+            record.trace_id.to_bytes(16, "big"),
+            b"\x12\x08",
+            record.span_id.to_bytes(8, "big"),
+        ]
+        state = record.trace_state
+        if state:
+            parts.append(_field(0x1A, ",".join([f"{k}={v}" for k, v in state.items()]).encode()))
+        if record.parent_id:
+            parts.append(b"\x22\x08")
+            parts.append(record.parent_id.to_bytes(8, "big"))
+        parts.append(_field(0x2A, record.name.encode()))
+        parts.append(b"\x30")
+        parts.append(_BYTE[record.kind])
+        parts.append(b"\x39")
+        parts.append(record.start.to_bytes(8, "little"))
+        parts.append(b"\x41")
+        parts.append(record.end.to_bytes(8, "little"))
+        if record.encoded:
+            parts.append(record.encoded)
+        for key, value in record.attributes.items():
+            parts.append(self.attribute(key, value))
+        parts.append(_STATUS_ERROR if record.error else _STATUS_UNSET)
+        parts.append(_FLAGS_REMOTE if record.remote else _FLAGS_LOCAL)
+        return b"".join(parts)
+
+    def request(self, records: list[SpanRecord]) -> bytes:
+        """An ExportTraceServiceRequest holding `records`."""
+        parts = [self._scope]
+        for record in records:
+            span = self.span(record)
+            parts.append(b"\x12")
+            parts.append(_varint(len(span)))
+            parts.append(span)
+        scope_spans = b"".join(parts)
+        return _field(0x0A, self._resource + _field(0x12, scope_spans))
 
 
 class Exchange:
@@ -83,7 +328,7 @@ class Exchange:
     )
 
     def __init__(
-        self, telemetry: Telemetry, span: Span | None, request: Request, start: float
+        self, telemetry: Telemetry, span: SpanRecord | None, request: Request, start: float
     ) -> None:
         self.telemetry = telemetry
         self.span = span
@@ -123,24 +368,36 @@ class Exchange:
 
 
 class Telemetry:
-    """One sidecar's metrics registry, tracer (or None) and access-log switch."""
+    """One sidecar's metrics registry, tracer (or None) and access-log switch.
 
-    def __init__(self, *, provider: TracerProvider | None = None, access_log: bool = False):
+    `spans` and `sampling` trace the agent requests (tracing.tracing() makes them);
+    the provider's `tracer` serves what is traced elsewhere (webhook deliveries).
+    """
+
+    def __init__(
+        self,
+        *,
+        provider: TracerProvider | None = None,
+        access_log: bool = False,
+        spans: SpanExporter | None = None,
+        sampling: Sampling | None = None,
+    ):
         self.metrics = Metrics()
         self.provider = provider
-        self.tracer = provider.get_tracer("agent-sidecar") if provider is not None else None
+        self.tracer: Tracer | None = (
+            provider.get_tracer("agent-sidecar") if provider is not None else None
+        )
         self.access_log = access_log
         # Exports the Prometheus registry over OTLP too, when configured (from_env).
         self.meter_provider: MeterProvider | None = None
-        # The OpenTelemetry API is imported only when tracing is on: with tracing off no
-        # span code runs, and its modules cost start-up memory.
-        self._propagator: TraceContextTextMapPropagator | None = None
-        if provider is not None:
-            from opentelemetry.trace.propagation.tracecontext import (
-                TraceContextTextMapPropagator,
-            )
-
-            self._propagator = TraceContextTextMapPropagator()
+        self.spans = spans if sampling is not None else None
+        # The sampler's decision, copied into native fields for the request path.
+        self._parent_based = sampling.parent_based if sampling is not None else True
+        self._sample_root = sampling.root if sampling is not None else 1
+        self._sample_bound = sampling.bound if sampling is not None else 0
+        self._span_queue = spans.queue if spans is not None else None
+        self._span_batch = spans.batch_size if spans is not None else 0
+        self._span_max = spans.max_queue if spans is not None else 0
         self._breakers: dict[str, Any] = {}
         # The console's: the last problems, and the pools connectors register.
         self.problems = RecentProblems()
@@ -151,12 +408,19 @@ class Telemetry:
         cls, env: Mapping[str, str] | None = None, *, access_log: bool | None = None
     ) -> Telemetry:
         """Configured by OTEL_* (tracing) and SIDECAR_ACCESS_LOG, read from `env` only."""
-        from .tracing import signal_endpoint, tracer_provider
+        from .tracing import signal_endpoint, tracing
 
         env = os.environ if env is None else env
         if access_log is None:
             access_log = _flag(env.get("SIDECAR_ACCESS_LOG"))
-        telemetry = cls(provider=tracer_provider(env), access_log=access_log)
+        pipeline = tracing(env)
+        if pipeline is None:
+            telemetry = cls(access_log=access_log)
+        else:
+            provider, spans, sampling = pipeline
+            telemetry = cls(
+                provider=provider, access_log=access_log, spans=spans, sampling=sampling
+            )
         if signal_endpoint(env, "metrics") is not None:
             # The OTel metrics SDK is imported only when it exports: it costs start-up memory.
             from .otlp_metrics import meter_provider
@@ -190,14 +454,18 @@ class Telemetry:
     def force_flush(self, timeout_ms: int = 5000) -> bool:
         """Export the queued spans and the metrics now (blocking: from a thread or a test)."""
         flushed = True
+        if self.spans is not None:
+            flushed = self.spans.force_flush(timeout_ms)
         if self.provider is not None:
-            flushed = self.provider.force_flush(timeout_ms)
+            flushed = self.provider.force_flush(timeout_ms) and flushed
         if self.meter_provider is not None:
             flushed = self.meter_provider.force_flush(timeout_ms) and flushed
         return flushed
 
     async def close(self) -> None:
         # Shutting down exports what is left over the network: not on the loop.
+        if self.spans is not None:
+            await asyncio.to_thread(self.spans.shutdown)
         if self.provider is not None:
             await asyncio.to_thread(self.provider.shutdown)
         if self.meter_provider is not None:
@@ -212,8 +480,7 @@ class Telemetry:
         what it raised: plain calls around its own await, not a coroutine of their own.
         """
         start = perf_counter()
-        tracer = self.tracer
-        span = self._server_span(tracer, request) if tracer is not None else None
+        span = self._server_span(request) if self.spans is not None else None
         exchange = Exchange(self, span, request, start)
         self.metrics.in_flight_value._value += 1
         return exchange
@@ -267,68 +534,117 @@ class Telemetry:
             )
         if span is not None:
             self._end_server_span(span, exchange, method, status, reason, error)
-        if self.access_log and access.log.isEnabledFor(logging.INFO):
-            access.log.info(
-                access.line(
-                    at=time.time() - duration,
-                    agent=agent[:MAX_AGENT] if agent else None,
-                    method=method,
-                    service=service or None,
-                    path=request.target.partition("?")[0],
-                    status=status,
-                    duration=duration,
-                    # What reached the agent's connection, also of an answer cut short.
-                    bytes_sent=sent,
-                    attempts=exchange.attempts,
-                    reason=reason or error,
-                    trace_id=_trace_id(span, request),
-                )
+        if self.access_log:
+            fields = (
+                time.time() - duration,
+                agent[:MAX_AGENT] if agent else None,
+                method,
+                service or None,
+                request.target.partition("?")[0],
+                status,
+                duration,
+                # What reached the agent's connection, also of an answer cut short.
+                sent,
+                exchange.attempts,
+                reason or error,
+                _trace_id(span, request),
             )
+            writer = access.writer
+            if writer is not None:
+                writer.put(fields)  # formatted and written by the writer's thread
+            elif access.log.isEnabledFor(logging.INFO):
+                access.log.info(access.format_line(fields))
         # call.exchange points back at the exchange: break the cycle, leave nothing to the GC.
         exchange.call = None
 
-    def _server_span(self, tracer: Tracer, request: Request) -> Span:
-        from opentelemetry.trace import SpanKind
-
+    def _server_span(self, request: Request) -> SpanRecord:
+        trace_id = 0
+        parent_id = 0
+        parent_sampled = False
+        trace_state: Any = None
+        spans = self.spans
+        if spans is not None and request.header(b"traceparent") is not None:
+            # The agent's trace context: rare enough to go through the SDK's propagator.
+            parent = spans.extract(request.headers)
+            if parent is not None:
+                trace_id = parent.trace_id
+                parent_id = parent.span_id
+                parent_sampled = parent.trace_flags.sampled
+                trace_state = parent.trace_state
+        span_id = 0
+        if trace_id == 0:
+            # A new trace: its id and the span's from one draw of random bits.
+            bits = getrandbits(192)
+            trace_id = bits >> 64
+            span_id = bits & 0xFFFFFFFFFFFFFFFF
+            while trace_id == 0:
+                trace_id = getrandbits(128)
+        if parent_id != 0 and self._parent_based:
+            sampled = parent_sampled
+        else:
+            root = self._sample_root
+            sampled = root == 1 or (
+                root == 2 and (trace_id & 0xFFFFFFFFFFFFFFFF) < self._sample_bound
+            )
         method = request.method
         known = method in KNOWN_METHODS
-        attributes: dict[str, Any] = {
-            "http.request.method": method if known else OTHER_METHOD,
-            "url.path": request.target.partition("?")[0],
-            "url.scheme": "http",
-            "network.protocol.version": request.version,
-        }
+        record = SpanRecord(
+            method if known else "HTTP",
+            KIND_SERVER,
+            trace_id,
+            parent_id,
+            parent_id != 0,
+            sampled,
+            trace_state,
+            span_id,
+        )
+        if not sampled:
+            return record  # dropped: ids only
+        attributes = record.attributes
+        attributes["http.request.method"] = method if known else OTHER_METHOD
+        attributes["url.path"] = request.target.partition("?")[0]
+        attributes["url.scheme"] = "http"
+        attributes["network.protocol.version"] = request.version
         if not known:
             attributes["http.request.method_original"] = method[:32]
-        host, port = _host_port(request.headers.get("Host", ""))
+        host, port = _host_port(request.header(b"host") or "")
         if host:
             attributes["server.address"] = host
         if port is not None:
             attributes["server.port"] = port
-        return tracer.start_span(
-            method if known else "HTTP",
-            # The propagator is made with the tracer, so it is there whenever a span is.
-            context=self._propagator.extract(request.headers) if self._propagator else None,
-            kind=SpanKind.SERVER,
-            attributes=attributes,
-        )
+        return record
+
+    def _record(self, record: SpanRecord) -> None:
+        """A sampled span is over: queue it for the exporter's thread."""
+        record.end = time_ns()
+        queue = self._span_queue
+        if queue is None:
+            return
+        size = len(queue)
+        if size >= self._span_max:
+            if self.spans is not None:
+                self.spans.drop()  # as the BatchSpanProcessor does with a full queue
+            return
+        queue.append(record)
+        if size + 1 == self._span_batch and self.spans is not None:
+            self.spans.wake()
 
     def _end_server_span(
         self,
-        span: Span,
+        span: SpanRecord,
         exchange: Exchange,
         method: str,
         status: int,
         reason: str,
         error: str | None,
     ) -> None:
-        if not span.is_recording():
-            return  # sampled out: nothing to record, nothing to end
-        attributes: dict[str, Any] = {"http.response.status_code": status}
+        if not span.sampled:
+            return  # sampled out: nothing to record
+        attributes = span.attributes
+        attributes["http.response.status_code"] = status
         route = exchange.route
         if route is not None:
-            name = f"{method if method in KNOWN_METHODS else 'HTTP'} {route.prefix}"
-            span.update_name(name)
+            span.name = f"{method if method in KNOWN_METHODS else 'HTTP'} {route.prefix}"
             attributes["http.route"] = route.prefix
             attributes["sidecar.service"] = route.name
             attributes["sidecar.route"] = route.prefix
@@ -349,64 +665,50 @@ class Telemetry:
             attributes["error.type"] = error
         elif status >= 500:
             attributes["error.type"] = reason or str(status)
-        span.set_attributes(attributes)
         # A step may name an error the status hides (a GraphQL 200 with errors).
         if status >= 500 or error is not None or "error.type" in attributes:
-            from opentelemetry.trace import Status, StatusCode
-
-            span.set_status(Status(StatusCode.ERROR))
-        span.end()
+            span.error = True
+        self._record(span)
 
     async def attempt(self, step: Attempt, exchange: Exchange, call: Call, next: Handler) -> Reply:
-        exchange.attempts += 1
-        metrics = self.metrics.service(call.service)
-        span: Span | None = None
-        parent = exchange.span
-        tracer = self.tracer
-        propagator = self._propagator
-        if parent is not None and tracer is not None and propagator is not None:
-            from opentelemetry.trace import SpanKind, set_span_in_context
+        """One upstream attempt of `exchange`, timed and (when tracing) spanned."""
+        call.exchange = exchange
+        return await step(call, next)
 
-            if not parent.is_recording():
-                # An unsampled request: its attempts are not recorded either (parent-based
-                # sampling), but the upstream still continues the same trace.
-                propagator.inject(call.headers, context=set_span_in_context(parent))
-            else:
-                span = tracer.start_span(
-                    call.method if call.method in KNOWN_METHODS else "HTTP",
-                    context=set_span_in_context(parent),
-                    kind=SpanKind.CLIENT,
-                    attributes=step.attributes(call),
-                )
-                # Replaces the agent's traceparent: the upstream's parent is this attempt.
-                propagator.inject(call.headers, context=set_span_in_context(span))
-        start = perf_counter()
-        try:
-            reply = await next(call)
-        except BaseException as exc:
-            outcome = _outcome(exc)
-            metrics.attempt(outcome).observe(perf_counter() - start)
-            if span is not None:
-                from opentelemetry.trace import Status, StatusCode
+    def _client_span(self, step: Attempt, parent: SpanRecord, call: Call) -> SpanRecord | None:
+        """An attempt's CLIENT span, or None when its request is not sampled; either way
+        the upstream gets the trace context to continue."""
+        if not parent.sampled:
+            # An unsampled request: its attempts are not recorded either (parent-based
+            # sampling), but the upstream still continues the same trace.
+            parent.inject(call)
+            return None
+        span = SpanRecord(
+            call.method if call.method in KNOWN_METHODS else "HTTP",
+            KIND_CLIENT,
+            parent.trace_id,
+            parent.span_id,
+            False,
+            True,
+            parent.trace_state,
+        )
+        span.encoded = step.encoded
+        span.attributes = step.variable_attributes(call)
+        # Replaces the agent's traceparent: the upstream's parent is this attempt.
+        span.inject(call)
+        return span
 
-                span.set_attribute("error.type", outcome)
-                span.set_status(Status(StatusCode.ERROR))
-                span.end()
-            raise
-        status = reply.status
-        metrics.answered(status).observe(perf_counter() - start)
-        if span is not None:
-            if status >= 400:
-                from opentelemetry.trace import Status, StatusCode
+    def _attempt_failed(self, span: SpanRecord, outcome: str) -> None:
+        span.attributes["error.type"] = outcome
+        span.error = True
+        self._record(span)
 
-                span.set_attributes(
-                    {"http.response.status_code": status, "error.type": str(status)}
-                )
-                span.set_status(Status(StatusCode.ERROR))
-            else:
-                span.set_attribute("http.response.status_code", status)
-            span.end()
-        return reply
+    def _attempt_answered(self, span: SpanRecord, status: int) -> None:
+        span.attributes["http.response.status_code"] = status
+        if status >= 400:
+            span.attributes["error.type"] = str(status)
+            span.error = True
+        self._record(span)
 
 
 class Attempt:
@@ -427,9 +729,18 @@ class Attempt:
             "network.protocol.version": "1.1",
             "sidecar.service": service,
         }
+        # The fixed ones in OTLP bytes, for the CLIENT span records.
+        self.encoded = b"".join([_attribute(k, v) for k, v in self._fixed.items()])
 
     def attributes(self, call: Call) -> dict[str, Any]:
+        """The CLIENT span's attributes at its start."""
         attributes = dict(self._fixed)
+        attributes.update(self.variable_attributes(call))
+        return attributes
+
+    def variable_attributes(self, call: Call) -> dict[str, Any]:
+        """Those of `attributes` that depend on the call, in the same order."""
+        attributes: dict[str, Any] = {}
         method = call.method
         attributes["http.request.method"] = method if method in KNOWN_METHODS else OTHER_METHOD
         # The query is never recorded: query auth puts the credential there.
@@ -446,19 +757,25 @@ class Attempt:
         if exchange is None:
             return await next(call)
         telemetry = exchange.telemetry
-        if telemetry.tracer is not None:
-            return await telemetry.attempt(self, exchange, call, next)
-        # Tracing off (the common case): Telemetry.attempt's metrics only, inline, one
-        # coroutine fewer on every call.
         exchange.attempts += 1
         metrics = telemetry.metrics.service(call.service)
+        # Tracing on: a CLIENT span (or, unsampled, the trace context only); inline,
+        # so that tracing adds no coroutine to the call.
+        parent = exchange.span
+        span = telemetry._client_span(self, parent, call) if parent is not None else None
         start = perf_counter()
         try:
             reply = await next(call)
         except BaseException as exc:
-            metrics.attempt(_outcome(exc)).observe(perf_counter() - start)
+            outcome = _outcome(exc)
+            metrics.attempt(outcome).observe(perf_counter() - start)
+            if span is not None:
+                telemetry._attempt_failed(span, outcome)
             raise
-        metrics.answered(reply.status).observe(perf_counter() - start)
+        status = reply.status
+        metrics.answered(status).observe(perf_counter() - start)
+        if span is not None:
+            telemetry._attempt_answered(span, status)
         return reply
 
 
@@ -475,11 +792,9 @@ def _outcome(exc: BaseException) -> str:
     return type(exc).__qualname__
 
 
-def _trace_id(span: Span | None, request: Request) -> str | None:
+def _trace_id(span: SpanRecord | None, request: Request) -> str | None:
     if span is not None:
-        context = span.get_span_context()
-        if context.is_valid:
-            return format(context.trace_id, "032x")
+        return span.trace_id.to_bytes(16, "big").hex()
     # Tracing off: the agent's own trace id still ties the line to its trace.
     parent = request.header(b"traceparent")  # one field, not the whole head decoded
     if parent and len(parent) >= 55 and parent[2] == "-" and parent[35] == "-":

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.sampling import Sampler
 
+    from .spans import SpanExporter
+
 log = logging.getLogger("sidecar.telemetry")
 
 DEFAULT_SERVICE_NAME = "agent-sidecar"
@@ -55,6 +57,50 @@ def traces_endpoint(env: Mapping[str, str]) -> str | None:
     return signal_endpoint(env, "traces")
 
 
+SAMPLERS = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
+
+
+def _sampler_setting(env: Mapping[str, str]) -> tuple[str, float]:
+    """OTEL_TRACES_SAMPLER (one of SAMPLERS) and its ratio."""
+    name = env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
+    arg = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    try:
+        ratio = float(arg) if arg else 1.0
+    except ValueError:
+        log.warning("OTEL_TRACES_SAMPLER_ARG=%r is not a number; using 1.0", arg)
+        ratio = 1.0
+    if name not in SAMPLERS:
+        log.warning("OTEL_TRACES_SAMPLER=%r is not supported; using parentbased_always_on", name)
+        name = "parentbased_always_on"
+    return name, min(1.0, max(0.0, ratio))
+
+
+class Sampling:
+    """The sampler's decision as the request path takes it: a few fields, no call.
+
+    The same decisions as the SDK's samplers of the same name: a parent-based one
+    follows a valid parent's sampled flag; otherwise always on, always off, or the
+    trace id's low 64 bits below the ratio's bound (TraceIdRatioBased).
+    """
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+
+        name, ratio = _sampler_setting(env)
+        self.parent_based = name.startswith("parentbased_")
+        root = name.removeprefix("parentbased_")
+        # 0: never, 1: always, 2: by trace id.
+        self.root = {"always_off": 0, "always_on": 1}.get(root, 2)
+        self.bound = TraceIdRatioBased.get_bound_for_rate(ratio)
+
+
 def sampler(env: Mapping[str, str]) -> Sampler:
     from opentelemetry.sdk.trace.sampling import (
         ALWAYS_OFF,
@@ -63,14 +109,7 @@ def sampler(env: Mapping[str, str]) -> Sampler:
         TraceIdRatioBased,
     )
 
-    name = env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
-    arg = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
-    try:
-        ratio = float(arg) if arg else 1.0
-    except ValueError:
-        log.warning("OTEL_TRACES_SAMPLER_ARG=%r is not a number; using 1.0", arg)
-        ratio = 1.0
-    ratio = min(1.0, max(0.0, ratio))
+    name, ratio = _sampler_setting(env)
     choices: dict[str, Sampler] = {
         "always_on": ALWAYS_ON,
         "always_off": ALWAYS_OFF,
@@ -79,11 +118,7 @@ def sampler(env: Mapping[str, str]) -> Sampler:
         "parentbased_always_off": ParentBased(ALWAYS_OFF),
         "parentbased_traceidratio": ParentBased(TraceIdRatioBased(ratio)),
     }
-    chosen = choices.get(name)
-    if chosen is None:
-        log.warning("OTEL_TRACES_SAMPLER=%r is not supported; using parentbased_always_on", name)
-        return choices["parentbased_always_on"]
-    return chosen
+    return choices[name]
 
 
 def _pairs(text: str) -> dict[str, str]:
@@ -136,8 +171,12 @@ def exporter_options(env: Mapping[str, str], signal: str) -> dict[str, Any]:
     }
 
 
-def tracer_provider(env: Mapping[str, str]) -> TracerProvider | None:
-    """A provider exporting to the configured endpoint, or None when tracing is off."""
+def tracing(env: Mapping[str, str]) -> tuple[TracerProvider, SpanExporter, Sampling] | None:
+    """What tracing on needs, or None when it is off.
+
+    The agent requests' spans go through the SpanExporter (records, batched); the
+    provider's tracer serves the rest (webhook deliveries), both to the same endpoint.
+    """
     endpoint = traces_endpoint(env)
     if endpoint is None:
         return None
@@ -145,9 +184,13 @@ def tracer_provider(env: Mapping[str, str]) -> TracerProvider | None:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    exporter = OTLPSpanExporter(endpoint=endpoint, **exporter_options(env, "traces"))
-    provider = TracerProvider(resource=resource(env), sampler=sampler(env))
-    provider.add_span_processor(BatchSpanProcessor(exporter))
+    from .spans import SpanExporter
+
+    options = exporter_options(env, "traces")
+    described = resource(env)
+    provider = TracerProvider(resource=described, sampler=sampler(env))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, **options)))
+    spans = SpanExporter(endpoint=endpoint, options=options, resource=described, env=env)
     # The endpoint only: OTLP headers often carry an API key.
     log.info("tracing on: OTLP/HTTP to %s", endpoint.partition("?")[0])
-    return provider
+    return provider, spans, Sampling(env)

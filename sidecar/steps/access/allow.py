@@ -46,6 +46,10 @@ from .. import Step
 
 # An agent-chosen name ends up in the refusal: bound its size.
 _MAX_NAME = 128
+# Decisions kept per (method, agent, path) when no rule reads the query or headers:
+# agents repeat the same calls, and ten rules of globs cost more than the proxying.
+# Cleared when full, so calls never seen again cannot grow it.
+DECISIONS = 4096
 
 
 # An encoded '/' or '\\' in any case, or a bare '\\' (some servers read it as '/').
@@ -74,13 +78,31 @@ class Allow:
         self._needs_query = any(r.query for r in self.rules)
         # The OpenAPI document that names operations, matched only when a rule asks.
         self._spec = spec if any(r.operations is not None for r in self.rules) else None
+        # Without query or header conditions a decision depends on the method, the
+        # agent and the path alone (an operation too: the document matches the path).
+        self._decisions: dict[tuple[str, str | None, str], bool] | None = (
+            {} if not self._needs_query and not any(r.headers for r in self.rules) else None
+        )
 
     def allows(self, call: Call) -> bool:
         """True when a rule allows the call; a 400 ProblemError when the call could be
         read two ways and no rule allows it whichever way."""
+        # The method the upstream will run (an override included): part of the decision.
         method = self._method(call)
         if not self.rules:
             return True
+        decisions = self._decisions
+        if decisions is None:
+            return self._decide(call, method)
+        key = (method, call.agent, call.target.partition("?")[0])
+        found = decisions.get(key)
+        if found is None:
+            if len(decisions) >= DECISIONS:
+                decisions.clear()
+            found = decisions[key] = self._decide(call, method)
+        return found
+
+    def _decide(self, call: Call, method: str) -> bool:
         raw_path, _, raw_query = call.target.partition("?")
         if (
             self._refuse_escaped

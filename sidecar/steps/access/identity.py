@@ -36,10 +36,9 @@ class Identify:
         self.header = credentials.header
 
     async def __call__(self, call: Call, next: Handler) -> Reply:
-        presented = call.headers.getall(self.header, ())
-        if presented:
-            # Gone before anything else (logs, upstream) can see it.
-            del call.headers[self.header]
+        # Gone before anything else (logs, upstream) can see it; read from the raw
+        # fields, so the others are not all decoded for it.
+        presented = call.pop_all(self.header)
         # The self-declared name counts for nothing once identity is verified.
         call.agent = None
         if len(presented) != 1 or not presented[0].strip():

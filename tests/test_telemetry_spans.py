@@ -1,0 +1,364 @@
+"""The agent requests' spans, field by field: what the batched span records export must
+be what the SDK's spans exported (names, kinds, parents, attributes, status, flags,
+trace state), and the sampler must decide as the SDK's samplers do."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import pytest
+from aiohttp import web
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
+
+from sidecar.telemetry.exchange import (
+    KIND_CLIENT,
+    KIND_SERVER,
+    SpanRecord,
+    Telemetry,
+    _attribute,
+)
+from sidecar.telemetry.spans import SCOPE, Encoder
+from sidecar.telemetry.tracing import Sampling, resource
+from tests.conftest import echo_app
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+
+
+def _record(**fields: Any) -> SpanRecord:
+    record = SpanRecord(
+        fields["name"], fields["kind"], fields["trace_id"], fields["parent_id"],
+        fields["remote"], True, fields.get("trace_state"),
+    )  # fmt: skip
+    record.attributes = dict(fields["attributes"])
+    record.error = fields.get("error", False)
+    record.end = record.start + 1234
+    return record
+
+
+def _sdk(
+    record: SpanRecord, resource: Resource, fixed: dict[str, Any] | None = None
+) -> ReadableSpan:
+    """The SDK span the same request made before span records; `fixed`: the attributes
+    the record holds already encoded."""
+    state = record.trace_state
+    parent = None
+    if record.parent_id:
+        parent = SpanContext(record.trace_id, record.parent_id, is_remote=record.remote)
+    return ReadableSpan(
+        name=record.name,
+        context=SpanContext(
+            record.trace_id,
+            record.span_id,
+            is_remote=False,
+            trace_flags=TraceFlags(1),
+            trace_state=state,
+        ),
+        parent=parent,
+        resource=resource,
+        attributes={**(fixed or {}), **record.attributes},
+        kind=SpanKind.SERVER if record.kind == KIND_SERVER else SpanKind.CLIENT,
+        status=Status(StatusCode.ERROR if record.error else StatusCode.UNSET),
+        start_time=record.start,
+        end_time=record.end,
+        instrumentation_scope=InstrumentationScope(SCOPE),
+    )
+
+
+def test_a_batch_encodes_as_the_sdk_exporter_encodes_the_same_spans() -> None:
+    described = resource({"OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test"})
+    server = _record(
+        name="GET /api",
+        kind=KIND_SERVER,
+        trace_id=int(TRACE_ID, 16),
+        parent_id=int(PARENT_ID, 16),
+        remote=True,
+        trace_state=TraceState([("vendor", "x1"), ("other", "y")]),
+        attributes={
+            "http.request.method": "GET",
+            "url.path": "/api/v1",
+            "server.port": 8080,
+            "sidecar.rate_limited": False,
+            "sidecar.circuit_open": True,
+            "gen_ai.usage.cost": 0.25,
+            "negative": -3,
+            "tools": ["a", "b"],
+        },
+    )
+    client = _record(
+        name="POST",
+        kind=KIND_CLIENT,
+        trace_id=server.trace_id,
+        parent_id=server.span_id,
+        remote=False,
+        attributes={"http.response.status_code": 503, "error.type": "503"},
+        error=True,
+    )
+    # An attempt's fixed attributes travel encoded (Attempt.encoded), before the others.
+    fixed = {"url.scheme": "https", "server.port": 443, "sidecar.service": "api"}
+    client.encoded = b"".join(_attribute(k, v) for k, v in fixed.items())
+    root = _record(
+        name="HTTP", kind=KIND_SERVER, trace_id=7, parent_id=0, remote=False, attributes={}
+    )
+    encoder = Encoder(described)
+    for _ in range(2):  # the second time from the attribute cache
+        ours = ExportTraceServiceRequest.FromString(encoder.request([server, client, root]))
+        sdk = encode_spans(
+            [_sdk(server, described), _sdk(client, described, fixed), _sdk(root, described)]
+        )
+        assert ours == sdk
+
+
+@pytest.mark.parametrize("name", ["traceidratio", "parentbased_traceidratio"])
+@pytest.mark.parametrize("ratio", ["0", "0.1", "0.5", "1"])
+def test_the_ratio_sampler_keeps_the_trace_ids_the_sdks_keeps(name: str, ratio: str) -> None:
+    sampling = Sampling({"OTEL_TRACES_SAMPLER": name, "OTEL_TRACES_SAMPLER_ARG": ratio})
+    sdk = TraceIdRatioBased(float(ratio))
+    assert sampling.parent_based == name.startswith("parentbased")
+    ids = [random.getrandbits(128) for _ in range(2000)]
+    for trace_id in ids:
+        kept = sdk.should_sample(None, trace_id, "x").decision.is_sampled()
+        assert ((trace_id & 0xFFFFFFFFFFFFFFFF) < sampling.bound) == kept
+    assert sampling.root == 2
+
+
+def _collector(requests: list[ExportTraceServiceRequest]) -> web.Application:
+    async def traces(request: web.Request) -> web.Response:
+        requests.append(ExportTraceServiceRequest.FromString(await request.read()))
+        return web.Response(
+            body=ExportTraceServiceResponse().SerializeToString(),
+            content_type="application/x-protobuf",
+        )
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", traces)
+    app.router.add_post("/v1/metrics", metrics)
+    return app
+
+
+def _attributes(span: Span) -> dict[str, Any]:
+    return {kv.key: getattr(kv.value, kv.value.WhichOneof("value")) for kv in span.attributes}
+
+
+async def test_the_exported_spans_of_a_call_field_by_field(upstream, start_sidecar, client):
+    requests: list[ExportTraceServiceRequest] = []
+    collector = await upstream(_collector(requests))
+    api = await upstream(echo_app())
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector, "OTEL_SERVICE_NAME": "spans-test"}
+    sc = await start_sidecar(
+        f"version: 1\nservices:\n  api: {{upstream: '{api}/base'}}\n"
+        "agents: {header: X-Agent-Id}\n",
+        env=env,
+    )
+    headers = {
+        "traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01",
+        "tracestate": "vendor=x1,other=y",
+        "X-Agent-Id": "agent-7",
+    }
+    async with client.get(f"{sc.url}/api/v1/items?q=1", headers=headers) as r:
+        assert r.status == 200
+        sent = (await r.json())["headers"]
+    assert await asyncio.to_thread(sc.sidecar.telemetry.force_flush)
+
+    [scope_spans] = [ss for req in requests for rs in req.resource_spans for ss in rs.scope_spans]
+    assert scope_spans.scope.name == "agent-sidecar"
+    spans = {s.kind: s for s in scope_spans.spans}
+    server, attempt = spans[Span.SPAN_KIND_SERVER], spans[Span.SPAN_KIND_CLIENT]
+    port = int(sc.url.rsplit(":", 1)[1])
+    api_port = int(api.rsplit(":", 1)[1])
+
+    assert server.name == "GET /api"
+    assert server.trace_id.hex() == TRACE_ID
+    assert server.parent_span_id.hex() == PARENT_ID
+    assert server.trace_state == "vendor=x1,other=y"
+    assert server.flags == 0x300  # has-is-remote, is-remote: the agent's parent
+    assert server.status.code == 0  # UNSET
+    assert server.HasField("status")
+    assert server.end_time_unix_nano >= server.start_time_unix_nano > 0
+    assert _attributes(server) == {
+        "http.request.method": "GET",
+        "url.path": "/api/v1/items",
+        "url.scheme": "http",
+        "network.protocol.version": "1.1",
+        "server.address": "127.0.0.1",
+        "server.port": port,
+        "http.response.status_code": 200,
+        "http.route": "/api",
+        "sidecar.service": "api",
+        "sidecar.route": "/api",
+        "sidecar.upstream.attempts": 1,
+        "sidecar.rate_limited": False,
+        "sidecar.circuit_open": False,
+        "sidecar.agent": "agent-7",
+    }
+
+    assert attempt.name == "GET"
+    assert attempt.trace_id == server.trace_id
+    assert attempt.parent_span_id == server.span_id
+    assert attempt.trace_state == "vendor=x1,other=y"
+    assert attempt.flags == 0x100  # a local parent
+    assert attempt.status.code == 0
+    assert server.start_time_unix_nano <= attempt.start_time_unix_nano
+    assert attempt.end_time_unix_nano <= server.end_time_unix_nano
+    assert _attributes(attempt) == {
+        "url.scheme": "http",
+        "server.address": "127.0.0.1",
+        "server.port": api_port,
+        "network.protocol.version": "1.1",
+        "sidecar.service": "api",
+        "http.request.method": "GET",
+        "url.path": "/base/v1/items",
+        "sidecar.retry.attempt": 1,
+        "http.response.status_code": 200,
+    }
+    # The upstream continues the trace under the attempt, with the agent's tracestate.
+    assert sent["traceparent"] == f"00-{TRACE_ID}-{attempt.span_id.hex()}-01"
+    assert sent["tracestate"] == "vendor=x1,other=y"
+
+
+async def test_a_failed_call_exports_error_status_on_both_spans(
+    upstream, start_sidecar, client, closed_port
+):
+    requests: list[ExportTraceServiceRequest] = []
+    collector = await upstream(_collector(requests))
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector}
+    down = f"http://127.0.0.1:{closed_port}"
+    sc = await start_sidecar(f"version: 1\nservices:\n  down: {{upstream: '{down}'}}\n", env=env)
+    async with client.post(f"{sc.url}/down/x", data=b"{}") as r:
+        assert r.status == 502
+    assert await asyncio.to_thread(sc.sidecar.telemetry.force_flush)
+    spans = {s.kind: s for req in requests for rs in req.resource_spans
+             for ss in rs.scope_spans for s in ss.spans}  # fmt: skip
+    server, attempt = spans[Span.SPAN_KIND_SERVER], spans[Span.SPAN_KIND_CLIENT]
+    assert (server.name, server.status.code, server.flags) == ("POST /down", 2, 0x100)
+    assert not server.parent_span_id
+    assert _attributes(server)["error.type"] == "upstream_unreachable"
+    assert _attributes(server)["sidecar.error.reason"] == "upstream_unreachable"
+    assert (attempt.name, attempt.status.code) == ("POST", 2)
+    assert _attributes(attempt)["error.type"] == "connect-error"
+    assert "http.response.status_code" not in _attributes(attempt)
+
+
+async def test_a_trace_the_sampler_drops_is_continued_and_not_exported(
+    upstream, start_sidecar, client
+):
+    requests: list[ExportTraceServiceRequest] = []
+    collector = await upstream(_collector(requests))
+    api = await upstream(echo_app())
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": collector,
+        "OTEL_TRACES_SAMPLER": "traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0",
+    }
+    sc = await start_sidecar(f"version: 1\nservices:\n  api: {{upstream: '{api}'}}\n", env=env)
+    async with client.get(f"{sc.url}/api/x") as r:
+        sent = (await r.json())["headers"]["traceparent"]
+    assert await asyncio.to_thread(sc.sidecar.telemetry.force_flush)
+    version, trace_id, span_id, flags = sent.split("-")
+    assert (version, flags) == ("00", "00")
+    assert int(trace_id, 16) and int(span_id, 16)
+    assert not [s for req in requests for rs in req.resource_spans for ss in rs.scope_spans
+                for s in ss.spans]  # fmt: skip
+
+
+def test_tracing_off_makes_no_span_exporter() -> None:
+    telemetry = Telemetry.from_env({})
+    assert telemetry.spans is None and telemetry.tracer is None
+
+
+async def test_export_sends_the_configured_headers_gzip_and_retries_a_503(
+    upstream, start_sidecar, client
+):
+    received: list[tuple[dict[str, str], ExportTraceServiceRequest]] = []
+    answers = [503]  # the first export is refused once: it must come again
+
+    async def traces(request: web.Request) -> web.Response:
+        body = await request.read()
+        if answers:
+            return web.Response(status=answers.pop())
+        # aiohttp has already decompressed what the header says is gzip.
+        assert request.headers["Content-Encoding"] == "gzip"
+        message = ExportTraceServiceRequest.FromString(body)
+        received.append((dict(request.headers), message))
+        # Closing after each answer: the next export opens a new connection.
+        return web.Response(headers={"Connection": "close"})
+
+    app = web.Application()
+    app.router.add_post("/custom/traces", traces)
+    collector = await upstream(app)
+    api = await upstream(echo_app())
+    env = {
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{collector}/custom/traces",
+        "OTEL_EXPORTER_OTLP_HEADERS": "x-api-key=k1%20k2,x-team=agents",
+        "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip",
+    }
+    sc = await start_sidecar(f"version: 1\nservices:\n  api: {{upstream: '{api}'}}\n", env=env)
+    for path in ("a", "b"):
+        async with client.get(f"{sc.url}/api/{path}") as r:
+            assert r.status == 200
+        assert await asyncio.to_thread(sc.sidecar.telemetry.force_flush)
+    assert answers == []
+    assert len(received) == 2
+    for headers, message in received:
+        assert headers["x-api-key"] == "k1 k2" and headers["x-team"] == "agents"
+        assert headers["Content-Type"] == "application/x-protobuf"
+        spans = [s for rs in message.resource_spans for ss in rs.scope_spans for s in ss.spans]
+        assert sorted(s.kind for s in spans) == [Span.SPAN_KIND_SERVER, Span.SPAN_KIND_CLIENT]
+    paths = [
+        kv.value.string_value
+        for _, m in received
+        for rs in m.resource_spans
+        for ss in rs.scope_spans
+        for s in ss.spans
+        for kv in s.attributes
+        if kv.key == "url.path" and s.kind == Span.SPAN_KIND_SERVER
+    ]
+    assert paths == ["/api/a", "/api/b"]
+
+
+async def test_a_full_queue_drops_spans_and_says_so(upstream, start_sidecar, client, caplog):
+    requests: list[ExportTraceServiceRequest] = []
+
+    async def traces(request: web.Request) -> web.Response:
+        requests.append(ExportTraceServiceRequest.FromString(await request.read()))
+        if len(requests) == 1:
+            await asyncio.sleep(2)  # a slow collector: the queue fills meanwhile
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", traces)
+    collector = await upstream(app)
+    api = await upstream(echo_app())
+    env = {
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{collector}/v1/traces",
+        "OTEL_METRICS_EXPORTER": "none",
+        "OTEL_BSP_MAX_QUEUE_SIZE": "3",
+    }
+    sc = await start_sidecar(f"version: 1\nservices:\n  api: {{upstream: '{api}'}}\n", env=env)
+    with caplog.at_level("WARNING", logger="sidecar.telemetry"):
+        for n in range(5):  # 10 spans for a queue of 3 and a collector that takes 2 s
+            async with client.get(f"{sc.url}/api/{n}") as r:
+                assert r.status == 200
+        assert await asyncio.to_thread(sc.sidecar.telemetry.force_flush)
+    spans = [s for req in requests for rs in req.resource_spans for ss in rs.scope_spans
+             for s in ss.spans]  # fmt: skip
+    dropped = sc.sidecar.telemetry.spans.dropped
+    # At most 3 in flight and 3 queued: the rest were dropped, each counted.
+    assert len(spans) + dropped == 10
+    assert dropped >= 4
+    assert "Queue is full" in caplog.text

@@ -262,7 +262,8 @@ async def _start_sidecar(
 ) -> tuple[int, Action, Action]:
     import json
 
-    from sidecar.runtime import Sidecar, serve
+    from sidecar.app import serve
+    from sidecar.runtime import Sidecar
 
     directory = tmp / name
     directory.mkdir()

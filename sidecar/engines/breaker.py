@@ -29,16 +29,6 @@ BUCKETS: Final = 10
 PROBING_RETRY_AFTER: Final = 1.0
 
 
-class CircuitOpen(Exception):
-    """A call the breaker does not let through, and how long until it may."""
-
-    def __init__(self, wait: float, *, probing: bool) -> None:
-        super().__init__(wait)
-        self.wait = wait
-        # True: half-open, and the probes it allows are out already.
-        self.probing = probing
-
-
 class Circuit:
     """The state machine of one breaker: admit a call, settle it, move between states."""
 
@@ -66,6 +56,9 @@ class Circuit:
         # Bumped on every transition: a call settles only in the generation it was
         # admitted in, so a slow call from before an opening cannot close a circuit.
         self.generation = 0
+        # Why the last call admit() refused could not go (see admit).
+        self.wait = 0.0
+        self.probing = False
         self._opened_at = 0.0
         self._probes = 0  # in flight
         self._passed = 0  # successful probes in this half-open period
@@ -77,15 +70,24 @@ class Circuit:
         self.failed = 0
 
     def admit(self) -> int:
-        """A call's generation, to settle it with; CircuitOpen when it may not go."""
+        """A call's generation, to settle it with; -1 when it may not go, with `wait`
+        (seconds until it may) and `probing` (half-open, its probes all out) set.
+
+        A value, not an exception: compiled by mypyc, a native exception class raised
+        here crashed the collector later. Read at once by the caller (no await between).
+        """
         now = self.clock()
         if self.state == OPEN:
             wait = self._opened_at + self.open_for - now
             if wait > 0:
-                raise CircuitOpen(wait, probing=False)
+                self.wait = wait
+                self.probing = False
+                return -1
             self._move(HALF_OPEN, now)
         if self._probes >= self.half_open_requests:
-            raise CircuitOpen(PROBING_RETRY_AFTER, probing=True)
+            self.wait = PROBING_RETRY_AFTER
+            self.probing = True
+            return -1
         self._probes += 1
         return self.generation
 

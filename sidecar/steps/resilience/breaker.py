@@ -20,7 +20,7 @@ from ...core.call import Call, Handler, Reply
 from ...core.problems import ProblemError
 from ...core.reasons import Reason
 from ...core.state import StateBuild
-from ...engines.breaker import CLOSED, Circuit, CircuitOpen
+from ...engines.breaker import CLOSED, Circuit
 from ...policy.loader import ServicePolicy
 from ...policy.models import CircuitBreaker
 from .outcomes import CountedFailure, Outcomes
@@ -50,10 +50,9 @@ class Breaker:
     async def __call__(self, call: Call, next: Handler) -> Reply:
         circuit = self.circuit
         if circuit.state != CLOSED:
-            try:
-                generation = circuit.admit()
-            except CircuitOpen as exc:
-                raise self._refusal(exc.wait, probing=exc.probing) from None
+            generation = circuit.admit()
+            if generation < 0:
+                raise self._refusal(circuit.wait, probing=circuit.probing)
         else:
             generation = circuit.generation
         try:

@@ -17,9 +17,10 @@ COMPILED = [
     "sidecar/core/call.py",
     "sidecar/core/headers.py",
     "sidecar/core/problems.py",
-    # The engines under the breaker and rate-limit steps, which run on every call.
-    "sidecar/engines/breaker.py",
-    "sidecar/engines/limits.py",
+    # Not sidecar/engines/limits.py nor breaker.py (the engines under the rate-limit and
+    # breaker steps, moved out of their compiled modules): compiled, tests/test_telemetry.py
+    # ended with a heap corrupted (a SIGSEGV in the collector at exit) and interpreted it
+    # does not. Compile them again once the cause is known.
     "sidecar/http/egress.py",
     "sidecar/http/http1.py",
     "sidecar/http/listener.py",

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 PROBLEM_TYPE: Final = "https://agent-sidecar.dev/errors/"
 
-# reason -> (status, title) of the HTTP answer (keyed by Reason; a plain name finds the same)
+# reason -> (status, title) of the HTTP answer
 REASONS: Final[dict[str, tuple[int, str]]] = {
     Reason.no_route: (404, "No route"),
     Reason.bad_request: (400, "Bad request"),

@@ -23,7 +23,7 @@ class Refusal:
     """A refusal in both forms: SQLSTATE for the wire, reason for problem+json."""
 
     sqlstate: str
-    reason: Reason
+    reason: str  # a core.reasons.Reason
     message: str
     hint: str | None = None
     retry_after: float | None = None

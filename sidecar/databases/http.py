@@ -66,9 +66,7 @@ def _value(raw: bytes | None, oid: int) -> Any:
     return text
 
 
-def _problem(
-    reason: Reason, detail: str, service: str, retry_after: float | None = None
-) -> Response:
+def _problem(reason: str, detail: str, service: str, retry_after: float | None = None) -> Response:
     status, headers, body = problem_parts(
         ProblemError(reason, detail, service=service, retry_after=retry_after), service
     )

@@ -16,14 +16,6 @@ from fnmatch import fnmatchcase
 from ..policy.models import RateLimit
 
 Clock = Callable[[], float]
-# The operations of the call being counted, outermost first; () when it has none.
-Labels = Callable[[], tuple[str, ...]]
-
-
-def _no_labels() -> tuple[str, ...]:
-    return ()
-
-
 # Per-agent buckets kept at most; the least recently seen agent is forgotten
 # first, so a client inventing a new agent id per call cannot exhaust memory.
 MAX_AGENTS = 10_000
@@ -78,22 +70,19 @@ class Bucket:
 class LocalLimit:
     """One `rate_limit` entry kept in this process: one bucket, or one per agent."""
 
-    def __init__(
-        self, *, service: str, limit: RateLimit, clock: Clock, labels: Labels = _no_labels
-    ) -> None:
+    def __init__(self, *, service: str, limit: RateLimit, clock: Clock) -> None:
         self.rate = limit.call_rate.per_second
         self.burst = default_burst(limit)
         self.max_wait = limit.max_wait or 0.0
         self.per_agent = limit.per == "agent"
         self.detail = describe(service, limit, self.burst)
         # Operations (GraphQL/MCP over HTTP: steps/operation.py): which calls
-        # count, and whether each operation has its own bucket. `labels` names the
-        # operations of the call being counted; read only when the limit names some.
+        # count, and whether each operation has its own bucket: `find` is given the
+        # operations of the call being counted (read by the caller only when not plain).
         self.operations = tuple(limit.operations) if limit.operations is not None else None
         self.by_operation = limit.by_operation
         self.plain = self.operations is None and not self.by_operation
         self._clock = clock
-        self._labels = labels
         self._bucket = Bucket(float(self.burst), clock())
         self._agents: OrderedDict[Hashable, Bucket] = OrderedDict()
 
@@ -114,11 +103,10 @@ class LocalLimit:
             agents.popitem(last=False)
         return found
 
-    def find(self, agent: str | None) -> Bucket | None:
+    def find(self, agent: str | None, labels: tuple[str, ...] = ()) -> Bucket | None:
         """The bucket this call takes from; None when the limit does not count it."""
         if self.plain:
             return self.bucket(agent)
-        labels = self._labels()
         matched = labels[0] if labels else None
         if self.operations is not None:
             globs = self.operations
@@ -129,8 +117,8 @@ class LocalLimit:
             return self.bucket(agent)
         return self._keyed((agent if self.per_agent else None, matched))
 
-    def give_back(self, agent: str | None) -> None:
-        bucket = self.find(agent)
+    def give_back(self, agent: str | None, labels: tuple[str, ...] = ()) -> None:
+        bucket = self.find(agent, labels)
         if bucket is not None:
             bucket.tokens = min(float(self.burst), bucket.tokens + 1.0)
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from ..core.problems import PROBLEM_TYPE
 from ..core.reasons import Reason
 
-# The reasons a webhook entry point refuses with (the sidecar's one Reason enum), with
+# The reasons a webhook entry point refuses with (core/reasons.py), with
 # the status and title of a webhook's refusal.
-TITLES: dict[Reason, tuple[int, str]] = {
+TITLES: dict[str, tuple[int, str]] = {
     Reason.no_route: (404, "No such webhook"),
     Reason.unauthenticated: (401, "Webhook signature refused"),
     Reason.request_too_large: (413, "Webhook body too large"),
@@ -29,7 +29,7 @@ class Result:
     body: bytes
     message_id: str | None = None
     duplicate: bool = False
-    reason: Reason | None = field(default=None)  # set on the sidecar's own refusals
+    reason: str | None = field(default=None)  # set on the sidecar's own refusals
     # For metrics and spans: accepted, duplicate, unrouted, challenge, or why it was refused.
     outcome: str = ""
 
@@ -43,18 +43,18 @@ def accepted(status: int, message_id: str, duplicate: bool, outcome: str = "acce
     )
 
 
-def refused(reason: Reason, detail: str, webhook: str | None, outcome: str | None = None) -> Result:
+def refused(reason: str, detail: str, webhook: str | None, outcome: str | None = None) -> Result:
     status, title = TITLES[reason]
     body = {
-        "type": PROBLEM_TYPE + reason.value.replace("_", "-"),
+        "type": PROBLEM_TYPE + reason.replace("_", "-"),
         "title": title,
         "status": status,
         "detail": detail,
         "service": webhook,
-        "reason": reason.value,
+        "reason": reason,
         "message": detail,
     }
-    headers = {"Content-Type": "application/problem+json", "X-Sidecar-Error": reason.value}
+    headers = {"Content-Type": "application/problem+json", "X-Sidecar-Error": reason}
     return Result(
-        status, headers, json.dumps(body).encode(), reason=reason, outcome=outcome or reason.value
+        status, headers, json.dumps(body).encode(), reason=reason, outcome=outcome or reason
     )

@@ -144,7 +144,7 @@ class InboundHook:
                 urls.update(dict.fromkeys(route.targets))
         return [Target(endpoint=url, url=url) for url in urls]
 
-    def _refuse(self, reason: Reason, detail: str, counted_as: str) -> Result:
+    def _refuse(self, reason: str, detail: str, counted_as: str) -> Result:
         self.counts[counted_as] += 1
         log.info("inbound webhook %s refused: %s", self.name, counted_as)
         return refused(reason, detail, self.name, counted_as)

@@ -91,7 +91,7 @@ class Receipt:
         if result.message_id is not None:
             attributes["sidecar.webhook.message_id"] = result.message_id
         if result.reason is not None:
-            attributes["sidecar.error.reason"] = result.reason.name
+            attributes["sidecar.error.reason"] = result.reason
             attributes["error.type"] = outcome
         span.set_attributes(attributes)
         if result.status >= 500:

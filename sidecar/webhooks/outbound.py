@@ -30,7 +30,7 @@ TRACE_HEADERS = ("traceparent", "tracestate")
 
 
 class PublishError(Exception):
-    def __init__(self, reason: Reason, detail: str) -> None:
+    def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
         self.detail = detail

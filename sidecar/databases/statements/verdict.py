@@ -22,6 +22,6 @@ class Verdict:
     """A refusal. `message` says what was refused and why; `hint` what is allowed."""
 
     sqlstate: str
-    reason: Reason
+    reason: str  # a core.reasons.Reason
     message: str
     hint: str | None

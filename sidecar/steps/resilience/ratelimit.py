@@ -106,7 +106,7 @@ class RateLimiter:
     def _take_local(self, agent: str | None, now: float) -> float:
         single = self._single
         if single is not None:
-            bucket = single.find(agent)
+            bucket = single.find(agent) if single.plain else single.find(agent, OPERATION.get())
             if bucket is None:
                 return 0.0
             wait = bucket.wait(single.rate, single.burst, now)
@@ -120,7 +120,7 @@ class RateLimiter:
         refused: tuple[LocalLimit, Bucket, float] | None = None
         taking: list[Bucket] = []
         for limit in self._local:
-            bucket = limit.find(agent)
+            bucket = limit.find(agent) if limit.plain else limit.find(agent, OPERATION.get())
             if bucket is None:
                 continue
             taking.append(bucket)
@@ -154,7 +154,7 @@ class RateLimiter:
 
     def _give_back(self, agent: str | None, shared: int) -> None:
         for local in self._local:
-            local.give_back(agent)
+            local.give_back(agent, OPERATION.get())
         for limit in self._shared[:shared]:
             # Refunding needs a round trip; the call that owed it is already gone.
             task = asyncio.get_running_loop().create_task(limit.give_back(agent))
@@ -185,7 +185,7 @@ def build(
                 "ratelimit",
                 limit,
                 lambda lim=limit: LocalLimit(  # type: ignore[misc]
-                    service=name, limit=lim, clock=clock, labels=OPERATION.get
+                    service=name, limit=lim, clock=clock
                 ),
             )
             if bucket not in local:

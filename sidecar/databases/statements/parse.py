@@ -40,12 +40,17 @@ from .kinds import (
     refused_function,
 )
 from .names import identifier
+from .shape import integer_spans, shape
 from .verdict import FORBIDDEN, INSUFFICIENT_PRIVILEGE, Verdict
 
 # Texts longer than this are parsed every time rather than kept in the cache: a few
 # huge statements must not pin megabytes.
 CACHE_ENTRIES: Final = 2048
 CACHE_MAX_TEXT: Final = 8 * 1024
+# Statements kept by shape (their text with integer literals masked, see shape.py).
+SHAPE_ENTRIES: Final = 2048
+# The kinds whose verdict no integer literal can change (see shape.py).
+_SHAPE_KINDS: Final = frozenset({"select", "insert", "update", "delete", "merge"})
 
 _NO_CTES: Final[frozenset[str]] = frozenset()
 # Nodes that hold no table, function or statement: not walked (a bulk INSERT's VALUES
@@ -87,9 +92,10 @@ class StatementError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Statement:
-    """One SQL string (possibly several statements), parsed once and cached by text."""
+    """One SQL string (possibly several statements), parsed once and cached by its text
+    or its shape. It holds no text but `normalized` (literals replaced by "?"), which
+    every text of one shape shares: a Statement is never one call's."""
 
-    text: str
     kinds: frozenset[str]
     reads: frozenset[str]
     writes: frozenset[str]
@@ -112,9 +118,48 @@ class Statement:
 
 def parse(text: str) -> Statement:
     """Parse `text`; StatementError when PostgreSQL's grammar rejects it."""
-    if len(text) <= CACHE_MAX_TEXT:
+    if len(text) > CACHE_MAX_TEXT:
+        return _parse(text)
+    key = shape(text)
+    if key is None:
         return _cached(text)
-    return _parse(text)
+    statement = _shapes.get(key)
+    if statement is None:
+        statement = _cached(text)
+        if shape_safe(statement) and _scanner_agrees(text):
+            if len(_shapes) >= SHAPE_ENTRIES:
+                del _shapes[next(iter(_shapes))]
+            _shapes[key] = statement
+    return statement
+
+
+# Statements by shape, oldest first (evicted first when full).
+_shapes: dict[str, Statement] = {}
+
+
+def shape_safe(statement: Statement) -> bool:
+    """Whether every text of this statement's shape gets the same verdict: plain DML,
+    not refused, no set_config (judged on its string arguments), no transaction options."""
+    return (
+        statement.refusal is None
+        and statement.count > 0
+        and statement.kinds <= _SHAPE_KINDS
+        and "set_config" not in statement.functions
+        and not statement.read_write
+        and statement.resets_all is None
+    )
+
+
+def _scanner_agrees(text: str) -> bool:
+    """Whether PostgreSQL's own scanner reads every span `shape` masks as an integer
+    literal: the shape's lexer is trusted only where the real one agrees."""
+    from pglast import parser
+
+    spans = integer_spans(text)
+    if not spans:
+        return False
+    integers = {(t.start, t.end + 1) for t in parser.scan(text) if t.name == "ICONST"}
+    return all(span in integers for span in spans)
 
 
 @lru_cache(maxsize=CACHE_ENTRIES)
@@ -158,7 +203,7 @@ def _parse_tree(text: str) -> Statement:
     operation = ""
     if raws:
         operation = walk.operations[0] or _first_word(tokens, raws[0])
-    return walk.statement_for(text, len(raws), operation, _normalize(text, tokens))
+    return walk.statement_for(len(raws), operation, _normalize(text, tokens))
 
 
 def _first_word(tokens: Any, raw: dict[str, Any]) -> str:
@@ -484,14 +529,13 @@ class _Walk:
 
     # -- the result -------------------------------------------------------------------
 
-    def statement_for(self, text: str, count: int, operation: str, normalized: str) -> Statement:
+    def statement_for(self, count: int, operation: str, normalized: str) -> Statement:
         tables = [a for a in self.accesses if a.schema is not None]
         write = next((a for a in self.accesses if a.write), None)
         write_kind = write.action if write is not None else None
         if write_kind is None:
             write_kind = next((k for k in sorted(self.kinds) if k in WRITE_KINDS), None)
         return Statement(
-            text=text,
             kinds=frozenset(self.kinds),
             reads=frozenset(a.table for a in tables if not a.write),
             writes=frozenset(a.table for a in tables if a.write),

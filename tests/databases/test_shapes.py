@@ -42,6 +42,7 @@ def test_integer_literals_are_masked(text: str, masked: str) -> None:
         "SELECT $1, $22",  # parameters
         "SELECT 1.5, .5, 6., 1e5, 1e+5, 2E-3, 0x1F, 0o17, 0b1, 1_000",  # other numbers
         "SELECT 1234567890",  # past 9 digits
+        "SELECT \u0663, x.\u0663",  # digits, but not ASCII ones: not a number to PostgreSQL
         "SELECT 1::float(30)",  # FLOAT(p): the grammar reads p's value
         "SELECT 1 /* unterminated",
         "SELECT '1",

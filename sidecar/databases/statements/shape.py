@@ -41,17 +41,17 @@ _TOKEN: Final = re.compile(
     (?P<plain>(?:
         (?![eE]')[{_WORD_START}][{_WORD}]*   # a keyword or identifier, digits and all
       | [^{_WORD}'"\-/.]                      # whitespace, operators, punctuation
-      | -(?!-) | /(?!\*) | \.(?!\d)
+      | -(?!-) | /(?!\*) | \.(?![0-9])
     )+)
-  | (?P<int>\d{{1,{MAX_DIGITS}}})(?![{_WORD}.])
-  | (?P<number>\.?\d[{_WORD}.]*(?:(?<=[eE])[+-]\d*)?)   # 1.5, .5, 1e-5, 0x1F, 1_000
+  | (?P<int>[0-9]{{1,{MAX_DIGITS}}})(?![{_WORD}.])
+  | (?P<number>\.?[0-9][{_WORD}.]*(?:(?<=[eE])[+-][0-9]*)?)   # 1.5, .5, 1e-5, 0x1F, 1_000
   | [eE]'(?:[^'\\]|\\.|'')*'                  # an escape string: \' does not end it
   | '(?:[^']|'')*'                            # a string (standard_conforming_strings on)
   | "(?:[^"]|"")*"                            # a quoted identifier
   | --[^\n\r]*
   | (?P<comment>/\*)
   | (?P<dollar>\$(?:[{_WORD_START}][\w\x80-\U0010ffff]*)?\$)
-  | \$\d+                                     # a parameter
+  | \$[0-9]+                                  # a parameter
   | \$                                        # PostgreSQL rejects it: left as it is
     """,
     re.VERBOSE | re.DOTALL,

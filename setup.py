@@ -11,10 +11,15 @@ import os
 from setuptools import setup
 
 # What every proxied call runs through: the data plane, the steps of a common
-# policy and the telemetry each call reports to. Modules with async generators
+# policy and the telemetry each call reports to; the database connector's wire
+# codec, relay, pool and server connections (each query's path). Modules with async generators
 # stay interpreted (mypyc cannot compile those): sidecar/streams.py holds them.
 COMPILED = [
     "sidecar/call.py",
+    "sidecar/databases/client.py",
+    "sidecar/databases/pool.py",
+    "sidecar/databases/protocol.py",
+    "sidecar/databases/server.py",
     "sidecar/headers.py",
     "sidecar/problems.py",
     "sidecar/proxy/egress.py",

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import protocol as pg
+from .channel import Channel
 from .pool import PoolTimeout
 from .server import ServerConnection, UpstreamError
 
@@ -95,6 +96,9 @@ class Session:
         self.entry = entry
         self.reader = reader
         self.writer = writer
+        self.framer = pg.Framer()
+        # The agent's transport, taken over from the streams once the relay starts.
+        self.channel: Channel | None = None
         self.agent = agent
         self.server: ServerConnection | None = None
         self.tx_status = IDLE
@@ -117,13 +121,10 @@ class Session:
     # -- the agent's messages ---------------------------------------------------------
 
     async def run(self) -> None:
-        framer = pg.Framer()
+        framer = self.framer
+        channel = self.channel = Channel.take_over(self.reader, self.writer, framer)
         try:
             while True:
-                data = await self.reader.read(65536)
-                if not data:
-                    return
-                framer.feed(data)
                 while (msg := framer.next()) is not None:
                     kind, body, raw = msg
                     if kind == pg.TERMINATE:
@@ -132,17 +133,19 @@ class Session:
                         await self._message(kind, body, raw)
                     except ServerLost as exc:
                         self._lost(str(exc))
-                await self._flush()
+                await self._flush(channel)
+                if not await channel.receive():
+                    return
         except (ConnectionError, pg.ProtocolError, asyncio.IncompleteReadError):
             return
         finally:
             self._end()
 
-    async def _flush(self) -> None:
+    async def _flush(self, channel: Channel) -> None:
         """Send what the batch produced; read answers while the agent waits for them."""
         server = self.server
         if server is not None and self.to_server:
-            server.writer.write(self.to_server)
+            server.send(self.to_server)
             self.to_server.clear()
         if server is not None and self.wait_server and self.expected:
             try:
@@ -153,12 +156,11 @@ class Session:
                 self._lost("")
         self.wait_server = False
         if self.out:
-            self.writer.write(self.out)
+            channel.write(self.out)
             self.out.clear()
         self._maybe_release()
         # Only when the agent reads slower than the answers come (a large result).
-        if self.writer.transport.get_write_buffer_size() > 65536:
-            await self.writer.drain()
+        await channel.drain()
 
     async def _message(self, kind: int, body: bytes, raw: bytes) -> None:
         if self.skipping and kind != pg.SYNC:
@@ -373,13 +375,13 @@ class Session:
             msg = framer.next()
             if msg is None:
                 if len(out) > 16384:
-                    self.writer.write(out)
+                    channel = self.channel
+                    assert channel is not None
+                    channel.write(out)
                     out.clear()
-                    await self.writer.drain()
-                data = await server.reader.read(65536)
-                if not data:
+                    await channel.drain()
+                if not await server.receive():
                     raise ServerLost()
-                framer.feed(data)
                 continue
             kind, body, raw = msg
             if kind == pg.DATA_ROW:

@@ -172,7 +172,7 @@ class Session:
                 self._own(_error(refusal))
                 self._own(pg.ready_for_query(self.tx_status))
                 return
-            if not await self._attach(extended=False):
+            if not (self._held() or await self._attach(extended=False)):
                 self._own(pg.ready_for_query(self.tx_status))
                 return
             self._send(raw, READY)
@@ -182,7 +182,7 @@ class Session:
         elif kind == pg.BIND:
             _portal, name, _ = pg.parse_bind(body)
             if not name:
-                if await self._attach():
+                if self._held() or await self._attach():
                     self._send(raw, BIND)
                 return
             prepared = self._known(name)
@@ -194,13 +194,13 @@ class Session:
                 prepared = self._known(name)
                 if prepared is not None and await self._ready(prepared):
                     self._send(pg.target(pg.DESCRIBE, which, prepared.server_name), DESCRIBE)
-            elif await self._attach():
+            elif self._held() or await self._attach():
                 self._send(raw, DESCRIBE)
         elif kind == pg.EXECUTE:
             refusal = self.entry.guard.take(self.agent)
             if refusal is not None:
                 self._refuse(refusal)
-            elif await self._attach():
+            elif self._held() or await self._attach():
                 self._begin()
                 self._send(raw, EXECUTE)
         elif kind == pg.CLOSE:
@@ -209,7 +209,7 @@ class Session:
                 # The server keeps it for whoever prepares the same text next.
                 self.statements.pop(name, None)
                 self._own(pg.message(pg.CLOSE_COMPLETE, b""))
-            elif await self._attach():
+            elif self._held() or await self._attach():
                 self._send(raw, CLOSE)
         elif kind == pg.SYNC:
             self.skipping = False
@@ -246,7 +246,7 @@ class Session:
             self._refuse(refusal)
             return
         if not name:
-            if await self._attach():
+            if self._held() or await self._attach():
                 self._send(raw, PARSE)
                 self.parsing.append("")
             return
@@ -255,7 +255,7 @@ class Session:
             return
         prepared = Prepared(server_name(query, types), query, types)
         self.statements[name] = prepared
-        if not await self._attach():
+        if not (self._held() or await self._attach()):
             return
         server = self.server
         assert server is not None
@@ -274,7 +274,7 @@ class Session:
 
     async def _ready(self, prepared: Prepared) -> bool:
         """Attach a server and prepare the statement there first if it lacks it."""
-        if not await self._attach():
+        if not (self._held() or await self._attach()):
             return False
         server = self.server
         assert server is not None
@@ -331,13 +331,24 @@ class Session:
         while expected and isinstance(expected[0], bytes):
             self.out += expected.popleft()  # type: ignore[arg-type]
 
+    def _held(self) -> bool:
+        """Whether a server connection is held, or a free one was taken now: the common
+        case costs no coroutine. Otherwise the caller awaits `_attach`."""
+        if self.server is not None:
+            return True
+        server = self.entry.pool.take()
+        if server is None:
+            return False
+        self._attached(server)
+        return True
+
     async def _attach(self, *, extended: bool = True) -> bool:
-        """Borrow a server connection if none is held; False (the agent told) if none came."""
+        """Borrow a server connection, waiting for one; False (the agent told) if none came."""
         if self.server is not None:
             return True
         entry = self.entry
         try:
-            self.server = await entry.pool.acquire()
+            server = await entry.pool.acquire()
         except PoolTimeout:
             wait = entry.pool.config.wait_timeout
             self._own_failure(
@@ -352,15 +363,19 @@ class Session:
             self._own_failure(exc.sqlstate, exc.text, "Retry later.")
             self.skipping = extended
             return False
+        self._attached(server)
+        return True
+
+    def _attached(self, server: ServerConnection) -> None:
+        self.server = server
         self.tx_status = IDLE
-        evicted = self.server.overflow(MAX_PREPARED)
+        evicted = server.overflow(MAX_PREPARED)
         if evicted:
             # Nothing of this agent is on the connection yet: no portal of an evicted
             # statement can be open.
             for name in evicted:
                 self._send(pg.target(pg.CLOSE, ord("S"), name), CLOSE_QUIET)
             self._send(pg.SYNC_MESSAGE, READY_QUIET)
-        return True
 
     def _own_failure(self, sqlstate: str, text: str, hint: str) -> None:
         self._own(pg.error_response(sqlstate, text, hint=hint))

@@ -16,6 +16,7 @@ from setuptools import setup
 # stay interpreted (mypyc cannot compile those): sidecar/streams.py holds them.
 COMPILED = [
     "sidecar/call.py",
+    "sidecar/databases/channel.py",
     "sidecar/databases/client.py",
     "sidecar/databases/pool.py",
     "sidecar/databases/protocol.py",

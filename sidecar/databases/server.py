@@ -132,6 +132,8 @@ class ServerConnection:
     ) -> None:
         self.reader = reader
         self.writer = writer
+        # Made after TLS is set up: the transport the relay writes to.
+        self.transport = writer.transport
         self.settings = settings
         self.generation = settings.generation
         self.process_id = 0
@@ -164,7 +166,7 @@ class ServerConnection:
         return True
 
     def send(self, data: bytes | bytearray) -> None:
-        self.writer.transport.write(data)
+        self.transport.write(data)
 
     async def drain(self) -> None:
         channel = self.channel
@@ -199,7 +201,7 @@ class ServerConnection:
     def healthy(self) -> bool:
         """Nothing arrived while idle (a FATAL before a shutdown) and the socket is open."""
         channel = self.channel
-        if channel is None or channel.closed or self.writer.transport.is_closing():
+        if channel is None or channel.closed or self.transport.is_closing():
             return False
         return not self.framer.pending
 

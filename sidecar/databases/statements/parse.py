@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any, Final
 
 from .kinds import (
@@ -44,11 +43,10 @@ from .shape import integer_spans, shape
 from .verdict import FORBIDDEN, INSUFFICIENT_PRIVILEGE, Verdict
 
 # Texts longer than this are parsed every time rather than kept in the cache: a few
-# huge statements must not pin megabytes.
+# huge statements must not pin megabytes. Each of the two caches (by text, by shape)
+# keeps this many.
 CACHE_ENTRIES: Final = 2048
 CACHE_MAX_TEXT: Final = 8 * 1024
-# Statements kept by shape (their text with integer literals masked, see shape.py).
-SHAPE_ENTRIES: Final = 2048
 # The kinds whose verdict no integer literal can change (see shape.py).
 _SHAPE_KINDS: Final = frozenset({"select", "insert", "update", "delete", "merge"})
 
@@ -118,23 +116,35 @@ class Statement:
 
 def parse(text: str) -> Statement:
     """Parse `text`; StatementError when PostgreSQL's grammar rejects it."""
+    statement = _texts.get(text)
+    if statement is not None:
+        return statement
     if len(text) > CACHE_MAX_TEXT:
         return _parse(text)
     key = shape(text)
-    if key is None:
-        return _cached(text)
-    statement = _shapes.get(key)
-    if statement is None:
-        statement = _cached(text)
-        if shape_safe(statement) and _scanner_agrees(text):
-            if len(_shapes) >= SHAPE_ENTRIES:
-                del _shapes[next(iter(_shapes))]
-            _shapes[key] = statement
+    if key is not None:
+        statement = _shapes.get(key)
+        if statement is not None:
+            return statement
+    statement = _parse(text)
+    if key is not None and shape_safe(statement) and _scanner_agrees(text):
+        _keep(_shapes, key, statement)
+    else:
+        _keep(_texts, text, statement)
     return statement
 
 
-# Statements by shape, oldest first (evicted first when full).
+# Statements by text and by shape (their text with integer literals masked, see
+# shape.py), oldest first: the oldest goes when one is full. A text whose shape is
+# kept is not kept by text too (pgbench's texts would crowd the others out).
+_texts: dict[str, Statement] = {}
 _shapes: dict[str, Statement] = {}
+
+
+def _keep(cache: dict[str, Statement], key: str, statement: Statement) -> None:
+    if len(cache) >= CACHE_ENTRIES:
+        del cache[next(iter(cache))]
+    cache[key] = statement
 
 
 def shape_safe(statement: Statement) -> bool:
@@ -160,11 +170,6 @@ def _scanner_agrees(text: str) -> bool:
         return False
     integers = {(t.start, t.end + 1) for t in parser.scan(text) if t.name == "ICONST"}
     return all(span in integers for span in spans)
-
-
-@lru_cache(maxsize=CACHE_ENTRIES)
-def _cached(text: str) -> Statement:
-    return _parse(text)
 
 
 def _parse(text: str) -> Statement:

@@ -11,9 +11,10 @@ import os
 from setuptools import setup
 
 # What every proxied call runs through: the data plane, the steps of a common
-# policy and the telemetry each call reports to; the database connector's wire
-# codec, relay, pool and server connections (each query's path). Modules with async generators
-# stay interpreted (mypyc cannot compile those): sidecar/streams.py holds them.
+# policy and the telemetry each call reports to; and each query's path through the
+# database connector (wire codec, relay, pool, server connections). Modules with
+# async generators stay interpreted (mypyc cannot compile those): sidecar/streams.py
+# holds them.
 COMPILED = [
     "sidecar/call.py",
     "sidecar/databases/channel.py",

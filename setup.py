@@ -11,10 +11,17 @@ import os
 from setuptools import setup
 
 # What every proxied call runs through: the data plane, the steps of a common
-# policy and the telemetry each call reports to. Modules with async generators
-# stay interpreted (mypyc cannot compile those): sidecar/streams.py holds them.
+# policy and the telemetry each call reports to; and each query's path through the
+# database connector (wire codec, relay, pool, server connections). Modules with
+# async generators stay interpreted (mypyc cannot compile those): sidecar/streams.py
+# holds them.
 COMPILED = [
     "sidecar/call.py",
+    "sidecar/databases/channel.py",
+    "sidecar/databases/client.py",
+    "sidecar/databases/pool.py",
+    "sidecar/databases/protocol.py",
+    "sidecar/databases/server.py",
     "sidecar/headers.py",
     "sidecar/problems.py",
     "sidecar/proxy/egress.py",

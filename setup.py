@@ -11,16 +11,19 @@ import os
 from setuptools import setup
 
 # What every proxied call runs through: the data plane, the steps of a common
-# policy and the telemetry each call reports to. Modules with async generators
-# stay interpreted (mypyc cannot compile those): sidecar/core/streams.py holds them.
+# policy and the telemetry each call reports to; and each query's path through the
+# database connector (wire codec, relay, pool, server connections). Modules with
+# async generators stay interpreted (mypyc cannot compile those): sidecar/core/streams.py
+# holds them.
 COMPILED = [
     "sidecar/core/call.py",
+    "sidecar/databases/channel.py",
+    "sidecar/databases/client.py",
+    "sidecar/databases/pool.py",
+    "sidecar/databases/protocol.py",
+    "sidecar/databases/server.py",
     "sidecar/core/headers.py",
     "sidecar/core/problems.py",
-    # Not sidecar/engines/limits.py nor breaker.py (the engines under the rate-limit and
-    # breaker steps, moved out of their compiled modules): compiled, tests/test_telemetry.py
-    # ended with a heap corrupted (a SIGSEGV in the collector at exit) and interpreted it
-    # does not. Compile them again once the cause is known.
     "sidecar/http/egress.py",
     "sidecar/http/http1.py",
     "sidecar/http/listener.py",

@@ -11,7 +11,9 @@ What runs (all on 127.0.0.1, on free ports, under a temporary directory):
   load       `pgbench -S` (select-only) with --clients connections, one thread, for
              --seconds against each target in turn, with per-transaction logs.
 
-Reported: transactions/s and p50/p99 latency of each target, the sidecar's
+Reported: transactions/s and p50/p99 latency of each target, the sidecar process's
+CPU time per transaction (user + system, from /proc: steadier than transactions/s on
+a shared machine), the sidecar's
 transactions/s as a share of pgbouncer's and of direct, and the p50 the sidecar
 adds over pgbouncer's. The issue's goals: at least 0.5x pgbouncer's
 transactions/s, at most 0.15 ms of p50 added.
@@ -58,10 +60,22 @@ def wait_port(port: int, limit: float = 20) -> None:
     raise SystemExit(f"nothing listens on port {port}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pgbench(
-    port: int, args: argparse.Namespace, logs: Path, label: str, user: str = "bench-agent"
+    port: int,
+    args: argparse.Namespace,
+    logs: Path,
+    label: str,
+    user: str = "bench-agent",
+    pid: int | None = None,
 ) -> dict[str, float] | None:
     prefix = logs / label
+    cpu_before = cpu_seconds(pid) if pid is not None else 0.0
     done = subprocess.run(
         [
             pg_bin("pgbench") or "pgbench",
@@ -79,6 +93,7 @@ def pgbench(
         first = (done.stderr.strip().splitlines() or ["?"])[0]
         print(f"  {label}: pgbench failed: {first}", file=sys.stderr)
         return None
+    cpu = cpu_seconds(pid) - cpu_before if pid is not None else 0.0
     tps = float(re.search(r"tps = ([0-9.]+)", done.stdout).group(1))  # type: ignore[union-attr]
     latencies: list[int] = []
     for path in glob.glob(f"{prefix}*"):
@@ -88,6 +103,9 @@ def pgbench(
     n = len(latencies)
     return {
         "tps": tps,
+        # CPU time of the process in the middle, per transaction: steadier than tps on a
+        # shared machine.
+        "cpu_us": cpu / n * 1e6 if n and pid is not None else 0.0,
         "p50": latencies[n // 2] / 1000 if n else 0.0,
         "p99": latencies[min(n - 1, n * 99 // 100)] / 1000 if n else 0.0,
     }
@@ -188,7 +206,7 @@ def main() -> None:
         results = {
             "direct": pgbench(pg.port, args, logs, "direct", USER),
             "pgbouncer": pgbench(bouncer_port, args, logs, "pgbouncer"),
-            "sidecar": pgbench(sidecar_port, args, logs, "sidecar"),
+            "sidecar": pgbench(sidecar_port, args, logs, "sidecar", pid=sidecar.pid),
         }
         shutil.rmtree(logs, ignore_errors=True)
     finally:
@@ -205,8 +223,10 @@ def main() -> None:
         if r is None:
             print(f"  {name:<10} failed")
         else:
+            cpu = f"   {r['cpu_us']:.0f} us CPU/tx" if r["cpu_us"] else ""
             print(
-                f"  {name:<10} {r['tps']:>9.0f} tps   p50 {r['p50']:.3f} ms   p99 {r['p99']:.3f} ms"
+                f"  {name:<10} {r['tps']:>9.0f} tps   p50 {r['p50']:.3f} ms   "
+                f"p99 {r['p99']:.3f} ms{cpu}"
             )
     bouncer, side, direct = results["pgbouncer"], results["sidecar"], results["direct"]
     if side is None or direct is None:

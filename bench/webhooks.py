@@ -7,17 +7,23 @@ What runs (all on 127.0.0.1, on free ports, under a temporary directory):
             synchronous=FULL) in a temporary --data-dir, or in Redis with --store.
   receiver  an aiohttp server in this process that answers 200 and notes when
             each event arrived.
-  load      aiohttp clients in this process, `--concurrency` requests in flight:
-            first signed GitHub events to the ingress listener for `--seconds`,
-            then agents' events to the egress /_webhooks/<name> for `--seconds`.
+  load      aiohttp clients in this process: signed GitHub events to the ingress
+            listener, agents' events to the egress /_webhooks/<name>.
 
-Reported, per direction: events acknowledged per second (200 inbound, 202
-outbound: each one durably stored before its answer), and the end-to-end
-delivery latency p50/p99, from sending the event to the sidecar until the
-receiver had it (the clock is this process's, on both ends). Deliveries still
-missing `--drain` seconds after the load ends are counted as missing.
+Passes, one after the other against the same sidecar (each waits for its
+deliveries): inbound with 1, 16 and 64 senders sending back to back
+(`--senders`), outbound with 16, then inbound paced at `--rate` events/s.
 
-Run: .venv/bin/python bench/webhooks.py [--seconds 3] [--concurrency 32] [--store redis://...]
+Reported per pass: events acknowledged per second (200 inbound, 202 outbound:
+each one durably stored before its answer) and the p99 of the time to that
+answer; the delivery lag p50/p99, from sending the event to the sidecar until
+the receiver had it (the clock is this process's, on both ends); the backlog
+(acknowledged, not yet delivered) when the load stopped and the rate it drained
+at; and the sidecar's CPU time (user + system, from /proc) from the first
+request to the last delivery, per event acknowledged: intake and delivery both.
+Deliveries still missing `--drain` seconds after the load ends are counted as missing.
+
+Run: .venv/bin/python bench/webhooks.py [--seconds 3] [--senders 1,16,64] [--store redis://...]
 """
 
 from __future__ import annotations
@@ -111,34 +117,62 @@ def github(body: bytes, delivery: str) -> dict[str, str]:
 @dataclass
 class Pass:
     name: str
+    senders: int = 0
     sent: dict[str, float] = field(default_factory=dict)  # key -> when its request left
+    acks: list[float] = field(default_factory=list)  # seconds from request to its answer
     acknowledged: int = 0
     refused: int = 0
     seconds: float = 0.0
+    cpu: float = 0.0  # the sidecar's CPU seconds from the first request to the last delivery
+    backlog: int = 0  # acknowledged, not yet delivered, when the load stopped
+    drain: float = 0.0  # deliveries per second from then until the last one
 
 
 async def load(
-    client: aiohttp.ClientSession, run: Pass, url: str, inbound: bool, seconds: float, width: int
+    client: aiohttp.ClientSession,
+    run: Pass,
+    url: str,
+    inbound: bool,
+    seconds: float,
+    width: int,
+    rate: float | None = None,
 ) -> None:
-    deadline = time.perf_counter() + seconds
+    """`width` clients sending back to back, or together paced to `rate` events/s."""
+    started = time.perf_counter()
+    deadline = started + seconds
     counter = iter(range(10**9))
 
     async def one_client() -> None:
-        while time.perf_counter() < deadline:
-            key = f"{run.name}-{next(counter)}"
+        while True:
+            n = next(counter)
+            if rate is not None:
+                at = started + n / rate
+                if at >= deadline:
+                    return
+                await asyncio.sleep(max(0.0, at - time.perf_counter()))
+            elif time.perf_counter() >= deadline:
+                return
+            key = f"{run.name}-{n}"
             body = json.dumps({"key": key, "type": "bench.event", "pad": "x" * 200}).encode()
             headers = github(body, key) if inbound else {"Content-Type": "application/json"}
-            run.sent[key] = time.perf_counter()
+            sent = run.sent[key] = time.perf_counter()
             async with client.post(url, data=body, headers=headers) as r:
                 await r.read()
                 if r.status in (200, 202):
                     run.acknowledged += 1
+                    run.acks.append(time.perf_counter() - sent)
                 else:
                     run.refused += 1
+                    del run.sent[key]
 
-    started = time.perf_counter()
     await asyncio.gather(*(one_client() for _ in range(width)))
     run.seconds = time.perf_counter() - started
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -148,43 +182,73 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
 
+async def measure(
+    client: aiohttp.ClientSession,
+    receiver: Receiver,
+    pid: int,
+    run: Pass,
+    url: str,
+    inbound: bool,
+    args: argparse.Namespace,
+    rate: float | None = None,
+) -> Pass:
+    cpu = cpu_seconds(pid)
+    await load(client, run, url, inbound, args.seconds, run.senders, rate)
+    stopped = time.perf_counter()
+    keys = set(run.sent)
+    run.backlog = len(keys - receiver.arrived.keys())
+    await receiver.wait_for(keys, args.drain)
+    run.cpu = cpu_seconds(pid) - cpu
+    last = max((receiver.arrived[k] for k in keys if k in receiver.arrived), default=stopped)
+    if run.backlog and last > stopped:
+        run.drain = (run.backlog - len(keys - receiver.arrived.keys())) / (last - stopped)
+    return run
+
+
 async def main(args: argparse.Namespace) -> int:
     receiver = Receiver()
     runner, target = await serve(receiver.app())
+    senders = [int(n) for n in args.senders.split(",")]
     with tempfile.TemporaryDirectory(prefix="sidecar-bench-webhooks-") as tmp:
         extra = ["--ingress", "127.0.0.1:0", "--data-dir", str(Path(tmp) / "data")]
         async with sidecar_run(Path(tmp), policy(target, args.store), *extra) as sidecar:
-            egress, ingress = sidecar.egress, sidecar.ingress
+            pid = sidecar.proc.pid
+            inbound = f"{sidecar.ingress}/hooks/github"
             passes: list[Pass] = []
-            connector = aiohttp.TCPConnector(limit=args.concurrency)
+            connector = aiohttp.TCPConnector(limit=max(senders))
             async with aiohttp.ClientSession(connector=connector) as client:
-                for name, url, inbound in (
-                    ("inbound", f"{ingress}/hooks/github", True),
-                    ("outbound", f"{egress}/_webhooks/events", False),
-                ):
-                    run = Pass(name)
-                    await load(client, run, url, inbound, args.seconds, args.concurrency)
-                    passes.append(run)
-                    await receiver.wait_for(set(run.sent), args.drain)
+                for width in senders:
+                    run = Pass(f"in-{width}", width)
+                    passes.append(await measure(client, receiver, pid, run, inbound, True, args))
+                run = Pass("out-16", 16)
+                outbound = f"{sidecar.egress}/_webhooks/events"
+                passes.append(await measure(client, receiver, pid, run, outbound, False, args))
+                run = Pass(f"in-{args.rate:g}/s", max(senders))
+                passes.append(
+                    await measure(client, receiver, pid, run, inbound, True, args, args.rate)
+                )
     await runner.cleanup()
     store = args.store.split("@")[-1] if args.store else "sqlite (WAL, synchronous=FULL)"
     print(
-        f"webhooks bench: {args.seconds:g}s per direction, {args.concurrency} in flight, "
-        f"queue: {store}"
+        f"webhooks bench: {args.seconds:g}s per pass, queue: {store}; "
+        f"load average {os.getloadavg()[0]:.2f}"
     )
     print(
-        f"{'direction':<10} {'acked/s':>9} {'acked':>7} {'refused':>7} {'missing':>7} "
-        f"{'p50 ms':>8} {'p99 ms':>8}"
+        f"{'pass':<10} {'acked/s':>8} {'acked':>6} {'refused':>7} {'ack p99':>8} "
+        f"{'lag p50':>8} {'lag p99':>8} {'backlog':>7} {'drain/s':>8} {'missing':>7} "
+        f"{'CPU/event':>10}"
     )
     for run in passes:
-        latencies = [
+        lags = [
             (receiver.arrived[k] - t) * 1000 for k, t in run.sent.items() if k in receiver.arrived
         ]
-        missing = run.acknowledged - len(latencies)
+        missing = run.acknowledged - len(lags)
+        per_event = run.cpu / run.acknowledged * 1000 if run.acknowledged else float("nan")
         print(
-            f"{run.name:<10} {run.acknowledged / run.seconds:>9.0f} {run.acknowledged:>7} "
-            f"{run.refused:>7} {max(0, missing):>7} {percentile(latencies, 50):>8.1f} "
-            f"{percentile(latencies, 99):>8.1f}"
+            f"{run.name:<10} {run.acknowledged / run.seconds:>8.0f} {run.acknowledged:>6} "
+            f"{run.refused:>7} {percentile(run.acks, 99) * 1000:>6.1f}ms "
+            f"{percentile(lags, 50):>6.0f}ms {percentile(lags, 99):>6.0f}ms {run.backlog:>7} "
+            f"{run.drain:>8.0f} {max(0, missing):>7} {per_event:>8.2f}ms"
         )
     return 0
 
@@ -192,7 +256,12 @@ async def main(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="load time per direction")
-    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight")
+    parser.add_argument(
+        "--senders", default="1,16,64", help="inbound passes: this many senders back to back"
+    )
+    parser.add_argument(
+        "--rate", type=float, default=1000.0, help="the paced pass's events/s (inbound)"
+    )
     parser.add_argument("--drain", type=float, default=10.0, help="wait for deliveries after")
     parser.add_argument("--store", default=None, help="redis://... to bench the Redis queue")
     sys.exit(asyncio.run(main(parser.parse_args())))

@@ -43,6 +43,11 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
         future.set_result(result)
 
 
+def _settle_all(settled: list[tuple[Any, ...]]) -> None:
+    for future, result, error in settled:
+        _settle(future, result, error)
+
+
 class SqliteWriter:
     """Runs jobs `(connection) -> result` on its own thread, one commit per batch.
 
@@ -154,6 +159,10 @@ class SqliteWriter:
                     conn.execute("ROLLBACK")
             outcomes = [(None, exc)] * len(batch)
         # Only now, after COMMIT: nobody hears of a write before it is on disk.
+        # One wake-up per loop for the whole batch, not one per job.
+        per_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, ...]]] = {}
         for job, (result, error) in zip(batch, outcomes, strict=True):
+            per_loop.setdefault(job.loop, []).append((job.future, result, error))
+        for loop, settled in per_loop.items():
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                job.loop.call_soon_threadsafe(_settle, job.future, result, error)
+                loop.call_soon_threadsafe(_settle_all, settled)

@@ -25,31 +25,16 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from . import protocol as pg
-from .pool import Pool, PoolTimeout
+from .channel import Channel
+from .pool import PoolTimeout
 from .server import ServerConnection, UpstreamError
-from .telemetry import Operation
 
 if TYPE_CHECKING:
-    from .guard import Guard, Refusal
-
-
-class Entry(Protocol):
-    """What a session needs of its database (hub.py's Entry is one): a protocol, so
-    that the hub, which makes sessions, is not imported back from here."""
-
-    name: str
-    guard: Guard
-    pool: Pool
-    max_rows: int
-    background: set[asyncio.Task[None]]
-
-    def observe(
-        self, agent: str, operation: Operation, sqlstate: str, rows: int, seconds: float
-    ) -> None: ...
-
+    from .guard import Refusal
+    from .hub import Entry
 
 log = logging.getLogger("sidecar.databases")
 
@@ -111,6 +96,9 @@ class Session:
         self.entry = entry
         self.reader = reader
         self.writer = writer
+        self.framer = pg.Framer()
+        # The agent's transport, taken over from the streams once the relay starts.
+        self.channel: Channel | None = None
         self.agent = agent
         self.server: ServerConnection | None = None
         self.tx_status = IDLE
@@ -133,13 +121,10 @@ class Session:
     # -- the agent's messages ---------------------------------------------------------
 
     async def run(self) -> None:
-        framer = pg.Framer()
+        framer = self.framer
+        channel = self.channel = Channel.take_over(self.reader, self.writer, framer)
         try:
             while True:
-                data = await self.reader.read(65536)
-                if not data:
-                    return
-                framer.feed(data)
                 while (msg := framer.next()) is not None:
                     kind, body, raw = msg
                     if kind == pg.TERMINATE:
@@ -148,17 +133,19 @@ class Session:
                         await self._message(kind, body, raw)
                     except ServerLost as exc:
                         self._lost(str(exc))
-                await self._flush()
+                await self._flush(channel)
+                if not await channel.receive():
+                    return
         except (ConnectionError, pg.ProtocolError, asyncio.IncompleteReadError):
             return
         finally:
             self._end()
 
-    async def _flush(self) -> None:
+    async def _flush(self, channel: Channel) -> None:
         """Send what the batch produced; read answers while the agent waits for them."""
         server = self.server
         if server is not None and self.to_server:
-            server.writer.write(self.to_server)
+            server.send(self.to_server)
             self.to_server.clear()
         if server is not None and self.wait_server and self.expected:
             try:
@@ -169,12 +156,11 @@ class Session:
                 self._lost("")
         self.wait_server = False
         if self.out:
-            self.writer.write(self.out)
+            channel.write(self.out)
             self.out.clear()
         self._maybe_release()
         # Only when the agent reads slower than the answers come (a large result).
-        if self.writer.transport.get_write_buffer_size() > 65536:
-            await self.writer.drain()
+        await channel.drain()
 
     async def _message(self, kind: int, body: bytes, raw: bytes) -> None:
         if self.skipping and kind != pg.SYNC:
@@ -186,7 +172,7 @@ class Session:
                 self._own(_error(refusal))
                 self._own(pg.ready_for_query(self.tx_status))
                 return
-            if not await self._attach(extended=False):
+            if not (self._held() or await self._attach(extended=False)):
                 self._own(pg.ready_for_query(self.tx_status))
                 return
             self._send(raw, READY)
@@ -196,7 +182,7 @@ class Session:
         elif kind == pg.BIND:
             _portal, name, _ = pg.parse_bind(body)
             if not name:
-                if await self._attach():
+                if self._held() or await self._attach():
                     self._send(raw, BIND)
                 return
             prepared = self._known(name)
@@ -208,13 +194,13 @@ class Session:
                 prepared = self._known(name)
                 if prepared is not None and await self._ready(prepared):
                     self._send(pg.target(pg.DESCRIBE, which, prepared.server_name), DESCRIBE)
-            elif await self._attach():
+            elif self._held() or await self._attach():
                 self._send(raw, DESCRIBE)
         elif kind == pg.EXECUTE:
             refusal = self.entry.guard.take(self.agent)
             if refusal is not None:
                 self._refuse(refusal)
-            elif await self._attach():
+            elif self._held() or await self._attach():
                 self._begin()
                 self._send(raw, EXECUTE)
         elif kind == pg.CLOSE:
@@ -223,7 +209,7 @@ class Session:
                 # The server keeps it for whoever prepares the same text next.
                 self.statements.pop(name, None)
                 self._own(pg.message(pg.CLOSE_COMPLETE, b""))
-            elif await self._attach():
+            elif self._held() or await self._attach():
                 self._send(raw, CLOSE)
         elif kind == pg.SYNC:
             self.skipping = False
@@ -260,7 +246,7 @@ class Session:
             self._refuse(refusal)
             return
         if not name:
-            if await self._attach():
+            if self._held() or await self._attach():
                 self._send(raw, PARSE)
                 self.parsing.append("")
             return
@@ -269,7 +255,7 @@ class Session:
             return
         prepared = Prepared(server_name(query, types), query, types)
         self.statements[name] = prepared
-        if not await self._attach():
+        if not (self._held() or await self._attach()):
             return
         server = self.server
         assert server is not None
@@ -288,7 +274,7 @@ class Session:
 
     async def _ready(self, prepared: Prepared) -> bool:
         """Attach a server and prepare the statement there first if it lacks it."""
-        if not await self._attach():
+        if not (self._held() or await self._attach()):
             return False
         server = self.server
         assert server is not None
@@ -345,13 +331,24 @@ class Session:
         while expected and isinstance(expected[0], bytes):
             self.out += expected.popleft()  # type: ignore[arg-type]
 
+    def _held(self) -> bool:
+        """Whether a server connection is held, or a free one was taken now: the common
+        case costs no coroutine. Otherwise the caller awaits `_attach`."""
+        if self.server is not None:
+            return True
+        server = self.entry.pool.take()
+        if server is None:
+            return False
+        self._attached(server)
+        return True
+
     async def _attach(self, *, extended: bool = True) -> bool:
-        """Borrow a server connection if none is held; False (the agent told) if none came."""
+        """Borrow a server connection, waiting for one; False (the agent told) if none came."""
         if self.server is not None:
             return True
         entry = self.entry
         try:
-            self.server = await entry.pool.acquire()
+            server = await entry.pool.acquire()
         except PoolTimeout:
             wait = entry.pool.config.wait_timeout
             self._own_failure(
@@ -366,15 +363,19 @@ class Session:
             self._own_failure(exc.sqlstate, exc.text, "Retry later.")
             self.skipping = extended
             return False
+        self._attached(server)
+        return True
+
+    def _attached(self, server: ServerConnection) -> None:
+        self.server = server
         self.tx_status = IDLE
-        evicted = self.server.overflow(MAX_PREPARED)
+        evicted = server.overflow(MAX_PREPARED)
         if evicted:
             # Nothing of this agent is on the connection yet: no portal of an evicted
             # statement can be open.
             for name in evicted:
                 self._send(pg.target(pg.CLOSE, ord("S"), name), CLOSE_QUIET)
             self._send(pg.SYNC_MESSAGE, READY_QUIET)
-        return True
 
     def _own_failure(self, sqlstate: str, text: str, hint: str) -> None:
         self._own(pg.error_response(sqlstate, text, hint=hint))
@@ -389,13 +390,13 @@ class Session:
             msg = framer.next()
             if msg is None:
                 if len(out) > 16384:
-                    self.writer.write(out)
+                    channel = self.channel
+                    assert channel is not None
+                    channel.write(out)
                     out.clear()
-                    await self.writer.drain()
-                data = await server.reader.read(65536)
-                if not data:
+                    await channel.drain()
+                if not await server.receive():
                     raise ServerLost()
-                framer.feed(data)
                 continue
             kind, body, raw = msg
             if kind == pg.DATA_ROW:

@@ -185,7 +185,7 @@ class DatabaseHttp:
         except UpstreamError as exc:
             return _problem(Reason.upstream_unreachable, exc.text, service)
         limit = entry.max_rows
-        conn.writer.write(
+        conn.send(
             pg.parse("", sql)
             + pg.bind("", "", params)
             + pg.target(pg.DESCRIBE, ord("P"), "")
@@ -249,10 +249,8 @@ async def _collect(
     while True:
         msg = framer.next()
         if msg is None:
-            data = await conn.reader.read(65536)
-            if not data:
+            if not await conn.receive():
                 raise ConnectionError("closed")
-            framer.feed(data)
             continue
         kind, body, _ = msg
         if kind == pg.DATA_ROW:

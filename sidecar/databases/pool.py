@@ -87,14 +87,25 @@ class Pool:
         if self._janitor is None:
             self._janitor = asyncio.get_running_loop().create_task(self._upkeep())
 
-    async def acquire(self) -> ServerConnection:
+    def take(self) -> ServerConnection | None:
+        """A free, sound idle connection, lent at once; None when none is."""
+        idle = self.idle
+        if not idle:
+            return None
         now = time.monotonic()
-        while self.idle:
-            conn = self.idle.pop()
-            if conn.healthy and now - conn.created < self.config.max_lifetime:
+        max_lifetime = self.config.max_lifetime
+        while idle:
+            conn = idle.pop()
+            if conn.healthy and now - conn.created < max_lifetime:
                 self.busy += 1
                 return conn
             conn.close()
+        return None
+
+    async def acquire(self) -> ServerConnection:
+        conn = self.take()
+        if conn is not None:
+            return conn
         if self.busy + len(self.idle) < self.config.size:
             self.busy += 1
             return await self._open()

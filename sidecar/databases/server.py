@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from ..policy.databases import Database
 from ..policy.secrets import Secret
 from . import protocol as pg
+from .channel import Channel
 
 CONNECT_TIMEOUT = 10.0
 
@@ -131,6 +132,8 @@ class ServerConnection:
     ) -> None:
         self.reader = reader
         self.writer = writer
+        # Made after TLS is set up: the transport the relay writes to.
+        self.transport = writer.transport
         self.settings = settings
         self.generation = settings.generation
         self.process_id = 0
@@ -147,6 +150,30 @@ class ServerConnection:
         # Every read from the server goes through this one framer, so no byte is lost
         # between the login, the relay and the pool's probes.
         self.framer = pg.Framer()
+        # Once logged in, the transport's protocol (see channel.py): reads and writes go
+        # through it, not through reader and writer.
+        self.channel: Channel | None = None
+
+    async def receive(self) -> bool:
+        """Wait for more of the server's bytes in `framer`; False once it closed."""
+        channel = self.channel
+        if channel is not None:
+            return await channel.receive()
+        data = await self.reader.read(65536)
+        if not data:
+            return False
+        self.framer.feed(data)
+        return True
+
+    def send(self, data: bytes | bytearray) -> None:
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        channel = self.channel
+        if channel is not None:
+            await channel.drain()
+        else:
+            await self.writer.drain()
 
     def knows(self, name: str) -> bool:
         """Whether the statement is prepared here; a use makes it the most recent."""
@@ -173,9 +200,10 @@ class ServerConnection:
     @property
     def healthy(self) -> bool:
         """Nothing arrived while idle (a FATAL before a shutdown) and the socket is open."""
-        if self.writer.is_closing() or self.reader.at_eof():
+        channel = self.channel
+        if channel is None or channel.closed or self.transport.is_closing():
             return False
-        return not self.framer.pending and not getattr(self.reader, "_buffer", b"")
+        return not self.framer.pending
 
     def close(self) -> None:
         if not self.writer.is_closing():
@@ -199,15 +227,13 @@ class ServerConnection:
                     error = pg.parse_fields(body)
                 else:
                     out.append((kind, body))
-            data = await self.reader.read(65536)
-            if not data:
+            if not await self.receive():
                 raise UpstreamError("08006", "the database server closed the connection")
-            framer.feed(data)
 
     async def simple(self, sql: str) -> list[tuple[int, bytes]]:
         """Run one simple query to its end (reset, health probes); the messages it got."""
-        self.writer.write(pg.query(sql))
-        await self.writer.drain()
+        self.send(pg.query(sql))
+        await self.drain()
         return await self.read_until_ready()
 
 
@@ -259,6 +285,7 @@ async def _connect(settings: Settings) -> ServerConnection:
             elif kind == pg.BACKEND_KEY_DATA:
                 conn.process_id = int.from_bytes(body[:4], "big")
                 conn.secret = int.from_bytes(body[4:8], "big")
+        conn.channel = Channel.take_over(reader, writer, conn.framer)
         return conn
     except BaseException:
         writer.close()
@@ -282,10 +309,8 @@ async def _next_auth(conn: ServerConnection) -> tuple[int, bytes]:
             if kind == pg.NOTICE_RESPONSE:
                 continue
             raise UpstreamError("08P01", f"unexpected message {chr(kind)!r} during login")
-        data = await conn.reader.read(65536)
-        if not data:
+        if not await conn.receive():
             raise UpstreamError("08006", "the database server closed the connection during login")
-        framer.feed(data)
 
 
 async def _authenticate(conn: ServerConnection) -> None:

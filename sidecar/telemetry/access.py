@@ -165,25 +165,19 @@ class Writer:
         self._worker.join()
 
 
-class _Handler(logging.Handler):
-    """What other code logs on "sidecar.access" goes to the same writer, bare."""
-
-    def __init__(self, target: Writer) -> None:
-        super().__init__()
-        self.target = target
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.target.queue.put(record.getMessage())
-
-
 def configure(stream: IO[str] | None = None) -> Writer:
     """Send the access lines, bare, to stdout (or `stream`) from a writer thread.
 
     The caller stops the returned writer at shutdown, which writes what is queued.
     """
+    # Interpreted (this module is compiled): logging keeps a weak reference to every
+    # handler, which a compiled class's instances do not clear when they are freed, and
+    # logging.shutdown() then follows it at exit (a segfault).
+    from .access_handler import ToWriter
+
     global writer
     started = Writer(stream or sys.stdout)
-    log.handlers[:] = [_Handler(started)]
+    log.handlers[:] = [ToWriter(started.queue)]
     log.setLevel(logging.INFO)  # independent of --log-level: asking for the log means INFO
     log.propagate = False  # the lines are data for stdout, not diagnostics for stderr
     writer = started

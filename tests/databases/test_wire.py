@@ -399,3 +399,41 @@ async def test_the_console_shows_the_pool_and_a_saturated_pool_alerts(
         from tests.helpers import eventually
 
         await eventually(saturated, "the pool in the console and its alert", limit=10)
+
+
+async def test_a_large_result_reaches_an_agent_that_reads_slowly(
+    postgres: PostgresServer, start_sidecar: Any
+) -> None:
+    """Megabytes of rows while the agent does not read: the relay stops reading the
+    server and resumes once the agent catches up, and every row arrives."""
+    from sidecar.databases import protocol as pg
+
+    running = await start_sidecar(policy(postgres))
+    host, port = running.sidecar.databases.address("shop")
+    reader, writer = await asyncio.open_connection(host, port)
+    framer = pg.Framer()
+
+    async def until_ready() -> list[int]:
+        kinds: list[int] = []
+        while True:
+            while (msg := framer.next()) is not None:
+                kinds.append(msg[0])
+                if msg[0] == pg.READY_FOR_QUERY:
+                    return kinds
+            data = await asyncio.wait_for(reader.read(65536), 20)
+            assert data, "the sidecar closed the connection"
+            framer.feed(data)
+
+    try:
+        writer.write(pg.startup_message({"user": "slow-agent", "database": DATABASE}))
+        await until_ready()
+        writer.write(pg.query("SELECT repeat('x', 1000) FROM generate_series(1, 8000)"))
+        await asyncio.sleep(1)  # the agent reads nothing while ~8 MB are on their way
+        kinds = await until_ready()
+        assert kinds.count(pg.DATA_ROW) == 8000
+        assert pg.ERROR_RESPONSE not in kinds
+        # The session goes on.
+        writer.write(pg.query("SELECT 1"))
+        assert (await until_ready()).count(pg.DATA_ROW) == 1
+    finally:
+        writer.close()

@@ -1,9 +1,9 @@
 """A process that accepts a burst of webhook events, or only delivers; for the kill -9 test.
 
-python -m tests.webhooks.burst_process accept DATA_DIR TARGET_URL COUNT
-    accepts COUNT events, alternately inbound (a signed Standard Webhooks POST to the
-    ingress entry point) and outbound (an agent's publish), while the delivery worker
-    runs; prints each message id once it was acknowledged.
+python -m tests.webhooks.burst_process accept DATA_DIR TARGET_URL COUNT [SENDERS]
+    accepts COUNT events, SENDERS at once (20 unless given), alternately inbound (a
+    signed Standard Webhooks POST to the ingress entry point) and outbound (an agent's
+    publish), while the delivery worker runs; prints each message id once acknowledged.
 python -m tests.webhooks.burst_process deliver DATA_DIR TARGET_URL
     only runs the delivery worker, until killed.
 """
@@ -47,7 +47,7 @@ def policy(target: str) -> Webhooks:
     )
 
 
-async def main(mode: str, data_dir: str, target: str, count: int) -> None:
+async def main(mode: str, data_dir: str, target: str, count: int, senders: int) -> None:
     store = await Store.open(data_dir)
     webhooks = policy(target)
     worker = DeliveryWorker(store, compile_settings(webhooks))
@@ -69,11 +69,12 @@ async def main(mode: str, data_dir: str, target: str, count: int) -> None:
             print(result.message_id, flush=True)
 
     # Several senders at once, as a real burst has.
-    for start in range(0, count, 20):
-        await asyncio.gather(*(one(n) for n in range(start, min(start + 20, count))))
+    for start in range(0, count, senders):
+        await asyncio.gather(*(one(n) for n in range(start, min(start + senders, count))))
 
 
 if __name__ == "__main__":
     mode, data_dir, target = sys.argv[1:4]
     count = int(sys.argv[4]) if len(sys.argv) > 4 else 0
-    asyncio.run(main(mode, data_dir, target, count))
+    senders = int(sys.argv[5]) if len(sys.argv) > 5 else 20
+    asyncio.run(main(mode, data_dir, target, count, senders))

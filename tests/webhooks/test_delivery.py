@@ -397,6 +397,13 @@ async def test_the_first_attempt_waits_for_the_schedules_first_delay(
         "/hooks/github", github_headers(body, SECRET, "d-first"), body
     )
     await eventually(lambda: len(target.received) == 1, "the delivery after its first delay")
+
+    async def recorded() -> bool:
+        # The receiver answered; the attempt is written just after.
+        found = await store.message(result.message_id or "")
+        return found is not None and len(found.deliveries[0].attempts) == 1
+
+    await eventually(recorded, "the attempt recorded")
     view = await store.message(result.message_id or "")
     assert view is not None
     [attempt] = view.deliveries[0].attempts

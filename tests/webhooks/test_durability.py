@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from tests.helpers import ROOT, eventually
@@ -53,17 +54,28 @@ async def process(*args: str) -> asyncio.subprocess.Process:
     )
 
 
+@pytest.mark.parametrize(
+    ("count", "senders", "kill_after"),
+    [(1000, "20", 300), (6000, "256", 2000)],
+    ids=["burst", "under-load"],
+)
 async def test_every_acknowledged_event_is_delivered_after_kill_9(
-    tmp_path: Path, upstream: Callable[[web.Application], Any]
+    tmp_path: Path,
+    upstream: Callable[[web.Application], Any],
+    count: int,
+    senders: str,
+    kill_after: int,
 ) -> None:
+    """Under load: 256 events in flight at once, so the kill lands amid commit groups
+    (the store commits all that arrived while the last commit ran) and attempts."""
     receiver = FlakyReceiver()
     target = await upstream(receiver.app()) + "/"
     data = str(tmp_path / "data")
 
-    burst = await process("accept", data, target, "1000")
+    burst = await process("accept", data, target, str(count), senders)
     acknowledged: list[str] = []
     assert burst.stdout is not None
-    while len(acknowledged) < 300:
+    while len(acknowledged) < kill_after:
         line = await asyncio.wait_for(burst.stdout.readline(), 30)
         assert line, (await burst.stderr.read()).decode() if burst.stderr else "no output"
         acknowledged.append(line.decode().strip())
@@ -71,7 +83,7 @@ async def test_every_acknowledged_event_is_delivered_after_kill_9(
     # Whatever it printed before dying was acknowledged too.
     acknowledged += (await burst.stdout.read()).decode().split()
     assert await burst.wait() == -signal.SIGKILL
-    assert len(acknowledged) < 1000, "the kill came after the burst: nothing was tested"
+    assert len(acknowledged) < count, "the kill came after the burst: nothing was tested"
     lost_so_far = set(acknowledged) - receiver.delivered
     assert lost_so_far, "everything was delivered before the kill: nothing was tested"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import itertools
 import json
 import re
 import signal
@@ -14,9 +15,11 @@ from collections import Counter
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from tests.helpers import eventually, sidecar_process
+from tests.redis_server import redis_server_fixture  # noqa: F401
 
 SECRET = "It's a Secret to Everybody"
 WHSEC = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # any base64 key
@@ -47,13 +50,14 @@ class Receiver:
         return app
 
 
-def policy(dir: Path, target: str) -> Path:
+def policy(dir: Path, target: str, store: str = "") -> Path:
     dir.mkdir()
     (dir / "policy.yaml").write_text(
         textwrap.dedent(
             f"""
             version: 1
             webhooks:
+              {store}
               inbound:
                 github:
                   path: /hooks/github
@@ -180,6 +184,61 @@ async def test_nothing_acknowledged_is_lost_to_kill_9(upstream, tmp_path: Path) 
         await task
     assert 300 <= len(acknowledged) < 1000
     # A new process on the same data directory delivers whatever was acknowledged.
+    async with sidecar_process(policies, *args):
+        await eventually(
+            lambda: acknowledged <= set(receiver.seen),
+            f"all {len(acknowledged)} acknowledged events delivered after the restart",
+            60,
+        )
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_nothing_acknowledged_is_lost_to_kill_9_under_load(
+    upstream, tmp_path: Path, request: pytest.FixtureRequest, backend: str
+) -> None:
+    """64 senders without pause, deliveries and retries in flight, a backlog: kill -9."""
+    store = ""
+    if backend == "redis":
+        redis = request.getfixturevalue("redis_server")
+        # A short claim_idle: the new process takes over what the killed one had in flight.
+        store = f'store: {{backend: "{redis.url}", prefix: "kill", claim_idle: 1s}}'
+    receiver = Receiver()
+    target = await upstream(receiver.app()) + "/events"
+    policies = policy(tmp_path / "policies", target, store)
+    args = ("--ingress", "127.0.0.1:0", "--data-dir", str(tmp_path / "data"))
+    acknowledged: set[str] = set()
+    counter = itertools.count()
+    killed = False
+    async with sidecar_process(policies, *args) as sidecar, aiohttp.ClientSession() as client:
+        found = _INGRESS.search(sidecar.output)
+        assert found
+        ingress = found.group(1)
+
+        async def sender() -> None:
+            while not killed:
+                n = next(counter)
+                name = f"e{n}"
+                body = json.dumps({"n": name}).encode()
+                if n % 2:
+                    url, headers = f"{ingress}/hooks/github", github_headers(body, name)
+                else:
+                    url, headers = f"{sidecar.url}/_webhooks/events", {}
+                try:
+                    async with client.post(url, data=body, headers=headers) as r:
+                        if r.status in (200, 202):
+                            acknowledged.add(name)
+                except aiohttp.ClientError:
+                    return  # cut by the kill: never acknowledged, so free to be lost
+
+        senders = [asyncio.create_task(sender()) for _ in range(64)]
+        await eventually(lambda: len(acknowledged) >= 1500, "1500 events acknowledged", 60)
+        sidecar.proc.send_signal(signal.SIGKILL)
+        killed = True
+        await sidecar.proc.wait()
+        await asyncio.gather(*senders)
+    undelivered = acknowledged - set(receiver.seen)
+    assert undelivered, "everything was delivered before the kill: nothing was tested"
+    # A new process on the same data directory (and Redis) delivers what was acknowledged.
     async with sidecar_process(policies, *args):
         await eventually(
             lambda: acknowledged <= set(receiver.seen),

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any, Final
 
 from .kinds import (
@@ -40,12 +39,16 @@ from .kinds import (
     refused_function,
 )
 from .names import identifier
+from .shape import integer_spans, shape
 from .verdict import FORBIDDEN, INSUFFICIENT_PRIVILEGE, Verdict
 
 # Texts longer than this are parsed every time rather than kept in the cache: a few
-# huge statements must not pin megabytes.
+# huge statements must not pin megabytes. Each of the two caches (by text, by shape)
+# keeps this many.
 CACHE_ENTRIES: Final = 2048
 CACHE_MAX_TEXT: Final = 8 * 1024
+# The kinds whose verdict no integer literal can change (see shape.py).
+_SHAPE_KINDS: Final = frozenset({"select", "insert", "update", "delete", "merge"})
 
 _NO_CTES: Final[frozenset[str]] = frozenset()
 # Nodes that hold no table, function or statement: not walked (a bulk INSERT's VALUES
@@ -87,9 +90,10 @@ class StatementError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Statement:
-    """One SQL string (possibly several statements), parsed once and cached by text."""
+    """One SQL string (possibly several statements), parsed once and cached by its text
+    or its shape. It holds no text but `normalized` (literals replaced by "?"), which
+    every text of one shape shares: a Statement is never one call's."""
 
-    text: str
     kinds: frozenset[str]
     reads: frozenset[str]
     writes: frozenset[str]
@@ -112,14 +116,60 @@ class Statement:
 
 def parse(text: str) -> Statement:
     """Parse `text`; StatementError when PostgreSQL's grammar rejects it."""
-    if len(text) <= CACHE_MAX_TEXT:
-        return _cached(text)
-    return _parse(text)
+    statement = _texts.get(text)
+    if statement is not None:
+        return statement
+    if len(text) > CACHE_MAX_TEXT:
+        return _parse(text)
+    key = shape(text)
+    if key is not None:
+        statement = _shapes.get(key)
+        if statement is not None:
+            return statement
+    statement = _parse(text)
+    if key is not None and shape_safe(statement) and _scanner_agrees(text):
+        _keep(_shapes, key, statement)
+    else:
+        _keep(_texts, text, statement)
+    return statement
 
 
-@lru_cache(maxsize=CACHE_ENTRIES)
-def _cached(text: str) -> Statement:
-    return _parse(text)
+# Statements by text and by shape (their text with integer literals masked, see
+# shape.py), oldest first: the oldest goes when one is full. A text whose shape is
+# kept is not kept by text too (pgbench's texts would crowd the others out).
+_texts: dict[str, Statement] = {}
+_shapes: dict[str, Statement] = {}
+
+
+def _keep(cache: dict[str, Statement], key: str, statement: Statement) -> None:
+    if len(cache) >= CACHE_ENTRIES:
+        del cache[next(iter(cache))]
+    cache[key] = statement
+
+
+def shape_safe(statement: Statement) -> bool:
+    """Whether every text of this statement's shape gets the same verdict: plain DML,
+    not refused, no set_config (judged on its string arguments), no transaction options."""
+    return (
+        statement.refusal is None
+        and statement.count > 0
+        and statement.kinds <= _SHAPE_KINDS
+        and "set_config" not in statement.functions
+        and not statement.read_write
+        and statement.resets_all is None
+    )
+
+
+def _scanner_agrees(text: str) -> bool:
+    """Whether PostgreSQL's own scanner reads every span `shape` masks as an integer
+    literal: the shape's lexer is trusted only where the real one agrees."""
+    from pglast import parser
+
+    spans = integer_spans(text)
+    if not spans:
+        return False
+    integers = {(t.start, t.end + 1) for t in parser.scan(text) if t.name == "ICONST"}
+    return all(span in integers for span in spans)
 
 
 def _parse(text: str) -> Statement:
@@ -158,7 +208,7 @@ def _parse_tree(text: str) -> Statement:
     operation = ""
     if raws:
         operation = walk.operations[0] or _first_word(tokens, raws[0])
-    return walk.statement_for(text, len(raws), operation, _normalize(text, tokens))
+    return walk.statement_for(len(raws), operation, _normalize(text, tokens))
 
 
 def _first_word(tokens: Any, raw: dict[str, Any]) -> str:
@@ -484,14 +534,13 @@ class _Walk:
 
     # -- the result -------------------------------------------------------------------
 
-    def statement_for(self, text: str, count: int, operation: str, normalized: str) -> Statement:
+    def statement_for(self, count: int, operation: str, normalized: str) -> Statement:
         tables = [a for a in self.accesses if a.schema is not None]
         write = next((a for a in self.accesses if a.write), None)
         write_kind = write.action if write is not None else None
         if write_kind is None:
             write_kind = next((k for k in sorted(self.kinds) if k in WRITE_KINDS), None)
         return Statement(
-            text=text,
             kinds=frozenset(self.kinds),
             reads=frozenset(a.table for a in tables if not a.write),
             writes=frozenset(a.table for a in tables if a.write),

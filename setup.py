@@ -24,6 +24,10 @@ COMPILED = [
     "sidecar/databases/server.py",
     "sidecar/core/headers.py",
     "sidecar/core/problems.py",
+    # The engines under the rate-limit and breaker steps (moved out of their compiled
+    # modules): a token bucket and the breaker's state run on every call.
+    "sidecar/engines/breaker.py",
+    "sidecar/engines/limits.py",
     "sidecar/http/egress.py",
     "sidecar/http/http1.py",
     "sidecar/http/listener.py",

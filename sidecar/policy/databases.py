@@ -22,28 +22,7 @@ from .base import Duration, Model, RateValue, SecretStr
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _TABLE = re.compile(r"^(\*|[A-Za-z_][A-Za-z0-9_$]*(\.(\*|[A-Za-z_][A-Za-z0-9_$]*))?)$")
 
-STATEMENT_KINDS = (
-    "select",
-    "insert",
-    "update",
-    "delete",
-    "merge",
-    "ddl",
-    "copy",
-    "call",
-    "set",
-    "reset",
-    "transaction",
-    "show",
-    "explain",
-    "prepare",
-    "execute",
-    "listen",
-    "lock",
-    "vacuum",
-    "grant",
-    "other",
-)
+# The kinds a rule's `statements:` names; databases/statements classifies into them.
 StatementKind = Literal[
     "select",
     "insert",

@@ -7,31 +7,13 @@ output spells them.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, get_args
 
-# Every kind a statement can have, in the order a rule's `statements:` lists them.
-KINDS: Final = (
-    "select",
-    "insert",
-    "update",
-    "delete",
-    "merge",
-    "ddl",
-    "copy",
-    "call",
-    "set",
-    "reset",
-    "transaction",
-    "show",
-    "explain",
-    "prepare",
-    "execute",
-    "listen",
-    "lock",
-    "vacuum",
-    "grant",
-    "other",
-)
+from ...policy.databases import StatementKind
+
+# Every kind a statement can have, in the order a rule's `statements:` lists them:
+# the policy's own list, not a copy of it.
+KINDS: Final = get_args(StatementKind)
 
 # Kinds any agent that some rule names may run whatever its rule's `statements:`:
 # drivers send them on their own (psycopg's BEGIN, SQLAlchemy's SHOW on connect,

@@ -25,6 +25,7 @@ from urllib.parse import parse_qsl
 
 from ..core.call import Call, Handler, Reply, ReplyView, make_replayable
 from .samples import credential_like
+from .shapes import data_key, string_format
 
 if TYPE_CHECKING:
     from ..core.state import StateBuild
@@ -34,20 +35,18 @@ log = logging.getLogger("sidecar.observe")
 
 JSON_LIMIT = 1024 * 1024  # bodies over this are observed without their shape
 _QUEUE = 10_000
-_STAND_INS = (
-    ("uuid", "00000000-0000-0000-0000-000000000000"),
-    ("date-time", "1970-01-01T00:00:00Z"),
-    ("date", "1970-01-01"),
-    ("email", "user@example.invalid"),
-    ("uri", "https://example.invalid/"),
-)
+_STAND_INS = {
+    "uuid": "00000000-0000-0000-0000-000000000000",
+    "date-time": "1970-01-01T00:00:00Z",
+    "date": "1970-01-01",
+    "email": "user@example.invalid",
+    "uri": "https://example.invalid/",
+}
 _MAX_ITEMS = 3  # of an array, enough to merge its items' shapes
 
 
 def skeleton(value: Any, depth: int = 0) -> Any:
     """The value's shape: its structure and key names, no value of it."""
-    from .shapes import _format, data_key
-
     if depth > 16:
         return None
     if isinstance(value, dict):
@@ -65,11 +64,8 @@ def skeleton(value: Any, depth: int = 0) -> Any:
     if isinstance(value, float):
         return 0.5
     if isinstance(value, str):
-        found = _format(value)
-        for name, stand_in in _STAND_INS:
-            if name == found:
-                return stand_in
-        return ""
+        found = string_format(value)
+        return _STAND_INS.get(found, "") if found is not None else ""
     return None
 
 

@@ -48,7 +48,7 @@ def data_key(key: str) -> bool:
     return value_kind(key) is not None
 
 
-def _format(value: str) -> str | None:
+def string_format(value: str) -> str | None:
     for name, pattern in _FORMATS:
         if pattern.match(value):
             return name
@@ -87,7 +87,7 @@ class Shape:
             self.types.add("number")
         elif isinstance(value, str):
             self.types.add("string")
-            self.formats.add(_format(value))
+            self.formats.add(string_format(value))
             self._word(value, name)
         elif isinstance(value, list):
             self.types.add("array")

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 POLICIES ?= policies
-APT_PACKAGES := redis-server nginx wrk prometheus postgresql pgbouncer
+APT_PACKAGES := redis-server nginx wrk prometheus postgresql pgbouncer chromium
 
 # Placeholder keys (kept when real ones are exported) so the example policies load on a
 # machine without keys: `make run` reads them, and so can a sidecar started by hand.
@@ -73,6 +73,7 @@ system-deps:
 	@missing=""; for p in redis-server nginx wrk promtool psql pgbench; do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || missing="$$missing pgbouncer"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \

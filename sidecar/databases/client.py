@@ -25,16 +25,16 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from . import protocol as pg
 from .channel import Channel
-from .pool import PoolTimeout
+from .pool import Pool, PoolTimeout
 from .server import ServerConnection, UpstreamError
 
 if TYPE_CHECKING:
-    from .guard import Refusal
-    from .hub import Entry
+    from .guard import Guard, Refusal
+    from .telemetry import Operation
 
 log = logging.getLogger("sidecar.databases")
 
@@ -83,6 +83,34 @@ class Prepared:
 def server_name(query: str, types: bytes) -> str:
     digest = hashlib.blake2b(query.encode() + b"\0" + types, digest_size=10).hexdigest()
     return STATEMENT_PREFIX + digest
+
+
+class Entry(Protocol):
+    """What a session reads of the database it belongs to: hub.py's Entry, which makes
+    the sessions (hub.py imports this module, so this module does not import it back).
+
+    Read-only properties: the entry swaps its guard and settings on a reload, a session
+    reads the current ones each time.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def guard(self) -> Guard: ...
+
+    @property
+    def pool(self) -> Pool: ...
+
+    @property
+    def max_rows(self) -> int: ...
+
+    @property
+    def background(self) -> set[asyncio.Task[None]]: ...
+
+    def observe(
+        self, agent: str, operation: Operation, sqlstate: str, rows: int, seconds: float
+    ) -> None: ...
 
 
 class Session:

@@ -327,8 +327,8 @@ def cmd_validate(directory: str, *, resolve_secrets: bool) -> int:
 
 
 def cmd_import_openapi(args: argparse.Namespace) -> int:
+    from .discovery.importer import policy_yaml, service_name, upstream_url
     from .openapi import OpenAPIError, load
-    from .openapi.importer import policy_yaml, service_name, upstream_url
     from .policy.base import _service_name
     from .policy.models import Service
 

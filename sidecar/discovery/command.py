@@ -141,7 +141,7 @@ def draft(
 ) -> tuple[str, list[str]]:
     """The policy text, and the files written beside it (the OpenAPI document)."""
     if findings.openapi is not None:
-        from ..openapi.importer import policy_yaml
+        from .importer import policy_yaml
 
         suffix = (
             ".yaml"

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-from .document import METHODS, Document
+from ..openapi.document import METHODS, Document
+from ..policy.models import Service
 
 PLACEHOLDER_UPSTREAM = "https://api.example.invalid"
 _NAME = re.compile(r"[^a-z0-9]+")
@@ -61,9 +62,8 @@ def _env(name: str, what: str) -> str:
 
 
 def upstream_url(document: Document, override: str | None, notes: list[str]) -> str:
-    from ..policy.models import Service  # the policy's own check of an upstream URL
-
     def usable(url: str) -> str | None:
+        # The policy's own check of an upstream URL.
         try:
             return Service.model_validate({"upstream": url}).upstream
         except ValueError:

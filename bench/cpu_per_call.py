@@ -262,7 +262,7 @@ async def _start_sidecar(
 ) -> tuple[int, Action, Action]:
     import json
 
-    from sidecar.app import serve
+    from sidecar.app import compose, serve
     from sidecar.runtime import Sidecar
 
     directory = tmp / name
@@ -282,7 +282,8 @@ async def _start_sidecar(
             policy, upstream, openapi=openapi, service_extra=service_extra, agents=agents
         )
     )
-    sidecar = Sidecar(str(directory), env={"BENCH_TOKEN": TOKEN, **(env or {})})
+    # Composed as `sidecar run` composes it (the alert rules on its timer).
+    sidecar = compose(Sidecar(str(directory), env={"BENCH_TOKEN": TOKEN, **(env or {})}))
     writer = None
     if sidecar.telemetry.access_log:
         from sidecar.telemetry import access

@@ -1,8 +1,9 @@
 """The composition root: what builds the running sidecar's faces and opens them.
 
 runtime.py holds the policy, reloads and state; the connectors (http/, databases/,
-webhooks/) and the admin serve it. Only this module knows all of them, so the runtime
-imports neither the admin nor a listener. `serve` opens each connector's listeners
+webhooks/) and the admin serve it, the alert rules watch it. Only this module knows all
+of them, so the runtime imports neither the admin, a listener nor the alerts.
+`compose` adds what watches a new sidecar; `serve` opens each connector's listeners
 from one list, in order; a connector is anything with a name and `open()`.
 """
 
@@ -16,6 +17,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from .admin import admin_app, probes_app
+from .alerts.engine import AlertEngine
 from .databases.hub import DatabaseHub
 from .http.listener import App, Listener
 from .http.listener import serve as listen_http
@@ -30,6 +32,19 @@ class ListenError(Exception):
 
 
 Bound = Listener
+
+
+def compose(sidecar: Sidecar) -> Sidecar:
+    """`sidecar` as `sidecar run` serves it: its alert rules evaluated on the runtime's
+    timer and shown in its metrics (`sidecar_alerts`) and console.
+
+    Before the first reload, which hands the alert receivers' delivery settings to the
+    webhook queue. The tests' sidecars are composed the same way (tests/conftest.py).
+    """
+    engine = AlertEngine(sidecar)
+    sidecar.monitors.append(engine)
+    sidecar.telemetry.metrics.alerts.source = engine.gauge_rows
+    return sidecar
 
 
 class Connector(Protocol):

@@ -444,18 +444,21 @@ def _cassette_override(args: argparse.Namespace) -> CassetteOverride | None:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    from .app import compose
     from .runtime import Sidecar
     from .telemetry import Telemetry, access
 
     telemetry = Telemetry.from_env(access_log=args.access_log)
     access_writer = access.configure() if telemetry.access_log else None
-    sidecar = Sidecar(
-        args.policies,
-        telemetry=telemetry,
-        data_dir=args.data_dir,
-        mode=args.mode,
-        cassettes=_cassette_override(args),
-        listeners=(args.listen, args.admin, args.ingress),
+    sidecar = compose(
+        Sidecar(
+            args.policies,
+            telemetry=telemetry,
+            data_dir=args.data_dir,
+            mode=args.mode,
+            cassettes=_cassette_override(args),
+            listeners=(args.listen, args.admin, args.ingress),
+        )
     )
     try:
         return await _serve(sidecar, args)

@@ -3,7 +3,8 @@
 Reload = load + validate + compile a whole new Router off the request path,
 then swap one reference. A failed reload changes nothing. The listeners that
 serve it are opened by the composition root (app.py), which this module never
-imports: it knows neither the admin nor the listeners.
+imports: it knows neither the admin nor the listeners. What monitors it from above
+(the alert rules) app.py adds too, as a `Monitor`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from .core.state import StateStore
 from .databases.http import DatabaseHttp
@@ -30,6 +31,8 @@ from .policy.watcher import watch
 from .steps.answers.cache import CacheStore
 from .steps.resilience.faults import Faults
 from .telemetry import Telemetry
+from .telemetry.figures import Samples
+from .webhooks.delivery import DeliverySettings, SettingsKey
 from .webhooks.gate import build_gate
 from .webhooks.hub import StoreChanged, WebhookHub
 
@@ -64,6 +67,30 @@ class ReloadResult:
 class ReloadCounts:
     succeeded: int = 0
     failed: int = 0
+
+
+class Monitor(Protocol):
+    """What judges the running sidecar on its timer, off the request path: the alert
+    rules (alerts/engine.py). They sit above the runtime (they read its policy, state
+    and queues), so the composition root adds them (app.py's `compose`) and the runtime
+    knows them by this much only.
+    """
+
+    @property
+    def every(self) -> float:
+        """Seconds between two evaluations."""
+        ...
+
+    def webhook_settings(self, policy: Policy) -> Mapping[SettingsKey, DeliverySettings]:
+        """How the webhook queue delivers what this monitor queues under `policy` (the alert
+        receivers): asked while a reload is applied, before it commits."""
+        ...
+
+    def policy_changed(self, policy: Policy) -> None:
+        """A reload put `policy` in force."""
+        ...
+
+    async def evaluate(self) -> None: ...
 
 
 class Sidecar:
@@ -121,14 +148,11 @@ class Sidecar:
             tracer=self.telemetry.tracer,
         )
         self.handler = Egress(self.telemetry, self.webhooks)
-        # The console's 30 minutes of readings, and the alert rules; both run on one
-        # timer (start_background), never on the request path.
-        from .alerts.engine import AlertEngine
-        from .console.figures import Samples
-
+        # 30 minutes of per-service readings (the console shows them), and what monitors
+        # the sidecar (the alert rules, which app.py adds); both run on one timer
+        # (start_background), never on the request path.
         self.samples = Samples(self.telemetry.metrics)
-        self.alert_engine = AlertEngine(self)
-        self.telemetry.metrics.alerts.source = self.alert_engine.gauge_rows
+        self.monitors: list[Monitor] = []
         self.telemetry.metrics.breakers.source = self.breaker_states
         # The admin token in force: the policy's admin.token, else SIDECAR_ADMIN_TOKEN(_FILE).
         self.admin_token: str | None = None
@@ -202,9 +226,10 @@ class Sidecar:
             log.error("%s: %s", self._failure("policy rejected"), exc)
             return failed(f"SIDECAR_ADMIN_TOKEN_FILE: cannot read: {exc.strerror}")
         try:
-            from .alerts.engine import delivery_settings
-
-            await self.webhooks.apply(policy.webhooks, delivery_settings(policy.alerts), gate=gate)
+            settings: dict[SettingsKey, DeliverySettings] = {}
+            for monitor in self.monitors:
+                settings.update(monitor.webhook_settings(policy))
+            await self.webhooks.apply(policy.webhooks, settings, gate=gate)
         except StoreChanged as exc:
             build.abort()
             log.error("%s: %s", self._failure("policy rejected"), exc)
@@ -225,7 +250,8 @@ class Sidecar:
         self.database_http.agent_header = policy.agents.header
         self.policy, self.router = policy, router
         self.admin_token = token
-        self.alert_engine.configure(policy.alerts)
+        for monitor in self.monitors:
+            monitor.policy_changed(policy)
         self.handler.router = router
         log.info(
             "policy %s loaded (%s): %d services from %d files",
@@ -249,25 +275,26 @@ class Sidecar:
         return None
 
     def start_background(self) -> None:
-        """The console's readings every 10 s and the alert rules, on one timer."""
+        """The readings every 10 s and the monitors (the alert rules), on one timer."""
         if self._background is None:
             self._background = asyncio.get_running_loop().create_task(
                 self._tick(), name="console-and-alerts"
             )
 
     async def _tick(self) -> None:
-        samples, engine = self.samples, self.alert_engine
+        samples = self.samples
         next_sample = 0.0
         while True:
             now = time.monotonic()
             if now >= next_sample:
                 samples.take()
                 next_sample = now + samples.every
-            try:
-                await engine.evaluate()
-            except Exception:
-                log.exception("alert evaluation failed")
-            await asyncio.sleep(min(samples.every, engine.every))
+            for monitor in self.monitors:
+                try:
+                    await monitor.evaluate()
+                except Exception:
+                    log.exception("alert evaluation failed")
+            await asyncio.sleep(min([samples.every, *(m.every for m in self.monitors)]))
 
     def _failure(self, what: str) -> str:
         # Before the first good policy there is nothing to fall back on: nothing serves.

@@ -45,7 +45,8 @@ def _stale_compiled_modules() -> str | None:
 if (_stale := _stale_compiled_modules()) is not None:
     pytest.exit(_stale, returncode=2)
 
-from sidecar.app import serve  # noqa: E402
+from sidecar.alerts.engine import AlertEngine, engine_of  # noqa: E402
+from sidecar.app import compose, serve  # noqa: E402
 from sidecar.runtime import Sidecar  # noqa: E402
 
 
@@ -56,6 +57,13 @@ class RunningSidecar:
     url: str  # egress, e.g. http://127.0.0.1:41234
     admin: str
     runners: list[web.BaseRunner] = field(default_factory=list)
+
+    @property
+    def alert_engine(self) -> AlertEngine:
+        """The alert rules `compose` added, as `sidecar run` has them."""
+        engine = engine_of(self.sidecar)
+        assert engine is not None
+        return engine
 
     def write(self, name: str, text: str) -> Path:
         """Write (or overwrite) a policy file atomically, the way a careful editor does."""
@@ -115,7 +123,8 @@ async def start_sidecar(tmp_path: Path) -> AsyncIterator[StartSidecar]:
         files = {"policy.yaml": policy} if isinstance(policy, str) else dict(policy)
         for name, text in files.items():
             (directory / name).write_text(textwrap.dedent(text))
-        sidecar = Sidecar(str(directory), env=env)
+        # Composed as `sidecar run` composes it: the alert rules included.
+        sidecar = compose(Sidecar(str(directory), env=env))
         result = await sidecar.reload("startup")
         assert result.ok, result.errors
         runners = await serve(sidecar, listen=("127.0.0.1", 0), admin=("127.0.0.1", 0))

@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from ..console.figures import ServiceCounts, read_services
 from ..policy.alerts import Alerts, Receiver, Rule
+from ..telemetry.figures import ServiceCounts, read_services
 from .formats import Notification, body
 
 if TYPE_CHECKING:
+    from ..policy.loaded import Policy
     from ..runtime import Sidecar
     from ..webhooks.delivery import DeliverySettings, SettingsKey
 
@@ -99,6 +100,9 @@ def _wanted(rule: Rule, subject: str) -> bool:
 
 
 class AlertEngine:
+    """The alert rules of one sidecar: a `Monitor` (runtime.py) that app.py's `compose`
+    adds to it; `engine_of(sidecar)` finds it again."""
+
     def __init__(self, sidecar: Sidecar, *, clock: Clock = time.time) -> None:
         self._sidecar = sidecar
         self._clock = clock
@@ -112,6 +116,12 @@ class AlertEngine:
     @property
     def every(self) -> float:
         return self.alerts.evaluate_every if self.alerts is not None else 10.0
+
+    def webhook_settings(self, policy: Policy) -> dict[SettingsKey, DeliverySettings]:
+        return delivery_settings(policy.alerts)
+
+    def policy_changed(self, policy: Policy) -> None:
+        self.configure(policy.alerts)
 
     def configure(self, alerts: Alerts | None) -> None:
         """A reload's rules; alerts of a rule whose definition is unchanged keep their state."""
@@ -316,6 +326,15 @@ class AlertEngine:
             self.sent += 1
         alert.last_sent = now
         log.warning("alert %s %s: %s", alert.rule.name, status, alert.summary)
+
+
+def engine_of(sidecar: Sidecar) -> AlertEngine | None:
+    """The alert rules app.py's `compose` added to `sidecar`; None for a sidecar built
+    without them (`sidecar check`, which serves nothing)."""
+    for monitor in sidecar.monitors:
+        if isinstance(monitor, AlertEngine):
+            return monitor
+    return None
 
 
 def _origin(url: str) -> str:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..alerts.engine import budget_rows
-from .figures import RATE_WINDOW, SLOW_WINDOW, ServiceCounts
+from ..alerts.engine import budget_rows, engine_of
+from ..telemetry.figures import RATE_WINDOW, SLOW_WINDOW, ServiceCounts
 
 if TYPE_CHECKING:
     from ..runtime import Sidecar
@@ -220,6 +220,7 @@ def policy_view(sidecar: Sidecar) -> dict[str, Any]:
 
 async def document(sidecar: Sidecar) -> dict[str, Any]:
     telemetry = sidecar.telemetry
+    engine = engine_of(sidecar)
     return {
         "generated_at": time.time(),
         "sample_every_seconds": sidecar.samples.every,
@@ -228,6 +229,6 @@ async def document(sidecar: Sidecar) -> dict[str, Any]:
         "agents": agents(sidecar),
         "webhooks": await webhooks(sidecar),
         "pools": [p.as_dict() for p in telemetry.pools.snapshot()],
-        "alerts": [a.as_dict() for a in sidecar.alert_engine.active()],
+        "alerts": [a.as_dict() for a in engine.active()] if engine is not None else [],
         "problems": {"total": telemetry.problems.total, "recent": telemetry.problems.rows()},
     }

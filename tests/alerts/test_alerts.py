@@ -89,7 +89,7 @@ alerts:
 
 async def settle(sc, rounds: int = 5) -> None:
     """Let the engine evaluate `rounds` more times (no sleeping on a guess)."""
-    engine = sc.sidecar.alert_engine
+    engine = sc.alert_engine
     start = engine.evaluations
     await eventually(lambda: engine.evaluations >= start + rounds, "alert evaluations", 10)
 
@@ -166,7 +166,7 @@ async def test_for_keeps_an_alert_pending_and_repeat_sends_it_again(
             every="1h",  # evaluated by hand below, on a clock the test moves
         )
     )
-    engine = sc.sidecar.alert_engine
+    engine = sc.alert_engine
     now = [1_000_000.0]
     engine._clock = lambda: now[0]
     # The breaker's own clock is real: keep it open (open_for far away) while we move ours.
@@ -206,9 +206,7 @@ async def test_a_condition_gone_before_for_sends_nothing(upstream, start_sidecar
     for _ in range(2):
         async with client.get(f"{sc.url}/pay/x") as r:
             assert r.status == 500
-    await eventually(
-        lambda: [a.state for a in sc.sidecar.alert_engine.active()] == ["pending"], "pending"
-    )
+    await eventually(lambda: [a.state for a in sc.alert_engine.active()] == ["pending"], "pending")
     flaky.healthy = True
 
     async def closed() -> bool:
@@ -216,9 +214,9 @@ async def test_a_condition_gone_before_for_sends_nothing(upstream, start_sidecar
             return r.status == 200
 
     await eventually(closed, "the breaker to close", 10, every=0.1)
-    await eventually(lambda: not sc.sidecar.alert_engine.active(), "the alert to be dropped")
+    await eventually(lambda: not sc.alert_engine.active(), "the alert to be dropped")
     await settle(sc)
-    assert slack.bodies == [] and sc.sidecar.alert_engine.sent == 0
+    assert slack.bodies == [] and sc.alert_engine.sent == 0
 
 
 async def test_each_rule_kind_fires_on_its_condition(upstream, start_sidecar, client, data_dir):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.console.figures import KEEP_SECONDS, SAMPLE_EVERY, Samples
+from sidecar.telemetry.figures import KEEP_SECONDS, SAMPLE_EVERY, Samples
 from sidecar.telemetry.metrics import Metrics
 from sidecar.telemetry.pools import PoolSnapshot
 from tests.conftest import echo_app

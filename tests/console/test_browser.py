@@ -82,7 +82,7 @@ async def test_the_console_shows_what_metrics_count_and_its_replay_button_replay
         assert rows["flaky"]["breakerColour"] != rows["api"]["breakerColour"]
         assert rows["api"]["breaker"] == "none"
         # ...and its alert fires at the top of the page.
-        await eventually(lambda: sc.sidecar.alert_engine.sent, "the breaker alert to fire")
+        await eventually(lambda: sc.alert_engine.sent, "the breaker alert to fire")
         await page.next_draw()
         alerts = await page.eval(
             "[...document.querySelectorAll('#alerts li.firing')].map(li => li.innerText)"

@@ -165,10 +165,10 @@ async def test_no_secret_in_any_console_page_or_admin_answer(
     auth = {"Authorization": f"Bearer {CANARY_ADMIN}"}
     # Wait for the breaker alert's notification to be queued, so its queue shows too.
     for _ in range(100):
-        if sc.sidecar.alert_engine.sent:
+        if sc.alert_engine.sent:
             break
         await asyncio.sleep(0.05)
-    assert sc.sidecar.alert_engine.sent
+    assert sc.alert_engine.sent
     texts = []
     for method, path, _ in _ROUTES:
         if method != "GET" or "{" in path:

@@ -111,7 +111,7 @@ async def test_every_metric_and_label_of_deploy_is_exported(
     async with client.post(f"{sc.url}/_webhooks/away", json={"type": "t"}) as r:
         assert r.status == 202
     await dead_letter(client, sc.admin)
-    await eventually(lambda: sc.sidecar.alert_engine.sent, "the breaker alert to fire")
+    await eventually(lambda: sc.alert_engine.sent, "the breaker alert to fire")
     sc.write("policy.yaml", "version: 1\nservices: {x: {upstream: ftp://x}}\n")
     assert not (await sc.sidecar.reload("test")).ok
 

@@ -1,6 +1,8 @@
-"""Per-service figures read from the Prometheus children telemetry already keeps.
+"""Per-service figures read from the Prometheus children metrics.py already keeps.
 
-Nothing here runs on the request path. `read_services` walks the bound
+The console shows them and the alert rules judge them (both above the runtime, which
+takes the readings on its timer); here, next to the metrics whose children it walks,
+both read them downwards. Nothing here runs on the request path. `read_services` walks the bound
 histogram children of `sidecar_request_duration_seconds` (a few dozen per
 service) and adds them up; `Samples` keeps one such reading every 10 s for
 30 minutes, which gives rates, windowed percentiles and the sparklines as
@@ -16,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-from ..telemetry.metrics import BUCKETS, Metrics
+from .metrics import BUCKETS, Metrics
 
 # One reading every SAMPLE_EVERY seconds, kept for KEEP_SECONDS: 180 readings at most.
 SAMPLE_EVERY: Final = 10.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from sidecar.admin import admin_app
 from sidecar.http.listener import serve
 from sidecar.runtime import Sidecar
@@ -73,6 +75,7 @@ async def test_config_shows_secret_references_and_the_served_version(
         assert (await r.json())["version"] == version != ready["version"]
 
 
+@pytest.mark.process
 async def test_reload_refuses_a_cross_origin_post(upstream, client, tmp_path):
     # What a web page can send without a CORS preflight: a text/plain POST.
     base = await upstream(echo_app())

@@ -9,6 +9,7 @@ import socket
 import sys
 from pathlib import Path
 
+import pytest
 from aiohttp import web
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +46,7 @@ async def _sidecar(*args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
+@pytest.mark.process
 async def test_check_reports_each_service_and_never_the_secret(tmp_path: Path) -> None:
     seen: list[str] = []
 
@@ -104,6 +106,7 @@ async def test_check_reports_each_service_and_never_the_secret(tmp_path: Path) -
         await bad.cleanup()
 
 
+@pytest.mark.process
 async def test_check_skips_offline_services_and_probes_the_templates_path(tmp_path: Path) -> None:
     seen: list[str] = []
 
@@ -147,6 +150,7 @@ async def test_check_skips_offline_services_and_probes_the_templates_path(tmp_pa
         await runner.cleanup()
 
 
+@pytest.mark.process
 async def test_check_json_is_json_when_the_policy_is_refused(tmp_path: Path) -> None:
     (tmp_path / "broken.yaml").write_text("version: 1\nservices:\n  x: {upstrem: http://a}\n")
     code, out, _ = await _sidecar("check", "--policies", str(tmp_path), "--json")

@@ -16,6 +16,8 @@ from sidecar.policy.yamlpos import load_document
 from tests.conftest import echo_app
 from tests.helpers import eventually, sidecar_process
 
+pytestmark = pytest.mark.process
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

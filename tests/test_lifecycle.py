@@ -23,6 +23,8 @@ from aiohttp import web
 
 from tests.helpers import ROOT, eventually, sidecar_process
 
+pytestmark = pytest.mark.process
+
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """`sidecar run ARGS` on OS-picked ports (later flags win), to its exit."""

@@ -18,6 +18,8 @@ import pytest
 
 from tests.helpers import ROOT, eventually, sidecar_process
 
+pytestmark = pytest.mark.process
+
 # The port policies/example.yaml names; the Makefile starts the echo upstream on it.
 ECHO = "http://127.0.0.1:15080"
 # Exported by the Makefile when unset, so the OpenAI and GitHub examples load.

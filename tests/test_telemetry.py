@@ -468,6 +468,7 @@ async def test_metrics_endpoint_needs_no_traffic(start_sidecar, client):
     assert _sample(text, "sidecar_reloads_total", result="success") == 1
 
 
+@pytest.mark.process
 async def test_the_real_process_logs_json_to_stdout_and_exports_on_shutdown(
     tmp_path, upstream, client
 ):
@@ -530,6 +531,7 @@ async def test_an_unsampled_trace_is_continued_but_not_exported(upstream, start_
     assert sorted(s.kind for s in receiver.spans) == ["client", "server"]
 
 
+@pytest.mark.process
 async def test_an_attempt_cut_by_timeout_total_says_timeout(tmp_path, upstream, client):
     receiver = Receiver()
     collector = await upstream(receiver.app())

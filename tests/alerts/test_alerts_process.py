@@ -6,8 +6,12 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
+
 from tests.alerts.test_alerts import Flaky, Receiver, breaker_policy, receiver_yaml
 from tests.helpers import eventually, sidecar_process
+
+pytestmark = pytest.mark.process
 
 
 async def test_kill_9_between_firing_and_delivery_loses_nothing(upstream, client, tmp_path):

@@ -79,6 +79,7 @@ async def test_a_wrong_token_gets_401_on_every_admin_path(
         assert r.status == 200 and "<title>agent-sidecar console</title>" in await r.text()
 
 
+@pytest.mark.process
 async def test_a_non_loopback_admin_without_a_token_refuses_to_start(tmp_path):
     (tmp_path / "p.yaml").write_text("version: 1\nservices:\n  api: {upstream: 'http://x'}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_ADMIN_TOKEN")}
@@ -97,6 +98,7 @@ async def test_a_non_loopback_admin_without_a_token_refuses_to_start(tmp_path):
     assert "SIDECAR_ADMIN_TOKEN" in message and "Traceback" not in message
 
 
+@pytest.mark.process
 async def test_a_non_loopback_admin_with_a_token_serves_only_with_it(tmp_path, client):
     (tmp_path / "p.yaml").write_text("version: 1\nservices:\n  api: {upstream: 'http://x'}\n")
     token_file = tmp_path / "admin-token"
@@ -182,6 +184,7 @@ async def test_no_secret_in_any_console_page_or_admin_answer(
         assert canary not in seen, canary
 
 
+@pytest.mark.process
 async def test_the_probes_listener_answers_readiness_and_nothing_else(tmp_path, client):
     # As the image and the Kubernetes manifests run it: admin on loopback, probes on all
     # interfaces, and no token anywhere; it starts, and the probes show nothing else.

@@ -83,6 +83,7 @@ def test_a_database_defined_in_two_files_is_an_error(tmp_path: Path) -> None:
         load_policy(str(tmp_path), resolve_secrets=False)
 
 
+@pytest.mark.process
 def test_schema_and_validate_know_the_section(tmp_path: Path) -> None:
     schema = subprocess.run(
         [sys.executable, "-m", "sidecar", "schema"],

@@ -26,6 +26,8 @@ from strawberry.aiohttp.views import GraphQLView
 
 from tests.helpers import ROOT
 
+pytestmark = pytest.mark.process
+
 PROBE_TOKEN = "probe-canary-5e6f"
 
 

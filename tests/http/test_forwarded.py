@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 from yarl import URL
 
 from tests.conftest import echo_app
@@ -75,6 +76,7 @@ async def test_headers_set_wins_over_forwarded(upstream, start_sidecar, client):
     assert headers["X-Forwarded-For"] == "127.0.0.1"
 
 
+@pytest.mark.process
 async def test_the_real_process_sends_no_forwarding_headers_unless_asked(
     tmp_path: Path, upstream, client
 ):

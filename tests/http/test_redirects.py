@@ -206,6 +206,7 @@ def test_rewriter_without_a_usable_host_answers_a_path() -> None:
     assert rewriter.rewrite("http://[::1]:8080/a", host="[::1]:1", path="/z") == "http://[::1]:1/a"
 
 
+@pytest.mark.process
 async def test_the_real_process_keeps_a_followed_redirect_on_the_sidecar(
     tmp_path: Path, redirecting
 ):

@@ -22,6 +22,8 @@ from aiohttp import WSMsgType, web
 
 from tests.helpers import ROOT, eventually, sidecar_process
 
+pytestmark = pytest.mark.process
+
 HELLO_GZ = gzip.compress(b"hello", mtime=0)
 # Small on the wire, large once decoded: max_body must count the former.
 BOMB_GZ = gzip.compress(b"a" * 100_000, mtime=0)

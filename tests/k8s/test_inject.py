@@ -436,6 +436,7 @@ async def _start_injector(pki: Pki) -> tuple[asyncio.subprocess.Process, int, li
     pytest.fail("sidecar inject found no free port in 5 tries")
 
 
+@pytest.mark.process
 async def test_run_serves_https_and_stops_on_sigterm(tmp_path: Path) -> None:
     pki = Pki(tmp_path)
     pki.issue()
@@ -459,6 +460,7 @@ async def test_run_serves_https_and_stops_on_sigterm(tmp_path: Path) -> None:
     assert "Traceback" not in stderr
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     ("args", "error"),
     [

@@ -134,6 +134,7 @@ def test_policies_come_from_the_configmap_as_a_directory() -> None:
         assert yaml.safe_load(text)["version"] == 1
 
 
+@pytest.mark.process
 def test_the_example_policy_passes_sidecar_validate(tmp_path: Path) -> None:
     # What a platform team's CI runs on the ConfigMap's files before applying it.
     for filename, text in one("configmap.yaml", "ConfigMap")["data"].items():

@@ -18,12 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from openapi_spec_validator import validate
 from yarl import URL
 
 from tests.helpers import ROOT, eventually, sidecar_process
 from tests.learn.apis import AGENT_SECRET, APIS, TOKEN, Call
+
+pytestmark = pytest.mark.process
 
 
 def sidecar_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

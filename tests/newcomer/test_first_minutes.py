@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from tests.helpers import ROOT, eventually, sidecar_process
@@ -76,6 +77,7 @@ async def test_schema_into_head_ends_without_a_traceback() -> None:
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
 
 
+@pytest.mark.process
 async def test_record_says_where_cassettes_go_and_how_many(tmp_path: Path, upstream) -> None:  # type: ignore[no-untyped-def]
     async def hello(request: web.Request) -> web.Response:
         return web.json_response({"hello": request.path})

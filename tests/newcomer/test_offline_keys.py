@@ -8,6 +8,7 @@ import shlex
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.helpers import ROOT, sidecar_process
 
@@ -24,6 +25,7 @@ def readme_replay_line() -> list[str]:
     return shlex.split(line.partition("#")[0])
 
 
+@pytest.mark.process
 async def test_the_readmes_replay_line_starts_without_keys(tmp_path: Path) -> None:
     words = readme_replay_line()
     assert words[:2] == ["sidecar", "replay"]
@@ -42,6 +44,7 @@ async def test_the_readmes_replay_line_starts_without_keys(tmp_path: Path) -> No
     assert "is not set" not in sc.output
 
 
+@pytest.mark.process
 async def test_a_mocked_template_service_needs_no_key(tmp_path: Path) -> None:
     (tmp_path / "p.yaml").write_text(
         "version: 1\n"

@@ -84,6 +84,7 @@ async def _attempts(sc, service: str, reason: str) -> int:  # type: ignore[no-un
     return total
 
 
+@pytest.mark.process
 async def test_openai_3_shows_the_sentence_and_does_not_retry(sidecar) -> None:  # type: ignore[no-untyped-def]
     assert openai.__version__.split(".")[0] != "1", "the venv's openai is the 1.x one"
     agent = openai.AsyncOpenAI(base_url=f"{sidecar.url}/openai/v1", api_key="x", max_retries=2)
@@ -96,6 +97,7 @@ async def test_openai_3_shows_the_sentence_and_does_not_retry(sidecar) -> None: 
     await agent.close()
 
 
+@pytest.mark.process
 async def test_anthropic_shows_the_sentence_and_does_not_retry(sidecar) -> None:  # type: ignore[no-untyped-def]
     agent = anthropic.AsyncAnthropic(base_url=f"{sidecar.url}/claude", api_key="x", max_retries=2)
     with pytest.raises(anthropic.APIStatusError) as refused:
@@ -108,6 +110,7 @@ async def test_anthropic_shows_the_sentence_and_does_not_retry(sidecar) -> None:
     await agent.close()
 
 
+@pytest.mark.process
 async def test_gql_shows_the_sentence(sidecar) -> None:  # type: ignore[no-untyped-def]
     transport = AIOHTTPTransport(
         url=f"{sidecar.url}/shop/graphql", headers={"X-Agent-Id": "research-bot"}
@@ -127,6 +130,7 @@ async def test_gql_shows_the_sentence(sidecar) -> None:  # type: ignore[no-untyp
         assert r.headers["x-should-retry"] == "false"
 
 
+@pytest.mark.process
 async def test_a_rate_limit_stays_retryable(sidecar) -> None:  # type: ignore[no-untyped-def]
     async with aiohttp.ClientSession() as s:
         async with s.get(f"{sidecar.url}/limited/v1/models") as r:
@@ -153,6 +157,7 @@ OPENAI1_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.process
 @pytest.mark.skipif(
     not OPENAI1_PYTHON.exists(),
     reason=f"openai 1.x is not installed in {OPENAI1_PYTHON.parent.parent}: run `make openai1`",

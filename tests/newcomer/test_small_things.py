@@ -7,11 +7,13 @@ import asyncio
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from tests.helpers import eventually, sidecar_process
 
 
+@pytest.mark.process
 async def test_faults_shows_a_clean_duration(tmp_path: Path) -> None:
     (tmp_path / "p.yaml").write_text(
         "version: 1\n"

@@ -18,6 +18,8 @@ import yaml
 
 from tests.conftest import StartSidecar, echo_app
 
+pytestmark = pytest.mark.process
+
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data" / "openapi"
 

@@ -65,6 +65,7 @@ def sidecar(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
+@pytest.mark.process
 def test_every_builtin_template_is_shipped_and_validates_through_the_cli(tmp_path: Path) -> None:
     assert sorted(catalog(None).templates) == sorted(BUILTINS)
     for name in BUILTINS:
@@ -200,6 +201,7 @@ def test_errors_in_the_policy_keep_their_place_and_template_keys_name_the_templa
     ]
 
 
+@pytest.mark.process
 def test_a_user_template_beside_the_policies_is_found_and_wins_over_a_builtin(
     tmp_path: Path,
 ) -> None:
@@ -283,6 +285,7 @@ def test_a_broken_user_template_is_reported_in_its_own_file(tmp_path: Path) -> N
     ]
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("name", [n for n in BUILTINS if n not in NEEDS_UPSTREAM])
 def test_templates_show_prints_a_policy_that_validates(tmp_path: Path, name: str) -> None:
     done = sidecar("templates", "show", name)
@@ -293,6 +296,7 @@ def test_templates_show_prints_a_policy_that_validates(tmp_path: Path, name: str
     assert spec.template is None  # expanded: the keys themselves, no reference left
 
 
+@pytest.mark.process
 def test_templates_show_an_unknown_name() -> None:
     done = sidecar("templates", "show", "antropic")
     assert done.returncode == 1

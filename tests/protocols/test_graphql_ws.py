@@ -28,6 +28,8 @@ from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_P
 
 from tests.helpers import sidecar_process
 
+pytestmark = pytest.mark.process
+
 PROTOCOLS = [GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL]
 SECRET = "canary-graphql-ws-secret"
 

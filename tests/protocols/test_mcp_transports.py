@@ -30,6 +30,8 @@ from starlette.types import ASGIApp
 
 from tests.helpers import ROOT, SidecarProcess, sidecar_process
 
+pytestmark = pytest.mark.process
+
 MCP1_PYTHON = Path(os.environ.get("MCP1_PYTHON", "/tmp/mcp1/bin/python"))
 MCP1_CLIENT = ROOT / "tests" / "protocols" / "mcp1_client.py"
 

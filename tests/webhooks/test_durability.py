@@ -15,6 +15,8 @@ from aiohttp import web
 
 from tests.helpers import ROOT, eventually
 
+pytestmark = pytest.mark.process
+
 
 class FlakyReceiver:
     """Answers 500 to the first attempt of each message and 200 to the next ones."""

@@ -184,10 +184,12 @@ async def _run(upstream: Any, tmp_path: Path, store: str = "") -> None:
     assert overtaken == 0, f"{overtaken} of {len(retries)} retries made after later ones"
 
 
+@pytest.mark.process
 async def test_every_scheduled_attempt_is_made_once(upstream: Any, tmp_path: Path) -> None:
     await _run(upstream, tmp_path)
 
 
+@pytest.mark.process
 @pytest.mark.usefixtures("redis_server")
 async def test_every_scheduled_attempt_is_made_once_over_redis(
     upstream: Any, tmp_path: Path, redis_server: RedisServer

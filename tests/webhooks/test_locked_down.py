@@ -23,6 +23,8 @@ from aiohttp import web
 
 from tests.helpers import ROOT, eventually, sidecar_process
 
+pytestmark = pytest.mark.process
+
 WHSEC = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 GOOD_KEY = "key-of-the-billing-agent-canary"
 OTHER_KEY = "key-of-the-research-agent"

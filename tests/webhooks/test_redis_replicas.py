@@ -13,11 +13,14 @@ import textwrap
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
 from tests.helpers import eventually, sidecar_process
 from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401
+
+pytestmark = pytest.mark.process
 
 SECRET = "gh-secret"
 _INGRESS = re.compile(r"ingress \(inbound webhooks\) on (http://\S+?:\d+)")

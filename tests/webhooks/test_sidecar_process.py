@@ -21,6 +21,8 @@ from aiohttp import web
 from tests.helpers import eventually, sidecar_process
 from tests.redis_server import redis_server_fixture  # noqa: F401
 
+pytestmark = pytest.mark.process
+
 SECRET = "It's a Secret to Everybody"
 WHSEC = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # any base64 key
 

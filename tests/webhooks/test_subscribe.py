@@ -24,6 +24,8 @@ import pytest
 from tests.helpers import SidecarProcess, sidecar_process
 from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401
 
+pytestmark = pytest.mark.process
+
 SECRET = "It's a Secret to Everybody"
 KEY = "subscriber-key-canary"
 _INGRESS = re.compile(r"ingress \(inbound webhooks\) on (http://\S+?:\d+)")

@@ -17,6 +17,8 @@ from yarl import URL
 from tests.conftest import echo_app
 from tests.helpers import sidecar_process
 
+pytestmark = pytest.mark.process
+
 POLICY = """\
 version: 1
 services:

@@ -63,6 +63,7 @@ async def everything(redis_url: str) -> list[bytes]:
         await client.aclose()
 
 
+@pytest.mark.process
 async def test_two_sidecar_processes_share_the_entries_and_no_secret_reaches_redis(
     origin: Origin, redis_server: RedisServer, tmp_path: Path
 ) -> None:

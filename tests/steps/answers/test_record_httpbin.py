@@ -119,6 +119,7 @@ def _without_date(text: str) -> list[str]:
     return [line for i, line in enumerate(lines) if i == 0 or '"Date",' not in lines[i - 1]]
 
 
+@pytest.mark.process
 async def test_httpbin_recorded_then_replayed_with_the_server_stopped(
     recorded: tuple[Path, Path, list[Answer]], httpbin_server: Httpbin
 ) -> None:
@@ -160,6 +161,7 @@ async def test_httpbin_recorded_then_replayed_with_the_server_stopped(
         assert got == (status, headers, body), f"{method} {path}"
 
 
+@pytest.mark.process
 async def test_recording_twice_writes_the_same_files_but_the_date(
     tmp_path: Path, httpbin_server: Httpbin
 ) -> None:
@@ -183,6 +185,7 @@ async def test_recording_twice_writes_the_same_files_but_the_date(
         assert _without_date(text) == _without_date(second[name]), name
 
 
+@pytest.mark.process
 async def test_replay_passthrough_sends_what_has_no_recording_to_the_server(
     tmp_path: Path, httpbin_server: Httpbin
 ) -> None:

@@ -124,6 +124,7 @@ def write_policy(directory: Path, text: str) -> Path:
     return directory
 
 
+@pytest.mark.process
 async def test_a_budget_stays_spent_after_kill_9_and_a_restart(upstream, client, tmp_path):
     llm = LLMUpstream()
     base = await upstream(llm.app())
@@ -155,6 +156,7 @@ async def test_a_budget_stays_spent_after_kill_9_and_a_restart(upstream, client,
     assert len(llm.requests) == 3
 
 
+@pytest.mark.process
 async def test_two_sidecar_processes_share_token_limits_and_budgets_in_redis(
     upstream, client, tmp_path, redis_server
 ):

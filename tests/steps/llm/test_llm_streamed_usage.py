@@ -16,6 +16,8 @@ import pytest
 from tests.helpers import SidecarProcess, sidecar_process
 from tests.steps.llm_upstream import LLMUpstream, openai_stream
 
+pytestmark = pytest.mark.process
+
 MESSAGES: list[Any] = [{"role": "user", "content": "Write a haiku about otters."}]
 WORDS = ["Otters ", "float ", "and ", "dream."]
 

@@ -107,6 +107,7 @@ def assert_upstream_credentials(headers: dict[str, str]) -> None:
     assert OPENAI_KEY not in json.dumps(headers)
 
 
+@pytest.mark.process
 async def test_openai_agent_served_by_anthropic_when_the_primary_answers_503(upstream, tmp_path):
     seen: list[dict[str, Any]] = []
     primary = await upstream(recording(503, seen, "primary"))
@@ -173,6 +174,7 @@ def anthropic_text_stream(gate: asyncio.Event) -> list[bytes | asyncio.Event]:
     ]
 
 
+@pytest.mark.process
 async def test_a_stopped_primary_falls_back_to_a_translated_stream_event_by_event(
     upstream, tmp_path, closed_port
 ):
@@ -270,6 +272,7 @@ services:
 """
 
 
+@pytest.mark.process
 async def test_an_openai_agent_calls_an_anthropic_service_with_tools(upstream, tmp_path):
     claude = Seen()
     claude.content_type = "application/json"
@@ -374,6 +377,7 @@ async def test_an_openai_agent_calls_an_anthropic_service_with_tools(upstream, t
         assert_upstream_credentials(call["headers"])
 
 
+@pytest.mark.process
 async def test_anthropic_errors_reach_the_openai_agent_in_openai_shape(upstream, tmp_path):
     answers = 0
 
@@ -435,6 +439,7 @@ services:
 """
 
 
+@pytest.mark.process
 async def test_an_anthropic_agent_calls_an_openai_service(upstream, tmp_path):
     gpt = Seen()
     base = await upstream(gpt.app())
@@ -497,6 +502,7 @@ def test_translate_must_agree_with_llm_api(tmp_path: Path) -> None:
     assert any("translate: openai->anthropic sends anthropic calls upstream" in p for p in problems)
 
 
+@pytest.mark.process
 async def test_an_anthropic_agent_falls_back_to_an_openai_service_streaming(
     upstream, tmp_path, closed_port
 ):

@@ -55,6 +55,7 @@ async def test_an_upstream_retry_after_pauses_a_service_without_rate_limit(
     assert counting.hits == 1
 
 
+@pytest.mark.process
 async def test_sidecar_run_answers_503_upstream_paused_during_an_upstreams_pause(
     upstream, client, tmp_path: Path
 ):

@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .core.state import StateStore
 from .databases.http import DatabaseHttp
@@ -32,9 +32,12 @@ from .steps.answers.cache import CacheStore
 from .steps.resilience.faults import Faults
 from .telemetry import Telemetry
 from .telemetry.figures import Samples
-from .webhooks.delivery import DeliverySettings, SettingsKey
 from .webhooks.gate import build_gate
 from .webhooks.hub import StoreChanged, WebhookHub
+
+if TYPE_CHECKING:
+    # Loaded when a policy first declares webhooks (sqlite3, cryptography): webhooks/hub.py.
+    from .webhooks.delivery import DeliverySettings, SettingsKey
 
 log = logging.getLogger("sidecar")
 

@@ -397,3 +397,42 @@ def test_a_receiver_on_a_private_address_needs_allow_private(tmp_path):
     assert "policy.yaml:4:" in str(refused.value)
     assert "allow_private" in str(refused.value)
     load(", allow_private: true")
+
+
+async def test_only_a_composed_sidecar_has_the_alert_rules(upstream, client, tmp_path, data_dir):
+    """The runtime alone (as `sidecar check` builds it) loads and checks a policy with alert
+    rules, and evaluates none (its console shows no alerts); app.py's compose() gives a
+    sidecar the rules, which its reloads configure."""
+    from sidecar.alerts.engine import AlertEngine, engine_of
+    from sidecar.app import compose
+    from sidecar.check import run_checks
+    from sidecar.console.api import document
+    from sidecar.runtime import Sidecar
+
+    flaky, slack = Flaky(healthy=True), Receiver()
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "p.yaml").write_text(
+        breaker_policy(
+            await upstream(flaky.app()),
+            receiver_yaml("ops", f"{await upstream(slack.app())}/services/T/B/x"),
+            "- {name: pay-breaker, kind: breaker_open, send_to: [ops]}",
+        )
+    )
+    results, errors = await run_checks(str(policies), [])
+    assert errors == [] and [(r.service, r.ok) for r in results] == [("pay", True)]
+
+    bare = Sidecar(str(policies), env={})
+    composed = compose(Sidecar(str(policies), env={}, data_dir=str(tmp_path / "other")))
+    try:
+        assert (await bare.reload("startup")).ok
+        assert engine_of(bare) is None
+        assert (await document(bare))["alerts"] == []
+        assert (await composed.reload("startup")).ok
+        engine = engine_of(composed)
+        assert isinstance(engine, AlertEngine) and composed.monitors == [engine]
+        assert engine.alerts is not None
+        assert [r.name for r in engine.alerts.rules] == ["pay-breaker"]
+    finally:
+        await bare.close()
+        await composed.close()

@@ -69,6 +69,61 @@ class StaticReply:
         return None
 
 
+class StoredReply:
+    """A whole answer a step keeps with its fields as bytes (a cache hit): the egress
+    relays its head as it relays the upstream's own (`raw_headers`, `connection`,
+    `refers`, `data`, as http/pool.py's UpstreamReply), decoding no field; a step
+    that asks for `headers` decodes them then, once."""
+
+    __slots__ = (
+        "_headers",
+        "connection",
+        "content_length",
+        "data",
+        "raw_headers",
+        "reason",
+        "refers",
+        "status",
+    )
+
+    def __init__(
+        self,
+        status: int,
+        raw_headers: list[tuple[bytes, bytes]],
+        data: bytes,
+        *,
+        reason: str | None,
+        content_length: int | None,
+        connection: bytes | None,
+        refers: bool,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        # Checked for CR, LF and NUL by whoever made them: relayed as they are.
+        self.raw_headers = raw_headers
+        self.data = data
+        self.content_length = content_length
+        # The Connection field's value (the fields it names are not relayed), and
+        # whether a Location or Content-Location is among the fields.
+        self.connection = connection
+        self.refers = refers
+        self._headers: CIMultiDictProxy[str] | None = None
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = CIMultiDictProxy(decode_fields(self.raw_headers))
+        return headers
+
+    @property
+    def body(self) -> AsyncIterable[bytes] | None:
+        return once(self.data) if self.data else None
+
+    def release(self) -> None:
+        return None
+
+
 # Steps outside the compiled modules (setup.py) subclass it.
 @mypyc_attr(allow_interpreted_subclasses=True)
 class ReplyView:

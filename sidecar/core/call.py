@@ -3,8 +3,8 @@
 A `Call` is the agent's request as it will be sent upstream (method, target,
 headers, body); a step may change it, answer for itself by raising
 `ProblemError`, or pass it on. A `Reply` is an answer with its body still to
-stream: the upstream's (http/pool.py), or one a step made itself (a cache, a
-mock, a replayed recording: `StaticReply`). Any step can look at its status
+stream: the upstream's (http/pool.py), or one a step made itself (a mock, a
+replayed recording: `StaticReply`; a cache hit: `StoredReply`). Any step can look at its status
 and headers, and release it to try again; the egress relays any Reply.
 """
 

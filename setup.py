@@ -35,6 +35,10 @@ COMPILED = [
     "sidecar/http/redirects.py",
     "sidecar/http/router.py",
     "sidecar/http/upstream.py",
+    # A cache hit is answered here, before the steps below: it must cost less than
+    # the call it saves (steps/answers/cache_stream.py keeps the miss's async generator).
+    "sidecar/steps/answers/cache.py",
+    "sidecar/steps/answers/cache_entry.py",
     "sidecar/steps/credentials/auth.py",
     "sidecar/steps/resilience/breaker.py",
     "sidecar/steps/resilience/outcomes.py",

@@ -3,8 +3,8 @@
 A `Call` is the agent's request as it will be sent upstream (method, target,
 headers, body); a step may change it, answer for itself by raising
 `ProblemError`, or pass it on. A `Reply` is an answer with its body still to
-stream: the upstream's (http/pool.py), or one a step made itself (a cache, a
-mock, a replayed recording: `StaticReply`). Any step can look at its status
+stream: the upstream's (http/pool.py), or one a step made itself (a mock, a
+replayed recording: `StaticReply`; a cache hit: `StoredReply`). Any step can look at its status
 and headers, and release it to try again; the egress relays any Reply.
 """
 
@@ -64,6 +64,61 @@ class StaticReply:
     @property
     def body(self) -> AsyncIterable[bytes] | None:
         return once(self._data) if self._data else None
+
+    def release(self) -> None:
+        return None
+
+
+class StoredReply:
+    """A whole answer a step keeps with its fields as bytes (a cache hit): the egress
+    relays its head as it relays the upstream's own (`raw_headers`, `connection`,
+    `refers`, `data`, as http/pool.py's UpstreamReply), decoding no field; a step
+    that asks for `headers` decodes them then, once."""
+
+    __slots__ = (
+        "_headers",
+        "connection",
+        "content_length",
+        "data",
+        "raw_headers",
+        "reason",
+        "refers",
+        "status",
+    )
+
+    def __init__(
+        self,
+        status: int,
+        raw_headers: list[tuple[bytes, bytes]],
+        data: bytes,
+        *,
+        reason: str | None,
+        content_length: int | None,
+        connection: bytes | None,
+        refers: bool,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        # Checked for CR, LF and NUL by whoever made them: relayed as they are.
+        self.raw_headers = raw_headers
+        self.data = data
+        self.content_length = content_length
+        # The Connection field's value (the fields it names are not relayed), and
+        # whether a Location or Content-Location is among the fields.
+        self.connection = connection
+        self.refers = refers
+        self._headers: CIMultiDictProxy[str] | None = None
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = CIMultiDictProxy(decode_fields(self.raw_headers))
+        return headers
+
+    @property
+    def body(self) -> AsyncIterable[bytes] | None:
+        return once(self.data) if self.data else None
 
     def release(self) -> None:
         return None

@@ -16,7 +16,7 @@ import logging
 from collections.abc import AsyncIterable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from ..core.call import Body, Reply
+from ..core.call import Body, Reply, StoredReply
 from ..core.headers import (
     HOP_BY_HOP,
     SERVER,
@@ -292,10 +292,13 @@ def _relay(
     if status == 101 and isinstance(reply, UpstreamReply) and request.is_upgrade:
         headers = _relayed_headers(request, reply, route)
         return _upgraded(headers, reply, done, tunnel_filter)
-    if type(reply) is UpstreamReply and not (reply.refers and route.redirects is not None):
-        # The upstream's own answer, untouched by any step (most calls): its head is
-        # relayed as the bytes it came in, never decoded (unless it has a URL to rewrite),
-        # and a body that came whole with it as those bytes too.
+    if (type(reply) is UpstreamReply or type(reply) is StoredReply) and not (
+        reply.refers and route.redirects is not None
+    ):
+        # The upstream's own answer, untouched by any step (most calls), or one a step
+        # kept as it came (a cache hit): its head is relayed as the bytes it came in,
+        # never decoded (unless it has a URL to rewrite), and a body that came whole
+        # with it as those bytes too.
         drop = drop_with_connection_raw(_RESPONSE_DROP_RAW, reply.connection)
         data = reply.data
         whole = data is not None and reply.content_length is not None

@@ -265,6 +265,8 @@ class Metrics:
             ["service", "result"],
             registry=r,
         )
+        # (service, result) -> its child's value: a hit counts itself with no `labels()`.
+        self._cache_counts: dict[tuple[str, str], LoopValue] = {}
         self.cache_evictions = Counter(
             "sidecar_cache_evictions",
             "Entries a service's in-memory cache dropped to stay within max_entries and "
@@ -390,7 +392,16 @@ class Metrics:
         self.faults_injected.labels(service, kind).inc()
 
     def on_cache(self, service: str, result: str) -> None:
-        self.cache_requests.labels(service, result).inc()
+        key = (service, result)
+        value = self._cache_counts.get(key)
+        if value is None:
+            child = self.cache_requests.labels(service, result)
+            child.inc()
+            found = child._value
+            if isinstance(found, LoopValue):
+                self._cache_counts[key] = found
+            return
+        value._value += 1
 
     def on_cache_evicted(self, service: str, count: int) -> None:
         self.cache_evictions.labels(service).inc(count)

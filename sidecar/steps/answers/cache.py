@@ -38,7 +38,8 @@ import hashlib
 import json
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import Callable
+from json.encoder import encode_basestring_ascii
 from typing import Any, Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -54,12 +55,15 @@ from .cache_entry import (
     CACHE_HEADER,
     NOT_STORED_HEADER,
     Entry,
+    Request,
+    RequestFields,
     directives,
     freshness,
     initial_age,
     vary_digest,
     vary_names,
 )
+from .cache_stream import kept
 
 __all__ = ["CACHE_HEADER", "CacheStep", "CacheStore", "Entry", "build"]
 
@@ -88,7 +92,7 @@ _UPSTREAM_FAILURES = frozenset(
 
 
 class Store(Protocol):
-    async def lookup(self, key: bytes, request: CIMultiDict[str], now: float) -> Entry | None: ...
+    async def lookup(self, key: bytes, request: Request, now: float) -> Entry | None: ...
 
     def save(self, key: bytes, entry: Entry, now: float) -> None: ...
 
@@ -116,7 +120,7 @@ class CacheStore:
     def __len__(self) -> int:
         return self.count
 
-    def get(self, key: bytes, request: CIMultiDict[str] | Any, now: float) -> Entry | None:
+    def get(self, key: bytes, request: Request, now: float) -> Entry | None:
         variants = self._entries.get(key)
         if variants is None:
             return None
@@ -130,7 +134,7 @@ class CacheStore:
             self._entries.move_to_end(key)
         return found
 
-    async def lookup(self, key: bytes, request: CIMultiDict[str], now: float) -> Entry | None:
+    async def lookup(self, key: bytes, request: Request, now: float) -> Entry | None:
         return self.get(key, request, now)
 
     def put(self, key: bytes, entry: Entry) -> None:
@@ -200,7 +204,13 @@ class CacheStep:
         keyed = {h.lower() for h in config.key_headers}
         keyed.update(_ALWAYS_KEYED)
         self.key_headers = tuple(sorted(keyed))
+        # Each keyed field's part of the key, before its values: "name:".
+        self._key_prefixes = tuple((name, name + ":") for name in self.key_headers)
+        # The agent's own credentials that keep a call out (unless the policy keys on them).
+        self._personal = tuple(name for name in _PERSONAL if name not in keyed)
         self.store = store
+        # The memory store answers at once: looked up without a coroutine of its own.
+        self._memory = store if isinstance(store, CacheStore) else None
         self._report = report
         self._clock = clock
 
@@ -213,15 +223,31 @@ class CacheStep:
         method = call.method
         if method not in self.methods or call.upgrade:
             return await next(call)
-        key = await self._key(call)
-        if key is None:
+        # Read from the fields as the agent sent them while no step has decoded them:
+        # a hit decodes none but the few it reads.
+        raw = call.raw_headers
+        fields = RequestFields(raw, None) if raw is not None else RequestFields(None, call.headers)
+        digest = self._digest(call, fields)
+        if digest is not None and method == "POST":
+            # A body too large to hold (or of unknown length) cannot be keyed.
+            if await make_replayable(call, self.max_body):
+                body = call.body if isinstance(call.body, bytes) else b""
+                digest.update(b"\0" + _canonical(body))
+            else:
+                digest = None
+        if digest is None:
             self._count(call, "bypass")
             return await next(call)
+        key: bytes = digest.digest()
         now = self._clock()
-        entry = await self.store.lookup(key, call.headers, now)
+        memory = self._memory
+        if memory is not None:
+            entry = memory.get(key, fields, now)
+        else:
+            entry = await self.store.lookup(key, fields, now)
         if entry is not None and entry.fresh(now):
             self._count(call, "hit")
-            return self._answer(entry, call.headers, method, now, "hit")
+            return self._answer(entry, fields, method, now, "hit")
         # The agent's request as it came: the steps below add to call.headers (the
         # credential, the validators), and neither may reach a key or an entry.
         request = CIMultiDict(call.headers)
@@ -273,10 +299,13 @@ class CacheStep:
         return self._answer(entry, request, call.method, self._clock(), "stale")
 
     def _answer(
-        self, entry: Entry, request: CIMultiDict[str], method: str, now: float, result: str
+        self, entry: Entry, request: Request, method: str, now: float, result: str
     ) -> Reply:
         if entry.not_modified(request, method):
             return StaticReply(304, entry.not_modified_headers(now, result), reason=None)
+        stored = entry.stored_reply(now, result.encode(), method == "HEAD")
+        if stored is not None:
+            return stored
         reply = StaticReply(
             entry.status, entry.reply_headers(now, result), entry.data, reason=entry.reason
         )
@@ -285,30 +314,28 @@ class CacheStep:
             reply.content_length = entry.content_length
         return reply
 
-    async def _key(self, call: Call) -> bytes | None:
-        """The call's key, or None when it must not be looked up (nor stored)."""
-        cc = directives(call.headers.getall("Cache-Control", ()))
+    def _digest(self, call: Call, fields: RequestFields) -> Any:
+        """The call's key so far (a sha256 a POST's body goes into next), or None when
+        it must not be looked up (nor stored)."""
+        cc = directives(fields.getall("Cache-Control", ()))
         # The agent asked for a fresh answer: it goes upstream and is not stored.
         if "no-store" in cc or "no-cache" in cc:
             return None
         # The agent's own credential (a service without `auth` passes it on) makes the
         # answer that credential's: not kept, unless the policy keys on that header.
-        for name in _PERSONAL:
-            if name in call.headers and name not in self.key_headers:
+        for name in self._personal:
+            if name in fields:
                 return None
-        digest = hashlib.sha256()
-        parts: list[str] = [call.method, call.target]
-        parts.append("" if self.shared else "agent:" + (call.agent or ""))
-        for name in self.key_headers:
-            parts.append(name + ":" + ",".join(call.headers.getall(name, ())))
-        digest.update(json.dumps(parts).encode())
-        if call.method == "POST":
-            # A body too large to hold (or of unknown length) cannot be keyed.
-            if not await make_replayable(call, self.max_body):
-                return None
-            body = call.body if isinstance(call.body, bytes) else b""
-            digest.update(b"\0" + _canonical(body))
-        return digest.digest()
+        # json.dumps of the parts, as the keys have always been made (an entry kept in
+        # Redis is found by sidecars of other versions), one C call per part.
+        parts = [
+            encode_basestring_ascii(call.method),
+            encode_basestring_ascii(call.target),
+            '""' if self.shared else encode_basestring_ascii("agent:" + (call.agent or "")),
+        ]
+        for name, prefix in self._key_prefixes:
+            parts.append(encode_basestring_ascii(prefix + ",".join(fields.getall(name, ()))))
+        return hashlib.sha256(("[" + ", ".join(parts) + "]").encode())
 
     def _relay(
         self,
@@ -464,31 +491,22 @@ class _Missed(ReplyView):
             step._save(key, entry)
             self.body = None
         else:
-            self.body = _kept(inner, step, key, entry)
+            self.body = kept(inner, step.max_body, entry.content_length, _Keep(step, key, entry))
 
 
-async def _kept(
-    body: AsyncIterable[bytes], step: CacheStep, key: bytes, entry: Entry
-) -> AsyncIterator[bytes]:
-    # Each chunk goes to the agent as it came; the copy is dropped once too large.
-    # Only a body that ended on its own is stored: one cut short (the upstream
-    # failed, the agent left) leaves the generator by an exception.
-    chunks: list[bytes] | None = []
-    size = 0
-    limit = step.max_body
-    async for data in body:
-        if chunks is not None:
-            size += len(data)
-            if size > limit:
-                chunks = None
-            else:
-                chunks.append(data)
-        yield data
-    # A body shorter than its Content-Length was cut, even if the stream ended quietly.
-    length = entry.content_length
-    if chunks is not None and (length is None or length == size):
-        entry.data = b"".join(chunks)
-        step._save(key, entry)
+class _Keep:
+    """Stores a missed answer once its body came whole."""
+
+    __slots__ = ("entry", "key", "step")
+
+    def __init__(self, step: CacheStep, key: bytes, entry: Entry) -> None:
+        self.step = step
+        self.key = key
+        self.entry = entry
+
+    def __call__(self, data: bytes) -> None:
+        self.entry.data = data
+        self.step._save(self.key, self.entry)
 
 
 def build(

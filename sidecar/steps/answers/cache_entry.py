@@ -16,7 +16,11 @@ from typing import Any
 
 from multidict import CIMultiDict
 
+from ...core.call import StoredReply
+from ...core.headers import unsafe_field
+
 CACHE_HEADER = "X-Sidecar-Cache"
+_CACHE_HEADER_RAW = CACHE_HEADER.encode()
 # On a miss that will not be stored: why (the docs list the words).
 NOT_STORED_HEADER = "X-Sidecar-Cache-Not-Stored"
 
@@ -53,6 +57,75 @@ _NOT_MODIFIED_HEADERS = (
     "Last-Modified",
     "Vary",
 )
+
+
+# A stored answer's fields a hit relays as bytes: the ones each answer sets are added
+# after them, so none may be among them already.
+_SET_PER_ANSWER = frozenset({"age", CACHE_HEADER.lower()})
+# The fields whose URL the egress may rewrite (http/redirects.py's REWRITTEN_HEADERS).
+_REFERRING = frozenset({"location", "content-location"})
+
+
+_MISSING: Any = object()
+
+
+class RequestFields:
+    """A request's fields read as a CIMultiDict is (`getall`, `get`, `in`), from the
+    fields as the agent sent them (bytes) while no step has decoded them: a cache hit
+    decodes only the few fields it reads, not every one the agent sent."""
+
+    __slots__ = ("_headers", "_raw")
+
+    def __init__(
+        self, raw: list[tuple[bytes, bytes]] | None, headers: CIMultiDict[str] | None
+    ) -> None:
+        self._raw = raw
+        self._headers = headers
+
+    def getall(self, name: str, default: Any = _MISSING) -> Any:
+        found = self._find(name)
+        if found:
+            return found
+        if default is _MISSING:
+            raise KeyError(name)
+        return default
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        found = self._find(name)
+        return found[0] if found else default
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and bool(self._find(name))
+
+    def _find(self, name: str) -> list[str]:
+        raw = self._raw
+        if raw is None:
+            assert self._headers is not None
+            values: list[str] = self._headers.getall(name, [])
+            return values
+        key = _raw_name(name)
+        size = len(key)
+        # By length first: most names differ in it, and need no lowercase copy.
+        return [v.decode("latin-1") for f, v in raw if len(f) == size and f.lower() == key]
+
+
+# The request's fields as the cache reads them (CIMultiDict's getall, get and `in`).
+Request = CIMultiDict[str] | RequestFields
+
+# Lowercase names as bytes, made once each: the cache reads the same few on every call.
+_RAW_NAMES: dict[str, bytes] = {}
+
+
+def _raw_name(name: str) -> bytes:
+    key = _RAW_NAMES.get(name)
+    if key is None:
+        try:
+            key = name.lower().encode("latin-1")
+        except UnicodeEncodeError:
+            return b""  # no field the agent sent (latin-1, as it was decoded) has it
+        if len(_RAW_NAMES) < 1024:
+            _RAW_NAMES[name] = key
+    return key
 
 
 def directives(values: Iterable[str]) -> dict[str, str]:
@@ -161,6 +234,10 @@ class Entry:
     """A stored answer: status, headers, whole body, and its RFC 9111 clock."""
 
     __slots__ = (
+        "_connection",
+        "_fields",
+        "_fields_made",
+        "_refers",
         "content_length",
         "data",
         "grace",
@@ -204,6 +281,11 @@ class Entry:
         self.grace = grace
         self.vary = vary
         self.vary_key = vary_key
+        # The headers as bytes for StoredReply, made at the first hit (`_encode`).
+        self._fields: list[tuple[bytes, bytes]] | None = None
+        self._fields_made = False
+        self._connection: bytes | None = None
+        self._refers = False
 
     @property
     def size(self) -> int:
@@ -244,6 +326,48 @@ class Entry:
         headers["Age"] = str(int(self.age(now)))
         headers[CACHE_HEADER] = result
         return headers
+
+    def stored_reply(self, now: float, result: bytes, head: bool) -> StoredReply | None:
+        """The answer with Age and X-Sidecar-Cache added, its head as bytes (what
+        `reply_headers` holds, in the same order); None when a field cannot be relayed
+        as bytes as it is (then `reply_headers` serves, and the listener judges it)."""
+        if not self._fields_made:
+            self._encode()
+        fields = self._fields
+        if fields is None:
+            return None
+        data = self.data
+        return StoredReply(
+            self.status,
+            [*fields, (b"Age", b"%d" % int(self.age(now))), (_CACHE_HEADER_RAW, result)],
+            data,
+            reason=self.reason,
+            # A HEAD answer tells the length of the GET's body, which it does not carry.
+            content_length=self.content_length if head else len(data),
+            connection=self._connection,
+            refers=self._refers,
+        )
+
+    def _encode(self) -> None:
+        # The headers never change once stored (a 304 makes a new Entry): encoded once.
+        self._fields_made = True
+        fields: list[tuple[bytes, bytes]] = []
+        connection: list[str] = []
+        for name, value in self.headers.items():
+            lower = name.lower()
+            if lower in _SET_PER_ANSWER or unsafe_field(name) or unsafe_field(value):
+                return
+            if lower == "connection":
+                connection.append(value)
+            elif lower in _REFERRING:
+                self._refers = True
+            try:
+                fields.append((name.encode("latin-1"), value.encode("latin-1")))
+            except UnicodeEncodeError:
+                return
+        if connection:
+            self._connection = ", ".join(connection).encode("latin-1")
+        self._fields = fields
 
     def not_modified(self, request: CIMultiDict[str] | Any, method: str) -> bool:
         """The agent's own conditional request is satisfied (RFC 9110 13.1.2, 13.1.3)."""

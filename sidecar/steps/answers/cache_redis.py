@@ -28,13 +28,12 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from multidict import CIMultiDict
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from .cache_entry import Entry, vary_digest
+from .cache_entry import Entry, Request, vary_digest
 
 log = logging.getLogger("sidecar.cache")
 
@@ -80,7 +79,7 @@ class RedisCacheStore:
                 type(exc).__name__,
             )
 
-    async def lookup(self, key: bytes, request: CIMultiDict[str], now: float) -> Entry | None:
+    async def lookup(self, key: bytes, request: Request, now: float) -> Entry | None:
         if self._down():
             self._failed_hook()
             return None

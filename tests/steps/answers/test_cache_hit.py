@@ -1,0 +1,220 @@
+"""A cache hit answers what the miss answered: the same head, field by field and in
+order, the same key (entries kept in Redis are found across versions), whichever
+way the step reads the request and relays the stored answer."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from multidict import CIMultiDict
+
+from sidecar.core.call import Call, Reply, StaticReply
+from sidecar.policy.cache import Cache
+from sidecar.steps.answers.cache import CacheStep, CacheStore, Entry
+from tests.steps.conftest import CacheSidecar, cache_step, get_through
+
+SECRET = "sk-cache-hit-canary-77a0"
+BODY = b'{"ok": true}'
+
+
+def _answer(path: bytes, base: bytes) -> bytes:
+    # A head as an upstream may send it: a repeated field, a field its Connection names
+    # (never relayed), a latin-1 value, and on /moved a Location the egress rewrites.
+    fields = [
+        b"Content-Type: application/json",
+        b"X-Multi: one",
+        b"Connection: keep-alive, X-Hop",
+        b"X-Hop: dropped",
+        b"Keep-Alive: timeout=5",
+        b"X-Latin: caf\xe9",
+        b"X-Multi: two",
+        b"Cache-Control: max-age=60",
+        b'ETag: "v1"',
+    ]
+    if path.startswith(b"/moved"):
+        fields.append(b"Location: " + base + b"/next?a=1")
+    fields.append(b"Content-Length: %d" % len(BODY))
+    return b"HTTP/1.1 200 OK\r\n" + b"\r\n".join(fields) + b"\r\n\r\n" + BODY
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[tuple[str, list[bytes]]]:
+    """An upstream writing its head byte for byte; the request lines it got."""
+    seen: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                line = head.split(b"\r\n", 1)[0]
+                seen.append(line)
+                path = line.split(b" ")[1]
+                writer.write(_answer(path, base.encode()))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    yield base, seen
+    server.close()
+    await server.wait_closed()
+
+
+def _fields(raw: Any) -> list[tuple[bytes, bytes]]:
+    return [(bytes(n), bytes(v)) for n, v in raw]
+
+
+@pytest.mark.parametrize("path", ["/plain", "/moved"])
+async def test_a_hit_relays_the_head_the_miss_relayed_field_by_field(
+    path: str,
+    raw_upstream: tuple[str, list[bytes]],
+    cache_sidecar: CacheSidecar,
+    client: aiohttp.ClientSession,
+) -> None:
+    base, seen = raw_upstream
+    sc = await cache_sidecar(base, "{}", SECRET)
+    heads = []
+    for _ in range(2):
+        async with client.get(f"{sc.url}/api{path}", headers={"X-Agent-Id": "a1"}) as r:
+            assert await r.read() == BODY
+            heads.append(_fields(r.raw_headers))
+    miss, hit = heads
+    assert len(seen) == 1
+    assert (b"X-Sidecar-Cache", b"miss") in miss and (b"X-Sidecar-Cache", b"hit") in hit
+    # The hit adds Age right before X-Sidecar-Cache; everything else is the miss's own,
+    # in its order: hop-by-hop and Connection-named fields out, Location rewritten.
+    at = hit.index((b"X-Sidecar-Cache", b"hit"))
+    assert hit[at - 1][0] == b"Age" and hit[at - 1][1].isdigit()
+    del hit[at - 1]
+    assert [f if f[0] != b"X-Sidecar-Cache" else (f[0], b"?") for f in hit] == [
+        f if f[0] != b"X-Sidecar-Cache" else (f[0], b"?") for f in miss
+    ]
+    names = [n.lower() for n, _ in hit]
+    assert b"x-hop" not in names and b"keep-alive" not in names
+    assert [v for n, v in hit if n == b"X-Multi"] == [b"one", b"two"]
+    assert (b"X-Latin", b"caf\xe9") in hit
+    if path == "/moved":
+        assert (b"Location", f"{sc.url}/api/next?a=1".encode()) in hit
+    # A HEAD is keyed on its own; its hit tells the same length as its miss, with no body.
+    lengths = []
+    for _ in range(2):
+        async with client.head(f"{sc.url}/api{path}", headers={"X-Agent-Id": "a1"}) as r:
+            assert await r.read() == b""
+            lengths.append((r.headers["X-Sidecar-Cache"], r.headers["Content-Length"]))
+    assert lengths == [("miss", str(len(BODY))), ("hit", str(len(BODY)))]
+    # The agent's own conditional request is answered 304 from the entry.
+    async with client.get(
+        f"{sc.url}/api{path}", headers={"X-Agent-Id": "a1", "If-None-Match": '"v1"'}
+    ) as r:
+        assert r.status == 304
+        assert r.headers["X-Sidecar-Cache"] == "hit"
+    assert len(seen) == 2
+
+
+class _Keys:
+    """A store that records the keys it is asked for and finds nothing."""
+
+    def __init__(self) -> None:
+        self.keys: list[bytes] = []
+
+    async def lookup(self, key: bytes, request: Any, now: float) -> Entry | None:
+        self.keys.append(key)
+        return None
+
+    def save(self, key: bytes, entry: Entry, now: float) -> None:
+        pass
+
+    def snapshot(self) -> dict[str, Any]:
+        return {}
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("raw", [False, True])
+async def test_the_key_is_the_sha256_of_the_json_of_its_parts(shared: bool, raw: bool) -> None:
+    """The key as it has always been made: a Redis store shared with sidecars of other
+    versions finds the same entries. Read from raw fields or decoded ones alike."""
+    store = _Keys()
+    step = CacheStep(
+        service="api",
+        config=Cache.model_validate(
+            {"key_headers": ["X-Tenant", "Accept-Language"], "shared": shared}
+        ),
+        store=store,
+        report=[],
+    )
+    target = '/v1/caf\u00e9?q="x"&r=\u2603'
+    agent = "agent-\u00e9\U0001f600"
+    fields = [
+        ("X-Tenant", "t1"),
+        ("accept-encoding", "gzip"),
+        ("X-Tenant", "t\xe92"),
+        ("Accept-Language", "fr, en"),
+    ]
+    if raw:
+        call = Call(
+            service="api",
+            method="GET",
+            target=target,
+            raw_headers=[(n.encode("latin-1"), v.encode("latin-1")) for n, v in fields],
+            body=None,
+            agent=agent,
+        )
+        assert call.raw_headers is not None
+    else:
+        call = Call(
+            service="api",
+            method="GET",
+            target=target,
+            headers=CIMultiDict(fields),
+            body=None,
+            agent=agent,
+        )
+
+    async def upstream(call: Call) -> Reply:
+        return StaticReply(500)
+
+    await step(call, upstream)
+    parts = [
+        "GET",
+        target,
+        "" if shared else "agent:" + agent,
+        "accept-encoding:gzip",
+        "accept-language:fr, en",
+        "x-tenant:t1,t\xe92",
+    ]
+    assert store.keys == [hashlib.sha256(json.dumps(parts).encode()).digest()]
+
+
+async def test_a_stored_field_that_cannot_go_out_as_bytes_is_served_as_before() -> None:
+    """A field a step inside the cache set to text that is not latin-1: the hit keeps
+    the head the miss had (the listener judges it), it does not drop or mangle it."""
+    store = CacheStore(max_entries=10, max_bytes=1 << 20)
+    step = cache_step({}, store, lambda: 100.0)
+    calls = 0
+
+    async def upstream(call: Call) -> Reply:
+        nonlocal calls
+        calls += 1
+        headers = CIMultiDict([("Cache-Control", "max-age=60"), ("X-Name", "\u0101")])
+        return StaticReply(200, headers, b"body")
+
+    miss = await get_through(step, upstream, "/x")
+    hit = await get_through(step, upstream, "/x")
+    assert calls == 1
+    assert miss.headers["X-Sidecar-Cache"] == "miss"
+    assert list(hit.headers.items()) == [
+        ("Cache-Control", "max-age=60"),
+        ("X-Name", "\u0101"),
+        ("Age", "0"),
+        ("X-Sidecar-Cache", "hit"),
+    ]
+    assert hit.content_length == 4

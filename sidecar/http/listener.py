@@ -26,14 +26,20 @@ from ..core.headers import SERVER, decode_fields
 from ..core.problems import ProblemError, problem_document
 from ..core.reasons import Reason
 from .http1 import (
+    CHUNKED,
     LAST_CHUNK,
+    NO_BODY,
+    UNTIL_CLOSE,
     FeedStream,
+    FramingError,
     Tunnel,
     WriteGate,
+    body_framing,
     chunk,
-    content_length,
+    framing_field,
     head_bytes,
     header_lines,
+    send_framing,
     status_line,
 )
 
@@ -42,7 +48,6 @@ log = logging.getLogger("sidecar.listener")
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Framing belongs to this server: whatever the app put there is replaced.
 _FRAMING: Final = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
-_NO_BODY_STATUS: Final = frozenset({204, 304})
 # An unread request body up to this size is read and dropped after the answer, for up
 # to this long, so the agent reads the answer instead of a reset (nginx's lingering close).
 _DISCARD_LIMIT: Final = 1 << 20
@@ -302,9 +307,10 @@ class HttpServerProtocol(asyncio.Protocol):
         # The request being parsed.
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        # The fields the server itself reads, noted as they pass.
-        self._length: bytes | None = None
-        self._chunked = False
+        # The fields the server itself reads, noted as they pass; every Content-Length
+        # and Transfer-Encoding value, joined, for body_framing.
+        self._lengths: bytes | None = None
+        self._codings: bytes | None = None
         self._expect: bytes | None = None
         self._connection: bytes | None = None
         # A Proxy-Connection field came: llhttp reads it as Connection (keep-alive).
@@ -433,19 +439,13 @@ class HttpServerProtocol(asyncio.Protocol):
         size = len(name)
         if size == 14 or size == 6 or size == 17 or size == 10 or size == 16:
             lower = name.lower()
+            # Repeated fields are one list (RFC 9110 5.3), for body_framing to judge whole.
             if lower == b"content-length":
-                if self._length is None:
-                    self._length = value
+                lengths = self._lengths
+                self._lengths = value if lengths is None else lengths + b", " + value
             elif lower == b"transfer-encoding":
-                if value.strip().lower() != b"chunked":
-                    # llhttp de-chunks `gzip, chunked` and would drop the gzip unsaid:
-                    # the upstream would get compressed bytes labelled as plain.
-                    raise _Refused(
-                        400,
-                        "Transfer-Encoding other than chunked is not accepted; send the body "
-                        "with Content-Length or Transfer-Encoding: chunked.",
-                    )
-                self._chunked = True
+                codings = self._codings
+                self._codings = value if codings is None else codings + b", " + value
             elif lower == b"expect":
                 if self._expect is None:
                     self._expect = value
@@ -471,8 +471,14 @@ class HttpServerProtocol(asyncio.Protocol):
             if version.startswith("0"):
                 raise _Refused(400, "HTTP/0.9 requests are not accepted; send HTTP/1.1.")
             raise _Refused(505, "This sidecar speaks HTTP/1.1 only; send HTTP/1.1 requests.")
-        length_text = self._length
-        length = content_length(length_text) if length_text is not None else None
+        try:
+            framing = body_framing("", 0, self._lengths, self._codings)
+        except FramingError as exc:
+            # e.g. `gzip, chunked`: llhttp would de-chunk it and the upstream would get
+            # compressed bytes labelled as plain.
+            raise _Refused(
+                400, f"{exc}; send the body with Content-Length or Transfer-Encoding: chunked."
+            ) from None
         method = parser.get_method()
         # llhttp upgrades only a CONNECT or a request whose Connection (or
         # Proxy-Connection) field says upgrade: without one, no need to ask.
@@ -480,7 +486,7 @@ class HttpServerProtocol(asyncio.Protocol):
             self._connection is not None or self._proxy_connection or method == b"CONNECT"
         ) and parser.should_upgrade()
         body: FeedStream | None = None
-        if self._chunked or (length and not is_upgrade):
+        if framing == CHUNKED or (framing > 0 and not is_upgrade):
             expect = self._expect
             body = FeedStream(
                 loop=self._loop,
@@ -501,7 +507,7 @@ class HttpServerProtocol(asyncio.Protocol):
             target=self._url.decode("latin-1"),
             version=version,
             raw_headers=self._headers,
-            content_length=length,
+            content_length=framing if framing >= 0 else None,
             body=body,
             peer=self._peer,
             keep_alive=keep_alive and not is_upgrade,
@@ -512,9 +518,8 @@ class HttpServerProtocol(asyncio.Protocol):
         # of its last request's headers and URL, only an empty list for the next one.
         self._headers = []
         self._url = b""
-        self._length = self._expect = self._connection = None
+        self._lengths = self._codings = self._expect = self._connection = None
         self._proxy_connection = False
-        self._chunked = False
         self._queue.append(request)
         if not self._busy:
             self._busy = True
@@ -708,28 +713,23 @@ class HttpServerProtocol(asyncio.Protocol):
             response.tunnel.close()
 
         body = response.body
-        no_body = request.method == "HEAD" or status in _NO_BODY_STATUS or status < 200
         length = len(body) if isinstance(body, bytes) else response.content_length
-        chunked = False
+        http10 = request.version == "1.0"
+        framing = send_framing(request.method, status, length, False, http10)
+        # A HEAD's answer may say the length of the body it goes without.
+        no_body = framing == NO_BODY or request.method == "HEAD"
+        chunked = framing == CHUNKED
+        if framing == UNTIL_CLOSE:
+            keep_alive = False  # the body ends when the connection does
         # The framing this server writes itself, after the app's fields.
-        framing = b""
-        if status in _NO_BODY_STATUS or status < 200:
-            pass
-        elif length is not None:
-            framing = b"Content-Length: %d\r\n" % length
-        elif not no_body:
-            if request.version == "1.1":
-                chunked = True
-                framing = b"Transfer-Encoding: chunked\r\n"
-            else:
-                keep_alive = False  # the body ends when the connection does
+        fields = framing_field(framing)
         if not keep_alive:
-            framing += b"Connection: close\r\n"
-        elif request.version == "1.0":
-            framing += b"Connection: keep-alive\r\n"
+            fields += b"Connection: close\r\n"
+        elif http10:
+            fields += b"Connection: keep-alive\r\n"
         if lines is None:
             lines = header_lines(headers)
-        head = status_line(status, response.reason) + lines + framing + b"\r\n"
+        head = status_line(status, response.reason) + lines + fields + b"\r\n"
 
         if no_body or body is None:
             transport.write(head)

@@ -1,6 +1,7 @@
-"""Each upstream call's state is its own: calls in a row on one kept-alive upstream
-connection, over real sockets, each read as the upstream framed it, with nothing of
-the previous answer (its framing, its fields, its failure) in the next."""
+"""Each exchange's state is its own: calls in a row on one kept-alive upstream
+connection (and requests on one agent connection), over real sockets, each read as
+it was framed, with nothing of the previous one (its framing, its fields, its
+failure) in the next."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from sidecar.http.listener import Request, Response
 from sidecar.http.pool import Pool, ResetError
 
-from .dataplane import exchange, read_response
+from .dataplane import exchange, listening, read_response
 
 
 class _Script:
@@ -214,3 +216,37 @@ async def test_through_the_sidecar_an_unframeable_answer_is_502_and_the_next_cal
 def _address(url: str) -> tuple[str, int]:
     host, _, port = url.removeprefix("http://").partition(":")
     return host, int(port)
+
+
+async def test_each_request_on_a_kept_alive_agent_connection_is_read_afresh() -> None:
+    """The listener's side: a chunked request with Expect, then one sized without it,
+    then one with no body, on one connection; none is read with another's fields."""
+    seen: list[tuple[int | None, bool, bytes]] = []
+
+    async def app(request: Request) -> Response:
+        body = b"" if request.body is None else b"".join([d async for d in request.body])
+        seen.append((request.content_length, request.body is None, body))
+        return Response(200, body=body)
+
+    async with listening(app) as address:
+        reader, writer = await asyncio.open_connection(*address)
+        try:
+            async with asyncio.timeout(10):
+                writer.write(
+                    b"POST /1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                    b"Expect: 100-continue\r\nX-First: 1\r\n\r\n"
+                )
+                assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+                writer.write(b"3\r\nabc\r\n0\r\n\r\n")
+                _, body = await read_response(reader)
+                assert body == b"abc"
+                writer.write(b"POST /2 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nde")
+                # No 100 Continue: the Expect was the first request's.
+                head, body = await read_response(reader)
+                assert head.startswith(b"HTTP/1.1 200") and body == b"de"
+                writer.write(b"GET /3 HTTP/1.1\r\nHost: x\r\n\r\n")
+                head, body = await read_response(reader)
+                assert head.startswith(b"HTTP/1.1 200") and body == b""
+        finally:
+            writer.close()
+    assert seen == [(None, False, b"abc"), (2, False, b"de"), (None, True, b"")]

@@ -1,5 +1,8 @@
 """HTTP/1.1 wire helpers shared by the listener and the upstream pool.
 
+How a message's body is framed is decided here only: `body_framing` for a message
+read, `send_framing` for one written.
+
 A message head is serialized once into bytes; a body is a `BodyStream`, an
 async iterator of byte chunks with `aclose()` (httpx's AsyncByteStream), so the
 listener, the pool, a cache or a mock all hand bodies over the same way.

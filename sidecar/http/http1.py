@@ -1,5 +1,8 @@
 """HTTP/1.1 wire helpers shared by the listener and the upstream pool.
 
+How a message's body is framed is decided here only: `body_framing` for a message
+read, `send_framing` for one written.
+
 A message head is serialized once into bytes; a body is a `BodyStream`, an
 async iterator of byte chunks with `aclose()` (httpx's AsyncByteStream), so the
 listener, the pool, a cache or a mock all hand bodies over the same way.
@@ -16,18 +19,26 @@ from typing import Final, Protocol
 from ..core.headers import HOP_BY_HOP, FieldNames, unsafe_field
 
 __all__ = [
+    "CHUNKED",
     "HOP_BY_HOP",
+    "IDEMPOTENT",
     "LAST_CHUNK",
+    "NO_BODY",
+    "UNTIL_CLOSE",
     "BodyStream",
     "BytesStream",
     "FeedStream",
+    "FramingError",
     "Tunnel",
     "TunnelPeer",
+    "body_framing",
     "chunk",
     "content_length",
+    "framing_field",
     "head_bytes",
     "header_lines",
     "raw_header_lines",
+    "send_framing",
     "status_line",
 ]
 
@@ -86,6 +97,103 @@ def content_length(value: bytes) -> int | None:
             return None
         number = number * 10 + (byte - 48)
     return number
+
+
+# How a message's body is framed (RFC 9112 6.3), as one int: a length >= 0 is
+# Content-Length N, and these the rest. An int, not an object: deciding costs no
+# allocation in the compiled modules, on every message both ways.
+NO_BODY: Final = -1  # none, whatever the fields say (a HEAD's answer, 1xx, 204, 304)
+CHUNKED: Final = -2
+UNTIL_CLOSE: Final = -3  # an answer with neither field: it ends with its connection
+
+# Calls whose empty body goes without a Content-Length: 0 (what clients send).
+IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+
+class FramingError(ValueError):
+    """A message whose body cannot be framed safely (conflicting or invalid fields):
+    read on, it could be split differently by the next hop (request smuggling).
+    The text names fields, never their values."""
+
+
+def body_framing(method: str, status: int, lengths: bytes | None, codings: bytes | None) -> int:
+    """How the body of a message as read is framed: the one place this is decided,
+    for the agents' requests (`status` 0) and the upstreams' answers (`method` is the
+    call's). `lengths` and `codings` are every Content-Length and Transfer-Encoding
+    field's value, repeated fields joined with ", " (RFC 9110 5.3); None when absent.
+
+    Returns a length (>= 0), CHUNKED, UNTIL_CLOSE or NO_BODY; raises FramingError for
+    fields that conflict or that this proxy cannot relay. llhttp, which splits the
+    bytes, frames them the same way and refuses the same conflicts (it is stricter
+    still: it refuses a repeated Content-Length even when the values agree).
+    """
+    # Conflicts first, whatever the status: llhttp refuses them before it knows
+    # whether the message has a body at all.
+    length = -1  # no Content-Length
+    if lengths is not None:
+        if codings is not None:
+            # RFC 9112 6.1: a sender must not send both, and the two hops could each
+            # read a different one.
+            raise FramingError("Content-Length and Transfer-Encoding together")
+        length = _declared_length(lengths)
+    if status and (status < 200 or status == 204 or status == 304 or method == "HEAD"):
+        return NO_BODY  # RFC 9112 6.3, rule 1: the fields describe another message
+    if codings is not None:
+        if codings == b"chunked" or codings.strip().lower() == b"chunked":
+            return CHUNKED
+        # De-chunked, a body under another coding (gzip, chunked) would go on with
+        # its coding dropped (Transfer-Encoding is hop-by-hop); alone, it is read
+        # until close, which no request can be.
+        raise FramingError("Transfer-Encoding other than chunked is not accepted")
+    if length >= 0:
+        return length
+    return UNTIL_CLOSE if status else NO_BODY
+
+
+def _declared_length(lengths: bytes) -> int:
+    number = content_length(lengths)
+    if number is not None:
+        return number
+    # A list (repeated fields, or one field "42, 42"): RFC 9110 8.6 allows it when
+    # every member is the same number.
+    first = -1
+    for member in lengths.split(b","):
+        number = content_length(member.strip())
+        if number is None:
+            raise FramingError("Content-Length is not a number")
+        if first >= 0 and number != first:
+            raise FramingError("Content-Length fields that disagree")
+        first = number
+    return first
+
+
+def send_framing(method: str, status: int, length: int | None, streamed: bool, http10: bool) -> int:
+    """How this side frames a message it sends: an answer (`status`) to a `method`,
+    or a call (`status` 0). `length` is the body's size when known; `streamed`, a
+    call's body of unknown size; `http10`, an answer to an HTTP/1.0 agent, which
+    cannot read chunked. The same codes as `body_framing`, which the next hop's
+    parser then reads back."""
+    if status:
+        if status < 200 or status == 204 or status == 304:
+            return NO_BODY
+        if length is not None:
+            return length  # a HEAD's answer too: the length of the GET's body
+        if method == "HEAD":
+            return NO_BODY
+        return UNTIL_CLOSE if http10 else CHUNKED
+    if length is None:
+        return CHUNKED if streamed else NO_BODY
+    # An empty GET goes without a Content-Length: 0, as clients send it.
+    return length if length or method not in IDEMPOTENT else NO_BODY
+
+
+def framing_field(framing: int) -> bytes:
+    """The header line that says `framing` (from `send_framing`) to the reader."""
+    if framing >= 0:
+        return b"Content-Length: %d\r\n" % framing
+    if framing == CHUNKED:
+        return b"Transfer-Encoding: chunked\r\n"
+    return b""
 
 
 def raw_header_lines(headers: Iterable[tuple[bytes, bytes]], drop: FieldNames) -> bytes:

@@ -26,14 +26,20 @@ from ..core.headers import SERVER, decode_fields
 from ..core.problems import ProblemError, problem_document
 from ..core.reasons import Reason
 from .http1 import (
+    CHUNKED,
     LAST_CHUNK,
+    NO_BODY,
+    UNTIL_CLOSE,
     FeedStream,
+    FramingError,
     Tunnel,
     WriteGate,
+    body_framing,
     chunk,
-    content_length,
+    framing_field,
     head_bytes,
     header_lines,
+    send_framing,
     status_line,
 )
 
@@ -42,7 +48,6 @@ log = logging.getLogger("sidecar.listener")
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Framing belongs to this server: whatever the app put there is replaced.
 _FRAMING: Final = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
-_NO_BODY_STATUS: Final = frozenset({204, 304})
 # An unread request body up to this size is read and dropped after the answer, for up
 # to this long, so the agent reads the answer instead of a reset (nginx's lingering close).
 _DISCARD_LIMIT: Final = 1 << 20
@@ -122,6 +127,36 @@ class Request:
             if len(field_name) == size and field_name.lower() == name:
                 return value.decode("latin-1")
         return None
+
+
+class _Head:
+    """A request head as the parser reads it, made at each request's first byte and
+    handed to its `Request` at the blank line. A plain class: compiled, its fields
+    are native slots and making one is a single small allocation."""
+
+    __slots__ = (
+        "codings",
+        "connection",
+        "expect",
+        "fields",
+        "lengths",
+        "proxy_connection",
+        "size",
+        "url",
+    )
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.fields: list[tuple[bytes, bytes]] = []
+        self.size = 0  # the fields' bytes as sent, for max_head_bytes
+        # The fields the server itself reads, noted as they pass: every Content-Length
+        # and Transfer-Encoding value, joined, for body_framing; every Connection field.
+        self.lengths: bytes | None = None
+        self.codings: bytes | None = None
+        self.expect: bytes | None = None
+        self.connection: bytes | None = None
+        # A Proxy-Connection field came: llhttp reads it as Connection (keep-alive).
+        self.proxy_connection = False
 
 
 class Response:
@@ -299,18 +334,8 @@ class HttpServerProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._peer: tuple[str, int] | None = None
         self._closed = False
-        # The request being parsed.
-        self._url = b""
-        self._headers: list[tuple[bytes, bytes]] = []
-        # The fields the server itself reads, noted as they pass.
-        self._length: bytes | None = None
-        self._chunked = False
-        self._expect: bytes | None = None
-        self._connection: bytes | None = None
-        # A Proxy-Connection field came: llhttp reads it as Connection (keep-alive).
-        self._proxy_connection = False
-        self._head_bytes = 0
-        self._in_head = False
+        # The request head being parsed; None between heads (and in a body's trailers).
+        self._head: _Head | None = None
         self._body: FeedStream | None = None
         # Requests parsed, answered one at a time in order; the head one is running.
         # A list, not a deque: reading pauses while a request waits its turn, so it
@@ -405,62 +430,59 @@ class HttpServerProtocol(asyncio.Protocol):
     # httptools callbacks
 
     def on_message_begin(self) -> None:
-        self._url = b""
-        # Fresh since the last head was handed over (on_headers_complete); a head cut
-        # short by a refusal closes the connection, so this is only a safeguard.
-        if self._headers:
-            self._headers = []
-        self._head_bytes = 0
-        self._in_head = True
+        # A fresh head per request: nothing of the last one (its Expect, its framing
+        # fields) can be read as this one's, and there is no field to forget to reset.
+        self._head = _Head()
         if not self._busy:
             self._set_timer(self._limits.header_timeout)
 
     def on_url(self, url: bytes) -> None:
-        self._url += url
-        if len(self._url) > self._limits.max_url_bytes:
+        head = self._head
+        assert head is not None
+        head.url += url
+        if len(head.url) > self._limits.max_url_bytes:
             raise _Refused(414, "The request target is longer than this sidecar accepts.")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head:
+        head = self._head
+        if head is None:
             return  # a trailer: framing is done, nothing to forward it with
-        self._head_bytes += len(name) + len(value) + 4
+        head.size += len(name) + len(value) + 4
         if (
-            self._head_bytes + len(self._url) > self._limits.max_head_bytes
-            or len(self._headers) >= self._limits.max_headers
+            head.size + len(head.url) > self._limits.max_head_bytes
+            or len(head.fields) >= self._limits.max_headers
         ):
             raise _Refused(431, "The request headers are larger than this sidecar accepts.")
-        self._headers.append((name, value))
+        head.fields.append((name, value))
         size = len(name)
         if size == 14 or size == 6 or size == 17 or size == 10 or size == 16:
             lower = name.lower()
+            # Repeated fields are one list (RFC 9110 5.3): body_framing judges every
+            # length and coding, and every Connection field names hop fields.
             if lower == b"content-length":
-                if self._length is None:
-                    self._length = value
+                lengths = head.lengths
+                head.lengths = value if lengths is None else lengths + b", " + value
             elif lower == b"transfer-encoding":
-                if value.strip().lower() != b"chunked":
-                    # llhttp de-chunks `gzip, chunked` and would drop the gzip unsaid:
-                    # the upstream would get compressed bytes labelled as plain.
-                    raise _Refused(
-                        400,
-                        "Transfer-Encoding other than chunked is not accepted; send the body "
-                        "with Content-Length or Transfer-Encoding: chunked.",
-                    )
-                self._chunked = True
+                codings = head.codings
+                head.codings = value if codings is None else codings + b", " + value
             elif lower == b"expect":
-                if self._expect is None:
-                    self._expect = value
+                if head.expect is None:
+                    head.expect = value
             elif lower == b"connection":
-                # Repeated fields are one list (RFC 9110 5.3): every one names hop fields.
-                previous = self._connection
-                self._connection = value if previous is None else previous + b", " + value
+                previous = head.connection
+                head.connection = value if previous is None else previous + b", " + value
             elif lower == b"proxy-connection":
-                self._proxy_connection = True
+                head.proxy_connection = True
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        head = self._head
+        assert head is not None
+        # The request owns its head from here: an idle keep-alive connection holds no
+        # copy of its last request's fields and URL.
+        self._head = None
         parser = self._parser
         keep_alive = parser.should_keep_alive()
-        if keep_alive and self._connection is None and not self._proxy_connection:
+        if keep_alive and head.connection is None and not head.proxy_connection:
             # llhttp keeps a request alive without a Connection (or Proxy-Connection)
             # field only on HTTP/1.1 (major and minor both above 0): the version,
             # without get_http_version's str.format, 2.5% of a call's instructions.
@@ -471,17 +493,23 @@ class HttpServerProtocol(asyncio.Protocol):
             if version.startswith("0"):
                 raise _Refused(400, "HTTP/0.9 requests are not accepted; send HTTP/1.1.")
             raise _Refused(505, "This sidecar speaks HTTP/1.1 only; send HTTP/1.1 requests.")
-        length_text = self._length
-        length = content_length(length_text) if length_text is not None else None
+        try:
+            framing = body_framing("", 0, head.lengths, head.codings)
+        except FramingError as exc:
+            # e.g. `gzip, chunked`: llhttp would de-chunk it and the upstream would get
+            # compressed bytes labelled as plain.
+            raise _Refused(
+                400, f"{exc}; send the body with Content-Length or Transfer-Encoding: chunked."
+            ) from None
         method = parser.get_method()
         # llhttp upgrades only a CONNECT or a request whose Connection (or
         # Proxy-Connection) field says upgrade: without one, no need to ask.
         is_upgrade = (
-            self._connection is not None or self._proxy_connection or method == b"CONNECT"
+            head.connection is not None or head.proxy_connection or method == b"CONNECT"
         ) and parser.should_upgrade()
         body: FeedStream | None = None
-        if self._chunked or (length and not is_upgrade):
-            expect = self._expect
+        if framing == CHUNKED or (framing > 0 and not is_upgrade):
+            expect = head.expect
             body = FeedStream(
                 loop=self._loop,
                 pause=self._pause_for_body,
@@ -498,23 +526,16 @@ class HttpServerProtocol(asyncio.Protocol):
         self._body = body
         request = Request(
             method=method.decode("ascii"),
-            target=self._url.decode("latin-1"),
+            target=head.url.decode("latin-1"),
             version=version,
-            raw_headers=self._headers,
-            content_length=length,
+            raw_headers=head.fields,
+            content_length=framing if framing >= 0 else None,
             body=body,
             peer=self._peer,
             keep_alive=keep_alive and not is_upgrade,
             is_upgrade=is_upgrade,
-            connection=self._connection,
+            connection=head.connection,
         )
-        # The request owns its head now: an idle keep-alive connection holds no copy
-        # of its last request's headers and URL, only an empty list for the next one.
-        self._headers = []
-        self._url = b""
-        self._length = self._expect = self._connection = None
-        self._proxy_connection = False
-        self._chunked = False
         self._queue.append(request)
         if not self._busy:
             self._busy = True
@@ -577,7 +598,8 @@ class HttpServerProtocol(asyncio.Protocol):
                 self._busy = False
                 # A request head already begun (while busy) gets the header deadline.
                 limits = self._limits
-                self._set_timer(limits.header_timeout if self._in_head else limits.idle_timeout)
+                begun = self._head is not None
+                self._set_timer(limits.header_timeout if begun else limits.idle_timeout)
                 if self._queue_paused:
                     self._queue_paused = False
                     self._update_reading()
@@ -708,28 +730,23 @@ class HttpServerProtocol(asyncio.Protocol):
             response.tunnel.close()
 
         body = response.body
-        no_body = request.method == "HEAD" or status in _NO_BODY_STATUS or status < 200
         length = len(body) if isinstance(body, bytes) else response.content_length
-        chunked = False
+        http10 = request.version == "1.0"
+        framing = send_framing(request.method, status, length, False, http10)
+        # A HEAD's answer may say the length of the body it goes without.
+        no_body = framing == NO_BODY or request.method == "HEAD"
+        chunked = framing == CHUNKED
+        if framing == UNTIL_CLOSE:
+            keep_alive = False  # the body ends when the connection does
         # The framing this server writes itself, after the app's fields.
-        framing = b""
-        if status in _NO_BODY_STATUS or status < 200:
-            pass
-        elif length is not None:
-            framing = b"Content-Length: %d\r\n" % length
-        elif not no_body:
-            if request.version == "1.1":
-                chunked = True
-                framing = b"Transfer-Encoding: chunked\r\n"
-            else:
-                keep_alive = False  # the body ends when the connection does
+        fields = framing_field(framing)
         if not keep_alive:
-            framing += b"Connection: close\r\n"
-        elif request.version == "1.0":
-            framing += b"Connection: keep-alive\r\n"
+            fields += b"Connection: close\r\n"
+        elif http10:
+            fields += b"Connection: keep-alive\r\n"
         if lines is None:
             lines = header_lines(headers)
-        head = status_line(status, response.reason) + lines + framing + b"\r\n"
+        head = status_line(status, response.reason) + lines + fields + b"\r\n"
 
         if no_body or body is None:
             transport.write(head)

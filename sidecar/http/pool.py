@@ -24,17 +24,24 @@ from multidict import CIMultiDictProxy
 
 from ..core.headers import FieldNames, decode_fields
 from .http1 import (
+    CHUNKED,
+    IDEMPOTENT,
     LAST_CHUNK,
+    NO_BODY,
+    UNTIL_CLOSE,
     FeedStream,
+    FramingError,
     TunnelPeer,
     WriteGate,
+    body_framing,
     chunk,
     content_length,
+    framing_field,
     header_lines,
     raw_header_lines,
+    send_framing,
 )
 
-IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # Written by the pool itself from the origin and the body; the caller's are dropped.
 _OWN_HEADERS: Final = frozenset({"host", "content-length", "transfer-encoding"})
 _OWN_HEADERS_RAW: Final = FieldNames(name.encode("latin-1") for name in _OWN_HEADERS)
@@ -100,6 +107,77 @@ class Resolver:
         return addresses
 
 
+class _Exchange:
+    """One call on a connection, from its head written to its answer's end.
+
+    Made fresh for each call (as uvicorn's RequestResponseCycle is for each request),
+    never reset field by field: a field a reset forgot cannot carry one call's answer
+    into the next, and the `UpstreamReply` made of it keeps reading its own call's
+    state even once the connection carries another. A plain class (compiled, its
+    fields are native slots): one small allocation per call.
+    """
+
+    __slots__ = (
+        "answered",
+        "body",
+        "codings",
+        "connection",
+        "error",
+        "final",
+        "framing",
+        "got_bytes",
+        "in_head",
+        "keep_alive",
+        "lengths",
+        "message_done",
+        "method",
+        "pending",
+        "pending_paused",
+        "pending_size",
+        "raw",
+        "reason",
+        "refers",
+        "sender",
+        "status",
+    )
+
+    def __init__(self, method: str, answered: asyncio.Future[None]) -> None:
+        self.method = method
+        self.answered = answered  # done at the answer's head (or its failure)
+        self.got_bytes = False  # the upstream sent anything: the call is not replayable
+        self.status = 0
+        self.reason = ""
+        # The answer's head as read: decoded only if a step asks (UpstreamReply.headers).
+        self.raw: list[tuple[bytes, bytes]] = []
+        # Every Content-Length and Transfer-Encoding value, joined: body_framing's input.
+        self.lengths: bytes | None = None
+        self.codings: bytes | None = None
+        self.connection: bytes | None = None  # every Connection field, joined
+        self.refers = False  # a Location or Content-Location: a URL a proxy may rewrite
+        self.in_head = False
+        self.final = False  # the answer's own head came (not an interim one's)
+        self.framing = NO_BODY  # body_framing's verdict, once the final head came
+        # The body read before anyone asked for it: most answers arrive whole with their
+        # head, and are then handed over as bytes, with no stream (UpstreamReply.data).
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.pending_paused = False
+        self.error: UpstreamError | None = None  # the connection failed before the end
+        self.body: FeedStream | None = None  # once the answer is known to stream
+        self.message_done = False
+        self.keep_alive = False
+        # Sends a streamed request body, possibly still after the answer's head came.
+        self.sender: asyncio.Task[None] | None = None
+
+    def interim_over(self) -> None:
+        """An interim answer (100 Continue, 103 Early Hints) ended: its fields are not
+        the real answer's, which follows on the same exchange."""
+        self.reason = ""
+        self.raw = []
+        self.lengths = self.codings = self.connection = None
+        self.refers = False
+
+
 class _Connection(asyncio.Protocol):
     """One upstream connection; at most one exchange at a time."""
 
@@ -112,31 +190,9 @@ class _Connection(asyncio.Protocol):
         self._writes = WriteGate(self._loop)
         # While pooled: when the pool's sweep closes it (0: in use).
         self.idle_until = 0.0
-        # The exchange in progress.
-        self._head: asyncio.Future[None] | None = None
-        self._no_body = False  # a HEAD call: the answer ends with its head
-        self.got_bytes = False
-        self.status = 0
-        self.reason = ""
-        # The answer's head as read: decoded only if a step asks (UpstreamReply.headers).
-        self.raw: list[tuple[bytes, bytes]] = []
-        self.length: bytes | None = None  # the first Content-Length
-        self.connection: bytes | None = None  # every Connection field, joined
-        self.refers = False  # a Location or Content-Location: a URL a proxy may rewrite
-        self._in_head = False
-        self._chunked = False  # the answer has a Transfer-Encoding (chunked)
-        self._final = False  # the answer's own head came (not an interim one's)
-        # The body read before anyone asked for it: most answers arrive whole with their
-        # head, and are then handed over as bytes, with no stream (UpstreamReply.data).
-        self.pending: list[bytes] = []
-        self._pending_size = 0
-        self._pending_paused = False
-        self.error: UpstreamError | None = None  # the connection failed before the end
-        self.body: FeedStream | None = None  # once the answer is known to stream
-        self.message_done = False
-        self.keep_alive = False
-        # Sends a streamed request body, possibly still after the answer's head came.
-        self.sender: asyncio.Task[None] | None = None
+        # The call in progress (and, after a 101, the one that opened the tunnel);
+        # None while idle, when any answer is one nobody asked for.
+        self.exchange: _Exchange | None = None
         # After a 101: raw bytes go to the tunnel's peer.
         self._upgrade_rest = b""
         self._peer: TunnelPeer | None = None
@@ -151,14 +207,16 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self._cancel_idle()
         self._pool._forget(self)
-        if exc is None and self._final and self.length is None and not self._chunked:
-            # An answer with neither Content-Length nor chunked framing ends where its
-            # connection does (RFC 9112 6.3): a clean close is its end, not a cut.
-            self.on_message_complete()
-        error = ResetError("the upstream closed the connection before the whole answer")
-        if self._head is not None and not self._head.done():
-            self._head.set_exception(error)
-        self._broken(error)
+        ex = self.exchange
+        if ex is not None:
+            if exc is None and ex.final and ex.framing == UNTIL_CLOSE:
+                # An answer framed by neither Content-Length nor chunked ends where its
+                # connection does (RFC 9112 6.3): a clean close is its end, not a cut.
+                self.on_message_complete()
+            error = ResetError("the upstream closed the connection before the whole answer")
+            if not ex.answered.done():
+                ex.answered.set_exception(error)
+            _broken(ex, error)
         self._writes.wake()
         if self._peer is not None:
             self._peer.tunnel_closed()
@@ -167,39 +225,38 @@ class _Connection(asyncio.Protocol):
         if self._peer is not None:
             self._peer.tunnel_data(data)
             return
-        if self.status == 101:
-            # Upgraded, tunnel not attached yet: these bytes are the tunnel's, not HTTP.
-            self._upgrade_rest += data
-            return
-        self.got_bytes = True
+        ex = self.exchange
+        if ex is not None:
+            if ex.status == 101:
+                # Upgraded, tunnel not attached yet: these bytes are the tunnel's, not HTTP.
+                self._upgrade_rest += data
+                return
+            ex.got_bytes = True
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self._upgrade_rest = data[upgrade.args[0] :]
         except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, _HeadDone):
+            cause = exc.__context__
+            if isinstance(cause, _HeadDone):
                 # The answer to a HEAD has no body, whatever its Content-Length says;
                 # llhttp cannot be told so, so the next answer gets a fresh parser.
                 self._parser = httptools.HttpResponseParser(self)
                 self.on_message_complete()
+            elif isinstance(cause, FramingError):
+                self._fail(ResetError(f"the upstream's answer could not be read: {cause}"))
             else:
                 self._fail(ResetError(f"the upstream's answer could not be read: {exc}"))
         except httptools.HttpParserError as exc:
             self._fail(ResetError(f"the upstream's answer could not be read: {exc}"))
 
     def _fail(self, error: UpstreamError) -> None:
-        if self._head is not None and not self._head.done():
-            self._head.set_exception(error)
-        self._broken(error)
+        ex = self.exchange
+        if ex is not None:
+            if not ex.answered.done():
+                ex.answered.set_exception(error)
+            _broken(ex, error)
         self.close()
-
-    def _broken(self, error: UpstreamError) -> None:
-        if self.message_done:
-            return
-        if self.body is not None:
-            self.body.set_error(error)
-        else:
-            self.error = error
 
     def pause_writing(self) -> None:
         self._writes.pause()
@@ -211,94 +268,105 @@ class _Connection(asyncio.Protocol):
         if self._peer is not None:
             self._peer.tunnel_resume()
 
-    # httptools callbacks
+    # httptools callbacks: each runs within a call's exchange (on_message_begin
+    # refuses an answer outside one).
 
     def on_message_begin(self) -> None:
-        if self.message_done:
+        ex = self.exchange
+        if ex is None or ex.message_done:
             # An answer no call asked for (after the whole one, or on an idle
             # connection): the connection can no longer be trusted to frame answers.
             raise _Unasked
-        self._in_head = True
-        self._chunked = False
-        self.raw = []
-        self.length = None
-        self.connection = None
-        self.refers = False
+        ex.in_head = True
 
     def on_status(self, reason: bytes) -> None:
-        self.reason += reason.decode("latin-1")
+        ex = self.exchange
+        assert ex is not None
+        ex.reason += reason.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._in_head:  # else a trailer, not forwarded
-            self.raw.append((name, value))
+        ex = self.exchange
+        assert ex is not None
+        if ex.in_head:  # else a trailer, not forwarded
+            ex.raw.append((name, value))
             size = len(name)
             if size == 14 or size == 10 or size == 8 or size == 16 or size == 17:
                 lower = name.lower()
+                # Repeated fields are one list (RFC 9110 5.3): body_framing reads them all.
                 if lower == b"transfer-encoding":
-                    self._chunked = True
+                    codings = ex.codings
+                    ex.codings = value if codings is None else codings + b", " + value
                 elif lower == b"content-length":
-                    if self.length is None:
-                        self.length = value
+                    lengths = ex.lengths
+                    ex.lengths = value if lengths is None else lengths + b", " + value
                 elif lower == b"connection":
-                    # Repeated fields are one list (RFC 9110 5.3).
-                    previous = self.connection
-                    self.connection = value if previous is None else previous + b", " + value
+                    previous = ex.connection
+                    ex.connection = value if previous is None else previous + b", " + value
                 elif lower == b"location" or lower == b"content-location":
-                    self.refers = True
+                    ex.refers = True
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        ex = self.exchange
+        assert ex is not None
+        ex.in_head = False
         status = self._parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             # Interim (100 Continue, 103 Early Hints): the real answer follows.
-            self.reason = ""
+            ex.interim_over()
             return
-        self._final = True
-        self.status = status
-        self.keep_alive = self._parser.should_keep_alive()
-        if self._head is not None and not self._head.done():
-            self._head.set_result(None)
-        if self._no_body:
+        ex.framing = body_framing(ex.method, status, ex.lengths, ex.codings)
+        ex.final = True
+        ex.status = status
+        ex.keep_alive = self._parser.should_keep_alive()
+        if not ex.answered.done():
+            ex.answered.set_result(None)
+        if ex.method == "HEAD":
+            # llhttp frames every answer as body_framing does but a HEAD's: it cannot
+            # be told which call an answer is for.
             raise _HeadDone
 
     def on_body(self, data: bytes) -> None:
-        body = self.body
+        ex = self.exchange
+        assert ex is not None
+        body = ex.body
         if body is not None:
             body.feed(data)
             return
-        self.pending.append(data)
-        self._pending_size += len(data)
-        if self._pending_size > self._pool.high_water and not self._pending_paused:
+        ex.pending.append(data)
+        ex.pending_size += len(data)
+        if ex.pending_size > self._pool.high_water and not ex.pending_paused:
             # Until the caller takes the answer: the stream made for it then resumes.
-            self._pending_paused = True
+            ex.pending_paused = True
             self._pause_reading()
 
     def on_message_complete(self) -> None:
-        if not self._final:
+        ex = self.exchange
+        assert ex is not None
+        if not ex.final:
             return  # the end of an interim answer
-        self.message_done = True
-        if self.body is not None:
-            self.body.feed_eof()
-        elif self._pending_paused:
-            self._pending_paused = False
+        ex.message_done = True
+        if ex.body is not None:
+            ex.body.feed_eof()
+        elif ex.pending_paused:
+            ex.pending_paused = False
             self._resume_reading()  # all of it is here: the next answer may be read
 
-    def open_body(self) -> FeedStream:
+    def open_body(self, ex: _Exchange) -> FeedStream:
         """The answer's body as a stream: what was read so far, then the rest."""
-        body = self.body = FeedStream(
+        body = ex.body = FeedStream(
             loop=self._loop,
             pause=self._pause_reading,
             resume=self._resume_reading,
             high_water=self._pool.high_water,
         )
-        self._pending_paused = False  # the stream's own flow control takes over
-        for data in self.pending:
+        ex.pending_paused = False  # the stream's own flow control takes over
+        for data in ex.pending:
             body.feed(data)
-        self.pending = []
-        if self.message_done:
+        ex.pending = []
+        if ex.message_done:
             body.feed_eof()
-        elif self.error is not None:
-            body.set_error(self.error)
+        elif ex.error is not None:
+            body.set_error(ex.error)
         return body
 
     # Flow control
@@ -320,45 +388,30 @@ class _Connection(asyncio.Protocol):
 
     # Exchange
 
-    def begin(self, method: str) -> asyncio.Future[None]:
+    def begin(self, method: str) -> _Exchange:
+        """A fresh exchange for the next call: nothing of the last one carries over."""
         self._cancel_idle()
-        self._head = self._loop.create_future()
-        self._no_body = method == "HEAD"
-        self.got_bytes = False
-        self.status = 0
-        self.reason = ""
-        self._final = False
-        self.body = None
-        self.pending = []
-        self._pending_size = 0
-        self._pending_paused = False
-        self.error = None
-        self.message_done = False
-        self.keep_alive = False
-        self.sender = None
-        return self._head
+        ex = self.exchange = _Exchange(method, self._loop.create_future())
+        return ex
 
     def reusable(self) -> bool:
+        ex = self.exchange
+        if ex is None or self.closed or not ex.message_done or not ex.keep_alive:
+            return False
+        sender = ex.sender
         return (
-            not self.closed
-            and self.message_done
-            and self.keep_alive
             # Read whole from the socket; a stream made of it need not be consumed.
-            and (self.body is None or self.body.at_eof)
+            (ex.body is None or ex.body.at_eof)
             # The whole call went out: the upstream waits for no more of its body.
             and (
-                self.sender is None
-                or (
-                    self.sender.done()
-                    and not self.sender.cancelled()
-                    and self.sender.exception() is None
-                )
+                sender is None
+                or (sender.done() and not sender.cancelled() and sender.exception() is None)
             )
         )
 
     def idle(self, until: float) -> None:
-        self._head = None
-        self.body = None
+        # The call's state goes with its reply: an idle connection keeps none of it.
+        self.exchange = None
         self.idle_until = until
 
     def _cancel_idle(self) -> None:
@@ -392,6 +445,16 @@ class _Connection(asyncio.Protocol):
         self._resume_reading()
 
 
+def _broken(ex: _Exchange, error: UpstreamError) -> None:
+    """The connection failed: the call's body, if it has not ended, fails with `error`."""
+    if ex.message_done:
+        return
+    if ex.body is not None:
+        ex.body.set_error(error)
+    else:
+        ex.error = error
+
+
 class _HeadDone(Exception):
     """Stops the parser at the end of a HEAD answer's head."""
 
@@ -412,6 +475,7 @@ class UpstreamReply:
 
     __slots__ = (
         "_conn",
+        "_ex",
         "_headers",
         "_pool",
         "_released",
@@ -425,28 +489,36 @@ class UpstreamReply:
         "status",
     )
 
-    def __init__(self, pool: Pool, conn: _Connection) -> None:
+    def __init__(self, pool: Pool, conn: _Connection, ex: _Exchange) -> None:
         self._pool = pool
         self._conn = conn
+        # This call's own exchange: what release() reads is this call's, whatever
+        # the connection carries by then.
+        self._ex = ex
         self._released = False
-        self.status = conn.status
-        self.reason = conn.reason
+        self.status = ex.status
+        self.reason = ex.reason
         # The head as the upstream sent it, names and values as bytes: the egress
         # relays it from these without decoding it (most steps never look).
-        self.raw_headers = conn.raw
-        self.connection = conn.connection
-        self.refers = conn.refers
+        self.raw_headers = ex.raw
+        self.connection = ex.connection
+        self.refers = ex.refers
         self._headers: CIMultiDictProxy[str] | None = None
-        length = conn.length
-        self.content_length = content_length(length) if length is not None else None
+        framing = ex.framing
+        if framing >= 0:
+            self.content_length: int | None = framing
+        else:
+            # A HEAD's or a 304's too: the length its GET's body has, relayed as is.
+            lengths = ex.lengths
+            self.content_length = content_length(lengths) if lengths is not None else None
         self._stream: FeedStream | None = None
         self.data: bytes | None = None
-        if conn.message_done:
-            pending = conn.pending
+        if ex.message_done:
+            pending = ex.pending
             self.data = pending[0] if len(pending) == 1 else b"".join(pending)
-            conn.pending = []
+            ex.pending = []
         else:
-            self._stream = conn.open_body()
+            self._stream = conn.open_body(ex)
             self._stream.on_close = self.release
 
     @property
@@ -477,7 +549,7 @@ class UpstreamReply:
         self._released = True
         if self._stream is not None:
             self._stream.close()
-        sender = self._conn.sender
+        sender = self._ex.sender
         if sender is not None and not sender.done():
             # Answered before the whole body was sent: the upstream still waits for the
             # rest, so this connection can carry no other call.
@@ -548,19 +620,15 @@ class Pool:
         if isinstance(body, FeedStream) and body.complete:
             # All of it came with the head (most calls): one write, no sender task.
             body = body.take_all()
+        streamed = body is not None and not isinstance(body, bytes)
         if isinstance(body, bytes):
             content_length = len(body)
         if raw_headers is not None:
             lines = raw_header_lines(raw_headers, _OWN_HEADERS_RAW)
         else:
             lines = header_lines(h for h in headers if h[0].lower() not in _OWN_HEADERS)
-        chunked = body is not None and not isinstance(body, bytes) and content_length is None
-        if chunked:
-            framing = b"Transfer-Encoding: chunked\r\n"
-        elif content_length is not None and (content_length or method not in IDEMPOTENT):
-            framing = b"Content-Length: %d\r\n" % content_length
-        else:
-            framing = b""
+        framing = send_framing(method, 0, content_length, streamed, False)
+        chunked = framing == CHUNKED
         head = b"".join(
             (
                 method.encode("latin-1"),
@@ -569,11 +637,11 @@ class Pool:
                 b" HTTP/1.1\r\n",
                 self._host_line,
                 lines,
-                framing,
+                framing_field(framing),
                 b"\r\n",
             )
         )
-        replayable = method in IDEMPOTENT and not (body is not None and not isinstance(body, bytes))
+        replayable = method in IDEMPOTENT and not streamed
 
         conn = self._idle_connection()
         reused = conn is not None
@@ -582,19 +650,20 @@ class Pool:
         try:
             if body is None or isinstance(body, bytes):
                 # _exchange's whole-body path, inline: no coroutine more per call.
-                answered = conn.begin(method)
+                ex = conn.begin(method)
                 transport = conn.transport
                 assert transport is not None
                 try:
                     transport.write(head + body if body else head)
-                    await answered
+                    await ex.answered
                 except BaseException:
                     conn.close()
                     raise
-                return UpstreamReply(self, conn)
+                return UpstreamReply(self, conn, ex)
             return await self._exchange(conn, method, head, body, chunked)
         except ResetError:
-            if not (reused and replayable and not conn.got_bytes):
+            failed = conn.exchange
+            if not (reused and replayable and failed is not None and not failed.got_bytes):
                 raise
         # A kept-alive connection the upstream had closed: once more, on a fresh one.
         self.retries += 1
@@ -609,7 +678,8 @@ class Pool:
         body: bytes | AsyncIterable[bytes] | None,
         chunked: bool,
     ) -> UpstreamReply:
-        answered = conn.begin(method)
+        ex = conn.begin(method)
+        answered = ex.answered
         transport = conn.transport
         assert transport is not None
         sender: asyncio.Task[None] | None = None
@@ -619,7 +689,7 @@ class Pool:
             else:
                 transport.write(head)
                 # The upstream may answer before the upload ends (a 413, say).
-                sender = conn.sender = asyncio.ensure_future(_send_body(conn, body, chunked))
+                sender = ex.sender = asyncio.ensure_future(_send_body(conn, body, chunked))
                 sender.add_done_callback(_retrieved)
                 await asyncio.wait({sender, answered}, return_when=asyncio.FIRST_COMPLETED)
                 if sender.done() and sender.exception() is not None:
@@ -631,7 +701,7 @@ class Pool:
                 sender.cancel()
             conn.close()
             raise
-        return UpstreamReply(self, conn)
+        return UpstreamReply(self, conn, ex)
 
     def _idle_connection(self) -> _Connection | None:
         while self._idle:

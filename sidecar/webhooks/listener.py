@@ -104,7 +104,7 @@ async def _admit(hub: WebhookHub, kind: str, name: str, request: Request) -> Res
 
 
 async def events_answer(hub: WebhookHub, request: Request) -> Response:
-    # Imported on first use: it needs the store (sqlite3).
+    # Imported on first use: only a sidecar with subscriptions needs it.
     from . import events
 
     headers = {k.lower(): v for k, v in request.headers.items()}

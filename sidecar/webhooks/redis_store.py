@@ -1,7 +1,7 @@
 """The webhook queue in Redis, shared by several replicas: Redis Streams.
 
-Same interface as the SQLite `Store` (store.Queue), so inbound, outbound,
-the delivery worker and the admin port do not know which one runs.
+One of the two implementations of queue.Queue (the other: sqlite_store.py), so
+inbound, outbound, the delivery worker and the admin port do not know which one runs.
 
 - A message is a hash, each delivery a hash with its attempts in a list.
 - A delivery that is due now is an entry of one stream, read through one
@@ -38,10 +38,11 @@ from typing import Any
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError, ResponseError
 
-from .store import (
+from .queue import (
     SUBSCRIPTION,
     Accepted,
     Attempt,
+    DeadLetter,
     DeliveryStatus,
     DeliveryView,
     Direction,
@@ -739,6 +740,9 @@ class RedisStore:
         except RedisError as exc:
             raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
         return Overview(stats, {_text(k): int(v) for k, v in unrouted.items()})
+
+    async def dead_letters(self, limit: int = 50) -> list[DeadLetter] | None:
+        return None  # no index of them: a delivery's status lives in its own hash
 
     async def message(self, message_id: str) -> MessageView | None:
         self._check()

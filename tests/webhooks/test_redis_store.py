@@ -15,8 +15,8 @@ import pytest
 
 from sidecar.webhooks.inbound import Ingress
 from sidecar.webhooks.outbound import Outbox
+from sidecar.webhooks.queue import SUBSCRIPTION, DeliveryStatus, Direction, Target
 from sidecar.webhooks.redis_store import RedisStore
-from sidecar.webhooks.store import SUBSCRIPTION, DeliveryStatus, Direction, Target
 from tests.helpers import eventually
 from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401
 
@@ -172,3 +172,8 @@ async def test_an_acknowledged_subscription_expires_with_the_retention(
         return await store.message(accepted.message_id) is None
 
     await eventually(gone, "the acknowledged message removed after its retention")
+
+
+async def test_dead_letters_are_not_listed_from_redis(store: RedisStore) -> None:
+    """The console shows `dead_letters: null` for a Redis queue: it keeps no index of them."""
+    assert await store.dead_letters() is None

@@ -1,4 +1,4 @@
-"""The durable webhook queue, one for both directions: SQLite in WAL mode.
+"""The webhook queue (queue.Queue) in one SQLite file, WAL mode: one process owns it.
 
 A message is the event as received (headers, body); each of its targets gets
 a delivery row (status, attempts, next attempt, last error); each attempt is a
@@ -17,19 +17,37 @@ are released, to be attempted again (at least once, never lost).
 from __future__ import annotations
 
 import asyncio
-import enum
 import json
 import logging
 import os
-import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from ..sqlite_writer import SqliteWriter
+from .queue import (
+    SUBSCRIPTION,
+    Accepted,
+    Attempt,
+    DeadLetter,
+    DeliveryStatus,
+    DeliveryView,
+    Direction,
+    Due,
+    EndpointStats,
+    MessageStatus,
+    MessageView,
+    Outcome,
+    Overview,
+    Pending,
+    QueueDepth,
+    StoreClosed,
+    StoreUnavailable,
+    Target,
+    new_message_id,
+)
 
 log = logging.getLogger("sidecar.webhooks")
 
@@ -37,151 +55,7 @@ T = TypeVar("T")
 Clock = Callable[[], float]
 
 DB_NAME = "webhooks.db"
-# The delivery of an inbound event that agents subscribe to (`subscribe: true`): no
-# URL, never claimed by the delivery worker (its next_attempt is NULL), delivered
-# when the subscriber acknowledges it (webhooks/events.py).
-SUBSCRIPTION = "_events"
 _DEDUP_PURGE_EVERY = 60.0
-
-
-class Direction(enum.StrEnum):
-    inbound = "inbound"
-    outbound = "outbound"
-
-
-class DeliveryStatus(enum.StrEnum):
-    pending = "pending"
-    delivered = "delivered"
-    dead = "dead"
-
-
-class MessageStatus(enum.StrEnum):
-    routed = "routed"
-    unrouted = "unrouted"  # no route matched: kept, visible, never dropped silently
-
-
-class Outcome(enum.Enum):
-    delivered = "delivered"
-    retry = "retry"  # failed; try again at next_attempt
-    dead = "dead"  # failed on the last attempt of the schedule
-    gone = "gone"  # 410: the endpoint is disabled, the delivery waits for it
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    endpoint: str  # outbound: the endpoint's name; inbound: the target URL
-    url: str
-
-
-@dataclass(frozen=True, slots=True)
-class Accepted:
-    message_id: str
-    duplicate: bool  # already accepted within the dedup window: nothing new stored
-    routed: bool = True  # False: no target wanted it, kept as unrouted
-
-
-@dataclass(frozen=True, slots=True)
-class Due:
-    """A claimed delivery, with what its attempt needs."""
-
-    delivery_id: int
-    message_id: str
-    direction: Direction
-    source: str
-    endpoint: str
-    url: str
-    attempts: int  # made before this one
-    event_type: str | None
-    headers: list[tuple[str, str]]
-    body: bytes
-    created: float = 0.0  # when the message was accepted
-    due: float = 0.0  # when this attempt was scheduled for
-
-
-@dataclass(frozen=True, slots=True)
-class Pending:
-    """An event waiting for its subscriber's acknowledgement, in arrival order."""
-
-    delivery_id: int
-    message_id: str
-    event_type: str | None
-    headers: list[tuple[str, str]]
-    body: bytes
-    created: float
-
-
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    at: float  # when it started
-    status_code: int | None
-    error: str | None
-    duration: float
-    due: float | None = None  # when it was scheduled for (None: recorded before this was kept)
-
-    @property
-    def ok(self) -> bool:
-        return self.status_code is not None and 200 <= self.status_code < 300
-
-
-@dataclass(frozen=True, slots=True)
-class EndpointStats:
-    direction: Direction
-    source: str
-    endpoint: str
-    depth: int  # pending deliveries
-    oldest_pending_age: float | None  # seconds since the oldest pending message arrived
-    successes: int  # delivered
-    failures: int  # failed attempts
-    dead: int
-    disabled: bool
-
-
-@dataclass(frozen=True, slots=True)
-class QueueDepth:
-    direction: Direction
-    source: str
-    endpoint: str
-    depth: int
-    oldest_pending_age: float
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    direction: Direction
-    source: str
-    endpoint: str
-    message_id: str
-    event_type: str | None
-    created: float
-    last_error: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Overview:
-    endpoints: list[EndpointStats]
-    unrouted: dict[str, int]  # inbound webhook -> messages no route matched
-
-
-@dataclass(frozen=True, slots=True)
-class DeliveryView:
-    endpoint: str
-    url: str
-    status: DeliveryStatus
-    attempts: list[Attempt]
-    next_attempt: float | None
-    last_error: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class MessageView:
-    id: str
-    direction: Direction
-    source: str
-    event_type: str | None
-    status: MessageStatus
-    created: float
-    deliveries: list[DeliveryView]
-
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -281,30 +155,6 @@ def _prune(conn: sqlite3.Connection, before: float) -> None:
     )
 
 
-class _RandomHex:
-    """8 random bytes as hex per call, read from the OS 256 ids at a time: one
-    getrandom() per event cost more than the rest of the id. Event loop only."""
-
-    def __init__(self) -> None:
-        self._hex = ""
-        self._at = 0
-
-    def take(self) -> str:
-        if self._at >= len(self._hex):
-            self._hex = secrets.token_hex(8 * 256)
-            self._at = 0
-        self._at += 16
-        return self._hex[self._at - 16 : self._at]
-
-
-_random_hex = _RandomHex()
-
-
-def new_message_id(now: float) -> str:
-    # Time first, so ids sort by arrival in the admin view and in the table.
-    return f"msg_{int(now * 1000):012x}{_random_hex.take()}"
-
-
 def _setup(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA foreign_keys=ON")
     conn.executescript(_SCHEMA)
@@ -315,65 +165,8 @@ def _setup(conn: sqlite3.Connection) -> None:
     conn.execute("UPDATE deliveries SET claimed = 0 WHERE claimed = 1")
 
 
-class StoreUnavailable(Exception):
-    """The queue cannot be reached (closed, Redis down): nothing was stored."""
-
-
-class StoreClosed(StoreUnavailable):
-    pass
-
-
-class Queue(Protocol):
-    """What inbound, outbound, the delivery worker and the admin port use of a store:
-    `Store` here (SQLite), `RedisStore` in redis_store.py."""
-
-    on_new_deliveries: Callable[[], None] | None
-
-    def configure(self, *, claim_idle: float, retention: float | None) -> None: ...
-
-    async def close(self) -> None: ...
-
-    async def accept(
-        self,
-        *,
-        direction: Direction,
-        source: str,
-        event_type: str | None,
-        headers: Sequence[tuple[str, str]],
-        body: bytes,
-        targets: Sequence[Target],
-        dedup_id: str | None = None,
-        dedup_window: float = 0.0,
-        first_attempt_in: float = 0.0,
-    ) -> Accepted: ...
-
-    async def claim(self, limit: int, per_endpoint: int) -> list[Due]: ...
-
-    async def next_due(self) -> float | None: ...
-
-    async def finish(
-        self, due: Due, attempt: Attempt, outcome: Outcome, next_attempt: float | None = None
-    ) -> None: ...
-
-    async def release_claims(self) -> None: ...
-
-    async def enable(self, source: str, endpoint: str) -> bool: ...
-
-    async def retry(self, message_id: str) -> int | None: ...
-
-    async def overview(self) -> Overview: ...
-
-    async def depths(self) -> list[QueueDepth]: ...
-
-    async def message(self, message_id: str) -> MessageView | None: ...
-
-    async def pending(self, source: str, after: int | None, limit: int) -> list[Pending]: ...
-
-    async def ack(self, source: str, message_id: str) -> int | None: ...
-
-
-class Store:
-    """The queue. Open with `await Store.open(data_dir)`; every method is a coroutine."""
+class SqliteStore:
+    """The queue in SQLite. Open with `await SqliteStore.open(data_dir)`."""
 
     def __init__(self, writer: SqliteWriter, clock: Clock) -> None:
         self._writer = writer
@@ -391,7 +184,9 @@ class Store:
         self.on_new_deliveries: Callable[[], None] | None = None
 
     @classmethod
-    async def open(cls, data_dir: str | os.PathLike[str], *, clock: Clock = time.time) -> Store:
+    async def open(
+        cls, data_dir: str | os.PathLike[str], *, clock: Clock = time.time
+    ) -> SqliteStore:
         writer = SqliteWriter(
             Path(data_dir) / DB_NAME,
             thread_name="sidecar-webhooks-db",
@@ -418,7 +213,11 @@ class Store:
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         if self._closed:
             raise StoreClosed("the webhook store is closed")
-        return await self._writer.submit(work)
+        try:
+            return await self._writer.submit(work)
+        except (sqlite3.Error, OSError) as exc:
+            # Callers know the queue, not its backend: the same 503 as Redis down.
+            raise StoreUnavailable(str(exc)) from exc
 
     async def accept(
         self,
@@ -730,7 +529,7 @@ class Store:
 
         return await self._run(work)
 
-    async def dead_letters(self, limit: int = 50) -> list[DeadLetter]:
+    async def dead_letters(self, limit: int = 50) -> list[DeadLetter] | None:
         """The newest dead deliveries, each with its message id (what a replay takes)."""
 
         def work(conn: sqlite3.Connection) -> list[DeadLetter]:

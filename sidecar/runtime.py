@@ -32,6 +32,7 @@ from .steps.resilience.faults import Faults
 from .telemetry import Telemetry
 from .webhooks.gate import build_gate
 from .webhooks.hub import StoreChanged, WebhookHub
+from .webhooks.listener import OWN_PREFIXES, egress_app
 
 log = logging.getLogger("sidecar")
 
@@ -120,7 +121,9 @@ class Sidecar:
             metrics=self.telemetry.metrics.webhooks,
             tracer=self.telemetry.tracer,
         )
-        self.handler = Egress(self.telemetry, self.webhooks)
+        self.handler = Egress(self.telemetry)
+        self.handler.webhooks = egress_app(self.webhooks)
+        self.handler.webhook_prefixes = OWN_PREFIXES
         # The console's 30 minutes of readings, and the alert rules; both run on one
         # timer (start_background), never on the request path.
         from .alerts.engine import AlertEngine

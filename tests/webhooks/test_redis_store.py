@@ -65,8 +65,13 @@ async def test_replicas_share_one_queue_and_one_dedup_window(replicas, receiver,
     assert again.duplicate and again.message_id == first.message_id
     await eventually(lambda: len(target.received) == 1, "the event delivered by replica B")
     assert target.header("X-Sidecar-Message-Id") == [first.message_id]
-    view = await a.message(first.message_id or "")
-    assert view is not None and view.deliveries[0].status is DeliveryStatus.delivered
+
+    async def recorded() -> bool:
+        # The receiver has it before B records the attempt: wait for the record too.
+        view = await a.message(first.message_id or "")
+        return view is not None and view.deliveries[0].status is DeliveryStatus.delivered
+
+    await eventually(recorded, "the delivery recorded as delivered, seen from replica A")
 
 
 async def test_a_dead_replicas_deliveries_are_taken_over(replicas, receiver, running) -> None:
@@ -88,11 +93,16 @@ async def test_a_dead_replicas_deliveries_are_taken_over(replicas, receiver, run
     await running(survivor, policy)
     await eventually(lambda: len(target.received) == 10, "all 10 deliveries made by the survivor")
     assert {h for h in target.header("webhook-id")} == ids
-    overview = await survivor.overview()
-    assert {(s.endpoint, s.successes, s.depth) for s in overview.endpoints} == {
-        ("gone", 5, 0),
-        ("fine", 5, 0),
-    }
+
+    async def recorded() -> bool:
+        # The receiver has the last one before its attempt is recorded: wait for that too.
+        overview = await survivor.overview()
+        return {(s.endpoint, s.successes, s.depth) for s in overview.endpoints} == {
+            ("gone", 5, 0),
+            ("fine", 5, 0),
+        }
+
+    await eventually(recorded, "every delivery recorded as delivered")
     # Nothing is left in anyone's pending list.
     redis = survivor._redis
     assert (await redis.xpending("shared:due", "deliverers"))["pending"] == 0

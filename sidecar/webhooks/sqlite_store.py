@@ -17,14 +17,16 @@ are released, to be attempted again (at least once, never lost).
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from ..sqlite_writer import SqliteWriter
 from .queue import (
@@ -52,6 +54,8 @@ from .queue import (
 log = logging.getLogger("sidecar.webhooks")
 
 T = TypeVar("T")
+Item = TypeVar("Item")
+R = TypeVar("R")
 Clock = Callable[[], float]
 
 DB_NAME = "webhooks.db"
@@ -165,6 +169,101 @@ def _setup(conn: sqlite3.Connection) -> None:
     conn.execute("UPDATE deliveries SET claimed = 0 WHERE claimed = 1")
 
 
+@dataclass(slots=True)
+class _Event:
+    """One accept waiting for the writer's next turn."""
+
+    message_id: str
+    direction: str
+    source: str
+    event_type: str | None
+    status: str
+    headers: str  # JSON
+    body: bytes
+    now: float
+    dedup_id: str | None  # None: no dedup (no id, or no window)
+    expires: float  # of its dedup entry
+    targets: list[tuple[str, str]]  # (endpoint, url)
+    first: float  # when its deliveries are first due
+
+
+_PENDING = ", 'pending'"
+# Rows per multi-row statement: well under SQLite's 32,766 bound variables.
+_ROWS = 256
+
+
+def _chunks(rows: Sequence[R]) -> list[Sequence[R]]:
+    return [rows[i : i + _ROWS] for i in range(0, len(rows), _ROWS)]
+
+
+def _marks(columns: int, rows: int, tail: str = "") -> str:
+    """`(?, ?), (?, ?)`: the placeholders of a multi-row VALUES."""
+    row = "(" + ", ".join("?" * columns) + tail + ")"
+    return ", ".join([row] * rows)
+
+
+class _Batched(Generic[Item, R]):
+    """Calls of one kind written together: one writer job per turn for all of them.
+
+    A job per call made the writer thread run a savepoint and a few statements per
+    event, each a round of the GIL with the event loop; one job per turn writes
+    everything that queued up meanwhile with a few multi-row statements. Each
+    caller's future is settled once the turn's transaction committed (or failed:
+    then every call in it fails, as they would have in one failed COMMIT).
+    """
+
+    def __init__(
+        self,
+        writer: SqliteWriter,
+        write: Callable[[sqlite3.Connection, list[Item]], list[R]],
+        after: Callable[[list[R]], None] | None = None,
+    ) -> None:
+        self._writer = writer
+        self._write = write
+        self._after = after
+        self._items: collections.deque[tuple[Item, asyncio.Future[R]]] = collections.deque()
+        # A job is queued that has not yet taken the items: a new item goes with it.
+        # Set on the loop, cleared by the writer thread before it takes the items, so
+        # an item added after the take always finds it cleared and queues a job.
+        self._queued = False
+
+    def add(self, item: Item) -> asyncio.Future[R]:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._items.append((item, future))
+        if not self._queued:
+            self._queued = True
+            taken: list[tuple[Item, asyncio.Future[R]]] = []
+
+            def work(conn: sqlite3.Connection) -> list[R]:
+                self._queued = False
+                items = self._items
+                while items:
+                    taken.append(items.popleft())
+                return self._write(conn, [item for item, _ in taken]) if taken else []
+
+            self._writer.submit(work).add_done_callback(lambda done: self._settle(taken, done))
+        return future
+
+    def _settle(
+        self, taken: list[tuple[Item, asyncio.Future[R]]], done: asyncio.Future[list[R]]
+    ) -> None:
+        error = done.exception()
+        if error is not None:
+            if isinstance(error, (sqlite3.Error, OSError)):
+                # Callers know the queue, not its backend: the same 503 as Redis down.
+                error = StoreUnavailable(str(error))
+            for _, future in taken:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        results = done.result()
+        for (_, future), result in zip(taken, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+        if self._after is not None and results:
+            self._after(results)
+
+
 class SqliteStore:
     """The queue in SQLite. Open with `await SqliteStore.open(data_dir)`."""
 
@@ -182,6 +281,9 @@ class SqliteStore:
         self._claims: dict[tuple[str, str], set[int]] = {}
         # Called after each commit that added deliveries: wakes the delivery worker.
         self.on_new_deliveries: Callable[[], None] | None = None
+        self._accepts: _Batched[_Event, Accepted] = _Batched(
+            writer, self._write_accepts, self._accepted
+        )
 
     @classmethod
     async def open(
@@ -240,64 +342,105 @@ class SqliteStore:
         With a dedup_id seen for this source within the window, nothing is
         stored and the first message's id comes back as a duplicate.
         No targets: the message is kept as unrouted.
+
+        Every event that arrives while the writer is busy waits for its next turn
+        and is written with the others, a few multi-row statements for them all
+        (`_write_accepts`), in the same transaction as whatever else is queued.
         """
+        if self._closed:
+            raise StoreClosed("the webhook store is closed")
         now = self._clock()
         message_id = new_message_id(now)
-        status = MessageStatus.routed if targets else MessageStatus.unrouted
-        first = now + first_attempt_in
-        purge = now - self._last_purge > _DEDUP_PURGE_EVERY
-        if purge:
-            self._last_purge = now
+        event = _Event(
+            message_id,
+            direction.value,
+            source,
+            event_type,
+            MessageStatus.routed.value if targets else MessageStatus.unrouted.value,
+            json.dumps(list(headers)),
+            body,
+            now,
+            dedup_id if dedup_window > 0 else None,
+            now + dedup_window,
+            [(t.endpoint, t.url) for t in targets],
+            now + first_attempt_in,
+        )
+        return await self._accepts.add(event)
 
-        def work(conn: sqlite3.Connection) -> Accepted:
-            if purge:
-                conn.execute("DELETE FROM dedup WHERE expires <= ?", (now,))
-            if dedup_id is not None and dedup_window > 0:
-                row = conn.execute(
-                    "SELECT message_id FROM dedup WHERE source = ? AND delivery_id = ?"
-                    " AND expires > ?",
-                    (source, dedup_id, now),
-                ).fetchone()
-                if row is not None:
-                    return Accepted(row[0], duplicate=True)
-                conn.execute(
-                    "INSERT OR REPLACE INTO dedup VALUES (?, ?, ?, ?)",
-                    (source, dedup_id, message_id, now + dedup_window),
+    def _write_accepts(self, conn: sqlite3.Connection, events: list[_Event]) -> list[Accepted]:
+        """In the writer thread: the events of one turn, in arrival order."""
+        now = events[-1].now
+        if now - self._last_purge > _DEDUP_PURGE_EVERY:
+            self._last_purge = now
+            conn.execute("DELETE FROM dedup WHERE expires <= ?", (now,))
+        results: list[Accepted | None] = [None] * len(events)
+        keyed = [(i, e) for i, e in enumerate(events) if e.dedup_id is not None]
+        if keyed:
+            # (source, dedup id) -> the message it was first accepted as, until when.
+            seen: dict[tuple[str, str], tuple[str, float]] = {}
+            for chunk in _chunks(keyed):
+                found_rows = conn.execute(
+                    "SELECT source, delivery_id, message_id, expires FROM dedup"
+                    f" WHERE (source, delivery_id) IN (VALUES {_marks(2, len(chunk))})",
+                    [v for _, e in chunk for v in (e.source, e.dedup_id)],
                 )
+                for row in found_rows:
+                    seen[row[0], row[1]] = (row[2], row[3])
+            fresh: list[tuple[str, str, str, float]] = []
+            for i, e in keyed:
+                key = (e.source, e.dedup_id or "")
+                found = seen.get(key)
+                if found is not None and found[1] > e.now:
+                    results[i] = Accepted(found[0], duplicate=True)
+                else:
+                    seen[key] = (e.message_id, e.expires)
+                    fresh.append((*key, e.message_id, e.expires))
+            for part in _chunks(fresh):
+                conn.execute(
+                    f"INSERT OR REPLACE INTO dedup VALUES {_marks(4, len(part))}",
+                    [v for row in part for v in row],
+                )
+        stored = [e for e, r in zip(events, results, strict=True) if r is None]
+        for group in _chunks(stored):
             conn.execute(
-                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    message_id,
-                    direction.value,
-                    source,
-                    event_type,
-                    status.value,
-                    json.dumps(list(headers)),
-                    body,
-                    now,
-                ),
-            )
-            conn.executemany(
-                "INSERT INTO deliveries (message_id, direction, source, endpoint, url, status,"
-                " next_attempt) VALUES (?, ?, ?, ?, ?, 'pending', ?)",
+                f"INSERT INTO messages VALUES {_marks(8, len(group))}",
                 [
-                    (
-                        message_id,
-                        direction.value,
-                        source,
-                        t.endpoint,
-                        t.url,
-                        first if t.url else None,
+                    v
+                    for e in group
+                    for v in (
+                        e.message_id,
+                        e.direction,
+                        e.source,
+                        e.event_type,
+                        e.status,
+                        e.headers,
+                        e.body,
+                        e.now,
                     )
-                    for t in targets
                 ],
             )
-            return Accepted(message_id, duplicate=False, routed=bool(targets))
+        deliveries = [
+            (e.message_id, e.direction, e.source, endpoint, url, e.first if url else None)
+            for e in stored
+            for endpoint, url in e.targets
+        ]
+        for batch in _chunks(deliveries):
+            conn.execute(
+                "INSERT INTO deliveries (message_id, direction, source, endpoint, url,"
+                f" next_attempt, status) VALUES {_marks(6, len(batch), _PENDING)}",
+                [v for row in batch for v in row],
+            )
+        return [
+            r if r is not None else Accepted(e.message_id, duplicate=False, routed=bool(e.targets))
+            for e, r in zip(events, results, strict=True)
+        ]
 
-        accepted = await self._run(work)
-        if targets and not accepted.duplicate and self.on_new_deliveries is not None:
+    def _accepted(self, results: list[Accepted]) -> None:
+        """On the loop, once a turn's events committed: one wake-up for them all."""
+        if self.on_new_deliveries is not None and any(
+            r.routed and not r.duplicate for r in results
+        ):
             self.on_new_deliveries()
-        return accepted
 
     async def claim(self, limit: int, per_endpoint: int) -> list[Due]:
         """Up to `limit` due deliveries of enabled endpoints, earliest first, marked claimed.

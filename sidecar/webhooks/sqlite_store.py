@@ -187,6 +187,21 @@ class _Event:
     first: float  # when its deliveries are first due
 
 
+@dataclass(slots=True)
+class _Finished:
+    """One attempt's record waiting for the writer's next turn."""
+
+    delivery_id: int
+    source: str
+    endpoint: str
+    attempt: Attempt
+    status: str  # the delivery's, after this attempt
+    when: float | None  # its next attempt
+    error: str | None  # its last error
+    gone: bool  # 410: disable the endpoint
+    prune_before: float | None
+
+
 _PENDING = ", 'pending'"
 # Rows per multi-row statement: well under SQLite's 32,766 bound variables.
 _ROWS = 256
@@ -284,6 +299,7 @@ class SqliteStore:
         self._accepts: _Batched[_Event, Accepted] = _Batched(
             writer, self._write_accepts, self._accepted
         )
+        self._finishes: _Batched[_Finished, None] = _Batched(writer, self._write_finishes)
 
     @classmethod
     async def open(
@@ -379,9 +395,12 @@ class SqliteStore:
             # (source, dedup id) -> the message it was first accepted as, until when.
             seen: dict[tuple[str, str], tuple[str, float]] = {}
             for chunk in _chunks(keyed):
+                # A join, not `(source, delivery_id) IN (VALUES ...)`: SQLite scans the
+                # whole table for that one, here it seeks the primary key per event.
                 found_rows = conn.execute(
-                    "SELECT source, delivery_id, message_id, expires FROM dedup"
-                    f" WHERE (source, delivery_id) IN (VALUES {_marks(2, len(chunk))})",
+                    "SELECT d.source, d.delivery_id, d.message_id, d.expires"
+                    f" FROM (VALUES {_marks(2, len(chunk))}) AS v JOIN dedup d"
+                    " ON d.source = v.column1 AND d.delivery_id = v.column2",
                     [v for _, e in chunk for v in (e.source, e.dedup_id)],
                 )
                 for row in found_rows:
@@ -517,47 +536,74 @@ class SqliteStore:
     async def finish(
         self, due: Due, attempt: Attempt, outcome: Outcome, next_attempt: float | None = None
     ) -> None:
-        """Record an attempt of a claimed delivery and what follows from it."""
-        prune_before = self._prune_before(attempt.at)
+        """Record an attempt of a claimed delivery and what follows from it.
 
+        Attempts that end while the writer is busy are recorded together, in its next
+        turn (`_write_finishes`); each call returns once its record committed.
+        """
+        if self._closed:
+            raise StoreClosed("the webhook store is closed")
+        if outcome is Outcome.delivered:
+            status, when = DeliveryStatus.delivered, None
+        elif outcome is Outcome.dead:
+            status, when = DeliveryStatus.dead, None
+        else:
+            status, when = DeliveryStatus.pending, next_attempt or attempt.at
+        await self._finishes.add(
+            _Finished(
+                due.delivery_id,
+                due.source,
+                due.endpoint,
+                attempt,
+                status.value,
+                when,
+                None if attempt.ok else (attempt.error or f"HTTP {attempt.status_code}"),
+                outcome is Outcome.gone,
+                self._prune_before(attempt.at),
+            )
+        )
+
+    def _write_finishes(self, conn: sqlite3.Connection, done: list[_Finished]) -> list[None]:
+        """In the writer thread: the attempts of one turn, two statements for them all."""
         claims = self._claims
-
-        def work(conn: sqlite3.Connection) -> None:
-            claims.get((due.source, due.endpoint), set()).discard(due.delivery_id)
-            if prune_before is not None:
-                _prune(conn, prune_before)
+        prune_before: float | None = None
+        for f in done:
+            claims.get((f.source, f.endpoint), set()).discard(f.delivery_id)
+            if f.prune_before is not None:
+                prune_before = f.prune_before
+        if prune_before is not None:
+            _prune(conn, prune_before)
+        for part in _chunks(done):
             conn.execute(
                 "INSERT INTO attempts (delivery_id, at, status_code, error, duration, ok, due)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    due.delivery_id,
-                    attempt.at,
-                    attempt.status_code,
-                    attempt.error,
-                    attempt.duration,
-                    int(attempt.ok),
-                    attempt.due,
-                ),
+                f" VALUES {_marks(7, len(part))}",
+                [
+                    v
+                    for f in part
+                    for v in (
+                        f.delivery_id,
+                        f.attempt.at,
+                        f.attempt.status_code,
+                        f.attempt.error,
+                        f.attempt.duration,
+                        int(f.attempt.ok),
+                        f.attempt.due,
+                    )
+                ],
             )
-            if outcome is Outcome.delivered:
-                status, when = DeliveryStatus.delivered, None
-            elif outcome is Outcome.dead:
-                status, when = DeliveryStatus.dead, None
-            else:
-                status, when = DeliveryStatus.pending, next_attempt or attempt.at
-            error = None if attempt.ok else (attempt.error or f"HTTP {attempt.status_code}")
             conn.execute(
-                "UPDATE deliveries SET status = ?, attempts = attempts + 1, next_attempt = ?,"
-                " claimed = 0, last_error = ? WHERE id = ?",
-                (status.value, when, error, due.delivery_id),
+                "UPDATE deliveries SET status = v.column2, attempts = attempts + 1,"
+                " next_attempt = v.column3, claimed = 0, last_error = v.column4"
+                f" FROM (VALUES {_marks(4, len(part))}) AS v WHERE deliveries.id = v.column1",
+                [v for f in part for v in (f.delivery_id, f.status, f.when, f.error)],
             )
-            if outcome is Outcome.gone:
+        for f in done:
+            if f.gone:
                 conn.execute(
                     "INSERT OR REPLACE INTO endpoints VALUES (?, ?, 1, ?, ?)",
-                    (due.source, due.endpoint, "410 Gone", attempt.at),
+                    (f.source, f.endpoint, "410 Gone", f.attempt.at),
                 )
-
-        await self._run(work)
+        return [None] * len(done)
 
     def _prune_before(self, now: float) -> float | None:
         """Once a minute with a retention set: the arrival time older messages go by."""

@@ -369,6 +369,9 @@ class RedisStore:
         self._last_touch = 0.0
         self._heartbeat: asyncio.Task[None] | None = None
         self.on_new_deliveries: Callable[[], None] | None = None
+        # Attempts ended in this turn of the loop, recorded together (_send_finishes).
+        self._finishing: list[tuple[list[Any], asyncio.Future[None]]] = []
+        self._recording: set[asyncio.Task[None]] = set()
         self._accept = redis.register_script(_ACCEPT)
         self._promote = redis.register_script(_PROMOTE)
         self._take = redis.register_script(_TAKE)
@@ -418,6 +421,8 @@ class RedisStore:
                 self._heartbeat.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._heartbeat
+            # Attempts already ended are recorded before the connections go.
+            await asyncio.gather(*self._recording, return_exceptions=True)
             await self._redis.aclose()
 
     async def _beat(self) -> None:
@@ -641,21 +646,60 @@ class RedisStore:
         )
         when = next_attempt if next_attempt is not None else attempt.at
         retention = int((self.retention or 0) * 1000)
-        await self._call(
-            self._finish,
-            [
-                entry_id,
-                due.delivery_id,
-                GROUP,
-                record,
-                "1" if attempt.ok else "0",
-                outcome.value,
-                repr(when),
-                error or "",
-                retention,
-                int(self._clock() * 1000),
-            ],
+        self._check()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._finishing.append(
+            (
+                [
+                    self._prefix,
+                    entry_id,
+                    due.delivery_id,
+                    GROUP,
+                    record,
+                    "1" if attempt.ok else "0",
+                    outcome.value,
+                    repr(when),
+                    error or "",
+                    retention,
+                    int(self._clock() * 1000),
+                ],
+                future,
+            )
         )
+        if len(self._finishing) == 1:
+            # At the end of this turn of the loop: every attempt that ended in it goes
+            # in one pipelined round trip (and one pooled connection), not one each.
+            asyncio.get_running_loop().call_soon(self._send_finishes)
+        await future
+
+    def _send_finishes(self) -> None:
+        batch, self._finishing = self._finishing, []
+        task = asyncio.create_task(self._record(batch))
+        self._recording.add(task)
+        task.add_done_callback(self._recording.discard)
+
+    async def _record(self, batch: list[tuple[list[Any], asyncio.Future[None]]]) -> None:
+        results: list[Any]
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for args, _ in batch:
+                    await self._finish(args=args, client=pipe)
+                # Each script on its own: one failing does not fail the others.
+                results = await pipe.execute(raise_on_error=False)
+        except RedisError as exc:
+            results = [exc] * len(batch)
+        except asyncio.CancelledError:
+            for _, future in batch:
+                future.cancel()
+            raise
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, BaseException):
+                # The error's class only: a connection error's text may name the URL.
+                future.set_exception(StoreUnavailable(f"redis: {type(result).__name__}"))
+            else:
+                future.set_result(None)
 
     async def release_claims(self) -> None:
         pairs: list[Any] = []

@@ -8,6 +8,8 @@ with deliveries in flight, whose entries another replica takes over.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,7 +17,14 @@ import pytest
 
 from sidecar.webhooks.inbound import Ingress
 from sidecar.webhooks.outbound import Outbox
-from sidecar.webhooks.queue import SUBSCRIPTION, DeliveryStatus, Direction, Target
+from sidecar.webhooks.queue import (
+    SUBSCRIPTION,
+    Attempt,
+    DeliveryStatus,
+    Direction,
+    Outcome,
+    Target,
+)
 from sidecar.webhooks.redis_store import RedisStore
 from tests.helpers import eventually
 from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401
@@ -187,3 +196,43 @@ async def test_an_acknowledged_subscription_expires_with_the_retention(
 async def test_dead_letters_are_not_listed_from_redis(store: RedisStore) -> None:
     """The console shows `dead_letters: null` for a Redis queue: it keeps no index of them."""
     assert await store.dead_letters() is None
+
+
+async def test_attempts_that_end_together_are_each_recorded(store: RedisStore) -> None:
+    """They go to Redis in one pipeline: each keeps its own outcome, and a delivered one
+    is done while a retried one waits for its next attempt."""
+    for n in range(4):
+        await store.accept(
+            direction=Direction.outbound,
+            source="events",
+            event_type="t",
+            headers=[],
+            body=b'{"n": %d}' % n,
+            targets=[Target("e", "http://127.0.0.1:1/")],
+        )
+    due = await store.claim(4, 4)
+    assert len(due) == 4
+    now = time.time()
+    ok = Attempt(at=now, status_code=200, error=None, duration=0.1)
+    failed = Attempt(at=now, status_code=500, error=None, duration=0.1)
+    await asyncio.gather(
+        store.finish(due[0], ok, Outcome.delivered),
+        store.finish(due[1], failed, Outcome.retry, now + 60),
+        store.finish(due[2], failed, Outcome.dead),
+        store.finish(due[3], ok, Outcome.delivered),
+    )
+    views = [await store.message(d.message_id) for d in due]
+    assert [
+        (v.deliveries[0].status, len(v.deliveries[0].attempts), v.deliveries[0].last_error)
+        for v in views
+        if v is not None
+    ] == [
+        (DeliveryStatus.delivered, 1, None),
+        (DeliveryStatus.pending, 1, "HTTP 500"),
+        (DeliveryStatus.dead, 1, "HTTP 500"),
+        (DeliveryStatus.delivered, 1, None),
+    ]
+    [stats] = (await store.overview()).endpoints
+    assert (stats.successes, stats.failures, stats.dead, stats.depth) == (2, 2, 1, 1)
+    # Nothing is left in this replica's pending list but what waits for its retry.
+    assert await store.claim(4, 4) == []

@@ -61,7 +61,8 @@ def ingress_app(hub: WebhookHub) -> App:
     async def handle(request: Request) -> Response:
         path = request.target.partition("?")[0]
         hook = hub.hook_for(path) if request.method == "POST" else None
-        headers = list(request.headers.items())
+        # Straight from the parser's bytes: a CIMultiDict first would be a second copy.
+        headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in request.raw_headers]
         receipt = hub.receipt("inbound", hook.name if hook else "", headers)
         if hook is None:
             result = refused(Reason.no_route, "no inbound webhook is declared at this path", None)

@@ -134,3 +134,15 @@ async def test_events_written_in_one_turn_keep_dedup_order_and_content(tmp_path:
         assert (t.successes, t.failures, t.dead, t.disabled) == (1, 3, 1, True)
     finally:
         await store.close()
+
+
+def test_the_acknowledgement_is_the_json_it_always_was() -> None:
+    import json
+
+    from sidecar.webhooks.answers import accepted
+    from sidecar.webhooks.queue import new_message_id
+
+    message_id = new_message_id(1000.0)
+    for duplicate in (False, True):
+        body = accepted(200, message_id, duplicate).body
+        assert body == json.dumps({"id": message_id, "duplicate": duplicate}).encode()

@@ -248,25 +248,37 @@ class _Batched(Generic[Item, R]):
         if not self._queued:
             self._queued = True
             taken: list[tuple[Item, asyncio.Future[R]]] = []
+            ran: list[bool] = []
 
             def work(conn: sqlite3.Connection) -> list[R]:
+                ran.append(True)
                 self._queued = False
                 items = self._items
                 while items:
                     taken.append(items.popleft())
                 return self._write(conn, [item for item, _ in taken]) if taken else []
 
-            self._writer.submit(work).add_done_callback(lambda done: self._settle(taken, done))
+            self._writer.submit(work).add_done_callback(lambda done: self._settle(taken, ran, done))
         return future
 
     def _settle(
-        self, taken: list[tuple[Item, asyncio.Future[R]]], done: asyncio.Future[list[R]]
+        self,
+        taken: list[tuple[Item, asyncio.Future[R]]],
+        ran: list[bool],
+        done: asyncio.Future[list[R]],
     ) -> None:
         error = done.exception()
         if error is not None:
             if isinstance(error, (sqlite3.Error, OSError)):
                 # Callers know the queue, not its backend: the same 503 as Redis down.
                 error = StoreUnavailable(str(error))
+            if not ran:
+                # The turn failed before this job took its items (BEGIN failed): no
+                # other job of ours is queued, so they are ours to fail, and the next
+                # item queues a job again.
+                self._queued = False
+                while self._items:
+                    taken.append(self._items.popleft())
             for _, future in taken:
                 if not future.done():
                     future.set_exception(error)

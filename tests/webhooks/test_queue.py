@@ -146,3 +146,30 @@ def test_the_acknowledgement_is_the_json_it_always_was() -> None:
     for duplicate in (False, True):
         body = accepted(200, message_id, duplicate).body
         assert body == json.dumps({"id": message_id, "duplicate": duplicate}).encode()
+
+
+async def test_a_turn_that_cannot_begin_fails_its_events_and_the_next_one_is_stored(
+    store: SqliteStore, tmp_path: Path
+) -> None:
+    """Another process holds the write lock: the writer's BEGIN gives up (SQLite's busy
+    timeout), every event waiting for that turn hears 503, none hangs; then intake goes on."""
+    ingress = Ingress(inbound_policy("http://127.0.0.1:1/"), store=store)
+    body = b'{"n": 1}'
+    other = sqlite3.connect(tmp_path / "data" / DB_NAME, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        refused = await asyncio.wait_for(
+            asyncio.gather(
+                *(
+                    ingress.handle("/hooks/github", github_headers(body, SECRET, f"d-{n}"), body)
+                    for n in range(3)
+                )
+            ),
+            30,
+        )
+        assert [r.status for r in refused] == [503] * 3
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    ok = await ingress.handle("/hooks/github", github_headers(body, SECRET, "d-0"), body)
+    assert ok.status == 200 and not ok.duplicate

@@ -37,17 +37,21 @@ import hashlib
 import hmac
 import json
 import os
+import resource
 import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 # bench/ is sys.path[0] when this file runs as a script.
 from procs import sidecar_run
 
+REPO = Path(__file__).resolve().parent.parent
 SECRET = "bench-github-secret"
 WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -301,7 +305,73 @@ async def measure(
     return run
 
 
+async def store_only(args: argparse.Namespace) -> int:
+    """The queue alone, in this process: CPU per event that no HTTP, no client and no
+    receiver blur. Per --senders width: that many accepts at once until --events were
+    stored, then claims and delivered-records until all were; CPU (user + system, every
+    thread: the SQLite writer's too) per event for each half, and intake's events/s."""
+    sys.path.insert(0, str(REPO))
+    from sidecar.webhooks.queue import Attempt, Direction, Outcome, Target
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    target = [Target("http://127.0.0.1:9/events", "http://127.0.0.1:9/events")]
+    headers = [("content-type", "application/json"), ("x-github-event", "push")]
+    body = json.dumps({"key": "k", "type": "bench.event", "pad": "x" * 200}).encode()
+    print(f"webhook store alone: {args.events} events per width, queue: {args.store or 'sqlite'}")
+    print(f"{'senders':>7} {'accepted/s':>10} {'accept CPU':>11} {'claim+finish CPU':>17}")
+    for width in (int(n) for n in args.senders.split(",")):
+        with tempfile.TemporaryDirectory(prefix="sidecar-bench-store-") as tmp:
+            if args.store:
+                from sidecar.webhooks.redis_store import RedisStore
+
+                store: Any = await RedisStore.open(
+                    args.store, prefix=f"bench:{os.getpid()}:{width}"
+                )
+            else:
+                from sidecar.webhooks.sqlite_store import SqliteStore
+
+                store = await SqliteStore.open(tmp)
+
+            async def sender(store: Any, numbers: Iterator[int]) -> None:
+                for n in numbers:
+                    await store.accept(
+                        direction=Direction.inbound,
+                        source="github",
+                        event_type="push",
+                        headers=headers,
+                        body=body,
+                        targets=target,
+                        dedup_id=f"d-{n}",
+                        dedup_window=600.0,
+                    )
+
+            started, wall = cpu(), time.perf_counter()
+            numbers = iter(range(args.events))
+            await asyncio.gather(*(sender(store, numbers) for _ in range(width)))
+            accepted, wall = cpu() - started, time.perf_counter() - wall
+            ok = Attempt(at=time.time(), status_code=200, error=None, duration=0.01)
+            started, done = cpu(), 0
+            while done < args.events:
+                due = await store.claim(256, 256)
+                if not due:
+                    break
+                await asyncio.gather(*(store.finish(d, ok, Outcome.delivered) for d in due))
+                done += len(due)
+            finished = cpu() - started
+            await store.close()
+        print(
+            f"{width:>7} {args.events / wall:>10.0f} {accepted / args.events * 1e6:>9.1f}us "
+            f"{finished / max(done, 1) * 1e6:>15.1f}us"
+        )
+    return 0
+
+
 async def main(args: argparse.Namespace) -> int:
+    if args.store_only:
+        return await store_only(args)
     receiver = Receiver()
     server, target = await receiver.serve()
     senders = [int(n) for n in args.senders.split(",")]
@@ -363,4 +433,10 @@ if __name__ == "__main__":
         action="store_true",
         help="only the --senders passes (no outbound, no paced)",
     )
+    parser.add_argument(
+        "--store-only",
+        action="store_true",
+        help="the queue alone in this process (no sidecar, no HTTP): CPU per event",
+    )
+    parser.add_argument("--events", type=int, default=4000, help="--store-only: per width")
     sys.exit(asyncio.run(main(parser.parse_args())))

@@ -34,6 +34,7 @@ from .telemetry import Telemetry
 from .telemetry.figures import Samples
 from .webhooks.gate import build_gate
 from .webhooks.hub import StoreChanged, WebhookHub
+from .webhooks.listener import OWN_PREFIXES, egress_app
 
 if TYPE_CHECKING:
     # Loaded when a policy first declares webhooks (sqlite3, cryptography): webhooks/hub.py.
@@ -150,7 +151,9 @@ class Sidecar:
             metrics=self.telemetry.metrics.webhooks,
             tracer=self.telemetry.tracer,
         )
-        self.handler = Egress(self.telemetry, self.webhooks)
+        self.handler = Egress(self.telemetry)
+        self.handler.webhooks = egress_app(self.webhooks)
+        self.handler.webhook_prefixes = OWN_PREFIXES
         # 30 minutes of per-service readings (the console shows them), and what monitors
         # the sidecar (the alert rules, which app.py adds); both run on one timer
         # (start_background), never on the request path.

@@ -47,8 +47,8 @@ def delivery_settings(alerts: Alerts | None) -> dict[SettingsKey, DeliverySettin
     if alerts is None or not alerts.receivers:
         return {}
     from ..webhooks.delivery import DeliverySettings
+    from ..webhooks.queue import Direction
     from ..webhooks.signatures import Signer
-    from ..webhooks.store import Direction
 
     out: dict[SettingsKey, DeliverySettings] = {}
     for name, receiver in alerts.receivers.items():
@@ -290,7 +290,7 @@ class AlertEngine:
         hub = self._sidecar.webhooks
         if alerts is None or hub.store is None:
             return
-        from ..webhooks.store import Direction, Target
+        from ..webhooks.queue import Direction, Target
 
         note = Notification(
             alertname=alert.rule.name,

@@ -187,11 +187,11 @@ async def webhooks(sidecar: Sidecar) -> dict[str, Any] | None:
         }
         for e in overview.endpoints
     ]
-    dead: list[dict[str, Any]] | None = None
-    from ..webhooks.store import Store
-
-    if isinstance(store, Store):  # the Redis queue keeps no index of its dead letters
-        dead = [
+    letters = await store.dead_letters()  # None: the Redis queue keeps no index of them
+    dead = (
+        None
+        if letters is None
+        else [
             {
                 "message_id": d.message_id,
                 "direction": str(d.direction),
@@ -201,8 +201,9 @@ async def webhooks(sidecar: Sidecar) -> dict[str, Any] | None:
                 "created": d.created,
                 "last_error": d.last_error,
             }
-            for d in await store.dead_letters()
+            for d in letters
         ]
+    )
     return {"endpoints": endpoints, "unrouted": dict(overview.unrouted), "dead_letters": dead}
 
 

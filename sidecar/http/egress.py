@@ -28,7 +28,6 @@ from ..core.problems import PLAIN, ProblemError, problem_parts
 from ..core.reasons import Reason
 from ..core.streams import idle_bounded, limited
 from ..steps.resilience.faults import InjectedReset
-from ..webhooks.listener import OWN_PREFIXES, own_answer
 from .http1 import Tunnel, raw_header_lines
 from .listener import App, Request, Response
 from .pool import UpstreamError, UpstreamReply
@@ -40,7 +39,6 @@ DB_PREFIX: Final = "/_db/"
 
 if TYPE_CHECKING:
     from ..telemetry import Exchange, Telemetry
-    from ..webhooks.hub import WebhookHub
 
 log = logging.getLogger("sidecar.http")
 
@@ -102,15 +100,15 @@ def problem(
 class Egress:
     """The listener's app; `router` is read once per request, never locked."""
 
-    def __init__(
-        self, telemetry: Telemetry | None = None, webhooks: WebhookHub | None = None
-    ) -> None:
+    def __init__(self, telemetry: Telemetry | None = None) -> None:
         # The current policy's routes; a reload swaps this one reference (runtime.py),
         # and a call keeps the Router it matched on.
         self.router: Router | None = None
         # Agents post outbound events to /_webhooks/<name> and subscribe to inbound ones
-        # at /_events/<name>; never routed to a service.
-        self.webhooks = webhooks
+        # at /_events/<name>: the paths the webhook connector's app answers (set with it
+        # by runtime.py, from webhooks/listener.py); never routed to a service.
+        self.webhooks: App | None = None
+        self.webhook_prefixes: tuple[str, ...] = ()
         # None: no metrics, spans or access log, and the request path pays nothing for them.
         self.telemetry = telemetry
         # Agents post SQL to /_db/<name>/query (databases/http.py); never routed to a service.
@@ -128,8 +126,9 @@ class Egress:
                 if databases is not None and request.target.startswith(DB_PREFIX):
                     response = await databases(request)
                 else:
-                    assert self.webhooks is not None
-                    response = await own_answer(self.webhooks, request)
+                    webhooks = self.webhooks
+                    assert webhooks is not None
+                    response = await webhooks(request)
             elif isinstance(found, Response):
                 response = found
             else:
@@ -200,7 +199,7 @@ class Egress:
                 None,
                 exchange,
             )
-        if raw.startswith(OWN_PREFIXES) and self.webhooks is not None:
+        if raw.startswith(self.webhook_prefixes) and self.webhooks is not None:
             return None
         if raw.startswith(DB_PREFIX) and self.databases is not None:
             return None

@@ -25,8 +25,8 @@ import aiohttp
 
 from ..policy.webhooks import DeliveryRetry, Webhooks
 from .guard import AddressRefused, GuardedResolver, Listeners, check_literal
+from .queue import Attempt, Direction, Due, Outcome, Queue, StoreUnavailable
 from .signatures import Signer
-from .store import Attempt, Direction, Due, Outcome, Queue, StoreUnavailable
 
 log = logging.getLogger("sidecar.webhooks")
 

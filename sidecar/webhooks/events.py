@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sqlite3
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
@@ -31,11 +30,11 @@ from urllib.parse import parse_qsl
 from ..core.reasons import Reason
 from ..policy.units import parse_duration
 from .answers import Result, refused
-from .store import Pending, StoreUnavailable
+from .queue import Pending, StoreUnavailable
 from .subscriptions import EVENTS_PREFIX, POLL, Subscriptions
 
 if TYPE_CHECKING:
-    from .store import Queue
+    from .queue import Queue
 
 log = logging.getLogger("sidecar.webhooks")
 
@@ -117,7 +116,7 @@ async def acknowledge(store: Queue, subs: Subscriptions, name: str, body: bytes)
         return _bad('send {"id": "<message id>"}, the last event you handled', name)
     try:
         acked = await ack(store, subs, name, message_id)
-    except (sqlite3.Error, OSError, StoreUnavailable) as exc:
+    except StoreUnavailable as exc:
         return _store_down(name, exc)
     if acked is None:
         return _bad(f"webhook '{name}' has no subscribed event with this id", name)
@@ -143,7 +142,7 @@ async def long_poll(store: Queue, subs: Subscriptions, name: str, request: Reque
             if found or left <= 0 or subs.closing:
                 break
             await subs.wait(min(left, POLL))
-    except (sqlite3.Error, OSError, StoreUnavailable) as exc:
+    except StoreUnavailable as exc:
         return _store_down(name, exc)
     subs.sent(name, "poll", len(found))
     answer = json.dumps([event_json(e) for e in found]).encode()

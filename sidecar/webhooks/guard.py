@@ -10,6 +10,7 @@ can reach a refused one. An IP literal never reaches a resolver in aiohttp, so
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from collections.abc import Callable
@@ -45,19 +46,27 @@ def why_refused(
 
 def check_literal(url: str, *, public_only: bool, listeners: tuple[Listener, ...]) -> None:
     """AddressRefused when the URL's host is an IP address that may not be reached."""
+    why = _literal_refusal(url, public_only, listeners)
+    if why is not None:
+        raise AddressRefused(why)
+
+
+@functools.lru_cache(maxsize=4096)
+def _literal_refusal(url: str, public_only: bool, listeners: tuple[Listener, ...]) -> str | None:
+    # A pure function of its arguments (an IP literal resolves to itself), asked once
+    # per attempt: a URL parse and an address parse each time cost more than the rest
+    # of the check. Names are judged by the resolver at each connect, never cached here.
     parts = urlsplit(url)
     ip, odd = literal(parts.hostname or "")
     if odd:
-        raise AddressRefused(f"{parts.hostname} is an address in an unusual form")
+        return f"{parts.hostname} is an address in an unusual form"
     if ip is None:
-        return
+        return None
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
-        return  # aiohttp refuses the URL itself
-    why = why_refused(ip, port, public_only=public_only, listeners=listeners)
-    if why is not None:
-        raise AddressRefused(why)
+        return None  # aiohttp refuses the URL itself
+    return why_refused(ip, port, public_only=public_only, listeners=listeners)
 
 
 class GuardedResolver(AbstractResolver):

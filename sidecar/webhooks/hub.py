@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .inbound import InboundHook, Ingress
     from .observe import WebhookTelemetry
     from .outbound import Outbox
-    from .store import Queue
+    from .queue import Queue
 
 log = logging.getLogger("sidecar.webhooks")
 
@@ -156,10 +156,10 @@ class WebhookHub:
             # The prefix, not the URL: it may hold a password.
             log.info("webhook queue in Redis under %s", spec.prefix)
             return store
-        from .store import Store
+        from .sqlite_store import SqliteStore
 
         os.makedirs(self.data_dir, exist_ok=True)
-        store = await Store.open(self.data_dir)
+        store = await SqliteStore.open(self.data_dir)
         log.info("webhook store at %s", os.path.join(self.data_dir, "webhooks.db"))
         return store
 
@@ -191,7 +191,7 @@ class WebhookHub:
         telemetry = self._telemetry
         if telemetry is None:
             return _Unobserved(headers)
-        from .store import Direction
+        from .queue import Direction
 
         return telemetry.receipt(Direction(direction), webhook, headers)
 

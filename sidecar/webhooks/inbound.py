@@ -13,7 +13,6 @@ import collections
 import fnmatch
 import json
 import logging
-import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -21,8 +20,8 @@ from typing import Any
 from ..core.reasons import Reason
 from ..policy.webhooks import InboundWebhook, Match, ValueMatch, Webhooks
 from .answers import Result, accepted, refused
+from .queue import SUBSCRIPTION, Direction, Queue, StoreUnavailable, Target
 from .signatures import SignatureError, build_verifier, lower_headers
-from .store import SUBSCRIPTION, Direction, Queue, StoreUnavailable, Target
 
 log = logging.getLogger("sidecar.webhooks")
 
@@ -178,7 +177,7 @@ class InboundHook:
                 dedup_window=self._dedup_window,
                 first_attempt_in=self._first_in,
             )
-        except (sqlite3.Error, OSError, StoreUnavailable) as exc:
+        except StoreUnavailable as exc:
             log.error("inbound webhook %s: cannot store the event: %s", self.name, exc)
             return self._refuse(
                 Reason.store_unavailable, "the event could not be stored; send it again", "store"

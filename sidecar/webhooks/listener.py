@@ -1,8 +1,11 @@
 """The ingress listener's app: only the declared inbound webhook paths, nothing proxied.
 
-Also the egress side's `/_webhooks/<name>` answer. A body is read up to one
-byte past the webhook's limit, so an oversized one is refused (413) without
-being held whole. Both run on the proxy's listener (http/listener.py).
+Also the egress side's `/_webhooks/<name>` and `/_events/<name>` answers
+(`egress_app`, which the runtime hands to the egress app: http/ knows no
+webhook). A body is read up to one byte past the webhook's limit, so an
+oversized one is refused (413) without being held whole. Both run on the HTTP
+connector's listener (http/listener.py): this package builds on it, never the
+other way round.
 """
 
 from __future__ import annotations
@@ -13,12 +16,12 @@ from typing import TYPE_CHECKING
 from ..core.headers import SERVER
 from ..core.problems import ProblemError, problem_parts
 from ..core.reasons import Reason
+from ..http.listener import App, Request, Response
 from .answers import Result, refused
 from .gate import EVENTS, OUTBOUND
 from .subscriptions import EVENTS_PREFIX
 
 if TYPE_CHECKING:
-    from ..http.listener import App, Request, Response
     from .hub import WebhookHub
 
 # Agents' outbound events: the group's own max_body is checked by the Outbox.
@@ -49,8 +52,6 @@ async def read_limited(body: AsyncIterable[bytes] | None, limit: int) -> bytes:
 
 
 def answer(result: Result) -> Response:
-    from ..http.listener import Response
-
     headers = [(k, v) for k, v in result.headers.items() if k.lower() != "server"]
     headers.append(("Server", SERVER))
     return Response(status=result.status, headers=headers, body=result.body)
@@ -60,7 +61,8 @@ def ingress_app(hub: WebhookHub) -> App:
     async def handle(request: Request) -> Response:
         path = request.target.partition("?")[0]
         hook = hub.hook_for(path) if request.method == "POST" else None
-        headers = list(request.headers.items())
+        # Straight from the parser's bytes: a CIMultiDict first would be a second copy.
+        headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in request.raw_headers]
         receipt = hub.receipt("inbound", hook.name if hook else "", headers)
         if hook is None:
             result = refused(Reason.no_route, "no inbound webhook is declared at this path", None)
@@ -81,6 +83,15 @@ def too_large(limit: int) -> Result:
     )
 
 
+def egress_app(hub: WebhookHub) -> App:
+    """What egress answers at OWN_PREFIXES (runtime.py hands it to the egress app)."""
+
+    async def handle(request: Request) -> Response:
+        return await own_answer(hub, request)
+
+    return handle
+
+
 async def own_answer(hub: WebhookHub, request: Request) -> Response:
     """`/_webhooks/<name>` or `/_events/<name>...` on egress."""
     if request.target.startswith(EVENTS_PREFIX):
@@ -96,15 +107,13 @@ async def _admit(hub: WebhookHub, kind: str, name: str, request: Request) -> Res
     try:
         await gate.admit(kind, name, request)
     except ProblemError as err:
-        from ..http.listener import Response
-
         status, headers, body = problem_parts(err, err.service)
         return Response(status=status, headers=headers, body=body)
     return None
 
 
 async def events_answer(hub: WebhookHub, request: Request) -> Response:
-    # Imported on first use: it needs the store (sqlite3).
+    # Imported on first use: only a sidecar with subscriptions needs it.
     from . import events
 
     headers = {k.lower(): v for k, v in request.headers.items()}
@@ -136,8 +145,6 @@ async def events_answer(hub: WebhookHub, request: Request) -> Response:
         )
     if asked.poll:
         return answer(await events.long_poll(store, subs, name, asked))
-    from ..http.listener import Response
-
     return Response(
         status=200,
         headers=list(_SSE_HEADERS),

@@ -29,7 +29,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from .answers import Result
 from .delivery import AttemptEnd
-from .store import SUBSCRIPTION, Attempt, Direction, Due, Outcome, QueueDepth
+from .queue import SUBSCRIPTION, Attempt, Direction, Due, Outcome, QueueDepth
 from .subscriptions import Subscriptions
 
 if TYPE_CHECKING:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 from collections.abc import Mapping, Sequence
 
 from ..core.reasons import Reason
 from ..policy.webhooks import OutboundWebhook, Webhooks
 from .answers import Result, accepted, refused
+from .queue import Accepted, Direction, Queue, StoreUnavailable, Target
 from .signatures import lower_headers
-from .store import Accepted, Direction, Queue, StoreUnavailable, Target
 
 log = logging.getLogger("sidecar.webhooks")
 
@@ -83,7 +82,7 @@ class OutboundGroup:
                 dedup_window=self._window,
                 first_attempt_in=self._first_in,
             )
-        except (sqlite3.Error, OSError, StoreUnavailable) as exc:
+        except StoreUnavailable as exc:
             log.error("outbound webhook %s: cannot store the event: %s", self.name, exc)
             raise PublishError(
                 Reason.store_unavailable, "the event could not be stored; send it again"

@@ -1,7 +1,7 @@
 """The webhook queue in Redis, shared by several replicas: Redis Streams.
 
-Same interface as the SQLite `Store` (store.Queue), so inbound, outbound,
-the delivery worker and the admin port do not know which one runs.
+One of the two implementations of queue.Queue (the other: sqlite_store.py), so
+inbound, outbound, the delivery worker and the admin port do not know which one runs.
 
 - A message is a hash, each delivery a hash with its attempts in a list.
 - A delivery that is due now is an entry of one stream, read through one
@@ -38,10 +38,11 @@ from typing import Any
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError, ResponseError
 
-from .store import (
+from .queue import (
     SUBSCRIPTION,
     Accepted,
     Attempt,
+    DeadLetter,
     DeliveryStatus,
     DeliveryView,
     Direction,
@@ -340,6 +341,63 @@ def _due(delivery_id: int, row: Any) -> Due | None:
     )
 
 
+class _Pipelined:
+    """Script calls made in one turn of the event loop, sent in one pipeline at its end.
+
+    One round trip and one pooled connection for every event accepted and every
+    attempt recorded in the turn, instead of one each: under load they queued for
+    the pool's connections. Each script runs on its own (not a transaction): one
+    failing fails only its caller, with StoreUnavailable; each caller hears back
+    only once Redis answered its own script.
+    """
+
+    def __init__(self, redis: Redis, check: Callable[[], None]) -> None:
+        self._redis = redis
+        self._check = check
+        self._queued: list[tuple[Any, list[Any], asyncio.Future[Any]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
+
+    async def call(self, script: Any, args: list[Any]) -> Any:
+        self._check()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queued.append((script, args, future))
+        if len(self._queued) == 1:
+            loop.call_soon(self._send)
+        return await future
+
+    def _send(self) -> None:
+        batch, self._queued = self._queued, []
+        task = asyncio.create_task(self._run(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def drain(self) -> None:
+        await asyncio.gather(*self._sending, return_exceptions=True)
+
+    async def _run(self, batch: list[tuple[Any, list[Any], asyncio.Future[Any]]]) -> None:
+        results: list[Any]
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for script, args, _ in batch:
+                    await script(args=args, client=pipe)
+                results = await pipe.execute(raise_on_error=False)
+        except RedisError as exc:
+            results = [exc] * len(batch)
+        except asyncio.CancelledError:
+            for _, _, future in batch:
+                future.cancel()
+            raise
+        for (_, _, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, BaseException):
+                # The error's class only: a connection error's text may name the URL.
+                future.set_exception(StoreUnavailable(f"redis: {type(result).__name__}"))
+            else:
+                future.set_result(result)
+
+
 class RedisStore:
     """The queue in Redis. Open with `await RedisStore.open(url, ...)`."""
 
@@ -368,6 +426,8 @@ class RedisStore:
         self._last_touch = 0.0
         self._heartbeat: asyncio.Task[None] | None = None
         self.on_new_deliveries: Callable[[], None] | None = None
+        # Accepts and attempt records of one turn of the loop, sent in one pipeline.
+        self._scripts = _Pipelined(redis, self._check)
         self._accept = redis.register_script(_ACCEPT)
         self._promote = redis.register_script(_PROMOTE)
         self._take = redis.register_script(_TAKE)
@@ -417,6 +477,8 @@ class RedisStore:
                 self._heartbeat.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._heartbeat
+            # What was already sent (accepts, attempt records) completes first.
+            await self._scripts.drain()
             await self._redis.aclose()
 
     async def _beat(self) -> None:
@@ -474,7 +536,7 @@ class RedisStore:
         ]
         for target in targets:
             args += [target.endpoint, target.url]
-        found, duplicate = await self._call(self._accept, args)
+        found, duplicate = await self._scripts.call(self._accept, [self._prefix, *args])
         accepted = Accepted(_text(found), duplicate=bool(duplicate), routed=bool(targets))
         if targets and not accepted.duplicate and self.on_new_deliveries is not None:
             self.on_new_deliveries()
@@ -640,9 +702,10 @@ class RedisStore:
         )
         when = next_attempt if next_attempt is not None else attempt.at
         retention = int((self.retention or 0) * 1000)
-        await self._call(
+        await self._scripts.call(
             self._finish,
             [
+                self._prefix,
                 entry_id,
                 due.delivery_id,
                 GROUP,
@@ -739,6 +802,9 @@ class RedisStore:
         except RedisError as exc:
             raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
         return Overview(stats, {_text(k): int(v) for k, v in unrouted.items()})
+
+    async def dead_letters(self, limit: int = 50) -> list[DeadLetter] | None:
+        return None  # no index of them: a delivery's status lives in its own hash
 
     async def message(self, message_id: str) -> MessageView | None:
         self._check()

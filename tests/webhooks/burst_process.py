@@ -19,7 +19,7 @@ from sidecar.webhooks.delivery import DeliveryWorker, compile_settings
 from sidecar.webhooks.inbound import Ingress
 from sidecar.webhooks.outbound import Outbox
 from sidecar.webhooks.signatures import Signer
-from sidecar.webhooks.store import Store
+from sidecar.webhooks.sqlite_store import SqliteStore
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -48,7 +48,7 @@ def policy(target: str) -> Webhooks:
 
 
 async def main(mode: str, data_dir: str, target: str, count: int, senders: int) -> None:
-    store = await Store.open(data_dir)
+    store = await SqliteStore.open(data_dir)
     webhooks = policy(target)
     worker = DeliveryWorker(store, compile_settings(webhooks))
     await worker.start()

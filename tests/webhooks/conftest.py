@@ -16,7 +16,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from sidecar.policy.webhooks import Webhooks
-from sidecar.webhooks.store import Store
+from sidecar.webhooks.sqlite_store import SqliteStore
 
 
 def webhooks(text: str) -> Webhooks:
@@ -58,8 +58,8 @@ class Receiver:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(tmp_path / "data")
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    opened = await SqliteStore.open(tmp_path / "data")
     yield opened
     await opened.close()
 

@@ -8,14 +8,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 
-from sidecar.webhooks.store import Attempt, Direction, Outcome, Store, Target
+from sidecar.webhooks.queue import Attempt, Direction, Outcome, Target
+from sidecar.webhooks.sqlite_store import SqliteStore
 
 OK = Attempt(at=0.0, status_code=200, error=None, duration=0.0)
 
 
 async def test_claim_keeps_order_limits_and_skips_what_is_in_flight(tmp_path) -> None:
     clock = itertools.count(1000.0, 0.001)
-    store = await Store.open(tmp_path / "data", clock=lambda: next(clock))
+    store = await SqliteStore.open(tmp_path / "data", clock=lambda: next(clock))
     try:
         a, b = Target("a", "http://127.0.0.1:9/a"), Target("b", "http://127.0.0.1:9/b")
         # A backlog of 600 events to `a`, then 3 to `b`: due in that order.
@@ -58,7 +59,7 @@ async def test_claim_keeps_order_limits_and_skips_what_is_in_flight(tmp_path) ->
         await store.close()
 
 
-async def _accept(store: Store, targets: list[Target], n: int) -> str:
+async def _accept(store: SqliteStore, targets: list[Target], n: int) -> str:
     accepted = await store.accept(
         direction=Direction.outbound,
         source="a",

@@ -18,13 +18,13 @@ from aiohttp import web
 from sidecar.webhooks.delivery import DeliveryWorker, compile_settings
 from sidecar.webhooks.inbound import Ingress
 from sidecar.webhooks.outbound import Outbox
-from sidecar.webhooks.store import (
+from sidecar.webhooks.queue import (
     SUBSCRIPTION,
     DeliveryStatus,
     Direction,
     MessageStatus,
     Overview,
-    Store,
+    Queue,
     Target,
 )
 from tests.helpers import eventually
@@ -42,7 +42,7 @@ async def running() -> AsyncIterator[Callable[..., Any]]:
     """Starts a worker over a store with a policy's settings; stops them all at the end."""
     workers: list[DeliveryWorker] = []
 
-    async def start(store: Store, policy: Any, **kw: Any) -> DeliveryWorker:
+    async def start(store: Queue, policy: Any, **kw: Any) -> DeliveryWorker:
         worker = DeliveryWorker(store, compile_settings(policy), **kw)
         await worker.start()
         workers.append(worker)
@@ -68,7 +68,7 @@ def inbound_policy(*targets: str, schedule: str = "[0s, 100ms, 100ms]") -> Any:
 
 
 async def test_fan_out_one_failing_target_never_blocks_or_duplicates_another(
-    store: Store, receiver: Start, running: Start
+    store: Queue, receiver: Start, running: Start
 ) -> None:
     bad: Receiver = await receiver((500, {}))
     good: Receiver = await receiver((200, {}))
@@ -104,7 +104,7 @@ async def test_fan_out_one_failing_target_never_blocks_or_duplicates_another(
     assert stats[good.url + "/events"].successes == 1
 
 
-async def test_retry_after_is_honoured(store: Store, receiver: Start, running: Start) -> None:
+async def test_retry_after_is_honoured(store: Queue, receiver: Start, running: Start) -> None:
     # The schedule's second attempt is an hour away: only Retry-After brings it in a second.
     target: Receiver = await receiver((503, {"Retry-After": "1"}), (200, {}))
     policy = inbound_policy(target.url, schedule="[0s, 1h]")
@@ -138,7 +138,7 @@ outbound:
 
 
 async def test_410_disables_the_endpoint_until_enabled(
-    store: Store, receiver: Start, running: Start
+    store: Queue, receiver: Start, running: Start
 ) -> None:
     gone: Receiver = await receiver((410, {}), (200, {}))
     fine: Receiver = await receiver((200, {}))
@@ -167,7 +167,7 @@ async def test_410_disables_the_endpoint_until_enabled(
 
 
 async def test_outbound_deliveries_are_signed_per_standard_webhooks(
-    store: Store, receiver: Start, running: Start
+    store: Queue, receiver: Start, running: Start
 ) -> None:
     gone: Receiver = await receiver((200, {}))
     fine: Receiver = await receiver((200, {}))
@@ -183,7 +183,7 @@ async def test_outbound_deliveries_are_signed_per_standard_webhooks(
     assert fine.received == []  # its events: ["invoice.*"] does not take user.created
 
 
-async def test_dead_letter_then_retry(store: Store, receiver: Start, running: Start) -> None:
+async def test_dead_letter_then_retry(store: Queue, receiver: Start, running: Start) -> None:
     target: Receiver = await receiver((500, {}))
     policy = inbound_policy(target.url)
     await running(store, policy)
@@ -202,6 +202,10 @@ async def test_dead_letter_then_retry(store: Store, receiver: Start, running: St
 
     await eventually(dead, "the delivery to be dead")
     assert len(target.received) == 3
+    # What the console lists (None: a Redis queue keeps no index of them, test_redis_store).
+    letters = await store.dead_letters()
+    if letters is not None:
+        assert [(d.message_id, d.last_error) for d in letters] == [(result.message_id, "HTTP 500")]
     target.answers = [(200, {})]
     assert await store.retry(result.message_id or "") == 1
     await eventually(lambda: len(target.received) == 4, "the retried delivery")
@@ -214,7 +218,7 @@ async def test_dead_letter_then_retry(store: Store, receiver: Start, running: St
 
 
 async def test_redelivery_is_answered_but_not_delivered_twice(
-    store: Store, receiver: Start, running: Start
+    store: Queue, receiver: Start, running: Start
 ) -> None:
     target: Receiver = await receiver((200, {}))
     policy = inbound_policy(target.url)
@@ -234,7 +238,7 @@ async def test_redelivery_is_answered_but_not_delivered_twice(
 
 
 async def test_refusals_unrouted_events_and_what_is_logged(
-    store: Store, caplog: pytest.LogCaptureFixture
+    store: Queue, caplog: pytest.LogCaptureFixture
 ) -> None:
     policy = webhooks(
         f"""
@@ -274,7 +278,7 @@ async def test_refusals_unrouted_events_and_what_is_logged(
 
 
 async def test_a_hanging_target_cannot_take_every_delivery_slot(
-    store: Store, receiver: Start, running: Start, upstream: Start
+    store: Queue, receiver: Start, running: Start, upstream: Start
 ) -> None:
     release = asyncio.Event()
     hanging_hits: list[bytes] = []
@@ -318,7 +322,7 @@ async def test_a_hanging_target_cannot_take_every_delivery_slot(
     await eventually(lambda: len(hanging_hits) == 10, "the hanging target's events, once freed")
 
 
-async def test_slack_url_verification_is_answered_not_stored(store: Store) -> None:
+async def test_slack_url_verification_is_answered_not_stored(store: Queue) -> None:
     policy = webhooks(
         """
         inbound:
@@ -346,7 +350,7 @@ async def test_slack_url_verification_is_answered_not_stored(store: Store) -> No
     assert unsigned.status == 401
 
 
-async def test_a_subscribed_event_waits_for_its_acknowledgement(store: Store) -> None:
+async def test_a_subscribed_event_waits_for_its_acknowledgement(store: Queue) -> None:
     """`subscribe: true`: no worker ever sends it; the subscriber reads and acknowledges."""
 
     async def accept(source: str, n: int) -> str:
@@ -387,7 +391,7 @@ async def test_a_subscribed_event_waits_for_its_acknowledgement(store: Store) ->
 
 
 async def test_the_first_attempt_waits_for_the_schedules_first_delay(
-    store: Store, receiver: Start, running: Start
+    store: Queue, receiver: Start, running: Start
 ) -> None:
     target: Receiver = await receiver((200, {}))
     policy = inbound_policy(target.url + "/events", schedule="[300ms, 100ms]")

@@ -8,6 +8,8 @@ with deliveries in flight, whose entries another replica takes over.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,8 +17,15 @@ import pytest
 
 from sidecar.webhooks.inbound import Ingress
 from sidecar.webhooks.outbound import Outbox
+from sidecar.webhooks.queue import (
+    SUBSCRIPTION,
+    Attempt,
+    DeliveryStatus,
+    Direction,
+    Outcome,
+    Target,
+)
 from sidecar.webhooks.redis_store import RedisStore
-from sidecar.webhooks.store import SUBSCRIPTION, DeliveryStatus, Direction, Target
 from tests.helpers import eventually
 from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401
 
@@ -65,8 +74,13 @@ async def test_replicas_share_one_queue_and_one_dedup_window(replicas, receiver,
     assert again.duplicate and again.message_id == first.message_id
     await eventually(lambda: len(target.received) == 1, "the event delivered by replica B")
     assert target.header("X-Sidecar-Message-Id") == [first.message_id]
-    view = await a.message(first.message_id or "")
-    assert view is not None and view.deliveries[0].status is DeliveryStatus.delivered
+
+    async def recorded() -> bool:
+        # The receiver has it before B records the attempt: wait for the record too.
+        view = await a.message(first.message_id or "")
+        return view is not None and view.deliveries[0].status is DeliveryStatus.delivered
+
+    await eventually(recorded, "the delivery recorded as delivered, seen from replica A")
 
 
 async def test_a_dead_replicas_deliveries_are_taken_over(replicas, receiver, running) -> None:
@@ -88,11 +102,16 @@ async def test_a_dead_replicas_deliveries_are_taken_over(replicas, receiver, run
     await running(survivor, policy)
     await eventually(lambda: len(target.received) == 10, "all 10 deliveries made by the survivor")
     assert {h for h in target.header("webhook-id")} == ids
-    overview = await survivor.overview()
-    assert {(s.endpoint, s.successes, s.depth) for s in overview.endpoints} == {
-        ("gone", 5, 0),
-        ("fine", 5, 0),
-    }
+
+    async def recorded() -> bool:
+        # The receiver has the last one before its attempt is recorded: wait for that too.
+        overview = await survivor.overview()
+        return {(s.endpoint, s.successes, s.depth) for s in overview.endpoints} == {
+            ("gone", 5, 0),
+            ("fine", 5, 0),
+        }
+
+    await eventually(recorded, "every delivery recorded as delivered")
     # Nothing is left in anyone's pending list.
     redis = survivor._redis
     assert (await redis.xpending("shared:due", "deliverers"))["pending"] == 0
@@ -172,3 +191,48 @@ async def test_an_acknowledged_subscription_expires_with_the_retention(
         return await store.message(accepted.message_id) is None
 
     await eventually(gone, "the acknowledged message removed after its retention")
+
+
+async def test_dead_letters_are_not_listed_from_redis(store: RedisStore) -> None:
+    """The console shows `dead_letters: null` for a Redis queue: it keeps no index of them."""
+    assert await store.dead_letters() is None
+
+
+async def test_attempts_that_end_together_are_each_recorded(store: RedisStore) -> None:
+    """They go to Redis in one pipeline: each keeps its own outcome, and a delivered one
+    is done while a retried one waits for its next attempt."""
+    for n in range(4):
+        await store.accept(
+            direction=Direction.outbound,
+            source="events",
+            event_type="t",
+            headers=[],
+            body=b'{"n": %d}' % n,
+            targets=[Target("e", "http://127.0.0.1:1/")],
+        )
+    due = await store.claim(4, 4)
+    assert len(due) == 4
+    now = time.time()
+    ok = Attempt(at=now, status_code=200, error=None, duration=0.1)
+    failed = Attempt(at=now, status_code=500, error=None, duration=0.1)
+    await asyncio.gather(
+        store.finish(due[0], ok, Outcome.delivered),
+        store.finish(due[1], failed, Outcome.retry, now + 60),
+        store.finish(due[2], failed, Outcome.dead),
+        store.finish(due[3], ok, Outcome.delivered),
+    )
+    views = [await store.message(d.message_id) for d in due]
+    assert [
+        (v.deliveries[0].status, len(v.deliveries[0].attempts), v.deliveries[0].last_error)
+        for v in views
+        if v is not None
+    ] == [
+        (DeliveryStatus.delivered, 1, None),
+        (DeliveryStatus.pending, 1, "HTTP 500"),
+        (DeliveryStatus.dead, 1, "HTTP 500"),
+        (DeliveryStatus.delivered, 1, None),
+    ]
+    [stats] = (await store.overview()).endpoints
+    assert (stats.successes, stats.failures, stats.dead, stats.depth) == (2, 2, 1, 1)
+    # Nothing is left in this replica's pending list but what waits for its retry.
+    assert await store.claim(4, 4) == []

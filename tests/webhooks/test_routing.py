@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sidecar.webhooks.inbound import MISSING, InboundHook, resolve_pointer
-from sidecar.webhooks.store import Store
+from sidecar.webhooks.sqlite_store import SqliteStore
 
 from .conftest import webhooks
 
@@ -38,7 +38,7 @@ def test_pointer() -> None:
 
 
 async def test_routes_match_on_header_event_and_pointer(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path)
+    store = await SqliteStore.open(tmp_path)
     try:
         hook = InboundHook("hook", webhooks(POLICY).inbound["hook"], store=store, clock=lambda: 0)
 

@@ -8,7 +8,8 @@ from typing import Any
 
 from sidecar.webhooks.delivery import DeliveryWorker, compile_settings, retry_after_seconds
 from sidecar.webhooks.outbound import Outbox
-from sidecar.webhooks.store import DeliveryStatus, Outcome, Store
+from sidecar.webhooks.queue import DeliveryStatus, Outcome
+from sidecar.webhooks.sqlite_store import SqliteStore
 
 from .conftest import Receiver, webhooks
 
@@ -37,7 +38,7 @@ async def test_attempts_follow_the_schedule_with_jitter_then_dead_letter(
         """
     )
     clock = Clock()
-    store = await Store.open(tmp_path, clock=clock)
+    store = await SqliteStore.open(tmp_path, clock=clock)
     # rand() = 1.0: the largest jitter, +50 %.
     outcomes: list[Outcome] = []
     worker = DeliveryWorker(
@@ -95,7 +96,7 @@ async def test_the_first_delay_of_the_schedule_is_waited_too(
         """
     )
     clock = Clock()
-    store = await Store.open(tmp_path, clock=clock)
+    store = await SqliteStore.open(tmp_path, clock=clock)
     worker = DeliveryWorker(store, compile_settings(policy), clock=clock)
     try:
         await Outbox(policy, store=store).handle("events", {}, b"{}")

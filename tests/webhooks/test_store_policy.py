@@ -17,7 +17,8 @@ from aiohttp import web
 
 from sidecar.app import serve
 from sidecar.runtime import Sidecar
-from sidecar.webhooks.store import Attempt, Direction, Outcome, Store, Target
+from sidecar.webhooks.queue import Attempt, Direction, Outcome, Target
+from sidecar.webhooks.sqlite_store import SqliteStore
 from tests.helpers import eventually
 from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401
 
@@ -151,7 +152,7 @@ async def test_a_sidecar_on_a_redis_queue(
 
 async def test_delivered_messages_are_pruned_after_the_retention(tmp_path: Path) -> None:
     now = [1000.0]
-    store = await Store.open(tmp_path / "data", clock=lambda: now[0])
+    store = await SqliteStore.open(tmp_path / "data", clock=lambda: now[0])
     store.configure(claim_idle=60.0, retention=3600.0)
     try:
 

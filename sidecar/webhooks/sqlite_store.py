@@ -1,4 +1,4 @@
-"""The durable webhook queue, one for both directions: SQLite in WAL mode.
+"""The webhook queue (queue.Queue) in one SQLite file, WAL mode: one process owns it.
 
 A message is the event as received (headers, body); each of its targets gets
 a delivery row (status, attempts, next attempt, last error); each attempt is a
@@ -17,171 +17,49 @@ are released, to be attempted again (at least once, never lost).
 from __future__ import annotations
 
 import asyncio
-import enum
+import collections
 import json
 import logging
 import os
-import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 from ..sqlite_writer import SqliteWriter
+from .queue import (
+    SUBSCRIPTION,
+    Accepted,
+    Attempt,
+    DeadLetter,
+    DeliveryStatus,
+    DeliveryView,
+    Direction,
+    Due,
+    EndpointStats,
+    MessageStatus,
+    MessageView,
+    Outcome,
+    Overview,
+    Pending,
+    QueueDepth,
+    StoreClosed,
+    StoreUnavailable,
+    Target,
+    new_message_id,
+)
 
 log = logging.getLogger("sidecar.webhooks")
 
 T = TypeVar("T")
+Item = TypeVar("Item")
+R = TypeVar("R")
 Clock = Callable[[], float]
 
 DB_NAME = "webhooks.db"
-# The delivery of an inbound event that agents subscribe to (`subscribe: true`): no
-# URL, never claimed by the delivery worker (its next_attempt is NULL), delivered
-# when the subscriber acknowledges it (webhooks/events.py).
-SUBSCRIPTION = "_events"
 _DEDUP_PURGE_EVERY = 60.0
-
-
-class Direction(enum.StrEnum):
-    inbound = "inbound"
-    outbound = "outbound"
-
-
-class DeliveryStatus(enum.StrEnum):
-    pending = "pending"
-    delivered = "delivered"
-    dead = "dead"
-
-
-class MessageStatus(enum.StrEnum):
-    routed = "routed"
-    unrouted = "unrouted"  # no route matched: kept, visible, never dropped silently
-
-
-class Outcome(enum.Enum):
-    delivered = "delivered"
-    retry = "retry"  # failed; try again at next_attempt
-    dead = "dead"  # failed on the last attempt of the schedule
-    gone = "gone"  # 410: the endpoint is disabled, the delivery waits for it
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    endpoint: str  # outbound: the endpoint's name; inbound: the target URL
-    url: str
-
-
-@dataclass(frozen=True, slots=True)
-class Accepted:
-    message_id: str
-    duplicate: bool  # already accepted within the dedup window: nothing new stored
-    routed: bool = True  # False: no target wanted it, kept as unrouted
-
-
-@dataclass(frozen=True, slots=True)
-class Due:
-    """A claimed delivery, with what its attempt needs."""
-
-    delivery_id: int
-    message_id: str
-    direction: Direction
-    source: str
-    endpoint: str
-    url: str
-    attempts: int  # made before this one
-    event_type: str | None
-    headers: list[tuple[str, str]]
-    body: bytes
-    created: float = 0.0  # when the message was accepted
-    due: float = 0.0  # when this attempt was scheduled for
-
-
-@dataclass(frozen=True, slots=True)
-class Pending:
-    """An event waiting for its subscriber's acknowledgement, in arrival order."""
-
-    delivery_id: int
-    message_id: str
-    event_type: str | None
-    headers: list[tuple[str, str]]
-    body: bytes
-    created: float
-
-
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    at: float  # when it started
-    status_code: int | None
-    error: str | None
-    duration: float
-    due: float | None = None  # when it was scheduled for (None: recorded before this was kept)
-
-    @property
-    def ok(self) -> bool:
-        return self.status_code is not None and 200 <= self.status_code < 300
-
-
-@dataclass(frozen=True, slots=True)
-class EndpointStats:
-    direction: Direction
-    source: str
-    endpoint: str
-    depth: int  # pending deliveries
-    oldest_pending_age: float | None  # seconds since the oldest pending message arrived
-    successes: int  # delivered
-    failures: int  # failed attempts
-    dead: int
-    disabled: bool
-
-
-@dataclass(frozen=True, slots=True)
-class QueueDepth:
-    direction: Direction
-    source: str
-    endpoint: str
-    depth: int
-    oldest_pending_age: float
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    direction: Direction
-    source: str
-    endpoint: str
-    message_id: str
-    event_type: str | None
-    created: float
-    last_error: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Overview:
-    endpoints: list[EndpointStats]
-    unrouted: dict[str, int]  # inbound webhook -> messages no route matched
-
-
-@dataclass(frozen=True, slots=True)
-class DeliveryView:
-    endpoint: str
-    url: str
-    status: DeliveryStatus
-    attempts: list[Attempt]
-    next_attempt: float | None
-    last_error: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class MessageView:
-    id: str
-    direction: Direction
-    source: str
-    event_type: str | None
-    status: MessageStatus
-    created: float
-    deliveries: list[DeliveryView]
-
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -281,30 +159,6 @@ def _prune(conn: sqlite3.Connection, before: float) -> None:
     )
 
 
-class _RandomHex:
-    """8 random bytes as hex per call, read from the OS 256 ids at a time: one
-    getrandom() per event cost more than the rest of the id. Event loop only."""
-
-    def __init__(self) -> None:
-        self._hex = ""
-        self._at = 0
-
-    def take(self) -> str:
-        if self._at >= len(self._hex):
-            self._hex = secrets.token_hex(8 * 256)
-            self._at = 0
-        self._at += 16
-        return self._hex[self._at - 16 : self._at]
-
-
-_random_hex = _RandomHex()
-
-
-def new_message_id(now: float) -> str:
-    # Time first, so ids sort by arrival in the admin view and in the table.
-    return f"msg_{int(now * 1000):012x}{_random_hex.take()}"
-
-
 def _setup(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA foreign_keys=ON")
     conn.executescript(_SCHEMA)
@@ -315,65 +169,130 @@ def _setup(conn: sqlite3.Connection) -> None:
     conn.execute("UPDATE deliveries SET claimed = 0 WHERE claimed = 1")
 
 
-class StoreUnavailable(Exception):
-    """The queue cannot be reached (closed, Redis down): nothing was stored."""
+@dataclass(slots=True)
+class _Event:
+    """One accept waiting for the writer's next turn."""
+
+    message_id: str
+    direction: str
+    source: str
+    event_type: str | None
+    status: str
+    headers: str  # JSON
+    body: bytes
+    now: float
+    dedup_id: str | None  # None: no dedup (no id, or no window)
+    expires: float  # of its dedup entry
+    targets: list[tuple[str, str]]  # (endpoint, url)
+    first: float  # when its deliveries are first due
 
 
-class StoreClosed(StoreUnavailable):
-    pass
+@dataclass(slots=True)
+class _Finished:
+    """One attempt's record waiting for the writer's next turn."""
+
+    delivery_id: int
+    source: str
+    endpoint: str
+    attempt: Attempt
+    status: str  # the delivery's, after this attempt
+    when: float | None  # its next attempt
+    error: str | None  # its last error
+    gone: bool  # 410: disable the endpoint
+    prune_before: float | None
 
 
-class Queue(Protocol):
-    """What inbound, outbound, the delivery worker and the admin port use of a store:
-    `Store` here (SQLite), `RedisStore` in redis_store.py."""
+_PENDING = ", 'pending'"
+# Rows per multi-row statement: well under SQLite's 32,766 bound variables.
+_ROWS = 256
 
-    on_new_deliveries: Callable[[], None] | None
 
-    def configure(self, *, claim_idle: float, retention: float | None) -> None: ...
+def _chunks(rows: Sequence[R]) -> list[Sequence[R]]:
+    return [rows[i : i + _ROWS] for i in range(0, len(rows), _ROWS)]
 
-    async def close(self) -> None: ...
 
-    async def accept(
+def _marks(columns: int, rows: int, tail: str = "") -> str:
+    """`(?, ?), (?, ?)`: the placeholders of a multi-row VALUES."""
+    row = "(" + ", ".join("?" * columns) + tail + ")"
+    return ", ".join([row] * rows)
+
+
+class _Batched(Generic[Item, R]):
+    """Calls of one kind written together: one writer job per turn for all of them.
+
+    A job per call made the writer thread run a savepoint and a few statements per
+    event, each a round of the GIL with the event loop; one job per turn writes
+    everything that queued up meanwhile with a few multi-row statements. Each
+    caller's future is settled once the turn's transaction committed (or failed:
+    then every call in it fails, as they would have in one failed COMMIT).
+    """
+
+    def __init__(
         self,
-        *,
-        direction: Direction,
-        source: str,
-        event_type: str | None,
-        headers: Sequence[tuple[str, str]],
-        body: bytes,
-        targets: Sequence[Target],
-        dedup_id: str | None = None,
-        dedup_window: float = 0.0,
-        first_attempt_in: float = 0.0,
-    ) -> Accepted: ...
+        writer: SqliteWriter,
+        write: Callable[[sqlite3.Connection, list[Item]], list[R]],
+        after: Callable[[list[R]], None] | None = None,
+    ) -> None:
+        self._writer = writer
+        self._write = write
+        self._after = after
+        self._items: collections.deque[tuple[Item, asyncio.Future[R]]] = collections.deque()
+        # A job is queued that has not yet taken the items: a new item goes with it.
+        # Set on the loop, cleared by the writer thread before it takes the items, so
+        # an item added after the take always finds it cleared and queues a job.
+        self._queued = False
 
-    async def claim(self, limit: int, per_endpoint: int) -> list[Due]: ...
+    def add(self, item: Item) -> asyncio.Future[R]:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._items.append((item, future))
+        if not self._queued:
+            self._queued = True
+            taken: list[tuple[Item, asyncio.Future[R]]] = []
+            ran: list[bool] = []
 
-    async def next_due(self) -> float | None: ...
+            def work(conn: sqlite3.Connection) -> list[R]:
+                ran.append(True)
+                self._queued = False
+                items = self._items
+                while items:
+                    taken.append(items.popleft())
+                return self._write(conn, [item for item, _ in taken]) if taken else []
 
-    async def finish(
-        self, due: Due, attempt: Attempt, outcome: Outcome, next_attempt: float | None = None
-    ) -> None: ...
+            self._writer.submit(work).add_done_callback(lambda done: self._settle(taken, ran, done))
+        return future
 
-    async def release_claims(self) -> None: ...
+    def _settle(
+        self,
+        taken: list[tuple[Item, asyncio.Future[R]]],
+        ran: list[bool],
+        done: asyncio.Future[list[R]],
+    ) -> None:
+        error = done.exception()
+        if error is not None:
+            if isinstance(error, (sqlite3.Error, OSError)):
+                # Callers know the queue, not its backend: the same 503 as Redis down.
+                error = StoreUnavailable(str(error))
+            if not ran:
+                # The turn failed before this job took its items (BEGIN failed): no
+                # other job of ours is queued, so they are ours to fail, and the next
+                # item queues a job again.
+                self._queued = False
+                while self._items:
+                    taken.append(self._items.popleft())
+            for _, future in taken:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        results = done.result()
+        for (_, future), result in zip(taken, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+        if self._after is not None and results:
+            self._after(results)
 
-    async def enable(self, source: str, endpoint: str) -> bool: ...
 
-    async def retry(self, message_id: str) -> int | None: ...
-
-    async def overview(self) -> Overview: ...
-
-    async def depths(self) -> list[QueueDepth]: ...
-
-    async def message(self, message_id: str) -> MessageView | None: ...
-
-    async def pending(self, source: str, after: int | None, limit: int) -> list[Pending]: ...
-
-    async def ack(self, source: str, message_id: str) -> int | None: ...
-
-
-class Store:
-    """The queue. Open with `await Store.open(data_dir)`; every method is a coroutine."""
+class SqliteStore:
+    """The queue in SQLite. Open with `await SqliteStore.open(data_dir)`."""
 
     def __init__(self, writer: SqliteWriter, clock: Clock) -> None:
         self._writer = writer
@@ -389,9 +308,15 @@ class Store:
         self._claims: dict[tuple[str, str], set[int]] = {}
         # Called after each commit that added deliveries: wakes the delivery worker.
         self.on_new_deliveries: Callable[[], None] | None = None
+        self._accepts: _Batched[_Event, Accepted] = _Batched(
+            writer, self._write_accepts, self._accepted
+        )
+        self._finishes: _Batched[_Finished, None] = _Batched(writer, self._write_finishes)
 
     @classmethod
-    async def open(cls, data_dir: str | os.PathLike[str], *, clock: Clock = time.time) -> Store:
+    async def open(
+        cls, data_dir: str | os.PathLike[str], *, clock: Clock = time.time
+    ) -> SqliteStore:
         writer = SqliteWriter(
             Path(data_dir) / DB_NAME,
             thread_name="sidecar-webhooks-db",
@@ -418,7 +343,11 @@ class Store:
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         if self._closed:
             raise StoreClosed("the webhook store is closed")
-        return await self._writer.submit(work)
+        try:
+            return await self._writer.submit(work)
+        except (sqlite3.Error, OSError) as exc:
+            # Callers know the queue, not its backend: the same 503 as Redis down.
+            raise StoreUnavailable(str(exc)) from exc
 
     async def accept(
         self,
@@ -441,64 +370,108 @@ class Store:
         With a dedup_id seen for this source within the window, nothing is
         stored and the first message's id comes back as a duplicate.
         No targets: the message is kept as unrouted.
+
+        Every event that arrives while the writer is busy waits for its next turn
+        and is written with the others, a few multi-row statements for them all
+        (`_write_accepts`), in the same transaction as whatever else is queued.
         """
+        if self._closed:
+            raise StoreClosed("the webhook store is closed")
         now = self._clock()
         message_id = new_message_id(now)
-        status = MessageStatus.routed if targets else MessageStatus.unrouted
-        first = now + first_attempt_in
-        purge = now - self._last_purge > _DEDUP_PURGE_EVERY
-        if purge:
-            self._last_purge = now
+        event = _Event(
+            message_id,
+            direction.value,
+            source,
+            event_type,
+            MessageStatus.routed.value if targets else MessageStatus.unrouted.value,
+            json.dumps(list(headers)),
+            body,
+            now,
+            dedup_id if dedup_window > 0 else None,
+            now + dedup_window,
+            [(t.endpoint, t.url) for t in targets],
+            now + first_attempt_in,
+        )
+        return await self._accepts.add(event)
 
-        def work(conn: sqlite3.Connection) -> Accepted:
-            if purge:
-                conn.execute("DELETE FROM dedup WHERE expires <= ?", (now,))
-            if dedup_id is not None and dedup_window > 0:
-                row = conn.execute(
-                    "SELECT message_id FROM dedup WHERE source = ? AND delivery_id = ?"
-                    " AND expires > ?",
-                    (source, dedup_id, now),
-                ).fetchone()
-                if row is not None:
-                    return Accepted(row[0], duplicate=True)
-                conn.execute(
-                    "INSERT OR REPLACE INTO dedup VALUES (?, ?, ?, ?)",
-                    (source, dedup_id, message_id, now + dedup_window),
+    def _write_accepts(self, conn: sqlite3.Connection, events: list[_Event]) -> list[Accepted]:
+        """In the writer thread: the events of one turn, in arrival order."""
+        now = events[-1].now
+        if now - self._last_purge > _DEDUP_PURGE_EVERY:
+            self._last_purge = now
+            conn.execute("DELETE FROM dedup WHERE expires <= ?", (now,))
+        results: list[Accepted | None] = [None] * len(events)
+        keyed = [(i, e) for i, e in enumerate(events) if e.dedup_id is not None]
+        if keyed:
+            # (source, dedup id) -> the message it was first accepted as, until when.
+            seen: dict[tuple[str, str], tuple[str, float]] = {}
+            for chunk in _chunks(keyed):
+                # A join, not `(source, delivery_id) IN (VALUES ...)`: SQLite scans the
+                # whole table for that one, here it seeks the primary key per event.
+                found_rows = conn.execute(
+                    "SELECT d.source, d.delivery_id, d.message_id, d.expires"
+                    f" FROM (VALUES {_marks(2, len(chunk))}) AS v JOIN dedup d"
+                    " ON d.source = v.column1 AND d.delivery_id = v.column2",
+                    [v for _, e in chunk for v in (e.source, e.dedup_id)],
                 )
+                for row in found_rows:
+                    seen[row[0], row[1]] = (row[2], row[3])
+            fresh: list[tuple[str, str, str, float]] = []
+            for i, e in keyed:
+                key = (e.source, e.dedup_id or "")
+                found = seen.get(key)
+                if found is not None and found[1] > e.now:
+                    results[i] = Accepted(found[0], duplicate=True)
+                else:
+                    seen[key] = (e.message_id, e.expires)
+                    fresh.append((*key, e.message_id, e.expires))
+            for part in _chunks(fresh):
+                conn.execute(
+                    f"INSERT OR REPLACE INTO dedup VALUES {_marks(4, len(part))}",
+                    [v for row in part for v in row],
+                )
+        stored = [e for e, r in zip(events, results, strict=True) if r is None]
+        for group in _chunks(stored):
             conn.execute(
-                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    message_id,
-                    direction.value,
-                    source,
-                    event_type,
-                    status.value,
-                    json.dumps(list(headers)),
-                    body,
-                    now,
-                ),
-            )
-            conn.executemany(
-                "INSERT INTO deliveries (message_id, direction, source, endpoint, url, status,"
-                " next_attempt) VALUES (?, ?, ?, ?, ?, 'pending', ?)",
+                f"INSERT INTO messages VALUES {_marks(8, len(group))}",
                 [
-                    (
-                        message_id,
-                        direction.value,
-                        source,
-                        t.endpoint,
-                        t.url,
-                        first if t.url else None,
+                    v
+                    for e in group
+                    for v in (
+                        e.message_id,
+                        e.direction,
+                        e.source,
+                        e.event_type,
+                        e.status,
+                        e.headers,
+                        e.body,
+                        e.now,
                     )
-                    for t in targets
                 ],
             )
-            return Accepted(message_id, duplicate=False, routed=bool(targets))
+        deliveries = [
+            (e.message_id, e.direction, e.source, endpoint, url, e.first if url else None)
+            for e in stored
+            for endpoint, url in e.targets
+        ]
+        for batch in _chunks(deliveries):
+            conn.execute(
+                "INSERT INTO deliveries (message_id, direction, source, endpoint, url,"
+                f" next_attempt, status) VALUES {_marks(6, len(batch), _PENDING)}",
+                [v for row in batch for v in row],
+            )
+        return [
+            r if r is not None else Accepted(e.message_id, duplicate=False, routed=bool(e.targets))
+            for e, r in zip(events, results, strict=True)
+        ]
 
-        accepted = await self._run(work)
-        if targets and not accepted.duplicate and self.on_new_deliveries is not None:
+    def _accepted(self, results: list[Accepted]) -> None:
+        """On the loop, once a turn's events committed: one wake-up for them all."""
+        if self.on_new_deliveries is not None and any(
+            r.routed and not r.duplicate for r in results
+        ):
             self.on_new_deliveries()
-        return accepted
 
     async def claim(self, limit: int, per_endpoint: int) -> list[Due]:
         """Up to `limit` due deliveries of enabled endpoints, earliest first, marked claimed.
@@ -575,47 +548,74 @@ class Store:
     async def finish(
         self, due: Due, attempt: Attempt, outcome: Outcome, next_attempt: float | None = None
     ) -> None:
-        """Record an attempt of a claimed delivery and what follows from it."""
-        prune_before = self._prune_before(attempt.at)
+        """Record an attempt of a claimed delivery and what follows from it.
 
+        Attempts that end while the writer is busy are recorded together, in its next
+        turn (`_write_finishes`); each call returns once its record committed.
+        """
+        if self._closed:
+            raise StoreClosed("the webhook store is closed")
+        if outcome is Outcome.delivered:
+            status, when = DeliveryStatus.delivered, None
+        elif outcome is Outcome.dead:
+            status, when = DeliveryStatus.dead, None
+        else:
+            status, when = DeliveryStatus.pending, next_attempt or attempt.at
+        await self._finishes.add(
+            _Finished(
+                due.delivery_id,
+                due.source,
+                due.endpoint,
+                attempt,
+                status.value,
+                when,
+                None if attempt.ok else (attempt.error or f"HTTP {attempt.status_code}"),
+                outcome is Outcome.gone,
+                self._prune_before(attempt.at),
+            )
+        )
+
+    def _write_finishes(self, conn: sqlite3.Connection, done: list[_Finished]) -> list[None]:
+        """In the writer thread: the attempts of one turn, two statements for them all."""
         claims = self._claims
-
-        def work(conn: sqlite3.Connection) -> None:
-            claims.get((due.source, due.endpoint), set()).discard(due.delivery_id)
-            if prune_before is not None:
-                _prune(conn, prune_before)
+        prune_before: float | None = None
+        for f in done:
+            claims.get((f.source, f.endpoint), set()).discard(f.delivery_id)
+            if f.prune_before is not None:
+                prune_before = f.prune_before
+        if prune_before is not None:
+            _prune(conn, prune_before)
+        for part in _chunks(done):
             conn.execute(
                 "INSERT INTO attempts (delivery_id, at, status_code, error, duration, ok, due)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    due.delivery_id,
-                    attempt.at,
-                    attempt.status_code,
-                    attempt.error,
-                    attempt.duration,
-                    int(attempt.ok),
-                    attempt.due,
-                ),
+                f" VALUES {_marks(7, len(part))}",
+                [
+                    v
+                    for f in part
+                    for v in (
+                        f.delivery_id,
+                        f.attempt.at,
+                        f.attempt.status_code,
+                        f.attempt.error,
+                        f.attempt.duration,
+                        int(f.attempt.ok),
+                        f.attempt.due,
+                    )
+                ],
             )
-            if outcome is Outcome.delivered:
-                status, when = DeliveryStatus.delivered, None
-            elif outcome is Outcome.dead:
-                status, when = DeliveryStatus.dead, None
-            else:
-                status, when = DeliveryStatus.pending, next_attempt or attempt.at
-            error = None if attempt.ok else (attempt.error or f"HTTP {attempt.status_code}")
             conn.execute(
-                "UPDATE deliveries SET status = ?, attempts = attempts + 1, next_attempt = ?,"
-                " claimed = 0, last_error = ? WHERE id = ?",
-                (status.value, when, error, due.delivery_id),
+                "UPDATE deliveries SET status = v.column2, attempts = attempts + 1,"
+                " next_attempt = v.column3, claimed = 0, last_error = v.column4"
+                f" FROM (VALUES {_marks(4, len(part))}) AS v WHERE deliveries.id = v.column1",
+                [v for f in part for v in (f.delivery_id, f.status, f.when, f.error)],
             )
-            if outcome is Outcome.gone:
+        for f in done:
+            if f.gone:
                 conn.execute(
                     "INSERT OR REPLACE INTO endpoints VALUES (?, ?, 1, ?, ?)",
-                    (due.source, due.endpoint, "410 Gone", attempt.at),
+                    (f.source, f.endpoint, "410 Gone", f.attempt.at),
                 )
-
-        await self._run(work)
+        return [None] * len(done)
 
     def _prune_before(self, now: float) -> float | None:
         """Once a minute with a retention set: the arrival time older messages go by."""
@@ -730,7 +730,7 @@ class Store:
 
         return await self._run(work)
 
-    async def dead_letters(self, limit: int = 50) -> list[DeadLetter]:
+    async def dead_letters(self, limit: int = 50) -> list[DeadLetter] | None:
         """The newest dead deliveries, each with its message id (what a replay takes)."""
 
         def work(conn: sqlite3.Connection) -> list[DeadLetter]:

@@ -35,6 +35,21 @@ ONLY_WHEN_USED = (
     "google.auth",
     "configparser",
     "xml.etree",
+    # SQL rules (databases:): the PostgreSQL parser.
+    "pglast",
+    # The steps of features no example service uses (http/chain.py's _when): GraphQL
+    # (and graphql-core), MCP and its WebSocket tunnel, mock, record/replay, observe,
+    # translation between LLM APIs, object-store rules.
+    "graphql",
+    "sidecar.steps.protocols.graphql",
+    "sidecar.steps.protocols.graphql_errors",
+    "sidecar.steps.protocols.mcp",
+    "sidecar.steps.protocols.websocket",
+    "sidecar.steps.answers.mock",
+    "sidecar.steps.answers.cassette",
+    "sidecar.learn.observe",
+    "sidecar.steps.llm.translate",
+    "sidecar.steps.access.objects",
 )
 
 PROBE = f"""

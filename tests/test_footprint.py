@@ -88,3 +88,15 @@ def test_the_example_policies_load_no_library_they_do_not_use() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+def test_the_free_heap_is_handed_back_where_glibc_can() -> None:
+    # After start-up and each reload (core/memory.py): a glibc without malloc_trim
+    # found would silently keep what loading a policy left behind.
+    import platform
+
+    from sidecar.core import memory
+
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert memory._trim is not None
+    memory.release()

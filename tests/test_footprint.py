@@ -35,8 +35,16 @@ ONLY_WHEN_USED = (
     "google.auth",
     "configparser",
     "xml.etree",
-    # SQL rules (databases:): the PostgreSQL parser.
+    # databases: the PostgreSQL wire protocol, pool, sessions and SQL rules (with the
+    # parser), imported by the first database a policy declares (databases/entry.py).
     "pglast",
+    "sidecar.databases.entry",
+    "sidecar.databases.protocol",
+    "sidecar.databases.pool",
+    "sidecar.databases.server",
+    "sidecar.databases.client",
+    "sidecar.databases.guard",
+    "sidecar.databases.statements",
     # The steps of features no example service uses (http/chain.py's _when): GraphQL
     # (and graphql-core), MCP and its WebSocket tunnel, mock, record/replay, observe,
     # translation between LLM APIs, object-store rules.

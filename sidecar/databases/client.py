@@ -33,8 +33,8 @@ from .pool import PoolTimeout
 from .server import ServerConnection, UpstreamError
 
 if TYPE_CHECKING:
+    from .entry import Entry
     from .guard import Refusal
-    from .hub import Entry
 
 log = logging.getLogger("sidecar.databases")
 

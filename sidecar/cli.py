@@ -487,9 +487,12 @@ async def _serve(sidecar: Sidecar, args: argparse.Namespace) -> int:
         return 1
     sidecar.start_watching()
     _announce_cassettes(sidecar)
+    from .core import memory
+
     # Everything made so far lives as long as the process: move it out of the
     # collector's sight, so the full collections that interrupt serving are short.
-    gc.collect()
+    # What loading left behind goes back to the system first (RSS at idle).
+    memory.release()
     gc.freeze()
     gc.set_threshold(20_000, 50, 100)
     # The bound addresses, not the asked-for ones: port 0 picks a free port.

@@ -266,6 +266,12 @@ class Sidecar:
             len(policy.services),
             len(policy.files),
         )
+        if trigger != "startup":
+            from .core import memory
+
+            # What the replaced policy and this load left behind goes back to the system
+            # (at startup the command line does it, once its listeners are open).
+            memory.release()
         return ReloadResult(ok=True, trigger=trigger, at=now, version=policy.version, changed=True)
 
     def _admin_token(self, policy: Policy) -> str | None:

@@ -35,6 +35,29 @@ ONLY_WHEN_USED = (
     "google.auth",
     "configparser",
     "xml.etree",
+    # databases: the PostgreSQL wire protocol, pool, sessions and SQL rules (with the
+    # parser), imported by the first database a policy declares (databases/entry.py).
+    "pglast",
+    "sidecar.databases.entry",
+    "sidecar.databases.protocol",
+    "sidecar.databases.pool",
+    "sidecar.databases.server",
+    "sidecar.databases.client",
+    "sidecar.databases.guard",
+    "sidecar.databases.statements",
+    # The steps of features no example service uses (http/chain.py's _when): GraphQL
+    # (and graphql-core), MCP and its WebSocket tunnel, mock, record/replay, observe,
+    # translation between LLM APIs, object-store rules.
+    "graphql",
+    "sidecar.steps.protocols.graphql",
+    "sidecar.steps.protocols.graphql_errors",
+    "sidecar.steps.protocols.mcp",
+    "sidecar.steps.protocols.websocket",
+    "sidecar.steps.answers.mock",
+    "sidecar.steps.answers.cassette",
+    "sidecar.learn.observe",
+    "sidecar.steps.llm.translate",
+    "sidecar.steps.access.objects",
 )
 
 PROBE = f"""
@@ -73,3 +96,15 @@ def test_the_example_policies_load_no_library_they_do_not_use() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+def test_the_free_heap_is_handed_back_where_glibc_can() -> None:
+    # After start-up and each reload (core/memory.py): a glibc without malloc_trim
+    # found would silently keep what loading a policy left behind.
+    import platform
+
+    from sidecar.core import memory
+
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert memory._trim is not None
+    memory.release()

@@ -86,8 +86,8 @@ def server_name(query: str, types: bytes) -> str:
 
 
 class Entry(Protocol):
-    """What a session reads of the database it belongs to: hub.py's Entry, which makes
-    the sessions (hub.py imports this module, so this module does not import it back).
+    """What a session reads of the database it belongs to: entry.py's Entry, which makes
+    the sessions (entry.py imports this module, so this module does not import it back).
 
     Read-only properties: the entry swaps its guard and settings on a reload, a session
     reads the current ones each time.

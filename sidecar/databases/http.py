@@ -16,12 +16,11 @@ from typing import TYPE_CHECKING, Any
 from ..core.problems import ProblemError, problem_parts
 from ..core.reasons import Reason
 from ..http.listener import Request, Response
-from . import protocol as pg
-from .pool import PoolTimeout
-from .server import ServerConnection, UpstreamError
 
 if TYPE_CHECKING:
-    from .hub import DatabaseHub, Entry
+    from .entry import Entry
+    from .hub import DatabaseHub
+    from .server import ServerConnection
 
 PREFIX = "/_db/"
 MAX_BODY = 1 << 20
@@ -172,6 +171,11 @@ class DatabaseHttp:
         params: list[str | None],
         service: str,
     ) -> Response:
+        # Only a sidecar with databases gets here: the wire protocol is imported then.
+        from . import protocol as pg
+        from .pool import PoolTimeout
+        from .server import UpstreamError
+
         started = time.perf_counter()
         try:
             conn = await entry.pool.acquire()
@@ -240,6 +244,9 @@ def _text(value: Any) -> str:
 async def _collect(
     conn: ServerConnection,
 ) -> tuple[int, list[tuple[str, int]], list[list[bytes | None]], bool, str, dict[str, str] | None]:
+    from . import protocol as pg
+    from .server import UpstreamError
+
     framer = conn.framer
     columns: list[tuple[str, int]] = []
     rows: list[list[bytes | None]] = []

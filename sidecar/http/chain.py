@@ -8,18 +8,47 @@ step's module has `build(service, *, state) -> Step | None`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from .. import telemetry
-from ..learn import observe
+from ..core.state import StateBuild
 from ..policy.loader import ServicePolicy
-from ..steps.access import allow, identity, objects, request_rules, validate
-from ..steps.answers import cache, cassette, mock
+from ..policy.models import Service
+from ..steps.access import allow, identity, request_rules, validate
+from ..steps.answers import cache
 from ..steps.credentials import auth
-from ..steps.llm import llm, translate
-from ..steps.protocols import graphql, graphql_errors, mcp
+from ..steps.llm import llm
 from ..steps.resilience import breaker, fallback, faults, pause, ratelimit, retry, timeout
 from .router import Chain, Route, StepBuilder
+
+
+def _when(uses: Callable[[Service], bool], module: str) -> StepBuilder:
+    """The build of a step only some services use, its module imported by the first that does.
+
+    A sidecar whose services use no GraphQL, MCP, mode other than live, translation or
+    object rules never imports those steps (and what they import): `uses` is the first
+    test of the module's own build(), which still decides.
+    """
+
+    def build(service: ServicePolicy, *, state: StateBuild) -> Any:
+        if not uses(service.spec):
+            return None
+        built: Any = importlib.import_module(module, __package__).build(service, state=state)
+        return built
+
+    return build
+
+
+_objects = _when(lambda spec: spec.objects is not None, "..steps.access.objects")
+_graphql = _when(lambda spec: spec.graphql is not None, "..steps.protocols.graphql")
+_mcp = _when(lambda spec: spec.mcp is not None, "..steps.protocols.mcp")
+_translate = _when(lambda spec: spec.translate is not None, "..steps.llm.translate")
+_mock = _when(lambda spec: spec.mode == "mock", "..steps.answers.mock")
+_cassette = _when(lambda spec: spec.mode in ("record", "replay"), "..steps.answers.cassette")
+_observe = _when(lambda spec: spec.mode == "observe", "..learn.observe")
+_graphql_errors = _when(lambda spec: spec.graphql is not None, "..steps.protocols.graphql_errors")
 
 
 def for_policy(services: Mapping[str, ServicePolicy]) -> Chain:
@@ -40,13 +69,13 @@ def steps(
         ("allow", allow.build),
         ("request_rules", request_rules.build),
         # Object-store rules: which agent may touch which bucket and key (steps/access/objects.py).
-        ("objects", objects.build),
+        ("objects", _objects),
         # Then the OpenAPI document: a malformed call is told so whatever the limits say.
         ("validate", validate.build),
         # A call the policy refuses for what it asks (its operation, its tool) is told
         # so, not to wait for a pause or a token.
-        ("graphql", graphql.build),
-        ("mcp", mcp.build),
+        ("graphql", _graphql),
+        ("mcp", _mcp),
         # Outermost of what serves the call, after every refusal: a call the agent may not
         # make never fails over, and everything the service does to serve it (faults,
         # cache, limits, retries, breaker, credential) is inside, so another service is
@@ -58,21 +87,21 @@ def steps(
         # Each service translates the calls written for another LLM API, its own agents'
         # and other services' fallback hops alike; outside mock, cassette and cache, which
         # hold the upstream's API, and outside llm, which counts the upstream's own answer.
-        ("translate", translate.build),
+        ("translate", _translate),
         # Where Envoy has its fault filter, before the router: retries, the breaker and the
         # timeout never hide, repeat or count a fault, so the agent sees the ratio asked
         # for; and a mock answer can be faulted too.
         ("faults", faults.build),
         # mode: mock answers here, after every refusal and before anything that would
         # spend a token or reach the upstream (or its credential).
-        ("mock", mock.build),
+        ("mock", _mock),
         # mode: replay answers here for the same reasons as mock. mode: record is here too:
         # outside retry, breaker, timeout and auth, it saves the one final answer the agent
         # gets, and sees the call before the credential is injected (steps/answers/cassette.py).
-        ("cassette", cassette.build),
+        ("cassette", _cassette),
         # mode: observe writes down the shape of the call and of the one answer the agent
         # gets, as record does, for `sidecar learn` (learn/observe.py).
-        ("observe", observe.build),
+        ("observe", _observe),
         # A hit is answered before anything that would spend a token, wait for a pause
         # or reach the upstream (or its credential): a hit is free.
         ("cache", cache.build),
@@ -87,7 +116,7 @@ def steps(
         ("timeout", timeout.build),
         # Inside the breaker, which counts the GraphQL errors it finds in a 200 as a failure,
         # and the timeout, which bounds reading that answer; once per attempt.
-        ("graphql_errors", graphql_errors.build),
+        ("graphql_errors", _graphql_errors),
         ("auth", auth.build),
         ("telemetry", telemetry.build),
     ]

@@ -38,7 +38,10 @@ class WebIdentity(Model):
         description="The OIDC token (e.g. /var/run/secrets/eks.amazonaws.com/serviceaccount/"
         "token), read again at each exchange, so a rotated token is used"
     )
-    session_name: str = Field(default="agent-sidecar", pattern=r"^[\w+=,.@-]{2,64}$")
+    # STS's RoleSessionName: ASCII letters, digits and _+=,.@- (its `\w` is ASCII). Spelled
+    # out: pydantic-core's regex engine expands a Unicode `\w` repeated {2,64} into an
+    # automaton of 4.5 MiB that every sidecar process kept, AWS or not.
+    session_name: str = Field(default="agent-sidecar", pattern=r"^[A-Za-z0-9_+=,.@-]{2,64}$")
     sts_endpoint: str | None = Field(
         default=None, description="Default: https://sts.REGION.amazonaws.com"
     )

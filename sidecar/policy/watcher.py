@@ -7,11 +7,12 @@ volume swaps an atomic `..data` symlink, which a watch on one file misses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
-from watchfiles import awatch
+from . import inotify
 
 log = logging.getLogger("sidecar.watcher")
 
@@ -35,31 +36,58 @@ async def watch(
         secrets = secret_files()
         paths = _watched(directory, secrets)
         log.debug("watching %s", sorted(paths))
-        async for changes in awatch(
-            *sorted(paths),
-            debounce=debounce_ms,
-            step=50,
-            stop_event=stop,
-            watch_filter=None,
-            recursive=True,
-            ignore_permission_denied=True,
-            # The first (empty) yield after a quiet second proves the watches exist.
-            rust_timeout=1000,
-            yield_on_timeout=True,
-        ):
-            if ready is not None:
-                ready.set()
-            if not changes:
-                continue
-            try:
-                await on_change()
-            except Exception:
-                # Whatever went wrong with this change, keep watching for the next one.
-                log.exception("reload after a change failed")
-            if secret_files() != secrets:
-                break  # the set of secret files changed: watch their new directories
-        else:
-            return
+        async with contextlib.aclosing(_changes(sorted(paths), debounce_ms, stop)) as bursts:
+            async for changes in bursts:
+                if ready is not None:
+                    ready.set()
+                if not changes:
+                    continue
+                try:
+                    await on_change()
+                except Exception:
+                    # Whatever went wrong with this change, keep watching for the next one.
+                    log.exception("reload after a change failed")
+                if secret_files() != secrets:
+                    break  # the set of secret files changed: watch their new directories
+            else:
+                return
+
+
+async def _changes(
+    paths: list[str], debounce_ms: int, stop: asyncio.Event
+) -> AsyncGenerator[set[str], None]:
+    """An empty set once the watches are in place, then each burst of changed paths."""
+    bursts = inotify.changes(paths, debounce_ms=debounce_ms, step_ms=50, stop=stop)
+    try:
+        first = await anext(bursts)
+    except OSError:
+        await bursts.aclose()
+        bursts = _watchfiles(paths, debounce_ms, stop)  # no inotify here (macOS)
+    else:
+        yield first
+    async with contextlib.aclosing(bursts):
+        async for changes in bursts:
+            yield changes
+
+
+async def _watchfiles(
+    paths: list[str], debounce_ms: int, stop: asyncio.Event
+) -> AsyncGenerator[set[str], None]:
+    from watchfiles import awatch
+
+    async for changes in awatch(
+        *paths,
+        debounce=debounce_ms,
+        step=50,
+        stop_event=stop,
+        watch_filter=None,
+        recursive=True,
+        ignore_permission_denied=True,
+        # The first (empty) yield after a quiet second proves the watches exist.
+        rust_timeout=1000,
+        yield_on_timeout=True,
+    ):
+        yield {path for _change, path in changes}
 
 
 def _watched(directory: str, secrets: frozenset[str]) -> set[str]:

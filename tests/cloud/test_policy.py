@@ -98,3 +98,24 @@ def test_refused_with_position(tmp_path: Path, auth: str, message: str) -> None:
     found = errors(tmp_path)
     assert any(message in e for e in found), found
     assert all(e.startswith(str(tmp_path / "p.yaml")) for e in found), found
+
+
+WEB_IDENTITY = (
+    "{{type: aws_sigv4, service: s3, region: us-east-1, web_identity: "
+    "{{role_arn: 'arn:aws:iam::123456789012:role/r', token_file: /t, session_name: '{name}'}}}}"
+)
+
+
+def test_a_session_name_of_every_character_sts_takes(tmp_path: Path) -> None:
+    write(tmp_path, WEB_IDENTITY.format(name="ci_Bot-7.run@team=a,b+c"))
+    auth = load_policy(str(tmp_path), env={}).services["s3"].spec.auth
+    assert isinstance(auth, AwsSigV4Auth) and auth.web_identity is not None
+    assert auth.web_identity.session_name == "ci_Bot-7.run@team=a,b+c"
+
+
+# STS refuses these (2 to 64 of ASCII letters, digits and _+=,.@-): refused at load.
+@pytest.mark.parametrize("name", ["a", "x" * 65, "agent sidecar", "agent/sidecar", "agént"])
+def test_a_session_name_sts_would_refuse(tmp_path: Path, name: str) -> None:
+    write(tmp_path, WEB_IDENTITY.format(name=name))
+    found = errors(tmp_path)
+    assert any("p.yaml:5:" in e and "session_name" in e for e in found), found

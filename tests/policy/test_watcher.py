@@ -1,0 +1,113 @@
+"""The policy watcher on its own: each burst of changes is one call, seen through inotify
+on Linux (no thread, no library) and through watchfiles where there is no inotify."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from sidecar.policy import inotify, watcher
+from tests.helpers import ROOT
+
+
+class Watching:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.calls = 0
+        self.called = asyncio.Event()
+        self.stop = asyncio.Event()
+        self.ready = asyncio.Event()
+
+    async def on_change(self) -> None:
+        self.calls += 1
+        self.called.set()
+
+    async def next_call(self) -> None:
+        await asyncio.wait_for(self.called.wait(), 10)
+        self.called.clear()
+
+
+@pytest.fixture
+async def watching(tmp_path: Path) -> AsyncIterator[Watching]:
+    w = Watching(tmp_path)
+    task = asyncio.create_task(
+        watcher.watch(str(tmp_path), frozenset, w.on_change, stop=w.stop, ready=w.ready)
+    )
+    await asyncio.wait_for(w.ready.wait(), 10)
+    yield w
+    w.stop.set()
+    await asyncio.wait_for(task, 10)  # the watch ends once stop is set
+
+
+async def test_a_burst_of_writes_is_one_reload(watching: Watching) -> None:
+    for i in range(5):
+        (watching.directory / "policy.yaml").write_text(f"version: 1 # {i}\n")
+    await watching.next_call()
+    await asyncio.sleep(0.5)
+    assert watching.calls == 1
+
+
+async def test_a_file_in_a_directory_made_after_start_is_seen(watching: Watching) -> None:
+    sub = watching.directory / "templates"
+    sub.mkdir()
+    await watching.next_call()
+    (sub / "openai.yaml").write_text("upstream: https://api.openai.com\n")
+    await watching.next_call()
+
+
+async def test_without_inotify_watchfiles_watches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_inotify(self: inotify.Inotify) -> None:
+        raise OSError("inotify is Linux's")
+
+    monkeypatch.setattr(inotify.Inotify, "__init__", no_inotify)
+    w = Watching(tmp_path)
+    task = asyncio.create_task(
+        watcher.watch(str(tmp_path), frozenset, w.on_change, stop=w.stop, ready=w.ready)
+    )
+    await asyncio.wait_for(w.ready.wait(), 10)
+    (tmp_path / "policy.yaml").write_text("version: 1\n")
+    await w.next_call()
+    w.stop.set()
+    await asyncio.wait_for(task, 10)
+
+
+PROBE = """
+import asyncio, json, sys, threading, tempfile
+from sidecar.policy.watcher import watch
+
+async def main():
+    stop, ready = asyncio.Event(), asyncio.Event()
+    with tempfile.TemporaryDirectory() as d:
+        task = asyncio.create_task(watch(d, frozenset, asyncio.sleep, stop=stop, ready=ready))
+        await asyncio.wait_for(ready.wait(), 10)
+        threads = threading.active_count()
+        stop.set()
+        await task
+    return threads
+
+threads = asyncio.run(main())
+print(json.dumps({"threads": threads, "modules": [m for m in ("watchfiles", "anyio")
+                                                  if m in sys.modules]}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
+def test_watching_on_linux_starts_no_thread_and_loads_no_library() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"threads": 1, "modules": []}

@@ -12,8 +12,6 @@ import logging
 import os
 from collections.abc import AsyncGenerator, Awaitable, Callable
 
-from . import inotify
-
 log = logging.getLogger("sidecar.watcher")
 
 
@@ -57,11 +55,12 @@ async def _changes(
     paths: list[str], debounce_ms: int, stop: asyncio.Event
 ) -> AsyncGenerator[set[str], None]:
     """An empty set once the watches are in place, then each burst of changed paths."""
-    bursts = inotify.changes(paths, debounce_ms=debounce_ms, step_ms=50, stop=stop)
     try:
+        from . import inotify  # asyncinotify is installed on Linux only
+
+        bursts = inotify.changes(paths, debounce_ms=debounce_ms, step_ms=50, stop=stop)
         first = await anext(bursts)
-    except OSError:
-        await bursts.aclose()
+    except (ImportError, OSError):
         bursts = _watchfiles(paths, debounce_ms, stop)  # no inotify here (macOS)
     else:
         yield first

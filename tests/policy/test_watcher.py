@@ -1,9 +1,11 @@
 """The policy watcher on its own: each burst of changes is one call, seen through inotify
-on Linux (no thread, no library) and through watchfiles where there is no inotify."""
+on Linux (asyncinotify, on the event loop: no thread) and through watchfiles where there is
+no inotify."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import subprocess
 import sys
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import sidecar.policy
 from sidecar.policy import inotify, watcher
 from tests.helpers import ROOT
 
@@ -61,13 +64,7 @@ async def test_a_file_in_a_directory_made_after_start_is_seen(watching: Watching
     await watching.next_call()
 
 
-async def test_without_inotify_watchfiles_watches(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def no_inotify(self: inotify.Inotify) -> None:
-        raise OSError("inotify is Linux's")
-
-    monkeypatch.setattr(inotify.Inotify, "__init__", no_inotify)
+async def watchfiles_watches(tmp_path: Path) -> None:
     w = Watching(tmp_path)
     task = asyncio.create_task(
         watcher.watch(str(tmp_path), frozenset, w.on_change, stop=w.stop, ready=w.ready)
@@ -77,6 +74,26 @@ async def test_without_inotify_watchfiles_watches(
     await w.next_call()
     w.stop.set()
     await asyncio.wait_for(task, 10)
+
+
+async def test_without_asyncinotify_watchfiles_watches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As off Linux, where asyncinotify is not installed: importing the glue fails.
+    monkeypatch.setitem(sys.modules, "asyncinotify", None)
+    monkeypatch.delitem(sys.modules, "sidecar.policy.inotify")
+    monkeypatch.delattr(sidecar.policy, "inotify")
+    await watchfiles_watches(tmp_path)
+
+
+async def test_when_inotify_cannot_be_had_watchfiles_watches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_inotify() -> None:
+        raise OSError(errno.EMFILE, "the user's inotify instances are all taken")
+
+    monkeypatch.setattr(inotify, "Inotify", no_inotify)
+    await watchfiles_watches(tmp_path)
 
 
 PROBE = """

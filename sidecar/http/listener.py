@@ -489,6 +489,11 @@ class HttpServerProtocol(asyncio.Protocol):
             version = "1.1"
         else:
             version = parser.get_http_version()
+            if keep_alive and head.codings is not None and version == "1.0":
+                # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty
+                # framing (a hop before may have read its body otherwise): nothing after
+                # it on this connection is trusted to be a request of its own.
+                keep_alive = False
         if version not in ("1.1", "1.0"):
             if version.startswith("0"):
                 raise _Refused(400, "HTTP/0.9 requests are not accepted; send HTTP/1.1.")

@@ -317,7 +317,18 @@ class _Connection(asyncio.Protocol):
         ex.framing = body_framing(ex.method, status, ex.lengths, ex.codings)
         ex.final = True
         ex.status = status
-        ex.keep_alive = self._parser.should_keep_alive()
+        keep_alive = self._parser.should_keep_alive()
+        if (
+            keep_alive
+            and ex.codings is not None
+            and ex.connection is not None  # llhttp keeps a 1.0 answer alive only if asked
+            and self._parser.get_http_version() == "1.0"
+        ):
+            # RFC 9112 6.1: an HTTP/1.0 answer with Transfer-Encoding has faulty framing
+            # (a hop that read it as 1.0 would split what follows differently): read, and
+            # its connection closed. The version (a str.format) is read for such answers only.
+            keep_alive = False
+        ex.keep_alive = keep_alive
         if not ex.answered.done():
             ex.answered.set_result(None)
         if ex.method == "HEAD":

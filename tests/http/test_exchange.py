@@ -250,3 +250,30 @@ async def test_each_request_on_a_kept_alive_agent_connection_is_read_afresh() ->
         finally:
             writer.close()
     assert seen == [(None, False, b"abc"), (2, False, b"de"), (None, True, b"")]
+
+
+async def test_an_http_1_0_chunked_answer_is_not_followed_on_its_connection(
+    script: list[_Script],
+) -> None:
+    """RFC 9112 6.1: an HTTP/1.0 answer with Transfer-Encoding has faulty framing, even
+    when it asks to be kept alive: it is read, and its connection carries no other call
+    (a hop that read it as 1.0 would split what follows differently)."""
+    upstream = _Script(
+        [
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\nok\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext",
+        ]
+    )
+    script.append(upstream)
+    pool = Pool(await upstream.start())
+    async with asyncio.timeout(10):
+        first = await pool.request("GET", "/1", [])
+        assert await _body(first.body) == b"ok"
+        first.release()
+        assert pool.idle_connections == 0
+        second = await pool.request("GET", "/2", [])
+        assert second.data == b"next"
+        second.release()
+    assert upstream.connections == 2
+    pool.close()

@@ -133,6 +133,36 @@ async def test_http_1_0_answer_without_length_is_close_delimited(fields: bytes) 
     assert versions == ["1.0"]
 
 
+# RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing, whatever
+# keeps it alive: the hop before may have read its body otherwise (until close, say),
+# so what follows on the connection is not trusted to be a request of its own.
+@pytest.mark.parametrize(
+    "fields", [b"Connection: keep-alive\r\n", b"Proxy-Connection: keep-alive\r\n"]
+)
+async def test_an_http_1_0_request_with_transfer_encoding_closes_after_its_answer(
+    fields: bytes,
+) -> None:
+    paths: list[str] = []
+
+    async def app(request: Request) -> Response:
+        paths.append(request.target)
+        body = b"" if request.body is None else b"".join([d async for d in request.body])
+        return Response(200, body=body)
+
+    async with listening(app) as address:
+        answer = await exchange(
+            address,
+            b"POST /1 HTTP/1.0\r\nHost: x\r\n" + fields + b"Transfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\n\r\n"
+            b"GET /smuggled HTTP/1.0\r\nHost: x\r\n" + fields + b"\r\n",
+            limit=5,
+        )
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"Connection: close" in head
+    assert body == b"abc"
+    assert paths == ["/1"]
+
+
 async def test_chunked_answer_for_a_stream_without_length(client: aiohttp.ClientSession) -> None:
     async def stream() -> AsyncIterator[bytes]:
         for part in (b"data: 1\n\n", b"data: 2\n\n"):

@@ -283,8 +283,11 @@ class CacheStep:
         if reply.status == 304 and conditional:
             await _discard(reply)
             received = self._clock()
-            refreshed = self._revalidated(entry, reply.headers, sent, received)
-            if refreshed.keep_until > received:
+            answer = reply.headers
+            refreshed = self._revalidated(entry, answer, sent, received)
+            # A 304 that sets a cookie is answered, as a miss with one is, but not stored:
+            # its cookie would go to every agent the entry then answers.
+            if refreshed.keep_until > received and "Set-Cookie" not in answer:
                 self.store.save(key, refreshed, received)
             self._count(call, "revalidated")
             return self._answer(refreshed, request, call.method, received, "revalidated")

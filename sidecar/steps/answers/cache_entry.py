@@ -17,7 +17,7 @@ from typing import Any
 from multidict import CIMultiDict
 
 from ...core.call import StoredReply
-from ...core.headers import unsafe_field
+from ...core.headers import drop_with_connection, unsafe_field
 
 CACHE_HEADER = "X-Sidecar-Cache"
 _CACHE_HEADER_RAW = CACHE_HEADER.encode()
@@ -398,7 +398,10 @@ class Entry:
     def updated(self, fresh: CIMultiDict[str] | Any) -> CIMultiDict[str]:
         """The stored headers with a 304's replacing theirs (RFC 9111 3.2, 4.3.4)."""
         headers = CIMultiDict(self.headers)
-        for name in {k.lower() for k in fresh} - _NOT_UPDATED:
+        # The fields the 304's own Connection names were for the sidecar's connection
+        # only (RFC 9110 7.6.1): stored, every later hit would hand them to the agents.
+        kept_out = drop_with_connection(_NOT_UPDATED, ", ".join(fresh.getall("Connection", ())))
+        for name in {k.lower() for k in fresh} - kept_out:
             headers.popall(name, None)
             for value in fresh.getall(name):
                 headers.add(name, value)

@@ -218,3 +218,115 @@ async def test_a_stored_field_that_cannot_go_out_as_bytes_is_served_as_before() 
         ("X-Sidecar-Cache", "hit"),
     ]
     assert hit.content_length == 4
+
+
+@pytest.fixture
+async def revalidating_upstream() -> AsyncIterator[tuple[str, list[bytes]]]:
+    """An upstream whose answer must be revalidated before each use, and whose 304
+    names a field of its own in its Connection (RFC 9110 7.6.1: not for the agent)."""
+    seen: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                seen.append(head.split(b"\r\n", 1)[0])
+                if b'if-none-match: "v1"' in head.lower():
+                    writer.write(
+                        b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\n'
+                        b"Cache-Control: max-age=60\r\nConnection: X-Hop304\r\n"
+                        b"X-Hop304: internal-routing-token\r\nX-Version: 2\r\n\r\n"
+                    )
+                else:
+                    writer.write(
+                        b'HTTP/1.1 200 OK\r\nETag: "v1"\r\nCache-Control: max-age=0\r\n'
+                        b"X-Version: 1\r\nContent-Length: %d\r\n\r\n%b" % (len(BODY), BODY)
+                    )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}", seen
+    server.close()
+    await server.wait_closed()
+
+
+async def test_a_field_the_304s_connection_names_never_reaches_the_agent(
+    revalidating_upstream: tuple[str, list[bytes]],
+    cache_sidecar: CacheSidecar,
+    client: aiohttp.ClientSession,
+) -> None:
+    """A 304 updates the stored head with its fields, but not with the ones its own
+    Connection names: those were for the sidecar's connection to the upstream, and
+    stored, every later hit would hand them to the agents."""
+    base, seen = revalidating_upstream
+    sc = await cache_sidecar(base, "{}", SECRET)
+    results = []
+    for _ in range(3):
+        async with client.get(f"{sc.url}/api/r", headers={"X-Agent-Id": "a1"}) as r:
+            assert await r.read() == BODY
+            results.append(r.headers["X-Sidecar-Cache"])
+            assert "X-Hop304" not in r.headers, results[-1]
+            # The 304's end-to-end fields still update the entry.
+            assert r.headers["X-Version"] == ("1" if results[-1] == "miss" else "2")
+    assert results == ["miss", "revalidated", "hit"]
+    assert len(seen) == 2
+
+
+@pytest.fixture
+async def cookie_304_upstream() -> AsyncIterator[tuple[str, list[bytes]]]:
+    """An upstream whose answer must be revalidated before each use, and whose 304 sets
+    a cookie of its own for whoever revalidated it (session=N-..., N the call's number)."""
+    seen: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                seen.append(head.split(b"\r\n", 1)[0])
+                if b'if-none-match: "v1"' in head.lower():
+                    writer.write(
+                        b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\n'
+                        b"Cache-Control: max-age=60\r\n"
+                        b"Set-Cookie: session=%d-%b\r\n\r\n" % (len(seen), SECRET.encode())
+                    )
+                else:
+                    writer.write(
+                        b'HTTP/1.1 200 OK\r\nETag: "v1"\r\nCache-Control: max-age=0\r\n'
+                        b"Content-Length: %d\r\n\r\n%b" % (len(BODY), BODY)
+                    )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}", seen
+    server.close()
+    await server.wait_closed()
+
+
+async def test_a_cookie_a_304_sets_is_never_stored_for_the_next_agent(
+    cookie_304_upstream: tuple[str, list[bytes]],
+    cache_sidecar: CacheSidecar,
+    client: aiohttp.ClientSession,
+) -> None:
+    """An answer with Set-Cookie is not stored, and a 304 that sets one does not put it
+    in the entry either: the agent that revalidated gets its cookie, the next agent
+    (the entry is shared) never does."""
+    base, _ = cookie_304_upstream
+    sc = await cache_sidecar(base, "{scope: service}", SECRET)
+    got = []
+    for agent in ("a1", "a1", "a2", "a3"):
+        async with client.get(f"{sc.url}/api/c", headers={"X-Agent-Id": agent}) as r:
+            assert await r.read() == BODY
+            got.append((agent, r.headers["X-Sidecar-Cache"], r.headers.get("Set-Cookie")))
+    assert got[0] == ("a1", "miss", None)
+    assert got[1] == ("a1", "revalidated", f"session=2-{SECRET}")
+    # Whatever the others get (a revalidation and a cookie of their own, or a hit),
+    # a1's cookie is not in it.
+    assert all(cookie != f"session=2-{SECRET}" for _, _, cookie in got[2:]), got

@@ -179,9 +179,14 @@ class Allow:
             )
         return named.pop()
 
-    async def __call__(self, call: Call, next: Handler) -> Reply:
+    def before(self, call: Call) -> None:
+        """The whole step, run before the next (a `core.call.Before` step): the chain
+        links the next step directly, with no coroutine of this one's per call."""
         if not self.allows(call):
             raise self._refusal(call)
+
+    async def __call__(self, call: Call, next: Handler) -> Reply:
+        self.before(call)
         return await next(call)
 
     def _refusal(self, call: Call) -> ProblemError:

@@ -196,9 +196,21 @@ class Call:
             return self.headers.popall(name, [])
         key = name.lower().encode("latin-1")
         size = len(key)
-        found = [v.decode("latin-1") for f, v in raw if len(f) == size and f.lower() == key]
-        if found:
-            self._raw = [f for f in raw if len(f[0]) != size or f[0].lower() != key]
+        found: list[str] = []
+        # One pass, each name of the same length lowercased once (the identity step
+        # pops its credential on every call); the fields before the first found are
+        # copied only once one is found.
+        kept: list[tuple[bytes, bytes]] | None = None
+        for i in range(len(raw)):
+            field = raw[i]
+            if len(field[0]) == size and field[0].lower() == key:
+                if kept is None:
+                    kept = raw[:i]
+                found.append(field[1].decode("latin-1"))
+            elif kept is not None:
+                kept.append(field)
+        if kept is not None:
+            self._raw = kept
         return found
 
     def set_header(self, name: str, value: str) -> None:

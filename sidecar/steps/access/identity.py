@@ -36,6 +36,8 @@ class Identify:
         self.service = service
         self.credentials = credentials
         self.header = credentials.header
+        # Credentials proven before (Credentials.cached), read here without the call.
+        self._verdicts = credentials.verdicts
 
     def __call__(self, call: Call, next: Handler) -> Awaitable[Reply]:
         # Not a coroutine: a credential proven before (nearly every call) goes on as the
@@ -44,17 +46,18 @@ class Identify:
         # Gone before anything else (logs, upstream) can see it; read from the raw
         # fields, so the others are not all decoded for it.
         presented = call.pop_all(self.header)
-        # The self-declared name counts for nothing once identity is verified.
-        call.agent = None
         credential = presented[0].strip() if len(presented) == 1 else ""
         if not credential:
+            # The self-declared name counts for nothing once identity is verified.
+            call.agent = None
             raise self._refusal(
                 f"send your credential in the {self.header} header"
                 if not presented
                 else f"send one {self.header} header, not several"
             )
-        agent = self.credentials.cached(credential)
+        agent = self._verdicts.get(credential)
         if agent is None:
+            call.agent = None
             return self._identify(call, next, credential)
         call.agent = agent
         return next(call)

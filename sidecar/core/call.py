@@ -194,16 +194,26 @@ class Call:
         raw = self._raw
         if raw is None:
             return self.headers.popall(name, [])
-        key = name.lower().encode("latin-1")
-        size = len(key)
+        spelled = name.encode("latin-1")
+        size = len(spelled)
+        key: bytes | None = None
         found: list[str] = []
-        # One pass, each name of the same length lowercased once (the identity step
-        # pops its credential on every call); the fields before the first found are
-        # copied only once one is found.
+        # One pass (the identity step pops its credential on every call): a name spelled
+        # as asked matches as is, another of the same length is lowercased once; the
+        # fields before the first found are copied only once one is found.
         kept: list[tuple[bytes, bytes]] | None = None
         for i in range(len(raw)):
             field = raw[i]
-            if len(field[0]) == size and field[0].lower() == key:
+            got = field[0]
+            if len(got) != size:
+                matches = False
+            elif got == spelled:
+                matches = True
+            else:
+                if key is None:
+                    key = name.lower().encode("latin-1")
+                matches = got.lower() == key
+            if matches:
                 if kept is None:
                     kept = raw[:i]
                 found.append(field[1].decode("latin-1"))

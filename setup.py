@@ -28,6 +28,11 @@ COMPILED = [
     # modules): a token bucket and the breaker's state run on every call.
     "sidecar/engines/breaker.py",
     "sidecar/engines/limits.py",
+    # Identity and allow rules, first in every chain that has them: the verdicts of
+    # credentials proven before and the compiled rules run on every call.
+    "sidecar/engines/allow.py",
+    "sidecar/engines/identity.py",
+    "sidecar/engines/verdicts.py",
     "sidecar/http/egress.py",
     "sidecar/http/http1.py",
     "sidecar/http/listener.py",
@@ -35,8 +40,10 @@ COMPILED = [
     "sidecar/http/redirects.py",
     "sidecar/http/router.py",
     "sidecar/http/upstream.py",
-    # A cache hit is answered here, before the steps below: it must cost less than
-    # the call it saves (steps/answers/cache_stream.py keeps the miss's async generator).
+    "sidecar/steps/access/allow.py",
+    "sidecar/steps/access/identity.py",
+    # A cache hit is answered here, before the limiters and the upstream: it must cost
+    # less than the call it saves (steps/answers/cache_stream.py keeps the miss's async generator).
     "sidecar/steps/answers/cache.py",
     "sidecar/steps/answers/cache_entry.py",
     "sidecar/steps/credentials/auth.py",

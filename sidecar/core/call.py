@@ -249,11 +249,33 @@ class Call:
         raw = self._raw
         if raw is None:
             return self.headers.popall(name, [])
-        key = name.lower().encode("latin-1")
-        size = len(key)
-        found = [v.decode("latin-1") for f, v in raw if len(f) == size and f.lower() == key]
-        if found:
-            self._raw = [f for f in raw if len(f[0]) != size or f[0].lower() != key]
+        spelled = name.encode("latin-1")
+        size = len(spelled)
+        key: bytes | None = None
+        found: list[str] = []
+        # One pass (the identity step pops its credential on every call): a name spelled
+        # as asked matches as is, another of the same length is lowercased once; the
+        # fields before the first found are copied only once one is found.
+        kept: list[tuple[bytes, bytes]] | None = None
+        for i in range(len(raw)):
+            field = raw[i]
+            got = field[0]
+            if len(got) != size:
+                matches = False
+            elif got == spelled:
+                matches = True
+            else:
+                if key is None:
+                    key = name.lower().encode("latin-1")
+                matches = got.lower() == key
+            if matches:
+                if kept is None:
+                    kept = raw[:i]
+                found.append(field[1].decode("latin-1"))
+            elif kept is not None:
+                kept.append(field)
+        if kept is not None:
+            self._raw = kept
         return found
 
     def set_header(self, name: str, value: str) -> None:

@@ -5,6 +5,12 @@ keys (jwks.py, imported only by policies that verify JWTs: pyjwt's cryptography
 backend costs megabytes that a sidecar with API keys, or none, never needs). The
 protocols decide where the credential comes from and how a refusal reads: the HTTP
 identity step (steps/access/identity.py), the webhook gate and the database connector.
+
+A credential once proven is remembered (verdicts.py), so an agent presenting the same
+one again costs a dict lookup, not a hash or a signature check: keyed by the exact
+text presented, held no longer than the token's `exp`, emptied when the key set
+changes, bounded in size. A policy that changes `agents:` (a key removed) builds new
+`Credentials`, and with them an empty cache.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from ..policy.models import Agents
 from .refused import KeysUnavailable, Refused
+from .verdicts import NEVER, Verdicts
 
 if TYPE_CHECKING:
     from .jwks import JwtVerifier
@@ -29,29 +36,46 @@ class Credentials:
         self._by_hash = {
             digest.removeprefix("sha256:"): name for name, digest in agents.keys.items()
         }
+        self.verdicts = Verdicts()
         self._jwt: JwtVerifier | None = None
         if agents.verify is not None:
             # Imported only by policies that verify JWTs: pyjwt's cryptography backend
             # costs megabytes that a sidecar with API keys (or none) never needs.
             from .jwks import JwtVerifier
 
-            self._jwt = JwtVerifier(agents.verify)
+            # It empties the verdicts when its key set changes: a key that left the set
+            # must stop proving anything at once.
+            self._jwt = JwtVerifier(agents.verify, verdicts=self.verdicts)
 
     def prefetch(self) -> None:
         """Start fetching the key set now, so the first call does not wait for it."""
         if self._jwt is not None:
             self._jwt.prefetch()
 
+    def cached(self, presented: str) -> str | None:
+        """The agent `presented` proved before and still proves, else None (then ask
+        `identify`): no waiting, no hashing, no signature check."""
+        return self.verdicts.get(presented)
+
     async def identify(self, presented: str) -> str:
-        if presented[:7].lower() == "bearer ":
-            presented = presented[7:].strip()
+        agent = self.verdicts.get(presented)
+        if agent is not None:
+            return agent
+        credential = presented
+        if credential[:7].lower() == "bearer ":
+            credential = credential[7:].strip()
         if self._by_hash:
-            name = self._by_hash.get(hashlib.sha256(presented.encode()).hexdigest())
+            name = self._by_hash.get(hashlib.sha256(credential.encode()).hexdigest())
             if name is not None:
+                self.verdicts.put(presented, name, NEVER)
                 return name
         if self._jwt is None:
             raise Refused("the key is not one of agents.keys")
-        return await self._jwt.verify(presented)
+        # No await between the verification and remembering it: a key set that changes
+        # meanwhile empties the verdicts after this one is in, never before.
+        agent, expires = await self._jwt.verified(credential)
+        self.verdicts.put(presented, agent, expires)
+        return agent
 
     def retire(self) -> None:
         if self._jwt is not None:

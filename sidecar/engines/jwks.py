@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,14 +24,12 @@ import jwt
 from ..policy.access import JwtVerify, jwks_document
 from ..policy.secrets import Secret
 from .refused import KeysUnavailable, Refused
+from .verdicts import Verdicts
 
 log = logging.getLogger("sidecar.identity")
 
 Clock = Callable[[], float]
 
-# Verified tokens remembered, so an agent reusing its token costs a dict lookup,
-# not a signature check, per call. Bounded: made-up tokens cannot exhaust memory.
-TOKEN_CACHE = 1024
 # A key set document larger than this is refused (a JWKS is a few kilobytes).
 MAX_JWKS = 1 << 20
 FETCH_TIMEOUT = aiohttp.ClientTimeout(total=10)
@@ -86,7 +83,9 @@ def parse_keys(keys: list[dict[str, Any]], accepted: frozenset[str]) -> list[Ver
 
 
 class JwtVerifier:
-    def __init__(self, spec: JwtVerify, *, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self, spec: JwtVerify, *, clock: Clock = time.monotonic, verdicts: Verdicts | None = None
+    ) -> None:
         self.spec = spec
         self._accepted = frozenset(spec.algorithms)
         self._audience = list(spec.audience)
@@ -96,8 +95,10 @@ class JwtVerifier:
         self._tried_at = float("-inf")  # last attempt, successful or not
         self._loaded = False
         self._fetch: asyncio.Task[None] | None = None
-        # token -> (agent, expiry in wall-clock seconds)
-        self._verified: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        # Verified tokens remembered (bounded, each until its `exp`): an agent reusing
+        # its token costs a dict lookup, not a signature check. Shared with the
+        # Credentials this verifier serves, which remember what they were presented.
+        self._verified = Verdicts() if verdicts is None else verdicts
         self._url: str | None = None
         if isinstance(spec.jwks, Secret):
             # A ${file:} key set: read at load (the loader checked it), re-read on rotation
@@ -174,9 +175,16 @@ class JwtVerifier:
     # -- verifying ------------------------------------------------------------------
 
     async def verify(self, token: str) -> str:
-        cached = self._verified.get(token)
-        if cached is not None and time.time() < cached[1]:
-            return cached[0]
+        """The agent `token` names, remembered until its `exp`; Refused if it proves none."""
+        agent = self._verified.get(token)
+        if agent is None:
+            agent, expires = await self.verified(token)
+            self._verified.put(token, agent, expires)
+        return agent
+
+    async def verified(self, token: str) -> tuple[str, float]:
+        """The agent `token` names and when the token expires (wall-clock seconds),
+        checked now (nothing remembered); Refused if it proves none."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.exceptions.DecodeError:
@@ -231,12 +239,8 @@ class JwtVerifier:
         agent = claims.get(self.spec.claim)
         if not isinstance(agent, str) or not agent:
             raise Refused(f"the token's '{self.spec.claim}' claim does not name an agent")
-        verified = self._verified
-        if len(verified) >= TOKEN_CACHE:
-            verified.popitem(last=False)
-        # `exp` is required and checked above; a cached token expires with it.
-        verified[token] = (agent, float(claims["exp"]))
-        return agent
+        # `exp` is required and checked above; a remembered token expires with it.
+        return agent, float(claims["exp"])
 
     def prefetch(self) -> None:
         if self._url is not None and not self._loaded:

@@ -94,7 +94,9 @@ class Allow:
         decisions = self._decisions
         if decisions is None:
             return self._decide(call, method)
-        key = (method, call.agent, call.target.partition("?")[0])
+        target = call.target
+        end = target.find("?")
+        key = (method, call.agent, target if end < 0 else target[:end])
         found = decisions.get(key)
         if found is None:
             if len(decisions) >= DECISIONS:
@@ -143,8 +145,14 @@ class Allow:
         """The method the upstream will run: the request line's, or the one an override
         (a header, or the `_method` query parameter of Express's method-override and
         Laravel) names on a service that takes them."""
-        method = call.method.upper()
-        query = call.target.partition("?")[2]
+        method = call.method
+        if not method.isupper():
+            method = method.upper()
+        target = call.target
+        start = target.find("?")
+        query = "" if start < 0 else target[start + 1 :]
+        if not query and not self.method_override:
+            return method  # nothing could name another method
         named = set()
         if "method" in query.lower():
             named = {
@@ -179,9 +187,14 @@ class Allow:
             )
         return named.pop()
 
-    async def __call__(self, call: Call, next: Handler) -> Reply:
+    def before(self, call: Call) -> None:
+        """The whole step, run before the next (a `core.call.Before` step): the chain
+        links the next step directly, with no coroutine of this one's per call."""
         if not self.allows(call):
             raise self._refusal(call)
+
+    async def __call__(self, call: Call, next: Handler) -> Reply:
+        self.before(call)
         return await next(call)
 
     def _refusal(self, call: Call) -> ProblemError:

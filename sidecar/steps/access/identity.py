@@ -16,6 +16,8 @@ is fetched once and survives reloads that leave `agents:` alone.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from ...core.call import Call, Handler, Reply
 from ...core.problems import ProblemError
 from ...core.reasons import Reason
@@ -34,21 +36,35 @@ class Identify:
         self.service = service
         self.credentials = credentials
         self.header = credentials.header
+        # Credentials proven before (Credentials.cached), read here without the call.
+        self._verdicts = credentials.verdicts
 
-    async def __call__(self, call: Call, next: Handler) -> Reply:
+    def __call__(self, call: Call, next: Handler) -> Awaitable[Reply]:
+        # Not a coroutine: a credential proven before (nearly every call) goes on as the
+        # next step's awaitable, with no coroutine of this step's in the chain. A refusal
+        # raises here, where the step before (or the listener) awaits it.
         # Gone before anything else (logs, upstream) can see it; read from the raw
         # fields, so the others are not all decoded for it.
         presented = call.pop_all(self.header)
-        # The self-declared name counts for nothing once identity is verified.
-        call.agent = None
-        if len(presented) != 1 or not presented[0].strip():
+        credential = presented[0].strip() if len(presented) == 1 else ""
+        if not credential:
+            # The self-declared name counts for nothing once identity is verified.
+            call.agent = None
             raise self._refusal(
                 f"send your credential in the {self.header} header"
                 if not presented
                 else f"send one {self.header} header, not several"
             )
+        agent = self._verdicts.get(credential)
+        if agent is None:
+            call.agent = None
+            return self._identify(call, next, credential)
+        call.agent = agent
+        return next(call)
+
+    async def _identify(self, call: Call, next: Handler, credential: str) -> Reply:
         try:
-            call.agent = await self.credentials.identify(presented[0].strip())
+            call.agent = await self.credentials.identify(credential)
         except Refused as exc:
             raise self._refusal(str(exc)) from None
         except KeysUnavailable:

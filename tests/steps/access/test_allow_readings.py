@@ -98,6 +98,25 @@ async def test_an_opted_in_service_judges_the_overridden_method(sidecar):
     assert seen["headers"]["X-HTTP-Method-Override"] == "patch"
 
 
+async def test_an_override_is_judged_after_the_same_call_was_allowed(sidecar):
+    """The decision kept for a plain POST is not the one for a POST overridden to PATCH,
+    whichever comes first; and a refused call never reaches the upstream."""
+    override = {"X-HTTP-Method-Override": "PATCH"}
+    for _ in range(2):
+        status, seen, _ = await _call(sidecar, "POST", "/legacy/items/7")
+        assert status == 200
+        assert seen["method"] == "POST"
+        status, body, reason = await _call(sidecar, "POST", "/legacy/items/7", headers=override)
+        assert (status, reason) == (403, "forbidden")
+        assert "method" not in body  # the sidecar's refusal, not the echo of a call
+    status, seen, _ = await _call(
+        sidecar, "POST", "/legacy/items/7", agent="triage-bot", headers=override
+    )
+    assert status == 200
+    status, _, reason = await _call(sidecar, "POST", "/legacy/items/7", headers=override)
+    assert (status, reason) == (403, "forbidden")
+
+
 async def test_an_override_the_service_does_not_take_is_refused(sidecar):
     for headers in (
         {"X-HTTP-Method-Override": "DELETE"},  # not among the service's methods

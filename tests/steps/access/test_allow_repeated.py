@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 
 from sidecar.core.call import Call
+from sidecar.core.problems import ProblemError
+from sidecar.core.reasons import Reason
 from sidecar.policy.access import AllowRule
 from sidecar.steps.access import allow
 from sidecar.steps.access.allow import Allow
@@ -94,3 +96,16 @@ def test_a_method_override_is_part_of_the_kept_decision() -> None:
     )
     assert not step.allows(overridden)
     assert step.allows(_call("a", "GET", "/repos/o/r"))
+
+
+def test_the_kept_decision_reads_the_method_and_path_as_the_rules_do() -> None:
+    """A method in another case is judged uppercased, a bare '?' leaves the path as it
+    is, and `_method` in the query is refused where no override is taken, kept or not."""
+    step = Allow(service="gh", rules=RULES, source="allow", **KEEP)
+    for _ in range(2):
+        assert step.allows(_call("research-1", "get", "/repos/o/r"))
+        assert step.allows(_call("research-1", "GET", "/repos/o/r?"))
+        assert not step.allows(_call("research-1", "post", "/repos/o/r?"))
+        with pytest.raises(ProblemError) as refused:
+            step.allows(_call("research-1", "GET", "/repos/o/r?_method=DELETE"))
+        assert refused.value.reason is Reason.bad_request

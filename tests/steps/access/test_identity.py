@@ -3,6 +3,7 @@ loopback (with key rotation), per-agent API keys, and the credential never leavi
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -17,6 +18,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from sidecar.engines import verdicts
 from sidecar.engines.identity import Refused
 from sidecar.engines.jwks import JwtVerifier
 from sidecar.policy.access import JwtVerify
@@ -328,6 +330,108 @@ async def test_a_jwks_file_rotates_with_a_reload(upstream, start_sidecar, client
     await eventually(rotated, "the rotated key file to be used")
     async with client.get(f"{sc.url}/api/x", headers={"X-Agent-Token": first.token()}) as r:
         assert r.status == 401
+
+
+# -- credentials proven before (engines/verdicts.py): remembered, never trusted past --
+
+
+async def test_a_remembered_token_is_refused_once_past_its_exp(
+    upstream, start_sidecar, client, rsa_key
+):
+    jwks = await upstream(Jwks(rsa_key).app())
+    text = policy(await upstream(echo_app()), f"{jwks}/jwks.json")
+    sc = await start_sidecar(
+        text.replace("min_refresh: 0s", "min_refresh: 0s\n            leeway: 0s")
+    )
+    exp = int(time.time()) + 3
+    token = {"X-Agent-Token": rsa_key.token(exp=exp)}
+    for _ in range(2):  # verified, then answered from what was proven
+        async with client.get(f"{sc.url}/api/x", headers=token) as r:
+            assert r.status == 200, await r.text()
+    # Past `exp` (wall clock, as the token's issuer counts it).
+    await asyncio.sleep(max(0.0, exp - time.time()) + 0.05)
+    async with client.get(f"{sc.url}/api/x", headers=token) as r:
+        assert r.status == 401
+        assert "expired" in (await r.json())["detail"]
+
+
+async def test_a_key_removed_by_a_reload_stops_working_at_once(upstream, start_sidecar, client):
+    new_key = "new-agent-key-canary"
+    new_hash = "sha256:" + hashlib.sha256(new_key.encode()).hexdigest()
+    text = f"""
+        version: 1
+        agents:
+          keys:
+            ci-bot: {KEY_HASH}
+        services:
+          api: {{upstream: "{await upstream(echo_app())}"}}
+        """
+    sc = await start_sidecar(text)
+    for _ in range(2):
+        async with client.get(f"{sc.url}/api/x", headers={"X-Agent-Token": AGENT_KEY}) as r:
+            assert r.status == 200
+    sc.write("policy.yaml", text.replace(f"ci-bot: {KEY_HASH}", f"new-bot: {new_hash}"))
+    assert (await sc.sidecar.reload("test")).ok
+    async with client.get(f"{sc.url}/api/x", headers={"X-Agent-Token": AGENT_KEY}) as r:
+        assert r.status == 401
+    async with client.get(f"{sc.url}/api/x", headers={"X-Agent-Token": new_key}) as r:
+        assert r.status == 200
+
+
+async def test_each_credential_is_judged_on_its_own(
+    upstream, start_sidecar, client, caplog, rsa_key
+):
+    """A proven credential vouches for itself only: a token one byte off, another agent's
+    token or key, each gets its own verdict, whatever was proven just before."""
+    jwks = await upstream(Jwks(rsa_key).app())
+    api = await upstream(echo_app())
+    sc = await start_sidecar(policy(api, f"{jwks}/jwks.json"), env={"SIDECAR_ACCESS_LOG": "1"})
+    token = rsa_key.token(sub="first")
+    head, claims, signature = token.split(".")
+    flipped = "A" if signature[-2] != "A" else "B"
+    tampered = f"{head}.{claims}.{signature[:-2]}{flipped}{signature[-1]}"
+    payload = json.loads(base64.urlsafe_b64decode(claims + "=="))
+    payload["sub"] = "second"
+    swapped = f"{head}.{_b64(json.dumps(payload).encode())}.{signature}"
+    calls = [
+        (token, 200),
+        (tampered, 401),
+        (swapped, 401),
+        (f"Bearer {token}", 200),
+        (rsa_key.token(sub="second"), 200),
+        (AGENT_KEY, 200),
+        (AGENT_KEY + "x", 401),
+        (AGENT_KEY[:-1], 401),
+        (token, 200),
+    ]
+    with caplog.at_level(logging.INFO, logger=access.LOGGER):
+        for _ in range(2):  # first judged, then again with every proven one remembered
+            for credential, status in calls:
+                headers = {"X-Agent-Token": credential}
+                async with client.get(f"{sc.url}/api/x", headers=headers) as r:
+                    assert r.status == status, credential
+    agents = [
+        json.loads(r.getMessage())["agent"] for r in caplog.records if r.name == access.LOGGER
+    ]
+    once = ["first", None, None, "first", "second", "ci-bot", None, None, "first"]
+    assert agents == once * 2
+
+
+def test_remembered_credentials_are_bounded_oldest_out():
+    remembered = verdicts.Verdicts()
+    far = time.time() + 3600
+    for i in range(verdicts.VERDICTS + 10):
+        remembered.put(f"credential-{i}", f"agent-{i}", far)
+    assert len(remembered) == verdicts.VERDICTS
+    assert remembered.get("credential-0") is None
+    assert remembered.get("credential-9") is None
+    assert remembered.get("credential-10") == "agent-10"
+    last = verdicts.VERDICTS + 9
+    assert remembered.get(f"credential-{last}") == f"agent-{last}"
+    remembered.put("credential-10", "agent-10", far)  # already in: nothing else leaves
+    assert remembered.get("credential-11") == "agent-11"
+    remembered.put("past", "agent", time.time() - 1)
+    assert remembered.get("past") is None
 
 
 # -- the key set cache, with an injected clock --------------------------------------------

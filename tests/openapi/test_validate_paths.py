@@ -1,6 +1,7 @@
 """Validation results that must not change with the per-call shortcuts of the validate
 step: a body that arrived with its head is taken at once, one still arriving is read as
-before; each answer here is compared with the one the other way gives."""
+before; what a Content-Type decides is kept per body; a JSON body is parsed by orjson
+unless json's scanner must (or may only) parse it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from sidecar.openapi.document import Document
+from sidecar.openapi.spec import MEDIA_CACHE_SIZE, Spec, Violation, _parse, _use_orjson
 from tests.conftest import StartSidecar, echo_app
 
 DOCUMENT: dict[str, Any] = {
@@ -123,3 +126,119 @@ async def test_a_body_still_arriving_is_validated_as_one_that_came_with_its_head
         assert sorted(answer["errors"], key=lambda e: e["pointer"]) == errors
     else:
         assert answer["errors"][0]["message"].startswith("not valid JSON: ")
+
+
+CONTENT_TYPES = [
+    # (Content-Type, body, status, first error message)
+    ("application/json", b'{"name":"x"}', 200, None),
+    ("Application/JSON; charset=utf-8", b'{"name":"x"}', 200, None),
+    ("application/json;charset=UTF-8", b'{"name":3}', 422, '3 is not of type "string"'),
+    # Listed but not JSON: its bytes are not checked.
+    ("text/plain; charset=utf-8", b"not json at all", 200, None),
+    (
+        "application/xml",
+        b"<a/>",
+        422,
+        "Content-Type application/xml is not one of: application/json, text/plain",
+    ),
+    (
+        None,
+        b'{"name":"x"}',
+        422,
+        "Content-Type is missing; send one of: application/json, text/plain",
+    ),
+    (
+        "",
+        b'{"name":"x"}',
+        422,
+        "Content-Type is missing; send one of: application/json, text/plain",
+    ),
+]
+
+
+async def test_each_content_type_is_decided_the_same_every_time(
+    start_sidecar: StartSidecar, upstream: Any
+) -> None:
+    url = await _start(start_sidecar, upstream)
+    for _ in range(2):  # the second round from what was kept of the first
+        for content_type, body, status, message in CONTENT_TYPES:
+            got, answer = await post(url, body, content_type=content_type)
+            assert got == status, (content_type, answer)
+            if message is None:
+                assert answer["body"] == body.decode()
+            else:
+                assert answer["errors"][0]["message"] == message
+
+
+def test_what_a_body_gets_is_the_same_once_kept_and_after_the_cache_is_full() -> None:
+    operation = Spec(Document(DOCUMENT, "3.1.0", "digest"), source="t").operations["addItem"]
+    assert operation.body is not None
+    spellings = [None, "", "application/json", "text/plain", "text/html", "*/*"] + [
+        f"application/json; charset=utf-{n}" for n in range(MEDIA_CACHE_SIZE + 10)
+    ]
+
+    def errors(content_type: str | None) -> list[Violation]:
+        out: list[Violation] = []
+        assert operation.body is not None
+        operation.body.check(content_type, b'{"name": 7}', out)
+        return out
+
+    first = [errors(c) for c in spellings]
+    assert first == [errors(c) for c in spellings]  # kept, then dropped when full
+    assert first[2] == [Violation("body", None, "/name", '7 is not of type "string"')]
+    assert first[3] == []
+    assert first[4][0].message == (
+        "Content-Type text/html is not one of: application/json, text/plain"
+    )
+    assert all(e == first[2] for e in first[6:])
+
+
+DEEP = b"[" * 5000 + b"]" * 5000
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"name":"x","count":3}',
+        b' {"a": [1, 2.5, null, true, false]}\r\n',
+        b'{"a":1,"b":2,"a":3}',
+        b"-0",
+        b"-0.0",
+        b"[0.1, 1E2, 1e-7, 5e-324, 1.7976931348623157e308, 1.5e-400]",
+        b"1e400",
+        b"[123456789012345678, -123456789012345678]",
+        b"9223372036854775807",
+        b"-9223372036854775808",
+        b"18446744073709551615",
+        b"18446744073709551616",
+        b"-9223372036854775809",
+        b"123456789012345678901234567890",
+        b'{"id": "12345678901234567890"}',
+        b"NaN",
+        b"[Infinity, -Infinity]",
+        b"\xef\xbb\xbf{}",
+        '{"a":"é"}'.encode("utf-16"),
+        '{"a":"é"}'.encode("utf-32"),
+        b'"\\ud800"',
+        b'{"\\ud83d\\ude00": "\\u0000"}',
+        b'{"a":"\x01"}',
+        b"[1,]",
+        b'{"a":1}x',
+        b"[1,2",
+        b"\xff",
+        b"",
+        b"   ",
+        DEEP,
+    ],
+)
+def test_a_body_parses_as_json_loads_parses_it_with_orjson_too(body: bytes) -> None:
+    """Values compared by repr: 1 and 1.0 are equal, their JSON Schema messages are not."""
+    _use_orjson()
+
+    def outcome(parse: Any) -> tuple[str, str]:
+        try:
+            return "ok", repr(parse(body))
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            return type(exc).__name__, str(exc)
+
+    assert outcome(_parse) == outcome(json.loads)

@@ -115,10 +115,8 @@ class Parameter:
 
 # The decoder's C scanner, which json.loads reaches through two Python layers.
 _scan: Any = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
-# Every byte that is not an ASCII digit as b"x", the digits as b"0": a run of 19 b"0"
-# after translate is a number with 19 or more digits in a row.
-_DIGITS = bytes(b"0"[0] if b"0"[0] <= b <= b"9"[0] else b"x"[0] for b in range(256))
-_LONG_DIGITS = b"0" * 19
+# The smallest magnitude of a float orjson makes of an integer it cannot hold in 64 bits.
+_BEYOND_64_BITS = float(2**63)
 # orjson's loads, imported by the first document with a JSON body schema (_use_orjson):
 # a sidecar that validates no body does not load it.
 _orjson_loads: Callable[[bytes], Any] | None = None
@@ -137,16 +135,31 @@ def _parse(body: bytes) -> Any:
 
     orjson parses strict RFC 8259 JSON in UTF-8 only, and where it succeeds it gives
     what json.loads gives, but for an integer beyond 64 bits, which it turns into a
-    float: a body with 19 or more digits in a row (in a number or a string, whichever)
-    goes to json's own scanner, as does any body orjson refuses (NaN, a byte order
-    mark, a lone surrogate, UTF-16, an error: json.loads says what is wrong)."""
+    float of 2**63 or more: a value holding such a float (rare, whatever made it) is
+    parsed again by json's own scanner, as is any body orjson refuses (NaN, a byte
+    order mark, a lone surrogate, UTF-16, an error: json.loads says what is wrong)."""
     loads = _orjson_loads
-    if loads is not None and _LONG_DIGITS not in body.translate(_DIGITS):
+    if loads is not None:
         try:
-            return loads(body)
+            value = loads(body)
         except ValueError:
-            pass
+            return _parse_json(body)
+        try:
+            if not _holds_huge_float(value):
+                return value
+        except RecursionError:
+            pass  # as deep as json's scanner may refuse: it says so, or parses it
     return _parse_json(body)
+
+
+def _holds_huge_float(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(_holds_huge_float(item) for item in value.values())
+    if isinstance(value, list):
+        return any(_holds_huge_float(item) for item in value)
+    if isinstance(value, float):
+        return not -_BEYOND_64_BITS < value < _BEYOND_64_BITS
+    return False
 
 
 def _parse_json(body: bytes) -> Any:
@@ -280,12 +293,15 @@ class Operation:
         query: str,
         headers: Fields,
         body: bytes | None,
+        content_type: str | None = None,
         check_body: bool = True,
         injected: frozenset[tuple[str, str]] = frozenset(),
     ) -> list[Violation]:
         """Every way the call breaks the document. `injected` names the parameters the
         sidecar adds itself (the service's credential: ("header", "x-api-key") or
-        ("query", "api_key")), which the agent neither sends nor is asked for."""
+        ("query", "api_key")), which the agent neither sends nor is asked for.
+        `content_type` is the call's first Content-Type field when the caller has it at
+        hand; None: read from `headers`."""
         out: list[Violation] = []
         for p in self.path_params:
             text = path_params.get(p.name)
@@ -301,7 +317,9 @@ class Operation:
             if not injected or ("header", p.name.lower()) not in injected:
                 p.check(headers.getall(p.name, None), out)
         if self.body is not None and check_body:
-            self.body.check(headers.get("Content-Type"), body, out)
+            if content_type is None:
+                content_type = headers.get("Content-Type")
+            self.body.check(content_type, body, out)
         return out
 
     def response_drift(self, status: int, content_type: str | None, has_body: bool) -> str | None:
@@ -336,6 +354,7 @@ class Fields(Protocol):
 # Matches kept per Spec, by (method, path): agents call the same few paths over and over.
 # Cleared when full, so paths never seen again cannot grow it.
 MATCH_CACHE_SIZE = 1024
+_UNMATCHED: Any = object()
 
 
 class Match(NamedTuple):
@@ -387,8 +406,9 @@ class Spec:
         The Match is shared between calls of the same method and path: read it only."""
         key = (method, path)
         cache = self._matches
-        if key in cache:
-            return cache[key]
+        found: Match | None = cache.get(key, _UNMATCHED)
+        if found is not _UNMATCHED:
+            return found
         if len(cache) >= MATCH_CACHE_SIZE:
             cache.clear()
         found = cache[key] = self._match(method, path)

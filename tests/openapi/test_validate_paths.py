@@ -12,8 +12,10 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from sidecar.core.call import Call
 from sidecar.openapi.document import Document
 from sidecar.openapi.spec import MEDIA_CACHE_SIZE, Spec, Violation, _parse, _use_orjson
+from sidecar.steps.access.validate import _content_type
 from tests.conftest import StartSidecar, echo_app
 
 DOCUMENT: dict[str, Any] = {
@@ -194,6 +196,8 @@ def test_what_a_body_gets_is_the_same_once_kept_and_after_the_cache_is_full() ->
 
 
 DEEP = b"[" * 5000 + b"]" * 5000
+# Nested deeper than Python's recursion limit, not than orjson's.
+DEEPISH = b'{"a":' * 990 + b"[1e30]" + b"}" * 990
 
 
 @pytest.mark.parametrize(
@@ -213,6 +217,8 @@ DEEP = b"[" * 5000 + b"]" * 5000
         b"18446744073709551616",
         b"-9223372036854775809",
         b"123456789012345678901234567890",
+        b'{"a": [1e19, -1e300, 9223372036854775808.0]}',
+        b"[9223372036854775808, 18446744073709551615, 9223372036854775807.0]",
         b'{"id": "12345678901234567890"}',
         b"NaN",
         b"[Infinity, -Infinity]",
@@ -229,10 +235,12 @@ DEEP = b"[" * 5000 + b"]" * 5000
         b"",
         b"   ",
         DEEP,
+        DEEPISH,
     ],
 )
 def test_a_body_parses_as_json_loads_parses_it_with_orjson_too(body: bytes) -> None:
-    """Values compared by repr: 1 and 1.0 are equal, their JSON Schema messages are not."""
+    """Values compared by repr (1 and 1.0 are equal, their JSON Schema messages are not),
+    errors by message: json's is the one the agent reads."""
     _use_orjson()
 
     def outcome(parse: Any) -> tuple[str, str]:
@@ -242,3 +250,30 @@ def test_a_body_parses_as_json_loads_parses_it_with_orjson_too(body: bytes) -> N
             return type(exc).__name__, str(exc)
 
     assert outcome(_parse) == outcome(json.loads)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [(b"Host", b"h"), (b"Content-Type", b"application/json")],
+        [(b"CONTENT-TYPE", b"Application/JSON; charset=utf-8")],
+        [(b"content-type", b"a/b"), (b"Content-Type", b"c/d")],  # the first one
+        [(b"Content-Length", b"2"), (b"X-Content-Type", b"x/y")],
+        [(b"Content-Type", b"text/plain; name=\xe9")],  # latin-1, as every field
+        [],
+    ],
+)
+def test_the_content_type_is_the_first_field_as_call_header_finds_it(
+    fields: list[tuple[bytes, bytes]],
+) -> None:
+    def call() -> Call:
+        return Call(
+            service="s", method="POST", target="/", body=b"{}", agent=None, raw_headers=fields
+        )
+
+    expected = call().header("Content-Type")
+    assert _content_type(call()) == expected
+    decoded = call()
+    assert decoded.headers is not None  # decoded: read from the fields, not the bytes
+    assert decoded.raw_headers is None
+    assert _content_type(decoded) == expected

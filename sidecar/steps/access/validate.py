@@ -75,6 +75,18 @@ def _take_whole(call: Call) -> bool:
     return True
 
 
+def _content_type(call: Call) -> str | None:
+    """call.header("Content-Type"), lowering only the fields of its length: the one
+    header every validated body needs, where the agent's fields are still bytes."""
+    raw = call.raw_headers
+    if raw is None:
+        return call.header("Content-Type")
+    for field, value in raw:
+        if len(field) == 12 and field.lower() == b"content-type":
+            return value.decode("latin-1")
+    return None
+
+
 class OpenAPICheck:
     def __init__(
         self,
@@ -98,7 +110,9 @@ class OpenAPICheck:
         self._drift = drift
 
     async def __call__(self, call: Call, next: Handler) -> Reply:
-        path, _, query = call.target.partition("?")
+        target = call.target
+        mark = target.find("?")
+        path, query = (target, "") if mark < 0 else (target[:mark], target[mark + 1 :])
         found = self.spec.match(call.method, path)
         operation = found.operation if found is not None else None
         if operation is None:
@@ -121,6 +135,7 @@ class OpenAPICheck:
                 path_params=found.path_params if found else {},
                 query=query,
                 headers=_Fields(call),
+                content_type=_content_type(call) if operation.body is not None else None,
                 body=body,
                 check_body=not unreadable,
                 injected=self.injected,

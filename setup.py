@@ -35,6 +35,9 @@ COMPILED = [
     "sidecar/http/redirects.py",
     "sidecar/http/router.py",
     "sidecar/http/upstream.py",
+    # OpenAPI validation: a validated call's match, parameter and body checks.
+    "sidecar/openapi/spec.py",
+    "sidecar/steps/access/validate.py",
     "sidecar/steps/credentials/auth.py",
     "sidecar/steps/resilience/breaker.py",
     "sidecar/steps/resilience/outcomes.py",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 from urllib.parse import parse_qsl
 
 from .document import METHODS, Document, OpenAPIError, deref, pointer
@@ -228,11 +228,13 @@ class Body:
             if self.required:
                 out.append(Violation("body", None, "", "a request body is required"))
             return
-        decided = self._decided.get(content_type, _UNDECIDED)
-        if decided is _UNDECIDED:
+        # Any: the sentinel is none of the types, which compiled code would check at once.
+        kept: Any = self._decided.get(content_type, _UNDECIDED)
+        if kept is _UNDECIDED:
             if len(self._decided) >= MEDIA_CACHE_SIZE:
                 self._decided.clear()
-            decided = self._decided[content_type] = self.decide(content_type)
+            kept = self._decided[content_type] = self.decide(content_type)
+        decided = cast("str | Validator | None", kept)
         if decided is None:
             return
         if isinstance(decided, str):
@@ -406,9 +408,10 @@ class Spec:
         The Match is shared between calls of the same method and path: read it only."""
         key = (method, path)
         cache = self._matches
-        found: Match | None = cache.get(key, _UNMATCHED)
-        if found is not _UNMATCHED:
-            return found
+        # Any: the sentinel is no Match, which compiled code would check at once.
+        kept: Any = cache.get(key, _UNMATCHED)
+        if kept is not _UNMATCHED:
+            return cast("Match | None", kept)
         if len(cache) >= MATCH_CACHE_SIZE:
             cache.clear()
         found = cache[key] = self._match(method, path)

@@ -40,8 +40,11 @@ COMPILED = [
     "sidecar/http/redirects.py",
     "sidecar/http/router.py",
     "sidecar/http/upstream.py",
+    # OpenAPI validation: a validated call's match, parameter and body checks.
+    "sidecar/openapi/spec.py",
     "sidecar/steps/access/allow.py",
     "sidecar/steps/access/identity.py",
+    "sidecar/steps/access/validate.py",
     # A cache hit is answered here, before the limiters and the upstream: it must cost
     # less than the call it saves (steps/answers/cache_stream.py keeps the miss's async generator).
     "sidecar/steps/answers/cache.py",

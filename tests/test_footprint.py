@@ -24,6 +24,7 @@ ONLY_WHEN_USED = (
     # The OpenTelemetry API too: with tracing off no span code runs.
     "opentelemetry.trace",
     "jsonschema_rs",
+    "orjson",
     # The egress, admin and ingress listeners are the sidecar's own: no HTTP framework
     # until a webhook delivers, an OAuth2 token is fetched or a JWKS is read.
     "aiohttp",

@@ -4,8 +4,9 @@ checks of its parameters, request body and responses, all built once per reload.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 from urllib.parse import parse_qsl
 
 from .document import METHODS, Document, OpenAPIError, deref, pointer
@@ -114,9 +115,54 @@ class Parameter:
 
 # The decoder's C scanner, which json.loads reaches through two Python layers.
 _scan: Any = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+# The smallest magnitude of a float orjson makes of an integer it cannot hold in 64 bits.
+_BEYOND_64_BITS = float(2**63)
+# orjson's loads, imported by the first document with a JSON body schema (_use_orjson):
+# a sidecar that validates no body does not load it.
+_orjson_loads: Callable[[bytes], Any] | None = None
+
+
+def _use_orjson() -> None:
+    global _orjson_loads
+    if _orjson_loads is None:
+        from orjson import loads
+
+        _orjson_loads = loads
 
 
 def _parse(body: bytes) -> Any:
+    """json.loads(body), in about half its instructions for the common body.
+
+    orjson parses strict RFC 8259 JSON in UTF-8 only, and where it succeeds it gives
+    what json.loads gives, but for an integer beyond 64 bits, which it turns into a
+    float of 2**63 or more: a value holding such a float (rare, whatever made it) is
+    parsed again by json's own scanner, as is any body orjson refuses (NaN, a byte
+    order mark, a lone surrogate, UTF-16, an error: json.loads says what is wrong)."""
+    loads = _orjson_loads
+    if loads is not None:
+        try:
+            value = loads(body)
+        except ValueError:
+            return _parse_json(body)
+        try:
+            if not _holds_huge_float(value):
+                return value
+        except RecursionError:
+            pass  # as deep as json's scanner may refuse: it says so, or parses it
+    return _parse_json(body)
+
+
+def _holds_huge_float(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(_holds_huge_float(item) for item in value.values())
+    if isinstance(value, list):
+        return any(_holds_huge_float(item) for item in value)
+    if isinstance(value, float):
+        return not -_BEYOND_64_BITS < value < _BEYOND_64_BITS
+    return False
+
+
+def _parse_json(body: bytes) -> Any:
     """json.loads(body), without its encoding detection and whitespace regexes for the
     common body: UTF-8 text that is one JSON value from its first byte to its last.
     Anything else goes through json.loads itself, with its error messages."""
@@ -138,14 +184,22 @@ def _media(content_type: str | None) -> str:
     return (content_type or "").partition(";")[0].strip().lower()
 
 
+# Content-Type values kept per body with what each decides: agents send one or two
+# spellings over and over. Cleared when full, so values never seen again cannot grow it.
+MEDIA_CACHE_SIZE = 64
+_UNDECIDED: Any = object()
+
+
 class Body:
-    __slots__ = ("exact", "listed", "required", "wildcards")
+    __slots__ = ("_decided", "exact", "listed", "required", "wildcards")
 
     def __init__(self, *, required: bool, media: dict[str, Validator | None]):
         self.required = required
         self.exact = {m: v for m, v in media.items() if "*" not in m}
         self.wildcards = [(m.partition("/")[0], v) for m, v in media.items() if "*" in m]
         self.listed = ", ".join(media) or "none"
+        # Content-Type as sent -> what decide() made of it.
+        self._decided: dict[str | None, str | Validator | None] = {}
 
     def entry(self, media: str) -> tuple[bool, Validator | None]:
         if media in self.exact:
@@ -156,32 +210,43 @@ class Body:
                 return True, validator
         return False, None
 
+    def decide(self, content_type: str | None) -> str | Validator | None:
+        """What a body of this Content-Type gets: the message refusing the type, the
+        validator of its JSON, or None when its bytes are not checked."""
+        media = _media(content_type)
+        if not media:
+            return f"Content-Type is missing; send one of: {self.listed}"
+        listed, validator = self.entry(media)
+        if not listed:
+            return f"Content-Type {media} is not one of: {self.listed}"
+        if validator is None or not _is_json(media):
+            return None
+        return validator
+
     def check(self, content_type: str | None, body: bytes | None, out: list[Violation]) -> None:
         if not body:
             if self.required:
                 out.append(Violation("body", None, "", "a request body is required"))
             return
-        media = _media(content_type)
-        if not media:
-            out.append(
-                Violation("body", None, "", f"Content-Type is missing; send one of: {self.listed}")
-            )
+        # Any: the sentinel is none of the types, which compiled code would check at once.
+        kept: Any = self._decided.get(content_type, _UNDECIDED)
+        if kept is _UNDECIDED:
+            if len(self._decided) >= MEDIA_CACHE_SIZE:
+                self._decided.clear()
+            kept = self._decided[content_type] = self.decide(content_type)
+        decided = cast("str | Validator | None", kept)
+        if decided is None:
             return
-        listed, validator = self.entry(media)
-        if not listed:
-            out.append(
-                Violation("body", None, "", f"Content-Type {media} is not one of: {self.listed}")
-            )
-            return
-        if validator is None or not _is_json(media):
+        if isinstance(decided, str):
+            out.append(Violation("body", None, "", decided))
             return
         try:
             value = _parse(body)
         except (ValueError, UnicodeDecodeError) as exc:
             out.append(Violation("body", None, "", f"not valid JSON: {exc}"))
             return
-        if not validator.is_valid(value):
-            for err in validator.errors(value):
+        if not decided.is_valid(value):
+            for err in decided.errors(value):
                 out.append(Violation("body", None, err.pointer, err.message))
 
 
@@ -230,12 +295,15 @@ class Operation:
         query: str,
         headers: Fields,
         body: bytes | None,
+        content_type: str | None = None,
         check_body: bool = True,
         injected: frozenset[tuple[str, str]] = frozenset(),
     ) -> list[Violation]:
         """Every way the call breaks the document. `injected` names the parameters the
         sidecar adds itself (the service's credential: ("header", "x-api-key") or
-        ("query", "api_key")), which the agent neither sends nor is asked for."""
+        ("query", "api_key")), which the agent neither sends nor is asked for.
+        `content_type` is the call's first Content-Type field when the caller has it at
+        hand; None: read from `headers`."""
         out: list[Violation] = []
         for p in self.path_params:
             text = path_params.get(p.name)
@@ -251,7 +319,9 @@ class Operation:
             if not injected or ("header", p.name.lower()) not in injected:
                 p.check(headers.getall(p.name, None), out)
         if self.body is not None and check_body:
-            self.body.check(headers.get("Content-Type"), body, out)
+            if content_type is None:
+                content_type = headers.get("Content-Type")
+            self.body.check(content_type, body, out)
         return out
 
     def response_drift(self, status: int, content_type: str | None, has_body: bool) -> str | None:
@@ -286,6 +356,7 @@ class Fields(Protocol):
 # Matches kept per Spec, by (method, path): agents call the same few paths over and over.
 # Cleared when full, so paths never seen again cannot grow it.
 MATCH_CACHE_SIZE = 1024
+_UNMATCHED: Any = object()
 
 
 class Match(NamedTuple):
@@ -337,8 +408,10 @@ class Spec:
         The Match is shared between calls of the same method and path: read it only."""
         key = (method, path)
         cache = self._matches
-        if key in cache:
-            return cache[key]
+        # Any: the sentinel is no Match, which compiled code would check at once.
+        kept: Any = cache.get(key, _UNMATCHED)
+        if kept is not _UNMATCHED:
+            return cast("Match | None", kept)
         if len(cache) >= MATCH_CACHE_SIZE:
             cache.clear()
         found = cache[key] = self._match(method, path)
@@ -407,6 +480,8 @@ def _operation(
                     if has_schema and _is_json(key)
                     else None
                 )
+            if any(v is not None for v in media.values()):
+                _use_orjson()
             body = Body(required=bool(rb.get("required")), media=media)
     responses: dict[str, frozenset[str]] = {}
     for code, raw in (op.get("responses") or {}).items():

@@ -22,14 +22,15 @@ from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
-from sidecar.telemetry.exchange import (
+from sidecar.telemetry.exchange import Telemetry
+from sidecar.telemetry.records import (
     KIND_CLIENT,
     KIND_SERVER,
+    SCOPE,
+    Encoder,
     SpanRecord,
-    Telemetry,
     _attribute,
 )
-from sidecar.telemetry.spans import SCOPE, Encoder
 from sidecar.telemetry.tracing import Sampling, resource
 from tests.conftest import echo_app
 

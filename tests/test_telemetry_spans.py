@@ -5,6 +5,7 @@ trace state), and the sampler must decide as the SDK's samplers do."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from typing import Any
 
@@ -470,3 +471,50 @@ async def test_the_traceparent_replaces_the_agents_after_a_step_decoded_the_fiel
         # always_off ignores the agent's sampled flag: dropped, continued with flag 00.
         assert (trace_id, flags) == (TRACE_ID, "00")
         assert span_id != PARENT_ID and not spans
+
+
+async def test_new_traces_sampled_by_ratio_are_continued_exported_and_logged_by_their_ids(
+    upstream, start_sidecar, client, caplog
+):
+    # New root traces draw their ids from a pool (records.Ids): each call gets its own
+    # trace, the sampler keeps those whose low 64 bits fall under the ratio's bound, a
+    # kept call's upstream continues under the exported CLIENT span, a dropped one under
+    # flag 00, and the access log names the same trace id either way.
+    requests: list[ExportTraceServiceRequest] = []
+    collector = await upstream(_collector(requests))
+    seen: list[list[str]] = []
+    api = await upstream(_traceparents(seen))
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": collector,
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.5",
+        "SIDECAR_ACCESS_LOG": "1",
+    }
+    sc = await start_sidecar(f"version: 1\nservices:\n  api: {{upstream: '{api}'}}\n", env=env)
+    with caplog.at_level("INFO", logger="sidecar.access"):
+        for _ in range(40):
+            async with client.get(f"{sc.url}/api/x") as r:
+                assert r.status == 200
+    assert await asyncio.to_thread(sc.sidecar.telemetry.force_flush)
+    bound = Sampling({"OTEL_TRACES_SAMPLER_ARG": "0.5"}).bound
+    parents = [p.split("-") for [p] in seen[0::2]]
+    logged = [json.loads(r.getMessage())["trace_id"] for r in caplog.records
+              if r.name == "sidecar.access"]  # fmt: skip
+    assert [trace_id for _, trace_id, _, _ in parents] == logged
+    assert len(set(logged)) == 40
+    spans = [s for req in requests for rs in req.resource_spans for ss in rs.scope_spans
+             for s in ss.spans]  # fmt: skip
+    clients = {s.trace_id.hex(): s for s in spans if s.kind == Span.SPAN_KIND_CLIENT}
+    servers = {s.trace_id.hex(): s for s in spans if s.kind == Span.SPAN_KIND_SERVER}
+    for version, trace_id, span_id, flags in parents:
+        assert version == "00" and len(trace_id) == 32 and len(span_id) == 16
+        assert int(trace_id, 16) and int(span_id, 16)
+        kept = int(trace_id, 16) & 0xFFFFFFFFFFFFFFFF < bound
+        assert flags == ("01" if kept else "00")
+        if kept:
+            assert clients[trace_id].span_id.hex() == span_id
+            assert clients[trace_id].parent_span_id == servers[trace_id].span_id
+            assert servers[trace_id].span_id.hex() != span_id
+        else:
+            assert trace_id not in clients and trace_id not in servers
+    assert 0 < len(servers) < 40

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
@@ -38,7 +37,7 @@ from . import access
 from .metrics import KNOWN_METHODS, OTHER_METHOD, Metrics
 from .pools import Pools
 from .problems import RecentProblems
-from .records import KIND_CLIENT, KIND_SERVER, SpanRecord, _attribute
+from .records import KIND_CLIENT, KIND_SERVER, Ids, SpanRecord, _attribute
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
@@ -55,7 +54,6 @@ log = logging.getLogger("sidecar.telemetry")
 # A C static, not a lookup in the module's namespace on every call (mypyc).
 perf_counter: Final = time.perf_counter
 time_ns: Final = time.time_ns
-getrandbits: Final = random.getrandbits
 SIDECAR_ERROR: Final = "X-Sidecar-Error"
 # nginx's "client closed request": the agent went away before the answer was complete.
 CLIENT_CLOSED: Final = 499
@@ -65,6 +63,9 @@ CLIENT_CLOSED_REASON: Final = "client_closed"
 MAX_AGENT: Final = 128
 # Host fields kept parsed (cleared when full): a hostile agent cannot grow it.
 MAX_HOSTS: Final = 64
+# An all-zero id is invalid (W3C trace context): never sent, drawn again.
+_ZERO_TRACE: Final = b"0" * 32
+_ZERO_SPAN: Final = b"0" * 16
 
 
 # What telemetry reads of the layers above it (the HTTP connector, the runtime), as
@@ -83,6 +84,8 @@ class Request(Protocol):
     def version(self) -> str: ...
     @property
     def headers(self) -> Any: ...
+    @property
+    def raw_headers(self) -> list[tuple[bytes, bytes]]: ...
     def header(self, name: bytes) -> str | None: ...
 
 
@@ -217,6 +220,8 @@ class Telemetry:
         self._span_batch = spans.batch_size if spans is not None else 0
         self._span_max = spans.max_queue if spans is not None else 0
         self._breakers: dict[str, Any] = {}
+        # Span and trace ids, drawn in bulk.
+        self._ids = Ids()
         # The SERVER spans' Host fields, parsed (_host).
         self._hosts: dict[str, tuple[str, int | None]] = {}
         # The console's: the last problems, and the pools connectors register.
@@ -378,12 +383,22 @@ class Telemetry:
         exchange.call = None
 
     def _server_span(self, request: Request) -> SpanRecord:
+        # The two fields read here, found in one pass over the raw ones: no decoding,
+        # and no method call through the Request protocol per field.
+        traceparent = False
+        host_field = b""
+        for name, value in request.raw_headers:
+            size = len(name)
+            if size == 11 and name.lower() == b"traceparent":
+                traceparent = True
+            elif size == 4 and not host_field and name.lower() == b"host":
+                host_field = value
         trace_id = 0
         parent_id = 0
         parent_sampled = False
         trace_state: Any = None
         spans = self.spans
-        if spans is not None and request.header(b"traceparent") is not None:
+        if spans is not None and traceparent:
             # The agent's trace context: rare enough to go through the SDK's propagator.
             parent = spans.extract(request.headers)
             if parent is not None:
@@ -392,14 +407,31 @@ class Telemetry:
                 parent_sampled = parent.trace_flags.sampled
                 trace_state = parent.trace_state
         span_id = 0
+        trace_hex = b""
+        span_hex = b""
         if trace_id == 0:
-            # A new trace: its id and the span's from one draw of random bits.
-            bits = getrandbits(192)
-            trace_id = bits >> 64
-            span_id = bits & 0xFFFFFFFFFFFFFFFF
-            while trace_id == 0:
-                trace_id = getrandbits(128)
-        if parent_id != 0 and self._parent_based:
+            # A new trace: its id and the span's from the pool, as bytes and hex; the
+            # sampler reads the trace id's low 64 bits.
+            ids = self._ids
+            low = 0
+            while not span_hex:
+                at = ids.draw()
+                raw = ids.raw
+                low = int.from_bytes(raw[at + 8 : at + 16], "big")
+                hexes = ids.hex
+                trace_hex = hexes[2 * at : 2 * at + 32]
+                span_hex = hexes[2 * at + 32 : 2 * at + 48]
+                if span_hex == _ZERO_SPAN or (low == 0 and trace_hex == _ZERO_TRACE):
+                    span_hex = b""  # an invalid (all-zero) id: drawn again
+            root = self._sample_root
+            sampled = root == 1 or (root == 2 and low < self._sample_bound)
+            if not sampled:
+                # Dropped: its ids in hex only (its trace goes on upstream), nothing else.
+                return SpanRecord("", KIND_SERVER, 0, 0, False, False, None, 0, trace_hex,
+                                  span_hex)  # fmt: skip
+            trace_id = int(trace_hex, 16)
+            span_id = int(span_hex, 16)
+        elif parent_id != 0 and self._parent_based:
             sampled = parent_sampled
         else:
             root = self._sample_root
@@ -421,6 +453,8 @@ class Telemetry:
             True,
             trace_state,
             span_id,
+            trace_hex,
+            span_hex,
         )
         attributes = record.attributes
         attributes["http.request.method"] = method if known else OTHER_METHOD
@@ -429,7 +463,7 @@ class Telemetry:
         attributes["network.protocol.version"] = request.version
         if not known:
             attributes["http.request.method_original"] = method[:32]
-        host, port = self._host(request.header(b"host") or "")
+        host, port = self._host(host_field.decode("latin-1"))
         if host:
             attributes["server.address"] = host
         if port is not None:
@@ -476,14 +510,17 @@ class Telemetry:
         attributes["http.response.status_code"] = status
         route = exchange.route
         if route is not None:
-            span.name = f"{method if method in KNOWN_METHODS else 'HTTP'} {route.prefix}"
-            attributes["http.route"] = route.prefix
-            attributes["sidecar.service"] = route.name
-            attributes["sidecar.route"] = route.prefix
+            # Read once: each read goes through the Route protocol, not a native field.
+            prefix = route.prefix
+            service = route.name
+            span.name = f"{method if method in KNOWN_METHODS else 'HTTP'} {prefix}"
+            attributes["http.route"] = prefix
+            attributes["sidecar.service"] = service
+            attributes["sidecar.route"] = prefix
             attributes["sidecar.upstream.attempts"] = exchange.attempts
             attributes["sidecar.rate_limited"] = reason == "rate_limited"
             attributes["sidecar.circuit_open"] = reason == "circuit_open"
-            breaker = self._breakers.get(route.name)
+            breaker = self._breakers.get(service)
             if breaker is not None:
                 attributes["sidecar.breaker.state"] = str(breaker.state)
             call = exchange.call
@@ -515,6 +552,11 @@ class Telemetry:
             # sampling), but the upstream still continues the same trace.
             parent.inject(call)
             return None
+        # Its id from the pool (the last 8 of 24 bytes), in hex too for the traceparent.
+        ids = self._ids
+        at = ids.draw()
+        span_hex = ids.hex[2 * at + 32 : 2 * at + 48]
+        span_id = int(span_hex, 16)  # 0 (all zero): SpanRecord draws another
         span = SpanRecord(
             call.method if call.method in KNOWN_METHODS else "HTTP",
             KIND_CLIENT,
@@ -523,6 +565,9 @@ class Telemetry:
             False,
             True,
             parent.trace_state,
+            span_id,
+            parent.trace_hex,
+            span_hex if span_id else b"",
         )
         span.encoded = step.encoded
         span.attributes = step.variable_attributes(call)
@@ -626,7 +671,7 @@ def _outcome(exc: BaseException) -> str:
 
 def _trace_id(span: SpanRecord | None, request: Request) -> str | None:
     if span is not None:
-        return span.trace_id.to_bytes(16, "big").hex()
+        return span.trace_text()
     # Tracing off: the agent's own trace id still ties the line to its trace.
     parent = request.header(b"traceparent")  # one field, not the whole head decoded
     if parent and len(parent) >= 55 and parent[2] == "-" and parent[35] == "-":

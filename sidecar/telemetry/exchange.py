@@ -383,16 +383,9 @@ class Telemetry:
         exchange.call = None
 
     def _server_span(self, request: Request) -> SpanRecord:
-        # The two fields read here, found in one pass over the raw ones: no decoding,
-        # and no method call through the Request protocol per field.
-        traceparent = False
-        host_field = b""
-        for name, value in request.raw_headers:
-            size = len(name)
-            if size == 11 and name.lower() == b"traceparent":
-                traceparent = True
-            elif size == 4 and not host_field and name.lower() == b"host":
-                host_field = value
+        # Read from the raw fields: no decoding, no method call through the Request
+        # protocol, and a lowercase copy only of a name of the right size in another case.
+        traceparent = _field(request.raw_headers, b"traceparent") is not None
         trace_id = 0
         parent_id = 0
         parent_sampled = False
@@ -463,7 +456,8 @@ class Telemetry:
         attributes["network.protocol.version"] = request.version
         if not known:
             attributes["http.request.method_original"] = method[:32]
-        host, port = self._host(host_field.decode("latin-1"))
+        host_field = _field(request.raw_headers, b"host")
+        host, port = self._host(host_field.decode("latin-1") if host_field is not None else "")
         if host:
             attributes["server.address"] = host
         if port is not None:
@@ -678,6 +672,15 @@ def _trace_id(span: SpanRecord | None, request: Request) -> str | None:
         trace_id = parent[3:35].lower()
         if trace_id.strip("0123456789abcdef") == "" and trace_id != "0" * 32:
             return trace_id
+    return None
+
+
+def _field(fields: list[tuple[bytes, bytes]], key: bytes) -> bytes | None:
+    """The first raw field called `key` (lowercase), any case."""
+    size = len(key)
+    for name, value in fields:
+        if len(name) == size and (name == key or name.lower() == key):
+            return value
     return None
 
 

@@ -9,6 +9,7 @@ Compiled (setup.py): a record is made per call, and the encoder runs once per sp
 from __future__ import annotations
 
 import binascii
+import os
 import random
 import struct
 import time
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 time_ns: Final = time.time_ns
 getrandbits: Final = random.getrandbits
 _hexlify: Final = binascii.hexlify
+_urandom: Final = os.urandom
 _TRACEPARENT: Final = b"traceparent"
 # The attributes of every dropped span: always empty.
 _NONE: Final[dict[str, Any]] = {}
@@ -129,10 +131,11 @@ _POOL: Final = 32
 
 class Ids:
     """Random ids for spans and traces, drawn 24 bytes (a trace id and a span id) at a
-    time from a pool made by one getrandbits, one to_bytes and one hexlify per 32
-    draws: per call, that work and its int-to-hex conversion would cost more than the
-    whole of a dropped span. The same generator as the SDK's RandomIdGenerator
-    (random.getrandbits), the same bits."""
+    time from a pool of 32 draws: one os.urandom and one hexlify per 32 calls. Per
+    call, random.getrandbits (the SDK's RandomIdGenerator), its int and the int's hex
+    cost more than the whole of a dropped span; and getrandbits of the whole pool
+    would build, then take apart, a 6,144-bit int (W3C trace context asks for random
+    ids; the kernel's are)."""
 
     __slots__ = ("at", "hex", "raw")
 
@@ -146,7 +149,7 @@ class Ids:
         trace id's 16, then the span id's 8."""
         at = self.at
         if at >= len(self.raw):
-            self.raw = getrandbits(_POOL * 192).to_bytes(_POOL * 24, "big")
+            self.raw = _urandom(_POOL * 24)
             self.hex = _hexlify(self.raw)
             at = 0
         self.at = at + 24

@@ -54,6 +54,8 @@ log = logging.getLogger("sidecar.telemetry")
 # A C static, not a lookup in the module's namespace on every call (mypyc).
 perf_counter: Final = time.perf_counter
 time_ns: Final = time.time_ns
+# Called as a function, not looked up as int's method on each call.
+_from_bytes: Final = int.from_bytes
 SIDECAR_ERROR: Final = "X-Sidecar-Error"
 # nginx's "client closed request": the agent went away before the answer was complete.
 CLIENT_CLOSED: Final = 499
@@ -385,7 +387,7 @@ class Telemetry:
     def _server_span(self, request: Request) -> SpanRecord:
         # Read from the raw fields: no decoding, no method call through the Request
         # protocol, and a lowercase copy only of a name of the right size in another case.
-        traceparent = _field(request.raw_headers, b"traceparent") is not None
+        traceparent = _field(request.raw_headers, b"traceparent", b"traceparent") is not None
         trace_id = 0
         parent_id = 0
         parent_sampled = False
@@ -410,7 +412,7 @@ class Telemetry:
             while not span_hex:
                 at = ids.draw()
                 raw = ids.raw
-                low = int.from_bytes(raw[at + 8 : at + 16], "big")
+                low = _from_bytes(raw[at + 8 : at + 16], "big")
                 hexes = ids.hex
                 trace_hex = hexes[2 * at : 2 * at + 32]
                 span_hex = hexes[2 * at + 32 : 2 * at + 48]
@@ -422,8 +424,8 @@ class Telemetry:
                 # Dropped: its ids in hex only (its trace goes on upstream), nothing else.
                 return SpanRecord("", KIND_SERVER, 0, 0, False, False, None, 0, trace_hex,
                                   span_hex)  # fmt: skip
-            trace_id = int(trace_hex, 16)
-            span_id = int(span_hex, 16)
+            trace_id = _from_bytes(raw[at : at + 16], "big")
+            span_id = _from_bytes(raw[at + 16 : at + 24], "big")
         elif parent_id != 0 and self._parent_based:
             sampled = parent_sampled
         else:
@@ -456,7 +458,7 @@ class Telemetry:
         attributes["network.protocol.version"] = request.version
         if not known:
             attributes["http.request.method_original"] = method[:32]
-        host_field = _field(request.raw_headers, b"host")
+        host_field = _field(request.raw_headers, b"host", b"Host")
         host, port = self._host(host_field.decode("latin-1") if host_field is not None else "")
         if host:
             attributes["server.address"] = host
@@ -550,7 +552,7 @@ class Telemetry:
         ids = self._ids
         at = ids.draw()
         span_hex = ids.hex[2 * at + 32 : 2 * at + 48]
-        span_id = int(span_hex, 16)  # 0 (all zero): SpanRecord draws another
+        span_id = _from_bytes(ids.raw[at + 16 : at + 24], "big")  # 0: SpanRecord draws
         span = SpanRecord(
             call.method if call.method in KNOWN_METHODS else "HTTP",
             KIND_CLIENT,
@@ -675,11 +677,12 @@ def _trace_id(span: SpanRecord | None, request: Request) -> str | None:
     return None
 
 
-def _field(fields: list[tuple[bytes, bytes]], key: bytes) -> bytes | None:
-    """The first raw field called `key` (lowercase), any case."""
+def _field(fields: list[tuple[bytes, bytes]], key: bytes, usual: bytes) -> bytes | None:
+    """The first raw field called `key` (lowercase), any case; `usual`, the case clients
+    mostly send, is matched without a lowercase copy."""
     size = len(key)
     for name, value in fields:
-        if len(name) == size and (name == key or name.lower() == key):
+        if len(name) == size and (name == usual or name.lower() == key):
             return value
     return None
 

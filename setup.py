@@ -59,6 +59,7 @@ COMPILED = [
     "sidecar/telemetry/access.py",
     "sidecar/telemetry/exchange.py",
     "sidecar/telemetry/metrics.py",
+    "sidecar/telemetry/records.py",
 ]
 
 ext_modules = []

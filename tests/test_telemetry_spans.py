@@ -5,6 +5,7 @@ trace state), and the sampler must decide as the SDK's samplers do."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from typing import Any
 
@@ -22,14 +23,15 @@ from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
-from sidecar.telemetry.exchange import (
+from sidecar.telemetry.exchange import Telemetry
+from sidecar.telemetry.records import (
     KIND_CLIENT,
     KIND_SERVER,
+    SCOPE,
+    Encoder,
     SpanRecord,
-    Telemetry,
     _attribute,
 )
-from sidecar.telemetry.spans import SCOPE, Encoder
 from sidecar.telemetry.tracing import Sampling, resource
 from tests.conftest import echo_app
 
@@ -362,3 +364,157 @@ async def test_a_full_queue_drops_spans_and_says_so(upstream, start_sidecar, cli
     assert len(spans) + dropped == 10
     assert dropped >= 4
     assert "Queue is full" in caplog.text
+
+
+def test_a_traceparent_keeps_its_leading_zeros_and_says_whether_it_is_sampled() -> None:
+    # Made as bytes on every call, sampled or not (records.SpanRecord.traceparent).
+    for sampled, flags in ((True, b"01"), (False, b"00")):
+        record = SpanRecord("GET", KIND_SERVER, 1, 0, False, sampled, None, span_id=2)
+        assert record.traceparent() == b"00-" + b"0" * 31 + b"1-" + b"0" * 15 + b"2-" + flags
+    top = SpanRecord("GET", KIND_CLIENT, (1 << 128) - 1, 0, False, True, None, (1 << 64) - 1)
+    assert top.traceparent() == b"00-" + b"f" * 32 + b"-" + b"f" * 16 + b"-01"
+
+
+def test_every_status_and_parent_and_a_large_batch_encode_as_the_sdk_encodes() -> None:
+    # The four (error, remote parent) tails, spans above 127 bytes and a batch above
+    # 16 KiB (two- and three-byte lengths), names from the encoder's cache.
+    described = resource({})
+    records = []
+    for n in range(400):
+        parent_id = random.getrandbits(64) or 1 if n % 3 else 0
+        records.append(
+            _record(
+                name=f"GET /route-{n % 7}",
+                kind=KIND_SERVER if n % 2 else KIND_CLIENT,
+                trace_id=random.getrandbits(128) or 1,
+                parent_id=parent_id,
+                remote=parent_id != 0 and n % 4 == 1,
+                error=n % 5 == 0,
+                attributes={"url.path": "/v1/" + "x" * (n % 300), "server.port": n},
+            )
+        )
+    encoder = Encoder(described)
+    ours = ExportTraceServiceRequest.FromString(encoder.request(records))
+    assert ours == encode_spans([_sdk(r, described) for r in records])
+    assert len(encoder.request(records)) > 1 << 14
+
+
+def _traceparents(seen: list[list[str]]) -> web.Application:
+    """An upstream that keeps every traceparent (and tracestate) field of each call."""
+
+    async def handle(request: web.Request) -> web.Response:
+        seen.append(request.headers.getall("traceparent", []))
+        seen.append(request.headers.getall("tracestate", []))
+        return web.json_response({"kept": request.headers.get("X-Kept")})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+async def test_an_unsampled_parent_is_continued_with_the_sampled_flag_off(
+    upstream, start_sidecar, client
+):
+    # Parent-based (the default sampler): the agent's unsampled trace stays unsampled,
+    # the upstream continues it (same trace id, flag 00, the agent's tracestate) under an
+    # id that is not the agent's own, and nothing is exported.
+    requests: list[ExportTraceServiceRequest] = []
+    collector = await upstream(_collector(requests))
+    seen: list[list[str]] = []
+    api = await upstream(_traceparents(seen))
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector}
+    sc = await start_sidecar(f"version: 1\nservices:\n  api: {{upstream: '{api}'}}\n", env=env)
+    headers = {
+        "traceparent": f"00-{TRACE_ID}-{PARENT_ID}-00",
+        "tracestate": "vendor=x1",
+        "X-Kept": "yes",
+    }
+    async with client.get(f"{sc.url}/api/x", headers=headers) as r:
+        assert (await r.json())["kept"] == "yes"
+    assert await asyncio.to_thread(sc.sidecar.telemetry.force_flush)
+    [parent], state = seen
+    version, trace_id, span_id, flags = parent.split("-")
+    assert (version, trace_id, flags) == ("00", TRACE_ID, "00")
+    assert len(span_id) == 16 and int(span_id, 16) and span_id != PARENT_ID
+    assert state == ["vendor=x1"]
+    assert not [s for req in requests for rs in req.resource_spans for ss in rs.scope_spans
+                for s in ss.spans]  # fmt: skip
+
+
+@pytest.mark.parametrize("sampler", ["always_on", "always_off"])
+async def test_the_traceparent_replaces_the_agents_after_a_step_decoded_the_fields(
+    upstream, start_sidecar, client, sampler
+):
+    # The cache step reads call.headers (decoded): the traceparent then goes into the
+    # decoded fields, still once, still the attempt's (sampled) or the dropped trace's.
+    requests: list[ExportTraceServiceRequest] = []
+    collector = await upstream(_collector(requests))
+    seen: list[list[str]] = []
+    api = await upstream(_traceparents(seen))
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector, "OTEL_TRACES_SAMPLER": sampler}
+    sc = await start_sidecar(
+        f"version: 1\nservices:\n  api: {{upstream: '{api}', cache: {{}}}}\n", env=env
+    )
+    headers = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01", "X-Kept": "yes"}
+    async with client.get(f"{sc.url}/api/x", headers=headers) as r:
+        assert (await r.json())["kept"] == "yes"
+    assert await asyncio.to_thread(sc.sidecar.telemetry.force_flush)
+    [parent], _ = seen
+    _, trace_id, span_id, flags = parent.split("-")
+    spans = {s.kind: s for req in requests for rs in req.resource_spans
+             for ss in rs.scope_spans for s in ss.spans}  # fmt: skip
+    if sampler == "always_on":
+        # Parent-based on a sampled parent is the default; always_on samples anyway.
+        assert (trace_id, flags) == (TRACE_ID, "01")
+        assert span_id == spans[Span.SPAN_KIND_CLIENT].span_id.hex()
+    else:
+        # always_off ignores the agent's sampled flag: dropped, continued with flag 00.
+        assert (trace_id, flags) == (TRACE_ID, "00")
+        assert span_id != PARENT_ID and not spans
+
+
+async def test_new_traces_sampled_by_ratio_are_continued_exported_and_logged_by_their_ids(
+    upstream, start_sidecar, client, caplog
+):
+    # New root traces draw their ids from a pool (records.Ids): each call gets its own
+    # trace, the sampler keeps those whose low 64 bits fall under the ratio's bound, a
+    # kept call's upstream continues under the exported CLIENT span, a dropped one under
+    # flag 00, and the access log names the same trace id either way.
+    requests: list[ExportTraceServiceRequest] = []
+    collector = await upstream(_collector(requests))
+    seen: list[list[str]] = []
+    api = await upstream(_traceparents(seen))
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": collector,
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.5",
+        "SIDECAR_ACCESS_LOG": "1",
+    }
+    sc = await start_sidecar(f"version: 1\nservices:\n  api: {{upstream: '{api}'}}\n", env=env)
+    with caplog.at_level("INFO", logger="sidecar.access"):
+        for _ in range(40):
+            async with client.get(f"{sc.url}/api/x") as r:
+                assert r.status == 200
+    assert await asyncio.to_thread(sc.sidecar.telemetry.force_flush)
+    bound = Sampling({"OTEL_TRACES_SAMPLER_ARG": "0.5"}).bound
+    parents = [p.split("-") for [p] in seen[0::2]]
+    logged = [json.loads(r.getMessage())["trace_id"] for r in caplog.records
+              if r.name == "sidecar.access"]  # fmt: skip
+    assert [trace_id for _, trace_id, _, _ in parents] == logged
+    assert len(set(logged)) == 40
+    spans = [s for req in requests for rs in req.resource_spans for ss in rs.scope_spans
+             for s in ss.spans]  # fmt: skip
+    clients = {s.trace_id.hex(): s for s in spans if s.kind == Span.SPAN_KIND_CLIENT}
+    servers = {s.trace_id.hex(): s for s in spans if s.kind == Span.SPAN_KIND_SERVER}
+    for version, trace_id, span_id, flags in parents:
+        assert version == "00" and len(trace_id) == 32 and len(span_id) == 16
+        assert int(trace_id, 16) and int(span_id, 16)
+        kept = int(trace_id, 16) & 0xFFFFFFFFFFFFFFFF < bound
+        assert flags == ("01" if kept else "00")
+        if kept:
+            assert clients[trace_id].span_id.hex() == span_id
+            assert clients[trace_id].parent_span_id == servers[trace_id].span_id
+            assert servers[trace_id].span_id.hex() != span_id
+        else:
+            assert trace_id not in clients and trace_id not in servers
+    assert 0 < len(servers) < 40

@@ -321,6 +321,15 @@ class Call:
             return
         self._replace_raw(field.key, prepared)
 
+    def set_raw_field(self, key: bytes, field: tuple[bytes, bytes]) -> None:
+        """`set_field` of a field made per call from text that cannot hold a CR, LF or
+        NUL (telemetry's traceparent: hex ids and dashes), as bytes already; `key` is
+        its name lowercased. No check and no encoding: it runs on every traced call."""
+        if self._raw is None:
+            self.headers[field[0].decode("latin-1")] = field[1].decode("latin-1")
+            return
+        self._replace_raw(key, field)
+
     def _replace_raw(self, key: bytes, field: tuple[bytes, bytes]) -> None:
         """Every raw field called `key` (lowercase) out, `field` in, at the end."""
         raw = self._raw

@@ -25,11 +25,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
-import struct
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from ..core.call import Call, Handler, Reply
@@ -39,18 +37,15 @@ from . import access
 from .metrics import KNOWN_METHODS, OTHER_METHOD, Metrics
 from .pools import Pools
 from .problems import RecentProblems
+from .records import KIND_CLIENT, KIND_SERVER, Ids, SpanRecord, _attribute
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Tracer
 
-    from ..core.state import StateBuild
-    from ..http.listener import Request, Response
-    from ..http.router import Route
-    from ..policy.loader import ServicePolicy
-    from ..runtime import ReloadResult, Sidecar
+    from ..core.state import StateBuild, StateStore
+    from ..policy.loader import Policy, ServicePolicy
     from .spans import SpanExporter
     from .tracing import Sampling
 
@@ -59,12 +54,8 @@ log = logging.getLogger("sidecar.telemetry")
 # A C static, not a lookup in the module's namespace on every call (mypyc).
 perf_counter: Final = time.perf_counter
 time_ns: Final = time.time_ns
-getrandbits: Final = random.getrandbits
-# The attributes of every dropped span: always empty.
-_NONE: Final[dict[str, Any]] = {}
-# opentelemetry.proto.trace.v1.Span.SpanKind
-KIND_SERVER: Final = 2
-KIND_CLIENT: Final = 3
+# Called as a function, not looked up as int's method on each call.
+_from_bytes: Final = int.from_bytes
 SIDECAR_ERROR: Final = "X-Sidecar-Error"
 # nginx's "client closed request": the agent went away before the answer was complete.
 CLIENT_CLOSED: Final = 499
@@ -72,241 +63,73 @@ CLIENT_CLOSED: Final = 499
 CLIENT_CLOSED_REASON: Final = "client_closed"
 # An agent-chosen id ends up in spans and log lines: bound its size.
 MAX_AGENT: Final = 128
+# Host fields kept parsed (cleared when full): a hostile agent cannot grow it.
+MAX_HOSTS: Final = 64
+# An all-zero id is invalid (W3C trace context): never sent, drawn again.
+_ZERO_TRACE: Final = b"0" * 32
+_ZERO_SPAN: Final = b"0" * 16
+
+
+# What telemetry reads of the layers above it (the HTTP connector, the runtime), as
+# protocols here rather than imports up: http/listener.py's Request and Response,
+# http/router.py's Route, runtime.py's Sidecar and ReloadResult fit them.
+
+
+class Request(Protocol):
+    """An agent request as the listener parsed it."""
+
+    @property
+    def method(self) -> str: ...
+    @property
+    def target(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def headers(self) -> Any: ...
+    @property
+    def raw_headers(self) -> list[tuple[bytes, bytes]]: ...
+    def header(self, name: bytes) -> str | None: ...
+
+
+class Response(Protocol):
+    """The answer the egress gives the listener to write."""
+
+    status: int
+    on_done: Callable[[int, BaseException | None], None] | None
+
+
+Answer = TypeVar("Answer", bound=Response)
+
+
+class Route(Protocol):
+    """The service route a request matched."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def prefix(self) -> str: ...
+
+
+class ReloadResult(Protocol):
+    @property
+    def ok(self) -> bool: ...
+    @property
+    def changed(self) -> bool: ...
+
+
+class Sidecar(Protocol):
+    """The runtime telemetry attaches to: its reloads, policy and state."""
+
+    @property
+    def policy(self) -> Policy | None: ...
+    @property
+    def state(self) -> StateStore: ...
+    @property
+    def on_reload(self) -> list[Callable[[Any], None]]: ...
 
 
 def _flag(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
-
-
-class SpanRecord:
-    """One span as the request path records it; spans.py encodes it for OTLP.
-
-    A dropped (unsampled) span keeps its ids only: its trace goes on upstream.
-    """
-
-    __slots__ = (
-        "attributes",
-        "encoded",
-        "end",
-        "error",
-        "kind",
-        "name",
-        "parent_id",
-        "remote",
-        "sampled",
-        "span_id",
-        "start",
-        "trace_id",
-        "trace_state",
-    )
-
-    def __init__(
-        self,
-        name: str,
-        kind: int,
-        trace_id: int,
-        parent_id: int,
-        remote: bool,
-        sampled: bool,
-        trace_state: Any,
-        span_id: int = 0,
-    ) -> None:
-        self.name = name
-        self.kind = kind
-        self.trace_id = trace_id
-        while span_id == 0:  # 0 is the invalid id, as the SDK's RandomIdGenerator avoids
-            span_id = getrandbits(64)
-        self.span_id = span_id
-        self.parent_id = parent_id  # 0: a root span
-        self.remote = remote  # the parent came from the agent's traceparent
-        self.sampled = sampled
-        # The agent's tracestate (an SDK TraceState), passed on and exported; or None.
-        self.trace_state = trace_state
-        self.start = time_ns() if sampled else 0
-        self.end = 0
-        # A dropped span's stay empty and are never read: no dict of its own.
-        self.attributes: dict[str, Any] = {} if sampled else _NONE
-        # Attributes already in OTLP bytes, exported before `attributes`: an attempt's
-        # fixed ones (service, upstream address), encoded once per policy load.
-        self.encoded = b""
-        self.error = False  # status ERROR, else UNSET
-
-    def traceparent(self) -> str:
-        """The W3C header an upstream gets to continue this span's trace."""
-        # One bytes.hex() of both ids: far fewer instructions than format specs.
-        ids = ((self.trace_id << 64) | self.span_id).to_bytes(24, "big").hex()
-        return "00-" + ids[:32] + "-" + ids[32:] + ("-01" if self.sampled else "-00")
-
-    def inject(self, call: Call) -> None:
-        """Replace the call's trace context (the agent's) by this span's."""
-        # set_header: the agent's other fields stay undecoded bytes.
-        call.set_header("traceparent", self.traceparent())
-        state = self.trace_state
-        if state:
-            call.set_header("tracestate", state.to_header())
-
-
-# -- OTLP protobuf bytes of span records (the exporter's thread, spans.py) --------------
-
-# The instrumentation scope of the agent requests' spans.
-SCOPE: Final = "agent-sidecar"
-# The Span's `flags` field (number 16, fixed32): SpanFlags HAS_IS_REMOTE, and IS_REMOTE
-# for a parent that came from the agent.
-_FLAGS_LOCAL: Final = b"\x85\x01" + (0x100).to_bytes(4, "little")
-_FLAGS_REMOTE: Final = b"\x85\x01" + (0x300).to_bytes(4, "little")
-# Status: ERROR (code 2) or UNSET, present in both cases as the SDK writes it.
-_STATUS_ERROR: Final = b"\x7a\x02\x18\x02"
-_STATUS_UNSET: Final = b"\x7a\x00"
-# Attribute fields already encoded, by key and value: most of a span's attributes
-# repeat call after call (service, route, method, status). Bounded: cleared when full.
-_CACHE_MAX: Final = 4096
-_BYTE: Final = [bytes((i,)) for i in range(256)]
-
-
-def _varint(value: int) -> bytes:
-    if 0 <= value < 0x80:
-        return _BYTE[value]
-    if 0 < value < 0x4000:  # a span's length, mostly
-        return _BYTE[(value & 0x7F) | 0x80] + _BYTE[value >> 7]
-    if value < 0:
-        value += 1 << 64  # int64: two's complement, ten bytes
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _field(tag: int, payload: bytes) -> bytes:
-    """A length-delimited field; `tag` is (number << 3) | 2, below 128."""
-    size = len(payload)
-    if size < 0x80:
-        return _BYTE[tag] + _BYTE[size] + payload
-    return _BYTE[tag] + _varint(size) + payload
-
-
-def _any_value(value: Any) -> bytes:
-    # As the SDK's _encode_value: bool before int (bool is an int).
-    if isinstance(value, bool):
-        return b"\x10\x01" if value else b"\x10\x00"
-    if isinstance(value, int):
-        return b"\x18" + _varint(value)
-    if isinstance(value, float):
-        return b"\x21" + struct.pack("<d", value)
-    if isinstance(value, str):
-        return _field(0x0A, value.encode())
-    if isinstance(value, bytes):
-        return _field(0x3A, value)
-    if isinstance(value, (list, tuple)):
-        return _field(0x2A, b"".join([_field(0x0A, _any_value(v)) for v in value]))
-    raise TypeError(f"attribute value of type {type(value).__name__}")
-
-
-def _attribute(key: str, value: Any) -> bytes:
-    """One `attributes` field (a KeyValue) of a span."""
-    return _field(0x4A, _field(0x0A, key.encode()) + _field(0x12, _any_value(value)))
-
-
-class Encoder:
-    """OTLP protobuf bytes of a batch of records, with the resource and scope given."""
-
-    def __init__(self, resource: Resource) -> None:
-        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-        from opentelemetry.sdk.trace import ReadableSpan
-        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-        from opentelemetry.trace import SpanContext
-
-        # The envelope exactly as the SDK writes it, from one span it encodes, less the span.
-        probe = ReadableSpan(
-            name="probe",
-            context=SpanContext(trace_id=1, span_id=1, is_remote=False),
-            resource=resource,
-            instrumentation_scope=InstrumentationScope(SCOPE),
-        )
-        request = encode_spans([probe])
-        resource_spans = request.resource_spans[0]
-        scope_spans = resource_spans.scope_spans[0]
-        del scope_spans.spans[:]
-        self._scope = scope_spans.SerializeToString()
-        del resource_spans.scope_spans[:]
-        self._resource = resource_spans.SerializeToString()
-        # By type, then key, then value: True == 1, so one dict for both would mix them.
-        self._strings: dict[str, dict[str, bytes]] = {}
-        self._ints: dict[str, dict[int, bytes]] = {}
-        self._bools: dict[str, dict[bool, bytes]] = {}
-        self._cached = 0
-
-    def attribute(self, key: str, value: Any) -> bytes:
-        """One `attributes` field (a KeyValue) of a span."""
-        kind = type(value)
-        cache: dict[str, Any] | None = None
-        if kind is str:
-            cache = self._strings
-        elif kind is int:
-            cache = self._ints
-        elif kind is bool:
-            cache = self._bools
-        if cache is not None:
-            values: dict[Any, bytes] | None = cache.get(key)
-            if values is not None:
-                found = values.get(value)
-                if found is not None:
-                    return found
-        encoded = _attribute(key, value)
-        if cache is not None:
-            if self._cached >= _CACHE_MAX:
-                self._strings.clear()
-                self._ints.clear()
-                self._bools.clear()
-                self._cached = 0
-            values = cache.get(key)
-            if values is None:
-                values = {}
-                cache[key] = values
-            values[value] = encoded
-            self._cached += 1
-        return encoded
-
-    def span(self, record: SpanRecord) -> bytes:
-        """One Span message (its fields, without the enclosing tag)."""
-        parts = [
-            b"\x0a\x10",
-            record.trace_id.to_bytes(16, "big"),
-            b"\x12\x08",
-            record.span_id.to_bytes(8, "big"),
-        ]
-        state = record.trace_state
-        if state:
-            parts.append(_field(0x1A, ",".join([f"{k}={v}" for k, v in state.items()]).encode()))
-        if record.parent_id:
-            parts.append(b"\x22\x08")
-            parts.append(record.parent_id.to_bytes(8, "big"))
-        parts.append(_field(0x2A, record.name.encode()))
-        parts.append(b"\x30")
-        parts.append(_BYTE[record.kind])
-        parts.append(b"\x39")
-        parts.append(record.start.to_bytes(8, "little"))
-        parts.append(b"\x41")
-        parts.append(record.end.to_bytes(8, "little"))
-        if record.encoded:
-            parts.append(record.encoded)
-        for key, value in record.attributes.items():
-            parts.append(self.attribute(key, value))
-        parts.append(_STATUS_ERROR if record.error else _STATUS_UNSET)
-        parts.append(_FLAGS_REMOTE if record.remote else _FLAGS_LOCAL)
-        return b"".join(parts)
-
-    def request(self, records: list[SpanRecord]) -> bytes:
-        """An ExportTraceServiceRequest holding `records`."""
-        parts = [self._scope]
-        for record in records:
-            span = self.span(record)
-            parts.append(b"\x12")
-            parts.append(_varint(len(span)))
-            parts.append(span)
-        scope_spans = b"".join(parts)
-        return _field(0x0A, self._resource + _field(0x12, scope_spans))
 
 
 class Exchange:
@@ -399,6 +222,10 @@ class Telemetry:
         self._span_batch = spans.batch_size if spans is not None else 0
         self._span_max = spans.max_queue if spans is not None else 0
         self._breakers: dict[str, Any] = {}
+        # Span and trace ids, drawn in bulk.
+        self._ids = Ids()
+        # The SERVER spans' Host fields, parsed (_host).
+        self._hosts: dict[str, tuple[str, int | None]] = {}
         # The console's: the last problems, and the pools connectors register.
         self.problems = RecentProblems()
         self.pools = Pools()
@@ -492,7 +319,7 @@ class Telemetry:
         status = CLIENT_CLOSED if error else 500
         self._finish(exchange, status, error or type(exc).__qualname__, 0)
 
-    def answered(self, exchange: Exchange, response: Response) -> Response:
+    def answered(self, exchange: Exchange, response: Answer) -> Answer:
         """The egress's answer: recorded once its last byte is written (`on_done`)."""
         exchange.inner = response.on_done
         exchange.status = response.status
@@ -558,12 +385,15 @@ class Telemetry:
         exchange.call = None
 
     def _server_span(self, request: Request) -> SpanRecord:
+        # Read from the raw fields: no decoding, no method call through the Request
+        # protocol, and a lowercase copy only of a name of the right size in another case.
+        traceparent = _field(request.raw_headers, b"traceparent", b"traceparent") is not None
         trace_id = 0
         parent_id = 0
         parent_sampled = False
         trace_state: Any = None
         spans = self.spans
-        if spans is not None and request.header(b"traceparent") is not None:
+        if spans is not None and traceparent:
             # The agent's trace context: rare enough to go through the SDK's propagator.
             parent = spans.extract(request.headers)
             if parent is not None:
@@ -572,20 +402,41 @@ class Telemetry:
                 parent_sampled = parent.trace_flags.sampled
                 trace_state = parent.trace_state
         span_id = 0
+        trace_hex = b""
+        span_hex = b""
         if trace_id == 0:
-            # A new trace: its id and the span's from one draw of random bits.
-            bits = getrandbits(192)
-            trace_id = bits >> 64
-            span_id = bits & 0xFFFFFFFFFFFFFFFF
-            while trace_id == 0:
-                trace_id = getrandbits(128)
-        if parent_id != 0 and self._parent_based:
+            # A new trace: its id and the span's from the pool, as bytes and hex; the
+            # sampler reads the trace id's low 64 bits.
+            ids = self._ids
+            low = 0
+            while not span_hex:
+                at = ids.draw()
+                raw = ids.raw
+                low = _from_bytes(raw[at + 8 : at + 16], "big")
+                hexes = ids.hex
+                trace_hex = hexes[2 * at : 2 * at + 32]
+                span_hex = hexes[2 * at + 32 : 2 * at + 48]
+                if span_hex == _ZERO_SPAN or (low == 0 and trace_hex == _ZERO_TRACE):
+                    span_hex = b""  # an invalid (all-zero) id: drawn again
+            root = self._sample_root
+            sampled = root == 1 or (root == 2 and low < self._sample_bound)
+            if not sampled:
+                # Dropped: its ids in hex only (its trace goes on upstream), nothing else.
+                return SpanRecord("", KIND_SERVER, 0, 0, False, False, None, 0, trace_hex,
+                                  span_hex)  # fmt: skip
+            trace_id = _from_bytes(raw[at : at + 16], "big")
+            span_id = _from_bytes(raw[at + 16 : at + 24], "big")
+        elif parent_id != 0 and self._parent_based:
             sampled = parent_sampled
         else:
             root = self._sample_root
             sampled = root == 1 or (
                 root == 2 and (trace_id & 0xFFFFFFFFFFFFFFFF) < self._sample_bound
             )
+        if not sampled:
+            # Dropped: ids only (its trace goes on upstream), no name, no attributes.
+            return SpanRecord("", KIND_SERVER, trace_id, parent_id, parent_id != 0, False,
+                              trace_state, span_id)  # fmt: skip
         method = request.method
         known = method in KNOWN_METHODS
         record = SpanRecord(
@@ -594,12 +445,12 @@ class Telemetry:
             trace_id,
             parent_id,
             parent_id != 0,
-            sampled,
+            True,
             trace_state,
             span_id,
+            trace_hex,
+            span_hex,
         )
-        if not sampled:
-            return record  # dropped: ids only
         attributes = record.attributes
         attributes["http.request.method"] = method if known else OTHER_METHOD
         attributes["url.path"] = request.target.partition("?")[0]
@@ -607,12 +458,23 @@ class Telemetry:
         attributes["network.protocol.version"] = request.version
         if not known:
             attributes["http.request.method_original"] = method[:32]
-        host, port = _host_port(request.header(b"host") or "")
+        host_field = _field(request.raw_headers, b"host", b"Host")
+        host, port = self._host(host_field.decode("latin-1") if host_field is not None else "")
         if host:
             attributes["server.address"] = host
         if port is not None:
             attributes["server.port"] = port
         return record
+
+    def _host(self, field: str) -> tuple[str, int | None]:
+        """The Host field's name and port, parsed once per value: agents send a few."""
+        hosts = self._hosts
+        found = hosts.get(field)
+        if found is None:
+            if len(hosts) >= MAX_HOSTS:
+                hosts.clear()
+            found = hosts[field] = _host_port(field)
+        return found
 
     def _record(self, record: SpanRecord) -> None:
         """A sampled span is over: queue it for the exporter's thread."""
@@ -644,14 +506,17 @@ class Telemetry:
         attributes["http.response.status_code"] = status
         route = exchange.route
         if route is not None:
-            span.name = f"{method if method in KNOWN_METHODS else 'HTTP'} {route.prefix}"
-            attributes["http.route"] = route.prefix
-            attributes["sidecar.service"] = route.name
-            attributes["sidecar.route"] = route.prefix
+            # Read once: each read goes through the Route protocol, not a native field.
+            prefix = route.prefix
+            service = route.name
+            span.name = f"{method if method in KNOWN_METHODS else 'HTTP'} {prefix}"
+            attributes["http.route"] = prefix
+            attributes["sidecar.service"] = service
+            attributes["sidecar.route"] = prefix
             attributes["sidecar.upstream.attempts"] = exchange.attempts
             attributes["sidecar.rate_limited"] = reason == "rate_limited"
             attributes["sidecar.circuit_open"] = reason == "circuit_open"
-            breaker = self._breakers.get(route.name)
+            breaker = self._breakers.get(service)
             if breaker is not None:
                 attributes["sidecar.breaker.state"] = str(breaker.state)
             call = exchange.call
@@ -683,6 +548,11 @@ class Telemetry:
             # sampling), but the upstream still continues the same trace.
             parent.inject(call)
             return None
+        # Its id from the pool (the last 8 of 24 bytes), in hex too for the traceparent.
+        ids = self._ids
+        at = ids.draw()
+        span_hex = ids.hex[2 * at + 32 : 2 * at + 48]
+        span_id = _from_bytes(ids.raw[at + 16 : at + 24], "big")  # 0: SpanRecord draws
         span = SpanRecord(
             call.method if call.method in KNOWN_METHODS else "HTTP",
             KIND_CLIENT,
@@ -691,6 +561,9 @@ class Telemetry:
             False,
             True,
             parent.trace_state,
+            span_id,
+            parent.trace_hex,
+            span_hex if span_id else b"",
         )
         span.encoded = step.encoded
         span.attributes = step.variable_attributes(call)
@@ -794,13 +667,23 @@ def _outcome(exc: BaseException) -> str:
 
 def _trace_id(span: SpanRecord | None, request: Request) -> str | None:
     if span is not None:
-        return span.trace_id.to_bytes(16, "big").hex()
+        return span.trace_text()
     # Tracing off: the agent's own trace id still ties the line to its trace.
     parent = request.header(b"traceparent")  # one field, not the whole head decoded
     if parent and len(parent) >= 55 and parent[2] == "-" and parent[35] == "-":
         trace_id = parent[3:35].lower()
         if trace_id.strip("0123456789abcdef") == "" and trace_id != "0" * 32:
             return trace_id
+    return None
+
+
+def _field(fields: list[tuple[bytes, bytes]], key: bytes, usual: bytes) -> bytes | None:
+    """The first raw field called `key` (lowercase), any case; `usual`, the case clients
+    mostly send, is matched without a lowercase copy."""
+    size = len(key)
+    for name, value in fields:
+        if len(name) == size and (name == usual or name.lower() == key):
+            return value
     return None
 
 

@@ -1,7 +1,8 @@
 """The agent requests' spans: recorded as small records, exported in batches by a thread.
 
-The request path (exchange.py) makes a `SpanRecord` per sampled span and appends it
-to `SpanExporter.queue`, a deque: no SDK `Span`, no lock, no OTLP message per call.
+The request path (exchange.py) makes a `SpanRecord` (records.py) per sampled span and
+appends it to `SpanExporter.queue`, a deque: no SDK `Span`, no lock, no OTLP message
+per call.
 The exporter's thread wakes when a batch is full or the schedule delay has passed
 (the standard OTEL_BSP_* variables), writes the OTLP protobuf bytes of the batch
 itself, and posts them over one kept-alive connection (endpoint, headers, TLS files,
@@ -10,7 +11,7 @@ compression, timeout and retries as OTEL_EXPORTER_OTLP_* say, as the SDK's expor
 What goes out is what the SDK exporter would send for the same spans: the envelope
 (resource and instrumentation scope) is encoded once by the SDK's `encode_spans`, and
 each span follows the field layout of `opentelemetry.proto.trace.v1.Span` (checked
-field by field against the SDK's encoder in tests/telemetry/test_spans.py).
+field by field against the SDK's encoder in tests/test_telemetry_spans.py).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-# The encoder is compiled with the request path (exchange.py): it runs once per span.
-from .exchange import SCOPE, Encoder, SpanRecord
+# The encoder is compiled (records.py): it runs once per span.
+from .records import SCOPE, Encoder, SpanRecord
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource

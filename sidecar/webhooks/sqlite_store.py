@@ -203,8 +203,6 @@ class _Finished:
 
 
 _PENDING = ", 'pending'"
-# How long an attempt's record may wait for the next accepts' turn (see SqliteStore).
-_FINISH_LINGER = 0.002
 # Rows per multi-row statement: well under SQLite's 32,766 bound variables.
 _ROWS = 256
 
@@ -234,9 +232,6 @@ class _Batched(Generic[Item, R]):
         writer: SqliteWriter,
         write: Callable[[sqlite3.Connection, list[Item]], list[R]],
         after: Callable[[list[R]], None] | None = None,
-        *,
-        linger: float = 0.0,
-        leader: _Batched[Any, Any] | None = None,
     ) -> None:
         self._writer = writer
         self._write = write
@@ -246,34 +241,11 @@ class _Batched(Generic[Item, R]):
         # Set on the loop, cleared by the writer thread before it takes the items, so
         # an item added after the take always finds it cleared and queues a job.
         self._queued = False
-        # With a linger, items wait up to that long for the leader's next job and
-        # go in the same turn: one commit (one fsync) for both kinds, not one each.
-        self._linger = linger
-        self._leader = leader
-        self._timer: asyncio.TimerHandle | None = None
-        self._followers: list[_Batched[Any, Any]] = []
-        if leader is not None:
-            leader._followers.append(self)
 
     def add(self, item: Item) -> asyncio.Future[R]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[R] = loop.create_future()
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._items.append((item, future))
         if not self._queued:
-            leader = self._leader
-            if self._linger <= 0 or (leader is not None and leader._queued):
-                self.flush()  # a leader's job waits to be taken: go with it
-            elif self._timer is None:
-                self._timer = loop.call_later(self._linger, self.flush)
-        return future
-
-    def flush(self) -> None:
-        """Queue a writer job for the items waiting, unless one is queued already;
-        then the followers' items, so the writer takes them in the same turn."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if not self._queued and self._items:
             self._queued = True
             taken: list[tuple[Item, asyncio.Future[R]]] = []
             ran: list[bool] = []
@@ -287,8 +259,7 @@ class _Batched(Generic[Item, R]):
                 return self._write(conn, [item for item, _ in taken]) if taken else []
 
             self._writer.submit(work).add_done_callback(lambda done: self._settle(taken, ran, done))
-        for follower in self._followers:
-            follower.flush()
+        return future
 
     def _settle(
         self,
@@ -340,12 +311,7 @@ class SqliteStore:
         self._accepts: _Batched[_Event, Accepted] = _Batched(
             writer, self._write_accepts, self._accepted
         )
-        # An attempt's record waits up to _FINISH_LINGER for the next accepts' turn:
-        # under load the two commit together. Its caller (the delivery worker) still
-        # hears only once it committed; nobody outside waits on it.
-        self._finishes: _Batched[_Finished, None] = _Batched(
-            writer, self._write_finishes, linger=_FINISH_LINGER, leader=self._accepts
-        )
+        self._finishes: _Batched[_Finished, None] = _Batched(writer, self._write_finishes)
 
     @classmethod
     async def open(
@@ -371,8 +337,6 @@ class SqliteStore:
         if self._closed:
             return
         self._closed = True
-        # Records still lingering go before the writer's stop: none is left unsettled.
-        self._accepts.flush()
         self._writer.stop()
         await asyncio.to_thread(self._writer.join)
 

@@ -140,9 +140,8 @@ async def test_events_written_in_one_turn_keep_dedup_order_and_content(tmp_path:
 async def test_an_attempt_record_is_on_disk_once_finish_returns_alone_or_with_accepts(
     tmp_path: Path,
 ) -> None:
-    """An attempt's record waits a moment for the next accepts' turn, to share its commit:
-    finish still returns only once it is committed, whether accepts came or not, and a
-    store closed meanwhile writes it before its writer stops."""
+    """finish returns only once its record is committed, in a turn of its own or in the
+    accepts' turn, and a store closed meanwhile writes it before its writer stops."""
     store = await SqliteStore.open(tmp_path / "data")
 
     def on_disk(message_id: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from pathlib import Path
 
@@ -132,6 +133,47 @@ async def test_events_written_in_one_turn_keep_dedup_order_and_content(tmp_path:
         overview = await store.overview()
         [t] = [e for e in overview.endpoints if e.endpoint == "t"]
         assert (t.successes, t.failures, t.dead, t.disabled) == (1, 3, 1, True)
+    finally:
+        await store.close()
+
+
+async def test_an_attempt_record_is_on_disk_once_finish_returns_alone_or_with_accepts(
+    tmp_path: Path,
+) -> None:
+    """finish returns only once its record is committed, in a turn of its own or in the
+    accepts' turn, and a store closed meanwhile writes it before its writer stops."""
+    store = await SqliteStore.open(tmp_path / "data")
+
+    def on_disk(message_id: str) -> str:
+        with contextlib.closing(sqlite3.connect(tmp_path / "data" / DB_NAME)) as conn:
+            row = conn.execute(
+                "SELECT status FROM deliveries WHERE message_id = ? AND url != ''",
+                (message_id,),
+            ).fetchone()
+        return str(row[0])
+
+    try:
+        for n in range(3):
+            await _event(store, f"d-{n}", n)
+        due = await store.claim(limit=3, per_endpoint=3)
+        assert len(due) == 3
+        ok = Attempt(at=1000.0, status_code=200, error=None, duration=0.1)
+        # No accepts come: the record goes in a turn of its own.
+        await asyncio.wait_for(store.finish(due[0], ok, Outcome.delivered), 10)
+        assert on_disk(due[0].message_id) == "delivered"
+        # An accept comes meanwhile: the record goes in its turn.
+        _, fresh = await asyncio.wait_for(
+            asyncio.gather(store.finish(due[1], ok, Outcome.delivered), _event(store, "d-9", 9)),
+            10,
+        )
+        assert on_disk(due[1].message_id) == "delivered"
+        assert on_disk(fresh.message_id) == "pending"
+        # Closed while a record waits: it is written before the writer stops.
+        waiting = asyncio.ensure_future(store.finish(due[2], ok, Outcome.delivered))
+        await asyncio.sleep(0)
+        await store.close()
+        await asyncio.wait_for(waiting, 10)
+        assert on_disk(due[2].message_id) == "delivered"
     finally:
         await store.close()
 

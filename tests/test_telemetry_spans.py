@@ -28,7 +28,10 @@ from sidecar.telemetry.records import (
     KIND_CLIENT,
     KIND_SERVER,
     SCOPE,
+    TRACEPARENT_SIZE,
+    TRACEPARENT_STEP,
     Encoder,
+    Ids,
     SpanRecord,
     _attribute,
 )
@@ -373,6 +376,24 @@ def test_a_traceparent_keeps_its_leading_zeros_and_says_whether_it_is_sampled() 
         assert record.traceparent() == b"00-" + b"0" * 31 + b"1-" + b"0" * 15 + b"2-" + flags
     top = SpanRecord("GET", KIND_CLIENT, (1 << 128) - 1, 0, False, True, None, (1 << 64) - 1)
     assert top.traceparent() == b"00-" + b"f" * 32 + b"-" + b"f" * 16 + b"-01"
+
+
+def test_each_drawn_ids_traceparent_and_low_bits_are_those_of_its_random_bytes() -> None:
+    # A dropped root span sends the pool's ready-made traceparent and is sampled by the
+    # pool's low 64 bits: both must be those of the very ids drawn, across refills.
+    ids = Ids()
+    seen = set()
+    for _ in range(100):
+        i = ids.draw()
+        raw = ids.raw[24 * i : 24 * i + 24]
+        at = TRACEPARENT_STEP * i
+        sent = ids.traceparents[at : at + TRACEPARENT_SIZE]
+        assert sent == b"00-" + raw[:16].hex().encode() + b"-" + raw[16:].hex().encode() + b"-00"
+        assert ids.hex[48 * i : 48 * i + 48] == raw.hex().encode()
+        assert ids.lows[i] == int.from_bytes(raw[8:16], "big")
+        assert int.from_bytes(raw[:16], "big") and int.from_bytes(raw[16:], "big")
+        seen.add(sent)
+    assert len(seen) == 100
 
 
 def test_every_status_and_parent_and_a_large_batch_encode_as_the_sdk_encodes() -> None:

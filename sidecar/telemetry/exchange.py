@@ -40,8 +40,6 @@ from .problems import RecentProblems
 from .records import (
     KIND_CLIENT,
     KIND_SERVER,
-    TRACEPARENT_SIZE,
-    TRACEPARENT_STEP,
     Ids,
     SpanRecord,
     _attribute,
@@ -228,6 +226,8 @@ class Telemetry:
         self._parent_based = sampling.parent_based if sampling is not None else True
         self._sample_root = sampling.root if sampling is not None else 1
         self._sample_bound = sampling.bound if sampling is not None else 0
+        # The bound's top byte (256 for a bound of 2**64: every first byte is below).
+        self._bound_first = self._sample_bound >> 56
         self._span_queue = spans.queue if spans is not None else None
         self._span_batch = spans.batch_size if spans is not None else 0
         self._span_max = spans.max_queue if spans is not None else 0
@@ -421,19 +421,19 @@ class Telemetry:
             # 64 bits.
             ids = self._ids
             i = ids.draw()
-            root = self._sample_root
-            if root == 0 or (root == 2 and ids.lows[i] >= self._sample_bound):
-                # Dropped: no record, its traceparent only (its trace goes on upstream).
-                at = TRACEPARENT_STEP * i
-                exchange.traceparent = (
-                    _TRACEPARENT,
-                    ids.traceparents[at : at + TRACEPARENT_SIZE],
-                )
-                return
-            sampled = True
             at = 24 * i
             raw = ids.raw
             hexes = ids.hex
+            root = self._sample_root
+            if root == 0 or (root == 2 and not self._keeps(raw, at + 8)):
+                # Dropped: no record, its traceparent only (its trace goes on upstream).
+                exchange.traceparent = (
+                    _TRACEPARENT,
+                    b"-".join([b"00", hexes[2 * at : 2 * at + 32],
+                               hexes[2 * at + 32 : 2 * at + 48], b"00"]),
+                )  # fmt: skip
+                return
+            sampled = True
             trace_hex = hexes[2 * at : 2 * at + 32]
             span_hex = hexes[2 * at + 32 : 2 * at + 48]
             trace_id = _from_bytes(raw[at : at + 16], "big")
@@ -478,6 +478,16 @@ class Telemetry:
         if port is not None:
             attributes["server.port"] = port
         exchange.span = record
+
+    def _keeps(self, raw: bytes, at: int) -> bool:
+        """Whether the ratio sampler keeps a new trace whose id's low 64 bits are
+        raw[at : at + 8] (big-endian): below the bound, as TraceIdRatioBased decides."""
+        # By the first byte against the bound's: no slice and no int, but in one trace
+        # in 256 (the same first byte).
+        first = raw[at]
+        if first != self._bound_first:
+            return first < self._bound_first
+        return _from_bytes(raw[at : at + 8], "big") < self._sample_bound
 
     def _host(self, field: str) -> tuple[str, int | None]:
         """The Host field's name and port, parsed once per value: agents send a few."""

@@ -127,14 +127,8 @@ class SpanRecord:
 
 # Ids drawn at once: 32 x 24 random bytes, 1.5 KiB, and their hex.
 _POOL: Final = 32
-# A dropped root span's traceparent, "00-<trace id>-<span id>-00": 55 bytes, one every
-# 56 in Ids.traceparents (joined by a dash).
-TRACEPARENT_SIZE: Final = 55
-TRACEPARENT_STEP: Final = 56
 # Eight zero bytes anywhere in a pool: it might hold an all-zero (invalid) id.
 _ZERO8: Final = bytes(8)
-# The low 64 bits of each draw's trace id (bytes 8 to 16 of its 24), the sampler's input.
-_unpack_lows: Final = struct.Struct(">" + "8xQ8x" * _POOL).unpack
 
 
 class Ids:
@@ -143,50 +137,29 @@ class Ids:
     call, random.getrandbits (the SDK's RandomIdGenerator), its int and the int's hex
     cost more than the whole of a dropped span; and getrandbits of the whole pool
     would build, then take apart, a 6,144-bit int (W3C trace context asks for random
-    ids; the kernel's are).
+    ids; the kernel's are). Neither id of a draw is all zeros (invalid in W3C trace
+    context): a pool that could hold one is drawn again, so no call checks."""
 
-    Made with the pool, for the call the sampler drops (nine in ten at 10 %): each
-    draw's whole traceparent (flags 00) and its trace id's low 64 bits as an int, so
-    that such a call costs one slice and one comparison, not slices, an int and a join.
-    """
-
-    __slots__ = ("at", "hex", "lows", "raw", "traceparents")
+    __slots__ = ("at", "hex", "raw")
 
     def __init__(self) -> None:
         self.raw = b""
         self.hex = b""
-        self.traceparents = b""
-        self.lows: tuple[int, ...] = ()
         self.at = _POOL
 
     def draw(self) -> int:
         """The index `i` of a fresh draw: its 24 bytes at 24 * i in `raw` (the trace
-        id's 16, then the span id's 8), their hex at 48 * i in `hex`, its traceparent at
-        TRACEPARENT_STEP * i in `traceparents`, its trace id's low 64 bits in `lows`.
-        Neither id is all zeros (invalid in W3C trace context)."""
+        id's 16, then the span id's 8), their hex at 48 * i in `hex`."""
         at = self.at
         if at >= _POOL:
-            self._refill()
+            raw = _urandom(_POOL * 24)
+            while _ZERO8 in raw:  # about once in 2**54 pools
+                raw = _urandom(_POOL * 24)
+            self.raw = raw
+            self.hex = _hexlify(raw)
             at = 0
         self.at = at + 1
         return at
-
-    def _refill(self) -> None:
-        raw = _urandom(_POOL * 24)
-        while _ZERO8 in raw:  # about once in 2**54 pools: drawn again
-            raw = _urandom(_POOL * 24)
-        hexes = _hexlify(raw)
-        parts: list[bytes] = []
-        for i in range(_POOL):
-            at = 48 * i
-            parts.append(b"00")
-            parts.append(hexes[at : at + 32])
-            parts.append(hexes[at + 32 : at + 48])
-            parts.append(b"00")
-        self.raw = raw
-        self.hex = hexes
-        self.traceparents = b"-".join(parts)
-        self.lows = _unpack_lows(raw)
 
 
 # -- OTLP protobuf bytes of span records (the exporter's thread, spans.py) --------------

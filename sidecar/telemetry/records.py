@@ -98,16 +98,18 @@ class SpanRecord:
     def traceparent(self) -> bytes:
         """The W3C header an upstream gets to continue this span's trace, as the raw field's
         value: hex digits and dashes only."""
-        # The ids' hex mostly comes from Ids (made 32 at a time), and one join: far fewer
-        # instructions than format specs, str concatenation and an encode (it runs on
-        # every call, sampled or not).
+        # The ids' hex mostly comes from Ids (made 32 at a time), and bytes formatting:
+        # one allocation and copies (mypyc), fewer instructions than a join (the buffer
+        # protocol for each part), format specs, str concatenation or an encode.
         trace_hex = self.trace_hex
         if not trace_hex:
             trace_hex = self.trace_hex = _hexlify(self.trace_id.to_bytes(16, "big"))
         span_hex = self.span_hex
         if not span_hex:
             span_hex = self.span_hex = _hexlify(self.span_id.to_bytes(8, "big"))
-        return b"-".join([b"00", trace_hex, span_hex, b"01" if self.sampled else b"00"])
+        if self.sampled:
+            return b"00-%s-%s-01" % (trace_hex, span_hex)
+        return b"00-%s-%s-00" % (trace_hex, span_hex)
 
     def trace_text(self) -> str:
         """The trace id in hex, as the access log and the console show it."""

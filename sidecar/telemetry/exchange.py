@@ -14,8 +14,10 @@ What is never recorded anywhere: request or response headers, query strings
 With tracing on, a span is a `SpanRecord` (a few fields) appended to the span
 exporter's queue (spans.py), whose thread encodes and sends batches: no SDK span
 per call. A request the sampler drops gets ids (its trace still goes upstream)
-and nothing else. With tracing off (no OTLP endpoint) no record is made: every
-tracing branch hangs on `Telemetry.spans` / `Exchange.span` being None. OTLP metrics
+and nothing else: a new trace dropped is no record at all, only the traceparent
+bytes the attempt sends (`Exchange.traceparent`). With tracing off (no OTLP
+endpoint) no record is made: every tracing branch hangs on `Telemetry.spans` /
+`Exchange.span` being None (and `Exchange.traceparent` empty). OTLP metrics
 export (otlp_metrics.py) reads the same Prometheus registry from its own
 thread, so the request path records each observation once either way.
 """

@@ -29,6 +29,7 @@ from sidecar.telemetry.records import (
     KIND_SERVER,
     SCOPE,
     Encoder,
+    Ids,
     SpanRecord,
     _attribute,
 )
@@ -129,10 +130,17 @@ def test_the_ratio_sampler_keeps_the_trace_ids_the_sdks_keeps(name: str, ratio: 
     sampling = Sampling({"OTEL_TRACES_SAMPLER": name, "OTEL_TRACES_SAMPLER_ARG": ratio})
     sdk = TraceIdRatioBased(float(ratio))
     assert sampling.parent_based == name.startswith("parentbased")
+    # The request path decides a new trace by its id's first low byte against the
+    # bound's, and by all 8 on a tie: ids about the bound, and ties, decide as the SDK.
+    telemetry = Telemetry(spans=None, sampling=sampling)
+    low = sampling.bound
+    near = [low - 1, low, low + 1, low & ~0xFF, low | 0xFF << 48, 0, (1 << 64) - 1]
     ids = [random.getrandbits(128) for _ in range(2000)]
+    ids += [random.getrandbits(64) << 64 | (n & 0xFFFFFFFFFFFFFFFF) for n in near if n >= 0]
     for trace_id in ids:
         kept = sdk.should_sample(None, trace_id, "x").decision.is_sampled()
         assert ((trace_id & 0xFFFFFFFFFFFFFFFF) < sampling.bound) == kept
+        assert telemetry._keeps(trace_id.to_bytes(16, "big"), 8) == kept
     assert sampling.root == 2
 
 
@@ -373,6 +381,20 @@ def test_a_traceparent_keeps_its_leading_zeros_and_says_whether_it_is_sampled() 
         assert record.traceparent() == b"00-" + b"0" * 31 + b"1-" + b"0" * 15 + b"2-" + flags
     top = SpanRecord("GET", KIND_CLIENT, (1 << 128) - 1, 0, False, True, None, (1 << 64) - 1)
     assert top.traceparent() == b"00-" + b"f" * 32 + b"-" + b"f" * 16 + b"-01"
+
+
+def test_the_drawn_ids_are_random_nonzero_and_their_hex_is_theirs() -> None:
+    # A dropped root span's traceparent is made of the pool's hex: it must be that of the
+    # very bytes drawn (the sampler reads those), across refills, and never all zeros.
+    ids = Ids()
+    seen = set()
+    for _ in range(100):
+        i = ids.draw()
+        raw = ids.raw[24 * i : 24 * i + 24]
+        assert ids.hex[48 * i : 48 * i + 48] == raw.hex().encode()
+        assert int.from_bytes(raw[:16], "big") and int.from_bytes(raw[16:], "big")
+        seen.add(raw)
+    assert len(seen) == 100
 
 
 def test_every_status_and_parent_and_a_large_batch_encode_as_the_sdk_encodes() -> None:

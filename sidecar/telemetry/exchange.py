@@ -14,8 +14,10 @@ What is never recorded anywhere: request or response headers, query strings
 With tracing on, a span is a `SpanRecord` (a few fields) appended to the span
 exporter's queue (spans.py), whose thread encodes and sends batches: no SDK span
 per call. A request the sampler drops gets ids (its trace still goes upstream)
-and nothing else. With tracing off (no OTLP endpoint) no record is made: every
-tracing branch hangs on `Telemetry.spans` / `Exchange.span` being None. OTLP metrics
+and nothing else: a new trace dropped is no record at all, only the traceparent
+bytes the attempt sends (`Exchange.traceparent`). With tracing off (no OTLP
+endpoint) no record is made: every tracing branch hangs on `Telemetry.spans` /
+`Exchange.span` being None (and `Exchange.traceparent` empty). OTLP metrics
 export (otlp_metrics.py) reads the same Prometheus registry from its own
 thread, so the request path records each observation once either way.
 """
@@ -37,7 +39,13 @@ from . import access
 from .metrics import KNOWN_METHODS, OTHER_METHOD, Metrics
 from .pools import Pools
 from .problems import RecentProblems
-from .records import KIND_CLIENT, KIND_SERVER, Ids, SpanRecord, _attribute
+from .records import (
+    KIND_CLIENT,
+    KIND_SERVER,
+    Ids,
+    SpanRecord,
+    _attribute,
+)
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
@@ -65,9 +73,7 @@ CLIENT_CLOSED_REASON: Final = "client_closed"
 MAX_AGENT: Final = 128
 # Host fields kept parsed (cleared when full): a hostile agent cannot grow it.
 MAX_HOSTS: Final = 64
-# An all-zero id is invalid (W3C trace context): never sent, drawn again.
-_ZERO_TRACE: Final = b"0" * 32
-_ZERO_SPAN: Final = b"0" * 16
+_TRACEPARENT: Final = b"traceparent"
 
 
 # What telemetry reads of the layers above it (the HTTP connector, the runtime), as
@@ -148,6 +154,7 @@ class Exchange:
         "start",
         "status",
         "telemetry",
+        "traceparent",
     )
 
     def __init__(
@@ -155,6 +162,9 @@ class Exchange:
     ) -> None:
         self.telemetry = telemetry
         self.span = span
+        # A root span the sampler dropped is no record: only the traceparent (flags 00)
+        # that its trace goes on upstream with, the raw field's value. b"" otherwise.
+        self.traceparent = b""
         self.request = request
         self.start = start  # perf_counter() at the request's arrival
         # Set by Telemetry.answered: the answer's status, and the egress's own
@@ -218,6 +228,8 @@ class Telemetry:
         self._parent_based = sampling.parent_based if sampling is not None else True
         self._sample_root = sampling.root if sampling is not None else 1
         self._sample_bound = sampling.bound if sampling is not None else 0
+        # The bound's top byte (256 for a bound of 2**64: every first byte is below).
+        self._bound_first = self._sample_bound >> 56
         self._span_queue = spans.queue if spans is not None else None
         self._span_batch = spans.batch_size if spans is not None else 0
         self._span_max = spans.max_queue if spans is not None else 0
@@ -306,9 +318,9 @@ class Telemetry:
         The egress calls `begin`, then `answered` with its Response or `failed` with
         what it raised: plain calls around its own await, not a coroutine of their own.
         """
-        start = perf_counter()
-        span = self._server_span(request) if self.spans is not None else None
-        exchange = Exchange(self, span, request, start)
+        exchange = Exchange(self, None, request, perf_counter())
+        if self.spans is not None:
+            self._server_span(exchange, request)
         self.metrics.in_flight_value._value += 1
         return exchange
 
@@ -357,7 +369,7 @@ class Telemetry:
                 method if method in KNOWN_METHODS else OTHER_METHOD,
                 status,
                 reason,
-                _trace_id(span, request),
+                _trace_id(exchange),
             )
         if span is not None:
             self._end_server_span(span, exchange, method, status, reason, error)
@@ -374,7 +386,7 @@ class Telemetry:
                 sent,
                 exchange.attempts,
                 reason or error,
-                _trace_id(span, request),
+                _trace_id(exchange),
             )
             writer = access.writer
             if writer is not None:
@@ -384,7 +396,9 @@ class Telemetry:
         # call.exchange points back at the exchange: break the cycle, leave nothing to the GC.
         exchange.call = None
 
-    def _server_span(self, request: Request) -> SpanRecord:
+    def _server_span(self, exchange: Exchange, request: Request) -> None:
+        """The request's SERVER span as `exchange.span`, or, for a root span the sampler
+        drops, only the traceparent it goes upstream with as `exchange.traceparent`."""
         # Read from the raw fields: no decoding, no method call through the Request
         # protocol, and a lowercase copy only of a name of the right size in another case.
         traceparent = _field(request.raw_headers, b"traceparent", b"traceparent") is not None
@@ -405,25 +419,26 @@ class Telemetry:
         trace_hex = b""
         span_hex = b""
         if trace_id == 0:
-            # A new trace: its id and the span's from the pool, as bytes and hex; the
-            # sampler reads the trace id's low 64 bits.
+            # A new trace: its ids from the pool; the sampler reads the trace id's low
+            # 64 bits.
             ids = self._ids
-            low = 0
-            while not span_hex:
-                at = ids.draw()
-                raw = ids.raw
-                low = _from_bytes(raw[at + 8 : at + 16], "big")
-                hexes = ids.hex
-                trace_hex = hexes[2 * at : 2 * at + 32]
-                span_hex = hexes[2 * at + 32 : 2 * at + 48]
-                if span_hex == _ZERO_SPAN or (low == 0 and trace_hex == _ZERO_TRACE):
-                    span_hex = b""  # an invalid (all-zero) id: drawn again
+            i = ids.draw()
+            at = 24 * i
+            raw = ids.raw
+            hexes = ids.hex
             root = self._sample_root
-            sampled = root == 1 or (root == 2 and low < self._sample_bound)
-            if not sampled:
-                # Dropped: its ids in hex only (its trace goes on upstream), nothing else.
-                return SpanRecord("", KIND_SERVER, 0, 0, False, False, None, 0, trace_hex,
-                                  span_hex)  # fmt: skip
+            if root == 0 or (root == 2 and not self._keeps(raw, at + 8)):
+                # Dropped: no record, its traceparent only (its trace goes on upstream).
+                # Bytes formatting compiles to one allocation and copies (mypyc), where
+                # a join goes through the buffer protocol for each part.
+                exchange.traceparent = b"00-%s-%s-00" % (
+                    hexes[2 * at : 2 * at + 32],
+                    hexes[2 * at + 32 : 2 * at + 48],
+                )
+                return
+            sampled = True
+            trace_hex = hexes[2 * at : 2 * at + 32]
+            span_hex = hexes[2 * at + 32 : 2 * at + 48]
             trace_id = _from_bytes(raw[at : at + 16], "big")
             span_id = _from_bytes(raw[at + 16 : at + 24], "big")
         elif parent_id != 0 and self._parent_based:
@@ -435,8 +450,9 @@ class Telemetry:
             )
         if not sampled:
             # Dropped: ids only (its trace goes on upstream), no name, no attributes.
-            return SpanRecord("", KIND_SERVER, trace_id, parent_id, parent_id != 0, False,
-                              trace_state, span_id)  # fmt: skip
+            exchange.span = SpanRecord("", KIND_SERVER, trace_id, parent_id, parent_id != 0,
+                                       False, trace_state, span_id)  # fmt: skip
+            return
         method = request.method
         known = method in KNOWN_METHODS
         record = SpanRecord(
@@ -464,7 +480,17 @@ class Telemetry:
             attributes["server.address"] = host
         if port is not None:
             attributes["server.port"] = port
-        return record
+        exchange.span = record
+
+    def _keeps(self, raw: bytes, at: int) -> bool:
+        """Whether the ratio sampler keeps a new trace whose id's low 64 bits are
+        raw[at : at + 8] (big-endian): below the bound, as TraceIdRatioBased decides."""
+        # By the first byte against the bound's: no slice and no int, but in one trace
+        # in 256 (the same first byte).
+        first = raw[at]
+        if first != self._bound_first:
+            return first < self._bound_first
+        return _from_bytes(raw[at : at + 8], "big") < self._sample_bound
 
     def _host(self, field: str) -> tuple[str, int | None]:
         """The Host field's name and port, parsed once per value: agents send a few."""
@@ -550,7 +576,7 @@ class Telemetry:
             return None
         # Its id from the pool (the last 8 of 24 bytes), in hex too for the traceparent.
         ids = self._ids
-        at = ids.draw()
+        at = 24 * ids.draw()
         span_hex = ids.hex[2 * at + 32 : 2 * at + 48]
         span_id = _from_bytes(ids.raw[at + 16 : at + 24], "big")  # 0: SpanRecord draws
         span = SpanRecord(
@@ -635,7 +661,14 @@ class Attempt:
         # Tracing on: a CLIENT span (or, unsampled, the trace context only); inline,
         # so that tracing adds no coroutine to the call.
         parent = exchange.span
-        span = telemetry._client_span(self, parent, call) if parent is not None else None
+        span: SpanRecord | None = None
+        if parent is not None:
+            span = telemetry._client_span(self, parent, call)
+        else:
+            traceparent = exchange.traceparent
+            if traceparent:
+                # A root span the sampler dropped: its trace goes on upstream all the same.
+                call.set_raw_field(_TRACEPARENT, (_TRACEPARENT, traceparent))
         start = perf_counter()
         try:
             reply = await next(call)
@@ -665,9 +698,13 @@ def _outcome(exc: BaseException) -> str:
     return type(exc).__qualname__
 
 
-def _trace_id(span: SpanRecord | None, request: Request) -> str | None:
+def _trace_id(exchange: Exchange) -> str | None:
+    span = exchange.span
     if span is not None:
         return span.trace_text()
+    if exchange.traceparent:
+        return exchange.traceparent[3:35].decode()  # a dropped root span's trace id
+    request = exchange.request
     # Tracing off: the agent's own trace id still ties the line to its trace.
     parent = request.header(b"traceparent")  # one field, not the whole head decoded
     if parent and len(parent) >= 55 and parent[2] == "-" and parent[35] == "-":

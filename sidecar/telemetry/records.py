@@ -98,16 +98,18 @@ class SpanRecord:
     def traceparent(self) -> bytes:
         """The W3C header an upstream gets to continue this span's trace, as the raw field's
         value: hex digits and dashes only."""
-        # The ids' hex mostly comes from Ids (made 32 at a time), and one join: far fewer
-        # instructions than format specs, str concatenation and an encode (it runs on
-        # every call, sampled or not).
+        # The ids' hex mostly comes from Ids (made 32 at a time), and bytes formatting:
+        # one allocation and copies (mypyc), fewer instructions than a join (the buffer
+        # protocol for each part), format specs, str concatenation or an encode.
         trace_hex = self.trace_hex
         if not trace_hex:
             trace_hex = self.trace_hex = _hexlify(self.trace_id.to_bytes(16, "big"))
         span_hex = self.span_hex
         if not span_hex:
             span_hex = self.span_hex = _hexlify(self.span_id.to_bytes(8, "big"))
-        return b"-".join([b"00", trace_hex, span_hex, b"01" if self.sampled else b"00"])
+        if self.sampled:
+            return b"00-%s-%s-01" % (trace_hex, span_hex)
+        return b"00-%s-%s-00" % (trace_hex, span_hex)
 
     def trace_text(self) -> str:
         """The trace id in hex, as the access log and the console show it."""
@@ -127,6 +129,8 @@ class SpanRecord:
 
 # Ids drawn at once: 32 x 24 random bytes, 1.5 KiB, and their hex.
 _POOL: Final = 32
+# Eight zero bytes anywhere in a pool: it might hold an all-zero (invalid) id.
+_ZERO8: Final = bytes(8)
 
 
 class Ids:
@@ -135,24 +139,28 @@ class Ids:
     call, random.getrandbits (the SDK's RandomIdGenerator), its int and the int's hex
     cost more than the whole of a dropped span; and getrandbits of the whole pool
     would build, then take apart, a 6,144-bit int (W3C trace context asks for random
-    ids; the kernel's are)."""
+    ids; the kernel's are). Neither id of a draw is all zeros (invalid in W3C trace
+    context): a pool that could hold one is drawn again, so no call checks."""
 
     __slots__ = ("at", "hex", "raw")
 
     def __init__(self) -> None:
         self.raw = b""
         self.hex = b""
-        self.at = 0
+        self.at = _POOL
 
     def draw(self) -> int:
-        """The offset of 24 fresh bytes in `raw` (their hex at twice it in `hex`): the
-        trace id's 16, then the span id's 8."""
+        """The index `i` of a fresh draw: its 24 bytes at 24 * i in `raw` (the trace
+        id's 16, then the span id's 8), their hex at 48 * i in `hex`."""
         at = self.at
-        if at >= len(self.raw):
-            self.raw = _urandom(_POOL * 24)
-            self.hex = _hexlify(self.raw)
+        if at >= _POOL:
+            raw = _urandom(_POOL * 24)
+            while _ZERO8 in raw:  # about once in 2**54 pools
+                raw = _urandom(_POOL * 24)
+            self.raw = raw
+            self.hex = _hexlify(raw)
             at = 0
-        self.at = at + 24
+        self.at = at + 1
         return at
 
 

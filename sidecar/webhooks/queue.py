@@ -109,6 +109,11 @@ class Attempt:
     def ok(self) -> bool:
         return self.status_code is not None and 200 <= self.status_code < 300
 
+    @property
+    def failure(self) -> str | None:
+        """What a failed attempt leaves as its delivery's last error (None: it succeeded)."""
+        return None if self.ok else (self.error or f"HTTP {self.status_code}")
+
 
 @dataclass(frozen=True, slots=True)
 class EndpointStats:

@@ -690,7 +690,7 @@ class RedisStore:
     ) -> None:
         entry_id = self._inflight.pop(due.delivery_id, "0-0")
         self._endpoints.pop(due.delivery_id, None)
-        error = None if attempt.ok else (attempt.error or f"HTTP {attempt.status_code}")
+        error = attempt.failure
         record = json.dumps(
             {
                 "at": attempt.at,

@@ -569,7 +569,7 @@ class SqliteStore:
                 attempt,
                 status.value,
                 when,
-                None if attempt.ok else (attempt.error or f"HTTP {attempt.status_code}"),
+                attempt.failure,
                 outcome is Outcome.gone,
                 self._prune_before(attempt.at),
             )

@@ -313,6 +313,11 @@ async def _create_group(redis: Redis, prefix: str) -> None:
             raise
 
 
+def _unavailable(error: BaseException) -> StoreUnavailable:
+    # The error's class only: a connection error's text may name the URL.
+    return StoreUnavailable(f"redis: {type(error).__name__}")
+
+
 def _consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
@@ -392,8 +397,7 @@ class _Pipelined:
             if future.done():
                 continue
             if isinstance(result, BaseException):
-                # The error's class only: a connection error's text may name the URL.
-                future.set_exception(StoreUnavailable(f"redis: {type(result).__name__}"))
+                future.set_exception(_unavailable(result))
             else:
                 future.set_result(result)
 
@@ -500,8 +504,7 @@ class RedisStore:
         try:
             return await script(args=[self._prefix, *args])
         except RedisError as exc:
-            # The error's class only: a connection error's text may name the URL.
-            raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
+            raise _unavailable(exc) from None
 
     async def accept(
         self,
@@ -634,9 +637,9 @@ class RedisStore:
                 log.warning("webhook queue: the Redis stream was gone; created it again")
                 with contextlib.suppress(RedisError):
                     await _create_group(self._redis, self._prefix)
-            raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
+            raise _unavailable(exc) from None
         except RedisError as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
+            raise _unavailable(exc) from None
         return entries
 
     async def _take_all(self, entries: list[tuple[str, int]]) -> list[Due | None]:
@@ -651,7 +654,7 @@ class RedisStore:
                     await self._take(args=[self._prefix, entry_id, delivery_id, GROUP], client=pipe)
                 rows = await pipe.execute()
         except RedisError as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
+            raise _unavailable(exc) from None
         return [_due(d, row) for (_, d), row in zip(entries, rows, strict=True)]
 
     async def _touch(self, now: float) -> None:
@@ -672,7 +675,7 @@ class RedisStore:
                 justid=True,
             )
         except RedisError as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
+            raise _unavailable(exc) from None
 
     async def next_due(self) -> float | None:
         self._check()
@@ -680,7 +683,7 @@ class RedisStore:
         try:
             first = await self._redis.zrange(f"{self._prefix}:delayed", 0, 0, withscores=True)
         except RedisError as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
+            raise _unavailable(exc) from None
         # Other replicas add to the stream too, and entries in flight need touching.
         poll = now + min(POLL, self.claim_idle / 3)
         return min(float(first[0][1]), poll) if first else poll
@@ -765,7 +768,7 @@ class RedisStore:
                 )
             results = await pipe.execute()
         except RedisError as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
+            raise _unavailable(exc) from None
         return [(key, results[4 * i : 4 * i + 4]) for i, key in enumerate(keys)]
 
     async def depths(self) -> list[QueueDepth]:
@@ -800,7 +803,7 @@ class RedisStore:
         try:
             unrouted = await self._redis.hgetall(f"{self._prefix}:unrouted")
         except RedisError as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
+            raise _unavailable(exc) from None
         return Overview(stats, {_text(k): int(v) for k, v in unrouted.items()})
 
     async def dead_letters(self, limit: int = 50) -> list[DeadLetter] | None:
@@ -820,7 +823,7 @@ class RedisStore:
                 pipe.lrange(f"{p}:d:{delivery_id}:a", 0, -1)
             results = await pipe.execute()
         except RedisError as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
+            raise _unavailable(exc) from None
         deliveries = []
         for i in range(len(ids)):
             d = {_text(k): _text(v) for k, v in results[2 * i].items()}
@@ -866,7 +869,7 @@ class RedisStore:
                     pipe.hmget(f"{p}:msg:{mid}", "event_type", "headers", "body", "created")
                 messages = await pipe.execute()
         except RedisError as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
+            raise _unavailable(exc) from None
         out = []
         for delivery_id, mid, m in zip(ids, mids, messages, strict=False):
             if m[2] is None:

@@ -238,8 +238,10 @@ class Call:
         if raw is None:
             return self.headers.get(name)
         wanted = name.lower().encode("latin-1")
+        size = len(wanted)
+        # By length first: most fields differ in it, and need no lowercase copy.
         for field, value in raw:
-            if field.lower() == wanted:
+            if len(field) == size and field.lower() == wanted:
                 return value.decode("latin-1")
         return None
 

@@ -26,6 +26,11 @@ HOP_BY_HOP: Final = frozenset(
 )
 
 
+# The idempotent methods (RFC 9110 9.2.2): a call that may be sent again (a retry, a
+# replay on a fresh connection), and whose empty body goes without Content-Length: 0.
+IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+
 # The Server header of the sidecar's own answers: no runtime or library version
 # for a probe to match against known flaws. Relayed answers keep the upstream's.
 SERVER: Final = "agent-sidecar"

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from http import HTTPStatus
 from typing import Final, Protocol
 
-from ..core.headers import HOP_BY_HOP, FieldNames, unsafe_field
+from ..core.headers import HOP_BY_HOP, IDEMPOTENT, FieldNames, unsafe_field
 
 __all__ = [
     "CHUNKED",
@@ -105,9 +105,6 @@ def content_length(value: bytes) -> int | None:
 NO_BODY: Final = -1  # none, whatever the fields say (a HEAD's answer, 1xx, 204, 304)
 CHUNKED: Final = -2
 UNTIL_CLOSE: Final = -3  # an answer with neither field: it ends with its connection
-
-# Calls whose empty body goes without a Content-Length: 0 (what clients send).
-IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 
 class FramingError(ValueError):

@@ -75,18 +75,6 @@ def _take_whole(call: Call) -> bool:
     return True
 
 
-def _content_type(call: Call) -> str | None:
-    """call.header("Content-Type"), lowering only the fields of its length: the one
-    header every validated body needs, where the agent's fields are still bytes."""
-    raw = call.raw_headers
-    if raw is None:
-        return call.header("Content-Type")
-    for field, value in raw:
-        if len(field) == 12 and field.lower() == b"content-type":
-            return value.decode("latin-1")
-    return None
-
-
 class OpenAPICheck:
     def __init__(
         self,
@@ -135,7 +123,7 @@ class OpenAPICheck:
                 path_params=found.path_params if found else {},
                 query=query,
                 headers=_Fields(call),
-                content_type=_content_type(call) if operation.body is not None else None,
+                content_type=call.header("Content-Type") if operation.body is not None else None,
                 body=body,
                 check_body=not unreadable,
                 injected=self.injected,

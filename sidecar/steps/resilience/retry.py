@@ -26,17 +26,15 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any
 
 from ...core.call import Call, Handler, Reply, make_replayable
-from ...core.headers import retry_after_seconds
+from ...core.headers import IDEMPOTENT, retry_after_seconds
 from ...core.problems import ProblemError
 from ...core.state import StateBuild
 from ...policy.loader import ServicePolicy
 from ...policy.models import Retry as RetryConfig
 from .outcomes import Outcomes
-
-IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 
 class Retry:

@@ -34,7 +34,7 @@ from sidecar.telemetry.records import (
     _attribute,
 )
 from sidecar.telemetry.tracing import Sampling, resource
-from tests.conftest import echo_app
+from tests.conftest import RunningSidecar, StartSidecar, echo_app
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -161,6 +161,16 @@ def _collector(requests: list[ExportTraceServiceRequest]) -> web.Application:
     return app
 
 
+def _exported(requests: list[ExportTraceServiceRequest]) -> list[Span]:
+    return [s for req in requests for rs in req.resource_spans for ss in rs.scope_spans
+            for s in ss.spans]  # fmt: skip
+
+
+async def _serve(start_sidecar: StartSidecar, api: str, env: dict[str, str]) -> RunningSidecar:
+    """The sidecar in front of `api` (service `api`), OTEL_* set as `env` says."""
+    return await start_sidecar(f"version: 1\nservices:\n  api: {{upstream: '{api}'}}\n", env=env)
+
+
 def _attributes(span: Span) -> dict[str, Any]:
     return {kv.key: getattr(kv.value, kv.value.WhichOneof("value")) for kv in span.attributes}
 
@@ -252,8 +262,7 @@ async def test_a_failed_call_exports_error_status_on_both_spans(
     async with client.post(f"{sc.url}/down/x", data=b"{}") as r:
         assert r.status == 502
     assert await asyncio.to_thread(sc.sidecar.telemetry.force_flush)
-    spans = {s.kind: s for req in requests for rs in req.resource_spans
-             for ss in rs.scope_spans for s in ss.spans}  # fmt: skip
+    spans = {s.kind: s for s in _exported(requests)}
     server, attempt = spans[Span.SPAN_KIND_SERVER], spans[Span.SPAN_KIND_CLIENT]
     assert (server.name, server.status.code, server.flags) == ("POST /down", 2, 0x100)
     assert not server.parent_span_id
@@ -275,15 +284,14 @@ async def test_a_trace_the_sampler_drops_is_continued_and_not_exported(
         "OTEL_TRACES_SAMPLER": "traceidratio",
         "OTEL_TRACES_SAMPLER_ARG": "0",
     }
-    sc = await start_sidecar(f"version: 1\nservices:\n  api: {{upstream: '{api}'}}\n", env=env)
+    sc = await _serve(start_sidecar, api, env)
     async with client.get(f"{sc.url}/api/x") as r:
         sent = (await r.json())["headers"]["traceparent"]
     assert await asyncio.to_thread(sc.sidecar.telemetry.force_flush)
     version, trace_id, span_id, flags = sent.split("-")
     assert (version, flags) == ("00", "00")
     assert int(trace_id, 16) and int(span_id, 16)
-    assert not [s for req in requests for rs in req.resource_spans for ss in rs.scope_spans
-                for s in ss.spans]  # fmt: skip
+    assert not _exported(requests)
 
 
 def test_tracing_off_makes_no_span_exporter() -> None:
@@ -317,7 +325,7 @@ async def test_export_sends_the_configured_headers_gzip_and_retries_a_503(
         "OTEL_EXPORTER_OTLP_HEADERS": "x-api-key=k1%20k2,x-team=agents",
         "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip",
     }
-    sc = await start_sidecar(f"version: 1\nservices:\n  api: {{upstream: '{api}'}}\n", env=env)
+    sc = await _serve(start_sidecar, api, env)
     for path in ("a", "b"):
         async with client.get(f"{sc.url}/api/{path}") as r:
             assert r.status == 200
@@ -327,7 +335,7 @@ async def test_export_sends_the_configured_headers_gzip_and_retries_a_503(
     for headers, message in received:
         assert headers["x-api-key"] == "k1 k2" and headers["x-team"] == "agents"
         assert headers["Content-Type"] == "application/x-protobuf"
-        spans = [s for rs in message.resource_spans for ss in rs.scope_spans for s in ss.spans]
+        spans = _exported([message])
         assert sorted(s.kind for s in spans) == [Span.SPAN_KIND_SERVER, Span.SPAN_KIND_CLIENT]
     paths = [
         kv.value.string_value
@@ -359,14 +367,13 @@ async def test_a_full_queue_drops_spans_and_says_so(upstream, start_sidecar, cli
         "OTEL_METRICS_EXPORTER": "none",
         "OTEL_BSP_MAX_QUEUE_SIZE": "3",
     }
-    sc = await start_sidecar(f"version: 1\nservices:\n  api: {{upstream: '{api}'}}\n", env=env)
+    sc = await _serve(start_sidecar, api, env)
     with caplog.at_level("WARNING", logger="sidecar.telemetry"):
         for n in range(5):  # 10 spans for a queue of 3 and a collector that takes 2 s
             async with client.get(f"{sc.url}/api/{n}") as r:
                 assert r.status == 200
         assert await asyncio.to_thread(sc.sidecar.telemetry.force_flush)
-    spans = [s for req in requests for rs in req.resource_spans for ss in rs.scope_spans
-             for s in ss.spans]  # fmt: skip
+    spans = _exported(requests)
     dropped = sc.sidecar.telemetry.spans.dropped
     # At most 3 in flight and 3 queued: the rest were dropped, each counted.
     assert len(spans) + dropped == 10
@@ -445,7 +452,7 @@ async def test_an_unsampled_parent_is_continued_with_the_sampled_flag_off(
     seen: list[list[str]] = []
     api = await upstream(_traceparents(seen))
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector}
-    sc = await start_sidecar(f"version: 1\nservices:\n  api: {{upstream: '{api}'}}\n", env=env)
+    sc = await _serve(start_sidecar, api, env)
     headers = {
         "traceparent": f"00-{TRACE_ID}-{PARENT_ID}-00",
         "tracestate": "vendor=x1",
@@ -459,8 +466,7 @@ async def test_an_unsampled_parent_is_continued_with_the_sampled_flag_off(
     assert (version, trace_id, flags) == ("00", TRACE_ID, "00")
     assert len(span_id) == 16 and int(span_id, 16) and span_id != PARENT_ID
     assert state == ["vendor=x1"]
-    assert not [s for req in requests for rs in req.resource_spans for ss in rs.scope_spans
-                for s in ss.spans]  # fmt: skip
+    assert not _exported(requests)
 
 
 @pytest.mark.parametrize("sampler", ["always_on", "always_off"])
@@ -483,8 +489,7 @@ async def test_the_traceparent_replaces_the_agents_after_a_step_decoded_the_fiel
     assert await asyncio.to_thread(sc.sidecar.telemetry.force_flush)
     [parent], _ = seen
     _, trace_id, span_id, flags = parent.split("-")
-    spans = {s.kind: s for req in requests for rs in req.resource_spans
-             for ss in rs.scope_spans for s in ss.spans}  # fmt: skip
+    spans = {s.kind: s for s in _exported(requests)}
     if sampler == "always_on":
         # Parent-based on a sampled parent is the default; always_on samples anyway.
         assert (trace_id, flags) == (TRACE_ID, "01")
@@ -512,7 +517,7 @@ async def test_new_traces_sampled_by_ratio_are_continued_exported_and_logged_by_
         "OTEL_TRACES_SAMPLER_ARG": "0.5",
         "SIDECAR_ACCESS_LOG": "1",
     }
-    sc = await start_sidecar(f"version: 1\nservices:\n  api: {{upstream: '{api}'}}\n", env=env)
+    sc = await _serve(start_sidecar, api, env)
     with caplog.at_level("INFO", logger="sidecar.access"):
         for _ in range(40):
             async with client.get(f"{sc.url}/api/x") as r:
@@ -524,8 +529,7 @@ async def test_new_traces_sampled_by_ratio_are_continued_exported_and_logged_by_
               if r.name == "sidecar.access"]  # fmt: skip
     assert [trace_id for _, trace_id, _, _ in parents] == logged
     assert len(set(logged)) == 40
-    spans = [s for req in requests for rs in req.resource_spans for ss in rs.scope_spans
-             for s in ss.spans]  # fmt: skip
+    spans = _exported(requests)
     clients = {s.trace_id.hex(): s for s in spans if s.kind == Span.SPAN_KIND_CLIENT}
     servers = {s.trace_id.hex(): s for s in spans if s.kind == Span.SPAN_KIND_SERVER}
     for version, trace_id, span_id, flags in parents:

@@ -6,7 +6,7 @@ failure) in the next."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -25,9 +25,9 @@ class _Script:
         self.served = 0
         self.connections = 0
 
-    async def start(self) -> str:
+    async def start(self) -> None:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -47,10 +47,21 @@ class _Script:
         writer.close()
 
 
+Scripted = Callable[[list[bytes]], Awaitable[_Script]]
+
+
 @pytest.fixture
-async def script() -> AsyncIterator[list[_Script]]:
+async def script() -> AsyncIterator[Scripted]:
+    """`await script(answers)`: a started _Script, its address in .url."""
     started: list[_Script] = []
-    yield started
+
+    async def start(answers: list[bytes]) -> _Script:
+        one = _Script(answers)
+        await one.start()
+        started.append(one)
+        return one
+
+    yield start
     for one in started:
         one.server.close()
 
@@ -60,9 +71,9 @@ async def _body(reply_body: AsyncIterator[bytes]) -> bytes:
 
 
 async def test_a_chunked_answer_then_a_content_length_one_on_one_connection(
-    script: list[_Script],
+    script: Scripted,
 ) -> None:
-    upstream = _Script(
+    upstream = await script(
         [
             b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\nConnection: X-Hop\r\n"
             b"Location: /a\r\nX-First: 1\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
@@ -72,8 +83,7 @@ async def test_a_chunked_answer_then_a_content_length_one_on_one_connection(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nz\r\n0\r\n\r\n",
         ]
     )
-    script.append(upstream)
-    pool = Pool(await upstream.start())
+    pool = Pool(upstream.url)
     async with asyncio.timeout(10):
         first = await pool.request("GET", "/1", [])
         assert (first.status, first.reason, first.content_length) == (201, "Created", None)
@@ -103,17 +113,16 @@ async def test_a_chunked_answer_then_a_content_length_one_on_one_connection(
 
 
 async def test_an_answer_after_an_interim_one_carries_none_of_its_fields(
-    script: list[_Script],
+    script: Scripted,
 ) -> None:
-    upstream = _Script(
+    upstream = await script(
         [
             b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\nContent-Location: /x\r\n"
             b"Connection: X-Interim\r\n\r\n"
             b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nk"
         ]
     )
-    script.append(upstream)
-    pool = Pool(await upstream.start())
+    pool = Pool(upstream.url)
     async with asyncio.timeout(10):
         reply = await pool.request("GET", "/", [])
         assert (reply.status, reply.reason, reply.content_length) == (200, "OK", 1)
@@ -125,9 +134,9 @@ async def test_an_answer_after_an_interim_one_carries_none_of_its_fields(
 
 
 async def test_a_call_whose_answer_cannot_be_framed_fails_and_the_next_one_is_whole(
-    script: list[_Script],
+    script: Scripted,
 ) -> None:
-    upstream = _Script(
+    upstream = await script(
         [
             b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
             # Relayed, the body would go on still gzipped with the coding dropped.
@@ -136,8 +145,7 @@ async def test_a_call_whose_answer_cannot_be_framed_fails_and_the_next_one_is_wh
             b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngood",
         ]
     )
-    script.append(upstream)
-    pool = Pool(await upstream.start())
+    pool = Pool(upstream.url)
     async with asyncio.timeout(10):
         reply = await pool.request("GET", "/1", [])
         assert reply.data == b"ok"
@@ -163,18 +171,17 @@ def _policy(url: str) -> str:
 
 
 async def test_through_the_sidecar_a_chunked_then_a_sized_answer_reach_the_agent_whole(
-    script: list[_Script], start_sidecar
+    script: Scripted, start_sidecar
 ) -> None:
     """The same two answers on one upstream connection, through the sidecar, on one
     kept-alive agent connection: each is written with its own framing."""
-    upstream = _Script(
+    upstream = await script(
         [
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
         ]
     )
-    script.append(upstream)
-    sc = await start_sidecar(_policy(await upstream.start()))
+    sc = await start_sidecar(_policy(upstream.url))
     reader, writer = await asyncio.open_connection(*_address(sc.url))
     try:
         async with asyncio.timeout(10):
@@ -193,16 +200,15 @@ async def test_through_the_sidecar_a_chunked_then_a_sized_answer_reach_the_agent
 
 
 async def test_through_the_sidecar_an_unframeable_answer_is_502_and_the_next_call_is_whole(
-    script: list[_Script], start_sidecar
+    script: Scripted, start_sidecar
 ) -> None:
-    upstream = _Script(
+    upstream = await script(
         [
             b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
             b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
         ]
     )
-    script.append(upstream)
-    sc = await start_sidecar(_policy(await upstream.start()))
+    sc = await start_sidecar(_policy(upstream.url))
     address = _address(sc.url)
     close = b"Host: x\r\nConnection: close\r\n\r\n"
     answer = await exchange(address, b"GET /s/1 HTTP/1.1\r\n" + close)
@@ -253,20 +259,19 @@ async def test_each_request_on_a_kept_alive_agent_connection_is_read_afresh() ->
 
 
 async def test_an_http_1_0_chunked_answer_is_not_followed_on_its_connection(
-    script: list[_Script],
+    script: Scripted,
 ) -> None:
     """RFC 9112 6.1: an HTTP/1.0 answer with Transfer-Encoding has faulty framing, even
     when it asks to be kept alive: it is read, and its connection carries no other call
     (a hop that read it as 1.0 would split what follows differently)."""
-    upstream = _Script(
+    upstream = await script(
         [
             b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
             b"2\r\nok\r\n0\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext",
         ]
     )
-    script.append(upstream)
-    pool = Pool(await upstream.start())
+    pool = Pool(upstream.url)
     async with asyncio.timeout(10):
         first = await pool.request("GET", "/1", [])
         assert await _body(first.body) == b"ok"

@@ -15,7 +15,8 @@ import pytest
 from sidecar.core.call import Call
 from sidecar.openapi.document import Document
 from sidecar.openapi.spec import MEDIA_CACHE_SIZE, Spec, Violation, _parse, _use_orjson
-from tests.conftest import StartSidecar, echo_app
+from tests.conftest import StartSidecar
+from tests.openapi.conftest import enforcing
 
 DOCUMENT: dict[str, Any] = {
     "openapi": "3.1.0",
@@ -46,24 +47,6 @@ DOCUMENT: dict[str, Any] = {
         }
     },
 }
-
-
-async def _start(start_sidecar: StartSidecar, upstream: Any) -> str:
-    api = await upstream(echo_app())
-    sc = await start_sidecar(
-        {
-            "policy.yaml": f"""
-                version: 1
-                services:
-                  api:
-                    upstream: {api}
-                    openapi: openapi.json
-                    validate: {{requests: enforce}}
-                """,
-            "openapi.json": json.dumps(DOCUMENT),
-        }
-    )
-    return sc.url
 
 
 async def post(
@@ -115,7 +98,7 @@ BODIES = [
 async def test_a_body_still_arriving_is_validated_as_one_that_came_with_its_head(
     start_sidecar: StartSidecar, upstream: Any, body: bytes, status: int, errors: Any
 ) -> None:
-    url = await _start(start_sidecar, upstream)
+    url = await enforcing(start_sidecar, upstream, DOCUMENT)
     whole = await post(url, body)
     late = await post(url, body, late=True)
     assert whole == late
@@ -160,7 +143,7 @@ CONTENT_TYPES = [
 async def test_each_content_type_is_decided_the_same_every_time(
     start_sidecar: StartSidecar, upstream: Any
 ) -> None:
-    url = await _start(start_sidecar, upstream)
+    url = await enforcing(start_sidecar, upstream, DOCUMENT)
     for _ in range(2):  # the second round from what was kept of the first
         for content_type, body, status, message in CONTENT_TYPES:
             got, answer = await post(url, body, content_type=content_type)

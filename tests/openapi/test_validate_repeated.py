@@ -12,7 +12,8 @@ import pytest
 
 from sidecar.openapi.document import Document
 from sidecar.openapi.spec import MATCH_CACHE_SIZE, Spec, _parse
-from tests.conftest import StartSidecar, echo_app
+from tests.conftest import StartSidecar
+from tests.openapi.conftest import enforcing
 
 DOCUMENT: dict[str, Any] = {
     "openapi": "3.1.0",
@@ -80,20 +81,7 @@ def test_a_match_is_the_same_the_second_time_and_after_the_cache_is_full() -> No
 async def test_header_parameters_and_content_type_as_the_agent_wrote_them(
     start_sidecar: StartSidecar, upstream: Any, client: aiohttp.ClientSession, tmp_path: Any
 ) -> None:
-    api = await upstream(echo_app())
-    sc = await start_sidecar(
-        {
-            "policy.yaml": f"""
-                version: 1
-                services:
-                  api:
-                    upstream: {api}
-                    openapi: openapi.json
-                    validate: {{requests: enforce}}
-                """,
-            "openapi.json": json.dumps(DOCUMENT),
-        }
-    )
+    url = await enforcing(start_sidecar, upstream, DOCUMENT)
     good = json.dumps({"name": "x"}).encode()
     cases = [
         # (headers, body, status, errors)
@@ -106,7 +94,7 @@ async def test_header_parameters_and_content_type_as_the_agent_wrote_them(
     seen = []
     for _ in range(2):  # the second round from the kept matches
         for headers, body, status in cases:
-            async with client.post(f"{sc.url}/api/items/7", data=body, headers=headers) as r:
+            async with client.post(f"{url}/api/items/7", data=body, headers=headers) as r:
                 assert r.status == status
                 answer = json.loads(await r.read())
             seen.append(answer.get("errors"))

@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -43,18 +44,19 @@ def _answer(path: bytes, base: bytes) -> bytes:
     return b"HTTP/1.1 200 OK\r\n" + b"\r\n".join(fields) + b"\r\n\r\n" + BODY
 
 
-@pytest.fixture
-async def raw_upstream() -> AsyncIterator[tuple[str, list[bytes]]]:
-    """An upstream writing its head byte for byte; the request lines it got."""
+@asynccontextmanager
+async def _upstream(
+    answer: Callable[[bytes, int, bytes], bytes],
+) -> AsyncIterator[tuple[str, list[bytes]]]:
+    """An upstream writing answer(head, calls so far, its base) byte for byte; the
+    request lines it got."""
     seen: list[bytes] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while head := await reader.readuntil(b"\r\n\r\n"):
-                line = head.split(b"\r\n", 1)[0]
-                seen.append(line)
-                path = line.split(b" ")[1]
-                writer.write(_answer(path, base.encode()))
+                seen.append(head.split(b"\r\n", 1)[0])
+                writer.write(answer(head, len(seen), base.encode()))
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -67,6 +69,13 @@ async def raw_upstream() -> AsyncIterator[tuple[str, list[bytes]]]:
     yield base, seen
     server.close()
     await server.wait_closed()
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[tuple[str, list[bytes]]]:
+    """An upstream writing its head byte for byte; the request lines it got."""
+    async with _upstream(lambda head, _, base: _answer(head.split(b" ", 2)[1], base)) as up:
+        yield up
 
 
 def _fields(raw: Any) -> list[tuple[bytes, bytes]]:
@@ -220,38 +229,29 @@ async def test_a_stored_field_that_cannot_go_out_as_bytes_is_served_as_before() 
     assert hit.content_length == 4
 
 
+def _revalidated(head: bytes, not_modified: bytes, fresh: bytes) -> bytes:
+    # The 200 must be revalidated before each use; a conditional call gets the 304.
+    if b'if-none-match: "v1"' in head.lower():
+        return (
+            b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nCache-Control: max-age=60\r\n'
+            + not_modified
+            + b"\r\n"
+        )
+    return (
+        b'HTTP/1.1 200 OK\r\nETag: "v1"\r\nCache-Control: max-age=0\r\n%b'
+        b"Content-Length: %d\r\n\r\n%b" % (fresh, len(BODY), BODY)
+    )
+
+
 @pytest.fixture
 async def revalidating_upstream() -> AsyncIterator[tuple[str, list[bytes]]]:
     """An upstream whose answer must be revalidated before each use, and whose 304
     names a field of its own in its Connection (RFC 9110 7.6.1: not for the agent)."""
-    seen: list[bytes] = []
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while head := await reader.readuntil(b"\r\n\r\n"):
-                seen.append(head.split(b"\r\n", 1)[0])
-                if b'if-none-match: "v1"' in head.lower():
-                    writer.write(
-                        b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\n'
-                        b"Cache-Control: max-age=60\r\nConnection: X-Hop304\r\n"
-                        b"X-Hop304: internal-routing-token\r\nX-Version: 2\r\n\r\n"
-                    )
-                else:
-                    writer.write(
-                        b'HTTP/1.1 200 OK\r\nETag: "v1"\r\nCache-Control: max-age=0\r\n'
-                        b"X-Version: 1\r\nContent-Length: %d\r\n\r\n%b" % (len(BODY), BODY)
-                    )
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}", seen
-    server.close()
-    await server.wait_closed()
+    not_modified = b"Connection: X-Hop304\r\nX-Hop304: internal-routing-token\r\nX-Version: 2\r\n"
+    async with _upstream(
+        lambda head, _, __: _revalidated(head, not_modified, b"X-Version: 1\r\n")
+    ) as up:
+        yield up
 
 
 async def test_a_field_the_304s_connection_names_never_reaches_the_agent(
@@ -280,34 +280,10 @@ async def test_a_field_the_304s_connection_names_never_reaches_the_agent(
 async def cookie_304_upstream() -> AsyncIterator[tuple[str, list[bytes]]]:
     """An upstream whose answer must be revalidated before each use, and whose 304 sets
     a cookie of its own for whoever revalidated it (session=N-..., N the call's number)."""
-    seen: list[bytes] = []
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while head := await reader.readuntil(b"\r\n\r\n"):
-                seen.append(head.split(b"\r\n", 1)[0])
-                if b'if-none-match: "v1"' in head.lower():
-                    writer.write(
-                        b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\n'
-                        b"Cache-Control: max-age=60\r\n"
-                        b"Set-Cookie: session=%d-%b\r\n\r\n" % (len(seen), SECRET.encode())
-                    )
-                else:
-                    writer.write(
-                        b'HTTP/1.1 200 OK\r\nETag: "v1"\r\nCache-Control: max-age=0\r\n'
-                        b"Content-Length: %d\r\n\r\n%b" % (len(BODY), BODY)
-                    )
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}", seen
-    server.close()
-    await server.wait_closed()
+    cookie = b"Set-Cookie: session=%d-%b\r\n"
+    secret = SECRET.encode()
+    async with _upstream(lambda head, n, _: _revalidated(head, cookie % (n, secret), b"")) as up:
+        yield up
 
 
 async def test_a_cookie_a_304_sets_is_never_stored_for_the_next_agent(

@@ -38,9 +38,13 @@ class Document:
         return str(info.get("title", "")) if isinstance(info, dict) else ""
 
 
+def digest_of(text: bytes) -> str:
+    return hashlib.sha256(text).hexdigest()[:16]
+
+
 def parse(text: bytes, *, source: str) -> Document:
     """A document from JSON or YAML text (JSON is YAML, but json.loads is much faster)."""
-    digest = hashlib.sha256(text).hexdigest()[:16]
+    digest = digest_of(text)
     data: Any
     try:
         stripped = text.lstrip()

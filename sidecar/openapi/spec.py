@@ -402,6 +402,13 @@ class Spec:
         self._matches: dict[tuple[str, str], Match | None] = {}
         self.count = len(entries)
 
+    def __reduce__(self) -> tuple[Any, tuple[Document, str]]:
+        # Its validators are compiled code that does not pickle: a Spec travels as its
+        # parsed document and is compiled again where it lands.
+        from . import compiled
+
+        return compiled, (self.document, self.source)
+
     def match(self, method: str, path: str) -> Match | None:
         """The operation a call makes; `path` is percent-encoded, without the query.
 

@@ -111,7 +111,9 @@ class Model(BaseModel):
     validation would hide them); the loader adds the did-you-mean.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    # defer_build: a model's validator is built when it first validates, which only the
+    # process loading a policy does (`sidecar run` loads in a child: policy/child.py).
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, defer_build=True)
 
 
 def _header_name(value: str) -> str:

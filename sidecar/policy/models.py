@@ -613,7 +613,9 @@ class PolicyFile(Model):
     )
 
 
-# At the end: each feature's models, which Agents, Service and PolicyFile name.
+# At the end: each feature's models, which Agents, Service and PolicyFile name. Their
+# names resolve when a model first validates (defer_build, policy/base.py): no
+# model_rebuild here, which would build every validator in every process.
 from .access import AgentKeys, AllowRule, CredentialHeader, JwtVerify, Method  # noqa: E402
 from .alerts import Admin, Alerts  # noqa: E402
 from .budget import Budget, Prices  # noqa: E402
@@ -629,7 +631,3 @@ from .testing import Cassettes, Faults, MockAnswer, Mode  # noqa: E402
 from .translate import Translate  # noqa: E402
 from .upstream_limits import UpstreamLimits  # noqa: E402
 from .webhooks import Webhooks  # noqa: E402
-
-Agents.model_rebuild()
-Service.model_rebuild()
-PolicyFile.model_rebuild()

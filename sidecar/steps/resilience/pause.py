@@ -159,7 +159,8 @@ def shared(service: ServicePolicy, *, state: StateBuild, clock: Clock) -> Pause:
     retry_after = tuple(limits.retry_after)
     quota = tuple((q.remaining, q.reset) for q in limits.quota)
     # The default limits keep the key a running pause was stored under before they existed.
-    default = limits == UpstreamLimits()
+    # model_construct: the defaults without building the model's validator here.
+    default = limits == UpstreamLimits.model_construct()
     key = (
         service.spec.upstream
         if default

@@ -445,6 +445,7 @@ def _cassette_override(args: argparse.Namespace) -> CassetteOverride | None:
 
 async def _run(args: argparse.Namespace) -> int:
     from .app import compose
+    from .policy.child import load_in_child
     from .runtime import Sidecar
     from .telemetry import Telemetry, access
 
@@ -458,6 +459,7 @@ async def _run(args: argparse.Namespace) -> int:
             mode=args.mode,
             cassettes=_cassette_override(args),
             listeners=(args.listen, args.admin, args.ingress),
+            load=load_in_child,
         )
     )
     try:

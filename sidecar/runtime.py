@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -41,6 +41,35 @@ if TYPE_CHECKING:
     from .webhooks.delivery import DeliverySettings, SettingsKey
 
 log = logging.getLogger("sidecar")
+
+
+class PolicyLoad(Protocol):
+    """load_policy's signature, awaited: in a worker thread, or in a child process."""
+
+    def __call__(
+        self,
+        directory: str,
+        *,
+        env: Mapping[str, str] | None,
+        mode: str | None,
+        cassettes: CassetteOverride | None,
+        listeners: tuple[tuple[str, int], ...],
+    ) -> Awaitable[Policy]: ...
+
+
+async def _load_in_thread(
+    directory: str,
+    *,
+    env: Mapping[str, str] | None,
+    mode: str | None,
+    cassettes: CassetteOverride | None,
+    listeners: tuple[tuple[str, int], ...],
+) -> Policy:
+    # File reads happen in a worker thread: the loop keeps serving meanwhile.
+    return await asyncio.to_thread(
+        load_policy, directory, env=env, mode=mode, cassettes=cassettes, listeners=listeners
+    )
+
 
 # Default --data-dir: durable state (the webhook queue, budgets), relative to the working
 # directory.
@@ -108,8 +137,12 @@ class Sidecar:
         mode: str | None = None,
         cassettes: CassetteOverride | None = None,
         listeners: Iterable[tuple[str, int]] = (),
+        load: PolicyLoad | None = None,
     ) -> None:
         self.policies = policies
+        # How a policy is loaded: in a worker thread of this process unless told
+        # otherwise (`sidecar run` loads in a child: policy/child.py).
+        self._load = load or _load_in_thread
         # The sidecar's own listeners (egress, admin, ingress), the bound ones once
         # serving: no webhook is delivered to one of them. Port 0: not known yet.
         self.listeners: tuple[tuple[str, int], ...] = tuple(a for a in listeners if a[1])
@@ -196,9 +229,7 @@ class Sidecar:
             return ReloadResult(ok=False, trigger=trigger, at=now, version=version, errors=errors)
 
         try:
-            # File reads happen in a worker thread: the loop keeps serving meanwhile.
-            policy = await asyncio.to_thread(
-                load_policy,
+            policy = await self._load(
                 self.policies,
                 env=self.env,
                 mode=self.mode,

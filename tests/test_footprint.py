@@ -32,6 +32,8 @@ ONLY_WHEN_USED = (
     "logging.handlers",
     # The did-you-mean of a policy error.
     "difflib",
+    # pydantic's plugin lookup, made when a validator is built: the loading child's.
+    "importlib.metadata",
     # Cloud credentials (steps/credentials/): only policies with those auth kinds.
     "google.auth",
     "configparser",
@@ -65,17 +67,31 @@ PROBE = f"""
 import asyncio, json, sys
 from sidecar.cli import build_parser
 from sidecar.runtime import Sidecar
+from sidecar.policy.child import load_in_child
 import sidecar.admin
 
 # `sidecar run` builds every subcommand's parser (inject's too) before it serves.
 build_parser()
 
 async def main():
-    sidecar = Sidecar("policies", env={{"OPENAI_API_KEY": "k", "GITHUB_TOKEN": "t"}})
+    # Loaded as `sidecar run` loads: in a child process (policy/child.py).
+    sidecar = Sidecar(
+        "policies", env={{"OPENAI_API_KEY": "k", "GITHUB_TOKEN": "t"}}, load=load_in_child
+    )
     assert (await sidecar.reload("startup")).ok
     await sidecar.close()
 
 asyncio.run(main())
+# Validating builds a core schema and validator per model (megabytes): the child's work.
+from pydantic import BaseModel
+def models(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from models(sub)
+built = sorted(m.__name__ for m in models(BaseModel) if m.__pydantic_complete__)
+if built:
+    print(f"validators built in the serving process: {{built}}", file=sys.stderr)
+    sys.exit(1)
 # The TLS context loads the system's CA store (megabytes): made at the first
 # connection to an https upstream, not when a policy names one.
 from sidecar.http.pool import _default_tls

@@ -1,0 +1,169 @@
+"""A policy loaded in a child process (`sidecar run`'s way) is the one load_policy makes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from sidecar.policy.child import LoaderFailed, load_in_child
+from sidecar.policy.loader import PolicyError, load_policy
+from sidecar.runtime import Sidecar
+from tests.conftest import echo_app
+
+AGENT_KEY = "pk-canary-1"
+KEY_HASH = "sha256:" + hashlib.sha256(AGENT_KEY.encode()).hexdigest()
+DOCUMENT = {
+    "openapi": "3.1.0",
+    "info": {"title": "pets", "version": "1"},
+    "paths": {
+        "/pets": {
+            "post": {
+                "operationId": "addPet",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["name"],
+                                "properties": {"name": {"type": "string"}},
+                            }
+                        }
+                    },
+                },
+                "responses": {"200": {"description": "ok"}},
+            }
+        }
+    },
+}
+
+
+def policies(directory: Path, upstream: str = "http://127.0.0.1:9") -> Path:
+    (directory / "policy.yaml").write_text(
+        textwrap.dedent(
+            f"""
+            version: 1
+            agents:
+              keys: {{planner: "{KEY_HASH}"}}
+            services:
+              api:
+                upstream: {upstream}
+                auth: {{type: bearer, token: "${{env:API_TOKEN}}"}}
+                rate_limit: {{rate: 10/s}}
+                openapi: openapi.json
+                validate: {{requests: enforce}}
+              plain:
+                upstream: http://127.0.0.1:9/v1/
+                timeout: {{total: 2s}}
+            allow:
+              - {{agents: [planner], methods: [POST], paths: ["/pets"]}}
+            """
+        )
+    )
+    (directory / "openapi.json").write_text(json.dumps(DOCUMENT))
+    return directory
+
+
+ENV = {"API_TOKEN": "tok-canary-2"}
+
+
+async def test_the_child_answers_what_load_policy_answers(tmp_path: Path) -> None:
+    policies(tmp_path)
+    here = load_policy(str(tmp_path), env=ENV)
+    there = await load_in_child(str(tmp_path), env=ENV)
+    assert there.version == here.version
+    assert there.files == here.files
+    assert there.agents == here.agents
+    assert there.allow == here.allow
+    assert set(there.services) == {"api", "plain"}
+    for name, service in here.services.items():
+        got = there.services[name]
+        assert (got.prefix, got.spec, got.position, got.allow) == (
+            service.prefix,
+            service.spec,
+            service.position,
+            service.allow,
+        )
+    # The secrets were resolved from `env`, not from the child's own environment.
+    auth = there.services["api"].spec.auth
+    assert auth is not None and auth.token.reveal() == "tok-canary-2"  # type: ignore[union-attr]
+    # The OpenAPI document arrives compiled: it matches and validates calls.
+    spec = there.services["api"].openapi
+    assert spec is not None and spec.digest == here.services["api"].openapi.digest  # type: ignore[union-attr]
+    match = spec.match("POST", "/pets")
+    assert match is not None and match.operation is not None
+    assert match.operation.operation_id == "addPet"
+
+
+async def test_a_broken_policy_is_refused_with_the_same_positions(tmp_path: Path) -> None:
+    (tmp_path / "policy.yaml").write_text(
+        "version: 1\nservices:\n  api:\n    upstream: http://127.0.0.1:9\n    timout: 5s\n"
+        "    rate_limit: {rate: 10 per second}\n"
+    )
+    with pytest.raises(PolicyError) as here:
+        load_policy(str(tmp_path))
+    with pytest.raises(PolicyError) as there:
+        await load_in_child(str(tmp_path))
+    problems = [str(p) for p in there.value.problems]
+    assert problems == [str(p) for p in here.value.problems]
+    assert any(p.startswith(f"{tmp_path / 'policy.yaml'}:5:5: ") for p in problems), problems
+
+
+async def test_a_loader_that_dies_leaves_the_last_good_policy_serving(
+    tmp_path: Path, upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = await upstream(echo_app())
+    directory = tmp_path / "policies"
+    directory.mkdir()
+    policies(directory, upstream=api)
+    sidecar = Sidecar(str(directory), env=ENV, data_dir=str(tmp_path / "data"), load=load_in_child)
+    try:
+        first = await sidecar.reload("startup")
+        assert first.ok, first.errors
+        # The child cannot start: no answer comes back, and the reload says so.
+        monkeypatch.setattr(sys, "executable", "/bin/false")
+        (directory / "policy.yaml").write_text("version: 1\n")
+        failed = await sidecar.reload("test")
+        assert not failed.ok
+        assert failed.errors == (f"{directory}: cannot load: {LoaderFailed.__name__}",)
+        assert sidecar.policy is not None and sidecar.policy.version == first.version
+        assert set(sidecar.policy.services) == {"api", "plain"}
+    finally:
+        await sidecar.close()
+
+
+async def test_calls_through_a_policy_loaded_in_the_child_are_validated(
+    tmp_path: Path, upstream
+) -> None:
+    from sidecar.app import serve
+
+    api = await upstream(echo_app())
+    directory = tmp_path / "policies"
+    directory.mkdir()
+    policies(directory, upstream=api)
+    sidecar = Sidecar(str(directory), env=ENV, data_dir=str(tmp_path / "data"), load=load_in_child)
+    runners = []
+    try:
+        assert (await sidecar.reload("startup")).ok
+        runners = await serve(sidecar, listen=("127.0.0.1", 0), admin=("127.0.0.1", 0))
+        port = runners[0].addresses[0][1]
+        headers = {"X-Agent-Token": AGENT_KEY}
+        async with aiohttp.ClientSession() as client:
+            url = f"http://127.0.0.1:{port}/api/pets"
+            async with client.post(url, json={"name": "rex"}, headers=headers) as ok:
+                assert ok.status == 200
+                seen = await ok.json()
+                assert seen["headers"]["Authorization"] == "Bearer tok-canary-2"
+            async with client.post(url, json={"kind": "cat"}, headers=headers) as bad:
+                assert bad.status == 422
+                assert bad.content_type == "application/problem+json"
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+        await sidecar.close()

@@ -25,7 +25,7 @@ from .databases.telemetry import DatabaseTelemetry
 from .http import chain
 from .http.egress import Egress
 from .http.router import Router, compile_policy
-from .policy.loader import Policy, PolicyError, load_policy
+from .policy.loaded import Policy, PolicyError
 from .policy.testing import CassetteOverride
 from .policy.watcher import watch
 from .steps.answers.cache import CacheStore
@@ -65,6 +65,9 @@ async def _load_in_thread(
     cassettes: CassetteOverride | None,
     listeners: tuple[tuple[str, int], ...],
 ) -> Policy:
+    # Imported here: a sidecar that loads in a child never needs the loader (nor PyYAML).
+    from .policy.loader import load_policy
+
     # File reads happen in a worker thread: the loop keeps serving meanwhile.
     return await asyncio.to_thread(
         load_policy, directory, env=env, mode=mode, cassettes=cassettes, listeners=listeners

@@ -32,8 +32,11 @@ ONLY_WHEN_USED = (
     "logging.handlers",
     # The did-you-mean of a policy error.
     "difflib",
-    # pydantic's plugin lookup, made when a validator is built: the loading child's.
+    # pydantic's plugin lookup, made when a validator is built, and the YAML parser
+    # with the loader: the loading child's (policy/child.py).
     "importlib.metadata",
+    "yaml",
+    "sidecar.policy.loader",
     # Cloud credentials (steps/credentials/): only policies with those auth kinds.
     "google.auth",
     "configparser",

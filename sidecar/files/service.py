@@ -35,7 +35,7 @@ from ..core.problems import ProblemError
 from ..core.reasons import Reason
 from ..core.state import StateBuild
 from ..policy.files import Files
-from ..policy.loader import ServicePolicy
+from ..policy.loaded import ServicePolicy
 from ..steps.operation import annotate
 from . import conditions, paths
 from .paths import Beneath, FilePath, Kind

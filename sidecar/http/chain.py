@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import telemetry
 from ..core.state import StateBuild
-from ..policy.loader import ServicePolicy
+from ..policy.loaded import ServicePolicy
 from ..policy.models import Service
 from ..steps.access import allow, identity, request_rules, validate
 from ..steps.answers import cache

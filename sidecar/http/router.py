@@ -17,7 +17,7 @@ from ..core.headers import HOP_BY_HOP, FieldNames, drop_with_connection_raw
 from ..core.state import StateBuild
 from ..files import service as files
 from ..policy.access import METHOD_OVERRIDE_HEADERS
-from ..policy.loader import Policy, ServicePolicy
+from ..policy.loaded import Policy, ServicePolicy
 from ..steps.credentials import auth
 from .redirects import RedirectRewriter
 from .upstream import Upstream

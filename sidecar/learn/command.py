@@ -21,7 +21,7 @@ from .rules import drift, rules, rules_yaml
 from .samples import Sample, read_access_log, read_cassettes, read_observed
 
 if TYPE_CHECKING:
-    from ..policy.loader import Policy
+    from ..policy.loaded import Policy
 
 PLACEHOLDER_UPSTREAM = "https://api.example.invalid"
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)$")

@@ -29,7 +29,7 @@ from .shapes import data_key, string_format
 
 if TYPE_CHECKING:
     from ..core.state import StateBuild
-    from ..policy.loader import ServicePolicy
+    from ..policy.loaded import ServicePolicy
 
 log = logging.getLogger("sidecar.observe")
 

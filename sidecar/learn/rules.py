@@ -16,7 +16,7 @@ from .document import Learned, Operation
 from .samples import Sample
 
 if TYPE_CHECKING:
-    from ..policy.loader import ServicePolicy
+    from ..policy.loaded import ServicePolicy
 
 
 @dataclass(frozen=True, slots=True)

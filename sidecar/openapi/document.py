@@ -12,13 +12,6 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
-try:  # libyaml: a large document (GitHub's is 13 MB) loads several times faster
-    from yaml import CSafeLoader as _Loader
-except ImportError:  # pragma: no cover - PyYAML built without libyaml
-    from yaml import SafeLoader as _Loader  # type: ignore[assignment]
-
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 
 
@@ -38,6 +31,21 @@ class Document:
         return str(info.get("title", "")) if isinstance(info, dict) else ""
 
 
+def _yaml(text: bytes) -> Any:
+    # PyYAML only for a YAML document: a process that receives its documents parsed
+    # (the serving process, policy/child.py) never imports it.
+    import yaml
+
+    try:  # libyaml: a large document (GitHub's is 13 MB) loads several times faster
+        from yaml import CSafeLoader as Loader
+    except ImportError:  # pragma: no cover - PyYAML built without libyaml
+        from yaml import SafeLoader as Loader  # type: ignore[assignment]
+    try:
+        return yaml.load(text, Loader)
+    except yaml.YAMLError as exc:
+        raise ValueError(str(exc)) from None
+
+
 def digest_of(text: bytes) -> str:
     return hashlib.sha256(text).hexdigest()[:16]
 
@@ -48,8 +56,8 @@ def parse(text: bytes, *, source: str) -> Document:
     data: Any
     try:
         stripped = text.lstrip()
-        data = json.loads(text) if stripped[:1] in (b"{", b"[") else yaml.load(text, _Loader)
-    except (ValueError, yaml.YAMLError) as exc:
+        data = json.loads(text) if stripped[:1] in (b"{", b"[") else _yaml(text)
+    except ValueError as exc:
         raise OpenAPIError(f"{source}: not valid JSON or YAML: {_first_line(exc)}") from None
     if not isinstance(data, dict):
         raise OpenAPIError(f"{source}: an OpenAPI document is a mapping")

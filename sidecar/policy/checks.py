@@ -13,7 +13,8 @@ from .loaded import ServicePolicy
 from .models import (
     Agents,
 )
-from .yamlpos import Document, Path, Problem
+from .positions import Problem
+from .yamlpos import Document, Path
 
 
 def operation_problems(

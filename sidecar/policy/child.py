@@ -25,8 +25,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from .loaded import Policy, PolicyError
+from .positions import Position, Problem
 from .testing import CassetteOverride
-from .yamlpos import Position, Problem
 
 
 class LoaderFailed(Exception):

@@ -13,7 +13,8 @@ from .models import (
     AUTH_TYPES,
     PolicyFile,
 )
-from .yamlpos import Document, Path, Problem
+from .positions import Problem
+from .yamlpos import Document, Path
 
 
 def validation_problems(

@@ -11,8 +11,8 @@ from .access import AllowRule
 from .alerts import Admin, Alerts
 from .databases import Database
 from .models import Agents, Service
+from .positions import Position, Problem
 from .webhooks import Webhooks
-from .yamlpos import Position, Problem
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,13 +33,14 @@ from .models import (
     Service,
 )
 from .openapi import document_file
+from .positions import Position, Problem
 from .secrets import SecretResolver
 from .templates import catalog as template_catalog
 from .templates import expand as expand_templates
 from .testing import CassetteOverride
 from .webhooks import Webhooks
 from .webhooks import merge as merge_webhooks
-from .yamlpos import Document, Position, Problem, YamlError, load_document
+from .yamlpos import Document, YamlError, load_document
 
 __all__ = ["Policy", "PolicyError", "ServicePolicy", "load_policy", "policy_files"]
 

@@ -31,7 +31,8 @@ from typing import Any
 import yaml
 
 from .base import _did_you_mean
-from .yamlpos import Document, Path, Position, Problem, YamlError, load_document
+from .positions import Position, Problem
+from .yamlpos import Document, Path, YamlError, load_document
 
 BUILTIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "templates")
 USER_DIR = "templates"  # inside the policy directory

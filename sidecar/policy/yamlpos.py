@@ -14,28 +14,9 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.reader import ReaderError
 
+from .positions import Position, Problem
+
 Path = tuple[str | int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Position:
-    file: str
-    line: int  # 1-based
-    col: int  # 1-based
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.col}"
-
-
-@dataclass(frozen=True, slots=True)
-class Problem:
-    """One thing wrong with a policy file, printed as FILE:LINE:COL: message."""
-
-    position: Position
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.position}: {self.message}"
 
 
 class YamlError(Exception):

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
 
     from ..core.state import StateBuild, StateStore
-    from ..policy.loader import Policy, ServicePolicy
+    from ..policy.loaded import Policy, ServicePolicy
     from .spans import SpanExporter
     from .tracing import Sampling
 

@@ -25,7 +25,7 @@ from ..steps.access.identity import Identify
 if TYPE_CHECKING:
     from ..core.state import StateBuild
     from ..http.listener import Request
-    from ..policy.loader import Policy
+    from ..policy.loaded import Policy
 
 OUTBOUND = "_webhooks"
 EVENTS = "_events"

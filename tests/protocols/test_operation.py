@@ -20,7 +20,7 @@ from sidecar.core.problems import ProblemError
 from sidecar.core.state import StateStore
 from sidecar.policy.loader import ServicePolicy, load_policy
 from sidecar.policy.models import Service
-from sidecar.policy.yamlpos import Position
+from sidecar.policy.positions import Position
 from sidecar.steps.operation import OPERATION
 from sidecar.steps.protocols import graphql, mcp
 

@@ -41,7 +41,7 @@ from ...engines.allow import (
     server_name,
 )
 from ...policy.access import METHOD_OVERRIDE_HEADERS, AllowRule, match_form
-from ...policy.loader import ServicePolicy
+from ...policy.loaded import ServicePolicy
 from .. import Step
 
 # An agent-chosen name ends up in the refusal: bound its size.

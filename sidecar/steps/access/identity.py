@@ -23,7 +23,7 @@ from ...core.problems import ProblemError
 from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...engines.identity import Credentials, KeysUnavailable, Refused, new
-from ...policy.loader import ServicePolicy
+from ...policy.loaded import ServicePolicy
 from .. import Step
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="agent-sidecar"'}

@@ -32,7 +32,7 @@ from ...core.problems import ProblemError
 from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...policy.cloud import ObjectRule, Objects
-from ...policy.loader import ServicePolicy
+from ...policy.loaded import ServicePolicy
 
 # A multi-object delete's XML body is read to check its keys; S3 allows 1000 keys.
 DELETE_BODY_LIMIT: Final = 1 << 20

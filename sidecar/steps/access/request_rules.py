@@ -17,7 +17,7 @@ from urllib.parse import quote, unquote_plus
 
 from ...core.call import Call, Handler, Reply
 from ...core.state import StateBuild
-from ...policy.loader import ServicePolicy
+from ...policy.loaded import ServicePolicy
 from .. import Step
 
 

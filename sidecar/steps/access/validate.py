@@ -23,7 +23,7 @@ from ...core.problems import ProblemError
 from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...openapi import Operation, Spec, Violation
-from ...policy.loader import ServicePolicy
+from ...policy.loaded import ServicePolicy
 from ...policy.models import QueryAuth
 from ...policy.openapi import Validate
 from ..credentials import auth

@@ -49,7 +49,7 @@ from ...core.problems import ProblemError
 from ...core.reasons import Reason
 from ...core.state import StateBuild, fingerprint
 from ...policy.cache import Cache
-from ...policy.loader import ServicePolicy
+from ...policy.loaded import ServicePolicy
 from ..operation import annotate
 from .cache_entry import (
     CACHE_HEADER,

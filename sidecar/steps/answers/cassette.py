@@ -45,7 +45,7 @@ from ...core.problems import ProblemError
 from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...policy.cloud import AwsSigV4Auth
-from ...policy.loader import ServicePolicy
+from ...policy.loaded import ServicePolicy
 from ...policy.models import BasicAuth, BearerAuth, HeaderAuth, QueryAuth
 from ...policy.testing import Cassettes
 from ..credentials.auth import header_name

@@ -24,7 +24,7 @@ from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...openapi.document import METHODS, OpenAPIError, deref
 from ...openapi.spec import Spec
-from ...policy.loader import ServicePolicy
+from ...policy.loaded import ServicePolicy
 from ...policy.testing import MockAnswer
 from ..operation import annotate
 

@@ -14,7 +14,7 @@ from ...core.call import Call, Field, Handler, Reply
 from ...core.state import StateBuild
 from ...policy.base import AUTHORIZATION
 from ...policy.cloud import AwsSigV4Auth, AzureAuth, GcpAuth
-from ...policy.loader import ServicePolicy
+from ...policy.loaded import ServicePolicy
 from ...policy.models import BasicAuth, BearerAuth, HeaderAuth, OAuth2ClientCredentials, QueryAuth
 from ...policy.secrets import Secret
 from .. import Step

@@ -33,7 +33,7 @@ from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...policy.base import AUTHORIZATION
 from ...policy.cloud import AwsSigV4Auth, WebIdentity
-from ...policy.loader import ServicePolicy
+from ...policy.loaded import ServicePolicy
 from . import sigv4
 from .refresh import Refreshing
 

@@ -20,7 +20,7 @@ import aiohttp
 
 from ...core.state import StateBuild
 from ...policy.cloud import AzureAuth, ManagedIdentity, WorkloadIdentity
-from ...policy.loader import ServicePolicy
+from ...policy.loaded import ServicePolicy
 from .bearer import BearerToken, TokenFailed, TokenSource
 
 TOKEN_TIMEOUT: Final = 10.0

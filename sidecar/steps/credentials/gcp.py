@@ -15,7 +15,7 @@ from typing import Any
 
 from ...core.state import StateBuild
 from ...policy.cloud import GcpAuth
-from ...policy.loader import ServicePolicy
+from ...policy.loaded import ServicePolicy
 from .bearer import BearerToken, TokenFailed, TokenSource
 
 # A token without an expiry (unusual): assume an hour, a 401 replaces it sooner.

@@ -30,7 +30,7 @@ from ...core.problems import ProblemError
 from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...policy.base import AUTHORIZATION
-from ...policy.loader import ServicePolicy
+from ...policy.loaded import ServicePolicy
 from ...policy.models import OAuth2ClientCredentials
 
 log = logging.getLogger("sidecar.auth")

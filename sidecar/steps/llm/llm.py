@@ -59,7 +59,7 @@ from ...engines.ledger import Ledger, MemoryLedger
 from ...engines.limits import limit_headers
 from ...policy.budget import Budget
 from ...policy.llm import LLM
-from ...policy.loader import ServicePolicy
+from ...policy.loaded import ServicePolicy
 from ...policy.models import RateLimit
 from ..operation import annotate, endpoint
 from ..resilience.ratelimit import refusal

@@ -31,7 +31,7 @@ from ...core.call import Call, Handler, Reply, ReplyView
 from ...core.problems import ProblemError
 from ...core.reasons import Reason
 from ...core.state import StateBuild
-from ...policy.loader import ServicePolicy
+from ...policy.loaded import ServicePolicy
 from ...policy.translate import apis
 from ..operation import annotate, endpoint
 from .llm_usage import kind_of

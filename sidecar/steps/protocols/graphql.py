@@ -28,7 +28,7 @@ from ...core.call import Call, Handler, Reply
 from ...core.problems import ProblemError
 from ...core.reasons import Reason
 from ...core.state import StateBuild
-from ...policy.loader import ServicePolicy
+from ...policy.loaded import ServicePolicy
 from ...policy.protocols import GraphQL, GraphQLRule
 from ..operation import OPERATION, annotate, bad_request, endpoint, parse_json, read_body
 

@@ -28,7 +28,7 @@ from ...core.call import Call, Handler, Reply, ReplyView, StaticReply
 from ...core.problems import ProblemError
 from ...core.reasons import Reason
 from ...core.state import StateBuild
-from ...policy.loader import ServicePolicy
+from ...policy.loaded import ServicePolicy
 from ..operation import annotate, endpoint
 from ..resilience.outcomes import CountedFailure
 

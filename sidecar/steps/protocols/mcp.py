@@ -42,7 +42,7 @@ from ...core.call import Call, Handler, Reply, ReplyView, StaticReply
 from ...core.problems import ProblemError, problem_document
 from ...core.reasons import Reason
 from ...core.state import StateBuild
-from ...policy.loader import ServicePolicy
+from ...policy.loaded import ServicePolicy
 from ...policy.protocols import MCP
 from ..operation import (
     OPERATION,

@@ -21,7 +21,7 @@ from ...core.problems import ProblemError
 from ...core.reasons import Reason
 from ...core.state import StateBuild
 from ...engines.breaker import CLOSED, Circuit
-from ...policy.loader import ServicePolicy
+from ...policy.loaded import ServicePolicy
 from ...policy.models import CircuitBreaker
 from .outcomes import CountedFailure, Outcomes
 

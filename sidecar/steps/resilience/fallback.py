@@ -37,7 +37,7 @@ from ...core.call import Body, Call, Handler, Reply, ReplyView, make_replayable
 from ...core.problems import ProblemError
 from ...core.reasons import Reason
 from ...core.state import StateBuild
-from ...policy.loader import ServicePolicy
+from ...policy.loaded import ServicePolicy
 from ..operation import annotate
 
 

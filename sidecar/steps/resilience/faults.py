@@ -39,7 +39,7 @@ from ...core.headers import SERVER
 from ...core.problems import ProblemError
 from ...core.reasons import Reason
 from ...core.state import StateBuild
-from ...policy.loader import ServicePolicy
+from ...policy.loaded import ServicePolicy
 from ...policy.testing import FAULT_KINDS
 from ...policy.testing import Faults as FaultsConfig
 from ..operation import annotate

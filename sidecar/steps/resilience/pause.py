@@ -31,7 +31,7 @@ from ...core.headers import reset_seconds, retry_after_seconds
 from ...core.problems import ProblemError
 from ...core.reasons import Reason
 from ...core.state import StateBuild
-from ...policy.loader import ServicePolicy
+from ...policy.loaded import ServicePolicy
 from ...policy.upstream_limits import UpstreamLimits
 
 Clock = Callable[[], float]

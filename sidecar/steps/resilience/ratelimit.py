@@ -32,7 +32,7 @@ from ...engines.limits import (
     describe,
     limit_headers,
 )
-from ...policy.loader import ServicePolicy
+from ...policy.loaded import ServicePolicy
 from ..operation import OPERATION
 from . import pause as pause_step
 from .pause import Pause

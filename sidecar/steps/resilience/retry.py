@@ -32,7 +32,7 @@ from ...core.call import Call, Handler, Reply, make_replayable
 from ...core.headers import IDEMPOTENT, retry_after_seconds
 from ...core.problems import ProblemError
 from ...core.state import StateBuild
-from ...policy.loader import ServicePolicy
+from ...policy.loaded import ServicePolicy
 from ...policy.models import Retry as RetryConfig
 from .outcomes import Outcomes
 

@@ -10,7 +10,7 @@ from ...core.call import Call, Handler, Reply
 from ...core.problems import ProblemError
 from ...core.reasons import Reason
 from ...core.state import StateBuild
-from ...policy.loader import ServicePolicy
+from ...policy.loaded import ServicePolicy
 
 # What asyncio.current_task(loop) reads on CPython 3.11, where that function is
 # Python (a frame on every call); from 3.12 it is C, and used as it is.

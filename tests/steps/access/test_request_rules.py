@@ -10,7 +10,7 @@ from sidecar.core.call import Call
 from sidecar.core.state import StateStore
 from sidecar.policy.loader import ServicePolicy
 from sidecar.policy.models import Service
-from sidecar.policy.yamlpos import Position
+from sidecar.policy.positions import Position
 from sidecar.steps.access.request_rules import build
 
 

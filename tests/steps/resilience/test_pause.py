@@ -14,7 +14,7 @@ from sidecar.core.problems import ProblemError, problem_response
 from sidecar.core.state import StateStore
 from sidecar.policy.loader import ServicePolicy
 from sidecar.policy.models import Service
-from sidecar.policy.yamlpos import Position
+from sidecar.policy.positions import Position
 from sidecar.steps.resilience.pause import Pause, build
 from tests.steps.resilience.fakes import Clock, FakeReply, Upstream
 

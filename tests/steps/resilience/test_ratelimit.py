@@ -15,7 +15,7 @@ from sidecar.core.state import StateStore
 from sidecar.engines import limits
 from sidecar.policy.loader import ServicePolicy
 from sidecar.policy.models import Service
-from sidecar.policy.yamlpos import Position
+from sidecar.policy.positions import Position
 from sidecar.steps.resilience import pause
 from sidecar.steps.resilience.ratelimit import RateLimiter, build
 from tests.steps.resilience.fakes import Clock, Upstream

@@ -409,6 +409,9 @@ class _Connection(asyncio.Protocol):
         ex = self.exchange
         if ex is None or self.closed or not ex.message_done or not ex.keep_alive:
             return False
+        if ex.status == 101:
+            # What follows a 101 on the connection is no longer HTTP, asked for or not.
+            return False
         sender = ex.sender
         return (
             # Read whole from the socket; a stream made of it need not be consumed.

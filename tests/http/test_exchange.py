@@ -282,3 +282,25 @@ async def test_an_http_1_0_chunked_answer_is_not_followed_on_its_connection(
         second.release()
     assert upstream.connections == 2
     pool.close()
+
+
+async def test_an_unasked_101_is_never_followed_on_its_connection(script: Scripted) -> None:
+    """A broken upstream that switches protocols on a plain GET: what follows its 101
+    on that connection is no longer HTTP, so the connection goes, unused again."""
+    upstream = await script(
+        [
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext",
+        ]
+    )
+    pool = Pool(upstream.url)
+    async with asyncio.timeout(10):
+        first = await pool.request("GET", "/1", [])
+        assert first.status == 101
+        first.release()
+        assert pool.idle_connections == 0
+        second = await pool.request("GET", "/2", [])
+        assert (second.status, second.data) == (200, b"next")
+        second.release()
+    assert upstream.connections == 2
+    pool.close()

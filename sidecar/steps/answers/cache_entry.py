@@ -401,7 +401,13 @@ class Entry:
         # The fields the 304's own Connection names were for the sidecar's connection
         # only (RFC 9110 7.6.1): stored, every later hit would hand them to the agents.
         kept_out = drop_with_connection(_NOT_UPDATED, ", ".join(fresh.getall("Connection", ())))
-        for name in {k.lower() for k in fresh} - kept_out:
+        # Each name as the upstream first wrote it: agents see what the miss showed them.
+        names: dict[str, str] = {}
+        for name in fresh:
+            names.setdefault(name.lower(), name)
+        for lower, name in names.items():
+            if lower in kept_out:
+                continue
             headers.popall(name, None)
             for value in fresh.getall(name):
                 headers.add(name, value)

@@ -276,6 +276,23 @@ async def test_a_field_the_304s_connection_names_never_reaches_the_agent(
     assert len(seen) == 2
 
 
+async def test_a_304s_fields_keep_the_case_the_upstream_wrote(
+    revalidating_upstream: tuple[str, list[bytes]],
+    cache_sidecar: CacheSidecar,
+    client: aiohttp.ClientSession,
+) -> None:
+    """The fields a 304 updates reach the agents as the upstream spelled them, on the
+    revalidated answer and on every later hit, as the miss's did."""
+    base, _ = revalidating_upstream
+    sc = await cache_sidecar(base, "{}", SECRET)
+    names = []
+    for _ in range(3):
+        async with client.get(f"{sc.url}/api/r", headers={"X-Agent-Id": "a1"}) as r:
+            assert await r.read() == BODY
+            names.append([n for n, _ in _fields(r.raw_headers) if n.lower() == b"x-version"])
+    assert names == [[b"X-Version"]] * 3
+
+
 @pytest.fixture
 async def cookie_304_upstream() -> AsyncIterator[tuple[str, list[bytes]]]:
     """An upstream whose answer must be revalidated before each use, and whose 304 sets

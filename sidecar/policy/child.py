@@ -67,7 +67,9 @@ async def load_in_child(
         raise
     if child.returncode != 0 or not out:
         raise LoaderFailed(f"the policy loader exited with status {child.returncode}")
-    kind, value = pickle.loads(out)
+    # In a worker thread: unpickling compiles the OpenAPI documents that changed (a
+    # large one takes a second), and the loop keeps serving meanwhile.
+    kind, value = await asyncio.to_thread(pickle.loads, out)
     if kind == "problems":
         raise PolicyError(value)
     if not isinstance(value, Policy):

@@ -6,11 +6,14 @@ import hashlib
 import json
 import sys
 import textwrap
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
+from sidecar.app import serve
 from sidecar.policy.child import LoaderFailed, load_in_child
 from sidecar.policy.loader import PolicyError, load_policy
 from sidecar.runtime import Sidecar
@@ -73,6 +76,10 @@ def policies(directory: Path, upstream: str = "http://127.0.0.1:9") -> Path:
 ENV = {"API_TOKEN": "tok-canary-2"}
 
 
+def rewrite(directory: str, text: str) -> None:
+    Path(directory, "policy.yaml").write_text(text)
+
+
 async def test_the_child_answers_what_load_policy_answers(tmp_path: Path) -> None:
     policies(tmp_path)
     here = load_policy(str(tmp_path), env=ENV)
@@ -115,43 +122,40 @@ async def test_a_broken_policy_is_refused_with_the_same_positions(tmp_path: Path
     assert any(p.startswith(f"{tmp_path / 'policy.yaml'}:5:5: ") for p in problems), problems
 
 
-async def test_a_loader_that_dies_leaves_the_last_good_policy_serving(
-    tmp_path: Path, upstream, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    api = await upstream(echo_app())
+@pytest.fixture
+async def child_loaded(tmp_path: Path, upstream: Any) -> AsyncIterator[Sidecar]:
+    """A sidecar that loaded the policy above in a child, before an echoing upstream."""
     directory = tmp_path / "policies"
     directory.mkdir()
-    policies(directory, upstream=api)
+    policies(directory, upstream=await upstream(echo_app()))
     sidecar = Sidecar(str(directory), env=ENV, data_dir=str(tmp_path / "data"), load=load_in_child)
-    try:
-        first = await sidecar.reload("startup")
-        assert first.ok, first.errors
-        # The child cannot start: no answer comes back, and the reload says so.
-        monkeypatch.setattr(sys, "executable", "/bin/false")
-        (directory / "policy.yaml").write_text("version: 1\n")
-        failed = await sidecar.reload("test")
-        assert not failed.ok
-        assert failed.errors == (f"{directory}: cannot load: {LoaderFailed.__name__}",)
-        assert sidecar.policy is not None and sidecar.policy.version == first.version
-        assert set(sidecar.policy.services) == {"api", "plain"}
-    finally:
-        await sidecar.close()
+    first = await sidecar.reload("startup")
+    assert first.ok, first.errors
+    yield sidecar
+    await sidecar.close()
+
+
+async def test_a_loader_that_dies_leaves_the_last_good_policy_serving(
+    child_loaded: Sidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sidecar = child_loaded
+    assert sidecar.policy is not None
+    version = sidecar.policy.version
+    # The child cannot start: no answer comes back, and the reload says so.
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    rewrite(sidecar.policies, "version: 1\n")
+    failed = await sidecar.reload("test")
+    assert not failed.ok
+    assert failed.errors == (f"{sidecar.policies}: cannot load: {LoaderFailed.__name__}",)
+    assert sidecar.policy.version == version
+    assert set(sidecar.policy.services) == {"api", "plain"}
 
 
 async def test_calls_through_a_policy_loaded_in_the_child_are_validated(
-    tmp_path: Path, upstream
+    child_loaded: Sidecar,
 ) -> None:
-    from sidecar.app import serve
-
-    api = await upstream(echo_app())
-    directory = tmp_path / "policies"
-    directory.mkdir()
-    policies(directory, upstream=api)
-    sidecar = Sidecar(str(directory), env=ENV, data_dir=str(tmp_path / "data"), load=load_in_child)
-    runners = []
+    runners = await serve(child_loaded, listen=("127.0.0.1", 0), admin=("127.0.0.1", 0))
     try:
-        assert (await sidecar.reload("startup")).ok
-        runners = await serve(sidecar, listen=("127.0.0.1", 0), admin=("127.0.0.1", 0))
         port = runners[0].addresses[0][1]
         headers = {"X-Agent-Token": AGENT_KEY}
         async with aiohttp.ClientSession() as client:
@@ -166,4 +170,3 @@ async def test_calls_through_a_policy_loaded_in_the_child_are_validated(
     finally:
         for runner in runners:
             await runner.cleanup()
-        await sidecar.close()

@@ -25,6 +25,7 @@ from .access import AllowRule
 from .checks import access_problems, fallback_problems
 from .databases import Database
 from .databases import merge as merge_databases
+from .described import describe
 from .diagnostics import validation_problems
 from .loaded import Policy, PolicyError, ServicePolicy
 from .models import (
@@ -43,6 +44,12 @@ from .webhooks import merge as merge_webhooks
 from .yamlpos import Document, YamlError, load_document
 
 __all__ = ["Policy", "PolicyError", "ServicePolicy", "load_policy", "policy_files"]
+
+# The names each model's fields refer to are resolved here, where policies validate
+# (defer_build, base.py): the did-you-mean of an unknown key (diagnostics.py) walks
+# the resolved fields, whichever model validates first.
+for _model in (Agents, Service, PolicyFile):
+    _model.model_rebuild()
 
 
 def policy_files(directory: str) -> list[str]:
@@ -238,6 +245,7 @@ def load_policy(
             sorted(problems, key=lambda p: (p.position.file, p.position.line, p.position.col))
         )
     digest.update(resolver.digest.digest())
+    top = tuple(allow[1]) if allow is not None else None
     return Policy(
         agents=agents,
         services=services,
@@ -245,10 +253,11 @@ def load_policy(
         version=digest.hexdigest()[:16],
         secret_files=frozenset(resolver.files),
         webhooks=webhooks,
-        allow=tuple(allow[1]) if allow is not None else None,
+        allow=top,
         admin=singles["admin"][1] if "admin" in singles else None,
         alerts=singles["alerts"][1] if "alerts" in singles else None,
         databases=databases,
+        described=describe(agents, top, services),
     )
 
 

@@ -25,6 +25,7 @@ from .databases.telemetry import DatabaseTelemetry
 from .http import chain
 from .http.egress import Egress
 from .http.router import Router, compile_policy
+from .policy.child import LoaderFailed
 from .policy.loaded import Policy, PolicyError
 from .policy.testing import CassetteOverride
 from .policy.watcher import watch
@@ -247,7 +248,8 @@ class Sidecar:
         except Exception as exc:
             # A loader bug must not end hot reload (the watcher would die with it).
             log.exception(self._failure("policy could not be loaded"))
-            return failed(f"{self.policies}: cannot load: {type(exc).__name__}")
+            cause = exc.cause if isinstance(exc, LoaderFailed) else type(exc).__name__
+            return failed(f"{self.policies}: cannot load: {cause}")
         if self.policy is not None and policy.version == self.policy.version:
             return ReloadResult(ok=True, trigger=trigger, at=now, version=policy.version)
         build = self.state.begin()

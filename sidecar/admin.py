@@ -67,13 +67,11 @@ def effective_config(sidecar: Sidecar) -> dict[str, Any]:
         "files": list(policy.files),
         "last_reload": last,
         "reloads": {"succeeded": sidecar.counts.succeeded, "failed": sidecar.counts.failed},
-        "agents": policy.agents.model_dump(mode="json"),
-        "allow": None
-        if policy.allow is None
-        else [r.model_dump(mode="json", exclude_defaults=True) for r in policy.allow],
+        # Dumped by the loader (policy/described.py): no serializer is built here.
+        "agents": policy.described["agents"],
+        "allow": policy.described["allow"],
         "services": {
-            name: {"prefix": s.prefix, **s.spec.model_dump(mode="json", exclude_none=True)}
-            for name, s in policy.services.items()
+            name: described["spec"] for name, described in policy.described["services"].items()
         },
     }
 
@@ -91,13 +89,15 @@ async def services(sidecar: Sidecar, request: Request, params: Params) -> Respon
     """Each service's route and the live state of its breaker and retry budget."""
     policy = sidecar.policy
     out: dict[str, Any] = {}
+    every = policy.described["services"] if policy else {}
     for name, s in policy.services.items() if policy else ():
         # The upstream URL holds no user:password: the policy model refuses one.
         entry: dict[str, Any] = {"prefix": s.prefix, "upstream": s.spec.upstream}
         for step, key in (("breaker", "circuit_breaker"), ("retry", "retry")):
             found = sidecar.state.find(name, step)
             entry[key] = found[0].snapshot() if found else None
-        entry["rate_limit"] = [r.model_dump(mode="json") for r in s.spec.rate_limit]
+        described = every[name]
+        entry["rate_limit"] = described["rate_limit"]
         if s.spec.budget:
             # What is written and, for a budget of the whole service, what is left of it.
             entry["budget"] = [b.snapshot() for b in sidecar.state.find(name, "llm-budget")]
@@ -111,7 +111,7 @@ async def services(sidecar: Sidecar, request: Request, params: Params) -> Respon
         # The rules in force and where they are written; none means every agent may call.
         entry["allow"] = {
             "from": s.allow_from or None,
-            "rules": [r.model_dump(mode="json", exclude_defaults=True) for r in s.allow],
+            "rules": described["allow"],
         }
         out[name] = entry
     return json_response({"services": out})

@@ -9,10 +9,15 @@ they are imported only when a policy or the environment asks for them.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
-from tests.helpers import ROOT
+import aiohttp
+import pytest
+
+from tests.helpers import ROOT, sidecar_process
 
 ONLY_WHEN_USED = (
     "redis",
@@ -71,7 +76,7 @@ import asyncio, json, sys
 from sidecar.cli import build_parser
 from sidecar.runtime import Sidecar
 from sidecar.policy.child import load_in_child
-import sidecar.admin
+from sidecar.admin import effective_config
 
 # `sidecar run` builds every subcommand's parser (inject's too) before it serves.
 build_parser()
@@ -82,6 +87,8 @@ async def main():
         "policies", env={{"OPENAI_API_KEY": "k", "GITHUB_TOKEN": "t"}}, load=load_in_child
     )
     assert (await sidecar.reload("startup")).ok
+    # What /config and /services show was dumped by the loader: no serializer here.
+    assert effective_config(sidecar)["services"]
     await sidecar.close()
 
 asyncio.run(main())
@@ -128,3 +135,23 @@ def test_the_free_heap_is_handed_back_where_glibc_can() -> None:
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
         assert memory._trim is not None
     memory.release()
+
+
+@pytest.mark.process
+async def test_sidecar_run_serves_without_the_yaml_parser_or_a_validator() -> None:
+    """`sidecar run` loads its policy in a child (policy/child.py): the serving process
+    never maps PyYAML's C parser (nor pydantic's validators, which the probe above checks
+    in-process); /config answers from what the loader dumped."""
+    env = {**os.environ, "OPENAI_API_KEY": "k", "GITHUB_TOKEN": "t"}
+    async with sidecar_process(ROOT / "policies", env=env) as proc:
+        assert proc.proc.pid is not None
+        assert "_yaml" not in _maps(proc.proc.pid)
+        async with aiohttp.ClientSession() as client, client.get(f"{proc.admin}/config") as r:
+            config = await r.json()
+        assert set(config["services"]) and config["agents"]["header"] == "X-Agent-Id"
+        assert "_yaml" not in _maps(proc.proc.pid)
+
+
+def _maps(pid: int) -> str:
+    """The files mapped into a process: each shared library it loaded."""
+    return Path(f"/proc/{pid}/maps").read_text()

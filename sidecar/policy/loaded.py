@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from .. import openapi
 from .access import AllowRule
@@ -44,6 +45,8 @@ class Policy:
     alerts: Alerts | None = None  # `alerts:`, from the one file that has it
     # Every file's `databases:` merged; empty when none has one.
     databases: Mapping[str, Database] = field(default_factory=dict)
+    # The agents, allow rules and services as the admin API shows them (described.py).
+    described: Mapping[str, Any] = field(default_factory=dict)
 
 
 class PolicyError(Exception):

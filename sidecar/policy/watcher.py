@@ -30,6 +30,7 @@ async def watch(
     can be missed, which matters to whoever writes a file right after start.
     """
     stop = stop or asyncio.Event()
+    catch_up = False
     while not stop.is_set():
         secrets = secret_files()
         paths = _watched(directory, secrets)
@@ -38,15 +39,20 @@ async def watch(
             async for changes in bursts:
                 if ready is not None:
                     ready.set()
-                if not changes:
+                if not changes and not catch_up:
                     continue
+                catch_up = False
                 try:
                     await on_change()
                 except Exception:
                     # Whatever went wrong with this change, keep watching for the next one.
                     log.exception("reload after a change failed")
                 if secret_files() != secrets:
-                    break  # the set of secret files changed: watch their new directories
+                    # The set of secret files changed: watch their new directories. What
+                    # changed since this reload began is not seen by the new watches, so
+                    # once they are in place, one more reload catches it up.
+                    catch_up = True
+                    break
             else:
                 return
 

@@ -56,6 +56,39 @@ async def test_a_burst_of_writes_is_one_reload(watching: Watching) -> None:
     assert watching.calls == 1
 
 
+async def test_a_change_made_while_the_secret_watches_move_is_caught_up(tmp_path: Path) -> None:
+    """A reload that changes the set of secret files moves the watches to their
+    directories; a file changed during that reload is seen by neither the old watches
+    (closed) nor the new ones (not there yet), so the watcher reloads once more."""
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    secret_set: frozenset[str] = frozenset()
+    calls = []
+    stop, ready, twice = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def on_change() -> None:
+        nonlocal secret_set
+        calls.append(secret_set)
+        if len(calls) == 2:
+            twice.set()
+        if len(calls) == 1:
+            # This reload found a new secret file, and meanwhile the policy changed.
+            secret_set = frozenset({str(secrets_dir / "token")})
+            (policies / "policy.yaml").write_text("version: 1 # changed during the reload\n")
+
+    task = asyncio.create_task(
+        watcher.watch(str(policies), lambda: secret_set, on_change, stop=stop, ready=ready)
+    )
+    await asyncio.wait_for(ready.wait(), 10)
+    (policies / "policy.yaml").write_text("version: 1\n")
+    await asyncio.wait_for(twice.wait(), 10)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    assert calls[1] == frozenset({str(secrets_dir / "token")})
+
+
 async def test_a_file_in_a_directory_made_after_start_is_seen(watching: Watching) -> None:
     sub = watching.directory / "templates"
     sub.mkdir()

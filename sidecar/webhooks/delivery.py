@@ -322,20 +322,21 @@ class DeliveryWorker:
                         reply.release()
             except TimeoutError:
                 error = f"no answer within {settings.timeout:g}s"
-            except AddressRefused as exc:
-                error = f"refused: {exc}"
-            except ConnectError as exc:
+            # A name per clause: compiled, one name would keep the first clause's type.
+            except AddressRefused as refusal:
+                error = f"refused: {refusal}"
+            except ConnectError as failed:
                 # The guard's refusal, raised in the pool's resolve: its cause (its
                 # context, compiled: mypyc's `raise ... from` leaves __cause__ unset).
-                refused = exc.__cause__ or exc.__context__
+                refused = failed.__cause__ or failed.__context__
                 error = (
                     f"refused: {refused}"
                     if isinstance(refused, AddressRefused)
-                    else f"could not connect: {type(exc).__name__}"
+                    else f"could not connect: {type(failed).__name__}"
                 )
-            except UpstreamError as exc:
+            except UpstreamError as broken:
                 # Not the URL: an endpoint's path can be its credential (as Slack's are).
-                error = f"could not connect: {type(exc).__name__}"
+                error = f"could not connect: {type(broken).__name__}"
             except ValueError:
                 error = "could not connect: not an http(s) URL"
             elapsed = time.monotonic() - clock

@@ -70,6 +70,7 @@ COMPILED = [
     "sidecar/webhooks/listener.py",
     "sidecar/webhooks/observe.py",
     "sidecar/webhooks/queue.py",
+    "sidecar/webhooks/redis_store.py",
     "sidecar/webhooks/signatures.py",
     "sidecar/webhooks/sqlite_store.py",
 ]

@@ -683,8 +683,8 @@ class RedisStore:
                 with contextlib.suppress(RedisError):
                     await _create_group(self._redis, self._prefix)
             raise _unavailable(exc) from None
-        except RedisError as exc:
-            raise _unavailable(exc) from None
+        except RedisError as failed:  # not `exc`: compiled, a name keeps its first type
+            raise _unavailable(failed) from None
         return entries
 
     async def _take_all(self, entries: list[tuple[str, int]]) -> list[Due | None]:

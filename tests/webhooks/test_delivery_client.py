@@ -9,6 +9,8 @@ import json
 import os
 import socket
 import ssl
+import subprocess
+import sys
 import textwrap
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -21,7 +23,7 @@ from aiohttp import web
 
 from sidecar.webhooks.delivery import DeliverySettings, DeliveryWorker
 from sidecar.webhooks.queue import Attempt, DeliveryStatus, Direction, Queue, Target
-from tests.helpers import eventually, sidecar_process
+from tests.helpers import ROOT, eventually, sidecar_process
 
 from .conftest import Receiver
 
@@ -225,3 +227,47 @@ async def test_an_https_endpoint_is_delivered_to_over_tls(tmp_path: Path) -> Non
     headers, body = sink.received[0]
     assert json.loads(body) == {"n": 1}
     assert "webhook-signature" in headers
+
+
+_NO_AIOHTTP = """
+import asyncio, sys, tempfile
+from sidecar.webhooks.delivery import DeliverySettings, DeliveryWorker
+from sidecar.webhooks.queue import Direction, Target
+from sidecar.webhooks.sqlite_store import SqliteStore
+
+async def main():
+    got = asyncio.Event()
+
+    async def receive(reader, writer):
+        await reader.readuntil(b"\\r\\n\\r\\n")
+        got.set()
+        writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: 0\\r\\n\\r\\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(receive, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/in"
+    store = await SqliteStore.open(tempfile.mkdtemp())
+    settings = {(Direction.outbound, "events"): DeliverySettings((0.0,), 0.0, 5.0)}
+    worker = DeliveryWorker(store, settings)
+    await worker.start()
+    await store.accept(direction=Direction.outbound, source="events", event_type=None,
+                       headers=[], body=b"{}", targets=[Target("sink", url)])
+    await asyncio.wait_for(got.wait(), 10)
+    await worker.stop()
+    await store.close()
+    print("aiohttp" in sys.modules)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.process
+def test_delivering_loads_no_aiohttp() -> None:
+    """aiohttp costs megabytes per pod (tests/test_footprint.py): deliveries no longer
+    need it."""
+    done = subprocess.run(
+        [sys.executable, "-c", _NO_AIOHTTP], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

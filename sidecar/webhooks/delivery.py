@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from ..core.headers import SERVER
 from ..http.pool import ConnectError, Origin, Pool, UpstreamError, UpstreamReply
@@ -387,11 +387,26 @@ class DeliveryWorker:
 def _split(url: str) -> tuple[Origin, str]:
     """The origin a URL's pool connects to, and the request target sent there; a
     ValueError for one that is no http(s) URL. Parsed once per URL, not per attempt."""
+    if not url.isascii():
+        url = _ascii(url)
     parts = urlsplit(url)
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query
     return Origin.parse(url), target
+
+
+def _ascii(url: str) -> str:
+    """A URL as it goes on the wire (what aiohttp's yarl did): an international name
+    in IDNA, other characters of the path and query percent-encoded as UTF-8."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").encode("idna").decode("ascii")
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    keep = "/:@!$&'()*+,;=%?~-._"
+    return urlunsplit(
+        (parts.scheme, host, quote(parts.path, safe=keep), quote(parts.query, safe=keep), "")
+    )
 
 
 def _field(reply: UpstreamReply, name: bytes) -> str | None:

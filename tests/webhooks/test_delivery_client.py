@@ -106,6 +106,15 @@ async def test_a_failed_answer_records_its_status_and_a_redirect_is_not_followed
     assert headers["User-Agent"] == "agent-sidecar"
 
 
+async def test_a_url_with_other_than_ascii_goes_percent_encoded(
+    deliver: Start, receiver: Start
+) -> None:
+    sink: Receiver = await receiver((200, {}))
+    attempt = await deliver(sink.url + "/日本?q=€")
+    assert attempt.status_code == 200
+    assert len(sink.received) == 1
+
+
 async def test_no_listener_is_a_connect_error(deliver: Start) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -60,6 +60,19 @@ COMPILED = [
     "sidecar/telemetry/exchange.py",
     "sidecar/telemetry/metrics.py",
     "sidecar/telemetry/records.py",
+    # Webhooks: each event's intake (verify, route, store) and its delivery (claim, the
+    # attempt on the pool, its record), and the SQLite writer thread's batches. Inbound
+    # at thousands of events a second is mostly this code between the sockets and SQLite.
+    "sidecar/sqlite_writer.py",
+    "sidecar/webhooks/answers.py",
+    "sidecar/webhooks/delivery.py",
+    "sidecar/webhooks/inbound.py",
+    "sidecar/webhooks/listener.py",
+    "sidecar/webhooks/observe.py",
+    "sidecar/webhooks/queue.py",
+    "sidecar/webhooks/redis_store.py",
+    "sidecar/webhooks/signatures.py",
+    "sidecar/webhooks/sqlite_store.py",
 ]
 
 ext_modules = []

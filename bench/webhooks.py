@@ -321,9 +321,9 @@ async def store_only(args: argparse.Namespace) -> int:
     def thread_cpu(store: Any) -> float:
         """The SQLite writer thread's share (0 for Redis): what the GIL and fsync cost there."""
         writer = getattr(store, "_writer", None)
-        if writer is None or writer._thread.native_id is None:
+        if writer is None or writer.thread.native_id is None:
             return 0.0
-        return cpu_seconds(os.getpid(), writer._thread.native_id)
+        return cpu_seconds(os.getpid(), writer.thread.native_id)
 
     target = [Target("http://127.0.0.1:9/events", "http://127.0.0.1:9/events")]
     headers = [("content-type", "application/json"), ("x-github-event", "push")]

@@ -72,8 +72,10 @@ class SqliteWriter:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self.opened = threading.Event()
         self.open_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
-        self._thread.start()
+        # `thread`, not `_thread`: compiled, mypyc names a field after its attribute with
+        # one more underscore, and `__thread` is a C keyword.
+        self.thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
+        self.thread.start()
 
     def submit(self, work: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         """A future resolved on the running loop once `work`'s transaction committed."""
@@ -87,7 +89,7 @@ class SqliteWriter:
         self._jobs.put(None)
 
     def join(self) -> None:
-        self._thread.join()
+        self.thread.join()
 
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ ONLY_WHEN_USED = (
     "jsonschema_rs",
     "orjson",
     # The egress, admin and ingress listeners are the sidecar's own: no HTTP framework
-    # until a webhook delivers, an OAuth2 token is fetched or a JWKS is read.
+    # until an OAuth2 token is fetched or a JWKS is read (webhooks deliver on the own pool).
     "aiohttp",
     # The access log's queue handler, only with --access-log.
     "logging.handlers",

@@ -16,7 +16,7 @@ import socket
 import ssl
 from collections.abc import AsyncIterable, Iterable
 from dataclasses import dataclass
-from typing import Final, cast
+from typing import Final, Protocol, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -105,6 +105,14 @@ class Resolver:
         addresses = list(dict.fromkeys((str(i[4][0]), int(i[4][1])) for i in infos))
         self._cache[(host, port)] = (now + self.ttl, addresses)
         return addresses
+
+
+class AddressSource(Protocol):
+    """What a pool resolves its origin through: a `Resolver`, or one that also judges
+    the addresses (the webhook deliveries' guard refuses private ones by raising an
+    OSError, reported as the ConnectError it causes)."""
+
+    async def resolve(self, host: str, port: int) -> list[tuple[str, int]]: ...
 
 
 class _Exchange:
@@ -596,7 +604,7 @@ class Pool:
         max_idle: int = 64,
         high_water: int = 64 * 1024,
         ssl_context: ssl.SSLContext | None = None,
-        resolver: Resolver | None = None,
+        resolver: AddressSource | None = None,
     ) -> None:
         self.origin = origin if isinstance(origin, Origin) else Origin.parse(origin)
         self.connect_timeout = connect_timeout
@@ -607,7 +615,7 @@ class Pool:
         # system's CA store (2.3 MiB), which an idle sidecar never needs.
         self._tls = self.origin.scheme == "https"
         self._ssl: ssl.SSLContext | None = ssl_context if self._tls else None
-        self._resolver = resolver or Resolver()
+        self._resolver: AddressSource = resolver or Resolver()
         self._idle: list[_Connection] = []
         self._every = min(1.0, idle_timeout / 4)
         self._sweep: asyncio.TimerHandle | None = None

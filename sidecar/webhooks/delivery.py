@@ -7,6 +7,11 @@ anything else is retried on the schedule (with jitter, or after the
 receiver's Retry-After), and after the schedule's last attempt the delivery
 is dead. Outbound deliveries are signed per Standard Webhooks at each attempt,
 so a retry carries a fresh timestamp.
+
+Attempts go out on the sidecar's own HTTP/1.1 client (http/pool.py, the one the
+egress uses): a keep-alive pool per origin, connecting through the address
+guard (guard.py). Redirects are not followed; the answer's body is read and
+dropped, up to `MAX_ANSWER_BODY` (past that the connection is closed instead).
 """
 
 from __future__ import annotations
@@ -14,15 +19,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import functools
 import logging
 import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
+from urllib.parse import quote, urlsplit, urlunsplit
 
-import aiohttp
-
+from ..core.headers import SERVER
+from ..http.pool import ConnectError, Origin, Pool, UpstreamError, UpstreamReply
 from ..policy.webhooks import DeliveryRetry, Webhooks
 from .guard import AddressRefused, GuardedResolver, Listeners, check_literal
 from .queue import Attempt, Direction, Due, Outcome, Queue, StoreUnavailable
@@ -35,6 +42,13 @@ _LOOK_AGAIN_AFTER = 1.0
 # A receiver's Retry-After is obeyed up to this long.
 MAX_RETRY_AFTER = 86400.0
 MESSAGE_ID_HEADER = "X-Sidecar-Message-Id"
+# An answer's body is only read to keep its connection: past this much, the
+# connection is closed rather than read on (a receiver cannot make us hold it).
+MAX_ANSWER_BODY = 1 << 20
+# The attempt's own timeout bounds connecting too (as one total did with aiohttp):
+# a pool's connect timeout, shared by the webhooks of one origin, never fires first.
+_CONNECT_TIMEOUT = 3600.0
+_IDLE_TIMEOUT = 30.0
 # Never replayed to a local target: connection-level, or computed again by the client.
 _NOT_FORWARDED = frozenset(
     {
@@ -133,7 +147,6 @@ class DeliveryWorker:
         watcher: AttemptWatcher | None = None,
         clock: Clock = time.time,
         rand: Callable[[], float] = random.random,
-        session: aiohttp.ClientSession | None = None,
         listeners: Listeners = lambda: (),
     ) -> None:
         self._store = store
@@ -144,12 +157,15 @@ class DeliveryWorker:
         self._watcher = watcher
         self._clock = clock
         self._rand = rand
-        # Two clients: one whose resolver refuses non-public addresses (outbound
-        # endpoints), one that lets local ones through (inbound targets, allow_private).
+        # A pool per (public only, origin): the public-only ones connect through a
+        # resolver that refuses non-public addresses (outbound endpoints), the others
+        # through one that lets local ones through (inbound targets, allow_private).
         # Both refuse the sidecar's own listeners.
-        self._session = session
-        self._public_session = session
-        self._own_session = session is None
+        self._pools: dict[tuple[bool, Origin], Pool] = {}
+        self._resolvers = (
+            GuardedResolver(public_only=False, listeners=listeners),
+            GuardedResolver(public_only=True, listeners=listeners),
+        )
         self._listeners = listeners
         self._running: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -182,24 +198,20 @@ class DeliveryWorker:
         self._loop_task = None
         with contextlib.suppress(StoreUnavailable):
             await self._store.release_claims()
-        if self._own_session:
-            for session in (self._session, self._public_session):
-                if session is not None:
-                    await session.close()
-            self._session = self._public_session = None
+        pools, self._pools = self._pools, {}
+        for pool in pools.values():
+            pool.close()
 
-    def _client(self, public_only: bool) -> aiohttp.ClientSession:
-        session = self._public_session if public_only else self._session
-        if session is None:
-            resolver = GuardedResolver(public_only=public_only, listeners=self._listeners)
-            session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(resolver=resolver), auto_decompress=False
+    def _pool(self, origin: Origin, public_only: bool) -> Pool:
+        pool = self._pools.get((public_only, origin))
+        if pool is None:
+            pool = self._pools[public_only, origin] = Pool(
+                origin,
+                connect_timeout=_CONNECT_TIMEOUT,
+                idle_timeout=_IDLE_TIMEOUT,
+                resolver=self._resolvers[public_only],
             )
-            if public_only:
-                self._public_session = session
-            else:
-                self._session = session
-        return session
+        return pool
 
     async def run_once(self) -> int:
         """Claim what is due now and wait for those attempts; how many were made."""
@@ -259,7 +271,7 @@ class DeliveryWorker:
             headers = {k: v for k, v in due.headers if k.lower() not in _NOT_FORWARDED}
             headers[MESSAGE_ID_HEADER] = due.message_id
             return headers
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", "User-Agent": SERVER}
         if settings is not None and settings.signer is not None:
             headers.update(settings.signer.headers(due.message_id, int(self._clock()), due.body))
         return headers
@@ -295,32 +307,38 @@ class DeliveryWorker:
             clock = time.monotonic()
             try:
                 check_literal(url, public_only=public_only, listeners=self._listeners())
-                async with self._client(public_only).post(
-                    url,
-                    data=due.body,
-                    headers=headers,
-                    timeout=aiohttp.ClientTimeout(total=settings.timeout),
-                    allow_redirects=False,
-                ) as response:
-                    status = response.status
-                    retry_after = retry_after_seconds(
-                        response.headers.get("Retry-After"), self._clock()
-                    )
-                    await response.read()
+                origin, target = _split(url)
+                pool = self._pool(origin, public_only)
+                async with asyncio.timeout(settings.timeout):
+                    reply = await pool.request("POST", target, headers.items(), due.body)
+                    try:
+                        status = reply.status
+                        if not 200 <= status < 300:
+                            retry_after = retry_after_seconds(
+                                _field(reply, b"retry-after"), self._clock()
+                            )
+                        await _drop_body(reply)
+                    finally:
+                        reply.release()
             except TimeoutError:
                 error = f"no answer within {settings.timeout:g}s"
-            except AddressRefused as exc:
-                error = f"refused: {exc}"
-            except aiohttp.ClientConnectorError as exc:
-                refused = exc.os_error
+            # A name per clause: compiled, one name would keep the first clause's type.
+            except AddressRefused as refusal:
+                error = f"refused: {refusal}"
+            except ConnectError as failed:
+                # The guard's refusal, raised in the pool's resolve: its cause (its
+                # context, compiled: mypyc's `raise ... from` leaves __cause__ unset).
+                refused = failed.__cause__ or failed.__context__
                 error = (
                     f"refused: {refused}"
                     if isinstance(refused, AddressRefused)
-                    else f"could not connect: {type(exc).__name__}"
+                    else f"could not connect: {type(failed).__name__}"
                 )
-            except aiohttp.ClientError as exc:
+            except UpstreamError as broken:
                 # Not the URL: an endpoint's path can be its credential (as Slack's are).
-                error = f"could not connect: {type(exc).__name__}"
+                error = f"could not connect: {type(broken).__name__}"
+            except ValueError:
+                error = "could not connect: not an http(s) URL"
             elapsed = time.monotonic() - clock
         attempt = Attempt(
             at=started,
@@ -363,3 +381,48 @@ class DeliveryWorker:
         if retry_after is not None:
             delay = retry_after
         return Outcome.retry, self._clock() + delay
+
+
+@functools.lru_cache(maxsize=4096)
+def _split(url: str) -> tuple[Origin, str]:
+    """The origin a URL's pool connects to, and the request target sent there; a
+    ValueError for one that is no http(s) URL. Parsed once per URL, not per attempt."""
+    if not url.isascii():
+        url = _ascii(url)
+    parts = urlsplit(url)
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    return Origin.parse(url), target
+
+
+def _ascii(url: str) -> str:
+    """A URL as it goes on the wire (what aiohttp's yarl did): an international name
+    in IDNA, other characters of the path and query percent-encoded as UTF-8."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").encode("idna").decode("ascii")
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    keep = "/:@!$&'()*+,;=%?~-._"
+    return urlunsplit(
+        (parts.scheme, host, quote(parts.path, safe=keep), quote(parts.query, safe=keep), "")
+    )
+
+
+def _field(reply: UpstreamReply, name: bytes) -> str | None:
+    """One field of the answer's head (`name` in lower case), read from its raw bytes."""
+    for key, value in reply.raw_headers:
+        if len(key) == len(name) and key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def _drop_body(reply: UpstreamReply) -> None:
+    """Read the answer's body to its end (so the connection is kept), not keeping it."""
+    if reply.data is not None:
+        return  # it came whole with the head
+    read = 0
+    async for data in reply.body:
+        read += len(data)
+        if read > MAX_ANSWER_BODY:
+            return  # release() closes the connection: the rest is never read

@@ -4,21 +4,18 @@ The policy's check (policy/addresses.py) sees the URL; this one sees what the
 name resolves to when the delivery connects, so a name that passed at load and
 resolves to 127.0.0.1 or 169.254.169.254 later (DNS rebinding) is refused then.
 Every address the name resolves to must pass, so no fallback between addresses
-can reach a refused one. An IP literal never reaches a resolver in aiohttp, so
-`check_literal` judges it before the request.
+can reach a refused one. `check_literal` judges an IP literal before the request
+(an address in an unusual form, which a resolver might still take, included).
 """
 
 from __future__ import annotations
 
 import functools
 import ipaddress
-import socket
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
-
+from ..http.pool import Resolver
 from ..policy.addresses import Listener, is_own_listener, literal, refusal
 
 Listeners = Callable[[], tuple[Listener, ...]]
@@ -65,34 +62,33 @@ def _literal_refusal(url: str, public_only: bool, listeners: tuple[Listener, ...
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
-        return None  # aiohttp refuses the URL itself
+        return None  # no URL a delivery can be made to: the delivery says so
     return why_refused(ip, port, public_only=public_only, listeners=listeners)
 
 
-class GuardedResolver(AbstractResolver):
-    """Resolves as aiohttp would, then refuses the name if any address may not be reached."""
+class GuardedResolver:
+    """Resolves as the pool would (answers cached a few seconds), then refuses the name
+    if any address may not be reached: what a delivery's pool connects through.
 
-    def __init__(self, *, public_only: bool, listeners: Listeners) -> None:
-        self._inner = DefaultResolver()
+    Judged at every connect, cached answer or not: the listeners can change on a
+    reload. The refusal is an OSError, which the pool reports as a ConnectError
+    caused by it (delivery.py tells it apart by that cause).
+    """
+
+    def __init__(self, *, public_only: bool, listeners: Listeners, ttl: float = 10.0) -> None:
+        self._inner = Resolver(ttl=ttl)
         self._public_only = public_only
         self._listeners = listeners
 
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        found = await self._inner.resolve(host, port, family)
+    async def resolve(self, host: str, port: int) -> list[tuple[str, int]]:
+        found = await self._inner.resolve(host, port)
         listeners = self._listeners()
-        for result in found:
+        for address, at in found:
             try:
-                ip = ipaddress.ip_address(result["host"])
+                ip = ipaddress.ip_address(address.partition("%")[0])
             except ValueError:
                 raise AddressRefused(f"{host} resolved to something that is no address") from None
-            why = why_refused(
-                ip, result["port"], public_only=self._public_only, listeners=listeners
-            )
+            why = why_refused(ip, at, public_only=self._public_only, listeners=listeners)
             if why is not None:
                 raise AddressRefused(f"{host} resolves to {why}")
         return found
-
-    async def close(self) -> None:
-        await self._inner.close()

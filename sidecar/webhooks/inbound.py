@@ -177,8 +177,8 @@ class InboundHook:
                 dedup_window=self._dedup_window,
                 first_attempt_in=self._first_in,
             )
-        except StoreUnavailable as exc:
-            log.error("inbound webhook %s: cannot store the event: %s", self.name, exc)
+        except StoreUnavailable as unavailable:  # not `exc`: compiled, it keeps one type
+            log.error("inbound webhook %s: cannot store the event: %s", self.name, unavailable)
             return self._refuse(
                 Reason.store_unavailable, "the event could not be stored; send it again", "store"
             )

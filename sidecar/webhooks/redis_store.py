@@ -72,6 +72,8 @@ POLL = 1.0
 # A replica holds this many entries per endpoint over its per_endpoint share, in order;
 # one read beyond that goes back to the queue for this long.
 HOLD = 256
+# A held delivery is kept as taken up to this body size; a larger one is taken again.
+HELD_BODY = 64 * 1024
 DEFER = 0.5
 _PROMOTE_BATCH = 256
 
@@ -423,10 +425,21 @@ class RedisStore:
         self._closed = False
         # delivery id -> stream entry id, of the deliveries this replica has in flight.
         self._inflight: dict[int, str] = {}
-        # Per endpoint at its per_endpoint share: delivery id -> stream entry id of the
-        # entries read meanwhile, in the order read (the order they came due).
-        self._held: dict[tuple[str, str], collections.OrderedDict[int, str]] = {}
+        # Per endpoint at its per_endpoint share: delivery id -> (stream entry id, the
+        # delivery as taken) of the entries read meanwhile, in the order read (the order
+        # they came due). Kept as taken: while an entry is in this replica's pending list
+        # nothing but a 410 changes its delivery (a retry or an enable moves only
+        # deliveries that are not in the stream), and a 410 here sends them back
+        # (`finish`); picking one for a free slot costs no second take. Not kept (None)
+        # past HELD_BODY bytes: taken again when picked, so a hold is never 256 large bodies.
+        self._held: dict[tuple[str, str], collections.OrderedDict[int, tuple[str, Due | None]]] = {}
         self._endpoints: dict[int, tuple[str, str]] = {}
+        # Endpoints whose hold overflowed at the last read, and until when reads are
+        # bounded by the room left in their holds (`_room`).
+        self._full: set[tuple[str, str]] = set()
+        # (monotonic) When idle entries of stopped replicas were last looked for.
+        self._last_takeover = -POLL
+        self._quiet_until = 0.0
         self._last_touch = 0.0
         self._heartbeat: asyncio.Task[None] | None = None
         self.on_new_deliveries: Callable[[], None] | None = None
@@ -560,19 +573,21 @@ class RedisStore:
             busy[pair] = busy.get(pair, 0) + 1
         claimed: list[Due] = []
         # Held entries first, oldest first: they came due before anything still unread.
-        picks: list[tuple[str, int]] = []
+        picks: list[tuple[str, int]] = []  # those held without their delivery: take again
         for pair, held in self._held.items():
             free = per_endpoint - busy.get(pair, 0)
-            while held and free > 0 and len(picks) < limit:
-                delivery_id, entry_id = held.popitem(last=False)
-                picks.append((entry_id, delivery_id))
-                free -= 1
-        for (entry_id, _), due in zip(picks, await self._take_all(picks), strict=True):
-            if due is not None:
-                pair = (due.source, due.endpoint)
+            while held and free > 0 and len(claimed) + len(picks) < limit:
+                delivery_id, (entry_id, ready) = held.popitem(last=False)
                 busy[pair] = busy.get(pair, 0) + 1
-                self._claimed(due, entry_id, claimed)
-        room = limit - len(claimed)
+                if ready is None:
+                    picks.append((entry_id, delivery_id))
+                else:
+                    self._claimed(ready, entry_id, claimed)
+                free -= 1
+        for (entry_id, _), taken in zip(picks, await self._take_all(picks), strict=True):
+            if taken is not None:
+                self._claimed(taken, entry_id, claimed)
+        room = self._room(now, limit - len(claimed))
         if room <= 0:
             return claimed
         deferred: list[Any] = []
@@ -592,17 +607,38 @@ class RedisStore:
                 if len(held) < HOLD:
                     # Kept, in the order read, for this endpoint's next free slot: put
                     # back in the queue it would lose its place to every later entry.
-                    held[delivery_id] = entry_id
+                    held[delivery_id] = (entry_id, due if len(due.body) <= HELD_BODY else None)
                 else:
                     deferred += [entry_id, delivery_id]
+                    self._full.add(pair)
                 continue
             busy[pair] = busy.get(pair, 0) + 1
             self._claimed(due, entry_id, claimed)
         if deferred:
             # Over what this replica holds for the endpoint: back to the queue, for
             # this or another replica.
+            self._quiet_until = now + DEFER
             await self._call(self._requeue, [GROUP, repr(now + DEFER), *deferred])
         return claimed
+
+    def _room(self, now: float, room: int) -> int:
+        """How many new entries to read, of `room` free slots.
+
+        After a read sent entries back because an endpoint's hold was full, reading on
+        at every claim would take (message and all) and send back that endpoint's later
+        entries again and again. Until DEFER has passed (when those are due again, and
+        another endpoint's entries behind them are read as before): nothing while every
+        such hold is more than half full, then only what fits in them.
+        """
+        if not self._full:
+            return room
+        if now >= self._quiet_until:
+            self._full.clear()
+            return room
+        space = [HOLD - len(self._held.get(pair, ())) for pair in self._full]
+        if all(free < HOLD // 2 for free in space):
+            return 0
+        return min(room, sum(space))
 
     def _claimed(self, due: Due, entry_id: str, into: list[Due]) -> None:
         self._inflight[due.delivery_id] = entry_id
@@ -614,15 +650,24 @@ class RedisStore:
         key = f"{self._prefix}:due"
         entries: list[tuple[str, int]] = []
         try:
-            stolen: Any = await self._redis.xautoclaim(
-                key, GROUP, self.consumer, int(self.claim_idle * 1000), "0-0", count=room
-            )
-            for entry_id, fields in stolen[1]:
-                if fields:  # a deleted entry comes back empty
-                    entries.append((_text(entry_id), int(fields[b"d"])))
-            if stolen[1]:
-                log.info("webhook deliveries taken over from a stopped replica: %d", len(stolen[1]))
-            room -= len(entries)
+            now = time.monotonic()  # real time, whatever clock the queue's times use
+            # At most once a POLL: what a stopped replica left has been idle for
+            # claim_idle already, a second more is nothing; at every claim, the look
+            # was a round trip per claim for what is almost never there.
+            if now - self._last_takeover >= min(POLL, self.claim_idle / 3):
+                self._last_takeover = now
+                stolen: Any = await self._redis.xautoclaim(
+                    key, GROUP, self.consumer, int(self.claim_idle * 1000), "0-0", count=room
+                )
+                for entry_id, fields in stolen[1]:
+                    if fields:  # a deleted entry comes back empty
+                        entries.append((_text(entry_id), int(fields[b"d"])))
+                if stolen[1]:
+                    log.info(
+                        "webhook deliveries taken over from a stopped replica: %d",
+                        len(stolen[1]),
+                    )
+                room -= len(entries)
             if room > 0:
                 read: Any = await self._redis.xreadgroup(
                     GROUP, self.consumer, {key: ">"}, count=room
@@ -638,8 +683,8 @@ class RedisStore:
                 with contextlib.suppress(RedisError):
                     await _create_group(self._redis, self._prefix)
             raise _unavailable(exc) from None
-        except RedisError as exc:
-            raise _unavailable(exc) from None
+        except RedisError as failed:  # not `exc`: compiled, a name keeps its first type
+            raise _unavailable(failed) from None
         return entries
 
     async def _take_all(self, entries: list[tuple[str, int]]) -> list[Due | None]:
@@ -661,7 +706,7 @@ class RedisStore:
         """Reset the idle time of this replica's entries in flight or held: they are alive."""
         ours: list[Any] = [*self._inflight.values()]
         for held in self._held.values():
-            ours.extend(held.values())
+            ours.extend(entry_id for entry_id, _ in held.values())
         if not ours or now - self._last_touch < self.claim_idle / 3:
             return
         self._last_touch = now
@@ -721,13 +766,22 @@ class RedisStore:
                 int(self._clock() * 1000),
             ],
         )
+        if outcome is Outcome.gone:
+            # The endpoint is disabled now: what this replica holds for it goes back to
+            # the stream, where taking it parks it with the others.
+            held = self._held.pop((due.source, due.endpoint), None)
+            if held:
+                pairs: list[Any] = []
+                for delivery_id, (held_entry, _) in held.items():
+                    pairs += [held_entry, delivery_id]
+                await self._call(self._requeue, [GROUP, "", *pairs])
 
     async def release_claims(self) -> None:
         pairs: list[Any] = []
         for delivery_id, entry_id in self._inflight.items():
             pairs += [entry_id, delivery_id]
         for held in self._held.values():
-            for delivery_id, entry_id in held.items():
+            for delivery_id, (entry_id, _) in held.items():
                 pairs += [entry_id, delivery_id]
         if not pairs:
             return

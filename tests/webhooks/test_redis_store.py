@@ -236,3 +236,29 @@ async def test_attempts_that_end_together_are_each_recorded(store: RedisStore) -
     assert (stats.successes, stats.failures, stats.dead, stats.depth) == (2, 2, 1, 1)
     # Nothing is left in this replica's pending list but what waits for its retry.
     assert await store.claim(4, 4) == []
+
+
+async def test_what_a_replica_holds_for_an_endpoint_that_answered_410_waits_for_enable(
+    store: RedisStore,
+) -> None:
+    """Deliveries read while their endpoint was at its per_endpoint share are held as
+    taken; a 410 meanwhile must park them with the endpoint, not attempt them."""
+    ids = []
+    for n in range(5):
+        accepted = await store.accept(
+            direction=Direction.outbound,
+            source="events",
+            event_type="t",
+            headers=[],
+            body=b'{"n": %d}' % n,
+            targets=[Target("e", "http://127.0.0.1:1/")],
+        )
+        ids.append(accepted.message_id)
+    [first] = await store.claim(5, 1)  # the other four are read and held
+    assert first.message_id == ids[0]
+    gone = Attempt(at=time.time(), status_code=410, error=None, duration=0.1)
+    await store.finish(first, gone, Outcome.gone)
+    assert await store.claim(5, 5) == []
+    assert await store.enable("events", "e")
+    again = await store.claim(5, 5)
+    assert sorted(d.message_id for d in again) == sorted(ids)

@@ -8,16 +8,14 @@ they are imported only when a policy or the environment asks for them.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.helpers import ROOT, sidecar_process
+from tests.helpers import ROOT, probe, sidecar_process
 
 ONLY_WHEN_USED = (
     "redis",
@@ -113,16 +111,7 @@ print(json.dumps([m for m in {ONLY_WHEN_USED!r} if m in sys.modules]))
 
 
 def test_the_example_policies_load_no_library_they_do_not_use() -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": "/usr/bin:/bin"},
-    )
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+    assert probe(PROBE) == []
 
 
 def test_the_free_heap_is_handed_back_where_glibc_can() -> None:

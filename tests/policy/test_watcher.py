@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +14,7 @@ import pytest
 
 import sidecar.policy
 from sidecar.policy import inotify, watcher
-from tests.helpers import ROOT
+from tests.helpers import probe
 
 
 class Watching:
@@ -151,13 +149,4 @@ print(json.dumps({"threads": threads, "modules": [m for m in ("watchfiles", "any
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
 def test_watching_on_linux_starts_no_thread_and_loads_no_library() -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": "/usr/bin:/bin"},
-    )
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"threads": 1, "modules": []}
+    assert probe(PROBE) == {"threads": 1, "modules": []}

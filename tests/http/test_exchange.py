@@ -258,46 +258,39 @@ async def test_each_request_on_a_kept_alive_agent_connection_is_read_afresh() ->
     assert seen == [(None, False, b"abc"), (2, False, b"de"), (None, True, b"")]
 
 
-async def test_an_http_1_0_chunked_answer_is_not_followed_on_its_connection(
-    script: Scripted,
-) -> None:
-    """RFC 9112 6.1: an HTTP/1.0 answer with Transfer-Encoding has faulty framing, even
-    when it asks to be kept alive: it is read, and its connection carries no other call
-    (a hop that read it as 1.0 would split what follows differently)."""
-    upstream = await script(
-        [
+@pytest.mark.parametrize(
+    ("first", "status", "body"),
+    [
+        # RFC 9112 6.1: an HTTP/1.0 answer with Transfer-Encoding has faulty framing, even
+        # when it asks to be kept alive: it is read, and its connection carries no other
+        # call (a hop that read it as 1.0 would split what follows differently).
+        (
             b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
             b"2\r\nok\r\n0\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext",
-        ]
-    )
-    pool = Pool(upstream.url)
-    async with asyncio.timeout(10):
-        first = await pool.request("GET", "/1", [])
-        assert await _body(first.body) == b"ok"
-        first.release()
-        assert pool.idle_connections == 0
-        second = await pool.request("GET", "/2", [])
-        assert second.data == b"next"
-        second.release()
-    assert upstream.connections == 2
-    pool.close()
-
-
-async def test_an_unasked_101_is_never_followed_on_its_connection(script: Scripted) -> None:
-    """A broken upstream that switches protocols on a plain GET: what follows its 101
-    on that connection is no longer HTTP, so the connection goes, unused again."""
-    upstream = await script(
-        [
+            200,
+            b"ok",
+        ),
+        # A broken upstream that switches protocols on a plain GET: what follows its 101
+        # on that connection is no longer HTTP.
+        (
             b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext",
-        ]
-    )
+            101,
+            b"",
+        ),
+    ],
+    ids=["http-1.0-chunked", "unasked-101"],
+)
+async def test_an_answer_that_ends_its_connections_use_is_not_followed_on_it(
+    script: Scripted, first: bytes, status: int, body: bytes
+) -> None:
+    upstream = await script([first, b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext"])
     pool = Pool(upstream.url)
     async with asyncio.timeout(10):
-        first = await pool.request("GET", "/1", [])
-        assert first.status == 101
-        first.release()
+        reply = await pool.request("GET", "/1", [])
+        assert reply.status == status
+        if body:
+            assert await _body(reply.body) == body
+        reply.release()
         assert pool.idle_connections == 0
         second = await pool.request("GET", "/2", [])
         assert (second.status, second.data) == (200, b"next")

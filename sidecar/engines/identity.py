@@ -52,11 +52,6 @@ class Credentials:
         if self._jwt is not None:
             self._jwt.prefetch()
 
-    def cached(self, presented: str) -> str | None:
-        """The agent `presented` proved before and still proves, else None (then ask
-        `identify`): no waiting, no hashing, no signature check."""
-        return self.verdicts.get(presented)
-
     async def identify(self, presented: str) -> str:
         agent = self.verdicts.get(presented)
         if agent is not None:

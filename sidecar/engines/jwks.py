@@ -100,6 +100,7 @@ class JwtVerifier:
         # Credentials this verifier serves, which remember what they were presented.
         self._verified = Verdicts() if verdicts is None else verdicts
         self._url: str | None = None
+        self._document: list[dict[str, Any]] | None = None
         if isinstance(spec.jwks, Secret):
             # A ${file:} key set: read at load (the loader checked it), re-read on rotation
             # because the file is watched and a change reloads the policy.
@@ -108,9 +109,13 @@ class JwtVerifier:
             self._url = spec.jwks
 
     def _set_keys(self, document: list[dict[str, Any]]) -> None:
-        self._keys = parse_keys(document, self._accepted)
         self._loaded = True
-        # A key that left the set must stop proving anything at once.
+        if document == self._document:
+            return  # a refresh that found the same keys proves what it proved
+        self._document = document
+        self._keys = parse_keys(document, self._accepted)
+        # A key that left the set must stop proving anything at once (the agent keys'
+        # verdicts, which share the cache, are proven again from their hashes).
         self._verified.clear()
 
     # -- fetching -------------------------------------------------------------------

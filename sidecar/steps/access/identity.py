@@ -36,7 +36,7 @@ class Identify:
         self.service = service
         self.credentials = credentials
         self.header = credentials.header
-        # Credentials proven before (Credentials.cached), read here without the call.
+        # Credentials proven before (Credentials.verdicts), read here without a call.
         self._verdicts = credentials.verdicts
 
     def __call__(self, call: Call, next: Handler) -> Awaitable[Reply]:

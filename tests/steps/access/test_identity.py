@@ -482,6 +482,24 @@ async def test_an_old_key_set_is_fetched_again_in_the_background(upstream, rsa_k
     verifier.retire()
 
 
+async def test_a_refresh_that_finds_the_same_keys_keeps_what_they_proved(upstream, rsa_key):
+    # The cache is shared with the agent keys' verdicts: emptying it on every periodic
+    # refresh made every agent prove itself again (hash or signature) for nothing.
+    issuer = Jwks(rsa_key)
+    jwks = await upstream(issuer.app())
+    clock = FakeClock()
+    proven = verdicts.Verdicts()
+    verifier = JwtVerifier(spec(f"{jwks}/jwks.json", cache="10m"), clock=clock, verdicts=proven)
+    token = rsa_key.token()
+    assert await verifier.verify(token) == "research-bot"
+    assert proven.get(token) == "research-bot"
+    clock.now += 601
+    await verifier.verify(rsa_key.token(sub="other"))
+    await eventually(lambda: issuer.fetches == 2, "the background fetch")
+    assert proven.get(token) == "research-bot"
+    verifier.retire()
+
+
 async def test_a_large_key_set_is_read_whole_and_a_huge_one_refused(
     upstream, start_sidecar, client, rsa_key
 ):

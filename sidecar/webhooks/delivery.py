@@ -315,7 +315,7 @@ class DeliveryWorker:
                         status = reply.status
                         if not 200 <= status < 300:
                             retry_after = retry_after_seconds(
-                                _field(reply, b"retry-after"), self._clock()
+                                reply.headers.get("Retry-After"), self._clock()
                             )
                         await _drop_body(reply)
                     finally:
@@ -407,14 +407,6 @@ def _ascii(url: str) -> str:
     return urlunsplit(
         (parts.scheme, host, quote(parts.path, safe=keep), quote(parts.query, safe=keep), "")
     )
-
-
-def _field(reply: UpstreamReply, name: bytes) -> str | None:
-    """One field of the answer's head (`name` in lower case), read from its raw bytes."""
-    for key, value in reply.raw_headers:
-        if len(key) == len(name) and key.lower() == name:
-            return value.decode("latin-1")
-    return None
 
 
 async def _drop_body(reply: UpstreamReply) -> None:

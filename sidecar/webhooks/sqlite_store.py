@@ -58,6 +58,15 @@ Item = TypeVar("Item")
 R = TypeVar("R")
 Clock = Callable[[], float]
 
+
+def _unavailable(error: BaseException) -> BaseException:
+    """Callers know the queue, not its backend: SQLite's failures are the same 503 as
+    Redis down (StoreUnavailable); any other error is left as it is."""
+    if isinstance(error, (sqlite3.Error, OSError)):
+        return StoreUnavailable(str(error))
+    return error
+
+
 DB_NAME = "webhooks.db"
 _DEDUP_PURGE_EVERY = 60.0
 
@@ -269,9 +278,7 @@ class _Batched(Generic[Item, R]):
     ) -> None:
         error = done.exception()
         if error is not None:
-            if isinstance(error, (sqlite3.Error, OSError)):
-                # Callers know the queue, not its backend: the same 503 as Redis down.
-                error = StoreUnavailable(str(error))
+            error = _unavailable(error)
             if not ran:
                 # The turn failed before this job took its items (BEGIN failed): no
                 # other job of ours is queued, so they are ours to fail, and the next
@@ -341,13 +348,15 @@ class SqliteStore:
         await asyncio.to_thread(self._writer.join)
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        if self._closed:
-            raise StoreClosed("the webhook store is closed")
+        self._check()
         try:
             return await self._writer.submit(work)
         except (sqlite3.Error, OSError) as exc:
-            # Callers know the queue, not its backend: the same 503 as Redis down.
-            raise StoreUnavailable(str(exc)) from exc
+            raise _unavailable(exc) from exc
+
+    def _check(self) -> None:
+        if self._closed:
+            raise StoreClosed("the webhook store is closed")
 
     async def accept(
         self,
@@ -375,8 +384,7 @@ class SqliteStore:
         and is written with the others, a few multi-row statements for them all
         (`_write_accepts`), in the same transaction as whatever else is queued.
         """
-        if self._closed:
-            raise StoreClosed("the webhook store is closed")
+        self._check()
         now = self._clock()
         message_id = new_message_id(now)
         event = _Event(
@@ -553,8 +561,7 @@ class SqliteStore:
         Attempts that end while the writer is busy are recorded together, in its next
         turn (`_write_finishes`); each call returns once its record committed.
         """
-        if self._closed:
-            raise StoreClosed("the webhook store is closed")
+        self._check()
         if outcome is Outcome.delivered:
             status, when = DeliveryStatus.delivered, None
         elif outcome is Outcome.dead:

@@ -41,10 +41,13 @@ class Receiver:
     received: list[tuple[CIMultiDict[str], bytes]] = field(default_factory=list)
     # Answers in order (status, headers); the last one repeats.
     answers: list[tuple[int, dict[str, str]]] = field(default_factory=lambda: [(200, {})])
+    # Each request's target as it came on the wire: path and query, percent-encoded.
+    targets: list[str] = field(default_factory=list)
 
     def app(self) -> web.Application:
         async def handle(request: web.Request) -> web.Response:
             body = await request.read()
+            self.targets.append(request.raw_path)
             self.received.append((CIMultiDict(request.headers), body))
             status, headers = self.answers[min(len(self.received), len(self.answers)) - 1]
             return web.Response(status=status, headers=headers)

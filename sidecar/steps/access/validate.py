@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from ...core.call import Call, Handler, Reply, make_replayable
+from ...core.call import Call, Handler, Reply, make_replayable, take_whole
 from ...core.problems import ProblemError
 from ...core.reasons import Reason
 from ...core.state import StateBuild
@@ -54,25 +54,6 @@ class _Fields:
 
     def getall(self, name: str, default: None) -> list[str] | None:
         return self._call.headers.getall(name, default)
-
-
-def _take_whole(call: Call) -> bool:
-    """The body as bytes, when all of it arrived with the head (most calls): taken at
-    once, as the upstream pool sends such a body, instead of make_replayable's read loop
-    (an await per chunk and one at the end), which cost a small POST a quarter of its
-    validation. False: left for make_replayable (no body, still arriving, too large, or
-    without Content-Length, which it refuses as before)."""
-    body = call.body
-    if body is None or isinstance(body, bytes):
-        return True
-    length = call.content_length
-    if length is None or length > VALIDATE_LIMIT or not getattr(body, "complete", False):
-        return False
-    take_all = getattr(body, "take_all", None)
-    if take_all is None:
-        return False
-    call.body = take_all()
-    return True
 
 
 class OpenAPICheck:
@@ -112,10 +93,8 @@ class OpenAPICheck:
             body: bytes | None = None
             unreadable = False
             if operation.body is not None:
-                if _take_whole(call):
-                    body = call.body if isinstance(call.body, bytes) else None
-                elif await make_replayable(call, VALIDATE_LIMIT):
-                    # Bytes or None once replayable.
+                # Bytes or None once replayable; most bodies are taken at once.
+                if take_whole(call, VALIDATE_LIMIT) or await make_replayable(call, VALIDATE_LIMIT):
                     body = call.body if isinstance(call.body, bytes) else None
                 else:
                     unreadable = True
